@@ -1,0 +1,54 @@
+//! The `vvlm` binary: the command-line edge of the project. Errors become one clear line and a
+//! non-zero exit; everything else lives in the library crates.
+
+mod math;
+mod plot;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vvlm",
+    version,
+    about = "Video VLM inference at the compute-optimal frontier"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Theoretical (paper) and exact analytic FLOPs of one configuration.
+    Cost(math::CostArgs),
+    /// Fit a scaling model to sweep results.
+    Fit(math::FitArgs),
+    /// The compute-optimal frontier of a fitted model over a range of budgets.
+    Frontier(math::FrontierArgs),
+    /// Elasticity of the frontier with respect to finetuning data size.
+    Elasticity(math::ElasticityArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Cost(a) => math::cost(a),
+        Command::Fit(a) => math::fit_cmd(a),
+        Command::Frontier(a) => math::frontier_cmd(a),
+        Command::Elasticity(a) => math::elasticity_cmd(a),
+    }
+}

@@ -1,0 +1,172 @@
+//! The demo checkpoint: a real LM (SmolLM2 from GGUF) behind a deterministic, randomly
+//! initialised (untrained) SigLIP tower and projector. Used until a trained vision tower is
+//! available; every output made with it says the vision weights are untrained.
+
+use crate::config::SiglipVisionConfig;
+use crate::EngineError;
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A deterministic normal generator (SplitMix64 + Box-Muller).
+pub struct NormalRng(u64);
+
+impl NormalRng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0xA076_1D64_78BD_642F)
+    }
+    fn u(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn normal(&mut self) -> f32 {
+        let u1 = self.u().max(1e-300);
+        let u2 = self.u();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+    /// A tensor of N(0, std^2) values.
+    pub fn tensor(&mut self, shape: &[usize], std: f32) -> Result<Tensor, EngineError> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| self.normal() * std).collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    }
+}
+
+/// The demo's vision shape: so400m's geometry (384 px, patch 14, 27x27 = 729 tokens per frame)
+/// with a narrow, shallow encoder so CPU demos run in seconds.
+pub fn demo_vision_config() -> SiglipVisionConfig {
+    SiglipVisionConfig {
+        hidden_size: 256,
+        intermediate_size: 1024,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        image_size: 384,
+        patch_size: 14,
+        num_channels: 3,
+        layer_norm_eps: 1e-6,
+        hidden_act: "gelu_pytorch_tanh".into(),
+    }
+}
+
+/// Random vision tower + projector + newline tensors under transformers' key names.
+pub fn random_vision_tensors(
+    v: &SiglipVisionConfig,
+    text_hidden: usize,
+    seed: u64,
+) -> Result<HashMap<String, Tensor>, EngineError> {
+    let mut rng = NormalRng::new(seed);
+    let mut t = HashMap::new();
+    let (h, i, p, c) = (
+        v.hidden_size,
+        v.intermediate_size,
+        v.patch_size,
+        v.num_channels,
+    );
+    let ones = |n: usize| Tensor::ones(n, candle_core::DType::F32, &Device::Cpu);
+    let zeros = |n: usize| Tensor::zeros(n, candle_core::DType::F32, &Device::Cpu);
+    let pre = "vision_tower.vision_model";
+    t.insert(
+        format!("{pre}.embeddings.patch_embedding.weight"),
+        rng.tensor(&[h, c, p, p], 0.02)?,
+    );
+    t.insert(format!("{pre}.embeddings.patch_embedding.bias"), zeros(h)?);
+    t.insert(
+        format!("{pre}.embeddings.position_embedding.weight"),
+        rng.tensor(&[v.grid() * v.grid(), h], 0.02)?,
+    );
+    for l in 0..v.num_hidden_layers {
+        let lp = format!("{pre}.encoder.layers.{l}");
+        for n in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            t.insert(
+                format!("{lp}.self_attn.{n}.weight"),
+                rng.tensor(&[h, h], 0.02)?,
+            );
+            t.insert(format!("{lp}.self_attn.{n}.bias"), zeros(h)?);
+        }
+        for n in ["layer_norm1", "layer_norm2"] {
+            t.insert(format!("{lp}.{n}.weight"), ones(h)?);
+            t.insert(format!("{lp}.{n}.bias"), zeros(h)?);
+        }
+        t.insert(format!("{lp}.mlp.fc1.weight"), rng.tensor(&[i, h], 0.02)?);
+        t.insert(format!("{lp}.mlp.fc1.bias"), zeros(i)?);
+        t.insert(format!("{lp}.mlp.fc2.weight"), rng.tensor(&[h, i], 0.02)?);
+        t.insert(format!("{lp}.mlp.fc2.bias"), zeros(h)?);
+    }
+    t.insert(format!("{pre}.post_layernorm.weight"), ones(h)?);
+    t.insert(format!("{pre}.post_layernorm.bias"), zeros(h)?);
+    t.insert(
+        "multi_modal_projector.linear_1.weight".into(),
+        rng.tensor(&[text_hidden, h], 0.02)?,
+    );
+    t.insert(
+        "multi_modal_projector.linear_1.bias".into(),
+        zeros(text_hidden)?,
+    );
+    t.insert(
+        "multi_modal_projector.linear_2.weight".into(),
+        rng.tensor(&[text_hidden, text_hidden], 0.02)?,
+    );
+    t.insert(
+        "multi_modal_projector.linear_2.bias".into(),
+        zeros(text_hidden)?,
+    );
+    t.insert("image_newline".into(), rng.tensor(&[text_hidden], 0.02)?);
+    Ok(t)
+}
+
+/// Writes a demo checkpoint directory next to (or pointing at) an LM GGUF file.
+pub fn write_demo_checkpoint(
+    dir: &Path,
+    gguf_path: &Path,
+    vision: &SiglipVisionConfig,
+    seed: u64,
+) -> Result<(), EngineError> {
+    std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+    let mut f = std::fs::File::open(gguf_path).map_err(|e| EngineError::io(gguf_path, e))?;
+    let ct = gguf_file::Content::read(&mut f)
+        .map_err(|e| EngineError::Checkpoint(format!("{}: {e}", gguf_path.display())))?;
+    let get = |k: &str| -> Result<usize, EngineError> {
+        ct.metadata
+            .get(k)
+            .and_then(|v| v.to_u32().ok())
+            .map(|v| v as usize)
+            .ok_or_else(|| EngineError::Checkpoint(format!("GGUF metadata `{k}` is missing")))
+    };
+    let hidden = get("llama.embedding_length")?;
+    let heads = get("llama.attention.head_count")?;
+    let tensors = random_vision_tensors(vision, hidden, seed)?;
+    candle_core::safetensors::save(&tensors, dir.join("vision.safetensors"))?;
+    let gguf_abs = std::fs::canonicalize(gguf_path).map_err(|e| EngineError::io(gguf_path, e))?;
+    let cfg = serde_json::json!({
+        "architectures": ["LlavaOnevisionForConditionalGeneration"],
+        "model_type": "llava_onevision",
+        "vision_config": vision,
+        "text_config": {
+            "model_type": "llama", "hidden_size": hidden, "intermediate_size": get("llama.feed_forward_length")?,
+            "num_hidden_layers": get("llama.block_count")?, "num_attention_heads": heads,
+            "num_key_value_heads": get("llama.attention.head_count_kv").unwrap_or(heads),
+            "vocab_size": ct.tensor_infos.get("token_embd.weight").map(|t| t.shape.dims()[0]).unwrap_or(0)
+        },
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full",
+        "video_token_index": 0xFFFF_FFFFu32,
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": true,
+        "vvlm_lm_gguf": gguf_abs.display().to_string(),
+        "vvlm_notes": [format!(
+            "UNTRAINED vision tower and projector (deterministic random init, seed {seed}): the text is \
+             the LM's, the video does not inform it"
+        )],
+    });
+    let path = dir.join("config.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&cfg).expect("json") + "\n",
+    )
+    .map_err(|e| EngineError::io(&path, e))?;
+    Ok(())
+}

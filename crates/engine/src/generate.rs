@@ -1,0 +1,294 @@
+//! Generation: chat formatting, prefill of `[text, visual tokens, text]`, then decode with
+//! greedy / temperature / top-p sampling, max tokens, stop tokens and cancellation.
+
+use crate::model::VideoVlm;
+use crate::nn::Ctx;
+use crate::EngineError;
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+use vvlm_cost::{Component, FlopCounter};
+
+/// Sampling options. `temperature == 0` is greedy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SamplingParams {
+    pub max_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+    /// Extra stop token ids besides the checkpoint's EOS and the template's end-of-turn.
+    #[serde(default)]
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop_token_ids: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+    Cancelled,
+}
+
+/// Wall time per stage, seconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Timings {
+    pub vision_s: f64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    /// Tokens in the prefill: text tokens plus visual tokens.
+    pub prompt_tokens: usize,
+    pub text_tokens: usize,
+    pub visual_tokens: usize,
+    /// Single-token decode passes run after prefill.
+    pub decode_steps: usize,
+    pub timings: Timings,
+}
+
+/// One request to the engine.
+pub struct GenerateRequest<'a> {
+    /// Preprocessed frames `[T, 3, H, W]`, or None for a text-only prompt.
+    pub pixels: Option<&'a Tensor>,
+    /// Pooled grid side s (tokens per frame s*s).
+    pub side: usize,
+    pub system: Option<&'a str>,
+    pub prompt: &'a str,
+    pub sampling: SamplingParams,
+}
+
+/// A small deterministic generator for sampling.
+struct Rng(u64);
+impl Rng {
+    fn uniform(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Picks the next token from raw logits.
+pub fn sample(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                if v > bv {
+                    (i, v)
+                } else {
+                    (bi, bv)
+                }
+            })
+            .0 as u32
+    };
+    if p.temperature <= 0.0 {
+        return argmax();
+    }
+    let t = p.temperature as f32;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i, (((l - max) / t) as f64).exp()))
+        .collect();
+    let z: f64 = probs.iter().map(|x| x.1).sum();
+    probs.iter_mut().for_each(|x| x.1 /= z);
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let top_p = p.top_p.clamp(0.0, 1.0);
+    let mut keep = probs.len();
+    if top_p < 1.0 {
+        let mut acc = 0.0;
+        for (i, (_, q)) in probs.iter().enumerate() {
+            acc += q;
+            if acc >= top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    let kept = &probs[..keep.max(1)];
+    let mass: f64 = kept.iter().map(|x| x.1).sum();
+    let mut r = u * mass;
+    for (i, q) in kept {
+        r -= q;
+        if r <= 0.0 {
+            return *i as u32;
+        }
+    }
+    kept.last().map(|x| x.0 as u32).unwrap_or_else(argmax)
+}
+
+impl VideoVlm {
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let tok = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| EngineError::Checkpoint("the checkpoint has no tokenizer".into()))?;
+        Ok(tok
+            .encode(text, false)
+            .map_err(|e| EngineError::Request(format!("tokenizing: {e}")))?
+            .get_ids()
+            .to_vec())
+    }
+
+    pub fn detokenize(&self, ids: &[u32]) -> Result<String, EngineError> {
+        let tok = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| EngineError::Checkpoint("the checkpoint has no tokenizer".into()))?;
+        tok.decode(ids, true)
+            .map_err(|e| EngineError::Request(format!("detokenizing: {e}")))
+    }
+
+    /// Number of text tokens the chat-formatted prompt takes (for planning).
+    pub fn count_prompt_tokens(
+        &self,
+        system: Option<&str>,
+        prompt: &str,
+    ) -> Result<usize, EngineError> {
+        let p = self.template.render(system, prompt);
+        Ok(self.tokenize(&p.before_video)?.len() + self.tokenize(&p.after_video)?.len())
+    }
+
+    fn stop_ids(&self, extra: &[u32]) -> Vec<u32> {
+        let mut ids = self.cfg.text_config.eos_ids();
+        if let Some(tok) = &self.tokenizer {
+            for s in self.template.render(None, "").stop {
+                if let Some(id) = tok.token_to_id(&s) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids.extend_from_slice(extra);
+        ids
+    }
+
+    /// Runs a whole request. `on_text` receives each new piece of text and returns false to
+    /// cancel.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        flops: &FlopCounter,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, EngineError> {
+        let prompt = self.template.render(req.system, req.prompt);
+        let prefix = self.tokenize(&prompt.before_video)?;
+        let suffix = self.tokenize(&prompt.after_video)?;
+        let mut ctx = Ctx::new(flops, Component::LmPrefill);
+        let mut timings = Timings::default();
+        let t0 = Instant::now();
+        let video = match req.pixels {
+            Some(p) => Some(self.encode_video(p, req.side, &mut ctx)?),
+            None => None,
+        };
+        timings.vision_s = t0.elapsed().as_secs_f64();
+        let visual_tokens = video.as_ref().map(|v| v.dim(0)).transpose()?.unwrap_or(0);
+        let embeds = self.input_embeddings(&prefix, video.as_ref(), &suffix)?;
+        let prompt_tokens = embeds.dim(1)?;
+        let t1 = Instant::now();
+        let mut cache = self.lm.new_cache();
+        let hidden = self.lm.forward_hidden(&embeds, &mut cache, &mut ctx)?;
+        let mut logits = self.lm.last_logits(&hidden, &ctx)?.to_vec1::<f32>()?;
+        timings.prefill_s = t1.elapsed().as_secs_f64();
+        let stop = self.stop_ids(&req.sampling.stop_token_ids);
+        let mut rng = Rng(req.sampling.seed ^ 0x5EED);
+        let mut ids: Vec<u32> = vec![];
+        let mut emitted = String::new();
+        let mut decode_steps = 0;
+        let t2 = Instant::now();
+        let mut ctx = Ctx::new(flops, Component::LmDecode);
+        let finish = loop {
+            if ids.len() >= req.sampling.max_tokens {
+                break FinishReason::Length;
+            }
+            let next = sample(&logits, &req.sampling, rng.uniform());
+            if stop.contains(&next) {
+                break FinishReason::Stop;
+            }
+            ids.push(next);
+            let text = self.detokenize(&ids)?;
+            if text.len() > emitted.len()
+                && !text.ends_with('\u{FFFD}')
+                && text.starts_with(&emitted)
+            {
+                let piece = text[emitted.len()..].to_string();
+                emitted = text;
+                if !on_text(&piece) {
+                    break FinishReason::Cancelled;
+                }
+            }
+            if ids.len() >= req.sampling.max_tokens {
+                break FinishReason::Length;
+            }
+            let e = self.lm.embed(&[next])?;
+            let h = self.lm.forward_hidden(&e, &mut cache, &mut ctx)?;
+            logits = self.lm.last_logits(&h, &ctx)?.to_vec1::<f32>()?;
+            decode_steps += 1;
+        };
+        timings.decode_s = t2.elapsed().as_secs_f64();
+        let text = self.detokenize(&ids)?;
+        if text.len() > emitted.len()
+            && text.starts_with(&emitted)
+            && finish != FinishReason::Cancelled
+        {
+            on_text(&text[emitted.len()..]);
+        }
+        Ok(Generation {
+            text,
+            token_ids: ids,
+            finish_reason: finish,
+            prompt_tokens,
+            text_tokens: prefix.len() + suffix.len(),
+            visual_tokens,
+            decode_steps,
+            timings,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_and_top_p_sampling() {
+        let logits = [0.0f32, 3.0, 1.0, 2.9];
+        let greedy = SamplingParams::default();
+        assert_eq!(sample(&logits, &greedy, 0.99), 1);
+        let hot = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            ..Default::default()
+        };
+        // u near 0 picks the most likely, u near 1 the least likely.
+        assert_eq!(sample(&logits, &hot, 0.0), 1);
+        assert_eq!(sample(&logits, &hot, 0.9999), 0);
+        // top_p small enough keeps only the top token.
+        let nucleus = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.3,
+            ..Default::default()
+        };
+        assert_eq!(sample(&logits, &nucleus, 0.9999), 1);
+    }
+}

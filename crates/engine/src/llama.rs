@@ -1,0 +1,362 @@
+//! Llama 3.x / Qwen2 decoder over input embeddings, with a KV cache. RoPE with llama3 scaling
+//! (half rotation, not interleaved), GQA, RMSNorm, SwiGLU, tied or untied LM head.
+
+use crate::config::TextConfig;
+use crate::nn::{attention, causal_mask, Ctx, Linear, RmsNorm};
+use candle_core::{DType, Device, Result, Tensor, D};
+use candle_nn::{Embedding, VarBuilder};
+
+/// RoPE inverse frequencies, with llama3 scaling when configured (computed in f32 as torch does).
+pub fn inv_freq(cfg: &TextConfig) -> Vec<f32> {
+    let d = cfg.head_dim();
+    let theta = cfg.theta() as f32;
+    let base: Vec<f32> = (0..d)
+        .step_by(2)
+        .map(|i| 1.0 / theta.powf(i as f32 / d as f32))
+        .collect();
+    let rope = cfg.rope();
+    let kind = rope.rope_type.clone().or(rope.kind.clone());
+    if kind.as_deref() != Some("llama3") {
+        return base;
+    }
+    let factor = rope.factor.unwrap_or(8.0) as f32;
+    let low = rope.low_freq_factor.unwrap_or(1.0) as f32;
+    let high = rope.high_freq_factor.unwrap_or(4.0) as f32;
+    let old = rope.original_max_position_embeddings.unwrap_or(8192) as f32;
+    let low_wavelen = old / low;
+    let high_wavelen = old / high;
+    base.into_iter()
+        .map(|f| {
+            let wavelen = 2.0 * std::f32::consts::PI / f;
+            if wavelen > low_wavelen {
+                f / factor
+            } else if wavelen < high_wavelen {
+                f
+            } else {
+                let smooth = (old / wavelen - low) / (high - low);
+                (1.0 - smooth) * f / factor + smooth * f
+            }
+        })
+        .collect()
+}
+
+/// Precomputed cos/sin tables, grown on demand.
+pub struct Rope {
+    inv_freq: Vec<f32>,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+impl Rope {
+    pub fn new(cfg: &TextConfig, device: &Device) -> Result<Self> {
+        let mut r = Self {
+            inv_freq: inv_freq(cfg),
+            cos: Tensor::zeros((0, cfg.head_dim() / 2), DType::F32, device)?,
+            sin: Tensor::zeros((0, cfg.head_dim() / 2), DType::F32, device)?,
+            device: device.clone(),
+        };
+        r.grow(4096)?;
+        Ok(r)
+    }
+
+    fn grow(&mut self, len: usize) -> Result<()> {
+        let half = self.inv_freq.len();
+        let mut freqs = Vec::with_capacity(len * half);
+        for p in 0..len {
+            for f in &self.inv_freq {
+                freqs.push(p as f32 * f);
+            }
+        }
+        let freqs = Tensor::from_vec(freqs, (len, half), &self.device)?;
+        self.cos = freqs.cos()?;
+        self.sin = freqs.sin()?;
+        Ok(())
+    }
+
+    fn tables(&mut self, start: usize, len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+        if start + len > self.cos.dim(0)? {
+            self.grow((start + len).next_power_of_two())?;
+        }
+        Ok((
+            self.cos.narrow(0, start, len)?.to_dtype(dtype)?,
+            self.sin.narrow(0, start, len)?.to_dtype(dtype)?,
+        ))
+    }
+
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+struct Block {
+    attn: Attention,
+    mlp: Mlp,
+    ln1: RmsNorm,
+    ln2: RmsNorm,
+}
+
+/// Per-layer key/value cache of one sequence.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The language model.
+pub struct Llama {
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: std::sync::Mutex<Rope>,
+    pub cfg: TextConfig,
+    device: Device,
+    dtype: DType,
+}
+
+impl Llama {
+    /// Loads from a VarBuilder rooted at the LM's `model` prefix; `lm_head` is the VarBuilder of
+    /// the untied head (or None for tied embeddings).
+    pub fn load(vb: VarBuilder, lm_head: Option<VarBuilder>, cfg: &TextConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let embed_w = vb.get((cfg.vocab_size, h), "embed_tokens.weight")?;
+        let qkv_bias = cfg.qkv_bias();
+        let mlp_bias = cfg.mlp_bias.unwrap_or(false);
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let b = vb.pp(format!("layers.{l}"));
+                let a = b.pp("self_attn");
+                let m = b.pp("mlp");
+                Ok(Block {
+                    attn: Attention {
+                        q: Linear::load(a.pp("q_proj"), h, nh * hd, qkv_bias)?,
+                        k: Linear::load(a.pp("k_proj"), h, nkv * hd, qkv_bias)?,
+                        v: Linear::load(a.pp("v_proj"), h, nkv * hd, qkv_bias)?,
+                        o: Linear::load(
+                            a.pp("o_proj"),
+                            nh * hd,
+                            h,
+                            cfg.attention_bias.unwrap_or(false),
+                        )?,
+                        heads: nh,
+                        kv_heads: nkv,
+                        head_dim: hd,
+                    },
+                    mlp: Mlp {
+                        gate: Linear::load(m.pp("gate_proj"), h, i, mlp_bias)?,
+                        up: Linear::load(m.pp("up_proj"), h, i, mlp_bias)?,
+                        down: Linear::load(m.pp("down_proj"), i, h, mlp_bias)?,
+                    },
+                    ln1: RmsNorm::load(b.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
+                    ln2: RmsNorm::load(b.pp("post_attention_layernorm"), h, cfg.rms_norm_eps)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = match lm_head {
+            Some(vb) => Linear::load(vb, h, cfg.vocab_size, false)?,
+            None => Linear::from_weights(embed_w.clone(), None)?,
+        };
+        Ok(Self {
+            embed: Embedding::new(embed_w, h),
+            blocks,
+            norm: RmsNorm::load(vb.pp("norm"), h, cfg.rms_norm_eps)?,
+            lm_head,
+            rope: std::sync::Mutex::new(Rope::new(cfg, vb.device())?),
+            cfg: cfg.clone(),
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.blocks.len()],
+        }
+    }
+
+    pub fn inv_freq(&self) -> Vec<f32> {
+        self.rope.lock().expect("rope lock").inv_freq().to_vec()
+    }
+
+    /// Token embeddings `[1, L, h]` (a lookup, no FLOPs).
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let t = Tensor::new(ids, &self.device)?;
+        candle_core::Module::forward(&self.embed, &t)?.unsqueeze(0)
+    }
+
+    /// Runs the decoder on `[1, L, h]` embeddings after `cache` and returns the final-normed
+    /// hidden states `[1, L, h]`.
+    pub fn forward_hidden(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        ctx: &mut Ctx,
+    ) -> Result<Tensor> {
+        let (_b, len, _h) = embeds.dims3()?;
+        let past = cache.len();
+        let (cos, sin) = self
+            .rope
+            .lock()
+            .expect("rope lock")
+            .tables(past, len, self.dtype)?;
+        let mask = if len > 1 {
+            Some(causal_mask(len, past, self.dtype, &self.device)?)
+        } else {
+            None
+        };
+        let mut x = embeds.clone();
+        for (l, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, l, &mut cache.layers[l], &cos, &sin, mask.as_ref(), ctx)?;
+            ctx.tap(|| format!("text.layer_out.{l}"), &x);
+        }
+        let x = self.norm.forward(&x)?;
+        ctx.tap(|| "text.final_norm_out".into(), &x);
+        Ok(x)
+    }
+
+    /// Logits `[1, n, vocab]` of the given hidden states (counted).
+    pub fn logits(&self, hidden: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        self.lm_head.forward(hidden, ctx)
+    }
+
+    /// Logits of the last position only, `[vocab]` in f32.
+    pub fn last_logits(&self, hidden: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let len = hidden.dim(1)?;
+        let last = hidden.narrow(1, len - 1, 1)?;
+        self.lm_head
+            .forward(&last, ctx)?
+            .flatten_all()?
+            .to_dtype(DType::F32)
+    }
+}
+
+impl Block {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        cache: &mut Option<(Tensor, Tensor)>,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        ctx: &mut Ctx,
+    ) -> Result<Tensor> {
+        let tap0 = layer == 0;
+        let (b, len, h) = x.dims3()?;
+        let y = self.ln1.forward(x)?;
+        if tap0 {
+            ctx.tap(|| "text.layer0.input_layernorm".into(), &y);
+        }
+        let a = &self.attn;
+        let q = a.q.forward(&y, ctx)?;
+        let k = a.k.forward(&y, ctx)?;
+        let v = a.v.forward(&y, ctx)?;
+        if tap0 {
+            ctx.tap(|| "text.layer0.self_attn.q_proj".into(), &q);
+            ctx.tap(|| "text.layer0.self_attn.k_proj".into(), &k);
+            ctx.tap(|| "text.layer0.self_attn.v_proj".into(), &v);
+        }
+        let q = q
+            .reshape((b, len, a.heads, a.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = k
+            .reshape((b, len, a.kv_heads, a.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = v
+            .reshape((b, len, a.kv_heads, a.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let rep = a.heads / a.kv_heads;
+        let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
+        let o = attention(&q, &k, &v, (a.head_dim as f64).powf(-0.5), mask, ctx)?;
+        let o = o.transpose(1, 2)?.reshape((b, len, a.heads * a.head_dim))?;
+        let o = a.o.forward(&o, ctx)?;
+        if tap0 {
+            ctx.tap(|| "text.layer0.self_attn.o_proj".into(), &o);
+        }
+        let x = (x + o)?;
+        let y = self.ln2.forward(&x)?;
+        if tap0 {
+            ctx.tap(|| "text.layer0.post_attention_layernorm".into(), &y);
+        }
+        let g = self.mlp.gate.forward(&y, ctx)?;
+        let u = self.mlp.up.forward(&y, ctx)?;
+        if tap0 {
+            ctx.tap(|| "text.layer0.mlp.gate_proj".into(), &g);
+            ctx.tap(|| "text.layer0.mlp.up_proj".into(), &u);
+        }
+        let d = self
+            .mlp
+            .down
+            .forward(&(candle_nn::ops::silu(&g)? * u)?, ctx)?;
+        if tap0 {
+            ctx.tap(|| "text.layer0.mlp.down_proj".into(), &d);
+        }
+        let _ = h;
+        x + d
+    }
+}
+
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kvh, len, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kvh, rep, len, d))?
+        .contiguous()?
+        .reshape((b, kvh * rep, len, d))
+}
+
+/// Index of the maximum of a 1-D f32 tensor.
+pub fn argmax(logits: &Tensor) -> Result<u32> {
+    logits.argmax(D::Minus1)?.to_scalar::<u32>()
+}

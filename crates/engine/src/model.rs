@@ -1,0 +1,367 @@
+//! The whole video VLM: SigLIP tower -> projector -> bilinear pooling -> newline -> LM.
+//!
+//! A checkpoint is a directory with a LLaVA-OneVision `config.json` and safetensors (single or
+//! sharded with an index), in transformers' saved layout or the published llava-hf layout. The
+//! LM may instead come from a GGUF file named by the config's `vvlm_lm_gguf` field (used by the
+//! demo checkpoint: SmolLM2 from GGUF with an untrained vision tower).
+
+use crate::config::LlavaOnevisionConfig;
+use crate::gguf;
+use crate::llama::Llama;
+use crate::nn::{Ctx, Linear};
+use crate::pool;
+use crate::siglip::SiglipVision;
+use crate::template::ChatTemplate;
+use crate::EngineError;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+use vvlm_cost::{ArchSpec, Component, LmSpec, ProjectorSpec, VisionSpec};
+
+/// How to load a checkpoint.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// A loaded video VLM.
+pub struct VideoVlm {
+    pub cfg: LlavaOnevisionConfig,
+    pub vision: SiglipVision,
+    proj1: Linear,
+    proj2: Linear,
+    image_newline: Option<Tensor>,
+    pub lm: Llama,
+    pub tokenizer: Option<Tokenizer>,
+    pub template: ChatTemplate,
+    pub dir: PathBuf,
+    /// Free-text notes about the checkpoint (e.g. "vision weights are untrained").
+    pub notes: Vec<String>,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+fn safetensor_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| EngineError::Checkpoint(format!("{}: {e}", index.display())))?;
+        let mut files: Vec<String> = v["weight_map"]
+            .as_object()
+            .ok_or_else(|| {
+                EngineError::Checkpoint(format!("{} has no weight_map", index.display()))
+            })?
+            .values()
+            .filter_map(|f| f.as_str().map(String::from))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| EngineError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(EngineError::Checkpoint(format!(
+            "no *.safetensors in {}",
+            dir.display()
+        )));
+    }
+    Ok(files)
+}
+
+fn first_prefix(vb: &VarBuilder, candidates: &[&str], probe: &str) -> Option<String> {
+    candidates
+        .iter()
+        .find(|p| vb.contains_tensor(&format!("{p}.{probe}")))
+        .map(|p| p.to_string())
+}
+
+impl VideoVlm {
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
+        let mut cfg = LlavaOnevisionConfig::from_file(&dir.join("config.json"))?;
+        let raw: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("config.json"))
+                .map_err(|e| EngineError::io(dir, e))?,
+        )
+        .map_err(|e| EngineError::Config(e.to_string()))?;
+        let files = safetensor_files(dir)?;
+        // SAFETY: the files are memory-mapped read-only; vvlm never writes to checkpoint files
+        // while a model is loaded.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, opts.dtype, &opts.device)? };
+        let missing = |what: &str| {
+            EngineError::Checkpoint(format!(
+                "{}: no {what} tensors under any known key layout",
+                dir.display()
+            ))
+        };
+        let vp = first_prefix(
+            &vb,
+            &[
+                "vision_tower.vision_model",
+                "vision_tower",
+                "model.vision_tower.vision_model",
+                "model.vision_tower",
+            ],
+            "embeddings.patch_embedding.weight",
+        )
+        .ok_or_else(|| missing("vision tower"))?;
+        let pp = first_prefix(
+            &vb,
+            &["multi_modal_projector", "model.multi_modal_projector"],
+            "linear_1.weight",
+        )
+        .ok_or_else(|| missing("projector"))?;
+        let layers = cfg.feature_layers()?;
+        let vision = SiglipVision::load(vb.pp(&vp), &cfg.vision_config, layers)
+            .map_err(|e| ctx_err(&vp, e))?;
+        let (hv, ht) = (cfg.vision_config.hidden_size, cfg.text_config.hidden_size);
+        let bias = cfg.multimodal_projector_bias;
+        let proj1 = Linear::load(vb.pp(format!("{pp}.linear_1")), hv, ht, bias)
+            .map_err(|e| ctx_err(&pp, e))?;
+        let proj2 = Linear::load(vb.pp(format!("{pp}.linear_2")), ht, ht, bias)
+            .map_err(|e| ctx_err(&pp, e))?;
+        let image_newline = ["image_newline", "model.image_newline"]
+            .iter()
+            .find(|k| vb.contains_tensor(k))
+            .map(|k| vb.get(ht, k))
+            .transpose()?;
+        let mut notes = vec![];
+        if let Some(n) = raw.get("vvlm_notes").and_then(|v| v.as_array()) {
+            notes.extend(n.iter().filter_map(|s| s.as_str().map(String::from)));
+        }
+        let mut template_src: Option<String> = None;
+        let (lm, mut tokenizer) = match raw.get("vvlm_lm_gguf").and_then(|v| v.as_str()) {
+            Some(g) => {
+                let gpath = dir.join(g);
+                let glm = gguf::load(&gpath, opts.dtype, &opts.device)?;
+                if glm.config.hidden_size != ht {
+                    return Err(EngineError::Config(format!(
+                        "{} has hidden size {}, the projector outputs {ht}",
+                        gpath.display(),
+                        glm.config.hidden_size
+                    )));
+                }
+                cfg.text_config = glm.config.clone();
+                template_src = glm.chat_template.clone();
+                let lm_vb = VarBuilder::from_tensors(glm.tensors.clone(), opts.dtype, &opts.device);
+                let head = lm_vb
+                    .contains_tensor("lm_head.weight")
+                    .then(|| lm_vb.pp("lm_head"));
+                let lm = Llama::load(lm_vb.clone(), head, &cfg.text_config)?;
+                notes.push(format!(
+                    "LM from GGUF {} ({})",
+                    g,
+                    glm.quantizations.join(", ")
+                ));
+                (lm, Some(glm.tokenizer))
+            }
+            None => {
+                let lp = first_prefix(
+                    &vb,
+                    &[
+                        "language_model.model",
+                        "model.language_model",
+                        "language_model",
+                    ],
+                    "embed_tokens.weight",
+                )
+                .ok_or_else(|| missing("language model"))?;
+                let head = if cfg.tied_embeddings() {
+                    None
+                } else {
+                    ["language_model.lm_head", "lm_head"]
+                        .iter()
+                        .find(|k| vb.contains_tensor(&format!("{k}.weight")))
+                        .map(|k| vb.pp(k))
+                };
+                let lm =
+                    Llama::load(vb.pp(&lp), head, &cfg.text_config).map_err(|e| ctx_err(&lp, e))?;
+                (lm, None)
+            }
+        };
+        let tok_path = dir.join("tokenizer.json");
+        if tok_path.exists() {
+            tokenizer =
+                Some(Tokenizer::from_file(&tok_path).map_err(|e| {
+                    EngineError::Checkpoint(format!("{}: {e}", tok_path.display()))
+                })?);
+        }
+        let tc_path = dir.join("tokenizer_config.json");
+        if tc_path.exists() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(
+                &std::fs::read_to_string(&tc_path).unwrap_or_default(),
+            ) {
+                if let Some(t) = v.get("chat_template").and_then(|t| t.as_str()) {
+                    template_src = Some(t.to_string());
+                }
+            }
+        }
+        let template = ChatTemplate::detect(template_src.as_deref());
+        Ok(Self {
+            cfg,
+            vision,
+            proj1,
+            proj2,
+            image_newline,
+            lm,
+            tokenizer,
+            template,
+            dir: dir.to_path_buf(),
+            notes,
+            device: opts.device.clone(),
+            dtype: opts.dtype,
+        })
+    }
+
+    /// Grid side of the vision tower (27 for so400m/14 at 384 px).
+    pub fn grid(&self) -> usize {
+        self.cfg.vision_config.grid()
+    }
+
+    /// The architecture for exact FLOP accounting.
+    pub fn arch(&self) -> ArchSpec {
+        let v = &self.cfg.vision_config;
+        let t = &self.cfg.text_config;
+        ArchSpec {
+            vision: VisionSpec {
+                image_size: v.image_size,
+                patch_size: v.patch_size,
+                num_channels: v.num_channels,
+                hidden_size: v.hidden_size,
+                intermediate_size: v.intermediate_size,
+                num_attention_heads: v.num_attention_heads,
+                layers_run: self.cfg.feature_layers().unwrap_or(v.num_hidden_layers),
+            },
+            projector: ProjectorSpec {
+                in_features: v.hidden_size,
+                hidden: t.hidden_size,
+                out_features: t.hidden_size,
+            },
+            lm: LmSpec {
+                hidden_size: t.hidden_size,
+                intermediate_size: t.intermediate_size,
+                num_hidden_layers: t.num_hidden_layers,
+                num_attention_heads: t.num_attention_heads,
+                num_key_value_heads: t.kv_heads(),
+                head_dim: t.head_dim(),
+                vocab_size: t.vocab_size,
+            },
+            video_newline: self.image_newline.is_some(),
+        }
+    }
+
+    /// Vision features `[frames, patches, hidden]` of preprocessed pixels `[frames, 3, H, W]`.
+    pub fn vision_features(&self, pixels: &Tensor, ctx: &mut Ctx) -> Result<Tensor, EngineError> {
+        let saved = ctx.component;
+        ctx.component = Component::Vision;
+        let pixels = pixels.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let out = self.vision.forward(&pixels, ctx);
+        ctx.component = saved;
+        Ok(out?)
+    }
+
+    /// Projector over every patch feature: `[frames, patches, hv]` -> `[frames, patches, ht]`.
+    pub fn project(&self, features: &Tensor, ctx: &mut Ctx) -> Result<Tensor, EngineError> {
+        let saved = ctx.component;
+        ctx.component = Component::Projector;
+        let r = (|| {
+            let h = self.proj1.forward(features, ctx)?;
+            ctx.tap(|| "projector.linear_1_out".into(), &h);
+            let h = h.gelu_erf()?;
+            self.proj2.forward(&h, ctx)
+        })();
+        ctx.component = saved;
+        let out = r?;
+        ctx.tap(|| "projector.out".into(), &out);
+        Ok(out)
+    }
+
+    /// The visual tokens of a video: `[frames * side^2 (+1 newline), ht]`.
+    pub fn encode_video(
+        &self,
+        pixels: &Tensor,
+        side: usize,
+        ctx: &mut Ctx,
+    ) -> Result<Tensor, EngineError> {
+        let grid = self.grid();
+        if side == 0 || side > grid {
+            return Err(EngineError::Request(format!(
+                "tokens per frame must be s*s with 1 <= s <= {grid}, got s = {side}"
+            )));
+        }
+        let feats = self.vision_features(pixels, ctx)?;
+        let proj = self.project(&feats, ctx)?;
+        let pooled = pool::pool(&proj, grid, side)?;
+        ctx.tap(|| "pooled".into(), &pooled);
+        let (f, n, d) = pooled.dims3()?;
+        let flat = pooled.reshape((f * n, d))?;
+        let out = match &self.image_newline {
+            Some(nl) => Tensor::cat(&[&flat, &nl.unsqueeze(0)?], 0)?,
+            None => flat,
+        };
+        ctx.tap(|| "video_features".into(), &out);
+        Ok(out)
+    }
+
+    /// Input embeddings `[1, L, h]`: prefix tokens, the video's tokens, suffix tokens.
+    pub fn input_embeddings(
+        &self,
+        prefix: &[u32],
+        video: Option<&Tensor>,
+        suffix: &[u32],
+    ) -> Result<Tensor, EngineError> {
+        let mut parts = vec![];
+        if !prefix.is_empty() {
+            parts.push(self.lm.embed(prefix)?);
+        }
+        if let Some(v) = video {
+            parts.push(v.to_dtype(self.dtype)?.unsqueeze(0)?);
+        }
+        if !suffix.is_empty() {
+            parts.push(self.lm.embed(suffix)?);
+        }
+        if parts.is_empty() {
+            return Err(EngineError::Request("empty input".into()));
+        }
+        Ok(Tensor::cat(&parts, 1)?)
+    }
+
+    /// Splits ids around the first contiguous run of the video placeholder token.
+    pub fn split_placeholder<'a>(
+        &self,
+        ids: &'a [u32],
+    ) -> Result<(&'a [u32], usize, &'a [u32]), EngineError> {
+        let vt = self.cfg.video_token_index;
+        let start = ids.iter().position(|&t| t == vt).ok_or_else(|| {
+            EngineError::Request(format!("input_ids contain no video placeholder ({vt})"))
+        })?;
+        let len = ids[start..].iter().take_while(|&&t| t == vt).count();
+        let rest = &ids[start + len..];
+        if rest.contains(&vt) {
+            return Err(EngineError::Request(
+                "video placeholders must form one contiguous run".into(),
+            ));
+        }
+        Ok((&ids[..start], len, rest))
+    }
+}
+
+fn ctx_err(prefix: &str, e: candle_core::Error) -> EngineError {
+    EngineError::Checkpoint(format!("under `{prefix}`: {e}"))
+}

@@ -1,0 +1,178 @@
+//! SigLIP vision tower (no pooling head): patch embedding as a matrix product, learned position
+//! embeddings, pre-LN encoder layers. Returns the output of a chosen layer before
+//! `post_layernorm`, as LLaVA-OneVision selects its features.
+
+use crate::config::SiglipVisionConfig;
+use crate::nn::{attention, Ctx, LayerNorm, Linear};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+pub struct Embeddings {
+    patch: Linear,
+    position: Tensor,
+    cfg: SiglipVisionConfig,
+}
+
+impl Embeddings {
+    pub fn load(vb: VarBuilder, cfg: &SiglipVisionConfig) -> Result<Self> {
+        let (h, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
+        let w = vb
+            .get((h, c, p, p), "patch_embedding.weight")?
+            .reshape((h, c * p * p))?;
+        let b = vb.get(h, "patch_embedding.bias")?;
+        let n = cfg.grid() * cfg.grid();
+        Ok(Self {
+            patch: Linear::from_weights(w, Some(b))?,
+            position: vb.get((n, h), "position_embedding.weight")?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// `[frames, C, H, W]` pixels -> `[frames, patches, hidden]`.
+    pub fn forward(&self, pixels: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let (f, c, hh, ww) = pixels.dims4()?;
+        let (p, g) = (self.cfg.patch_size, self.cfg.grid());
+        if hh != self.cfg.image_size || ww != self.cfg.image_size || c != self.cfg.num_channels {
+            candle_core::bail!(
+                "pixels are {c}x{hh}x{ww}, the vision tower expects {}x{}x{}",
+                self.cfg.num_channels,
+                self.cfg.image_size,
+                self.cfg.image_size
+            );
+        }
+        // Non-overlapping patches flattened in the conv weight's (C, kh, kw) order.
+        let patches = pixels
+            .reshape((f, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((f, g * g, c * p * p))?;
+        let x = self.patch.forward(&patches, ctx)?;
+        if ctx.tapping() {
+            let conv = x
+                .transpose(1, 2)?
+                .reshape((f, self.cfg.hidden_size, g, g))?;
+            ctx.tap(|| "vision.patch_conv_out".into(), &conv);
+        }
+        x.broadcast_add(&self.position)
+    }
+}
+
+pub struct EncoderLayer {
+    ln1: LayerNorm,
+    ln2: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+    head_dim: usize,
+    tanh_gelu: bool,
+}
+
+impl EncoderLayer {
+    pub fn load(vb: VarBuilder, cfg: &SiglipVisionConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let a = vb.pp("self_attn");
+        Ok(Self {
+            ln1: LayerNorm::load(vb.pp("layer_norm1"), h, cfg.layer_norm_eps)?,
+            ln2: LayerNorm::load(vb.pp("layer_norm2"), h, cfg.layer_norm_eps)?,
+            q: Linear::load(a.pp("q_proj"), h, h, true)?,
+            k: Linear::load(a.pp("k_proj"), h, h, true)?,
+            v: Linear::load(a.pp("v_proj"), h, h, true)?,
+            out: Linear::load(a.pp("out_proj"), h, h, true)?,
+            fc1: Linear::load(vb.pp("mlp.fc1"), h, i, true)?,
+            fc2: Linear::load(vb.pp("mlp.fc2"), i, h, true)?,
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+            tanh_gelu: cfg.hidden_act == "gelu_pytorch_tanh",
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, layer: usize, ctx: &mut Ctx) -> Result<Tensor> {
+        let (f, n, h) = x.dims3()?;
+        let tap0 = layer == 0;
+        let y = self.ln1.forward(x)?;
+        if tap0 {
+            ctx.tap(|| "vision.layer0.layer_norm1".into(), &y);
+        }
+        let q = self.q.forward(&y, ctx)?;
+        let k = self.k.forward(&y, ctx)?;
+        let v = self.v.forward(&y, ctx)?;
+        if tap0 {
+            ctx.tap(|| "vision.layer0.self_attn.q_proj".into(), &q);
+            ctx.tap(|| "vision.layer0.self_attn.k_proj".into(), &k);
+            ctx.tap(|| "vision.layer0.self_attn.v_proj".into(), &v);
+        }
+        let split = |t: Tensor| {
+            t.reshape((f, n, self.heads, self.head_dim))?
+                .transpose(1, 2)
+        };
+        let attn = attention(
+            &split(q)?,
+            &split(k)?,
+            &split(v)?,
+            (self.head_dim as f64).powf(-0.5),
+            None,
+            ctx,
+        )?;
+        let attn = attn.transpose(1, 2)?.reshape((f, n, h))?;
+        let o = self.out.forward(&attn, ctx)?;
+        if tap0 {
+            ctx.tap(|| "vision.layer0.self_attn.out_proj".into(), &o);
+        }
+        let x = (x + o)?;
+        let y = self.ln2.forward(&x)?;
+        if tap0 {
+            ctx.tap(|| "vision.layer0.layer_norm2".into(), &y);
+        }
+        let y = self.fc1.forward(&y, ctx)?;
+        if tap0 {
+            ctx.tap(|| "vision.layer0.mlp.fc1".into(), &y);
+        }
+        let y = if self.tanh_gelu {
+            y.gelu()?
+        } else {
+            y.gelu_erf()?
+        };
+        let y = self.fc2.forward(&y, ctx)?;
+        if tap0 {
+            ctx.tap(|| "vision.layer0.mlp.fc2".into(), &y);
+        }
+        x + y
+    }
+}
+
+/// The tower, truncated to the layers that produce the selected features.
+pub struct SiglipVision {
+    embeddings: Embeddings,
+    layers: Vec<EncoderLayer>,
+    pub cfg: SiglipVisionConfig,
+}
+
+impl SiglipVision {
+    /// Loads `layers_run` encoder layers (those after it are never executed, so not loaded).
+    pub fn load(vb: VarBuilder, cfg: &SiglipVisionConfig, layers_run: usize) -> Result<Self> {
+        let embeddings = Embeddings::load(vb.pp("embeddings"), cfg)?;
+        let layers = (0..layers_run)
+            .map(|i| EncoderLayer::load(vb.pp(format!("encoder.layers.{i}")), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embeddings,
+            layers,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// `[frames, C, H, W]` -> features `[frames, patches, hidden]`.
+    pub fn forward(&self, pixels: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let mut x = self.embeddings.forward(pixels, ctx)?;
+        ctx.tap(|| "vision.embeddings".into(), &x);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, i, ctx)?;
+            ctx.tap(|| format!("vision.layer_out.{i}"), &x);
+        }
+        Ok(x)
+    }
+}
