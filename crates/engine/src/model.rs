@@ -365,3 +365,33 @@ impl VideoVlm {
 fn ctx_err(prefix: &str, e: candle_core::Error) -> EngineError {
     EngineError::Checkpoint(format!("under `{prefix}`: {e}"))
 }
+
+impl VideoVlm {
+    /// The whole forward pass on given inputs, returning every intermediate under the reference
+    /// fixture's names (`vision.layer_out.{i}`, `projector.out`, `pooled`, `video_features`,
+    /// `text.inputs_embeds`, `text.layer_out.{i}`, `logits`, ...). `input_ids` must contain one
+    /// run of video placeholders; it is replaced by the frames' tokens for pooled side `side`.
+    /// Logits are computed for every position (so the LM head's count covers all of them).
+    pub fn debug_forward(
+        &self,
+        pixels: &Tensor,
+        input_ids: &[u32],
+        side: usize,
+        flops: &vvlm_cost::FlopCounter,
+    ) -> Result<std::collections::BTreeMap<String, Tensor>, EngineError> {
+        let mut taps = std::collections::BTreeMap::new();
+        let (prefix, _len, suffix) = self.split_placeholder(input_ids)?;
+        let mut ctx = Ctx::with_taps(flops, Component::LmPrefill, &mut taps);
+        let video = self.encode_video(pixels, side, &mut ctx)?;
+        let embeds = self.input_embeddings(prefix, Some(&video), suffix)?;
+        ctx.tap(|| "text.inputs_embeds".into(), &embeds);
+        let mut cache = self.lm.new_cache();
+        let hidden = self.lm.forward_hidden(&embeds, &mut cache, &mut ctx)?;
+        let logits = self.lm.logits(&hidden, &ctx)?;
+        ctx.tap(|| "logits".into(), &logits);
+        let inv = self.lm.inv_freq();
+        let n = inv.len();
+        taps.insert("rope.inv_freq".into(), Tensor::from_vec(inv, n, &Device::Cpu)?);
+        Ok(taps)
+    }
+}

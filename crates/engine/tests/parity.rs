@@ -1,0 +1,210 @@
+//! Parity with PyTorch/transformers on the tiny random LLaVA-OneVision fixture
+//! (tests/fixtures/tiny-llava-onevision, made by transformers 5.23 in f32). Tolerance: max abs
+//! error <= 1e-4 on every intermediate and on the logits.
+
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use vvlm_cost::{FlopCounter, Workload};
+use vvlm_engine::{LoadOptions, VideoVlm};
+
+const TOL: f32 = 1e-4;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava-onevision")
+}
+
+fn reference() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn inputs(r: &HashMap<String, Tensor>) -> (Tensor, Vec<u32>) {
+    let pixels = r["input.pixel_values_videos"].squeeze(0).unwrap();
+    let ids: Vec<u32> = r["input.input_ids"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
+    (pixels, ids)
+}
+
+fn load(dir: &str) -> VideoVlm {
+    VideoVlm::load(&fixture().join(dir), &LoadOptions::default()).unwrap()
+}
+
+#[test]
+fn every_intermediate_matches_transformers_in_both_key_layouts() {
+    let r = reference();
+    let (pixels, ids) = inputs(&r);
+    for dir in ["model", "model_hubformat"] {
+        let m = load(dir);
+        let flops = FlopCounter::new();
+        let out = m.debug_forward(&pixels, &ids, m.cfg.default_side(), &flops).unwrap();
+        let mut compared = 0;
+        for (name, want) in &r {
+            if name.starts_with("input.") || name.starts_with("generate.") || name.contains("_s") && !name.starts_with("vision.") {
+                continue;
+            }
+            let Some(got) = out.get(name) else { continue };
+            // The fixture keeps a leading batch dim of 1 on text tensors.
+            let got = if got.rank() + 1 == want.rank() { got.unsqueeze(0).unwrap() } else { got.clone() };
+            let want = if want.rank() + 1 == got.rank() { want.unsqueeze(0).unwrap() } else { want.clone() };
+            let err = max_abs(&got, &want);
+            assert!(err <= TOL, "{dir}: {name} max abs err {err}");
+            compared += 1;
+        }
+        for must in [
+            "vision.patch_conv_out",
+            "vision.embeddings",
+            "vision.layer0.self_attn.q_proj",
+            "vision.layer0.mlp.fc2",
+            "vision.layer_out.0",
+            "vision.layer_out.1",
+            "projector.linear_1_out",
+            "projector.out",
+            "pooled",
+            "video_features",
+            "text.inputs_embeds",
+            "text.layer0.self_attn.k_proj",
+            "text.layer0.mlp.down_proj",
+            "text.layer_out.1",
+            "text.final_norm_out",
+            "logits",
+            "rope.inv_freq",
+        ] {
+            assert!(out.contains_key(must) && r.contains_key(must), "{must} not compared");
+        }
+        assert!(compared >= 30, "{dir}: only {compared} tensors compared");
+    }
+}
+
+#[test]
+fn other_tokens_per_frame_match_transformers() {
+    let r = reference();
+    let (pixels, ids) = inputs(&r);
+    let m = load("model");
+    for s in [1usize, 3, 5] {
+        let flops = FlopCounter::new();
+        let out = m.debug_forward(&pixels, &ids, s, &flops).unwrap();
+        let e = max_abs(&out["pooled"], &r[&format!("pooled_s{s}")]);
+        assert!(e <= TOL, "pooled_s{s}: {e}");
+        let e = max_abs(&out["logits"], &r[&format!("logits_s{s}")]);
+        assert!(e <= TOL, "logits_s{s}: {e}");
+    }
+}
+
+#[test]
+fn greedy_generation_matches_transformers_step_by_step() {
+    let r = reference();
+    let (pixels, ids) = inputs(&r);
+    let m = load("model");
+    let want: Vec<u32> = r["generate.greedy_new_tokens"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
+    let step_logits = r["generate.step_logits"].squeeze(0).unwrap();
+    let flops = FlopCounter::new();
+    let mut ctx = vvlm_engine::Ctx::new(&flops, vvlm_cost::Component::LmPrefill);
+    let (prefix, _, suffix) = m.split_placeholder(&ids).unwrap();
+    let video = m.encode_video(&pixels, m.cfg.default_side(), &mut ctx).unwrap();
+    let embeds = m.input_embeddings(prefix, Some(&video), suffix).unwrap();
+    let mut cache = m.lm.new_cache();
+    let h = m.lm.forward_hidden(&embeds, &mut cache, &mut ctx).unwrap();
+    let mut logits = m.lm.last_logits(&h, &ctx).unwrap();
+    let mut got = vec![];
+    ctx.component = vvlm_cost::Component::LmDecode;
+    for step in 0..want.len() {
+        let e = max_abs(&logits, &step_logits.get(step).unwrap());
+        assert!(e <= TOL, "decode step {step}: logits max abs err {e}");
+        let next = vvlm_engine::llama::argmax(&logits).unwrap();
+        got.push(next);
+        let emb = m.lm.embed(&[next]).unwrap();
+        let h = m.lm.forward_hidden(&emb, &mut cache, &mut ctx).unwrap();
+        logits = m.lm.last_logits(&h, &ctx).unwrap();
+    }
+    assert_eq!(got, want);
+    // Measured FLOPs equal the exact analytic count for what ran (8 decode passes here).
+    let w = Workload {
+        frames: 4,
+        tokens_per_frame: 16,
+        text_tokens: prefix.len() + suffix.len(),
+        decode_steps: want.len(),
+    };
+    let exact = m.arch().flops(&w);
+    let measured = flops.snapshot();
+    assert_eq!(measured, exact, "measured {measured:?} vs exact {exact:?}");
+}
+
+#[test]
+fn measured_flops_equal_the_analytic_count_for_debug_forward() {
+    let r = reference();
+    let (pixels, ids) = inputs(&r);
+    let m = load("model");
+    for s in [1usize, 4, 7] {
+        let flops = FlopCounter::new();
+        let out = m.debug_forward(&pixels, &ids, s, &flops).unwrap();
+        let len = out["logits"].dim(1).unwrap();
+        let arch = m.arch();
+        let mut exact = arch.flops(&Workload {
+            frames: 4,
+            tokens_per_frame: s * s,
+            text_tokens: 9,
+            decode_steps: 0,
+        });
+        // debug_forward runs the LM head on every position, not just the last.
+        exact.lm_prefill += 2.0 * (len - 1) as f64 * 64.0 * 512.0;
+        assert_eq!(flops.snapshot(), exact, "s = {s}");
+    }
+}
+
+#[test]
+fn bad_checkpoints_and_inputs_are_clear_errors() {
+    let tmp = std::env::temp_dir().join(format!("vvlm-bad-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let e = VideoVlm::load(&tmp, &LoadOptions::default()).err().unwrap().to_string();
+    assert!(e.contains("config.json"), "{e}");
+    std::fs::copy(fixture().join("model/config.json"), tmp.join("config.json")).unwrap();
+    let e = VideoVlm::load(&tmp, &LoadOptions::default()).err().unwrap().to_string();
+    assert!(e.contains("safetensors"), "{e}");
+    // Wrong shape: a safetensors file whose projector has the wrong width.
+    let mut ts = candle_core::safetensors::load(fixture().join("model/model.safetensors"), &Device::Cpu).unwrap();
+    ts.insert(
+        "multi_modal_projector.linear_1.weight".into(),
+        Tensor::zeros((32, 64), DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&ts, tmp.join("model.safetensors")).unwrap();
+    let e = VideoVlm::load(&tmp, &LoadOptions::default()).err().unwrap().to_string();
+    assert!(e.contains("shape"), "{e}");
+    std::fs::remove_dir_all(&tmp).ok();
+
+    let m = load("model");
+    let r = reference();
+    let (pixels, ids) = inputs(&r);
+    let flops = FlopCounter::new();
+    assert!(m.debug_forward(&pixels, &ids, 0, &flops).is_err());
+    assert!(m.debug_forward(&pixels, &ids, 8, &flops).is_err());
+    assert!(m.debug_forward(&pixels, &[1, 2, 3], 4, &flops).is_err());
+    let wrong = Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
+    assert!(m.debug_forward(&wrong, &ids, 4, &flops).is_err());
+}
