@@ -1,6 +1,7 @@
 //! The `vvlm` binary: the command-line edge of the project. Errors become one clear line and a
 //! non-zero exit; everything else lives in the library crates.
 
+mod engine_cmd;
 mod math;
 mod plot;
 
@@ -28,6 +29,14 @@ enum Command {
     Frontier(math::FrontierArgs),
     /// Elasticity of the frontier with respect to finetuning data size.
     Elasticity(math::ElasticityArgs),
+    /// Inspect the engine on given inputs.
+    #[command(subcommand)]
+    Debug(engine_cmd::DebugCmd),
+    /// Make or inspect checkpoints.
+    #[command(subcommand)]
+    Models(engine_cmd::ModelsCmd),
+    /// Text-only generation with a checkpoint.
+    Generate(engine_cmd::GenerateArgs),
 }
 
 fn main() {
@@ -50,5 +59,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fit(a) => math::fit_cmd(a),
         Command::Frontier(a) => math::frontier_cmd(a),
         Command::Elasticity(a) => math::elasticity_cmd(a),
+        Command::Debug(c) => engine_cmd::debug(c),
+        Command::Models(c) => engine_cmd::models(c),
+        Command::Generate(a) => engine_cmd::generate(a),
     }
 }

@@ -273,9 +273,11 @@ impl LlavaOnevisionConfig {
                 self.vision_config.hidden_act
             )));
         }
-        if self.vision_config.image_size % self.vision_config.patch_size != 0 {
-            return Err(EngineError::Unsupported(
-                "image_size is not a multiple of patch_size".into(),
+        if self.vision_config.patch_size == 0
+            || self.vision_config.image_size < self.vision_config.patch_size
+        {
+            return Err(EngineError::Config(
+                "image_size must be at least one patch".into(),
             ));
         }
         self.feature_layers()?;

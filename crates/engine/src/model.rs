@@ -391,7 +391,10 @@ impl VideoVlm {
         ctx.tap(|| "logits".into(), &logits);
         let inv = self.lm.inv_freq();
         let n = inv.len();
-        taps.insert("rope.inv_freq".into(), Tensor::from_vec(inv, n, &Device::Cpu)?);
+        taps.insert(
+            "rope.inv_freq".into(),
+            Tensor::from_vec(inv, n, &Device::Cpu)?,
+        );
         Ok(taps)
     }
 }

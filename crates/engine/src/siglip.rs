@@ -40,7 +40,15 @@ impl Embeddings {
                 self.cfg.image_size
             );
         }
-        // Non-overlapping patches flattened in the conv weight's (C, kh, kw) order.
+        // Non-overlapping patches flattened in the conv weight's (C, kh, kw) order. A stride-p
+        // convolution without padding ignores the last `size % p` rows and columns (so400m/14 at
+        // 384 px sees 378 px).
+        let used = g * p;
+        let pixels = if used != hh {
+            pixels.narrow(2, 0, used)?.narrow(3, 0, used)?
+        } else {
+            pixels.clone()
+        };
         let patches = pixels
             .reshape((f, c, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?

@@ -56,16 +56,29 @@ fn every_intermediate_matches_transformers_in_both_key_layouts() {
     for dir in ["model", "model_hubformat"] {
         let m = load(dir);
         let flops = FlopCounter::new();
-        let out = m.debug_forward(&pixels, &ids, m.cfg.default_side(), &flops).unwrap();
+        let out = m
+            .debug_forward(&pixels, &ids, m.cfg.default_side(), &flops)
+            .unwrap();
         let mut compared = 0;
         for (name, want) in &r {
-            if name.starts_with("input.") || name.starts_with("generate.") || name.contains("_s") && !name.starts_with("vision.") {
+            if name.starts_with("input.")
+                || name.starts_with("generate.")
+                || name.contains("_s") && !name.starts_with("vision.")
+            {
                 continue;
             }
             let Some(got) = out.get(name) else { continue };
             // The fixture keeps a leading batch dim of 1 on text tensors.
-            let got = if got.rank() + 1 == want.rank() { got.unsqueeze(0).unwrap() } else { got.clone() };
-            let want = if want.rank() + 1 == got.rank() { want.unsqueeze(0).unwrap() } else { want.clone() };
+            let got = if got.rank() + 1 == want.rank() {
+                got.unsqueeze(0).unwrap()
+            } else {
+                got.clone()
+            };
+            let want = if want.rank() + 1 == got.rank() {
+                want.unsqueeze(0).unwrap()
+            } else {
+                want.clone()
+            };
             let err = max_abs(&got, &want);
             assert!(err <= TOL, "{dir}: {name} max abs err {err}");
             compared += 1;
@@ -89,7 +102,10 @@ fn every_intermediate_matches_transformers_in_both_key_layouts() {
             "logits",
             "rope.inv_freq",
         ] {
-            assert!(out.contains_key(must) && r.contains_key(must), "{must} not compared");
+            assert!(
+                out.contains_key(must) && r.contains_key(must),
+                "{must} not compared"
+            );
         }
         assert!(compared >= 30, "{dir}: only {compared} tensors compared");
     }
@@ -127,7 +143,9 @@ fn greedy_generation_matches_transformers_step_by_step() {
     let flops = FlopCounter::new();
     let mut ctx = vvlm_engine::Ctx::new(&flops, vvlm_cost::Component::LmPrefill);
     let (prefix, _, suffix) = m.split_placeholder(&ids).unwrap();
-    let video = m.encode_video(&pixels, m.cfg.default_side(), &mut ctx).unwrap();
+    let video = m
+        .encode_video(&pixels, m.cfg.default_side(), &mut ctx)
+        .unwrap();
     let embeds = m.input_embeddings(prefix, Some(&video), suffix).unwrap();
     let mut cache = m.lm.new_cache();
     let h = m.lm.forward_hidden(&embeds, &mut cache, &mut ctx).unwrap();
@@ -182,19 +200,30 @@ fn measured_flops_equal_the_analytic_count_for_debug_forward() {
 fn bad_checkpoints_and_inputs_are_clear_errors() {
     let tmp = std::env::temp_dir().join(format!("vvlm-bad-ckpt-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    let e = VideoVlm::load(&tmp, &LoadOptions::default()).err().unwrap().to_string();
+    let e = VideoVlm::load(&tmp, &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("config.json"), "{e}");
     std::fs::copy(fixture().join("model/config.json"), tmp.join("config.json")).unwrap();
-    let e = VideoVlm::load(&tmp, &LoadOptions::default()).err().unwrap().to_string();
+    let e = VideoVlm::load(&tmp, &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("safetensors"), "{e}");
     // Wrong shape: a safetensors file whose projector has the wrong width.
-    let mut ts = candle_core::safetensors::load(fixture().join("model/model.safetensors"), &Device::Cpu).unwrap();
+    let mut ts =
+        candle_core::safetensors::load(fixture().join("model/model.safetensors"), &Device::Cpu)
+            .unwrap();
     ts.insert(
         "multi_modal_projector.linear_1.weight".into(),
         Tensor::zeros((32, 64), DType::F32, &Device::Cpu).unwrap(),
     );
     candle_core::safetensors::save(&ts, tmp.join("model.safetensors")).unwrap();
-    let e = VideoVlm::load(&tmp, &LoadOptions::default()).err().unwrap().to_string();
+    let e = VideoVlm::load(&tmp, &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("shape"), "{e}");
     std::fs::remove_dir_all(&tmp).ok();
 
