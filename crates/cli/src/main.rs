@@ -2,6 +2,7 @@
 //! non-zero exit; everything else lives in the library crates.
 
 mod engine_cmd;
+mod frames_cmd;
 mod math;
 mod plot;
 
@@ -35,6 +36,8 @@ enum Command {
     /// Make or inspect checkpoints.
     #[command(subcommand)]
     Models(engine_cmd::ModelsCmd),
+    /// Probe a video and sample frames as the server would.
+    Frames(frames_cmd::FramesArgs),
     /// Text-only generation with a checkpoint.
     Generate(engine_cmd::GenerateArgs),
 }
@@ -62,5 +65,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Debug(c) => engine_cmd::debug(c),
         Command::Models(c) => engine_cmd::models(c),
         Command::Generate(a) => engine_cmd::generate(a),
+        Command::Frames(a) => frames_cmd::frames(a),
     }
 }
