@@ -27,7 +27,12 @@ pub fn frames(a: FramesArgs) -> Result<()> {
         ..Default::default()
     };
     let started = std::time::Instant::now();
-    let v = decode_path(&a.video, &FrameSampling::Uniform { frames: a.frames }, &MediaPolicy::default(), &pre)?;
+    let v = decode_path(
+        &a.video,
+        &FrameSampling::Uniform { frames: a.frames },
+        &MediaPolicy::default(),
+        &pre,
+    )?;
     let secs = started.elapsed().as_secs_f64();
     if let Some(dir) = &a.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -36,13 +41,15 @@ pub fn frames(a: FramesArgs) -> Result<()> {
             let px = v.frame_pixels(i);
             let img = image::RgbImage::from_fn(a.size, a.size, |x, y| {
                 let at = |c: usize| {
-                    let val = px[c * s * s + y as usize * s + x as usize] * pre.std[c] + pre.mean[c];
+                    let val =
+                        px[c * s * s + y as usize * s + x as usize] * pre.std[c] + pre.mean[c];
                     (val * 255.0).round().clamp(0.0, 255.0) as u8
                 };
                 image::Rgb([at(0), at(1), at(2)])
             });
             let path = dir.join(format!("frame_{i:03}.png"));
-            img.save(&path).with_context(|| format!("writing {}", path.display()))?;
+            img.save(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
         }
     }
     if a.json {
@@ -65,10 +72,17 @@ pub fn frames(a: FramesArgs) -> Result<()> {
             p.frame_rate,
             p.frame_count,
             p.rotation_deg,
-            if p.duration_from_container { ", duration from container" } else { "" }
+            if p.duration_from_container {
+                ", duration from container"
+            } else {
+                ""
+            }
         );
         for f in &v.frames {
-            println!("  frame {:>6} at {:>9.3}s (asked {:.3}s)", f.index, f.timestamp_s, f.requested_s);
+            println!(
+                "  frame {:>6} at {:>9.3}s (asked {:.3}s)",
+                f.index, f.timestamp_s, f.requested_s
+            );
         }
         println!(
             "{} frames sampled in {:.3}s ({} decoded, {})",

@@ -4,7 +4,9 @@
 mod engine_cmd;
 mod frames_cmd;
 mod math;
+mod plan_cmd;
 mod plot;
+mod serve_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -36,6 +38,12 @@ enum Command {
     /// Make or inspect checkpoints.
     #[command(subcommand)]
     Models(engine_cmd::ModelsCmd),
+    /// Run the HTTP server.
+    Serve(serve_cmd::ServeArgs),
+    /// Manage tenants in the ledger.
+    Tenant(serve_cmd::TenantArgs),
+    /// Plan a request: checkpoint, frames and tokens per frame under a budget.
+    Plan(plan_cmd::PlanArgs),
     /// Probe a video and sample frames as the server would.
     Frames(frames_cmd::FramesArgs),
     /// Text-only generation with a checkpoint.
@@ -66,5 +74,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Models(c) => engine_cmd::models(c),
         Command::Generate(a) => engine_cmd::generate(a),
         Command::Frames(a) => frames_cmd::frames(a),
+        Command::Plan(a) => plan_cmd::plan(a),
+        Command::Serve(a) => serve_cmd::serve(a),
+        Command::Tenant(a) => serve_cmd::tenant(a),
     }
 }

@@ -36,6 +36,11 @@ impl NormalRng {
     }
 }
 
+/// Scale of the untrained projector's output layer. Small, so the random visual tokens are
+/// near-zero vectors the LM mostly ignores and its text stays readable (with 0.02, hundreds of
+/// random tokens derail SmolLM2 into emitting newlines).
+const DEMO_PROJECTOR_OUT_STD: f32 = 0.001;
+
 /// The demo's vision shape: so400m's geometry (384 px, patch 14, 27x27 = 729 tokens per frame)
 /// with a narrow, shallow encoder so CPU demos run in seconds.
 pub fn demo_vision_config() -> SiglipVisionConfig {
@@ -108,7 +113,7 @@ pub fn random_vision_tensors(
     );
     t.insert(
         "multi_modal_projector.linear_2.weight".into(),
-        rng.tensor(&[text_hidden, text_hidden], 0.02)?,
+        rng.tensor(&[text_hidden, text_hidden], DEMO_PROJECTOR_OUT_STD)?,
     );
     t.insert(
         "multi_modal_projector.linear_2.bias".into(),

@@ -1,1 +1,458 @@
-//! placeholder
+//! Per-request planning: which checkpoint (LM size `x_N`), how many frames (`x_T`) and how many
+//! visual tokens per frame (`x_V = s*s`) minimise the predicted error under a FLOPs budget.
+//!
+//! Owns the model registry (`models/*.toml`), the candidate grid, the cost modes (the paper's
+//! theoretical FLOPs, or the exact analytic count of the real architecture with the prompt's text
+//! tokens and the expected decode) and the choice rule (lowest predicted error whose cost fits;
+//! ties to the cheaper). Must not know about tensors, HTTP, tenants or how budgets are charged.
+
+mod registry;
+
+pub use registry::{ModelEntry, Registry};
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use vvlm_cost::{ArchSpec, PaperCost, Workload};
+use vvlm_scaling::{Config, FittedModel};
+
+/// Errors of planning.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("budget {budget:.4e} FLOPs is too small: the cheapest allowed configuration costs {min_budget:.4e} FLOPs")]
+    BudgetTooSmall { budget: f64, min_budget: f64 },
+    #[error("unknown model `{0}`")]
+    UnknownModel(String),
+    #[error("unknown task `{0}`")]
+    UnknownTask(String),
+    #[error("invalid pin: {0}")]
+    InvalidPin(String),
+    #[error("registry: {0}")]
+    Registry(String),
+}
+
+/// How a configuration is priced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CostMode {
+    /// `2 x_T (x_M x_W + x_N x_V)`: the paper's prefill formula.
+    #[default]
+    Theoretical,
+    /// The exact analytic count of the checkpoint's architecture: vision, projector, prefill of
+    /// text + visual tokens (attention's quadratic term included) and the expected decode.
+    Exact,
+}
+
+/// Restrictions a request puts on the search (they narrow it; the budget still applies).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Pins {
+    pub model: Option<String>,
+    pub frames: Option<u32>,
+    pub tokens_per_frame: Option<u32>,
+}
+
+/// What the planner needs to know about one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanRequest {
+    pub budget_flops: f64,
+    pub task: String,
+    /// Text tokens of the formatted prompt (used by the exact cost mode).
+    pub text_tokens: usize,
+    /// Generated tokens to price (used by the exact cost mode).
+    pub expected_decode_tokens: usize,
+    #[serde(default)]
+    pub pins: Pins,
+}
+
+/// One priced and scored configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub model: String,
+    pub lm_params: f64,
+    pub frames: u32,
+    pub tokens_per_frame: u32,
+    pub side: u32,
+    pub predicted_error: f64,
+    pub predicted_score: f64,
+    pub cost_flops: f64,
+}
+
+/// The planner's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    #[serde(flatten)]
+    pub choice: Candidate,
+    pub budget_flops: f64,
+    pub cost_mode: CostMode,
+    pub task: String,
+    /// The next best feasible configurations (up to 5), best first.
+    pub runners_up: Vec<Candidate>,
+    /// Candidates considered after pins.
+    pub considered: usize,
+}
+
+/// The planner: registry, one scaling model per task, cost settings.
+#[derive(Debug, Clone)]
+pub struct Planner {
+    registry: Arc<Registry>,
+    tasks: BTreeMap<String, Arc<FittedModel>>,
+    pub paper_cost: PaperCost,
+    pub cost_mode: CostMode,
+    /// Finetuning data size the checkpoints were trained with (millions), for models with `n`.
+    pub data_size_m: f64,
+    /// Exact architectures by model name (needed for [`CostMode::Exact`]).
+    archs: BTreeMap<String, ArchSpec>,
+}
+
+impl Planner {
+    pub fn new(
+        registry: Registry,
+        tasks: BTreeMap<String, Arc<FittedModel>>,
+    ) -> Result<Self, PlanError> {
+        if registry.models.is_empty() {
+            return Err(PlanError::Registry("the model registry is empty".into()));
+        }
+        if tasks.is_empty() {
+            return Err(PlanError::Registry("no scaling model for any task".into()));
+        }
+        Ok(Self {
+            registry: Arc::new(registry),
+            tasks,
+            paper_cost: PaperCost::default(),
+            cost_mode: CostMode::Theoretical,
+            data_size_m: 2.0,
+            archs: BTreeMap::new(),
+        })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn tasks(&self) -> impl Iterator<Item = &str> {
+        self.tasks.keys().map(|s| s.as_str())
+    }
+
+    /// Registers the exact architecture of a model (for the exact cost mode).
+    pub fn set_arch(&mut self, model: &str, arch: ArchSpec) {
+        self.archs.insert(model.to_string(), arch);
+    }
+
+    /// Prices one configuration.
+    pub fn cost(
+        &self,
+        entry: &ModelEntry,
+        frames: u32,
+        tokens_per_frame: u32,
+        req: &PlanRequest,
+    ) -> f64 {
+        match (self.cost_mode, self.archs.get(&entry.name)) {
+            (CostMode::Exact, Some(arch)) => arch
+                .flops(&Workload {
+                    frames: frames as usize,
+                    tokens_per_frame: tokens_per_frame as usize,
+                    text_tokens: req.text_tokens,
+                    decode_steps: req.expected_decode_tokens.saturating_sub(1),
+                })
+                .total(),
+            _ => self
+                .paper_cost
+                .flops(entry.lm_params, frames as f64, tokens_per_frame as f64),
+        }
+    }
+
+    /// Plans one request.
+    pub fn plan(&self, req: &PlanRequest) -> Result<Plan, PlanError> {
+        let scaling = self
+            .tasks
+            .get(&req.task)
+            .ok_or_else(|| PlanError::UnknownTask(req.task.clone()))?;
+        if !(req.budget_flops.is_finite() && req.budget_flops > 0.0) {
+            return Err(PlanError::InvalidPin(format!(
+                "budget must be positive, got {}",
+                req.budget_flops
+            )));
+        }
+        if let Some(m) = &req.pins.model {
+            if !self.registry.models.iter().any(|e| &e.name == m) {
+                return Err(PlanError::UnknownModel(m.clone()));
+            }
+        }
+        let side_pin = match req.pins.tokens_per_frame {
+            Some(v) => {
+                let s = (v as f64).sqrt().round() as u32;
+                if v == 0 || s * s != v {
+                    return Err(PlanError::InvalidPin(format!(
+                        "tokens_per_frame must be a perfect square s*s, got {v}"
+                    )));
+                }
+                Some(s)
+            }
+            None => None,
+        };
+        let mut feasible: Vec<Candidate> = vec![];
+        let mut min_cost = f64::INFINITY;
+        let mut considered = 0;
+        for entry in &self.registry.models {
+            if req.pins.model.as_ref().is_some_and(|m| m != &entry.name) {
+                continue;
+            }
+            if let Some(f) = req.pins.frames {
+                if f < entry.min_frames || f > entry.max_frames {
+                    return Err(PlanError::InvalidPin(format!(
+                        "frames {f} is outside {}..={} for model {}",
+                        entry.min_frames, entry.max_frames, entry.name
+                    )));
+                }
+            }
+            if let Some(s) = side_pin {
+                if s > entry.max_side {
+                    return Err(PlanError::InvalidPin(format!(
+                        "tokens_per_frame {} exceeds {} for model {}",
+                        s * s,
+                        entry.max_side * entry.max_side,
+                        entry.name
+                    )));
+                }
+            }
+            let frames: Vec<u32> = match req.pins.frames {
+                Some(f) => vec![f],
+                None => (entry.min_frames..=entry.max_frames).collect(),
+            };
+            let sides: Vec<u32> = match side_pin {
+                Some(s) => vec![s],
+                None => (1..=entry.max_side).collect(),
+            };
+            for &t in &frames {
+                for &s in &sides {
+                    considered += 1;
+                    let v = s * s;
+                    let cost = self.cost(entry, t, v, req);
+                    min_cost = min_cost.min(cost);
+                    if cost > req.budget_flops {
+                        continue;
+                    }
+                    let err = scaling.predict(&Config {
+                        lm_params_b: entry.lm_params / 1e9,
+                        frames: t as f64,
+                        tokens_per_frame: v as f64,
+                        data_size_m: self.data_size_m,
+                    });
+                    feasible.push(Candidate {
+                        model: entry.name.clone(),
+                        lm_params: entry.lm_params,
+                        frames: t,
+                        tokens_per_frame: v,
+                        side: s,
+                        predicted_error: err,
+                        predicted_score: 100.0 - err,
+                        cost_flops: cost,
+                    });
+                }
+            }
+        }
+        if feasible.is_empty() {
+            return Err(PlanError::BudgetTooSmall {
+                budget: req.budget_flops,
+                min_budget: min_cost,
+            });
+        }
+        feasible.sort_by(|a, b| {
+            a.predicted_error
+                .total_cmp(&b.predicted_error)
+                .then(a.cost_flops.total_cmp(&b.cost_flops))
+        });
+        let runners_up = feasible.iter().skip(1).take(5).cloned().collect();
+        Ok(Plan {
+            choice: feasible.swap_remove(0),
+            budget_flops: req.budget_flops,
+            cost_mode: self.cost_mode,
+            task: req.task.clone(),
+            runners_up,
+            considered,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vvlm_scaling::{Factor, Form};
+
+    fn scaling() -> Arc<FittedModel> {
+        // Error falls with N, T and V; V saturates.
+        let p: Vec<(String, f64)> = [
+            ("alpha_N", 20.0),
+            ("a_N", 0.5),
+            ("alpha_T", 20.0),
+            ("a_T", 0.5),
+            ("alpha_V", 20.0),
+            ("a_V", 0.5),
+            ("eps", 10.0),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect();
+        Arc::new(
+            FittedModel::from_params(Form::Add, &[Factor::N, Factor::T, Factor::V], &p).unwrap(),
+        )
+    }
+
+    fn planner() -> Planner {
+        let reg = Registry {
+            models: vec![
+                ModelEntry::synthetic("small", 1e9, 1, 32, 27),
+                ModelEntry::synthetic("large", 7.5e9, 1, 32, 27),
+            ],
+        };
+        let mut tasks = BTreeMap::new();
+        tasks.insert("caption".into(), scaling());
+        Planner::new(reg, tasks).unwrap()
+    }
+
+    fn req(budget: f64) -> PlanRequest {
+        PlanRequest {
+            budget_flops: budget,
+            task: "caption".into(),
+            text_tokens: 20,
+            expected_decode_tokens: 32,
+            pins: Pins::default(),
+        }
+    }
+
+    /// Brute force over the same grid.
+    fn brute(p: &Planner, r: &PlanRequest) -> (f64, f64) {
+        let m = scaling();
+        let mut best = (f64::INFINITY, f64::INFINITY);
+        for e in &p.registry().models {
+            for t in 1..=32u32 {
+                for s in 1..=27u32 {
+                    let c = p.cost(e, t, s * s, r);
+                    if c > r.budget_flops {
+                        continue;
+                    }
+                    let err = m.predict(&Config {
+                        lm_params_b: e.lm_params / 1e9,
+                        frames: t as f64,
+                        tokens_per_frame: (s * s) as f64,
+                        data_size_m: 2.0,
+                    });
+                    if err < best.0 || (err == best.0 && c < best.1) {
+                        best = (err, c);
+                    }
+                }
+            }
+        }
+        best
+    }
+
+    #[test]
+    fn picks_the_lowest_predicted_error_within_budget() {
+        let p = planner();
+        for b in [2e12, 5e12, 15e12, 30e12] {
+            let plan = p.plan(&req(b)).unwrap();
+            assert!(plan.choice.cost_flops <= b);
+            let (err, cost) = brute(&p, &req(b));
+            assert_eq!(plan.choice.predicted_error, err);
+            assert_eq!(plan.choice.cost_flops, cost);
+            assert!(plan
+                .runners_up
+                .iter()
+                .all(|c| c.predicted_error >= plan.choice.predicted_error));
+            assert_eq!(plan.considered, 2 * 32 * 27);
+        }
+        // More budget never predicts worse.
+        let a = p.plan(&req(5e12)).unwrap().choice.predicted_error;
+        let b = p.plan(&req(30e12)).unwrap().choice.predicted_error;
+        assert!(b <= a);
+    }
+
+    #[test]
+    fn pins_restrict_the_search_and_the_budget_still_applies() {
+        let p = planner();
+        let mut r = req(30e12);
+        r.pins.model = Some("small".into());
+        r.pins.frames = Some(8);
+        let plan = p.plan(&r).unwrap();
+        assert_eq!(
+            (plan.choice.model.as_str(), plan.choice.frames),
+            ("small", 8)
+        );
+        assert_eq!(plan.considered, 27);
+        r.pins.tokens_per_frame = Some(196);
+        assert_eq!(p.plan(&r).unwrap().choice.side, 14);
+        r.pins.tokens_per_frame = Some(200);
+        assert!(matches!(p.plan(&r), Err(PlanError::InvalidPin(_))));
+        r.pins.tokens_per_frame = None;
+        r.pins.model = Some("nope".into());
+        assert!(matches!(p.plan(&r), Err(PlanError::UnknownModel(_))));
+        // A pinned configuration over budget is refused, naming the smallest workable budget.
+        let mut r = req(1e12);
+        r.pins.model = Some("large".into());
+        r.pins.frames = Some(32);
+        r.pins.tokens_per_frame = Some(729);
+        match p.plan(&r) {
+            Err(PlanError::BudgetTooSmall { min_budget, .. }) => {
+                let want = PaperCost::default().flops(7.5e9, 32.0, 729.0);
+                assert!((min_budget - want).abs() < 1.0);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tiny_budgets_name_the_smallest_that_works() {
+        let p = planner();
+        match p.plan(&req(1e9)) {
+            Err(PlanError::BudgetTooSmall { min_budget, .. }) => {
+                assert_eq!(min_budget, PaperCost::default().flops(1e9, 1.0, 1.0));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            p.plan(&PlanRequest {
+                task: "x".into(),
+                ..req(1e13)
+            }),
+            Err(PlanError::UnknownTask(_))
+        ));
+        assert!(p.plan(&req(f64::NAN)).is_err());
+    }
+
+    #[test]
+    fn exact_mode_prices_text_and_decode() {
+        let mut p = planner();
+        let arch = ArchSpec {
+            vision: vvlm_cost::VisionSpec::so400m(),
+            projector: vvlm_cost::ProjectorSpec {
+                in_features: 1152,
+                hidden: 2048,
+                out_features: 2048,
+            },
+            lm: vvlm_cost::LmSpec {
+                hidden_size: 2048,
+                intermediate_size: 8192,
+                num_hidden_layers: 16,
+                num_attention_heads: 32,
+                num_key_value_heads: 8,
+                head_dim: 64,
+                vocab_size: 128256,
+            },
+            video_newline: true,
+        };
+        p.set_arch("small", arch.clone());
+        p.cost_mode = CostMode::Exact;
+        let mut r = req(15e12);
+        r.pins.model = Some("small".into());
+        let plan = p.plan(&r).unwrap();
+        let c = &plan.choice;
+        let w = Workload {
+            frames: c.frames as usize,
+            tokens_per_frame: c.tokens_per_frame as usize,
+            text_tokens: 20,
+            decode_steps: 31,
+        };
+        assert_eq!(c.cost_flops, arch.flops(&w).total());
+        assert_eq!(plan.cost_mode, CostMode::Exact);
+    }
+}

@@ -1,1 +1,194 @@
-//! placeholder
+//! The HTTP API: routes, validation, tenants and budgets (a SQLite ledger), the bounded queue
+//! and the inference workers. Each request is planned to the compute-optimal frontier within its
+//! tenant's budget before it is queued, charged its planned FLOPs on admission, and settled to the
+//! FLOPs the engine measured when it finishes.
+//!
+//! Owns HTTP, authentication and accounting. Must not know how models compute or how videos are
+//! decoded beyond the engine's and the video crate's APIs.
+
+pub mod config;
+pub mod error;
+pub mod ledger;
+pub mod metrics;
+mod routes;
+pub mod validation;
+pub mod worker;
+
+pub use config::ServerConfig;
+
+use crate::ledger::{Ledger, SqliteLedger};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use vvlm_engine::{LoadOptions, VideoVlm};
+use vvlm_planner::{Planner, Registry};
+use vvlm_scaling::FittedModel;
+
+/// Shared state of a running server.
+pub struct AppState {
+    pub config: ServerConfig,
+    pub ledger: Arc<dyn Ledger>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub pool: worker::Pool,
+    /// Set once at least one checkpoint is loaded and the planner built over the loaded ones.
+    planner: RwLock<Option<Arc<Planner>>>,
+    engines: RwLock<BTreeMap<String, Arc<VideoVlm>>>,
+    ready: AtomicBool,
+    load_error: RwLock<Option<String>>,
+    admin_key_hash: Option<String>,
+}
+
+impl AppState {
+    pub fn planner(&self) -> Option<Arc<Planner>> {
+        self.planner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    pub fn engine(&self, name: &str) -> Option<Arc<VideoVlm>> {
+        self.engines
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+    pub fn engines(&self) -> BTreeMap<String, Arc<VideoVlm>> {
+        self.engines
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+/// Errors of start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("ledger: {0}")]
+    Ledger(#[from] ledger::LedgerError),
+    #[error("scaling model: {0}")]
+    Scaling(#[from] vvlm_scaling::ScalingError),
+    #[error("planner: {0}")]
+    Planner(#[from] vvlm_planner::PlanError),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Builds the state: opens the ledger (recovering reservations a crash left open) and starts
+/// the workers. Checkpoints load in the background: call [`load_models`].
+pub fn build_state(config: ServerConfig) -> Result<Arc<AppState>, StartError> {
+    let ledger = SqliteLedger::open(&config.db, ledger::now())?;
+    if ledger.recovered > 0 {
+        tracing::warn!(
+            recovered = ledger.recovered,
+            "released reservations left open by a previous process (not charged)"
+        );
+    }
+    let metrics = Arc::new(metrics::Metrics::default());
+    let pool = worker::Pool::start(config.workers(), config.limits.queue_depth, metrics.clone());
+    let admin_key_hash = config
+        .admin_key
+        .as_deref()
+        .filter(|k| !k.is_empty())
+        .map(ledger::hash_key);
+    Ok(Arc::new(AppState {
+        config,
+        ledger: Arc::new(ledger),
+        metrics,
+        pool,
+        planner: RwLock::new(None),
+        engines: RwLock::new(BTreeMap::new()),
+        ready: AtomicBool::new(false),
+        load_error: RwLock::new(None),
+        admin_key_hash,
+    }))
+}
+
+/// Loads every registered checkpoint that exists on disk and builds the planner over them.
+/// Blocking: run it on a blocking thread. The server answers 503 until it finishes.
+pub fn load_models(state: &AppState) -> Result<(), StartError> {
+    let r = (|| {
+        let registry = Registry::load_dir(&state.config.models_dir)?;
+        let default = Arc::new(FittedModel::load(&state.config.scaling_model)?);
+        let mut tasks = BTreeMap::new();
+        tasks.insert("caption".to_string(), default.clone());
+        tasks.insert("qa".to_string(), default);
+        for (name, path) in &state.config.task_models {
+            tasks.insert(name.clone(), Arc::new(FittedModel::load(path)?));
+        }
+        let mut loaded = Registry::default();
+        let mut engines = BTreeMap::new();
+        for entry in &registry.models {
+            if !entry.path.join("config.json").exists() {
+                tracing::warn!(model = %entry.name, path = %entry.path.display(), "checkpoint not found; not served");
+                continue;
+            }
+            let t = std::time::Instant::now();
+            match VideoVlm::load(&entry.path, &LoadOptions::default()) {
+                Ok(m) => {
+                    for note in &m.notes {
+                        tracing::warn!(model = %entry.name, "{note}");
+                    }
+                    tracing::info!(model = %entry.name, seconds = t.elapsed().as_secs_f64(), "loaded");
+                    engines.insert(entry.name.clone(), Arc::new(m));
+                    loaded.models.push(entry.clone());
+                }
+                Err(e) => tracing::error!(model = %entry.name, "failed to load: {e}"),
+            }
+        }
+        if loaded.models.is_empty() {
+            return Err(StartError::Config(format!(
+                "no checkpoint in {} could be loaded (run scripts/setup-models)",
+                state.config.models_dir.display()
+            )));
+        }
+        let mut planner = Planner::new(loaded, tasks)?;
+        planner.cost_mode = state.config.planner.cost_mode;
+        planner.data_size_m = state.config.planner.data_size_m;
+        for (name, m) in &engines {
+            planner.set_arch(name, m.arch());
+        }
+        *state.engines.write().unwrap_or_else(|p| p.into_inner()) = engines;
+        *state.planner.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(planner));
+        state.ready.store(true, Ordering::Release);
+        Ok(())
+    })();
+    if let Err(e) = &r {
+        *state.load_error.write().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+    }
+    r
+}
+
+pub use routes::router;
+
+/// Serves until `shutdown` resolves, then finishes in-flight requests (bounded by the grace
+/// period).
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grace = std::time::Duration::from_secs_f64(state.config.limits.shutdown_grace_s.max(0.0));
+    let app = router(state.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = tx.send(());
+    });
+    let forced = async move {
+        let _ = rx.await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = server => r,
+        _ = forced => {
+            tracing::warn!("grace period over; exiting with requests still in flight");
+            Ok(())
+        }
+    }
+}

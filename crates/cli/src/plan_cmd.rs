@@ -1,0 +1,126 @@
+//! `vvlm plan`: the planner alone.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use vvlm_cost::{format_si, parse_si};
+use vvlm_planner::{CostMode, Pins, PlanRequest, Planner, Registry};
+use vvlm_scaling::FittedModel;
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// FLOPs budget (5e12 or 5T).
+    #[arg(long)]
+    pub budget: String,
+    #[arg(long, default_value = "caption")]
+    pub task: String,
+    /// Folder of model registry entries (*.toml).
+    #[arg(long, default_value = "models")]
+    pub models: PathBuf,
+    /// Scaling model used for the tasks caption and qa.
+    #[arg(long, default_value = "configs/scaling/default.json")]
+    pub scaling: PathBuf,
+    /// Extra task models: NAME=PATH (repeatable).
+    #[arg(long = "task-model")]
+    pub task_models: Vec<String>,
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long)]
+    pub frames: Option<u32>,
+    #[arg(long)]
+    pub tokens_per_frame: Option<u32>,
+    /// Finetuning data size (millions) the checkpoints were trained with.
+    #[arg(long, default_value_t = 2.0)]
+    pub data_size: f64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn load_tasks(
+    scaling: &PathBuf,
+    extra: &[String],
+) -> Result<BTreeMap<String, Arc<FittedModel>>> {
+    let default = Arc::new(FittedModel::load(scaling)?);
+    let mut tasks = BTreeMap::new();
+    tasks.insert("caption".to_string(), default.clone());
+    tasks.insert("qa".to_string(), default);
+    for t in extra {
+        let (name, path) = t.split_once('=').context("--task-model takes NAME=PATH")?;
+        tasks.insert(
+            name.to_string(),
+            Arc::new(FittedModel::load(path.as_ref())?),
+        );
+    }
+    Ok(tasks)
+}
+
+pub fn plan(a: PlanArgs) -> Result<()> {
+    let budget = parse_si(&a.budget)
+        .with_context(|| format!("bad budget `{}` (use 5e12 or 5T)", a.budget))?;
+    let mut planner = Planner::new(
+        Registry::load_dir(&a.models)?,
+        load_tasks(&a.scaling, &a.task_models)?,
+    )?;
+    planner.data_size_m = a.data_size;
+    planner.cost_mode = CostMode::Theoretical;
+    let req = PlanRequest {
+        budget_flops: budget,
+        task: a.task.clone(),
+        text_tokens: 0,
+        expected_decode_tokens: 0,
+        pins: Pins {
+            model: a.model.clone(),
+            frames: a.frames,
+            tokens_per_frame: a.tokens_per_frame,
+        },
+    };
+    // Time the planner itself (median of repeated runs).
+    let mut times = vec![];
+    let mut plan = None;
+    for _ in 0..21 {
+        let t = std::time::Instant::now();
+        plan = Some(planner.plan(&req)?);
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(|x, y| x.total_cmp(y));
+    let plan = plan.expect("planned");
+    if a.json {
+        let mut v = serde_json::to_value(&plan)?;
+        v["planning_us"] = serde_json::json!(times[10]);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let c = &plan.choice;
+        println!(
+            "plan for {} at {} FLOPs ({} cost): {} frames x {} tokens/frame on {} -> predicted score {:.2}, cost {}",
+            plan.task,
+            format_si(budget),
+            match plan.cost_mode {
+                CostMode::Theoretical => "theoretical",
+                CostMode::Exact => "exact",
+            },
+            c.frames,
+            c.tokens_per_frame,
+            c.model,
+            c.predicted_score,
+            format_si(c.cost_flops)
+        );
+        println!("runners-up:");
+        for r in &plan.runners_up {
+            println!(
+                "  {:<28} T={:<3} V={:<4} score {:.2}  cost {}",
+                r.model,
+                r.frames,
+                r.tokens_per_frame,
+                r.predicted_score,
+                format_si(r.cost_flops)
+            );
+        }
+        println!(
+            "{} candidates considered in {:.1} us (median of 21)",
+            plan.considered, times[10]
+        );
+    }
+    Ok(())
+}

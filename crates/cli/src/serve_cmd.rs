@@ -1,0 +1,272 @@
+//! `vvlm serve` and `vvlm tenant`.
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use vvlm_cost::parse_si;
+use vvlm_server::ledger::{now, Ledger, Period, SqliteLedger, TenantSettings};
+use vvlm_server::ServerConfig;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Configuration file (default: the embedded configs/server.toml).
+    #[arg(long, env = "VVLM_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "VVLM_BIND")]
+    pub bind: Option<String>,
+    /// SQLite ledger path.
+    #[arg(long, env = "VVLM_DB")]
+    pub db: Option<PathBuf>,
+    #[arg(long, env = "VVLM_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+    #[arg(long, env = "VVLM_SCALING_MODEL")]
+    pub scaling_model: Option<PathBuf>,
+    /// Admin API key (required for /admin/*).
+    #[arg(long, env = "VVLM_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// theoretical | exact
+    #[arg(long, env = "VVLM_COST_MODE")]
+    pub cost_mode: Option<String>,
+    #[arg(long, env = "VVLM_QUEUE_DEPTH")]
+    pub queue_depth: Option<usize>,
+    #[arg(long, env = "VVLM_WORKERS")]
+    pub workers: Option<usize>,
+    #[arg(long, env = "VVLM_THREADS_PER_WORKER")]
+    pub threads_per_worker: Option<usize>,
+    #[arg(long, env = "VVLM_REQUEST_TIMEOUT_S")]
+    pub request_timeout_s: Option<f64>,
+    #[arg(long, env = "VVLM_MAX_TOKENS")]
+    pub max_tokens: Option<usize>,
+    #[arg(long, env = "VVLM_MAX_UPLOAD_BYTES")]
+    pub max_upload_bytes: Option<u64>,
+    #[arg(long, env = "VVLM_MAX_VIDEO_SECONDS")]
+    pub max_video_seconds: Option<f64>,
+    #[arg(long, env = "VVLM_MAX_FRAMES")]
+    pub max_frames: Option<usize>,
+    #[arg(long, env = "VVLM_DECODE_TIMEOUT_S")]
+    pub decode_timeout_s: Option<f64>,
+    /// Folders file:// URLs may read from (repeatable).
+    #[arg(long = "file-allow", env = "VVLM_FILE_ALLOW", value_delimiter = ',')]
+    pub file_allow: Vec<PathBuf>,
+}
+
+pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
+    let mut c = match &a.config {
+        Some(p) => ServerConfig::from_toml(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+        None => ServerConfig::embedded(),
+    };
+    if let Some(v) = &a.bind {
+        c.bind = v.clone();
+    }
+    if let Some(v) = &a.db {
+        c.db = v.clone();
+    }
+    if let Some(v) = &a.models_dir {
+        c.models_dir = v.clone();
+    }
+    if let Some(v) = &a.scaling_model {
+        c.scaling_model = v.clone();
+    }
+    if let Some(v) = &a.admin_key {
+        c.admin_key = Some(v.clone());
+    }
+    if let Some(v) = &a.cost_mode {
+        c.planner.cost_mode = serde_json::from_value(serde_json::json!(v)).map_err(|_| {
+            anyhow::anyhow!("--cost-mode must be `theoretical` or `exact`, got `{v}`")
+        })?;
+    }
+    macro_rules! set {
+        ($field:expr, $v:expr) => {
+            if let Some(v) = $v {
+                $field = v;
+            }
+        };
+    }
+    set!(c.limits.queue_depth, a.queue_depth);
+    set!(c.limits.workers, a.workers);
+    set!(c.limits.threads_per_worker, a.threads_per_worker);
+    set!(c.limits.request_timeout_s, a.request_timeout_s);
+    set!(c.limits.max_tokens, a.max_tokens);
+    set!(c.media.max_bytes, a.max_upload_bytes);
+    set!(c.media.max_duration_s, a.max_video_seconds);
+    set!(c.media.max_sampled_frames, a.max_frames);
+    set!(c.media.decode_timeout_s, a.decode_timeout_s);
+    if let Some(b) = a.max_upload_bytes {
+        c.limits.max_body_bytes = c.limits.max_body_bytes.max(b as usize + 1024 * 1024);
+    }
+    if !a.file_allow.is_empty() {
+        c.file_allow = a.file_allow.clone();
+    }
+    Ok(c)
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let c = config(&a)?;
+    let threads = if c.limits.threads_per_worker > 0 {
+        c.limits.threads_per_worker
+    } else {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        (cores / c.workers()).max(1)
+    };
+    vvlm_engine::set_cpu_threads(threads);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let state = vvlm_server::build_state(c.clone())?;
+        let listener = tokio::net::TcpListener::bind(&c.bind)
+            .await
+            .with_context(|| format!("binding {}", c.bind))?;
+        tracing::info!(bind = %listener.local_addr()?, workers = state.pool.workers, threads, "vvlm listening (503 until models load)");
+        let loader = state.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = vvlm_server::load_models(&loader) {
+                tracing::error!("{e}");
+            } else {
+                tracing::info!("ready");
+            }
+        });
+        let shutdown = async {
+            let ctrl_c = tokio::signal::ctrl_c();
+            #[cfg(unix)]
+            {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+            }
+            #[cfg(not(unix))]
+            {
+                let _ = ctrl_c.await;
+            }
+        };
+        vvlm_server::serve(state, listener, shutdown).await?;
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TenantCmd {
+    /// Create a tenant and print its API key (shown once).
+    Add {
+        name: String,
+        #[arg(long)]
+        default_budget: Option<String>,
+        #[arg(long)]
+        per_request_max: Option<String>,
+        #[arg(long)]
+        quota: Option<String>,
+        #[arg(long, default_value = "day")]
+        period: String,
+    },
+    /// List tenants with their usage.
+    List,
+    /// Usage of one tenant in its current period.
+    Usage { name: String },
+    /// Change a tenant's budgets (`--quota none` removes the quota).
+    Set {
+        name: String,
+        #[arg(long)]
+        default_budget: Option<String>,
+        #[arg(long)]
+        per_request_max: Option<String>,
+        #[arg(long)]
+        quota: Option<String>,
+        #[arg(long)]
+        period: Option<String>,
+    },
+    /// Remove a tenant and its ledger rows.
+    Remove { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct TenantArgs {
+    #[arg(long, env = "VVLM_DB", default_value = "vvlm.db")]
+    pub db: PathBuf,
+    #[command(subcommand)]
+    pub cmd: TenantCmd,
+}
+
+fn flops(s: &Option<String>, what: &str) -> Result<Option<f64>> {
+    s.as_ref()
+        .map(|v| {
+            parse_si(v)
+                .with_context(|| format!("--{what} `{v}` is not a number of FLOPs (5e12, 5T)"))
+        })
+        .transpose()
+}
+
+pub fn tenant(a: TenantArgs) -> Result<()> {
+    let l = SqliteLedger::open(&a.db, now())?;
+    match a.cmd {
+        TenantCmd::Add {
+            name,
+            default_budget,
+            per_request_max,
+            quota,
+            period,
+        } => {
+            let s = TenantSettings {
+                default_budget: flops(&default_budget, "default-budget")?,
+                per_request_max: flops(&per_request_max, "per-request-max")?,
+                quota: flops(&quota, "quota")?.map(Some),
+                period: Some(Period::parse(&period)?),
+            };
+            let (t, key) = l.create_tenant(&name, &s)?;
+            eprintln!(
+                "created tenant `{}` (the key is shown once; it is stored hashed)",
+                t.name
+            );
+            println!("{key}");
+        }
+        TenantCmd::List => {
+            for t in l.tenants()? {
+                let u = l.usage(&t, now())?;
+                println!(
+                    "{:<20} default {:.3e}  max/request {:.3e}  quota {}  used {:.3e} (+{:.3e} reserved)",
+                    t.name,
+                    t.default_budget,
+                    t.per_request_max,
+                    t.quota.map(|q| format!("{q:.3e}/{}", t.period.as_str())).unwrap_or_else(|| "unlimited".into()),
+                    u.charged_flops,
+                    u.reserved_flops
+                );
+            }
+        }
+        TenantCmd::Usage { name } => {
+            let t = l.tenant_by_name(&name)?;
+            println!("{}", serde_json::to_string_pretty(&l.usage(&t, now())?)?);
+        }
+        TenantCmd::Set {
+            name,
+            default_budget,
+            per_request_max,
+            quota,
+            period,
+        } => {
+            let quota = match quota.as_deref() {
+                None => None,
+                Some("none") => Some(None),
+                Some(_) => Some(flops(&quota, "quota")?),
+            };
+            let s = TenantSettings {
+                default_budget: flops(&default_budget, "default-budget")?,
+                per_request_max: flops(&per_request_max, "per-request-max")?,
+                quota,
+                period: period.as_deref().map(Period::parse).transpose()?,
+            };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&l.update_tenant(&name, &s)?)?
+            );
+        }
+        TenantCmd::Remove { name } => {
+            l.remove_tenant(&name)?;
+            println!("removed {name}");
+        }
+    }
+    Ok(())
+}

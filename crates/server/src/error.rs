@@ -1,0 +1,137 @@
+//! One error enum for the API, mapped to HTTP status in one place.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Validation(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMedia(String),
+    #[error("{message}")]
+    BudgetExhausted {
+        message: String,
+        reset_at: Option<i64>,
+    },
+    #[error("{message}")]
+    Overloaded { message: String, retry_after_s: u64 },
+    #[error("{0}")]
+    NotReady(String),
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::BudgetExhausted { .. } => StatusCode::PAYMENT_REQUIRED,
+            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Validation(_) => "validation_error",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::UnsupportedMedia(_) => "unsupported_media",
+            ApiError::BudgetExhausted { .. } => "budget_exhausted",
+            ApiError::Overloaded { .. } => "overloaded",
+            ApiError::NotReady(_) => "not_ready",
+            ApiError::Timeout(_) => "timeout",
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    /// The JSON body: `{"error": {"type": ..., "message": ...}}`.
+    pub fn body(&self) -> serde_json::Value {
+        let mut e = json!({"type": self.kind(), "message": self.to_string()});
+        if let ApiError::BudgetExhausted {
+            reset_at: Some(t), ..
+        } = self
+        {
+            e["reset_at"] = json!(t);
+        }
+        json!({ "error": e })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status(), axum::Json(self.body())).into_response();
+        if let ApiError::Overloaded { retry_after_s, .. } = &self {
+            if let Ok(v) = HeaderValue::from_str(&retry_after_s.to_string()) {
+                resp.headers_mut().insert("retry-after", v);
+            }
+        }
+        resp
+    }
+}
+
+impl From<vvlm_video::VideoError> for ApiError {
+    fn from(e: vvlm_video::VideoError) -> Self {
+        use vvlm_video::VideoError as V;
+        match e {
+            V::TooLarge { .. } => ApiError::PayloadTooLarge(format!("video: {e}")),
+            V::UnsupportedCodec(_) => ApiError::UnsupportedMedia(format!("video: {e}")),
+            V::Timeout(_) => ApiError::Validation(format!("video: {e}")),
+            V::Io(m) => ApiError::Internal(format!("video i/o: {m}")),
+            other => ApiError::Validation(format!("video: {other}")),
+        }
+    }
+}
+
+impl From<vvlm_planner::PlanError> for ApiError {
+    fn from(e: vvlm_planner::PlanError) -> Self {
+        match e {
+            vvlm_planner::PlanError::Registry(m) => ApiError::Internal(m),
+            other => ApiError::Validation(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::ledger::LedgerError> for ApiError {
+    fn from(e: crate::ledger::LedgerError) -> Self {
+        use crate::ledger::LedgerError as L;
+        match e {
+            L::QuotaExhausted { message, reset_at } => {
+                ApiError::BudgetExhausted { message, reset_at }
+            }
+            L::NotFound(m) => ApiError::NotFound(m),
+            L::Invalid(m) => ApiError::Validation(m),
+            L::Storage(m) => ApiError::Internal(format!("ledger: {m}")),
+        }
+    }
+}
+
+impl From<vvlm_engine::EngineError> for ApiError {
+    fn from(e: vvlm_engine::EngineError) -> Self {
+        match e {
+            vvlm_engine::EngineError::Request(m) => ApiError::Validation(m),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}

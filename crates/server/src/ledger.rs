@@ -1,0 +1,650 @@
+//! Tenants, API keys (stored hashed) and the FLOPs ledger.
+//!
+//! Accounting: a request reserves its planned FLOPs when admitted, settles to its measured FLOPs
+//! when done, and is released on failure. Usage in a period is computed from the reservations
+//! themselves (settled charges plus open reservations), so there is no counter to drift. On
+//! start-up, reservations left open by a crashed process are released (their requests never
+//! finished: nothing is charged), and settling is a conditional update, so nothing is charged
+//! twice. Storage sits behind [`Ledger`] so a Postgres implementation can serve replicas.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::sync::Mutex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("{message}")]
+    QuotaExhausted {
+        message: String,
+        reset_at: Option<i64>,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Storage(String),
+}
+
+impl From<rusqlite::Error> for LedgerError {
+    fn from(e: rusqlite::Error) -> Self {
+        LedgerError::Storage(e.to_string())
+    }
+}
+
+/// Quota period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Period {
+    Day,
+    Month,
+}
+
+impl Period {
+    pub fn parse(s: &str) -> Result<Self, LedgerError> {
+        match s {
+            "day" => Ok(Period::Day),
+            "month" => Ok(Period::Month),
+            other => Err(LedgerError::Invalid(format!(
+                "period must be `day` or `month`, got `{other}`"
+            ))),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Month => "month",
+        }
+    }
+    /// (start, next start) of the period containing `now` (unix seconds, UTC).
+    pub fn bounds(self, now: i64) -> (i64, i64) {
+        match self {
+            Period::Day => {
+                let s = now.div_euclid(86_400) * 86_400;
+                (s, s + 86_400)
+            }
+            Period::Month => {
+                let (y, m, _) = civil_from_days(now.div_euclid(86_400));
+                let start = days_from_civil(y, m, 1) * 86_400;
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                (start, days_from_civil(ny, nm, 1) * 86_400)
+            }
+        }
+    }
+}
+
+// Howard Hinnant's civil-calendar algorithms.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// A tenant as stored (never with its key).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tenant {
+    pub id: i64,
+    pub name: String,
+    pub default_budget: f64,
+    pub per_request_max: f64,
+    /// FLOPs per period; None = unlimited.
+    pub quota: Option<f64>,
+    pub period: Period,
+}
+
+/// Settings for a new or changed tenant.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TenantSettings {
+    pub default_budget: Option<f64>,
+    pub per_request_max: Option<f64>,
+    /// `Some(None)` clears the quota.
+    #[serde(default, with = "double_option")]
+    pub quota: Option<Option<f64>>,
+    pub period: Option<Period>,
+}
+
+mod double_option {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &Option<Option<f64>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(Some(x)) => s.serialize_f64(*x),
+            _ => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D::Error> {
+        Ok(Some(Option::<f64>::deserialize(d)?))
+    }
+}
+
+/// Usage of a tenant in its current period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub tenant: String,
+    pub period: Period,
+    pub period_start: i64,
+    pub reset_at: i64,
+    /// Settled (measured) FLOPs.
+    pub charged_flops: f64,
+    /// FLOPs held by requests in flight.
+    pub reserved_flops: f64,
+    pub quota: Option<f64>,
+    /// Quota minus charged minus reserved (None when unlimited).
+    pub remaining: Option<f64>,
+    pub requests: u64,
+}
+
+/// A held reservation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reservation {
+    pub id: i64,
+    pub tenant_id: i64,
+    pub flops: f64,
+}
+
+/// Storage of tenants and FLOP accounting.
+pub trait Ledger: Send + Sync {
+    /// Creates a tenant and returns it with its API key (shown once).
+    fn create_tenant(
+        &self,
+        name: &str,
+        s: &TenantSettings,
+    ) -> Result<(Tenant, String), LedgerError>;
+    fn update_tenant(&self, name: &str, s: &TenantSettings) -> Result<Tenant, LedgerError>;
+    fn remove_tenant(&self, name: &str) -> Result<(), LedgerError>;
+    fn tenants(&self) -> Result<Vec<Tenant>, LedgerError>;
+    fn tenant_by_name(&self, name: &str) -> Result<Tenant, LedgerError>;
+    fn tenant_by_key(&self, key: &str) -> Result<Option<Tenant>, LedgerError>;
+    fn usage(&self, tenant: &Tenant, now: i64) -> Result<Usage, LedgerError>;
+    /// Holds `flops` against the tenant's quota, or refuses with the period's reset time.
+    fn reserve(
+        &self,
+        tenant: &Tenant,
+        flops: f64,
+        request_id: &str,
+        now: i64,
+    ) -> Result<Reservation, LedgerError>;
+    /// Charges the measured FLOPs; a second call does nothing and returns false.
+    fn settle(&self, r: &Reservation, measured: f64, now: i64) -> Result<bool, LedgerError>;
+    /// Releases a reservation without charge; returns false if it was no longer open.
+    fn release(&self, r: &Reservation, now: i64) -> Result<bool, LedgerError>;
+}
+
+pub fn hash_key(key: &str) -> String {
+    let d = Sha256::digest(key.as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn new_key() -> Result<String, LedgerError> {
+    let mut b = [0u8; 24];
+    getrandom::getrandom(&mut b)
+        .map_err(|e| LedgerError::Storage(format!("no randomness: {e}")))?;
+    Ok(format!(
+        "vvlm_{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    ))
+}
+
+/// The embedded SQLite ledger (WAL mode).
+pub struct SqliteLedger {
+    conn: Mutex<Connection>,
+    /// Reservations released at start-up because a previous process left them open.
+    pub recovered: u64,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tenants (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    key_hash TEXT NOT NULL UNIQUE,
+    default_budget REAL NOT NULL,
+    per_request_max REAL NOT NULL,
+    quota REAL,
+    period TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reservations (
+    id INTEGER PRIMARY KEY,
+    tenant_id INTEGER NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    request_id TEXT NOT NULL,
+    period_start INTEGER NOT NULL,
+    reserved REAL NOT NULL,
+    charged REAL,
+    state TEXT NOT NULL CHECK (state IN ('open', 'settled', 'released')),
+    created_at INTEGER NOT NULL,
+    closed_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS reservations_by_period ON reservations (tenant_id, period_start, state);
+";
+
+impl SqliteLedger {
+    pub fn open(path: &Path, now: i64) -> Result<Self, LedgerError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        let recovered = conn.execute(
+            "UPDATE reservations SET state = 'released', closed_at = ?1 WHERE state = 'open'",
+            params![now],
+        )? as u64;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            recovered,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn row_tenant(r: &rusqlite::Row) -> rusqlite::Result<Tenant> {
+        let period: String = r.get(5)?;
+        Ok(Tenant {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            default_budget: r.get(2)?,
+            per_request_max: r.get(3)?,
+            quota: r.get(4)?,
+            period: if period == "month" {
+                Period::Month
+            } else {
+                Period::Day
+            },
+        })
+    }
+
+    fn usage_in(conn: &Connection, t: &Tenant, now: i64) -> Result<Usage, LedgerError> {
+        let (start, reset) = t.period.bounds(now);
+        let (charged, reserved, n): (f64, f64, i64) = conn.query_row(
+            "SELECT COALESCE(SUM(CASE WHEN state = 'settled' THEN charged ELSE 0 END), 0),
+                    COALESCE(SUM(CASE WHEN state = 'open' THEN reserved ELSE 0 END), 0),
+                    COUNT(CASE WHEN state = 'settled' THEN 1 END)
+             FROM reservations WHERE tenant_id = ?1 AND period_start = ?2",
+            params![t.id, start],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        Ok(Usage {
+            tenant: t.name.clone(),
+            period: t.period,
+            period_start: start,
+            reset_at: reset,
+            charged_flops: charged,
+            reserved_flops: reserved,
+            quota: t.quota,
+            remaining: t.quota.map(|q| (q - charged - reserved).max(0.0)),
+            requests: n as u64,
+        })
+    }
+}
+
+fn check_settings(s: &TenantSettings) -> Result<(), LedgerError> {
+    for (name, v) in [
+        ("default_budget", s.default_budget),
+        ("per_request_max", s.per_request_max),
+    ] {
+        if let Some(v) = v {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(LedgerError::Invalid(format!(
+                    "{name} must be a positive number of FLOPs, got {v}"
+                )));
+            }
+        }
+    }
+    if let Some(Some(q)) = s.quota {
+        if !(q.is_finite() && q >= 0.0) {
+            return Err(LedgerError::Invalid(format!(
+                "quota must be >= 0 FLOPs, got {q}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+const TENANT_COLS: &str = "id, name, default_budget, per_request_max, quota, period";
+
+impl Ledger for SqliteLedger {
+    fn create_tenant(
+        &self,
+        name: &str,
+        s: &TenantSettings,
+    ) -> Result<(Tenant, String), LedgerError> {
+        check_settings(s)?;
+        if name.trim().is_empty() || name.len() > 128 {
+            return Err(LedgerError::Invalid(
+                "tenant name must be 1-128 characters".into(),
+            ));
+        }
+        let key = new_key()?;
+        let per_request_max = s.per_request_max.unwrap_or(1e15);
+        let default_budget = s.default_budget.unwrap_or(per_request_max.min(5e12));
+        if default_budget > per_request_max {
+            return Err(LedgerError::Invalid(
+                "default_budget exceeds per_request_max".into(),
+            ));
+        }
+        let conn = self.lock();
+        let r = conn.execute(
+            "INSERT INTO tenants (name, key_hash, default_budget, per_request_max, quota, period, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, strftime('%s','now'))",
+            params![
+                name,
+                hash_key(&key),
+                default_budget,
+                per_request_max,
+                s.quota.flatten(),
+                s.period.unwrap_or(Period::Day).as_str()
+            ],
+        );
+        match r {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(LedgerError::Invalid(format!(
+                    "tenant `{name}` already exists"
+                )));
+            }
+            other => {
+                other?;
+            }
+        }
+        drop(conn);
+        Ok((self.tenant_by_name(name)?, key))
+    }
+
+    fn update_tenant(&self, name: &str, s: &TenantSettings) -> Result<Tenant, LedgerError> {
+        check_settings(s)?;
+        let mut t = self.tenant_by_name(name)?;
+        if let Some(v) = s.default_budget {
+            t.default_budget = v;
+        }
+        if let Some(v) = s.per_request_max {
+            t.per_request_max = v;
+        }
+        if let Some(q) = s.quota {
+            t.quota = q;
+        }
+        if let Some(p) = s.period {
+            t.period = p;
+        }
+        if t.default_budget > t.per_request_max {
+            return Err(LedgerError::Invalid(
+                "default_budget exceeds per_request_max".into(),
+            ));
+        }
+        self.lock().execute(
+            "UPDATE tenants SET default_budget = ?1, per_request_max = ?2, quota = ?3, period = ?4 WHERE id = ?5",
+            params![t.default_budget, t.per_request_max, t.quota, t.period.as_str(), t.id],
+        )?;
+        Ok(t)
+    }
+
+    fn remove_tenant(&self, name: &str) -> Result<(), LedgerError> {
+        let n = self
+            .lock()
+            .execute("DELETE FROM tenants WHERE name = ?1", params![name])?;
+        if n == 0 {
+            return Err(LedgerError::NotFound(format!("no tenant `{name}`")));
+        }
+        Ok(())
+    }
+
+    fn tenants(&self) -> Result<Vec<Tenant>, LedgerError> {
+        let conn = self.lock();
+        let mut st = conn.prepare(&format!("SELECT {TENANT_COLS} FROM tenants ORDER BY name"))?;
+        let rows = st.query_map([], Self::row_tenant)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn tenant_by_name(&self, name: &str) -> Result<Tenant, LedgerError> {
+        self.lock()
+            .query_row(
+                &format!("SELECT {TENANT_COLS} FROM tenants WHERE name = ?1"),
+                params![name],
+                Self::row_tenant,
+            )
+            .optional()?
+            .ok_or_else(|| LedgerError::NotFound(format!("no tenant `{name}`")))
+    }
+
+    fn tenant_by_key(&self, key: &str) -> Result<Option<Tenant>, LedgerError> {
+        Ok(self
+            .lock()
+            .query_row(
+                &format!("SELECT {TENANT_COLS} FROM tenants WHERE key_hash = ?1"),
+                params![hash_key(key)],
+                Self::row_tenant,
+            )
+            .optional()?)
+    }
+
+    fn usage(&self, tenant: &Tenant, now: i64) -> Result<Usage, LedgerError> {
+        Self::usage_in(&self.lock(), tenant, now)
+    }
+
+    fn reserve(
+        &self,
+        t: &Tenant,
+        flops: f64,
+        request_id: &str,
+        now: i64,
+    ) -> Result<Reservation, LedgerError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let u = Self::usage_in(&tx, t, now)?;
+        if let Some(q) = t.quota {
+            if u.charged_flops + u.reserved_flops + flops > q {
+                return Err(LedgerError::QuotaExhausted {
+                    message: format!(
+                        "tenant `{}` has {:.4e} of its {:.4e} FLOPs per {} left; this request needs {:.4e}; the quota resets at {}",
+                        t.name,
+                        (q - u.charged_flops - u.reserved_flops).max(0.0),
+                        q,
+                        t.period.as_str(),
+                        flops,
+                        u.reset_at
+                    ),
+                    reset_at: Some(u.reset_at),
+                });
+            }
+        }
+        tx.execute(
+            "INSERT INTO reservations (tenant_id, request_id, period_start, reserved, state, created_at)
+             VALUES (?1, ?2, ?3, ?4, 'open', ?5)",
+            params![t.id, request_id, u.period_start, flops, now],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(Reservation {
+            id,
+            tenant_id: t.id,
+            flops,
+        })
+    }
+
+    fn settle(&self, r: &Reservation, measured: f64, now: i64) -> Result<bool, LedgerError> {
+        let n = self.lock().execute(
+            "UPDATE reservations SET state = 'settled', charged = ?1, closed_at = ?2 WHERE id = ?3 AND state = 'open'",
+            params![measured, now, r.id],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn release(&self, r: &Reservation, now: i64) -> Result<bool, LedgerError> {
+        let n = self.lock().execute(
+            "UPDATE reservations SET state = 'released', closed_at = ?1 WHERE id = ?2 AND state = 'open'",
+            params![now, r.id],
+        )?;
+        Ok(n == 1)
+    }
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ledger() -> (SqliteLedger, std::path::PathBuf) {
+        let p = std::env::temp_dir().join(format!(
+            "vvlm-ledger-{}-{}.db",
+            std::process::id(),
+            new_key().unwrap()
+        ));
+        (SqliteLedger::open(&p, 0).unwrap(), p)
+    }
+
+    #[test]
+    fn periods_and_calendar() {
+        assert_eq!(Period::Day.bounds(86_400 * 3 + 5), (86_400 * 3, 86_400 * 4));
+        // 2026-11-22 12:00 UTC -> month starts 2026-11-01, resets 2026-12-01.
+        let t = days_from_civil(2026, 11, 22) * 86_400 + 43_200;
+        let (s, e) = Period::Month.bounds(t);
+        assert_eq!(civil_from_days(s / 86_400), (2026, 11, 1));
+        assert_eq!(civil_from_days(e / 86_400), (2026, 12, 1));
+        let (_, e) = Period::Month.bounds(days_from_civil(2026, 12, 31) * 86_400);
+        assert_eq!(civil_from_days(e / 86_400), (2027, 1, 1));
+    }
+
+    #[test]
+    fn keys_are_hashed_and_tenants_isolated() {
+        let (l, p) = ledger();
+        let (a, ka) = l
+            .create_tenant(
+                "a",
+                &TenantSettings {
+                    quota: Some(Some(100.0)),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let (b, kb) = l.create_tenant("b", &TenantSettings::default()).unwrap();
+        assert_ne!(ka, kb);
+        assert_eq!(l.tenant_by_key(&ka).unwrap().unwrap().name, "a");
+        assert!(l.tenant_by_key("vvlm_wrong").unwrap().is_none());
+        let stored: String = l
+            .lock()
+            .query_row("SELECT key_hash FROM tenants WHERE name='a'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(stored, hash_key(&ka));
+        assert!(!stored.contains(&ka[5..]));
+        let r = l.reserve(&a, 60.0, "r1", 10).unwrap();
+        assert!(matches!(
+            l.reserve(&a, 50.0, "r2", 10),
+            Err(LedgerError::QuotaExhausted {
+                reset_at: Some(86_400),
+                ..
+            })
+        ));
+        // b is unlimited and unaffected by a.
+        l.reserve(&b, 1e20, "r3", 10).unwrap();
+        assert!(l.settle(&r, 40.0, 11).unwrap());
+        assert!(
+            !l.settle(&r, 40.0, 12).unwrap(),
+            "settling twice charges once"
+        );
+        let u = l.usage(&a, 12).unwrap();
+        assert_eq!(
+            (u.charged_flops, u.reserved_flops, u.remaining),
+            (40.0, 0.0, Some(60.0))
+        );
+        // Next day: quota is back.
+        let u = l.usage(&a, 86_400 + 1).unwrap();
+        assert_eq!(u.remaining, Some(100.0));
+        assert!(l.create_tenant("a", &TenantSettings::default()).is_err());
+        std::fs::remove_file(&p).ok();
+    }
+
+    #[test]
+    fn open_reservations_of_a_crashed_process_are_released_on_restart() {
+        let (l, p) = ledger();
+        let (a, _) = l
+            .create_tenant(
+                "a",
+                &TenantSettings {
+                    quota: Some(Some(100.0)),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let settled = l.reserve(&a, 30.0, "done", 5).unwrap();
+        l.settle(&settled, 20.0, 6).unwrap();
+        let _inflight = l.reserve(&a, 50.0, "inflight", 7).unwrap();
+        drop(l); // the process dies with a request in flight
+        let l = SqliteLedger::open(&p, 8).unwrap();
+        assert_eq!(l.recovered, 1);
+        let u = l.usage(&a, 9).unwrap();
+        assert_eq!((u.charged_flops, u.reserved_flops), (20.0, 0.0));
+        assert_eq!(u.requests, 1);
+        std::fs::remove_file(&p).ok();
+    }
+
+    #[test]
+    fn settings_are_validated() {
+        let (l, p) = ledger();
+        assert!(l.create_tenant("", &TenantSettings::default()).is_err());
+        assert!(l
+            .create_tenant(
+                "x",
+                &TenantSettings {
+                    per_request_max: Some(-1.0),
+                    ..Default::default()
+                }
+            )
+            .is_err());
+        assert!(l
+            .create_tenant(
+                "y",
+                &TenantSettings {
+                    per_request_max: Some(1e12),
+                    default_budget: Some(2e12),
+                    ..Default::default()
+                }
+            )
+            .is_err());
+        l.create_tenant("z", &TenantSettings::default()).unwrap();
+        let t = l
+            .update_tenant(
+                "z",
+                &TenantSettings {
+                    quota: Some(Some(5.0)),
+                    period: Some(Period::Month),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!((t.quota, t.period), (Some(5.0), Period::Month));
+        assert!(l.remove_tenant("z").is_ok());
+        assert!(matches!(
+            l.remove_tenant("z"),
+            Err(LedgerError::NotFound(_))
+        ));
+        std::fs::remove_file(&p).ok();
+    }
+}

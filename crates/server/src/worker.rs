@@ -1,0 +1,115 @@
+//! The bounded queue and the inference worker pool. Requests beyond the queue's depth are refused
+//! (429), never buffered without bound; a worker notices a cancelled request between tokens.
+
+use candle_core::{Device, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc::UnboundedSender;
+use vvlm_cost::FlopCounter;
+use vvlm_engine::{GenerateRequest, Generation, SamplingParams, VideoVlm};
+
+/// What a worker reports back.
+#[derive(Debug)]
+pub enum Event {
+    Started,
+    Text(String),
+    Done(Result<Generation, String>),
+}
+
+/// One inference job.
+pub struct Job {
+    pub engine: Arc<VideoVlm>,
+    /// `[T, 3, S, S]` values.
+    pub pixels: Option<(Vec<f32>, [usize; 4])>,
+    pub side: usize,
+    pub system: Option<String>,
+    pub prompt: String,
+    pub sampling: SamplingParams,
+    pub flops: Arc<FlopCounter>,
+    pub cancel: Arc<AtomicBool>,
+    pub events: UnboundedSender<Event>,
+}
+
+pub struct Pool {
+    tx: SyncSender<Job>,
+    pub workers: usize,
+}
+
+impl Pool {
+    pub fn start(workers: usize, depth: usize, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        let (tx, rx) = sync_channel::<Job>(depth);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..workers {
+            let rx = rx.clone();
+            let metrics = metrics.clone();
+            std::thread::Builder::new()
+                .name(format!("vvlm-worker-{i}"))
+                .spawn(move || worker_loop(rx, metrics))
+                .expect("spawn worker thread");
+        }
+        Self { tx, workers }
+    }
+
+    /// Queues a job, or gives it back when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), Job> {
+        match self.tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(j)) | Err(TrySendError::Disconnected(j)) => Err(j),
+        }
+    }
+}
+
+fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metrics>) {
+    loop {
+        let job = {
+            let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
+            match guard.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            }
+        };
+        metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        if job.cancel.load(Ordering::Relaxed) || job.events.is_closed() {
+            let _ = job
+                .events
+                .send(Event::Done(Err("cancelled before start".into())));
+            continue;
+        }
+        metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _ = job.events.send(Event::Started);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&job)));
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => Err("the engine panicked on this request".to_string()),
+        };
+        metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let _ = job.events.send(Event::Done(result));
+    }
+}
+
+fn run(job: &Job) -> Result<Generation, String> {
+    let pixels = match &job.pixels {
+        Some((v, shape)) => {
+            Some(Tensor::from_slice(v, shape.as_slice(), &Device::Cpu).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
+    let req = GenerateRequest {
+        pixels: pixels.as_ref(),
+        side: job.side,
+        system: job.system.as_deref(),
+        prompt: &job.prompt,
+        sampling: job.sampling.clone(),
+    };
+    let events = job.events.clone();
+    let cancel = job.cancel.clone();
+    job.engine
+        .generate(&req, &job.flops, &mut |piece| {
+            if cancel.load(Ordering::Relaxed) || events.is_closed() {
+                return false;
+            }
+            events.send(Event::Text(piece.to_string())).is_ok()
+        })
+        .map_err(|e| e.to_string())
+}
