@@ -206,8 +206,6 @@ fn new_key() -> Result<String, LedgerError> {
 /// The embedded SQLite ledger (WAL mode).
 pub struct SqliteLedger {
     conn: Mutex<Connection>,
-    /// Reservations released at start-up because a previous process left them open.
-    pub recovered: u64,
 }
 
 const SCHEMA: &str = "
@@ -243,14 +241,21 @@ impl SqliteLedger {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        let recovered = conn.execute(
-            "UPDATE reservations SET state = 'released', closed_at = ?1 WHERE state = 'open'",
-            params![now],
-        )? as u64;
+        let _ = now;
         Ok(Self {
             conn: Mutex::new(conn),
-            recovered,
         })
+    }
+
+    /// Releases every open reservation: called by a server at start-up, when no request of
+    /// its own can be in flight, so open rows belong to a process that died. One server owns a
+    /// SQLite ledger; the `vvlm tenant` commands never call this (a live server's requests would
+    /// lose their reservations).
+    pub fn recover_orphans(&self, now: i64) -> Result<u64, LedgerError> {
+        Ok(self.lock().execute(
+            "UPDATE reservations SET state = 'released', closed_at = ?1 WHERE state = 'open'",
+            params![now],
+        )? as u64)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -598,7 +603,12 @@ mod tests {
         let _inflight = l.reserve(&a, 50.0, "inflight", 7).unwrap();
         drop(l); // the process dies with a request in flight
         let l = SqliteLedger::open(&p, 8).unwrap();
-        assert_eq!(l.recovered, 1);
+        assert_eq!(
+            l.usage(&a, 8).unwrap().reserved_flops,
+            50.0,
+            "opening alone recovers nothing"
+        );
+        assert_eq!(l.recover_orphans(8).unwrap(), 1);
         let u = l.usage(&a, 9).unwrap();
         assert_eq!((u.charged_flops, u.reserved_flops), (20.0, 0.0));
         assert_eq!(u.requests, 1);

@@ -82,9 +82,10 @@ pub enum StartError {
 /// the workers. Checkpoints load in the background: call [`load_models`].
 pub fn build_state(config: ServerConfig) -> Result<Arc<AppState>, StartError> {
     let ledger = SqliteLedger::open(&config.db, ledger::now())?;
-    if ledger.recovered > 0 {
+    let recovered = ledger.recover_orphans(ledger::now())?;
+    if recovered > 0 {
         tracing::warn!(
-            recovered = ledger.recovered,
+            recovered,
             "released reservations left open by a previous process (not charged)"
         );
     }

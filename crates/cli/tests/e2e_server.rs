@@ -1,0 +1,692 @@
+//! End-to-end over real HTTP on 127.0.0.1: the `vvlm` binary serving the demo checkpoint
+//! (SmolLM2-135M from GGUF + untrained vision tower) on videos made by the ffmpeg CLI.
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const ADMIN: &str = "test-admin-key";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn vvlm() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vvlm"));
+    c.current_dir(repo());
+    c
+}
+
+fn scratch() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vvlm-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A registry folder with the demo checkpoint, built once per test process.
+fn models_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let gguf = repo().join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(
+            gguf.exists(),
+            "{} missing: run models/fetch-smollm2.sh (scripts/test does)",
+            gguf.display()
+        );
+        let d = scratch().join("models");
+        std::fs::create_dir_all(&d).unwrap();
+        let st = vvlm()
+            .args(["models", "make-demo", "--gguf"])
+            .arg(&gguf)
+            .arg("--out")
+            .arg(d.join("demo"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::write(
+            d.join("demo.toml"),
+            "name = \"demo\"\npath = \"demo\"\nlm_params = 1.35e8\nmax_frames = 8\nmax_side = 27\n",
+        )
+        .unwrap();
+        d
+    })
+}
+
+fn video(name: &str, seconds: u32) -> PathBuf {
+    let p = scratch().join(name);
+    if !p.exists() {
+        let st = Command::new("ffmpeg")
+            .args([
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+            ])
+            .arg(format!("testsrc2=s=320x240:r=10:d={seconds}"))
+            .args(["-c:v", "libx264", "-pix_fmt", "yuv420p"])
+            .arg(&p)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    p
+}
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(db: &Path, extra: &[&str]) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = vvlm()
+            .arg("serve")
+            .arg("--bind")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--db")
+            .arg(db)
+            .arg("--models-dir")
+            .arg(models_dir())
+            .args(["--admin-key", ADMIN])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let s = Server {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let t = Instant::now();
+        loop {
+            if let Ok(r) = ureq::get(&format!("{}/health", s.base)).call() {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "server did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        s
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// (status, headers we care about, JSON body)
+struct Answer {
+    status: u16,
+    body: Value,
+    quota_remaining: Option<String>,
+    retry_after: Option<String>,
+}
+
+fn answer(r: Result<ureq::Response, ureq::Error>) -> Answer {
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("transport error: {e}"),
+    };
+    let status = resp.status();
+    let quota_remaining = resp.header("x-vvlm-quota-remaining").map(String::from);
+    let retry_after = resp.header("retry-after").map(String::from);
+    let text = resp.into_string().unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Answer {
+        status,
+        body,
+        quota_remaining,
+        retry_after,
+    }
+}
+
+fn multipart(fields: &[(&str, &str)], video: Option<&Path>) -> (String, Vec<u8>) {
+    let b = "vvlmTESTboundary7d93";
+    let mut out = vec![];
+    for (k, v) in fields {
+        out.extend(
+            format!("--{b}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
+                .as_bytes(),
+        );
+    }
+    if let Some(p) = video {
+        out.extend(
+            format!("--{b}\r\nContent-Disposition: form-data; name=\"video\"; filename=\"v.mp4\"\r\nContent-Type: video/mp4\r\n\r\n")
+                .as_bytes(),
+        );
+        out.extend(std::fs::read(p).unwrap());
+        out.extend(b"\r\n");
+    }
+    out.extend(format!("--{b}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={b}"), out)
+}
+
+fn post_form(
+    s: &Server,
+    path: &str,
+    key: Option<&str>,
+    fields: &[(&str, &str)],
+    video: Option<&Path>,
+) -> Answer {
+    let (ct, body) = multipart(fields, video);
+    let mut r = ureq::post(&s.url(path)).set("Content-Type", &ct);
+    if let Some(k) = key {
+        r = r.set("Authorization", &format!("Bearer {k}"));
+    }
+    answer(r.send_bytes(&body))
+}
+
+fn post_json(s: &Server, path: &str, key: &str, body: Value) -> Answer {
+    answer(
+        ureq::post(&s.url(path))
+            .set("Authorization", &format!("Bearer {key}"))
+            .send_json(body),
+    )
+}
+
+fn get(s: &Server, path: &str, key: &str) -> Answer {
+    answer(
+        ureq::get(&s.url(path))
+            .set("Authorization", &format!("Bearer {key}"))
+            .call(),
+    )
+}
+
+fn admin_create(s: &Server, body: Value) -> String {
+    let a = post_json(s, "/admin/tenants", ADMIN, body);
+    assert_eq!(a.status, 201, "{}", a.body);
+    a.body["api_key"].as_str().unwrap().to_string()
+}
+
+fn data_url(p: &Path) -> String {
+    format!(
+        "data:video/mp4;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(p).unwrap())
+    )
+}
+
+#[test]
+fn caption_qa_chat_budgets_and_every_error_path() {
+    let db = scratch().join("main.db");
+    let s = Server::start(&db, &["--queue-depth", "1", "--workers", "1"]);
+    let v = video("two-seconds.mp4", 2);
+
+    let models = answer(ureq::get(&s.url("/v1/models")).call());
+    assert_eq!(models.body["data"][0]["id"], "demo");
+
+    // Admin API.
+    let bad_admin = post_json(&s, "/admin/tenants", "nope", json!({"name": "x"}));
+    assert_eq!(bad_admin.status, 401);
+    let alice = admin_create(
+        &s,
+        json!({"name": "alice", "quota": "1e15", "per_request_max": "10T"}),
+    );
+    let bob = admin_create(
+        &s,
+        json!({"name": "bob", "quota": "2.5T", "per_request_max": "3T", "default_budget": "1T"}),
+    );
+
+    // Caption (multipart).
+    let a = post_form(
+        &s,
+        "/v1/videos/caption",
+        Some(&alice),
+        &[
+            ("prompt", "Describe the video."),
+            ("budget", "2T"),
+            ("max_tokens", "8"),
+        ],
+        Some(&v),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(!a.body["text"].as_str().unwrap().is_empty());
+    let plan = &a.body["plan"];
+    assert!(plan["cost_flops"].as_f64().unwrap() <= 2e12);
+    let frames = plan["frames"].as_u64().unwrap() as usize;
+    assert_eq!(a.body["frames"].as_array().unwrap().len(), frames);
+    let u = &a.body["usage"];
+    let measured = u["measured_flops"]["total"].as_f64().unwrap();
+    assert!(measured > 0.0 && u["measured_flops"]["vision"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        u["visual_tokens"].as_u64().unwrap() as usize,
+        frames * plan["tokens_per_frame"].as_u64().unwrap() as usize + 1
+    );
+    // Settled to the measured FLOPs.
+    assert_eq!(
+        a.body["budget"]["charged_flops"].as_f64().unwrap(),
+        measured
+    );
+    assert!(a.quota_remaining.is_some());
+
+    // QA (JSON with a data: URL), pinned configuration.
+    let q = post_json(
+        &s,
+        "/v1/videos/qa",
+        &alice,
+        json!({"video": data_url(&v), "question": "What colours are shown?", "budget": 5e12,
+               "frames": 2, "tokens_per_frame": 4, "max_tokens": 6}),
+    );
+    assert_eq!(q.status, 200, "{}", q.body);
+    assert_eq!(
+        (
+            q.body["plan"]["frames"].as_u64(),
+            q.body["plan"]["tokens_per_frame"].as_u64()
+        ),
+        (Some(2), Some(4))
+    );
+
+    // Chat completions, non-streaming and streaming.
+    let chat_body = |stream: bool| {
+        json!({"model": "auto", "stream": stream, "max_tokens": 6, "budget_flops": "2T",
+               "messages": [{"role": "system", "content": "Be brief."},
+                            {"role": "user", "content": [{"type": "text", "text": "What happens?"},
+                                                          {"type": "video_url", "video_url": {"url": data_url(&v)}}]}]})
+    };
+    let c = post_json(&s, "/v1/chat/completions", &alice, chat_body(false));
+    assert_eq!(c.status, 200, "{}", c.body);
+    assert_eq!(c.body["object"], "chat.completion");
+    assert!(c.body["choices"][0]["message"]["content"].is_string());
+    assert!(c.body["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+    let resp = ureq::post(&s.url("/v1/chat/completions"))
+        .set("Authorization", &format!("Bearer {alice}"))
+        .send_json(chat_body(true))
+        .unwrap();
+    assert!(resp
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut chunks = vec![];
+    for line in BufReader::new(resp.into_reader()).lines() {
+        let line = line.unwrap();
+        if let Some(d) = line.strip_prefix("data: ") {
+            chunks.push(d.to_string());
+            if d == "[DONE]" {
+                break;
+            }
+        }
+    }
+    assert_eq!(chunks.last().unwrap(), "[DONE]");
+    let last: Value = serde_json::from_str(&chunks[chunks.len() - 2]).unwrap();
+    assert!(
+        last["usage"]["measured_flops"]["total"].as_f64().unwrap() > 0.0,
+        "{last}"
+    );
+    assert!(last["plan"]["frames"].as_u64().is_some());
+    let streamed: String = chunks[..chunks.len() - 2]
+        .iter()
+        .filter_map(|c| serde_json::from_str::<Value>(c).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert!(!streamed.is_empty());
+
+    // Plan (dry run) does not charge.
+    let before = get(&s, "/v1/usage", &alice).body["charged_flops"]
+        .as_f64()
+        .unwrap();
+    let p = post_json(&s, "/v1/plan", &alice, json!({"budget": "5T"}));
+    assert_eq!(p.status, 200, "{}", p.body);
+    assert!(p.body["cost_flops"].as_f64().unwrap() <= 5e12);
+    assert_eq!(
+        get(&s, "/v1/usage", &alice).body["charged_flops"]
+            .as_f64()
+            .unwrap(),
+        before
+    );
+
+    // Error paths: status and a JSON body naming the problem.
+    let form = |key: Option<&str>, fields: &[(&str, &str)], video: Option<&Path>| {
+        post_form(&s, "/v1/videos/caption", key, fields, video)
+    };
+    let e = form(None, &[("prompt", "x")], Some(&v));
+    assert_eq!(
+        (e.status, e.body["error"]["type"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let e = form(Some("vvlm_wrong"), &[("prompt", "x")], Some(&v));
+    assert_eq!(e.status, 401);
+    let e = form(Some(&bob), &[("prompt", "x"), ("budget", "5T")], Some(&v));
+    assert_eq!(e.status, 422);
+    assert!(
+        e.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("per-request maximum"),
+        "{}",
+        e.body
+    );
+    let e = form(
+        Some(&alice),
+        &[("prompt", "x"), ("budget", "1e9")],
+        Some(&v),
+    );
+    assert_eq!(e.status, 422);
+    assert!(
+        e.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cheapest"),
+        "{}",
+        e.body
+    );
+    let e = form(
+        Some(&alice),
+        &[("prompt", "x"), ("budget", "lots")],
+        Some(&v),
+    );
+    assert_eq!(e.status, 422);
+    let e = form(Some(&alice), &[("budget", "2T")], Some(&v));
+    assert_eq!(e.status, 422, "missing prompt");
+    let e = form(
+        Some(&alice),
+        &[("prompt", "x"), ("tokens_per_frame", "200")],
+        Some(&v),
+    );
+    assert_eq!(e.status, 422, "non-square tokens per frame");
+    let e = form(
+        Some(&alice),
+        &[("prompt", "x"), ("max_tokens", "100000")],
+        Some(&v),
+    );
+    assert_eq!(e.status, 422);
+    let junk = scratch().join("junk.mp4");
+    std::fs::write(&junk, b"this is not a video at all, just some bytes").unwrap();
+    let e = form(
+        Some(&alice),
+        &[("prompt", "x"), ("budget", "1T")],
+        Some(&junk),
+    );
+    assert_eq!(e.status, 422, "{}", e.body);
+    assert!(
+        e.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a video"),
+        "{}",
+        e.body
+    );
+    let empty = scratch().join("empty.mp4");
+    std::fs::write(&empty, b"").unwrap();
+    let e = form(
+        Some(&alice),
+        &[("prompt", "x"), ("budget", "1T")],
+        Some(&empty),
+    );
+    assert_eq!(e.status, 422);
+    let e = form(Some(&alice), &[("prompt", "x")], None);
+    assert_eq!(e.status, 422, "no video");
+    let e = post_json(
+        &s,
+        "/v1/videos/caption",
+        &alice,
+        json!({"video": "file:///etc/passwd", "prompt": "x"}),
+    );
+    assert_eq!(e.status, 403);
+    let e = post_json(
+        &s,
+        "/v1/videos/caption",
+        &alice,
+        json!({"video": "https://example.com/a.mp4", "prompt": "x"}),
+    );
+    assert_eq!(e.status, 422);
+    let e = answer(
+        ureq::post(&s.url("/v1/videos/caption"))
+            .set("Authorization", &format!("Bearer {alice}"))
+            .send_string("hello"),
+    );
+    assert_eq!(e.status, 415);
+    let e = answer(ureq::get(&s.url("/v1/nope")).call());
+    assert_eq!(e.status, 404);
+    assert!(e.body["error"]["message"].is_string());
+
+    // Budget exhaustion: bob's 2.5T/day quota pays for one 1T-planned request (settled to
+    // what was measured), then a 3T reservation no longer fits: 402 with the reset time.
+    let ok = form(
+        Some(&bob),
+        &[("prompt", "x"), ("max_tokens", "2")],
+        Some(&v),
+    );
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let e = form(
+        Some(&bob),
+        &[("prompt", "x"), ("budget", "3T"), ("max_tokens", "2")],
+        Some(&v),
+    );
+    assert_eq!(e.status, 402, "{}", e.body);
+    assert!(e.body["error"]["reset_at"].as_i64().unwrap() > 0);
+    assert!(e.quota_remaining.is_some());
+    // Raising the quota (admin) lets bob in again; alice was never affected.
+    let up = answer(
+        ureq::request("PATCH", &s.url("/admin/tenants/bob"))
+            .set("Authorization", &format!("Bearer {ADMIN}"))
+            .send_json(json!({"quota": "100T"})),
+    );
+    assert_eq!(up.status, 200, "{}", up.body);
+    let ok = form(
+        Some(&bob),
+        &[("prompt", "x"), ("budget", "3T"), ("max_tokens", "2")],
+        Some(&v),
+    );
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    // Isolation: each tenant sees only its own usage.
+    let ua = get(&s, "/v1/usage", &alice).body;
+    let ub = get(&s, "/v1/usage", &bob).body;
+    assert_eq!(
+        (ua["tenant"].as_str(), ub["tenant"].as_str()),
+        (Some("alice"), Some("bob"))
+    );
+    assert_eq!(ub["requests"].as_u64(), Some(2));
+
+    // Overload: one worker, queue depth 1: of four concurrent requests at least one is refused
+    // with 429 and Retry-After, and the rest succeed.
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let url = s.url("/v1/videos/caption");
+            let key = alice.clone();
+            let v = v.clone();
+            std::thread::spawn(move || {
+                let (ct, body) = multipart(
+                    &[
+                        ("prompt", "Describe."),
+                        ("budget", "2T"),
+                        ("max_tokens", "24"),
+                    ],
+                    Some(&v),
+                );
+                answer(
+                    ureq::post(&url)
+                        .set("Content-Type", &ct)
+                        .set("Authorization", &format!("Bearer {key}"))
+                        .send_bytes(&body),
+                )
+            })
+        })
+        .collect();
+    let results: Vec<Answer> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let refused: Vec<&Answer> = results.iter().filter(|a| a.status == 429).collect();
+    assert!(
+        !refused.is_empty(),
+        "{:?}",
+        results.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
+    assert!(refused.iter().all(|a| a.retry_after.is_some()));
+    assert!(results.iter().all(|a| a.status == 200 || a.status == 429));
+
+    let m = answer(ureq::get(&s.url("/metrics")).call());
+    let text = m.body.as_str().unwrap().to_string();
+    assert!(text.contains("vvlm_requests_total{route=\"/v1/videos/caption\",status=\"200\"}"));
+    assert!(text.contains("vvlm_flops_measured_total{component=\"vision\"}"));
+    assert!(text.contains("vvlm_overload_rejections_total"));
+}
+
+fn tenant_usage(db: &Path, name: &str) -> Value {
+    let out = vvlm()
+        .args(["tenant", "--db"])
+        .arg(db)
+        .args(["usage", name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn ledger_survives_kill_9_mid_request_and_shutdown_is_graceful() {
+    let db = scratch().join("crash.db");
+    let out = vvlm()
+        .args(["tenant", "--db"])
+        .arg(&db)
+        .args(["add", "carol", "--quota", "1e15"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let v = video("three-seconds.mp4", 3);
+
+    let mut s = Server::start(&db, &["--workers", "1"]);
+    let a = post_form(
+        &s,
+        "/v1/videos/caption",
+        Some(&key),
+        &[
+            ("prompt", "Describe."),
+            ("budget", "1T"),
+            ("max_tokens", "4"),
+        ],
+        Some(&v),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    let charged = a.body["usage"]["measured_flops"]["total"].as_f64().unwrap();
+
+    // A long request in flight, then kill -9.
+    let url = s.url("/v1/videos/caption");
+    let k2 = key.clone();
+    let v2 = v.clone();
+    let long = std::thread::spawn(move || {
+        let (ct, body) = multipart(
+            &[
+                ("prompt", "Tell a long story."),
+                ("budget", "2T"),
+                ("max_tokens", "500"),
+            ],
+            Some(&v2),
+        );
+        ureq::post(&url)
+            .set("Content-Type", &ct)
+            .set("Authorization", &format!("Bearer {k2}"))
+            .timeout(Duration::from_secs(120))
+            .send_bytes(&body)
+            .is_ok()
+    });
+    let t = Instant::now();
+    loop {
+        let m = answer(ureq::get(&s.url("/metrics")).call())
+            .body
+            .as_str()
+            .unwrap()
+            .to_string();
+        if m.contains("\nvvlm_in_flight 1") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "request never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.child.kill().unwrap(); // SIGKILL
+    s.child.wait().unwrap();
+    assert!(
+        !long.join().unwrap(),
+        "the killed request cannot have succeeded"
+    );
+    let u = tenant_usage(&db, "carol");
+    assert_eq!(u["charged_flops"].as_f64().unwrap(), charged);
+    assert!(
+        u["reserved_flops"].as_f64().unwrap() > 0.0,
+        "the in-flight reservation is on disk: {u}"
+    );
+
+    // Restart: the orphaned reservation is released (not charged), the settled charge stays.
+    let s = Server::start(&db, &["--workers", "1"]);
+    let u = get(&s, "/v1/usage", &key).body;
+    assert_eq!(u["charged_flops"].as_f64().unwrap(), charged, "{u}");
+    assert_eq!(u["reserved_flops"].as_f64().unwrap(), 0.0);
+    assert_eq!(u["requests"].as_u64(), Some(1));
+
+    // Graceful shutdown: SIGTERM while a request runs; it still completes.
+    let url = s.url("/v1/videos/caption");
+    let k3 = key.clone();
+    let inflight = std::thread::spawn(move || {
+        let (ct, body) = multipart(
+            &[
+                ("prompt", "Describe."),
+                ("budget", "1T"),
+                ("max_tokens", "12"),
+            ],
+            Some(&v),
+        );
+        let r = ureq::post(&url)
+            .set("Content-Type", &ct)
+            .set("Authorization", &format!("Bearer {k3}"))
+            .send_bytes(&body);
+        answer(r).status
+    });
+    let t = Instant::now();
+    loop {
+        let m = answer(ureq::get(&s.url("/metrics")).call())
+            .body
+            .as_str()
+            .unwrap()
+            .to_string();
+        if m.contains("\nvvlm_in_flight 1") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(inflight.join().unwrap(), 200);
+    let mut s = s;
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let u = tenant_usage(&db, "carol");
+    assert_eq!(u["requests"].as_u64(), Some(2));
+}
