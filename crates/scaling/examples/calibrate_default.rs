@@ -116,14 +116,14 @@ fn main() {
     // (1+1)-ES from the 4 best, in parallel, on the full `vvlm elasticity` defaults.
     let full_opt = ElasticityOptions::default();
     let coarse = &full_opt;
-    let refined: Vec<(f64, Vec<f64>)> = best[..4]
+    let refined: Vec<(f64, Vec<f64>)> = best[..6]
         .par_iter()
         .enumerate()
         .map(|(k, (s0, p0))| {
             let mut rng = SplitMix::from_parts(&[11, k as u64]);
             let (mut s, mut p) = (*s0, p0.clone());
             let mut step = 0.2;
-            for _ in 0..250 {
+            for _ in 0..500 {
                 let q: Vec<f64> = p
                     .iter()
                     .enumerate()
