@@ -368,7 +368,7 @@ pub fn frontier_cmd(a: FrontierArgs) -> Result<()> {
                         .iter()
                         .map(|p| (p.budget, 100.0 - p.predicted_error))
                         .collect(),
-                    style: Style::Step,
+                    style: Style::Scatter,
                 },
                 false,
             ),

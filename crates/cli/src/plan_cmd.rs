@@ -39,7 +39,7 @@ pub struct PlanArgs {
 }
 
 pub fn load_tasks(
-    scaling: &PathBuf,
+    scaling: &std::path::Path,
     extra: &[String],
 ) -> Result<BTreeMap<String, Arc<FittedModel>>> {
     let default = Arc::new(FittedModel::load(scaling)?);

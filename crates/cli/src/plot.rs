@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Style {
-    Line,
+    /// Horizontal then vertical segments (a staggered frontier).
     Step,
     Scatter,
 }
@@ -245,14 +245,12 @@ impl Chart {
                         );
                     }
                 }
-                Style::Line | Style::Step => {
+                Style::Step => {
                     let mut d = String::new();
                     let mut prev: Option<f64> = None;
                     for (j, (x, y)) in pts.iter().enumerate() {
-                        if s.style == Style::Step {
-                            if let Some(py) = prev {
-                                let _ = write!(d, " L{:.2},{:.2}", tx(*x), ty(py));
-                            }
+                        if let Some(py) = prev {
+                            let _ = write!(d, " L{:.2},{:.2}", tx(*x), ty(py));
                         }
                         let _ = write!(
                             d,

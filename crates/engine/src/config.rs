@@ -185,14 +185,16 @@ impl TextConfig {
                 self.hidden_act
             )));
         }
-        if self.num_attention_heads == 0 || self.num_attention_heads % self.kv_heads() != 0 {
+        if self.num_attention_heads == 0
+            || !self.num_attention_heads.is_multiple_of(self.kv_heads())
+        {
             return Err(EngineError::Unsupported(format!(
                 "{} attention heads are not a multiple of {} KV heads",
                 self.num_attention_heads,
                 self.kv_heads()
             )));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(EngineError::Unsupported("odd head_dim".into()));
         }
         match self.rope().rope_type.or(self.rope().kind).as_deref() {

@@ -430,7 +430,7 @@ async fn admit(
         events: tx,
     };
     s.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
-    if s.pool.submit(job).is_err() {
+    if !s.pool.submit(job) {
         s.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
         return Err(ApiError::Overloaded {
             message: format!(

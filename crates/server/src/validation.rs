@@ -30,11 +30,12 @@ impl Budget {
 }
 
 /// Where the frames come from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub enum Media {
     VideoBytes(Vec<u8>),
     VideoPath(PathBuf),
     Images(Vec<Vec<u8>>),
+    #[default]
     None,
 }
 
@@ -53,12 +54,6 @@ pub struct VideoRequest {
     pub top_p: Option<f64>,
     pub seed: Option<u64>,
     pub media: Option<Media>,
-}
-
-impl Default for Media {
-    fn default() -> Self {
-        Media::None
-    }
 }
 
 /// Decodes a `data:` URL (base64) or resolves a `file://` URL under the allow-list.

@@ -51,11 +51,11 @@ impl Pool {
         Self { tx, workers }
     }
 
-    /// Queues a job, or gives it back when the queue is full.
-    pub fn submit(&self, job: Job) -> Result<(), Job> {
+    /// Queues a job; false when the queue is full (the job is dropped, its events closed).
+    pub fn submit(&self, job: Job) -> bool {
         match self.tx.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(j)) | Err(TrySendError::Disconnected(j)) => Err(j),
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
         }
     }
 }
