@@ -1,6 +1,7 @@
 //! The `vvlm` binary: the command-line edge of the project. Errors become one clear line and a
 //! non-zero exit; everything else lives in the library crates.
 
+mod bench_cmd;
 mod engine_cmd;
 mod frames_cmd;
 mod math;
@@ -38,6 +39,9 @@ enum Command {
     /// Make or inspect checkpoints.
     #[command(subcommand)]
     Models(engine_cmd::ModelsCmd),
+    /// Benchmarks: measured vs theoretical FLOPs.
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCmd),
     /// Run the HTTP server.
     Serve(serve_cmd::ServeArgs),
     /// Manage tenants in the ledger.
@@ -76,6 +80,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Frames(a) => frames_cmd::frames(a),
         Command::Plan(a) => plan_cmd::plan(a),
         Command::Serve(a) => serve_cmd::serve(a),
+        Command::Bench(c) => bench_cmd::run(c),
         Command::Tenant(a) => serve_cmd::tenant(a),
     }
 }
