@@ -17,6 +17,30 @@ use vvlm_video::{decode_path, FrameSampling, MediaPolicy, Preprocess};
 pub enum BenchCmd {
     /// Measured vs theoretical FLOPs over a grid of (frames, tokens per frame).
     Flops(FlopsArgs),
+    /// Engine hot paths at real shapes with random weights: SigLIP so400m/14 per frame, bilinear
+    /// pooling, Llama-3.2-1B-shaped prefill and decode, and SmolLM2 (GGUF) prefill and decode.
+    Engine(EngineArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EngineArgs {
+    /// Prefill length (tokens).
+    #[arg(long, default_value_t = 512)]
+    pub prefill: usize,
+    /// Decode steps timed after the prefill.
+    #[arg(long, default_value_t = 16)]
+    pub decode: usize,
+    /// Frames encoded by the vision benchmark.
+    #[arg(long, default_value_t = 2)]
+    pub frames: usize,
+    /// SmolLM2 GGUF for the small-LM benchmark (skipped when absent).
+    #[arg(long, default_value = "models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    pub gguf: PathBuf,
+    /// Only these parts (comma separated: vision, pool, llama1b, smollm2).
+    #[arg(long, default_value = "vision,pool,llama1b,smollm2", value_delimiter = ',')]
+    pub parts: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -135,7 +159,127 @@ pub fn matmul_peak_gflops(n: usize) -> Result<f64> {
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Flops(a) => flops(a),
+        BenchCmd::Engine(a) => engine(a),
     }
+}
+
+fn lm_prefill_decode(lm: &vvlm_engine::llama::Llama, prefill: usize, decode: usize) -> Result<(f64, f64, f64, f64)> {
+    use vvlm_cost::Component;
+    let ids: Vec<u32> = (0..prefill as u32).map(|i| 100 + (i * 7) % 1000).collect();
+    // Warm-up on a short prompt.
+    {
+        let c = FlopCounter::new();
+        let mut ctx = vvlm_engine::Ctx::new(&c, Component::LmPrefill);
+        let mut cache = lm.new_cache();
+        let h = lm.forward_hidden(&lm.embed(&ids[..16.min(prefill)])?, &mut cache, &mut ctx)?;
+        let _ = lm.last_logits(&h, &ctx)?;
+    }
+    let c = FlopCounter::new();
+    let mut ctx = vvlm_engine::Ctx::new(&c, Component::LmPrefill);
+    let mut cache = lm.new_cache();
+    let t = Instant::now();
+    let h = lm.forward_hidden(&lm.embed(&ids)?, &mut cache, &mut ctx)?;
+    let mut logits = lm.last_logits(&h, &ctx)?;
+    let prefill_s = t.elapsed().as_secs_f64();
+    let prefill_flops = c.get(Component::LmPrefill) as f64;
+    ctx.component = Component::LmDecode;
+    let t = Instant::now();
+    for _ in 0..decode {
+        let next = vvlm_engine::llama::argmax(&logits)?;
+        let h = lm.forward_hidden(&lm.embed(&[next])?, &mut cache, &mut ctx)?;
+        logits = lm.last_logits(&h, &ctx)?;
+    }
+    let decode_s = t.elapsed().as_secs_f64();
+    Ok((prefill_s, prefill_flops, decode_s, c.get(Component::LmDecode) as f64))
+}
+
+fn engine(a: EngineArgs) -> Result<()> {
+    use vvlm_cost::Component;
+    let peak = matmul_peak_gflops(1024)?;
+    let mut out = serde_json::json!({"matmul_peak_gflops": peak});
+    let want = |p: &str| a.parts.iter().any(|x| x == p);
+    if !a.json {
+        println!("matmul peak (f32, 1024^3, best of 3): {peak:.1} GFLOP/s");
+    }
+    if want("vision") {
+        let cfg = vvlm_engine::SiglipVisionConfig::so400m();
+        let t = vvlm_engine::demo::random_vision_tensors(&cfg, 2048, 1)?;
+        let vb = candle_nn::VarBuilder::from_tensors(t, candle_core::DType::F32, &Device::Cpu);
+        let tower = vvlm_engine::siglip::SiglipVision::load(vb.pp("vision_tower.vision_model"), &cfg, cfg.num_hidden_layers)?;
+        let px = Tensor::randn(0f32, 1.0, (1, 3, 384, 384), &Device::Cpu)?;
+        let c = FlopCounter::new();
+        let mut ctx = vvlm_engine::Ctx::new(&c, Component::Vision);
+        let _ = tower.forward(&px, &mut ctx)?; // warm-up
+        c.reset();
+        let px = Tensor::randn(0f32, 1.0, (a.frames, 3, 384, 384), &Device::Cpu)?;
+        let t0 = Instant::now();
+        let _ = tower.forward(&px, &mut ctx)?;
+        let s = t0.elapsed().as_secs_f64() / a.frames as f64;
+        let gf = c.get(Component::Vision) as f64 / a.frames as f64 / s / 1e9;
+        if !a.json {
+            println!("SigLIP so400m/14 @384 (26 layers): {s:.3} s/frame, {gf:.1} GFLOP/s ({:.0}% of peak)", 100.0 * gf / peak);
+        }
+        out["vision_s_per_frame"] = serde_json::json!(s);
+        out["vision_gflops"] = serde_json::json!(gf);
+    }
+    if want("pool") {
+        let x = Tensor::randn(0f32, 1.0, (32, 729, 2048), &Device::Cpu)?;
+        let _ = vvlm_engine::pool::pool(&x, 27, 14)?;
+        let t0 = Instant::now();
+        let reps = 5;
+        for _ in 0..reps {
+            let _ = vvlm_engine::pool::pool(&x, 27, 14)?;
+        }
+        let s = t0.elapsed().as_secs_f64() / reps as f64;
+        if !a.json {
+            println!("bilinear pooling 32 x 27x27 -> 14x14, D=2048: {:.2} ms", s * 1e3);
+        }
+        out["pool_32x729x2048_to_14_ms"] = serde_json::json!(s * 1e3);
+    }
+    if want("llama1b") {
+        let cfg = vvlm_engine::TextConfig::llama32_1b();
+        let t = vvlm_engine::demo::random_lm_tensors(&cfg, 2)?;
+        let vb = candle_nn::VarBuilder::from_tensors(t, candle_core::DType::F32, &Device::Cpu);
+        let lm = vvlm_engine::llama::Llama::load(vb, None, &cfg)?;
+        let (ps, pf, ds, df) = lm_prefill_decode(&lm, a.prefill, a.decode)?;
+        if !a.json {
+            println!(
+                "Llama-3.2-1B shape: prefill {} tokens {:.1} tok/s ({:.1} GFLOP/s, {:.0}% of peak); decode {:.1} tok/s ({:.3} s/token)",
+                a.prefill,
+                a.prefill as f64 / ps,
+                pf / ps / 1e9,
+                100.0 * pf / ps / 1e9 / peak,
+                a.decode as f64 / ds,
+                ds / a.decode as f64
+            );
+        }
+        out["llama1b_prefill_tok_s"] = serde_json::json!(a.prefill as f64 / ps);
+        out["llama1b_prefill_gflops"] = serde_json::json!(pf / ps / 1e9);
+        out["llama1b_decode_tok_s"] = serde_json::json!(a.decode as f64 / ds);
+        out["llama1b_decode_gflops"] = serde_json::json!(df / ds / 1e9);
+    }
+    if want("smollm2") && a.gguf.exists() {
+        let g = vvlm_engine::gguf::load(&a.gguf, candle_core::DType::F32, &Device::Cpu)?;
+        let vb = candle_nn::VarBuilder::from_tensors(g.tensors, candle_core::DType::F32, &Device::Cpu);
+        let lm = vvlm_engine::llama::Llama::load(vb, None, &g.config)?;
+        let (ps, pf, ds, _) = lm_prefill_decode(&lm, a.prefill, a.decode.max(32))?;
+        let steps = a.decode.max(32);
+        if !a.json {
+            println!(
+                "SmolLM2-135M (GGUF Q4_1 dequantized to f32): prefill {} tokens {:.1} tok/s ({:.1} GFLOP/s); decode {:.1} tok/s",
+                a.prefill,
+                a.prefill as f64 / ps,
+                pf / ps / 1e9,
+                steps as f64 / ds
+            );
+        }
+        out["smollm2_prefill_tok_s"] = serde_json::json!(a.prefill as f64 / ps);
+        out["smollm2_decode_tok_s"] = serde_json::json!(steps as f64 / ds);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
 }
 
 fn flops(a: FlopsArgs) -> Result<()> {
