@@ -37,7 +37,11 @@ pub struct EngineArgs {
     #[arg(long, default_value = "models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")]
     pub gguf: PathBuf,
     /// Only these parts (comma separated: vision, pool, llama1b, smollm2).
-    #[arg(long, default_value = "vision,pool,llama1b,smollm2", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "vision,pool,llama1b,smollm2",
+        value_delimiter = ','
+    )]
     pub parts: Vec<String>,
     #[arg(long)]
     pub json: bool,
@@ -163,7 +167,11 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     }
 }
 
-fn lm_prefill_decode(lm: &vvlm_engine::llama::Llama, prefill: usize, decode: usize) -> Result<(f64, f64, f64, f64)> {
+fn lm_prefill_decode(
+    lm: &vvlm_engine::llama::Llama,
+    prefill: usize,
+    decode: usize,
+) -> Result<(f64, f64, f64, f64)> {
     use vvlm_cost::Component;
     let ids: Vec<u32> = (0..prefill as u32).map(|i| 100 + (i * 7) % 1000).collect();
     // Warm-up on a short prompt.
@@ -190,7 +198,12 @@ fn lm_prefill_decode(lm: &vvlm_engine::llama::Llama, prefill: usize, decode: usi
         logits = lm.last_logits(&h, &ctx)?;
     }
     let decode_s = t.elapsed().as_secs_f64();
-    Ok((prefill_s, prefill_flops, decode_s, c.get(Component::LmDecode) as f64))
+    Ok((
+        prefill_s,
+        prefill_flops,
+        decode_s,
+        c.get(Component::LmDecode) as f64,
+    ))
 }
 
 fn engine(a: EngineArgs) -> Result<()> {
@@ -205,7 +218,11 @@ fn engine(a: EngineArgs) -> Result<()> {
         let cfg = vvlm_engine::SiglipVisionConfig::so400m();
         let t = vvlm_engine::demo::random_vision_tensors(&cfg, 2048, 1)?;
         let vb = candle_nn::VarBuilder::from_tensors(t, candle_core::DType::F32, &Device::Cpu);
-        let tower = vvlm_engine::siglip::SiglipVision::load(vb.pp("vision_tower.vision_model"), &cfg, cfg.num_hidden_layers)?;
+        let tower = vvlm_engine::siglip::SiglipVision::load(
+            vb.pp("vision_tower.vision_model"),
+            &cfg,
+            cfg.num_hidden_layers,
+        )?;
         let px = Tensor::randn(0f32, 1.0, (1, 3, 384, 384), &Device::Cpu)?;
         let c = FlopCounter::new();
         let mut ctx = vvlm_engine::Ctx::new(&c, Component::Vision);
@@ -232,7 +249,10 @@ fn engine(a: EngineArgs) -> Result<()> {
         }
         let s = t0.elapsed().as_secs_f64() / reps as f64;
         if !a.json {
-            println!("bilinear pooling 32 x 27x27 -> 14x14, D=2048: {:.2} ms", s * 1e3);
+            println!(
+                "bilinear pooling 32 x 27x27 -> 14x14, D=2048: {:.2} ms",
+                s * 1e3
+            );
         }
         out["pool_32x729x2048_to_14_ms"] = serde_json::json!(s * 1e3);
     }
@@ -260,7 +280,8 @@ fn engine(a: EngineArgs) -> Result<()> {
     }
     if want("smollm2") && a.gguf.exists() {
         let g = vvlm_engine::gguf::load(&a.gguf, candle_core::DType::F32, &Device::Cpu)?;
-        let vb = candle_nn::VarBuilder::from_tensors(g.tensors, candle_core::DType::F32, &Device::Cpu);
+        let vb =
+            candle_nn::VarBuilder::from_tensors(g.tensors, candle_core::DType::F32, &Device::Cpu);
         let lm = vvlm_engine::llama::Llama::load(vb, None, &g.config)?;
         let (ps, pf, ds, _) = lm_prefill_decode(&lm, a.prefill, a.decode.max(32))?;
         let steps = a.decode.max(32);

@@ -178,28 +178,58 @@ pub fn write_demo_checkpoint(
 
 /// Random Llama/Qwen2 tensors (HF names relative to the LM's `model.` prefix) for a config:
 /// benchmarks of real shapes without real weights.
-pub fn random_lm_tensors(cfg: &crate::TextConfig, seed: u64) -> Result<HashMap<String, Tensor>, EngineError> {
+pub fn random_lm_tensors(
+    cfg: &crate::TextConfig,
+    seed: u64,
+) -> Result<HashMap<String, Tensor>, EngineError> {
     let mut rng = NormalRng::new(seed);
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim(), cfg.kv_heads() * cfg.head_dim());
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim(),
+        cfg.kv_heads() * cfg.head_dim(),
+    );
     let ones = |n: usize| Tensor::ones(n, candle_core::DType::F32, &Device::Cpu);
     let mut t = HashMap::new();
-    t.insert("embed_tokens.weight".to_string(), rng.tensor(&[cfg.vocab_size, h], 0.02)?);
+    t.insert(
+        "embed_tokens.weight".to_string(),
+        rng.tensor(&[cfg.vocab_size, h], 0.02)?,
+    );
     t.insert("norm.weight".to_string(), ones(h)?);
     for l in 0..cfg.num_hidden_layers {
         let p = format!("layers.{l}");
-        t.insert(format!("{p}.self_attn.q_proj.weight"), rng.tensor(&[q, h], 0.02)?);
-        t.insert(format!("{p}.self_attn.k_proj.weight"), rng.tensor(&[kv, h], 0.02)?);
-        t.insert(format!("{p}.self_attn.v_proj.weight"), rng.tensor(&[kv, h], 0.02)?);
-        t.insert(format!("{p}.self_attn.o_proj.weight"), rng.tensor(&[h, q], 0.02)?);
+        t.insert(
+            format!("{p}.self_attn.q_proj.weight"),
+            rng.tensor(&[q, h], 0.02)?,
+        );
+        t.insert(
+            format!("{p}.self_attn.k_proj.weight"),
+            rng.tensor(&[kv, h], 0.02)?,
+        );
+        t.insert(
+            format!("{p}.self_attn.v_proj.weight"),
+            rng.tensor(&[kv, h], 0.02)?,
+        );
+        t.insert(
+            format!("{p}.self_attn.o_proj.weight"),
+            rng.tensor(&[h, q], 0.02)?,
+        );
         if cfg.qkv_bias() {
             for (n, d) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
                 t.insert(format!("{p}.self_attn.{n}.bias"), rng.tensor(&[d], 0.02)?);
             }
         }
-        t.insert(format!("{p}.mlp.gate_proj.weight"), rng.tensor(&[i, h], 0.02)?);
-        t.insert(format!("{p}.mlp.up_proj.weight"), rng.tensor(&[i, h], 0.02)?);
-        t.insert(format!("{p}.mlp.down_proj.weight"), rng.tensor(&[h, i], 0.02)?);
+        t.insert(
+            format!("{p}.mlp.gate_proj.weight"),
+            rng.tensor(&[i, h], 0.02)?,
+        );
+        t.insert(
+            format!("{p}.mlp.up_proj.weight"),
+            rng.tensor(&[i, h], 0.02)?,
+        );
+        t.insert(
+            format!("{p}.mlp.down_proj.weight"),
+            rng.tensor(&[h, i], 0.02)?,
+        );
         t.insert(format!("{p}.input_layernorm.weight"), ones(h)?);
         t.insert(format!("{p}.post_attention_layernorm.weight"), ones(h)?);
     }

@@ -1,11 +1,14 @@
 //! SigLIP preprocessing as transformers' image processor does it: bicubic resize of the whole
-//! frame to `size x size` (no crop; Keys cubic a = -0.5 with the kernel widened when
-//! downscaling, i.e. antialiased, as PIL and torchvision's antialias=True), rescale by 1/255,
-//! normalise with mean = std = 0.5, channel-first `f32`.
+//! frame to `size x size` (no crop), rescale by 1/255, normalise with mean = std = 0.5,
+//! channel-first `f32`.
+//!
+//! The resize is Pillow's `ImagingResample` bicubic (Keys cubic, a = -0.5, support widened by the
+//! downscale factor, i.e. antialiased), which torchvision's antialiased uint8 kernel reproduces:
+//! a horizontal pass then a vertical pass, each with 22-bit fixed-point coefficients and the
+//! intermediate image rounded and clamped to uint8.
 
 use crate::decode::{Probe, SampledFrame, SampledVideo};
 use crate::{MediaPolicy, VideoError};
-use image::imageops::FilterType;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
@@ -26,12 +29,88 @@ impl Default for Preprocess {
     }
 }
 
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Pillow's `precompute_coeffs`: for each output index, the first input index and the
+/// fixed-point weights.
+fn coefficients(input: u32, output: u32) -> Vec<(usize, Vec<i32>)> {
+    let scale = input as f64 / output as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    (0..output)
+        .map(|o| {
+            let center = (o as f64 + 0.5) * scale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(input as i64) as usize;
+            let w: Vec<f64> = (xmin..xmax)
+                .map(|x| bicubic((x as f64 - center + 0.5) / filterscale))
+                .collect();
+            let total: f64 = w.iter().sum();
+            let k = w
+                .iter()
+                .map(|v| {
+                    let v = if total != 0.0 { v / total } else { 0.0 };
+                    let f = v * (1u32 << PRECISION_BITS) as f64;
+                    (if f < 0.0 { f - 0.5 } else { f + 0.5 }) as i32
+                })
+                .collect();
+            (xmin, k)
+        })
+        .collect()
+}
+
+fn clip8(acc: i64) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
 /// The resized uint8 frame (what the processor normalises).
 pub fn resize_rgb(img: &RgbImage, size: u32) -> RgbImage {
-    if img.width() == size && img.height() == size {
+    let (w, h) = (img.width(), img.height());
+    if w == size && h == size {
         return img.clone();
     }
-    image::imageops::resize(img, size, size, FilterType::CatmullRom)
+    let src = img.as_raw();
+    // Horizontal pass: w x h -> size x h.
+    let cx = coefficients(w, size);
+    let mut mid = vec![0u8; (size * h * 3) as usize];
+    for y in 0..h as usize {
+        let row = &src[y * w as usize * 3..(y + 1) * w as usize * 3];
+        for (ox, (x0, k)) in cx.iter().enumerate() {
+            for c in 0..3 {
+                let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                for (j, kk) in k.iter().enumerate() {
+                    acc += row[(x0 + j) * 3 + c] as i64 * *kk as i64;
+                }
+                mid[(y * size as usize + ox) * 3 + c] = clip8(acc);
+            }
+        }
+    }
+    // Vertical pass: size x h -> size x size.
+    let cy = coefficients(h, size);
+    let stride = size as usize * 3;
+    let mut out = vec![0u8; (size * size * 3) as usize];
+    for (oy, (y0, k)) in cy.iter().enumerate() {
+        for i in 0..stride {
+            let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+            for (j, kk) in k.iter().enumerate() {
+                acc += mid[(y0 + j) * stride + i] as i64 * *kk as i64;
+            }
+            out[oy * stride + i] = clip8(acc);
+        }
+    }
+    RgbImage::from_raw(size, size, out).expect("buffer sized above")
 }
 
 /// One frame -> `3 * size * size` normalised values, channel-first.
