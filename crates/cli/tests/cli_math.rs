@@ -196,3 +196,50 @@ fn plan_is_fast_and_respects_pins() {
     let (ok, _, err) = vvlm(&["plan", "--budget", "1e9", "--models", "models/paper-ladder"]);
     assert!(!ok && err.contains("too small"), "{err}");
 }
+
+#[test]
+fn debug_forward_writes_the_fixtures_tensor_names() {
+    let out = std::env::temp_dir().join(format!("vvlm-debug-{}.safetensors", std::process::id()));
+    let (ok, stdout, err) = vvlm(&[
+        "debug",
+        "forward",
+        "--checkpoint",
+        "tests/fixtures/tiny-llava-onevision/model_hubformat",
+        "--inputs",
+        "tests/fixtures/tiny-llava-onevision/reference.safetensors",
+        "--out",
+        out.to_str().unwrap(),
+        "--tokens-per-frame",
+        "9",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("tokens per frame 9"), "{stdout}");
+    let t = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    let r = candle_core::safetensors::load(
+        "../../tests/fixtures/tiny-llava-onevision/reference.safetensors",
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    for k in [
+        "vision.layer_out.0",
+        "vision.layer_out.1",
+        "projector.out",
+        "pooled",
+        "text.inputs_embeds",
+        "logits",
+    ] {
+        assert!(t.contains_key(k), "{k} missing");
+    }
+    let d = (t["logits"].clone() - r["logits_s3"].squeeze(0).unwrap().unsqueeze(0).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d <= 1e-4, "logits_s3 max abs err {d}");
+    std::fs::remove_file(out).ok();
+}

@@ -237,3 +237,62 @@ fn bad_checkpoints_and_inputs_are_clear_errors() {
     let wrong = Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
     assert!(m.debug_forward(&wrong, &ids, 4, &flops).is_err());
 }
+
+/// Qwen2 as the LM (QKV biases, untied head, plain RoPE), as LLaVA-OneVision's public
+/// checkpoints use it: logits from transformers on the same inputs (fixture made by
+/// scripts/make-qwen2-fixture.py).
+#[test]
+fn qwen2_language_model_matches_transformers() {
+    let dir = fixture().join("../tiny-llava-onevision-qwen2");
+    let r =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let (pixels, ids) = inputs(&r);
+    let m = VideoVlm::load(&dir, &LoadOptions::default()).unwrap();
+    assert!(m.cfg.text_config.qkv_bias());
+    let flops = FlopCounter::new();
+    let out = m
+        .debug_forward(&pixels, &ids, m.cfg.default_side(), &flops)
+        .unwrap();
+    let e = max_abs(&out["logits"], &r["logits"]);
+    assert!(e <= TOL, "qwen2 logits max abs err {e}");
+}
+
+/// A checkpoint sharded into two safetensors files with an index loads to the same logits.
+#[test]
+fn sharded_checkpoints_with_an_index_load() {
+    let src = fixture().join("model");
+    let dir = std::env::temp_dir().join(format!("vvlm-sharded-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let all = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let (mut a, mut b) = (HashMap::new(), HashMap::new());
+    let mut map = serde_json::Map::new();
+    for (k, v) in all {
+        let file = if k.starts_with("vision_tower") {
+            "model-00001-of-00002.safetensors"
+        } else {
+            "model-00002-of-00002.safetensors"
+        };
+        map.insert(k.clone(), serde_json::Value::String(file.into()));
+        if file.contains("00001") {
+            a.insert(k, v)
+        } else {
+            b.insert(k, v)
+        };
+    }
+    candle_core::safetensors::save(&a, dir.join("model-00001-of-00002.safetensors")).unwrap();
+    candle_core::safetensors::save(&b, dir.join("model-00002-of-00002.safetensors")).unwrap();
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
+    let r = reference();
+    let (pixels, ids) = inputs(&r);
+    let m = VideoVlm::load(&dir, &LoadOptions::default()).unwrap();
+    let out = m
+        .debug_forward(&pixels, &ids, m.cfg.default_side(), &FlopCounter::new())
+        .unwrap();
+    assert!(max_abs(&out["logits"], &r["logits"]) <= TOL);
+    std::fs::remove_dir_all(&dir).ok();
+}
