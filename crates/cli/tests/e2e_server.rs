@@ -540,6 +540,47 @@ fn caption_qa_chat_budgets_and_every_error_path() {
     assert!(refused.iter().all(|a| a.retry_after.is_some()));
     assert!(results.iter().all(|a| a.status == 200 || a.status == 429));
 
+    // A client that goes away mid-stream cancels its job and is charged nothing.
+    let charged_before = get(&s, "/v1/usage", &alice).body["charged_flops"]
+        .as_f64()
+        .unwrap();
+    let mut long = chat_body(true);
+    long["max_tokens"] = json!(400);
+    let resp = ureq::post(&s.url("/v1/chat/completions"))
+        .set("Authorization", &format!("Bearer {alice}"))
+        .send_json(long)
+        .unwrap();
+    let mut lines = BufReader::new(resp.into_reader()).lines();
+    let mut seen = 0;
+    while seen < 3 {
+        if lines.next().unwrap().unwrap().starts_with("data: ") {
+            seen += 1;
+        }
+    }
+    drop(lines); // hang up
+    let t = Instant::now();
+    loop {
+        let m = answer(ureq::get(&s.url("/metrics")).call())
+            .body
+            .as_str()
+            .unwrap()
+            .to_string();
+        let u = get(&s, "/v1/usage", &alice).body;
+        if m.contains("\nvvlm_in_flight 0") && u["reserved_flops"].as_f64() == Some(0.0) {
+            assert_eq!(
+                u["charged_flops"].as_f64().unwrap(),
+                charged_before,
+                "a cancelled request is not charged"
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the job was not cancelled: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     let m = answer(ureq::get(&s.url("/metrics")).call());
     let text = m.body.as_str().unwrap().to_string();
     assert!(text.contains("vvlm_requests_total{route=\"/v1/videos/caption\",status=\"200\"}"));
