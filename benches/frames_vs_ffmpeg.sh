@@ -20,7 +20,7 @@ duration=$(ffprobe -v error -show_entries format=duration -of csv=p=0 "$video")
 best_vvlm=999999; best_ff=999999
 for run in 1 2 3; do
   t0=$(date +%s.%N)
-  "$bin" frames "$video" --frames "$frames" --json > "$data/vvlm-frames.json"
+  "$bin" frames "$video" --frames "$frames" --max-bytes 100000000000 --json > "$data/vvlm-frames.json"
   t1=$(date +%s.%N)
   for i in $(seq 0 $((frames - 1))); do
     ts=$(python3 -c "print(($i + 0.5) * $duration / $frames)")

@@ -19,6 +19,9 @@ pub struct FramesArgs {
     pub out: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
+    /// Largest file accepted, bytes (the server's media policy default otherwise).
+    #[arg(long)]
+    pub max_bytes: Option<u64>,
 }
 
 pub fn frames(a: FramesArgs) -> Result<()> {
@@ -27,10 +30,14 @@ pub fn frames(a: FramesArgs) -> Result<()> {
         ..Default::default()
     };
     let started = std::time::Instant::now();
+    let mut policy = MediaPolicy::default();
+    if let Some(b) = a.max_bytes {
+        policy.max_bytes = b;
+    }
     let v = decode_path(
         &a.video,
         &FrameSampling::Uniform { frames: a.frames },
-        &MediaPolicy::default(),
+        &policy,
         &pre,
     )?;
     let secs = started.elapsed().as_secs_f64();

@@ -344,8 +344,16 @@ fn new_decoder(
     stream: usize,
 ) -> Result<ff::decoder::Video, VideoError> {
     let s = input.stream(stream).ok_or(VideoError::NoVideoStream)?;
-    let ctx = ff::codec::context::Context::from_parameters(s.parameters())
+    let mut ctx = ff::codec::context::Context::from_parameters(s.parameters())
         .map_err(|e| VideoError::UnsupportedCodec(e.to_string()))?;
+    // Frame threading on every core (libavcodec's default is one thread).
+    let mut threading = ff::codec::threading::Config::count(
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+    );
+    threading.kind = ff::codec::threading::Type::Frame;
+    ctx.set_threading(threading);
     let dec = ctx
         .decoder()
         .video()
