@@ -333,10 +333,7 @@ impl Block {
             ctx.tap(|| "text.layer0.mlp.gate_proj".into(), &g);
             ctx.tap(|| "text.layer0.mlp.up_proj".into(), &u);
         }
-        let d = self
-            .mlp
-            .down
-            .forward(&(candle_nn::ops::silu(&g)? * u)?, ctx)?;
+        let d = self.mlp.down.forward(&crate::nn::swiglu(&g, &u)?, ctx)?;
         if tap0 {
             ctx.tap(|| "text.layer0.mlp.down_proj".into(), &d);
         }

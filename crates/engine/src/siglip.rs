@@ -140,7 +140,7 @@ impl EncoderLayer {
             ctx.tap(|| "vision.layer0.mlp.fc1".into(), &y);
         }
         let y = if self.tanh_gelu {
-            y.gelu()?
+            crate::nn::gelu_tanh(&y)?
         } else {
             y.gelu_erf()?
         };
