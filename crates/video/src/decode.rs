@@ -283,6 +283,14 @@ impl Drop for TempFile {
     }
 }
 
+/// The next packet of `stream`, or None at the end of the input.
+fn next_packet(input: &mut ff::format::context::Input, stream: usize) -> Option<ff::Packet> {
+    input
+        .packets()
+        .find(|(s, _)| s.index() == stream)
+        .map(|(_, p)| p)
+}
+
 /// Seek when sampled instants are at least this far apart (seconds); closer instants are
 /// cheaper to reach by decoding straight through.
 const SEEK_MIN_GAP_S: f64 = 4.0;
@@ -483,27 +491,23 @@ fn decode_sequential(
         *decoded += 1;
         Ok(())
     };
-    let stream = o.stream;
-    let mut packets_iter: Vec<ff::Packet> = Vec::with_capacity(1);
     loop {
         if next >= order.len() {
             break;
         }
-        packets_iter.clear();
-        let mut eof = true;
-        for (s, p) in o.input.packets() {
-            if s.index() == stream {
-                packets_iter.push(p);
-                eof = false;
-                break;
+        let packet = next_packet(&mut o.input, o.stream);
+        let eof = packet.is_none();
+        match packet {
+            None => {
+                let _ = dec.send_eof();
             }
-        }
-        if eof {
-            let _ = dec.send_eof();
-        } else if dec.send_packet(&packets_iter[0]).is_err() {
-            corrupt_packets += 1;
-            if corrupt_packets > 64 {
-                return Err(VideoError::Corrupt("too many undecodable packets".into()));
+            Some(p) => {
+                if dec.send_packet(&p).is_err() {
+                    corrupt_packets += 1;
+                    if corrupt_packets > 64 {
+                        return Err(VideoError::Corrupt("too many undecodable packets".into()));
+                    }
+                }
             }
         }
         while dec.receive_frame(&mut cur).is_ok() {
@@ -579,14 +583,7 @@ fn decode_seeking(
         let mut found: Option<(ff::frame::Video, f64)> = None;
         let mut eof = false;
         while found.is_none() && !eof {
-            let mut pkt = None;
-            for (s, p) in o.input.packets() {
-                if s.index() == stream {
-                    pkt = Some(p);
-                    break;
-                }
-            }
-            match pkt {
+            match next_packet(&mut o.input, stream) {
                 Some(p) => {
                     let _ = dec.send_packet(&p);
                 }
