@@ -2,7 +2,7 @@
 //! (half rotation, not interleaved), GQA, RMSNorm, SwiGLU, tied or untied LM head.
 
 use crate::config::TextConfig;
-use crate::nn::{attention, causal_mask, Ctx, Linear, RmsNorm};
+use crate::nn::{causal_mask, grouped_attention, Ctx, Linear, RmsNorm};
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 
@@ -314,9 +314,7 @@ impl Block {
             None => (k, v),
         };
         *cache = Some((k.clone(), v.clone()));
-        let rep = a.heads / a.kv_heads;
-        let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
-        let o = attention(&q, &k, &v, (a.head_dim as f64).powf(-0.5), mask, ctx)?;
+        let o = grouped_attention(&q, &k, &v, (a.head_dim as f64).powf(-0.5), mask, ctx)?;
         let o = o.transpose(1, 2)?.reshape((b, len, a.heads * a.head_dim))?;
         let o = a.o.forward(&o, ctx)?;
         if tap0 {
@@ -340,17 +338,6 @@ impl Block {
         let _ = h;
         x + d
     }
-}
-
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kvh, len, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, kvh, rep, len, d))?
-        .contiguous()?
-        .reshape((b, kvh * rep, len, d))
 }
 
 /// Index of the maximum of a 1-D f32 tensor.

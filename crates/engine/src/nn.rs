@@ -65,7 +65,9 @@ impl<'a> Ctx<'a> {
 /// A linear layer `y = x W^T + b` with `W: [out, in]`, addressed by checkpoint names.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight_t: Tensor,
+    /// `[out, in]`, as checkpoints store it (the gemm reads it transposed in place; measured
+    /// faster than a transposed copy for both prefill and single-token decode).
+    weight: Tensor,
     bias: Option<Tensor>,
     in_features: usize,
     out_features: usize,
@@ -89,10 +91,8 @@ impl Linear {
 
     pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
-        // Store W^T contiguous: the CPU gemm streams it row-major without a transpose.
-        let weight_t = weight.t()?.contiguous()?;
         Ok(Self {
-            weight_t,
+            weight: weight.contiguous()?,
             bias,
             in_features,
             out_features,
@@ -108,7 +108,7 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, self.in_features))?;
         ctx.count_matmul(1, rows, self.in_features, self.out_features);
-        let mut y = x2.matmul(&self.weight_t)?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -184,6 +184,38 @@ pub fn attention(
     };
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     ctx.matmul(&probs, &v.contiguous()?)
+}
+
+/// Grouped-query attention without materialising repeated K/V heads: the `rep` query heads that
+/// share a KV head are stacked along the rows (`[b, kv_heads, rep * q, d]`), so each product
+/// reads its KV head once. Counted exactly as [`attention`] over `heads = kv_heads * rep`.
+pub fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    ctx: &Ctx,
+) -> Result<Tensor> {
+    let (b, heads, q_len, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let kv_len = k.dim(2)?;
+    let rep = heads / kv_heads;
+    if rep == 1 {
+        return attention(q, k, v, scale, mask, ctx);
+    }
+    let qg = q.contiguous()?.reshape((b, kv_heads, rep * q_len, d))?;
+    let scores = (ctx.matmul(&qg, &k.t()?.contiguous()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores
+            .reshape((b, kv_heads, rep, q_len, kv_len))?
+            .broadcast_add(m)?
+            .reshape((b, kv_heads, rep * q_len, kv_len))?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    ctx.matmul(&probs, &v.contiguous()?)?
+        .reshape((b, heads, q_len, d))
 }
 
 /// Additive causal mask `[q, past + q]` (0 where visible, -inf above the diagonal).
