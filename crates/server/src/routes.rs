@@ -354,7 +354,13 @@ async fn admit(
     let engine = s
         .engine(&plan.choice.model)
         .ok_or_else(|| ApiError::Internal(format!("model {} is not loaded", plan.choice.model)))?;
-    let request_id = format!("req-{}-{}", now(), plan.choice.frames);
+    static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let request_id = format!(
+        "req-{}-{}-{}",
+        std::process::id(),
+        now(),
+        REQUESTS.fetch_add(1, Ordering::Relaxed)
+    );
     let reservation = s
         .ledger
         .reserve(t, plan.choice.cost_flops, &request_id, now())?;
@@ -564,7 +570,16 @@ async fn video_endpoint(
     route: &'static str,
 ) -> Response {
     let headers = req.headers().clone();
+    // An unauthenticated upload is still read (within the body limit) before the 401 goes out:
+    // answering mid-upload makes clients see a reset connection instead of the error.
+    let req = if authenticate(&s, &headers).is_ok() {
+        Some(req)
+    } else {
+        let _ = axum::body::to_bytes(req.into_body(), s.config.limits.max_body_bytes).await;
+        None
+    };
     with_tenant(s, &headers, route, |s, t| async move {
+        let req = req.ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
         let r = parse_video_request(req, task, &s.config.file_allow).await?;
         let o = run_to_completion(s.clone(), t.clone(), r).await?;
         Ok(outcome_response(&s, &t, o))
