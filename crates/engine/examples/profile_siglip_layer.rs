@@ -19,6 +19,8 @@ fn time<F: FnMut() -> Tensor>(name: &str, flops: f64, mut f: F) {
 }
 
 fn main() -> candle_core::Result<()> {
+    let tuned = vvlm_engine::tune_cpu_allocator();
+    println!("allocator tuned: {tuned}");
     let d = Device::Cpu;
     let (p, h, i, heads) = (729usize, 1152usize, 4304usize, 16usize);
     let hd = h / heads;
@@ -55,6 +57,35 @@ fn main() -> candle_core::Result<()> {
     time("AV (16 heads)", 2.0 * (heads * p * p * hd) as f64, || {
         sc.matmul(&v).unwrap()
     });
+    {
+        let flops = vvlm_cost::FlopCounter::new();
+        let ctx = vvlm_engine::Ctx::new(&flops, vvlm_cost::Component::Vision);
+        let qkv = Tensor::randn(0f32, 1.0, (1, p, 3 * h), &d)?;
+        let view = |i: usize| {
+            qkv.narrow(2, i * h, h)
+                .unwrap()
+                .reshape((1, p, heads, hd))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+        };
+        let (q, k, v) = (view(0), view(1), view(2));
+        time(
+            "fused attention (ours)",
+            4.0 * (heads * p * p * hd) as f64,
+            || {
+                vvlm_engine::attention::attention(
+                    &q,
+                    &k,
+                    &v,
+                    0.1,
+                    vvlm_engine::attention::Masking::None,
+                    &ctx,
+                )
+                .unwrap()
+            },
+        );
+    }
     time("gelu tanh (ours)", 0.0, || {
         vvlm_engine::nn::gelu_tanh(&y1).unwrap()
     });

@@ -6,6 +6,7 @@
 //! GGUF) and numerics. Must not know about HTTP, tenants, budgets, planning or video containers:
 //! it takes preprocessed pixels and text.
 
+pub mod attention;
 pub mod config;
 pub mod demo;
 pub mod generate;
@@ -54,5 +55,30 @@ impl EngineError {
 pub fn set_cpu_threads(n: usize) {
     if n > 0 {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
+/// Keeps freed tensor buffers in the process instead of returning them to the kernel after
+/// every op. glibc serves allocations above its mmap threshold (128 KiB, adapting upwards) with
+/// fresh `mmap`s and trims the heap top eagerly, so each activation of a forward pass was paid
+/// for again in page faults (zeroing) and `munmap`s: measured 25-30% of SigLIP so400m's frame
+/// time on two cores. Raising both thresholds makes the heap reuse buffers, as PyTorch's caching
+/// allocator does; resident memory then stays at the high-water mark of a forward pass.
+/// Call once at start-up; no effect off glibc.
+pub fn tune_cpu_allocator() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // The largest mmap threshold glibc accepts on 64-bit (HEAP_MAX_SIZE / 2).
+        const MMAP_THRESHOLD: libc::c_int = 32 << 20;
+        const TRIM_THRESHOLD: libc::c_int = 1 << 30;
+        // SAFETY: mallopt only adjusts allocator parameters; it is safe to call at any time.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
     }
 }

@@ -1,8 +1,9 @@
 //! Llama 3.x / Qwen2 decoder over input embeddings, with a KV cache. RoPE with llama3 scaling
 //! (half rotation, not interleaved), GQA, RMSNorm, SwiGLU, tied or untied LM head.
 
+use crate::attention::{attention, Masking};
 use crate::config::TextConfig;
-use crate::nn::{causal_mask, grouped_attention, Ctx, Linear, RmsNorm};
+use crate::nn::{Ctx, Linear, RmsNorm};
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 
@@ -237,14 +238,10 @@ impl Llama {
             .lock()
             .expect("rope lock")
             .tables(past, len, self.dtype)?;
-        let mask = if len > 1 {
-            Some(causal_mask(len, past, self.dtype, &self.device)?)
-        } else {
-            None
-        };
+        let masking = Masking::Causal { past };
         let mut x = embeds.clone();
         for (l, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, l, &mut cache.layers[l], &cos, &sin, mask.as_ref(), ctx)?;
+            x = block.forward(&x, l, &mut cache.layers[l], &cos, &sin, masking, ctx)?;
             ctx.tap(|| format!("text.layer_out.{l}"), &x);
         }
         let x = self.norm.forward(&x)?;
@@ -277,7 +274,7 @@ impl Block {
         cache: &mut Option<(Tensor, Tensor)>,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        masking: Masking,
         ctx: &mut Ctx,
     ) -> Result<Tensor> {
         let tap0 = layer == 0;
@@ -314,7 +311,7 @@ impl Block {
             None => (k, v),
         };
         *cache = Some((k.clone(), v.clone()));
-        let o = grouped_attention(&q, &k, &v, (a.head_dim as f64).powf(-0.5), mask, ctx)?;
+        let o = attention(&q, &k, &v, (a.head_dim as f64).powf(-0.5), masking, ctx)?;
         let o = o.transpose(1, 2)?.reshape((b, len, a.heads * a.head_dim))?;
         let o = a.o.forward(&o, ctx)?;
         if tap0 {

@@ -167,57 +167,6 @@ impl RmsNorm {
     }
 }
 
-/// Multi-head attention core: `softmax(q k^T * scale + mask) v` for `[b, h, q, d]` inputs,
-/// counted as two products (`QK^T` and `AV`) over the full `q x kv` rectangle.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    mask: Option<&Tensor>,
-    ctx: &Ctx,
-) -> Result<Tensor> {
-    let scores = (ctx.matmul(&q.contiguous()?, &k.t()?.contiguous()?)? * scale)?;
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
-        None => scores,
-    };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    ctx.matmul(&probs, &v.contiguous()?)
-}
-
-/// Grouped-query attention without materialising repeated K/V heads: the `rep` query heads that
-/// share a KV head are stacked along the rows (`[b, kv_heads, rep * q, d]`), so each product
-/// reads its KV head once. Counted exactly as [`attention`] over `heads = kv_heads * rep`.
-pub fn grouped_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    mask: Option<&Tensor>,
-    ctx: &Ctx,
-) -> Result<Tensor> {
-    let (b, heads, q_len, d) = q.dims4()?;
-    let kv_heads = k.dim(1)?;
-    let kv_len = k.dim(2)?;
-    let rep = heads / kv_heads;
-    if rep == 1 {
-        return attention(q, k, v, scale, mask, ctx);
-    }
-    let qg = q.contiguous()?.reshape((b, kv_heads, rep * q_len, d))?;
-    let scores = (ctx.matmul(&qg, &k.t()?.contiguous()?)? * scale)?;
-    let scores = match mask {
-        Some(m) => scores
-            .reshape((b, kv_heads, rep, q_len, kv_len))?
-            .broadcast_add(m)?
-            .reshape((b, kv_heads, rep * q_len, kv_len))?,
-        None => scores,
-    };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    ctx.matmul(&probs, &v.contiguous()?)?
-        .reshape((b, heads, q_len, d))
-}
-
 /// Additive causal mask `[q, past + q]` (0 where visible, -inf above the diagonal).
 pub fn causal_mask(q_len: usize, past: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let kv = past + q_len;

@@ -2,8 +2,9 @@
 //! embeddings, pre-LN encoder layers. Returns the output of a chosen layer before
 //! `post_layernorm`, as LLaVA-OneVision selects its features.
 
+use crate::attention::{attention, Masking};
 use crate::config::SiglipVisionConfig;
-use crate::nn::{attention, Ctx, LayerNorm, Linear};
+use crate::nn::{Ctx, LayerNorm, Linear};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -122,7 +123,7 @@ impl EncoderLayer {
             &split(k)?,
             &split(v)?,
             (self.head_dim as f64).powf(-0.5),
-            None,
+            Masking::None,
             ctx,
         )?;
         let attn = attn.transpose(1, 2)?.reshape((f, n, h))?;

@@ -1,0 +1,458 @@
+//! Fused scaled-dot-product attention for f32 on the CPU: `softmax(q kᵀ · scale [+ causal]) v`
+//! computed per (batch, head, block of query rows) with the block's scores kept in cache,
+//! instead of materialising the whole `[b, h, q, kv]` score tensor, then soft-maxing it in a
+//! separate pass and multiplying again.
+//!
+//! Owns the CPU kernel only. Callers pass `q`, `k`, `v` as `[b, heads, len, head_dim]` views
+//! with any strides whose last one is 1 (so a linear layer's `[b, len, heads·d]` output is read
+//! in place, and a preallocated KV cache is read through a narrowed view); grouped-query
+//! attention is expressed by `k`/`v` having fewer heads. The result is laid out
+//! `[b, q_len, heads, head_dim]` (what the output projection reads) and returned as a
+//! `[b, heads, q_len, head_dim]` view of it, exactly like the unfused path it replaces.
+//!
+//! FLOPs are counted as the unfused path counts them: two products over the full `q × kv`
+//! rectangle (masked scores are computed and discarded, so that is what runs).
+
+use crate::nn::Ctx;
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Which key positions a query row may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Masking {
+    /// Every key (bidirectional, e.g. a vision encoder).
+    None,
+    /// Query row `i` sees keys `0..=past + i` (a decoder with `past` cached positions).
+    Causal { past: usize },
+}
+
+/// Attention on `[b, h, q, d]` / `[b, h_kv, kv, d]` inputs; see the module docs.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    masking: Masking,
+    ctx: &Ctx,
+) -> Result<Tensor> {
+    let (b, heads, q_len, d) = q.dims4()?;
+    let (kb, kv_heads, kv_len, kd) = k.dims4()?;
+    if kb != b || kd != d || v.dims4()? != (b, kv_heads, kv_len, d) || heads % kv_heads != 0 {
+        candle_core::bail!(
+            "attention: incompatible shapes q {:?} k {:?} v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if let Masking::Causal { past } = masking {
+        if past + q_len != kv_len {
+            candle_core::bail!(
+                "attention: causal mask needs past {past} + q {q_len} == kv {kv_len}"
+            );
+        }
+    }
+    ctx.count_matmul(b * heads, q_len, d, kv_len);
+    ctx.count_matmul(b * heads, q_len, kv_len, d);
+    if q.device().is_cpu() && q.dtype() == DType::F32 {
+        let op = FusedAttentionF32 {
+            scale: scale as f32,
+            masking,
+        };
+        let q = last_dim_contiguous(q)?;
+        let k = last_dim_contiguous(k)?;
+        let v = last_dim_contiguous(v)?;
+        return q.apply_op3_no_bwd(&k, &v, &op)?.transpose(1, 2);
+    }
+    reference_attention(q, k, v, scale, masking)
+}
+
+fn last_dim_contiguous(t: &Tensor) -> Result<Tensor> {
+    if t.stride()[3] == 1 || t.dim(3)? == 1 {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+/// The unfused composition of candle ops (any device and dtype): what the fused kernel is
+/// tested against, and what runs off the CPU.
+pub fn reference_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    masking: Masking,
+) -> Result<Tensor> {
+    let (b, heads, q_len, d) = q.dims4()?;
+    let (_, kv_heads, kv_len, _) = k.dims4()?;
+    let rep = heads / kv_heads;
+    let qg = q.contiguous()?.reshape((b, kv_heads, rep * q_len, d))?;
+    let scores = (qg.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = match masking {
+        Masking::Causal { past } if q_len > 1 => {
+            let m = crate::nn::causal_mask(q_len, past, scores.dtype(), scores.device())?;
+            scores
+                .reshape((b, kv_heads, rep, q_len, kv_len))?
+                .broadcast_add(&m)?
+                .reshape((b, kv_heads, rep * q_len, kv_len))?
+        }
+        _ => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs
+        .matmul(&v.contiguous()?)?
+        .reshape((b, heads, q_len, d))
+}
+
+struct FusedAttentionF32 {
+    scale: f32,
+    masking: Masking,
+}
+
+/// A raw output pointer shared by the workers; each writes a disjoint set of rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the blocks handed to different workers write disjoint elements of the buffer, which
+// outlives the parallel loop.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Query rows per work unit: the unit's scores (`rows × kv` f32) stay within ~128 KiB of L2.
+fn rows_per_block(q_len: usize, kv_len: usize) -> usize {
+    (32 * 1024 / kv_len.max(1)).clamp(8, 128).min(q_len.max(1))
+}
+
+impl candle_core::CustomOp3 for FusedAttentionF32 {
+    fn name(&self) -> &'static str {
+        "fused-attention-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (sq, sk, sv) else {
+            candle_core::bail!("fused attention expects f32");
+        };
+        let (b, heads, q_len, d) = lq.shape().dims4()?;
+        let (_, kv_heads, kv_len, _) = lk.shape().dims4()?;
+        let rep = heads / kv_heads;
+        let (qs, ks, vs) = (lq.stride(), lk.stride(), lv.stride());
+        let (q0, k0, v0) = (lq.start_offset(), lk.start_offset(), lv.start_offset());
+        let mut out = vec![0f32; b * q_len * heads * d];
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        let block = rows_per_block(q_len, kv_len);
+        let blocks_per_head = q_len.div_ceil(block);
+        let units = b * heads * blocks_per_head;
+        let (scale, masking) = (self.scale, self.masking);
+        let exp_softmax = softmax_kernel();
+        (0..units).into_par_iter().for_each_init(
+            || vec![0f32; block * kv_len],
+            |scores, unit| {
+                let (bh, blk) = (unit / blocks_per_head, unit % blocks_per_head);
+                let (bi, h) = (bh / heads, bh % heads);
+                let hk = h / rep;
+                let r0 = blk * block;
+                let rows = block.min(q_len - r0);
+                let out = out_ptr;
+                // SAFETY: offsets and strides come from the tensors' layouts, so every element
+                // addressed lies inside its storage; `scores` holds rows × kv_len; each unit
+                // writes only output rows r0..r0+rows of head h of batch bi.
+                unsafe {
+                    let qp = q.as_ptr().add(q0 + bi * qs[0] + h * qs[1] + r0 * qs[2]);
+                    let kp = k.as_ptr().add(k0 + bi * ks[0] + hk * ks[1]);
+                    let vp = v.as_ptr().add(v0 + bi * vs[0] + hk * vs[1]);
+                    // scores[rows, kv] = scale · q[rows, d] · kᵀ[d, kv]
+                    gemm::gemm(
+                        rows,
+                        kv_len,
+                        d,
+                        scores.as_mut_ptr(),
+                        1,
+                        kv_len as isize,
+                        false,
+                        qp,
+                        qs[3] as isize,
+                        qs[2] as isize,
+                        kp,
+                        ks[2] as isize,
+                        ks[3] as isize,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                    for r in 0..rows {
+                        let row = &mut scores[r * kv_len..(r + 1) * kv_len];
+                        let visible = match masking {
+                            Masking::None => kv_len,
+                            Masking::Causal { past } => past + r0 + r + 1,
+                        };
+                        exp_softmax(&mut row[..visible]);
+                        row[visible..].fill(0.0);
+                    }
+                    // out[rows, d] (row stride heads·d) = p[rows, kv] · v[kv, d]
+                    let op = out.0.add(((bi * q_len + r0) * heads + h) * d);
+                    gemm::gemm(
+                        rows,
+                        d,
+                        kv_len,
+                        op,
+                        1,
+                        (heads * d) as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        kv_len as isize,
+                        vp,
+                        vs[3] as isize,
+                        vs[2] as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((b, q_len, heads, d))))
+    }
+}
+
+/// The in-place row softmax, compiled for AVX2+FMA when the CPU has them.
+fn softmax_kernel() -> fn(&mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return |row| {
+                // SAFETY: the features were detected above.
+                unsafe { softmax_row_avx2(row) }
+            };
+        }
+    }
+    softmax_row
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_avx2(row: &mut [f32]) {
+    softmax_row_impl(row)
+}
+
+/// Numerically stable softmax of one row, in place.
+pub fn softmax_row(row: &mut [f32]) {
+    softmax_row_impl(row)
+}
+
+#[inline(always)]
+fn softmax_row_impl(row: &mut [f32]) {
+    const LANES: usize = 8;
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+        }
+    }
+    let mut max = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
+    for x in m {
+        max = if x > max { x } else { max };
+    }
+    if max == f32::NEG_INFINITY {
+        // Nothing visible: define the row as zeros rather than NaN.
+        row.fill(0.0);
+        return;
+    }
+    let mut s = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            let e = exp_f32(c[l] - max);
+            c[l] = e;
+            s[l] += e;
+        }
+    }
+    let mut sum = 0f32;
+    for x in chunks.into_remainder() {
+        let e = exp_f32(*x - max);
+        *x = e;
+        sum += e;
+    }
+    sum += s.iter().sum::<f32>();
+    let inv = 1.0 / sum;
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+/// `exp(x)` for `x <= 0` (Cephes' `expf`: range reduction by ln 2 and a degree-6 polynomial,
+/// within 2 ulp), written so the compiler vectorises it. Inputs below -87.3 give ~1e-38.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.336_55, 88.376_26);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * C1 - n * C2;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    // 2^n by building the exponent bits; n is in [-126, 127] after the clamp.
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, IndexOp};
+    use vvlm_cost::{Component, FlopCounter};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn exp_matches_libm() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            let x = -(i as f32) * 4.3e-4;
+            let (a, b) = (exp_f32(x), x.exp());
+            worst = worst.max(((a - b) / b).abs());
+        }
+        assert!(worst < 3e-7, "max relative error {worst}");
+        assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    #[test]
+    fn softmax_row_matches_candle() {
+        let x = Tensor::randn(0f32, 3.0, (7, 1001), &Device::Cpu).unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&x).unwrap();
+        let mut data = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for row in data.chunks_mut(1001) {
+            softmax_kernel()(row);
+        }
+        let got = Tensor::from_vec(data, (7, 1001), &Device::Cpu).unwrap();
+        let err = max_abs_diff(&got, &want);
+        assert!(err < 5e-7, "{err}");
+    }
+
+    fn check(b: usize, heads: usize, kv_heads: usize, q_len: usize, masking: Masking, d: usize) {
+        let dev = Device::Cpu;
+        let past = match masking {
+            Masking::Causal { past } => past,
+            Masking::None => 0,
+        };
+        let kv_len = past + q_len;
+        // q as a linear layer's output viewed per head: [b, q, h·d] -> [b, h, q, d] (strided).
+        let q = Tensor::randn(0f32, 1.0, (b, q_len, heads * d), &dev)
+            .unwrap()
+            .reshape((b, q_len, heads, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        // k, v as a preallocated cache narrowed to the filled positions.
+        let cap = kv_len + 5;
+        let k = Tensor::randn(0f32, 1.0, (b, kv_heads, cap, d), &dev)
+            .unwrap()
+            .narrow(2, 0, kv_len)
+            .unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, kv_heads, cap, d), &dev)
+            .unwrap()
+            .narrow(2, 0, kv_len)
+            .unwrap();
+        let scale = (d as f64).powf(-0.5);
+        let flops = FlopCounter::new();
+        let ctx = Ctx::new(&flops, Component::Vision);
+        let got = attention(&q, &k, &v, scale, masking, &ctx).unwrap();
+        let want = reference_attention(&q, &k, &v, scale, masking).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let err = max_abs_diff(&got, &want);
+        assert!(
+            err < 2e-6,
+            "{b} {heads}/{kv_heads} q{q_len} {masking:?}: {err}"
+        );
+        assert_eq!(
+            flops.get(Component::Vision),
+            4 * (b * heads * q_len * kv_len * d) as u64
+        );
+    }
+
+    #[test]
+    fn fused_matches_unfused_bidirectional() {
+        check(2, 4, 4, 37, Masking::None, 72);
+        check(1, 3, 3, 300, Masking::None, 16); // several row blocks
+    }
+
+    #[test]
+    fn fused_matches_unfused_causal_and_grouped() {
+        check(1, 8, 2, 19, Masking::Causal { past: 0 }, 64);
+        check(1, 8, 2, 19, Masking::Causal { past: 11 }, 64);
+        check(1, 9, 3, 1, Masking::Causal { past: 40 }, 64); // a decode step
+        check(2, 4, 1, 200, Masking::Causal { past: 3 }, 8);
+    }
+
+    #[test]
+    fn causal_rows_ignore_future_keys() {
+        // Changing a future key/value must not change earlier rows.
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 2, 6, 8), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, 2, 6, 8), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 6, 8), &dev).unwrap();
+        let flops = FlopCounter::new();
+        let ctx = Ctx::new(&flops, Component::LmPrefill);
+        let m = Masking::Causal { past: 0 };
+        let a = attention(&q, &k, &v, 0.3, m, &ctx).unwrap();
+        let k2 = Tensor::cat(
+            &[
+                &k.i((.., .., ..5, ..)).unwrap(),
+                &(k.i((.., .., 5.., ..)).unwrap() * 9.0).unwrap(),
+            ],
+            2,
+        )
+        .unwrap();
+        let b = attention(&q, &k2, &v, 0.3, m, &ctx).unwrap();
+        let early = |t: &Tensor| t.i((.., .., ..5, ..)).unwrap();
+        assert_eq!(max_abs_diff(&early(&a), &early(&b)), 0.0);
+        assert!(max_abs_diff(&a, &b) > 0.0);
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((1, 3, 4, 8), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 2, 4, 8), DType::F32, &dev).unwrap();
+        let flops = FlopCounter::new();
+        let ctx = Ctx::new(&flops, Component::LmPrefill);
+        assert!(attention(&q, &k, &k, 1.0, Masking::None, &ctx).is_err());
+        let k = Tensor::zeros((1, 3, 5, 8), DType::F32, &dev).unwrap();
+        assert!(attention(&q, &k, &k, 1.0, Masking::Causal { past: 0 }, &ctx).is_err());
+    }
+}
