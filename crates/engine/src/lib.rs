@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod config;
 pub mod demo;
+pub mod gemv;
 pub mod generate;
 pub mod gguf;
 pub mod llama;

@@ -113,10 +113,46 @@ struct Block {
     ln2: RmsNorm,
 }
 
-/// Per-layer key/value cache of one sequence.
-#[derive(Default, Clone)]
+/// Per-layer key/value cache of one sequence: preallocated buffers `[b, kv_heads, capacity, d]`
+/// written in place, grown by doubling, and read through a view of the filled positions (no
+/// copy of the whole cache per generated token). Not `Clone`: the buffers are written in place.
+#[derive(Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+}
+
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+/// Positions a cache holds when first allocated.
+const INITIAL_CAPACITY: usize = 256;
+
+impl LayerCache {
+    /// Appends `k`, `v` (`[b, kv_heads, n, d]`) and returns views of everything cached.
+    fn append(slot: &mut Option<LayerCache>, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = k.dim(2)?;
+        let len = slot.as_ref().map_or(0, |c| c.len);
+        let cap = slot.as_ref().map_or(0, |c| c.k.dim(2).unwrap_or(0));
+        if len + n > cap {
+            let new_cap = (len + n).max(2 * cap).max(INITIAL_CAPACITY);
+            let (b, h, _, d) = k.dims4()?;
+            let nk = Tensor::zeros((b, h, new_cap, d), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, h, new_cap, d), v.dtype(), v.device())?;
+            if let Some(old) = slot.as_ref() {
+                nk.slice_set(&old.k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                nv.slice_set(&old.v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            }
+            *slot = Some(LayerCache { k: nk, v: nv, len });
+        }
+        let c = slot.as_mut().expect("allocated above");
+        c.k.slice_set(&k.contiguous()?, 2, len)?;
+        c.v.slice_set(&v.contiguous()?, 2, len)?;
+        c.len = len + n;
+        Ok((c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?))
+    }
 }
 
 impl KvCache {
@@ -124,8 +160,7 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(2).unwrap_or(0))
-            .unwrap_or(0)
+            .map_or(0, |c| c.len)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -209,7 +244,7 @@ impl Llama {
 
     pub fn new_cache(&self) -> KvCache {
         KvCache {
-            layers: vec![None; self.blocks.len()],
+            layers: (0..self.blocks.len()).map(|_| None).collect(),
         }
     }
 
@@ -271,7 +306,7 @@ impl Block {
         &self,
         x: &Tensor,
         layer: usize,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut Option<LayerCache>,
         cos: &Tensor,
         sin: &Tensor,
         masking: Masking,
@@ -306,11 +341,7 @@ impl Block {
             .contiguous()?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        *cache = Some((k.clone(), v.clone()));
+        let (k, v) = LayerCache::append(cache, &k, &v)?;
         let o = attention(&q, &k, &v, (a.head_dim as f64).powf(-0.5), masking, ctx)?;
         let o = o.transpose(1, 2)?.reshape((b, len, a.heads * a.head_dim))?;
         let o = a.o.forward(&o, ctx)?;

@@ -108,7 +108,13 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, self.in_features))?;
         ctx.count_matmul(1, rows, self.in_features, self.out_features);
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+        let mut y = if cpu_f32 && rows <= crate::gemv::MAX_ROWS {
+            x2.contiguous()?
+                .apply_op2_no_bwd(&self.weight, &crate::gemv::Gemv)?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

@@ -1,0 +1,157 @@
+//! Matrix-vector products for decode-shaped linear layers on the CPU: `y[m, out] = x[m, in] ·
+//! Wᵀ` with `W` in the checkpoint's `[out, in]` layout and `m` a handful of rows. Each output
+//! is a dot product of two contiguous rows, so the weights stream through memory once, split
+//! across threads by output rows, with AVX2+FMA when the CPU has them.
+//!
+//! A general gemm pays for packing and blocking that a single row cannot amortise; at decode
+//! these products are memory-bound and this is what reads the weights at the memory's speed.
+
+use candle_core::{CpuStorage, Layout, Result, Shape};
+use rayon::prelude::*;
+
+/// Rows of `x` up to which [`Gemv`] is used instead of the general matmul.
+pub const MAX_ROWS: usize = 4;
+
+/// `x [m, in] · w[out, in]ᵀ` as a candle op on `(x, w)`.
+pub struct Gemv;
+
+impl candle_core::CustomOp2 for Gemv {
+    fn name(&self) -> &'static str {
+        "gemv-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (sx, sw) else {
+            candle_core::bail!("gemv expects f32");
+        };
+        let (Some((x0, x1)), Some((w0, w1))) = (lx.contiguous_offsets(), lw.contiguous_offsets())
+        else {
+            candle_core::bail!("gemv expects contiguous inputs");
+        };
+        let (m, k) = lx.shape().dims2()?;
+        let (n, k2) = lw.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("gemv: x [{m}, {k}] and w [{n}, {k2}] disagree");
+        }
+        let mut y = vec![0f32; m * n];
+        gemv(&x[x0..x1], &w[w0..w1], &mut y, m, k, n);
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ`, parallel over output columns.
+pub fn gemv(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) {
+    let dot = dot_kernel();
+    // Work items of output rows of W: large enough to amortise scheduling, small enough to
+    // balance two or more threads.
+    let chunk = (n / (rayon::current_num_threads() * 8)).clamp(16, 1024);
+    let mut yt = vec![0f32; n * m]; // [n, m]: each chunk writes a contiguous slice
+    yt.par_chunks_mut(chunk * m)
+        .enumerate()
+        .for_each(|(c, out)| {
+            let o0 = c * chunk;
+            for (j, ys) in out.chunks_mut(m).enumerate() {
+                let wr = &w[(o0 + j) * k..(o0 + j + 1) * k];
+                for (r, yv) in ys.iter_mut().enumerate() {
+                    *yv = dot(wr, &x[r * k..(r + 1) * k]);
+                }
+            }
+        });
+    for j in 0..n {
+        for r in 0..m {
+            y[r * n + j] = yt[j * m + r];
+        }
+    }
+}
+
+fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return |a, b| {
+                // SAFETY: the features were detected above.
+                unsafe { dot_avx2(a, b) }
+            };
+        }
+    }
+    dot_portable
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_impl::<true>(a, b)
+}
+
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    dot_impl::<false>(a, b)
+}
+
+#[inline(always)]
+fn dot_impl<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    // Four 8-wide accumulators hide the FMA latency.
+    const L: usize = 32;
+    let mut acc = [0f32; L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..L {
+            acc[l] = if FMA {
+                x[l].mul_add(y[l], acc[l])
+            } else {
+                acc[l] + x[l] * y[l]
+            };
+        }
+    }
+    let mut s = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    for l in 0..8 {
+        s += (acc[l] + acc[l + 8]) + (acc[l + 16] + acc[l + 24]);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn matches_matmul_for_decode_shapes() {
+        for (m, k, n) in [(1, 576, 1536), (3, 100, 37), (4, 7, 2000), (1, 1, 1)] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+            let got = x.apply_op2_no_bwd(&w, &Gemv).unwrap();
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            let err = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err < 1e-4 * (k as f32).sqrt(), "{m}x{k}x{n}: {err}");
+        }
+    }
+
+    #[test]
+    fn portable_and_simd_dots_agree() {
+        let a: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert!((dot_kernel()(&a, &b) as f64 - want).abs() < 1e-3);
+        assert!((dot_portable(&a, &b) as f64 - want).abs() < 1e-3);
+    }
+}
