@@ -38,6 +38,10 @@ fn main() -> candle_core::Result<()> {
     time("qkv/out linear [in,out]", 2.0 * (p * h * h) as f64, || {
         x.matmul(&wt).unwrap()
     });
+    let w3 = Tensor::randn(0f32, 0.02, (3 * h, h), &d)?;
+    time("fused qkv linear (3x)", 6.0 * (p * h * h) as f64, || {
+        x.matmul(&w3.t().unwrap()).unwrap()
+    });
     time("fc1 linear", 2.0 * (p * h * i) as f64, || {
         x.matmul(&w1.t().unwrap()).unwrap()
     });

@@ -152,6 +152,7 @@ impl candle_core::CustomOp3 for FusedAttentionF32 {
         let units = b * heads * blocks_per_head;
         let (scale, masking) = (self.scale, self.masking);
         let exp_softmax = softmax_kernel();
+        let (dot, axpy) = (crate::gemv::dot_kernel(), crate::gemv::axpy_kernel());
         (0..units).into_par_iter().for_each_init(
             || vec![0f32; block * kv_len],
             |scores, unit| {
@@ -168,6 +169,27 @@ impl candle_core::CustomOp3 for FusedAttentionF32 {
                     let qp = q.as_ptr().add(q0 + bi * qs[0] + h * qs[1] + r0 * qs[2]);
                     let kp = k.as_ptr().add(k0 + bi * ks[0] + hk * ks[1]);
                     let vp = v.as_ptr().add(v0 + bi * vs[0] + hk * vs[1]);
+                    if rows <= SMALL_ROWS && qs[3] == 1 {
+                        // Decode-shaped: dot products and axpys over the cached rows beat a
+                        // gemm that would pack all of K and V for one query row.
+                        small_rows_block(
+                            (qp, qs[2]),
+                            (kp, ks[2]),
+                            (vp, vs[2]),
+                            (out.0.add(((bi * q_len + r0) * heads + h) * d), heads * d),
+                            rows,
+                            kv_len,
+                            d,
+                            |r| match masking {
+                                Masking::None => kv_len,
+                                Masking::Causal { past } => past + r0 + r + 1,
+                            },
+                            scale,
+                            scores,
+                            (dot, axpy, exp_softmax),
+                        );
+                        return;
+                    }
                     // scores[rows, kv] = scale · q[rows, d] · kᵀ[d, kv]
                     gemm::gemm(
                         rows,
@@ -226,6 +248,51 @@ impl candle_core::CustomOp3 for FusedAttentionF32 {
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((b, q_len, heads, d))))
+    }
+}
+
+/// Query rows per unit up to which the dot-product path replaces the gemms.
+const SMALL_ROWS: usize = 4;
+
+type Kernels = (
+    fn(&[f32], &[f32]) -> f32,
+    fn(f32, &[f32], &mut [f32]),
+    fn(&mut [f32]),
+);
+
+/// One unit of few query rows: `(pointer, row stride)` for q, k, v and the output; rows of q,
+/// k and v are contiguous `d`-vectors (last stride 1).
+///
+/// # Safety
+/// The pointers and strides must address `rows` q rows, `kv_len` k and v rows and `rows`
+/// output rows of `d` elements each, valid for the duration of the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_rows_block(
+    q: (*const f32, usize),
+    k: (*const f32, usize),
+    v: (*const f32, usize),
+    out: (*mut f32, usize),
+    rows: usize,
+    kv_len: usize,
+    d: usize,
+    visible: impl Fn(usize) -> usize,
+    scale: f32,
+    scores: &mut [f32],
+    (dot, axpy, softmax): Kernels,
+) {
+    for r in 0..rows {
+        let qr = std::slice::from_raw_parts(q.0.add(r * q.1), d);
+        let vis = visible(r);
+        let row = &mut scores[r * kv_len..r * kv_len + vis];
+        for (j, s) in row.iter_mut().enumerate() {
+            *s = scale * dot(qr, std::slice::from_raw_parts(k.0.add(j * k.1), d));
+        }
+        softmax(row);
+        let o = std::slice::from_raw_parts_mut(out.0.add(r * out.1), d);
+        o.fill(0.0);
+        for (j, &p) in row.iter().enumerate() {
+            axpy(p, std::slice::from_raw_parts(v.0.add(j * v.1), d), o);
+        }
     }
 }
 
@@ -416,6 +483,7 @@ mod tests {
         check(1, 8, 2, 19, Masking::Causal { past: 0 }, 64);
         check(1, 8, 2, 19, Masking::Causal { past: 11 }, 64);
         check(1, 9, 3, 1, Masking::Causal { past: 40 }, 64); // a decode step
+        check(2, 4, 2, 3, Masking::Causal { past: 10 }, 32); // few rows: dot-product path
         check(2, 4, 1, 200, Masking::Causal { past: 3 }, 8);
     }
 

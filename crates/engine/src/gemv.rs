@@ -51,6 +51,15 @@ pub fn gemv(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) {
     // Work items of output rows of W: large enough to amortise scheduling, small enough to
     // balance two or more threads.
     let chunk = (n / (rayon::current_num_threads() * 8)).clamp(16, 1024);
+    if m == 1 {
+        y.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
+            let o0 = c * chunk;
+            for (j, yv) in out.iter_mut().enumerate() {
+                *yv = dot(&w[(o0 + j) * k..(o0 + j + 1) * k], x);
+            }
+        });
+        return;
+    }
     let mut yt = vec![0f32; n * m]; // [n, m]: each chunk writes a contiguous slice
     yt.par_chunks_mut(chunk * m)
         .enumerate()
@@ -70,7 +79,8 @@ pub fn gemv(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) {
     }
 }
 
-fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
+/// The dot product for this CPU (AVX2+FMA when present).
+pub(crate) fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -82,6 +92,38 @@ fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
         }
     }
     dot_portable
+}
+
+/// `y += a · x` for this CPU (AVX2+FMA when present).
+pub(crate) fn axpy_kernel() -> fn(f32, &[f32], &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return |a, x, y| {
+                // SAFETY: the features were detected above.
+                unsafe { axpy_avx2(a, x, y) }
+            };
+        }
+    }
+    axpy_impl::<false>
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
+    axpy_impl::<true>(a, x, y)
+}
+
+#[inline(always)]
+fn axpy_impl<const FMA: bool>(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yv, &xv) in y.iter_mut().zip(x) {
+        *yv = if FMA {
+            a.mul_add(xv, *yv)
+        } else {
+            *yv + a * xv
+        };
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -91,9 +91,8 @@ impl Rope {
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v stacked: `[heads·d + 2·kv_heads·d, hidden]`.
+    qkv: Linear,
     o: Linear,
     heads: usize,
     kv_heads: usize,
@@ -101,8 +100,8 @@ struct Attention {
 }
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    /// gate and up stacked: `[2·intermediate, hidden]`.
+    gate_up: Linear,
     down: Linear,
 }
 
@@ -195,9 +194,11 @@ impl Llama {
                 let m = b.pp("mlp");
                 Ok(Block {
                     attn: Attention {
-                        q: Linear::load(a.pp("q_proj"), h, nh * hd, qkv_bias)?,
-                        k: Linear::load(a.pp("k_proj"), h, nkv * hd, qkv_bias)?,
-                        v: Linear::load(a.pp("v_proj"), h, nkv * hd, qkv_bias)?,
+                        qkv: Linear::concat(&[
+                            Linear::load(a.pp("q_proj"), h, nh * hd, qkv_bias)?,
+                            Linear::load(a.pp("k_proj"), h, nkv * hd, qkv_bias)?,
+                            Linear::load(a.pp("v_proj"), h, nkv * hd, qkv_bias)?,
+                        ])?,
                         o: Linear::load(
                             a.pp("o_proj"),
                             nh * hd,
@@ -209,8 +210,10 @@ impl Llama {
                         head_dim: hd,
                     },
                     mlp: Mlp {
-                        gate: Linear::load(m.pp("gate_proj"), h, i, mlp_bias)?,
-                        up: Linear::load(m.pp("up_proj"), h, i, mlp_bias)?,
+                        gate_up: Linear::concat(&[
+                            Linear::load(m.pp("gate_proj"), h, i, mlp_bias)?,
+                            Linear::load(m.pp("up_proj"), h, i, mlp_bias)?,
+                        ])?,
                         down: Linear::load(m.pp("down_proj"), i, h, mlp_bias)?,
                     },
                     ln1: RmsNorm::load(b.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
@@ -319,9 +322,11 @@ impl Block {
             ctx.tap(|| "text.layer0.input_layernorm".into(), &y);
         }
         let a = &self.attn;
-        let q = a.q.forward(&y, ctx)?;
-        let k = a.k.forward(&y, ctx)?;
-        let v = a.v.forward(&y, ctx)?;
+        let qkv = a.qkv.forward(&y, ctx)?;
+        let (qw, kw) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
+        let q = qkv.narrow(2, 0, qw)?;
+        let k = qkv.narrow(2, qw, kw)?;
+        let v = qkv.narrow(2, qw + kw, kw)?;
         if tap0 {
             ctx.tap(|| "text.layer0.self_attn.q_proj".into(), &q);
             ctx.tap(|| "text.layer0.self_attn.k_proj".into(), &k);
@@ -353,13 +358,13 @@ impl Block {
         if tap0 {
             ctx.tap(|| "text.layer0.post_attention_layernorm".into(), &y);
         }
-        let g = self.mlp.gate.forward(&y, ctx)?;
-        let u = self.mlp.up.forward(&y, ctx)?;
+        let gu = self.mlp.gate_up.forward(&y, ctx)?;
         if tap0 {
-            ctx.tap(|| "text.layer0.mlp.gate_proj".into(), &g);
-            ctx.tap(|| "text.layer0.mlp.up_proj".into(), &u);
+            let i = gu.dim(2)? / 2;
+            ctx.tap(|| "text.layer0.mlp.gate_proj".into(), &gu.narrow(2, 0, i)?);
+            ctx.tap(|| "text.layer0.mlp.up_proj".into(), &gu.narrow(2, i, i)?);
         }
-        let d = self.mlp.down.forward(&crate::nn::swiglu(&g, &u)?, ctx)?;
+        let d = self.mlp.down.forward(&crate::nn::swiglu_fused(&gu)?, ctx)?;
         if tap0 {
             ctx.tap(|| "text.layer0.mlp.down_proj".into(), &d);
         }

@@ -37,7 +37,8 @@ impl<'a> Ctx<'a> {
     /// Records an intermediate under `name` when taps are on.
     pub fn tap(&mut self, name: impl FnOnce() -> String, t: &Tensor) {
         if let Some(taps) = self.taps.as_deref_mut() {
-            taps.insert(name(), t.clone());
+            // Views (narrowed fused outputs) are stored as plain tensors.
+            taps.insert(name(), t.contiguous().unwrap_or_else(|_| t.clone()));
         }
     }
 
@@ -97,6 +98,27 @@ impl Linear {
             in_features,
             out_features,
         })
+    }
+
+    /// One layer computing several that read the same input (q/k/v, gate/up): their weights
+    /// stacked along the output dimension, so one product (one pass over the input, one
+    /// dispatch) replaces several. Outputs are the parts' outputs side by side, in order.
+    pub fn concat(parts: &[Linear]) -> Result<Self> {
+        let weights: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
+        let weight = Tensor::cat(&weights, 0)?;
+        let bias = if parts.iter().any(|l| l.bias.is_some()) {
+            let biases = parts
+                .iter()
+                .map(|l| match &l.bias {
+                    Some(b) => Ok(b.clone()),
+                    None => Tensor::zeros(l.out_features, l.weight.dtype(), l.weight.device()),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&biases, 0)?)
+        } else {
+            None
+        };
+        Self::from_weights(weight, bias)
     }
 
     pub fn out_features(&self) -> usize {
@@ -253,48 +275,63 @@ impl candle_core::CustomOp1 for GeluTanhF32 {
     }
 }
 
-/// `silu(gate) * up` in one parallel pass (Llama's SwiGLU); falls back to candle's ops off the
-/// CPU or for other dtypes.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.dtype() != DType::F32 || !gate.device().is_cpu() || gate.shape() != up.shape() {
-        return candle_nn::ops::silu(gate)? * up;
+/// SwiGLU on a fused gate/up product `[.., 2i]` (gate first): `silu(gate) * up`, `[.., i]`.
+pub fn swiglu_fused(gate_up: &Tensor) -> Result<Tensor> {
+    let i = gate_up.dim(D::Minus1)? / 2;
+    if gate_up.dtype() != DType::F32 || !gate_up.device().is_cpu() {
+        let g = gate_up.narrow(D::Minus1, 0, i)?;
+        let u = gate_up.narrow(D::Minus1, i, i)?;
+        return candle_nn::ops::silu(&g)? * u;
     }
-    gate.contiguous()?
-        .apply_op2_no_bwd(&up.contiguous()?, &SwigluF32)
+    gate_up.contiguous()?.apply_op1_no_bwd(&SwigluFusedF32)
 }
 
-struct SwigluF32;
+struct SwigluFusedF32;
 
-impl candle_core::CustomOp2 for SwigluF32 {
+impl candle_core::CustomOp1 for SwigluFusedF32 {
     fn name(&self) -> &'static str {
-        "swiglu-f32"
+        "swiglu-fused-f32"
     }
 
     fn cpu_fwd(
         &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        let (candle_core::CpuStorage::F32(g), candle_core::CpuStorage::F32(u)) = (s1, s2) else {
-            candle_core::bail!("swiglu-f32 expects f32");
+        let candle_core::CpuStorage::F32(x) = s else {
+            candle_core::bail!("swiglu-fused-f32 expects f32");
         };
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("swiglu-f32 expects contiguous tensors");
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("swiglu-fused-f32 expects a contiguous tensor");
         };
-        let (g, u) = (&g[a0..a1], &u[b0..b1]);
-        let mut dst = vec![0f32; g.len()];
-        dst.par_chunks_mut(16 * 1024)
-            .zip(g.par_chunks(16 * 1024).zip(u.par_chunks(16 * 1024)))
-            .for_each(|(d, (g, u))| {
-                for ((o, &x), &y) in d.iter_mut().zip(g).zip(u) {
-                    *o = x / (1.0 + (-x).exp()) * y;
-                }
-            });
-        Ok((candle_core::CpuStorage::F32(dst), l1.shape().clone()))
+        let dims = l.shape().dims();
+        let two_i = *dims.last().unwrap_or(&0);
+        if two_i % 2 != 0 {
+            candle_core::bail!("swiglu-fused-f32: odd last dimension {two_i}");
+        }
+        let i = two_i / 2;
+        let x = &x[a..b];
+        let mut dst = vec![0f32; x.len() / 2];
+        if i > 0 {
+            // Rows in parallel, or chunks of one long row (decode).
+            let rows_per_task = (16 * 1024 / i).max(1);
+            dst.par_chunks_mut(rows_per_task * i)
+                .zip(x.par_chunks(rows_per_task * two_i))
+                .for_each(|(d, s)| {
+                    for (dr, sr) in d.chunks_mut(i).zip(s.chunks(two_i)) {
+                        let (g, u) = sr.split_at(i);
+                        for ((o, &g), &u) in dr.iter_mut().zip(g).zip(u) {
+                            *o = g / (1.0 + (-g).exp()) * u;
+                        }
+                    }
+                });
+        }
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = i;
+        }
+        Ok((candle_core::CpuStorage::F32(dst), out_dims.into()))
     }
 }
 
@@ -303,25 +340,58 @@ mod tests {
     use super::*;
 
     #[test]
-    fn swiglu_matches_silu_times_up() {
-        let g = Tensor::arange(-3000i64, 3000, &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .affine(3e-3, 0.0)
-            .unwrap();
-        let u = g.affine(0.5, 1.0).unwrap();
-        let a = swiglu(&g, &u).unwrap();
-        let b = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
-        let d = (a - b)
+    fn fused_swiglu_matches_split() {
+        let gu = Tensor::randn(0f32, 2.0, (3, 5, 2 * 700), &Device::Cpu).unwrap();
+        let g = gu.narrow(2, 0, 700).unwrap();
+        let u = gu.narrow(2, 700, 700).unwrap();
+        let want = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
+        let got = swiglu_fused(&gu).unwrap();
+        assert_eq!(got.dims(), &[3, 5, 700]);
+        let d = (got - want)
             .unwrap()
             .abs()
+            .unwrap()
+            .flatten_all()
             .unwrap()
             .max(0)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
         assert!(d < 1e-6, "{d}");
+    }
+
+    #[test]
+    fn concatenated_linear_equals_its_parts() {
+        let dev = Device::Cpu;
+        let part = |o: usize, bias: bool| {
+            Linear::from_weights(
+                Tensor::randn(0f32, 1.0, (o, 16), &dev).unwrap(),
+                bias.then(|| Tensor::randn(0f32, 1.0, o, &dev).unwrap()),
+            )
+            .unwrap()
+        };
+        let (a, b) = (part(8, true), part(4, false));
+        let ab = Linear::concat(&[a.clone(), b.clone()]).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 16), &dev).unwrap();
+        let flops = FlopCounter::new();
+        let ctx = Ctx::new(&flops, Component::Vision);
+        let want = Tensor::cat(
+            &[a.forward(&x, &ctx).unwrap(), b.forward(&x, &ctx).unwrap()],
+            2,
+        )
+        .unwrap();
+        let got = ab.forward(&x, &ctx).unwrap();
+        let d = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        // Counted the same as the parts: 2 · rows · in · (8 + 4) each time.
+        assert_eq!(flops.get(Component::Vision), 2 * 2 * (6 * 16 * 12));
     }
 
     #[test]
