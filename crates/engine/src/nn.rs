@@ -307,15 +307,15 @@ impl candle_core::CustomOp1 for SwigluFusedF32 {
         };
         let dims = l.shape().dims();
         let two_i = *dims.last().unwrap_or(&0);
-        if two_i % 2 != 0 {
+        if !two_i.is_multiple_of(2) {
             candle_core::bail!("swiglu-fused-f32: odd last dimension {two_i}");
         }
         let i = two_i / 2;
         let x = &x[a..b];
         let mut dst = vec![0f32; x.len() / 2];
-        if i > 0 {
-            // Rows in parallel, or chunks of one long row (decode).
-            let rows_per_task = (16 * 1024 / i).max(1);
+        if let Some(rows_per_task) = (16 * 1024usize).checked_div(i) {
+            // Rows in parallel, several short rows per task.
+            let rows_per_task = rows_per_task.max(1);
             dst.par_chunks_mut(rows_per_task * i)
                 .zip(x.par_chunks(rows_per_task * two_i))
                 .for_each(|(d, s)| {
