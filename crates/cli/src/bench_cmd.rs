@@ -10,7 +10,7 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
 use vvlm_cost::{format_si, FlopCounter, PaperCost, Workload};
-use vvlm_engine::{GenerateRequest, LoadOptions, SamplingParams, VideoVlm};
+use vvlm_engine::{GenerateRequest, SamplingParams, VideoVlm};
 use vvlm_video::{decode_path, FrameSampling, MediaPolicy, Preprocess};
 
 #[derive(Subcommand, Debug)]
@@ -43,6 +43,12 @@ pub struct EngineArgs {
         value_delimiter = ','
     )]
     pub parts: Vec<String>,
+    #[command(flatten)]
+    pub placement: crate::engine_cmd::Placement,
+    /// The device's dense peak at the run's dtype, in TFLOP/s (e.g. 989 for an H100 SXM in
+    /// bf16): MFU is reported against it. Default: the measured matmul peak.
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
     #[arg(long)]
     pub json: bool,
 }
@@ -51,6 +57,8 @@ pub struct EngineArgs {
 pub struct FlopsArgs {
     #[arg(long, default_value = "models/cache/demo-smollm2")]
     pub checkpoint: PathBuf,
+    #[command(flatten)]
+    pub placement: crate::engine_cmd::Placement,
     /// The video to caption (frames are sampled from it for every configuration).
     #[arg(long)]
     pub video: PathBuf,
@@ -147,15 +155,22 @@ pub struct Row {
 /// Best-of-3 f32 matmul throughput of this device (GFLOP/s), the peak utilisation is taken
 /// against.
 pub fn matmul_peak_gflops(n: usize) -> Result<f64> {
-    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    matmul_peak_gflops_on(n, &Device::Cpu, candle_core::DType::F32)
+}
+
+/// Best of 3 `n^3` matmuls on a device at a dtype, synchronised, in GFLOP/s.
+pub fn matmul_peak_gflops_on(n: usize, dev: &Device, dtype: candle_core::DType) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
     let _ = a.matmul(&b)?;
+    dev.synchronize()?;
     let mut best = f64::INFINITY;
     for _ in 0..3 {
         let t = Instant::now();
         let c = a.matmul(&b)?;
-        let _ = c.sum_all()?.to_scalar::<f32>()?;
+        dev.synchronize()?;
         best = best.min(t.elapsed().as_secs_f64());
+        drop(c);
     }
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)
 }
@@ -176,6 +191,7 @@ fn lm_prefill_decode(
     let ids: Vec<u32> = (0..prefill as u32).map(|i| 100 + (i * 7) % 1000).collect();
     // Warm-up on a short prompt.
     {
+        lm.device().synchronize()?;
         let c = FlopCounter::new();
         let mut ctx = vvlm_engine::Ctx::new(&c, Component::LmPrefill);
         let mut cache = lm.new_cache();
@@ -188,6 +204,7 @@ fn lm_prefill_decode(
     let t = Instant::now();
     let h = lm.forward_hidden(&lm.embed(&ids)?, &mut cache, &mut ctx)?;
     let mut logits = lm.last_logits(&h, &ctx)?;
+    lm.device().synchronize()?;
     let prefill_s = t.elapsed().as_secs_f64();
     let prefill_flops = c.get(Component::LmPrefill) as f64;
     ctx.component = Component::LmDecode;
@@ -208,36 +225,52 @@ fn lm_prefill_decode(
 
 fn engine(a: EngineArgs) -> Result<()> {
     use vvlm_cost::Component;
-    let peak = matmul_peak_gflops(1024)?;
-    let mut out = serde_json::json!({"matmul_peak_gflops": peak});
+    let opts = a.placement.load_options()?;
+    let (dev, dtype) = (opts.device.clone(), opts.dtype);
+    let n = if dev.is_cpu() { 1024 } else { 8192 };
+    let measured_peak = matmul_peak_gflops_on(n, &dev, dtype)?;
+    let peak = a.peak_tflops.map_or(measured_peak, |t| t * 1e3);
+    let mut out = serde_json::json!({
+        "device": a.placement.device, "dtype": format!("{dtype:?}"),
+        "matmul_peak_gflops": measured_peak, "mfu_reference_gflops": peak,
+    });
     let want = |p: &str| a.parts.iter().any(|x| x == p);
     if !a.json {
-        println!("matmul peak (f32, 1024^3, best of 3): {peak:.1} GFLOP/s");
+        println!(
+            "{} {dtype:?}: matmul {n}^3 best of 3: {measured_peak:.1} GFLOP/s; MFU against {peak:.1} GFLOP/s",
+            a.placement.device
+        );
     }
     if want("vision") {
         let cfg = vvlm_engine::SiglipVisionConfig::so400m();
         let t = vvlm_engine::demo::random_vision_tensors(&cfg, 2048, 1)?;
-        let vb = candle_nn::VarBuilder::from_tensors(t, candle_core::DType::F32, &Device::Cpu);
+        let vb = candle_nn::VarBuilder::from_tensors(t, dtype, &dev);
         let tower = vvlm_engine::siglip::SiglipVision::load(
             vb.pp("vision_tower.vision_model"),
             &cfg,
             cfg.num_hidden_layers,
         )?;
-        let px = Tensor::randn(0f32, 1.0, (1, 3, 384, 384), &Device::Cpu)?;
+        let frame_batch = if dev.is_cpu() { 1 } else { a.frames.max(1) };
+        let px = Tensor::randn(0f32, 1.0, (frame_batch, 3, 384, 384), &dev)?.to_dtype(dtype)?;
         let c = FlopCounter::new();
         let mut ctx = vvlm_engine::Ctx::new(&c, Component::Vision);
         let _ = tower.forward(&px, &mut ctx)?; // warm-up
+        dev.synchronize()?;
         c.reset();
         // One frame per forward, timed separately: the median resists the noise of a shared
         // machine better than the mean of one batched call.
+        // On a GPU, `frames` frames go in one batch (timed 3 times) and times are per frame.
         let mut times = Vec::with_capacity(a.frames);
-        for _ in 0..a.frames.max(1) {
-            let px = Tensor::randn(0f32, 1.0, (1, 3, 384, 384), &Device::Cpu)?;
+        let calls = if dev.is_cpu() { a.frames.max(1) } else { 3 };
+        for _ in 0..calls {
+            let px = Tensor::randn(0f32, 1.0, (frame_batch, 3, 384, 384), &dev)?.to_dtype(dtype)?;
+            dev.synchronize()?;
             let t0 = Instant::now();
             let _ = tower.forward(&px, &mut ctx)?;
-            times.push(t0.elapsed().as_secs_f64());
+            dev.synchronize()?;
+            times.push(t0.elapsed().as_secs_f64() / frame_batch as f64);
         }
-        let frame_flops = c.get(Component::Vision) as f64 / times.len() as f64;
+        let frame_flops = c.get(Component::Vision) as f64 / (calls * frame_batch) as f64;
         times.sort_by(f64::total_cmp);
         let s = times[times.len() / 2];
         let gf = frame_flops / s / 1e9;
@@ -250,15 +283,19 @@ fn engine(a: EngineArgs) -> Result<()> {
         }
         out["vision_s_per_frame"] = serde_json::json!(s);
         out["vision_gflops"] = serde_json::json!(gf);
+        out["vision_frames_per_s"] = serde_json::json!(1.0 / s);
+        out["vision_mfu"] = serde_json::json!(gf / peak);
     }
     if want("pool") {
-        let x = Tensor::randn(0f32, 1.0, (32, 729, 2048), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (32, 729, 2048), &dev)?.to_dtype(dtype)?;
         let _ = vvlm_engine::pool::pool(&x, 27, 14)?;
+        dev.synchronize()?;
         let t0 = Instant::now();
         let reps = 5;
         for _ in 0..reps {
             let _ = vvlm_engine::pool::pool(&x, 27, 14)?;
         }
+        dev.synchronize()?;
         let s = t0.elapsed().as_secs_f64() / reps as f64;
         if !a.json {
             println!(
@@ -271,7 +308,7 @@ fn engine(a: EngineArgs) -> Result<()> {
     if want("llama1b") {
         let cfg = vvlm_engine::TextConfig::llama32_1b();
         let t = vvlm_engine::demo::random_lm_tensors(&cfg, 2)?;
-        let vb = candle_nn::VarBuilder::from_tensors(t, candle_core::DType::F32, &Device::Cpu);
+        let vb = candle_nn::VarBuilder::from_tensors(t, dtype, &dev);
         let lm = vvlm_engine::llama::Llama::load(vb, None, &cfg)?;
         let (ps, pf, ds, df) = lm_prefill_decode(&lm, a.prefill, a.decode)?;
         if !a.json {
@@ -287,13 +324,13 @@ fn engine(a: EngineArgs) -> Result<()> {
         }
         out["llama1b_prefill_tok_s"] = serde_json::json!(a.prefill as f64 / ps);
         out["llama1b_prefill_gflops"] = serde_json::json!(pf / ps / 1e9);
+        out["llama1b_prefill_mfu"] = serde_json::json!(pf / ps / 1e9 / peak);
         out["llama1b_decode_tok_s"] = serde_json::json!(a.decode as f64 / ds);
         out["llama1b_decode_gflops"] = serde_json::json!(df / ds / 1e9);
     }
     if want("smollm2") && a.gguf.exists() {
-        let g = vvlm_engine::gguf::load(&a.gguf, candle_core::DType::F32, &Device::Cpu)?;
-        let vb =
-            candle_nn::VarBuilder::from_tensors(g.tensors, candle_core::DType::F32, &Device::Cpu);
+        let g = vvlm_engine::gguf::load(&a.gguf, dtype, &dev)?;
+        let vb = candle_nn::VarBuilder::from_tensors(g.tensors, dtype, &dev);
         let lm = vvlm_engine::llama::Llama::load(vb, None, &g.config)?;
         let (ps, pf, ds, _) = lm_prefill_decode(&lm, a.prefill, a.decode.max(32))?;
         let steps = a.decode.max(32);
@@ -316,7 +353,7 @@ fn engine(a: EngineArgs) -> Result<()> {
 }
 
 fn flops(a: FlopsArgs) -> Result<()> {
-    let m = VideoVlm::load(&a.checkpoint, &LoadOptions::default())?;
+    let m = VideoVlm::load(&a.checkpoint, &a.placement.load_options()?)?;
     let grid_side = m.grid() as u32;
     let configs = grid(&a.grid, grid_side * grid_side)?;
     let model = a

@@ -6,6 +6,23 @@ use std::path::PathBuf;
 use vvlm_cost::{format_si, FlopCounter};
 use vvlm_engine::{GenerateRequest, LoadOptions, SamplingParams, VideoVlm};
 
+/// Where a command runs the model.
+#[derive(Args, Debug, Clone)]
+pub struct Placement {
+    /// cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
+    #[arg(long, env = "VVLM_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16.
+    #[arg(long, env = "VVLM_DTYPE", default_value = "auto")]
+    pub dtype: String,
+}
+
+impl Placement {
+    pub fn load_options(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions::parse(&self.device, &self.dtype)?)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum DebugCmd {
     /// Run the whole forward pass on given inputs and write every intermediate.
@@ -24,6 +41,8 @@ pub struct ForwardArgs {
     /// Visual tokens per frame s*s (default: the checkpoint's own pooling, ceil(grid/2)^2).
     #[arg(long)]
     pub tokens_per_frame: Option<u32>,
+    #[command(flatten)]
+    pub placement: Placement,
 }
 
 pub fn debug(cmd: DebugCmd) -> Result<()> {
@@ -33,7 +52,7 @@ pub fn debug(cmd: DebugCmd) -> Result<()> {
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {
-    let m = VideoVlm::load(&a.checkpoint, &LoadOptions::default())?;
+    let m = VideoVlm::load(&a.checkpoint, &a.placement.load_options()?)?;
     let inputs = candle_core::safetensors::load(&a.inputs, &candle_core::Device::Cpu)
         .with_context(|| format!("reading {}", a.inputs.display()))?;
     let pixels = inputs
@@ -60,7 +79,19 @@ fn forward(a: ForwardArgs) -> Result<()> {
     };
     let flops = FlopCounter::new();
     let out = m.debug_forward(&pixels, &ids, side, &flops)?;
-    let out: std::collections::HashMap<String, candle_core::Tensor> = out.into_iter().collect();
+    // Written as f32 on the host whatever the device and dtype, for comparison with references.
+    let out = out
+        .into_iter()
+        .map(|(k, t)| {
+            let t = t.to_device(&candle_core::Device::Cpu)?;
+            let t = if t.dtype().is_float() {
+                t.to_dtype(candle_core::DType::F32)?
+            } else {
+                t
+            };
+            Ok((k, t))
+        })
+        .collect::<candle_core::Result<std::collections::HashMap<String, candle_core::Tensor>>>()?;
     candle_core::safetensors::save(&out, &a.out)?;
     let f = flops.snapshot();
     println!(
@@ -135,11 +166,13 @@ pub struct GenerateArgs {
     pub top_p: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub placement: Placement,
 }
 
 /// Text-only generation (no video): checks an LM end to end.
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let m = VideoVlm::load(&a.checkpoint, &LoadOptions::default())?;
+    let m = VideoVlm::load(&a.checkpoint, &a.placement.load_options()?)?;
     let flops = FlopCounter::new();
     let req = GenerateRequest {
         pixels: None,

@@ -45,6 +45,12 @@ pub struct ServeArgs {
     pub max_frames: Option<usize>,
     #[arg(long, env = "VVLM_DECODE_TIMEOUT_S")]
     pub decode_timeout_s: Option<f64>,
+    /// Where models run: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
+    #[arg(long, env = "VVLM_DEVICE")]
+    pub device: Option<String>,
+    /// auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16.
+    #[arg(long, env = "VVLM_DTYPE")]
+    pub dtype: Option<String>,
     /// Folders file:// URLs may read from (repeatable).
     #[arg(long = "file-allow", env = "VVLM_FILE_ALLOW", value_delimiter = ',')]
     pub file_allow: Vec<PathBuf>,
@@ -69,6 +75,12 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
     }
     if let Some(v) = &a.scaling_model {
         c.scaling_model = v.clone();
+    }
+    if let Some(v) = &a.device {
+        c.device = v.clone();
+    }
+    if let Some(v) = &a.dtype {
+        c.dtype = v.clone();
     }
     if let Some(v) = &a.admin_key {
         c.admin_key = Some(v.clone());

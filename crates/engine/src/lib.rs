@@ -8,6 +8,8 @@
 
 pub mod attention;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod demo;
 pub mod gemv;
 pub mod generate;

@@ -35,6 +35,50 @@ impl Default for LoadOptions {
     }
 }
 
+impl LoadOptions {
+    /// From user-facing names: device `cpu`, `cuda` or `cuda:N`; dtype `f32`, `bf16`, `f16` or
+    /// `auto` (bf16 on a GPU, f32 on the CPU, where bf16 matmuls are several times slower).
+    /// A CUDA device in a build without the `cuda` feature is a clear error.
+    pub fn parse(device: &str, dtype: &str) -> Result<Self, EngineError> {
+        let device = match device.trim() {
+            "cpu" => Device::Cpu,
+            d if d == "cuda" || d.starts_with("cuda:") => {
+                let ordinal = match d.strip_prefix("cuda:") {
+                    Some(n) => n.parse::<usize>().map_err(|_| {
+                        EngineError::Request(format!("bad CUDA device ordinal in {d:?}"))
+                    })?,
+                    None => 0,
+                };
+                if !candle_core::utils::cuda_is_available() {
+                    return Err(EngineError::Unsupported(
+                        "device cuda: this binary was built without the `cuda` feature \
+                         (cargo build --release --features cuda)"
+                            .into(),
+                    ));
+                }
+                Device::new_cuda(ordinal)?
+            }
+            other => {
+                return Err(EngineError::Request(format!(
+                    "unknown device {other:?} (expected cpu, cuda or cuda:N)"
+                )))
+            }
+        };
+        let dtype = match dtype.trim() {
+            "auto" if device.is_cuda() => DType::BF16,
+            "auto" | "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            other => {
+                return Err(EngineError::Request(format!(
+                    "unknown dtype {other:?} (expected auto, f32, bf16 or f16)"
+                )))
+            }
+        };
+        Ok(Self { device, dtype })
+    }
+}
+
 /// A loaded video VLM.
 pub struct VideoVlm {
     pub cfg: LlavaOnevisionConfig,
@@ -396,5 +440,27 @@ impl VideoVlm {
             Tensor::from_vec(inv, n, &Device::Cpu)?,
         );
         Ok(taps)
+    }
+}
+
+#[cfg(test)]
+mod load_options_tests {
+    use super::*;
+
+    #[test]
+    fn device_and_dtype_names() {
+        let o = LoadOptions::parse("cpu", "auto").unwrap();
+        assert!(o.device.is_cpu() && o.dtype == DType::F32);
+        assert_eq!(
+            LoadOptions::parse("cpu", "bf16").unwrap().dtype,
+            DType::BF16
+        );
+        assert!(LoadOptions::parse("tpu", "f32").is_err());
+        assert!(LoadOptions::parse("cpu", "int3").is_err());
+        assert!(LoadOptions::parse("cuda:x", "f32").is_err());
+        if !candle_core::utils::cuda_is_available() {
+            let e = LoadOptions::parse("cuda", "auto").unwrap_err().to_string();
+            assert!(e.contains("without the `cuda` feature"), "{e}");
+        }
     }
 }

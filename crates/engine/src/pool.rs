@@ -3,11 +3,13 @@
 //! antialiasing (LLaVA-NeXT's `get_2dPool`, transformers' `apply_pooling`).
 //!
 //! Per output index: `src = max((dst + 0.5) * in / out - 0.5, 0)`, `i0 = floor(src)`,
-//! `i1 = min(i0 + 1, in - 1)`, `lambda = src - i0`. The resize is separable, so it is applied as
-//! one `[s*s, g*g]` interpolation matrix (at most 4 non-zeros a row) per frame. It is a resize, not
-//! a model layer: its FLOPs are not counted.
+//! `i1 = min(i0 + 1, in - 1)`, `lambda = src - i0`. [`pool`] reads the four neighbours of each
+//! output token directly ([`BilinearPool`]: a CPU implementation here, and on CUDA the kernel in
+//! `kernels/bilinear_pool.cu` with the same arithmetic, which the CPU one is the reference for).
+//! [`matrix`] is the same resize as a `[s*s, g*g]` matrix, kept as an independent check.
+//! It is a resize, not a model layer: its FLOPs are not counted.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
 
 /// 1-D interpolation weights `[out, in]` as torch computes them (f32 arithmetic).
 pub fn weights_1d(input: usize, output: usize) -> Vec<f32> {
@@ -51,7 +53,7 @@ pub fn matrix(grid: usize, side: usize, device: &Device) -> Result<Tensor> {
 
 /// `[frames, g*g, D]` -> `[frames, s*s, D]`.
 pub fn pool(features: &Tensor, grid: usize, side: usize) -> Result<Tensor> {
-    let (f, n, _d) = features.dims3()?;
+    let (_f, n, _d) = features.dims3()?;
     if n != grid * grid {
         candle_core::bail!("pooling expects {} tokens per frame, got {n}", grid * grid);
     }
@@ -61,6 +63,20 @@ pub fn pool(features: &Tensor, grid: usize, side: usize) -> Result<Tensor> {
     if side == grid {
         return Ok(features.clone());
     }
+    let op = BilinearPool { grid, side };
+    let x = features.contiguous()?;
+    if x.device().is_cpu() && x.dtype() != DType::F32 {
+        return x
+            .to_dtype(DType::F32)?
+            .apply_op1_no_bwd(&op)?
+            .to_dtype(x.dtype());
+    }
+    x.apply_op1_no_bwd(&op)
+}
+
+/// The same resize through the interpolation matrix (a batched matmul; any device/dtype).
+pub fn pool_by_matrix(features: &Tensor, grid: usize, side: usize) -> Result<Tensor> {
+    let (f, n, _d) = features.dims3()?;
     let m = matrix(grid, side, features.device())?.to_dtype(features.dtype())?;
     m.unsqueeze(0)?
         .broadcast_as((f, side * side, n))?
@@ -68,9 +84,98 @@ pub fn pool(features: &Tensor, grid: usize, side: usize) -> Result<Tensor> {
         .matmul(&features.contiguous()?)
 }
 
+/// Source indices and weight of one output index (torch's rule, f32 arithmetic).
+#[inline]
+fn source_index(dst: usize, input: usize, output: usize) -> (usize, usize, f32) {
+    let scale = input as f32 / output as f32;
+    let src = ((dst as f32 + 0.5) * scale - 0.5).max(0.0);
+    let i0 = (src.floor() as usize).min(input - 1);
+    let i1 = if i0 < input - 1 { i0 + 1 } else { i0 };
+    (i0, i1, src - i0 as f32)
+}
+
+/// Bilinear `g x g -> s x s` per frame on `[frames, g*g, D]`, fused with the flatten.
+/// The CPU implementation is the reference for the CUDA kernel: same formula, same order.
+pub struct BilinearPool {
+    pub grid: usize,
+    pub side: usize,
+}
+
+impl candle_core::CustomOp1 for BilinearPool {
+    fn name(&self) -> &'static str {
+        "bilinear-pool"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let CpuStorage::F32(x) = s else {
+            candle_core::bail!("bilinear-pool on the CPU expects f32");
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("bilinear-pool expects a contiguous tensor");
+        };
+        let (frames, n, dim) = l.shape().dims3()?;
+        let (g, side) = (self.grid, self.side);
+        if n != g * g {
+            candle_core::bail!("bilinear-pool expects {} tokens per frame, got {n}", g * g);
+        }
+        let x = &x[a..b];
+        let taps: Vec<(usize, usize, f32)> = (0..side).map(|o| source_index(o, g, side)).collect();
+        let mut y = vec![0f32; frames * side * side * dim];
+        if dim > 0 {
+            y.par_chunks_mut(dim).enumerate().for_each(|(row, out)| {
+                let (t, o) = (row / (side * side), row % (side * side));
+                let ((y0, y1, ly1), (x0, x1, lx1)) = (taps[o / side], taps[o % side]);
+                let (ly0, lx0) = (1.0 - ly1, 1.0 - lx1);
+                let f = &x[t * g * g * dim..(t + 1) * g * g * dim];
+                let at = |yy: usize, xx: usize| &f[(yy * g + xx) * dim..(yy * g + xx + 1) * dim];
+                let (pa, pb, pc, pe) = (at(y0, x0), at(y0, x1), at(y1, x0), at(y1, x1));
+                for i in 0..dim {
+                    out[i] = ly0 * (lx0 * pa[i] + lx1 * pb[i]) + ly1 * (lx0 * pc[i] + lx1 * pe[i]);
+                }
+            });
+        }
+        Ok((CpuStorage::F32(y), Shape::from((frames, side * side, dim))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::bilinear_pool(s, l, self.grid, self.side)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn direct_taps_equal_the_interpolation_matrix_for_every_side() {
+        let g = 27;
+        let x = Tensor::randn(0f32, 1.0, (2, g * g, 40), &Device::Cpu).unwrap();
+        for side in 1..g {
+            let a = pool(&x, g, side).unwrap();
+            let b = pool_by_matrix(&x, g, side).unwrap();
+            assert_eq!(a.dims(), &[2, side * side, 40]);
+            let err = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err < 2e-6, "side {side}: {err}");
+        }
+        // Other dtypes go through f32 on the CPU.
+        let h = pool(&x.to_dtype(DType::BF16).unwrap(), g, 14).unwrap();
+        assert_eq!(h.dtype(), DType::BF16);
+    }
 
     #[test]
     fn weights_match_torch_hand_computed() {

@@ -32,6 +32,20 @@ pub struct ServerConfig {
     /// Folders `file://` URLs may read from (empty: `file://` is refused).
     #[serde(default)]
     pub file_allow: Vec<PathBuf>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// `auto`, `f32`, `bf16` or `f16`.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+fn default_dtype() -> String {
+    "auto".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -121,6 +121,9 @@ pub fn load_models(state: &AppState) -> Result<(), StartError> {
         for (name, path) in &state.config.task_models {
             tasks.insert(name.clone(), Arc::new(FittedModel::load(path)?));
         }
+        let load_options = LoadOptions::parse(&state.config.device, &state.config.dtype)
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        tracing::info!(device = %state.config.device, dtype = ?load_options.dtype, "engine placement");
         let mut loaded = Registry::default();
         let mut engines = BTreeMap::new();
         for entry in &registry.models {
@@ -129,7 +132,7 @@ pub fn load_models(state: &AppState) -> Result<(), StartError> {
                 continue;
             }
             let t = std::time::Instant::now();
-            match VideoVlm::load(&entry.path, &LoadOptions::default()) {
+            match VideoVlm::load(&entry.path, &load_options) {
                 Ok(m) => {
                     for note in &m.notes {
                         tracing::warn!(model = %entry.name, "{note}");
