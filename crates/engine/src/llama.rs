@@ -332,18 +332,20 @@ impl Block {
             ctx.tap(|| "text.layer0.self_attn.k_proj".into(), &k);
             ctx.tap(|| "text.layer0.self_attn.v_proj".into(), &v);
         }
-        let q = q
-            .reshape((b, len, a.heads, a.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = k
-            .reshape((b, len, a.kv_heads, a.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = v
-            .reshape((b, len, a.kv_heads, a.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        // Per-head views of the fused product ([b, len, heads + 2·kv_heads, d] narrowed, then
+        // [b, heads, len, d]); one copy each into the layout RoPE and the cache take.
+        let heads_view = qkv.reshape((b, len, a.heads + 2 * a.kv_heads, a.head_dim))?;
+        let part = |start: usize, n: usize| -> Result<Tensor> {
+            heads_view
+                .narrow(2, start, n)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (
+            part(0, a.heads)?,
+            part(a.heads, a.kv_heads)?,
+            part(a.heads + a.kv_heads, a.kv_heads)?,
+        );
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = LayerCache::append(cache, &k, &v)?;

@@ -69,9 +69,8 @@ impl Embeddings {
 pub struct EncoderLayer {
     ln1: LayerNorm,
     ln2: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v stacked: `[3·hidden, hidden]`.
+    qkv: Linear,
     out: Linear,
     fc1: Linear,
     fc2: Linear,
@@ -87,9 +86,11 @@ impl EncoderLayer {
         Ok(Self {
             ln1: LayerNorm::load(vb.pp("layer_norm1"), h, cfg.layer_norm_eps)?,
             ln2: LayerNorm::load(vb.pp("layer_norm2"), h, cfg.layer_norm_eps)?,
-            q: Linear::load(a.pp("q_proj"), h, h, true)?,
-            k: Linear::load(a.pp("k_proj"), h, h, true)?,
-            v: Linear::load(a.pp("v_proj"), h, h, true)?,
+            qkv: Linear::concat(&[
+                Linear::load(a.pp("q_proj"), h, h, true)?,
+                Linear::load(a.pp("k_proj"), h, h, true)?,
+                Linear::load(a.pp("v_proj"), h, h, true)?,
+            ])?,
             out: Linear::load(a.pp("out_proj"), h, h, true)?,
             fc1: Linear::load(vb.pp("mlp.fc1"), h, i, true)?,
             fc2: Linear::load(vb.pp("mlp.fc2"), i, h, true)?,
@@ -106,22 +107,23 @@ impl EncoderLayer {
         if tap0 {
             ctx.tap(|| "vision.layer0.layer_norm1".into(), &y);
         }
-        let q = self.q.forward(&y, ctx)?;
-        let k = self.k.forward(&y, ctx)?;
-        let v = self.v.forward(&y, ctx)?;
+        let qkv = self.qkv.forward(&y, ctx)?;
+        let q = qkv.narrow(2, 0, h)?;
+        let k = qkv.narrow(2, h, h)?;
+        let v = qkv.narrow(2, 2 * h, h)?;
         if tap0 {
             ctx.tap(|| "vision.layer0.self_attn.q_proj".into(), &q);
             ctx.tap(|| "vision.layer0.self_attn.k_proj".into(), &k);
             ctx.tap(|| "vision.layer0.self_attn.v_proj".into(), &v);
         }
-        let split = |t: Tensor| {
-            t.reshape((f, n, self.heads, self.head_dim))?
-                .transpose(1, 2)
-        };
+        // Per-head views straight into the fused product (no copies): [f, n, 3, heads, d] ->
+        // part i -> [f, heads, n, d].
+        let heads_view = qkv.reshape((f, n, 3, self.heads, self.head_dim))?;
+        let split = |i: usize| heads_view.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
         let attn = attention(
-            &split(q)?,
-            &split(k)?,
-            &split(v)?,
+            &split(0)?,
+            &split(1)?,
+            &split(2)?,
             (self.head_dim as f64).powf(-0.5),
             Masking::None,
             ctx,
