@@ -184,12 +184,25 @@ impl VideoVlm {
     }
 
     /// Runs a whole request. `on_text` receives each new piece of text and returns false to
-    /// cancel.
+    /// cancel. On the CPU it runs inside the engine's thread pool ([`crate::cpu_pool`]).
     pub fn generate(
         &self,
         req: &GenerateRequest,
         flops: &FlopCounter,
-        on_text: &mut dyn FnMut(&str) -> bool,
+        on_text: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<Generation, EngineError> {
+        if self.lm.device().is_cpu() {
+            crate::cpu_pool::run(|| self.generate_here(req, flops, on_text))
+        } else {
+            self.generate_here(req, flops, on_text)
+        }
+    }
+
+    fn generate_here(
+        &self,
+        req: &GenerateRequest,
+        flops: &FlopCounter,
+        on_text: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation, EngineError> {
         let prompt = self.template.render(req.system, req.prompt);
         let prefix = self.tokenize(&prompt.before_video)?;

@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod cpu_pool;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod demo;

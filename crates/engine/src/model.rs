@@ -423,6 +423,20 @@ impl VideoVlm {
         side: usize,
         flops: &vvlm_cost::FlopCounter,
     ) -> Result<std::collections::BTreeMap<String, Tensor>, EngineError> {
+        if self.lm.device().is_cpu() {
+            crate::cpu_pool::run(|| self.debug_forward_here(pixels, input_ids, side, flops))
+        } else {
+            self.debug_forward_here(pixels, input_ids, side, flops)
+        }
+    }
+
+    fn debug_forward_here(
+        &self,
+        pixels: &Tensor,
+        input_ids: &[u32],
+        side: usize,
+        flops: &vvlm_cost::FlopCounter,
+    ) -> Result<std::collections::BTreeMap<String, Tensor>, EngineError> {
         let mut taps = std::collections::BTreeMap::new();
         let (prefix, _len, suffix) = self.split_placeholder(input_ids)?;
         let mut ctx = Ctx::with_taps(flops, Component::LmPrefill, &mut taps);
