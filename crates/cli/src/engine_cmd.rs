@@ -27,6 +27,22 @@ impl Placement {
 pub enum DebugCmd {
     /// Run the whole forward pass on given inputs and write every intermediate.
     Forward(ForwardArgs),
+    /// Next-token logits of the LM alone for given token ids (to compare with other runtimes).
+    Logits(LogitsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Token ids, comma separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub ids: Vec<u32>,
+    /// JSON file for `{"ids": [...], "logits": [...]}` (the last position's logits).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub placement: Placement,
 }
 
 #[derive(Args, Debug)]
@@ -48,6 +64,7 @@ pub struct ForwardArgs {
 pub fn debug(cmd: DebugCmd) -> Result<()> {
     match cmd {
         DebugCmd::Forward(a) => forward(a),
+        DebugCmd::Logits(a) => logits(a),
     }
 }
 
@@ -103,6 +120,32 @@ fn forward(a: ForwardArgs) -> Result<()> {
         format_si(f.vision),
         format_si(f.projector),
         format_si(f.lm_prefill)
+    );
+    Ok(())
+}
+
+fn logits(a: LogitsArgs) -> Result<()> {
+    let m = VideoVlm::load(&a.checkpoint, &a.placement.load_options()?)?;
+    let vocab = m.lm.cfg.vocab_size as u32;
+    if let Some(bad) = a.ids.iter().find(|&&i| i >= vocab) {
+        bail!("token id {bad} is outside the vocabulary ({vocab})");
+    }
+    let flops = FlopCounter::new();
+    let logits = vvlm_engine::cpu_pool::run(|| -> Result<Vec<f32>> {
+        let mut ctx = vvlm_engine::Ctx::new(&flops, vvlm_cost::Component::LmPrefill);
+        let mut cache = m.lm.new_cache();
+        let h =
+            m.lm.forward_hidden(&m.lm.embed(&a.ids)?, &mut cache, &mut ctx)?;
+        Ok(m.lm.last_logits(&h, &ctx)?.to_vec1::<f32>()?)
+    })?;
+    let json = serde_json::json!({"ids": a.ids, "logits": logits});
+    std::fs::write(&a.out, serde_json::to_vec(&json)?)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "wrote {} logits for {} tokens to {}",
+        logits.len(),
+        a.ids.len(),
+        a.out.display()
     );
     Ok(())
 }
