@@ -198,10 +198,30 @@ impl RmsNorm {
 /// Additive causal mask `[q, past + q]` (0 where visible, -inf above the diagonal).
 pub fn causal_mask(q_len: usize, past: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let kv = past + q_len;
+    if !device.is_cpu() {
+        return causal_mask_by_ops(q_len, past, dtype, device);
+    }
     let data: Vec<f32> = (0..q_len)
         .flat_map(|i| (0..kv).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Tensor::from_vec(data, (q_len, kv), device)?.to_dtype(dtype)
+}
+
+/// [`causal_mask`] built with tensor ops on the device itself (for GPUs: no `q x kv` host buffer
+/// uploaded per layer). Key `j` is hidden from query row `i` when `j > past + i`.
+pub fn causal_mask_by_ops(
+    q_len: usize,
+    past: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let kv = past + q_len;
+    let rows = Tensor::arange(past as u32, kv as u32, device)?.unsqueeze(1)?;
+    let cols = Tensor::arange(0u32, kv as u32, device)?.unsqueeze(0)?;
+    let hidden = cols.broadcast_gt(&rows)?;
+    let ninf = Tensor::full(f32::NEG_INFINITY, (q_len, kv), device)?.to_dtype(dtype)?;
+    let zero = Tensor::zeros((q_len, kv), dtype, device)?;
+    hidden.where_cond(&ninf, &zero)
 }
 
 /// Exact-erf GELU as a module (the projector's activation).
@@ -338,6 +358,19 @@ impl candle_core::CustomOp1 for SwigluFusedF32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_built_causal_mask_equals_the_host_one() {
+        for (q, past) in [(1, 0), (5, 0), (4, 7), (1, 9)] {
+            let a = causal_mask(q, past, DType::F32, &Device::Cpu).unwrap();
+            let b = causal_mask_by_ops(q, past, DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "q {q} past {past}"
+            );
+        }
+    }
 
     #[test]
     fn fused_swiglu_matches_split() {
