@@ -4,11 +4,29 @@
 //! the pool and sleeping until it is done. For decode, hundreds of small ops per token, that
 //! wake-up per op was ~10% of the time (perf: scheduler and futex symbols).
 //!
-//! Size: `RAYON_NUM_THREADS` (what [`crate::set_cpu_threads`] sets) or all cores.
+//! Pools: a thread that called [`use_own_pool`] (a server worker) runs on its own pool, so
+//! workers never share cores; any other thread uses the process-wide pool, sized by
+//! `RAYON_NUM_THREADS` (what [`crate::set_cpu_threads`] sets) or all cores.
 
-use std::sync::OnceLock;
+use std::cell::RefCell;
+use std::sync::{Arc, OnceLock};
 
 static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+
+thread_local! {
+    static OWN: RefCell<Option<Arc<rayon::ThreadPool>>> = const { RefCell::new(None) };
+}
+
+/// Gives the calling thread its own pool of `threads` threads for every later [`run`].
+pub fn use_own_pool(threads: usize, name: &str) {
+    let name = name.to_string();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .thread_name(move |i| format!("{name}-cpu-{i}"))
+        .build()
+        .expect("building a worker's CPU thread pool");
+    OWN.with(|o| *o.borrow_mut() = Some(Arc::new(pool)));
+}
 
 fn pool() -> &'static rayon::ThreadPool {
     POOL.get_or_init(|| {
@@ -30,10 +48,36 @@ pub fn run<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         return f();
     }
-    pool().install(f)
+    match OWN.with(|o| o.borrow().clone()) {
+        Some(own) => own.install(f),
+        None => pool().install(f),
+    }
 }
 
-/// Threads of the pool.
+/// Threads a [`run`] from this thread gets.
 pub fn threads() -> usize {
-    pool().current_num_threads()
+    if let Some(n) = rayon::current_thread_index().map(|_| rayon::current_num_threads()) {
+        return n;
+    }
+    OWN.with(|o| o.borrow().as_ref().map(|p| p.current_num_threads()))
+        .unwrap_or_else(|| pool().current_num_threads())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_thread_with_its_own_pool_runs_there() {
+        std::thread::spawn(|| {
+            super::use_own_pool(3, "t");
+            assert_eq!(super::threads(), 3);
+            let (n, named) = super::run(|| {
+                let name = std::thread::current().name().unwrap_or("").to_string();
+                (rayon::current_num_threads(), name)
+            });
+            assert_eq!(n, 3);
+            assert!(named.starts_with("t-cpu-"), "{named}");
+        })
+        .join()
+        .unwrap();
+    }
 }

@@ -94,6 +94,17 @@ impl ServerConfig {
             .unwrap_or(1);
         (cores / 2).max(1)
     }
+
+    /// CPU threads of each worker's own pool (`threads_per_worker`, or cores / workers).
+    pub fn threads_per_worker(&self) -> usize {
+        if self.limits.threads_per_worker > 0 {
+            return self.limits.threads_per_worker;
+        }
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        (cores / self.workers()).max(1)
+    }
 }
 
 #[cfg(test)]

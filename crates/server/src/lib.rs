@@ -90,7 +90,12 @@ pub fn build_state(config: ServerConfig) -> Result<Arc<AppState>, StartError> {
         );
     }
     let metrics = Arc::new(metrics::Metrics::default());
-    let pool = worker::Pool::start(config.workers(), config.limits.queue_depth, metrics.clone());
+    let pool = worker::Pool::start(
+        config.workers(),
+        config.threads_per_worker(),
+        config.limits.queue_depth,
+        metrics.clone(),
+    );
     let admin_key_hash = config
         .admin_key
         .as_deref()

@@ -37,7 +37,14 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn start(workers: usize, depth: usize, metrics: Arc<crate::metrics::Metrics>) -> Self {
+    /// `workers` threads, each running its jobs on its own CPU pool of `threads` threads (so
+    /// workers never share or oversubscribe each other's cores).
+    pub fn start(
+        workers: usize,
+        threads: usize,
+        depth: usize,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         let (tx, rx) = sync_channel::<Job>(depth);
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..workers {
@@ -45,7 +52,10 @@ impl Pool {
             let metrics = metrics.clone();
             std::thread::Builder::new()
                 .name(format!("vvlm-worker-{i}"))
-                .spawn(move || worker_loop(rx, metrics))
+                .spawn(move || {
+                    vvlm_engine::cpu_pool::use_own_pool(threads, &format!("vvlm-worker-{i}"));
+                    worker_loop(rx, metrics)
+                })
                 .expect("spawn worker thread");
         }
         Self { tx, workers }
