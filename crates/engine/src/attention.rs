@@ -394,16 +394,7 @@ mod tests {
     use vvlm_cost::{Component, FlopCounter};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        crate::nn::max_abs_diff(a, b).unwrap()
     }
 
     #[test]

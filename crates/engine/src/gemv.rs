@@ -174,16 +174,7 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
             let got = x.apply_op2_no_bwd(&w, &Gemv).unwrap();
             let want = x.matmul(&w.t().unwrap()).unwrap();
-            let err = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = crate::nn::max_abs_diff(&got, &want).unwrap();
             assert!(err < 1e-4 * (k as f32).sqrt(), "{m}x{k}x{n}: {err}");
         }
     }

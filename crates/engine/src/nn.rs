@@ -63,6 +63,24 @@ impl<'a> Ctx<'a> {
     }
 }
 
+/// Largest absolute element-wise difference of two same-shaped tensors (any device and dtype,
+/// compared in f32 on the host): what parity checks measure.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    if a.dims() != b.dims() {
+        candle_core::bail!(
+            "max_abs_diff: shapes {:?} and {:?} differ",
+            a.dims(),
+            b.dims()
+        );
+    }
+    let host = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+    (host(a)? - host(b)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()
+}
+
 /// A linear layer `y = x W^T + b` with `W: [out, in]`, addressed by checkpoint names.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -380,16 +398,7 @@ mod tests {
         let want = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
         let got = swiglu_fused(&gu).unwrap();
         assert_eq!(got.dims(), &[3, 5, 700]);
-        let d = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&got, &want).unwrap();
         assert!(d < 1e-6, "{d}");
     }
 
@@ -451,16 +460,7 @@ mod tests {
             .unwrap();
         let a = gelu_tanh(&x).unwrap();
         let b = x.gelu().unwrap();
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&a, &b).unwrap();
         assert!(d < 1e-6, "{d}");
     }
 }

@@ -160,16 +160,7 @@ mod tests {
             let a = pool(&x, g, side).unwrap();
             let b = pool_by_matrix(&x, g, side).unwrap();
             assert_eq!(a.dims(), &[2, side * side, 40]);
-            let err = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = crate::nn::max_abs_diff(&a, &b).unwrap();
             assert!(err < 2e-6, "side {side}: {err}");
         }
         // Other dtypes go through f32 on the CPU.

@@ -20,16 +20,7 @@ fn reference() -> HashMap<String, Tensor> {
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    vvlm_engine::nn::max_abs_diff(a, b).unwrap()
 }
 
 fn inputs(r: &HashMap<String, Tensor>) -> (Tensor, Vec<u32>) {
