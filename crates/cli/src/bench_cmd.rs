@@ -45,6 +45,10 @@ pub struct EngineArgs {
     pub parts: Vec<String>,
     #[command(flatten)]
     pub placement: crate::engine_cmd::Placement,
+    /// SmolLM2 decode from the GGUF file's quantized blocks (what the server does on the CPU);
+    /// `--quantized-decode false` times the f32 matrices instead.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub quantized_decode: bool,
     /// The device's dense peak at the run's dtype, in TFLOP/s (e.g. 989 for an H100 SXM in
     /// bf16): MFU is reported against it. Default: the measured matmul peak.
     #[arg(long)]
@@ -334,13 +338,18 @@ fn engine(a: EngineArgs) -> Result<()> {
     if want("smollm2") && a.gguf.exists() {
         let g = vvlm_engine::gguf::load(&a.gguf, dtype, &dev)?;
         let vb = candle_nn::VarBuilder::from_tensors(g.tensors, dtype, &dev);
-        let lm = vvlm_engine::llama::Llama::load(vb, None, &g.config)?;
+        let mut lm = vvlm_engine::llama::Llama::load(vb, None, &g.config)?;
+        let quantized = a.quantized_decode && dev.is_cpu() && dtype == candle_core::DType::F32;
+        if quantized {
+            lm.attach_quantized(&g.quantized)?;
+        }
         let (ps, pf, ds, _) =
             vvlm_engine::cpu_pool::run(|| lm_prefill_decode(&lm, a.prefill, a.decode.max(32)))?;
         let steps = a.decode.max(32);
         if !a.json {
             println!(
-                "SmolLM2-135M (GGUF Q4_1 dequantized to f32): prefill {} tokens {:.1} tok/s ({:.1} GFLOP/s); decode {:.1} tok/s",
+                "SmolLM2-135M (GGUF Q4_1; prefill f32, decode {}): prefill {} tokens {:.1} tok/s ({:.1} GFLOP/s); decode {:.1} tok/s",
+                if quantized { "Q4_1/Q8_0 blocks" } else { "f32" },
                 a.prefill,
                 a.prefill as f64 / ps,
                 pf / ps / 1e9,
@@ -349,6 +358,7 @@ fn engine(a: EngineArgs) -> Result<()> {
         }
         out["smollm2_prefill_tok_s"] = serde_json::json!(a.prefill as f64 / ps);
         out["smollm2_decode_tok_s"] = serde_json::json!(steps as f64 / ds);
+        out["smollm2_decode_quantized"] = serde_json::json!(quantized);
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);

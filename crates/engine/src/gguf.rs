@@ -19,6 +19,9 @@ pub struct GgufLm {
     pub chat_template: Option<String>,
     /// The file's quantization types, e.g. `["Q4_1", "F32"]`.
     pub quantizations: Vec<String>,
+    /// The Q4_1/Q8_0 weight matrices as the file stores them (rows in HF order), under HF
+    /// names, for quantized decode on the CPU ([`crate::quant`]).
+    pub quantized: HashMap<String, crate::quant::QuantMatrix>,
 }
 
 fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, EngineError> {
@@ -86,6 +89,7 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufLm, Engine
     .map_err(|e| EngineError::Config(e.to_string()))?;
     let mut tensors = HashMap::new();
     let mut quantizations: Vec<String> = vec![];
+    let mut quantized = HashMap::new();
     let names: Vec<String> = ct.tensor_infos.keys().cloned().collect();
     for name in names {
         let q = ct
@@ -100,13 +104,26 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufLm, Engine
             .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| EngineError::Checkpoint(format!("dequantizing {name}: {e}")))?;
         let Some(hf) = hf_name(&name) else { continue };
-        let t = if hf.ends_with("self_attn.q_proj.weight") {
-            unpermute(&t, heads)?
+        let perm_heads = if hf.ends_with("self_attn.q_proj.weight") {
+            Some(heads)
         } else if hf.ends_with("self_attn.k_proj.weight") {
-            unpermute(&t, kv_heads)?
+            Some(kv_heads)
         } else {
-            t
+            None
         };
+        let t = match perm_heads {
+            Some(h) => unpermute(&t, h)?,
+            None => t,
+        };
+        if device.is_cpu() && hf.ends_with(".weight") && t.rank() == 2 {
+            if let Some(qm) = crate::quant::QuantMatrix::from_qtensor(&q)? {
+                let qm = match perm_heads {
+                    Some(h) => qm.permute_rows(&unpermute_rows(qm.rows, h)?),
+                    None => qm,
+                };
+                quantized.insert(hf.clone(), qm);
+            }
+        }
         tensors.insert(hf, t);
     }
     let tokenizer = tokenizer_from_gguf(&ct)?;
@@ -121,6 +138,7 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufLm, Engine
         tokenizer,
         chat_template,
         quantizations,
+        quantized,
     })
 }
 
@@ -151,6 +169,18 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 }
 
 /// Undoes llama.cpp's q/k row permutation: `(heads, 2, hd/2)` rows back to `(heads, hd/2, 2)`.
+/// The row order [`unpermute`] produces: row `i` of the result is row `perm[i]` of the input.
+pub fn unpermute_rows(rows: usize, heads: usize) -> Result<Vec<usize>, EngineError> {
+    let idx: Vec<f32> = (0..rows).map(|r| r as f32).collect();
+    let t = Tensor::from_vec(idx, (rows, 1), &Device::Cpu)?;
+    Ok(unpermute(&t, heads)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| v as usize)
+        .collect())
+}
+
 pub fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor, EngineError> {
     let (out, inp) = w.dims2()?;
     let hd = out / heads;

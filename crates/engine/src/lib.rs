@@ -19,6 +19,7 @@ pub mod llama;
 pub mod model;
 pub mod nn;
 pub mod pool;
+pub mod quant;
 pub mod siglip;
 pub mod template;
 

@@ -237,6 +237,46 @@ impl Llama {
         })
     }
 
+    /// Uses the GGUF file's quantized matrices (HF names, see [`crate::gguf::GgufLm`]) for
+    /// decode on the CPU. Layers whose parts are not all quantized keep the f32 path. Returns
+    /// how many layers (of `7 · layers + 1`) got them.
+    pub fn attach_quantized(
+        &mut self,
+        q: &std::collections::HashMap<String, crate::quant::QuantMatrix>,
+    ) -> Result<usize> {
+        use crate::quant::QuantMatrix;
+        let mut attached = 0;
+        let mut set = |lin: &mut Linear, names: &[String]| -> Result<()> {
+            let parts: Option<Vec<&QuantMatrix>> = names.iter().map(|n| q.get(n)).collect();
+            if let Some(m) = parts.and_then(|p| QuantMatrix::concat_rows(&p)) {
+                lin.set_quantized(m)?;
+                attached += names.len();
+            }
+            Ok(())
+        };
+        for (l, b) in self.blocks.iter_mut().enumerate() {
+            let n = |w: &str| format!("layers.{l}.{w}.weight");
+            set(
+                &mut b.attn.qkv,
+                &[
+                    n("self_attn.q_proj"),
+                    n("self_attn.k_proj"),
+                    n("self_attn.v_proj"),
+                ],
+            )?;
+            set(&mut b.attn.o, &[n("self_attn.o_proj")])?;
+            set(&mut b.mlp.gate_up, &[n("mlp.gate_proj"), n("mlp.up_proj")])?;
+            set(&mut b.mlp.down, &[n("mlp.down_proj")])?;
+        }
+        // An untied head is `lm_head`; a tied one reads the embeddings.
+        if q.contains_key("lm_head.weight") {
+            set(&mut self.lm_head, &["lm_head.weight".to_string()])?;
+        } else if self.cfg.tie_word_embeddings.unwrap_or(false) {
+            set(&mut self.lm_head, &["embed_tokens.weight".to_string()])?;
+        }
+        Ok(attached)
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }

@@ -207,11 +207,23 @@ impl VideoVlm {
                 let head = lm_vb
                     .contains_tensor("lm_head.weight")
                     .then(|| lm_vb.pp("lm_head"));
-                let lm = Llama::load(lm_vb.clone(), head, &cfg.text_config)?;
+                let mut lm = Llama::load(lm_vb.clone(), head, &cfg.text_config)?;
+                // Decode reads the file's quantized blocks on the CPU in f32 (same weights).
+                let quantized_decode = opts.device.is_cpu() && opts.dtype == DType::F32;
+                let attached = if quantized_decode {
+                    lm.attach_quantized(&glm.quantized)?
+                } else {
+                    0
+                };
                 notes.push(format!(
-                    "LM from GGUF {} ({})",
+                    "LM from GGUF {} ({}){}",
                     g,
-                    glm.quantizations.join(", ")
+                    glm.quantizations.join(", "),
+                    if attached > 0 {
+                        format!("; decode reads the quantized weights of {attached} matrices")
+                    } else {
+                        String::new()
+                    }
                 ));
                 (lm, Some(glm.tokenizer))
             }

@@ -90,6 +90,8 @@ pub struct Linear {
     bias: Option<Tensor>,
     in_features: usize,
     out_features: usize,
+    /// The same weights quantized (from GGUF), used for decode-shaped products on the CPU.
+    quant: Option<std::sync::Arc<crate::quant::QuantMatrix>>,
 }
 
 impl Linear {
@@ -115,7 +117,28 @@ impl Linear {
             bias,
             in_features,
             out_features,
+            quant: None,
         })
+    }
+
+    /// Attaches the quantized form of this layer's weights (same shape), used for products of at
+    /// most [`crate::gemv::MAX_ROWS`] rows on the CPU in f32.
+    pub fn set_quantized(&mut self, q: crate::quant::QuantMatrix) -> Result<()> {
+        if (q.rows, q.cols) != (self.out_features, self.in_features) {
+            candle_core::bail!(
+                "quantized weights are [{}, {}], the layer is [{}, {}]",
+                q.rows,
+                q.cols,
+                self.out_features,
+                self.in_features
+            );
+        }
+        self.quant = Some(std::sync::Arc::new(q));
+        Ok(())
+    }
+
+    pub fn quantized(&self) -> Option<&crate::quant::QuantMatrix> {
+        self.quant.as_deref()
     }
 
     /// One layer computing several that read the same input (q/k/v, gate/up): their weights
@@ -136,7 +159,13 @@ impl Linear {
         } else {
             None
         };
-        Self::from_weights(weight, bias)
+        let mut out = Self::from_weights(weight, bias)?;
+        let quants: Option<Vec<&crate::quant::QuantMatrix>> =
+            parts.iter().map(|l| l.quant.as_deref()).collect();
+        if let Some(q) = quants.and_then(|q| crate::quant::QuantMatrix::concat_rows(&q)) {
+            out.quant = Some(std::sync::Arc::new(q));
+        }
+        Ok(out)
     }
 
     pub fn out_features(&self) -> usize {
@@ -150,8 +179,14 @@ impl Linear {
         ctx.count_matmul(1, rows, self.in_features, self.out_features);
         let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
         let mut y = if cpu_f32 && rows <= crate::gemv::MAX_ROWS {
-            x2.contiguous()?
-                .apply_op2_no_bwd(&self.weight, &crate::gemv::Gemv)?
+            match &self.quant {
+                Some(q) => x2
+                    .contiguous()?
+                    .apply_op1_no_bwd(&crate::quant::QuantGemv(q.clone()))?,
+                None => x2
+                    .contiguous()?
+                    .apply_op2_no_bwd(&self.weight, &crate::gemv::Gemv)?,
+            }
         } else {
             x2.matmul(&self.weight.t()?)?
         };
