@@ -54,22 +54,12 @@ pub fn run<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
-/// Threads a [`run`] from this thread gets.
-pub fn threads() -> usize {
-    if let Some(n) = rayon::current_thread_index().map(|_| rayon::current_num_threads()) {
-        return n;
-    }
-    OWN.with(|o| o.borrow().as_ref().map(|p| p.current_num_threads()))
-        .unwrap_or_else(|| pool().current_num_threads())
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
     fn a_thread_with_its_own_pool_runs_there() {
         std::thread::spawn(|| {
             super::use_own_pool(3, "t");
-            assert_eq!(super::threads(), 3);
             let (n, named) = super::run(|| {
                 let name = std::thread::current().name().unwrap_or("").to_string();
                 (rayon::current_num_threads(), name)

@@ -141,7 +141,6 @@ impl QuantMatrix {
 
     /// The weights as f32 `[rows * cols]` (for tests and checks).
     pub fn dequantize(&self) -> Vec<f32> {
-        let nb = self.cols / BLOCK;
         let mut w = vec![0f32; self.rows * self.cols];
         for (b, out) in w.chunks_exact_mut(BLOCK).enumerate() {
             let q = &self.qs[b * self.qbytes()..(b + 1) * self.qbytes()];
@@ -161,7 +160,6 @@ impl QuantMatrix {
                 }
             }
         }
-        let _ = nb;
         w
     }
 
