@@ -2,8 +2,9 @@
 """llama.cpp (through llama-cpp-python) on SmolLM2-135M: prefill of N tokens and single-token
 decode steps, 2 threads, for the Q4_1 file and an F32 requantization of it (llama.cpp's own
 quantize tool), the same token ids as `vvlm bench engine`. Prints JSON."""
-import argparse, ctypes, json, os, time
+import argparse, json, time
 import llama_cpp
+from llamacpp_f32 import f32_gguf
 
 ap = argparse.ArgumentParser()
 ap.add_argument("gguf")
@@ -12,12 +13,7 @@ ap.add_argument("--decode", type=int, default=128)
 ap.add_argument("--threads", type=int, default=2)
 a = ap.parse_args()
 
-f32 = os.path.splitext(a.gguf)[0] + ".F32.gguf"
-if not os.path.exists(f32):
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
-    p.allow_requantize = True
-    assert llama_cpp.llama_model_quantize(a.gguf.encode(), f32.encode(), ctypes.byref(p)) == 0
+f32 = f32_gguf(a.gguf)
 
 ids = [100 + (i * 7) % 1000 for i in range(a.prefill)]
 out = {}

@@ -11,9 +11,10 @@ also quantizes activations to 8 bits in its dot products, so only the top tokens
 --write-fixture saves the prompts' ids and llama.cpp F32 logits, which the engine's test
 `smollm2::logits_match_llama_cpp_f32` compares against without llama.cpp installed.
 """
-import argparse, ctypes, json, os, subprocess, tempfile
+import argparse, json, os, subprocess, tempfile
 import numpy as np
 import llama_cpp
+from llamacpp_f32 import f32_gguf
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--gguf", default="models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -22,12 +23,7 @@ ap.add_argument("--vvlm", default="target/release/vvlm")
 ap.add_argument("--write-fixture")
 a = ap.parse_args()
 
-f32 = os.path.splitext(a.gguf)[0] + ".F32.gguf"
-if not os.path.exists(f32):
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
-    p.allow_requantize = True
-    assert llama_cpp.llama_model_quantize(a.gguf.encode(), f32.encode(), ctypes.byref(p)) == 0
+f32 = f32_gguf(a.gguf)
 
 prompts = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
            "Once upon a time, in a small village by the sea, there lived"]

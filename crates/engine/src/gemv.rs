@@ -48,27 +48,37 @@ impl candle_core::CustomOp2 for Gemv {
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, parallel over output columns.
 pub fn gemv(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) {
     let dot = dot_kernel();
-    // Work items of output rows of W: large enough to amortise scheduling, small enough to
-    // balance two or more threads.
+    for_each_output(y, m, n, |o, r| {
+        dot(&w[o * k..(o + 1) * k], &x[r * k..(r + 1) * k])
+    });
+}
+
+/// `y[r, o] = f(o, r)` for `m` input rows and `n` outputs, parallel over chunks of outputs (large
+/// enough to amortise scheduling, small enough to balance two or more threads). For `m > 1`
+/// each chunk writes `[outputs, m]` and the result is transposed once at the end, so one output
+/// row of the weights is read for all input rows while it is in cache.
+pub(crate) fn for_each_output(
+    y: &mut [f32],
+    m: usize,
+    n: usize,
+    f: impl Fn(usize, usize) -> f32 + Sync,
+) {
     let chunk = (n / (rayon::current_num_threads() * 8)).clamp(16, 1024);
     if m == 1 {
         y.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
-            let o0 = c * chunk;
             for (j, yv) in out.iter_mut().enumerate() {
-                *yv = dot(&w[(o0 + j) * k..(o0 + j + 1) * k], x);
+                *yv = f(c * chunk + j, 0);
             }
         });
         return;
     }
-    let mut yt = vec![0f32; n * m]; // [n, m]: each chunk writes a contiguous slice
+    let mut yt = vec![0f32; n * m];
     yt.par_chunks_mut(chunk * m)
         .enumerate()
         .for_each(|(c, out)| {
-            let o0 = c * chunk;
             for (j, ys) in out.chunks_mut(m).enumerate() {
-                let wr = &w[(o0 + j) * k..(o0 + j + 1) * k];
                 for (r, yv) in ys.iter_mut().enumerate() {
-                    *yv = dot(wr, &x[r * k..(r + 1) * k]);
+                    *yv = f(c * chunk + j, r);
                 }
             }
         });

@@ -10,7 +10,6 @@ use crate::EngineError;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, Layout, Result, Shape};
 use half::f16;
-use rayon::prelude::*;
 use std::sync::Arc;
 
 const BLOCK: usize = 32;
@@ -169,32 +168,19 @@ impl QuantMatrix {
         // Per-block sums of x (Q4_1's `m · Σx` term), once per input row.
         let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
         let dot = row_dot_kernel(self.format);
-        let chunk = (n / (rayon::current_num_threads() * 8)).clamp(16, 1024);
-        let mut yt = vec![0f32; n * m];
-        yt.par_chunks_mut(chunk * m)
-            .enumerate()
-            .for_each(|(c, out)| {
-                for (j, ys) in out.chunks_mut(m).enumerate() {
-                    let o = c * chunk + j;
-                    let row = RowRef {
-                        qs: &self.qs[o * nb * self.qbytes()..(o + 1) * nb * self.qbytes()],
-                        d: &self.d[o * nb..(o + 1) * nb],
-                        m: if self.m.is_empty() {
-                            &[]
-                        } else {
-                            &self.m[o * nb..(o + 1) * nb]
-                        },
-                    };
-                    for (r, yv) in ys.iter_mut().enumerate() {
-                        *yv = dot(&row, &x[r * k..(r + 1) * k], &xsum[r * nb..(r + 1) * nb]);
-                    }
-                }
-            });
-        for j in 0..n {
-            for r in 0..m {
-                y[r * n + j] = yt[j * m + r];
-            }
-        }
+        let qb = nb * self.qbytes();
+        crate::gemv::for_each_output(y, m, n, |o, r| {
+            let row = RowRef {
+                qs: &self.qs[o * qb..(o + 1) * qb],
+                d: &self.d[o * nb..(o + 1) * nb],
+                m: if self.m.is_empty() {
+                    &[]
+                } else {
+                    &self.m[o * nb..(o + 1) * nb]
+                },
+            };
+            dot(&row, &x[r * k..(r + 1) * k], &xsum[r * nb..(r + 1) * nb])
+        });
     }
 }
 

@@ -10,18 +10,15 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
-use std::path::PathBuf;
 use vvlm_cost::{Component, FlopCounter};
 use vvlm_engine::attention::{attention, Masking};
 use vvlm_engine::{LoadOptions, VideoVlm};
 
+mod common;
+use common::max_abs;
+
 fn gpu() -> Device {
     Device::new_cuda(0).expect("these tests need an NVIDIA GPU and driver (see scripts/gpu-check)")
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    vvlm_engine::nn::max_abs_diff(a, b).unwrap()
 }
 
 #[test]
@@ -59,20 +56,8 @@ fn attention_on_the_gpu_matches_the_fused_cpu_kernel() {
 }
 
 fn fixture_forward(opts: &LoadOptions) -> std::collections::BTreeMap<String, Tensor> {
-    let dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava-onevision");
-    let r =
-        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
-    let pixels = r["input.pixel_values_videos"].squeeze(0).unwrap();
-    let ids: Vec<u32> = r["input.input_ids"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as u32)
-        .collect();
-    let m = VideoVlm::load(&dir.join("model"), opts).unwrap();
+    let (pixels, ids) = common::inputs(&common::reference());
+    let m = VideoVlm::load(&common::fixture().join("model"), opts).unwrap();
     let flops = FlopCounter::new();
     m.debug_forward(&pixels, &ids, m.cfg.default_side(), &flops)
         .unwrap()

@@ -4,37 +4,13 @@
 
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use vvlm_cost::{FlopCounter, Workload};
 use vvlm_engine::{LoadOptions, VideoVlm};
 
+mod common;
+use common::{fixture, inputs, max_abs, reference};
+
 const TOL: f32 = 1e-4;
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava-onevision")
-}
-
-fn reference() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    vvlm_engine::nn::max_abs_diff(a, b).unwrap()
-}
-
-fn inputs(r: &HashMap<String, Tensor>) -> (Tensor, Vec<u32>) {
-    let pixels = r["input.pixel_values_videos"].squeeze(0).unwrap();
-    let ids: Vec<u32> = r["input.input_ids"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as u32)
-        .collect();
-    (pixels, ids)
-}
 
 fn load(dir: &str) -> VideoVlm {
     VideoVlm::load(&fixture().join(dir), &LoadOptions::default()).unwrap()

@@ -1,0 +1,34 @@
+//! The tiny LLaVA-OneVision fixture shared by the parity tests (CPU and GPU).
+#![allow(dead_code)] // each test crate uses a different subset
+
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+pub fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava-onevision")
+}
+
+/// transformers' inputs, intermediates and logits.
+pub fn reference() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// The fixture's pixels `[T, 3, H, W]` and input ids.
+pub fn inputs(r: &HashMap<String, Tensor>) -> (Tensor, Vec<u32>) {
+    let pixels = r["input.pixel_values_videos"].squeeze(0).unwrap();
+    let ids: Vec<u32> = r["input.input_ids"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
+    (pixels, ids)
+}
+
+pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    vvlm_engine::nn::max_abs_diff(a, b).unwrap()
+}
