@@ -3,11 +3,13 @@
 
 mod bench_cmd;
 mod engine_cmd;
+mod eval_cmd;
 mod frames_cmd;
 mod math;
 mod plan_cmd;
 mod plot;
 mod serve_cmd;
+mod suite_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -50,6 +52,11 @@ enum Command {
     Plan(plan_cmd::PlanArgs),
     /// Probe a video and sample frames as the server would.
     Frames(frames_cmd::FramesArgs),
+    /// Measured accuracy of the registry's checkpoints on labelled videos over a grid (the sweep).
+    Eval(eval_cmd::EvalArgs),
+    /// The procedural video-QA suite: generate it, dump its frames for training.
+    #[command(subcommand)]
+    Suite(suite_cmd::SuiteCmd),
     /// Text-only generation with a checkpoint.
     Generate(engine_cmd::GenerateArgs),
 }
@@ -83,5 +90,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(a) => serve_cmd::serve(a),
         Command::Bench(c) => bench_cmd::run(c),
         Command::Tenant(a) => serve_cmd::tenant(a),
+        Command::Suite(c) => suite_cmd::run(c),
+        Command::Eval(a) => eval_cmd::eval(a),
     }
 }

@@ -139,7 +139,7 @@ pub fn sample(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
 }
 
 impl VideoVlm {
-    fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
         let tok = self
             .tokenizer
             .as_ref()
@@ -204,19 +204,50 @@ impl VideoVlm {
         flops: &FlopCounter,
         on_text: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation, EngineError> {
-        let prompt = self.template.render(req.system, req.prompt);
-        let prefix = self.tokenize(&prompt.before_video)?;
-        let suffix = self.tokenize(&prompt.after_video)?;
         let mut ctx = Ctx::new(flops, Component::LmPrefill);
-        let mut timings = Timings::default();
         let t0 = Instant::now();
         let video = match req.pixels {
             Some(p) => Some(self.encode_video(p, req.side, &mut ctx)?),
             None => None,
         };
-        timings.vision_s = t0.elapsed().as_secs_f64();
-        let visual_tokens = video.as_ref().map(|v| v.dim(0)).transpose()?.unwrap_or(0);
-        let embeds = self.input_embeddings(&prefix, video.as_ref(), &suffix)?;
+        let vision_s = t0.elapsed().as_secs_f64();
+        self.generate_after_video(video.as_ref(), vision_s, req, flops, on_text)
+    }
+
+    /// [`Self::generate`] for already encoded visual tokens ([`Self::video_tokens`]);
+    /// `req.pixels` and `req.side` are not used.
+    pub fn generate_encoded(
+        &self,
+        video: Option<&Tensor>,
+        req: &GenerateRequest,
+        flops: &FlopCounter,
+        on_text: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<Generation, EngineError> {
+        if self.lm.device().is_cpu() {
+            crate::cpu_pool::run(|| self.generate_after_video(video, 0.0, req, flops, on_text))
+        } else {
+            self.generate_after_video(video, 0.0, req, flops, on_text)
+        }
+    }
+
+    fn generate_after_video(
+        &self,
+        video: Option<&Tensor>,
+        vision_s: f64,
+        req: &GenerateRequest,
+        flops: &FlopCounter,
+        on_text: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<Generation, EngineError> {
+        let prompt = self.template.render(req.system, req.prompt);
+        let prefix = self.tokenize(&prompt.before_video)?;
+        let suffix = self.tokenize(&prompt.after_video)?;
+        let mut ctx = Ctx::new(flops, Component::LmPrefill);
+        let mut timings = Timings {
+            vision_s,
+            ..Default::default()
+        };
+        let visual_tokens = video.map(|v| v.dim(0)).transpose()?.unwrap_or(0);
+        let embeds = self.input_embeddings(&prefix, video, &suffix)?;
         let prompt_tokens = embeds.dim(1)?;
         let t1 = Instant::now();
         let mut cache = self.lm.new_cache();

@@ -20,6 +20,7 @@ pub mod model;
 pub mod nn;
 pub mod pool;
 pub mod quant;
+pub mod score;
 pub mod siglip;
 pub mod template;
 

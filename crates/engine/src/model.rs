@@ -355,15 +355,38 @@ impl VideoVlm {
         side: usize,
         ctx: &mut Ctx,
     ) -> Result<Tensor, EngineError> {
+        self.check_side(side)?;
+        let projected = self.projected_frames(pixels, ctx)?;
+        self.video_tokens(&projected, side, ctx)
+    }
+
+    fn check_side(&self, side: usize) -> Result<(), EngineError> {
         let grid = self.grid();
         if side == 0 || side > grid {
             return Err(EngineError::Request(format!(
                 "tokens per frame must be s*s with 1 <= s <= {grid}, got s = {side}"
             )));
         }
+        Ok(())
+    }
+
+    /// Tower and projector over every frame: `[frames, g*g, ht]`, before pooling. Pooling it
+    /// to several sides ([`Self::video_tokens`]) encodes each frame once.
+    pub fn projected_frames(&self, pixels: &Tensor, ctx: &mut Ctx) -> Result<Tensor, EngineError> {
         let feats = self.vision_features(pixels, ctx)?;
-        let proj = self.project(&feats, ctx)?;
-        let pooled = pool::pool(&proj, grid, side)?;
+        self.project(&feats, ctx)
+    }
+
+    /// Pooled tokens of projected frames, flattened, with the newline:
+    /// `[frames * side^2 (+1), ht]`.
+    pub fn video_tokens(
+        &self,
+        projected: &Tensor,
+        side: usize,
+        ctx: &mut Ctx,
+    ) -> Result<Tensor, EngineError> {
+        self.check_side(side)?;
+        let pooled = pool::pool(projected, self.grid(), side)?;
         ctx.tap(|| "pooled".into(), &pooled);
         let (f, n, d) = pooled.dims3()?;
         let flat = pooled.reshape((f * n, d))?;

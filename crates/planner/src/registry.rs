@@ -39,6 +39,9 @@ pub struct ModelEntry {
     pub max_side: u32,
     #[serde(default)]
     pub description: String,
+    /// Finetuning data size of the checkpoint, millions of examples (the scaling law's `n`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_size_m: Option<f64>,
 }
 
 impl ModelEntry {
@@ -58,6 +61,7 @@ impl ModelEntry {
             max_frames,
             max_side,
             description: String::new(),
+            data_size_m: None,
         }
     }
 
@@ -77,6 +81,11 @@ impl ModelEntry {
                 "frames range {}..={} is empty or starts at 0",
                 self.min_frames, self.max_frames
             ));
+        }
+        if let Some(d) = self.data_size_m {
+            if !(d.is_finite() && d > 0.0) {
+                return bad(format!("data_size_m must be positive, got {d}"));
+            }
         }
         if self.max_side == 0 || self.max_side > 64 {
             return bad(format!("max_side {} must be in 1..=64", self.max_side));

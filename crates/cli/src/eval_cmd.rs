@@ -1,0 +1,307 @@
+//! `vvlm eval`: measured accuracy of the registry's checkpoints on a labelled set over a grid of
+//! (frames, tokens per frame): the sweep step of the paper's method. Writes the per-item cache
+//! (resumable), the sweep as the CSV `vvlm fit` reads (one file overall and one per family), a
+//! JSON summary and an SVG of accuracy against measured FLOPs per checkpoint.
+
+use crate::plot::{self, Chart, Series, Style};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use vvlm_engine::{LoadOptions, VideoVlm};
+use vvlm_eval::{Cache, GridPoint, ItemResult};
+use vvlm_planner::{ModelEntry, Registry};
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Labelled set: JSONL of {"video", "question", "answer", "choices"?, "family"?}; `video`
+    /// is relative to the file's folder.
+    #[arg(long)]
+    pub items: PathBuf,
+    /// Folder of model registry entries (*.toml): every checkpoint in it is evaluated.
+    #[arg(long, default_value = "models")]
+    pub models: PathBuf,
+    /// Only these registry entries (repeatable).
+    #[arg(long = "model")]
+    pub only: Vec<String>,
+    /// Grid of FRAMES:TOKENS_PER_FRAME points. Default: frames 1,2,4,8,16,32 x sides
+    /// 1,2,4,8 (tokens 1,4,16,64), clipped to each entry's ranges.
+    #[arg(long)]
+    pub grid: Option<String>,
+    /// Output folder (cache/, sweep.csv, sweep-<family>.csv, summary.json, accuracy.svg).
+    #[arg(long, default_value = "eval-out")]
+    pub out: PathBuf,
+    /// Evaluate only the first N items.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Finetuning data size (millions of examples) for entries that do not state it.
+    #[arg(long)]
+    pub data_size: Option<f64>,
+    /// Quiet: no progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+const DEFAULT_FRAMES: [usize; 6] = [1, 2, 4, 8, 16, 32];
+const DEFAULT_SIDES: [usize; 4] = [1, 2, 4, 8];
+
+fn default_grid(e: &ModelEntry, grid_side: usize) -> Vec<GridPoint> {
+    let max_side = (e.max_side as usize).min(grid_side);
+    let mut out = vec![];
+    for &frames in &DEFAULT_FRAMES {
+        if frames < e.min_frames as usize || frames > e.max_frames as usize {
+            continue;
+        }
+        let mut sides: Vec<usize> = DEFAULT_SIDES
+            .iter()
+            .copied()
+            .filter(|&s| s <= max_side)
+            .collect();
+        if !sides.contains(&max_side) {
+            sides.push(max_side);
+        }
+        out.extend(sides.into_iter().map(|side| GridPoint { frames, side }));
+    }
+    out
+}
+
+/// Data size of an entry: the registry's `data_size_m`, else the checkpoint's training record,
+/// else the command line.
+fn data_size(e: &ModelEntry, dir: &Path, cli: Option<f64>) -> Result<f64> {
+    if let Some(d) = e.data_size_m {
+        return Ok(d);
+    }
+    let cfg: serde_json::Value = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    if let Some(items) = cfg["vvlm_training"]["items"].as_f64() {
+        return Ok(items / 1e6);
+    }
+    cli.with_context(|| {
+        format!(
+            "{}: no data size (set data_size_m in its registry entry or pass --data-size)",
+            e.name
+        )
+    })
+}
+
+/// One row of the sweep: a checkpoint at a grid point, over one family or all items.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepRow {
+    pub model: String,
+    pub lm_params_b: f64,
+    pub frames: usize,
+    pub tokens_per_frame: usize,
+    pub data_size_m: f64,
+    pub family: String,
+    pub items: usize,
+    /// Mean score, 0-100.
+    pub score: f64,
+    /// Half-width of the 95% confidence interval of `score` (normal approximation).
+    pub ci95: f64,
+    /// The paper's formula with this checkpoint's tower: `2 x_T (x_M x_W + x_N x_V)`.
+    pub theoretical_flops: f64,
+    /// Mean measured FLOPs per item (tower + projector + LM as executed).
+    pub measured_flops: f64,
+    pub vision_s: f64,
+    pub lm_s: f64,
+}
+
+pub fn aggregate(rows: &[ItemResult]) -> Option<(usize, f64, f64, f64, f64, f64)> {
+    let n = rows.len();
+    if n == 0 {
+        return None;
+    }
+    let mean = |f: &dyn Fn(&ItemResult) -> f64| rows.iter().map(f).sum::<f64>() / n as f64;
+    let m = mean(&|r| r.score);
+    let var = if n > 1 {
+        rows.iter().map(|r| (r.score - m).powi(2)).sum::<f64>() / (n - 1) as f64
+    } else {
+        0.0
+    };
+    Some((
+        n,
+        100.0 * m,
+        100.0 * 1.96 * (var / n as f64).sqrt(),
+        mean(&|r| r.measured_flops),
+        mean(&|r| r.vision_s),
+        mean(&|r| r.lm_s),
+    ))
+}
+
+pub fn write_csv(path: &Path, rows: &[SweepRow]) -> Result<()> {
+    let mut w =
+        csv::Writer::from_path(path).with_context(|| format!("writing {}", path.display()))?;
+    for r in rows {
+        w.serialize(r)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    vvlm_video::init();
+    let mut items = vvlm_suite::read_items(&a.items)?;
+    if let Some(n) = a.limit {
+        items.truncate(n);
+    }
+    if items.is_empty() {
+        bail!("{} has no items", a.items.display());
+    }
+    let items_dir = a.items.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let registry = Registry::load_dir(&a.models)?;
+    let entries: Vec<&ModelEntry> = registry
+        .models
+        .iter()
+        .filter(|e| a.only.is_empty() || a.only.contains(&e.name))
+        .collect();
+    if entries.is_empty() {
+        bail!("no registry entries to evaluate in {}", a.models.display());
+    }
+    let ids: std::collections::HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
+    let policy = vvlm_video::MediaPolicy::default();
+    let mut sweep = vec![];
+    for e in entries {
+        let dir = e.path.clone();
+        let vlm = VideoVlm::load(&dir, &LoadOptions::default())
+            .with_context(|| format!("loading {} from {}", e.name, dir.display()))?;
+        let grid = match &a.grid {
+            Some(g) => vvlm_eval::parse_grid(g)?,
+            None => default_grid(e, vlm.grid()),
+        };
+        let data_size_m = data_size(e, &dir, a.data_size)?;
+        let cache = Cache::new(&a.out.join("cache").join(&e.name))?;
+        let bar = if a.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(0)
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} videos x frame counts, ETA {eta}",
+            )
+            .expect("static template"),
+        );
+        bar.set_prefix(e.name.clone());
+        let t0 = std::time::Instant::now();
+        vvlm_eval::sweep_checkpoint(
+            &vlm,
+            &items,
+            &items_dir,
+            &grid,
+            &cache,
+            &policy,
+            &mut |d, t| {
+                bar.set_length(t as u64);
+                bar.set_position(d as u64);
+            },
+        )?;
+        bar.finish_and_clear();
+        tracing::info!(
+            "{}: {} grid points in {:.1}s",
+            e.name,
+            grid.len(),
+            t0.elapsed().as_secs_f64()
+        );
+        let arch = vlm.arch();
+        let paper = vvlm_cost::PaperCost {
+            vision_params: arch.vision.params(),
+            vision_features: arch.vision.patches() as f64,
+        };
+        for p in &grid {
+            let results: Vec<ItemResult> = cache
+                .load(*p)
+                .into_iter()
+                .filter(|r| ids.contains(r.id.as_str()))
+                .collect();
+            let mut by_family: BTreeMap<String, Vec<ItemResult>> = BTreeMap::new();
+            for r in &results {
+                by_family
+                    .entry(r.family.clone())
+                    .or_default()
+                    .push(r.clone());
+            }
+            by_family.insert("all".into(), results);
+            for (family, rs) in by_family {
+                let Some((n, score, ci95, measured, vision_s, lm_s)) = aggregate(&rs) else {
+                    continue;
+                };
+                sweep.push(SweepRow {
+                    model: e.name.clone(),
+                    lm_params_b: e.lm_params / 1e9,
+                    frames: p.frames,
+                    tokens_per_frame: p.tokens_per_frame(),
+                    data_size_m,
+                    family,
+                    items: n,
+                    score,
+                    ci95,
+                    theoretical_flops: paper.flops(
+                        e.lm_params,
+                        p.frames as f64,
+                        p.tokens_per_frame() as f64,
+                    ),
+                    measured_flops: measured,
+                    vision_s,
+                    lm_s,
+                });
+            }
+        }
+    }
+    std::fs::create_dir_all(&a.out)?;
+    let families: std::collections::BTreeSet<String> =
+        sweep.iter().map(|r| r.family.clone()).collect();
+    for f in &families {
+        let rows: Vec<SweepRow> = sweep.iter().filter(|r| &r.family == f).cloned().collect();
+        let name = if f == "all" {
+            "sweep.csv".to_string()
+        } else {
+            format!("sweep-{f}.csv")
+        };
+        write_csv(&a.out.join(name), &rows)?;
+    }
+    std::fs::write(
+        a.out.join("summary.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "items": a.items, "n_items": items.len(), "rows": sweep,
+        }))?,
+    )?;
+    let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for r in sweep.iter().filter(|r| r.family == "all") {
+        series
+            .entry(r.model.clone())
+            .or_default()
+            .push((r.measured_flops, r.score));
+    }
+    let chart = Chart {
+        title: "Measured accuracy against measured FLOPs per request".into(),
+        x_label: "FLOPs (measured)".into(),
+        y_label: "score (0-100)".into(),
+        log_x: true,
+        series: series
+            .into_iter()
+            .map(|(name, points)| Series {
+                name,
+                points,
+                style: Style::Scatter,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    std::fs::write(a.out.join("accuracy.svg"), plot::render(&[chart]))?;
+    println!(
+        "{:<18} {:>6} {:>6} {:>14} {:>7} {:>6} {:>11}",
+        "model", "frames", "tokens", "family", "items", "score", "FLOPs"
+    );
+    for r in sweep.iter().filter(|r| r.family == "all") {
+        println!(
+            "{:<18} {:>6} {:>6} {:>14} {:>7} {:>6.1} {:>11.3e}",
+            r.model, r.frames, r.tokens_per_frame, r.family, r.items, r.score, r.measured_flops
+        );
+    }
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
