@@ -20,7 +20,7 @@ python3 -m vvlm_train.train tokenizer --work "$WORK"
 [ -f "$WORK/tower/tower.safetensors" ] || python3 -m vvlm_train.train tower --work "$WORK"
 [ -f "$WORK/frames/test/features.npy" ] || python3 -m vvlm_train.train features --work "$WORK"
 # The served rungs (largest n) first, then the smaller data sizes.
-for n in "$TRAIN_VIDEOS" 1200 400; do
+for n in "$TRAIN_VIDEOS" 400 1200; do
   for size in l m s; do
     [ -f "$WORK/rungs/$size-n$n/model.safetensors" ] || \
       python3 -m vvlm_train.train lm --work "$WORK" --size "$size" --videos "$n"

@@ -36,8 +36,11 @@ VISION = VisionConfig()
 SIZES = {
     "s": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4),
     "m": dict(hidden_size=96, intermediate_size=288, num_hidden_layers=4, num_attention_heads=4),
-    "l": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4),
+    "l": dict(hidden_size=112, intermediate_size=336, num_hidden_layers=6, num_attention_heads=4),
 }
+# Peak learning rate per size: the wider, deeper LMs need a smaller one to leave the
+# answer-prior plateau (l at 3e-3 stayed on it for 800 steps; at 1e-3 it left by step 300).
+LEARNING_RATES = {"s": 3e-3, "m": 1.5e-3, "l": 1e-3}
 FRAME_CHOICES = [1, 2, 4, 8, 16, 32]
 SIDE_CHOICES = list(range(1, VISION.grid + 1))
 HEADS = {"colour": 9, "shape": 10, "background": 4, "row": 8, "col": 8}
@@ -186,12 +189,58 @@ class Examples:
         return torch.from_numpy(np.stack([self.features[r][fi] for r in rows]).astype(np.float32))
 
 
+def video_groups(ex: Examples) -> list[list[int]]:
+    """Item indices grouped by video (every family of a video)."""
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(ex.rows):
+        groups.setdefault(r, []).append(i)
+    return list(groups.values())
+
+
+def multi_qa_loss(model, ex, groups, frames, side, rng: random.Random):
+    """One sequence per video: its visual tokens, then every item's question and answer (+EOS)
+    in a random order, as multi-turn instruction data is laid out. The first question sits
+    exactly where a served prompt puts it. Loss: mean over answers of each answer's mean token
+    loss."""
+    rows = [ex.rows[g[0]] for g in groups]
+    fi = D.frame_indices(frames, ex.features.shape[1])
+    feats = torch.from_numpy(np.stack([ex.features[r][fi] for r in rows]).astype(np.float32))
+    vis = model.visual_tokens(feats, side)
+    lv = vis.shape[1]
+    seqs, spans = [], []
+    for g in groups:
+        order = g[:]
+        rng.shuffle(order)
+        ids, sp = [], []
+        for i in order:
+            ids += ex.q_ids[i]
+            sp.append((len(ids), ex.a_ids[i]))
+            ids += ex.a_ids[i]
+        seqs.append(ids)
+        spans.append(sp)
+    L = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), L), D.PAD, dtype=torch.long)
+    targets = torch.full((len(seqs), L), -100, dtype=torch.long)
+    weights = torch.zeros(len(seqs), L)
+    for b, (x, sp) in enumerate(zip(seqs, spans)):
+        ids[b, :len(x)] = torch.tensor(x)
+        for start, ans in sp:
+            targets[b, start:start + len(ans)] = torch.tensor(ans)
+            weights[b, start:start + len(ans)] = 1.0 / len(ans)
+    logits = model.language_model.model(torch.cat([vis, model.embed(ids)], dim=1))
+    pred = logits[:, lv - 1:lv - 1 + L]
+    ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1),
+                         ignore_index=-100, reduction="none")
+    return (ce * weights.reshape(-1)).sum() / weights.sum()
+
+
 def make_model(size: str, vocab: int, tower=None) -> VideoVlm:
     tc = TextConfig(vocab_size=vocab, **SIZES[size])
     m = VideoVlm(VISION, tc, tower)
-    for name, p in m.named_parameters():
-        if name.startswith("language_model") and p.dim() == 2:
-            nn.init.normal_(p, std=0.02)
+    # Linear layers keep PyTorch's default init (uniform, 1/sqrt(fan_in)): at these widths it
+    # gives attention logits large enough to become selective quickly (std 0.02, GPT-2's
+    # choice for width 768, left the LMs on the answer-prior plateau for hundreds of steps).
+    nn.init.normal_(m.language_model.model.embed_tokens.weight, std=0.02)
     return m
 
 
@@ -212,19 +261,40 @@ def batch_inputs(model: VideoVlm, ex: Examples, idx, frames: int, side: int, wit
 
 
 def lm_loss(model, ex, idx, frames, side):
+    """Mean over items of each item's mean answer-token loss (so long captions do not outweigh
+    single-word answers)."""
     emb, ids, lv = batch_inputs(model, ex, idx, frames, side, True)
     logits = model.language_model.model(emb)
     targets = torch.full(ids.shape, -100, dtype=torch.long)
+    weights = torch.zeros(ids.shape)
     for b, i in enumerate(idx):
         q, ans = len(ex.q_ids[i]), ex.a_ids[i]
         targets[b, q:q + len(ans)] = torch.tensor(ans)
+        weights[b, q:q + len(ans)] = 1.0 / len(ans)
     # Position lv + j - 1 predicts text token j.
     pred = logits[:, lv - 1:lv - 1 + ids.shape[1]]
-    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1),
+                         ignore_index=-100, reduction="none")
+    return (ce * weights.reshape(-1)).sum() / len(idx)
 
 
-def sample_config(rng: random.Random) -> tuple[int, int]:
-    return rng.choice(FRAME_CHOICES), rng.choice(SIDE_CHOICES)
+# Short sequences (few visual tokens) carry the most items per step; long ones teach the LM
+# to find answers among many tokens. A curriculum: the first third of training draws only
+# configurations of at most SHORT visual tokens, later ones every (x_T, s) with
+# LONG_SHARE probability.
+SHORT, LONG_SHARE = 256, 0.3
+
+
+def sample_config(rng: random.Random, progress: float = 1.0) -> tuple[int, int]:
+    fixed = os.environ.get("VVLM_TRAIN_FIXED_CONFIG")
+    if fixed:
+        f, s = fixed.split(":")
+        return int(f), int(s)
+    while True:
+        frames, side = rng.choice(FRAME_CHOICES), rng.choice(SIDE_CHOICES)
+        short = frames * side * side <= SHORT
+        if short or (progress >= 1 / 3 and rng.random() < LONG_SHARE):
+            return frames, side
 
 
 def cmd_lm(a):
@@ -234,19 +304,21 @@ def cmd_lm(a):
     ex = Examples(work, "train", tok, a.videos)
     model = make_model(a.size, tok.get_vocab_size(), load_tower(work))
     params = [p for n, p in model.named_parameters() if not n.startswith("vision_tower")]
+    a.lr = a.lr or LEARNING_RATES[a.size]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
     rng = random.Random(a.seed)
-    name = f"{a.size}-n{a.videos}"
+    name = a.name or f"{a.size}-n{a.videos}"
+    groups = video_groups(ex)
+    text_len = max(sum(len(ex.q_ids[i]) + len(ex.a_ids[i]) for i in g) for g in groups)
     t0 = time.time()
     losses = []
     for step in range(a.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.steps, a.lr)
-        frames, side = sample_config(rng)
-        length = frames * side * side + 30
-        b = max(4, min(a.batch, a.tokens // length))
-        idx = [rng.randrange(len(ex.items)) for _ in range(b)]
-        loss = lm_loss(model, ex, idx, frames, side)
+        frames, side = sample_config(rng, step / a.steps)
+        length = frames * side * side + 1 + text_len
+        b = max(2, min(a.batch, a.tokens // length))
+        loss = multi_qa_loss(model, ex, [rng.choice(groups) for _ in range(b)], frames, side, rng)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -268,7 +340,7 @@ def cmd_lm(a):
 
 
 def load_rung(work: Path, name: str, tok: Tokenizer) -> VideoVlm:
-    size = name.split("-")[0]
+    size = json.loads((work / "rungs" / name / "train.json").read_text())["size"]
     m = make_model(size, tok.get_vocab_size())
     m.load_state_dict(load_file(str(work / "rungs" / name / "model.safetensors")))
     m.eval()
@@ -341,16 +413,23 @@ def summarise(ex: Examples, scores):
 def cmd_eval(a):
     work = Path(a.work)
     tok = Tokenizer.from_file(str(work / "tokenizer.json"))
-    ex = Examples(work, a.split, tok)
+    ex = Examples(work, a.split, tok, a.videos)
     out = work / "eval"
     out.mkdir(exist_ok=True)
-    grid = [tuple(map(int, g.split(":"))) for g in a.grid.split(",")]
+    # FRAMES:TOKENS_PER_FRAME, as `vvlm eval --grid` (tokens per frame = s*s).
+    grid = []
+    for g in a.grid.split(","):
+        frames, tokens = map(int, g.split(":"))
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise SystemExit(f"grid point {g}: tokens per frame must be a perfect square")
+        grid.append((frames, side))
     for rung in a.rungs.split(","):
         model = load_rung(work, rung, tok)
-        path = out / f"{rung}-{a.split}.json"
+        path = out / f"{rung}-{a.split}{'' if a.videos is None else f'-v{a.videos}'}.json"
         results = json.loads(path.read_text()) if path.exists() else {}
         for frames, side in grid:
-            key = f"{frames}:{side}"
+            key = f"{frames}:{side * side}"
             if key in results:
                 continue
             t0 = time.time()
@@ -358,7 +437,7 @@ def cmd_eval(a):
             res["seconds"] = round(time.time() - t0, 1)
             results[key] = res
             path.write_text(json.dumps(results, indent=1))
-            log(f"{rung} {a.split} T={frames} s={side}: " + " ".join(
+            log(f"{rung} {a.split} T={frames} V={side * side}: " + " ".join(
                 f"{f} {r['acc']:.1f}" for f, r in res.items() if isinstance(r, dict)))
 
 
@@ -464,20 +543,23 @@ def main():
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("tokenizer"); s.add_argument("--work", required=True)
     s = sub.add_parser("tower"); s.add_argument("--work", required=True)
-    s.add_argument("--steps", type=int, default=1500); s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--steps", type=int, default=1200); s.add_argument("--batch", type=int, default=32)
     s.add_argument("--lr", type=float, default=2e-3); s.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("features"); s.add_argument("--work", required=True)
     s.add_argument("--splits", default="train,val,test")
     s = sub.add_parser("lm"); s.add_argument("--work", required=True)
     s.add_argument("--size", choices=list(SIZES), required=True)
     s.add_argument("--videos", type=int, required=True)
-    s.add_argument("--steps", type=int, default=1500); s.add_argument("--batch", type=int, default=48)
-    s.add_argument("--tokens", type=int, default=1536); s.add_argument("--lr", type=float, default=2e-3)
+    s.add_argument("--steps", type=int, default=1200); s.add_argument("--batch", type=int, default=32)
+    s.add_argument("--tokens", type=int, default=2560)
+    s.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per size)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--name", default=None, help="rung name (default SIZE-nVIDEOS)")
     s = sub.add_parser("eval"); s.add_argument("--work", required=True)
     s.add_argument("--rungs", required=True); s.add_argument("--split", default="test")
-    s.add_argument("--grid", default="1:8,2:8,4:8,8:8,16:8,32:8,32:1,32:2,32:4")
+    s.add_argument("--grid", default="16:16", help="FRAMES:TOKENS_PER_FRAME,...")
     s.add_argument("--caption-limit", type=int, default=100)
+    s.add_argument("--videos", type=int, default=None, help="only the first N videos")
     s = sub.add_parser("export"); s.add_argument("--work", required=True)
     s.add_argument("--rung", required=True); s.add_argument("--out", required=True)
     s = sub.add_parser("golden"); s.add_argument("--work", required=True)

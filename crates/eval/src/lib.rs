@@ -193,7 +193,10 @@ impl Cache {
             .append(true)
             .open(&path)
             .map_err(|e| EvalError::Invalid(format!("{}: {e}", path.display())))?;
-        let mut text = String::new();
+        // A run killed mid-write may have left a torn last line: end it, so that it stays one
+        // skipped line and does not swallow the first new row.
+        let torn = last_byte(&path).is_some_and(|c| c != b'\n');
+        let mut text = String::from(if torn { "\n" } else { "" });
         for r in rows {
             text.push_str(&serde_json::to_string(r).expect("plain data"));
             text.push('\n');
@@ -201,6 +204,15 @@ impl Cache {
         f.write_all(text.as_bytes())
             .map_err(|e| EvalError::Invalid(format!("{}: {e}", path.display())))
     }
+}
+
+fn last_byte(path: &Path) -> Option<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    f.seek(SeekFrom::End(-1)).ok()?;
+    let mut b = [0u8; 1];
+    f.read_exact(&mut b).ok()?;
+    Some(b[0])
 }
 
 /// Evaluates one checkpoint over a grid: each video is decoded once per frame count, each frame
@@ -329,5 +341,84 @@ fn score_open(item: &Item, predicted: &str) -> ItemScore {
     ItemScore {
         score,
         predicted: predicted.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_points_are_frames_and_square_token_counts() {
+        let g = parse_grid("8:16, 1:1,8:16,32:64").unwrap();
+        assert_eq!(
+            g,
+            vec![
+                GridPoint { frames: 1, side: 1 },
+                GridPoint { frames: 8, side: 4 },
+                GridPoint { frames: 32, side: 8 }
+            ]
+        );
+        for bad in ["8:15", "0:4", "8", "x:4", "", "4:0"] {
+            assert!(parse_grid(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    fn row(id: &str, score: f64) -> ItemResult {
+        ItemResult {
+            id: id.into(),
+            family: "f".into(),
+            score,
+            predicted: "p".into(),
+            measured_flops: 1.0,
+            vision_s: 0.0,
+            lm_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn cache_appends_and_ignores_a_torn_last_line() {
+        let dir = std::env::temp_dir().join(format!("vvlm-eval-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = Cache::new(&dir).unwrap();
+        let p = GridPoint { frames: 2, side: 3 };
+        assert!(c.load(p).is_empty());
+        c.append(p, &[row("a", 1.0), row("b", 0.0)]).unwrap();
+        c.append(p, &[row("c", 0.5)]).unwrap();
+        // A run killed mid-write leaves a partial line: it is skipped, the rest is kept.
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("T2_s3.jsonl"))
+            .unwrap();
+        f.write_all(b"{\"id\": \"d\", \"fam").unwrap();
+        let got: Vec<String> = c.load(p).into_iter().map(|r| r.id).collect();
+        assert_eq!(got, ["a", "b", "c"]);
+        // The resumed run's rows are not lost to the torn line.
+        c.append(p, &[row("d", 1.0)]).unwrap();
+        let got: Vec<String> = c.load(p).into_iter().map(|r| r.id).collect();
+        assert_eq!(got, ["a", "b", "c", "d"]);
+        assert!(c.load(GridPoint { frames: 2, side: 2 }).is_empty());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn items_group_by_video_in_order() {
+        let it = |id: &str, v: &str| Item {
+            id: id.into(),
+            video: v.into(),
+            question: "q".into(),
+            answer: "a".into(),
+            choices: vec![],
+            family: None,
+        };
+        let items = [it("1", "x"), it("2", "y"), it("3", "x")];
+        let g = group_by_video(&items);
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[0].0, "x");
+        assert_eq!(
+            g[0].1.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+            ["1", "3"]
+        );
     }
 }
