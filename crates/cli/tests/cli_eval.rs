@@ -34,7 +34,14 @@ fn eval_writes_a_fittable_sweep_and_resumes() {
     let suite = dir.join("suite");
     let out = dir.join("out");
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    vvlm(&["suite", "generate", "--out", &s(&suite), "--splits", "test=2"]);
+    vvlm(&[
+        "suite",
+        "generate",
+        "--out",
+        &s(&suite),
+        "--splits",
+        "test=2",
+    ]);
     let items = suite.join("test/items.jsonl");
     assert_eq!(lines(&items), 12, "6 families x 2 videos");
     // A registry with only the small rung.
@@ -44,12 +51,23 @@ fn eval_writes_a_fittable_sweep_and_resumes() {
     let ckpt = repo().join("models/ladder/suite-s");
     std::fs::write(
         reg.join("suite-s.toml"),
-        entry.replace("path = \"ladder/suite-s\"", &format!("path = {:?}", s(&ckpt))),
+        entry.replace(
+            "path = \"ladder/suite-s\"",
+            &format!("path = {:?}", s(&ckpt)),
+        ),
     )
     .unwrap();
     let args = [
-        "eval", "--items", &s(&items), "--models", &s(&reg), "--grid", "1:1,4:16",
-        "--out", &s(&out), "--quiet",
+        "eval",
+        "--items",
+        &s(&items),
+        "--models",
+        &s(&reg),
+        "--grid",
+        "1:1,4:16",
+        "--out",
+        &s(&out),
+        "--quiet",
     ];
     vvlm(&args);
     // Every item is scored once per grid point.
@@ -62,14 +80,28 @@ fn eval_writes_a_fittable_sweep_and_resumes() {
     assert_eq!(data.rows.len(), 2);
     assert_eq!(data.factors.len(), 4, "N, T, V and n");
     let header = text.lines().next().unwrap();
-    for col in ["lm_params_b", "frames", "tokens_per_frame", "data_size_m", "score", "family", "items", "ci95", "theoretical_flops", "measured_flops"] {
+    for col in [
+        "lm_params_b",
+        "frames",
+        "tokens_per_frame",
+        "data_size_m",
+        "score",
+        "family",
+        "items",
+        "ci95",
+        "theoretical_flops",
+        "measured_flops",
+    ] {
         assert!(header.split(',').any(|c| c == col), "no {col} in {header}");
     }
     assert!(out.join("sweep-temporal.csv").exists());
     // Rerunning resumes: nothing is evaluated twice.
     let before = std::fs::read_to_string(cache.join("T4_s4.jsonl")).unwrap();
     vvlm(&args);
-    assert_eq!(std::fs::read_to_string(cache.join("T4_s4.jsonl")).unwrap(), before);
+    assert_eq!(
+        std::fs::read_to_string(cache.join("T4_s4.jsonl")).unwrap(),
+        before
+    );
     // An interrupted point (half its items missing) is completed, not redone.
     let kept: Vec<&str> = before.lines().take(5).collect();
     std::fs::write(cache.join("T4_s4.jsonl"), kept.join("\n") + "\n").unwrap();

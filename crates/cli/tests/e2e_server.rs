@@ -100,6 +100,9 @@ impl Server {
             .arg("--models-dir")
             .arg(models_dir())
             .args(["--admin-key", ADMIN])
+            // These tests price the demo checkpoint with the paper's formula (the budgets
+            // below were chosen for it); the default config prices exactly.
+            .args(["--cost-mode", "theoretical"])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())

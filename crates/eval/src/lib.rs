@@ -356,7 +356,10 @@ mod tests {
             vec![
                 GridPoint { frames: 1, side: 1 },
                 GridPoint { frames: 8, side: 4 },
-                GridPoint { frames: 32, side: 8 }
+                GridPoint {
+                    frames: 32,
+                    side: 8
+                }
             ]
         );
         for bad in ["8:15", "0:4", "8", "x:4", "", "4:0"] {

@@ -238,9 +238,9 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let all: Vec<_> = Shape::ALL.iter().map(|&s| mask(s)).collect();
-        for i in 0..4 {
-            for j in i + 1..4 {
-                assert_ne!(all[i], all[j], "{:?} vs {:?}", Shape::ALL[i], Shape::ALL[j]);
+        for (i, a) in all.iter().enumerate() {
+            for (j, b) in all.iter().enumerate().skip(i + 1) {
+                assert_ne!(a, b, "{:?} vs {:?}", Shape::ALL[i], Shape::ALL[j]);
             }
         }
         // Square fills the box; the triangle's apex row is narrower than its base.
