@@ -42,6 +42,25 @@ pub struct EvalArgs {
     /// Quiet: no progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Plan mode: at each `--budget` the planner chooses a configuration per item (as the
+    /// server would for that request) and the choice is evaluated; the oracle (best measured grid
+    /// configuration within the budget) and naive policies are computed from the grid beside it.
+    /// Writes plan.csv, check.md and check.svg.
+    #[arg(long, requires = "budget")]
+    pub plan: bool,
+    /// Budgets for --plan, FLOPs per request, comma separated (3e8,1G,...).
+    #[arg(long, value_delimiter = ',', value_parser = crate::math::si)]
+    pub budget: Vec<f64>,
+    /// Scaling model of the pooled plan (every item plans with it).
+    #[arg(long, default_value = "configs/scaling/default.json")]
+    pub scaling: PathBuf,
+    /// Folder of per-family scaling models (`<family>.json`): adds the per-family plan (items of
+    /// a family without a file plan with --scaling).
+    #[arg(long)]
+    pub family_models: Option<PathBuf>,
+    /// How the planner and the baselines price a configuration.
+    #[arg(long, value_enum, default_value = "exact")]
+    pub cost_mode: crate::eval_plan::CostModeArg,
 }
 
 const DEFAULT_FRAMES: [usize; 6] = [1, 2, 4, 8, 16, 32];
@@ -132,6 +151,20 @@ pub fn aggregate(rows: &[ItemResult]) -> Option<(usize, f64, f64, f64, f64, f64)
     ))
 }
 
+/// A progress bar over `len` steps (hidden when quiet).
+pub fn progress(quiet: bool, what: &str, len: usize) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len}, ETA {eta}")
+            .expect("static template"),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
 pub fn write_csv(path: &Path, rows: &[SweepRow]) -> Result<()> {
     let mut w =
         csv::Writer::from_path(path).with_context(|| format!("writing {}", path.display()))?;
@@ -164,7 +197,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let ids: std::collections::HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
     let policy = vvlm_video::MediaPolicy::default();
     let mut sweep = vec![];
-    for e in entries {
+    for e in entries.iter().copied() {
         let dir = e.path.clone();
         let vlm = VideoVlm::load(&dir, &LoadOptions::default())
             .with_context(|| format!("loading {} from {}", e.name, dir.display()))?;
@@ -301,6 +334,35 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             "{:<18} {:>6} {:>6} {:>14} {:>7} {:>6.1} {:>11.3e}",
             r.model, r.frames, r.tokens_per_frame, r.family, r.items, r.score, r.measured_flops
         );
+    }
+    if a.plan {
+        let rows = crate::eval_plan::run(
+            &a,
+            &items,
+            &items_dir,
+            &entries,
+            &|e, vlm| match &a.grid {
+                Some(g) => Ok(vvlm_eval::parse_grid(g)?),
+                None => Ok(default_grid(e, vlm.grid())),
+            },
+            &|e| data_size(e, &e.path, a.data_size),
+        )?;
+        println!();
+        println!(
+            "{:>10} {:<14} {:>6} {:>6}  {:<24} {:>11}",
+            "budget", "policy", "items", "score", "config (most items)", "cost"
+        );
+        for r in rows.iter().filter(|r| r.family == "all") {
+            println!(
+                "{:>10} {:<14} {:>6} {:>6.1}  {:<24} {:>11}",
+                vvlm_cost::format_si(r.budget),
+                r.policy,
+                r.items - r.refused,
+                r.score,
+                r.config,
+                vvlm_cost::format_si(r.cost_flops)
+            );
+        }
     }
     println!("wrote {}", a.out.display());
     Ok(())

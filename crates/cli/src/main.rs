@@ -4,6 +4,7 @@
 mod bench_cmd;
 mod engine_cmd;
 mod eval_cmd;
+mod eval_plan;
 mod frames_cmd;
 mod math;
 mod plan_cmd;

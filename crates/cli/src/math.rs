@@ -13,7 +13,7 @@ use vvlm_scaling::{
     ElasticityOptions, FitOptions, FittedModel, Form, Loss,
 };
 
-fn si(s: &str) -> Result<f64, String> {
+pub(crate) fn si(s: &str) -> Result<f64, String> {
     parse_si(s).ok_or_else(|| format!("`{s}` is not a number (accepted: 5e12, 5T, 2.5G, 7.5B)"))
 }
 

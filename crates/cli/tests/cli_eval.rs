@@ -107,5 +107,102 @@ fn eval_writes_a_fittable_sweep_and_resumes() {
     std::fs::write(cache.join("T4_s4.jsonl"), kept.join("\n") + "\n").unwrap();
     vvlm(&args);
     assert_eq!(lines(&cache.join("T4_s4.jsonl")), 12);
+
+    // Plan mode. Hand-written scaling laws: pooled, error falls with frames only
+    // (50/T + 1); for temporal items, with tokens per frame only (50/V + 1). Ties go to the
+    // cheaper configuration, so the pooled plan is 32 frames x 1 token and the temporal one
+    // 1 frame x 64 tokens when the budget allows everything, and nothing fits 1 MFLOP.
+    use vvlm_scaling::{Factor, FittedModel, Form};
+    let law = |f: Factor, name: &str| {
+        FittedModel::from_params(
+            Form::Add,
+            &[f],
+            &[
+                (format!("alpha_{name}"), 50.0),
+                (format!("a_{name}"), 1.0),
+                ("eps".to_string(), 1.0),
+            ],
+        )
+        .unwrap()
+    };
+    let fams = dir.join("family-models");
+    std::fs::create_dir_all(&fams).unwrap();
+    law(Factor::T, "T").save(&dir.join("pooled.json")).unwrap();
+    law(Factor::V, "V")
+        .save(&fams.join("temporal.json"))
+        .unwrap();
+    let mut plan_args = args.to_vec();
+    let (pooled, fam_dir) = (s(&dir.join("pooled.json")), s(&fams));
+    plan_args.extend([
+        "--plan",
+        "--budget",
+        "1e6,1e11",
+        "--scaling",
+        &pooled,
+        "--family-models",
+        &fam_dir,
+    ]);
+    vvlm(&plan_args);
+    // The planned configurations off the grid were evaluated, for the items that chose them.
+    assert_eq!(lines(&cache.join("T32_s1.jsonl")), 12);
+    assert_eq!(
+        lines(&cache.join("T1_s8.jsonl")),
+        2,
+        "the two temporal items"
+    );
+    let mut rdr = csv::Reader::from_path(out.join("plan.csv")).unwrap();
+    let rows: Vec<std::collections::HashMap<String, String>> =
+        rdr.deserialize().map(|r| r.unwrap()).collect();
+    let get = |budget: &str, policy: &str, family: &str| {
+        rows.iter()
+            .find(|r| r["budget"] == budget && r["policy"] == policy && r["family"] == family)
+            .unwrap_or_else(|| panic!("no row {budget} {policy} {family}"))
+    };
+    assert_eq!(
+        get("100000000000.0", "plan-pooled", "all")["config"],
+        "suite-s T32 V1"
+    );
+    assert_eq!(
+        get("100000000000.0", "plan-family", "temporal")["config"],
+        "suite-s T1 V64"
+    );
+    assert_eq!(
+        get("100000000000.0", "plan-family", "static")["config"],
+        "suite-s T32 V1"
+    );
+    // The naive rules over the grid {1:1, 4:16}.
+    assert_eq!(
+        get("100000000000.0", "most-frames", "all")["config"],
+        "suite-s T4 V16"
+    );
+    assert_eq!(
+        get("100000000000.0", "fixed-default", "all")["refused"],
+        "12"
+    );
+    // Nothing fits 1 MFLOP: every item is refused, none is scored.
+    for p in ["plan-pooled", "plan-family", "most-frames", "oracle-pooled"] {
+        let r = get("1000000.0", p, "all");
+        assert_eq!(
+            (r["refused"].as_str(), r["score"].as_str()),
+            ("12", "0.0"),
+            "{p}"
+        );
+    }
+    // The oracle is the better of the two grid points on the sweep's own measurements.
+    let sweep = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
+    let best = sweep
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(7).unwrap().parse::<f64>().unwrap())
+        .fold(0.0, f64::max);
+    let oracle: f64 = get("100000000000.0", "oracle-pooled", "all")["score"]
+        .parse()
+        .unwrap();
+    assert!((oracle - best).abs() < 1e-9, "{oracle} vs {best}");
+    let table = std::fs::read_to_string(out.join("check.md")).unwrap();
+    assert!(
+        table.contains("| 100.000G |") && table.contains("#### temporal"),
+        "{table}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

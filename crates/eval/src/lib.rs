@@ -8,6 +8,8 @@
 //! Owns the scoring of one item at one (x_T, s). Must not know about HTTP, tenants or budgets;
 //! the planner's choices reach it as plain (checkpoint, frames, side) triples.
 
+pub mod policy;
+
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 use std::path::Path;

@@ -36,6 +36,7 @@ impl Dataset {
             .iter()
             .position(|c| c == "score")
             .ok_or_else(|| bad(1, "no `score` column".into()))?;
+        let items_col = cols.iter().position(|c| c == "items");
         let mut factors = vec![];
         let mut slots = vec![];
         for f in [Factor::N, Factor::T, Factor::V, Factor::Data] {
@@ -71,9 +72,23 @@ impl Dataset {
                         )
                     })
             };
-            let score = num(score_col)?;
+            let mut score = num(score_col)?;
+            // A perfect score measured on k items (a sweep from `vvlm eval` names k) is read with
+            // the usual continuity correction, as (k - 1/2) / k: the error a power law models
+            // cannot be 0, and k items cannot tell 0 from less than 1/k.
+            if score == 100.0 {
+                if let Some(i) = items_col {
+                    let k = num(i)?;
+                    if k >= 1.0 {
+                        score = 100.0 * (1.0 - 0.5 / k);
+                    }
+                }
+            }
             if !(0.0..100.0).contains(&score) {
-                return Err(bad(ln + 1, format!("score {score} is outside [0, 100)")));
+                return Err(bad(
+                    ln + 1,
+                    format!("score {score} is outside [0, 100) (a score of 100 is accepted with an `items` column)"),
+                ));
             }
             let mut x = vec![];
             for &s in &slots {
@@ -170,5 +185,18 @@ mod tests {
         assert!(Dataset::from_csv("frames,score\n0,50\n", "s").is_err());
         assert!(Dataset::from_csv("frames,score\n4,150\n", "s").is_err());
         assert!(Dataset::from_csv("frames,score\n", "s").is_err());
+        assert!(Dataset::from_csv("frames,score\n4,100\n", "s").is_err());
+    }
+
+    #[test]
+    fn a_perfect_score_on_k_items_reads_as_half_an_item_short() {
+        let d = Dataset::from_csv(
+            "model,frames,family,items,score\nx,4,static,50,100\nx,8,static,50,90\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(d.factors, vec![Factor::T]);
+        assert!((d.rows[0].error - 1.0).abs() < 1e-12, "{}", d.rows[0].error);
+        assert!((d.rows[1].error - 10.0).abs() < 1e-12);
     }
 }
