@@ -3,7 +3,8 @@
 //! its expected answer length, its family as the task when a per-family scaling model is
 //! given), and the choice is evaluated through the same cache as the grid. Beside it, from the
 //! grid already measured: the oracle (the best grid configuration measured at cost <= budget,
-//! per family and pooled) and the naive policies. Writes `plan.csv`, `check.md`, `check.svg`.
+//! per family and pooled) and the naive policies. Writes `plan.csv`, `check.md`, `check.svg` (the grid's measured accuracy with the
+//! fitted frontier over it, then every policy's accuracy against the budget).
 
 use crate::eval_cmd::{aggregate, EvalArgs};
 use crate::plot::{self, Chart, Series, Style};
@@ -325,6 +326,43 @@ pub fn run(
         }
     }
 
+    // The chart: every grid configuration's measured accuracy against its mean priced cost, per
+    // model, with the pooled law's frontier (predicted score of the plan for a typical request)
+    // over it.
+    let mut measured: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let (mut lo, mut hi) = (f64::INFINITY, 0.0f64);
+    for (g, c) in grid.iter().enumerate() {
+        let rs: Option<Vec<f64>> = items
+            .iter()
+            .map(|it| lookup(c, &it.id).map(|r| r.score))
+            .collect();
+        let cost = grid_cost[g].iter().sum::<f64>() / items.len() as f64;
+        lo = lo.min(cost);
+        hi = hi.max(cost);
+        if let Some(rs) = rs {
+            let score = 100.0 * rs.iter().sum::<f64>() / rs.len() as f64;
+            measured
+                .entry(c.model.clone())
+                .or_default()
+                .push((cost, score));
+        }
+    }
+    let typical = (0..items.len())
+        .min_by_key(|&i| {
+            let mean = requests.iter().map(|r| r.0 + r.1).sum::<usize>() / items.len();
+            (requests[i].0 + requests[i].1).abs_diff(mean)
+        })
+        .unwrap_or(0);
+    let frontier: Vec<(f64, f64)> = vvlm_scaling::frontier::log_space(lo, hi * 1.5, 60)
+        .into_iter()
+        .filter_map(|b| {
+            planner
+                .plan(&req(typical, b, POOLED))
+                .ok()
+                .map(|p| (b, p.choice.predicted_score))
+        })
+        .collect();
+
     // Aggregate per budget, policy and family.
     let mut rows = vec![];
     for (budget, policy, asg) in &plans {
@@ -392,7 +430,28 @@ pub fn run(
             .then((x.family != "all").cmp(&(y.family != "all")))
             .then(x.family.cmp(&y.family))
     });
-    write_outputs(&a.out, &rows, &a.budget)?;
+    let mut series: Vec<Series> = measured
+        .into_iter()
+        .map(|(name, points)| Series {
+            name: format!("{name} (measured)"),
+            points,
+            style: Style::Scatter,
+        })
+        .collect();
+    series.push(Series {
+        name: "fitted frontier (pooled law, predicted)".into(),
+        points: frontier,
+        style: Style::Step,
+    });
+    let frontier_chart = Chart {
+        title: "Measured accuracy of every grid configuration, and the fitted frontier".into(),
+        x_label: "FLOPs per request (priced as the planner prices it)".into(),
+        y_label: "score (0-100)".into(),
+        log_x: true,
+        series,
+        ..Default::default()
+    };
+    write_outputs(&a.out, &rows, &a.budget, frontier_chart)?;
     Ok(rows)
 }
 
@@ -411,7 +470,7 @@ const ORDER: [&str; 8] = [
     "fixed-default",
 ];
 
-fn write_outputs(out: &Path, rows: &[PolicyRow], budgets: &[f64]) -> Result<()> {
+fn write_outputs(out: &Path, rows: &[PolicyRow], budgets: &[f64], frontier: Chart) -> Result<()> {
     std::fs::create_dir_all(out)?;
     let mut w = csv::Writer::from_path(out.join("plan.csv"))?;
     for r in rows {
@@ -443,7 +502,7 @@ fn write_outputs(out: &Path, rows: &[PolicyRow], budgets: &[f64]) -> Result<()> 
         series: series.into_values().collect(),
         ..Default::default()
     };
-    std::fs::write(out.join("check.svg"), plot::render(&[chart]))?;
+    std::fs::write(out.join("check.svg"), plot::render(&[frontier, chart]))?;
     Ok(())
 }
 

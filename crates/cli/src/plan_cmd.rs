@@ -20,7 +20,7 @@ pub struct PlanArgs {
     #[arg(long, default_value = "models")]
     pub models: PathBuf,
     /// Scaling model used for the tasks caption and qa.
-    #[arg(long, default_value = "configs/scaling/default.json")]
+    #[arg(long, default_value = "configs/scaling/suite/pooled.json")]
     pub scaling: PathBuf,
     /// Extra task models: NAME=PATH (repeatable).
     #[arg(long = "task-model")]
@@ -31,9 +31,19 @@ pub struct PlanArgs {
     pub frames: Option<u32>,
     #[arg(long)]
     pub tokens_per_frame: Option<u32>,
-    /// Finetuning data size (millions) the checkpoints were trained with.
-    #[arg(long, default_value_t = 2.0)]
-    pub data_size: f64,
+    /// Finetuning data size (millions) the checkpoints were trained with (default: the
+    /// registry entries' `data_size_m` when they all state the same, else 2.0).
+    #[arg(long)]
+    pub data_size: Option<f64>,
+    /// How configurations are priced (exact needs each checkpoint's config.json).
+    #[arg(long, value_enum, default_value = "exact")]
+    pub cost_mode: crate::eval_plan::CostModeArg,
+    /// Prompt text tokens (exact cost mode).
+    #[arg(long, default_value_t = 20)]
+    pub text_tokens: usize,
+    /// Generated tokens to price (exact cost mode).
+    #[arg(long, default_value_t = 64)]
+    pub decode_tokens: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -59,17 +69,44 @@ pub fn load_tasks(
 pub fn plan(a: PlanArgs) -> Result<()> {
     let budget = parse_si(&a.budget)
         .with_context(|| format!("bad budget `{}` (use 5e12 or 5T)", a.budget))?;
-    let mut planner = Planner::new(
-        Registry::load_dir(&a.models)?,
-        load_tasks(&a.scaling, &a.task_models)?,
-    )?;
-    planner.data_size_m = a.data_size;
-    planner.cost_mode = CostMode::Theoretical;
+    let registry = Registry::load_dir(&a.models)?;
+    let stated: Vec<Option<f64>> = registry.models.iter().map(|e| e.data_size_m).collect();
+    let common = match stated.first() {
+        Some(Some(d)) if stated.iter().all(|s| *s == Some(*d)) => Some(*d),
+        _ => None,
+    };
+    let archs: Vec<(String, vvlm_cost::ArchSpec)> = match a.cost_mode {
+        crate::eval_plan::CostModeArg::Theoretical => vec![],
+        crate::eval_plan::CostModeArg::Exact => registry
+            .models
+            .iter()
+            .map(|e| {
+                vvlm_cost::ArchSpec::from_checkpoint_dir(&e.path)
+                    .map(|arch| (e.name.clone(), arch))
+                    .with_context(|| {
+                        format!(
+                            "{}: exact pricing reads {}/config.json (or use --cost-mode theoretical)",
+                            e.name,
+                            e.path.display()
+                        )
+                    })
+            })
+            .collect::<Result<_>>()?,
+    };
+    let mut planner = Planner::new(registry, load_tasks(&a.scaling, &a.task_models)?)?;
+    planner.data_size_m = a.data_size.or(common).unwrap_or(2.0);
+    planner.cost_mode = match a.cost_mode {
+        crate::eval_plan::CostModeArg::Theoretical => CostMode::Theoretical,
+        crate::eval_plan::CostModeArg::Exact => CostMode::Exact,
+    };
+    for (name, arch) in archs {
+        planner.set_arch(&name, arch);
+    }
     let req = PlanRequest {
         budget_flops: budget,
         task: a.task.clone(),
-        text_tokens: 0,
-        expected_decode_tokens: 0,
+        text_tokens: a.text_tokens,
+        expected_decode_tokens: a.decode_tokens,
         pins: Pins {
             model: a.model.clone(),
             frames: a.frames,

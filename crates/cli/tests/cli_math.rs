@@ -175,6 +175,10 @@ fn plan_is_fast_and_respects_pins() {
         "15T",
         "--models",
         "models/paper-ladder",
+        "--cost-mode",
+        "theoretical",
+        "--scaling",
+        "configs/scaling/default.json",
         "--json",
     ]);
     assert!(v["cost_flops"].as_f64().unwrap() <= 15e12);
@@ -189,12 +193,43 @@ fn plan_is_fast_and_respects_pins() {
         "llava-video-llama-3.2-1b",
         "--frames",
         "8",
+        "--cost-mode",
+        "theoretical",
+        "--scaling",
+        "configs/scaling/default.json",
         "--json",
     ]);
     assert_eq!(v["model"], "llava-video-llama-3.2-1b");
     assert_eq!(v["frames"], 8);
-    let (ok, _, err) = vvlm(&["plan", "--budget", "1e9", "--models", "models/paper-ladder"]);
+    let (ok, _, err) = vvlm(&[
+        "plan",
+        "--budget",
+        "1e9",
+        "--models",
+        "models/paper-ladder",
+        "--cost-mode",
+        "theoretical",
+        "--scaling",
+        "configs/scaling/default.json",
+    ]);
     assert!(!ok && err.contains("too small"), "{err}");
+    // Exact pricing needs the checkpoints' config.json, and says so.
+    let (ok, _, err) = vvlm(&["plan", "--budget", "1e9", "--models", "models/paper-ladder"]);
+    assert!(!ok && err.contains("config.json"), "{err}");
+    // The suite ladder, priced exactly by its own architecture: the plan fits the budget.
+    let v = json(&[
+        "plan",
+        "--budget",
+        "1G",
+        "--models",
+        "models",
+        "--scaling",
+        "configs/scaling/default.json",
+        "--json",
+    ]);
+    assert_eq!(v["cost_mode"], "exact");
+    assert!(v["cost_flops"].as_f64().unwrap() <= 1e9, "{v}");
+    assert!(v["model"].as_str().unwrap().starts_with("suite-"), "{v}");
 }
 
 #[test]

@@ -67,7 +67,27 @@ struct Opened {
     probe: Probe,
 }
 
-fn open(path: &Path, policy: &MediaPolicy) -> Result<Opened, VideoError> {
+/// The container formats (demuxer names) vvlm opens. Deliberately absent: playlists and
+/// manifests (hls, dash), concatenation (concat), image sequences (image2) and anything else
+/// that makes the demuxer open further files or URLs named inside the input.
+pub const ALLOWED_DEMUXERS: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,flv,ogg,\
+                                    asf,mpeg,m4v,h264,hevc,mjpeg,ivf,obu,nut,gif,wav";
+
+/// Opens a local file for demuxing with the input restricted: only [`ALLOWED_DEMUXERS`], only
+/// the `file` protocol, and every blocking read interrupted once `deadline` has passed.
+fn open_input(path: &Path, deadline: Instant) -> Result<ff::format::context::Input, VideoError> {
+    let mut opts = ff::Dictionary::new();
+    opts.set("format_whitelist", ALLOWED_DEMUXERS);
+    opts.set("protocol_whitelist", "file");
+    ff::format::input_with_interrupt_and_dictionary(&path, move || Instant::now() > deadline, opts)
+        .map_err(|e| VideoError::NotAVideo(e.to_string()))
+}
+
+fn deadline(started: Instant, policy: &MediaPolicy) -> Instant {
+    started + std::time::Duration::from_secs_f64(policy.decode_timeout_s.clamp(0.0, 1e6))
+}
+
+fn open(path: &Path, policy: &MediaPolicy, started: Instant) -> Result<Opened, VideoError> {
     crate::init();
     let meta =
         std::fs::metadata(path).map_err(|e| VideoError::Io(format!("{}: {e}", path.display())))?;
@@ -81,7 +101,7 @@ fn open(path: &Path, policy: &MediaPolicy) -> Result<Opened, VideoError> {
             limit: policy.max_bytes.to_string(),
         });
     }
-    let input = ff::format::input(&path).map_err(|e| VideoError::NotAVideo(e.to_string()))?;
+    let input = open_input(path, deadline(started, policy))?;
     let stream = input
         .streams()
         .best(ff::media::Type::Video)
@@ -205,7 +225,7 @@ fn normalise_rotation(deg: f64) -> i32 {
 
 /// Probes a video file.
 pub fn probe_path(path: &Path, policy: &MediaPolicy) -> Result<Probe, VideoError> {
-    Ok(open(path, policy)?.probe)
+    Ok(open(path, policy, Instant::now())?.probe)
 }
 
 /// Probes, samples and preprocesses a video file.
@@ -216,7 +236,7 @@ pub fn decode_path(
     pre: &Preprocess,
 ) -> Result<SampledVideo, VideoError> {
     let started = Instant::now();
-    let opened = open(path, policy)?;
+    let opened = open(path, policy, started)?;
     let instants = sample_timestamps(sampling, opened.probe.duration_s)?;
     if instants.len() > policy.max_sampled_frames {
         return Err(VideoError::TooLarge {
@@ -234,7 +254,7 @@ pub fn decode_path(
                 tracing::debug!("seeking failed ({why}); decoding sequentially");
             }
         }
-        let reopened = open(path, policy)?;
+        let reopened = open(path, policy, started)?;
         return decode_sequential(reopened, &instants, policy, pre, started);
     }
     decode_sequential(opened, &instants, policy, pre, started)
@@ -257,38 +277,54 @@ pub fn decode_bytes(
             limit: policy.max_bytes.to_string(),
         });
     }
-    let tmp = TempFile::write(bytes)?;
-    decode_path(&tmp.0, sampling, policy, pre)
-}
-
-struct TempFile(std::path::PathBuf);
-
-impl TempFile {
-    fn write(bytes: &[u8]) -> Result<Self, VideoError> {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "vvlm-upload-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&p, bytes).map_err(|e| VideoError::Io(e.to_string()))?;
-        Ok(Self(p))
+    // A private file: a unique name created exclusively (no symlink followed), mode 0600,
+    // removed when dropped.
+    let mut tmp = tempfile::Builder::new()
+        .prefix("vvlm-upload-")
+        .tempfile()
+        .map_err(|e| VideoError::Io(format!("temporary file: {e}")))?;
+    {
+        use std::io::Write;
+        tmp.write_all(bytes)
+            .and_then(|_| tmp.flush())
+            .map_err(|e| VideoError::Io(format!("temporary file: {e}")))?;
     }
+    decode_path(tmp.path(), sampling, policy, pre)
 }
 
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+/// Undecodable packets the demuxer may skip in a row before the input is called corrupt.
+const MAX_SKIPPED_PACKETS: u32 = 1024;
+
+/// The next packet of `stream`, or None at the end of the input. Bounded: a demuxer that keeps
+/// failing (ffmpeg-next's packet iterator retries `InvalidData` forever) stops at
+/// [`MAX_SKIPPED_PACKETS`] or at the decode deadline.
+fn next_packet(
+    input: &mut ff::format::context::Input,
+    stream: usize,
+    policy: &MediaPolicy,
+    started: Instant,
+) -> Result<Option<ff::Packet>, VideoError> {
+    let mut skipped = 0u32;
+    loop {
+        let mut packet = ff::Packet::empty();
+        match packet.read(input) {
+            Ok(()) if packet.stream() == stream => return Ok(Some(packet)),
+            Ok(()) => skipped = 0,
+            Err(ff::Error::Eof) => return Ok(None),
+            Err(ff::Error::InvalidData) => {
+                skipped += 1;
+                if skipped > MAX_SKIPPED_PACKETS {
+                    return Err(VideoError::Corrupt(
+                        "the demuxer keeps failing on invalid data".into(),
+                    ));
+                }
+            }
+            Err(ff::Error::Exit) => return Err(VideoError::Timeout(policy.decode_timeout_s)),
+            // Other errors end the input (as ffmpeg's own tools treat them).
+            Err(_) => return Ok(None),
+        }
+        check_budget(0, policy, started)?;
     }
-}
-
-/// The next packet of `stream`, or None at the end of the input.
-fn next_packet(input: &mut ff::format::context::Input, stream: usize) -> Option<ff::Packet> {
-    input
-        .packets()
-        .find(|(s, _)| s.index() == stream)
-        .map(|(_, p)| p)
 }
 
 /// Seek when sampled instants are at least this far apart (seconds); closer instants are
@@ -350,6 +386,7 @@ impl Converter {
 fn new_decoder(
     input: &ff::format::context::Input,
     stream: usize,
+    policy: &MediaPolicy,
 ) -> Result<ff::decoder::Video, VideoError> {
     let s = input.stream(stream).ok_or(VideoError::NoVideoStream)?;
     let mut ctx = ff::codec::context::Context::from_parameters(s.parameters())
@@ -362,11 +399,23 @@ fn new_decoder(
     );
     threading.kind = ff::codec::threading::Type::Frame;
     ctx.set_threading(threading);
+    // The decoder itself refuses frames over the pixel limit (a stream may change resolution
+    // after the probe), before it allocates them.
+    // SAFETY: `ctx` owns a valid, not yet opened AVCodecContext; `max_pixels` is a plain field.
+    unsafe {
+        (*ctx.as_mut_ptr()).max_pixels = policy.max_pixels_per_frame.min(i64::MAX as u64) as i64;
+    }
     let dec = ctx
         .decoder()
         .video()
         .map_err(|e| VideoError::UnsupportedCodec(e.to_string()))?;
     Ok(dec)
+}
+
+/// Every decoded frame is held to the size limits, not only the probe's first: a stream may
+/// change resolution mid-way.
+fn check_frame(frame: &ff::frame::Video, policy: &MediaPolicy) -> Result<(), VideoError> {
+    check_dims(frame.width(), frame.height(), policy)
 }
 
 fn check_budget(decoded: u64, policy: &MediaPolicy, started: Instant) -> Result<(), VideoError> {
@@ -417,7 +466,7 @@ fn decode_sequential(
     pre: &Preprocess,
     started: Instant,
 ) -> Result<SampledVideo, VideoError> {
-    let mut dec = new_decoder(&o.input, o.stream)?;
+    let mut dec = new_decoder(&o.input, o.stream, policy)?;
     let mut conv = Converter { scaler: None };
     let clock = Clock::of(&o);
     let rotation = o.probe.rotation_deg;
@@ -495,14 +544,18 @@ fn decode_sequential(
         if next >= order.len() {
             break;
         }
-        let packet = next_packet(&mut o.input, o.stream);
+        let packet = next_packet(&mut o.input, o.stream, policy, started)?;
         let eof = packet.is_none();
         match packet {
             None => {
                 let _ = dec.send_eof();
             }
             Some(p) => {
-                if dec.send_packet(&p).is_err() {
+                let sent = dec.send_packet(&p);
+                // A parameter change (a new SPS) updates the decoder's dimensions even when
+                // the frame is refused for its size (`max_pixels`): say so, do not skip it.
+                check_dims(dec.width(), dec.height(), policy)?;
+                if sent.is_err() {
                     corrupt_packets += 1;
                     if corrupt_packets > 64 {
                         return Err(VideoError::Corrupt("too many undecodable packets".into()));
@@ -511,6 +564,7 @@ fn decode_sequential(
             }
         }
         while dec.receive_frame(&mut cur).is_ok() {
+            check_frame(&cur, policy)?;
             on_frame(
                 &mut cur,
                 &mut prev,
@@ -564,7 +618,7 @@ fn decode_seeking(
     started: Instant,
 ) -> Result<SampledVideo, Fallback> {
     let fatal = Fallback::Fatal;
-    let mut dec = new_decoder(&o.input, o.stream).map_err(fatal)?;
+    let mut dec = new_decoder(&o.input, o.stream, policy).map_err(fatal)?;
     let mut conv = Converter { scaler: None };
     let clock = Clock::of(&o);
     let n = 3 * (pre.size * pre.size) as usize;
@@ -583,9 +637,10 @@ fn decode_seeking(
         let mut found: Option<(ff::frame::Video, f64)> = None;
         let mut eof = false;
         while found.is_none() && !eof {
-            match next_packet(&mut o.input, stream) {
+            match next_packet(&mut o.input, stream, policy, started).map_err(fatal)? {
                 Some(p) => {
                     let _ = dec.send_packet(&p);
+                    check_dims(dec.width(), dec.height(), policy).map_err(fatal)?;
                 }
                 None => {
                     let _ = dec.send_eof();
@@ -593,6 +648,7 @@ fn decode_seeking(
                 }
             }
             while dec.receive_frame(&mut cur).is_ok() {
+                check_frame(&cur, policy).map_err(fatal)?;
                 decoded += 1;
                 check_budget(decoded, policy, started).map_err(fatal)?;
                 let ft = frame_time(&cur, &clock, 0);

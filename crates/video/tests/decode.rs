@@ -373,3 +373,134 @@ fn bad_input_is_a_typed_error() {
     let v = decode_bytes(&bytes, &s, &policy, &small()).unwrap();
     assert_eq!(v.frames.len(), 4);
 }
+
+/// Hostile input: an uploaded HLS playlist naming a local file used to make ffmpeg read that
+/// file (bypassing the file:// allow-list) and, where the segment did not parse, spin forever
+/// on InvalidData. Playlists, manifests and concat scripts are not containers vvlm opens.
+#[test]
+fn playlists_and_concat_scripts_are_refused_at_once() {
+    let target = counter_video(
+        "secret.mp4",
+        1,
+        5,
+        "32x32",
+        &["-c:v", "libx264", "-pix_fmt", "yuv420p"],
+    );
+    let ts = tmpdir().join("secret.ts");
+    ffmpeg(&["-i", target.to_str().unwrap(), "-c", "copy"], &ts);
+    let s = FrameSampling::Uniform { frames: 2 };
+    let policy = MediaPolicy {
+        decode_timeout_s: 5.0,
+        ..Default::default()
+    };
+    for (what, body) in [
+        (
+            "hls (mp4)",
+            format!(
+                "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\n{}\n#EXT-X-ENDLIST\n",
+                target.display()
+            ),
+        ),
+        (
+            "hls (ts)",
+            format!(
+                "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nfile://{}\n#EXT-X-ENDLIST\n",
+                ts.display()
+            ),
+        ),
+        (
+            "concat",
+            format!("ffconcat version 1.0\nfile '{}'\n", ts.display()),
+        ),
+    ] {
+        let t = std::time::Instant::now();
+        let r = decode_bytes(body.as_bytes(), &s, &policy, &small());
+        assert!(matches!(r, Err(VideoError::NotAVideo(_))), "{what}: {r:?}");
+        assert!(
+            t.elapsed().as_secs_f64() < 2.0,
+            "{what} took {:?}",
+            t.elapsed()
+        );
+    }
+}
+
+/// Hostile input: a stream that starts at 64x64 (what the probe sees) and switches to
+/// 4096x4096 must not get past the frame-size limits.
+#[test]
+fn a_stream_that_grows_mid_way_is_held_to_the_frame_limits() {
+    let d = tmpdir();
+    let (a, b, joined) = (d.join("grow-a.ts"), d.join("grow-b.ts"), d.join("grow.ts"));
+    let enc = [
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-preset",
+        "ultrafast",
+    ];
+    let mut args = vec!["-f", "lavfi", "-i", "color=c=red:s=64x64:r=5:d=8"];
+    args.extend_from_slice(&enc);
+    ffmpeg(&args, &a);
+    let mut args = vec!["-f", "lavfi", "-i", "color=c=blue:s=4096x4096:r=5:d=1"];
+    args.extend_from_slice(&enc);
+    args.extend_from_slice(&["-output_ts_offset", "8"]);
+    ffmpeg(&args, &b);
+    let mut bytes = std::fs::read(&a).unwrap();
+    bytes.extend(std::fs::read(&b).unwrap());
+    std::fs::write(&joined, &bytes).unwrap();
+    let policy = MediaPolicy {
+        max_side: 1024,
+        max_pixels_per_frame: 1 << 20,
+        ..Default::default()
+    };
+    assert_eq!(probe_path(&joined, &policy).unwrap().width, 64);
+    let r = decode_path(
+        &joined,
+        &FrameSampling::Uniform { frames: 8 },
+        &policy,
+        &small(),
+    );
+    assert!(
+        matches!(
+            r,
+            Err(VideoError::TooLarge { .. }) | Err(VideoError::Corrupt(_))
+        ),
+        "{:?}",
+        r.map(|v| v.frames)
+    );
+}
+
+/// Uploads are written to a private temporary file: unique, not world-readable, removed after.
+#[cfg(unix)]
+#[test]
+fn uploads_leave_no_temporary_file_behind() {
+    let p = counter_video(
+        "tmp.mp4",
+        1,
+        5,
+        "32x32",
+        &["-c:v", "libx264", "-pix_fmt", "yuv420p"],
+    );
+    let before: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("vvlm-upload-"))
+        .map(|e| e.file_name())
+        .collect();
+    let v = decode_bytes(
+        &std::fs::read(&p).unwrap(),
+        &FrameSampling::Uniform { frames: 2 },
+        &MediaPolicy::default(),
+        &small(),
+    )
+    .unwrap();
+    assert_eq!(v.frames.len(), 2);
+    let after: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("vvlm-upload-"))
+        .map(|e| e.file_name())
+        .filter(|n| !before.contains(n))
+        .collect();
+    assert!(after.is_empty(), "left behind: {after:?}");
+}
