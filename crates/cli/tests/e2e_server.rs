@@ -365,6 +365,41 @@ fn caption_qa_chat_budgets_and_every_error_path() {
         before
     );
 
+    // A dry run is held to the limits of a real request (it used to loop on an async thread
+    // pricing u64::MAX decode steps in the exact cost mode).
+    let huge = post_json(
+        &s,
+        "/v1/plan",
+        &alice,
+        json!({"budget": "5T", "max_tokens": u64::MAX}),
+    );
+    assert_eq!(huge.status, 422, "{}", huge.body);
+    assert!(huge.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max_tokens"));
+    let long = post_json(
+        &s,
+        "/v1/plan",
+        &alice,
+        json!({"budget": "5T", "prompt": "x".repeat(100_000)}),
+    );
+    assert_eq!(long.status, 422, "{}", long.body);
+    // `system` is capped like the prompt (a 20,000-character system prompt was accepted).
+    let long_system = "y".repeat(20_000);
+    let e = post_form(
+        &s,
+        "/v1/videos/caption",
+        Some(&alice),
+        &[("prompt", "x"), ("system", &long_system)],
+        Some(&v),
+    );
+    assert_eq!(e.status, 422, "{}", e.body);
+    assert!(e.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("system"));
+
     // Error paths: status and a JSON body naming the problem.
     let form = |key: Option<&str>, fields: &[(&str, &str)], video: Option<&Path>| {
         post_form(&s, "/v1/videos/caption", key, fields, video)

@@ -232,6 +232,22 @@ async fn plan(
             max_tokens: b.max_tokens,
             ..Default::default()
         };
+        // The same limits as a request that runs: a dry run must not cost more to answer.
+        let limits = &s.config.limits;
+        if let Some(m) = r.max_tokens {
+            if m == 0 || m > limits.max_tokens {
+                return Err(ApiError::Validation(format!(
+                    "max_tokens must be in 1..={}, got {m}",
+                    limits.max_tokens
+                )));
+            }
+        }
+        if r.prompt.chars().count() > limits.max_prompt_chars {
+            return Err(ApiError::Validation(format!(
+                "prompt is longer than {} characters",
+                limits.max_prompt_chars
+            )));
+        }
         let (plan, budget) = plan_for(&s, &t, &r)?;
         let mut v = json!(plan);
         v["budget_flops"] = json!(budget);

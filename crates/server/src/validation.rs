@@ -252,6 +252,14 @@ pub fn check_request(
             "prompt is longer than {max_prompt_chars} characters"
         )));
     }
+    if r.system
+        .as_deref()
+        .is_some_and(|x| x.chars().count() > max_prompt_chars)
+    {
+        return Err(ApiError::Validation(format!(
+            "system is longer than {max_prompt_chars} characters"
+        )));
+    }
     if matches!(r.media, None | Some(Media::None)) {
         return Err(ApiError::Validation(
             "a video is required (`video` field, data: URL or file:// URL)".into(),
