@@ -182,7 +182,10 @@ pub trait Ledger: Send + Sync {
         request_id: &str,
         now: i64,
     ) -> Result<Reservation, LedgerError>;
-    /// Charges the measured FLOPs; a second call does nothing and returns false.
+    /// Charges the measured FLOPs, capped at the reservation (admission only promised the
+    /// tenant's quota that much: a request that measures more is charged what was reserved, so
+    /// concurrent requests can never overrun a quota); a second call does nothing and returns
+    /// false.
     fn settle(&self, r: &Reservation, measured: f64, now: i64) -> Result<bool, LedgerError>;
     /// Releases a reservation without charge; returns false if it was no longer open.
     fn release(&self, r: &Reservation, now: i64) -> Result<bool, LedgerError>;
@@ -488,7 +491,7 @@ impl Ledger for SqliteLedger {
 
     fn settle(&self, r: &Reservation, measured: f64, now: i64) -> Result<bool, LedgerError> {
         let n = self.lock().execute(
-            "UPDATE reservations SET state = 'settled', charged = ?1, closed_at = ?2 WHERE id = ?3 AND state = 'open'",
+            "UPDATE reservations SET state = 'settled', charged = MIN(?1, reserved), closed_at = ?2 WHERE id = ?3 AND state = 'open'",
             params![measured, now, r.id],
         )?;
         Ok(n == 1)
@@ -579,6 +582,16 @@ mod tests {
             (u.charged_flops, u.reserved_flops, u.remaining),
             (40.0, 0.0, Some(60.0))
         );
+        // A request that measures more than it reserved is charged its reservation: the
+        // quota (100) is never overrun, however many such requests were admitted at once.
+        let r1 = l.reserve(&a, 30.0, "r4", 13).unwrap();
+        let r2 = l.reserve(&a, 30.0, "r5", 13).unwrap();
+        assert!(l.settle(&r1, 45.0, 14).unwrap());
+        assert!(l.settle(&r2, 1e9, 14).unwrap());
+        let u = l.usage(&a, 14).unwrap();
+        assert_eq!((u.charged_flops, u.remaining), (100.0, Some(0.0)));
+        let u = l.usage(&a, 86_399).unwrap();
+        assert_eq!(u.charged_flops, 100.0);
         // Next day: quota is back.
         let u = l.usage(&a, 86_400 + 1).unwrap();
         assert_eq!(u.remaining, Some(100.0));

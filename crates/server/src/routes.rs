@@ -324,6 +324,14 @@ struct Held {
 impl Held {
     fn settle(mut self, measured: f64) {
         if let Some(r) = self.r.take() {
+            if measured > r.flops {
+                tracing::warn!(
+                    reservation = r.id,
+                    reserved = r.flops,
+                    measured,
+                    "measured FLOPs exceed the reservation; charged the reservation"
+                );
+            }
             if let Err(e) = self.state.ledger.settle(&r, measured, now()) {
                 tracing::error!("settling reservation {}: {e}", r.id);
             }
