@@ -400,6 +400,21 @@ fn caption_qa_chat_budgets_and_every_error_path() {
         .unwrap()
         .contains("system"));
 
+    // The auth scheme is case-insensitive (RFC 7235); a wrong method answers 405 with a body.
+    let lower = answer(
+        ureq::get(&s.url("/v1/usage"))
+            .set("Authorization", &format!("bearer {alice}"))
+            .call(),
+    );
+    assert_eq!(lower.status, 200, "{}", lower.body);
+    let m = get(&s, "/v1/plan", &alice);
+    assert_eq!(
+        (m.status, m.body["error"]["type"].as_str()),
+        (405, Some("method_not_allowed")),
+        "{}",
+        m.body
+    );
+
     // Error paths: status and a JSON body naming the problem.
     let form = |key: Option<&str>, fields: &[(&str, &str)], video: Option<&Path>| {
         post_form(&s, "/v1/videos/caption", key, fields, video)

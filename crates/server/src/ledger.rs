@@ -191,6 +191,26 @@ pub trait Ledger: Send + Sync {
     fn release(&self, r: &Reservation, now: i64) -> Result<bool, LedgerError>;
 }
 
+/// Tenant names appear in URLs, logs and metrics labels: 1-64 characters of `A-Z a-z 0-9 . _ -`,
+/// starting with a letter or digit (no `/`, `..`, spaces or control characters).
+pub fn check_tenant_name(name: &str) -> Result<(), LedgerError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(LedgerError::Invalid(format!(
+            "tenant name {name:?} is invalid: use 1-64 of A-Z a-z 0-9 . _ - starting with a letter or digit"
+        )))
+    }
+}
+
 pub fn hash_key(key: &str) -> String {
     let d = Sha256::digest(key.as_bytes());
     d.iter().map(|b| format!("{b:02x}")).collect()
@@ -337,11 +357,7 @@ impl Ledger for SqliteLedger {
         s: &TenantSettings,
     ) -> Result<(Tenant, String), LedgerError> {
         check_settings(s)?;
-        if name.trim().is_empty() || name.len() > 128 {
-            return Err(LedgerError::Invalid(
-                "tenant name must be 1-128 characters".into(),
-            ));
-        }
+        check_tenant_name(name)?;
         let key = new_key()?;
         let per_request_max = s.per_request_max.unwrap_or(1e15);
         let default_budget = s.default_budget.unwrap_or(per_request_max.min(5e12));
@@ -596,6 +612,14 @@ mod tests {
         let u = l.usage(&a, 86_400 + 1).unwrap();
         assert_eq!(u.remaining, Some(100.0));
         assert!(l.create_tenant("a", &TenantSettings::default()).is_err());
+        for bad in ["", "../x", "a/b", "a\0b", "x y", ".hidden", &"n".repeat(65)] {
+            assert!(
+                l.create_tenant(bad, &TenantSettings::default()).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        l.create_tenant("team-a_1.prod", &TenantSettings::default())
+            .unwrap();
         std::fs::remove_file(&p).ok();
     }
 

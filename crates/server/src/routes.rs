@@ -44,16 +44,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/admin/tenants/{name}/usage", get(admin_usage))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
+/// The credentials of `Authorization: Bearer <key>` (the scheme is case-insensitive, RFC 7235).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, key) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| key.trim())
+        .filter(|k| !k.is_empty())
 }
 
 fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Tenant, ApiError> {
@@ -314,6 +317,18 @@ impl Drop for CancelOnDrop {
             self.0.store(true, Ordering::Relaxed);
         }
     }
+}
+
+/// A unique id (128 random bits, hex).
+fn new_id() -> String {
+    let mut b = [0u8; 16];
+    if getrandom::getrandom(&mut b).is_err() {
+        // No randomness: time and a process-wide counter are still unique in this process.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        return format!("{:x}{:016x}", now(), n);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Holds a reservation until settled; releases it if the request fails or is dropped.
@@ -777,7 +792,7 @@ async fn chat(
     with_tenant(s, &headers, "/v1/chat/completions", |s, t| async move {
         let Json(b) = body.map_err(|e| ApiError::Validation(e.body_text()))?;
         let (r, stream, _model) = chat_request(b, &s.config.file_allow)?;
-        let id = format!("chatcmpl-{}", now());
+        let id = format!("chatcmpl-{}", new_id());
         let created = now();
         if !stream {
             let o = run_to_completion(s.clone(), t.clone(), r).await?;
