@@ -82,17 +82,20 @@ pub fn resolve_url(url: &str, allow: &[PathBuf]) -> Result<Media, ApiError> {
                 "file:// URLs are disabled on this server (file_allow is empty)".into(),
             ));
         }
-        let p = Path::new(path)
-            .canonicalize()
-            .map_err(|_| ApiError::Validation(format!("file {path} does not exist")))?;
+        // One answer whether the file is missing or outside the allow-list: a different status
+        // would tell a client which paths exist anywhere on the machine.
+        let refused = || {
+            ApiError::Forbidden(format!(
+                "{path} is not an existing file under the allowed folders"
+            ))
+        };
+        let p = Path::new(path).canonicalize().map_err(|_| refused())?;
         let allowed = allow
             .iter()
             .filter_map(|a| a.canonicalize().ok())
             .any(|a| p.starts_with(&a));
-        if !allowed {
-            return Err(ApiError::Forbidden(format!(
-                "{path} is outside the allowed folders"
-            )));
+        if !allowed || !p.is_file() {
+            return Err(refused());
         }
         return Ok(Media::VideoPath(p));
     }
@@ -335,10 +338,15 @@ mod tests {
             ),
             Ok(Media::VideoPath(_))
         ));
-        assert!(matches!(
-            resolve_url("file:///etc/passwd", &[tmp]),
-            Err(ApiError::Forbidden(_))
-        ));
+        // Missing, outside, or a folder: the same answer (no existence oracle).
+        let answer = |url: &str| match resolve_url(url, std::slice::from_ref(&tmp)) {
+            Err(ApiError::Forbidden(m)) => m.replace(url.trim_start_matches("file://"), "P"),
+            other => panic!("{url}: {other:?}"),
+        };
+        let missing = answer(&format!("file://{}/vvlm-no-such-file.mp4", tmp.display()));
+        assert_eq!(answer("file:///etc/passwd"), missing);
+        assert_eq!(answer("file:///no/such/file.mp4"), missing);
+        assert_eq!(answer(&format!("file://{}", tmp.display())), missing);
         std::fs::remove_file(f).ok();
     }
 }
