@@ -236,7 +236,17 @@ fn data_url(p: &Path) -> String {
 #[test]
 fn caption_qa_chat_budgets_and_every_error_path() {
     let db = scratch().join("main.db");
-    let s = Server::start(&db, &["--queue-depth", "1", "--workers", "1"]);
+    let s = Server::start(
+        &db,
+        &[
+            "--queue-depth",
+            "1",
+            "--workers",
+            "1",
+            "--max-upload-bytes",
+            "3000000",
+        ],
+    );
     let v = video("two-seconds.mp4", 2);
 
     let models = answer(ureq::get(&s.url("/v1/models")).call());
@@ -414,6 +424,40 @@ fn caption_qa_chat_budgets_and_every_error_path() {
         "{}",
         m.body
     );
+
+    // Credentials are checked before the body is read: a client without a key that announces
+    // 200 MB is answered 401 at once (the server used to read it all first).
+    {
+        use std::io::{Read, Write};
+        let addr = s.base.trim_start_matches("http://");
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            c,
+            "POST /v1/videos/caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200000000\r\n\r\n{{\"video\": \""
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        c.read_exact(&mut head).expect("an answer before the body");
+        assert_eq!(&head, b"HTTP/1.1 401", "{}", String::from_utf8_lossy(&head));
+    }
+    // A body over the limit (3 MB uploads -> 5 MB bodies here) is 413, not 422.
+    {
+        use std::io::{Read, Write};
+        let addr = s.base.trim_start_matches("http://");
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            c,
+            "POST /v1/videos/caption HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nContent-Type: application/json\r\nContent-Length: 6000000\r\n\r\n{{\"video\": \""
+        )
+        .unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = c.read(&mut answer).expect("an answer before the body");
+        let text = String::from_utf8_lossy(&answer[..n]);
+        assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+        assert!(text.contains("payload_too_large"), "{text}");
+    }
 
     // Error paths: status and a JSON body naming the problem.
     let form = |key: Option<&str>, fields: &[(&str, &str)], video: Option<&Path>| {

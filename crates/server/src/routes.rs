@@ -26,23 +26,45 @@ use vvlm_video::{FrameSampling, Preprocess};
 
 type St = State<Arc<AppState>>;
 
+/// The largest request body: the configured body limit, and never more than an upload at the
+/// media limit needs (base64 in JSON is 4/3 of it, plus 1 MiB for the other fields), so that
+/// lowering `VVLM_MAX_UPLOAD_BYTES` lowers what is read.
+pub fn body_limit(config: &crate::config::ServerConfig) -> usize {
+    let upload = config.media.max_bytes as f64 * 4.0 / 3.0 + (1 << 20) as f64;
+    (config.limits.max_body_bytes as f64).min(upload) as usize
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
-    let limit = state.config.limits.max_body_bytes;
-    Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/v1/models", get(models))
+    let limit = body_limit(&state.config);
+    // Credentials are checked from the headers before any body is read: an unauthenticated
+    // client cannot make the server read (or hold) a large upload.
+    let tenant_routes = Router::new()
         .route("/v1/plan", post(plan))
         .route("/v1/usage", get(usage))
         .route("/v1/videos/caption", post(caption))
         .route("/v1/videos/qa", post(qa))
         .route("/v1/chat/completions", post(chat))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_tenant,
+        ));
+    let admin_routes = Router::new()
         .route("/admin/tenants", post(admin_create).get(admin_list))
         .route(
             "/admin/tenants/{name}",
             get(admin_get).patch(admin_update).delete(admin_remove),
         )
         .route("/admin/tenants/{name}/usage", get(admin_usage))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_admin,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .merge(tenant_routes)
+        .merge(admin_routes)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
@@ -57,6 +79,53 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .eq_ignore_ascii_case("bearer")
         .then(|| key.trim())
         .filter(|k| !k.is_empty())
+}
+
+async fn require_tenant(State(s): St, req: Request, next: axum::middleware::Next) -> Response {
+    match authenticate(&s, req.headers()).and_then(|_| check_length(&s, &req)) {
+        Ok(_) => next.run(req).await,
+        Err(e) => {
+            s.metrics
+                .observe(req.uri().path(), e.status().as_u16(), 0.0);
+            e.into_response()
+        }
+    }
+}
+
+/// A body announced over the limit is refused before it is read.
+fn check_length(s: &AppState, req: &Request) -> Result<(), ApiError> {
+    let limit = body_limit(&s.config);
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match announced {
+        Some(n) if n > limit as u64 => Err(ApiError::PayloadTooLarge(format!(
+            "the request body is {n} bytes, over the limit of {limit}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+async fn require_admin(State(s): St, req: Request, next: axum::middleware::Next) -> Response {
+    match admin(&s, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A body that could not be read: over the limit is 413, anything else 422.
+fn body_error(status: StatusCode, text: String) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge(format!("the request body is over the limit: {text}"))
+    } else {
+        ApiError::Validation(text)
+    }
+}
+
+fn json_error(e: axum::extract::rejection::JsonRejection) -> ApiError {
+    body_error(e.status(), e.body_text())
 }
 
 fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Tenant, ApiError> {
@@ -224,7 +293,7 @@ async fn plan(
     body: Result<Json<PlanBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     with_tenant(s, &headers, "/v1/plan", |s, t| async move {
-        let Json(b) = body.map_err(|e| ApiError::Validation(e.body_text()))?;
+        let Json(b) = body.map_err(json_error)?;
         let r = VideoRequest {
             task: b.task.unwrap_or_else(|| "caption".into()),
             prompt: b.prompt.unwrap_or_default(),
@@ -587,12 +656,11 @@ async fn parse_video_request(
     if ct.starts_with("multipart/form-data") {
         let mp = Multipart::from_request(req, &())
             .await
-            .map_err(|e| ApiError::Validation(e.body_text()))?;
+            .map_err(|e| body_error(e.status(), e.body_text()))?;
         from_multipart(mp, default_task).await
     } else if ct.starts_with("application/json") {
-        let Json(b): Json<JsonVideoBody> = Json::from_request(req, &())
-            .await
-            .map_err(|e| ApiError::Validation(e.body_text()))?;
+        let Json(b): Json<JsonVideoBody> =
+            Json::from_request(req, &()).await.map_err(json_error)?;
         b.into_request(default_task, allow)
     } else {
         Err(ApiError::UnsupportedMedia(
@@ -790,7 +858,7 @@ async fn chat(
     body: Result<Json<ChatBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     with_tenant(s, &headers, "/v1/chat/completions", |s, t| async move {
-        let Json(b) = body.map_err(|e| ApiError::Validation(e.body_text()))?;
+        let Json(b) = body.map_err(json_error)?;
         let (r, stream, _model) = chat_request(b, &s.config.file_allow)?;
         let id = format!("chatcmpl-{}", new_id());
         let created = now();
@@ -918,7 +986,7 @@ async fn admin_create(
     body: Result<Json<CreateTenant>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     admin(&s, &headers)?;
-    let Json(b) = body.map_err(|e| ApiError::Validation(e.body_text()))?;
+    let Json(b) = body.map_err(json_error)?;
     let settings = TenantSettings {
         default_budget: b.default_budget.map(|x| x.flops()).transpose()?,
         per_request_max: b.per_request_max.map(|x| x.flops()).transpose()?,
@@ -981,7 +1049,7 @@ async fn admin_update(
     body: Result<Json<UpdateTenant>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     admin(&s, &headers)?;
-    let Json(b) = body.map_err(|e| ApiError::Validation(e.body_text()))?;
+    let Json(b) = body.map_err(json_error)?;
     let settings = TenantSettings {
         default_budget: b.default_budget.map(|x| x.flops()).transpose()?,
         per_request_max: b.per_request_max.map(|x| x.flops()).transpose()?,

@@ -184,7 +184,14 @@ pub async fn from_multipart(
     };
     let mut images = vec![];
     let bad = |e: axum::extract::multipart::MultipartError| {
-        ApiError::Validation(format!("multipart: {}", e.body_text()))
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!(
+                "the request body is over the limit: {}",
+                e.body_text()
+            ))
+        } else {
+            ApiError::Validation(format!("multipart: {}", e.body_text()))
+        }
     };
     while let Some(field) = mp.next_field().await.map_err(bad)? {
         let name = field.name().unwrap_or_default().to_string();
