@@ -45,6 +45,15 @@ pub struct ServeArgs {
     pub max_frames: Option<usize>,
     #[arg(long, env = "VVLM_DECODE_TIMEOUT_S")]
     pub decode_timeout_s: Option<f64>,
+    /// Seconds to send a request's headers (and to stay idle between requests).
+    #[arg(long, env = "VVLM_HEADER_TIMEOUT_S")]
+    pub header_timeout_s: Option<f64>,
+    /// Seconds for a request's body to arrive (then 408).
+    #[arg(long, env = "VVLM_BODY_TIMEOUT_S")]
+    pub body_timeout_s: Option<f64>,
+    /// Connections served at once.
+    #[arg(long, env = "VVLM_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Where models run: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
     #[arg(long, env = "VVLM_DEVICE")]
     pub device: Option<String>,
@@ -106,6 +115,9 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
     set!(c.media.max_duration_s, a.max_video_seconds);
     set!(c.media.max_sampled_frames, a.max_frames);
     set!(c.media.decode_timeout_s, a.decode_timeout_s);
+    set!(c.limits.header_timeout_s, a.header_timeout_s);
+    set!(c.limits.body_timeout_s, a.body_timeout_s);
+    set!(c.limits.max_connections, a.max_connections);
     if let Some(b) = a.max_upload_bytes {
         c.limits.max_body_bytes = c.limits.max_body_bytes.max(b as usize + 1024 * 1024);
     }

@@ -713,7 +713,56 @@ fn ledger_survives_kill_9_mid_request_and_shutdown_is_graceful() {
     let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let v = video("three-seconds.mp4", 3);
 
-    let mut s = Server::start(&db, &["--workers", "1"]);
+    let mut s = Server::start(
+        &db,
+        &[
+            "--workers",
+            "1",
+            "--header-timeout-s",
+            "1",
+            "--max-connections",
+            "4",
+        ],
+    );
+    // Slow and idle sockets are closed after the header timeout, so they cannot hold the
+    // server's connections (4 here) forever: hold 6, then a normal request still gets through.
+    {
+        use std::io::{Read, Write};
+        let addr = s.base.trim_start_matches("http://").to_string();
+        let t = Instant::now();
+        let mut held = vec![];
+        for i in 0..6 {
+            let mut c = std::net::TcpStream::connect(&addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            if i % 2 == 0 {
+                c.write_all(b"GET /v1/usage HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                    .unwrap();
+            }
+            held.push(c);
+        }
+        let h = answer(ureq::get(&s.url("/health")).call());
+        assert_eq!(h.status, 200);
+        for (i, c) in held.iter_mut().enumerate() {
+            let mut buf = [0u8; 256];
+            // Closed by the server: end of stream (or a reset), with at most a 408.
+            match c.read(&mut buf) {
+                Ok(0) => {}
+                Err(e) => assert!(
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+                    ),
+                    "socket {i} still open: {e}"
+                ),
+                Ok(n) => assert!(
+                    String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"),
+                    "socket {i}: {}",
+                    String::from_utf8_lossy(&buf[..n])
+                ),
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(12), "{:?}", t.elapsed());
+    }
     let a = post_form(
         &s,
         "/v1/videos/caption",

@@ -74,6 +74,26 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Seconds to finish in-flight requests on shutdown.
     pub shutdown_grace_s: f64,
+    /// Seconds a connection may take to send a request's headers, and may stay idle between
+    /// requests; then it is closed (slow or idle sockets cannot pile up).
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_s: f64,
+    /// Seconds a request's body may take to arrive; then 408.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout_s: f64,
+    /// Open connections served at once; more wait in the kernel's accept queue.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_header_timeout() -> f64 {
+    30.0
+}
+fn default_body_timeout() -> f64 {
+    300.0
+}
+fn default_max_connections() -> usize {
+    1024
 }
 
 impl ServerConfig {

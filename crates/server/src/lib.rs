@@ -175,27 +175,62 @@ pub fn load_models(state: &AppState) -> Result<(), StartError> {
 pub use routes::router;
 
 /// Serves until `shutdown` resolves, then finishes in-flight requests (bounded by the grace
-/// period).
+/// period). HTTP/1.1 with connection limits: headers (and idle keep-alive) within
+/// `header_timeout_s`, bodies within `body_timeout_s`, at most `max_connections` at once, and
+/// accept errors (e.g. out of file descriptors) waited out rather than fatal.
 pub async fn serve(
     state: Arc<AppState>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let grace = std::time::Duration::from_secs_f64(state.config.limits.shutdown_grace_s.max(0.0));
-    let app = router(state.clone());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = tx.send(());
-    });
-    let forced = async move {
-        let _ = rx.await;
-        tracing::info!("shutting down: finishing in-flight requests");
-        tokio::time::sleep(grace).await;
-    };
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use std::time::Duration;
+    use tower::ServiceExt as _;
+    let limits = &state.config.limits;
+    let grace = Duration::from_secs_f64(limits.shutdown_grace_s.max(0.0));
+    let header_timeout = Duration::from_secs_f64(limits.header_timeout_s.max(0.1));
+    let app = router(state.clone()).layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        Duration::from_secs_f64(limits.body_timeout_s.max(0.1)),
+    ));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+            _ = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("accept: {e}; retrying in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone().map_request(
+            |r: axum::http::Request<hyper::body::Incoming>| r.map(axum::body::Body::new),
+        ));
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("connection: {e}");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: finishing in-flight requests");
     tokio::select! {
-        r = server => r,
-        _ = forced => {
+        _ = graceful.shutdown() => Ok(()),
+        _ = tokio::time::sleep(grace) => {
             tracing::warn!("grace period over; exiting with requests still in flight");
             Ok(())
         }

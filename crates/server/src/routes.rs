@@ -87,8 +87,23 @@ async fn require_tenant(State(s): St, req: Request, next: axum::middleware::Next
         Err(e) => {
             s.metrics
                 .observe(req.uri().path(), e.status().as_u16(), 0.0);
+            drain_small_body(req).await;
             e.into_response()
         }
+    }
+}
+
+/// A refused request's body is read only when it is small (so that a client still writing it
+/// gets the answer rather than a broken pipe); a large one is never read.
+async fn drain_small_body(req: Request) {
+    const SMALL: usize = 1 << 20;
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if announced.is_some_and(|n| n <= SMALL) {
+        let _ = axum::body::to_bytes(req.into_body(), SMALL).await;
     }
 }
 
@@ -111,7 +126,10 @@ fn check_length(s: &AppState, req: &Request) -> Result<(), ApiError> {
 async fn require_admin(State(s): St, req: Request, next: axum::middleware::Next) -> Response {
     match admin(&s, req.headers()) {
         Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            drain_small_body(req).await;
+            e.into_response()
+        }
     }
 }
 
