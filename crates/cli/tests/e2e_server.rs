@@ -637,7 +637,8 @@ fn caption_qa_chat_budgets_and_every_error_path() {
     assert!(refused.iter().all(|a| a.retry_after.is_some()));
     assert!(results.iter().all(|a| a.status == 200 || a.status == 429));
 
-    // A client that goes away mid-stream cancels its job and is charged nothing.
+    // A client that goes away mid-stream cancels its job and is charged for the work done
+    // before it left (it used to be charged nothing), never more than the plan's budget.
     let charged_before = get(&s, "/v1/usage", &alice).body["charged_flops"]
         .as_f64()
         .unwrap();
@@ -664,10 +665,10 @@ fn caption_qa_chat_budgets_and_every_error_path() {
             .to_string();
         let u = get(&s, "/v1/usage", &alice).body;
         if m.contains("\nvvlm_in_flight 0") && u["reserved_flops"].as_f64() == Some(0.0) {
-            assert_eq!(
-                u["charged_flops"].as_f64().unwrap(),
-                charged_before,
-                "a cancelled request is not charged"
+            let charged = u["charged_flops"].as_f64().unwrap() - charged_before;
+            assert!(
+                charged > 0.0 && charged <= 2e12,
+                "a request cancelled mid-stream is charged what it executed: {charged}"
             );
             break;
         }

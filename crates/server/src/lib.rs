@@ -30,6 +30,8 @@ pub struct AppState {
     pub ledger: Arc<dyn Ledger>,
     pub metrics: Arc<metrics::Metrics>,
     pub pool: worker::Pool,
+    /// Requests admitted (decoding, queued or running): queue_depth + workers.
+    pub admission: Arc<tokio::sync::Semaphore>,
     /// Set once at least one checkpoint is loaded and the planner built over the loaded ones.
     planner: RwLock<Option<Arc<Planner>>>,
     engines: RwLock<BTreeMap<String, Arc<VideoVlm>>>,
@@ -90,6 +92,9 @@ pub fn build_state(config: ServerConfig) -> Result<Arc<AppState>, StartError> {
         );
     }
     let metrics = Arc::new(metrics::Metrics::default());
+    let admission = Arc::new(tokio::sync::Semaphore::new(
+        config.limits.queue_depth + config.workers(),
+    ));
     let pool = worker::Pool::start(
         config.workers(),
         config.threads_per_worker(),
@@ -105,6 +110,7 @@ pub fn build_state(config: ServerConfig) -> Result<Arc<AppState>, StartError> {
         config,
         ledger: Arc::new(ledger),
         metrics,
+        admission,
         pool,
         planner: RwLock::new(None),
         engines: RwLock::new(BTreeMap::new()),

@@ -2,11 +2,11 @@
 //! health, metrics, usage and the admin API.
 
 use crate::error::ApiError;
-use crate::ledger::{now, Reservation, Tenant, TenantSettings, Usage};
+use crate::ledger::{now, Tenant, TenantSettings, Usage};
 use crate::validation::{
     check_request, from_multipart, resolve_url, Budget, JsonVideoBody, Media, VideoRequest,
 };
-use crate::worker::{Event, Job};
+use crate::worker::{Event, Held, Job};
 use crate::AppState;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -418,38 +418,6 @@ fn new_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Holds a reservation until settled; releases it if the request fails or is dropped.
-struct Held {
-    state: Arc<AppState>,
-    r: Option<Reservation>,
-}
-impl Held {
-    fn settle(mut self, measured: f64) {
-        if let Some(r) = self.r.take() {
-            if measured > r.flops {
-                tracing::warn!(
-                    reservation = r.id,
-                    reserved = r.flops,
-                    measured,
-                    "measured FLOPs exceed the reservation; charged the reservation"
-                );
-            }
-            if let Err(e) = self.state.ledger.settle(&r, measured, now()) {
-                tracing::error!("settling reservation {}: {e}", r.id);
-            }
-        }
-    }
-}
-impl Drop for Held {
-    fn drop(&mut self) {
-        if let Some(r) = self.r.take() {
-            if let Err(e) = self.state.ledger.release(&r, now()) {
-                tracing::error!("releasing reservation {}: {e}", r.id);
-            }
-        }
-    }
-}
-
 /// Validates, plans, reserves, decodes and queues; returns the event stream of the job.
 async fn admit(
     s: &Arc<AppState>,
@@ -458,7 +426,6 @@ async fn admit(
 ) -> Result<
     (
         Plan,
-        Held,
         tokio::sync::mpsc::UnboundedReceiver<Event>,
         Arc<FlopCounter>,
         CancelOnDrop,
@@ -480,6 +447,19 @@ async fn admit(
     let engine = s
         .engine(&plan.choice.model)
         .ok_or_else(|| ApiError::Internal(format!("model {} is not loaded", plan.choice.model)))?;
+    // A place in the queue before any work is spent (reservation, decoding): an overloaded
+    // server answers 429 at once, and at most queue_depth + workers requests decode or wait.
+    let permit = s
+        .admission
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Overloaded {
+            message: format!(
+                "the queue is full ({} waiting); retry later",
+                s.config.limits.queue_depth
+            ),
+            retry_after_s: 2,
+        })?;
     static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let request_id = format!(
         "req-{}-{}-{}",
@@ -490,10 +470,8 @@ async fn admit(
     let reservation = s
         .ledger
         .reserve(t, plan.choice.cost_flops, &request_id, now())?;
-    let held = Held {
-        state: s.clone(),
-        r: Some(reservation),
-    };
+    let flops = Arc::new(FlopCounter::new());
+    let held = Held::new(s.ledger.clone(), reservation, flops.clone());
     // Decode exactly the planned number of frames at the tower's resolution.
     let pre = Preprocess {
         size: engine.cfg.vision_config.image_size as u32,
@@ -540,7 +518,6 @@ async fn admit(
     .map_err(|e| ApiError::Internal(format!("decoder task: {e}")))??;
     let decode_s = t0.elapsed().as_secs_f64();
     let size = sampled.size as usize;
-    let flops = Arc::new(FlopCounter::new());
     let cancel = Arc::new(AtomicBool::new(false));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let max_tokens = r.max_tokens.unwrap_or(s.config.limits.default_max_tokens);
@@ -560,6 +537,8 @@ async fn admit(
         flops: flops.clone(),
         cancel: cancel.clone(),
         events: tx,
+        held: Some(held),
+        _permit: permit,
     };
     s.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
     if !s.pool.submit(job) {
@@ -574,7 +553,6 @@ async fn admit(
     }
     Ok((
         plan,
-        held,
         rx,
         flops,
         CancelOnDrop(cancel, false),
@@ -589,7 +567,7 @@ async fn run_to_completion(
     t: Tenant,
     r: VideoRequest,
 ) -> Result<Outcome, ApiError> {
-    let (plan, held, mut rx, flops, mut guard, frames, decode_s, engine) = admit(&s, &t, r).await?;
+    let (plan, mut rx, flops, mut guard, frames, decode_s, engine) = admit(&s, &t, r).await?;
     let timeout = Duration::from_secs_f64(s.config.limits.request_timeout_s);
     let done = tokio::time::timeout(timeout, async {
         while let Some(ev) = rx.recv().await {
@@ -611,8 +589,8 @@ async fn run_to_completion(
         Ok(Some(Ok(g))) => g,
     };
     guard.disarm();
+    // The worker settled the reservation to this figure before it reported Done.
     let measured = flops.snapshot();
-    held.settle(measured.total());
     s.metrics.add_flops(plan.choice.cost_flops, &measured);
     s.metrics.add_tokens(generation.token_ids.len() as u64);
     Ok(Outcome {
@@ -892,7 +870,7 @@ async fn chat(
             .into_response());
         }
         // Streaming: admission errors are ordinary HTTP errors; after that, SSE chunks.
-        let (plan, held, mut rx, flops, mut guard, _frames, decode_s, engine) = admit(&s, &t, r).await?;
+        let (plan, mut rx, flops, mut guard, _frames, decode_s, engine) = admit(&s, &t, r).await?;
         let model = plan.choice.model.clone();
         let timeout = Duration::from_secs_f64(s.config.limits.request_timeout_s);
         let stream = async_stream(move |tx| async move {
@@ -923,7 +901,6 @@ async fn chat(
                     Ok(Some(Event::Done(Ok(g)))) => {
                         guard.disarm();
                         let measured = flops.snapshot();
-                        held.settle(measured.total());
                         s.metrics.add_flops(plan.choice.cost_flops, &measured);
                         s.metrics.add_tokens(g.token_ids.len() as u64);
                         let o = Outcome { plan: plan.clone(), generation: g, measured, frames: vec![], decode_s, notes: engine.notes.clone() };
@@ -936,7 +913,6 @@ async fn chat(
                     }
                 }
             }
-            drop(held);
             drop(guard);
         });
         Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())

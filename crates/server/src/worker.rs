@@ -9,12 +9,62 @@ use tokio::sync::mpsc::UnboundedSender;
 use vvlm_cost::FlopCounter;
 use vvlm_engine::{GenerateRequest, Generation, SamplingParams, VideoVlm};
 
+use crate::ledger::{now, Ledger, Reservation};
+
 /// What a worker reports back.
 #[derive(Debug)]
 pub enum Event {
     Started,
     Text(String),
     Done(Result<Generation, String>),
+}
+
+/// A reservation carried by its job. The worker settles it to the FLOPs the job executed
+/// before it reports the result, so a client that leaves, times out or is cancelled is still
+/// charged for the work done (capped at the reservation by the ledger); a job that never ran
+/// releases it.
+pub struct Held {
+    ledger: Arc<dyn Ledger>,
+    r: Option<Reservation>,
+    flops: Arc<FlopCounter>,
+}
+
+impl Held {
+    pub fn new(ledger: Arc<dyn Ledger>, r: Reservation, flops: Arc<FlopCounter>) -> Self {
+        Self {
+            ledger,
+            r: Some(r),
+            flops,
+        }
+    }
+
+    /// Settles to what was executed (released if nothing was).
+    pub fn close(&mut self) {
+        let Some(r) = self.r.take() else { return };
+        let measured = self.flops.snapshot().total();
+        let result = if measured > 0.0 {
+            if measured > r.flops {
+                tracing::warn!(
+                    reservation = r.id,
+                    reserved = r.flops,
+                    measured,
+                    "measured FLOPs exceed the reservation; charged the reservation"
+                );
+            }
+            self.ledger.settle(&r, measured, now())
+        } else {
+            self.ledger.release(&r, now())
+        };
+        if let Err(e) = result {
+            tracing::error!("closing reservation {}: {e}", r.id);
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 /// One inference job.
@@ -29,6 +79,10 @@ pub struct Job {
     pub flops: Arc<FlopCounter>,
     pub cancel: Arc<AtomicBool>,
     pub events: UnboundedSender<Event>,
+    /// The request's reservation (None in tests that run the engine alone).
+    pub held: Option<Held>,
+    /// The request's place in the admission limit, freed when the job ends.
+    pub _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 pub struct Pool {
@@ -72,7 +126,7 @@ impl Pool {
 
 fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metrics>) {
     loop {
-        let job = {
+        let mut job = {
             let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
             match guard.recv() {
                 Ok(j) => j,
@@ -81,6 +135,9 @@ fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metri
         };
         metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
         if job.cancel.load(Ordering::Relaxed) || job.events.is_closed() {
+            if let Some(h) = job.held.as_mut() {
+                h.close();
+            }
             let _ = job
                 .events
                 .send(Event::Done(Err("cancelled before start".into())));
@@ -94,6 +151,9 @@ fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metri
             Err(_) => Err("the engine panicked on this request".to_string()),
         };
         metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(h) = job.held.as_mut() {
+            h.close();
+        }
         let _ = job.events.send(Event::Done(result));
     }
 }
