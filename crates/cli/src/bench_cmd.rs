@@ -424,6 +424,7 @@ fn flops(a: FlopsArgs) -> Result<()> {
                     max_tokens: a.max_tokens,
                     ..Default::default()
                 },
+                cancel: None,
             },
             &counter,
             &mut |_| true,

@@ -229,6 +229,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             seed: a.seed,
             stop_token_ids: vec![],
         },
+        cancel: None,
     };
     let mut out = std::io::stdout();
     let g = m.generate(&req, &flops, &mut |piece| {

@@ -72,6 +72,8 @@ pub struct GenerateRequest<'a> {
     pub system: Option<&'a str>,
     pub prompt: &'a str,
     pub sampling: SamplingParams,
+    /// Set to stop the request: vision, prefill and decode check it between layers.
+    pub cancel: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
 /// A small deterministic generator for sampling.
@@ -191,11 +193,12 @@ impl VideoVlm {
         flops: &FlopCounter,
         on_text: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation, EngineError> {
-        if self.lm.device().is_cpu() {
+        let r = if self.lm.device().is_cpu() {
             crate::cpu_pool::run(|| self.generate_here(req, flops, on_text))
         } else {
             self.generate_here(req, flops, on_text)
-        }
+        };
+        cancelled_as_such(r, req)
     }
 
     fn generate_here(
@@ -204,7 +207,7 @@ impl VideoVlm {
         flops: &FlopCounter,
         on_text: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation, EngineError> {
-        let mut ctx = Ctx::new(flops, Component::LmPrefill);
+        let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(req.cancel);
         let t0 = Instant::now();
         let video = match req.pixels {
             Some(p) => Some(self.encode_video(p, req.side, &mut ctx)?),
@@ -223,11 +226,12 @@ impl VideoVlm {
         flops: &FlopCounter,
         on_text: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation, EngineError> {
-        if self.lm.device().is_cpu() {
+        let r = if self.lm.device().is_cpu() {
             crate::cpu_pool::run(|| self.generate_after_video(video, 0.0, req, flops, on_text))
         } else {
             self.generate_after_video(video, 0.0, req, flops, on_text)
-        }
+        };
+        cancelled_as_such(r, req)
     }
 
     fn generate_after_video(
@@ -241,7 +245,7 @@ impl VideoVlm {
         let prompt = self.template.render(req.system, req.prompt);
         let prefix = self.tokenize(&prompt.before_video)?;
         let suffix = self.tokenize(&prompt.after_video)?;
-        let mut ctx = Ctx::new(flops, Component::LmPrefill);
+        let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(req.cancel);
         let mut timings = Timings {
             vision_s,
             ..Default::default()
@@ -260,7 +264,7 @@ impl VideoVlm {
         let mut emitted = String::new();
         let mut decode_steps = 0;
         let t2 = Instant::now();
-        let mut ctx = Ctx::new(flops, Component::LmDecode);
+        let mut ctx = Ctx::new(flops, Component::LmDecode).with_cancel(req.cancel);
         let finish = loop {
             if ids.len() >= req.sampling.max_tokens {
                 break FinishReason::Length;
@@ -307,6 +311,24 @@ impl VideoVlm {
             decode_steps,
             timings,
         })
+    }
+}
+
+/// A forward pass stopped by the request's cancel flag is [`EngineError::Cancelled`].
+fn cancelled_as_such(
+    r: Result<Generation, EngineError>,
+    req: &GenerateRequest,
+) -> Result<Generation, EngineError> {
+    match r {
+        Err(EngineError::Candle(e))
+            if req
+                .cancel
+                .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+                && e.to_string().contains(crate::nn::CANCELLED) =>
+        {
+            Err(EngineError::Cancelled)
+        }
+        other => other,
     }
 }
 

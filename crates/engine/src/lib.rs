@@ -46,6 +46,8 @@ pub enum EngineError {
     Request(String),
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error("the request was cancelled")]
+    Cancelled,
 }
 
 impl EngineError {

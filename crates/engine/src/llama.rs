@@ -319,6 +319,7 @@ impl Llama {
         let masking = Masking::Causal { past };
         let mut x = embeds.clone();
         for (l, block) in self.blocks.iter().enumerate() {
+            ctx.check_cancel()?;
             x = block.forward(&x, l, &mut cache.layers[l], &cos, &sin, masking, ctx)?;
             ctx.tap(|| format!("text.layer_out.{l}"), &x);
         }

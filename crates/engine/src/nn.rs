@@ -11,7 +11,12 @@ pub struct Ctx<'a> {
     pub flops: &'a FlopCounter,
     pub component: Component,
     pub taps: Option<&'a mut BTreeMap<String, Tensor>>,
+    /// Set by the caller to stop the request: checked before every transformer layer.
+    pub cancel: Option<&'a std::sync::atomic::AtomicBool>,
 }
+
+/// The message of the error a cancelled forward pass returns.
+pub const CANCELLED: &str = "the request was cancelled";
 
 impl<'a> Ctx<'a> {
     pub fn new(flops: &'a FlopCounter, component: Component) -> Self {
@@ -19,6 +24,23 @@ impl<'a> Ctx<'a> {
             flops,
             component,
             taps: None,
+            cancel: None,
+        }
+    }
+
+    /// The same context, stopped by `cancel`.
+    pub fn with_cancel(mut self, cancel: Option<&'a std::sync::atomic::AtomicBool>) -> Self {
+        self.cancel = cancel;
+        self
+    }
+
+    /// An error when the request was cancelled (between layers: stages stop within a layer).
+    pub fn check_cancel(&self) -> candle_core::Result<()> {
+        match self.cancel {
+            Some(c) if c.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(candle_core::Error::Msg(CANCELLED.into()))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -31,6 +53,7 @@ impl<'a> Ctx<'a> {
             flops,
             component,
             taps: Some(taps),
+            cancel: None,
         }
     }
 

@@ -181,6 +181,7 @@ impl SiglipVision {
         let mut x = self.embeddings.forward(pixels, ctx)?;
         ctx.tap(|| "vision.embeddings".into(), &x);
         for (i, layer) in self.layers.iter().enumerate() {
+            ctx.check_cancel()?;
             x = layer.forward(&x, i, ctx)?;
             ctx.tap(|| format!("vision.layer_out.{i}"), &x);
         }

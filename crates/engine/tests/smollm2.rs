@@ -48,6 +48,7 @@ fn greedy_generation_is_coherent_english() {
             max_tokens: 24,
             ..Default::default()
         },
+        cancel: None,
     };
     let g = m.generate(&req, &flops, &mut |_| true).unwrap();
     assert!(g.text.contains("Paris"), "{:?}", g.text);

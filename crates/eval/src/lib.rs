@@ -79,6 +79,7 @@ pub fn score_item(
             max_tokens: MAX_ANSWER_TOKENS,
             ..Default::default()
         },
+        cancel: None,
     };
     let g = vlm.generate(&req, flops, &mut |_| true)?;
     Ok(score_open(item, g.text.trim()))
@@ -313,6 +314,7 @@ pub fn score_encoded(
             max_tokens: MAX_ANSWER_TOKENS,
             ..Default::default()
         },
+        cancel: None,
     };
     let g = vlm.generate_encoded(Some(tokens), &req, flops, &mut |_| true)?;
     Ok(score_open(item, g.text.trim()))

@@ -171,6 +171,7 @@ fn run(job: &Job) -> Result<Generation, String> {
         system: job.system.as_deref(),
         prompt: &job.prompt,
         sampling: job.sampling.clone(),
+        cancel: Some(&job.cancel),
     };
     let events = job.events.clone();
     let cancel = job.cancel.clone();
