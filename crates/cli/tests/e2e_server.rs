@@ -249,9 +249,6 @@ fn caption_qa_chat_budgets_and_every_error_path() {
     );
     let v = video("two-seconds.mp4", 2);
 
-    let models = answer(ureq::get(&s.url("/v1/models")).call());
-    assert_eq!(models.body["data"][0]["id"], "demo");
-
     // Admin API.
     let bad_admin = post_json(&s, "/admin/tenants", "nope", json!({"name": "x"}));
     assert_eq!(bad_admin.status, 401);
@@ -263,6 +260,10 @@ fn caption_qa_chat_budgets_and_every_error_path() {
         &s,
         json!({"name": "bob", "quota": "2.5T", "per_request_max": "3T", "default_budget": "1T"}),
     );
+    // Every /v1 route needs a tenant key (only /health and /metrics do not).
+    let models = get(&s, "/v1/models", &alice);
+    assert_eq!(models.body["data"][0]["id"], "demo");
+    assert_eq!(answer(ureq::get(&s.url("/v1/models")).call()).status, 401);
 
     // Caption (multipart).
     let a = post_form(

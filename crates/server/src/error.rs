@@ -17,6 +17,8 @@ pub enum ApiError {
     #[error("method not allowed on this route")]
     MethodNotAllowed,
     #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
     UnsupportedMedia(String),
@@ -43,6 +45,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BudgetExhausted { .. } => StatusCode::PAYMENT_REQUIRED,
@@ -60,6 +63,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Validation(_) => "validation_error",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMedia(_) => "unsupported_media",
             ApiError::BudgetExhausted { .. } => "budget_exhausted",
@@ -126,6 +130,7 @@ impl From<crate::ledger::LedgerError> for ApiError {
             }
             L::NotFound(m) => ApiError::NotFound(m),
             L::Invalid(m) => ApiError::Validation(m),
+            L::Conflict(m) => ApiError::Conflict(m),
             L::Storage(m) => ApiError::Internal(format!("ledger: {m}")),
         }
     }

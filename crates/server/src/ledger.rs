@@ -24,6 +24,9 @@ pub enum LedgerError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// The operation conflicts with the current state (e.g. requests still in flight).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     Storage(String),
 }
@@ -169,6 +172,8 @@ pub trait Ledger: Send + Sync {
         s: &TenantSettings,
     ) -> Result<(Tenant, String), LedgerError>;
     fn update_tenant(&self, name: &str, s: &TenantSettings) -> Result<Tenant, LedgerError>;
+    /// Removes a tenant: its key stops working at once and its name is free again, while its
+    /// accounting history is kept. Refused while it has requests in flight.
     fn remove_tenant(&self, name: &str) -> Result<(), LedgerError>;
     fn tenants(&self) -> Result<Vec<Tenant>, LedgerError>;
     fn tenant_by_name(&self, name: &str) -> Result<Tenant, LedgerError>;
@@ -349,6 +354,8 @@ fn check_settings(s: &TenantSettings) -> Result<(), LedgerError> {
 }
 
 const TENANT_COLS: &str = "id, name, default_budget, per_request_max, quota, period";
+/// Removed tenants are tombstones (see `remove_tenant`).
+const LIVE: &str = "key_hash NOT LIKE 'removed:%'";
 
 impl Ledger for SqliteLedger {
     fn create_tenant(
@@ -423,18 +430,42 @@ impl Ledger for SqliteLedger {
     }
 
     fn remove_tenant(&self, name: &str) -> Result<(), LedgerError> {
-        let n = self
-            .lock()
-            .execute("DELETE FROM tenants WHERE name = ?1", params![name])?;
-        if n == 0 {
-            return Err(LedgerError::NotFound(format!("no tenant `{name}`")));
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let id: i64 = tx
+            .query_row(
+                &format!("SELECT id FROM tenants WHERE name = ?1 AND {LIVE}"),
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| LedgerError::NotFound(format!("no tenant `{name}`")))?;
+        let open: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM reservations WHERE tenant_id = ?1 AND state = 'open'",
+            params![id],
+            |r| r.get(0),
+        )?;
+        if open > 0 {
+            return Err(LedgerError::Conflict(format!(
+                "tenant `{name}` has {open} request(s) in flight; remove it when they finish"
+            )));
         }
+        // A tombstone, not a DELETE: the reservations (its accounting history) stay; the key
+        // can never match again (no SHA-256 hex digest starts with `removed:`), and the name
+        // (a `~` is not allowed in live names) is free for a new tenant.
+        tx.execute(
+            "UPDATE tenants SET name = name || '~removed~' || id, key_hash = 'removed:' || id WHERE id = ?1",
+            params![id],
+        )?;
+        tx.commit()?;
         Ok(())
     }
 
     fn tenants(&self) -> Result<Vec<Tenant>, LedgerError> {
         let conn = self.lock();
-        let mut st = conn.prepare(&format!("SELECT {TENANT_COLS} FROM tenants ORDER BY name"))?;
+        let mut st = conn.prepare(&format!(
+            "SELECT {TENANT_COLS} FROM tenants WHERE {LIVE} ORDER BY name"
+        ))?;
         let rows = st.query_map([], Self::row_tenant)?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
@@ -442,7 +473,7 @@ impl Ledger for SqliteLedger {
     fn tenant_by_name(&self, name: &str) -> Result<Tenant, LedgerError> {
         self.lock()
             .query_row(
-                &format!("SELECT {TENANT_COLS} FROM tenants WHERE name = ?1"),
+                &format!("SELECT {TENANT_COLS} FROM tenants WHERE name = ?1 AND {LIVE}"),
                 params![name],
                 Self::row_tenant,
             )
@@ -620,6 +651,38 @@ mod tests {
         }
         l.create_tenant("team-a_1.prod", &TenantSettings::default())
             .unwrap();
+        // Removing a tenant with a request in flight is refused; afterwards its key fails,
+        // its name is free, and its history is still in the database.
+        let (c, kc) = l.create_tenant("c", &TenantSettings::default()).unwrap();
+        let open = l.reserve(&c, 5.0, "rc1", 20).unwrap();
+        assert!(matches!(
+            l.remove_tenant("c"),
+            Err(LedgerError::Conflict(_))
+        ));
+        l.settle(&open, 5.0, 21).unwrap();
+        l.remove_tenant("c").unwrap();
+        assert!(l.tenant_by_key(&kc).unwrap().is_none());
+        assert!(matches!(
+            l.tenant_by_name("c"),
+            Err(LedgerError::NotFound(_))
+        ));
+        assert!(l
+            .tenants()
+            .unwrap()
+            .iter()
+            .all(|t| t.name != "c" && !t.name.contains('~')));
+        let kept: i64 = l
+            .lock()
+            .query_row(
+                "SELECT COUNT(*) FROM reservations WHERE tenant_id = ?1",
+                params![c.id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(kept, 1, "the accounting history is kept");
+        let (c2, _) = l.create_tenant("c", &TenantSettings::default()).unwrap();
+        assert_ne!(c2.id, c.id);
+        assert_eq!(l.usage(&c2, 22).unwrap().charged_flops, 0.0);
         std::fs::remove_file(&p).ok();
     }
 

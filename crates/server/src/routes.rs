@@ -39,6 +39,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     // Credentials are checked from the headers before any body is read: an unauthenticated
     // client cannot make the server read (or hold) a large upload.
     let tenant_routes = Router::new()
+        .route("/v1/models", get(models))
         .route("/v1/plan", post(plan))
         .route("/v1/usage", get(usage))
         .route("/v1/videos/caption", post(caption))
@@ -62,7 +63,6 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route("/v1/models", get(models))
         .merge(tenant_routes)
         .merge(admin_routes)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
@@ -984,7 +984,7 @@ async fn admin_create(
     let settings = TenantSettings {
         default_budget: b.default_budget.map(|x| x.flops()).transpose()?,
         per_request_max: b.per_request_max.map(|x| x.flops()).transpose()?,
-        quota: b.quota.map(|x| x.flops()).transpose()?.map(Some),
+        quota: b.quota.map(|x| x.quota_flops()).transpose()?.map(Some),
         period: b
             .period
             .as_deref()
@@ -1050,7 +1050,7 @@ async fn admin_update(
         quota: match b.quota {
             None => None,
             Some(None) => Some(None),
-            Some(Some(q)) => Some(Some(q.flops()?)),
+            Some(Some(q)) => Some(Some(q.quota_flops()?)),
         },
         period: b
             .period

@@ -15,6 +15,21 @@ pub enum Budget {
 }
 
 impl Budget {
+    /// A quota: like a budget, and 0 is allowed (a tenant that may not spend, as the CLI
+    /// allows).
+    pub fn quota_flops(&self) -> Result<f64, ApiError> {
+        let v = match self {
+            Budget::Number(v) => Some(*v),
+            Budget::Text(s) => vvlm_cost::parse_si(s),
+        };
+        match v {
+            Some(v) if v.is_finite() && v >= 0.0 => Ok(v),
+            _ => Err(ApiError::Validation(format!(
+                "quota must be a number of FLOPs >= 0 such as 1e15 or \"1P\", got {self:?}"
+            ))),
+        }
+    }
+
     pub fn flops(&self) -> Result<f64, ApiError> {
         let v = match self {
             Budget::Number(v) => Some(*v),
@@ -314,6 +329,10 @@ mod tests {
         assert_eq!(Budget::Number(5e12).flops().unwrap(), 5e12);
         assert!(Budget::Text("lots".into()).flops().is_err());
         assert!(Budget::Number(-1.0).flops().is_err());
+        assert!(Budget::Number(0.0).flops().is_err());
+        assert_eq!(Budget::Number(0.0).quota_flops().unwrap(), 0.0);
+        assert_eq!(Budget::Text("0".into()).quota_flops().unwrap(), 0.0);
+        assert!(Budget::Number(-1.0).quota_flops().is_err());
     }
 
     #[test]
