@@ -73,12 +73,18 @@ struct Opened {
 pub const ALLOWED_DEMUXERS: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,flv,ogg,\
                                     asf,mpeg,m4v,h264,hevc,mjpeg,ivf,obu,nut,gif,wav";
 
+/// The most streams (video, audio, subtitles, data) a container may hold.
+pub const MAX_STREAMS: usize = 32;
+
 /// Opens a local file for demuxing with the input restricted: only [`ALLOWED_DEMUXERS`], only
 /// the `file` protocol, and every blocking read interrupted once `deadline` has passed.
 fn open_input(path: &Path, deadline: Instant) -> Result<ff::format::context::Input, VideoError> {
     let mut opts = ff::Dictionary::new();
     opts.set("format_whitelist", ALLOWED_DEMUXERS);
     opts.set("protocol_whitelist", "file");
+    // Each stream costs the demuxer (and stream-info probing) memory: a container with a
+    // thousand streams cost ~1 GB per request. Videos have one or a few.
+    opts.set("max_streams", &MAX_STREAMS.to_string());
     ff::format::input_with_interrupt_and_dictionary(&path, move || Instant::now() > deadline, opts)
         .map_err(|e| VideoError::NotAVideo(e.to_string()))
 }

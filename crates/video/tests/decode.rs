@@ -504,3 +504,41 @@ fn uploads_leave_no_temporary_file_behind() {
         .collect();
     assert!(after.is_empty(), "left behind: {after:?}");
 }
+
+/// Hostile input: a container with many streams (each costs the demuxer memory; a 1000-stream
+/// MKV cost ~1 GB per request) is refused; a few streams are fine.
+#[test]
+fn containers_with_too_many_streams_are_refused() {
+    let d = tmpdir();
+    let make = |n: usize, name: &str| {
+        let out = d.join(name);
+        let mut args: Vec<String> = ["-f", "lavfi", "-i", "color=c=green:s=16x16:r=5:d=0.4"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for _ in 0..n {
+            args.extend(["-map".to_string(), "0:v".to_string()]);
+        }
+        args.extend(["-c:v", "ffv1"].iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        ffmpeg(&refs, &out);
+        out
+    };
+    let s = FrameSampling::Uniform { frames: 2 };
+    let policy = MediaPolicy::default();
+    let few = make(3, "streams-3.mkv");
+    assert_eq!(
+        decode_path(&few, &s, &policy, &small())
+            .unwrap()
+            .frames
+            .len(),
+        2
+    );
+    let many = make(40, "streams-40.mkv");
+    let r = decode_path(&many, &s, &policy, &small());
+    assert!(
+        matches!(r, Err(VideoError::NotAVideo(_))),
+        "{:?}",
+        r.map(|v| v.probe)
+    );
+}
