@@ -129,6 +129,9 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
 
 pub fn serve(a: ServeArgs) -> Result<()> {
     let c = config(&a)?;
+    // A bad device or dtype is a startup error, not a server that answers 503 forever.
+    vvlm_engine::LoadOptions::parse(&c.device, &c.dtype)
+        .with_context(|| format!("device {:?} / dtype {:?}", c.device, c.dtype))?;
     let threads = if c.limits.threads_per_worker > 0 {
         c.limits.threads_per_worker
     } else {

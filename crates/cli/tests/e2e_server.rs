@@ -704,6 +704,18 @@ fn tenant_usage(db: &Path, name: &str) -> Value {
 
 #[test]
 fn ledger_survives_kill_9_mid_request_and_shutdown_is_graceful() {
+    // A bad device is refused at startup with a clear message (it used to start a server that
+    // answered 503 forever).
+    let bad = vvlm()
+        .args(["serve", "--device", "tpu", "--bind", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("unknown device"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
     let db = scratch().join("crash.db");
     let out = vvlm()
         .args(["tenant", "--db"])

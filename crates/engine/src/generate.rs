@@ -262,6 +262,9 @@ impl VideoVlm {
         let mut rng = Rng(req.sampling.seed ^ 0x5EED);
         let mut ids: Vec<u32> = vec![];
         let mut emitted = String::new();
+        // Incremental detokenisation (as text-generation-inference does): each step decodes only
+        // the ids since the last emitted piece plus the token before them, not the whole text.
+        let (mut prefix_offset, mut read_offset) = (0usize, 0usize);
         let mut decode_steps = 0;
         let t2 = Instant::now();
         let mut ctx = Ctx::new(flops, Component::LmDecode).with_cancel(req.cancel);
@@ -274,13 +277,13 @@ impl VideoVlm {
                 break FinishReason::Stop;
             }
             ids.push(next);
-            let text = self.detokenize(&ids)?;
-            if text.len() > emitted.len()
-                && !text.ends_with('\u{FFFD}')
-                && text.starts_with(&emitted)
-            {
-                let piece = text[emitted.len()..].to_string();
-                emitted = text;
+            let before = self.detokenize(&ids[prefix_offset..read_offset])?;
+            let now = self.detokenize(&ids[prefix_offset..])?;
+            if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.starts_with(&before) {
+                let piece = now[before.len()..].to_string();
+                emitted.push_str(&piece);
+                prefix_offset = read_offset;
+                read_offset = ids.len();
                 if !on_text(&piece) {
                     break FinishReason::Cancelled;
                 }

@@ -32,9 +32,16 @@ fn cancellation_stops_vision_prefill_and_decode() {
         sampling: sampling.clone(),
         cancel,
     };
-    // A full run, for scale.
+    // A full run, for scale; its streamed pieces add up to its text.
     let full = FlopCounter::new();
-    vlm.generate(&req(None), &full, &mut |_| true).unwrap();
+    let mut streamed = String::new();
+    let g = vlm
+        .generate(&req(None), &full, &mut |p| {
+            streamed.push_str(p);
+            true
+        })
+        .unwrap();
+    assert_eq!(streamed, g.text);
     let full = full.snapshot();
     assert!(full.vision > 0.0 && full.lm_prefill > 0.0);
 

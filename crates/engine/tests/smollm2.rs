@@ -50,8 +50,19 @@ fn greedy_generation_is_coherent_english() {
         },
         cancel: None,
     };
-    let g = m.generate(&req, &flops, &mut |_| true).unwrap();
+    let mut streamed = String::new();
+    let mut pieces = 0;
+    let g = m
+        .generate(&req, &flops, &mut |p| {
+            streamed.push_str(p);
+            pieces += 1;
+            true
+        })
+        .unwrap();
     assert!(g.text.contains("Paris"), "{:?}", g.text);
+    // The streamed pieces (incremental detokenisation) add up to the final text.
+    assert_eq!(streamed, g.text);
+    assert!(pieces > 3, "{pieces} pieces");
     // Measured equals the analytic count for a text-only request.
     let w = vvlm_cost::Workload {
         frames: 0,
