@@ -12,11 +12,12 @@ cd "$(dirname "$0")/../.."
 VVLM=${VVLM:-target/release/vvlm}
 RESTARTS=${RESTARTS:-500}
 BOOTSTRAP=${BOOTSTRAP:-100}
-R=benches/results/scaling
+R=${RESULTS:-benches/results/scaling}
 S=$R/subsets
 F=$R/fits
 SERVED_N=${SERVED_N:-0.0024}
-mkdir -p "$F" configs/scaling/suite
+SHIP=${SHIP:-configs/scaling/suite}
+mkdir -p "$F" "$SHIP"
 python3 benches/scaling/subsets.py "$R/val" "$S" "$SERVED_N"
 fams=$(ls "$S" | sed -n 's/^all-\(.*\)\.csv$/\1/p')
 fit() { "$VVLM" fit --restarts "$RESTARTS" --bootstrap "$BOOTSTRAP" --json "$@" 2>/dev/null; }
@@ -29,7 +30,7 @@ for fam in $fams; do
   # The shipped planner model of this family (pooled: `all`).
   name=$fam; [ "$fam" = all ] && name=pooled
   fit --data "$S/served-$fam.csv" --form add-interact --cv 5 \
-    --out "configs/scaling/suite/$name.json" > "$F/served-$fam.json"
+    --out "$SHIP/$name.json" > "$F/served-$fam.json"
 done
 # Elasticity of the frontier w.r.t. data: the all-rungs add-interact fit, over the ladder's
 # LM sizes, frames 1..32, s 1..8, the tower's own paper-formula constant, budgets spanning the

@@ -137,6 +137,9 @@ pub fn run(
     }
     for (name, m) in &models {
         planner.set_arch(name, m.vlm.arch());
+        if let Some(n) = m.vlm.cfg.text_config.max_position_embeddings {
+            planner.set_context(name, n);
+        }
     }
     let first = models.values().next().expect("entries is not empty");
     let requests: Vec<(usize, usize)> = items

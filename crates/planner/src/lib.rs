@@ -29,6 +29,8 @@ pub enum PlanError {
     InvalidPin(String),
     #[error("registry: {0}")]
     Registry(String),
+    #[error("the request needs {needed} tokens (prompt, visual tokens and max_tokens) but the longest context of any allowed configuration is {limit}: shorten the prompt or lower max_tokens")]
+    ContextTooLong { needed: usize, limit: usize },
 }
 
 /// How a configuration is priced.
@@ -102,6 +104,8 @@ pub struct Planner {
     pub data_size_m: f64,
     /// Exact architectures by model name (needed for [`CostMode::Exact`]).
     archs: BTreeMap<String, ArchSpec>,
+    /// Context length (`max_position_embeddings`) by model name; unknown: unlimited.
+    contexts: BTreeMap<String, usize>,
 }
 
 impl Planner {
@@ -122,7 +126,36 @@ impl Planner {
             cost_mode: CostMode::Theoretical,
             data_size_m: 2.0,
             archs: BTreeMap::new(),
+            contexts: BTreeMap::new(),
         })
+    }
+
+    /// Registers a model's context length: configurations whose prompt, visual tokens and
+    /// expected decode do not fit are not candidates.
+    pub fn set_context(&mut self, model: &str, tokens: usize) {
+        self.contexts.insert(model.to_string(), tokens);
+    }
+
+    /// Tokens a configuration occupies: prompt text, visual tokens (with the video newline
+    /// where the architecture has one) and the expected decode.
+    pub fn tokens_needed(
+        &self,
+        entry: &ModelEntry,
+        frames: u32,
+        tokens_per_frame: u32,
+        req: &PlanRequest,
+    ) -> usize {
+        let w = Workload {
+            frames: frames as usize,
+            tokens_per_frame: tokens_per_frame as usize,
+            text_tokens: req.text_tokens,
+            decode_steps: 0,
+        };
+        let prefill = match self.archs.get(&entry.name) {
+            Some(a) => a.prefill_len(&w),
+            None => w.text_tokens + w.frames * w.tokens_per_frame,
+        };
+        prefill + req.expected_decode_tokens
     }
 
     pub fn registry(&self) -> &Registry {
@@ -193,6 +226,8 @@ impl Planner {
         let mut feasible: Vec<Candidate> = vec![];
         let mut min_cost = f64::INFINITY;
         let mut considered = 0;
+        // The shortest request any candidate makes, against the longest context it may use.
+        let (mut min_needed, mut max_context, mut fits_some) = (usize::MAX, 0usize, false);
         for entry in &self.registry.models {
             if req.pins.model.as_ref().is_some_and(|m| m != &entry.name) {
                 continue;
@@ -227,6 +262,15 @@ impl Planner {
                 for &s in &sides {
                     considered += 1;
                     let v = s * s;
+                    if let Some(&ctx) = self.contexts.get(&entry.name) {
+                        let needed = self.tokens_needed(entry, t, v, req);
+                        min_needed = min_needed.min(needed);
+                        max_context = max_context.max(ctx);
+                        if needed > ctx {
+                            continue;
+                        }
+                    }
+                    fits_some = true;
                     let cost = self.cost(entry, t, v, req);
                     min_cost = min_cost.min(cost);
                     if cost > req.budget_flops {
@@ -250,6 +294,12 @@ impl Planner {
                     });
                 }
             }
+        }
+        if !fits_some && considered > 0 {
+            return Err(PlanError::ContextTooLong {
+                needed: min_needed,
+                limit: max_context,
+            });
         }
         if feasible.is_empty() {
             return Err(PlanError::BudgetTooSmall {
@@ -417,6 +467,30 @@ mod tests {
             Err(PlanError::UnknownTask(_))
         ));
         assert!(p.plan(&req(f64::NAN)).is_err());
+    }
+
+    #[test]
+    fn configurations_over_the_context_length_are_not_candidates() {
+        let mut p = planner();
+        // 1000 tokens of context: 20 text + 32 decode leave 948 visual tokens.
+        p.set_context("small", 1000);
+        p.set_context("large", 1000);
+        let plan = p.plan(&req(1e15)).unwrap();
+        let c = &plan.choice;
+        assert!(c.frames * c.tokens_per_frame + 20 + 32 <= 1000, "{c:?}");
+        assert!(plan
+            .runners_up
+            .iter()
+            .all(|c| c.frames * c.tokens_per_frame <= 948));
+        // Nothing fits: a prompt of 2000 tokens.
+        let mut r = req(1e15);
+        r.text_tokens = 2000;
+        match p.plan(&r) {
+            Err(PlanError::ContextTooLong { needed, limit }) => {
+                assert_eq!((needed, limit), (2000 + 1 + 32, 1000));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

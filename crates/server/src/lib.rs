@@ -166,6 +166,9 @@ pub fn load_models(state: &AppState) -> Result<(), StartError> {
         planner.data_size_m = state.config.planner.data_size_m;
         for (name, m) in &engines {
             planner.set_arch(name, m.arch());
+            if let Some(n) = m.cfg.text_config.max_position_embeddings {
+                planner.set_context(name, n);
+            }
         }
         *state.engines.write().unwrap_or_else(|p| p.into_inner()) = engines;
         *state.planner.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(planner));
