@@ -460,6 +460,36 @@ fn caption_qa_chat_budgets_and_every_error_path() {
         assert!(text.contains("payload_too_large"), "{text}");
     }
 
+    // Hostile upload: an 84-byte HLS playlist naming a local video used to pin a core forever
+    // (and make ffmpeg read files outside any allow-list). Now: refused at once, as not a video.
+    let playlist = scratch().join("evil.m3u8");
+    std::fs::write(
+        &playlist,
+        format!(
+            "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\n{}\n#EXT-X-ENDLIST\n",
+            v.display()
+        ),
+    )
+    .unwrap();
+    let t = Instant::now();
+    let e = post_form(
+        &s,
+        "/v1/videos/caption",
+        Some(&alice),
+        &[("prompt", "x"), ("budget", "2T")],
+        Some(&playlist),
+    );
+    assert_eq!(e.status, 422, "{}", e.body);
+    assert!(
+        e.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a video"),
+        "{}",
+        e.body
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
     // Error paths: status and a JSON body naming the problem.
     let form = |key: Option<&str>, fields: &[(&str, &str)], video: Option<&Path>| {
         post_form(&s, "/v1/videos/caption", key, fields, video)
