@@ -140,6 +140,9 @@ impl From<vvlm_engine::EngineError> for ApiError {
     fn from(e: vvlm_engine::EngineError) -> Self {
         match e {
             vvlm_engine::EngineError::Request(m) => ApiError::Validation(m),
+            vvlm_engine::EngineError::Cancelled => {
+                ApiError::Timeout("the request was cancelled before it finished".into())
+            }
             other => ApiError::Internal(other.to_string()),
         }
     }

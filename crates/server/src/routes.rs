@@ -585,7 +585,7 @@ async fn run_to_completion(
             )))
         }
         Ok(None) => return Err(ApiError::Internal("the worker went away".into())),
-        Ok(Some(Err(e))) => return Err(ApiError::Internal(e)),
+        Ok(Some(Err(e))) => return Err(e),
         Ok(Some(Ok(g))) => g,
     };
     guard.disarm();
@@ -895,7 +895,7 @@ async fn chat(
                         }
                     }
                     Ok(Some(Event::Done(Err(e)))) => {
-                        let _ = tx.send(SseEvent::default().data(json!({"error": {"type": "internal_error", "message": e}}).to_string()));
+                        let _ = tx.send(SseEvent::default().data(json!({"error": {"type": e.kind(), "message": e.to_string()}}).to_string()));
                         break;
                     }
                     Ok(Some(Event::Done(Ok(g)))) => {

@@ -9,6 +9,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use vvlm_cost::FlopCounter;
 use vvlm_engine::{GenerateRequest, Generation, SamplingParams, VideoVlm};
 
+use crate::error::ApiError;
 use crate::ledger::{now, Ledger, Reservation};
 
 /// What a worker reports back.
@@ -16,7 +17,7 @@ use crate::ledger::{now, Ledger, Reservation};
 pub enum Event {
     Started,
     Text(String),
-    Done(Result<Generation, String>),
+    Done(Result<Generation, ApiError>),
 }
 
 /// A reservation carried by its job. The worker settles it to the FLOPs the job executed
@@ -138,9 +139,9 @@ fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metri
             if let Some(h) = job.held.as_mut() {
                 h.close();
             }
-            let _ = job
-                .events
-                .send(Event::Done(Err("cancelled before start".into())));
+            let _ = job.events.send(Event::Done(Err(ApiError::Internal(
+                "cancelled before it started".into(),
+            ))));
             continue;
         }
         metrics.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -148,7 +149,9 @@ fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metri
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&job)));
         let result = match result {
             Ok(r) => r,
-            Err(_) => Err("the engine panicked on this request".to_string()),
+            Err(_) => Err(ApiError::Internal(
+                "the engine panicked on this request".into(),
+            )),
         };
         metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
         if let Some(h) = job.held.as_mut() {
@@ -158,11 +161,13 @@ fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metri
     }
 }
 
-fn run(job: &Job) -> Result<Generation, String> {
+/// Engine errors stay typed to the edge: a bad request the engine finds is a 4xx there.
+fn run(job: &Job) -> Result<Generation, ApiError> {
     let pixels = match &job.pixels {
-        Some((v, shape)) => {
-            Some(Tensor::from_slice(v, shape.as_slice(), &Device::Cpu).map_err(|e| e.to_string())?)
-        }
+        Some((v, shape)) => Some(
+            Tensor::from_slice(v, shape.as_slice(), &Device::Cpu)
+                .map_err(|e| ApiError::Internal(format!("frames: {e}")))?,
+        ),
         None => None,
     };
     let req = GenerateRequest {
@@ -182,5 +187,5 @@ fn run(job: &Job) -> Result<Generation, String> {
             }
             events.send(Event::Text(piece.to_string())).is_ok()
         })
-        .map_err(|e| e.to_string())
+        .map_err(ApiError::from)
 }
