@@ -576,13 +576,19 @@ mod tests {
     #[test]
     fn periods_and_calendar() {
         assert_eq!(Period::Day.bounds(86_400 * 3 + 5), (86_400 * 3, 86_400 * 4));
-        // 2026-11-22 12:00 UTC -> month starts 2026-11-01, resets 2026-12-01.
-        let t = days_from_civil(2026, 11, 22) * 86_400 + 43_200;
-        let (s, e) = Period::Month.bounds(t);
-        assert_eq!(civil_from_days(s / 86_400), (2026, 11, 1));
-        assert_eq!(civil_from_days(e / 86_400), (2026, 12, 1));
-        let (_, e) = Period::Month.bounds(days_from_civil(2026, 12, 31) * 86_400);
-        assert_eq!(civil_from_days(e / 86_400), (2027, 1, 1));
+        // Literal Unix times (from Python's calendar.timegm), not the code's own calendar:
+        // 2026-11-22 12:00 UTC -> the month starts 2026-11-01 00:00 UTC and resets 2026-12-01.
+        assert_eq!(
+            Period::Month.bounds(1_795_305_600 + 43_200),
+            (1_793_491_200, 1_796_083_200)
+        );
+        // 2026-12-31 00:00 UTC -> resets 2027-01-01 (year boundary).
+        assert_eq!(Period::Month.bounds(1_798_675_200).1, 1_798_761_600);
+        // The first second of a month belongs to it; the last second of the previous does not.
+        assert_eq!(Period::Month.bounds(1_796_083_200).0, 1_796_083_200);
+        assert_eq!(Period::Month.bounds(1_796_083_199).0, 1_793_491_200);
+        assert_eq!(days_from_civil(2026, 11, 1) * 86_400, 1_793_491_200);
+        assert_eq!(civil_from_days(1_798_761_600 / 86_400), (2027, 1, 1));
     }
 
     #[test]
