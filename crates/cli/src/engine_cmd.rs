@@ -228,6 +228,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             top_p: a.top_p,
             seed: a.seed,
             stop_token_ids: vec![],
+            stop: vec![],
         },
         cancel: None,
     };

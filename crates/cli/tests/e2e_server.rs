@@ -326,6 +326,54 @@ fn caption_qa_chat_budgets_and_every_error_path() {
     assert_eq!(c.body["object"], "chat.completion");
     assert!(c.body["choices"][0]["message"]["content"].is_string());
     assert!(c.body["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+    // Stop strings: cut where the string appears (greedy decoding repeats the same text),
+    // finish_reason "stop", the stop string itself not returned.
+    let full = c.body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let chars: Vec<char> = full.chars().collect();
+    if chars.len() >= 5 {
+        let stop: String = chars[2..4].iter().collect();
+        let cut = &full[..full.find(&stop).unwrap()];
+        let mut body = chat_body(false);
+        body["stop"] = json!([stop]);
+        let c = post_json(&s, "/v1/chat/completions", &alice, body);
+        assert_eq!(c.status, 200, "{}", c.body);
+        assert_eq!(
+            c.body["choices"][0]["message"]["content"], cut,
+            "{}",
+            c.body
+        );
+        assert_eq!(c.body["choices"][0]["finish_reason"], "stop");
+    }
+    // An unknown model is a 404 model_not_found, as OpenAI and vLLM answer.
+    let mut body = chat_body(false);
+    body["model"] = json!("no-such-model");
+    let e = post_json(&s, "/v1/chat/completions", &alice, body);
+    assert_eq!(
+        (e.status, e.body["error"]["type"].as_str()),
+        (404, Some("model_not_found")),
+        "{}",
+        e.body
+    );
+    // OpenAI fields vvlm does not implement are refused by name, not ignored.
+    for (field, value) in [
+        ("n", json!(2)),
+        ("logprobs", json!(true)),
+        ("tools", json!([])),
+    ] {
+        let mut body = chat_body(false);
+        body[field] = value;
+        let e = post_json(&s, "/v1/chat/completions", &alice, body);
+        assert_eq!(
+            (e.status, e.body["error"]["type"].as_str()),
+            (400, Some("unsupported_parameter")),
+            "{field}: {}",
+            e.body
+        );
+        assert!(e.body["error"]["message"].as_str().unwrap().contains(field));
+    }
     let resp = ureq::post(&s.url("/v1/chat/completions"))
         .set("Authorization", &format!("Bearer {alice}"))
         .send_json(chat_body(true))

@@ -19,6 +19,10 @@ pub struct SamplingParams {
     /// Extra stop token ids besides the checkpoint's EOS and the template's end-of-turn.
     #[serde(default)]
     pub stop_token_ids: Vec<u32>,
+    /// Stop strings: generation ends where one appears (across token boundaries); it is not
+    /// part of the text, and text that may begin one is held back from the stream until known.
+    #[serde(default)]
+    pub stop: Vec<String>,
 }
 
 impl Default for SamplingParams {
@@ -29,6 +33,7 @@ impl Default for SamplingParams {
             top_p: 1.0,
             seed: 0,
             stop_token_ids: vec![],
+            stop: vec![],
         }
     }
 }
@@ -265,6 +270,9 @@ impl VideoVlm {
         // Incremental detokenisation (as text-generation-inference does): each step decodes only
         // the ids since the last emitted piece plus the token before them, not the whole text.
         let (mut prefix_offset, mut read_offset) = (0usize, 0usize);
+        // Decoded text not yet emitted because it may be the start of a stop string.
+        let mut pending = String::new();
+        let mut stopped_by_string = false;
         let mut decode_steps = 0;
         let t2 = Instant::now();
         let mut ctx = Ctx::new(flops, Component::LmDecode).with_cancel(req.cancel);
@@ -280,12 +288,25 @@ impl VideoVlm {
             let before = self.detokenize(&ids[prefix_offset..read_offset])?;
             let now = self.detokenize(&ids[prefix_offset..])?;
             if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.starts_with(&before) {
-                let piece = now[before.len()..].to_string();
-                emitted.push_str(&piece);
+                pending.push_str(&now[before.len()..]);
                 prefix_offset = read_offset;
                 read_offset = ids.len();
-                if !on_text(&piece) {
-                    break FinishReason::Cancelled;
+                if let Some(cut) = find_stop(&pending, &req.sampling.stop) {
+                    let out = pending[..cut].to_string();
+                    emitted.push_str(&out);
+                    if !out.is_empty() {
+                        on_text(&out);
+                    }
+                    stopped_by_string = true;
+                    break FinishReason::Stop;
+                }
+                let keep = pending.len() - held_back(&pending, &req.sampling.stop);
+                let out: String = pending.drain(..keep).collect();
+                if !out.is_empty() {
+                    emitted.push_str(&out);
+                    if !on_text(&out) {
+                        break FinishReason::Cancelled;
+                    }
                 }
             }
             if ids.len() >= req.sampling.max_tokens {
@@ -297,13 +318,18 @@ impl VideoVlm {
             decode_steps += 1;
         };
         timings.decode_s = t2.elapsed().as_secs_f64();
-        let text = self.detokenize(&ids)?;
-        if text.len() > emitted.len()
-            && text.starts_with(&emitted)
-            && finish != FinishReason::Cancelled
-        {
-            on_text(&text[emitted.len()..]);
-        }
+        let text = if stopped_by_string {
+            emitted
+        } else {
+            let text = self.detokenize(&ids)?;
+            if text.len() > emitted.len()
+                && text.starts_with(&emitted)
+                && finish != FinishReason::Cancelled
+            {
+                on_text(&text[emitted.len()..]);
+            }
+            text
+        };
         Ok(Generation {
             text,
             token_ids: ids,
@@ -315,6 +341,28 @@ impl VideoVlm {
             timings,
         })
     }
+}
+
+/// Where the first stop string begins in `text`, if one appears.
+fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+}
+
+/// Bytes at the end of `text` that could be the beginning of a stop string (held back).
+fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut hold = 0;
+    for s in stops {
+        for (k, _) in s.char_indices().skip(1) {
+            if k > hold && text.ends_with(&s[..k]) {
+                hold = k;
+            }
+        }
+    }
+    hold
 }
 
 /// A forward pass stopped by the request's cancel flag is [`EngineError::Cancelled`].
@@ -338,6 +386,19 @@ fn cancelled_as_such(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stop_strings_are_found_and_their_beginnings_held_back() {
+        let stops = vec!["assist".to_string(), "\n\n".to_string()];
+        assert_eq!(find_stop("I can assist you", &stops), Some(6));
+        assert_eq!(find_stop("a\n\nb", &stops), Some(1));
+        assert_eq!(find_stop("nothing here", &stops), None);
+        assert_eq!(held_back("designed to ass", &stops), 3);
+        assert_eq!(held_back("line\n", &stops), 1);
+        assert_eq!(held_back("assis", &stops), 5);
+        assert_eq!(held_back("plain", &stops), 0);
+        assert_eq!(held_back("é", &["éa".to_string()]), 2, "whole characters");
+    }
 
     #[test]
     fn greedy_and_top_p_sampling() {

@@ -63,6 +63,21 @@ fn greedy_generation_is_coherent_english() {
     // The streamed pieces (incremental detokenisation) add up to the final text.
     assert_eq!(streamed, g.text);
     assert!(pieces > 3, "{pieces} pieces");
+    // A stop string ends generation where it appears (across token boundaries), is not part
+    // of the text, and is never streamed.
+    let at = g.text.find("Paris").unwrap();
+    let mut req = req;
+    req.sampling.stop = vec!["Par".into(), "never appears".into()];
+    let mut streamed = String::new();
+    let s = m
+        .generate(&req, &FlopCounter::new(), &mut |p| {
+            streamed.push_str(p);
+            true
+        })
+        .unwrap();
+    assert_eq!(s.text, g.text[..at]);
+    assert_eq!(streamed, s.text);
+    assert_eq!(s.finish_reason, vvlm_engine::FinishReason::Stop);
     // Measured equals the analytic count for a text-only request.
     let w = vvlm_cost::Workload {
         frames: 0,

@@ -18,6 +18,12 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("{0}")]
     Conflict(String),
+    /// An unknown model (404, as OpenAI and vLLM answer).
+    #[error("{0}")]
+    ModelNotFound(String),
+    /// A request field the server does not implement (400, named).
+    #[error("{0}")]
+    Unsupported(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -46,6 +52,8 @@ impl ApiError {
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unsupported(_) => StatusCode::BAD_REQUEST,
+            ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BudgetExhausted { .. } => StatusCode::PAYMENT_REQUIRED,
@@ -64,6 +72,8 @@ impl ApiError {
             ApiError::Validation(_) => "validation_error",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
+            ApiError::Unsupported(_) => "unsupported_parameter",
+            ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMedia(_) => "unsupported_media",
             ApiError::BudgetExhausted { .. } => "budget_exhausted",
@@ -116,6 +126,9 @@ impl From<vvlm_planner::PlanError> for ApiError {
     fn from(e: vvlm_planner::PlanError) -> Self {
         match e {
             vvlm_planner::PlanError::Registry(m) => ApiError::Internal(m),
+            vvlm_planner::PlanError::UnknownModel(m) => {
+                ApiError::ModelNotFound(format!("the model `{m}` does not exist"))
+            }
             other => ApiError::Validation(other.to_string()),
         }
     }

@@ -533,6 +533,7 @@ async fn admit(
             top_p: r.top_p.unwrap_or(1.0),
             seed: r.seed.unwrap_or(0),
             stop_token_ids: vec![],
+            stop: r.stop.clone(),
         },
         flops: flops.clone(),
         cancel: cancel.clone(),
@@ -717,6 +718,22 @@ struct ChatBody {
     seed: Option<u64>,
     #[serde(default)]
     stream: bool,
+    /// A string or a list of up to 4.
+    #[serde(default)]
+    stop: Option<StopField>,
+    // OpenAI fields vvlm does not implement: refused by name when set, never silently ignored.
+    #[serde(default)]
+    n: Option<u32>,
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    #[serde(default)]
+    logprobs: Option<bool>,
+    #[serde(default)]
+    top_logprobs: Option<u32>,
     // vvlm extensions
     #[serde(default)]
     budget_flops: Option<Budget>,
@@ -726,6 +743,28 @@ struct ChatBody {
     frames: Option<u32>,
     #[serde(default)]
     tokens_per_frame: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Checks and collects stop strings (as OpenAI: at most 4).
+fn stop_strings(s: Option<StopField>) -> Result<Vec<String>, ApiError> {
+    let v = match s {
+        None => vec![],
+        Some(StopField::One(x)) => vec![x],
+        Some(StopField::Many(v)) => v,
+    };
+    if v.len() > 4 || v.iter().any(|x| x.is_empty() || x.chars().count() > 64) {
+        return Err(ApiError::Validation(
+            "stop: at most 4 strings of 1-64 characters".into(),
+        ));
+    }
+    Ok(v)
 }
 
 #[derive(Deserialize)]
@@ -768,6 +807,24 @@ fn chat_request(
     b: ChatBody,
     allow: &[std::path::PathBuf],
 ) -> Result<(VideoRequest, bool, String), ApiError> {
+    let unsupported = |field: &str| {
+        Err(ApiError::Unsupported(format!(
+            "`{field}` is not supported by this server"
+        )))
+    };
+    if b.n.is_some_and(|n| n != 1) {
+        return unsupported("n");
+    }
+    if b.tools.as_ref().is_some_and(|t| !t.is_null()) || b.tool_choice.is_some() {
+        return unsupported("tools");
+    }
+    if b.response_format.is_some() {
+        return unsupported("response_format");
+    }
+    if b.logprobs == Some(true) || b.top_logprobs.is_some() {
+        return unsupported("logprobs");
+    }
+    let stop = stop_strings(b.stop)?;
     let mut system = None;
     let mut prompt = vec![];
     let mut media: Option<Media> = None;
@@ -833,6 +890,7 @@ fn chat_request(
             temperature: b.temperature,
             top_p: b.top_p,
             seed: b.seed,
+            stop,
             media,
         },
         b.stream,

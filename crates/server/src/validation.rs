@@ -68,6 +68,8 @@ pub struct VideoRequest {
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub seed: Option<u64>,
+    /// Stop strings (at most 4, 1-64 characters each).
+    pub stop: Vec<String>,
     pub media: Option<Media>,
 }
 
@@ -181,6 +183,7 @@ impl JsonVideoBody {
             temperature: self.temperature,
             top_p: self.top_p,
             seed: self.seed,
+            stop: vec![],
             media,
         })
     }
