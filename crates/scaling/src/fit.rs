@@ -173,7 +173,14 @@ pub fn fit_best_of(
                 .collect();
             let m = minimize(|t, g| prep.objective(s, opt.loss, t, g), &x0, &lb);
             progress(1);
-            let f = if m.f.is_finite() { m.f } else { f64::INFINITY };
+            // A solution whose written form is not finite (a coefficient exp(theta) that
+            // overflows) cannot be saved or reloaded: it loses to any finite one.
+            let writable = s.readable(&m.x).iter().all(|(_, v)| v.is_finite());
+            let f = if m.f.is_finite() && writable {
+                m.f
+            } else {
+                f64::INFINITY
+            };
             (f, r, m.x)
         })
         .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))

@@ -242,6 +242,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_switched_off_term_loads_and_adds_nothing() {
+        // A fit can drive a log-coefficient so low that exp() underflows to 0 when written.
+        let p = |alpha: f64| -> Vec<(String, f64)> {
+            vec![
+                ("alpha_T".into(), alpha),
+                ("a_T".into(), 0.5),
+                ("eps".into(), 5.0),
+            ]
+        };
+        let m = FittedModel::from_params(Form::Add, &[Factor::T], &p(0.0)).unwrap();
+        let back = FittedModel::from_json(&m.to_json()).unwrap();
+        let x = Config {
+            lm_params_b: 1.0,
+            frames: 8.0,
+            tokens_per_frame: 16.0,
+            data_size_m: 1.0,
+        };
+        assert!((back.predict(&x) - 5.0).abs() < 1e-12, "{}", back.predict(&x));
+        assert!(FittedModel::from_params(Form::Add, &[Factor::T], &p(-1.0)).is_err());
+        assert!(FittedModel::from_params(Form::Add, &[Factor::T], &p(f64::NAN)).is_err());
+    }
+
+    #[test]
     fn round_trips_through_json_and_predicts_median() {
         let s = Structure::new(Form::Add, &[Factor::N]).unwrap();
         let thetas = vec![
