@@ -5,8 +5,9 @@
 //! lmms-eval), open answers by greedy generation and normalised exact match, captions by the
 //! suite's fact scorer.
 //!
-//! Owns the scoring of one item at one (x_T, s). Must not know about HTTP, tenants or budgets;
-//! the planner's choices reach it as plain (checkpoint, frames, side) triples.
+//! Owns the scoring of one item at one (x_T, s), the sweep cache, and the budget policies the
+//! planner is checked against ([`policy`]: naive rules and the oracle). Must not know about
+//! HTTP or tenants; the planner's choices reach it as plain (checkpoint, frames, side) triples.
 
 pub mod policy;
 

@@ -259,7 +259,11 @@ mod tests {
             tokens_per_frame: 16.0,
             data_size_m: 1.0,
         };
-        assert!((back.predict(&x) - 5.0).abs() < 1e-12, "{}", back.predict(&x));
+        assert!(
+            (back.predict(&x) - 5.0).abs() < 1e-12,
+            "{}",
+            back.predict(&x)
+        );
         assert!(FittedModel::from_params(Form::Add, &[Factor::T], &p(-1.0)).is_err());
         assert!(FittedModel::from_params(Form::Add, &[Factor::T], &p(f64::NAN)).is_err());
     }
