@@ -295,9 +295,9 @@ impl Structure {
                 match k {
                     // 0 is a term the fit switched off (exp of a very negative log-coefficient
                     // underflows when written): it stays off (log 0 = -inf adds nothing).
-                    ParamKind::LogCoefficient if !(v >= 0.0) || v.is_infinite() => Err(format!(
-                        "coefficient `{n}` must be a finite number >= 0, got {v}"
-                    )),
+                    ParamKind::LogCoefficient if v.is_nan() || v < 0.0 || v.is_infinite() => Err(
+                        format!("coefficient `{n}` must be a finite number >= 0, got {v}"),
+                    ),
                     ParamKind::LogCoefficient => Ok(v.ln()),
                     ParamKind::Exponent => Ok(v),
                 }
