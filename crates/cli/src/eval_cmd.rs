@@ -15,11 +15,14 @@ use vvlm_eval::{Cache, GridPoint, ItemResult};
 use vvlm_planner::{ModelEntry, Registry};
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct EvalArgs {
+    #[command(subcommand)]
+    pub action: Option<EvalAction>,
     /// Labelled set: JSONL of {"video", "question", "answer", "choices"?, "family"?}; `video`
     /// is relative to the file's folder.
     #[arg(long)]
-    pub items: PathBuf,
+    pub items: Option<PathBuf>,
     /// Folder of model registry entries (*.toml): every checkpoint in it is evaluated.
     #[arg(long, default_value = "models")]
     pub models: PathBuf,
@@ -61,6 +64,63 @@ pub struct EvalArgs {
     /// How the planner and the baselines price a configuration.
     #[arg(long, value_enum, default_value = "exact")]
     pub cost_mode: crate::eval_plan::CostModeArg,
+    /// Evaluate only shard I of N (0-based): every N-th cell (checkpoint x grid point) of the
+    /// whole grid in a fixed order, so N machines split a sweep; `vvlm eval merge` joins the
+    /// parts.
+    #[arg(long, value_parser = parse_shard)]
+    pub shard: Option<(usize, usize)>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum EvalAction {
+    /// Join the parts of a sharded sweep (`--shard I/N` output folders) into one sweep.
+    Merge(MergeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// The parts' output folders (each has shard.json and its sweep CSVs).
+    #[arg(required = true)]
+    pub parts: Vec<PathBuf>,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("`{s}`: a shard is I/N with 0 <= I < N, e.g. 0/3");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n): (usize, usize) = (
+        i.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
+    if n == 0 || i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
+/// One cell of a sweep: a checkpoint at a grid point.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
+pub struct Cell {
+    pub model: String,
+    pub frames: usize,
+    pub tokens_per_frame: usize,
+}
+
+/// What a shard's folder records: which part of which grid it holds.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ShardInfo {
+    pub shard: usize,
+    pub of: usize,
+    /// Every cell of the whole grid, in the order shards are cut from.
+    pub grid: Vec<Cell>,
+    /// This shard's cells.
+    pub cells: Vec<Cell>,
+}
+
+/// The cells of shard `i` of `n`: every n-th of the whole grid, starting at `i`.
+pub fn shard_cells(all: &[Cell], i: usize, n: usize) -> Vec<Cell> {
+    all.iter().skip(i).step_by(n).cloned().collect()
 }
 
 const DEFAULT_FRAMES: [usize; 6] = [1, 2, 4, 8, 16, 32];
@@ -176,15 +236,24 @@ pub fn write_csv(path: &Path, rows: &[SweepRow]) -> Result<()> {
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
+    if let Some(EvalAction::Merge(m)) = &a.action {
+        return merge(m);
+    }
+    let Some(items_path) = a.items.clone() else {
+        bail!("--items is required (or use `vvlm eval merge`)");
+    };
+    if a.plan && a.shard.is_some() {
+        bail!("--plan evaluates the planner's choices on the whole set: do not combine it with --shard");
+    }
     vvlm_video::init();
-    let mut items = vvlm_suite::read_items(&a.items)?;
+    let mut items = vvlm_suite::read_items(&items_path)?;
     if let Some(n) = a.limit {
         items.truncate(n);
     }
     if items.is_empty() {
-        bail!("{} has no items", a.items.display());
+        bail!("{} has no items", items_path.display());
     }
-    let items_dir = a.items.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let items_dir = items_path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let registry = Registry::load_dir(&a.models)?;
     let entries: Vec<&ModelEntry> = registry
         .models
@@ -196,15 +265,61 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     let ids: std::collections::HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
     let policy = vvlm_video::MediaPolicy::default();
+    // The whole grid, cell by cell, in a fixed order (a shard takes every N-th): grid sides come
+    // from each checkpoint's config.json, so no weights are loaded to cut shards.
+    let mut grids: BTreeMap<String, Vec<GridPoint>> = BTreeMap::new();
+    for e in entries.iter().copied() {
+        let grid = match &a.grid {
+            Some(g) => vvlm_eval::parse_grid(g)?,
+            None => {
+                let arch = vvlm_cost::ArchSpec::from_checkpoint_dir(&e.path)
+                    .with_context(|| format!("{}: reading {}", e.name, e.path.display()))?;
+                default_grid(e, arch.vision.grid())
+            }
+        };
+        grids.insert(e.name.clone(), grid);
+    }
+    let all_cells: Vec<Cell> = grids
+        .iter()
+        .flat_map(|(m, g)| {
+            g.iter().map(|p| Cell {
+                model: m.clone(),
+                frames: p.frames,
+                tokens_per_frame: p.tokens_per_frame(),
+            })
+        })
+        .collect();
+    if let Some((i, n)) = a.shard {
+        let mine = shard_cells(&all_cells, i, n);
+        for (m, g) in grids.iter_mut() {
+            g.retain(|p| {
+                mine.iter().any(|c| {
+                    &c.model == m
+                        && c.frames == p.frames
+                        && c.tokens_per_frame == p.tokens_per_frame()
+                })
+            });
+        }
+        std::fs::create_dir_all(&a.out)?;
+        std::fs::write(
+            a.out.join("shard.json"),
+            serde_json::to_string_pretty(&ShardInfo {
+                shard: i,
+                of: n,
+                grid: all_cells.clone(),
+                cells: mine,
+            })?,
+        )?;
+    }
     let mut sweep = vec![];
     for e in entries.iter().copied() {
+        let grid = grids.get(&e.name).cloned().unwrap_or_default();
+        if grid.is_empty() {
+            continue;
+        }
         let dir = e.path.clone();
         let vlm = VideoVlm::load(&dir, &LoadOptions::default())
             .with_context(|| format!("loading {} from {}", e.name, dir.display()))?;
-        let grid = match &a.grid {
-            Some(g) => vvlm_eval::parse_grid(g)?,
-            None => default_grid(e, vlm.grid()),
-        };
         let data_size_m = data_size(e, &dir, a.data_size)?;
         let cache = Cache::new(&a.out.join("cache").join(&e.name))?;
         let bar = if a.quiet {
@@ -299,7 +414,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     std::fs::write(
         a.out.join("summary.json"),
         serde_json::to_string_pretty(&serde_json::json!({
-            "items": a.items, "n_items": items.len(), "rows": sweep,
+            "items": items_path, "n_items": items.len(), "rows": sweep,
         }))?,
     )?;
     let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
@@ -365,5 +480,158 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         }
     }
     println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+/// `vvlm eval merge`: the parts of a sharded sweep joined into one, refusing duplicate and
+/// missing cells with the cells named.
+pub fn merge(m: &MergeArgs) -> Result<()> {
+    let mut infos = vec![];
+    for p in &m.parts {
+        let path = p.join("shard.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{}: not a shard's output (run `vvlm eval --shard I/N`)",
+                path.display()
+            )
+        })?;
+        let info: ShardInfo = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a shard description", path.display()))?;
+        infos.push((p.clone(), info));
+    }
+    let (_, first) = &infos[0];
+    for (p, info) in &infos {
+        if info.of != first.of || info.grid != first.grid {
+            bail!(
+                "{} is shard {}/{} of a different grid than {} ({}/{})",
+                p.display(),
+                info.shard,
+                info.of,
+                m.parts[0].display(),
+                first.shard,
+                first.of
+            );
+        }
+    }
+    let mut seen: Vec<Option<PathBuf>> = vec![None; first.of];
+    for (p, info) in &infos {
+        if let Some(other) = &seen[info.shard] {
+            bail!(
+                "shard {}/{} is given twice: {} and {}",
+                info.shard,
+                info.of,
+                other.display(),
+                p.display()
+            );
+        }
+        seen[info.shard] = Some(p.clone());
+    }
+    let missing: Vec<String> = (0..first.of)
+        .filter(|i| seen[*i].is_none())
+        .map(|i| format!("{i}/{}", first.of))
+        .collect();
+    if !missing.is_empty() {
+        bail!("missing shards: {}", missing.join(", "));
+    }
+    // Every CSV name any part wrote (sweep.csv, sweep-<family>.csv), rows joined.
+    let mut files: BTreeMap<String, Vec<csv::StringRecord>> = BTreeMap::new();
+    let mut header: Option<csv::StringRecord> = None;
+    for (p, _) in &infos {
+        for entry in std::fs::read_dir(p)? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("")
+                .to_string();
+            if !(name.starts_with("sweep") && name.ends_with(".csv")) {
+                continue;
+            }
+            let mut r = csv::Reader::from_path(&path)?;
+            let h = r.headers()?.clone();
+            match &header {
+                Some(x) if x != &h => {
+                    bail!("{}: columns differ from the other parts", path.display())
+                }
+                _ => header = Some(h),
+            }
+            let rows = files.entry(name).or_default();
+            for rec in r.records() {
+                rows.push(rec?);
+            }
+        }
+    }
+    let Some(header) = header else {
+        bail!("the parts hold no sweep rows");
+    };
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|c| c == name)
+            .with_context(|| format!("the sweep has no `{name}` column"))
+    };
+    let (cm, cf, cv, cfam) = (
+        col("model")?,
+        col("frames")?,
+        col("tokens_per_frame")?,
+        col("family")?,
+    );
+    let cell_of = |r: &csv::StringRecord| -> Result<Cell> {
+        Ok(Cell {
+            model: r[cm].to_string(),
+            frames: r[cf].parse()?,
+            tokens_per_frame: r[cv].parse()?,
+        })
+    };
+    std::fs::create_dir_all(&m.out)?;
+    for (name, rows) in &files {
+        let mut keys = std::collections::BTreeSet::new();
+        let mut sorted = rows.clone();
+        for r in rows {
+            let c = cell_of(r)?;
+            if !keys.insert((c.clone(), r[cfam].to_string())) {
+                bail!(
+                    "{name}: cell {} T{} V{} ({}) appears in more than one part",
+                    c.model,
+                    c.frames,
+                    c.tokens_per_frame,
+                    &r[cfam]
+                );
+            }
+        }
+        if name == "sweep.csv" {
+            let have: std::collections::BTreeSet<Cell> =
+                keys.iter().map(|(c, _)| c.clone()).collect();
+            let lost: Vec<String> = first
+                .grid
+                .iter()
+                .filter(|c| !have.contains(c))
+                .map(|c| format!("{} T{} V{}", c.model, c.frames, c.tokens_per_frame))
+                .collect();
+            if !lost.is_empty() {
+                bail!("cells missing from the parts: {}", lost.join(", "));
+            }
+        }
+        // The unsharded order: the grid's cell order.
+        let rank = |r: &csv::StringRecord| {
+            cell_of(r)
+                .ok()
+                .and_then(|c| first.grid.iter().position(|g| *g == c))
+                .unwrap_or(usize::MAX)
+        };
+        sorted.sort_by_key(|r| rank(r));
+        let mut w = csv::Writer::from_path(m.out.join(name))?;
+        w.write_record(&header)?;
+        for r in &sorted {
+            w.write_record(r)?;
+        }
+        w.flush()?;
+    }
+    println!(
+        "merged {} shards ({} cells) into {}",
+        first.of,
+        first.grid.len(),
+        m.out.display()
+    );
     Ok(())
 }

@@ -199,6 +199,68 @@ fn eval_writes_a_fittable_sweep_and_resumes() {
         .parse()
         .unwrap();
     assert!((oracle - best).abs() < 1e-9, "{oracle} vs {best}");
+    // A grid run as 3 shards then merged equals the unsharded run, cell for cell (timings
+    // aside); a missing or repeated shard is refused by name.
+    let grid3 = "1:1,2:4,4:16";
+    let (items_s, reg_s) = (s(&items), s(&reg));
+    let run = |out: &Path, shard: Option<&str>| {
+        let o = s(out);
+        let mut a = vec![
+            "eval", "--items", &items_s, "--models", &reg_s, "--grid", grid3, "--out", &o,
+            "--quiet",
+        ];
+        if let Some(sh) = shard {
+            a.extend(["--shard", sh]);
+        }
+        vvlm(&a);
+    };
+    run(&dir.join("whole"), None);
+    for i in 0..3 {
+        run(&dir.join(format!("part{i}")), Some(&format!("{i}/3")));
+    }
+    let parts: Vec<String> = (0..3).map(|i| s(&dir.join(format!("part{i}")))).collect();
+    let merged = s(&dir.join("merged"));
+    let mut args = vec!["eval", "merge", "--out", &merged];
+    args.extend(parts.iter().map(String::as_str));
+    vvlm(&args);
+    let rows = |p: PathBuf| -> Vec<Vec<String>> {
+        let mut r = csv::Reader::from_path(p).unwrap();
+        let h = r.headers().unwrap().clone();
+        r.records()
+            .map(|rec| {
+                let rec = rec.unwrap();
+                h.iter()
+                    .zip(rec.iter())
+                    .filter(|(c, _)| !c.ends_with("_s"))
+                    .map(|(_, v)| v.to_string())
+                    .collect()
+            })
+            .collect()
+    };
+    for f in ["sweep.csv", "sweep-temporal.csv"] {
+        let (a, b) = (
+            rows(dir.join("whole").join(f)),
+            rows(dir.join("merged").join(f)),
+        );
+        assert_eq!(a.len(), 3, "{f}");
+        assert_eq!(a, b, "{f}");
+    }
+    let fails = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_vvlm"))
+            .current_dir(repo())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let bad = s(&dir.join("bad"));
+    let e = fails(&["eval", "merge", "--out", &bad, &parts[0], &parts[1]]);
+    assert!(e.contains("missing shards: 2/3"), "{e}");
+    let e = fails(&[
+        "eval", "merge", "--out", &bad, &parts[0], &parts[1], &parts[1],
+    ]);
+    assert!(e.contains("given twice"), "{e}");
     let table = std::fs::read_to_string(out.join("check.md")).unwrap();
     assert!(
         table.contains("| 100.000G |") && table.contains("#### temporal"),
