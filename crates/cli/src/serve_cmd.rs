@@ -54,6 +54,9 @@ pub struct ServeArgs {
     /// Connections served at once.
     #[arg(long, env = "VVLM_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Seconds a request waits for a place in the queue before 429.
+    #[arg(long, env = "VVLM_QUEUE_WAIT_S")]
+    pub queue_wait_s: Option<f64>,
     /// Where models run: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
     #[arg(long, env = "VVLM_DEVICE")]
     pub device: Option<String>,
@@ -118,6 +121,7 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
     set!(c.limits.header_timeout_s, a.header_timeout_s);
     set!(c.limits.body_timeout_s, a.body_timeout_s);
     set!(c.limits.max_connections, a.max_connections);
+    set!(c.limits.queue_wait_s, a.queue_wait_s);
     if let Some(b) = a.max_upload_bytes {
         c.limits.max_body_bytes = c.limits.max_body_bytes.max(b as usize + 1024 * 1024);
     }

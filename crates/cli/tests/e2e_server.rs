@@ -245,6 +245,9 @@ fn caption_qa_chat_budgets_and_every_error_path() {
             "1",
             "--max-upload-bytes",
             "3000000",
+            // 429 at once when the queue is full (the overload check below counts on it).
+            "--queue-wait-s",
+            "0",
         ],
     );
     let v = video("two-seconds.mp4", 2);

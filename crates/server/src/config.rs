@@ -84,6 +84,14 @@ pub struct Limits {
     /// Open connections served at once; more wait in the kernel's accept queue.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Seconds a request waits for a place among the admitted (queue_depth + workers) before
+    /// it is answered 429.
+    #[serde(default = "default_queue_wait")]
+    pub queue_wait_s: f64,
+}
+
+fn default_queue_wait() -> f64 {
+    2.0
 }
 
 fn default_header_timeout() -> f64 {

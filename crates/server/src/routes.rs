@@ -82,8 +82,21 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 async fn require_tenant(State(s): St, req: Request, next: axum::middleware::Next) -> Response {
-    match authenticate(&s, req.headers()).and_then(|_| check_length(&s, &req)) {
-        Ok(_) => next.run(req).await,
+    let checked = match authenticate(&s, req.headers()).and_then(|_| check_length(&s, &req)) {
+        Ok(_) => {
+            let path = req.uri().path().to_string();
+            admission_slot(&s, &path).await
+        }
+        Err(e) => Err(e),
+    };
+    match checked {
+        Ok(slot) => {
+            let mut req = req;
+            if let Some(slot) = slot {
+                req.extensions_mut().insert(slot);
+            }
+            next.run(req).await
+        }
         Err(e) => {
             s.metrics
                 .observe(req.uri().path(), e.status().as_u16(), 0.0);
@@ -105,6 +118,53 @@ async fn drain_small_body(req: Request) {
     if announced.is_some_and(|n| n <= SMALL) {
         let _ = axum::body::to_bytes(req.into_body(), SMALL).await;
     }
+}
+
+/// A request's place among those admitted (decoding, queued or running), taken before its
+/// body is read so that an overloaded server answers 429 without parsing, planning or decoding.
+#[derive(Clone)]
+pub struct AdmissionSlot(Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);
+
+impl AdmissionSlot {
+    fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+fn overloaded(s: &AppState) -> ApiError {
+    ApiError::Overloaded {
+        message: format!(
+            "the queue is full ({} waiting); retry later",
+            s.config.limits.queue_depth
+        ),
+        retry_after_s: 2,
+    }
+}
+
+/// Routes that run the engine take an admission slot at the door, waiting up to
+/// `queue_wait_s` for one: a full server holds a retrying client briefly (an idle wait) instead
+/// of answering 429 at once and being asked again in a tight loop.
+async fn admission_slot(s: &AppState, path: &str) -> Result<Option<AdmissionSlot>, ApiError> {
+    if !matches!(
+        path,
+        "/v1/videos/caption" | "/v1/videos/qa" | "/v1/chat/completions"
+    ) {
+        return Ok(None);
+    }
+    let wait = Duration::from_secs_f64(s.config.limits.queue_wait_s.clamp(0.0, 60.0));
+    let permit = match tokio::time::timeout(wait, s.admission.clone().acquire_owned()).await {
+        Ok(Ok(p)) => p,
+        _ => {
+            // Counted here: this 429 does not pass through `with_tenant`.
+            s.metrics
+                .overload_rejections
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(overloaded(s));
+        }
+    };
+    Ok(Some(AdmissionSlot(Arc::new(std::sync::Mutex::new(Some(
+        permit,
+    ))))))
 }
 
 /// A body announced over the limit is refused before it is read.
@@ -423,6 +483,7 @@ async fn admit(
     s: &Arc<AppState>,
     t: &Tenant,
     r: VideoRequest,
+    slot: Option<AdmissionSlot>,
 ) -> Result<
     (
         Plan,
@@ -449,17 +510,14 @@ async fn admit(
         .ok_or_else(|| ApiError::Internal(format!("model {} is not loaded", plan.choice.model)))?;
     // A place in the queue before any work is spent (reservation, decoding): an overloaded
     // server answers 429 at once, and at most queue_depth + workers requests decode or wait.
-    let permit = s
-        .admission
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError::Overloaded {
-            message: format!(
-                "the queue is full ({} waiting); retry later",
-                s.config.limits.queue_depth
-            ),
-            retry_after_s: 2,
-        })?;
+    let permit = match slot.and_then(|x| x.take()) {
+        Some(p) => p,
+        None => s
+            .admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| overloaded(s))?,
+    };
     static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let request_id = format!(
         "req-{}-{}-{}",
@@ -567,8 +625,9 @@ async fn run_to_completion(
     s: Arc<AppState>,
     t: Tenant,
     r: VideoRequest,
+    slot: Option<AdmissionSlot>,
 ) -> Result<Outcome, ApiError> {
-    let (plan, mut rx, flops, mut guard, frames, decode_s, engine) = admit(&s, &t, r).await?;
+    let (plan, mut rx, flops, mut guard, frames, decode_s, engine) = admit(&s, &t, r, slot).await?;
     let timeout = Duration::from_secs_f64(s.config.limits.request_timeout_s);
     let done = tokio::time::timeout(timeout, async {
         while let Some(ev) = rx.recv().await {
@@ -674,6 +733,7 @@ async fn video_endpoint(
     route: &'static str,
 ) -> Response {
     let headers = req.headers().clone();
+    let slot = req.extensions().get::<AdmissionSlot>().cloned();
     // An unauthenticated upload is still read (within the body limit) before the 401 goes out:
     // answering mid-upload makes clients see a reset connection instead of the error.
     let req = if authenticate(&s, &headers).is_ok() {
@@ -685,7 +745,7 @@ async fn video_endpoint(
     with_tenant(s, &headers, route, |s, t| async move {
         let req = req.ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
         let r = parse_video_request(req, task, &s.config.file_allow).await?;
-        let o = run_to_completion(s.clone(), t.clone(), r).await?;
+        let o = run_to_completion(s.clone(), t.clone(), r, slot).await?;
         Ok(outcome_response(&s, &t, o))
     })
     .await
@@ -908,16 +968,18 @@ fn finish_str(f: FinishReason) -> &'static str {
 
 async fn chat(
     State(s): St,
+    slot: Option<axum::Extension<AdmissionSlot>>,
     headers: HeaderMap,
     body: Result<Json<ChatBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
+    let slot = slot.map(|axum::Extension(x)| x);
     with_tenant(s, &headers, "/v1/chat/completions", |s, t| async move {
         let Json(b) = body.map_err(json_error)?;
         let (r, stream, _model) = chat_request(b, &s.config.file_allow)?;
         let id = format!("chatcmpl-{}", new_id());
         let created = now();
         if !stream {
-            let o = run_to_completion(s.clone(), t.clone(), r).await?;
+            let o = run_to_completion(s.clone(), t.clone(), r, slot).await?;
             let u = usage_json(&o);
             return Ok(Json(json!({
                 "id": id, "object": "chat.completion", "created": created, "model": o.plan.choice.model,
@@ -928,7 +990,7 @@ async fn chat(
             .into_response());
         }
         // Streaming: admission errors are ordinary HTTP errors; after that, SSE chunks.
-        let (plan, mut rx, flops, mut guard, _frames, decode_s, engine) = admit(&s, &t, r).await?;
+        let (plan, mut rx, flops, mut guard, _frames, decode_s, engine) = admit(&s, &t, r, slot).await?;
         let model = plan.choice.model.clone();
         let timeout = Duration::from_secs_f64(s.config.limits.request_timeout_s);
         let stream = async_stream(move |tx| async move {
