@@ -225,7 +225,7 @@ pub fn progress(quiet: bool, what: &str, len: usize) -> ProgressBar {
     bar
 }
 
-pub fn write_csv(path: &Path, rows: &[SweepRow]) -> Result<()> {
+pub fn write_csv<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     let mut w =
         csv::Writer::from_path(path).with_context(|| format!("writing {}", path.display()))?;
     for r in rows {

@@ -475,11 +475,7 @@ const ORDER: [&str; 8] = [
 
 fn write_outputs(out: &Path, rows: &[PolicyRow], budgets: &[f64], frontier: Chart) -> Result<()> {
     std::fs::create_dir_all(out)?;
-    let mut w = csv::Writer::from_path(out.join("plan.csv"))?;
-    for r in rows {
-        w.serialize(r)?;
-    }
-    w.flush()?;
+    crate::eval_cmd::write_csv(&out.join("plan.csv"), rows)?;
     std::fs::write(out.join("check.md"), check_markdown(rows, budgets))?;
     let mut series: BTreeMap<usize, Series> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.family == "all" && r.refused == 0) {

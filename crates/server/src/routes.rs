@@ -110,12 +110,7 @@ async fn require_tenant(State(s): St, req: Request, next: axum::middleware::Next
 /// gets the answer rather than a broken pipe); a large one is never read.
 async fn drain_small_body(req: Request) {
     const SMALL: usize = 1 << 20;
-    let announced = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    if announced.is_some_and(|n| n <= SMALL) {
+    if announced_length(&req).is_some_and(|n| n <= SMALL as u64) {
         let _ = axum::body::to_bytes(req.into_body(), SMALL).await;
     }
 }
@@ -167,15 +162,21 @@ async fn admission_slot(s: &AppState, path: &str) -> Result<Option<AdmissionSlot
     ))))))
 }
 
+/// The body length a request announces (`Content-Length`), if it does.
+fn announced_length(req: &Request) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// A body announced over the limit is refused before it is read.
 fn check_length(s: &AppState, req: &Request) -> Result<(), ApiError> {
     let limit = body_limit(&s.config);
-    let announced = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    match announced {
+    match announced_length(req) {
         Some(n) if n > limit as u64 => Err(ApiError::PayloadTooLarge(format!(
             "the request body is {n} bytes, over the limit of {limit}"
         ))),
@@ -732,18 +733,10 @@ async fn video_endpoint(
     task: &'static str,
     route: &'static str,
 ) -> Response {
+    // `require_tenant` has checked the key (and taken the admission slot) before any body.
     let headers = req.headers().clone();
     let slot = req.extensions().get::<AdmissionSlot>().cloned();
-    // An unauthenticated upload is still read (within the body limit) before the 401 goes out:
-    // answering mid-upload makes clients see a reset connection instead of the error.
-    let req = if authenticate(&s, &headers).is_ok() {
-        Some(req)
-    } else {
-        let _ = axum::body::to_bytes(req.into_body(), s.config.limits.max_body_bytes).await;
-        None
-    };
     with_tenant(s, &headers, route, |s, t| async move {
-        let req = req.ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
         let r = parse_video_request(req, task, &s.config.file_allow).await?;
         let o = run_to_completion(s.clone(), t.clone(), r, slot).await?;
         Ok(outcome_response(&s, &t, o))
