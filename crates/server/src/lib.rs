@@ -6,6 +6,8 @@
 //! Owns HTTP, authentication and accounting. Must not know how models compute or how videos are
 //! decoded beyond the engine's and the video crate's APIs.
 
+mod admission;
+mod chat;
 pub mod config;
 pub mod error;
 pub mod ledger;
@@ -62,6 +64,20 @@ impl AppState {
     }
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Runs a ledger call on a blocking thread: the ledger is synchronous (SQLite on disk
+    /// behind a lock), and the async runtime's threads must not wait on it.
+    pub async fn ledger_call<T, F>(&self, f: F) -> Result<T, error::ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Ledger) -> Result<T, ledger::LedgerError> + Send + 'static,
+    {
+        let l = self.ledger.clone();
+        tokio::task::spawn_blocking(move || f(l.as_ref()))
+            .await
+            .map_err(|e| error::ApiError::Internal(format!("ledger task: {e}")))?
+            .map_err(error::ApiError::from)
     }
 }
 

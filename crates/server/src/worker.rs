@@ -1,13 +1,12 @@
 //! The bounded queue and the inference worker pool. Requests beyond the queue's depth are refused
 //! (429), never buffered without bound; a worker notices a cancelled request between tokens.
 
-use candle_core::{Device, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc::UnboundedSender;
 use vvlm_cost::FlopCounter;
-use vvlm_engine::{GenerateRequest, Generation, SamplingParams, VideoVlm};
+use vvlm_engine::{FrameData, GenerateRequest, Generation, SamplingParams, VideoVlm};
 
 use crate::error::ApiError;
 use crate::ledger::{now, Ledger, Reservation};
@@ -16,8 +15,10 @@ use crate::ledger::{now, Ledger, Reservation};
 #[derive(Debug)]
 pub enum Event {
     Started,
-    Text(String),
-    Done(Result<Generation, ApiError>),
+    /// New text of completion `index`.
+    Text { index: usize, piece: String },
+    /// Every completion, or the request's error.
+    Done(Result<Vec<Generation>, ApiError>),
 }
 
 /// A reservation carried by its job. The worker settles it to the FLOPs the job executed
@@ -71,8 +72,10 @@ impl Drop for Held {
 /// One inference job.
 pub struct Job {
     pub engine: Arc<VideoVlm>,
-    /// `[T, 3, S, S]` values.
-    pub pixels: Option<(Vec<f32>, [usize; 4])>,
+    /// Decoded frames, `[frames, 3, size, size]` values (None: text alone).
+    pub frames: Option<Frames>,
+    /// Completions to generate from the one encoded video.
+    pub n: usize,
     pub side: usize,
     pub system: Option<String>,
     pub prompt: String,
@@ -84,6 +87,13 @@ pub struct Job {
     pub held: Option<Held>,
     /// The request's place in the admission limit, freed when the job ends.
     pub _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Frames as the video crate decodes them.
+pub struct Frames {
+    pub pixels: Vec<f32>,
+    pub count: usize,
+    pub size: usize,
 }
 
 pub struct Pool {
@@ -162,16 +172,14 @@ fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metri
 }
 
 /// Engine errors stay typed to the edge: a bad request the engine finds is a 4xx there.
-fn run(job: &Job) -> Result<Generation, ApiError> {
-    let pixels = match &job.pixels {
-        Some((v, shape)) => Some(
-            Tensor::from_slice(v, shape.as_slice(), &Device::Cpu)
-                .map_err(|e| ApiError::Internal(format!("frames: {e}")))?,
-        ),
-        None => None,
-    };
+fn run(job: &Job) -> Result<Vec<Generation>, ApiError> {
+    let frames = job.frames.as_ref().map(|f| FrameData {
+        pixels: &f.pixels,
+        frames: f.count,
+        size: f.size,
+    });
     let req = GenerateRequest {
-        pixels: pixels.as_ref(),
+        pixels: None,
         side: job.side,
         system: job.system.as_deref(),
         prompt: &job.prompt,
@@ -181,11 +189,16 @@ fn run(job: &Job) -> Result<Generation, ApiError> {
     let events = job.events.clone();
     let cancel = job.cancel.clone();
     job.engine
-        .generate(&req, &job.flops, &mut |piece| {
+        .generate_frames(frames, &req, job.n, &job.flops, &mut |index, piece| {
             if cancel.load(Ordering::Relaxed) || events.is_closed() {
                 return false;
             }
-            events.send(Event::Text(piece.to_string())).is_ok()
+            events
+                .send(Event::Text {
+                    index,
+                    piece: piece.to_string(),
+                })
+                .is_ok()
         })
         .map_err(ApiError::from)
 }
