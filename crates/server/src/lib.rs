@@ -98,7 +98,8 @@ pub enum StartError {
 
 /// Builds the state: opens the ledger (recovering reservations a crash left open) and starts
 /// the workers. Checkpoints load in the background: call [`load_models`].
-pub fn build_state(config: ServerConfig) -> Result<Arc<AppState>, StartError> {
+pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError> {
+    config.resolve_threads();
     let ledger = SqliteLedger::open(&config.db, ledger::now())?;
     let recovered = ledger.recover_orphans(ledger::now())?;
     if recovered > 0 {

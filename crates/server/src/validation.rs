@@ -471,7 +471,9 @@ pub async fn from_multipart(
             "system" => content.system = Some(field.text().await.map_err(bad)?),
             _ => {
                 let text = field.text().await.map_err(bad)?;
-                options.insert(name, Value::String(text));
+                if options.insert(name.clone(), Value::String(text)).is_some() {
+                    return Err(ApiError::invalid(&name, format!("`{name}` is given twice")));
+                }
             }
         }
     }
