@@ -1033,3 +1033,36 @@ fn ledger_survives_kill_9_mid_request_and_shutdown_is_graceful() {
     let u = tenant_usage(&db, "carol");
     assert_eq!(u["requests"].as_u64(), Some(2));
 }
+
+/// The official `openai` Python package (pinned in tests/openai/requirements.txt, installed by
+/// scripts/setup-openai-client) against a real server: plain and streamed chat with
+/// include_usage, stop, logprobs, n, text alone, and one error of each kind as its typed
+/// exception (tests/openai/check.py).
+#[test]
+fn the_official_openai_client_works_against_the_server() {
+    let client = std::env::var_os("VVLM_OPENAI_CLIENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/openai-client"));
+    assert!(
+        client.join("openai").is_dir(),
+        "{} has no `openai` package: run scripts/setup-openai-client (scripts/test does)",
+        client.display()
+    );
+    let db = scratch().join("openai.db");
+    let s = Server::start(&db, &[]);
+    let key = admin_create(&s, json!({"name": "py", "per_request_max": "10T"}));
+    let v = video("two-seconds.mp4", 2);
+    let out = Command::new("python3")
+        .arg(repo().join("tests/openai/check.py"))
+        .arg(&s.base)
+        .arg(&key)
+        .arg(&v)
+        .env("PYTHONPATH", &client)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}");
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"));
+}

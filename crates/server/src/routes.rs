@@ -313,8 +313,16 @@ async fn models(State(s): St) -> Response {
         .iter()
         .map(|m| {
             let notes = s.engine(&m.name).map(|e| e.notes.clone()).unwrap_or_default();
+            // `created`: when the checkpoint was written (its config.json), as OpenAI's epoch
+            // seconds.
+            let created = std::fs::metadata(m.path.join("config.json"))
+                .and_then(|md| md.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
             json!({
-                "id": m.name, "object": "model", "owned_by": "vvlm", "lm_params": m.lm_params,
+                "id": m.name, "object": "model", "created": created, "owned_by": "vvlm",
+                "lm_params": m.lm_params,
                 "frames": [m.min_frames, m.max_frames], "max_tokens_per_frame": m.max_side * m.max_side,
                 "description": m.description, "notes": notes,
             })
