@@ -198,11 +198,12 @@ pub async fn admit(
         cancel: cancel.clone(),
         events: tx,
         held: Some(held),
+        queued_at: Instant::now(),
         _permit: permit,
     };
-    s.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+    s.metrics.queued(1);
     if !s.pool.submit(job) {
-        s.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        s.metrics.queued(-1);
         return Err(overloaded(s));
     }
     Ok(Admitted {

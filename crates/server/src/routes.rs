@@ -128,9 +128,7 @@ async fn admission_slot(s: &AppState, path: &str) -> Result<Option<AdmissionSlot
         Ok(Ok(p)) => p,
         _ => {
             // Counted here: this 429 does not pass through `with_tenant`.
-            s.metrics
-                .overload_rejections
-                .fetch_add(1, Ordering::Relaxed);
+            s.metrics.overload_rejected();
             return Err(overloaded(s));
         }
     };
@@ -249,16 +247,10 @@ where
         Err(e) => {
             match &e {
                 ApiError::BudgetExhausted { .. } => {
-                    state
-                        .metrics
-                        .budget_rejections
-                        .fetch_add(1, Ordering::Relaxed);
+                    state.metrics.budget_rejected();
                 }
                 ApiError::Overloaded { .. } => {
-                    state
-                        .metrics
-                        .overload_rejections
-                        .fetch_add(1, Ordering::Relaxed);
+                    state.metrics.overload_rejected();
                 }
                 _ => {}
             }
@@ -297,7 +289,7 @@ async fn health(State(s): St) -> Response {
 
 async fn metrics(State(s): St) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         s.metrics.render(),
     )
         .into_response()

@@ -85,6 +85,8 @@ pub struct Job {
     pub events: UnboundedSender<Event>,
     /// The request's reservation (None in tests that run the engine alone).
     pub held: Option<Held>,
+    /// When the job was queued (for queue time, time to first token and end to end).
+    pub queued_at: std::time::Instant,
     /// The request's place in the admission limit, freed when the job ends.
     pub _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -144,7 +146,7 @@ fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metri
                 Err(_) => return,
             }
         };
-        metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        metrics.queued(-1);
         if job.cancel.load(Ordering::Relaxed) || job.events.is_closed() {
             if let Some(h) = job.held.as_mut() {
                 h.close();
@@ -154,16 +156,35 @@ fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metri
             ))));
             continue;
         }
-        metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        metrics.running(1);
+        let queue_s = job.queued_at.elapsed().as_secs_f64();
         let _ = job.events.send(Event::Started);
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&job)));
+        let mut first_text = None;
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&job, &mut first_text)));
         let result = match result {
             Ok(r) => r,
             Err(_) => Err(ApiError::Internal(
                 "the engine panicked on this request".into(),
             )),
         };
-        metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        metrics.running(-1);
+        if let Ok(generations) = &result {
+            let per_token: Vec<f64> = generations
+                .iter()
+                .filter(|g| g.token_ids.len() > 1)
+                .map(|g| g.timings.decode_s / (g.token_ids.len() - 1) as f64)
+                .collect();
+            let first = first_text.map(|t: std::time::Instant| {
+                t.duration_since(job.queued_at).as_secs_f64()
+            });
+            metrics.observe_request(
+                queue_s,
+                first,
+                &per_token,
+                job.queued_at.elapsed().as_secs_f64(),
+            );
+        }
         if let Some(h) = job.held.as_mut() {
             h.close();
         }
@@ -172,7 +193,10 @@ fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metri
 }
 
 /// Engine errors stay typed to the edge: a bad request the engine finds is a 4xx there.
-fn run(job: &Job) -> Result<Vec<Generation>, ApiError> {
+fn run(
+    job: &Job,
+    first_text: &mut Option<std::time::Instant>,
+) -> Result<Vec<Generation>, ApiError> {
     let frames = job.frames.as_ref().map(|f| FrameData {
         pixels: &f.pixels,
         frames: f.count,
@@ -193,6 +217,7 @@ fn run(job: &Job) -> Result<Vec<Generation>, ApiError> {
             if cancel.load(Ordering::Relaxed) || events.is_closed() {
                 return false;
             }
+            first_text.get_or_insert_with(std::time::Instant::now);
             events
                 .send(Event::Text {
                     index,

@@ -382,7 +382,7 @@ async fn a_request_over_its_time_is_504_and_a_stream_ends_with_the_error_event()
     let last = text
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
-        .last()
+        .next_back()
         .unwrap();
     let e: Value = serde_json::from_str(last).unwrap();
     assert_eq!(kind(&e), "timeout", "{text}");
