@@ -169,7 +169,13 @@ fn generated_logprobs_are_the_log_softmax_of_the_reference_logits() {
         size,
     };
     let mut all = vlm
-        .generate_frames(Some(frames_data), &req, 2, &FlopCounter::new(), &mut |_, _| true)
+        .generate_frames(
+            Some(frames_data),
+            &req,
+            2,
+            &FlopCounter::new(),
+            &mut |_, _| true,
+        )
         .unwrap();
     // Two completions of one encoded video: greedy, so the same.
     assert_eq!(all.len(), 2);

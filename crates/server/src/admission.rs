@@ -268,12 +268,8 @@ pub fn record(s: &AppState, a: &Admitted, generations: &[Generation]) -> FlopBre
     let measured = a.flops.snapshot();
     s.metrics
         .add_flops(a.plan.choice.cost_flops * a.n as f64, &measured);
-    s.metrics.add_tokens(
-        generations
-            .iter()
-            .map(|g| g.token_ids.len() as u64)
-            .sum(),
-    );
+    s.metrics
+        .add_tokens(generations.iter().map(|g| g.token_ids.len() as u64).sum());
     measured
 }
 

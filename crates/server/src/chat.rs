@@ -288,8 +288,10 @@ async fn stream(
             let _ = tx.send(SseEvent::default().data(e.body().to_string()));
         };
         for i in 0..a.n {
-            send(chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                "finish_reason": null, "logprobs": null}])));
+            send(chunk(
+                json!([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": null, "logprobs": null}]),
+            ));
         }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {

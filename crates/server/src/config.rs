@@ -182,8 +182,8 @@ mod tests {
 
     #[test]
     fn a_file_sets_only_what_it_changes() {
-        let c = ServerConfig::layered(Some("db = \"/tmp/x.db\"\n[limits]\nqueue_depth = 3\n"))
-            .unwrap();
+        let c =
+            ServerConfig::layered(Some("db = \"/tmp/x.db\"\n[limits]\nqueue_depth = 3\n")).unwrap();
         assert_eq!(c.limits.queue_depth, 3);
         assert_eq!(c.db, std::path::PathBuf::from("/tmp/x.db"));
         // Everything else is the shipped configuration's.

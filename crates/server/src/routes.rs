@@ -349,7 +349,12 @@ async fn plan(
         let text_only = match b.get("text_only") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(x)) => *x,
-            Some(_) => return Err(ApiError::invalid("text_only", "`text_only` must be a boolean")),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "text_only",
+                    "`text_only` must be a boolean",
+                ))
+            }
         };
         let content = Content {
             prompt: text("prompt")?.unwrap_or_default(),
@@ -577,7 +582,10 @@ async fn admin_get(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     admin(&s, &headers)?;
-    Ok(Json(json!(s.ledger_call(move |l| l.tenant_by_name(&name)).await?)).into_response())
+    Ok(Json(json!(
+        s.ledger_call(move |l| l.tenant_by_name(&name)).await?
+    ))
+    .into_response())
 }
 
 #[derive(Deserialize)]

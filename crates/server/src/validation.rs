@@ -64,7 +64,6 @@ pub enum Media {
     None,
 }
 
-
 /// Decodes a `data:` URL (base64) or resolves a `file://` URL under the allow-list.
 pub fn resolve_url(url: &str, allow: &[PathBuf]) -> Result<Media, ApiError> {
     if let Some(rest) = url.strip_prefix("data:") {
@@ -206,10 +205,9 @@ impl RequestOptions {
         m.insert(key.to_string(), value.clone());
         match serde_json::from_value::<Self>(Value::Object(m)) {
             Ok(_) => Ok(()),
-            Err(e) if e.to_string().starts_with("unknown field") => Err(ApiError::invalid(
-                key,
-                format!("unknown field `{key}`"),
-            )),
+            Err(e) if e.to_string().starts_with("unknown field") => {
+                Err(ApiError::invalid(key, format!("unknown field `{key}`")))
+            }
             Err(e) => Err(ApiError::invalid(key, format!("`{key}`: {e}"))),
         }
     }
@@ -271,7 +269,10 @@ pub fn validate(
     if c.prompt.chars().count() > limits.max_prompt_chars {
         return Err(ApiError::invalid(
             "prompt",
-            format!("prompt is longer than {} characters", limits.max_prompt_chars),
+            format!(
+                "prompt is longer than {} characters",
+                limits.max_prompt_chars
+            ),
         ));
     }
     if c.system
@@ -280,7 +281,10 @@ pub fn validate(
     {
         return Err(ApiError::invalid(
             "system",
-            format!("system is longer than {} characters", limits.max_prompt_chars),
+            format!(
+                "system is longer than {} characters",
+                limits.max_prompt_chars
+            ),
         ));
     }
     if rules.media_required && matches!(c.media, Media::None) {
@@ -350,9 +354,11 @@ pub fn validate(
             "stop: at most 4 strings of 1-64 characters",
         ));
     }
-    let budget = o.budget.map(|b| b.flops()).transpose().map_err(|e| {
-        ApiError::invalid("budget", e.to_string())
-    })?;
+    let budget = o
+        .budget
+        .map(|b| b.flops())
+        .transpose()
+        .map_err(|e| ApiError::invalid("budget", e.to_string()))?;
     Ok(ValidRequest {
         task: o.task.unwrap_or_else(|| rules.default_task.to_string()),
         prompt: c.prompt,
@@ -414,8 +420,10 @@ pub fn from_json_video(
     mut body: Map<String, Value>,
     allow: &[PathBuf],
 ) -> Result<(RequestOptions, Content), ApiError> {
-    let options =
-        RequestOptions::take_from(&mut body, &["video", "images", "prompt", "question", "system"])?;
+    let options = RequestOptions::take_from(
+        &mut body,
+        &["video", "images", "prompt", "question", "system"],
+    )?;
     let text = |k: &str, body: &Map<String, Value>| -> Result<Option<String>, ApiError> {
         match body.get(k) {
             None | Some(Value::Null) => Ok(None),

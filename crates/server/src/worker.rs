@@ -16,7 +16,10 @@ use crate::ledger::{now, Ledger, Reservation};
 pub enum Event {
     Started,
     /// New text of completion `index`.
-    Text { index: usize, piece: String },
+    Text {
+        index: usize,
+        piece: String,
+    },
     /// Every completion, or the request's error.
     Done(Result<Vec<Generation>, ApiError>),
 }
@@ -64,8 +67,23 @@ impl Held {
 }
 
 impl Drop for Held {
+    /// A reservation dropped on the async runtime (a request refused after it reserved: bad
+    /// video, full queue) is closed on a blocking thread; elsewhere (workers) here.
     fn drop(&mut self) {
-        self.close();
+        if self.r.is_none() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let mut rest = Held {
+                    ledger: self.ledger.clone(),
+                    r: self.r.take(),
+                    flops: self.flops.clone(),
+                };
+                rt.spawn_blocking(move || rest.close());
+            }
+            Err(_) => self.close(),
+        }
     }
 }
 
@@ -175,9 +193,8 @@ fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metri
                 .filter(|g| g.token_ids.len() > 1)
                 .map(|g| g.timings.decode_s / (g.token_ids.len() - 1) as f64)
                 .collect();
-            let first = first_text.map(|t: std::time::Instant| {
-                t.duration_since(job.queued_at).as_secs_f64()
-            });
+            let first = first_text
+                .map(|t: std::time::Instant| t.duration_since(job.queued_at).as_secs_f64());
             metrics.observe_request(
                 queue_s,
                 first,

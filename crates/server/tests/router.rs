@@ -93,7 +93,13 @@ impl Server {
         (status, headers, body)
     }
 
-    async fn json(&self, method: Method, path: &str, key: Option<&str>, body: Value) -> (u16, Value) {
+    async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Value,
+    ) -> (u16, Value) {
         let mut b = Request::builder()
             .method(method)
             .uri(path)
@@ -155,9 +161,7 @@ async fn a_video_question_is_answered_and_charged() {
 #[tokio::test]
 async fn missing_and_wrong_keys_are_401() {
     let s = server();
-    let (st, v) = s
-        .json(Method::POST, "/v1/videos/qa", None, qa_body())
-        .await;
+    let (st, v) = s.json(Method::POST, "/v1/videos/qa", None, qa_body()).await;
     assert_eq!((st, kind(&v)), (401, "unauthorized"));
     let (st, v) = s.post("/v1/videos/qa", "nope", qa_body()).await;
     assert_eq!((st, kind(&v)), (401, "unauthorized"));
@@ -218,7 +222,12 @@ async fn removing_a_tenant_is_204_then_its_key_is_401() {
     let s = server();
     let key = s.tenant("gone", None);
     let (st, _) = s
-        .json(Method::DELETE, "/admin/tenants/gone", Some(ADMIN), Value::Null)
+        .json(
+            Method::DELETE,
+            "/admin/tenants/gone",
+            Some(ADMIN),
+            Value::Null,
+        )
         .await;
     assert_eq!(st, 204);
     let (st, _) = s.post("/v1/videos/qa", &key, qa_body()).await;
@@ -300,10 +309,25 @@ async fn validation_errors_are_422_naming_the_field() {
         ("budget", json!(1.0), None, "budget"),
         ("tokens_per_frame", json!(200), None, "perfect square"),
         ("frames", json!(0), Some("frames"), "at least 1"),
-        ("max_tokens", json!(100000), Some("max_tokens"), "max_tokens"),
+        (
+            "max_tokens",
+            json!(100000),
+            Some("max_tokens"),
+            "max_tokens",
+        ),
         ("top_p", json!(0), Some("top_p"), "top_p"),
-        ("stop", json!(["a", "b", "c", "d", "e"]), Some("stop"), "at most 4"),
-        ("top_logprobs", json!(3), Some("top_logprobs"), "logprobs: true"),
+        (
+            "stop",
+            json!(["a", "b", "c", "d", "e"]),
+            Some("stop"),
+            "at most 4",
+        ),
+        (
+            "top_logprobs",
+            json!(3),
+            Some("top_logprobs"),
+            "logprobs: true",
+        ),
         ("colour", json!("red"), Some("colour"), "unknown field"),
         (
             "video",
@@ -393,7 +417,9 @@ async fn images_are_frames() {
     let s = server();
     let key = s.tenant("alice", None);
     let mut png = vec![];
-    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 128]));
+    let img = image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, 128])
+    });
     image::DynamicImage::ImageRgb8(img)
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .unwrap();
@@ -455,7 +481,9 @@ async fn multipart_fields_are_the_same_options() {
     let key = s.tenant("alice", None);
     let boundary = "vvlmboundary";
     let field = |name: &str, value: &str| {
-        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+        )
     };
     let form = |frames: &str| {
         let mut body = vec![];
@@ -550,6 +578,9 @@ async fn concurrent_requests_at_the_quota_edge_never_overspend() {
     let charged = u["charged_flops"].as_f64().unwrap();
     assert!(charged <= quota, "charged {charged} over quota {quota}");
     // Every answered request is charged what it measured: nothing lost, nothing twice.
-    assert!((charged - measured).abs() <= 1e-6 * measured, "{charged} vs {measured}");
+    assert!(
+        (charged - measured).abs() <= 1e-6 * measured,
+        "{charged} vs {measured}"
+    );
     assert_eq!(u["reserved_flops"].as_f64().unwrap(), 0.0);
 }
