@@ -1,0 +1,543 @@
+//! The PostgreSQL ledger, shared by replicas.
+//!
+//! tokio-postgres with a deadpool pool, driven on the ledger's own small runtime: the
+//! [`Ledger`] trait stays synchronous (the server already calls it on blocking threads and
+//! from its inference workers, which have no runtime), every call is bounded client-side by
+//! a timeout (connect + statement + 1 s) as well as by the server's `statement_timeout`, and a
+//! call works from any thread. No TLS (loopback, a sidecar or a service mesh); see the README.
+//!
+//! Admission is one statement (`vvlm_reserve`, a function from the migrations) that takes the
+//! tenant's row lock, so reservations of one tenant serialise across replicas.
+
+use crate::{
+    exists, in_flight, new_key, new_tenant_budgets, no_tenant, quota_exhausted, updated_tenant,
+    LeaseSettings, Ledger, LedgerError, Migration, Options, Period, Reservation, Tenant,
+    TenantSettings, Usage,
+};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Timeouts};
+use std::future::Future;
+use std::time::Duration;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, Row};
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "init",
+    sql: include_str!("../migrations/postgres/0001_init.sql"),
+}];
+
+/// Advisory lock key that serialises migrations of replicas starting together.
+const MIGRATION_LOCK: i64 = 0x7676_6c6d_0001;
+
+pub struct PostgresLedger {
+    rt: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    lease: LeaseSettings,
+    op_timeout: Duration,
+}
+
+impl Drop for PostgresLedger {
+    fn drop(&mut self) {
+        // Never blocks (a ledger may be dropped on an async runtime's thread).
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn pg_err(e: tokio_postgres::Error) -> LedgerError {
+    if let Some(code) = e.code() {
+        let c = code.code();
+        // 08: connection exception; 57: operator intervention (shutdown, statement timeout);
+        // 53: insufficient resources (too many connections, out of disk).
+        if c.starts_with("08") || c.starts_with("57") || c.starts_with("53") {
+            return LedgerError::Unavailable(e.to_string());
+        }
+        return LedgerError::Storage(e.to_string());
+    }
+    let s = e.to_string();
+    if e.is_closed()
+        || s.starts_with("error communicating")
+        || s.starts_with("error connecting")
+        || s.starts_with("timeout")
+    {
+        LedgerError::Unavailable(s)
+    } else {
+        LedgerError::Storage(s)
+    }
+}
+
+impl From<tokio_postgres::Error> for LedgerError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        pg_err(e)
+    }
+}
+
+impl From<PoolError> for LedgerError {
+    fn from(e: PoolError) -> Self {
+        match e {
+            PoolError::Backend(e) => pg_err(e),
+            other => LedgerError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+fn row_tenant(r: &Row) -> Tenant {
+    let period: String = r.get(5);
+    Tenant {
+        id: r.get(0),
+        name: r.get(1),
+        default_budget: r.get(2),
+        per_request_max: r.get(3),
+        quota: r.get(4),
+        period: if period == "month" {
+            Period::Month
+        } else {
+            Period::Day
+        },
+    }
+}
+
+const TENANT_COLS: &str = "id, name, default_budget, per_request_max, quota, period";
+const LIVE: &str = "key_hash NOT LIKE 'removed:%'";
+
+impl PostgresLedger {
+    /// Connects (a pool of `options.pool_size`) and applies pending migrations.
+    pub fn connect(url: &str, options: &Options) -> Result<Self, LedgerError> {
+        let mut cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| LedgerError::Invalid(format!("database URL: {e}")))?;
+        let connect = Duration::from_secs_f64(options.connect_timeout_s.max(0.1));
+        let statement = Duration::from_secs_f64(options.statement_timeout_s.max(0.1));
+        cfg.connect_timeout(connect);
+        cfg.keepalives(true);
+        cfg.keepalives_idle(Duration::from_secs(10));
+        cfg.application_name(&options.lease.owner);
+        cfg.options(format!(
+            "-c statement_timeout={} -c lock_timeout={}",
+            statement.as_millis(),
+            statement.as_millis()
+        ));
+        let mgr = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(options.pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .timeouts(Timeouts {
+                wait: Some(connect),
+                create: Some(connect),
+                recycle: Some(connect),
+            })
+            .build()
+            .map_err(|e| LedgerError::Invalid(format!("database pool: {e}")))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("vvlm-ledger-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| LedgerError::Storage(format!("ledger runtime: {e}")))?;
+        let l = Self {
+            rt: Some(rt),
+            pool,
+            lease: options.lease.clone(),
+            op_timeout: connect + statement + Duration::from_secs(1),
+        };
+        let pool = l.pool.clone();
+        l.block(async move { migrate(&pool).await })?;
+        Ok(l)
+    }
+
+    /// Runs `fut` on the ledger's runtime and waits for it, bounded by the call timeout.
+    fn block<T, F>(&self, fut: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, LedgerError>> + Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let limit = self.op_timeout;
+        let rt = self
+            .rt
+            .as_ref()
+            .expect("the runtime lives as long as the ledger");
+        rt.spawn(async move {
+            let r = match tokio::time::timeout(limit, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(LedgerError::Unavailable(format!(
+                    "no answer within {limit:?}"
+                ))),
+            };
+            let _ = tx.send(r);
+        });
+        rx.recv().unwrap_or_else(|_| {
+            Err(LedgerError::Unavailable(
+                "the ledger runtime stopped".into(),
+            ))
+        })
+    }
+
+    /// Runs one statement and returns the first column of its first row as an i64 (tests
+    /// look at stored rows with it).
+    #[doc(hidden)]
+    pub fn query_i64(&self, sql: &str) -> Result<i64, LedgerError> {
+        let pool = self.pool.clone();
+        let sql = sql.to_string();
+        self.block(async move {
+            let c = pool.get().await?;
+            Ok(c.query_one(&sql, &[]).await?.get(0))
+        })
+    }
+
+    /// Creates an empty database on the server `url` names and returns its URL (tests give
+    /// each case its own database). Blocking.
+    #[doc(hidden)]
+    pub fn create_scratch_database(url: &str, prefix: &str) -> Result<String, LedgerError> {
+        let mut b = [0u8; 6];
+        let _ = getrandom::getrandom(&mut b);
+        let name = format!("{prefix}_{}", crate::hex(&b));
+        let admin = Self::connect_raw(url)?;
+        let (pool, sql) = (admin.pool.clone(), format!("CREATE DATABASE {name}"));
+        admin.block(async move {
+            let c = pool.get().await?;
+            c.batch_execute(&sql).await?;
+            Ok(())
+        })?;
+        Ok(with_database(url, &name))
+    }
+
+    fn connect_raw(url: &str) -> Result<Self, LedgerError> {
+        let cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| LedgerError::Invalid(format!("database URL: {e}")))?;
+        let mgr = Manager::new(cfg, NoTls);
+        let pool = Pool::builder(mgr)
+            .max_size(1)
+            .build()
+            .map_err(|e| LedgerError::Invalid(format!("database pool: {e}")))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| LedgerError::Storage(format!("ledger runtime: {e}")))?;
+        Ok(Self {
+            rt: Some(rt),
+            pool,
+            lease: LeaseSettings::new(2),
+            op_timeout: Duration::from_secs(30),
+        })
+    }
+}
+
+/// `url` with its database name replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let (url, query) = match url.split_once('?') {
+        Some((u, q)) => (u, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
+    let host = rest.split_once('/').map_or(rest, |(h, _)| h);
+    format!("{scheme}://{host}/{name}{query}")
+}
+
+async fn migrate(pool: &Pool) -> Result<(), LedgerError> {
+    let mut c = pool.get().await?;
+    let tx = c.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+    )
+    .await?;
+    let have: i64 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_migrations",
+            &[],
+        )
+        .await?
+        .get(0);
+    for m in MIGRATIONS.iter().filter(|m| m.version > have) {
+        tx.batch_execute(m.sql).await.map_err(|e| {
+            LedgerError::Storage(format!("migration {} {}: {e}", m.version, m.name))
+        })?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at)
+             VALUES ($1, $2, EXTRACT(EPOCH FROM now())::BIGINT)",
+            &[&m.version, &m.name],
+        )
+        .await?;
+        tracing::info!(
+            version = m.version,
+            name = m.name,
+            "postgres ledger migrated"
+        );
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+impl Ledger for PostgresLedger {
+    fn create_tenant(
+        &self,
+        name: &str,
+        s: &TenantSettings,
+    ) -> Result<(Tenant, String), LedgerError> {
+        let (default_budget, per_request_max) = new_tenant_budgets(name, s)?;
+        let key = new_key()?;
+        let (pool, name, hash) = (self.pool.clone(), name.to_string(), crate::hash_key(&key));
+        let quota = s.quota.flatten();
+        let period = s.period.unwrap_or(Period::Day).as_str();
+        let t = self.block(async move {
+            let c = pool.get().await?;
+            let r = c
+                .query_one(
+                    &format!(
+                        "INSERT INTO tenants (name, key_hash, default_budget, per_request_max, quota, period, created_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, EXTRACT(EPOCH FROM now())::BIGINT)
+                         RETURNING {TENANT_COLS}"
+                    ),
+                    &[&name, &hash, &default_budget, &per_request_max, &quota, &period],
+                )
+                .await;
+            match r {
+                Ok(row) => Ok(row_tenant(&row)),
+                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Err(exists(&name)),
+                Err(e) => Err(e.into()),
+            }
+        })?;
+        Ok((t, key))
+    }
+
+    fn update_tenant(&self, name: &str, s: &TenantSettings) -> Result<Tenant, LedgerError> {
+        let t = updated_tenant(self.tenant_by_name(name)?, s)?;
+        let (pool, t2) = (self.pool.clone(), t.clone());
+        self.block(async move {
+            let c = pool.get().await?;
+            c.execute(
+                "UPDATE tenants SET default_budget = $1, per_request_max = $2, quota = $3, period = $4 WHERE id = $5",
+                &[&t2.default_budget, &t2.per_request_max, &t2.quota, &t2.period.as_str(), &t2.id],
+            )
+            .await?;
+            Ok(())
+        })?;
+        Ok(t)
+    }
+
+    fn remove_tenant(&self, name: &str) -> Result<(), LedgerError> {
+        let (pool, name) = (self.pool.clone(), name.to_string());
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let tx = c.transaction().await?;
+            let id: i64 = tx
+                .query_opt(
+                    &format!("SELECT id FROM tenants WHERE name = $1 AND {LIVE} FOR UPDATE"),
+                    &[&name],
+                )
+                .await?
+                .ok_or_else(|| no_tenant(&name))?
+                .get(0);
+            let open: i64 = tx
+                .query_one(
+                    "SELECT COUNT(*) FROM reservations WHERE tenant_id = $1 AND state = 'open'",
+                    &[&id],
+                )
+                .await?
+                .get(0);
+            if open > 0 {
+                return Err(in_flight(&name, open));
+            }
+            // A tombstone (see the SQLite ledger): the history stays, key and name are free.
+            tx.execute(
+                "UPDATE tenants SET name = name || '~removed~' || id::text, key_hash = 'removed:' || id::text WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn tenants(&self) -> Result<Vec<Tenant>, LedgerError> {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let c = pool.get().await?;
+            let rows = c
+                .query(
+                    &format!("SELECT {TENANT_COLS} FROM tenants WHERE {LIVE} ORDER BY name"),
+                    &[],
+                )
+                .await?;
+            Ok(rows.iter().map(row_tenant).collect())
+        })
+    }
+
+    fn tenant_by_name(&self, name: &str) -> Result<Tenant, LedgerError> {
+        let (pool, name) = (self.pool.clone(), name.to_string());
+        self.block(async move {
+            let c = pool.get().await?;
+            let st = c
+                .prepare_cached(&format!(
+                    "SELECT {TENANT_COLS} FROM tenants WHERE name = $1 AND {LIVE}"
+                ))
+                .await?;
+            c.query_opt(&st, &[&name])
+                .await?
+                .map(|r| row_tenant(&r))
+                .ok_or_else(|| no_tenant(&name))
+        })
+    }
+
+    fn tenant_by_key(&self, key: &str) -> Result<Option<Tenant>, LedgerError> {
+        let (pool, hash) = (self.pool.clone(), crate::hash_key(key));
+        self.block(async move {
+            let c = pool.get().await?;
+            let st = c
+                .prepare_cached(&format!(
+                    "SELECT {TENANT_COLS} FROM tenants WHERE key_hash = $1"
+                ))
+                .await?;
+            Ok(c.query_opt(&st, &[&hash]).await?.map(|r| row_tenant(&r)))
+        })
+    }
+
+    fn usage(&self, t: &Tenant, now: i64) -> Result<Usage, LedgerError> {
+        let (start, _) = t.period.bounds(now);
+        let (pool, id) = (self.pool.clone(), t.id);
+        let (charged, reserved, n) = self.block(async move {
+            let c = pool.get().await?;
+            let st = c
+                .prepare_cached(
+                    "SELECT COALESCE(SUM(CASE WHEN state = 'settled' THEN charged ELSE 0 END), 0)::float8,
+                            COALESCE(SUM(CASE WHEN state = 'open' AND lease_until >= $3 THEN reserved ELSE 0 END), 0)::float8,
+                            COUNT(*) FILTER (WHERE state = 'settled')
+                     FROM reservations WHERE tenant_id = $1 AND period_start = $2",
+                )
+                .await?;
+            let r = c.query_one(&st, &[&id, &start, &now]).await?;
+            Ok((r.get::<_, f64>(0), r.get::<_, f64>(1), r.get::<_, i64>(2)))
+        })?;
+        Ok(Usage::new(t, now, charged, reserved, n as u64))
+    }
+
+    fn reserve(
+        &self,
+        t: &Tenant,
+        flops: f64,
+        request_id: &str,
+        now: i64,
+    ) -> Result<Reservation, LedgerError> {
+        let (start, reset) = t.period.bounds(now);
+        let pool = self.pool.clone();
+        let (id, rid, owner) = (t.id, request_id.to_string(), self.lease.owner.clone());
+        let until = now + self.lease.lease_s;
+        let (got, used, quota) = self.block(async move {
+            let c = pool.get().await?;
+            let st = c
+                .prepare_cached(
+                    "SELECT reservation_id, used, quota FROM vvlm_reserve($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .await?;
+            match c
+                .query_one(&st, &[&id, &rid, &start, &flops, &owner, &now, &until])
+                .await
+            {
+                Ok(r) => Ok((
+                    r.get::<_, Option<i64>>(0),
+                    r.get::<_, f64>(1),
+                    r.get::<_, Option<f64>>(2),
+                )),
+                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    Err(LedgerError::Conflict(format!(
+                        "request id `{rid}` already has a reservation"
+                    )))
+                }
+                Err(e) if e.code() == Some(&SqlState::NO_DATA_FOUND) => {
+                    Err(LedgerError::NotFound(format!("no tenant with id {id}")))
+                }
+                Err(e) => Err(e.into()),
+            }
+        })?;
+        match got {
+            Some(id) => Ok(Reservation {
+                id,
+                request_id: request_id.to_string(),
+                tenant_id: t.id,
+                flops,
+            }),
+            None => Err(quota_exhausted(t, quota.unwrap_or(0.0), used, flops, reset)),
+        }
+    }
+
+    fn settle(&self, request_id: &str, measured: f64, now: i64) -> Result<bool, LedgerError> {
+        let (pool, rid) = (self.pool.clone(), request_id.to_string());
+        self.block(async move {
+            let c = pool.get().await?;
+            let st = c
+                .prepare_cached(
+                    "UPDATE reservations SET state = 'settled', charged = LEAST($1, reserved), closed_at = $2
+                     WHERE request_id = $3 AND state IN ('open', 'expired')",
+                )
+                .await?;
+            Ok(c.execute(&st, &[&measured, &now, &rid]).await? == 1)
+        })
+    }
+
+    fn release(&self, request_id: &str, now: i64) -> Result<bool, LedgerError> {
+        let (pool, rid) = (self.pool.clone(), request_id.to_string());
+        self.block(async move {
+            let c = pool.get().await?;
+            let st = c
+                .prepare_cached(
+                    "UPDATE reservations SET state = 'released', closed_at = $1
+                     WHERE request_id = $2 AND state IN ('open', 'expired')",
+                )
+                .await?;
+            Ok(c.execute(&st, &[&now, &rid]).await? == 1)
+        })
+    }
+
+    fn renew(&self, request_ids: &[String], now: i64) -> Result<u64, LedgerError> {
+        if request_ids.is_empty() {
+            return Ok(0);
+        }
+        let (pool, ids, owner) = (
+            self.pool.clone(),
+            request_ids.to_vec(),
+            self.lease.owner.clone(),
+        );
+        let until = now + self.lease.lease_s;
+        self.block(async move {
+            let c = pool.get().await?;
+            Ok(c.execute(
+                "UPDATE reservations SET lease_until = $1, state = 'open', closed_at = NULL
+                 WHERE request_id = ANY($2) AND owner = $3 AND state IN ('open', 'expired')",
+                &[&until, &ids, &owner],
+            )
+            .await?)
+        })
+    }
+
+    fn expire(&self, now: i64) -> Result<u64, LedgerError> {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let c = pool.get().await?;
+            Ok(c.execute(
+                "UPDATE reservations SET state = 'expired', closed_at = $1 WHERE state = 'open' AND lease_until < $1",
+                &[&now],
+            )
+            .await?)
+        })
+    }
+
+    fn lease(&self) -> &LeaseSettings {
+        &self.lease
+    }
+
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+}

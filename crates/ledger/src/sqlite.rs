@@ -1,0 +1,354 @@
+//! The embedded SQLite ledger (WAL mode): one server, or tools beside it, on one machine.
+//! Every write is a transaction that takes SQLite's write lock first (`BEGIN IMMEDIATE`), so
+//! admission is atomic across the processes that share the file.
+
+use crate::{
+    exists, in_flight, new_key, new_tenant_budgets, no_tenant, quota_exhausted, updated_tenant,
+    LeaseSettings, Ledger, LedgerError, Migration, Period, Reservation, Tenant, TenantSettings,
+    Usage,
+};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::path::Path;
+use std::sync::Mutex;
+
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../migrations/sqlite/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "leases",
+        sql: include_str!("../migrations/sqlite/0002_leases.sql"),
+    },
+];
+
+pub struct SqliteLedger {
+    conn: Mutex<Connection>,
+    lease: LeaseSettings,
+}
+
+impl From<rusqlite::Error> for LedgerError {
+    fn from(e: rusqlite::Error) -> Self {
+        match &e {
+            // The file is locked by another writer for longer than the busy timeout.
+            rusqlite::Error::SqliteFailure(f, _)
+                if matches!(
+                    f.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) =>
+            {
+                LedgerError::Unavailable(e.to_string())
+            }
+            _ => LedgerError::Storage(e.to_string()),
+        }
+    }
+}
+
+const TENANT_COLS: &str = "id, name, default_budget, per_request_max, quota, period";
+/// Removed tenants are tombstones (see `remove_tenant`).
+const LIVE: &str = "key_hash NOT LIKE 'removed:%'";
+
+impl SqliteLedger {
+    /// Opens (creating if needed) the file and applies pending migrations.
+    pub fn open(path: &Path, lease: LeaseSettings) -> Result<Self, LedgerError> {
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            lease,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a read-only query on the connection (tests look at the stored rows).
+    #[doc(hidden)]
+    pub fn query_i64(&self, sql: &str) -> Result<i64, LedgerError> {
+        Ok(self.lock().query_row(sql, [], |r| r.get(0))?)
+    }
+
+    fn row_tenant(r: &rusqlite::Row) -> rusqlite::Result<Tenant> {
+        let period: String = r.get(5)?;
+        Ok(Tenant {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            default_budget: r.get(2)?,
+            per_request_max: r.get(3)?,
+            quota: r.get(4)?,
+            period: if period == "month" {
+                Period::Month
+            } else {
+                Period::Day
+            },
+        })
+    }
+
+    /// (charged, held by live leases, settled requests) in the period starting at `start`.
+    fn used(
+        conn: &Connection,
+        tenant: i64,
+        start: i64,
+        now: i64,
+    ) -> rusqlite::Result<(f64, f64, i64)> {
+        conn.query_row(
+            "SELECT COALESCE(SUM(CASE WHEN state = 'settled' THEN charged ELSE 0 END), 0),
+                    COALESCE(SUM(CASE WHEN state = 'open' AND lease_until >= ?3 THEN reserved ELSE 0 END), 0),
+                    COUNT(CASE WHEN state = 'settled' THEN 1 END)
+             FROM reservations WHERE tenant_id = ?1 AND period_start = ?2",
+            params![tenant, start, now],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+    )?;
+    let have: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )?;
+    for m in MIGRATIONS.iter().filter(|m| m.version > have) {
+        tx.execute_batch(m.sql).map_err(|e| {
+            LedgerError::Storage(format!("migration {} {}: {e}", m.version, m.name))
+        })?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, strftime('%s','now'))",
+            params![m.version, m.name],
+        )?;
+        tracing::info!(version = m.version, name = m.name, "sqlite ledger migrated");
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+impl Ledger for SqliteLedger {
+    fn create_tenant(
+        &self,
+        name: &str,
+        s: &TenantSettings,
+    ) -> Result<(Tenant, String), LedgerError> {
+        let (default_budget, per_request_max) = new_tenant_budgets(name, s)?;
+        let key = new_key()?;
+        let r = self.lock().execute(
+            "INSERT INTO tenants (name, key_hash, default_budget, per_request_max, quota, period, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, strftime('%s','now'))",
+            params![
+                name,
+                crate::hash_key(&key),
+                default_budget,
+                per_request_max,
+                s.quota.flatten(),
+                s.period.unwrap_or(Period::Day).as_str()
+            ],
+        );
+        match r {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(exists(name));
+            }
+            other => {
+                other?;
+            }
+        }
+        Ok((self.tenant_by_name(name)?, key))
+    }
+
+    fn update_tenant(&self, name: &str, s: &TenantSettings) -> Result<Tenant, LedgerError> {
+        let t = updated_tenant(self.tenant_by_name(name)?, s)?;
+        self.lock().execute(
+            "UPDATE tenants SET default_budget = ?1, per_request_max = ?2, quota = ?3, period = ?4 WHERE id = ?5",
+            params![t.default_budget, t.per_request_max, t.quota, t.period.as_str(), t.id],
+        )?;
+        Ok(t)
+    }
+
+    fn remove_tenant(&self, name: &str) -> Result<(), LedgerError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let id: i64 = tx
+            .query_row(
+                &format!("SELECT id FROM tenants WHERE name = ?1 AND {LIVE}"),
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| no_tenant(name))?;
+        let open: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM reservations WHERE tenant_id = ?1 AND state = 'open'",
+            params![id],
+            |r| r.get(0),
+        )?;
+        if open > 0 {
+            return Err(in_flight(name, open));
+        }
+        // A tombstone, not a DELETE: the reservations (its accounting history) stay; the key
+        // can never match again (no SHA-256 hex digest starts with `removed:`), and the name
+        // (a `~` is not allowed in live names) is free for a new tenant.
+        tx.execute(
+            "UPDATE tenants SET name = name || '~removed~' || id, key_hash = 'removed:' || id WHERE id = ?1",
+            params![id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn tenants(&self) -> Result<Vec<Tenant>, LedgerError> {
+        let conn = self.lock();
+        let mut st = conn.prepare(&format!(
+            "SELECT {TENANT_COLS} FROM tenants WHERE {LIVE} ORDER BY name"
+        ))?;
+        let rows = st.query_map([], Self::row_tenant)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn tenant_by_name(&self, name: &str) -> Result<Tenant, LedgerError> {
+        self.lock()
+            .query_row(
+                &format!("SELECT {TENANT_COLS} FROM tenants WHERE name = ?1 AND {LIVE}"),
+                params![name],
+                Self::row_tenant,
+            )
+            .optional()?
+            .ok_or_else(|| no_tenant(name))
+    }
+
+    fn tenant_by_key(&self, key: &str) -> Result<Option<Tenant>, LedgerError> {
+        Ok(self
+            .lock()
+            .query_row(
+                &format!("SELECT {TENANT_COLS} FROM tenants WHERE key_hash = ?1"),
+                params![crate::hash_key(key)],
+                Self::row_tenant,
+            )
+            .optional()?)
+    }
+
+    fn usage(&self, t: &Tenant, now: i64) -> Result<Usage, LedgerError> {
+        let (start, _) = t.period.bounds(now);
+        let (charged, reserved, n) = Self::used(&self.lock(), t.id, start, now)?;
+        Ok(Usage::new(t, now, charged, reserved, n as u64))
+    }
+
+    fn reserve(
+        &self,
+        t: &Tenant,
+        flops: f64,
+        request_id: &str,
+        now: i64,
+    ) -> Result<Reservation, LedgerError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (start, reset) = t.period.bounds(now);
+        tx.execute(
+            "UPDATE reservations SET state = 'expired', closed_at = ?2
+             WHERE tenant_id = ?1 AND state = 'open' AND lease_until < ?2",
+            params![t.id, now],
+        )?;
+        let quota: Option<f64> = tx
+            .query_row(
+                &format!("SELECT quota FROM tenants WHERE id = ?1 AND {LIVE}"),
+                params![t.id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| no_tenant(&t.name))?;
+        let (charged, reserved, _) = Self::used(&tx, t.id, start, now)?;
+        if let Some(q) = quota {
+            if charged + reserved + flops > q {
+                return Err(quota_exhausted(t, q, charged + reserved, flops, reset));
+            }
+        }
+        let r = tx.execute(
+            "INSERT INTO reservations (tenant_id, request_id, period_start, reserved, state, owner, lease_until, created_at)
+             VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?6, ?7)",
+            params![t.id, request_id, start, flops, self.lease.owner, now + self.lease.lease_s, now],
+        );
+        match r {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(LedgerError::Conflict(format!(
+                    "request id `{request_id}` already has a reservation"
+                )));
+            }
+            other => {
+                other?;
+            }
+        }
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(Reservation {
+            id,
+            request_id: request_id.to_string(),
+            tenant_id: t.id,
+            flops,
+        })
+    }
+
+    fn settle(&self, request_id: &str, measured: f64, now: i64) -> Result<bool, LedgerError> {
+        let n = self.lock().execute(
+            "UPDATE reservations SET state = 'settled', charged = MIN(?1, reserved), closed_at = ?2
+             WHERE request_id = ?3 AND state IN ('open', 'expired')",
+            params![measured, now, request_id],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn release(&self, request_id: &str, now: i64) -> Result<bool, LedgerError> {
+        let n = self.lock().execute(
+            "UPDATE reservations SET state = 'released', closed_at = ?1
+             WHERE request_id = ?2 AND state IN ('open', 'expired')",
+            params![now, request_id],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn renew(&self, request_ids: &[String], now: i64) -> Result<u64, LedgerError> {
+        if request_ids.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut n = 0;
+        {
+            let mut st = tx.prepare(
+                "UPDATE reservations SET lease_until = ?1, state = 'open', closed_at = NULL
+                 WHERE request_id = ?2 AND owner = ?3 AND state IN ('open', 'expired')",
+            )?;
+            for id in request_ids {
+                n += st.execute(params![now + self.lease.lease_s, id, self.lease.owner])? as u64;
+            }
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    fn expire(&self, now: i64) -> Result<u64, LedgerError> {
+        Ok(self.lock().execute(
+            "UPDATE reservations SET state = 'expired', closed_at = ?1 WHERE state = 'open' AND lease_until < ?1",
+            params![now],
+        )? as u64)
+    }
+
+    fn lease(&self) -> &LeaseSettings {
+        &self.lease
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+}
