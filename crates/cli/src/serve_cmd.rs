@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use vvlm_cost::parse_si;
-use vvlm_server::ledger::{now, Ledger, Period, SqliteLedger, TenantSettings};
+use vvlm_server::ledger::{now, LeaseSettings, Options, Period, TenantSettings};
 use vvlm_server::ServerConfig;
 
 #[derive(Args, Debug)]
@@ -14,9 +14,15 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
     #[arg(long, env = "VVLM_BIND")]
     pub bind: Option<String>,
-    /// SQLite ledger path.
-    #[arg(long, env = "VVLM_DB")]
-    pub db: Option<PathBuf>,
+    /// The ledger: a SQLite file path, or a postgres:// URL shared by replicas.
+    #[arg(long, env = "VVLM_DB", hide_env_values = true)]
+    pub db: Option<String>,
+    /// Seconds a reservation holds unless its replica renews it (every third of this).
+    #[arg(long, env = "VVLM_LEASE_S")]
+    pub lease_s: Option<i64>,
+    /// This replica's journal of settlements made while the database was unreachable.
+    #[arg(long, env = "VVLM_LEDGER_JOURNAL")]
+    pub ledger_journal: Option<PathBuf>,
     #[arg(long, env = "VVLM_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
     #[arg(long, env = "VVLM_SCALING_MODEL")]
@@ -81,6 +87,12 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
     }
     if let Some(v) = &a.db {
         c.db = v.clone();
+    }
+    if let Some(v) = a.lease_s {
+        c.ledger.lease_s = v;
+    }
+    if let Some(v) = &a.ledger_journal {
+        c.ledger.journal = Some(v.clone());
     }
     if let Some(v) = &a.models_dir {
         c.models_dir = v.clone();
@@ -204,14 +216,20 @@ pub enum TenantCmd {
         #[arg(long)]
         period: Option<String>,
     },
-    /// Remove a tenant and its ledger rows.
+    /// Remove a tenant (its key stops working; its accounting history is kept).
     Remove { name: String },
 }
 
 #[derive(Args, Debug)]
 pub struct TenantArgs {
-    #[arg(long, env = "VVLM_DB", default_value = "vvlm.db")]
-    pub db: PathBuf,
+    /// The ledger: a SQLite file path, or a postgres:// URL.
+    #[arg(
+        long,
+        env = "VVLM_DB",
+        default_value = "vvlm.db",
+        hide_env_values = true
+    )]
+    pub db: String,
     #[command(subcommand)]
     pub cmd: TenantCmd,
 }
@@ -226,7 +244,8 @@ fn flops(s: &Option<String>, what: &str) -> Result<Option<f64>> {
 }
 
 pub fn tenant(a: TenantArgs) -> Result<()> {
-    let l = SqliteLedger::open(&a.db, now())?;
+    // The tenant commands never reserve: the lease settings are unused.
+    let l = vvlm_server::ledger::open(&a.db, &Options::new(LeaseSettings::new(30)))?;
     match a.cmd {
         TenantCmd::Add {
             name,

@@ -151,21 +151,22 @@ pub async fn admit(
             .map_err(|_| overloaded(s))?,
     };
     static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // Unique across replicas: the replica's random id, then a counter.
     let request_id = format!(
-        "req-{}-{}-{}",
-        std::process::id(),
-        now(),
+        "req-{}-{}",
+        s.ledger.lease().owner,
         REQUESTS.fetch_add(1, Ordering::Relaxed)
     );
     // n completions of one plan: reserved n times its price (the video is encoded once, so
     // the measured cost settles lower).
     let reserve = plan.choice.cost_flops * r.n as f64;
     let tenant = t.clone();
+    let leases = s.leases.clone();
     let reservation = s
-        .ledger_call(move |l| l.reserve(&tenant, reserve, &request_id, now()))
+        .ledger_call(move |_| leases.hold(&tenant, reserve, &request_id, now()))
         .await?;
     let flops = Arc::new(FlopCounter::new());
-    let held = Held::new(s.ledger.clone(), reservation, flops.clone());
+    let held = Held::new(s.leases.clone(), reservation, flops.clone());
     let t0 = Instant::now();
     let (frames, sampled) = match r.media.clone() {
         Media::None => (None, vec![]),

@@ -17,8 +17,9 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../../configs/server.toml");
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     pub bind: String,
-    /// SQLite ledger path.
-    pub db: PathBuf,
+    /// The ledger: a SQLite file path (embedded, one server) or a `postgres://` URL (shared by
+    /// replicas).
+    pub db: String,
     /// Folder of model registry entries (`*.toml`).
     pub models_dir: PathBuf,
     /// Scaling model used for `caption` and `qa`.
@@ -31,6 +32,7 @@ pub struct ServerConfig {
     pub admin_key: Option<String>,
     pub planner: PlannerConfig,
     pub limits: Limits,
+    pub ledger: LedgerConfig,
     pub media: MediaPolicy,
     /// Folders `file://` URLs may read from (empty: `file://` is refused).
     #[serde(default)]
@@ -58,6 +60,49 @@ pub struct PlannerConfig {
     pub data_size_m: f64,
     /// Generated tokens priced by the exact cost mode when a request does not say.
     pub expected_decode_tokens: usize,
+}
+
+/// Leases, the journal, and what happens when the database is down or slow.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// Seconds a reservation holds without renewal; its replica renews it every third of this.
+    /// A replica killed mid-request holds its reservations at most this long (at least 2).
+    pub lease_s: i64,
+    /// The durable journal of settlements made while the database was unreachable (one per
+    /// replica). Default: next to a SQLite file (`<db>.settle-journal`), or
+    /// `vvlm-ledger.journal` in the working directory with PostgreSQL.
+    #[serde(default)]
+    pub journal: Option<PathBuf>,
+    /// PostgreSQL connections per replica.
+    pub pool_size: usize,
+    /// Seconds to get a connection before the database counts as unavailable.
+    pub connect_timeout_s: f64,
+    /// Seconds a statement may take before the database counts as unavailable.
+    pub statement_timeout_s: f64,
+    /// What new work gets while the database is unavailable: `refuse` (503
+    /// `ledger_unavailable`, with Retry-After) is the only policy; admitting work that cannot
+    /// be reserved could overrun any quota without bound.
+    pub on_unavailable: OnUnavailable,
+    /// The Retry-After of a 503 `ledger_unavailable`.
+    pub retry_after_s: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnavailable {
+    Refuse,
+}
+
+impl LedgerConfig {
+    /// The ledger's options, with a fresh random replica id.
+    pub fn options(&self) -> vvlm_ledger::Options {
+        let mut o = vvlm_ledger::Options::new(vvlm_ledger::LeaseSettings::new(self.lease_s));
+        o.pool_size = self.pool_size.max(1);
+        o.connect_timeout_s = self.connect_timeout_s;
+        o.statement_timeout_s = self.statement_timeout_s;
+        o
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,6 +185,15 @@ impl ServerConfig {
         }
     }
 
+    /// The settlement journal's path (see [`LedgerConfig::journal`]).
+    pub fn journal_path(&self) -> PathBuf {
+        match &self.ledger.journal {
+            Some(p) => p.clone(),
+            None if vvlm_ledger::is_postgres_url(&self.db) => PathBuf::from("vvlm-ledger.journal"),
+            None => PathBuf::from(format!("{}.settle-journal", self.db)),
+        }
+    }
+
     /// Inference workers (after [`Self::resolve_threads`]; at least 1).
     pub fn workers(&self) -> usize {
         self.limits.workers.max(1)
@@ -185,13 +239,31 @@ mod tests {
         let c =
             ServerConfig::layered(Some("db = \"/tmp/x.db\"\n[limits]\nqueue_depth = 3\n")).unwrap();
         assert_eq!(c.limits.queue_depth, 3);
-        assert_eq!(c.db, std::path::PathBuf::from("/tmp/x.db"));
+        assert_eq!(c.db, "/tmp/x.db");
+        assert_eq!(
+            c.journal_path(),
+            std::path::PathBuf::from("/tmp/x.db.settle-journal")
+        );
         // Everything else is the shipped configuration's.
         let e = ServerConfig::embedded();
         assert_eq!(c.limits.max_tokens, e.limits.max_tokens);
         assert_eq!(c.media.max_bytes, e.media.max_bytes);
         assert_eq!(c.task_models, e.task_models);
         // Typos are refused at any depth, naming the key.
+        let c = ServerConfig::layered(Some(
+            "db = \"postgres://vvlm@db/vvlm\"\n[ledger]\nlease_s = 9\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.ledger.lease_s, c.ledger.pool_size),
+            (9, e.ledger.pool_size)
+        );
+        assert_eq!(c.ledger.on_unavailable, OnUnavailable::Refuse);
+        assert_eq!(
+            c.journal_path(),
+            std::path::PathBuf::from("vvlm-ledger.journal")
+        );
+        assert!(ServerConfig::layered(Some("[ledger]\non_unavailable = \"serve\"\n")).is_err());
         let err = ServerConfig::layered(Some("[limits]\nqueue_dept = 3\n")).unwrap_err();
         assert!(err.contains("queue_dept"), "{err}");
         assert!(ServerConfig::layered(Some("[limits]\nqueue_depth = \"many\"\n")).is_err());

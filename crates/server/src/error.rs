@@ -40,6 +40,9 @@ pub enum ApiError {
     Overloaded { message: String, retry_after_s: u64 },
     #[error("{0}")]
     NotReady(String),
+    /// The ledger's database cannot be reached: new work is refused (503).
+    #[error("{message}")]
+    LedgerUnavailable { message: String, retry_after_s: u64 },
     #[error("{0}")]
     Timeout(String),
     #[error("{0}")]
@@ -61,7 +64,9 @@ impl ApiError {
             ApiError::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BudgetExhausted { .. } => StatusCode::PAYMENT_REQUIRED,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady(_) | ApiError::LedgerUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -82,6 +87,7 @@ impl ApiError {
             ApiError::BudgetExhausted { .. } => "budget_exhausted",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::NotReady(_) => "not_ready",
+            ApiError::LedgerUnavailable { .. } => "ledger_unavailable",
             ApiError::Timeout(_) => "timeout",
             ApiError::Internal(_) => "internal_error",
         }
@@ -127,7 +133,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
-        if let ApiError::Overloaded { retry_after_s, .. } = &self {
+        if let ApiError::Overloaded { retry_after_s, .. }
+        | ApiError::LedgerUnavailable { retry_after_s, .. } = &self
+        {
             if let Ok(v) = HeaderValue::from_str(&retry_after_s.to_string()) {
                 resp.headers_mut().insert("retry-after", v);
             }
@@ -161,10 +169,30 @@ impl From<vvlm_planner::PlanError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// A ledger error; an unavailable database asks clients to retry after `retry_after_s`.
+    pub fn from_ledger(e: crate::ledger::LedgerError, retry_after_s: u64) -> Self {
+        let mut a = ApiError::from(e);
+        if let ApiError::LedgerUnavailable {
+            retry_after_s: r, ..
+        } = &mut a
+        {
+            *r = retry_after_s;
+        }
+        a
+    }
+}
+
 impl From<crate::ledger::LedgerError> for ApiError {
     fn from(e: crate::ledger::LedgerError) -> Self {
         use crate::ledger::LedgerError as L;
         match e {
+            L::Unavailable(m) => ApiError::LedgerUnavailable {
+                message: format!(
+                    "the ledger database is unavailable, so no new work is admitted ({m}); retry later"
+                ),
+                retry_after_s: 5,
+            },
             L::QuotaExhausted { message, reset_at } => {
                 ApiError::BudgetExhausted { message, reset_at }
             }

@@ -1,5 +1,5 @@
-//! The HTTP API: routes, validation, tenants and budgets (a SQLite ledger), the bounded queue
-//! and the inference workers. Each request is planned to the compute-optimal frontier within its
+//! The HTTP API: routes, validation, tenants and budgets (through `vvlm-ledger`: SQLite or a
+//! PostgreSQL shared by replicas), the bounded queue and the inference workers. Each request is planned to the compute-optimal frontier within its
 //! tenant's budget before it is queued, charged its planned FLOPs on admission, and settled to the
 //! FLOPs the engine measured when it finishes.
 //!
@@ -10,15 +10,16 @@ mod admission;
 mod chat;
 pub mod config;
 pub mod error;
-pub mod ledger;
 pub mod metrics;
 mod routes;
 pub mod validation;
 pub mod worker;
 
 pub use config::ServerConfig;
+/// The ledger crate, under the name the server has always used for it.
+pub use vvlm_ledger as ledger;
 
-use crate::ledger::{Ledger, SqliteLedger};
+use crate::ledger::{Leases, Ledger};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -30,6 +31,8 @@ use vvlm_scaling::FittedModel;
 pub struct AppState {
     pub config: ServerConfig,
     pub ledger: Arc<dyn Ledger>,
+    /// This replica's live reservations (renewed every third of a lease) and its journal.
+    pub leases: Arc<Leases>,
     pub metrics: Arc<metrics::Metrics>,
     pub pool: worker::Pool,
     /// Requests admitted (decoding, queued or running): queue_depth + workers.
@@ -67,7 +70,8 @@ impl AppState {
     }
 
     /// Runs a ledger call on a blocking thread: the ledger is synchronous (SQLite on disk
-    /// behind a lock), and the async runtime's threads must not wait on it.
+    /// behind a lock, or PostgreSQL over the network), and the async runtime's threads must
+    /// not wait on it. A database that cannot be reached is a 503 `ledger_unavailable`.
     pub async fn ledger_call<T, F>(&self, f: F) -> Result<T, error::ApiError>
     where
         T: Send + 'static,
@@ -77,7 +81,7 @@ impl AppState {
         tokio::task::spawn_blocking(move || f(l.as_ref()))
             .await
             .map_err(|e| error::ApiError::Internal(format!("ledger task: {e}")))?
-            .map_err(error::ApiError::from)
+            .map_err(|e| error::ApiError::from_ledger(e, self.config.ledger.retry_after_s))
     }
 }
 
@@ -96,18 +100,24 @@ pub enum StartError {
     Io(#[from] std::io::Error),
 }
 
-/// Builds the state: opens the ledger (recovering reservations a crash left open) and starts
-/// the workers. Checkpoints load in the background: call [`load_models`].
+/// Builds the state: opens the ledger (applying its migrations) and the settlement journal,
+/// and starts the workers. Reservations a crashed process left open are not touched here:
+/// their leases run out (any replica can be running). Checkpoints load in the background: call
+/// [`load_models`]; [`serve`] renews leases.
 pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError> {
     config.resolve_threads();
-    let ledger = SqliteLedger::open(&config.db, ledger::now())?;
-    let recovered = ledger.recover_orphans(ledger::now())?;
-    if recovered > 0 {
-        tracing::warn!(
-            recovered,
-            "released reservations left open by a previous process (not charged)"
-        );
-    }
+    let options = config.ledger.options();
+    let ledger = ledger::open(&config.db, &options)?;
+    let journal = config.journal_path();
+    let leases = Arc::new(Leases::new(ledger.clone(), &journal)?);
+    tracing::info!(
+        backend = ledger.backend(),
+        db = %ledger::redact(&config.db),
+        owner = %options.lease.owner,
+        lease_s = options.lease.lease_s,
+        journal = %journal.display(),
+        "ledger open"
+    );
     let metrics = Arc::new(metrics::Metrics::default());
     let admission = Arc::new(tokio::sync::Semaphore::new(
         config.limits.queue_depth + config.workers(),
@@ -125,7 +135,8 @@ pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError
         .map(ledger::hash_key);
     Ok(Arc::new(AppState {
         config,
-        ledger: Arc::new(ledger),
+        ledger,
+        leases,
         metrics,
         admission,
         pool,
@@ -212,6 +223,7 @@ pub async fn serve(
     use hyper_util::rt::{TokioIo, TokioTimer};
     use std::time::Duration;
     use tower::ServiceExt as _;
+    let renewer = tokio::spawn(renew_leases(state.clone()));
     let limits = &state.config.limits;
     let grace = Duration::from_secs_f64(limits.shutdown_grace_s.max(0.0));
     let header_timeout = Duration::from_secs_f64(limits.header_timeout_s.max(0.1));
@@ -255,10 +267,35 @@ pub async fn serve(
     drop(listener);
     tracing::info!("shutting down: finishing in-flight requests");
     tokio::select! {
-        _ = graceful.shutdown() => Ok(()),
+        _ = graceful.shutdown() => {},
         _ = tokio::time::sleep(grace) => {
             tracing::warn!("grace period over; exiting with requests still in flight");
-            Ok(())
+        }
+    }
+    renewer.abort();
+    // A last renewal and journal replay; what is still journaled is replayed by the next
+    // process that opens the same journal.
+    let leases = state.leases.clone();
+    if let Ok(t) = tokio::task::spawn_blocking(move || leases.tick(ledger::now())).await {
+        if t.pending > 0 {
+            tracing::warn!(pending = t.pending, "settlements still journaled at exit");
+        }
+    }
+    Ok(())
+}
+
+/// Every third of a lease: renews this replica's leases, replays the journal, expires dead
+/// leases of any replica, and records whether the database answered.
+async fn renew_leases(state: Arc<AppState>) {
+    let every = std::time::Duration::from_secs_f64(state.config.ledger.lease_s.max(2) as f64 / 3.0);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let leases = state.leases.clone();
+        match tokio::task::spawn_blocking(move || leases.tick(ledger::now())).await {
+            Ok(t) => state.metrics.ledger_tick(t.available, t.pending),
+            Err(e) => tracing::error!("lease renewal task: {e}"),
         }
     }
 }

@@ -37,6 +37,11 @@ struct Route {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabel {
+    tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Component {
     component: &'static str,
 }
@@ -56,6 +61,10 @@ pub struct Metrics {
     time_to_first_token: Histogram,
     time_per_output_token: Histogram,
     e2e_latency: Histogram,
+    ledger_available: Gauge,
+    journal_pending: Gauge,
+    tenant_charged: Family<TenantLabel, Gauge<f64, AtomicU64>>,
+    tenant_reserved: Family<TenantLabel, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -75,6 +84,10 @@ impl Default for Metrics {
             time_to_first_token: latency(),
             time_per_output_token: Histogram::new(TOKEN_BUCKETS),
             e2e_latency: latency(),
+            ledger_available: Gauge::default(),
+            journal_pending: Gauge::default(),
+            tenant_charged: Family::default(),
+            tenant_reserved: Family::default(),
         };
         let mut m = m;
         let r = &mut m.registry;
@@ -139,11 +152,56 @@ impl Default for Metrics {
             "Seconds from queued to the request's last token",
             m.e2e_latency.clone(),
         );
+        r.register(
+            "ledger_available",
+            "1 when the ledger's database answered the last call, else 0 (new work gets 503)",
+            m.ledger_available.clone(),
+        );
+        r.register(
+            "ledger_journal_pending",
+            "Settlements journaled locally, waiting for the database",
+            m.journal_pending.clone(),
+        );
+        r.register(
+            "tenant_charged_flops",
+            "FLOPs charged to the tenant in its current period (the shared ledger's, read at scrape)",
+            m.tenant_charged.clone(),
+        );
+        r.register(
+            "tenant_reserved_flops",
+            "FLOPs held by the tenant's requests in flight on any replica (read at scrape)",
+            m.tenant_reserved.clone(),
+        );
+        m.ledger_available.set(1);
         m
     }
 }
 
 impl Metrics {
+    /// What the last lease renewal saw of the database and the journal.
+    pub fn ledger_tick(&self, available: bool, pending: usize) {
+        self.ledger_available.set(available as i64);
+        self.journal_pending.set(pending as i64);
+    }
+
+    /// Usage of every tenant as the ledger has it now (None: the database did not answer).
+    pub fn set_usage(&self, usages: Option<&[vvlm_ledger::Usage]>) {
+        let Some(usages) = usages else {
+            self.ledger_available.set(0);
+            return;
+        };
+        self.ledger_available.set(1);
+        self.tenant_charged.clear();
+        self.tenant_reserved.clear();
+        for u in usages {
+            let l = TenantLabel {
+                tenant: u.tenant.clone(),
+            };
+            self.tenant_charged.get_or_create(&l).set(u.charged_flops);
+            self.tenant_reserved.get_or_create(&l).set(u.reserved_flops);
+        }
+    }
+
     /// One answered HTTP request.
     pub fn observe(&self, route: &str, status: u16, seconds: f64) {
         self.requests

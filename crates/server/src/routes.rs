@@ -288,6 +288,18 @@ async fn health(State(s): St) -> Response {
 }
 
 async fn metrics(State(s): St) -> Response {
+    // Usage comes from the shared ledger, so every replica reports the same figures.
+    let usages = s
+        .ledger_call(|l| {
+            let now = now();
+            l.tenants()?
+                .iter()
+                .map(|t| l.usage(t, now))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .ok();
+    s.metrics.set_usage(usages.as_deref());
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         s.metrics.render(),

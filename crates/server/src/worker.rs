@@ -9,7 +9,7 @@ use vvlm_cost::FlopCounter;
 use vvlm_engine::{FrameData, GenerateRequest, Generation, SamplingParams, VideoVlm};
 
 use crate::error::ApiError;
-use crate::ledger::{now, Ledger, Reservation};
+use crate::ledger::{now, Leases, Reservation};
 
 /// What a worker reports back.
 #[derive(Debug)]
@@ -27,17 +27,18 @@ pub enum Event {
 /// A reservation carried by its job. The worker settles it to the FLOPs the job executed
 /// before it reports the result, so a client that leaves, times out or is cancelled is still
 /// charged for the work done (capped at the reservation by the ledger); a job that never ran
-/// releases it.
+/// releases it. Its lease is renewed until then; a settlement the database cannot take goes
+/// to the journal.
 pub struct Held {
-    ledger: Arc<dyn Ledger>,
+    leases: Arc<Leases>,
     r: Option<Reservation>,
     flops: Arc<FlopCounter>,
 }
 
 impl Held {
-    pub fn new(ledger: Arc<dyn Ledger>, r: Reservation, flops: Arc<FlopCounter>) -> Self {
+    pub fn new(leases: Arc<Leases>, r: Reservation, flops: Arc<FlopCounter>) -> Self {
         Self {
-            ledger,
+            leases,
             r: Some(r),
             flops,
         }
@@ -47,21 +48,16 @@ impl Held {
     pub fn close(&mut self) {
         let Some(r) = self.r.take() else { return };
         let measured = self.flops.snapshot().total();
-        let result = if measured > 0.0 {
-            if measured > r.flops {
-                tracing::warn!(
-                    reservation = r.id,
-                    reserved = r.flops,
-                    measured,
-                    "measured FLOPs exceed the reservation; charged the reservation"
-                );
-            }
-            self.ledger.settle(&r, measured, now())
-        } else {
-            self.ledger.release(&r, now())
-        };
-        if let Err(e) = result {
-            tracing::error!("closing reservation {}: {e}", r.id);
+        if measured > r.flops {
+            tracing::warn!(
+                request_id = %r.request_id,
+                reserved = r.flops,
+                measured,
+                "measured FLOPs exceed the reservation; charged the reservation"
+            );
+        }
+        if let Err(e) = self.leases.close(&r, measured, now()) {
+            tracing::error!("closing reservation {}: {e}", r.request_id);
         }
     }
 }
@@ -76,7 +72,7 @@ impl Drop for Held {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 let mut rest = Held {
-                    ledger: self.ledger.clone(),
+                    leases: self.leases.clone(),
                     r: self.r.take(),
                     flops: self.flops.clone(),
                 };

@@ -43,7 +43,7 @@ fn server_with(load: bool, edit: impl FnOnce(&mut ServerConfig)) -> Server {
         std::fs::write(models.join(format!("{rung}.toml")), text).unwrap();
     }
     let mut c = ServerConfig::embedded();
-    c.db = dir.path().join("ledger.db");
+    c.db = dir.path().join("ledger.db").to_string_lossy().into_owned();
     c.models_dir = models;
     c.scaling_model = repo().join(&c.scaling_model);
     for p in c.task_models.values_mut() {
