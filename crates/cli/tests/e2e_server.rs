@@ -878,6 +878,8 @@ fn ledger_survives_kill_9_mid_request_and_shutdown_is_graceful() {
             "1",
             "--max-connections",
             "4",
+            "--lease-s",
+            "3",
         ],
     );
     // Slow and idle sockets are closed after the header timeout, so they cannot hold the
@@ -982,11 +984,22 @@ fn ledger_survives_kill_9_mid_request_and_shutdown_is_graceful() {
         "the in-flight reservation is on disk: {u}"
     );
 
-    // Restart: the orphaned reservation is released (not charged), the settled charge stays.
-    let s = Server::start(&db, &["--workers", "1"]);
-    let u = get(&s, "/v1/usage", &key).body;
+    // Restart: the orphaned reservation stops counting when its lease (3 s, no longer
+    // renewed) runs out, and is not charged; the settled charge stays.
+    let s = Server::start(&db, &["--workers", "1", "--lease-s", "3"]);
+    let t = Instant::now();
+    let u = loop {
+        let u = get(&s, "/v1/usage", &key).body;
+        if u["reserved_flops"].as_f64() == Some(0.0) {
+            break u;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "lease never ran out: {u}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert_eq!(u["charged_flops"].as_f64().unwrap(), charged, "{u}");
-    assert_eq!(u["reserved_flops"].as_f64().unwrap(), 0.0);
     assert_eq!(u["requests"].as_u64(), Some(1));
 
     // Graceful shutdown: SIGTERM while a request runs; it still completes.
