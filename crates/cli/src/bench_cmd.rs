@@ -20,6 +20,9 @@ pub enum BenchCmd {
     /// Engine hot paths at real shapes with random weights: SigLIP so400m/14 per frame, bilinear
     /// pooling, Llama-3.2-1B-shaped prefill and decode, and SmolLM2 (GGUF) prefill and decode.
     Engine(EngineArgs),
+    /// Admissions per second through the ledger (reserve + settle), SQLite or PostgreSQL, from
+    /// one or more replicas.
+    Ledger(crate::bench_ledger::LedgerBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -183,6 +186,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Flops(a) => flops(a),
         BenchCmd::Engine(a) => engine(a),
+        BenchCmd::Ledger(a) => crate::bench_ledger::run(a),
     }
 }
 

@@ -2,6 +2,7 @@
 //! non-zero exit; everything else lives in the library crates.
 
 mod bench_cmd;
+mod bench_ledger;
 mod engine_cmd;
 mod eval_cmd;
 mod eval_plan;

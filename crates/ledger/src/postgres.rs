@@ -20,11 +20,18 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../migrations/postgres/0001_init.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../migrations/postgres/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "usage_totals",
+        sql: include_str!("../migrations/postgres/0002_usage_totals.sql"),
+    },
+];
 
 /// Advisory lock key that serialises migrations of replicas starting together.
 const MIGRATION_LOCK: i64 = 0x7676_6c6d_0001;
@@ -114,7 +121,7 @@ impl PostgresLedger {
         cfg.keepalives_idle(Duration::from_secs(10));
         cfg.application_name(&options.lease.owner);
         cfg.options(format!(
-            "-c statement_timeout={} -c lock_timeout={}",
+            "-c client_min_messages=warning -c statement_timeout={} -c lock_timeout={}",
             statement.as_millis(),
             statement.as_millis()
         ));
@@ -411,10 +418,10 @@ impl Ledger for PostgresLedger {
             let c = pool.get().await?;
             let st = c
                 .prepare_cached(
-                    "SELECT COALESCE(SUM(CASE WHEN state = 'settled' THEN charged ELSE 0 END), 0)::float8,
-                            COALESCE(SUM(CASE WHEN state = 'open' AND lease_until >= $3 THEN reserved ELSE 0 END), 0)::float8,
-                            COUNT(*) FILTER (WHERE state = 'settled')
-                     FROM reservations WHERE tenant_id = $1 AND period_start = $2",
+                    "SELECT COALESCE((SELECT charged FROM usage_totals WHERE tenant_id = $1 AND period_start = $2), 0)::float8,
+                            COALESCE((SELECT SUM(reserved) FROM reservations
+                                       WHERE tenant_id = $1 AND period_start = $2 AND state = 'open' AND lease_until >= $3), 0)::float8,
+                            COALESCE((SELECT requests FROM usage_totals WHERE tenant_id = $1 AND period_start = $2), 0)::int8",
                 )
                 .await?;
             let r = c.query_one(&st, &[&id, &start, &now]).await?;
@@ -478,8 +485,15 @@ impl Ledger for PostgresLedger {
             let c = pool.get().await?;
             let st = c
                 .prepare_cached(
-                    "UPDATE reservations SET state = 'settled', charged = LEAST($1, reserved), closed_at = $2
-                     WHERE request_id = $3 AND state IN ('open', 'expired')",
+                    "WITH s AS (
+                         UPDATE reservations SET state = 'settled', charged = LEAST($1, reserved), closed_at = $2
+                          WHERE request_id = $3 AND state IN ('open', 'expired')
+                         RETURNING tenant_id, period_start, charged)
+                     INSERT INTO usage_totals (tenant_id, period_start, charged, requests)
+                     SELECT tenant_id, period_start, charged, 1 FROM s
+                     ON CONFLICT (tenant_id, period_start) DO UPDATE
+                        SET charged = usage_totals.charged + EXCLUDED.charged,
+                            requests = usage_totals.requests + 1",
                 )
                 .await?;
             Ok(c.execute(&st, &[&measured, &now, &rid]).await? == 1)

@@ -22,6 +22,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "leases",
         sql: include_str!("../migrations/sqlite/0002_leases.sql"),
     },
+    Migration {
+        version: 3,
+        name: "usage_totals",
+        sql: include_str!("../migrations/sqlite/0003_usage_totals.sql"),
+    },
 ];
 
 pub struct SqliteLedger {
@@ -99,10 +104,10 @@ impl SqliteLedger {
         now: i64,
     ) -> rusqlite::Result<(f64, f64, i64)> {
         conn.query_row(
-            "SELECT COALESCE(SUM(CASE WHEN state = 'settled' THEN charged ELSE 0 END), 0),
-                    COALESCE(SUM(CASE WHEN state = 'open' AND lease_until >= ?3 THEN reserved ELSE 0 END), 0),
-                    COUNT(CASE WHEN state = 'settled' THEN 1 END)
-             FROM reservations WHERE tenant_id = ?1 AND period_start = ?2",
+            "SELECT COALESCE((SELECT charged FROM usage_totals WHERE tenant_id = ?1 AND period_start = ?2), 0),
+                    COALESCE((SELECT SUM(reserved) FROM reservations
+                               WHERE tenant_id = ?1 AND period_start = ?2 AND state = 'open' AND lease_until >= ?3), 0),
+                    COALESCE((SELECT requests FROM usage_totals WHERE tenant_id = ?1 AND period_start = ?2), 0)",
             params![tenant, start, now],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
@@ -300,12 +305,28 @@ impl Ledger for SqliteLedger {
     }
 
     fn settle(&self, request_id: &str, measured: f64, now: i64) -> Result<bool, LedgerError> {
-        let n = self.lock().execute(
-            "UPDATE reservations SET state = 'settled', charged = MIN(?1, reserved), closed_at = ?2
-             WHERE request_id = ?3 AND state IN ('open', 'expired')",
-            params![measured, now, request_id],
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let settled: Option<(i64, i64, f64)> = tx
+            .query_row(
+                "UPDATE reservations SET state = 'settled', charged = MIN(?1, reserved), closed_at = ?2
+                 WHERE request_id = ?3 AND state IN ('open', 'expired')
+                 RETURNING tenant_id, period_start, charged",
+                params![measured, now, request_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((tenant, start, charged)) = settled else {
+            return Ok(false);
+        };
+        tx.execute(
+            "INSERT INTO usage_totals (tenant_id, period_start, charged, requests) VALUES (?1, ?2, ?3, 1)
+             ON CONFLICT (tenant_id, period_start) DO UPDATE
+                SET charged = charged + excluded.charged, requests = requests + 1",
+            params![tenant, start, charged],
         )?;
-        Ok(n == 1)
+        tx.commit()?;
+        Ok(true)
     }
 
     fn release(&self, request_id: &str, now: i64) -> Result<bool, LedgerError> {

@@ -40,6 +40,21 @@ macro_rules! ledger_suite {
     };
 }
 
+/// The settled totals kept per (tenant, period) equal the settled rows they summarise.
+fn assert_totals_consistent(h: &dyn Harness) {
+    assert_eq!(
+        h.count(
+            "SELECT COUNT(*) FROM (
+                 SELECT tenant_id, period_start, SUM(charged) AS c, COUNT(*) AS n
+                 FROM reservations WHERE state = 'settled' GROUP BY tenant_id, period_start) s
+             FULL OUTER JOIN usage_totals u USING (tenant_id, period_start)
+             WHERE s.c IS NULL OR u.charged IS NULL OR ABS(s.c - u.charged) > 1e-6 * ABS(s.c) OR s.n <> u.requests"
+        ),
+        0,
+        "usage_totals disagrees with the settled reservations"
+    );
+}
+
 fn replica(name: &str, lease_s: i64) -> LeaseSettings {
     LeaseSettings {
         owner: name.to_string(),
@@ -150,6 +165,7 @@ pub fn keys_are_hashed_and_tenants_isolated(h: &dyn Harness) {
     let (c2, _) = l.create_tenant("c", &TenantSettings::default()).unwrap();
     assert_ne!(c2.id, c.id);
     assert_eq!(l.usage(&c2, 22).unwrap().charged_flops, 0.0);
+    assert_totals_consistent(h);
 }
 
 pub fn settings_are_validated(h: &dyn Harness) {
@@ -230,6 +246,7 @@ pub fn settling_is_keyed_by_request_id_and_happens_once(h: &dyn Harness) {
     assert!(!l.settle(&r2.request_id, 10.0, 15).unwrap());
     assert!(!l.settle("never-reserved", 10.0, 15).unwrap());
     assert_eq!(l.usage(&a, 15).unwrap().charged_flops, 7.0);
+    assert_totals_consistent(h);
 }
 
 pub fn a_dead_replicas_lease_runs_out_and_a_live_one_is_renewed(h: &dyn Harness) {
@@ -288,6 +305,7 @@ pub fn a_dead_replicas_lease_runs_out_and_a_live_one_is_renewed(h: &dyn Harness)
     // The owner renewing an expired lease revives it (it was alive after all).
     assert_eq!(dead.renew(&["b1".into()], 212).unwrap(), 1);
     assert_eq!(live.usage(&b, 212).unwrap().reserved_flops, 5.0);
+    assert_totals_consistent(h);
 }
 
 pub fn replicas_never_admit_past_the_quota(h: &dyn Harness) {
@@ -335,6 +353,7 @@ pub fn replicas_never_admit_past_the_quota(h: &dyn Harness) {
         assert!(u.charged_flops <= t.quota.unwrap());
         assert_eq!(u.requests, K as u64);
     }
+    assert_totals_consistent(h);
 }
 
 /// A ledger whose database can be switched off.
@@ -501,6 +520,7 @@ pub fn settlements_survive_the_database_being_down(h: &dyn Harness) {
     assert_eq!(leases.close(&r3, 25.0, 122).unwrap(), Closed::AlreadyClosed);
     assert_eq!(sw.usage(&a, 122).unwrap().charged_flops, 45.0);
     std::fs::remove_dir_all(&dir).ok();
+    assert_totals_consistent(h);
 }
 
 pub fn migrations_are_applied_once(h: &dyn Harness) {

@@ -79,6 +79,7 @@ fn replicas_starting_together_migrate_once() {
         ledgers[0]
             .query_i64("SELECT COUNT(*) FROM schema_migrations")
             .unwrap(),
-        1
+        2,
+        "0001_init and 0002_usage_totals, each once"
     );
 }
