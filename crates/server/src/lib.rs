@@ -1,7 +1,8 @@
-//! The HTTP API: routes, validation, tenants and budgets (through `vvlm-ledger`: SQLite or a
-//! PostgreSQL shared by replicas), the bounded queue and the inference workers. Each request is planned to the compute-optimal frontier within its
-//! tenant's budget before it is queued, charged its planned FLOPs on admission, and settled to the
-//! FLOPs the engine measured when it finishes.
+//! The HTTP API: routes, validation, tenants and budgets (through `vvlm-ledger`: SQLite, or a
+//! PostgreSQL shared by replicas), the bounded queue and the inference workers. Each request is
+//! planned to the compute-optimal frontier within its tenant's budget before it is queued,
+//! charged its planned FLOPs on admission, and settled to the FLOPs the engine measured when it
+//! finishes.
 //!
 //! Owns HTTP, authentication and accounting. Must not know how models compute or how videos are
 //! decoded beyond the engine's and the video crate's APIs.
@@ -273,13 +274,17 @@ pub async fn serve(
         }
     }
     renewer.abort();
-    // A last renewal and journal replay; what is still journaled is replayed by the next
-    // process that opens the same journal.
+    // A last journal replay, for at most 3 s (the database may be down); what is still
+    // journaled is replayed by the next process that opens the same journal.
     let leases = state.leases.clone();
-    if let Ok(t) = tokio::task::spawn_blocking(move || leases.tick(ledger::now())).await {
-        if t.pending > 0 {
-            tracing::warn!(pending = t.pending, "settlements still journaled at exit");
-        }
+    let last = tokio::task::spawn_blocking(move || leases.tick(ledger::now()));
+    match tokio::time::timeout(Duration::from_secs(3), last).await {
+        Ok(Ok(t)) if t.pending == 0 => {}
+        _ => tracing::warn!(
+            pending = state.leases.journal().pending().map_or(0, |p| p.len()),
+            journal = %state.leases.journal().path().display(),
+            "settlements still journaled at exit; the next process on this journal replays them"
+        ),
     }
     Ok(())
 }
