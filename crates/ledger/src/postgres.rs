@@ -56,8 +56,9 @@ fn pg_err(e: tokio_postgres::Error) -> LedgerError {
     if let Some(code) = e.code() {
         let c = code.code();
         // 08: connection exception; 57: operator intervention (shutdown, statement timeout);
-        // 53: insufficient resources (too many connections, out of disk).
-        if c.starts_with("08") || c.starts_with("57") || c.starts_with("53") {
+        // 53: insufficient resources (too many connections, out of disk); 55P03: a lock not
+        // granted within lock_timeout (the database is too slow for us).
+        if c.starts_with("08") || c.starts_with("57") || c.starts_with("53") || c == "55P03" {
             return LedgerError::Unavailable(e.to_string());
         }
         return LedgerError::Storage(e.to_string());

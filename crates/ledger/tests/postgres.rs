@@ -83,3 +83,38 @@ fn replicas_starting_together_migrate_once() {
         "0001_init and 0002_usage_totals, each once"
     );
 }
+
+/// A database too slow to answer (here: the tenant's row locked by another session for 6 s) is
+/// `Unavailable` after the statement timeout, not a hang and not an internal error; once the
+/// lock is gone, admission works again.
+#[test]
+fn a_slow_database_is_unavailable_after_the_statement_timeout() {
+    let url = PostgresLedger::create_scratch_database(&server_url(), "vvlm_slow").unwrap();
+    let mut o = Options::new(LeaseSettings::new(30));
+    o.statement_timeout_s = 1.0;
+    let l = PostgresLedger::connect(&url, &o).unwrap();
+    let (t, _) = l
+        .create_tenant("slow", &vvlm_ledger::TenantSettings::default())
+        .unwrap();
+    let mut locker = std::process::Command::new("psql")
+        .arg(&url)
+        .args([
+            "-q",
+            "-c",
+            "BEGIN; SELECT id FROM tenants WHERE name = 'slow' FOR UPDATE; SELECT pg_sleep(6); COMMIT;",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("psql (installed with postgresql by scripts/with-postgres)");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let t0 = std::time::Instant::now();
+    let r = l.reserve(&t, 1.0, "slow-1", vvlm_ledger::now());
+    assert!(matches!(r, Err(LedgerError::Unavailable(_))), "{r:?}");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        t0.elapsed()
+    );
+    locker.wait().unwrap();
+    l.reserve(&t, 1.0, "slow-2", vvlm_ledger::now()).unwrap();
+}

@@ -215,3 +215,24 @@ impl From<vvlm_engine::EngineError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unavailable_ledger_is_a_503_with_retry_after() {
+        let e = ApiError::from_ledger(
+            crate::ledger::LedgerError::Unavailable("connection refused".into()),
+            7,
+        );
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.body()["error"]["code"], "ledger_unavailable");
+        assert!(e.to_string().contains("no new work is admitted"));
+        let r = e.into_response();
+        assert_eq!(r.headers()["retry-after"], "7");
+        // Other ledger errors keep their own status.
+        let e = ApiError::from_ledger(crate::ledger::LedgerError::Storage("disk".into()), 7);
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}
