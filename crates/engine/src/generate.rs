@@ -143,6 +143,35 @@ pub struct FrameData<'a> {
     pub size: usize,
 }
 
+/// What a request sees: nothing (text alone), frames to encode, or the cached features of
+/// frames encoded before.
+#[derive(Debug, Clone, Copy)]
+pub enum VisualInput<'a> {
+    None,
+    Frames(FrameData<'a>),
+    Features(&'a VisionFeatures),
+}
+
+/// The tower's and projector's output for a video's frames, before pooling (so any pooled side
+/// s reuses it). Opaque to callers: they cache it and hand it back to the same checkpoint.
+#[derive(Debug, Clone)]
+pub struct VisionFeatures {
+    projected: Tensor,
+    model_dir: std::path::PathBuf,
+}
+
+impl VisionFeatures {
+    /// Frames it holds.
+    pub fn frames(&self) -> usize {
+        self.projected.dims().first().copied().unwrap_or(0)
+    }
+
+    /// Bytes it occupies.
+    pub fn bytes(&self) -> usize {
+        self.projected.elem_count() * self.projected.dtype().size_in_bytes()
+    }
+}
+
 /// A small deterministic generator for sampling.
 struct Rng(u64);
 impl Rng {
@@ -268,20 +297,21 @@ impl VideoVlm {
         cancelled_as_such(r, req)
     }
 
-    /// [`Self::generate`] from frames as plain values (`req.pixels` is not used), for `n`
-    /// completions of the same prompt: the video is encoded once, then each completion is
-    /// prefilled and decoded with seed `seed + i`. `on_text(i, piece)` streams completion `i`;
-    /// it returns false to cancel.
-    pub fn generate_frames(
+    /// [`Self::generate`] from frames as plain values or from cached vision features
+    /// (`req.pixels` is not used), for `n` completions of the same prompt: the video is encoded
+    /// once (or not at all, from features), then each completion is prefilled and decoded with
+    /// seed `seed + i`. `on_text(i, piece)` streams completion `i`; it returns false to cancel.
+    /// Returns the completions and, when frames were encoded, their features for a cache.
+    pub fn generate_visual(
         &self,
-        frames: Option<FrameData<'_>>,
+        visual: VisualInput<'_>,
         req: &GenerateRequest,
         n: usize,
         flops: &FlopCounter,
         on_text: &mut (dyn FnMut(usize, &str) -> bool + Send),
-    ) -> Result<Vec<Generation>, EngineError> {
-        let pixels = match frames {
-            Some(f) => {
+    ) -> Result<(Vec<Generation>, Option<VisionFeatures>), EngineError> {
+        let pixels = match visual {
+            VisualInput::Frames(f) => {
                 let want = f.frames * 3 * f.size * f.size;
                 if f.pixels.len() != want || f.frames == 0 {
                     return Err(EngineError::Request(format!(
@@ -298,13 +328,29 @@ impl VideoVlm {
                     &candle_core::Device::Cpu,
                 )?)
             }
-            None => None,
+            _ => None,
         };
-        let mut run = || -> Result<Vec<Generation>, EngineError> {
+        if let VisualInput::Features(f) = &visual {
+            if f.model_dir != self.dir {
+                return Err(EngineError::Request(
+                    "vision features of another checkpoint".into(),
+                ));
+            }
+        }
+        let mut run = || -> Result<(Vec<Generation>, Option<VisionFeatures>), EngineError> {
             let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(req.cancel);
             let t0 = Instant::now();
-            let video = match &pixels {
-                Some(p) => Some(self.encode_video(p, req.side, &mut ctx)?),
+            let (projected, fresh) = match (&pixels, &visual) {
+                (Some(p), _) => {
+                    self.check_side(req.side)?;
+                    let projected = self.projected_frames(p, &mut ctx)?;
+                    (Some(projected.clone()), Some(projected))
+                }
+                (None, VisualInput::Features(f)) => (Some(f.projected.clone()), None),
+                _ => (None, None),
+            };
+            let video = match &projected {
+                Some(p) => Some(self.video_tokens(p, req.side, &mut ctx)?),
                 None => None,
             };
             let mut vision_s = t0.elapsed().as_secs_f64();
@@ -330,7 +376,11 @@ impl VideoVlm {
                 )?);
                 vision_s = 0.0;
             }
-            Ok(out)
+            let features = fresh.map(|projected| VisionFeatures {
+                projected,
+                model_dir: self.dir.clone(),
+            });
+            Ok((out, features))
         };
         let r = if self.lm.device().is_cpu() {
             crate::cpu_pool::run(run)
@@ -339,7 +389,7 @@ impl VideoVlm {
         };
         match r {
             Ok(v) => Ok(v),
-            Err(e) => cancelled_as_such(Err(e), req).map(|g| vec![g]),
+            Err(e) => cancelled_as_such(Err(e), req).map(|g| (vec![g], None)),
         }
     }
 

@@ -27,7 +27,7 @@ pub mod template;
 pub use config::{LlavaOnevisionConfig, SiglipVisionConfig, TextConfig};
 pub use generate::{
     FinishReason, FrameData, GenerateRequest, Generation, SamplingParams, StepLogprobs, Timings,
-    TokenLogprob, MAX_TOP_LOGPROBS,
+    TokenLogprob, VisionFeatures, VisualInput, MAX_TOP_LOGPROBS,
 };
 pub use model::{LoadOptions, VideoVlm};
 pub use nn::Ctx;

@@ -368,7 +368,7 @@ async fn plan(
             prompt_required: false,
         };
         let r = validate(options, content, rules, &s.config.limits)?;
-        let (plan, budget) = plan_for(&s, &t, &r, text_only)?;
+        let (plan, budget) = plan_for(&s, &t, &r, text_only, vec![])?;
         let mut v = json!(plan);
         v["budget_flops"] = json!(budget);
         v["n"] = json!(r.n);
@@ -411,6 +411,8 @@ pub(crate) fn usage_json(o: &Outcome) -> Value {
             "video_decode_s": o.decode_s, "vision_s": first.timings.vision_s,
             "prefill_s": sum(|g| g.timings.prefill_s), "decode_s": sum(|g| g.timings.decode_s),
         },
+        "cache": o.cache,
+        "cold_cost_flops": o.plan.choice.cold_cost_flops * o.n as f64,
     })
 }
 
