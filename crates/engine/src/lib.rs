@@ -7,6 +7,7 @@
 //! it takes preprocessed pixels and text.
 
 pub mod attention;
+pub mod batch;
 pub mod config;
 pub mod cpu_pool;
 #[cfg(feature = "cuda")]
@@ -21,6 +22,7 @@ pub mod nn;
 pub mod pool;
 pub mod quant;
 pub mod score;
+pub mod sequence;
 pub mod siglip;
 pub mod template;
 
