@@ -486,16 +486,15 @@ mod tests {
         }
         let mut r = req(1.0);
         r.pins.model = Some("large".into());
-        assert!(p
-            .candidates(&r)
-            .unwrap()
-            .iter()
-            .all(|c| c.model == "large"));
+        assert!(p.candidates(&r).unwrap().iter().all(|c| c.model == "large"));
         // The breakdown adds up to the price.
         let e = &p.registry().models[1];
         let parts = p.cost_breakdown(e, 8, 49, &req(1.0));
         let total = p.cost(e, 8, 49, &req(1.0));
-        assert!((parts.total() - total).abs() <= 1e-9 * total, "{parts:?} {total}");
+        assert!(
+            (parts.total() - total).abs() <= 1e-9 * total,
+            "{parts:?} {total}"
+        );
         assert!(parts.vision > 0.0 && parts.lm_prefill > 0.0);
     }
 

@@ -7,6 +7,7 @@
 //! decoded beyond the engine's and the video crate's APIs.
 
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod ledger;
 pub mod metrics;

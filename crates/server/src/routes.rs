@@ -56,6 +56,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(admin_get).patch(admin_update).delete(admin_remove),
         )
         .route("/admin/tenants/{name}/usage", get(admin_usage))
+        .route("/admin/tenants/{name}/key", post(admin_rotate_key))
+        .route("/admin/tenants/{name}/requests", get(admin_requests))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_admin,
@@ -65,6 +67,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .merge(tenant_routes)
         .merge(admin_routes)
+        .merge(crate::console::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
@@ -364,6 +367,10 @@ struct PlanBody {
     tokens_per_frame: Option<u32>,
     prompt: Option<String>,
     max_tokens: Option<usize>,
+    /// Also answer every allowed configuration priced and scored, whatever its cost (the
+    /// frontier a console draws).
+    #[serde(default)]
+    candidates: bool,
 }
 
 async fn plan(
@@ -399,9 +406,21 @@ async fn plan(
                 limits.max_prompt_chars
             )));
         }
-        let (plan, budget) = plan_for(&s, &t, &r)?;
+        let (req, budget) = plan_request(&s, &t, &r)?;
+        let planner = s
+            .planner()
+            .ok_or_else(|| ApiError::NotReady("models are loading".into()))?;
+        let plan = planner.plan(&req)?;
         let mut v = json!(plan);
         v["budget_flops"] = json!(budget);
+        if let Some(e) = planner.registry().get(&plan.choice.model) {
+            let c = &plan.choice;
+            v["cost_by_component"] =
+                json!(planner.cost_breakdown(e, c.frames, c.tokens_per_frame, &req));
+        }
+        if b.candidates {
+            v["candidates"] = json!(planner.candidates(&req)?);
+        }
         Ok(Json(v).into_response())
     })
     .await
@@ -412,6 +431,16 @@ fn plan_for(s: &AppState, t: &Tenant, r: &VideoRequest) -> Result<(Plan, f64), A
     let planner = s
         .planner()
         .ok_or_else(|| ApiError::NotReady("models are loading".into()))?;
+    let (req, budget) = plan_request(s, t, r)?;
+    Ok((planner.plan(&req)?, budget))
+}
+
+/// What the planner is asked for a request, and the budget.
+fn plan_request(
+    s: &AppState,
+    t: &Tenant,
+    r: &VideoRequest,
+) -> Result<(PlanRequest, f64), ApiError> {
     let budget = r.budget.unwrap_or(t.default_budget);
     if budget > t.per_request_max {
         return Err(ApiError::Validation(format!(
@@ -438,7 +467,7 @@ fn plan_for(s: &AppState, t: &Tenant, r: &VideoRequest) -> Result<(Plan, f64), A
             tokens_per_frame: r.tokens_per_frame,
         },
     };
-    Ok((planner.plan(&req)?, budget))
+    Ok((req, budget))
 }
 
 /// Everything a finished request reports.
@@ -529,6 +558,13 @@ async fn admit(
     let reservation = s
         .ledger
         .reserve(t, plan.choice.cost_flops, &request_id, now())?;
+    let mut recorded = json!(plan);
+    if let Some(o) = recorded.as_object_mut() {
+        o.remove("runners_up");
+    }
+    if let Err(e) = s.ledger.record_plan(&reservation, &recorded) {
+        tracing::warn!(request_id, "could not record the plan: {e}");
+    }
     let flops = Arc::new(FlopCounter::new());
     let held = Held::new(s.ledger.clone(), reservation, flops.clone());
     // Decode exactly the planned number of frames at the tower's resolution.
@@ -1192,4 +1228,51 @@ async fn admin_usage(
     admin(&s, &headers)?;
     let t = s.ledger.tenant_by_name(&name)?;
     Ok(Json(json!(s.ledger.usage(&t, now())?)).into_response())
+}
+
+async fn admin_rotate_key(
+    State(s): St,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    admin(&s, &headers)?;
+    let (t, key) = s.ledger.rotate_key(&name)?;
+    Ok(Json(json!({"tenant": t, "api_key": key})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    limit: Option<usize>,
+    bucket_s: Option<i64>,
+    buckets: Option<usize>,
+}
+
+/// A tenant's latest requests (plan and charge) and its charged FLOPs over time.
+async fn admin_requests(
+    State(s): St,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    q: Result<axum::extract::Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    admin(&s, &headers)?;
+    let axum::extract::Query(q) = q.map_err(|e| ApiError::Validation(e.body_text()))?;
+    let limit = q.limit.unwrap_or(50);
+    let bucket_s = q.bucket_s.unwrap_or(3600);
+    let buckets = q.buckets.unwrap_or(48);
+    if !(1..=1000).contains(&limit)
+        || !(1..=31_622_400).contains(&bucket_s)
+        || !(1..=1000).contains(&buckets)
+    {
+        return Err(ApiError::Validation(
+            "limit and buckets must be in 1..=1000, bucket_s in 1..=31622400".into(),
+        ));
+    }
+    let t = s.ledger.tenant_by_name(&name)?;
+    Ok(Json(json!({
+        "tenant": t.name,
+        "requests": s.ledger.recent_requests(&t, limit)?,
+        "series": {"bucket_s": bucket_s, "points": s.ledger.usage_series(&t, now(), bucket_s, buckets)?},
+    }))
+    .into_response())
 }
