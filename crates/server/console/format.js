@@ -2,14 +2,20 @@
 
 const PREFIXES = [[1e15, 'P'], [1e12, 'T'], [1e9, 'G'], [1e6, 'M'], [1e3, 'k']];
 
-/** FLOPs (or any count) with an SI prefix: 1.23G. */
+/** FLOPs (or any count) with an SI prefix: 1.23G (999.96G is 1.00T, never 1.00e+3G). */
 export function si(v, digits = 3) {
   if (v === null || v === undefined || !Number.isFinite(v)) return '-';
+  if (v === 0) return '0';
+  const scales = [[1, ''], ...PREFIXES.slice().reverse()]; // 1, k, M, G, T, P
   const a = Math.abs(v);
-  for (const [f, p] of PREFIXES) {
-    if (a >= f) return `${(v / f).toPrecision(digits)}${p}`;
+  let i = scales.length - 1;
+  while (i > 0 && a < scales[i][0]) i--;
+  let x = (v / scales[i][0]).toPrecision(digits);
+  if (Math.abs(Number(x)) >= 1000 && i < scales.length - 1) {
+    i++;
+    x = (v / scales[i][0]).toPrecision(digits);
   }
-  return v === 0 ? '0' : v.toPrecision(digits);
+  return `${x}${scales[i][1]}`;
 }
 
 /** Seconds: 0.81 s, 12 ms. */
@@ -53,11 +59,12 @@ export function el(tag, attrs = {}, ...children) {
   return e;
 }
 
-/** A table: caption, header row, rows of cells (text or nodes). */
+/** A table (caption, header row, rows of cells: text or nodes) in a box that scrolls sideways
+ * on a narrow screen instead of the page. */
 export function table(caption, headers, rows, cls = '') {
-  return el('table', { class: cls },
+  return el('div', { class: 'scroll' }, el('table', { class: cls },
     el('caption', { text: caption }),
     el('thead', {}, el('tr', {}, headers.map((h) => el('th', { scope: 'col' }, h)))),
     el('tbody', {}, rows.map((r) => el('tr', {}, r.map((c, i) => (i === 0
-      ? el('th', { scope: 'row' }, c) : el('td', {}, c)))))));
+      ? el('th', { scope: 'row' }, c) : el('td', {}, c))))))));
 }

@@ -204,7 +204,8 @@ async function plan() {
 function fitSlider() {
   if (!state.candidates || !state.candidates.length) return;
   const costs = state.candidates.map((c) => c.cost_flops);
-  const lo = Math.floor(Math.log10(Math.min(...costs)) * 10) / 10;
+  // From the cheapest configuration (so that the lowest position plans) to past the dearest.
+  const lo = Math.ceil(Math.log10(Math.min(...costs)) * 100) / 100;
   const hi = Math.ceil(Math.log10(Math.max(...costs)) * 10) / 10 + 0.1;
   const s = $('budget');
   const v = Math.min(Math.max(parseFloat(s.value), lo), hi);
