@@ -262,6 +262,25 @@ impl Browser {
             .decode(png.as_str().unwrap())
             .unwrap();
         std::fs::write(path, bytes).unwrap();
+        // Smaller files for the README when pngquant is installed (lossy palette, not needed
+        // for the test).
+        let small = Command::new("pngquant")
+            .args([
+                "--quality=70-95",
+                "--speed",
+                "1",
+                "--force",
+                "--ext",
+                ".png",
+            ])
+            .arg(path)
+            .status();
+        if !small.is_ok_and(|s| s.success()) {
+            eprintln!(
+                "pngquant not run: {} left as Chromium wrote it",
+                path.display()
+            );
+        }
     }
 }
 
@@ -298,6 +317,18 @@ fn assert_fits(b: &Browser, width: u32) {
         );
         panic!("at {width} px wide the page scrolls sideways ({scroll} > {client}): {wide}");
     }
+}
+
+/// Sizes the window to the whole page, scrolled to the top (a screenshot shows the viewport).
+fn full_page(b: &Browser) {
+    b.js("window.scrollTo(0, 0);", json!([]));
+    b.size(1024, 900);
+    std::thread::sleep(Duration::from_millis(300));
+    let h = b.js("return document.documentElement.scrollHeight;", json!([]));
+    // The window's frame takes some height from the viewport.
+    b.size(1024, h.as_u64().unwrap() as u32 + 140);
+    std::thread::sleep(Duration::from_millis(500));
+    b.js("window.scrollTo(0, 0);", json!([]));
 }
 
 const LONG: Duration = Duration::from_secs(180);
@@ -460,8 +491,7 @@ fn console_in_a_real_browser() {
     if let Ok(out) = std::env::var("VVLM_SCREENSHOTS") {
         let out = repo().join(out);
         std::fs::create_dir_all(&out).unwrap();
-        b.size(1280, 2250);
-        std::thread::sleep(Duration::from_millis(500));
+        full_page(&b);
         b.screenshot(&out.join("console-playground.png"));
         b.size(1280, 900);
     }
@@ -536,8 +566,7 @@ fn console_in_a_real_browser() {
             "document.querySelectorAll('.keyout').forEach(e => e.replaceChildren());",
             json!([]),
         );
-        b.size(1280, 1500);
-        std::thread::sleep(Duration::from_millis(500));
+        full_page(&b);
         b.screenshot(&repo().join(out).join("console-tenants.png"));
     }
 

@@ -38,6 +38,19 @@ export function frontiers(candidates) {
   return out;
 }
 
+/** 1-2-5 ticks between 10^lo and 10^hi (at most ~6). */
+function errorTicks(lo, hi) {
+  const all = [];
+  for (let e = Math.floor(lo); e <= Math.ceil(hi); e++) {
+    for (const k of [1, 2, 5]) {
+      const v = k * 10 ** e;
+      if (Math.log10(v) >= lo && Math.log10(v) <= hi) all.push(Number(v.toPrecision(2)));
+    }
+  }
+  const step = Math.ceil(all.length / 6);
+  return all.filter((_, i) => i % step === 0);
+}
+
 function decades(lo, hi) {
   const ticks = [];
   for (let e = Math.ceil(lo); e <= Math.floor(hi); e++) ticks.push(e);
@@ -75,14 +88,13 @@ export function frontierChart({ models, budget, choice, runnersUp = [], naive = 
   }
   x0 -= 0.05;
   x1 += 0.05;
-  const errs = all.map((c) => c.predicted_error);
-  let y0 = Math.min(...errs);
-  let y1 = Math.max(...errs);
-  const pad = (y1 - y0) * 0.06 || 1;
-  y0 = Math.max(0, y0 - pad);
-  y1 += pad;
+  // Predicted error on a log scale (the laws are fitted on log error): the cheap end, where
+  // the error is large, does not flatten the interesting part.
+  const errs = all.map((c) => Math.max(c.predicted_error, 1e-3));
+  const y0 = Math.log10(Math.min(...errs)) - 0.05;
+  const y1 = Math.log10(Math.max(...errs)) + 0.05;
   const X = (v) => m.l + ((Math.log10(v) - x0) / (x1 - x0)) * (W - m.l - m.r);
-  const Y = (e) => m.t + ((y1 - e) / (y1 - y0)) * (H - m.t - m.b);
+  const Y = (e) => m.t + ((y1 - Math.log10(Math.max(e, 1e-3))) / (y1 - y0)) * (H - m.t - m.b);
 
   const axes = s('g', { class: 'axes' });
   for (const e of decades(x0, x1)) {
@@ -90,16 +102,15 @@ export function frontierChart({ models, budget, choice, runnersUp = [], naive = 
     axes.append(s('line', { x1: x, x2: x, y1: m.t, y2: H - m.b, class: 'grid' }));
     axes.append(s('text', { x, y: H - m.b + 16, 'text-anchor': 'middle' }, si(10 ** e, 2)));
   }
-  for (let i = 0; i <= 4; i++) {
-    const e = y0 + ((y1 - y0) * i) / 4;
+  for (const e of errorTicks(y0, y1)) {
     const y = Y(e);
     axes.append(s('line', { x1: m.l, x2: W - m.r, y1: y, y2: y, class: 'grid' }));
-    axes.append(s('text', { x: m.l - 6, y: y + 4, 'text-anchor': 'end' }, e.toFixed(1)));
+    axes.append(s('text', { x: m.l - 6, y: y + 4, 'text-anchor': 'end' }, String(e)));
   }
   axes.append(s('text', { x: (m.l + W - m.r) / 2, y: H - 6, 'text-anchor': 'middle' }, 'FLOPs per request (log scale)'));
   axes.append(s('text', {
     x: 14, y: (m.t + H - m.b) / 2, 'text-anchor': 'middle', transform: `rotate(-90 14 ${(m.t + H - m.b) / 2})`,
-  }, 'predicted error'));
+  }, 'predicted error (log scale)'));
   svg.append(axes);
 
   models.forEach((mod, i) => {
@@ -129,7 +140,7 @@ export function frontierChart({ models, budget, choice, runnersUp = [], naive = 
     const x = X(naive.cost_flops);
     const y = Y(naive.predicted_error);
     svg.append(s('rect', { x: x - 5, y: y - 5, width: 10, height: 10, class: 'naive', transform: `rotate(45 ${x} ${y})` }));
-    svg.append(s('text', { x: x + 9, y: y + 14, class: 'label' }, 'naive'));
+    svg.append(s('text', { x: x - 9, y: y + 18, class: 'label', 'text-anchor': 'end' }, 'naive'));
   }
   if (choice) {
     const x = X(choice.cost_flops);

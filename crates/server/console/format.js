@@ -15,6 +15,7 @@ export function si(v, digits = 3) {
     i++;
     x = (v / scales[i][0]).toPrecision(digits);
   }
+  if (x.includes('e')) x = String(Number(x)); // 1.0e+2 -> 100
   return `${x}${scales[i][1]}`;
 }
 

@@ -74,7 +74,7 @@ async function detail() {
       call('admin', 'GET', `${path}/requests?limit=20&bucket_s=${bucket}&buckets=${buckets}`),
     ]);
     ok();
-    $('quota').value = t.quota === null ? '' : t.quota.toExponential(3);
+    $('quota').value = t.quota === null ? '' : si(t.quota);
     $('usage-chart').replaceChildren(usageChart(h.series.points, h.series.bucket_s));
     const rows = h.requests.map((r) => {
       const p = r.plan || {};
