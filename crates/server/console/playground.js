@@ -62,6 +62,8 @@ async function loadModels() {
     state.candidatesKey = '';
     replan(0);
   } catch (e) {
+    // A refused key is not kept.
+    if (e.status === 401) setKey('tenant', '');
     status.textContent = e instanceof ApiError ? e.describe() : String(e);
     status.className = 'status bad';
     $('plan-status').textContent = 'Enter a valid tenant key to plan.';
@@ -191,12 +193,8 @@ async function plan() {
     $('plan-status').className = 'status bad';
     $('plan-summary').replaceChildren();
     $('plan-cost').replaceChildren();
-    if (e.status === 401) {
-      state.candidatesKey = '';
-      drawFrontier(null);
-    } else {
-      drawFrontier(null);
-    }
+    if (e.status === 401) state.candidatesKey = '';
+    drawFrontier(null);
   }
 }
 

@@ -50,6 +50,8 @@ async function refresh() {
       : el('p', { text: 'No tenants yet: create one below.' }));
     if (selected && tenants.some((x) => x.tenant.name === selected)) await detail();
   } catch (e) {
+    // A refused key is not kept.
+    if (e.status === 401) setKey('admin', '');
     $('tenant-list').replaceChildren();
     fail(e);
   }
