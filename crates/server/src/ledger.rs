@@ -5,7 +5,9 @@
 //! themselves (settled charges plus open reservations), so there is no counter to drift. On
 //! start-up, reservations left open by a crashed process are released (their requests never
 //! finished: nothing is charged), and settling is a conditional update, so nothing is charged
-//! twice. Storage sits behind [`Ledger`] so a Postgres implementation can serve replicas.
+//! twice. Each reservation keeps the plan it was admitted with, for a tenant's request history
+//! and usage over time. Storage sits behind [`Ledger`] so a Postgres implementation can serve
+//! replicas.
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
