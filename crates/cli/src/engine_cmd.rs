@@ -229,6 +229,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             seed: a.seed,
             stop_token_ids: vec![],
             stop: vec![],
+            logprobs: None,
         },
         cancel: None,
     };

@@ -151,7 +151,7 @@ pub fn run(
         task: task.to_string(),
         text_tokens: requests[i].0,
         expected_decode_tokens: requests[i].1,
-        pins: Default::default(),
+        ..Default::default()
     };
 
     // The grid's configurations and their price for each item.

@@ -112,6 +112,7 @@ pub fn plan(a: PlanArgs) -> Result<()> {
             frames: a.frames,
             tokens_per_frame: a.tokens_per_frame,
         },
+        ..Default::default()
     };
     // Time the planner itself (median of repeated runs).
     let mut times = vec![];

@@ -24,9 +24,8 @@ pub struct ServeArgs {
     /// Admin API key (required for /admin/*).
     #[arg(long, env = "VVLM_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
-    /// theoretical | exact
-    #[arg(long, env = "VVLM_COST_MODE")]
-    pub cost_mode: Option<String>,
+    #[arg(long, env = "VVLM_COST_MODE", value_enum)]
+    pub cost_mode: Option<crate::eval_plan::CostModeArg>,
     #[arg(long, env = "VVLM_QUEUE_DEPTH")]
     pub queue_depth: Option<usize>,
     #[arg(long, env = "VVLM_WORKERS")]
@@ -69,10 +68,11 @@ pub struct ServeArgs {
 }
 
 pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
+    // Layers: embedded configs/server.toml <- the file's keys <- environment <- flags.
     let mut c = match &a.config {
-        Some(p) => ServerConfig::from_toml(
+        Some(p) => ServerConfig::layered(Some(
             &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-        )
+        ))
         .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
         None => ServerConfig::embedded(),
     };
@@ -97,10 +97,11 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
     if let Some(v) = &a.admin_key {
         c.admin_key = Some(v.clone());
     }
-    if let Some(v) = &a.cost_mode {
-        c.planner.cost_mode = serde_json::from_value(serde_json::json!(v)).map_err(|_| {
-            anyhow::anyhow!("--cost-mode must be `theoretical` or `exact`, got `{v}`")
-        })?;
+    if let Some(v) = a.cost_mode {
+        c.planner.cost_mode = match v {
+            crate::eval_plan::CostModeArg::Theoretical => vvlm_planner::CostMode::Theoretical,
+            crate::eval_plan::CostModeArg::Exact => vvlm_planner::CostMode::Exact,
+        };
     }
     macro_rules! set {
         ($field:expr, $v:expr) => {
@@ -132,18 +133,12 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
-    let c = config(&a)?;
+    let mut c = config(&a)?;
+    c.resolve_threads();
     // A bad device or dtype is a startup error, not a server that answers 503 forever.
     vvlm_engine::LoadOptions::parse(&c.device, &c.dtype)
         .with_context(|| format!("device {:?} / dtype {:?}", c.device, c.dtype))?;
-    let threads = if c.limits.threads_per_worker > 0 {
-        c.limits.threads_per_worker
-    } else {
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        (cores / c.workers()).max(1)
-    };
+    let threads = c.threads_per_worker();
     vvlm_engine::set_cpu_threads(threads);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -378,9 +378,12 @@ fn caption_qa_chat_budgets_and_every_error_path() {
     );
     // OpenAI fields vvlm does not implement are refused by name, not ignored.
     for (field, value) in [
-        ("n", json!(2)),
-        ("logprobs", json!(true)),
-        ("tools", json!([])),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+        ("response_format", json!({"type": "json_object"})),
+        ("presence_penalty", json!(0.5)),
     ] {
         let mut body = chat_body(false);
         body[field] = value;
@@ -391,8 +394,67 @@ fn caption_qa_chat_budgets_and_every_error_path() {
             "{field}: {}",
             e.body
         );
+        assert_eq!(e.body["error"]["param"].as_str(), Some(field));
         assert!(e.body["error"]["message"].as_str().unwrap().contains(field));
     }
+    // n completions of one video, with log-probabilities.
+    let mut body = chat_body(false);
+    body["n"] = json!(2);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(2);
+    body["temperature"] = json!(0.8);
+    let r = post_json(&s, "/v1/chat/completions", &alice, body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let choices = r.body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], json!(i));
+        let lp = c["logprobs"]["content"].as_array().unwrap();
+        assert!(!lp.is_empty());
+        for t in lp {
+            let top = t["top_logprobs"].as_array().unwrap();
+            assert_eq!(top.len(), 2);
+            // The most likely token is at least as likely as the sampled one, and both <= 0.
+            let l = t["logprob"].as_f64().unwrap();
+            assert!(l <= 0.0 && top[0]["logprob"].as_f64().unwrap() >= l - 1e-9);
+        }
+    }
+    // One video encoded once: vision measured once, prefill twice, two completions summed.
+    let u = &r.body["usage"];
+    assert_eq!(
+        u["completion_tokens"].as_u64().unwrap() as usize,
+        choices
+            .iter()
+            .map(|c| c["logprobs"]["content"].as_array().unwrap().len())
+            .sum::<usize>()
+    );
+    // Bad values name their field.
+    for (field, value) in [
+        ("n", json!(9)),
+        ("top_logprobs", json!(21)),
+        ("temperature", json!("hot")),
+    ] {
+        let mut body = chat_body(false);
+        body[field] = value;
+        if field == "top_logprobs" {
+            body["logprobs"] = json!(true);
+        }
+        let e = post_json(&s, "/v1/chat/completions", &alice, body);
+        assert_eq!(e.status, 422, "{field}: {}", e.body);
+        assert_eq!(e.body["error"]["param"].as_str(), Some(field), "{}", e.body);
+    }
+    // Text alone: planned on text cost (no frames).
+    let r = post_json(
+        &s,
+        "/v1/chat/completions",
+        &alice,
+        json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+               "max_tokens": 4}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["plan"]["frames"], json!(0));
+    assert_eq!(r.body["usage"]["visual_tokens"], json!(0));
+    assert_eq!(r.body["usage"]["measured_flops"]["vision"], json!(0.0));
     let resp = ureq::post(&s.url("/v1/chat/completions"))
         .set("Authorization", &format!("Bearer {alice}"))
         .send_json(chat_body(true))
@@ -970,4 +1032,37 @@ fn ledger_survives_kill_9_mid_request_and_shutdown_is_graceful() {
     assert!(status.success(), "{status:?}");
     let u = tenant_usage(&db, "carol");
     assert_eq!(u["requests"].as_u64(), Some(2));
+}
+
+/// The official `openai` Python package (pinned in tests/openai/requirements.txt, installed by
+/// scripts/setup-openai-client) against a real server: plain and streamed chat with
+/// include_usage, stop, logprobs, n, text alone, and one error of each kind as its typed
+/// exception (tests/openai/check.py).
+#[test]
+fn the_official_openai_client_works_against_the_server() {
+    let client = std::env::var_os("VVLM_OPENAI_CLIENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/openai-client"));
+    assert!(
+        client.join("openai").is_dir(),
+        "{} has no `openai` package: run scripts/setup-openai-client (scripts/test does)",
+        client.display()
+    );
+    let db = scratch().join("openai.db");
+    let s = Server::start(&db, &[]);
+    let key = admin_create(&s, json!({"name": "py", "per_request_max": "10T"}));
+    let v = video("two-seconds.mp4", 2);
+    let out = Command::new("python3")
+        .arg(repo().join("tests/openai/check.py"))
+        .arg(&s.base)
+        .arg(&key)
+        .arg(&v)
+        .env("PYTHONPATH", &client)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}");
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"));
 }

@@ -169,9 +169,10 @@ impl ArchSpec {
     pub fn flops(&self, w: &Workload) -> FlopBreakdown {
         let frames = w.frames as f64;
         let len = self.prefill_len(w);
-        let decode: f64 = (0..w.decode_steps)
+        // A fold from +0.0: an empty `sum()` of floats is -0.0, which prints as "-0".
+        let decode = (0..w.decode_steps)
             .map(|j| self.lm.decode_step_flops(len + j + 1))
-            .sum();
+            .fold(0.0, |a, b| a + b);
         FlopBreakdown {
             vision: frames * self.vision.frame_flops(),
             projector: frames * self.vision.patches() as f64 * self.projector.token_flops(),

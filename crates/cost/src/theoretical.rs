@@ -24,7 +24,8 @@ impl Default for PaperCost {
 impl PaperCost {
     /// FLOPs of one request: `lm_params` in parameters (not billions).
     pub fn flops(&self, lm_params: f64, frames: f64, tokens_per_frame: f64) -> f64 {
-        2.0 * frames * (self.vision_params * self.vision_features + lm_params * tokens_per_frame)
+        let (vision, lm) = self.split(lm_params, frames, tokens_per_frame);
+        vision + lm
     }
 
     /// Vision and LM parts of [`Self::flops`] separately.
@@ -110,7 +111,9 @@ mod tests {
         // 2 * 2 * (0.43e9 * 768 + 1e9 * 196) = 2.10496e12
         let c = PaperCost::default().flops(1e9, 2.0, 196.0);
         assert!((c - 2.10496e12).abs() < 1e3);
+        // Vision 2 * 2 * 0.43e9 * 768 = 1.32096e12; LM 2 * 2 * 1e9 * 196 = 7.84e11.
         let (v, l) = PaperCost::default().split(1e9, 2.0, 196.0);
-        assert!((v + l - c).abs() < 1.0);
+        assert!((v - 1.32096e12).abs() < 1e3, "{v}");
+        assert!((l - 7.84e11).abs() < 1e3, "{l}");
     }
 }

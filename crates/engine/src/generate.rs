@@ -23,6 +23,56 @@ pub struct SamplingParams {
     /// part of the text, and text that may begin one is held back from the stream until known.
     #[serde(default)]
     pub stop: Vec<String>,
+    /// Log-probabilities: None reports none; `Some(k)` reports each generated token's
+    /// log-probability under the model (the softmax of its logits, before temperature and
+    /// top-p) and the `k` most likely tokens at that step (k <= [`MAX_TOP_LOGPROBS`]).
+    #[serde(default)]
+    pub logprobs: Option<usize>,
+}
+
+/// The most alternatives reported per generated token (as OpenAI allows).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A token and its log-probability.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token_id: u32,
+    /// The token's text alone (a piece of a multi-byte character decodes lossily; `bytes` is
+    /// exact).
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f64,
+}
+
+/// One generated token's log-probability and the most likely tokens at its step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepLogprobs {
+    #[serde(flatten)]
+    pub chosen: TokenLogprob,
+    pub top: Vec<TokenLogprob>,
+}
+
+/// `log softmax(logits)[chosen]` and the `k` most likely `(id, logprob)`, in f64.
+pub fn logprobs_at(logits: &[f32], chosen: u32, k: usize) -> (f64, Vec<(u32, f64)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_z = max
+        + logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    let lp = |i: usize| logits[i] as f64 - log_z;
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    let k = k.min(logits.len());
+    if k > 0 && k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+    }
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    (
+        lp(chosen as usize),
+        idx.into_iter().map(|i| (i as u32, lp(i))).collect(),
+    )
 }
 
 impl Default for SamplingParams {
@@ -34,6 +84,7 @@ impl Default for SamplingParams {
             seed: 0,
             stop_token_ids: vec![],
             stop: vec![],
+            logprobs: None,
         }
     }
 }
@@ -66,6 +117,8 @@ pub struct Generation {
     /// Single-token decode passes run after prefill.
     pub decode_steps: usize,
     pub timings: Timings,
+    /// Per generated token, when [`SamplingParams::logprobs`] asked for them.
+    pub logprobs: Vec<StepLogprobs>,
 }
 
 /// One request to the engine.
@@ -79,6 +132,15 @@ pub struct GenerateRequest<'a> {
     pub sampling: SamplingParams,
     /// Set to stop the request: vision, prefill and decode check it between layers.
     pub cancel: Option<&'a std::sync::atomic::AtomicBool>,
+}
+
+/// Frames as plain values, as the video crate decodes them: `[frames, 3, size, size]`,
+/// row-major. The engine places them on its device; callers need no tensor library.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameData<'a> {
+    pub pixels: &'a [f32],
+    pub frames: usize,
+    pub size: usize,
 }
 
 /// A small deterministic generator for sampling.
@@ -206,6 +268,81 @@ impl VideoVlm {
         cancelled_as_such(r, req)
     }
 
+    /// [`Self::generate`] from frames as plain values (`req.pixels` is not used), for `n`
+    /// completions of the same prompt: the video is encoded once, then each completion is
+    /// prefilled and decoded with seed `seed + i`. `on_text(i, piece)` streams completion `i`;
+    /// it returns false to cancel.
+    pub fn generate_frames(
+        &self,
+        frames: Option<FrameData<'_>>,
+        req: &GenerateRequest,
+        n: usize,
+        flops: &FlopCounter,
+        on_text: &mut (dyn FnMut(usize, &str) -> bool + Send),
+    ) -> Result<Vec<Generation>, EngineError> {
+        let pixels = match frames {
+            Some(f) => {
+                let want = f.frames * 3 * f.size * f.size;
+                if f.pixels.len() != want || f.frames == 0 {
+                    return Err(EngineError::Request(format!(
+                        "frames: {} values for {} frames of {}x{} (want {want})",
+                        f.pixels.len(),
+                        f.frames,
+                        f.size,
+                        f.size
+                    )));
+                }
+                Some(Tensor::from_slice(
+                    f.pixels,
+                    (f.frames, 3, f.size, f.size),
+                    &candle_core::Device::Cpu,
+                )?)
+            }
+            None => None,
+        };
+        let mut run = || -> Result<Vec<Generation>, EngineError> {
+            let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(req.cancel);
+            let t0 = Instant::now();
+            let video = match &pixels {
+                Some(p) => Some(self.encode_video(p, req.side, &mut ctx)?),
+                None => None,
+            };
+            let mut vision_s = t0.elapsed().as_secs_f64();
+            let mut out = Vec::with_capacity(n);
+            for i in 0..n.max(1) {
+                let mut sampling = req.sampling.clone();
+                sampling.seed = sampling.seed.wrapping_add(i as u64);
+                let one = GenerateRequest {
+                    pixels: None,
+                    side: req.side,
+                    system: req.system,
+                    prompt: req.prompt,
+                    sampling,
+                    cancel: req.cancel,
+                };
+                let mut each = |piece: &str| on_text(i, piece);
+                out.push(self.generate_after_video(
+                    video.as_ref(),
+                    vision_s,
+                    &one,
+                    flops,
+                    &mut each,
+                )?);
+                vision_s = 0.0;
+            }
+            Ok(out)
+        };
+        let r = if self.lm.device().is_cpu() {
+            crate::cpu_pool::run(run)
+        } else {
+            run()
+        };
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => cancelled_as_such(Err(e), req).map(|g| vec![g]),
+        }
+    }
+
     fn generate_here(
         &self,
         req: &GenerateRequest,
@@ -274,6 +411,7 @@ impl VideoVlm {
         let mut pending = String::new();
         let mut stopped_by_string = false;
         let mut decode_steps = 0;
+        let mut step_logprobs = vec![];
         let t2 = Instant::now();
         let mut ctx = Ctx::new(flops, Component::LmDecode).with_cancel(req.cancel);
         let finish = loop {
@@ -283,6 +421,25 @@ impl VideoVlm {
             let next = sample(&logits, &req.sampling, rng.uniform());
             if stop.contains(&next) {
                 break FinishReason::Stop;
+            }
+            if let Some(k) = req.sampling.logprobs {
+                let (lp, top) = logprobs_at(&logits, next, k.min(MAX_TOP_LOGPROBS));
+                let entry = |id: u32, logprob: f64| -> Result<TokenLogprob, EngineError> {
+                    let token = self.detokenize(&[id])?;
+                    Ok(TokenLogprob {
+                        token_id: id,
+                        bytes: token.as_bytes().to_vec(),
+                        token,
+                        logprob,
+                    })
+                };
+                step_logprobs.push(StepLogprobs {
+                    chosen: entry(next, lp)?,
+                    top: top
+                        .into_iter()
+                        .map(|(i, l)| entry(i, l))
+                        .collect::<Result<_, _>>()?,
+                });
             }
             ids.push(next);
             let before = self.detokenize(&ids[prefix_offset..read_offset])?;
@@ -339,6 +496,7 @@ impl VideoVlm {
             visual_tokens,
             decode_steps,
             timings,
+            logprobs: step_logprobs,
         })
     }
 }
@@ -398,6 +556,20 @@ mod tests {
         assert_eq!(held_back("assis", &stops), 5);
         assert_eq!(held_back("plain", &stops), 0);
         assert_eq!(held_back("é", &["éa".to_string()]), 2, "whole characters");
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax() {
+        // Hand computation: logits [0, ln 2, ln 3, ln 4]: softmax [1, 2, 3, 4] / 10.
+        let logits = [0.0f32, 2f32.ln(), 3f32.ln(), 4f32.ln()];
+        let (lp, top) = logprobs_at(&logits, 1, 2);
+        assert!((lp - 0.2f64.ln()).abs() < 1e-6, "{lp}");
+        assert_eq!(top.len(), 2);
+        assert_eq!((top[0].0, top[1].0), (3, 2));
+        assert!((top[0].1 - 0.4f64.ln()).abs() < 1e-6);
+        assert!((top[1].1 - 0.3f64.ln()).abs() < 1e-6);
+        assert!(logprobs_at(&logits, 0, 0).1.is_empty());
+        assert_eq!(logprobs_at(&logits, 0, 9).1.len(), 4);
     }
 
     #[test]

@@ -25,7 +25,10 @@ pub mod siglip;
 pub mod template;
 
 pub use config::{LlavaOnevisionConfig, SiglipVisionConfig, TextConfig};
-pub use generate::{FinishReason, GenerateRequest, Generation, SamplingParams, Timings};
+pub use generate::{
+    FinishReason, FrameData, GenerateRequest, Generation, SamplingParams, StepLogprobs, Timings,
+    TokenLogprob, MAX_TOP_LOGPROBS,
+};
 pub use model::{LoadOptions, VideoVlm};
 pub use nn::Ctx;
 

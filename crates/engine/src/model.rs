@@ -268,7 +268,15 @@ impl VideoVlm {
                 }
             }
         }
-        let template = ChatTemplate::detect(template_src.as_deref());
+        let token_text = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.as_ref()?.id_to_token(i))
+                .unwrap_or_default()
+        };
+        let bos = token_text(cfg.text_config.bos_token_id);
+        let eos = token_text(cfg.text_config.eos_ids().first().copied());
+        let (template, template_error) =
+            ChatTemplate::from_source(template_src.as_deref(), &bos, &eos);
+        notes.extend(template_error);
         Ok(Self {
             cfg,
             vision,

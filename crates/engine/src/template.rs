@@ -1,12 +1,16 @@
-//! Chat formatting. The checkpoint's Jinja chat template is recognised by family (ChatML for
-//! SmolLM2/Qwen2/LLaVA-OneVision, Llama 3 headers) and rendered natively; the video's tokens go at
-//! the start of the user turn, as LLaVA-OneVision's processor places `<video>`.
+//! Chat formatting. A checkpoint's own Jinja chat template (`tokenizer_config.json`'s
+//! `chat_template`, or a GGUF's `tokenizer.chat_template`) is rendered with minijinja, as
+//! transformers' `apply_chat_template` renders it; the video's tokens go at the start of the user
+//! turn, as LLaVA-OneVision's processor places `<video>`. A checkpoint without a template, or
+//! whose template does not compile or render, is formatted by the built-in path for its family
+//! (ChatML, Llama 3 headers, or the plain prompt).
 
 use serde::Serialize;
 
+/// The family of a template: decides the built-in format and the end-of-turn stop string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ChatTemplate {
+pub enum TemplateFamily {
     /// `<|im_start|>role\n...<|im_end|>\n`
     ChatMl,
     /// `<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>`
@@ -24,47 +28,175 @@ pub struct PromptText {
     pub stop: Vec<String>,
 }
 
+/// Marks where the video goes in the rendered user turn; split out after rendering.
+const VIDEO_MARK: &str = "\u{1}vvlm-video\u{1}";
+
+/// A checkpoint's chat template.
+#[derive(Debug, Clone)]
+pub struct ChatTemplate {
+    family: TemplateFamily,
+    jinja: Option<Jinja>,
+}
+
+#[derive(Debug, Clone)]
+struct Jinja {
+    env: minijinja::Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
 impl ChatTemplate {
-    pub fn detect(source: Option<&str>) -> Self {
-        match source {
-            Some(s) if s.contains("<|im_start|>") => ChatTemplate::ChatMl,
-            Some(s) if s.contains("<|start_header_id|>") => ChatTemplate::Llama3,
-            _ => ChatTemplate::Plain,
+    /// The built-in format of a family.
+    pub fn builtin(family: TemplateFamily) -> Self {
+        Self {
+            family,
+            jinja: None,
         }
     }
 
-    /// Renders a single user turn (with an optional system message) and opens the assistant turn.
+    /// From a checkpoint's Jinja source (None: the plain prompt). `bos_token` and `eos_token` are
+    /// the strings the template may reference. A template that does not compile is reported in
+    /// the error and the built-in format of its family is used.
+    pub fn from_source(
+        source: Option<&str>,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> (Self, Option<String>) {
+        let family = Self::family_of(source);
+        let Some(src) = source else {
+            return (Self::builtin(family), None);
+        };
+        let mut env = minijinja::Environment::new();
+        // Python string methods (`.strip()`, `.startswith()`, ...) as transformers' sandbox has.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        match env.add_template_owned("chat", src.to_string()) {
+            Ok(()) => (
+                Self {
+                    family,
+                    jinja: Some(Jinja {
+                        env,
+                        bos_token: bos_token.to_string(),
+                        eos_token: eos_token.to_string(),
+                    }),
+                },
+                None,
+            ),
+            Err(e) => (
+                Self::builtin(family),
+                Some(format!(
+                    "the chat template does not compile ({e}); using the built-in {family:?} format"
+                )),
+            ),
+        }
+    }
+
+    /// Recognises the family of a template by its markers.
+    pub fn family_of(source: Option<&str>) -> TemplateFamily {
+        match source {
+            Some(s) if s.contains("<|im_start|>") => TemplateFamily::ChatMl,
+            Some(s) if s.contains("<|start_header_id|>") => TemplateFamily::Llama3,
+            _ => TemplateFamily::Plain,
+        }
+    }
+
+    pub fn family(&self) -> TemplateFamily {
+        self.family
+    }
+
+    /// True when the checkpoint's own template renders prompts.
+    pub fn is_checkpoint_template(&self) -> bool {
+        self.jinja.is_some()
+    }
+
+    /// Renders a single user turn (with an optional system message) and opens the assistant
+    /// turn: the checkpoint's template where it renders, else the family's built-in format.
     pub fn render(&self, system: Option<&str>, user: &str) -> PromptText {
-        match self {
-            ChatTemplate::ChatMl => {
+        if let Some(j) = &self.jinja {
+            match self.render_jinja(j, system, user) {
+                Ok(p) => return p,
+                Err(e) => tracing::warn!("chat template: {e}; using the built-in format"),
+            }
+        }
+        self.render_builtin(system, user)
+    }
+
+    fn render_jinja(
+        &self,
+        j: &Jinja,
+        system: Option<&str>,
+        user: &str,
+    ) -> Result<PromptText, String> {
+        let mut messages = vec![];
+        if let Some(s) = system {
+            messages.push(minijinja::context! { role => "system", content => s });
+        }
+        let content = format!("{VIDEO_MARK}\n{user}");
+        messages.push(minijinja::context! { role => "user", content => content });
+        let text = j
+            .env
+            .get_template("chat")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => true,
+                    bos_token => j.bos_token,
+                    eos_token => j.eos_token,
+                })
+            })
+            .map_err(|e| e.to_string())?;
+        let (before, after) = text
+            .split_once(VIDEO_MARK)
+            .ok_or("the template dropped the user's content")?;
+        Ok(PromptText {
+            before_video: before.to_string(),
+            after_video: after.to_string(),
+            stop: self.stop(),
+        })
+    }
+
+    fn stop(&self) -> Vec<String> {
+        match self.family {
+            TemplateFamily::ChatMl => vec!["<|im_end|>".into()],
+            TemplateFamily::Llama3 => vec!["<|eot_id|>".into()],
+            TemplateFamily::Plain => vec![],
+        }
+    }
+
+    fn render_builtin(&self, system: Option<&str>, user: &str) -> PromptText {
+        let (before_video, after_video) = match self.family {
+            TemplateFamily::ChatMl => {
                 let sys = system
                     .map(|s| format!("<|im_start|>system\n{s}<|im_end|>\n"))
                     .unwrap_or_default();
-                PromptText {
-                    before_video: format!("{sys}<|im_start|>user\n"),
-                    after_video: format!("\n{user}<|im_end|>\n<|im_start|>assistant\n"),
-                    stop: vec!["<|im_end|>".into()],
-                }
+                (
+                    format!("{sys}<|im_start|>user\n"),
+                    format!("\n{user}<|im_end|>\n<|im_start|>assistant\n"),
+                )
             }
-            ChatTemplate::Llama3 => {
+            TemplateFamily::Llama3 => {
                 let sys = system
                     .map(|s| format!("<|start_header_id|>system<|end_header_id|>\n\n{s}<|eot_id|>"))
                     .unwrap_or_default();
-                PromptText {
-                    before_video: format!(
-                        "<|begin_of_text|>{sys}<|start_header_id|>user<|end_header_id|>\n\n"
-                    ),
-                    after_video: format!(
-                        "\n{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-                    ),
-                    stop: vec!["<|eot_id|>".into()],
-                }
+                (
+                    format!("<|begin_of_text|>{sys}<|start_header_id|>user<|end_header_id|>\n\n"),
+                    format!("\n{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+                )
             }
-            ChatTemplate::Plain => PromptText {
-                before_video: String::new(),
-                after_video: format!("\n{user}\n"),
-                stop: vec![],
-            },
+            TemplateFamily::Plain => (String::new(), format!("\n{user}\n")),
+        };
+        PromptText {
+            before_video,
+            after_video,
+            stop: self.stop(),
         }
     }
 }
@@ -73,23 +205,78 @@ impl ChatTemplate {
 mod tests {
     use super::*;
 
+    /// SmolLM2-135M-Instruct's template as its GGUF carries it (`tokenizer.chat_template`).
+    const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
     #[test]
-    fn detects_and_renders_families() {
-        let t = ChatTemplate::detect(Some("{% for m in messages %}<|im_start|>{{m.role}}..."));
-        assert_eq!(t, ChatTemplate::ChatMl);
-        let p = t.render(Some("Be brief."), "What happens?");
+    fn renders_the_checkpoints_own_template() {
+        let (t, err) = ChatTemplate::from_source(Some(SMOLLM2), "<|im_start|>", "<|im_end|>");
+        assert!(err.is_none() && t.is_checkpoint_template());
+        assert_eq!(t.family(), TemplateFamily::ChatMl);
+        // Without a system message the template adds its own (the hand path did not).
+        let p = t.render(None, "What happens?");
         assert_eq!(
             p.before_video,
-            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n"
         );
         assert_eq!(
             p.after_video,
             "\nWhat happens?<|im_end|>\n<|im_start|>assistant\n"
         );
+        assert_eq!(p.stop, vec!["<|im_end|>".to_string()]);
+        let p = t.render(Some("Be brief."), "Why?");
         assert_eq!(
-            ChatTemplate::detect(Some("<|start_header_id|>")),
-            ChatTemplate::Llama3
+            p.before_video,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
         );
-        assert_eq!(ChatTemplate::detect(None), ChatTemplate::Plain);
+    }
+
+    #[test]
+    fn python_methods_bos_and_raise_exception() {
+        // The shapes Llama 3's template uses: bos_token, `.strip()`, raise_exception.
+        let src = "{{- bos_token }}{%- for m in messages %}{%- if m['role'] == 'assistant' %}{{ raise_exception('no assistant turns') }}{%- endif %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}";
+        let (t, err) = ChatTemplate::from_source(Some(src), "<|begin_of_text|>", "<|eot_id|>");
+        assert!(err.is_none());
+        assert_eq!(t.family(), TemplateFamily::Llama3);
+        let p = t.render(Some("  Be brief. "), "Q?");
+        assert_eq!(
+            p.before_video,
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+        );
+        assert_eq!(
+            p.after_video,
+            "\nQ?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+        let strip = "{% for m in messages %}{{ m['content'].strip() }}|{% endfor %}";
+        let (t, err) = ChatTemplate::from_source(Some(strip), "", "");
+        assert!(err.is_none());
+        assert_eq!(t.render(Some("  s  "), "u").before_video, "s|");
+    }
+
+    #[test]
+    fn broken_templates_fall_back_to_the_family_format() {
+        let (t, err) = ChatTemplate::from_source(Some("<|im_start|>{% for %}"), "", "");
+        assert!(err.unwrap().contains("does not compile"));
+        assert!(!t.is_checkpoint_template());
+        let p = t.render(Some("Be brief."), "What happens?");
+        assert_eq!(
+            p.before_video,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+        );
+        // A template that raises at render time: the built-in format, not an error.
+        let raising = "<|im_start|>{{ raise_exception('nope') }}";
+        let (t, err) = ChatTemplate::from_source(Some(raising), "", "");
+        assert!(err.is_none());
+        assert_eq!(
+            t.render(None, "Q").after_video,
+            "\nQ<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let (t, _) = ChatTemplate::from_source(None, "", "");
+        assert_eq!(t.family(), TemplateFamily::Plain);
+        assert_eq!(t.render(None, "Q").after_video, "\nQ\n");
+        assert_eq!(
+            ChatTemplate::family_of(Some("<|start_header_id|>")),
+            TemplateFamily::Llama3
+        );
     }
 }

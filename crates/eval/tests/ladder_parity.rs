@@ -137,3 +137,74 @@ fn choice_log_likelihoods_are_the_log_softmax_of_the_last_position() {
         assert!((got - reference).abs() < 1e-4, "{c}: {got} vs {reference}");
     }
 }
+
+#[test]
+fn generated_logprobs_are_the_log_softmax_of_the_reference_logits() {
+    // The first generated token's reported logprob and top alternatives against PyTorch's
+    // last-position logits (log-softmax computed here in f64), through `generate_frames`: the
+    // path the server takes.
+    let g = golden();
+    let vlm = load(&g.meta);
+    let question = g.meta["item"]["question"].as_str().unwrap();
+    let (frames, side) = configs(&g.meta)[0];
+    let size = vlm.cfg.vision_config.image_size;
+    let (pixels, _) =
+        vvlm_eval::load_pixels(&video(&g.meta), frames, size, &MediaPolicy::default()).unwrap();
+    let values: Vec<f32> = pixels.flatten_all().unwrap().to_vec1().unwrap();
+    let req = vvlm_engine::GenerateRequest {
+        pixels: None,
+        side,
+        system: None,
+        prompt: question,
+        sampling: vvlm_engine::SamplingParams {
+            max_tokens: 2,
+            logprobs: Some(3),
+            ..Default::default()
+        },
+        cancel: None,
+    };
+    let frames_data = vvlm_engine::FrameData {
+        pixels: &values,
+        frames,
+        size,
+    };
+    let mut all = vlm
+        .generate_frames(
+            Some(frames_data),
+            &req,
+            2,
+            &FlopCounter::new(),
+            &mut |_, _| true,
+        )
+        .unwrap();
+    // Two completions of one encoded video: greedy, so the same.
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].token_ids, all[1].token_ids);
+    let out = all.swap_remove(0);
+    assert!(!out.logprobs.is_empty());
+    let want = &g.tensors[&format!("logits_T{frames}_s{side}")];
+    let last: Vec<f32> = want
+        .get(want.dim(0).unwrap() - 1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let max = last.iter().copied().fold(f32::MIN, f32::max) as f64;
+    let lse = max
+        + last
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    let first = &out.logprobs[0];
+    let mut order: Vec<usize> = (0..last.len()).collect();
+    order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
+    // Greedy: the chosen token is the reference's argmax.
+    assert_eq!(first.chosen.token_id as usize, order[0]);
+    assert!((first.chosen.logprob - (last[order[0]] as f64 - lse)).abs() < 1e-4);
+    assert_eq!(first.top.len(), 3);
+    for (t, &id) in first.top.iter().zip(&order) {
+        assert_eq!(t.token_id as usize, id);
+        assert!((t.logprob - (last[id] as f64 - lse)).abs() < 1e-4);
+    }
+    assert_eq!(out.logprobs.len(), out.token_ids.len());
+}

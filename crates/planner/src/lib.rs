@@ -54,12 +54,23 @@ pub struct Pins {
 }
 
 /// What the planner needs to know about one request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PlanRequest {
     pub budget_flops: f64,
     pub task: String,
-    /// Text tokens of the formatted prompt (used by the exact cost mode).
+    /// Text tokens of the formatted prompt (used by the exact cost mode and the context
+    /// check), for models not in `text_tokens_by_model`.
     pub text_tokens: usize,
+    /// The prompt's text tokens under each model's own tokenizer and chat template (models
+    /// differ); absent models use `text_tokens`.
+    #[serde(default)]
+    pub text_tokens_by_model: BTreeMap<String, usize>,
+    /// No video or images: the request is text alone. Candidates are the models at zero frames,
+    /// priced for their text (prefill and decode) and ranked by the task's law at its smallest
+    /// visual input (one frame of one token), where the fitted law is defined: among models
+    /// that fit, the law's preference in `x_N`.
+    #[serde(default)]
+    pub text_only: bool,
     /// Generated tokens to price (used by the exact cost mode).
     pub expected_decode_tokens: usize,
     #[serde(default)]
@@ -108,6 +119,16 @@ pub struct Planner {
     contexts: BTreeMap<String, usize>,
 }
 
+impl PlanRequest {
+    /// The prompt's text tokens for one model.
+    pub fn text_tokens_for(&self, model: &str) -> usize {
+        self.text_tokens_by_model
+            .get(model)
+            .copied()
+            .unwrap_or(self.text_tokens)
+    }
+}
+
 impl Planner {
     pub fn new(
         registry: Registry,
@@ -148,7 +169,7 @@ impl Planner {
         let w = Workload {
             frames: frames as usize,
             tokens_per_frame: tokens_per_frame as usize,
-            text_tokens: req.text_tokens,
+            text_tokens: req.text_tokens_for(&entry.name),
             decode_steps: 0,
         };
         let prefill = match self.archs.get(&entry.name) {
@@ -184,10 +205,15 @@ impl Planner {
                 .flops(&Workload {
                     frames: frames as usize,
                     tokens_per_frame: tokens_per_frame as usize,
-                    text_tokens: req.text_tokens,
+                    text_tokens: req.text_tokens_for(&entry.name),
                     decode_steps: req.expected_decode_tokens.saturating_sub(1),
                 })
                 .total(),
+            // The paper's formula prices visual tokens only; text alone is 2 N per token.
+            _ if frames == 0 => {
+                2.0 * entry.lm_params
+                    * (req.text_tokens_for(&entry.name) + req.expected_decode_tokens) as f64
+            }
             _ => self
                 .paper_cost
                 .flops(entry.lm_params, frames as f64, tokens_per_frame as f64),
@@ -208,9 +234,14 @@ impl Planner {
             (CostMode::Exact, Some(arch)) => arch.flops(&Workload {
                 frames: frames as usize,
                 tokens_per_frame: tokens_per_frame as usize,
-                text_tokens: req.text_tokens,
+                text_tokens: req.text_tokens_for(&entry.name),
                 decode_steps: req.expected_decode_tokens.saturating_sub(1),
             }),
+            _ if frames == 0 => FlopBreakdown {
+                lm_prefill: 2.0 * entry.lm_params * req.text_tokens_for(&entry.name) as f64,
+                lm_decode: 2.0 * entry.lm_params * req.expected_decode_tokens as f64,
+                ..Default::default()
+            },
             _ => {
                 let (vision, lm_prefill) =
                     self.paper_cost
@@ -291,6 +322,11 @@ impl Planner {
             }
             None => None,
         };
+        if req.text_only && (req.pins.frames.is_some() || req.pins.tokens_per_frame.is_some()) {
+            return Err(PlanError::InvalidPin(
+                "frames and tokens_per_frame apply to requests with a video or images".into(),
+            ));
+        }
         let mut feasible: Vec<Candidate> = vec![];
         let mut min_cost = f64::INFINITY;
         let mut considered = 0;
@@ -298,6 +334,40 @@ impl Planner {
         let (mut min_needed, mut max_context, mut fits_some) = (usize::MAX, 0usize, false);
         for entry in &self.registry.models {
             if req.pins.model.as_ref().is_some_and(|m| m != &entry.name) {
+                continue;
+            }
+            if req.text_only {
+                considered += 1;
+                if let Some(&ctx) = self.contexts.get(&entry.name) {
+                    let needed = self.tokens_needed(entry, 0, 0, req);
+                    min_needed = min_needed.min(needed);
+                    max_context = max_context.max(ctx);
+                    if needed > ctx {
+                        continue;
+                    }
+                }
+                fits_some = true;
+                let cost = self.cost(entry, 0, 0, req);
+                min_cost = min_cost.min(cost);
+                if cost > budget {
+                    continue;
+                }
+                let err = scaling.predict(&Config {
+                    lm_params_b: entry.lm_params / 1e9,
+                    frames: 1.0,
+                    tokens_per_frame: 1.0,
+                    data_size_m: self.data_size_m,
+                });
+                feasible.push(Candidate {
+                    model: entry.name.clone(),
+                    lm_params: entry.lm_params,
+                    frames: 0,
+                    tokens_per_frame: 0,
+                    side: 0,
+                    predicted_error: err,
+                    predicted_score: 100.0 - err,
+                    cost_flops: cost,
+                });
                 continue;
             }
             if let Some(f) = req.pins.frames {
@@ -414,6 +484,8 @@ mod tests {
             budget_flops: budget,
             task: "caption".into(),
             text_tokens: 20,
+            text_tokens_by_model: BTreeMap::new(),
+            text_only: false,
             expected_decode_tokens: 32,
             pins: Pins::default(),
         }
@@ -575,39 +647,88 @@ mod tests {
     }
 
     #[test]
-    fn exact_mode_prices_text_and_decode() {
+    fn exact_mode_prices_text_and_decode_by_hand() {
+        // A tiny architecture priced by hand from its matrix shapes (2 FLOPs per multiply-add):
+        // vision (image 4, patch 2, 1 channel, hidden 2, MLP 4, 1 layer): 4 patches;
+        //   patch embedding 2*4*(1*2*2)*2 = 64; q,k,v,o 2*4*2*2*4 = 128; scores and AV
+        //   2*4*4*2*2 = 128; MLP 2*4*2*4*2 = 128: 448 per frame, x2 frames = 896.
+        // projector (2 -> 3 -> 2) on every patch: 2*(2*3 + 3*2) = 24 per patch, x4 x2 = 192.
+        // LM (hidden 2, MLP 3, 1 layer, 1 head of 2, 1 KV head, vocab 5): linear per token
+        //   2*(2*2 + 2*2*2 + 2*2 + 3*2*3) = 68; attention 2*2*q*kv*2 = 8 q kv; head 2*2*5 = 20.
+        //   prefill of 3 text + 2 frames x 1 token + 1 newline = 6: 6*68 + 8*36 + 20 = 716.
+        //   decode: 3 expected tokens = 2 steps after prefill, at kv 7 and 8:
+        //   (68 + 56 + 20) + (68 + 64 + 20) = 296.
+        // Total 896 + 192 + 716 + 296 = 2100.
         let mut p = planner();
         let arch = ArchSpec {
-            vision: vvlm_cost::VisionSpec::so400m(),
+            vision: vvlm_cost::VisionSpec {
+                image_size: 4,
+                patch_size: 2,
+                num_channels: 1,
+                hidden_size: 2,
+                intermediate_size: 4,
+                num_attention_heads: 1,
+                layers_run: 1,
+            },
             projector: vvlm_cost::ProjectorSpec {
-                in_features: 1152,
-                hidden: 2048,
-                out_features: 2048,
+                in_features: 2,
+                hidden: 3,
+                out_features: 2,
             },
             lm: vvlm_cost::LmSpec {
-                hidden_size: 2048,
-                intermediate_size: 8192,
-                num_hidden_layers: 16,
-                num_attention_heads: 32,
-                num_key_value_heads: 8,
-                head_dim: 64,
-                vocab_size: 128256,
+                hidden_size: 2,
+                intermediate_size: 3,
+                num_hidden_layers: 1,
+                num_attention_heads: 1,
+                num_key_value_heads: 1,
+                head_dim: 2,
+                vocab_size: 5,
             },
             video_newline: true,
         };
-        p.set_arch("small", arch.clone());
+        p.set_arch("small", arch);
         p.cost_mode = CostMode::Exact;
         let mut r = req(15e12);
-        r.pins.model = Some("small".into());
-        let plan = p.plan(&r).unwrap();
-        let c = &plan.choice;
-        let w = Workload {
-            frames: c.frames as usize,
-            tokens_per_frame: c.tokens_per_frame as usize,
-            text_tokens: 20,
-            decode_steps: 31,
+        r.expected_decode_tokens = 3;
+        // The prompt is 3 tokens under small's tokenizer (20 under the others').
+        r.text_tokens_by_model.insert("small".into(), 3);
+        r.pins = Pins {
+            model: Some("small".into()),
+            frames: Some(2),
+            tokens_per_frame: Some(1),
         };
-        assert_eq!(c.cost_flops, arch.flops(&w).total());
+        let plan = p.plan(&r).unwrap();
+        assert_eq!(plan.choice.cost_flops, 2100.0);
         assert_eq!(plan.cost_mode, CostMode::Exact);
+        assert_eq!(p.tokens_needed(&p.registry().models[0], 2, 1, &r), 6 + 3);
+    }
+
+    #[test]
+    fn text_only_requests_plan_the_model_on_text_cost() {
+        let p = planner();
+        let mut r = req(5e11);
+        r.text_only = true;
+        // Theoretical mode prices text at 2 N per token: 20 prompt + 32 decode.
+        // small: 2 * 1e9 * 52 = 1.04e11 fits; large: 2 * 7.5e9 * 52 = 7.8e11 does not.
+        let plan = p.plan(&r).unwrap();
+        assert_eq!(
+            (plan.choice.model.as_str(), plan.choice.frames),
+            ("small", 0)
+        );
+        assert_eq!(plan.choice.cost_flops, 1.04e11);
+        assert_eq!(plan.considered, 2);
+        // With room for both, the law prefers the larger LM.
+        r.budget_flops = 1e12;
+        let plan = p.plan(&r).unwrap();
+        assert_eq!(plan.choice.model, "large");
+        assert_eq!(plan.choice.cost_flops, 7.8e11);
+        r.budget_flops = 1e10;
+        match p.plan(&r) {
+            Err(PlanError::BudgetTooSmall { min_budget, .. }) => assert_eq!(min_budget, 1.04e11),
+            other => panic!("{other:?}"),
+        }
+        r.budget_flops = 1e12;
+        r.pins.frames = Some(4);
+        assert!(matches!(p.plan(&r), Err(PlanError::InvalidPin(_))));
     }
 }

@@ -1,5 +1,8 @@
-//! Server configuration: `configs/server.toml` (embedded as the default), overridden by CLI
-//! flags and environment variables at the binary's edge.
+//! Server configuration, in layers: `configs/server.toml` (embedded in the binary), then a
+//! configuration file that sets only what it changes (tables merge key by key), then
+//! environment variables, then command-line flags (the last two at the binary's edge, by clap:
+//! a flag beats its variable). Unknown keys are refused at every layer. Thread sizing is
+//! resolved once, at load.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -113,25 +116,55 @@ impl ServerConfig {
         Self::from_toml(DEFAULT_CONFIG).expect("the embedded configs/server.toml is valid")
     }
 
-    pub fn workers(&self) -> usize {
-        if self.limits.workers > 0 {
-            return self.limits.workers;
+    /// The embedded configuration with a file's settings merged over it.
+    pub fn layered(file: Option<&str>) -> Result<Self, String> {
+        let mut base: toml::Value = toml::from_str(DEFAULT_CONFIG).map_err(|e| e.to_string())?;
+        if let Some(text) = file {
+            let over: toml::Value = toml::from_str(text).map_err(|e| e.to_string())?;
+            merge(&mut base, over);
         }
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        (cores / 2).max(1)
+        base.try_into().map_err(|e: toml::de::Error| e.to_string())
     }
 
-    /// CPU threads of each worker's own pool (`threads_per_worker`, or cores / workers).
-    pub fn threads_per_worker(&self) -> usize {
-        if self.limits.threads_per_worker > 0 {
-            return self.limits.threads_per_worker;
-        }
+    /// Fills `workers` and `threads_per_worker` (0: from the machine's cores) once, so every
+    /// reader sees the same figures.
+    pub fn resolve_threads(&mut self) {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        (cores / self.workers()).max(1)
+        if self.limits.workers == 0 {
+            self.limits.workers = (cores / 2).max(1);
+        }
+        if self.limits.threads_per_worker == 0 {
+            self.limits.threads_per_worker = (cores / self.limits.workers).max(1);
+        }
+    }
+
+    /// Inference workers (after [`Self::resolve_threads`]; at least 1).
+    pub fn workers(&self) -> usize {
+        self.limits.workers.max(1)
+    }
+
+    /// CPU threads of each worker's own pool (after [`Self::resolve_threads`]; at least 1).
+    pub fn threads_per_worker(&self) -> usize {
+        self.limits.threads_per_worker.max(1)
+    }
+}
+
+/// Merges `over` into `base`: tables key by key, anything else replaced.
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(bv) if bv.is_table() && v.is_table() => merge(bv, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
     }
 }
 
@@ -145,5 +178,35 @@ mod tests {
         assert!(c.limits.queue_depth > 0);
         assert!(c.media.max_bytes > 0);
         assert!(ServerConfig::from_toml("bind = 1").is_err());
+    }
+
+    #[test]
+    fn a_file_sets_only_what_it_changes() {
+        let c =
+            ServerConfig::layered(Some("db = \"/tmp/x.db\"\n[limits]\nqueue_depth = 3\n")).unwrap();
+        assert_eq!(c.limits.queue_depth, 3);
+        assert_eq!(c.db, std::path::PathBuf::from("/tmp/x.db"));
+        // Everything else is the shipped configuration's.
+        let e = ServerConfig::embedded();
+        assert_eq!(c.limits.max_tokens, e.limits.max_tokens);
+        assert_eq!(c.media.max_bytes, e.media.max_bytes);
+        assert_eq!(c.task_models, e.task_models);
+        // Typos are refused at any depth, naming the key.
+        let err = ServerConfig::layered(Some("[limits]\nqueue_dept = 3\n")).unwrap_err();
+        assert!(err.contains("queue_dept"), "{err}");
+        assert!(ServerConfig::layered(Some("[limits]\nqueue_depth = \"many\"\n")).is_err());
+    }
+
+    #[test]
+    fn threads_are_resolved_once() {
+        let mut c = ServerConfig::embedded();
+        c.limits.workers = 0;
+        c.limits.threads_per_worker = 0;
+        c.resolve_threads();
+        assert!(c.limits.workers >= 1 && c.limits.threads_per_worker >= 1);
+        c.limits.workers = 3;
+        c.limits.threads_per_worker = 2;
+        c.resolve_threads();
+        assert_eq!((c.workers(), c.threads_per_worker()), (3, 2));
     }
 }

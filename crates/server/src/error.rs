@@ -14,6 +14,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Validation(String),
+    /// A request field with a bad value (422, the field named in `param`).
+    #[error("{message}")]
+    Invalid { param: String, message: String },
     #[error("method not allowed on this route")]
     MethodNotAllowed,
     #[error("{0}")]
@@ -21,9 +24,9 @@ pub enum ApiError {
     /// An unknown model (404, as OpenAI and vLLM answer).
     #[error("{0}")]
     ModelNotFound(String),
-    /// A request field the server does not implement (400, named).
-    #[error("{0}")]
-    Unsupported(String),
+    /// A request field the server does not implement (400, named in `param`).
+    #[error("`{param}` is not supported by this server")]
+    Unsupported { param: String },
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -49,10 +52,10 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Validation(_) | ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Unsupported(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unsupported { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -69,10 +72,10 @@ impl ApiError {
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
-            ApiError::Validation(_) => "validation_error",
+            ApiError::Validation(_) | ApiError::Invalid { .. } => "validation_error",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
-            ApiError::Unsupported(_) => "unsupported_parameter",
+            ApiError::Unsupported { .. } => "unsupported_parameter",
             ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMedia(_) => "unsupported_media",
@@ -84,9 +87,33 @@ impl ApiError {
         }
     }
 
-    /// The JSON body: `{"error": {"type": ..., "message": ...}}`.
+    /// The request field the error is about, when there is one.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::Invalid { param, .. } | ApiError::Unsupported { param } => Some(param),
+            ApiError::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// A bad value of a named field.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        ApiError::Invalid {
+            param: param.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// The JSON body, as OpenAI's: `{"error": {"type", "code", "message", "param"}}` (`type`
+    /// and `code` are the same machine-readable kind; `param` names the field or is null). SSE
+    /// streams send the same object as their error event.
     pub fn body(&self) -> serde_json::Value {
-        let mut e = json!({"type": self.kind(), "message": self.to_string()});
+        let mut e = json!({
+            "type": self.kind(),
+            "code": self.kind(),
+            "message": self.to_string(),
+            "param": self.param(),
+        });
         if let ApiError::BudgetExhausted {
             reset_at: Some(t), ..
         } = self

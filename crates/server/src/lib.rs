@@ -7,6 +7,8 @@
 //! not know how models compute or how videos are decoded beyond the engine's and the video
 //! crate's APIs.
 
+mod admission;
+mod chat;
 pub mod config;
 pub mod console;
 pub mod error;
@@ -65,6 +67,20 @@ impl AppState {
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
+
+    /// Runs a ledger call on a blocking thread: the ledger is synchronous (SQLite on disk
+    /// behind a lock), and the async runtime's threads must not wait on it.
+    pub async fn ledger_call<T, F>(&self, f: F) -> Result<T, error::ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Ledger) -> Result<T, ledger::LedgerError> + Send + 'static,
+    {
+        let l = self.ledger.clone();
+        tokio::task::spawn_blocking(move || f(l.as_ref()))
+            .await
+            .map_err(|e| error::ApiError::Internal(format!("ledger task: {e}")))?
+            .map_err(error::ApiError::from)
+    }
 }
 
 /// Errors of start-up.
@@ -84,7 +100,8 @@ pub enum StartError {
 
 /// Builds the state: opens the ledger (recovering reservations a crash left open) and starts
 /// the workers. Checkpoints load in the background: call [`load_models`].
-pub fn build_state(config: ServerConfig) -> Result<Arc<AppState>, StartError> {
+pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError> {
+    config.resolve_threads();
     let ledger = SqliteLedger::open(&config.db, ledger::now())?;
     let recovered = ledger.recover_orphans(ledger::now())?;
     if recovered > 0 {

@@ -1,145 +1,274 @@
-//! Prometheus metrics (text exposition format), kept in atomics.
+//! Prometheus metrics on the official Rust client (`prometheus-client`), one registry per
+//! server (not a process-global recorder: several servers, as tests run them, keep separate
+//! counts). Exposed at `/metrics` in the OpenMetrics text format Prometheus scrapes.
+//!
+//! Owns the metric names and what each counts; must not know routes' logic or the engine.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
-const BUCKETS: [f64; 12] = [
-    0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0,
+/// Seconds, for request latency and its parts (5 ms to 2 min).
+const LATENCY_BUCKETS: [f64; 13] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0,
+];
+/// Seconds per output token (1 ms to 1 s).
+const TOKEN_BUCKETS: [f64; 11] = [
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0,
 ];
 
-#[derive(Default)]
-struct Histogram {
-    counts: [u64; 12],
-    count: u64,
-    sum: f64,
+fn latency() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
 }
 
-#[derive(Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStatus {
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Route {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Component {
+    component: &'static str,
+}
+
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
-    latency: Mutex<BTreeMap<String, Histogram>>,
-    pub queue_depth: AtomicU64,
-    pub in_flight: AtomicU64,
-    theoretical_flops: AtomicU64,
-    measured_flops: Mutex<BTreeMap<&'static str, f64>>,
-    pub budget_rejections: AtomicU64,
-    pub overload_rejections: AtomicU64,
-    generated_tokens: AtomicU64,
+    registry: Registry,
+    requests: Family<RouteStatus, Counter>,
+    duration: Family<Route, Histogram, fn() -> Histogram>,
+    queue_depth: Gauge,
+    in_flight: Gauge,
+    theoretical_flops: Counter<f64, AtomicU64>,
+    measured_flops: Family<Component, Counter<f64, AtomicU64>>,
+    budget_rejections: Counter,
+    overload_rejections: Counter,
+    generated_tokens: Counter,
+    queue_time: Histogram,
+    time_to_first_token: Histogram,
+    time_per_output_token: Histogram,
+    e2e_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Self {
+            registry: Registry::with_prefix("vvlm"),
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency),
+            queue_depth: Gauge::default(),
+            in_flight: Gauge::default(),
+            theoretical_flops: Counter::default(),
+            measured_flops: Family::default(),
+            budget_rejections: Counter::default(),
+            overload_rejections: Counter::default(),
+            generated_tokens: Counter::default(),
+            queue_time: latency(),
+            time_to_first_token: latency(),
+            time_per_output_token: Histogram::new(TOKEN_BUCKETS),
+            e2e_latency: latency(),
+        };
+        let mut m = m;
+        let r = &mut m.registry;
+        r.register(
+            "requests",
+            "HTTP requests by route and status",
+            m.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Request latency by route",
+            m.duration.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Requests waiting for a worker",
+            m.queue_depth.clone(),
+        );
+        r.register("in_flight", "Requests being executed", m.in_flight.clone());
+        r.register(
+            "flops_theoretical",
+            "Planned FLOPs of completed requests",
+            m.theoretical_flops.clone(),
+        );
+        r.register(
+            "flops_measured",
+            "FLOPs the engine executed, by component",
+            m.measured_flops.clone(),
+        );
+        r.register(
+            "budget_rejections",
+            "Requests refused for budget or quota",
+            m.budget_rejections.clone(),
+        );
+        r.register(
+            "overload_rejections",
+            "Requests refused because the queue was full",
+            m.overload_rejections.clone(),
+        );
+        r.register(
+            "generated_tokens",
+            "Completion tokens",
+            m.generated_tokens.clone(),
+        );
+        r.register(
+            "request_queue_time_seconds",
+            "Seconds from queued to a worker starting the request",
+            m.queue_time.clone(),
+        );
+        r.register(
+            "time_to_first_token_seconds",
+            "Seconds from queued to the first streamed text",
+            m.time_to_first_token.clone(),
+        );
+        r.register(
+            "time_per_output_token_seconds",
+            "Decode seconds per generated token after the first",
+            m.time_per_output_token.clone(),
+        );
+        r.register(
+            "e2e_request_latency_seconds",
+            "Seconds from queued to the request's last token",
+            m.e2e_latency.clone(),
+        );
+        m
+    }
 }
 
 impl Metrics {
+    /// One answered HTTP request.
     pub fn observe(&self, route: &str, status: u16, seconds: f64) {
-        *self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry((route.to_string(), status))
-            .or_default() += 1;
-        let mut l = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-        let h = l.entry(route.to_string()).or_default();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if seconds <= *b {
-                h.counts[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum += seconds;
+        self.requests
+            .get_or_create(&RouteStatus {
+                route: route.to_string(),
+                status,
+            })
+            .inc();
+        self.duration
+            .get_or_create(&Route {
+                route: route.to_string(),
+            })
+            .observe(seconds);
     }
 
     pub fn add_flops(&self, theoretical: f64, measured: &vvlm_cost::FlopBreakdown) {
-        self.theoretical_flops
-            .fetch_add(theoretical as u64, Ordering::Relaxed);
-        let mut m = self
-            .measured_flops
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        *m.entry("vision").or_default() += measured.vision;
-        *m.entry("projector").or_default() += measured.projector;
-        *m.entry("lm_prefill").or_default() += measured.lm_prefill;
-        *m.entry("lm_decode").or_default() += measured.lm_decode;
+        self.theoretical_flops.inc_by(theoretical);
+        for (component, v) in [
+            ("vision", measured.vision),
+            ("projector", measured.projector),
+            ("lm_prefill", measured.lm_prefill),
+            ("lm_decode", measured.lm_decode),
+        ] {
+            self.measured_flops
+                .get_or_create(&Component { component })
+                .inc_by(v);
+        }
     }
 
     pub fn add_tokens(&self, n: u64) {
-        self.generated_tokens.fetch_add(n, Ordering::Relaxed);
+        self.generated_tokens.inc_by(n);
     }
 
+    pub fn budget_rejected(&self) {
+        self.budget_rejections.inc();
+    }
+
+    pub fn overload_rejected(&self) {
+        self.overload_rejections.inc();
+    }
+
+    /// A job entered the queue (+1) or left it (-1).
+    pub fn queued(&self, delta: i64) {
+        self.queue_depth.inc_by(delta);
+    }
+
+    /// A worker started (+1) or finished (-1) a job.
+    pub fn running(&self, delta: i64) {
+        self.in_flight.inc_by(delta);
+    }
+
+    /// The latency parts of one finished request (vLLM's names): queue time, time to first
+    /// token (None when nothing was generated), time per output token of each completion, and
+    /// end to end.
+    pub fn observe_request(
+        &self,
+        queue_s: f64,
+        first_token_s: Option<f64>,
+        per_token_s: &[f64],
+        e2e_s: f64,
+    ) {
+        self.queue_time.observe(queue_s);
+        if let Some(t) = first_token_s {
+            self.time_to_first_token.observe(t);
+        }
+        for &t in per_token_s {
+            self.time_per_output_token.observe(t);
+        }
+        self.e2e_latency.observe(e2e_s);
+    }
+
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        s += "# HELP vvlm_requests_total HTTP requests by route and status.\n# TYPE vvlm_requests_total counter\n";
-        for ((route, status), n) in self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            s += &format!("vvlm_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}\n");
-        }
-        s += "# HELP vvlm_request_duration_seconds Request latency.\n# TYPE vvlm_request_duration_seconds histogram\n";
-        for (route, h) in self
-            .latency
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            for (i, b) in BUCKETS.iter().enumerate() {
-                s += &format!(
-                    "vvlm_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {}\n",
-                    h.counts[i]
-                );
-            }
-            s += &format!(
-                "vvlm_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}\n",
-                h.count
-            );
-            s += &format!(
-                "vvlm_request_duration_seconds_sum{{route=\"{route}\"}} {}\n",
-                h.sum
-            );
-            s += &format!(
-                "vvlm_request_duration_seconds_count{{route=\"{route}\"}} {}\n",
-                h.count
-            );
-        }
-        s += "# HELP vvlm_queue_depth Requests waiting for a worker.\n# TYPE vvlm_queue_depth gauge\n";
-        s += &format!(
-            "vvlm_queue_depth {}\n",
-            self.queue_depth.load(Ordering::Relaxed)
-        );
-        s += "# HELP vvlm_in_flight Requests being executed.\n# TYPE vvlm_in_flight gauge\n";
-        s += &format!(
-            "vvlm_in_flight {}\n",
-            self.in_flight.load(Ordering::Relaxed)
-        );
-        s += "# HELP vvlm_flops_theoretical_total Planned (paper) FLOPs of completed requests.\n# TYPE vvlm_flops_theoretical_total counter\n";
-        s += &format!(
-            "vvlm_flops_theoretical_total {}\n",
-            self.theoretical_flops.load(Ordering::Relaxed)
-        );
-        s += "# HELP vvlm_flops_measured_total FLOPs the engine executed, by component.\n# TYPE vvlm_flops_measured_total counter\n";
-        for (c, v) in self
-            .measured_flops
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            s += &format!("vvlm_flops_measured_total{{component=\"{c}\"}} {v}\n");
-        }
-        s += "# HELP vvlm_budget_rejections_total Requests refused for budget or quota.\n# TYPE vvlm_budget_rejections_total counter\n";
-        s += &format!(
-            "vvlm_budget_rejections_total {}\n",
-            self.budget_rejections.load(Ordering::Relaxed)
-        );
-        s += "# HELP vvlm_overload_rejections_total Requests refused because the queue was full.\n# TYPE vvlm_overload_rejections_total counter\n";
-        s += &format!(
-            "vvlm_overload_rejections_total {}\n",
-            self.overload_rejections.load(Ordering::Relaxed)
-        );
-        s += "# HELP vvlm_generated_tokens_total Completion tokens.\n# TYPE vvlm_generated_tokens_total counter\n";
-        s += &format!(
-            "vvlm_generated_tokens_total {}\n",
-            self.generated_tokens.load(Ordering::Relaxed)
-        );
+        prometheus_client::encoding::text::encode(&mut s, &self.registry)
+            .expect("writing to a String cannot fail");
         s
+    }
+}
+
+/// The content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_documented_names_and_values() {
+        let m = Metrics::default();
+        m.observe("/v1/videos/qa", 200, 0.3);
+        m.observe("/v1/videos/qa", 200, 0.02);
+        m.observe("/v1/videos/qa", 402, 0.001);
+        m.add_flops(
+            1.5e12,
+            &vvlm_cost::FlopBreakdown {
+                vision: 1e9,
+                projector: 2e6,
+                lm_prefill: 3e9,
+                lm_decode: 4e8,
+            },
+        );
+        m.add_tokens(7);
+        m.queued(2);
+        m.queued(-1);
+        m.overload_rejected();
+        m.observe_request(0.01, Some(0.2), &[0.004, 0.006], 0.5);
+        let text = m.render();
+        for line in [
+            "vvlm_requests_total{route=\"/v1/videos/qa\",status=\"200\"} 2",
+            "vvlm_requests_total{route=\"/v1/videos/qa\",status=\"402\"} 1",
+            "vvlm_request_duration_seconds_count{route=\"/v1/videos/qa\"} 3",
+            "vvlm_request_duration_seconds_bucket{le=\"0.025\",route=\"/v1/videos/qa\"} 2",
+            "vvlm_flops_theoretical_total 1500000000000.0",
+            "vvlm_flops_measured_total{component=\"lm_prefill\"} 3000000000.0",
+            "vvlm_generated_tokens_total 7",
+            "vvlm_queue_depth 1",
+            "vvlm_overload_rejections_total 1",
+            "vvlm_budget_rejections_total 0",
+            "vvlm_time_per_output_token_seconds_count 2",
+            "vvlm_time_to_first_token_seconds_bucket{le=\"0.25\"} 1",
+            "vvlm_e2e_request_latency_seconds_sum 0.5",
+        ] {
+            assert!(text.contains(line), "missing `{line}` in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -1,10 +1,20 @@
-//! Request parsing and validation: media sources, prompts, budgets, pins and sampling options.
-//! Everything here runs before a request is planned, charged or queued.
+//! Request parsing and validation. Every body shape (multipart form, JSON video body, OpenAI
+//! chat, plan) is read into the same [`RequestOptions`] plus its [`Content`], and
+//! [`validate`] turns them into a [`ValidRequest`]: the only type that is planned, charged or
+//! queued. Adding an option is one field of [`RequestOptions`] and its rule in [`validate`].
+//!
+//! Owns the request rules; must not know the ledger, the planner's search or the engine's
+//! tensors.
 
+use crate::config::Limits;
 use crate::error::ApiError;
 use base64::Engine as _;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use vvlm_engine::{SamplingParams, MAX_TOP_LOGPROBS};
+use vvlm_planner::Pins;
 
 /// A budget given as a number or a string (`5e12`, `5T`).
 #[derive(Debug, Clone, Deserialize)]
@@ -52,25 +62,6 @@ pub enum Media {
     Images(Vec<Vec<u8>>),
     #[default]
     None,
-}
-
-/// A validated video request (caption, QA or chat).
-#[derive(Debug, Clone, Default)]
-pub struct VideoRequest {
-    pub task: String,
-    pub prompt: String,
-    pub system: Option<String>,
-    pub budget: Option<f64>,
-    pub model: Option<String>,
-    pub frames: Option<u32>,
-    pub tokens_per_frame: Option<u32>,
-    pub max_tokens: Option<usize>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub seed: Option<u64>,
-    /// Stop strings (at most 4, 1-64 characters each).
-    pub stop: Vec<String>,
-    pub media: Option<Media>,
 }
 
 /// Decodes a `data:` URL (base64) or resolves a `file://` URL under the allow-list.
@@ -121,86 +112,352 @@ pub fn resolve_url(url: &str, allow: &[PathBuf]) -> Result<Media, ApiError> {
     ))
 }
 
-/// JSON body of `/v1/videos/caption` and `/v1/videos/qa`.
-#[derive(Debug, Deserialize)]
+/// Every option a request may carry, whichever body it arrives in. Numbers may also be given
+/// as strings (multipart fields are text). Unknown fields are refused by name.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct JsonVideoBody {
-    pub video: Option<String>,
-    #[serde(default)]
-    pub images: Vec<String>,
-    pub prompt: Option<String>,
-    pub question: Option<String>,
-    pub system: Option<String>,
+pub struct RequestOptions {
+    /// FLOPs for this request (`budget_flops` in chat bodies).
+    #[serde(default, alias = "budget_flops")]
     pub budget: Option<Budget>,
+    #[serde(default)]
     pub task: Option<String>,
+    /// Pin a checkpoint (`auto` or empty: let the planner choose).
+    #[serde(default)]
     pub model: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
     pub frames: Option<u32>,
+    #[serde(default, deserialize_with = "lenient")]
     pub tokens_per_frame: Option<u32>,
+    #[serde(default, deserialize_with = "lenient", alias = "max_completion_tokens")]
     pub max_tokens: Option<usize>,
+    #[serde(default, deserialize_with = "lenient")]
     pub temperature: Option<f64>,
+    #[serde(default, deserialize_with = "lenient")]
     pub top_p: Option<f64>,
+    #[serde(default, deserialize_with = "lenient")]
     pub seed: Option<u64>,
+    /// A string or a list of up to 4.
+    #[serde(default)]
+    pub stop: Option<StopField>,
+    /// Completions to generate from the one video (each planned at budget / n).
+    #[serde(default, deserialize_with = "lenient")]
+    pub n: Option<u32>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub logprobs: Option<bool>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub top_logprobs: Option<u32>,
 }
 
-impl JsonVideoBody {
-    pub fn into_request(
-        self,
-        default_task: &str,
-        allow: &[PathBuf],
-    ) -> Result<VideoRequest, ApiError> {
-        let media = match (self.video, self.images.is_empty()) {
-            (Some(_), false) => {
-                return Err(ApiError::Validation(
-                    "send `video` or `images`, not both".into(),
-                ))
-            }
-            (Some(v), true) => Some(resolve_url(&v, allow)?),
-            (None, false) => {
-                let mut imgs = vec![];
-                for u in &self.images {
-                    match resolve_url(u, allow)? {
-                        Media::Images(mut i) => imgs.append(&mut i),
-                        _ => {
-                            return Err(ApiError::Validation(
-                                "`images` must be data:image/... URLs".into(),
-                            ))
-                        }
-                    }
-                }
-                Some(Media::Images(imgs))
-            }
-            (None, true) => None,
-        };
-        Ok(VideoRequest {
-            task: self.task.unwrap_or_else(|| default_task.to_string()),
-            prompt: self.question.or(self.prompt).unwrap_or_default(),
-            system: self.system,
-            budget: self.budget.map(|b| b.flops()).transpose()?,
-            model: self.model,
-            frames: self.frames,
-            tokens_per_frame: self.tokens_per_frame,
-            max_tokens: self.max_tokens,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            seed: self.seed,
-            stop: vec![],
-            media,
-        })
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// A value given as itself or as its text (`"8"` for 8, `"true"` for true).
+fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr + Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either<T> {
+        Value(T),
+        Text(String),
+    }
+    match Option::<Either<T>>::deserialize(d)? {
+        None => Ok(None),
+        Some(Either::Value(v)) => Ok(Some(v)),
+        Some(Either::Text(t)) => t
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("`{t}` is not a valid value"))),
     }
 }
 
-/// Reads a multipart form (fields `video`, `image` (repeatable), `prompt` / `question`, `system`,
-/// `budget`, `task`, `model`, `frames`, `tokens_per_frame`, `max_tokens`, `temperature`,
-/// `top_p`, `seed`).
+impl RequestOptions {
+    /// Reads the options out of a JSON object; what remains is the body's own fields. A field
+    /// with a bad value is named in the error.
+    pub fn take_from(body: &mut Map<String, Value>, own: &[&str]) -> Result<Self, ApiError> {
+        let keys: Vec<String> = body
+            .keys()
+            .filter(|k| !own.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        let options: Map<String, Value> = keys
+            .into_iter()
+            .filter_map(|k| body.remove_entry(&k))
+            .collect();
+        for (k, v) in &options {
+            Self::deserialize_one(k, v)?;
+        }
+        serde_json::from_value(Value::Object(options))
+            .map_err(|e| ApiError::Validation(e.to_string()))
+    }
+
+    /// Checks one field alone, to name it in the error.
+    fn deserialize_one(key: &str, value: &Value) -> Result<(), ApiError> {
+        let mut m = Map::new();
+        m.insert(key.to_string(), value.clone());
+        match serde_json::from_value::<Self>(Value::Object(m)) {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().starts_with("unknown field") => {
+                Err(ApiError::invalid(key, format!("unknown field `{key}`")))
+            }
+            Err(e) => Err(ApiError::invalid(key, format!("`{key}`: {e}"))),
+        }
+    }
+}
+
+/// What a request asks about: its text and its media.
+#[derive(Debug, Default)]
+pub struct Content {
+    pub prompt: String,
+    pub system: Option<String>,
+    pub media: Media,
+}
+
+/// A request that passed every rule: the only shape that is planned, charged and queued.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub task: String,
+    pub prompt: String,
+    pub system: Option<String>,
+    /// The request's budget (None: the tenant's default).
+    pub budget: Option<f64>,
+    pub pins: Pins,
+    /// max_tokens as the client gave it (the planner prices it; None: the server's estimate).
+    pub max_tokens: Option<usize>,
+    /// Sampling for the engine, max_tokens resolved.
+    pub sampling: SamplingParams,
+    /// Completions to generate (1..=MAX_N).
+    pub n: usize,
+    /// `Media::None`: a text-only request (chat only).
+    pub media: Media,
+}
+
+/// The most completions one request may ask for.
+pub const MAX_N: u32 = 8;
+
+/// What a route requires besides the options' own rules.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    pub default_task: &'a str,
+    /// A video or images must be sent (caption and QA); chat also serves text alone.
+    pub media_required: bool,
+    /// A prompt must be given (a plan may be asked without one).
+    pub prompt_required: bool,
+}
+
+/// Applies every rule; the answer names the field at fault.
+pub fn validate(
+    o: RequestOptions,
+    c: Content,
+    rules: Rules,
+    limits: &Limits,
+) -> Result<ValidRequest, ApiError> {
+    if rules.prompt_required && c.prompt.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "prompt",
+            "`prompt` (or `question`) is required",
+        ));
+    }
+    if c.prompt.chars().count() > limits.max_prompt_chars {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "prompt is longer than {} characters",
+                limits.max_prompt_chars
+            ),
+        ));
+    }
+    if c.system
+        .as_deref()
+        .is_some_and(|x| x.chars().count() > limits.max_prompt_chars)
+    {
+        return Err(ApiError::invalid(
+            "system",
+            format!(
+                "system is longer than {} characters",
+                limits.max_prompt_chars
+            ),
+        ));
+    }
+    if rules.media_required && matches!(c.media, Media::None) {
+        return Err(ApiError::invalid(
+            "video",
+            "a video is required (`video` field, data: URL or file:// URL)",
+        ));
+    }
+    if let Some(m) = o.max_tokens {
+        if m == 0 || m > limits.max_tokens {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!("max_tokens must be in 1..={}, got {m}", limits.max_tokens),
+            ));
+        }
+    }
+    if let Some(t) = o.temperature {
+        if !(0.0..=5.0).contains(&t) {
+            return Err(ApiError::invalid(
+                "temperature",
+                format!("temperature must be in [0, 5], got {t}"),
+            ));
+        }
+    }
+    if let Some(p) = o.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(ApiError::invalid(
+                "top_p",
+                format!("top_p must be in (0, 1], got {p}"),
+            ));
+        }
+    }
+    if o.frames == Some(0) {
+        return Err(ApiError::invalid("frames", "frames must be at least 1"));
+    }
+    let n = o.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::invalid(
+            "n",
+            format!("n must be in 1..={MAX_N}, got {n}"),
+        ));
+    }
+    let logprobs = match (o.logprobs.unwrap_or(false), o.top_logprobs) {
+        (_, Some(k)) if k as usize > MAX_TOP_LOGPROBS => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                format!("top_logprobs must be in 0..={MAX_TOP_LOGPROBS}, got {k}"),
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "top_logprobs needs `logprobs: true`",
+            ))
+        }
+        (true, k) => Some(k.unwrap_or(0) as usize),
+        (false, None) => None,
+    };
+    let stop = match o.stop {
+        None => vec![],
+        Some(StopField::One(x)) => vec![x],
+        Some(StopField::Many(v)) => v,
+    };
+    if stop.len() > 4 || stop.iter().any(|x| x.is_empty() || x.chars().count() > 64) {
+        return Err(ApiError::invalid(
+            "stop",
+            "stop: at most 4 strings of 1-64 characters",
+        ));
+    }
+    let budget = o
+        .budget
+        .map(|b| b.flops())
+        .transpose()
+        .map_err(|e| ApiError::invalid("budget", e.to_string()))?;
+    Ok(ValidRequest {
+        task: o.task.unwrap_or_else(|| rules.default_task.to_string()),
+        prompt: c.prompt,
+        system: c.system,
+        budget,
+        pins: Pins {
+            model: o.model.filter(|m| !m.is_empty() && m != "auto"),
+            frames: o.frames,
+            tokens_per_frame: o.tokens_per_frame,
+        },
+        max_tokens: o.max_tokens,
+        sampling: SamplingParams {
+            max_tokens: o.max_tokens.unwrap_or(limits.default_max_tokens),
+            temperature: o.temperature.unwrap_or(0.0),
+            top_p: o.top_p.unwrap_or(1.0),
+            seed: o.seed.unwrap_or(0),
+            stop_token_ids: vec![],
+            stop,
+            logprobs,
+        },
+        n: n as usize,
+        media: c.media,
+    })
+}
+
+/// Media from `video` (one URL) or `images` (a list of `data:image/...` URLs).
+pub fn media_from_urls(
+    video: Option<&str>,
+    images: &[String],
+    allow: &[PathBuf],
+) -> Result<Media, ApiError> {
+    match (video, images.is_empty()) {
+        (Some(_), false) => Err(ApiError::Validation(
+            "send `video` or `images`, not both".into(),
+        )),
+        (Some(v), true) => resolve_url(v, allow),
+        (None, false) => {
+            let mut imgs = vec![];
+            for u in images {
+                match resolve_url(u, allow)? {
+                    Media::Images(mut i) => imgs.append(&mut i),
+                    _ => {
+                        return Err(ApiError::invalid(
+                            "images",
+                            "`images` must be data:image/... URLs",
+                        ))
+                    }
+                }
+            }
+            Ok(Media::Images(imgs))
+        }
+        (None, true) => Ok(Media::None),
+    }
+}
+
+/// The JSON body of `/v1/videos/caption` and `/v1/videos/qa`: `video` or `images`,
+/// `prompt` / `question`, `system`, and the options.
+pub fn from_json_video(
+    mut body: Map<String, Value>,
+    allow: &[PathBuf],
+) -> Result<(RequestOptions, Content), ApiError> {
+    let options = RequestOptions::take_from(
+        &mut body,
+        &["video", "images", "prompt", "question", "system"],
+    )?;
+    let text = |k: &str, body: &Map<String, Value>| -> Result<Option<String>, ApiError> {
+        match body.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(ApiError::invalid(k, format!("`{k}` must be a string"))),
+        }
+    };
+    let images = match body.get("images") {
+        None | Some(Value::Null) => vec![],
+        Some(v) => serde_json::from_value::<Vec<String>>(v.clone())
+            .map_err(|_| ApiError::invalid("images", "`images` must be a list of URLs"))?,
+    };
+    let media = media_from_urls(text("video", &body)?.as_deref(), &images, allow)?;
+    let prompt = text("question", &body)?
+        .or(text("prompt", &body)?)
+        .unwrap_or_default();
+    Ok((
+        options,
+        Content {
+            prompt,
+            system: text("system", &body)?,
+            media,
+        },
+    ))
+}
+
+/// Reads a multipart form: files `video` or `image` (repeatable), text `prompt` / `question`,
+/// `system`, and every option as a text field.
 pub async fn from_multipart(
     mut mp: axum::extract::Multipart,
-    default_task: &str,
-) -> Result<VideoRequest, ApiError> {
-    let mut r = VideoRequest {
-        task: default_task.to_string(),
-        ..Default::default()
-    };
+) -> Result<(RequestOptions, Content), ApiError> {
+    let mut content = Content::default();
     let mut images = vec![];
+    let mut options = Map::new();
     let bad = |e: axum::extract::multipart::MultipartError| {
         if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(format!(
@@ -215,111 +472,28 @@ pub async fn from_multipart(
         let name = field.name().unwrap_or_default().to_string();
         match name.as_str() {
             "video" => {
-                r.media = Some(Media::VideoBytes(
-                    field.bytes().await.map_err(bad)?.to_vec(),
-                ))
+                content.media = Media::VideoBytes(field.bytes().await.map_err(bad)?.to_vec())
             }
             "image" | "images" => images.push(field.bytes().await.map_err(bad)?.to_vec()),
+            "prompt" | "question" => content.prompt = field.text().await.map_err(bad)?,
+            "system" => content.system = Some(field.text().await.map_err(bad)?),
             _ => {
                 let text = field.text().await.map_err(bad)?;
-                let num = |what: &str| {
-                    ApiError::Validation(format!("`{what}` must be a number, got `{text}`"))
-                };
-                match name.as_str() {
-                    "prompt" | "question" => r.prompt = text,
-                    "system" => r.system = Some(text),
-                    "task" => r.task = text,
-                    "model" => r.model = Some(text),
-                    "budget" => r.budget = Some(Budget::Text(text.clone()).flops()?),
-                    "frames" => r.frames = Some(text.trim().parse().map_err(|_| num("frames"))?),
-                    "tokens_per_frame" => {
-                        r.tokens_per_frame =
-                            Some(text.trim().parse().map_err(|_| num("tokens_per_frame"))?)
-                    }
-                    "max_tokens" => {
-                        r.max_tokens = Some(text.trim().parse().map_err(|_| num("max_tokens"))?)
-                    }
-                    "temperature" => {
-                        r.temperature = Some(text.trim().parse().map_err(|_| num("temperature"))?)
-                    }
-                    "top_p" => r.top_p = Some(text.trim().parse().map_err(|_| num("top_p"))?),
-                    "seed" => r.seed = Some(text.trim().parse().map_err(|_| num("seed"))?),
-                    other => {
-                        return Err(ApiError::Validation(format!(
-                            "unknown form field `{other}`"
-                        )))
-                    }
+                if options.insert(name.clone(), Value::String(text)).is_some() {
+                    return Err(ApiError::invalid(&name, format!("`{name}` is given twice")));
                 }
             }
         }
     }
     if !images.is_empty() {
-        if r.media.is_some() {
+        if !matches!(content.media, Media::None) {
             return Err(ApiError::Validation(
                 "send `video` or `image` fields, not both".into(),
             ));
         }
-        r.media = Some(Media::Images(images));
+        content.media = Media::Images(images);
     }
-    Ok(r)
-}
-
-/// Checks what does not depend on the tenant or the plan.
-pub fn check_request(
-    r: &VideoRequest,
-    max_prompt_chars: usize,
-    max_tokens: usize,
-) -> Result<(), ApiError> {
-    if r.prompt.trim().is_empty() {
-        return Err(ApiError::Validation(
-            "`prompt` (or `question`) is required".into(),
-        ));
-    }
-    if r.prompt.chars().count() > max_prompt_chars {
-        return Err(ApiError::Validation(format!(
-            "prompt is longer than {max_prompt_chars} characters"
-        )));
-    }
-    if r.system
-        .as_deref()
-        .is_some_and(|x| x.chars().count() > max_prompt_chars)
-    {
-        return Err(ApiError::Validation(format!(
-            "system is longer than {max_prompt_chars} characters"
-        )));
-    }
-    if matches!(r.media, None | Some(Media::None)) {
-        return Err(ApiError::Validation(
-            "a video is required (`video` field, data: URL or file:// URL)".into(),
-        ));
-    }
-    if let Some(m) = r.max_tokens {
-        if m == 0 || m > max_tokens {
-            return Err(ApiError::Validation(format!(
-                "max_tokens must be in 1..={max_tokens}, got {m}"
-            )));
-        }
-    }
-    if let Some(t) = r.temperature {
-        if !(0.0..=5.0).contains(&t) {
-            return Err(ApiError::Validation(format!(
-                "temperature must be in [0, 5], got {t}"
-            )));
-        }
-    }
-    if let Some(p) = r.top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            return Err(ApiError::Validation(format!(
-                "top_p must be in (0, 1], got {p}"
-            )));
-        }
-    }
-    if let Some(f) = r.frames {
-        if f == 0 {
-            return Err(ApiError::Validation("frames must be at least 1".into()));
-        }
-    }
-    Ok(())
+    Ok((RequestOptions::take_from(&mut options, &[])?, content))
 }
 
 #[cfg(test)]

@@ -1,13 +1,12 @@
 //! The bounded queue and the inference worker pool. Requests beyond the queue's depth are refused
 //! (429), never buffered without bound; a worker notices a cancelled request between tokens.
 
-use candle_core::{Device, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc::UnboundedSender;
 use vvlm_cost::FlopCounter;
-use vvlm_engine::{GenerateRequest, Generation, SamplingParams, VideoVlm};
+use vvlm_engine::{FrameData, GenerateRequest, Generation, SamplingParams, VideoVlm};
 
 use crate::error::ApiError;
 use crate::ledger::{now, Ledger, Reservation};
@@ -16,8 +15,13 @@ use crate::ledger::{now, Ledger, Reservation};
 #[derive(Debug)]
 pub enum Event {
     Started,
-    Text(String),
-    Done(Result<Generation, ApiError>),
+    /// New text of completion `index`.
+    Text {
+        index: usize,
+        piece: String,
+    },
+    /// Every completion, or the request's error.
+    Done(Result<Vec<Generation>, ApiError>),
 }
 
 /// A reservation carried by its job. The worker settles it to the FLOPs the job executed
@@ -63,16 +67,33 @@ impl Held {
 }
 
 impl Drop for Held {
+    /// A reservation dropped on the async runtime (a request refused after it reserved: bad
+    /// video, full queue) is closed on a blocking thread; elsewhere (workers) here.
     fn drop(&mut self) {
-        self.close();
+        if self.r.is_none() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let mut rest = Held {
+                    ledger: self.ledger.clone(),
+                    r: self.r.take(),
+                    flops: self.flops.clone(),
+                };
+                rt.spawn_blocking(move || rest.close());
+            }
+            Err(_) => self.close(),
+        }
     }
 }
 
 /// One inference job.
 pub struct Job {
     pub engine: Arc<VideoVlm>,
-    /// `[T, 3, S, S]` values.
-    pub pixels: Option<(Vec<f32>, [usize; 4])>,
+    /// Decoded frames, `[frames, 3, size, size]` values (None: text alone).
+    pub frames: Option<Frames>,
+    /// Completions to generate from the one encoded video.
+    pub n: usize,
     pub side: usize,
     pub system: Option<String>,
     pub prompt: String,
@@ -82,8 +103,17 @@ pub struct Job {
     pub events: UnboundedSender<Event>,
     /// The request's reservation (None in tests that run the engine alone).
     pub held: Option<Held>,
+    /// When the job was queued (for queue time, time to first token and end to end).
+    pub queued_at: std::time::Instant,
     /// The request's place in the admission limit, freed when the job ends.
     pub _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Frames as the video crate decodes them.
+pub struct Frames {
+    pub pixels: Vec<f32>,
+    pub count: usize,
+    pub size: usize,
 }
 
 pub struct Pool {
@@ -134,7 +164,7 @@ fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metri
                 Err(_) => return,
             }
         };
-        metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        metrics.queued(-1);
         if job.cancel.load(Ordering::Relaxed) || job.events.is_closed() {
             if let Some(h) = job.held.as_mut() {
                 h.close();
@@ -144,16 +174,34 @@ fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metri
             ))));
             continue;
         }
-        metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        metrics.running(1);
+        let queue_s = job.queued_at.elapsed().as_secs_f64();
         let _ = job.events.send(Event::Started);
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&job)));
+        let mut first_text = None;
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&job, &mut first_text)));
         let result = match result {
             Ok(r) => r,
             Err(_) => Err(ApiError::Internal(
                 "the engine panicked on this request".into(),
             )),
         };
-        metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        metrics.running(-1);
+        if let Ok(generations) = &result {
+            let per_token: Vec<f64> = generations
+                .iter()
+                .filter(|g| g.token_ids.len() > 1)
+                .map(|g| g.timings.decode_s / (g.token_ids.len() - 1) as f64)
+                .collect();
+            let first = first_text
+                .map(|t: std::time::Instant| t.duration_since(job.queued_at).as_secs_f64());
+            metrics.observe_request(
+                queue_s,
+                first,
+                &per_token,
+                job.queued_at.elapsed().as_secs_f64(),
+            );
+        }
         if let Some(h) = job.held.as_mut() {
             h.close();
         }
@@ -162,16 +210,17 @@ fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metri
 }
 
 /// Engine errors stay typed to the edge: a bad request the engine finds is a 4xx there.
-fn run(job: &Job) -> Result<Generation, ApiError> {
-    let pixels = match &job.pixels {
-        Some((v, shape)) => Some(
-            Tensor::from_slice(v, shape.as_slice(), &Device::Cpu)
-                .map_err(|e| ApiError::Internal(format!("frames: {e}")))?,
-        ),
-        None => None,
-    };
+fn run(
+    job: &Job,
+    first_text: &mut Option<std::time::Instant>,
+) -> Result<Vec<Generation>, ApiError> {
+    let frames = job.frames.as_ref().map(|f| FrameData {
+        pixels: &f.pixels,
+        frames: f.count,
+        size: f.size,
+    });
     let req = GenerateRequest {
-        pixels: pixels.as_ref(),
+        pixels: None,
         side: job.side,
         system: job.system.as_deref(),
         prompt: &job.prompt,
@@ -181,11 +230,17 @@ fn run(job: &Job) -> Result<Generation, ApiError> {
     let events = job.events.clone();
     let cancel = job.cancel.clone();
     job.engine
-        .generate(&req, &job.flops, &mut |piece| {
+        .generate_frames(frames, &req, job.n, &job.flops, &mut |index, piece| {
             if cancel.load(Ordering::Relaxed) || events.is_closed() {
                 return false;
             }
-            events.send(Event::Text(piece.to_string())).is_ok()
+            first_text.get_or_insert_with(std::time::Instant::now);
+            events
+                .send(Event::Text {
+                    index,
+                    piece: piece.to_string(),
+                })
+                .is_ok()
         })
         .map_err(ApiError::from)
 }

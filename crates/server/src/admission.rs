@@ -1,0 +1,339 @@
+//! From a validated request to a queued job: plan within the tenant's budget, reserve its
+//! FLOPs, decode the planned frames, queue; then wait for the result and record what it cost.
+//! Every route that runs the engine goes through [`admit`] and [`record`], so the rules of
+//! accounting are written once.
+
+use crate::error::ApiError;
+use crate::ledger::{now, Tenant};
+use crate::validation::{Media, ValidRequest};
+use crate::worker::{Event, Frames, Held, Job};
+use crate::AppState;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedReceiver;
+use vvlm_cost::{FlopBreakdown, FlopCounter};
+use vvlm_engine::{Generation, VideoVlm};
+use vvlm_planner::{Plan, PlanRequest};
+use vvlm_video::{FrameSampling, Preprocess, SampledFrame};
+
+/// A request's place among those admitted (decoding, queued or running), taken before its
+/// body is read so that an overloaded server answers 429 without parsing, planning or decoding.
+#[derive(Clone)]
+pub struct AdmissionSlot(Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);
+
+impl AdmissionSlot {
+    pub fn new(p: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Some(p))))
+    }
+    fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+pub fn overloaded(s: &AppState) -> ApiError {
+    ApiError::Overloaded {
+        message: format!(
+            "the queue is full ({} waiting); retry later",
+            s.config.limits.queue_depth
+        ),
+        retry_after_s: 2,
+    }
+}
+
+/// Sets the cancel flag when the client goes away (the handler's future is dropped).
+pub struct CancelOnDrop(Arc<AtomicBool>, bool);
+impl CancelOnDrop {
+    /// The request completed: dropping the guard no longer cancels anything.
+    pub fn disarm(&mut self) {
+        self.1 = true;
+    }
+}
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A queued request: its plan, the job's events and what it will report.
+pub struct Admitted {
+    pub plan: Plan,
+    pub events: UnboundedReceiver<Event>,
+    pub flops: Arc<FlopCounter>,
+    pub guard: CancelOnDrop,
+    pub frames: Vec<SampledFrame>,
+    pub decode_s: f64,
+    pub engine: Arc<VideoVlm>,
+    pub n: usize,
+}
+
+/// Everything a finished request reports.
+pub struct Outcome {
+    pub plan: Plan,
+    pub generations: Vec<Generation>,
+    pub measured: FlopBreakdown,
+    pub frames: Vec<SampledFrame>,
+    pub decode_s: f64,
+    pub notes: Vec<String>,
+    pub n: usize,
+}
+
+/// Budget (request's or tenant's default, capped by the tenant's per-request maximum) and the
+/// plan for one completion (at budget / n). The prompt is counted with each model's own
+/// tokenizer and template.
+pub fn plan_for(
+    s: &AppState,
+    t: &Tenant,
+    r: &ValidRequest,
+    text_only: bool,
+) -> Result<(Plan, f64), ApiError> {
+    let planner = s
+        .planner()
+        .ok_or_else(|| ApiError::NotReady("models are loading".into()))?;
+    let (req, budget) = plan_request(s, t, r, text_only)?;
+    Ok((planner.plan(&req)?, budget))
+}
+
+/// What the planner is asked for a request (see [`plan_for`]), and the budget.
+pub fn plan_request(
+    s: &AppState,
+    t: &Tenant,
+    r: &ValidRequest,
+    text_only: bool,
+) -> Result<(PlanRequest, f64), ApiError> {
+    let budget = r.budget.unwrap_or(t.default_budget);
+    if budget > t.per_request_max {
+        return Err(ApiError::invalid(
+            "budget",
+            format!(
+                "budget {budget:.4e} FLOPs exceeds this tenant's per-request maximum of {:.4e} FLOPs",
+                t.per_request_max
+            ),
+        ));
+    }
+    let mut text_tokens_by_model = BTreeMap::new();
+    if !r.prompt.is_empty() {
+        for (name, e) in s.engines() {
+            let n = e
+                .count_prompt_tokens(r.system.as_deref(), &r.prompt)
+                .map_err(ApiError::from)?;
+            text_tokens_by_model.insert(name, n);
+        }
+    }
+    let req = PlanRequest {
+        budget_flops: budget / r.n as f64,
+        task: r.task.clone(),
+        text_tokens: text_tokens_by_model.values().copied().max().unwrap_or(0),
+        text_tokens_by_model,
+        text_only,
+        expected_decode_tokens: r
+            .max_tokens
+            .unwrap_or(s.config.planner.expected_decode_tokens),
+        pins: r.pins.clone(),
+    };
+    Ok((req, budget))
+}
+
+/// Plans, reserves, decodes and queues.
+pub async fn admit(
+    s: &Arc<AppState>,
+    t: &Tenant,
+    r: ValidRequest,
+    slot: Option<AdmissionSlot>,
+) -> Result<Admitted, ApiError> {
+    if !s.is_ready() {
+        return Err(ApiError::NotReady("models are loading".into()));
+    }
+    let (plan, _budget) = plan_for(s, t, &r, matches!(r.media, Media::None))?;
+    let engine = s
+        .engine(&plan.choice.model)
+        .ok_or_else(|| ApiError::Internal(format!("model {} is not loaded", plan.choice.model)))?;
+    // A place in the queue before any work is spent (reservation, decoding): an overloaded
+    // server answers 429 at once, and at most queue_depth + workers requests decode or wait.
+    let permit = match slot.and_then(|x| x.take()) {
+        Some(p) => p,
+        None => s
+            .admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| overloaded(s))?,
+    };
+    static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let request_id = format!(
+        "req-{}-{}-{}",
+        std::process::id(),
+        now(),
+        REQUESTS.fetch_add(1, Ordering::Relaxed)
+    );
+    // n completions of one plan: reserved n times its price (the video is encoded once, so
+    // the measured cost settles lower).
+    let reserve = plan.choice.cost_flops * r.n as f64;
+    let tenant = t.clone();
+    // The plan is kept beside the reservation (a tenant's request history).
+    let mut recorded = json!(plan);
+    if let Some(o) = recorded.as_object_mut() {
+        o.remove("runners_up");
+    }
+    let reservation = s
+        .ledger_call(move |l| {
+            let r = l.reserve(&tenant, reserve, &request_id, now())?;
+            if let Err(e) = l.record_plan(&r, &recorded) {
+                tracing::warn!(request_id, "could not record the plan: {e}");
+            }
+            Ok(r)
+        })
+        .await?;
+    let flops = Arc::new(FlopCounter::new());
+    let held = Held::new(s.ledger.clone(), reservation, flops.clone());
+    let t0 = Instant::now();
+    let (frames, sampled) = match r.media.clone() {
+        Media::None => (None, vec![]),
+        media => {
+            let v = decode(s, &engine, media, plan.choice.frames as usize).await?;
+            let size = v.size as usize;
+            let count = v.frames.len();
+            (
+                Some(Frames {
+                    pixels: v.pixels,
+                    count,
+                    size,
+                }),
+                v.frames,
+            )
+        }
+    };
+    let decode_s = t0.elapsed().as_secs_f64();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let job = Job {
+        engine: engine.clone(),
+        frames,
+        n: r.n,
+        side: plan.choice.side as usize,
+        system: r.system,
+        prompt: r.prompt,
+        sampling: r.sampling,
+        flops: flops.clone(),
+        cancel: cancel.clone(),
+        events: tx,
+        held: Some(held),
+        queued_at: Instant::now(),
+        _permit: permit,
+    };
+    s.metrics.queued(1);
+    if !s.pool.submit(job) {
+        s.metrics.queued(-1);
+        return Err(overloaded(s));
+    }
+    Ok(Admitted {
+        plan,
+        events: rx,
+        flops,
+        guard: CancelOnDrop(cancel, false),
+        frames: sampled,
+        decode_s,
+        engine,
+        n: r.n,
+    })
+}
+
+/// Decodes exactly the planned number of frames at the tower's resolution, off the runtime.
+async fn decode(
+    s: &AppState,
+    engine: &VideoVlm,
+    media: Media,
+    frames: usize,
+) -> Result<vvlm_video::SampledVideo, ApiError> {
+    let pre = Preprocess {
+        size: engine.cfg.vision_config.image_size as u32,
+        ..Default::default()
+    };
+    let policy = s.config.media.clone();
+    let sampling = FrameSampling::Uniform { frames };
+    tokio::task::spawn_blocking(move || match media {
+        Media::VideoBytes(b) => vvlm_video::decode_bytes(&b, &sampling, &policy, &pre),
+        Media::VideoPath(p) => vvlm_video::decode_path(&p, &sampling, &policy, &pre),
+        Media::Images(imgs) => {
+            // Still images are the frames; the plan's frame count samples them uniformly.
+            let all = vvlm_video::frames_from_images(&imgs, &policy, &pre)?;
+            let instants = vvlm_video::sample_timestamps(&sampling, all.frames.len() as f64)?;
+            let times: Vec<f64> = all.frames.iter().map(|f| f.timestamp_s).collect();
+            let idx = vvlm_video::frame_for_instants(&times, &instants);
+            let n = 3 * (all.size * all.size) as usize;
+            let mut pixels = Vec::with_capacity(idx.len() * n);
+            let mut chosen = vec![];
+            for (k, &i) in idx.iter().enumerate() {
+                pixels.extend_from_slice(all.frame_pixels(i));
+                let mut f = all.frames[i].clone();
+                f.requested_s = instants[k];
+                chosen.push(f);
+            }
+            Ok(vvlm_video::SampledVideo {
+                frames: chosen,
+                pixels,
+                ..all
+            })
+        }
+        Media::None => Err(vvlm_video::VideoError::Invalid("no media".into())),
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("decoder task: {e}")))?
+    .map_err(ApiError::from)
+}
+
+/// Records a finished request in the metrics (the worker settled its reservation to the
+/// executed FLOPs before it reported) and returns what it measured.
+pub fn record(s: &AppState, a: &Admitted, generations: &[Generation]) -> FlopBreakdown {
+    let measured = a.flops.snapshot();
+    s.metrics
+        .add_flops(a.plan.choice.cost_flops * a.n as f64, &measured);
+    s.metrics
+        .add_tokens(generations.iter().map(|g| g.token_ids.len() as u64).sum());
+    measured
+}
+
+/// Admits a request and waits for all of it.
+pub async fn run_to_completion(
+    s: Arc<AppState>,
+    t: Tenant,
+    r: ValidRequest,
+    slot: Option<AdmissionSlot>,
+) -> Result<Outcome, ApiError> {
+    let mut a = admit(&s, &t, r, slot).await?;
+    let timeout = Duration::from_secs_f64(s.config.limits.request_timeout_s);
+    let events = &mut a.events;
+    let done = tokio::time::timeout(timeout, async {
+        while let Some(ev) = events.recv().await {
+            if let Event::Done(r) = ev {
+                return Some(r);
+            }
+        }
+        None
+    })
+    .await;
+    let generations = match done {
+        Err(_) => {
+            return Err(ApiError::Timeout(format!(
+                "the request took longer than {timeout:?}"
+            )))
+        }
+        Ok(None) => return Err(ApiError::Internal("the worker went away".into())),
+        Ok(Some(Err(e))) => return Err(e),
+        Ok(Some(Ok(g))) => g,
+    };
+    a.guard.disarm();
+    let measured = record(&s, &a, &generations);
+    Ok(Outcome {
+        generations,
+        measured,
+        frames: std::mem::take(&mut a.frames),
+        decode_s: a.decode_s,
+        notes: a.engine.notes.clone(),
+        n: a.n,
+        plan: a.plan,
+    })
+}

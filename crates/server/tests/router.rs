@@ -1,0 +1,586 @@
+//! The router in process, one test per rule (`tower::ServiceExt::oneshot`, no sockets): every
+//! status of the README's error table that does not need a socket, with the body naming the
+//! problem, plus image inputs, two loaded models, SSE error events, text-only chat and
+//! concurrent reservations at a quota's edge. Served: the committed suite ladder (suite-s and
+//! suite-m), the shipped fitted laws.
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tower::ServiceExt;
+use vvlm_server::ledger::TenantSettings;
+use vvlm_server::{AppState, ServerConfig};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn video_bytes() -> Vec<u8> {
+    std::fs::read(repo().join("tests/fixtures/suite-ladder/test-00003.mp4")).unwrap()
+}
+
+const ADMIN: &str = "admin-key-for-tests";
+
+struct Server {
+    state: Arc<AppState>,
+    _dir: tempfile::TempDir,
+}
+
+/// A server over suite-s and suite-m with the shipped configuration, changed by `edit`.
+fn server_with(load: bool, edit: impl FnOnce(&mut ServerConfig)) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir(&models).unwrap();
+    for rung in ["suite-s", "suite-m"] {
+        let text = std::fs::read_to_string(repo().join(format!("models/{rung}.toml"))).unwrap();
+        let abs = repo().join("models/ladder").join(rung);
+        let text = text.replace(
+            &format!("path = \"ladder/{rung}\""),
+            &format!("path = \"{}\"", abs.display()),
+        );
+        std::fs::write(models.join(format!("{rung}.toml")), text).unwrap();
+    }
+    let mut c = ServerConfig::embedded();
+    c.db = dir.path().join("ledger.db");
+    c.models_dir = models;
+    c.scaling_model = repo().join(&c.scaling_model);
+    for p in c.task_models.values_mut() {
+        *p = repo().join(&*p);
+    }
+    c.admin_key = Some(ADMIN.into());
+    c.file_allow = vec![dir.path().to_path_buf()];
+    c.limits.workers = 1;
+    c.limits.threads_per_worker = 1;
+    c.limits.queue_wait_s = 0.0;
+    edit(&mut c);
+    let state = vvlm_server::build_state(c).unwrap();
+    if load {
+        vvlm_server::load_models(&state).unwrap();
+    }
+    Server { state, _dir: dir }
+}
+
+fn server() -> Server {
+    server_with(true, |_| {})
+}
+
+impl Server {
+    /// A tenant (unlimited quota unless given) and its key.
+    fn tenant(&self, name: &str, quota: Option<f64>) -> String {
+        let settings = TenantSettings {
+            default_budget: Some(1e9),
+            per_request_max: Some(1e12),
+            quota: Some(quota),
+            period: None,
+        };
+        self.state.ledger.create_tenant(name, &settings).unwrap().1
+    }
+
+    async fn send(&self, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let resp = vvlm_server::router(self.state.clone())
+            .oneshot(req)
+            .await
+            .unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, headers, body)
+    }
+
+    async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Value,
+    ) -> (u16, Value) {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(k) = key {
+            b = b.header(header::AUTHORIZATION, format!("Bearer {k}"));
+        }
+        let (s, _, v) = self
+            .send(b.body(Body::from(body.to_string())).unwrap())
+            .await;
+        (s.as_u16(), v)
+    }
+
+    async fn post(&self, path: &str, key: &str, body: Value) -> (u16, Value) {
+        self.json(Method::POST, path, Some(key), body).await
+    }
+}
+
+fn data_url(mime: &str, bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    format!(
+        "data:{mime};base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+fn qa_body() -> Value {
+    json!({"video": data_url("video/mp4", &video_bytes()),
+           "question": "what colour is the flash ?", "max_tokens": 4})
+}
+
+/// The error's kind, and that its message is not empty.
+fn kind(body: &Value) -> &str {
+    let e = &body["error"];
+    assert!(
+        !e["message"].as_str().unwrap_or("").is_empty(),
+        "no message: {body}"
+    );
+    assert_eq!(e["code"], e["type"], "{body}");
+    e["type"].as_str().unwrap()
+}
+
+#[tokio::test]
+async fn a_video_question_is_answered_and_charged() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let (st, v) = s.post("/v1/videos/qa", &key, qa_body()).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(v["text"].is_string());
+    let measured = v["usage"]["measured_flops"]["total"].as_f64().unwrap();
+    assert!(measured > 0.0 && measured <= v["plan"]["cost_flops"].as_f64().unwrap() * 1.000001);
+    let (_, u) = s
+        .json(Method::GET, "/v1/usage", Some(&key), Value::Null)
+        .await;
+    assert_eq!(u["charged_flops"].as_f64().unwrap(), measured);
+    assert_eq!(u["reserved_flops"].as_f64().unwrap(), 0.0);
+}
+
+#[tokio::test]
+async fn missing_and_wrong_keys_are_401() {
+    let s = server();
+    let (st, v) = s.json(Method::POST, "/v1/videos/qa", None, qa_body()).await;
+    assert_eq!((st, kind(&v)), (401, "unauthorized"));
+    let (st, v) = s.post("/v1/videos/qa", "nope", qa_body()).await;
+    assert_eq!((st, kind(&v)), (401, "unauthorized"));
+    let (st, v) = s
+        .json(Method::GET, "/admin/tenants", Some("nope"), Value::Null)
+        .await;
+    assert_eq!((st, kind(&v)), (401, "unauthorized"));
+}
+
+#[tokio::test]
+async fn a_quota_that_cannot_hold_the_plan_is_402_with_reset_at() {
+    let s = server();
+    let key = s.tenant("poor", Some(1e3));
+    let (st, v) = s.post("/v1/videos/qa", &key, qa_body()).await;
+    assert_eq!((st, kind(&v)), (402, "budget_exhausted"), "{v}");
+    assert!(v["error"]["reset_at"].as_i64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn file_urls_outside_the_allow_list_and_a_disabled_admin_api_are_403() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let mut body = qa_body();
+    body["video"] = json!("file:///etc/passwd");
+    let (st, v) = s.post("/v1/videos/qa", &key, body).await;
+    assert_eq!((st, kind(&v)), (403, "forbidden"));
+    let s = server_with(false, |c| c.admin_key = None);
+    let (st, v) = s
+        .json(Method::GET, "/admin/tenants", Some(ADMIN), Value::Null)
+        .await;
+    assert_eq!((st, kind(&v)), (403, "forbidden"));
+}
+
+#[tokio::test]
+async fn unknown_routes_and_models_are_404() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let (st, v) = s.post("/v1/nothing", &key, json!({})).await;
+    assert_eq!((st, kind(&v)), (404, "not_found"));
+    let mut body = qa_body();
+    body["model"] = json!("suite-xl");
+    let (st, v) = s.post("/v1/videos/qa", &key, body).await;
+    assert_eq!((st, kind(&v)), (404, "model_not_found"));
+    assert_eq!(v["error"]["param"], "model");
+}
+
+#[tokio::test]
+async fn a_wrong_method_is_405_with_a_json_body() {
+    let s = server();
+    let (st, v) = s
+        .json(Method::GET, "/v1/videos/qa", None, Value::Null)
+        .await;
+    assert_eq!((st, kind(&v)), (405, "method_not_allowed"));
+}
+
+#[tokio::test]
+async fn removing_a_tenant_is_204_then_its_key_is_401() {
+    let s = server();
+    let key = s.tenant("gone", None);
+    let (st, _) = s
+        .json(
+            Method::DELETE,
+            "/admin/tenants/gone",
+            Some(ADMIN),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(st, 204);
+    let (st, _) = s.post("/v1/videos/qa", &key, qa_body()).await;
+    assert_eq!(st, 401);
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_413_announced_or_read() {
+    let s = server_with(true, |c| {
+        c.limits.max_body_bytes = 4096;
+        c.media.max_bytes = 2048;
+    });
+    let key = s.tenant("alice", None);
+    // Announced: refused from the header.
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/videos/qa")
+        .header(header::AUTHORIZATION, format!("Bearer {key}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, "1000000")
+        .body(Body::from(vec![b' '; 16]))
+        .unwrap();
+    let (st, _, v) = s.send(req).await;
+    assert_eq!((st.as_u16(), kind(&v)), (413, "payload_too_large"));
+    // Read: a body without a length that turns out too large.
+    let chunks = futures_stream(vec![vec![b'{'; 3000], vec![b' '; 3000]]);
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/videos/qa")
+        .header(header::AUTHORIZATION, format!("Bearer {key}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(chunks))
+        .unwrap();
+    let (st, _, v) = s.send(req).await;
+    assert_eq!((st.as_u16(), kind(&v)), (413, "payload_too_large"), "{v}");
+}
+
+/// A body in chunks of unknown total length.
+fn futures_stream(
+    chunks: Vec<Vec<u8>>,
+) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send {
+    struct Chunks(std::vec::IntoIter<Vec<u8>>);
+    impl futures_core::Stream for Chunks {
+        type Item = Result<Vec<u8>, std::io::Error>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Ready(self.0.next().map(Ok))
+        }
+    }
+    Chunks(chunks.into_iter())
+}
+
+#[tokio::test]
+async fn other_content_types_are_415() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/videos/qa")
+        .header(header::AUTHORIZATION, format!("Bearer {key}"))
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from("hello"))
+        .unwrap();
+    let (st, _, v) = s.send(req).await;
+    assert_eq!((st.as_u16(), kind(&v)), (415, "unsupported_media"));
+}
+
+#[tokio::test]
+async fn validation_errors_are_422_naming_the_field() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let cases: Vec<(&str, Value, Option<&str>, &str)> = vec![
+        ("question", Value::Null, Some("prompt"), "required"),
+        ("video", Value::Null, Some("video"), "video is required"),
+        ("budget", json!(1e13), Some("budget"), "per-request maximum"),
+        ("budget", json!("lots"), Some("budget"), "positive number"),
+        ("budget", json!(1.0), None, "budget"),
+        ("tokens_per_frame", json!(200), None, "perfect square"),
+        ("frames", json!(0), Some("frames"), "at least 1"),
+        (
+            "max_tokens",
+            json!(100000),
+            Some("max_tokens"),
+            "max_tokens",
+        ),
+        ("top_p", json!(0), Some("top_p"), "top_p"),
+        (
+            "stop",
+            json!(["a", "b", "c", "d", "e"]),
+            Some("stop"),
+            "at most 4",
+        ),
+        (
+            "top_logprobs",
+            json!(3),
+            Some("top_logprobs"),
+            "logprobs: true",
+        ),
+        ("colour", json!("red"), Some("colour"), "unknown field"),
+        (
+            "video",
+            json!(data_url("video/mp4", b"not a video at all")),
+            None,
+            "video",
+        ),
+    ];
+    for (field, value, param, says) in cases {
+        let mut body = qa_body();
+        if value.is_null() {
+            body.as_object_mut().unwrap().remove(field);
+        } else {
+            body[field] = value;
+        }
+        let (st, v) = s.post("/v1/videos/qa", &key, body).await;
+        assert_eq!((st, kind(&v)), (422, "validation_error"), "{field}: {v}");
+        assert_eq!(v["error"]["param"].as_str(), param, "{field}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(says), "{field}: {msg}");
+    }
+}
+
+#[tokio::test]
+async fn unimplemented_openai_fields_are_400_by_name() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let body = json!({"messages": [{"role": "user", "content": "hi"}],
+                      "response_format": {"type": "json_object"}});
+    let (st, v) = s.post("/v1/chat/completions", &key, body).await;
+    assert_eq!((st, kind(&v)), (400, "unsupported_parameter"));
+    assert_eq!(v["error"]["param"], "response_format");
+}
+
+#[tokio::test]
+async fn a_full_queue_is_429_with_retry_after() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    // Every admission place taken (as by requests in flight).
+    let places = (s.state.config.limits.queue_depth + s.state.config.workers()) as u32;
+    let _held = s.state.admission.clone().acquire_many_owned(places).await;
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/videos/qa")
+        .header(header::AUTHORIZATION, format!("Bearer {key}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(qa_body().to_string()))
+        .unwrap();
+    let (st, headers, v) = s.send(req).await;
+    assert_eq!((st.as_u16(), kind(&v)), (429, "overloaded"));
+    assert_eq!(headers["retry-after"], "2");
+}
+
+#[tokio::test]
+async fn before_models_load_health_and_requests_are_503() {
+    let s = server_with(false, |_| {});
+    let key = s.tenant("alice", None);
+    let (st, v) = s.json(Method::GET, "/health", None, Value::Null).await;
+    assert_eq!((st, kind(&v)), (503, "not_ready"));
+    let (st, v) = s.post("/v1/videos/qa", &key, qa_body()).await;
+    assert_eq!((st, kind(&v)), (503, "not_ready"));
+}
+
+#[tokio::test]
+async fn a_request_over_its_time_is_504_and_a_stream_ends_with_the_error_event() {
+    let s = server_with(true, |c| c.limits.request_timeout_s = 0.000_001);
+    let key = s.tenant("alice", None);
+    let (st, v) = s.post("/v1/videos/qa", &key, qa_body()).await;
+    assert_eq!((st, kind(&v)), (504, "timeout"));
+    let body = json!({"stream": true, "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": data_url("video/mp4", &video_bytes())}},
+        {"type": "text", "text": "what colour is the flash ?"}]}]});
+    let (st, v) = s.post("/v1/chat/completions", &key, body).await;
+    assert_eq!(st, 200);
+    let text = v.as_str().unwrap();
+    let last = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .next_back()
+        .unwrap();
+    let e: Value = serde_json::from_str(last).unwrap();
+    assert_eq!(kind(&e), "timeout", "{text}");
+}
+
+#[tokio::test]
+async fn images_are_frames() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let mut png = vec![];
+    let img = image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, 128])
+    });
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let body = json!({"images": [data_url("image/png", &png), data_url("image/png", &png)],
+                      "question": "what colour is the flash ?", "max_tokens": 2, "frames": 2});
+    let (st, v) = s.post("/v1/videos/qa", &key, body).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["plan"]["frames"], 2);
+    assert!(v["usage"]["visual_tokens"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn two_loaded_models_are_listed_and_each_can_be_pinned() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let (st, v) = s
+        .json(Method::GET, "/v1/models", Some(&key), Value::Null)
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(v["object"], "list");
+    let mut ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["suite-m", "suite-s"]);
+    for m in ids {
+        let mut body = qa_body();
+        body["model"] = json!(m);
+        let (st, v) = s.post("/v1/videos/qa", &key, body).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["plan"]["model"], m);
+    }
+}
+
+#[tokio::test]
+async fn text_only_chat_is_planned_on_text_alone() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let body = json!({"messages": [{"role": "user", "content": "what colour is the flash ?"}],
+                      "max_tokens": 3});
+    let (st, v) = s.post("/v1/chat/completions", &key, body).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["plan"]["frames"], 0);
+    assert_eq!(v["usage"]["visual_tokens"], 0);
+    assert_eq!(v["usage"]["measured_flops"]["vision"], 0.0);
+    // The caption and QA routes still need a video.
+    let (st, v) = s
+        .post("/v1/videos/qa", &key, json!({"question": "hi"}))
+        .await;
+    assert_eq!((st, v["error"]["param"].as_str()), (422, Some("video")));
+}
+
+#[tokio::test]
+async fn multipart_fields_are_the_same_options() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let boundary = "vvlmboundary";
+    let field = |name: &str, value: &str| {
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+        )
+    };
+    let form = |frames: &str| {
+        let mut body = vec![];
+        body.extend(field("question", "what colour is the flash ?").bytes());
+        body.extend(field("max_tokens", "3").bytes());
+        body.extend(field("frames", frames).bytes());
+        body.extend(field("budget", "1G").bytes());
+        body.extend(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"video\"; filename=\"v.mp4\"\r\nContent-Type: video/mp4\r\n\r\n").bytes(),
+        );
+        body.extend(video_bytes());
+        body.extend(format!("\r\n--{boundary}--\r\n").bytes());
+        Request::builder()
+            .method(Method::POST)
+            .uri("/v1/videos/qa")
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .header(
+                header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let (st, _, v) = s.send(form("2")).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["plan"]["frames"], 2);
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 3);
+    // A bad number names its field, as in JSON.
+    let (st, _, v) = s.send(form("two")).await;
+    assert_eq!(
+        (st.as_u16(), v["error"]["param"].as_str()),
+        (422, Some("frames")),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn engine_errors_keep_their_kind() {
+    use vvlm_server::error::ApiError;
+    let bad = ApiError::from(vvlm_engine::EngineError::Request("frames: wrong".into()));
+    assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let cancelled = ApiError::from(vvlm_engine::EngineError::Cancelled);
+    assert_eq!(cancelled.status(), StatusCode::GATEWAY_TIMEOUT);
+    let broken = ApiError::from(vvlm_engine::EngineError::Checkpoint("x".into()));
+    assert_eq!(broken.status(), StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_at_the_quota_edge_never_overspend() {
+    let s = server();
+    // Price one request as the server will.
+    let probe = s.tenant("probe", None);
+    let (st, plan) = s
+        .post(
+            "/v1/plan",
+            &probe,
+            json!({"prompt": "what colour is the flash ?", "max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(st, 200, "{plan}");
+    let price = plan["cost_flops"].as_f64().unwrap();
+    // Room for exactly 3 reservations.
+    let quota = 3.5 * price;
+    let key = s.tenant("edge", Some(quota));
+    let s = Arc::new(s);
+    let mut tasks = vec![];
+    for _ in 0..8 {
+        let (s, key) = (s.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            s.post("/v1/videos/qa", &key, qa_body()).await
+        }));
+    }
+    let mut ok = 0;
+    let mut refused = 0;
+    let mut measured = 0.0;
+    for t in tasks {
+        let (st, v) = t.await.unwrap();
+        match st {
+            200 => {
+                ok += 1;
+                measured += v["usage"]["measured_flops"]["total"].as_f64().unwrap();
+            }
+            402 | 429 => refused += 1,
+            other => panic!("{other}: {v}"),
+        }
+    }
+    assert!(ok >= 3, "{ok} answered");
+    assert!(refused >= 1, "nothing refused");
+    let (_, u) = s
+        .json(Method::GET, "/v1/usage", Some(&key), Value::Null)
+        .await;
+    let charged = u["charged_flops"].as_f64().unwrap();
+    assert!(charged <= quota, "charged {charged} over quota {quota}");
+    // Every answered request is charged what it measured: nothing lost, nothing twice.
+    assert!(
+        (charged - measured).abs() <= 1e-6 * measured,
+        "{charged} vs {measured}"
+    );
+    assert_eq!(u["reserved_flops"].as_f64().unwrap(), 0.0);
+}

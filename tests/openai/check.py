@@ -1,0 +1,145 @@
+"""vvlm's chat API through the official `openai` client (pinned in requirements.txt), as a new
+user would call it. Run by crates/cli/tests/e2e_server.rs against a real `vvlm serve`:
+
+    PYTHONPATH=target/openai-client python3 tests/openai/check.py BASE_URL KEY VIDEO
+
+Exits non-zero with the failed check's message. Prints one line per check.
+"""
+
+import base64
+import sys
+
+import openai
+
+base_url, key, video_path = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=base_url + "/v1", api_key=key, max_retries=0, timeout=120)
+with open(video_path, "rb") as f:
+    video_url = "data:video/mp4;base64," + base64.b64encode(f.read()).decode()
+
+
+def messages(question):
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video_url", "video_url": {"url": video_url}},
+                {"type": "text", "text": question},
+            ],
+        }
+    ]
+
+
+def ok(name, cond, detail=""):
+    if not cond:
+        sys.exit(f"FAIL {name}: {detail}")
+    print(f"ok   {name}")
+
+
+QUESTION = "What is the capital of France? Answer in one sentence."
+# vvlm's extensions go through extra_body, as with any OpenAI-compatible server.
+EXTRA = {"budget_flops": "2T"}
+
+# Models.
+models = client.models.list()
+ok("models.list", [m.id for m in models.data] == ["demo"], [m.id for m in models.data])
+
+# Non-streamed, with a video.
+r = client.chat.completions.create(
+    model="auto", messages=messages(QUESTION), max_tokens=12, seed=1, extra_body=EXTRA
+)
+text = r.choices[0].message.content
+ok("chat: text", isinstance(text, str) and len(text) > 0, repr(text))
+ok("chat: finish_reason", r.choices[0].finish_reason in ("stop", "length"), r.choices[0].finish_reason)
+ok("chat: usage", r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0, r.usage)
+ok("chat: model is the planned checkpoint", r.model == "demo", r.model)
+
+# Streamed, with include_usage: the same text (greedy), usage in a final chunk.
+chunks = list(
+    client.chat.completions.create(
+        model="auto",
+        messages=messages(QUESTION),
+        max_tokens=12,
+        seed=1,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=EXTRA,
+    )
+)
+streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+ok("stream: same text as non-streamed", streamed == text, f"{streamed!r} vs {text!r}")
+ok("stream: usage chunk", chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0, chunks[-1])
+finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+ok("stream: one finish_reason", len(finishes) == 1, finishes)
+
+# Stop: a word the answer contains ends it before that word, finish_reason "stop".
+words = text.split()
+stop = next((w for w in words[1:] if len(w) >= 3), None)
+ok("stop: a word to stop at", stop is not None, text)
+r = client.chat.completions.create(
+    model="auto", messages=messages(QUESTION), max_tokens=12, seed=1, stop=[stop], extra_body=EXTRA
+)
+got = r.choices[0].message.content
+ok("stop: finish_reason", r.choices[0].finish_reason == "stop", r.choices[0].finish_reason)
+ok("stop: text ends before the stop string", got == text[: text.index(stop)], f"{got!r} vs {text!r} at {stop!r}")
+
+# Logprobs and n.
+r = client.chat.completions.create(
+    model="auto",
+    messages=messages(QUESTION),
+    max_tokens=4,
+    logprobs=True,
+    top_logprobs=3,
+    n=2,
+    temperature=0.7,
+    extra_body=EXTRA,
+)
+ok("n: two choices", len(r.choices) == 2 and [c.index for c in r.choices] == [0, 1], r.choices)
+for c in r.choices:
+    lp = c.logprobs.content
+    ok("logprobs: one per token", len(lp) >= 1, lp)
+    ok("logprobs: top 3, best first", all(len(t.top_logprobs) == 3 for t in lp), lp)
+    ok("logprobs: <= 0", all(t.logprob <= 0 for t in lp), lp)
+    ok(
+        "logprobs: sorted",
+        all(t.top_logprobs[0].logprob >= t.top_logprobs[-1].logprob for t in lp),
+        lp,
+    )
+
+# Text alone.
+r = client.chat.completions.create(
+    model="auto", messages=[{"role": "user", "content": QUESTION}], max_tokens=8
+)
+ok("text-only chat", len(r.choices[0].message.content) > 0, r)
+
+# Errors, each as its typed exception with OpenAI's fields.
+def expect(name, exc, code, call):
+    try:
+        call()
+    except exc as e:
+        body = e.body if isinstance(e.body, dict) else {}
+        ok(name, e.code == code or body.get("code") == code, f"code {e.code!r} body {e.body!r}")
+        return e
+    except Exception as e:  # noqa: BLE001
+        sys.exit(f"FAIL {name}: {type(e).__name__}: {e}")
+    sys.exit(f"FAIL {name}: no error")
+
+
+bad = openai.OpenAI(base_url=base_url + "/v1", api_key="wrong", max_retries=0)
+expect("401 wrong key", openai.AuthenticationError, "unauthorized",
+       lambda: bad.chat.completions.create(model="auto", messages=messages("hi")))
+expect("404 unknown model", openai.NotFoundError, "model_not_found",
+       lambda: client.chat.completions.create(model="nope", messages=messages("hi")))
+e = expect("400 unsupported parameter", openai.BadRequestError, "unsupported_parameter",
+           lambda: client.chat.completions.create(
+               model="auto", messages=messages("hi"), response_format={"type": "json_object"}))
+ok("400 names the parameter", e.param == "response_format", e.param)
+e = expect("422 invalid value", openai.UnprocessableEntityError, "validation_error",
+           lambda: client.chat.completions.create(model="auto", messages=messages("hi"), max_tokens=100000))
+ok("422 names the parameter", e.param == "max_tokens", e.param)
+expect("403 file:// outside the allow-list", openai.PermissionDeniedError, "forbidden",
+       lambda: client.chat.completions.create(
+           model="auto",
+           messages=[{"role": "user", "content": [
+               {"type": "video_url", "video_url": {"url": "file:///etc/passwd"}},
+               {"type": "text", "text": "hi"}]}]))
+print("all checks passed")
