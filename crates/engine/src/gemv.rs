@@ -12,6 +12,11 @@ use rayon::prelude::*;
 /// Rows of `x` up to which [`Gemv`] is used instead of the general matmul.
 pub const MAX_ROWS: usize = 4;
 
+/// Rows up to which a batched decode step uses [`Gemv`]: its outputs are then bit-identical to
+/// each sequence's own decode (the same dot product per output), and each weight row is read
+/// once for all rows.
+pub const MAX_BATCH_ROWS: usize = 64;
+
 /// `x [m, in] · w[out, in]ᵀ` as a candle op on `(x, w)`.
 pub struct Gemv;
 

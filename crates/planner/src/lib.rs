@@ -71,10 +71,21 @@ pub struct PlanRequest {
     /// that fit, the law's preference in `x_N`.
     #[serde(default)]
     pub text_only: bool,
+    /// Configurations whose vision features this request's video already has in the cache:
+    /// their vision and projector cost nothing more, so they are priced at their marginal cost.
+    #[serde(default)]
+    pub cached_vision: Vec<CachedVision>,
     /// Generated tokens to price (used by the exact cost mode).
     pub expected_decode_tokens: usize,
     #[serde(default)]
     pub pins: Pins,
+}
+
+/// A video's frames already encoded by a checkpoint (any pooled side reuses them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedVision {
+    pub model: String,
+    pub frames: u32,
 }
 
 /// One priced and scored configuration.
@@ -87,7 +98,11 @@ pub struct Candidate {
     pub side: u32,
     pub predicted_error: f64,
     pub predicted_score: f64,
+    /// What it costs given the cache (what is reserved and compared with the budget).
     pub cost_flops: f64,
+    /// What it would cost with nothing cached.
+    #[serde(default)]
+    pub cold_cost_flops: f64,
 }
 
 /// The planner's answer.
@@ -192,7 +207,45 @@ impl Planner {
         self.archs.insert(model.to_string(), arch);
     }
 
-    /// Prices one configuration.
+    /// The vision tower's and projector's part of a configuration's price (what cached
+    /// features save).
+    pub fn vision_cost(&self, entry: &ModelEntry, frames: u32) -> f64 {
+        match (self.cost_mode, self.archs.get(&entry.name)) {
+            (CostMode::Exact, Some(arch)) => {
+                let b = arch.flops(&Workload {
+                    frames: frames as usize,
+                    tokens_per_frame: 1,
+                    text_tokens: 0,
+                    decode_steps: 0,
+                });
+                b.vision + b.projector
+            }
+            _ => self.paper_cost.split(entry.lm_params, frames as f64, 0.0).0,
+        }
+    }
+
+    /// Prices one configuration given the cache: (marginal, cold).
+    pub fn marginal_cost(
+        &self,
+        entry: &ModelEntry,
+        frames: u32,
+        tokens_per_frame: u32,
+        req: &PlanRequest,
+    ) -> (f64, f64) {
+        let cold = self.cost(entry, frames, tokens_per_frame, req);
+        let cached = frames > 0
+            && req
+                .cached_vision
+                .iter()
+                .any(|c| c.model == entry.name && c.frames == frames);
+        if cached {
+            ((cold - self.vision_cost(entry, frames)).max(0.0), cold)
+        } else {
+            (cold, cold)
+        }
+    }
+
+    /// Prices one configuration with nothing cached.
     pub fn cost(
         &self,
         entry: &ModelEntry,
@@ -348,6 +401,7 @@ impl Planner {
                 }
                 fits_some = true;
                 let cost = self.cost(entry, 0, 0, req);
+                let cold = cost;
                 min_cost = min_cost.min(cost);
                 if cost > budget {
                     continue;
@@ -367,6 +421,7 @@ impl Planner {
                     predicted_error: err,
                     predicted_score: 100.0 - err,
                     cost_flops: cost,
+                    cold_cost_flops: cold,
                 });
                 continue;
             }
@@ -409,7 +464,7 @@ impl Planner {
                         }
                     }
                     fits_some = true;
-                    let cost = self.cost(entry, t, v, req);
+                    let (cost, cold) = self.marginal_cost(entry, t, v, req);
                     min_cost = min_cost.min(cost);
                     if cost > budget {
                         continue;
@@ -429,6 +484,7 @@ impl Planner {
                         predicted_error: err,
                         predicted_score: 100.0 - err,
                         cost_flops: cost,
+                        cold_cost_flops: cold,
                     });
                 }
             }
@@ -486,6 +542,7 @@ mod tests {
             text_tokens: 20,
             text_tokens_by_model: BTreeMap::new(),
             text_only: false,
+            cached_vision: vec![],
             expected_decode_tokens: 32,
             pins: Pins::default(),
         }
@@ -730,5 +787,50 @@ mod tests {
         r.budget_flops = 1e12;
         r.pins.frames = Some(4);
         assert!(matches!(p.plan(&r), Err(PlanError::InvalidPin(_))));
+    }
+
+    #[test]
+    fn cached_vision_is_priced_at_its_marginal_cost() {
+        let p = planner();
+        // Theoretical mode: the vision part of T frames is 2 T x_M x_W = 2 T 0.43e9 768.
+        let mut r = req(3e12);
+        r.pins = Pins {
+            model: Some("large".into()),
+            frames: Some(4),
+            tokens_per_frame: Some(25),
+        };
+        // Cold: 2 * 4 * (0.43e9 * 768 + 7.5e9 * 25) = 4.14192e12, over the 3e12 budget.
+        assert!(matches!(p.plan(&r), Err(PlanError::BudgetTooSmall { .. })));
+        r.cached_vision.push(CachedVision {
+            model: "large".into(),
+            frames: 4,
+        });
+        let warm = p.plan(&r).unwrap().choice;
+        // Marginal: 2 * 4 * 7.5e9 * 25 = 1.5e12, which fits.
+        assert!(
+            (warm.cost_flops - 1.5e12).abs() < 1.0,
+            "{}",
+            warm.cost_flops
+        );
+        assert!(
+            (warm.cold_cost_flops - 4.14192e12).abs() < 1e3,
+            "{}",
+            warm.cold_cost_flops
+        );
+        // Unpinned, a cached video lets the planner afford what it could not cold.
+        let mut free = req(2e12);
+        let cold_plan = p.plan(&free).unwrap().choice;
+        assert_eq!(cold_plan.cost_flops, cold_plan.cold_cost_flops);
+        free.cached_vision = (1..=32)
+            .flat_map(|t| {
+                ["small", "large"].map(|m| CachedVision {
+                    model: m.into(),
+                    frames: t,
+                })
+            })
+            .collect();
+        let warm_plan = p.plan(&free).unwrap().choice;
+        assert!(warm_plan.predicted_error < cold_plan.predicted_error);
+        assert!(warm_plan.cold_cost_flops > 2e12);
     }
 }

@@ -41,6 +41,29 @@ pub struct ServerConfig {
     /// `auto`, `f32`, `bf16` or `f16`.
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// The video cache (decoded frames and vision features of recent videos).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bytes the cache may hold (0: no cache).
+    pub max_bytes: usize,
+    /// Share entries across tenants. Off by default: a hit's speed would tell a tenant that
+    /// another sent the same video.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 512 << 20,
+            shared: false,
+        }
+    }
 }
 
 fn default_device() -> String {

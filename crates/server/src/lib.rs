@@ -8,6 +8,7 @@
 //! crate's APIs.
 
 mod admission;
+pub mod cache;
 mod chat;
 pub mod config;
 pub mod console;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub pool: worker::Pool,
     /// Requests admitted (decoding, queued or running): queue_depth + workers.
     pub admission: Arc<tokio::sync::Semaphore>,
+    /// Decoded frames and vision features of recent videos.
+    pub cache: Arc<cache::VideoCache>,
     /// Set once at least one checkpoint is loaded and the planner built over the loaded ones.
     planner: RwLock<Option<Arc<Planner>>>,
     engines: RwLock<BTreeMap<String, Arc<VideoVlm>>>,
@@ -125,7 +128,10 @@ pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError
         .as_deref()
         .filter(|k| !k.is_empty())
         .map(ledger::hash_key);
+    let video_cache = Arc::new(cache::VideoCache::new(config.cache.max_bytes));
+    metrics.watch_cache(video_cache.clone());
     Ok(Arc::new(AppState {
+        cache: video_cache,
         config,
         ledger: Arc::new(ledger),
         metrics,

@@ -56,6 +56,16 @@ pub struct Metrics {
     time_to_first_token: Histogram,
     time_per_output_token: Histogram,
     e2e_latency: Histogram,
+    cache_lookups: Family<CacheLookup, Counter>,
+    cache_bytes: Gauge,
+    cache_entries: Gauge,
+    cache: std::sync::Mutex<Option<std::sync::Arc<crate::cache::VideoCache>>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLookup {
+    what: &'static str,
+    result: &'static str,
 }
 
 impl Default for Metrics {
@@ -75,6 +85,10 @@ impl Default for Metrics {
             time_to_first_token: latency(),
             time_per_output_token: Histogram::new(TOKEN_BUCKETS),
             e2e_latency: latency(),
+            cache_lookups: Family::default(),
+            cache_bytes: Gauge::default(),
+            cache_entries: Gauge::default(),
+            cache: std::sync::Mutex::new(None),
         };
         let mut m = m;
         let r = &mut m.registry;
@@ -138,6 +152,21 @@ impl Default for Metrics {
             "e2e_request_latency_seconds",
             "Seconds from queued to the request's last token",
             m.e2e_latency.clone(),
+        );
+        r.register(
+            "cache_lookups",
+            "Video cache lookups of requests with media, by what (frames, vision) and result",
+            m.cache_lookups.clone(),
+        );
+        r.register(
+            "cache_bytes",
+            "Bytes the video cache holds",
+            m.cache_bytes.clone(),
+        );
+        r.register(
+            "cache_entries",
+            "Entries the video cache holds",
+            m.cache_entries.clone(),
         );
         m
     }
@@ -215,8 +244,36 @@ impl Metrics {
         self.e2e_latency.observe(e2e_s);
     }
 
+    /// One request's cache lookup: were its frames, and its vision features, cached?
+    pub fn cache_lookup(&self, frames: bool, vision: bool) {
+        let result = |hit: bool| if hit { "hit" } else { "miss" };
+        for (what, hit) in [("frames", frames), ("vision", vision)] {
+            self.cache_lookups
+                .get_or_create(&CacheLookup {
+                    what,
+                    result: result(hit),
+                })
+                .inc();
+        }
+    }
+
+    /// The cache whose size `/metrics` reports.
+    pub fn watch_cache(&self, c: std::sync::Arc<crate::cache::VideoCache>) {
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
+        if let Some(c) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let (entries, bytes) = c.usage();
+            self.cache_entries.set(entries as i64);
+            self.cache_bytes.set(bytes as i64);
+        }
         let mut s = String::new();
         prometheus_client::encoding::text::encode(&mut s, &self.registry)
             .expect("writing to a String cannot fail");

@@ -383,7 +383,7 @@ async fn plan(
             }
         };
         let r = validate(options, content, rules, &s.config.limits)?;
-        let (req, budget) = plan_request(&s, &t, &r, text_only)?;
+        let (req, budget) = plan_request(&s, &t, &r, text_only, vec![])?;
         let planner = s
             .planner()
             .ok_or_else(|| ApiError::NotReady("models are loading".into()))?;
@@ -438,6 +438,8 @@ pub(crate) fn usage_json(o: &Outcome) -> Value {
             "video_decode_s": o.decode_s, "vision_s": first.timings.vision_s,
             "prefill_s": sum(|g| g.timings.prefill_s), "decode_s": sum(|g| g.timings.decode_s),
         },
+        "cache": o.cache,
+        "cold_cost_flops": o.plan.choice.cold_cost_flops * o.n as f64,
     })
 }
 

@@ -6,7 +6,9 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc::UnboundedSender;
 use vvlm_cost::FlopCounter;
-use vvlm_engine::{FrameData, GenerateRequest, Generation, SamplingParams, VideoVlm};
+use vvlm_engine::{
+    FrameData, GenerateRequest, Generation, SamplingParams, VideoVlm, VisionFeatures, VisualInput,
+};
 
 use crate::error::ApiError;
 use crate::ledger::{now, Ledger, Reservation};
@@ -90,8 +92,10 @@ impl Drop for Held {
 /// One inference job.
 pub struct Job {
     pub engine: Arc<VideoVlm>,
-    /// Decoded frames, `[frames, 3, size, size]` values (None: text alone).
-    pub frames: Option<Frames>,
+    /// What the request sees.
+    pub visual: JobVisual,
+    /// Receives the features of frames the job encoded (for the video cache).
+    pub on_features: Option<Box<dyn FnOnce(VisionFeatures) + Send>>,
     /// Completions to generate from the one encoded video.
     pub n: usize,
     pub side: usize,
@@ -107,6 +111,13 @@ pub struct Job {
     pub queued_at: std::time::Instant,
     /// The request's place in the admission limit, freed when the job ends.
     pub _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// What a job sees: text alone, decoded frames, or a cached encoding of them.
+pub enum JobVisual {
+    None,
+    Frames(Arc<Frames>),
+    Features(Arc<VisionFeatures>),
 }
 
 /// Frames as the video crate decodes them.
@@ -178,10 +189,17 @@ fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metri
         let queue_s = job.queued_at.elapsed().as_secs_f64();
         let _ = job.events.send(Event::Started);
         let mut first_text = None;
+        let on_features = job.on_features.take();
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&job, &mut first_text)));
         let result = match result {
-            Ok(r) => r,
+            Ok(Ok((generations, features))) => {
+                if let (Some(f), Some(keep)) = (features, on_features) {
+                    keep(f);
+                }
+                Ok(generations)
+            }
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(ApiError::Internal(
                 "the engine panicked on this request".into(),
             )),
@@ -213,12 +231,16 @@ fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metri
 fn run(
     job: &Job,
     first_text: &mut Option<std::time::Instant>,
-) -> Result<Vec<Generation>, ApiError> {
-    let frames = job.frames.as_ref().map(|f| FrameData {
-        pixels: &f.pixels,
-        frames: f.count,
-        size: f.size,
-    });
+) -> Result<(Vec<Generation>, Option<VisionFeatures>), ApiError> {
+    let visual = match &job.visual {
+        JobVisual::None => VisualInput::None,
+        JobVisual::Frames(f) => VisualInput::Frames(FrameData {
+            pixels: &f.pixels,
+            frames: f.count,
+            size: f.size,
+        }),
+        JobVisual::Features(f) => VisualInput::Features(f),
+    };
     let req = GenerateRequest {
         pixels: None,
         side: job.side,
@@ -230,7 +252,7 @@ fn run(
     let events = job.events.clone();
     let cancel = job.cancel.clone();
     job.engine
-        .generate_frames(frames, &req, job.n, &job.flops, &mut |index, piece| {
+        .generate_visual(visual, &req, job.n, &job.flops, &mut |index, piece| {
             if cancel.load(Ordering::Relaxed) || events.is_closed() {
                 return false;
             }

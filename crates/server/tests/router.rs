@@ -697,3 +697,108 @@ async fn a_plan_answers_its_price_by_component_and_on_request_every_candidate() 
     assert_eq!((st, kind(&v)), (422, "validation_error"));
     assert_eq!(v["error"]["param"], "candidates");
 }
+
+#[tokio::test]
+async fn a_cached_video_answers_the_same_for_less_and_stays_with_its_tenant() {
+    let s = server();
+    let alice = s.tenant("alice", None);
+    let bob = s.tenant("bob", None);
+    let mut body = qa_body();
+    body["model"] = json!("suite-m");
+    body["frames"] = json!(8);
+    body["tokens_per_frame"] = json!(16);
+    let (st, cold) = s.post("/v1/videos/qa", &alice, body.clone()).await;
+    assert_eq!(st, 200, "{cold}");
+    assert_eq!(
+        cold["usage"]["cache"],
+        json!({"frames": false, "vision": false})
+    );
+    let cold_plan = &cold["plan"];
+    assert_eq!(cold_plan["cost_flops"], cold_plan["cold_cost_flops"]);
+    assert!(cold["usage"]["measured_flops"]["vision"].as_f64().unwrap() > 0.0);
+
+    // The same video again: frames and features from the cache, the same answer, no vision
+    // FLOPs measured or charged, and the plan priced at its marginal cost.
+    let (_, before) = s
+        .json(Method::GET, "/v1/usage", Some(&alice), Value::Null)
+        .await;
+    let (st, warm) = s.post("/v1/videos/qa", &alice, body.clone()).await;
+    assert_eq!(st, 200, "{warm}");
+    assert_eq!(
+        warm["usage"]["cache"],
+        json!({"frames": true, "vision": true})
+    );
+    assert_eq!(warm["text"], cold["text"]);
+    let mv = &warm["usage"]["measured_flops"];
+    assert_eq!(
+        (mv["vision"].as_f64(), mv["projector"].as_f64()),
+        (Some(0.0), Some(0.0))
+    );
+    let marginal = warm["plan"]["cost_flops"].as_f64().unwrap();
+    let full = warm["plan"]["cold_cost_flops"].as_f64().unwrap();
+    assert_eq!(full, cold_plan["cost_flops"].as_f64().unwrap());
+    assert!(marginal < full, "{marginal} vs {full}");
+    let (_, after) = s
+        .json(Method::GET, "/v1/usage", Some(&alice), Value::Null)
+        .await;
+    let charged =
+        after["charged_flops"].as_f64().unwrap() - before["charged_flops"].as_f64().unwrap();
+    assert!((charged - mv["total"].as_f64().unwrap()).abs() <= 1e-6 * charged);
+    assert!(charged < cold["usage"]["measured_flops"]["total"].as_f64().unwrap());
+
+    // A budget between the marginal and the cold price: fits only because the video is cached.
+    let mut tight = body.clone();
+    tight["budget"] = json!((marginal + full) / 2.0);
+    let (st, v) = s.post("/v1/videos/qa", &alice, tight.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    // Another tenant sending the same video gets no hit (and that budget is too small cold).
+    let (st, v) = s.post("/v1/videos/qa", &bob, tight).await;
+    assert_eq!(st, 422, "{v}");
+    let (st, v) = s.post("/v1/videos/qa", &bob, body.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        v["usage"]["cache"],
+        json!({"frames": false, "vision": false})
+    );
+}
+
+#[tokio::test]
+async fn the_cache_holds_no_more_than_its_cap() {
+    // Room for no video at all: every request is cold, nothing is kept.
+    let s = server_with(true, |c| c.cache.max_bytes = 1000);
+    let key = s.tenant("alice", None);
+    for _ in 0..2 {
+        let (st, v) = s.post("/v1/videos/qa", &key, qa_body()).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(
+            v["usage"]["cache"],
+            json!({"frames": false, "vision": false})
+        );
+    }
+    assert_eq!(s.state.cache.usage(), (0, 0));
+    // With room, one entry per (video, checkpoint, frames), within the cap.
+    let s = server_with(true, |c| c.cache.max_bytes = 64 << 20);
+    let key = s.tenant("alice", None);
+    let (st, _) = s.post("/v1/videos/qa", &key, qa_body()).await;
+    assert_eq!(st, 200);
+    let (entries, bytes) = s.state.cache.usage();
+    assert_eq!(entries, 1);
+    assert!(bytes > 0 && bytes <= 64 << 20);
+    let (_, _, metrics) = s
+        .send(
+            Request::builder()
+                .uri("/metrics")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    let text = metrics.as_str().unwrap();
+    assert!(
+        text.contains("vvlm_cache_lookups_total{what=\"vision\",result=\"miss\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("vvlm_cache_bytes {bytes}")),
+        "{text}"
+    );
+}
