@@ -623,12 +623,14 @@ fn caption_qa_chat_budgets_and_every_error_path() {
         "{}",
         e.body
     );
+    // A video alice has not sent (one she has is cached: its marginal cost is far lower).
+    let fresh = video("one-second.mp4", 1);
     let e = form(
         Some(&alice),
         &[("prompt", "x"), ("budget", "1e9")],
-        Some(&v),
+        Some(&fresh),
     );
-    assert_eq!(e.status, 422);
+    assert_eq!(e.status, 422, "{}", e.body);
     assert!(
         e.body["error"]["message"]
             .as_str()

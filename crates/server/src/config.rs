@@ -114,6 +114,20 @@ pub struct Limits {
     /// it is answered 429.
     #[serde(default = "default_queue_wait")]
     pub queue_wait_s: f64,
+    /// Sequences each worker decodes together (continuous batching; 1 runs one at a time).
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// KV positions (prompt + max_tokens of each sequence) a worker's batch may reserve
+    /// before new requests wait in the queue.
+    #[serde(default = "default_max_batch_tokens")]
+    pub max_batch_tokens: usize,
+}
+
+fn default_max_batch() -> usize {
+    16
+}
+fn default_max_batch_tokens() -> usize {
+    65536
 }
 
 fn default_queue_wait() -> f64 {

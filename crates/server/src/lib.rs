@@ -115,12 +115,16 @@ pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError
     }
     let metrics = Arc::new(metrics::Metrics::default());
     let admission = Arc::new(tokio::sync::Semaphore::new(
-        config.limits.queue_depth + config.workers(),
+        config.limits.queue_depth + config.workers() * config.limits.max_batch.max(1),
     ));
     let pool = worker::Pool::start(
         config.workers(),
         config.threads_per_worker(),
         config.limits.queue_depth,
+        worker::BatchLimits {
+            max_sequences: config.limits.max_batch.max(1),
+            max_tokens: config.limits.max_batch_tokens,
+        },
         metrics.clone(),
     );
     let admin_key_hash = config

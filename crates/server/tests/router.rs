@@ -367,7 +367,7 @@ async fn a_full_queue_is_429_with_retry_after() {
     let s = server();
     let key = s.tenant("alice", None);
     // Every admission place taken (as by requests in flight).
-    let places = (s.state.config.limits.queue_depth + s.state.config.workers()) as u32;
+    let places = s.state.admission.available_permits() as u32;
     let _held = s.state.admission.clone().acquire_many_owned(places).await;
     let req = Request::builder()
         .method(Method::POST)
