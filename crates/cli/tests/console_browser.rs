@@ -505,6 +505,19 @@ fn console_in_a_real_browser() {
         b.size(1280, 900);
     }
 
+    // The plan again on the same video: the server's video cache supplies its vision features
+    // (neither run nor charged), and the console says so.
+    b.click("#side-by-side");
+    b.click("#run");
+    b.wait_js(
+        "the rerun",
+        "return document.querySelectorAll('#results .result.done').length === 1;",
+        LONG,
+    );
+    let again = b.text("#results .result");
+    assert!(again.contains("from the video cache"), "{again}");
+    assert!(again.contains("vision tower (cached)"), "{again}");
+
     // The tenants page: a wrong admin key is refused clearly, the right one shows the charges.
     b.goto(&format!("{base}/#tenants"));
     b.wait_text("#tn-title", "Tenants", SHORT);
@@ -521,15 +534,15 @@ fn console_in_a_real_browser() {
         json!([]),
     );
     eprintln!("acme: {row}");
-    assert_eq!(row[6], "2", "two requests charged: {row}");
+    assert_eq!(row[6], "3", "three requests charged: {row}");
     assert_ne!(row[2], "0", "used: {row}");
     let (_, usage) = api("GET", &format!("{base}/v1/usage"), &key, None);
-    assert_eq!(usage["requests"], 2);
+    assert_eq!(usage["requests"], 3);
     b.click("#tenant-list tbody button");
     b.wait_text("#td-title", "Tenant acme", SHORT);
     b.wait_js(
         "recent requests",
-        "return document.querySelectorAll('#requests tbody tr').length === 2;",
+        "return document.querySelectorAll('#requests tbody tr').length === 3;",
         SHORT,
     );
     let reqs = b.text("#requests");

@@ -264,7 +264,10 @@ function panel(title, cfg) {
 function flopsTable(planned, usage) {
   const m = usage.measured_flops;
   const names = [['vision', 'vision tower'], ['projector', 'projector'], ['lm_prefill', 'LM prefill'], ['lm_decode', 'LM decode']];
+  // Vision features the server's video cache supplied are neither run nor charged.
+  const cached = usage.cache && usage.cache.vision;
   const rows = names.map(([k, label]) => {
+    if (cached && (k === 'vision' || k === 'projector')) return [`${label} (cached)`, '0', si(m[k]), '-'];
     const t = planned ? planned[k] : NaN;
     return [label, si(t), si(m[k]), t > 0 ? (m[k] / t).toFixed(3) : '-'];
   });
@@ -313,7 +316,10 @@ async function runOne(videoUrl, r, cfg, p, title, signal) {
     }, signal);
     if (!last) throw new ApiError(200, 'stream', 'the stream ended without a final chunk');
     const wall = (performance.now() - t0) / 1000;
-    ui.status.textContent = `done (${last.choices[0].finish_reason}), ${last.usage.completion_tokens} tokens`;
+    const c = last.usage.cache || {};
+    const reused = [c.frames && 'decoded frames', c.vision && 'vision features'].filter(Boolean);
+    ui.status.textContent = `done (${last.choices[0].finish_reason}), ${last.usage.completion_tokens} tokens`
+      + (reused.length ? `; ${reused.join(' and ')} from the video cache` : '');
     ui.status.className = 'status ok';
     ui.details.replaceChildren(flopsTable(p.cost_by_component, last.usage), timeTable(last.usage, wall, first));
     ui.root.classList.add('done');
