@@ -13,7 +13,7 @@ pub use registry::{ModelEntry, Registry};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use vvlm_cost::{ArchSpec, PaperCost, Workload};
+use vvlm_cost::{ArchSpec, FlopBreakdown, PaperCost, Workload};
 use vvlm_scaling::{Config, FittedModel};
 
 /// Errors of planning.
@@ -273,18 +273,91 @@ impl Planner {
         }
     }
 
+    /// FLOPs of one configuration by component: the exact analytic count of the architecture
+    /// (exact cost mode), or the paper's formula split into vision and LM prefill. Sums to
+    /// [`Self::cost`] (up to rounding).
+    pub fn cost_breakdown(
+        &self,
+        entry: &ModelEntry,
+        frames: u32,
+        tokens_per_frame: u32,
+        req: &PlanRequest,
+    ) -> FlopBreakdown {
+        match (self.cost_mode, self.archs.get(&entry.name)) {
+            (CostMode::Exact, Some(arch)) => arch.flops(&Workload {
+                frames: frames as usize,
+                tokens_per_frame: tokens_per_frame as usize,
+                text_tokens: req.text_tokens_for(&entry.name),
+                decode_steps: req.expected_decode_tokens.saturating_sub(1),
+            }),
+            _ if frames == 0 => FlopBreakdown {
+                lm_prefill: 2.0 * entry.lm_params * req.text_tokens_for(&entry.name) as f64,
+                lm_decode: 2.0 * entry.lm_params * req.expected_decode_tokens as f64,
+                ..Default::default()
+            },
+            _ => {
+                let (vision, lm_prefill) =
+                    self.paper_cost
+                        .split(entry.lm_params, frames as f64, tokens_per_frame as f64);
+                FlopBreakdown {
+                    vision,
+                    lm_prefill,
+                    ..Default::default()
+                }
+            }
+        }
+    }
+
     /// Plans one request.
     pub fn plan(&self, req: &PlanRequest) -> Result<Plan, PlanError> {
-        let scaling = self
-            .tasks
-            .get(&req.task)
-            .ok_or_else(|| PlanError::UnknownTask(req.task.clone()))?;
         if !(req.budget_flops.is_finite() && req.budget_flops > 0.0) {
             return Err(PlanError::InvalidPin(format!(
                 "budget must be positive, got {}",
                 req.budget_flops
             )));
         }
+        let (mut feasible, considered, min_cost) = self.search(req, req.budget_flops)?;
+        if feasible.is_empty() {
+            return Err(PlanError::BudgetTooSmall {
+                budget: req.budget_flops,
+                min_budget: min_cost,
+            });
+        }
+        feasible.sort_by(|a, b| {
+            a.predicted_error
+                .total_cmp(&b.predicted_error)
+                .then(a.cost_flops.total_cmp(&b.cost_flops))
+        });
+        let runners_up = feasible.iter().skip(1).take(5).cloned().collect();
+        Ok(Plan {
+            choice: feasible.swap_remove(0),
+            budget_flops: req.budget_flops,
+            cost_mode: self.cost_mode,
+            task: req.task.clone(),
+            runners_up,
+            considered,
+        })
+    }
+
+    /// Every configuration the request allows (pins and context respected), priced and scored
+    /// whatever its cost: the budget is ignored. In the registry's order, then frames, then side.
+    /// What a frontier plot draws: [`Self::plan`] picks the lowest predicted error among those
+    /// whose cost fits the budget.
+    pub fn candidates(&self, req: &PlanRequest) -> Result<Vec<Candidate>, PlanError> {
+        Ok(self.search(req, f64::INFINITY)?.0)
+    }
+
+    /// The candidates costing at most `budget`, how many were considered after pins, and the
+    /// cheapest cost of any that fits the context.
+    fn search(
+        &self,
+        req: &PlanRequest,
+        budget: f64,
+    ) -> Result<(Vec<Candidate>, usize, f64), PlanError> {
+        let scaling = self
+            .tasks
+            .get(&req.task)
+            .ok_or_else(|| PlanError::UnknownTask(req.task.clone()))?;
         if let Some(m) = &req.pins.model {
             if !self.registry.models.iter().any(|e| &e.name == m) {
                 return Err(PlanError::UnknownModel(m.clone()));
@@ -330,7 +403,7 @@ impl Planner {
                 let cost = self.cost(entry, 0, 0, req);
                 let cold = cost;
                 min_cost = min_cost.min(cost);
-                if cost > req.budget_flops {
+                if cost > budget {
                     continue;
                 }
                 let err = scaling.predict(&Config {
@@ -393,7 +466,7 @@ impl Planner {
                     fits_some = true;
                     let (cost, cold) = self.marginal_cost(entry, t, v, req);
                     min_cost = min_cost.min(cost);
-                    if cost > req.budget_flops {
+                    if cost > budget {
                         continue;
                     }
                     let err = scaling.predict(&Config {
@@ -422,26 +495,7 @@ impl Planner {
                 limit: max_context,
             });
         }
-        if feasible.is_empty() {
-            return Err(PlanError::BudgetTooSmall {
-                budget: req.budget_flops,
-                min_budget: min_cost,
-            });
-        }
-        feasible.sort_by(|a, b| {
-            a.predicted_error
-                .total_cmp(&b.predicted_error)
-                .then(a.cost_flops.total_cmp(&b.cost_flops))
-        });
-        let runners_up = feasible.iter().skip(1).take(5).cloned().collect();
-        Ok(Plan {
-            choice: feasible.swap_remove(0),
-            budget_flops: req.budget_flops,
-            cost_mode: self.cost_mode,
-            task: req.task.clone(),
-            runners_up,
-            considered,
-        })
+        Ok((feasible, considered, min_cost))
     }
 }
 
@@ -539,6 +593,38 @@ mod tests {
         let a = p.plan(&req(5e12)).unwrap().choice.predicted_error;
         let b = p.plan(&req(30e12)).unwrap().choice.predicted_error;
         assert!(b <= a);
+    }
+
+    #[test]
+    fn candidates_are_the_whole_grid_and_the_plan_is_their_best_within_budget() {
+        let p = planner();
+        let all = p.candidates(&req(1.0)).unwrap();
+        assert_eq!(all.len(), 2 * 32 * 27);
+        for b in [2e12, 15e12] {
+            let plan = p.plan(&req(b)).unwrap();
+            let best = all
+                .iter()
+                .filter(|c| c.cost_flops <= b)
+                .min_by(|x, y| {
+                    x.predicted_error
+                        .total_cmp(&y.predicted_error)
+                        .then(x.cost_flops.total_cmp(&y.cost_flops))
+                })
+                .unwrap();
+            assert_eq!(&plan.choice, best);
+        }
+        let mut r = req(1.0);
+        r.pins.model = Some("large".into());
+        assert!(p.candidates(&r).unwrap().iter().all(|c| c.model == "large"));
+        // The breakdown adds up to the price.
+        let e = &p.registry().models[1];
+        let parts = p.cost_breakdown(e, 8, 49, &req(1.0));
+        let total = p.cost(e, 8, 49, &req(1.0));
+        assert!(
+            (parts.total() - total).abs() <= 1e-9 * total,
+            "{parts:?} {total}"
+        );
+        assert!(parts.vision > 0.0 && parts.lm_prefill > 0.0);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::ledger::{now, Tenant};
 use crate::validation::{Media, ValidRequest};
 use crate::worker::{Event, Frames, Held, Job, JobVisual};
 use crate::AppState;
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -106,6 +107,18 @@ pub fn plan_for(
     let planner = s
         .planner()
         .ok_or_else(|| ApiError::NotReady("models are loading".into()))?;
+    let (req, budget) = plan_request(s, t, r, text_only, cached_vision)?;
+    Ok((planner.plan(&req)?, budget))
+}
+
+/// What the planner is asked for a request (see [`plan_for`]), and the budget.
+pub fn plan_request(
+    s: &AppState,
+    t: &Tenant,
+    r: &ValidRequest,
+    text_only: bool,
+    cached_vision: Vec<CachedVision>,
+) -> Result<(PlanRequest, f64), ApiError> {
     let budget = r.budget.unwrap_or(t.default_budget);
     if budget > t.per_request_max {
         return Err(ApiError::invalid(
@@ -137,7 +150,7 @@ pub fn plan_for(
             .unwrap_or(s.config.planner.expected_decode_tokens),
         pins: r.pins.clone(),
     };
-    Ok((planner.plan(&req)?, budget))
+    Ok((req, budget))
 }
 
 /// Plans, reserves, decodes and queues.
@@ -197,8 +210,19 @@ pub async fn admit(
     // the measured cost settles lower).
     let reserve = plan.choice.cost_flops * r.n as f64;
     let tenant = t.clone();
+    // The plan is kept beside the reservation (a tenant's request history).
+    let mut recorded = json!(plan);
+    if let Some(o) = recorded.as_object_mut() {
+        o.remove("runners_up");
+    }
     let reservation = s
-        .ledger_call(move |l| l.reserve(&tenant, reserve, &request_id, now()))
+        .ledger_call(move |l| {
+            let r = l.reserve(&tenant, reserve, &request_id, now())?;
+            if let Err(e) = l.record_plan(&r, &recorded) {
+                tracing::warn!(request_id, "could not record the plan: {e}");
+            }
+            Ok(r)
+        })
         .await?;
     let flops = Arc::new(FlopCounter::new());
     let held = Held::new(s.ledger.clone(), reservation, flops.clone());

@@ -5,7 +5,9 @@
 //! themselves (settled charges plus open reservations), so there is no counter to drift. On
 //! start-up, reservations left open by a crashed process are released (their requests never
 //! finished: nothing is charged), and settling is a conditional update, so nothing is charged
-//! twice. Storage sits behind [`Ledger`] so a Postgres implementation can serve replicas.
+//! twice. Each reservation keeps the plan it was admitted with, for a tenant's request history
+//! and usage over time. Storage sits behind [`Ledger`] so a Postgres implementation can serve
+//! replicas.
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
@@ -155,6 +157,30 @@ pub struct Usage {
     pub requests: u64,
 }
 
+/// One request of a tenant as the ledger knows it: its reservation, its charge and the plan it
+/// was admitted with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub request_id: String,
+    /// `open` (in flight), `settled` (charged) or `released` (never ran: not charged).
+    pub state: String,
+    pub reserved_flops: f64,
+    /// Measured FLOPs charged (settled requests only).
+    pub charged_flops: Option<f64>,
+    pub created_at: i64,
+    pub closed_at: Option<i64>,
+    /// The plan (checkpoint, frames, tokens per frame, predicted score, cost, budget, task).
+    pub plan: Option<serde_json::Value>,
+}
+
+/// Charged FLOPs of the requests settled in `[start, start + bucket_s)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsagePoint {
+    pub start: i64,
+    pub charged_flops: f64,
+    pub requests: u64,
+}
+
 /// A held reservation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Reservation {
@@ -194,6 +220,22 @@ pub trait Ledger: Send + Sync {
     fn settle(&self, r: &Reservation, measured: f64, now: i64) -> Result<bool, LedgerError>;
     /// Releases a reservation without charge; returns false if it was no longer open.
     fn release(&self, r: &Reservation, now: i64) -> Result<bool, LedgerError>;
+    /// Replaces a tenant's API key: the old one stops working at once; the new one is returned
+    /// (shown once).
+    fn rotate_key(&self, name: &str) -> Result<(Tenant, String), LedgerError>;
+    /// Records the plan a reservation was admitted with (for [`Self::recent_requests`]).
+    fn record_plan(&self, r: &Reservation, plan: &serde_json::Value) -> Result<(), LedgerError>;
+    /// The tenant's latest requests, newest first, at most `limit`.
+    fn recent_requests(&self, t: &Tenant, limit: usize) -> Result<Vec<RequestRecord>, LedgerError>;
+    /// Charged FLOPs per `bucket_s` seconds (by settlement time): `buckets` consecutive
+    /// buckets, the last one holding `now`, empty buckets included.
+    fn usage_series(
+        &self,
+        t: &Tenant,
+        now: i64,
+        bucket_s: i64,
+        buckets: usize,
+    ) -> Result<Vec<UsagePoint>, LedgerError>;
 }
 
 /// Tenant names appear in URLs, logs and metrics labels: 1-64 characters of `A-Z a-z 0-9 . _ -`,
@@ -259,6 +301,10 @@ CREATE TABLE IF NOT EXISTS reservations (
     closed_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS reservations_by_period ON reservations (tenant_id, period_start, state);
+CREATE TABLE IF NOT EXISTS request_plans (
+    reservation_id INTEGER PRIMARY KEY REFERENCES reservations(id) ON DELETE CASCADE,
+    plan TEXT NOT NULL
+);
 ";
 
 impl SqliteLedger {
@@ -551,6 +597,92 @@ impl Ledger for SqliteLedger {
         )?;
         Ok(n == 1)
     }
+
+    fn rotate_key(&self, name: &str) -> Result<(Tenant, String), LedgerError> {
+        let key = new_key()?;
+        let n = self.lock().execute(
+            &format!("UPDATE tenants SET key_hash = ?1 WHERE name = ?2 AND {LIVE}"),
+            params![hash_key(&key), name],
+        )?;
+        if n == 0 {
+            return Err(LedgerError::NotFound(format!("no tenant `{name}`")));
+        }
+        Ok((self.tenant_by_name(name)?, key))
+    }
+
+    fn record_plan(&self, r: &Reservation, plan: &serde_json::Value) -> Result<(), LedgerError> {
+        self.lock().execute(
+            "INSERT OR REPLACE INTO request_plans (reservation_id, plan) VALUES (?1, ?2)",
+            params![r.id, plan.to_string()],
+        )?;
+        Ok(())
+    }
+
+    fn recent_requests(&self, t: &Tenant, limit: usize) -> Result<Vec<RequestRecord>, LedgerError> {
+        let conn = self.lock();
+        let mut st = conn.prepare(
+            "SELECT r.request_id, r.state, r.reserved, r.charged, r.created_at, r.closed_at, p.plan
+             FROM reservations r LEFT JOIN request_plans p ON p.reservation_id = r.id
+             WHERE r.tenant_id = ?1 ORDER BY r.id DESC LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![t.id, limit as i64], |r| {
+            let plan: Option<String> = r.get(6)?;
+            Ok(RequestRecord {
+                request_id: r.get(0)?,
+                state: r.get(1)?,
+                reserved_flops: r.get(2)?,
+                charged_flops: r.get(3)?,
+                created_at: r.get(4)?,
+                closed_at: r.get(5)?,
+                plan: plan.and_then(|p| serde_json::from_str(&p).ok()),
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn usage_series(
+        &self,
+        t: &Tenant,
+        now: i64,
+        bucket_s: i64,
+        buckets: usize,
+    ) -> Result<Vec<UsagePoint>, LedgerError> {
+        if bucket_s <= 0 || buckets == 0 {
+            return Err(LedgerError::Invalid(
+                "bucket_s and buckets must be positive".into(),
+            ));
+        }
+        let last = now.div_euclid(bucket_s) * bucket_s;
+        let first = last - (buckets as i64 - 1) * bucket_s;
+        let mut points: Vec<UsagePoint> = (0..buckets as i64)
+            .map(|i| UsagePoint {
+                start: first + i * bucket_s,
+                charged_flops: 0.0,
+                requests: 0,
+            })
+            .collect();
+        let conn = self.lock();
+        let mut st = conn.prepare(
+            "SELECT (closed_at - ?2) / ?3, SUM(charged), COUNT(*) FROM reservations
+             WHERE tenant_id = ?1 AND state = 'settled' AND closed_at >= ?2 AND closed_at < ?4
+             GROUP BY 1",
+        )?;
+        let rows = st.query_map(params![t.id, first, bucket_s, last + bucket_s], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, f64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (i, charged, n) = row?;
+            if let Some(p) = points.get_mut(i as usize) {
+                p.charged_flops = charged;
+                p.requests = n as u64;
+            }
+        }
+        Ok(points)
+    }
 }
 
 pub fn now() -> i64 {
@@ -719,6 +851,57 @@ mod tests {
         assert_eq!((u.charged_flops, u.reserved_flops), (20.0, 0.0));
         assert_eq!(u.requests, 1);
         std::fs::remove_file(&p).ok();
+    }
+
+    #[test]
+    fn keys_rotate_and_requests_keep_their_plans_and_charges() {
+        let (l, p) = ledger();
+        let (a, old) = l.create_tenant("a", &TenantSettings::default()).unwrap();
+        let (a2, new) = l.rotate_key("a").unwrap();
+        assert_eq!(a2, a);
+        assert_ne!(old, new);
+        assert!(l.tenant_by_key(&old).unwrap().is_none());
+        assert_eq!(l.tenant_by_key(&new).unwrap().unwrap().name, "a");
+        assert!(matches!(
+            l.rotate_key("nope"),
+            Err(LedgerError::NotFound(_))
+        ));
+        // Two requests in one bucket, one in the next; one released (never charged).
+        let t0 = 1_000_000;
+        let r1 = l.reserve(&a, 100.0, "r1", t0).unwrap();
+        l.record_plan(&r1, &serde_json::json!({"model": "m", "frames": 8}))
+            .unwrap();
+        l.settle(&r1, 80.0, t0 + 1).unwrap();
+        let r2 = l.reserve(&a, 50.0, "r2", t0).unwrap();
+        l.settle(&r2, 70.0, t0 + 2).unwrap();
+        let r3 = l.reserve(&a, 30.0, "r3", t0).unwrap();
+        l.settle(&r3, 30.0, t0 + 65).unwrap();
+        let r4 = l.reserve(&a, 10.0, "r4", t0).unwrap();
+        l.release(&r4, t0 + 66).unwrap();
+        let recent = l.recent_requests(&a, 3).unwrap();
+        let ids: Vec<_> = recent.iter().map(|r| r.request_id.as_str()).collect();
+        assert_eq!(ids, ["r4", "r3", "r2"]);
+        assert_eq!(recent[0].state, "released");
+        assert_eq!(recent[0].charged_flops, None);
+        assert_eq!(recent[2].charged_flops, Some(50.0)); // capped at the reservation
+        let first = &l.recent_requests(&a, 10).unwrap()[3];
+        assert_eq!(first.plan.as_ref().unwrap()["frames"], 8);
+        assert_eq!(first.charged_flops, Some(80.0));
+        // Buckets of 60 s ending with the one holding t0 + 70.
+        let series = l.usage_series(&a, t0 + 70, 60, 3).unwrap();
+        assert_eq!(series.len(), 3);
+        let start = (t0 + 70) / 60 * 60;
+        assert_eq!(series[2].start, start);
+        let charged: Vec<f64> = series.iter().map(|p| p.charged_flops).collect();
+        let in_bucket = |t: i64| ((t - series[0].start) / 60) as usize;
+        let mut want = [0.0; 3];
+        want[in_bucket(t0 + 1)] += 80.0;
+        want[in_bucket(t0 + 2)] += 50.0;
+        want[in_bucket(t0 + 65)] += 30.0;
+        assert_eq!(charged, want);
+        assert_eq!(series.iter().map(|p| p.requests).sum::<u64>(), 3);
+        assert!(l.usage_series(&a, t0, 0, 3).is_err());
+        std::fs::remove_file(p).ok();
     }
 
     #[test]

@@ -3,13 +3,15 @@
 //! tenant's budget before it is queued, charged its planned FLOPs on admission, and settled to the
 //! FLOPs the engine measured when it finishes.
 //!
-//! Owns HTTP, authentication and accounting. Must not know how models compute or how videos are
-//! decoded beyond the engine's and the video crate's APIs.
+//! Owns HTTP, authentication, accounting and the web console's embedded files (`console`). Must
+//! not know how models compute or how videos are decoded beyond the engine's and the video
+//! crate's APIs.
 
 mod admission;
 pub mod cache;
 mod chat;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod ledger;
 pub mod metrics;

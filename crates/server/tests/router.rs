@@ -586,6 +586,119 @@ async fn concurrent_requests_at_the_quota_edge_never_overspend() {
 }
 
 #[tokio::test]
+async fn the_console_is_served_open_with_its_policy() {
+    let s = server();
+    for path in ["/", "/console/app.js", "/console/samples/suite-00003.mp4"] {
+        let req = Request::get(path).body(Body::empty()).unwrap();
+        let (st, h, _) = s.send(req).await;
+        assert_eq!(st, 200, "{path}");
+        assert_eq!(
+            h[header::CONTENT_SECURITY_POLICY],
+            vvlm_server::console::CSP,
+            "{path}"
+        );
+    }
+    let (st, v) = s.json(Method::POST, "/", None, json!({})).await;
+    assert_eq!((st, kind(&v)), (405, "method_not_allowed"));
+    let req = Request::get("/console/nothing.js")
+        .body(Body::empty())
+        .unwrap();
+    let (st, _, v) = s.send(req).await;
+    assert_eq!((st.as_u16(), kind(&v)), (404, "not_found"));
+}
+
+#[tokio::test]
+async fn a_tenants_history_holds_its_requests_plans_and_charges_and_keys_rotate() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let (st, v) = s.post("/v1/videos/qa", &key, qa_body()).await;
+    assert_eq!(st, 200, "{v}");
+    let measured = v["usage"]["measured_flops"]["total"].as_f64().unwrap();
+    let path = "/admin/tenants/alice/requests?limit=5&bucket_s=60&buckets=3";
+    let (st, h) = s.json(Method::GET, path, Some(ADMIN), Value::Null).await;
+    assert_eq!(st, 200, "{h}");
+    let reqs = h["requests"].as_array().unwrap();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0]["state"], "settled");
+    assert_eq!(reqs[0]["charged_flops"].as_f64().unwrap(), measured);
+    assert_eq!(reqs[0]["plan"]["model"], v["plan"]["model"]);
+    assert_eq!(reqs[0]["plan"]["frames"], v["plan"]["frames"]);
+    let points = h["series"]["points"].as_array().unwrap();
+    assert_eq!(points.len(), 3);
+    let charged: f64 = points
+        .iter()
+        .map(|p| p["charged_flops"].as_f64().unwrap())
+        .sum();
+    assert_eq!(charged, measured);
+    // Admin only; bounded; a tenant that does not exist is 404.
+    let (st, _) = s.json(Method::GET, path, Some(&key), Value::Null).await;
+    assert_eq!(st, 401);
+    let bad = "/admin/tenants/alice/requests?bucket_s=0";
+    let (st, v) = s.json(Method::GET, bad, Some(ADMIN), Value::Null).await;
+    assert_eq!((st, kind(&v)), (422, "validation_error"));
+    let nobody = "/admin/tenants/nobody/requests";
+    let (st, _) = s.json(Method::GET, nobody, Some(ADMIN), Value::Null).await;
+    assert_eq!(st, 404);
+    // Rotation: the old key stops working at once, the new one works.
+    let (st, _) = s.post("/admin/tenants/alice/key", &key, json!({})).await;
+    assert_eq!(st, 401);
+    let (st, r) = s.post("/admin/tenants/alice/key", ADMIN, json!({})).await;
+    assert_eq!(st, 200, "{r}");
+    let new_key = r["api_key"].as_str().unwrap();
+    assert_eq!(r["tenant"]["name"], "alice");
+    let (st, _) = s
+        .json(Method::GET, "/v1/usage", Some(&key), Value::Null)
+        .await;
+    assert_eq!(st, 401);
+    let (st, u) = s
+        .json(Method::GET, "/v1/usage", Some(new_key), Value::Null)
+        .await;
+    assert_eq!((st, u["requests"].as_u64()), (200, Some(1)));
+}
+
+#[tokio::test]
+async fn a_plan_answers_its_price_by_component_and_on_request_every_candidate() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let body =
+        json!({"budget": "1G", "task": "detail", "prompt": "what shape is the small object ?"});
+    let (st, p) = s.post("/v1/plan", &key, body.clone()).await;
+    assert_eq!(st, 200, "{p}");
+    assert!(p.get("candidates").is_none());
+    let parts = &p["cost_by_component"];
+    let sum: f64 = ["vision", "projector", "lm_prefill", "lm_decode"]
+        .iter()
+        .map(|k| parts[k].as_f64().unwrap())
+        .sum();
+    let cost = p["cost_flops"].as_f64().unwrap();
+    assert!((sum - cost).abs() <= 1e-9 * cost, "{parts} vs {cost}");
+    let mut with = body;
+    with["candidates"] = json!(true);
+    let (st, c) = s.post("/v1/plan", &key, with).await;
+    assert_eq!(st, 200, "{c}");
+    let all = c["candidates"].as_array().unwrap();
+    // suite-s and suite-m: 32 frames x 8 sides each.
+    assert_eq!(all.len(), 2 * 32 * 8);
+    // The plan is the best candidate within the budget (ties to the cheaper).
+    let best = all
+        .iter()
+        .filter(|x| x["cost_flops"].as_f64().unwrap() <= 1e9)
+        .min_by(|a, b| {
+            let e = |x: &&Value| x["predicted_error"].as_f64().unwrap();
+            let f = |x: &&Value| x["cost_flops"].as_f64().unwrap();
+            e(a).total_cmp(&e(b)).then(f(a).total_cmp(&f(b)))
+        })
+        .unwrap();
+    for k in ["model", "frames", "tokens_per_frame", "cost_flops"] {
+        assert_eq!(best[k], c[k], "{k}");
+    }
+    let mut bad = json!({"budget": "1G", "candidates": "yes"});
+    let (st, v) = s.post("/v1/plan", &key, bad.take()).await;
+    assert_eq!((st, kind(&v)), (422, "validation_error"));
+    assert_eq!(v["error"]["param"], "candidates");
+}
+
+#[tokio::test]
 async fn a_cached_video_answers_the_same_for_less_and_stays_with_its_tenant() {
     let s = server();
     let alice = s.tenant("alice", None);
