@@ -57,6 +57,9 @@ pub struct Metrics {
     time_per_output_token: Histogram,
     e2e_latency: Histogram,
     cache_lookups: Family<CacheLookup, Counter>,
+    batch_sequences: Gauge,
+    batch_kv_tokens: Gauge,
+    decode_batch_size: Histogram,
     cache_bytes: Gauge,
     cache_entries: Gauge,
     cache: std::sync::Mutex<Option<std::sync::Arc<crate::cache::VideoCache>>>,
@@ -86,6 +89,9 @@ impl Default for Metrics {
             time_per_output_token: Histogram::new(TOKEN_BUCKETS),
             e2e_latency: latency(),
             cache_lookups: Family::default(),
+            batch_sequences: Gauge::default(),
+            batch_kv_tokens: Gauge::default(),
+            decode_batch_size: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
             cache_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
             cache: std::sync::Mutex::new(None),
@@ -157,6 +163,21 @@ impl Default for Metrics {
             "cache_lookups",
             "Video cache lookups of requests with media, by what (frames, vision) and result",
             m.cache_lookups.clone(),
+        );
+        r.register(
+            "batch_sequences",
+            "Sequences in the workers' running batches",
+            m.batch_sequences.clone(),
+        );
+        r.register(
+            "batch_kv_tokens",
+            "KV positions the running batches reserve (prompt + max_tokens per sequence)",
+            m.batch_kv_tokens.clone(),
+        );
+        r.register(
+            "decode_batch_size",
+            "Sequences per decode step",
+            m.decode_batch_size.clone(),
         );
         r.register(
             "cache_bytes",
@@ -255,6 +276,17 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    /// A worker's batch changed by these many sequences and reserved KV positions.
+    pub fn batch_changed(&self, sequences: i64, kv_tokens: i64) {
+        self.batch_sequences.inc_by(sequences);
+        self.batch_kv_tokens.inc_by(kv_tokens);
+    }
+
+    /// One decode step over this many sequences.
+    pub fn decode_step(&self, sequences: usize) {
+        self.decode_batch_size.observe(sequences as f64);
     }
 
     /// The cache whose size `/metrics` reports.

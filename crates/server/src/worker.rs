@@ -219,13 +219,18 @@ struct Worker {
 
 impl Worker {
     fn run(mut self) {
+        let mut shown = (0i64, 0i64);
         loop {
+            let now = (self.batch.len() as i64, self.batch.reserved_tokens() as i64);
+            self.metrics.batch_changed(now.0 - shown.0, now.1 - shown.1);
+            shown = now;
             if !self.admit() {
                 return;
             }
             if self.batch.is_empty() {
                 continue;
             }
+            self.metrics.decode_step(self.batch.len());
             let running = &mut self.running;
             let batch = &mut self.batch;
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
