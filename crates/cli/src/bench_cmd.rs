@@ -23,6 +23,30 @@ pub enum BenchCmd {
     /// Admissions per second through the ledger (reserve + settle), SQLite or PostgreSQL, from
     /// one or more replicas.
     Ledger(crate::bench_ledger::LedgerBenchArgs),
+    /// Batched decode as llama.cpp's `llama-batched-bench` measures it: for each batch size B,
+    /// B sequences of `npp` prompt tokens prefilled, then `ntg` tokens decoded for all of them
+    /// (greedy, EOS ignored), batched (one forward per step) and one sequence at a time.
+    Batch(BatchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BatchArgs {
+    #[arg(long, default_value = "models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    pub gguf: PathBuf,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 32)]
+    pub npp: usize,
+    /// Tokens generated per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub ntg: usize,
+    /// Batch sizes.
+    #[arg(long, default_value = "1,2,4,8,16", value_delimiter = ',')]
+    pub npl: Vec<usize>,
+    /// Decode from the file's quantized blocks (as the server does on the CPU).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub quantized_decode: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -187,7 +211,134 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Flops(a) => flops(a),
         BenchCmd::Engine(a) => engine(a),
         BenchCmd::Ledger(a) => crate::bench_ledger::run(a),
+        BenchCmd::Batch(a) => batch(a),
     }
+}
+
+/// One batch size's figures.
+#[derive(Debug, Serialize)]
+struct BatchRow {
+    batch: usize,
+    prefill_s: f64,
+    decode_s: f64,
+    /// Aggregate decode tokens per second, batched.
+    decode_tok_s: f64,
+    /// One sequence decoded alone (what B requests get one after another).
+    sequential_decode_tok_s: f64,
+    /// Time per output token (one batched step), median and 99th percentile.
+    tpot_p50_ms: f64,
+    tpot_p99_ms: f64,
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn batch(a: BatchArgs) -> Result<()> {
+    use vvlm_cost::Component;
+    use vvlm_engine::Ctx;
+    let dev = Device::Cpu;
+    let dtype = candle_core::DType::F32;
+    let g = vvlm_engine::gguf::load(&a.gguf, dtype, &dev)
+        .with_context(|| format!("{} (run models/fetch-smollm2.sh)", a.gguf.display()))?;
+    let vb = candle_nn::VarBuilder::from_tensors(g.tensors, dtype, &dev);
+    let mut lm = vvlm_engine::llama::Llama::load(vb, None, &g.config)?;
+    if a.quantized_decode {
+        lm.attach_quantized(&g.quantized)?;
+    }
+    let prompt = |s: usize| -> Vec<u32> {
+        (0..a.npp as u32)
+            .map(|i| 100 + (i * 7 + s as u32 * 13) % 1000)
+            .collect()
+    };
+    let rows = vvlm_engine::cpu_pool::run(|| -> Result<Vec<BatchRow>> {
+        let c = FlopCounter::new();
+        let prefill = |ids: &[u32]| -> Result<(vvlm_engine::llama::KvCache, u32)> {
+            let ctx = Ctx::new(&c, Component::LmPrefill);
+            let mut ctx = ctx;
+            let mut cache = lm.new_cache();
+            let h = lm.forward_hidden(&lm.embed(ids)?, &mut cache, &mut ctx)?;
+            let next = vvlm_engine::llama::argmax(&lm.last_logits(&h, &ctx)?)?;
+            Ok((cache, next))
+        };
+        // One sequence alone: the one-at-a-time figure.
+        let (mut cache, mut tok) = prefill(&prompt(0))?;
+        let mut ctx = Ctx::new(&c, Component::LmDecode);
+        let t = Instant::now();
+        for _ in 0..a.ntg {
+            let h = lm.forward_hidden(&lm.embed(&[tok])?, &mut cache, &mut ctx)?;
+            tok = vvlm_engine::llama::argmax(&lm.last_logits(&h, &ctx)?)?;
+        }
+        let single_tok_s = a.ntg as f64 / t.elapsed().as_secs_f64();
+        let mut rows = vec![];
+        for &b in &a.npl {
+            let t = Instant::now();
+            let mut caches = vec![];
+            let mut next = vec![];
+            for s in 0..b {
+                let (cache, n) = prefill(&prompt(s))?;
+                caches.push(cache);
+                next.push(n);
+            }
+            let prefill_s = t.elapsed().as_secs_f64();
+            let mut steps = vec![];
+            let t = Instant::now();
+            for _ in 0..a.ntg {
+                let s0 = Instant::now();
+                let embeds = lm.embed(&next)?.transpose(0, 1)?.contiguous()?;
+                let ctxs: Vec<Ctx> = (0..b).map(|_| Ctx::new(&c, Component::LmDecode)).collect();
+                let mut refs: Vec<&mut vvlm_engine::llama::KvCache> = caches.iter_mut().collect();
+                let logits = lm.decode_batch(&embeds, &mut refs, &ctxs)?;
+                next = (0..b)
+                    .map(|r| vvlm_engine::llama::argmax(&logits.get(r)?))
+                    .collect::<candle_core::Result<_>>()?;
+                steps.push(s0.elapsed().as_secs_f64() * 1e3);
+            }
+            let decode_s = t.elapsed().as_secs_f64();
+            steps.sort_by(f64::total_cmp);
+            rows.push(BatchRow {
+                batch: b,
+                prefill_s,
+                decode_s,
+                decode_tok_s: (b * a.ntg) as f64 / decode_s,
+                sequential_decode_tok_s: single_tok_s,
+                tpot_p50_ms: percentile(&steps, 0.5),
+                tpot_p99_ms: percentile(&steps, 0.99),
+            });
+        }
+        Ok(rows)
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "SmolLM2-135M decode ({}), {} prompt + {} generated tokens per sequence, {} threads",
+        if a.quantized_decode {
+            "Q4_1/Q8_0 blocks"
+        } else {
+            "f32"
+        },
+        a.npp,
+        a.ntg,
+        vvlm_engine::cpu_pool::run(rayon::current_num_threads)
+    );
+    println!("    B | batched tok/s | one at a time tok/s | speed-up | TPOT p50 ms | p99 ms");
+    for r in &rows {
+        println!(
+            "{:>5} | {:>13.1} | {:>19.1} | {:>7.2}x | {:>11.2} | {:>6.2}",
+            r.batch,
+            r.decode_tok_s,
+            r.sequential_decode_tok_s,
+            r.decode_tok_s / r.sequential_decode_tok_s,
+            r.tpot_p50_ms,
+            r.tpot_p99_ms
+        );
+    }
+    Ok(())
 }
 
 fn lm_prefill_decode(

@@ -62,6 +62,12 @@ pub struct ServeArgs {
     /// Seconds a request waits for a place in the queue before 429.
     #[arg(long, env = "VVLM_QUEUE_WAIT_S")]
     pub queue_wait_s: Option<f64>,
+    /// Sequences each worker decodes together (continuous batching; 1: one at a time).
+    #[arg(long, env = "VVLM_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+    /// Bytes the video cache may hold (0: no cache).
+    #[arg(long, env = "VVLM_CACHE_MAX_BYTES")]
+    pub cache_max_bytes: Option<usize>,
     /// Where models run: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
     #[arg(long, env = "VVLM_DEVICE")]
     pub device: Option<String>,
@@ -135,6 +141,8 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
     set!(c.limits.body_timeout_s, a.body_timeout_s);
     set!(c.limits.max_connections, a.max_connections);
     set!(c.limits.queue_wait_s, a.queue_wait_s);
+    set!(c.limits.max_batch, a.max_batch);
+    set!(c.cache.max_bytes, a.cache_max_bytes);
     if let Some(b) = a.max_upload_bytes {
         c.limits.max_body_bytes = c.limits.max_body_bytes.max(b as usize + 1024 * 1024);
     }

@@ -623,12 +623,14 @@ fn caption_qa_chat_budgets_and_every_error_path() {
         "{}",
         e.body
     );
+    // A video alice has not sent (one she has is cached: its marginal cost is far lower).
+    let fresh = video("one-second.mp4", 1);
     let e = form(
         Some(&alice),
         &[("prompt", "x"), ("budget", "1e9")],
-        Some(&v),
+        Some(&fresh),
     );
-    assert_eq!(e.status, 422);
+    assert_eq!(e.status, 422, "{}", e.body);
     assert!(
         e.body["error"]["message"]
             .as_str()
@@ -1078,4 +1080,84 @@ fn the_official_openai_client_works_against_the_server() {
     eprintln!("{stdout}");
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("all checks passed"));
+}
+
+/// Continuous batching through the server: concurrent requests decode together (the decode
+/// batch size metric sees steps of more than one sequence) and each answers exactly what it
+/// answers alone (greedy), charged what it ran.
+#[test]
+fn concurrent_requests_are_batched_and_answer_as_alone() {
+    let db = scratch().join("batch.db");
+    let s = Server::start(&db, &["--workers", "1", "--max-batch", "8"]);
+    let key = admin_create(&s, json!({"name": "b", "per_request_max": "10T"}));
+    let prompts = [
+        "What is the capital of France?",
+        "Name three colours.",
+        "Write one sentence about the sea.",
+        "Say hello in Spanish.",
+    ];
+    let body = |p: &str| {
+        json!({"messages": [{"role": "user", "content": p}], "max_tokens": 24,
+               "budget_flops": "1T"})
+    };
+    // Alone, one after another.
+    let alone: Vec<Value> = prompts
+        .iter()
+        .map(|p| {
+            let a = post_json(&s, "/v1/chat/completions", &key, body(p));
+            assert_eq!(a.status, 200, "{}", a.body);
+            a.body
+        })
+        .collect();
+    let steps_before = metric(&s, "vvlm_decode_batch_size_sum");
+    let count_before = metric(&s, "vvlm_decode_batch_size_count");
+    // Together.
+    let together: Vec<Value> = std::thread::scope(|sc| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let (s, key) = (&s, &key);
+                sc.spawn(move || post_json(s, "/v1/chat/completions", key, body(p)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                let a = h.join().unwrap();
+                assert_eq!(a.status, 200, "{}", a.body);
+                a.body
+            })
+            .collect()
+    });
+    for (a, t) in alone.iter().zip(&together) {
+        assert_eq!(
+            a["choices"][0]["message"]["content"],
+            t["choices"][0]["message"]["content"]
+        );
+        // The same work, counted per request: equal measured FLOPs.
+        assert_eq!(
+            a["usage"]["measured_flops"]["total"],
+            t["usage"]["measured_flops"]["total"]
+        );
+    }
+    let sequences = metric(&s, "vvlm_decode_batch_size_sum") - steps_before;
+    let steps = metric(&s, "vvlm_decode_batch_size_count") - count_before;
+    assert!(
+        sequences > steps * 1.5,
+        "{sequences} sequence-steps in {steps} steps: the requests did not decode together"
+    );
+}
+
+/// A value of `/metrics` (the first line starting with `name`).
+fn metric(s: &Server, name: &str) -> f64 {
+    let text = ureq::get(&s.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }

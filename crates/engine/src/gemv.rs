@@ -12,6 +12,11 @@ use rayon::prelude::*;
 /// Rows of `x` up to which [`Gemv`] is used instead of the general matmul.
 pub const MAX_ROWS: usize = 4;
 
+/// Rows up to which a batched decode step uses [`Gemv`]: its outputs are then bit-identical to
+/// each sequence's own decode (the same dot product per output), and each weight row is read
+/// once for all rows.
+pub const MAX_BATCH_ROWS: usize = 64;
+
 /// `x [m, in] · w[out, in]ᵀ` as a candle op on `(x, w)`.
 pub struct Gemv;
 
@@ -80,6 +85,33 @@ pub(crate) fn for_each_output(
                 for (r, yv) in ys.iter_mut().enumerate() {
                     *yv = f(c * chunk + j, r);
                 }
+            }
+        });
+    for j in 0..n {
+        for r in 0..m {
+            y[r * n + j] = yt[j * m + r];
+        }
+    }
+}
+
+/// `y[r, o]` for all `m` rows of output `o` at once: `f(o, ys, scratch)` fills `ys[r]`, with a
+/// `scratch_len` buffer it may use (one per chunk of outputs, not zeroed between outputs). For
+/// kernels that decode a weight row once and use it for every input row.
+pub(crate) fn for_each_output_rows(
+    y: &mut [f32],
+    m: usize,
+    n: usize,
+    scratch_len: usize,
+    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+) {
+    let chunk = (n / (rayon::current_num_threads() * 8)).clamp(16, 1024);
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(chunk * m)
+        .enumerate()
+        .for_each(|(c, out)| {
+            let mut scratch = vec![0f32; scratch_len];
+            for (j, ys) in out.chunks_mut(m).enumerate() {
+                f(c * chunk + j, ys, &mut scratch);
             }
         });
     for j in 0..n {

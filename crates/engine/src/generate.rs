@@ -3,6 +3,9 @@
 
 use crate::model::VideoVlm;
 use crate::nn::Ctx;
+use crate::sequence::Step;
+#[cfg(test)]
+use crate::sequence::{find_stop, held_back};
 use crate::EngineError;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -143,10 +146,57 @@ pub struct FrameData<'a> {
     pub size: usize,
 }
 
+/// What a request sees: nothing (text alone), frames to encode, or the cached features of
+/// frames encoded before.
+#[derive(Debug, Clone, Copy)]
+pub enum VisualInput<'a> {
+    None,
+    Frames(FrameData<'a>),
+    Features(&'a VisionFeatures),
+}
+
+/// The tower's and projector's output for a video's frames, before pooling (so any pooled side
+/// s reuses it). Opaque to callers: they cache it and hand it back to the same checkpoint.
+#[derive(Debug, Clone)]
+pub struct VisionFeatures {
+    projected: Tensor,
+    model_dir: std::path::PathBuf,
+}
+
+impl VideoVlm {
+    pub(crate) fn features(&self, projected: Tensor) -> VisionFeatures {
+        VisionFeatures {
+            projected,
+            model_dir: self.dir.clone(),
+        }
+    }
+
+    pub(crate) fn features_tensor(&self, f: &VisionFeatures) -> Result<Tensor, EngineError> {
+        if f.model_dir != self.dir {
+            return Err(EngineError::Request(
+                "vision features of another checkpoint".into(),
+            ));
+        }
+        Ok(f.projected.clone())
+    }
+}
+
+impl VisionFeatures {
+    /// Frames it holds.
+    pub fn frames(&self) -> usize {
+        self.projected.dims().first().copied().unwrap_or(0)
+    }
+
+    /// Bytes it occupies.
+    pub fn bytes(&self) -> usize {
+        self.projected.elem_count() * self.projected.dtype().size_in_bytes()
+    }
+}
+
 /// A small deterministic generator for sampling.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 impl Rng {
-    fn uniform(&mut self) -> f64 {
+    pub(crate) fn uniform(&mut self) -> f64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -239,19 +289,6 @@ impl VideoVlm {
         Ok(self.tokenize(&p.before_video)?.len() + self.tokenize(&p.after_video)?.len())
     }
 
-    fn stop_ids(&self, extra: &[u32]) -> Vec<u32> {
-        let mut ids = self.cfg.text_config.eos_ids();
-        if let Some(tok) = &self.tokenizer {
-            for s in self.template.render(None, "").stop {
-                if let Some(id) = tok.token_to_id(&s) {
-                    ids.push(id);
-                }
-            }
-        }
-        ids.extend_from_slice(extra);
-        ids
-    }
-
     /// Runs a whole request. `on_text` receives each new piece of text and returns false to
     /// cancel. On the CPU it runs inside the engine's thread pool ([`crate::cpu_pool`]).
     pub fn generate(
@@ -268,20 +305,21 @@ impl VideoVlm {
         cancelled_as_such(r, req)
     }
 
-    /// [`Self::generate`] from frames as plain values (`req.pixels` is not used), for `n`
-    /// completions of the same prompt: the video is encoded once, then each completion is
-    /// prefilled and decoded with seed `seed + i`. `on_text(i, piece)` streams completion `i`;
-    /// it returns false to cancel.
-    pub fn generate_frames(
+    /// [`Self::generate`] from frames as plain values or from cached vision features
+    /// (`req.pixels` is not used), for `n` completions of the same prompt: the video is encoded
+    /// once (or not at all, from features), then each completion is prefilled and decoded with
+    /// seed `seed + i`. `on_text(i, piece)` streams completion `i`; it returns false to cancel.
+    /// Returns the completions and, when frames were encoded, their features for a cache.
+    pub fn generate_visual(
         &self,
-        frames: Option<FrameData<'_>>,
+        visual: VisualInput<'_>,
         req: &GenerateRequest,
         n: usize,
         flops: &FlopCounter,
         on_text: &mut (dyn FnMut(usize, &str) -> bool + Send),
-    ) -> Result<Vec<Generation>, EngineError> {
-        let pixels = match frames {
-            Some(f) => {
+    ) -> Result<(Vec<Generation>, Option<VisionFeatures>), EngineError> {
+        let pixels = match visual {
+            VisualInput::Frames(f) => {
                 let want = f.frames * 3 * f.size * f.size;
                 if f.pixels.len() != want || f.frames == 0 {
                     return Err(EngineError::Request(format!(
@@ -298,13 +336,29 @@ impl VideoVlm {
                     &candle_core::Device::Cpu,
                 )?)
             }
-            None => None,
+            _ => None,
         };
-        let mut run = || -> Result<Vec<Generation>, EngineError> {
+        if let VisualInput::Features(f) = &visual {
+            if f.model_dir != self.dir {
+                return Err(EngineError::Request(
+                    "vision features of another checkpoint".into(),
+                ));
+            }
+        }
+        let mut run = || -> Result<(Vec<Generation>, Option<VisionFeatures>), EngineError> {
             let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(req.cancel);
             let t0 = Instant::now();
-            let video = match &pixels {
-                Some(p) => Some(self.encode_video(p, req.side, &mut ctx)?),
+            let (projected, fresh) = match (&pixels, &visual) {
+                (Some(p), _) => {
+                    self.check_side(req.side)?;
+                    let projected = self.projected_frames(p, &mut ctx)?;
+                    (Some(projected.clone()), Some(projected))
+                }
+                (None, VisualInput::Features(f)) => (Some(f.projected.clone()), None),
+                _ => (None, None),
+            };
+            let video = match &projected {
+                Some(p) => Some(self.video_tokens(p, req.side, &mut ctx)?),
                 None => None,
             };
             let mut vision_s = t0.elapsed().as_secs_f64();
@@ -330,7 +384,11 @@ impl VideoVlm {
                 )?);
                 vision_s = 0.0;
             }
-            Ok(out)
+            let features = fresh.map(|projected| VisionFeatures {
+                projected,
+                model_dir: self.dir.clone(),
+            });
+            Ok((out, features))
         };
         let r = if self.lm.device().is_cpu() {
             crate::cpu_pool::run(run)
@@ -339,7 +397,7 @@ impl VideoVlm {
         };
         match r {
             Ok(v) => Ok(v),
-            Err(e) => cancelled_as_such(Err(e), req).map(|g| vec![g]),
+            Err(e) => cancelled_as_such(Err(e), req).map(|g| (vec![g], None)),
         }
     }
 
@@ -384,143 +442,28 @@ impl VideoVlm {
         flops: &FlopCounter,
         on_text: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation, EngineError> {
-        let prompt = self.template.render(req.system, req.prompt);
-        let prefix = self.tokenize(&prompt.before_video)?;
-        let suffix = self.tokenize(&prompt.after_video)?;
-        let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(req.cancel);
-        let mut timings = Timings {
-            vision_s,
-            ..Default::default()
-        };
-        let visual_tokens = video.map(|v| v.dim(0)).transpose()?.unwrap_or(0);
-        let embeds = self.input_embeddings(&prefix, video, &suffix)?;
-        let prompt_tokens = embeds.dim(1)?;
-        let t1 = Instant::now();
-        let mut cache = self.lm.new_cache();
-        let hidden = self.lm.forward_hidden(&embeds, &mut cache, &mut ctx)?;
-        let mut logits = self.lm.last_logits(&hidden, &ctx)?.to_vec1::<f32>()?;
-        timings.prefill_s = t1.elapsed().as_secs_f64();
-        let stop = self.stop_ids(&req.sampling.stop_token_ids);
-        let mut rng = Rng(req.sampling.seed ^ 0x5EED);
-        let mut ids: Vec<u32> = vec![];
-        let mut emitted = String::new();
-        // Incremental detokenisation (as text-generation-inference does): each step decodes only
-        // the ids since the last emitted piece plus the token before them, not the whole text.
-        let (mut prefix_offset, mut read_offset) = (0usize, 0usize);
-        // Decoded text not yet emitted because it may be the start of a stop string.
-        let mut pending = String::new();
-        let mut stopped_by_string = false;
-        let mut decode_steps = 0;
-        let mut step_logprobs = vec![];
-        let t2 = Instant::now();
+        let mut seq = self.start_sequence(video, vision_s, req, flops)?;
         let mut ctx = Ctx::new(flops, Component::LmDecode).with_cancel(req.cancel);
-        let finish = loop {
-            if ids.len() >= req.sampling.max_tokens {
-                break FinishReason::Length;
-            }
-            let next = sample(&logits, &req.sampling, rng.uniform());
-            if stop.contains(&next) {
-                break FinishReason::Stop;
-            }
-            if let Some(k) = req.sampling.logprobs {
-                let (lp, top) = logprobs_at(&logits, next, k.min(MAX_TOP_LOGPROBS));
-                let entry = |id: u32, logprob: f64| -> Result<TokenLogprob, EngineError> {
-                    let token = self.detokenize(&[id])?;
-                    Ok(TokenLogprob {
-                        token_id: id,
-                        bytes: token.as_bytes().to_vec(),
-                        token,
-                        logprob,
-                    })
-                };
-                step_logprobs.push(StepLogprobs {
-                    chosen: entry(next, lp)?,
-                    top: top
-                        .into_iter()
-                        .map(|(i, l)| entry(i, l))
-                        .collect::<Result<_, _>>()?,
-                });
-            }
-            ids.push(next);
-            let before = self.detokenize(&ids[prefix_offset..read_offset])?;
-            let now = self.detokenize(&ids[prefix_offset..])?;
-            if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.starts_with(&before) {
-                pending.push_str(&now[before.len()..]);
-                prefix_offset = read_offset;
-                read_offset = ids.len();
-                if let Some(cut) = find_stop(&pending, &req.sampling.stop) {
-                    let out = pending[..cut].to_string();
-                    emitted.push_str(&out);
-                    if !out.is_empty() {
-                        on_text(&out);
-                    }
-                    stopped_by_string = true;
-                    break FinishReason::Stop;
-                }
-                let keep = pending.len() - held_back(&pending, &req.sampling.stop);
-                let out: String = pending.drain(..keep).collect();
-                if !out.is_empty() {
-                    emitted.push_str(&out);
-                    if !on_text(&out) {
-                        break FinishReason::Cancelled;
-                    }
-                }
-            }
-            if ids.len() >= req.sampling.max_tokens {
-                break FinishReason::Length;
-            }
+        while let Step::Forward(next) = seq.advance(self, on_text)? {
             let e = self.lm.embed(&[next])?;
-            let h = self.lm.forward_hidden(&e, &mut cache, &mut ctx)?;
-            logits = self.lm.last_logits(&h, &ctx)?.to_vec1::<f32>()?;
-            decode_steps += 1;
-        };
-        timings.decode_s = t2.elapsed().as_secs_f64();
-        let text = if stopped_by_string {
-            emitted
-        } else {
-            let text = self.detokenize(&ids)?;
-            if text.len() > emitted.len()
-                && text.starts_with(&emitted)
-                && finish != FinishReason::Cancelled
-            {
-                on_text(&text[emitted.len()..]);
-            }
-            text
-        };
-        Ok(Generation {
-            text,
-            token_ids: ids,
-            finish_reason: finish,
-            prompt_tokens,
-            text_tokens: prefix.len() + suffix.len(),
-            visual_tokens,
-            decode_steps,
-            timings,
-            logprobs: step_logprobs,
-        })
+            let h = self.lm.forward_hidden(&e, &mut seq.cache, &mut ctx)?;
+            seq.accept_logits(self.lm.last_logits(&h, &ctx)?.to_vec1::<f32>()?);
+        }
+        seq.finish(self, on_text)
     }
-}
 
-/// Where the first stop string begins in `text`, if one appears.
-fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops
-        .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
-}
-
-/// Bytes at the end of `text` that could be the beginning of a stop string (held back).
-fn held_back(text: &str, stops: &[String]) -> usize {
-    let mut hold = 0;
-    for s in stops {
-        for (k, _) in s.char_indices().skip(1) {
-            if k > hold && text.ends_with(&s[..k]) {
-                hold = k;
+    pub(crate) fn stop_ids(&self, extra: &[u32]) -> Vec<u32> {
+        let mut ids = self.cfg.text_config.eos_ids();
+        if let Some(tok) = &self.tokenizer {
+            for s in self.template.render(None, "").stop {
+                if let Some(id) = tok.token_to_id(&s) {
+                    ids.push(id);
+                }
             }
         }
+        ids.extend_from_slice(extra);
+        ids
     }
-    hold
 }
 
 /// A forward pass stopped by the request's cancel flag is [`EngineError::Cancelled`].

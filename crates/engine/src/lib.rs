@@ -7,6 +7,7 @@
 //! it takes preprocessed pixels and text.
 
 pub mod attention;
+pub mod batch;
 pub mod config;
 pub mod cpu_pool;
 #[cfg(feature = "cuda")]
@@ -21,13 +22,14 @@ pub mod nn;
 pub mod pool;
 pub mod quant;
 pub mod score;
+pub mod sequence;
 pub mod siglip;
 pub mod template;
 
 pub use config::{LlavaOnevisionConfig, SiglipVisionConfig, TextConfig};
 pub use generate::{
     FinishReason, FrameData, GenerateRequest, Generation, SamplingParams, StepLogprobs, Timings,
-    TokenLogprob, MAX_TOP_LOGPROBS,
+    TokenLogprob, VisionFeatures, VisualInput, MAX_TOP_LOGPROBS,
 };
 pub use model::{LoadOptions, VideoVlm};
 pub use nn::Ctx;

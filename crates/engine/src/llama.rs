@@ -88,6 +88,20 @@ impl Rope {
     pub fn inv_freq(&self) -> &[f32] {
         &self.inv_freq
     }
+
+    /// Rows of the tables at arbitrary positions (one per sequence of a batch).
+    fn tables_at(&mut self, positions: &[usize], dtype: DType) -> Result<(Tensor, Tensor)> {
+        let max = positions.iter().copied().max().unwrap_or(0);
+        if max + 1 > self.cos.dim(0)? {
+            self.grow((max + 1).next_power_of_two())?;
+        }
+        let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let idx = Tensor::new(idx.as_slice(), &self.device)?;
+        Ok((
+            self.cos.index_select(&idx, 0)?.to_dtype(dtype)?,
+            self.sin.index_select(&idx, 0)?.to_dtype(dtype)?,
+        ))
+    }
 }
 
 struct Attention {
@@ -163,6 +177,14 @@ impl KvCache {
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Positions layer `l` holds (all layers hold the same between steps).
+    fn len_at(&self, l: usize) -> usize {
+        self.layers
+            .get(l)
+            .and_then(|c| c.as_ref())
+            .map_or(0, |c| c.len)
     }
 }
 
@@ -328,6 +350,41 @@ impl Llama {
         Ok(x)
     }
 
+    /// One decode step for several sequences at once: `embeds` `[B, 1, h]` holds each
+    /// sequence's new token, `caches[i]` its KV cache (lengths may differ), `ctxs[i]` where its
+    /// FLOPs are counted. The linear layers run as one `[B, h]` product (matrix-vector products
+    /// become a small matrix product); attention runs per sequence over its own cache. Returns
+    /// each sequence's next-token logits `[B, vocab]` in f32.
+    pub fn decode_batch(
+        &self,
+        embeds: &Tensor,
+        caches: &mut [&mut KvCache],
+        ctxs: &[Ctx],
+    ) -> Result<Tensor> {
+        let (b, one, _h) = embeds.dims3()?;
+        if one != 1 || caches.len() != b || ctxs.len() != b {
+            candle_core::bail!(
+                "decode_batch: {b} sequences of {one} tokens, {} caches",
+                caches.len()
+            );
+        }
+        let positions: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let (cos, sin) = self
+            .rope
+            .lock()
+            .expect("rope lock")
+            .tables_at(&positions, self.dtype)?;
+        let mut x = embeds.clone();
+        for (l, block) in self.blocks.iter().enumerate() {
+            x = block.forward_batch(&x, l, caches, &cos, &sin, ctxs)?;
+        }
+        let x = self.norm.forward(&x)?;
+        self.lm_head
+            .forward_rows(&x, ctxs)?
+            .reshape((b, self.cfg.vocab_size))?
+            .to_dtype(DType::F32)
+    }
+
     /// Logits `[1, n, vocab]` of the given hidden states (counted).
     pub fn logits(&self, hidden: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         self.lm_head.forward(hidden, ctx)
@@ -411,6 +468,69 @@ impl Block {
         if tap0 {
             ctx.tap(|| "text.layer0.mlp.down_proj".into(), &d);
         }
+        let _ = h;
+        x + d
+    }
+}
+
+impl Block {
+    /// [`Block::forward`] for one new token of each of `B` sequences (`x` `[B, 1, h]`).
+    fn forward_batch(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        caches: &mut [&mut KvCache],
+        cos: &Tensor,
+        sin: &Tensor,
+        ctxs: &[Ctx],
+    ) -> Result<Tensor> {
+        let (b, _, h) = x.dims3()?;
+        let a = &self.attn;
+        let y = self.ln1.forward(x)?;
+        let qkv = a.qkv.forward_rows(&y, ctxs)?;
+        // The batch as the time axis of one sequence: [1, heads, B, d], so that row i is
+        // rotated at sequence i's own position.
+        let heads_view = qkv.reshape((1, b, a.heads + 2 * a.kv_heads, a.head_dim))?;
+        let part = |start: usize, n: usize| -> Result<Tensor> {
+            heads_view
+                .narrow(2, start, n)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = candle_nn::rotary_emb::rope(&part(0, a.heads)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&part(a.heads, a.kv_heads)?, cos, sin)?;
+        let v = part(a.heads + a.kv_heads, a.kv_heads)?;
+        let scale = (a.head_dim as f64).powf(-0.5);
+        let mut outs = Vec::with_capacity(b);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let past = cache.len_at(layer);
+            let (ki, vi) = LayerCache::append(
+                &mut cache.layers[layer],
+                &k.narrow(2, i, 1)?,
+                &v.narrow(2, i, 1)?,
+            )?;
+            let qi = q.narrow(2, i, 1)?.contiguous()?;
+            outs.push(attention(
+                &qi,
+                &ki,
+                &vi,
+                scale,
+                Masking::Causal { past },
+                &ctxs[i],
+            )?);
+        }
+        // [1, heads, B, d] -> [B, 1, heads·d]
+        let o = Tensor::cat(&outs, 2)?
+            .transpose(1, 2)?
+            .reshape((b, 1, a.heads * a.head_dim))?;
+        let o = a.o.forward_rows(&o, ctxs)?;
+        let x = (x + o)?;
+        let y = self.ln2.forward(&x)?;
+        let gu = self.mlp.gate_up.forward_rows(&y, ctxs)?;
+        let d = self
+            .mlp
+            .down
+            .forward_rows(&crate::nn::swiglu_fused(&gu)?, ctxs)?;
         let _ = h;
         x + d
     }

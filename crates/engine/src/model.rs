@@ -368,7 +368,7 @@ impl VideoVlm {
         self.video_tokens(&projected, side, ctx)
     }
 
-    fn check_side(&self, side: usize) -> Result<(), EngineError> {
+    pub(crate) fn check_side(&self, side: usize) -> Result<(), EngineError> {
         let grid = self.grid();
         if side == 0 || side > grid {
             return Err(EngineError::Request(format!(

@@ -198,10 +198,32 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((rows, self.in_features))?;
         ctx.count_matmul(1, rows, self.in_features, self.out_features);
+        self.compute(x, crate::gemv::MAX_ROWS)
+    }
+
+    /// [`Self::forward`] over rows that belong to different requests: row `i` is counted in
+    /// `ctxs[i]` (each row costs the same), so batched requests are charged what they ran.
+    pub fn forward_rows(&self, x: &Tensor, ctxs: &[Ctx]) -> Result<Tensor> {
+        let dims = x.dims();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        if rows != ctxs.len() {
+            candle_core::bail!("forward_rows: {rows} rows for {} requests", ctxs.len());
+        }
+        for c in ctxs {
+            c.count_matmul(1, 1, self.in_features, self.out_features);
+        }
+        // The row-wise kernels for a whole decode batch: each weight row is read once for all
+        // the batch's rows, and each output is the same dot product as for a sequence alone.
+        self.compute(x, crate::gemv::MAX_BATCH_ROWS)
+    }
+
+    fn compute(&self, x: &Tensor, gemv_rows: usize) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, self.in_features))?;
         let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
-        let mut y = if cpu_f32 && rows <= crate::gemv::MAX_ROWS {
+        let mut y = if cpu_f32 && rows <= gemv_rows {
             match &self.quant {
                 Some(q) => x2
                     .contiguous()?

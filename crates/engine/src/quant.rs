@@ -167,20 +167,152 @@ impl QuantMatrix {
         let (n, k, nb) = (self.rows, self.cols, self.cols / BLOCK);
         // Per-block sums of x (Q4_1's `m · Σx` term), once per input row.
         let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
-        let dot = row_dot_kernel(self.format);
         let qb = nb * self.qbytes();
+        let row = |o: usize| RowRef {
+            qs: &self.qs[o * qb..(o + 1) * qb],
+            d: &self.d[o * nb..(o + 1) * nb],
+            m: if self.m.is_empty() {
+                &[]
+            } else {
+                &self.m[o * nb..(o + 1) * nb]
+            },
+        };
+        if m > 1 && m <= crate::gemv::MAX_BATCH_ROWS {
+            // Several rows (a decode batch): each weight block is unpacked once and used for
+            // every row, with each row's arithmetic exactly that of the one-row kernel.
+            let rows = rows_kernel(self.format);
+            crate::gemv::for_each_output_rows(y, m, n, m * 33, |o, ys, scratch| {
+                rows(&row(o), x, &xsum, k, ys, scratch)
+            });
+            return;
+        }
+        let dot = row_dot_kernel(self.format);
         crate::gemv::for_each_output(y, m, n, |o, r| {
-            let row = RowRef {
-                qs: &self.qs[o * qb..(o + 1) * qb],
-                d: &self.d[o * nb..(o + 1) * nb],
-                m: if self.m.is_empty() {
-                    &[]
-                } else {
-                    &self.m[o * nb..(o + 1) * nb]
-                },
-            };
-            dot(&row, &x[r * k..(r + 1) * k], &xsum[r * nb..(r + 1) * nb])
+            dot(&row(o), &x[r * k..(r + 1) * k], &xsum[r * nb..(r + 1) * nb])
         });
+    }
+}
+
+/// (row, x, xsum, k, y, scratch of m·33 values).
+type RowsDot = fn(&RowRef, &[f32], &[f32], usize, &mut [f32], &mut [f32]);
+
+fn rows_kernel(format: QuantFormat) -> RowsDot {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return match format {
+                // SAFETY (both): the features were detected above.
+                QuantFormat::Q4_1 => |r, x, s, k, y, t| unsafe { q4_1_rows_avx2(r, x, s, k, y, t) },
+                QuantFormat::Q8_0 => |r, x, s, k, y, t| unsafe { q8_0_rows_avx2(r, x, s, k, y, t) },
+            };
+        }
+    }
+    match format {
+        QuantFormat::Q4_1 => q4_1_rows::<false>,
+        QuantFormat::Q8_0 => q8_0_rows::<false>,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q4_1_rows_avx2(
+    r: &RowRef,
+    x: &[f32],
+    xsum: &[f32],
+    k: usize,
+    y: &mut [f32],
+    t: &mut [f32],
+) {
+    q4_1_rows::<true>(r, x, xsum, k, y, t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q8_0_rows_avx2(
+    r: &RowRef,
+    x: &[f32],
+    xsum: &[f32],
+    k: usize,
+    y: &mut [f32],
+    t: &mut [f32],
+) {
+    q8_0_rows::<true>(r, x, xsum, k, y, t)
+}
+
+/// [`q4_1_row`] for `y.len()` rows of `x` (`k` columns each) at once: the block's nibbles are
+/// unpacked once; each row's accumulation is the one-row kernel's, operation for operation.
+#[inline(always)]
+fn q4_1_rows<const FMA: bool>(
+    r: &RowRef,
+    x: &[f32],
+    xsum: &[f32],
+    k: usize,
+    y: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let m = y.len();
+    let nb = k / BLOCK;
+    let (acc, rest) = scratch.split_at_mut(16 * m);
+    let mins = &mut rest[..m];
+    acc.fill(0.0);
+    mins.fill(0.0);
+    for (b, (q, &d)) in r.qs.chunks_exact(16).zip(r.d).enumerate() {
+        let mut hi = [0f32; 16];
+        let mut lo = [0f32; 16];
+        for i in 0..16 {
+            hi[i] = (q[i] >> 4) as f32;
+            lo[i] = (q[i] & 15) as f32;
+        }
+        let mb = r.m[b];
+        for (row, a) in acc.chunks_exact_mut(16).enumerate() {
+            // Fixed-size views: no bounds checks in the lane loop, so it vectorises.
+            let xs: &[f32; BLOCK] = x[row * k + b * BLOCK..row * k + (b + 1) * BLOCK]
+                .try_into()
+                .expect("a block");
+            let a: &mut [f32; 16] = a.try_into().expect("16 lanes");
+            for i in 0..16 {
+                let p = fmadd::<FMA>(hi[i], xs[16 + i], lo[i] * xs[i]);
+                a[i] = fmadd::<FMA>(d, p, a[i]);
+            }
+            mins[row] = fmadd::<FMA>(mb, xsum[row * nb + b], mins[row]);
+        }
+    }
+    for row in 0..m {
+        y[row] = acc[row * 16..(row + 1) * 16].iter().sum::<f32>() + mins[row];
+    }
+}
+
+/// [`q8_0_row`] for several rows at once (see [`q4_1_rows`]).
+#[inline(always)]
+fn q8_0_rows<const FMA: bool>(
+    r: &RowRef,
+    x: &[f32],
+    _xsum: &[f32],
+    k: usize,
+    y: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let m = y.len();
+    let acc = &mut scratch[..32 * m];
+    acc.fill(0.0);
+    for (b, (q, &d)) in r.qs.chunks_exact(32).zip(r.d).enumerate() {
+        let mut qf = [0f32; 32];
+        for i in 0..32 {
+            qf[i] = (q[i] as i8) as f32;
+        }
+        for (row, a) in acc.chunks_exact_mut(32).enumerate() {
+            let xs: &[f32; BLOCK] = x[row * k + b * BLOCK..row * k + (b + 1) * BLOCK]
+                .try_into()
+                .expect("a block");
+            let a: &mut [f32; 32] = a.try_into().expect("32 lanes");
+            for i in 0..32 {
+                a[i] = fmadd::<FMA>(d, qf[i] * xs[i], a[i]);
+            }
+        }
+    }
+    for row in 0..m {
+        y[row] = acc[row * 32..(row + 1) * 32].iter().sum();
     }
 }
 
@@ -292,6 +424,28 @@ impl candle_core::CustomOp1 for QuantGemv {
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+
+    #[test]
+    fn several_rows_equal_each_row_alone_bit_for_bit() {
+        let dev = Device::Cpu;
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let w = Tensor::randn(0f32, 1.0, (70, 256), &dev).unwrap();
+            let qm = QuantMatrix::from_qtensor(&QTensor::quantize(&w, dtype).unwrap())
+                .unwrap()
+                .unwrap();
+            let m = 7;
+            let x: Vec<f32> = (0..m * 256)
+                .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            let mut all = vec![0f32; m * 70];
+            qm.gemv(&x, &mut all, m);
+            for r in 0..m {
+                let mut one = vec![0f32; 70];
+                qm.gemv(&x[r * 256..(r + 1) * 256], &mut one, 1);
+                assert_eq!(&all[r * 70..(r + 1) * 70], &one[..], "{dtype:?} row {r}");
+            }
+        }
+    }
 
     fn check(dtype: GgmlDType, format: QuantFormat) {
         let dev = Device::Cpu;

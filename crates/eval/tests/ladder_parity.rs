@@ -141,7 +141,7 @@ fn choice_log_likelihoods_are_the_log_softmax_of_the_last_position() {
 #[test]
 fn generated_logprobs_are_the_log_softmax_of_the_reference_logits() {
     // The first generated token's reported logprob and top alternatives against PyTorch's
-    // last-position logits (log-softmax computed here in f64), through `generate_frames`: the
+    // last-position logits (log-softmax computed here in f64), through `generate_visual`: the
     // path the server takes.
     let g = golden();
     let vlm = load(&g.meta);
@@ -168,15 +168,35 @@ fn generated_logprobs_are_the_log_softmax_of_the_reference_logits() {
         frames,
         size,
     };
-    let mut all = vlm
-        .generate_frames(
-            Some(frames_data),
+    let (mut all, features) = vlm
+        .generate_visual(
+            vvlm_engine::VisualInput::Frames(frames_data),
             &req,
             2,
             &FlopCounter::new(),
             &mut |_, _| true,
         )
         .unwrap();
+    // The features of the encoded frames come back for a cache, and answer the same from it,
+    // with no vision FLOPs spent.
+    let features = features.unwrap();
+    assert_eq!(features.frames(), frames);
+    let flops = FlopCounter::new();
+    let (again, none) = vlm
+        .generate_visual(
+            vvlm_engine::VisualInput::Features(&features),
+            &req,
+            1,
+            &flops,
+            &mut |_, _| true,
+        )
+        .unwrap();
+    assert!(none.is_none());
+    assert_eq!(again[0].token_ids, all[0].token_ids);
+    assert_eq!(again[0].logprobs, all[0].logprobs);
+    assert_eq!(flops.snapshot().vision, 0.0);
+    assert_eq!(flops.snapshot().projector, 0.0);
+    assert!(flops.snapshot().lm_prefill > 0.0);
     // Two completions of one encoded video: greedy, so the same.
     assert_eq!(all.len(), 2);
     assert_eq!(all[0].token_ids, all[1].token_ids);

@@ -4,7 +4,8 @@
 //! Accounting: a request reserves its planned FLOPs when admitted, settles to its measured FLOPs
 //! when done, and is released on failure. Usage in a period is computed from the reservations
 //! themselves (settled charges plus open reservations whose lease has not run out), so there is
-//! no counter to drift.
+//! no counter to drift. Each reservation keeps the plan it was admitted with, for a tenant's
+//! request history and usage over time.
 //!
 //! Leases: a reservation belongs to the replica that made it ([`LeaseSettings::owner`], random
 //! per process) and holds only until `lease_until`. The owner renews the leases of its live
@@ -195,6 +196,59 @@ impl Usage {
     }
 }
 
+/// One request of a tenant as the ledger knows it: its reservation, its charge and the plan it
+/// was admitted with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub request_id: String,
+    /// `open` (in flight), `settled` (charged), `released` (never ran: not charged) or
+    /// `expired` (its replica stopped renewing the lease: not charged unless it settles late).
+    pub state: String,
+    pub reserved_flops: f64,
+    /// Measured FLOPs charged (settled requests only).
+    pub charged_flops: Option<f64>,
+    pub created_at: i64,
+    pub closed_at: Option<i64>,
+    /// The plan (checkpoint, frames, tokens per frame, predicted score, cost, budget, task).
+    pub plan: Option<serde_json::Value>,
+}
+
+/// Charged FLOPs of the requests settled in `[start, start + bucket_s)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsagePoint {
+    pub start: i64,
+    pub charged_flops: f64,
+    pub requests: u64,
+}
+
+/// The empty buckets of [`Ledger::usage_series`]: `buckets` of `bucket_s` seconds, the last one
+/// holding `now`. Errs on a non-positive size or count.
+fn empty_series(now: i64, bucket_s: i64, buckets: usize) -> Result<Vec<UsagePoint>, LedgerError> {
+    if bucket_s <= 0 || buckets == 0 {
+        return Err(LedgerError::Invalid(
+            "bucket_s and buckets must be positive".into(),
+        ));
+    }
+    let first = now.div_euclid(bucket_s) * bucket_s - (buckets as i64 - 1) * bucket_s;
+    Ok((0..buckets as i64)
+        .map(|i| UsagePoint {
+            start: first + i * bucket_s,
+            charged_flops: 0.0,
+            requests: 0,
+        })
+        .collect())
+}
+
+/// Puts `(bucket index, charged, requests)` rows into the buckets of [`empty_series`].
+fn fill_series(points: &mut [UsagePoint], rows: impl IntoIterator<Item = (i64, f64, i64)>) {
+    for (i, charged, n) in rows {
+        if let Some(p) = usize::try_from(i).ok().and_then(|i| points.get_mut(i)) {
+            p.charged_flops = charged;
+            p.requests = n as u64;
+        }
+    }
+}
+
 /// A held reservation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reservation {
@@ -271,6 +325,22 @@ pub trait Ledger: Send + Sync {
     /// Marks expired every open reservation, of any owner, whose lease ended before `now`;
     /// returns how many.
     fn expire(&self, now: i64) -> Result<u64, LedgerError>;
+    /// Replaces a tenant's API key: the old one stops working at once; the new one is returned
+    /// (shown once).
+    fn rotate_key(&self, name: &str) -> Result<(Tenant, String), LedgerError>;
+    /// Records the plan a reservation was admitted with (for [`Self::recent_requests`]).
+    fn record_plan(&self, r: &Reservation, plan: &serde_json::Value) -> Result<(), LedgerError>;
+    /// The tenant's latest requests, newest first, at most `limit`.
+    fn recent_requests(&self, t: &Tenant, limit: usize) -> Result<Vec<RequestRecord>, LedgerError>;
+    /// Charged FLOPs per `bucket_s` seconds (by settlement time): `buckets` consecutive
+    /// buckets, the last one holding `now`, empty buckets included.
+    fn usage_series(
+        &self,
+        t: &Tenant,
+        now: i64,
+        bucket_s: i64,
+        buckets: usize,
+    ) -> Result<Vec<UsagePoint>, LedgerError>;
     /// The lease settings reservations are made with.
     fn lease(&self) -> &LeaseSettings;
     /// `"sqlite"` or `"postgres"`.

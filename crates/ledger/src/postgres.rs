@@ -10,9 +10,9 @@
 //! tenant's row lock, so reservations of one tenant serialise across replicas.
 
 use crate::{
-    exists, in_flight, new_key, new_tenant_budgets, no_tenant, quota_exhausted, updated_tenant,
-    LeaseSettings, Ledger, LedgerError, Migration, Options, Period, Reservation, Tenant,
-    TenantSettings, Usage,
+    empty_series, exists, fill_series, in_flight, new_key, new_tenant_budgets, no_tenant,
+    quota_exhausted, updated_tenant, LeaseSettings, Ledger, LedgerError, Migration, Options,
+    Period, RequestRecord, Reservation, Tenant, TenantSettings, Usage, UsagePoint,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Timeouts};
 use std::future::Future;
@@ -30,6 +30,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "usage_totals",
         sql: include_str!("../migrations/postgres/0002_usage_totals.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "request_plans",
+        sql: include_str!("../migrations/postgres/0003_request_plans.sql"),
     },
 ];
 
@@ -546,6 +551,101 @@ impl Ledger for PostgresLedger {
             )
             .await?)
         })
+    }
+
+    fn rotate_key(&self, name: &str) -> Result<(Tenant, String), LedgerError> {
+        let key = new_key()?;
+        let (pool, name, hash) = (self.pool.clone(), name.to_string(), crate::hash_key(&key));
+        let t = self.block(async move {
+            let c = pool.get().await?;
+            c.query_opt(
+                &format!(
+                    "UPDATE tenants SET key_hash = $1 WHERE name = $2 AND {LIVE} RETURNING {TENANT_COLS}"
+                ),
+                &[&hash, &name],
+            )
+            .await?
+            .map(|r| row_tenant(&r))
+            .ok_or_else(|| no_tenant(&name))
+        })?;
+        Ok((t, key))
+    }
+
+    fn record_plan(&self, r: &Reservation, plan: &serde_json::Value) -> Result<(), LedgerError> {
+        let (pool, id, plan) = (self.pool.clone(), r.id, plan.to_string());
+        self.block(async move {
+            let c = pool.get().await?;
+            let st = c
+                .prepare_cached(
+                    "INSERT INTO request_plans (reservation_id, plan) VALUES ($1, $2::text::jsonb)
+                     ON CONFLICT (reservation_id) DO UPDATE SET plan = EXCLUDED.plan",
+                )
+                .await?;
+            c.execute(&st, &[&id, &plan]).await?;
+            Ok(())
+        })
+    }
+
+    fn recent_requests(&self, t: &Tenant, limit: usize) -> Result<Vec<RequestRecord>, LedgerError> {
+        let (pool, id) = (self.pool.clone(), t.id);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.block(async move {
+            let c = pool.get().await?;
+            let st = c
+                .prepare_cached(
+                    "SELECT r.request_id, r.state, r.reserved,
+                            CASE WHEN r.state = 'settled' THEN r.charged END,
+                            r.created_at, r.closed_at, p.plan::text
+                     FROM reservations r LEFT JOIN request_plans p ON p.reservation_id = r.id
+                     WHERE r.tenant_id = $1 ORDER BY r.id DESC LIMIT $2",
+                )
+                .await?;
+            let rows = c.query(&st, &[&id, &limit]).await?;
+            Ok(rows
+                .iter()
+                .map(|r| RequestRecord {
+                    request_id: r.get(0),
+                    state: r.get(1),
+                    reserved_flops: r.get(2),
+                    charged_flops: r.get(3),
+                    created_at: r.get(4),
+                    closed_at: r.get(5),
+                    plan: r
+                        .get::<_, Option<String>>(6)
+                        .and_then(|p| serde_json::from_str(&p).ok()),
+                })
+                .collect())
+        })
+    }
+
+    fn usage_series(
+        &self,
+        t: &Tenant,
+        now: i64,
+        bucket_s: i64,
+        buckets: usize,
+    ) -> Result<Vec<UsagePoint>, LedgerError> {
+        let mut points = empty_series(now, bucket_s, buckets)?;
+        let first = points[0].start;
+        let end = points[points.len() - 1].start + bucket_s;
+        let (pool, id) = (self.pool.clone(), t.id);
+        let rows = self.block(async move {
+            let c = pool.get().await?;
+            let st = c
+                .prepare_cached(
+                    "SELECT (closed_at - $2) / $3, SUM(charged)::float8, COUNT(*)::int8 FROM reservations
+                     WHERE tenant_id = $1 AND state = 'settled' AND closed_at >= $2 AND closed_at < $4
+                     GROUP BY 1",
+                )
+                .await?;
+            let rows = c.query(&st, &[&id, &first, &bucket_s, &end]).await?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get::<_, i64>(0), r.get::<_, f64>(1), r.get::<_, i64>(2)))
+                .collect::<Vec<_>>())
+        })?;
+        fill_series(&mut points, rows);
+        Ok(points)
     }
 
     fn lease(&self) -> &LeaseSettings {

@@ -3,9 +3,9 @@
 //! admission is atomic across the processes that share the file.
 
 use crate::{
-    exists, in_flight, new_key, new_tenant_budgets, no_tenant, quota_exhausted, updated_tenant,
-    LeaseSettings, Ledger, LedgerError, Migration, Period, Reservation, Tenant, TenantSettings,
-    Usage,
+    empty_series, exists, fill_series, in_flight, new_key, new_tenant_budgets, no_tenant,
+    quota_exhausted, updated_tenant, LeaseSettings, Ledger, LedgerError, Migration, Period,
+    RequestRecord, Reservation, Tenant, TenantSettings, Usage, UsagePoint,
 };
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::Path;
@@ -26,6 +26,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "usage_totals",
         sql: include_str!("../migrations/sqlite/0003_usage_totals.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "request_plans",
+        sql: include_str!("../migrations/sqlite/0004_request_plans.sql"),
     },
 ];
 
@@ -363,6 +368,76 @@ impl Ledger for SqliteLedger {
             "UPDATE reservations SET state = 'expired', closed_at = ?1 WHERE state = 'open' AND lease_until < ?1",
             params![now],
         )? as u64)
+    }
+
+    fn rotate_key(&self, name: &str) -> Result<(Tenant, String), LedgerError> {
+        let key = new_key()?;
+        let n = self.lock().execute(
+            &format!("UPDATE tenants SET key_hash = ?1 WHERE name = ?2 AND {LIVE}"),
+            params![crate::hash_key(&key), name],
+        )?;
+        if n == 0 {
+            return Err(no_tenant(name));
+        }
+        Ok((self.tenant_by_name(name)?, key))
+    }
+
+    fn record_plan(&self, r: &Reservation, plan: &serde_json::Value) -> Result<(), LedgerError> {
+        self.lock().execute(
+            "INSERT OR REPLACE INTO request_plans (reservation_id, plan) VALUES (?1, ?2)",
+            params![r.id, plan.to_string()],
+        )?;
+        Ok(())
+    }
+
+    fn recent_requests(&self, t: &Tenant, limit: usize) -> Result<Vec<RequestRecord>, LedgerError> {
+        let conn = self.lock();
+        let mut st = conn.prepare_cached(
+            "SELECT r.request_id, r.state, r.reserved,
+                    CASE WHEN r.state = 'settled' THEN r.charged END,
+                    r.created_at, r.closed_at, p.plan
+             FROM reservations r LEFT JOIN request_plans p ON p.reservation_id = r.id
+             WHERE r.tenant_id = ?1 ORDER BY r.id DESC LIMIT ?2",
+        )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = st.query_map(params![t.id, limit], |r| {
+            let plan: Option<String> = r.get(6)?;
+            Ok(RequestRecord {
+                request_id: r.get(0)?,
+                state: r.get(1)?,
+                reserved_flops: r.get(2)?,
+                charged_flops: r.get(3)?,
+                created_at: r.get(4)?,
+                closed_at: r.get(5)?,
+                plan: plan.and_then(|p| serde_json::from_str(&p).ok()),
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn usage_series(
+        &self,
+        t: &Tenant,
+        now: i64,
+        bucket_s: i64,
+        buckets: usize,
+    ) -> Result<Vec<UsagePoint>, LedgerError> {
+        let mut points = empty_series(now, bucket_s, buckets)?;
+        let first = points[0].start;
+        let end = points[points.len() - 1].start + bucket_s;
+        let conn = self.lock();
+        let mut st = conn.prepare_cached(
+            "SELECT (closed_at - ?2) / ?3, SUM(charged), COUNT(*) FROM reservations
+             WHERE tenant_id = ?1 AND state = 'settled' AND closed_at >= ?2 AND closed_at < ?4
+             GROUP BY 1",
+        )?;
+        let rows = st
+            .query_map(params![t.id, first, bucket_s, end], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        fill_series(&mut points, rows);
+        Ok(points)
     }
 
     fn lease(&self) -> &LeaseSettings {

@@ -28,6 +28,7 @@ macro_rules! ledger_suite {
             a_dead_replicas_lease_runs_out_and_a_live_one_is_renewed,
             replicas_never_admit_past_the_quota,
             settlements_survive_the_database_being_down,
+            keys_rotate_and_requests_keep_their_plans_and_charges,
             migrations_are_applied_once);
     };
     (@cases $harness:expr; $($case:ident),*) => {
@@ -431,6 +432,32 @@ impl Ledger for Switch {
         self.check()?;
         self.inner.expire(now)
     }
+    fn rotate_key(&self, name: &str) -> Result<(Tenant, String), LedgerError> {
+        self.check()?;
+        self.inner.rotate_key(name)
+    }
+    fn record_plan(&self, r: &Reservation, plan: &serde_json::Value) -> Result<(), LedgerError> {
+        self.check()?;
+        self.inner.record_plan(r, plan)
+    }
+    fn recent_requests(
+        &self,
+        t: &Tenant,
+        limit: usize,
+    ) -> Result<Vec<crate::RequestRecord>, LedgerError> {
+        self.check()?;
+        self.inner.recent_requests(t, limit)
+    }
+    fn usage_series(
+        &self,
+        t: &Tenant,
+        now: i64,
+        bucket_s: i64,
+        buckets: usize,
+    ) -> Result<Vec<crate::UsagePoint>, LedgerError> {
+        self.check()?;
+        self.inner.usage_series(t, now, bucket_s, buckets)
+    }
     fn lease(&self) -> &LeaseSettings {
         self.inner.lease()
     }
@@ -520,6 +547,97 @@ pub fn settlements_survive_the_database_being_down(h: &dyn Harness) {
     assert_eq!(leases.close(&r3, 25.0, 122).unwrap(), Closed::AlreadyClosed);
     assert_eq!(sw.usage(&a, 122).unwrap().charged_flops, 45.0);
     std::fs::remove_dir_all(&dir).ok();
+    assert_totals_consistent(h);
+}
+
+pub fn keys_rotate_and_requests_keep_their_plans_and_charges(h: &dyn Harness) {
+    let l = h.open(replica("r1", 30));
+    let (a, old) = l.create_tenant("a", &TenantSettings::default()).unwrap();
+    let (a2, new) = l.rotate_key("a").unwrap();
+    assert_eq!(a2, a);
+    assert_ne!(old, new);
+    assert!(l.tenant_by_key(&old).unwrap().is_none());
+    assert_eq!(l.tenant_by_key(&new).unwrap().unwrap().name, "a");
+    assert_eq!(
+        h.count(&format!(
+            "SELECT COUNT(*) FROM tenants WHERE key_hash = '{}'",
+            crate::hash_key(&new)
+        )),
+        1,
+        "the new key is stored hashed"
+    );
+    assert!(matches!(
+        l.rotate_key("nope"),
+        Err(LedgerError::NotFound(_))
+    ));
+    // Two requests in one bucket, one in the next; one released (never charged), one whose
+    // replica died (expired: reported as such, not charged).
+    let t0 = 1_000_000;
+    let r1 = l.reserve(&a, 100.0, "r1", t0).unwrap();
+    l.record_plan(&r1, &serde_json::json!({"model": "m", "frames": 8}))
+        .unwrap();
+    l.settle(&r1.request_id, 80.0, t0 + 1).unwrap();
+    let r2 = l.reserve(&a, 50.0, "r2", t0).unwrap();
+    l.settle(&r2.request_id, 70.0, t0 + 2).unwrap();
+    let r3 = l.reserve(&a, 30.0, "r3", t0).unwrap();
+    l.settle(&r3.request_id, 30.0, t0 + 65).unwrap();
+    let r4 = l.reserve(&a, 10.0, "r4", t0).unwrap();
+    l.release(&r4.request_id, t0 + 66).unwrap();
+    let recent = l.recent_requests(&a, 3).unwrap();
+    let ids: Vec<_> = recent.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(ids, ["r4", "r3", "r2"]);
+    assert_eq!(recent[0].state, "released");
+    assert_eq!(recent[0].charged_flops, None);
+    assert_eq!(recent[0].closed_at, Some(t0 + 66));
+    assert_eq!(recent[2].charged_flops, Some(50.0)); // capped at the reservation
+    assert_eq!(recent[2].plan, None);
+    let first = &l.recent_requests(&a, 10).unwrap()[3];
+    assert_eq!(first.request_id, "r1");
+    assert_eq!(first.state, "settled");
+    assert_eq!(first.plan.as_ref().unwrap()["frames"], 8);
+    assert_eq!(first.charged_flops, Some(80.0));
+    assert_eq!((first.reserved_flops, first.created_at), (100.0, t0));
+    // Buckets of 60 s ending with the one holding t0 + 70.
+    let series = l.usage_series(&a, t0 + 70, 60, 3).unwrap();
+    assert_eq!(series.len(), 3);
+    let start = (t0 + 70) / 60 * 60;
+    assert_eq!(series[2].start, start);
+    assert_eq!(series[0].start, start - 120);
+    let charged: Vec<f64> = series.iter().map(|p| p.charged_flops).collect();
+    let in_bucket = |t: i64| ((t - series[0].start) / 60) as usize;
+    let mut want = [0.0; 3];
+    want[in_bucket(t0 + 1)] += 80.0;
+    want[in_bucket(t0 + 2)] += 50.0;
+    want[in_bucket(t0 + 65)] += 30.0;
+    assert_eq!(charged, want);
+    assert_eq!(series.iter().map(|p| p.requests).sum::<u64>(), 3);
+    // Empty buckets are included; before anything was settled, all are empty.
+    let earlier = l.usage_series(&a, t0 - 600, 60, 4).unwrap();
+    assert_eq!(earlier.len(), 4);
+    assert!(earlier
+        .iter()
+        .all(|p| p.charged_flops == 0.0 && p.requests == 0));
+    assert!(matches!(
+        l.usage_series(&a, t0, 0, 3),
+        Err(LedgerError::Invalid(_))
+    ));
+    assert!(l.usage_series(&a, t0, -60, 3).is_err());
+    assert!(l.usage_series(&a, t0, 60, 0).is_err());
+    // A dead replica's request: its lease runs out and it is reported as expired, uncharged.
+    let dead = h.open(replica("dead", 5));
+    let r5 = dead.reserve(&a, 20.0, "r5", t0 + 100).unwrap();
+    dead.record_plan(&r5, &serde_json::json!({"frames": 4}))
+        .unwrap();
+    drop(dead);
+    assert_eq!(l.expire(t0 + 200).unwrap(), 1);
+    let recent = l.recent_requests(&a, 1).unwrap();
+    assert_eq!(recent[0].request_id, "r5");
+    assert_eq!(recent[0].state, "expired");
+    assert_eq!(recent[0].charged_flops, None);
+    assert_eq!(recent[0].plan.as_ref().unwrap()["frames"], 4);
+    // Another tenant's history is its own.
+    let (b, _) = l.create_tenant("b", &TenantSettings::default()).unwrap();
+    assert!(l.recent_requests(&b, 10).unwrap().is_empty());
     assert_totals_consistent(h);
 }
 

@@ -13,7 +13,7 @@ pub use registry::{ModelEntry, Registry};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use vvlm_cost::{ArchSpec, PaperCost, Workload};
+use vvlm_cost::{ArchSpec, FlopBreakdown, PaperCost, Workload};
 use vvlm_scaling::{Config, FittedModel};
 
 /// Errors of planning.
@@ -71,10 +71,21 @@ pub struct PlanRequest {
     /// that fit, the law's preference in `x_N`.
     #[serde(default)]
     pub text_only: bool,
+    /// Configurations whose vision features this request's video already has in the cache:
+    /// their vision and projector cost nothing more, so they are priced at their marginal cost.
+    #[serde(default)]
+    pub cached_vision: Vec<CachedVision>,
     /// Generated tokens to price (used by the exact cost mode).
     pub expected_decode_tokens: usize,
     #[serde(default)]
     pub pins: Pins,
+}
+
+/// A video's frames already encoded by a checkpoint (any pooled side reuses them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedVision {
+    pub model: String,
+    pub frames: u32,
 }
 
 /// One priced and scored configuration.
@@ -87,7 +98,11 @@ pub struct Candidate {
     pub side: u32,
     pub predicted_error: f64,
     pub predicted_score: f64,
+    /// What it costs given the cache (what is reserved and compared with the budget).
     pub cost_flops: f64,
+    /// What it would cost with nothing cached.
+    #[serde(default)]
+    pub cold_cost_flops: f64,
 }
 
 /// The planner's answer.
@@ -192,7 +207,45 @@ impl Planner {
         self.archs.insert(model.to_string(), arch);
     }
 
-    /// Prices one configuration.
+    /// The vision tower's and projector's part of a configuration's price (what cached
+    /// features save).
+    pub fn vision_cost(&self, entry: &ModelEntry, frames: u32) -> f64 {
+        match (self.cost_mode, self.archs.get(&entry.name)) {
+            (CostMode::Exact, Some(arch)) => {
+                let b = arch.flops(&Workload {
+                    frames: frames as usize,
+                    tokens_per_frame: 1,
+                    text_tokens: 0,
+                    decode_steps: 0,
+                });
+                b.vision + b.projector
+            }
+            _ => self.paper_cost.split(entry.lm_params, frames as f64, 0.0).0,
+        }
+    }
+
+    /// Prices one configuration given the cache: (marginal, cold).
+    pub fn marginal_cost(
+        &self,
+        entry: &ModelEntry,
+        frames: u32,
+        tokens_per_frame: u32,
+        req: &PlanRequest,
+    ) -> (f64, f64) {
+        let cold = self.cost(entry, frames, tokens_per_frame, req);
+        let cached = frames > 0
+            && req
+                .cached_vision
+                .iter()
+                .any(|c| c.model == entry.name && c.frames == frames);
+        if cached {
+            ((cold - self.vision_cost(entry, frames)).max(0.0), cold)
+        } else {
+            (cold, cold)
+        }
+    }
+
+    /// Prices one configuration with nothing cached.
     pub fn cost(
         &self,
         entry: &ModelEntry,
@@ -220,18 +273,91 @@ impl Planner {
         }
     }
 
+    /// FLOPs of one configuration by component: the exact analytic count of the architecture
+    /// (exact cost mode), or the paper's formula split into vision and LM prefill. Sums to
+    /// [`Self::cost`] (up to rounding).
+    pub fn cost_breakdown(
+        &self,
+        entry: &ModelEntry,
+        frames: u32,
+        tokens_per_frame: u32,
+        req: &PlanRequest,
+    ) -> FlopBreakdown {
+        match (self.cost_mode, self.archs.get(&entry.name)) {
+            (CostMode::Exact, Some(arch)) => arch.flops(&Workload {
+                frames: frames as usize,
+                tokens_per_frame: tokens_per_frame as usize,
+                text_tokens: req.text_tokens_for(&entry.name),
+                decode_steps: req.expected_decode_tokens.saturating_sub(1),
+            }),
+            _ if frames == 0 => FlopBreakdown {
+                lm_prefill: 2.0 * entry.lm_params * req.text_tokens_for(&entry.name) as f64,
+                lm_decode: 2.0 * entry.lm_params * req.expected_decode_tokens as f64,
+                ..Default::default()
+            },
+            _ => {
+                let (vision, lm_prefill) =
+                    self.paper_cost
+                        .split(entry.lm_params, frames as f64, tokens_per_frame as f64);
+                FlopBreakdown {
+                    vision,
+                    lm_prefill,
+                    ..Default::default()
+                }
+            }
+        }
+    }
+
     /// Plans one request.
     pub fn plan(&self, req: &PlanRequest) -> Result<Plan, PlanError> {
-        let scaling = self
-            .tasks
-            .get(&req.task)
-            .ok_or_else(|| PlanError::UnknownTask(req.task.clone()))?;
         if !(req.budget_flops.is_finite() && req.budget_flops > 0.0) {
             return Err(PlanError::InvalidPin(format!(
                 "budget must be positive, got {}",
                 req.budget_flops
             )));
         }
+        let (mut feasible, considered, min_cost) = self.search(req, req.budget_flops)?;
+        if feasible.is_empty() {
+            return Err(PlanError::BudgetTooSmall {
+                budget: req.budget_flops,
+                min_budget: min_cost,
+            });
+        }
+        feasible.sort_by(|a, b| {
+            a.predicted_error
+                .total_cmp(&b.predicted_error)
+                .then(a.cost_flops.total_cmp(&b.cost_flops))
+        });
+        let runners_up = feasible.iter().skip(1).take(5).cloned().collect();
+        Ok(Plan {
+            choice: feasible.swap_remove(0),
+            budget_flops: req.budget_flops,
+            cost_mode: self.cost_mode,
+            task: req.task.clone(),
+            runners_up,
+            considered,
+        })
+    }
+
+    /// Every configuration the request allows (pins and context respected), priced and scored
+    /// whatever its cost: the budget is ignored. In the registry's order, then frames, then side.
+    /// What a frontier plot draws: [`Self::plan`] picks the lowest predicted error among those
+    /// whose cost fits the budget.
+    pub fn candidates(&self, req: &PlanRequest) -> Result<Vec<Candidate>, PlanError> {
+        Ok(self.search(req, f64::INFINITY)?.0)
+    }
+
+    /// The candidates costing at most `budget`, how many were considered after pins, and the
+    /// cheapest cost of any that fits the context.
+    fn search(
+        &self,
+        req: &PlanRequest,
+        budget: f64,
+    ) -> Result<(Vec<Candidate>, usize, f64), PlanError> {
+        let scaling = self
+            .tasks
+            .get(&req.task)
+            .ok_or_else(|| PlanError::UnknownTask(req.task.clone()))?;
         if let Some(m) = &req.pins.model {
             if !self.registry.models.iter().any(|e| &e.name == m) {
                 return Err(PlanError::UnknownModel(m.clone()));
@@ -275,8 +401,9 @@ impl Planner {
                 }
                 fits_some = true;
                 let cost = self.cost(entry, 0, 0, req);
+                let cold = cost;
                 min_cost = min_cost.min(cost);
-                if cost > req.budget_flops {
+                if cost > budget {
                     continue;
                 }
                 let err = scaling.predict(&Config {
@@ -294,6 +421,7 @@ impl Planner {
                     predicted_error: err,
                     predicted_score: 100.0 - err,
                     cost_flops: cost,
+                    cold_cost_flops: cold,
                 });
                 continue;
             }
@@ -336,9 +464,9 @@ impl Planner {
                         }
                     }
                     fits_some = true;
-                    let cost = self.cost(entry, t, v, req);
+                    let (cost, cold) = self.marginal_cost(entry, t, v, req);
                     min_cost = min_cost.min(cost);
-                    if cost > req.budget_flops {
+                    if cost > budget {
                         continue;
                     }
                     let err = scaling.predict(&Config {
@@ -356,6 +484,7 @@ impl Planner {
                         predicted_error: err,
                         predicted_score: 100.0 - err,
                         cost_flops: cost,
+                        cold_cost_flops: cold,
                     });
                 }
             }
@@ -366,26 +495,7 @@ impl Planner {
                 limit: max_context,
             });
         }
-        if feasible.is_empty() {
-            return Err(PlanError::BudgetTooSmall {
-                budget: req.budget_flops,
-                min_budget: min_cost,
-            });
-        }
-        feasible.sort_by(|a, b| {
-            a.predicted_error
-                .total_cmp(&b.predicted_error)
-                .then(a.cost_flops.total_cmp(&b.cost_flops))
-        });
-        let runners_up = feasible.iter().skip(1).take(5).cloned().collect();
-        Ok(Plan {
-            choice: feasible.swap_remove(0),
-            budget_flops: req.budget_flops,
-            cost_mode: self.cost_mode,
-            task: req.task.clone(),
-            runners_up,
-            considered,
-        })
+        Ok((feasible, considered, min_cost))
     }
 }
 
@@ -432,6 +542,7 @@ mod tests {
             text_tokens: 20,
             text_tokens_by_model: BTreeMap::new(),
             text_only: false,
+            cached_vision: vec![],
             expected_decode_tokens: 32,
             pins: Pins::default(),
         }
@@ -482,6 +593,38 @@ mod tests {
         let a = p.plan(&req(5e12)).unwrap().choice.predicted_error;
         let b = p.plan(&req(30e12)).unwrap().choice.predicted_error;
         assert!(b <= a);
+    }
+
+    #[test]
+    fn candidates_are_the_whole_grid_and_the_plan_is_their_best_within_budget() {
+        let p = planner();
+        let all = p.candidates(&req(1.0)).unwrap();
+        assert_eq!(all.len(), 2 * 32 * 27);
+        for b in [2e12, 15e12] {
+            let plan = p.plan(&req(b)).unwrap();
+            let best = all
+                .iter()
+                .filter(|c| c.cost_flops <= b)
+                .min_by(|x, y| {
+                    x.predicted_error
+                        .total_cmp(&y.predicted_error)
+                        .then(x.cost_flops.total_cmp(&y.cost_flops))
+                })
+                .unwrap();
+            assert_eq!(&plan.choice, best);
+        }
+        let mut r = req(1.0);
+        r.pins.model = Some("large".into());
+        assert!(p.candidates(&r).unwrap().iter().all(|c| c.model == "large"));
+        // The breakdown adds up to the price.
+        let e = &p.registry().models[1];
+        let parts = p.cost_breakdown(e, 8, 49, &req(1.0));
+        let total = p.cost(e, 8, 49, &req(1.0));
+        assert!(
+            (parts.total() - total).abs() <= 1e-9 * total,
+            "{parts:?} {total}"
+        );
+        assert!(parts.vision > 0.0 && parts.lm_prefill > 0.0);
     }
 
     #[test]
@@ -644,5 +787,50 @@ mod tests {
         r.budget_flops = 1e12;
         r.pins.frames = Some(4);
         assert!(matches!(p.plan(&r), Err(PlanError::InvalidPin(_))));
+    }
+
+    #[test]
+    fn cached_vision_is_priced_at_its_marginal_cost() {
+        let p = planner();
+        // Theoretical mode: the vision part of T frames is 2 T x_M x_W = 2 T 0.43e9 768.
+        let mut r = req(3e12);
+        r.pins = Pins {
+            model: Some("large".into()),
+            frames: Some(4),
+            tokens_per_frame: Some(25),
+        };
+        // Cold: 2 * 4 * (0.43e9 * 768 + 7.5e9 * 25) = 4.14192e12, over the 3e12 budget.
+        assert!(matches!(p.plan(&r), Err(PlanError::BudgetTooSmall { .. })));
+        r.cached_vision.push(CachedVision {
+            model: "large".into(),
+            frames: 4,
+        });
+        let warm = p.plan(&r).unwrap().choice;
+        // Marginal: 2 * 4 * 7.5e9 * 25 = 1.5e12, which fits.
+        assert!(
+            (warm.cost_flops - 1.5e12).abs() < 1.0,
+            "{}",
+            warm.cost_flops
+        );
+        assert!(
+            (warm.cold_cost_flops - 4.14192e12).abs() < 1e3,
+            "{}",
+            warm.cold_cost_flops
+        );
+        // Unpinned, a cached video lets the planner afford what it could not cold.
+        let mut free = req(2e12);
+        let cold_plan = p.plan(&free).unwrap().choice;
+        assert_eq!(cold_plan.cost_flops, cold_plan.cold_cost_flops);
+        free.cached_vision = (1..=32)
+            .flat_map(|t| {
+                ["small", "large"].map(|m| CachedVision {
+                    model: m.into(),
+                    frames: t,
+                })
+            })
+            .collect();
+        let warm_plan = p.plan(&free).unwrap().choice;
+        assert!(warm_plan.predicted_error < cold_plan.predicted_error);
+        assert!(warm_plan.cold_cost_flops > 2e12);
     }
 }

@@ -3,11 +3,13 @@
 //! Every route that runs the engine goes through [`admit`] and [`record`], so the rules of
 //! accounting are written once.
 
+use crate::cache::{content_hash, CacheEntry, CacheKey};
 use crate::error::ApiError;
 use crate::ledger::{now, Tenant};
 use crate::validation::{Media, ValidRequest};
-use crate::worker::{Event, Frames, Held, Job};
+use crate::worker::{Event, Frames, Held, Job, JobVisual};
 use crate::AppState;
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedReceiver;
 use vvlm_cost::{FlopBreakdown, FlopCounter};
 use vvlm_engine::{Generation, VideoVlm};
-use vvlm_planner::{Plan, PlanRequest};
+use vvlm_planner::{CachedVision, Plan, PlanRequest};
 use vvlm_video::{FrameSampling, Preprocess, SampledFrame};
 
 /// A request's place among those admitted (decoding, queued or running), taken before its
@@ -68,6 +70,16 @@ pub struct Admitted {
     pub decode_s: f64,
     pub engine: Arc<VideoVlm>,
     pub n: usize,
+    pub cache: CacheUse,
+}
+
+/// What the video cache supplied to a request.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct CacheUse {
+    /// The decoded frames came from the cache (no decoding).
+    pub frames: bool,
+    /// The vision features came from the cache (no tower or projector run).
+    pub vision: bool,
 }
 
 /// Everything a finished request reports.
@@ -79,6 +91,7 @@ pub struct Outcome {
     pub decode_s: f64,
     pub notes: Vec<String>,
     pub n: usize,
+    pub cache: CacheUse,
 }
 
 /// Budget (request's or tenant's default, capped by the tenant's per-request maximum) and the
@@ -89,10 +102,23 @@ pub fn plan_for(
     t: &Tenant,
     r: &ValidRequest,
     text_only: bool,
+    cached_vision: Vec<CachedVision>,
 ) -> Result<(Plan, f64), ApiError> {
     let planner = s
         .planner()
         .ok_or_else(|| ApiError::NotReady("models are loading".into()))?;
+    let (req, budget) = plan_request(s, t, r, text_only, cached_vision)?;
+    Ok((planner.plan(&req)?, budget))
+}
+
+/// What the planner is asked for a request (see [`plan_for`]), and the budget.
+pub fn plan_request(
+    s: &AppState,
+    t: &Tenant,
+    r: &ValidRequest,
+    text_only: bool,
+    cached_vision: Vec<CachedVision>,
+) -> Result<(PlanRequest, f64), ApiError> {
     let budget = r.budget.unwrap_or(t.default_budget);
     if budget > t.per_request_max {
         return Err(ApiError::invalid(
@@ -118,25 +144,48 @@ pub fn plan_for(
         text_tokens: text_tokens_by_model.values().copied().max().unwrap_or(0),
         text_tokens_by_model,
         text_only,
+        cached_vision,
         expected_decode_tokens: r
             .max_tokens
             .unwrap_or(s.config.planner.expected_decode_tokens),
         pins: r.pins.clone(),
     };
-    Ok((planner.plan(&req)?, budget))
+    Ok((req, budget))
 }
 
 /// Plans, reserves, decodes and queues.
 pub async fn admit(
     s: &Arc<AppState>,
     t: &Tenant,
-    r: ValidRequest,
+    mut r: ValidRequest,
     slot: Option<AdmissionSlot>,
 ) -> Result<Admitted, ApiError> {
     if !s.is_ready() {
         return Err(ApiError::NotReady("models are loading".into()));
     }
-    let (plan, _budget) = plan_for(s, t, &r, matches!(r.media, Media::None))?;
+    let text_only = matches!(r.media, Media::None);
+    // The video's identity for the cache (its bytes' hash), and what the cache has of it.
+    let scope = if s.config.cache.shared {
+        "*".to_string()
+    } else {
+        t.name.clone()
+    };
+    let media = std::mem::take(&mut r.media);
+    let (media, content) = if text_only || s.config.cache.max_bytes == 0 {
+        (media, None)
+    } else {
+        let (m, h) = tokio::task::spawn_blocking(move || {
+            let h = media_hash(&media);
+            (media, h)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("hashing task: {e}")))?;
+        (m, Some(h?))
+    };
+    let cached = content
+        .map(|c| s.cache.cached_vision(&scope, &c))
+        .unwrap_or_default();
+    let (plan, _budget) = plan_for(s, t, &r, text_only, cached)?;
     let engine = s
         .engine(&plan.choice.model)
         .ok_or_else(|| ApiError::Internal(format!("model {} is not loaded", plan.choice.model)))?;
@@ -161,35 +210,90 @@ pub async fn admit(
     // the measured cost settles lower).
     let reserve = plan.choice.cost_flops * r.n as f64;
     let tenant = t.clone();
+    // The plan is kept beside the reservation (a tenant's request history).
+    let mut recorded = json!(plan);
+    if let Some(o) = recorded.as_object_mut() {
+        o.remove("runners_up");
+    }
     let leases = s.leases.clone();
     let reservation = s
-        .ledger_call(move |_| leases.hold(&tenant, reserve, &request_id, now()))
+        .ledger_call(move |l| {
+            let r = leases.hold(&tenant, reserve, &request_id, now())?;
+            if let Err(e) = l.record_plan(&r, &recorded) {
+                tracing::warn!(request_id, "could not record the plan: {e}");
+            }
+            Ok(r)
+        })
         .await?;
     let flops = Arc::new(FlopCounter::new());
     let held = Held::new(s.leases.clone(), reservation, flops.clone());
     let t0 = Instant::now();
-    let (frames, sampled) = match r.media.clone() {
-        Media::None => (None, vec![]),
-        media => {
+    let key = content.map(|content| CacheKey {
+        scope,
+        content,
+        model: plan.choice.model.clone(),
+        frames: plan.choice.frames,
+    });
+    let hit = key.as_ref().and_then(|k| s.cache.get(k));
+    let (visual, sampled, cache) = match (media, hit) {
+        (Media::None, _) => (JobVisual::None, vec![], CacheUse::default()),
+        (_, Some(e)) => {
+            let sampled = e.sampled.as_ref().clone();
+            match e.features {
+                Some(f) => (
+                    JobVisual::Features(f),
+                    sampled,
+                    CacheUse {
+                        frames: true,
+                        vision: true,
+                    },
+                ),
+                None => (
+                    JobVisual::Frames(e.frames),
+                    sampled,
+                    CacheUse {
+                        frames: true,
+                        vision: false,
+                    },
+                ),
+            }
+        }
+        (media, None) => {
             let v = decode(s, &engine, media, plan.choice.frames as usize).await?;
-            let size = v.size as usize;
-            let count = v.frames.len();
-            (
-                Some(Frames {
-                    pixels: v.pixels,
-                    count,
-                    size,
-                }),
-                v.frames,
-            )
+            let frames = Arc::new(Frames {
+                count: v.frames.len(),
+                size: v.size as usize,
+                pixels: v.pixels,
+            });
+            if let Some(k) = &key {
+                s.cache.put(
+                    k.clone(),
+                    CacheEntry {
+                        frames: frames.clone(),
+                        sampled: Arc::new(v.frames.clone()),
+                        features: None,
+                    },
+                );
+            }
+            (JobVisual::Frames(frames), v.frames, CacheUse::default())
         }
     };
+    let on_features: Option<Box<dyn FnOnce(vvlm_engine::VisionFeatures) + Send>> =
+        match (&visual, key) {
+            (JobVisual::Frames(_), Some(k)) => {
+                let c = s.cache.clone();
+                Some(Box::new(move |f| c.add_features(&k, f)))
+            }
+            _ => None,
+        };
+    s.metrics.cache_lookup(cache.frames, cache.vision);
     let decode_s = t0.elapsed().as_secs_f64();
     let cancel = Arc::new(AtomicBool::new(false));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let job = Job {
         engine: engine.clone(),
-        frames,
+        visual,
+        on_features,
         n: r.n,
         side: plan.choice.side as usize,
         system: r.system,
@@ -216,6 +320,28 @@ pub async fn admit(
         decode_s,
         engine,
         n: r.n,
+        cache,
+    })
+}
+
+/// The SHA-256 of the media's bytes (a `file://` video is read for it).
+fn media_hash(m: &Media) -> Result<[u8; 32], ApiError> {
+    Ok(match m {
+        Media::VideoBytes(b) => content_hash([b.as_slice()]),
+        Media::Images(v) => content_hash(v.iter().map(|x| x.as_slice())),
+        Media::VideoPath(p) => {
+            use sha2::Digest;
+            let read =
+                |e: std::io::Error| ApiError::Internal(format!("reading {}: {e}", p.display()));
+            let mut f = std::fs::File::open(p).map_err(read)?;
+            let len = f.metadata().map_err(read)?.len();
+            // The same hash as the same bytes uploaded: length, then content.
+            let mut h = sha2::Sha256::new();
+            h.update(len.to_le_bytes());
+            std::io::copy(&mut f, &mut h).map_err(read)?;
+            h.finalize().into()
+        }
+        Media::None => [0; 32],
     })
 }
 
@@ -312,6 +438,7 @@ pub async fn run_to_completion(
         decode_s: a.decode_s,
         notes: a.engine.notes.clone(),
         n: a.n,
+        cache: a.cache,
         plan: a.plan,
     })
 }

@@ -328,6 +328,7 @@ async fn stream(
                         decode_s: a.decode_s,
                         notes: a.engine.notes.clone(),
                         n: a.n,
+                        cache: a.cache,
                         generations,
                     };
                     let usage = usage_json(&o);

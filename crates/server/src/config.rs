@@ -43,6 +43,29 @@ pub struct ServerConfig {
     /// `auto`, `f32`, `bf16` or `f16`.
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// The video cache (decoded frames and vision features of recent videos).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bytes the cache may hold (0: no cache).
+    pub max_bytes: usize,
+    /// Share entries across tenants. Off by default: a hit's speed would tell a tenant that
+    /// another sent the same video.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 512 << 20,
+            shared: false,
+        }
+    }
 }
 
 fn default_device() -> String {
@@ -136,6 +159,20 @@ pub struct Limits {
     /// it is answered 429.
     #[serde(default = "default_queue_wait")]
     pub queue_wait_s: f64,
+    /// Sequences each worker decodes together (continuous batching; 1 runs one at a time).
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// KV positions (prompt + max_tokens of each sequence) a worker's batch may reserve
+    /// before new requests wait in the queue.
+    #[serde(default = "default_max_batch_tokens")]
+    pub max_batch_tokens: usize,
+}
+
+fn default_max_batch() -> usize {
+    16
+}
+fn default_max_batch_tokens() -> usize {
+    65536
 }
 
 fn default_queue_wait() -> f64 {

@@ -4,12 +4,15 @@
 //! charged its planned FLOPs on admission, and settled to the FLOPs the engine measured when it
 //! finishes.
 //!
-//! Owns HTTP, authentication and accounting. Must not know how models compute or how videos are
-//! decoded beyond the engine's and the video crate's APIs.
+//! Owns HTTP, authentication, accounting and the web console's embedded files (`console`). Must
+//! not know how models compute or how videos are decoded beyond the engine's and the video
+//! crate's APIs.
 
 mod admission;
+pub mod cache;
 mod chat;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod metrics;
 mod routes;
@@ -38,6 +41,8 @@ pub struct AppState {
     pub pool: worker::Pool,
     /// Requests admitted (decoding, queued or running): queue_depth + workers.
     pub admission: Arc<tokio::sync::Semaphore>,
+    /// Decoded frames and vision features of recent videos.
+    pub cache: Arc<cache::VideoCache>,
     /// Set once at least one checkpoint is loaded and the planner built over the loaded ones.
     planner: RwLock<Option<Arc<Planner>>>,
     engines: RwLock<BTreeMap<String, Arc<VideoVlm>>>,
@@ -121,12 +126,16 @@ pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError
     );
     let metrics = Arc::new(metrics::Metrics::default());
     let admission = Arc::new(tokio::sync::Semaphore::new(
-        config.limits.queue_depth + config.workers(),
+        config.limits.queue_depth + config.workers() * config.limits.max_batch.max(1),
     ));
     let pool = worker::Pool::start(
         config.workers(),
         config.threads_per_worker(),
         config.limits.queue_depth,
+        worker::BatchLimits {
+            max_sequences: config.limits.max_batch.max(1),
+            max_tokens: config.limits.max_batch_tokens,
+        },
         metrics.clone(),
     );
     let admin_key_hash = config
@@ -134,7 +143,10 @@ pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError
         .as_deref()
         .filter(|k| !k.is_empty())
         .map(ledger::hash_key);
+    let video_cache = Arc::new(cache::VideoCache::new(config.cache.max_bytes));
+    metrics.watch_cache(video_cache.clone());
     Ok(Arc::new(AppState {
+        cache: video_cache,
         config,
         ledger,
         leases,

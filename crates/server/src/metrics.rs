@@ -65,6 +65,19 @@ pub struct Metrics {
     journal_pending: Gauge,
     tenant_charged: Family<TenantLabel, Gauge<f64, AtomicU64>>,
     tenant_reserved: Family<TenantLabel, Gauge<f64, AtomicU64>>,
+    cache_lookups: Family<CacheLookup, Counter>,
+    batch_sequences: Gauge,
+    batch_kv_tokens: Gauge,
+    decode_batch_size: Histogram,
+    cache_bytes: Gauge,
+    cache_entries: Gauge,
+    cache: std::sync::Mutex<Option<std::sync::Arc<crate::cache::VideoCache>>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLookup {
+    what: &'static str,
+    result: &'static str,
 }
 
 impl Default for Metrics {
@@ -88,6 +101,13 @@ impl Default for Metrics {
             journal_pending: Gauge::default(),
             tenant_charged: Family::default(),
             tenant_reserved: Family::default(),
+            cache_lookups: Family::default(),
+            batch_sequences: Gauge::default(),
+            batch_kv_tokens: Gauge::default(),
+            decode_batch_size: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+            cache_bytes: Gauge::default(),
+            cache_entries: Gauge::default(),
+            cache: std::sync::Mutex::new(None),
         };
         let mut m = m;
         let r = &mut m.registry;
@@ -173,6 +193,36 @@ impl Default for Metrics {
             m.tenant_reserved.clone(),
         );
         m.ledger_available.set(1);
+        r.register(
+            "cache_lookups",
+            "Video cache lookups of requests with media, by what (frames, vision) and result",
+            m.cache_lookups.clone(),
+        );
+        r.register(
+            "batch_sequences",
+            "Sequences in the workers' running batches",
+            m.batch_sequences.clone(),
+        );
+        r.register(
+            "batch_kv_tokens",
+            "KV positions the running batches reserve (prompt + max_tokens per sequence)",
+            m.batch_kv_tokens.clone(),
+        );
+        r.register(
+            "decode_batch_size",
+            "Sequences per decode step",
+            m.decode_batch_size.clone(),
+        );
+        r.register(
+            "cache_bytes",
+            "Bytes the video cache holds",
+            m.cache_bytes.clone(),
+        );
+        r.register(
+            "cache_entries",
+            "Entries the video cache holds",
+            m.cache_entries.clone(),
+        );
         m
     }
 }
@@ -273,8 +323,47 @@ impl Metrics {
         self.e2e_latency.observe(e2e_s);
     }
 
+    /// One request's cache lookup: were its frames, and its vision features, cached?
+    pub fn cache_lookup(&self, frames: bool, vision: bool) {
+        let result = |hit: bool| if hit { "hit" } else { "miss" };
+        for (what, hit) in [("frames", frames), ("vision", vision)] {
+            self.cache_lookups
+                .get_or_create(&CacheLookup {
+                    what,
+                    result: result(hit),
+                })
+                .inc();
+        }
+    }
+
+    /// A worker's batch changed by these many sequences and reserved KV positions.
+    pub fn batch_changed(&self, sequences: i64, kv_tokens: i64) {
+        self.batch_sequences.inc_by(sequences);
+        self.batch_kv_tokens.inc_by(kv_tokens);
+    }
+
+    /// One decode step over this many sequences.
+    pub fn decode_step(&self, sequences: usize) {
+        self.decode_batch_size.observe(sequences as f64);
+    }
+
+    /// The cache whose size `/metrics` reports.
+    pub fn watch_cache(&self, c: std::sync::Arc<crate::cache::VideoCache>) {
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
+        if let Some(c) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let (entries, bytes) = c.usage();
+            self.cache_entries.set(entries as i64);
+            self.cache_bytes.set(bytes as i64);
+        }
         let mut s = String::new();
         prometheus_client::encoding::text::encode(&mut s, &self.registry)
             .expect("writing to a String cannot fail");

@@ -1,7 +1,7 @@
 //! Routes: caption, QA, OpenAI-compatible chat completions (with SSE streaming), plan, models,
 //! health, metrics, usage and the admin API.
 
-use crate::admission::{overloaded, plan_for, run_to_completion, AdmissionSlot, Outcome};
+use crate::admission::{overloaded, plan_request, run_to_completion, AdmissionSlot, Outcome};
 use crate::error::ApiError;
 use crate::ledger::{now, Tenant, TenantSettings, Usage};
 use crate::validation::{
@@ -51,6 +51,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(admin_get).patch(admin_update).delete(admin_remove),
         )
         .route("/admin/tenants/{name}/usage", get(admin_usage))
+        .route("/admin/tenants/{name}/key", post(admin_rotate_key))
+        .route("/admin/tenants/{name}/requests", get(admin_requests))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_admin,
@@ -60,6 +62,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .merge(tenant_routes)
         .merge(admin_routes)
+        .merge(crate::console::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
@@ -352,7 +355,8 @@ async fn plan(
 ) -> Response {
     with_tenant(s, &headers, "/v1/plan", |s, t| async move {
         let Json(mut b) = body.map_err(json_error)?;
-        let options = RequestOptions::take_from(&mut b, &["prompt", "system", "text_only"])?;
+        let options =
+            RequestOptions::take_from(&mut b, &["prompt", "system", "text_only", "candidates"])?;
         let text = |k: &str| match b.get(k) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(x)) => Ok(Some(x.clone())),
@@ -379,11 +383,34 @@ async fn plan(
             media_required: false,
             prompt_required: false,
         };
+        // Every configuration priced and scored, whatever its cost (the frontier a console draws).
+        let candidates = match b.get("candidates") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(x)) => *x,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "candidates",
+                    "`candidates` must be a boolean",
+                ))
+            }
+        };
         let r = validate(options, content, rules, &s.config.limits)?;
-        let (plan, budget) = plan_for(&s, &t, &r, text_only)?;
+        let (req, budget) = plan_request(&s, &t, &r, text_only, vec![])?;
+        let planner = s
+            .planner()
+            .ok_or_else(|| ApiError::NotReady("models are loading".into()))?;
+        let plan = planner.plan(&req)?;
         let mut v = json!(plan);
         v["budget_flops"] = json!(budget);
         v["n"] = json!(r.n);
+        if let Some(e) = planner.registry().get(&plan.choice.model) {
+            let c = &plan.choice;
+            v["cost_by_component"] =
+                json!(planner.cost_breakdown(e, c.frames, c.tokens_per_frame, &req));
+        }
+        if candidates {
+            v["candidates"] = json!(planner.candidates(&req)?);
+        }
         Ok(Json(v).into_response())
     })
     .await
@@ -423,6 +450,8 @@ pub(crate) fn usage_json(o: &Outcome) -> Value {
             "video_decode_s": o.decode_s, "vision_s": first.timings.vision_s,
             "prefill_s": sum(|g| g.timings.prefill_s), "decode_s": sum(|g| g.timings.decode_s),
         },
+        "cache": o.cache,
+        "cold_cost_flops": o.plan.choice.cold_cost_flops * o.n as f64,
     })
 }
 
@@ -667,4 +696,58 @@ async fn admin_usage(
         .ledger_call(move |l| l.usage(&l.tenant_by_name(&name)?, now()))
         .await?;
     Ok(Json(json!(u)).into_response())
+}
+
+async fn admin_rotate_key(
+    State(s): St,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    admin(&s, &headers)?;
+    let (t, key) = s.ledger_call(move |l| l.rotate_key(&name)).await?;
+    Ok(Json(json!({"tenant": t, "api_key": key})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    limit: Option<usize>,
+    bucket_s: Option<i64>,
+    buckets: Option<usize>,
+}
+
+/// A tenant's latest requests (plan and charge) and its charged FLOPs over time.
+async fn admin_requests(
+    State(s): St,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    q: Result<axum::extract::Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    admin(&s, &headers)?;
+    let axum::extract::Query(q) = q.map_err(|e| ApiError::Validation(e.body_text()))?;
+    let limit = q.limit.unwrap_or(50);
+    let bucket_s = q.bucket_s.unwrap_or(3600);
+    let buckets = q.buckets.unwrap_or(48);
+    if !(1..=1000).contains(&limit)
+        || !(1..=31_622_400).contains(&bucket_s)
+        || !(1..=1000).contains(&buckets)
+    {
+        return Err(ApiError::Validation(
+            "limit and buckets must be in 1..=1000, bucket_s in 1..=31622400".into(),
+        ));
+    }
+    let (requests, points) = s
+        .ledger_call(move |l| {
+            let t = l.tenant_by_name(&name)?;
+            Ok((
+                l.recent_requests(&t, limit)?,
+                l.usage_series(&t, now(), bucket_s, buckets)?,
+            ))
+        })
+        .await?;
+    Ok(Json(json!({
+        "requests": requests,
+        "series": {"bucket_s": bucket_s, "points": points},
+    }))
+    .into_response())
 }

@@ -1,12 +1,20 @@
-//! The bounded queue and the inference worker pool. Requests beyond the queue's depth are refused
-//! (429), never buffered without bound; a worker notices a cancelled request between tokens.
+//! The bounded queue and the inference workers. Requests beyond the queue's depth are refused
+//! (429), never buffered without bound. Each worker runs a continuous batch (the engine's
+//! [`Batch`]): requests join it between decode steps while it has room, each request's `n`
+//! completions are sequences sharing one encoding of its video, and a request leaves when its
+//! last sequence finishes (settled to the FLOPs it ran, its text streamed as it is decided). A
+//! cancelled request's sequences leave at the next step.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc::UnboundedSender;
 use vvlm_cost::FlopCounter;
-use vvlm_engine::{FrameData, GenerateRequest, Generation, SamplingParams, VideoVlm};
+use vvlm_engine::batch::{Batch, Join};
+use vvlm_engine::{
+    EngineError, FrameData, Generation, SamplingParams, VideoVlm, VisionFeatures, VisualInput,
+};
 
 use crate::error::ApiError;
 use crate::ledger::{now, Leases, Reservation};
@@ -86,8 +94,10 @@ impl Drop for Held {
 /// One inference job.
 pub struct Job {
     pub engine: Arc<VideoVlm>,
-    /// Decoded frames, `[frames, 3, size, size]` values (None: text alone).
-    pub frames: Option<Frames>,
+    /// What the request sees.
+    pub visual: JobVisual,
+    /// Receives the features of frames the job encoded (for the video cache).
+    pub on_features: Option<Box<dyn FnOnce(VisionFeatures) + Send>>,
     /// Completions to generate from the one encoded video.
     pub n: usize,
     pub side: usize,
@@ -105,6 +115,13 @@ pub struct Job {
     pub _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// What a job sees: text alone, decoded frames, or a cached encoding of them.
+pub enum JobVisual {
+    None,
+    Frames(Arc<Frames>),
+    Features(Arc<VisionFeatures>),
+}
+
 /// Frames as the video crate decodes them.
 pub struct Frames {
     pub pixels: Vec<f32>,
@@ -117,13 +134,24 @@ pub struct Pool {
     pub workers: usize,
 }
 
+/// How much each worker's batch may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Sequences decoded together (a request with `n` completions is `n` sequences).
+    pub max_sequences: usize,
+    /// KV positions (each sequence's prompt plus its max_tokens) beyond which new requests
+    /// wait in the queue.
+    pub max_tokens: usize,
+}
+
 impl Pool {
-    /// `workers` threads, each running its jobs on its own CPU pool of `threads` threads (so
-    /// workers never share or oversubscribe each other's cores).
+    /// `workers` threads, each running a continuous batch on its own CPU pool of `threads`
+    /// threads (so workers never share or oversubscribe each other's cores).
     pub fn start(
         workers: usize,
         threads: usize,
         depth: usize,
+        limits: BatchLimits,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         let (tx, rx) = sync_channel::<Job>(depth);
@@ -135,7 +163,16 @@ impl Pool {
                 .name(format!("vvlm-worker-{i}"))
                 .spawn(move || {
                     vvlm_engine::cpu_pool::use_own_pool(threads, &format!("vvlm-worker-{i}"));
-                    worker_loop(rx, metrics)
+                    Worker {
+                        rx,
+                        metrics,
+                        limits,
+                        batch: Batch::default(),
+                        running: HashMap::new(),
+                        next_id: 0,
+                        waiting: None,
+                    }
+                    .run()
                 })
                 .expect("spawn worker thread");
         }
@@ -151,16 +188,125 @@ impl Pool {
     }
 }
 
-fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metrics>) {
-    loop {
-        let mut job = {
-            let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
-            match guard.recv() {
-                Ok(j) => j,
-                Err(_) => return,
+/// Completions per request at most (tags hold the index in their low byte).
+const TAG_BITS: u32 = 8;
+
+/// A request whose sequences are in the batch.
+struct Running {
+    job: Job,
+    generations: Vec<Option<Generation>>,
+    left: usize,
+    error: Option<ApiError>,
+    features: Option<VisionFeatures>,
+    queue_s: f64,
+    first_text: Option<std::time::Instant>,
+}
+
+struct Worker {
+    rx: Arc<Mutex<Receiver<Job>>>,
+    metrics: Arc<crate::metrics::Metrics>,
+    limits: BatchLimits,
+    batch: Batch,
+    running: HashMap<u64, Running>,
+    next_id: u64,
+    /// A request taken from the queue that did not fit the batch yet.
+    waiting: Option<Job>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut shown = (0i64, 0i64);
+        loop {
+            let now = (self.batch.len() as i64, self.batch.reserved_tokens() as i64);
+            self.metrics.batch_changed(now.0 - shown.0, now.1 - shown.1);
+            shown = now;
+            if !self.admit() {
+                return;
             }
-        };
-        metrics.queued(-1);
+            if self.batch.is_empty() {
+                continue;
+            }
+            self.metrics.decode_step(self.batch.len());
+            let running = &mut self.running;
+            let batch = &mut self.batch;
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                batch.step(&mut |tag, piece| {
+                    let Some(r) = running.get_mut(&(tag >> TAG_BITS)) else {
+                        return false;
+                    };
+                    if r.job.cancel.load(Ordering::Relaxed) || r.job.events.is_closed() {
+                        return false;
+                    }
+                    r.first_text.get_or_insert_with(std::time::Instant::now);
+                    r.job
+                        .events
+                        .send(Event::Text {
+                            index: (tag & ((1 << TAG_BITS) - 1)) as usize,
+                            piece: piece.to_string(),
+                        })
+                        .is_ok()
+                })
+            }));
+            match stepped {
+                Ok(left) => {
+                    for (tag, result) in left {
+                        self.sequence_left(tag, result.map_err(ApiError::from));
+                    }
+                }
+                Err(_) => {
+                    // The batch's state is unknown after a panic: every request in it fails.
+                    self.batch = Batch::default();
+                    let ids: Vec<u64> = self.running.keys().copied().collect();
+                    for id in ids {
+                        if let Some(mut r) = self.running.remove(&id) {
+                            r.error = Some(ApiError::Internal(
+                                "the engine panicked on this batch".into(),
+                            ));
+                            self.finish(r);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes requests into the batch while it has room; blocks for one when the worker is
+    /// idle. False when the queue is closed and nothing runs.
+    fn admit(&mut self) -> bool {
+        loop {
+            let fits = |w: &Self, j: &Job| {
+                w.batch.is_empty()
+                    || (w.batch.len() + j.n <= w.limits.max_sequences
+                        && w.batch.reserved_tokens() < w.limits.max_tokens)
+            };
+            let job = match self.waiting.take() {
+                Some(j) => j,
+                None => {
+                    let guard = self.rx.lock().unwrap_or_else(|p| p.into_inner());
+                    if self.batch.is_empty() && self.running.is_empty() {
+                        match guard.recv() {
+                            Ok(j) => j,
+                            Err(_) => return false,
+                        }
+                    } else {
+                        match guard.try_recv() {
+                            Ok(j) => j,
+                            Err(_) => return true,
+                        }
+                    }
+                }
+            };
+            if !fits(self, &job) {
+                self.waiting = Some(job);
+                return true;
+            }
+            self.start(job);
+        }
+    }
+
+    /// Encodes a request's visual input once and joins its `n` sequences to the batch.
+    fn start(&mut self, mut job: Job) {
+        self.metrics.queued(-1);
         if job.cancel.load(Ordering::Relaxed) || job.events.is_closed() {
             if let Some(h) = job.held.as_mut() {
                 h.close();
@@ -168,75 +314,135 @@ fn worker_loop(rx: Arc<Mutex<Receiver<Job>>>, metrics: Arc<crate::metrics::Metri
             let _ = job.events.send(Event::Done(Err(ApiError::Internal(
                 "cancelled before it started".into(),
             ))));
-            continue;
+            return;
         }
-        metrics.running(1);
+        self.metrics.running(1);
         let queue_s = job.queued_at.elapsed().as_secs_f64();
         let _ = job.events.send(Event::Started);
-        let mut first_text = None;
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&job, &mut first_text)));
-        let result = match result {
-            Ok(r) => r,
-            Err(_) => Err(ApiError::Internal(
-                "the engine panicked on this request".into(),
-            )),
+        let id = self.next_id;
+        self.next_id += 1;
+        let n = job.n.clamp(1, 1 << TAG_BITS);
+        let mut r = Running {
+            generations: vec![None; n],
+            left: 0,
+            error: None,
+            features: None,
+            queue_s,
+            first_text: None,
+            job,
         };
-        metrics.running(-1);
-        if let Ok(generations) = &result {
-            let per_token: Vec<f64> = generations
-                .iter()
-                .filter(|g| g.token_ids.len() > 1)
-                .map(|g| g.timings.decode_s / (g.token_ids.len() - 1) as f64)
-                .collect();
-            let first = first_text
-                .map(|t: std::time::Instant| t.duration_since(job.queued_at).as_secs_f64());
-            metrics.observe_request(
-                queue_s,
-                first,
-                &per_token,
-                job.queued_at.elapsed().as_secs_f64(),
-            );
+        let encoded = {
+            let j = &r.job;
+            let visual = match &j.visual {
+                JobVisual::None => VisualInput::None,
+                JobVisual::Frames(f) => VisualInput::Frames(FrameData {
+                    pixels: &f.pixels,
+                    frames: f.count,
+                    size: f.size,
+                }),
+                JobVisual::Features(f) => VisualInput::Features(f),
+            };
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                j.engine
+                    .encode_visual(visual, j.side, &j.flops, Some(&j.cancel))
+            }))
+            .unwrap_or_else(|_| Err(EngineError::Request("the engine panicked".into())))
+        };
+        let tokens = match encoded {
+            Ok((tokens, features)) => {
+                r.features = features;
+                tokens
+            }
+            Err(e) => {
+                r.error = Some(ApiError::from(e));
+                self.finish(r);
+                return;
+            }
+        };
+        for i in 0..n {
+            let mut sampling = r.job.sampling.clone();
+            sampling.seed = sampling.seed.wrapping_add(i as u64);
+            let join = Join {
+                vlm: r.job.engine.clone(),
+                system: r.job.system.clone(),
+                prompt: r.job.prompt.clone(),
+                sampling,
+                flops: r.job.flops.clone(),
+                cancel: r.job.cancel.clone(),
+            };
+            let joined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.batch
+                    .join((id << TAG_BITS) | i as u64, join, tokens.as_ref())
+            }))
+            .unwrap_or_else(|_| Err(EngineError::Request("the engine panicked".into())));
+            match joined {
+                Ok(()) => r.left += 1,
+                Err(e) => {
+                    // The completions already joined stop at the next step.
+                    r.job.cancel.store(true, Ordering::Relaxed);
+                    r.error.get_or_insert(ApiError::from(e));
+                    break;
+                }
+            }
         }
-        if let Some(h) = job.held.as_mut() {
+        if r.left == 0 {
+            self.finish(r);
+        } else {
+            self.running.insert(id, r);
+        }
+    }
+
+    fn sequence_left(&mut self, tag: u64, result: Result<Generation, ApiError>) {
+        let id = tag >> TAG_BITS;
+        let index = (tag & ((1 << TAG_BITS) - 1)) as usize;
+        let Some(r) = self.running.get_mut(&id) else {
+            return;
+        };
+        r.left -= 1;
+        match result {
+            Ok(g) => r.generations[index] = Some(g),
+            Err(e) => {
+                r.job.cancel.store(true, Ordering::Relaxed);
+                r.error.get_or_insert(e);
+            }
+        }
+        if r.left == 0 {
+            let r = self.running.remove(&id).expect("present above");
+            self.finish(r);
+        }
+    }
+
+    /// Settles the request's reservation to what it ran, keeps its features for the cache,
+    /// records its latency, and reports.
+    fn finish(&mut self, mut r: Running) {
+        if let Some(h) = r.job.held.as_mut() {
             h.close();
         }
-        let _ = job.events.send(Event::Done(result));
-    }
-}
-
-/// Engine errors stay typed to the edge: a bad request the engine finds is a 4xx there.
-fn run(
-    job: &Job,
-    first_text: &mut Option<std::time::Instant>,
-) -> Result<Vec<Generation>, ApiError> {
-    let frames = job.frames.as_ref().map(|f| FrameData {
-        pixels: &f.pixels,
-        frames: f.count,
-        size: f.size,
-    });
-    let req = GenerateRequest {
-        pixels: None,
-        side: job.side,
-        system: job.system.as_deref(),
-        prompt: &job.prompt,
-        sampling: job.sampling.clone(),
-        cancel: Some(&job.cancel),
-    };
-    let events = job.events.clone();
-    let cancel = job.cancel.clone();
-    job.engine
-        .generate_frames(frames, &req, job.n, &job.flops, &mut |index, piece| {
-            if cancel.load(Ordering::Relaxed) || events.is_closed() {
-                return false;
+        self.metrics.running(-1);
+        let result = match r.error.take() {
+            Some(e) => Err(e),
+            None => {
+                let generations: Vec<Generation> = r.generations.into_iter().flatten().collect();
+                if let (Some(f), Some(keep)) = (r.features.take(), r.job.on_features.take()) {
+                    keep(f);
+                }
+                let per_token: Vec<f64> = generations
+                    .iter()
+                    .filter(|g| g.token_ids.len() > 1)
+                    .map(|g| g.timings.decode_s / (g.token_ids.len() - 1) as f64)
+                    .collect();
+                let first = r
+                    .first_text
+                    .map(|t| t.duration_since(r.job.queued_at).as_secs_f64());
+                self.metrics.observe_request(
+                    r.queue_s,
+                    first,
+                    &per_token,
+                    r.job.queued_at.elapsed().as_secs_f64(),
+                );
+                Ok(generations)
             }
-            first_text.get_or_insert_with(std::time::Instant::now);
-            events
-                .send(Event::Text {
-                    index,
-                    piece: piece.to_string(),
-                })
-                .is_ok()
-        })
-        .map_err(ApiError::from)
+        };
+        let _ = r.job.events.send(Event::Done(result));
+    }
 }

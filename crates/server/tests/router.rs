@@ -367,7 +367,7 @@ async fn a_full_queue_is_429_with_retry_after() {
     let s = server();
     let key = s.tenant("alice", None);
     // Every admission place taken (as by requests in flight).
-    let places = (s.state.config.limits.queue_depth + s.state.config.workers()) as u32;
+    let places = s.state.admission.available_permits() as u32;
     let _held = s.state.admission.clone().acquire_many_owned(places).await;
     let req = Request::builder()
         .method(Method::POST)
@@ -583,4 +583,222 @@ async fn concurrent_requests_at_the_quota_edge_never_overspend() {
         "{charged} vs {measured}"
     );
     assert_eq!(u["reserved_flops"].as_f64().unwrap(), 0.0);
+}
+
+#[tokio::test]
+async fn the_console_is_served_open_with_its_policy() {
+    let s = server();
+    for path in ["/", "/console/app.js", "/console/samples/suite-00003.mp4"] {
+        let req = Request::get(path).body(Body::empty()).unwrap();
+        let (st, h, _) = s.send(req).await;
+        assert_eq!(st, 200, "{path}");
+        assert_eq!(
+            h[header::CONTENT_SECURITY_POLICY],
+            vvlm_server::console::CSP,
+            "{path}"
+        );
+    }
+    let (st, v) = s.json(Method::POST, "/", None, json!({})).await;
+    assert_eq!((st, kind(&v)), (405, "method_not_allowed"));
+    let req = Request::get("/console/nothing.js")
+        .body(Body::empty())
+        .unwrap();
+    let (st, _, v) = s.send(req).await;
+    assert_eq!((st.as_u16(), kind(&v)), (404, "not_found"));
+}
+
+#[tokio::test]
+async fn a_tenants_history_holds_its_requests_plans_and_charges_and_keys_rotate() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let (st, v) = s.post("/v1/videos/qa", &key, qa_body()).await;
+    assert_eq!(st, 200, "{v}");
+    let measured = v["usage"]["measured_flops"]["total"].as_f64().unwrap();
+    let path = "/admin/tenants/alice/requests?limit=5&bucket_s=60&buckets=3";
+    let (st, h) = s.json(Method::GET, path, Some(ADMIN), Value::Null).await;
+    assert_eq!(st, 200, "{h}");
+    let reqs = h["requests"].as_array().unwrap();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0]["state"], "settled");
+    assert_eq!(reqs[0]["charged_flops"].as_f64().unwrap(), measured);
+    assert_eq!(reqs[0]["plan"]["model"], v["plan"]["model"]);
+    assert_eq!(reqs[0]["plan"]["frames"], v["plan"]["frames"]);
+    let points = h["series"]["points"].as_array().unwrap();
+    assert_eq!(points.len(), 3);
+    let charged: f64 = points
+        .iter()
+        .map(|p| p["charged_flops"].as_f64().unwrap())
+        .sum();
+    assert_eq!(charged, measured);
+    // Admin only; bounded; a tenant that does not exist is 404.
+    let (st, _) = s.json(Method::GET, path, Some(&key), Value::Null).await;
+    assert_eq!(st, 401);
+    let bad = "/admin/tenants/alice/requests?bucket_s=0";
+    let (st, v) = s.json(Method::GET, bad, Some(ADMIN), Value::Null).await;
+    assert_eq!((st, kind(&v)), (422, "validation_error"));
+    let nobody = "/admin/tenants/nobody/requests";
+    let (st, _) = s.json(Method::GET, nobody, Some(ADMIN), Value::Null).await;
+    assert_eq!(st, 404);
+    // Rotation: the old key stops working at once, the new one works.
+    let (st, _) = s.post("/admin/tenants/alice/key", &key, json!({})).await;
+    assert_eq!(st, 401);
+    let (st, r) = s.post("/admin/tenants/alice/key", ADMIN, json!({})).await;
+    assert_eq!(st, 200, "{r}");
+    let new_key = r["api_key"].as_str().unwrap();
+    assert_eq!(r["tenant"]["name"], "alice");
+    let (st, _) = s
+        .json(Method::GET, "/v1/usage", Some(&key), Value::Null)
+        .await;
+    assert_eq!(st, 401);
+    let (st, u) = s
+        .json(Method::GET, "/v1/usage", Some(new_key), Value::Null)
+        .await;
+    assert_eq!((st, u["requests"].as_u64()), (200, Some(1)));
+}
+
+#[tokio::test]
+async fn a_plan_answers_its_price_by_component_and_on_request_every_candidate() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let body =
+        json!({"budget": "1G", "task": "detail", "prompt": "what shape is the small object ?"});
+    let (st, p) = s.post("/v1/plan", &key, body.clone()).await;
+    assert_eq!(st, 200, "{p}");
+    assert!(p.get("candidates").is_none());
+    let parts = &p["cost_by_component"];
+    let sum: f64 = ["vision", "projector", "lm_prefill", "lm_decode"]
+        .iter()
+        .map(|k| parts[k].as_f64().unwrap())
+        .sum();
+    let cost = p["cost_flops"].as_f64().unwrap();
+    assert!((sum - cost).abs() <= 1e-9 * cost, "{parts} vs {cost}");
+    let mut with = body;
+    with["candidates"] = json!(true);
+    let (st, c) = s.post("/v1/plan", &key, with).await;
+    assert_eq!(st, 200, "{c}");
+    let all = c["candidates"].as_array().unwrap();
+    // suite-s and suite-m: 32 frames x 8 sides each.
+    assert_eq!(all.len(), 2 * 32 * 8);
+    // The plan is the best candidate within the budget (ties to the cheaper).
+    let best = all
+        .iter()
+        .filter(|x| x["cost_flops"].as_f64().unwrap() <= 1e9)
+        .min_by(|a, b| {
+            let e = |x: &&Value| x["predicted_error"].as_f64().unwrap();
+            let f = |x: &&Value| x["cost_flops"].as_f64().unwrap();
+            e(a).total_cmp(&e(b)).then(f(a).total_cmp(&f(b)))
+        })
+        .unwrap();
+    for k in ["model", "frames", "tokens_per_frame", "cost_flops"] {
+        assert_eq!(best[k], c[k], "{k}");
+    }
+    let mut bad = json!({"budget": "1G", "candidates": "yes"});
+    let (st, v) = s.post("/v1/plan", &key, bad.take()).await;
+    assert_eq!((st, kind(&v)), (422, "validation_error"));
+    assert_eq!(v["error"]["param"], "candidates");
+}
+
+#[tokio::test]
+async fn a_cached_video_answers_the_same_for_less_and_stays_with_its_tenant() {
+    let s = server();
+    let alice = s.tenant("alice", None);
+    let bob = s.tenant("bob", None);
+    let mut body = qa_body();
+    body["model"] = json!("suite-m");
+    body["frames"] = json!(8);
+    body["tokens_per_frame"] = json!(16);
+    let (st, cold) = s.post("/v1/videos/qa", &alice, body.clone()).await;
+    assert_eq!(st, 200, "{cold}");
+    assert_eq!(
+        cold["usage"]["cache"],
+        json!({"frames": false, "vision": false})
+    );
+    let cold_plan = &cold["plan"];
+    assert_eq!(cold_plan["cost_flops"], cold_plan["cold_cost_flops"]);
+    assert!(cold["usage"]["measured_flops"]["vision"].as_f64().unwrap() > 0.0);
+
+    // The same video again: frames and features from the cache, the same answer, no vision
+    // FLOPs measured or charged, and the plan priced at its marginal cost.
+    let (_, before) = s
+        .json(Method::GET, "/v1/usage", Some(&alice), Value::Null)
+        .await;
+    let (st, warm) = s.post("/v1/videos/qa", &alice, body.clone()).await;
+    assert_eq!(st, 200, "{warm}");
+    assert_eq!(
+        warm["usage"]["cache"],
+        json!({"frames": true, "vision": true})
+    );
+    assert_eq!(warm["text"], cold["text"]);
+    let mv = &warm["usage"]["measured_flops"];
+    assert_eq!(
+        (mv["vision"].as_f64(), mv["projector"].as_f64()),
+        (Some(0.0), Some(0.0))
+    );
+    let marginal = warm["plan"]["cost_flops"].as_f64().unwrap();
+    let full = warm["plan"]["cold_cost_flops"].as_f64().unwrap();
+    assert_eq!(full, cold_plan["cost_flops"].as_f64().unwrap());
+    assert!(marginal < full, "{marginal} vs {full}");
+    let (_, after) = s
+        .json(Method::GET, "/v1/usage", Some(&alice), Value::Null)
+        .await;
+    let charged =
+        after["charged_flops"].as_f64().unwrap() - before["charged_flops"].as_f64().unwrap();
+    assert!((charged - mv["total"].as_f64().unwrap()).abs() <= 1e-6 * charged);
+    assert!(charged < cold["usage"]["measured_flops"]["total"].as_f64().unwrap());
+
+    // A budget between the marginal and the cold price: fits only because the video is cached.
+    let mut tight = body.clone();
+    tight["budget"] = json!((marginal + full) / 2.0);
+    let (st, v) = s.post("/v1/videos/qa", &alice, tight.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    // Another tenant sending the same video gets no hit (and that budget is too small cold).
+    let (st, v) = s.post("/v1/videos/qa", &bob, tight).await;
+    assert_eq!(st, 422, "{v}");
+    let (st, v) = s.post("/v1/videos/qa", &bob, body.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        v["usage"]["cache"],
+        json!({"frames": false, "vision": false})
+    );
+}
+
+#[tokio::test]
+async fn the_cache_holds_no_more_than_its_cap() {
+    // Room for no video at all: every request is cold, nothing is kept.
+    let s = server_with(true, |c| c.cache.max_bytes = 1000);
+    let key = s.tenant("alice", None);
+    for _ in 0..2 {
+        let (st, v) = s.post("/v1/videos/qa", &key, qa_body()).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(
+            v["usage"]["cache"],
+            json!({"frames": false, "vision": false})
+        );
+    }
+    assert_eq!(s.state.cache.usage(), (0, 0));
+    // With room, one entry per (video, checkpoint, frames), within the cap.
+    let s = server_with(true, |c| c.cache.max_bytes = 64 << 20);
+    let key = s.tenant("alice", None);
+    let (st, _) = s.post("/v1/videos/qa", &key, qa_body()).await;
+    assert_eq!(st, 200);
+    let (entries, bytes) = s.state.cache.usage();
+    assert_eq!(entries, 1);
+    assert!(bytes > 0 && bytes <= 64 << 20);
+    let (_, _, metrics) = s
+        .send(
+            Request::builder()
+                .uri("/metrics")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    let text = metrics.as_str().unwrap();
+    assert!(
+        text.contains("vvlm_cache_lookups_total{what=\"vision\",result=\"miss\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("vvlm_cache_bytes {bytes}")),
+        "{text}"
+    );
 }

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's `llama-batched-bench` (the peer of `vvlm bench batch`) from the source that
+# llama-cpp-python's sdist carries (vendor/llama.cpp; PyPI is reachable where GitHub is not),
+# for this machine's own instruction set: AVX2 + FMA + F16C, and AVX-512 when `lscpu` lists
+# avx512f. Not GGML_NATIVE (it died with an illegal instruction on one of the Xeons). Prints the
+# binary's path; the flags used are written beside it (build-flags.txt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
+dir=target/peers/llama-cpp-python-$VERSION
+if [ ! -d "$dir/vendor/llama.cpp" ]; then
+  mkdir -p target/peers
+  url=$(python3 - "$VERSION" <<'PY'
+import json, sys, urllib.parse, urllib.request
+v = sys.argv[1]
+api = "https://pypi.org/pypi/llama-cpp-python/json"
+d = json.load(urllib.request.urlopen(api))
+u = [x["url"] for x in d["releases"][v] if x["packagetype"] == "sdist"][0]
+print(urllib.parse.urljoin(api, u))
+PY
+)
+  curl -sSfL -o target/peers/llama.tar.gz "$url"
+  tar xzf target/peers/llama.tar.gz -C target/peers
+  mv "target/peers/llama_cpp_python-$VERSION" "$dir"
+fi
+command -v cmake >/dev/null || python3 -m pip install --quiet cmake >&2
+flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON)
+if lscpu | grep -qw avx512f; then flags+=(-DGGML_AVX512=ON); fi
+build=$dir/build
+cmake -S "$dir/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+  -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=ON "${flags[@]}" >/dev/null
+cmake --build "$build" --target llama-batched-bench -j "$(nproc)" >/dev/null
+echo "${flags[*]}" > "$build/build-flags.txt"
+echo "$build/bin/llama-batched-bench"

@@ -1,0 +1,294 @@
+//! Continuous batching: sequences join a running batch (their prompt prefilled as they join),
+//! every step advances each sequence by one token, and the sequences that need a forward pass
+//! run it together — one batched decode per checkpoint, so the LM's matrix-vector products
+//! become small matrix products. Finished, cancelled and failed sequences leave between steps;
+//! the others never wait for them. Each sequence's FLOPs are counted in its own counter (a
+//! batched product charges each row to the request it belongs to), and its tokens are decided
+//! by the same [`Sequence`] code as a sequence run alone, so the outputs are equal.
+//!
+//! Owns the batch and its steps; must not know requests, queues, tenants or HTTP (callers tag
+//! sequences with numbers and route what comes back).
+
+use crate::generate::{GenerateRequest, Generation, SamplingParams, VisionFeatures, VisualInput};
+use crate::model::VideoVlm;
+use crate::nn::Ctx;
+use crate::sequence::{Sequence, Step};
+use crate::EngineError;
+use candle_core::Tensor;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use vvlm_cost::{Component, FlopCounter};
+
+/// A video encoded for a checkpoint at one pooled side: the visual tokens every completion
+/// about it shares. Opaque to callers.
+#[derive(Clone)]
+pub struct VideoTokens {
+    tokens: Tensor,
+    /// Seconds the tower, projector and pooling took.
+    pub vision_s: f64,
+}
+
+impl VideoVlm {
+    /// Encodes what a request sees (nothing, frames, or cached features) once, for all its
+    /// completions: the pooled visual tokens, and the features of frames it encoded (for a
+    /// cache). Vision and projector FLOPs are counted in `flops`.
+    pub fn encode_visual(
+        &self,
+        visual: VisualInput<'_>,
+        side: usize,
+        flops: &FlopCounter,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<(Option<VideoTokens>, Option<VisionFeatures>), EngineError> {
+        let run = || -> Result<(Option<VideoTokens>, Option<VisionFeatures>), EngineError> {
+            let t0 = Instant::now();
+            let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(cancel);
+            let (projected, fresh) = match visual {
+                VisualInput::None => return Ok((None, None)),
+                VisualInput::Frames(f) => {
+                    let want = f.frames * 3 * f.size * f.size;
+                    if f.pixels.len() != want || f.frames == 0 {
+                        return Err(EngineError::Request(format!(
+                            "frames: {} values for {} frames of {}x{} (want {want})",
+                            f.pixels.len(),
+                            f.frames,
+                            f.size,
+                            f.size
+                        )));
+                    }
+                    self.check_side(side)?;
+                    let pixels = Tensor::from_slice(
+                        f.pixels,
+                        (f.frames, 3, f.size, f.size),
+                        &candle_core::Device::Cpu,
+                    )?;
+                    let p = self.projected_frames(&pixels, &mut ctx)?;
+                    (p.clone(), Some(self.features(p)))
+                }
+                VisualInput::Features(f) => (self.features_tensor(f)?, None),
+            };
+            let tokens = self.video_tokens(&projected, side, &mut ctx)?;
+            Ok((
+                Some(VideoTokens {
+                    tokens,
+                    vision_s: t0.elapsed().as_secs_f64(),
+                }),
+                fresh,
+            ))
+        };
+        if self.lm.device().is_cpu() {
+            crate::cpu_pool::run(run)
+        } else {
+            run()
+        }
+    }
+}
+
+/// One sequence to add to a batch.
+pub struct Join {
+    pub vlm: Arc<VideoVlm>,
+    pub system: Option<String>,
+    pub prompt: String,
+    pub sampling: SamplingParams,
+    /// Where its FLOPs are counted (shared by the completions of one request).
+    pub flops: Arc<FlopCounter>,
+    /// Set to stop it; it leaves at the next step.
+    pub cancel: Arc<AtomicBool>,
+}
+
+struct Active {
+    tag: u64,
+    vlm: Arc<VideoVlm>,
+    seq: Sequence,
+    flops: Arc<FlopCounter>,
+    cancel: Arc<AtomicBool>,
+    /// Tokens of context it may reach (prompt + max_tokens): what it holds of the KV budget.
+    reserve: usize,
+}
+
+/// The running batch.
+#[derive(Default)]
+pub struct Batch {
+    active: Vec<Active>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.active.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.active.is_empty()
+    }
+
+    /// KV positions the batch may reach (each sequence's prompt plus its max_tokens).
+    pub fn reserved_tokens(&self) -> usize {
+        self.active.iter().map(|a| a.reserve).sum()
+    }
+
+    /// Prefills a sequence and adds it. Errors (a bad prompt, cancellation during prefill) are
+    /// the caller's; nothing is added then.
+    pub fn join(
+        &mut self,
+        tag: u64,
+        j: Join,
+        video: Option<&VideoTokens>,
+    ) -> Result<(), EngineError> {
+        let req = GenerateRequest {
+            pixels: None,
+            side: 1,
+            system: j.system.as_deref(),
+            prompt: &j.prompt,
+            sampling: j.sampling.clone(),
+            cancel: Some(&j.cancel),
+        };
+        let vision_s = video.map_or(0.0, |v| v.vision_s);
+        let tokens = video.map(|v| &v.tokens);
+        let vlm = j.vlm.clone();
+        let seq = if vlm.lm.device().is_cpu() {
+            crate::cpu_pool::run(|| vlm.start_sequence(tokens, vision_s, &req, &j.flops))
+        } else {
+            vlm.start_sequence(tokens, vision_s, &req, &j.flops)
+        }
+        .map_err(|e| cancelled(e, &j.cancel))?;
+        let reserve = seq.context_len() + j.sampling.max_tokens;
+        self.active.push(Active {
+            tag,
+            vlm,
+            seq,
+            flops: j.flops,
+            cancel: j.cancel,
+            reserve,
+        });
+        Ok(())
+    }
+
+    /// One step: each sequence chooses its next token (streamed through `on_text(tag, piece)`,
+    /// which returns false to cancel that sequence), then those that continue run one batched
+    /// forward pass per checkpoint. Returns the sequences that left, with their result.
+    pub fn step(
+        &mut self,
+        on_text: &mut (dyn FnMut(u64, &str) -> bool + Send),
+    ) -> Vec<(u64, Result<Generation, EngineError>)> {
+        let run = |batch: &mut Self, on_text: &mut (dyn FnMut(u64, &str) -> bool + Send)| {
+            batch.step_here(on_text)
+        };
+        let on_cpu = self
+            .active
+            .first()
+            .is_none_or(|a| a.vlm.lm.device().is_cpu());
+        if on_cpu {
+            crate::cpu_pool::run(|| run(self, on_text))
+        } else {
+            run(self, on_text)
+        }
+    }
+
+    fn step_here(
+        &mut self,
+        on_text: &mut (dyn FnMut(u64, &str) -> bool + Send),
+    ) -> Vec<(u64, Result<Generation, EngineError>)> {
+        let mut left = vec![];
+        let mut forward: Vec<(usize, u32)> = vec![];
+        let mut keep = Vec::with_capacity(self.active.len());
+        for (i, mut a) in std::mem::take(&mut self.active).into_iter().enumerate() {
+            let tag = a.tag;
+            if a.cancel.load(Ordering::Relaxed) {
+                left.push((tag, Err(EngineError::Cancelled)));
+                continue;
+            }
+            let mut each = |piece: &str| on_text(tag, piece);
+            match a.seq.advance(&a.vlm, &mut each) {
+                Ok(Step::Forward(t)) => {
+                    forward.push((keep.len(), t));
+                    keep.push(a);
+                }
+                Ok(Step::Done) => {
+                    let vlm = a.vlm.clone();
+                    left.push((tag, a.seq.finish(&vlm, &mut each)));
+                }
+                Err(e) => left.push((tag, Err(e))),
+            }
+            let _ = i;
+        }
+        self.active = keep;
+        // One forward per checkpoint over its continuing sequences.
+        let mut failed: Vec<(usize, String)> = vec![];
+        let mut groups: Vec<Vec<(usize, u32)>> = vec![];
+        for (idx, tok) in forward {
+            let vlm = &self.active[idx].vlm;
+            match groups
+                .iter_mut()
+                .find(|g| Arc::ptr_eq(&self.active[g[0].0].vlm, vlm))
+            {
+                Some(g) => g.push((idx, tok)),
+                None => groups.push(vec![(idx, tok)]),
+            }
+        }
+        for g in groups {
+            if let Err(e) = self.forward_group(&g) {
+                failed.extend(g.iter().map(|(i, _)| (*i, e.to_string())));
+            }
+        }
+        if !failed.is_empty() {
+            let mut active = std::mem::take(&mut self.active)
+                .into_iter()
+                .enumerate()
+                .collect::<Vec<_>>();
+            active.retain(|(i, a)| match failed.iter().find(|(f, _)| f == i) {
+                Some((_, msg)) => {
+                    left.push((a.tag, Err(EngineError::Request(format!("decode: {msg}")))));
+                    false
+                }
+                None => true,
+            });
+            self.active = active.into_iter().map(|(_, a)| a).collect();
+        }
+        left
+    }
+
+    fn forward_group(&mut self, g: &[(usize, u32)]) -> Result<(), EngineError> {
+        let vlm = self.active[g[0].0].vlm.clone();
+        let ids: Vec<u32> = g.iter().map(|(_, t)| *t).collect();
+        // Token embeddings [B, 1, h].
+        let embeds = vlm.lm.embed(&ids)?.transpose(0, 1)?.contiguous()?;
+        let flops: Vec<Arc<FlopCounter>> = g
+            .iter()
+            .map(|(i, _)| self.active[*i].flops.clone())
+            .collect();
+        let ctxs: Vec<Ctx> = flops
+            .iter()
+            .map(|f| Ctx::new(f, Component::LmDecode))
+            .collect();
+        // Disjoint mutable borrows of the group's caches, in the group's order.
+        let mut order: Vec<usize> = g.iter().map(|(i, _)| *i).collect();
+        let mut caches: Vec<(usize, &mut crate::llama::KvCache)> = self
+            .active
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| order.contains(i))
+            .map(|(i, a)| (i, &mut a.seq.cache))
+            .collect();
+        caches.sort_by_key(|(i, _)| order.iter().position(|o| o == i));
+        let mut refs: Vec<&mut crate::llama::KvCache> =
+            caches.into_iter().map(|(_, c)| c).collect();
+        let logits = vlm.lm.decode_batch(&embeds, &mut refs, &ctxs)?;
+        drop(refs);
+        for (row, i) in order.drain(..).enumerate() {
+            let l = logits.get(row)?.to_vec1::<f32>()?;
+            self.active[i].seq.accept_logits(l);
+        }
+        Ok(())
+    }
+}
+
+fn cancelled(e: EngineError, cancel: &AtomicBool) -> EngineError {
+    match e {
+        EngineError::Candle(c)
+            if cancel.load(Ordering::Relaxed) && c.to_string().contains(crate::nn::CANCELLED) =>
+        {
+            EngineError::Cancelled
+        }
+        other => other,
+    }
+}

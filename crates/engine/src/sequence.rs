@@ -1,0 +1,248 @@
+//! One generating sequence as a state machine: prefill once, then alternately choose the next
+//! token from the last logits ([`Sequence::advance`]: sampling, stop tokens and strings,
+//! log-probabilities, incremental detokenisation, streaming) and feed it through the LM, one
+//! sequence at a time ([`VideoVlm::generate`]) or several in one batched forward pass
+//! ([`crate::batch`]). The same code decides every token either way, so batched and
+//! one-at-a-time outputs are equal.
+
+use crate::generate::{
+    logprobs_at, sample, FinishReason, GenerateRequest, Generation, Rng, SamplingParams,
+    StepLogprobs, Timings, TokenLogprob, MAX_TOP_LOGPROBS,
+};
+use crate::llama::KvCache;
+use crate::model::VideoVlm;
+use crate::nn::Ctx;
+use crate::EngineError;
+use candle_core::Tensor;
+use std::time::Instant;
+use vvlm_cost::{Component, FlopCounter};
+
+/// What a sequence needs after choosing a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Feed this token through the LM, then call [`Sequence::accept_logits`].
+    Forward(u32),
+    /// Finished: call [`Sequence::finish`].
+    Done,
+}
+
+/// A sequence between steps: its KV cache, the last logits and the decoding state.
+pub struct Sequence {
+    pub cache: KvCache,
+    logits: Vec<f32>,
+    sampling: SamplingParams,
+    rng: Rng,
+    stop_ids: Vec<u32>,
+    ids: Vec<u32>,
+    emitted: String,
+    prefix_offset: usize,
+    read_offset: usize,
+    pending: String,
+    stopped_by_string: bool,
+    decode_steps: usize,
+    logprobs: Vec<StepLogprobs>,
+    timings: Timings,
+    decode_started: Option<Instant>,
+    prompt_tokens: usize,
+    text_tokens: usize,
+    visual_tokens: usize,
+    finish: Option<FinishReason>,
+}
+
+impl VideoVlm {
+    /// Prefills the prompt around the visual tokens (`video`, already pooled) and returns the
+    /// sequence ready for its first [`Sequence::advance`].
+    pub fn start_sequence(
+        &self,
+        video: Option<&Tensor>,
+        vision_s: f64,
+        req: &GenerateRequest,
+        flops: &FlopCounter,
+    ) -> Result<Sequence, EngineError> {
+        let prompt = self.template.render(req.system, req.prompt);
+        let prefix = self.tokenize(&prompt.before_video)?;
+        let suffix = self.tokenize(&prompt.after_video)?;
+        let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(req.cancel);
+        let visual_tokens = video.map(|v| v.dim(0)).transpose()?.unwrap_or(0);
+        let embeds = self.input_embeddings(&prefix, video, &suffix)?;
+        let prompt_tokens = embeds.dim(1)?;
+        let t1 = Instant::now();
+        let mut cache = self.lm.new_cache();
+        let hidden = self.lm.forward_hidden(&embeds, &mut cache, &mut ctx)?;
+        let logits = self.lm.last_logits(&hidden, &ctx)?.to_vec1::<f32>()?;
+        Ok(Sequence {
+            cache,
+            logits,
+            rng: Rng(req.sampling.seed ^ 0x5EED),
+            stop_ids: self.stop_ids(&req.sampling.stop_token_ids),
+            sampling: req.sampling.clone(),
+            ids: vec![],
+            emitted: String::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+            pending: String::new(),
+            stopped_by_string: false,
+            decode_steps: 0,
+            logprobs: vec![],
+            timings: Timings {
+                vision_s,
+                prefill_s: t1.elapsed().as_secs_f64(),
+                decode_s: 0.0,
+            },
+            decode_started: None,
+            prompt_tokens,
+            text_tokens: prefix.len() + suffix.len(),
+            visual_tokens,
+            finish: None,
+        })
+    }
+}
+
+impl Sequence {
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Positions in the KV cache.
+    pub fn context_len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Chooses the next token from the last logits and streams any text it completes.
+    /// `on_text` returns false to cancel (the sequence then finishes as cancelled).
+    pub fn advance(
+        &mut self,
+        vlm: &VideoVlm,
+        on_text: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<Step, EngineError> {
+        if self.finish.is_some() {
+            return Ok(Step::Done);
+        }
+        self.decode_started.get_or_insert_with(Instant::now);
+        let done = |s: &mut Self, f: FinishReason| {
+            s.finish = Some(f);
+            Ok(Step::Done)
+        };
+        if self.ids.len() >= self.sampling.max_tokens {
+            return done(self, FinishReason::Length);
+        }
+        let next = sample(&self.logits, &self.sampling, self.rng.uniform());
+        if self.stop_ids.contains(&next) {
+            return done(self, FinishReason::Stop);
+        }
+        if let Some(k) = self.sampling.logprobs {
+            let (lp, top) = logprobs_at(&self.logits, next, k.min(MAX_TOP_LOGPROBS));
+            let entry = |id: u32, logprob: f64| -> Result<TokenLogprob, EngineError> {
+                let token = vlm.detokenize(&[id])?;
+                Ok(TokenLogprob {
+                    token_id: id,
+                    bytes: token.as_bytes().to_vec(),
+                    token,
+                    logprob,
+                })
+            };
+            self.logprobs.push(StepLogprobs {
+                chosen: entry(next, lp)?,
+                top: top
+                    .into_iter()
+                    .map(|(i, l)| entry(i, l))
+                    .collect::<Result<_, _>>()?,
+            });
+        }
+        self.ids.push(next);
+        // Incremental detokenisation (as text-generation-inference does): each step decodes
+        // only the ids since the last emitted piece plus the token before them.
+        let before = vlm.detokenize(&self.ids[self.prefix_offset..self.read_offset])?;
+        let now = vlm.detokenize(&self.ids[self.prefix_offset..])?;
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.starts_with(&before) {
+            self.pending.push_str(&now[before.len()..]);
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            if let Some(cut) = find_stop(&self.pending, &self.sampling.stop) {
+                let out = self.pending[..cut].to_string();
+                self.emitted.push_str(&out);
+                if !out.is_empty() {
+                    on_text(&out);
+                }
+                self.stopped_by_string = true;
+                return done(self, FinishReason::Stop);
+            }
+            let keep = self.pending.len() - held_back(&self.pending, &self.sampling.stop);
+            let out: String = self.pending.drain(..keep).collect();
+            if !out.is_empty() {
+                self.emitted.push_str(&out);
+                if !on_text(&out) {
+                    return done(self, FinishReason::Cancelled);
+                }
+            }
+        }
+        if self.ids.len() >= self.sampling.max_tokens {
+            return done(self, FinishReason::Length);
+        }
+        Ok(Step::Forward(next))
+    }
+
+    /// The logits after the token [`Sequence::advance`] asked to feed.
+    pub fn accept_logits(&mut self, logits: Vec<f32>) {
+        self.logits = logits;
+        self.decode_steps += 1;
+    }
+
+    /// Ends the sequence: the final text (streaming what the detokeniser still held).
+    pub fn finish(
+        mut self,
+        vlm: &VideoVlm,
+        on_text: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<Generation, EngineError> {
+        let finish = self.finish.unwrap_or(FinishReason::Cancelled);
+        self.timings.decode_s = self
+            .decode_started
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let text = if self.stopped_by_string {
+            self.emitted
+        } else {
+            let text = vlm.detokenize(&self.ids)?;
+            if text.len() > self.emitted.len()
+                && text.starts_with(&self.emitted)
+                && finish != FinishReason::Cancelled
+            {
+                on_text(&text[self.emitted.len()..]);
+            }
+            text
+        };
+        Ok(Generation {
+            text,
+            token_ids: self.ids,
+            finish_reason: finish,
+            prompt_tokens: self.prompt_tokens,
+            text_tokens: self.text_tokens,
+            visual_tokens: self.visual_tokens,
+            decode_steps: self.decode_steps,
+            timings: self.timings,
+            logprobs: self.logprobs,
+        })
+    }
+}
+
+/// Where the first stop string begins in `text`, if one appears.
+pub(crate) fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+}
+
+/// Bytes at the end of `text` that could be the beginning of a stop string (held back).
+pub(crate) fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut hold = 0;
+    for s in stops {
+        for (k, _) in s.char_indices().skip(1) {
+            if k > hold && text.ends_with(&s[..k]) {
+                hold = k;
+            }
+        }
+    }
+    hold
+}

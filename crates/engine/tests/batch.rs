@@ -1,0 +1,247 @@
+//! Continuous batching against one-at-a-time generation on real weights (SmolLM2-135M from
+//! GGUF, decode on its quantized matrices; and the suite ladder's f32 checkpoint with video):
+//! sequences joining and leaving a running batch produce the same tokens, the same text and
+//! the same FLOPs as each run alone; a cancelled sequence leaves at the next step and the
+//! others go on.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use vvlm_cost::FlopCounter;
+use vvlm_engine::batch::{Batch, Join};
+use vvlm_engine::{GenerateRequest, Generation, LoadOptions, SamplingParams, VideoVlm};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn smollm2() -> Arc<VideoVlm> {
+    let gguf = root().join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        gguf.exists(),
+        "run models/fetch-smollm2.sh (scripts/test does)"
+    );
+    let dir = std::env::temp_dir().join(format!("vvlm-batch-{}", std::process::id()));
+    vvlm_engine::demo::write_demo_checkpoint(
+        &dir,
+        &gguf,
+        &vvlm_engine::demo::demo_vision_config(),
+        0,
+    )
+    .unwrap();
+    let m = VideoVlm::load(&dir, &LoadOptions::default()).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    Arc::new(m)
+}
+
+const PROMPTS: [(&str, usize); 5] = [
+    ("What is the capital of France?", 12),
+    ("Name three colours.", 20),
+    ("Write one sentence about the sea.", 16),
+    ("What is 2 + 2?", 6),
+    ("Say hello in Spanish.", 10),
+];
+
+fn sampling(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+/// Each prompt alone: its generation and its FLOPs.
+fn alone(m: &VideoVlm) -> Vec<(Generation, vvlm_cost::FlopBreakdown)> {
+    PROMPTS
+        .iter()
+        .map(|(p, n)| {
+            let flops = FlopCounter::new();
+            let req = GenerateRequest {
+                pixels: None,
+                side: 1,
+                system: None,
+                prompt: p,
+                sampling: sampling(*n),
+                cancel: None,
+            };
+            let g = m.generate(&req, &flops, &mut |_| true).unwrap();
+            (g, flops.snapshot())
+        })
+        .collect()
+}
+
+fn join(m: &Arc<VideoVlm>, i: usize, flops: &Arc<FlopCounter>, cancel: &Arc<AtomicBool>) -> Join {
+    Join {
+        vlm: m.clone(),
+        system: None,
+        prompt: PROMPTS[i].0.to_string(),
+        sampling: sampling(PROMPTS[i].1),
+        flops: flops.clone(),
+        cancel: cancel.clone(),
+    }
+}
+
+#[test]
+fn batched_decode_equals_one_at_a_time_across_joins_and_leaves() {
+    let m = smollm2();
+    let reference = alone(&m);
+    let mut batch = Batch::default();
+    let counters: Vec<Arc<FlopCounter>> = (0..5).map(|_| Arc::new(FlopCounter::new())).collect();
+    let cancels: Vec<Arc<AtomicBool>> = (0..5).map(|_| Arc::new(AtomicBool::new(false))).collect();
+    let mut streamed: BTreeMap<u64, String> = BTreeMap::new();
+    let mut done: BTreeMap<u64, Generation> = BTreeMap::new();
+    let mut max_batch = 0;
+    // Two start together; two join after 3 steps; the last after 8 (others have left by then).
+    let schedule: [(usize, &[usize]); 3] = [(0, &[0, 1]), (3, &[2, 3]), (8, &[4])];
+    let mut step = 0;
+    while done.len() < 5 {
+        for (at, who) in schedule {
+            if at == step {
+                for &i in who {
+                    batch
+                        .join(i as u64, join(&m, i, &counters[i], &cancels[i]), None)
+                        .unwrap();
+                }
+            }
+        }
+        max_batch = max_batch.max(batch.len());
+        for (tag, r) in batch.step(&mut |tag, piece| {
+            streamed.entry(tag).or_default().push_str(piece);
+            true
+        }) {
+            done.insert(tag, r.unwrap());
+        }
+        step += 1;
+        assert!(step < 200, "the batch did not finish");
+    }
+    assert!(max_batch >= 4, "at most {max_batch} ran together");
+    for (i, (want, want_flops)) in reference.iter().enumerate() {
+        let got = &done[&(i as u64)];
+        assert_eq!(got.token_ids, want.token_ids, "prompt {i}: tokens differ");
+        assert_eq!(got.text, want.text);
+        assert_eq!(
+            streamed[&(i as u64)],
+            want.text,
+            "prompt {i}: streamed text"
+        );
+        assert_eq!(got.finish_reason, want.finish_reason);
+        // Each request is charged exactly what it would be alone.
+        assert_eq!(counters[i].snapshot(), *want_flops, "prompt {i}: FLOPs");
+    }
+    assert!(batch.is_empty());
+}
+
+#[test]
+fn a_cancelled_sequence_leaves_and_the_others_go_on() {
+    let m = smollm2();
+    let reference = alone(&m);
+    let mut batch = Batch::default();
+    let counters: Vec<Arc<FlopCounter>> = (0..3).map(|_| Arc::new(FlopCounter::new())).collect();
+    let cancels: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::new(AtomicBool::new(false))).collect();
+    for i in 0..3 {
+        batch
+            .join(i as u64, join(&m, i, &counters[i], &cancels[i]), None)
+            .unwrap();
+    }
+    let mut results = BTreeMap::new();
+    let mut step = 0;
+    while !batch.is_empty() {
+        if step == 2 {
+            cancels[1].store(true, Ordering::Relaxed);
+        }
+        for (tag, r) in batch.step(&mut |_, _| true) {
+            results.insert(tag, r);
+        }
+        if step == 2 {
+            // It left at this step: the batch holds the other two.
+            assert_eq!(batch.len(), 2);
+        }
+        step += 1;
+    }
+    assert!(matches!(
+        results[&1],
+        Err(vvlm_engine::EngineError::Cancelled)
+    ));
+    // Charged only for what ran: less than the full generation.
+    assert!(counters[1].snapshot().lm_decode < reference[1].1.lm_decode);
+    for i in [0u64, 2] {
+        let g = results[&i].as_ref().unwrap();
+        assert_eq!(g.token_ids, reference[i as usize].0.token_ids);
+    }
+    // A client that stops reading cancels its sequence too.
+    let c = Arc::new(AtomicBool::new(false));
+    let f = Arc::new(FlopCounter::new());
+    batch.join(9, join(&m, 1, &f, &c), None).unwrap();
+    let mut left = vec![];
+    while !batch.is_empty() {
+        left.extend(batch.step(&mut |_, _| false));
+    }
+    let (_, r) = &left[0];
+    assert_eq!(
+        r.as_ref().unwrap().finish_reason,
+        vvlm_engine::FinishReason::Cancelled
+    );
+}
+
+#[test]
+fn videos_in_a_batch_answer_as_alone() {
+    // The suite ladder (f32, no quantized matrices) with a video: encoded once, two questions
+    // in one batch, each equal to its own generation.
+    let ckpt = root().join("models/ladder/suite-m");
+    let m = Arc::new(VideoVlm::load(&ckpt, &LoadOptions::default()).unwrap());
+    let size = m.cfg.vision_config.image_size;
+    let frames = 4;
+    let mut pixels = vec![0f32; frames * 3 * size * size];
+    for (i, p) in pixels.iter_mut().enumerate() {
+        *p = ((i * 7919) % 255) as f32 / 127.5 - 1.0;
+    }
+    let visual = vvlm_engine::VisualInput::Frames(vvlm_engine::FrameData {
+        pixels: &pixels,
+        frames,
+        size,
+    });
+    let questions = ["what colour is the flash ?", "what shape moves ?"];
+    let mut reference = vec![];
+    for q in questions {
+        let f = FlopCounter::new();
+        let req = GenerateRequest {
+            pixels: None,
+            side: 2,
+            system: None,
+            prompt: q,
+            sampling: sampling(5),
+            cancel: None,
+        };
+        let (g, _) = m
+            .generate_visual(visual, &req, 1, &f, &mut |_, _| true)
+            .unwrap();
+        reference.push(g[0].token_ids.clone());
+    }
+    let flops = Arc::new(FlopCounter::new());
+    let (tokens, features) = m.encode_visual(visual, 2, &flops, None).unwrap();
+    assert!(features.is_some());
+    let vision = flops.snapshot().vision;
+    assert!(vision > 0.0);
+    let mut batch = Batch::default();
+    for (i, q) in questions.iter().enumerate() {
+        let j = Join {
+            vlm: m.clone(),
+            system: None,
+            prompt: q.to_string(),
+            sampling: sampling(5),
+            flops: flops.clone(),
+            cancel: Arc::new(AtomicBool::new(false)),
+        };
+        batch.join(i as u64, j, tokens.as_ref()).unwrap();
+    }
+    let mut out = BTreeMap::new();
+    while !batch.is_empty() {
+        for (t, r) in batch.step(&mut |_, _| true) {
+            out.insert(t, r.unwrap().token_ids);
+        }
+    }
+    assert_eq!(out[&0], reference[0]);
+    assert_eq!(out[&1], reference[1]);
+    // The video was encoded once for both.
+    assert_eq!(flops.snapshot().vision, vision);
+}
