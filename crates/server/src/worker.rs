@@ -282,13 +282,21 @@ impl Worker {
             let job = match self.waiting.take() {
                 Some(j) => j,
                 None => {
-                    let guard = self.rx.lock().unwrap_or_else(|p| p.into_inner());
                     if self.batch.is_empty() && self.running.is_empty() {
+                        // Idle: wait for a request (holding the queue while waiting).
+                        let guard = self.rx.lock().unwrap_or_else(|p| p.into_inner());
                         match guard.recv() {
                             Ok(j) => j,
                             Err(_) => return false,
                         }
                     } else {
+                        // Busy: never wait for the queue. An idle worker may hold it while it
+                        // waits for a request; then there is nothing to take anyway.
+                        let guard = match self.rx.try_lock() {
+                            Ok(g) => g,
+                            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                            Err(std::sync::TryLockError::WouldBlock) => return true,
+                        };
                         match guard.try_recv() {
                             Ok(j) => j,
                             Err(_) => return true,

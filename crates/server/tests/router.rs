@@ -802,3 +802,32 @@ async fn the_cache_holds_no_more_than_its_cap() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_workers_never_wait_on_each_other() {
+    // Two workers: one going idle (waiting for the queue) must not stall the other's batch.
+    let s = Arc::new(server_with(true, |c| {
+        c.limits.workers = 2;
+        c.limits.request_timeout_s = 60.0;
+    }));
+    let key = s.tenant("alice", None);
+    let t = std::time::Instant::now();
+    let mut tasks = vec![];
+    for i in 0..6 {
+        let (s, key) = (s.clone(), key.clone());
+        let mut body = qa_body();
+        body["max_tokens"] = json!(2 + i % 3);
+        tasks.push(tokio::spawn(async move {
+            s.post("/v1/videos/qa", &key, body).await
+        }));
+    }
+    for t in tasks {
+        let (st, v) = t.await.unwrap();
+        assert_eq!(st, 200, "{v}");
+    }
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        t.elapsed()
+    );
+}
