@@ -24,7 +24,7 @@ use vvlm_cost::{Component, FlopCounter};
 /// about it shares. Opaque to callers.
 #[derive(Clone)]
 pub struct VideoTokens {
-    tokens: Tensor,
+    pub(crate) tokens: Tensor,
     /// Seconds the tower, projector and pooling took.
     pub vision_s: f64,
 }
@@ -191,7 +191,7 @@ impl Batch {
         let mut left = vec![];
         let mut forward: Vec<(usize, u32)> = vec![];
         let mut keep = Vec::with_capacity(self.active.len());
-        for (i, mut a) in std::mem::take(&mut self.active).into_iter().enumerate() {
+        for mut a in std::mem::take(&mut self.active) {
             let tag = a.tag;
             if a.cancel.load(Ordering::Relaxed) {
                 left.push((tag, Err(EngineError::Cancelled)));
@@ -209,7 +209,6 @@ impl Batch {
                 }
                 Err(e) => left.push((tag, Err(e))),
             }
-            let _ = i;
         }
         self.active = keep;
         // One forward per checkpoint over its continuing sequences.

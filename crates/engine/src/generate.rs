@@ -318,50 +318,9 @@ impl VideoVlm {
         flops: &FlopCounter,
         on_text: &mut (dyn FnMut(usize, &str) -> bool + Send),
     ) -> Result<(Vec<Generation>, Option<VisionFeatures>), EngineError> {
-        let pixels = match visual {
-            VisualInput::Frames(f) => {
-                let want = f.frames * 3 * f.size * f.size;
-                if f.pixels.len() != want || f.frames == 0 {
-                    return Err(EngineError::Request(format!(
-                        "frames: {} values for {} frames of {}x{} (want {want})",
-                        f.pixels.len(),
-                        f.frames,
-                        f.size,
-                        f.size
-                    )));
-                }
-                Some(Tensor::from_slice(
-                    f.pixels,
-                    (f.frames, 3, f.size, f.size),
-                    &candle_core::Device::Cpu,
-                )?)
-            }
-            _ => None,
-        };
-        if let VisualInput::Features(f) = &visual {
-            if f.model_dir != self.dir {
-                return Err(EngineError::Request(
-                    "vision features of another checkpoint".into(),
-                ));
-            }
-        }
         let mut run = || -> Result<(Vec<Generation>, Option<VisionFeatures>), EngineError> {
-            let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(req.cancel);
-            let t0 = Instant::now();
-            let (projected, fresh) = match (&pixels, &visual) {
-                (Some(p), _) => {
-                    self.check_side(req.side)?;
-                    let projected = self.projected_frames(p, &mut ctx)?;
-                    (Some(projected.clone()), Some(projected))
-                }
-                (None, VisualInput::Features(f)) => (Some(f.projected.clone()), None),
-                _ => (None, None),
-            };
-            let video = match &projected {
-                Some(p) => Some(self.video_tokens(p, req.side, &mut ctx)?),
-                None => None,
-            };
-            let mut vision_s = t0.elapsed().as_secs_f64();
+            let (video, features) = self.encode_visual(visual, req.side, flops, req.cancel)?;
+            let mut vision_s = video.as_ref().map_or(0.0, |v| v.vision_s);
             let mut out = Vec::with_capacity(n);
             for i in 0..n.max(1) {
                 let mut sampling = req.sampling.clone();
@@ -376,7 +335,7 @@ impl VideoVlm {
                 };
                 let mut each = |piece: &str| on_text(i, piece);
                 out.push(self.generate_after_video(
-                    video.as_ref(),
+                    video.as_ref().map(|v| &v.tokens),
                     vision_s,
                     &one,
                     flops,
@@ -384,10 +343,6 @@ impl VideoVlm {
                 )?);
                 vision_s = 0.0;
             }
-            let features = fresh.map(|projected| VisionFeatures {
-                projected,
-                model_dir: self.dir.clone(),
-            });
             Ok((out, features))
         };
         let r = if self.lm.device().is_cpu() {

@@ -484,7 +484,7 @@ impl Block {
         sin: &Tensor,
         ctxs: &[Ctx],
     ) -> Result<Tensor> {
-        let (b, _, h) = x.dims3()?;
+        let b = x.dim(0)?;
         let a = &self.attn;
         let y = self.ln1.forward(x)?;
         let qkv = a.qkv.forward_rows(&y, ctxs)?;
@@ -531,7 +531,6 @@ impl Block {
             .mlp
             .down
             .forward_rows(&crate::nn::swiglu_fused(&gu)?, ctxs)?;
-        let _ = h;
         x + d
     }
 }

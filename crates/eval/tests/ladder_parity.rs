@@ -58,6 +58,24 @@ fn video(meta: &serde_json::Value) -> PathBuf {
         .join(meta["video_file"].as_str().unwrap())
 }
 
+/// PyTorch's last-position logits at (frames, side) and their log-sum-exp, in f64.
+fn reference_last_position(g: &Golden, frames: usize, side: usize) -> (Vec<f32>, f64) {
+    let want = &g.tensors[&format!("logits_T{frames}_s{side}")];
+    let last: Vec<f32> = want
+        .get(want.dim(0).unwrap() - 1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let max = last.iter().copied().fold(f32::MIN, f32::max) as f64;
+    let lse = max
+        + last
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    (last, lse)
+}
+
 #[test]
 fn served_logits_equal_the_training_forward_pass() {
     let g = golden();
@@ -117,19 +135,7 @@ fn choice_log_likelihoods_are_the_log_softmax_of_the_last_position() {
         )
         .unwrap();
     // The reference: log-softmax of PyTorch's last-position logits, computed here in f64.
-    let want = &g.tensors[&format!("logits_T{frames}_s{side}")];
-    let last: Vec<f32> = want
-        .get(want.dim(0).unwrap() - 1)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let max = last.iter().copied().fold(f32::MIN, f32::max) as f64;
-    let lse = max
-        + last
-            .iter()
-            .map(|&v| (v as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
+    let (last, lse) = reference_last_position(&g, frames, side);
     let tok = vlm.tokenizer.as_ref().unwrap();
     for (c, got) in item.choices.iter().zip(&ll) {
         let id = tok.token_to_id(c).unwrap() as usize;
@@ -202,19 +208,7 @@ fn generated_logprobs_are_the_log_softmax_of_the_reference_logits() {
     assert_eq!(all[0].token_ids, all[1].token_ids);
     let out = all.swap_remove(0);
     assert!(!out.logprobs.is_empty());
-    let want = &g.tensors[&format!("logits_T{frames}_s{side}")];
-    let last: Vec<f32> = want
-        .get(want.dim(0).unwrap() - 1)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let max = last.iter().copied().fold(f32::MIN, f32::max) as f64;
-    let lse = max
-        + last
-            .iter()
-            .map(|&v| (v as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
+    let (last, lse) = reference_last_position(&g, frames, side);
     let first = &out.logprobs[0];
     let mut order: Vec<usize> = (0..last.len()).collect();
     order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
