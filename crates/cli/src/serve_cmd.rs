@@ -74,9 +74,19 @@ pub struct ServeArgs {
     /// auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16.
     #[arg(long, env = "VVLM_DTYPE")]
     pub dtype: Option<String>,
+    /// CPU decode of GGUF Q4_1/Q8_0 matrices: int8 (8-bit activations, integer dot products,
+    /// fastest) or off (the dequantized f32 matrices, exact).
+    #[arg(long, env = "VVLM_QUANTIZED_DECODE")]
+    pub quantized_decode: Option<QuantizedDecodeArg>,
     /// Folders file:// URLs may read from (repeatable).
     #[arg(long = "file-allow", env = "VVLM_FILE_ALLOW", value_delimiter = ',')]
     pub file_allow: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum QuantizedDecodeArg {
+    Int8,
+    Off,
 }
 
 pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
@@ -111,6 +121,12 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
     }
     if let Some(v) = &a.dtype {
         c.dtype = v.clone();
+    }
+    if let Some(v) = a.quantized_decode {
+        c.quantized_decode = match v {
+            QuantizedDecodeArg::Int8 => vvlm_engine::QuantizedDecode::Int8,
+            QuantizedDecodeArg::Off => vvlm_engine::QuantizedDecode::Off,
+        };
     }
     if let Some(v) = &a.admin_key {
         c.admin_key = Some(v.clone());

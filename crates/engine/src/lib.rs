@@ -20,6 +20,7 @@ pub mod llama;
 pub mod model;
 pub mod nn;
 pub mod pool;
+pub mod qdot;
 pub mod quant;
 pub mod score;
 pub mod sequence;
@@ -31,7 +32,7 @@ pub use generate::{
     FinishReason, FrameData, GenerateRequest, Generation, SamplingParams, StepLogprobs, Timings,
     TokenLogprob, VisionFeatures, VisualInput, MAX_TOP_LOGPROBS,
 };
-pub use model::{LoadOptions, VideoVlm};
+pub use model::{LoadOptions, QuantizedDecode, VideoVlm};
 pub use nn::Ctx;
 
 use std::path::Path;

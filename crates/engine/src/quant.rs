@@ -1,11 +1,15 @@
 //! Quantized weight matrices for decode on the CPU: the GGUF file's own Q4_1 and Q8_0 blocks,
-//! multiplied with f32 activations without dequantizing the matrix. Decode reads every weight
-//! once per token, so reading 4.5-8.5 bits instead of 32 is what bounds its speed.
+//! multiplied without dequantizing the matrix. Decode reads every weight once per token, so
+//! reading 4.5-8.5 bits instead of 32 is what bounds its speed; the activations are quantized to
+//! 8 bits per block and multiplied in integer arithmetic ([`crate::qdot`], as llama.cpp does), so
+//! a batch of rows costs little more than one.
 //!
 //! The weights are exactly the file's (`d·q + m` for Q4_1, `d·q` for Q8_0), the same values the
-//! f32 path dequantizes, so results differ from it only by summation order. Scales are stored
-//! as f32 beside the packed quants (converted once at load). Prefill keeps the f32 matrices.
+//! f32 path dequantizes; results differ from it by the activations' rounding (bounded in
+//! `qdot`'s tests) and summation order. Scales are stored as f32 beside the packed quants
+//! (converted once at load). Prefill of more than a few rows keeps the f32 matrices.
 
+use crate::qdot;
 use crate::EngineError;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, Layout, Result, Shape};
@@ -162,13 +166,23 @@ impl QuantMatrix {
         w
     }
 
-    /// `y[m, rows] = x[m, cols] · Wᵀ`, parallel over rows of W.
+    /// `y[m, rows] = x[m, cols] · Wᵀ`, parallel over rows of W: `x` is quantized to 8 bits per
+    /// 32-block once, then each weight row's blocks are multiplied with every activation row in
+    /// integer arithmetic ([`crate::qdot`]).
     pub fn gemv(&self, x: &[f32], y: &mut [f32], m: usize) {
-        let (n, k, nb) = (self.rows, self.cols, self.cols / BLOCK);
-        // Per-block sums of x (Q4_1's `m · Σx` term), once per input row.
-        let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+        let kernel = qdot::Kernel::best(match self.format {
+            QuantFormat::Q4_1 => qdot::WeightFormat::Q4_1,
+            QuantFormat::Q8_0 => qdot::WeightFormat::Q8_0,
+        });
+        self.gemv_with(kernel, x, y, m)
+    }
+
+    /// [`Self::gemv`] on a given kernel (tests compare instruction sets).
+    pub fn gemv_with(&self, kernel: qdot::Kernel, x: &[f32], y: &mut [f32], m: usize) {
+        let (n, nb) = (self.rows, self.cols / BLOCK);
+        let xq = qdot::Q8Rows::quantize(x, m, self.cols);
         let qb = nb * self.qbytes();
-        let row = |o: usize| RowRef {
+        let row = |o: usize| qdot::WeightRow {
             qs: &self.qs[o * qb..(o + 1) * qb],
             d: &self.d[o * nb..(o + 1) * nb],
             m: if self.m.is_empty() {
@@ -177,222 +191,20 @@ impl QuantMatrix {
                 &self.m[o * nb..(o + 1) * nb]
             },
         };
-        if m > 1 && m <= crate::gemv::MAX_BATCH_ROWS {
-            // Several rows (a decode batch): each weight block is unpacked once and used for
-            // every row, with each row's arithmetic exactly that of the one-row kernel.
-            let rows = rows_kernel(self.format);
-            crate::gemv::for_each_output_rows(y, m, n, m * 33, |o, ys, scratch| {
-                rows(&row(o), x, &xsum, k, ys, scratch)
+        if m == 1 {
+            crate::gemv::for_each_output(y, 1, n, |o, _| {
+                let mut v = [0f32];
+                kernel.dot_rows(&row(o), &xq, &mut v);
+                v[0]
             });
-            return;
-        }
-        let dot = row_dot_kernel(self.format);
-        crate::gemv::for_each_output(y, m, n, |o, r| {
-            dot(&row(o), &x[r * k..(r + 1) * k], &xsum[r * nb..(r + 1) * nb])
-        });
-    }
-}
-
-/// (row, x, xsum, k, y, scratch of m·33 values).
-type RowsDot = fn(&RowRef, &[f32], &[f32], usize, &mut [f32], &mut [f32]);
-
-fn rows_kernel(format: QuantFormat) -> RowsDot {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return match format {
-                // SAFETY (both): the features were detected above.
-                QuantFormat::Q4_1 => |r, x, s, k, y, t| unsafe { q4_1_rows_avx2(r, x, s, k, y, t) },
-                QuantFormat::Q8_0 => |r, x, s, k, y, t| unsafe { q8_0_rows_avx2(r, x, s, k, y, t) },
-            };
+        } else {
+            // Each weight row is read once for all rows; each row's arithmetic is that of the row
+            // alone, so a batch's outputs equal each sequence's own bit for bit.
+            crate::gemv::for_each_output_rows(y, m, n, 0, |o, ys, _| {
+                kernel.dot_rows(&row(o), &xq, ys)
+            });
         }
     }
-    match format {
-        QuantFormat::Q4_1 => q4_1_rows::<false>,
-        QuantFormat::Q8_0 => q8_0_rows::<false>,
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn q4_1_rows_avx2(
-    r: &RowRef,
-    x: &[f32],
-    xsum: &[f32],
-    k: usize,
-    y: &mut [f32],
-    t: &mut [f32],
-) {
-    q4_1_rows::<true>(r, x, xsum, k, y, t)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn q8_0_rows_avx2(
-    r: &RowRef,
-    x: &[f32],
-    xsum: &[f32],
-    k: usize,
-    y: &mut [f32],
-    t: &mut [f32],
-) {
-    q8_0_rows::<true>(r, x, xsum, k, y, t)
-}
-
-/// [`q4_1_row`] for `y.len()` rows of `x` (`k` columns each) at once: the block's nibbles are
-/// unpacked once; each row's accumulation is the one-row kernel's, operation for operation.
-#[inline(always)]
-fn q4_1_rows<const FMA: bool>(
-    r: &RowRef,
-    x: &[f32],
-    xsum: &[f32],
-    k: usize,
-    y: &mut [f32],
-    scratch: &mut [f32],
-) {
-    let m = y.len();
-    let nb = k / BLOCK;
-    let (acc, rest) = scratch.split_at_mut(16 * m);
-    let mins = &mut rest[..m];
-    acc.fill(0.0);
-    mins.fill(0.0);
-    for (b, (q, &d)) in r.qs.chunks_exact(16).zip(r.d).enumerate() {
-        let mut hi = [0f32; 16];
-        let mut lo = [0f32; 16];
-        for i in 0..16 {
-            hi[i] = (q[i] >> 4) as f32;
-            lo[i] = (q[i] & 15) as f32;
-        }
-        let mb = r.m[b];
-        for (row, a) in acc.chunks_exact_mut(16).enumerate() {
-            // Fixed-size views: no bounds checks in the lane loop, so it vectorises.
-            let xs: &[f32; BLOCK] = x[row * k + b * BLOCK..row * k + (b + 1) * BLOCK]
-                .try_into()
-                .expect("a block");
-            let a: &mut [f32; 16] = a.try_into().expect("16 lanes");
-            for i in 0..16 {
-                let p = fmadd::<FMA>(hi[i], xs[16 + i], lo[i] * xs[i]);
-                a[i] = fmadd::<FMA>(d, p, a[i]);
-            }
-            mins[row] = fmadd::<FMA>(mb, xsum[row * nb + b], mins[row]);
-        }
-    }
-    for row in 0..m {
-        y[row] = acc[row * 16..(row + 1) * 16].iter().sum::<f32>() + mins[row];
-    }
-}
-
-/// [`q8_0_row`] for several rows at once (see [`q4_1_rows`]).
-#[inline(always)]
-fn q8_0_rows<const FMA: bool>(
-    r: &RowRef,
-    x: &[f32],
-    _xsum: &[f32],
-    k: usize,
-    y: &mut [f32],
-    scratch: &mut [f32],
-) {
-    let m = y.len();
-    let acc = &mut scratch[..32 * m];
-    acc.fill(0.0);
-    for (b, (q, &d)) in r.qs.chunks_exact(32).zip(r.d).enumerate() {
-        let mut qf = [0f32; 32];
-        for i in 0..32 {
-            qf[i] = (q[i] as i8) as f32;
-        }
-        for (row, a) in acc.chunks_exact_mut(32).enumerate() {
-            let xs: &[f32; BLOCK] = x[row * k + b * BLOCK..row * k + (b + 1) * BLOCK]
-                .try_into()
-                .expect("a block");
-            let a: &mut [f32; 32] = a.try_into().expect("32 lanes");
-            for i in 0..32 {
-                a[i] = fmadd::<FMA>(d, qf[i] * xs[i], a[i]);
-            }
-        }
-    }
-    for row in 0..m {
-        y[row] = acc[row * 32..(row + 1) * 32].iter().sum();
-    }
-}
-
-struct RowRef<'a> {
-    qs: &'a [u8],
-    d: &'a [f32],
-    m: &'a [f32],
-}
-
-type RowDot = fn(&RowRef, &[f32], &[f32]) -> f32;
-
-fn row_dot_kernel(format: QuantFormat) -> RowDot {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return match format {
-                // SAFETY (both): the features were detected above.
-                QuantFormat::Q4_1 => |r, x, s| unsafe { q4_1_avx2(r, x, s) },
-                QuantFormat::Q8_0 => |r, x, s| unsafe { q8_0_avx2(r, x, s) },
-            };
-        }
-    }
-    match format {
-        QuantFormat::Q4_1 => q4_1_row::<false>,
-        QuantFormat::Q8_0 => q8_0_row::<false>,
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn q4_1_avx2(r: &RowRef, x: &[f32], xsum: &[f32]) -> f32 {
-    q4_1_row::<true>(r, x, xsum)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn q8_0_avx2(r: &RowRef, x: &[f32], xsum: &[f32]) -> f32 {
-    q8_0_row::<true>(r, x, xsum)
-}
-
-#[inline(always)]
-fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
-/// Σ_b d_b·(q·x)_b + m_b·Σx_b, with 16 lane accumulators (vectorised by the compiler).
-#[inline(always)]
-fn q4_1_row<const FMA: bool>(r: &RowRef, x: &[f32], xsum: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let mut mins = 0f32;
-    for (b, ((q, &d), xs)) in
-        r.qs.chunks_exact(16)
-            .zip(r.d)
-            .zip(x.chunks_exact(BLOCK))
-            .enumerate()
-    {
-        let (lo, hi) = xs.split_at(16);
-        for i in 0..16 {
-            let p = fmadd::<FMA>((q[i] >> 4) as f32, hi[i], (q[i] & 15) as f32 * lo[i]);
-            acc[i] = fmadd::<FMA>(d, p, acc[i]);
-        }
-        mins = fmadd::<FMA>(r.m[b], xsum[b], mins);
-    }
-    acc.iter().sum::<f32>() + mins
-}
-
-#[inline(always)]
-fn q8_0_row<const FMA: bool>(r: &RowRef, x: &[f32], _xsum: &[f32]) -> f32 {
-    let mut acc = [0f32; 32];
-    for ((q, &d), xs) in r.qs.chunks_exact(32).zip(r.d).zip(x.chunks_exact(BLOCK)) {
-        for i in 0..32 {
-            acc[i] = fmadd::<FMA>(d, (q[i] as i8) as f32 * xs[i], acc[i]);
-        }
-    }
-    acc.iter().sum()
 }
 
 /// `x [m, cols] · Wᵀ` for a quantized `W` as a candle op on `x` (CPU, f32, contiguous).
@@ -457,15 +269,34 @@ mod tests {
         let deq = q.dequantize(&dev).unwrap();
         let ours = Tensor::from_vec(qm.dequantize(), (70, 256), &dev).unwrap();
         assert!(crate::nn::max_abs_diff(&ours, &deq).unwrap() < 1e-6);
-        // The product equals x · dequantized(W)ᵀ.
-        for m in [1, 3] {
+        // The product equals x' · dequantized(W)ᵀ, x' the activations as their 8-bit blocks
+        // stand for them (the quantizer is checked in `qdot`), to f32 summation order.
+        for m in [1, 3, 9] {
             let x = Tensor::randn(0f32, 1.0, (m, 256), &dev).unwrap();
             let got = x
                 .apply_op1_no_bwd(&QuantGemv(Arc::new(qm.clone())))
                 .unwrap();
-            let want = x.matmul(&deq.t().unwrap()).unwrap();
+            let xq = qdot::Q8Rows::quantize(&x.flatten_all().unwrap().to_vec1().unwrap(), m, 256);
+            let xd: Vec<f32> = (0..m).flat_map(|r| xq.dequantize_row(r)).collect();
+            let xd = Tensor::from_vec(xd, (m, 256), &dev).unwrap();
+            let want = xd.matmul(&deq.t().unwrap()).unwrap();
             let e = crate::nn::max_abs_diff(&got, &want).unwrap();
             assert!(e < 1e-3, "{format:?} m={m}: {e}");
+            // And within a few percent of the unquantized activations' product.
+            let exact = x.matmul(&deq.t().unwrap()).unwrap();
+            let rel = crate::nn::max_abs_diff(&got, &exact).unwrap()
+                / exact
+                    .abs()
+                    .unwrap()
+                    .max_keepdim(1)
+                    .unwrap()
+                    .max_keepdim(0)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()[0];
+            assert!(rel < 0.02, "{format:?} m={m}: relative error {rel}");
         }
         // Row permutation and concatenation move whole rows.
         let perm: Vec<usize> = (0..70).rev().collect();

@@ -69,6 +69,7 @@ fn tiny_checkpoint_on_the_gpu_matches_the_cpu() {
     let f32_gpu = fixture_forward(&LoadOptions {
         device: gpu(),
         dtype: DType::F32,
+        ..LoadOptions::default()
     });
     let mut compared = 0;
     for (name, want) in &cpu {
@@ -81,6 +82,7 @@ fn tiny_checkpoint_on_the_gpu_matches_the_cpu() {
     let bf16_gpu = fixture_forward(&LoadOptions {
         device: gpu(),
         dtype: DType::BF16,
+        ..LoadOptions::default()
     });
     let logits = &cpu["logits"];
     let range = (logits.max_all().unwrap().to_scalar::<f32>().unwrap()

@@ -291,6 +291,7 @@ fn half_precision_paths_track_transformers() {
             &LoadOptions {
                 device: Device::Cpu,
                 dtype,
+                ..LoadOptions::default()
             },
         )
         .unwrap();

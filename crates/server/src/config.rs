@@ -43,6 +43,10 @@ pub struct ServerConfig {
     /// `auto`, `f32`, `bf16` or `f16`.
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    /// CPU decode of GGUF Q4_1/Q8_0 matrices: `int8` (8-bit activations, integer dot products)
+    /// or `off` (the dequantized f32 matrices).
+    #[serde(default)]
+    pub quantized_decode: vvlm_engine::QuantizedDecode,
     #[serde(default)]
     pub cache: CacheConfig,
 }

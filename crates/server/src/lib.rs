@@ -173,8 +173,9 @@ pub fn load_models(state: &AppState) -> Result<(), StartError> {
         for (name, path) in &state.config.task_models {
             tasks.insert(name.clone(), Arc::new(FittedModel::load(path)?));
         }
-        let load_options = LoadOptions::parse(&state.config.device, &state.config.dtype)
+        let mut load_options = LoadOptions::parse(&state.config.device, &state.config.dtype)
             .map_err(|e| StartError::Config(e.to_string()))?;
+        load_options.quantized_decode = state.config.quantized_decode;
         tracing::info!(device = %state.config.device, dtype = ?load_options.dtype, "engine placement");
         let mut loaded = Registry::default();
         let mut engines = BTreeMap::new();
