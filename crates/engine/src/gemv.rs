@@ -94,33 +94,6 @@ pub(crate) fn for_each_output(
     }
 }
 
-/// `y[r, o]` for all `m` rows of output `o` at once: `f(o, ys, scratch)` fills `ys[r]`, with a
-/// `scratch_len` buffer it may use (one per chunk of outputs, not zeroed between outputs). For
-/// kernels that decode a weight row once and use it for every input row.
-pub(crate) fn for_each_output_rows(
-    y: &mut [f32],
-    m: usize,
-    n: usize,
-    scratch_len: usize,
-    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
-) {
-    let chunk = (n / (rayon::current_num_threads() * 8)).clamp(16, 1024);
-    let mut yt = vec![0f32; n * m];
-    yt.par_chunks_mut(chunk * m)
-        .enumerate()
-        .for_each(|(c, out)| {
-            let mut scratch = vec![0f32; scratch_len];
-            for (j, ys) in out.chunks_mut(m).enumerate() {
-                f(c * chunk + j, ys, &mut scratch);
-            }
-        });
-    for j in 0..n {
-        for r in 0..m {
-            y[r * n + j] = yt[j * m + r];
-        }
-    }
-}
-
 /// The dot product for this CPU (AVX2+FMA when present).
 pub(crate) fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]

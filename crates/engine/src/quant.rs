@@ -179,30 +179,42 @@ impl QuantMatrix {
 
     /// [`Self::gemv`] on a given kernel (tests compare instruction sets).
     pub fn gemv_with(&self, kernel: qdot::Kernel, x: &[f32], y: &mut [f32], m: usize) {
+        use rayon::prelude::*;
         let (n, nb) = (self.rows, self.cols / BLOCK);
         let xq = qdot::Q8Rows::quantize(x, m, self.cols);
         let qb = nb * self.qbytes();
-        let row = |o: usize| qdot::WeightRow {
-            qs: &self.qs[o * qb..(o + 1) * qb],
-            d: &self.d[o * nb..(o + 1) * nb],
-            m: if self.m.is_empty() {
-                &[]
-            } else {
-                &self.m[o * nb..(o + 1) * nb]
-            },
+        // Chunks of output rows, large enough to amortise scheduling, small enough to balance
+        // the threads; each chunk's weight rows are read once for all activation rows.
+        let chunk = (n / (rayon::current_num_threads() * 8)).clamp(16, 1024);
+        let run = |c: usize, out: &mut [f32]| {
+            let (o0, o1) = (c * chunk, c * chunk + out.len() / m);
+            let w = qdot::WeightRow {
+                qs: &self.qs[o0 * qb..o1 * qb],
+                d: &self.d[o0 * nb..o1 * nb],
+                m: if self.m.is_empty() {
+                    &[]
+                } else {
+                    &self.m[o0 * nb..o1 * nb]
+                },
+            };
+            kernel.dot_matrix(&w, &xq, out);
         };
         if m == 1 {
-            crate::gemv::for_each_output(y, 1, n, |o, _| {
-                let mut v = [0f32];
-                kernel.dot_rows(&row(o), &xq, &mut v);
-                v[0]
-            });
-        } else {
-            // Each weight row is read once for all rows; each row's arithmetic is that of the row
-            // alone, so a batch's outputs equal each sequence's own bit for bit.
-            crate::gemv::for_each_output_rows(y, m, n, 0, |o, ys, _| {
-                kernel.dot_rows(&row(o), &xq, ys)
-            });
+            y.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(c, out)| run(c, out));
+            return;
+        }
+        // `[n, m]` per chunk, transposed once at the end. Each row's arithmetic is that of the
+        // row alone, so a batch's outputs equal each sequence's own bit for bit.
+        let mut yt = vec![0f32; n * m];
+        yt.par_chunks_mut(chunk * m)
+            .enumerate()
+            .for_each(|(c, out)| run(c, out));
+        for j in 0..n {
+            for r in 0..m {
+                y[r * n + j] = yt[j * m + r];
+            }
         }
     }
 }
