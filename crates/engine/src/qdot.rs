@@ -230,8 +230,9 @@ impl Kernel {
         self.dot_matrix(w, x, y)
     }
 
-    /// `out[j * x.rows + r] = w_j · x_r` for the consecutive weight rows `w_j` in `w` (each
-    /// `x.cols` wide) and every activation row of `x`. Panics if the shapes disagree.
+    /// `out[r * n + j] = w_j · x_r` (`out` is `[x.rows, n]`, the layout of `x · Wᵀ`) for the `n`
+    /// consecutive weight rows `w_j` in `w` (each `x.cols` wide) and every activation row of
+    /// `x`. Panics if the shapes disagree.
     pub fn dot_matrix(&self, w: &WeightRow, x: &Q8Rows, out: &mut [f32]) {
         let format = self.format;
         let nb = x.cols / BLOCK;
@@ -260,9 +261,12 @@ impl Kernel {
             // SAFETY: as above.
             Isa::Avx2 => unsafe { x86::matrix_avx2(format, w, x, out) },
             _ => {
-                for (j, y) in out.chunks_exact_mut(x.rows).enumerate() {
-                    let row = w.row(j, nb, wbytes);
-                    portable_group(format, &row, x, 0, y);
+                let mut y = vec![0f32; x.rows];
+                for j in 0..n {
+                    portable_group(format, &w.row(j, nb, wbytes), x, 0, &mut y);
+                    for (r, v) in y.iter().enumerate() {
+                        out[r * n + j] = *v;
+                    }
                 }
             }
         }
@@ -394,13 +398,18 @@ mod x86 {
             WeightFormat::Q4_1 => 16,
             WeightFormat::Q8_0 => 32,
         };
-        for (j, y) in out.chunks_exact_mut(x.rows).enumerate() {
+        let n = out.len() / x.rows;
+        let mut y = [0f32; 4];
+        for j in 0..n {
             let row = w.row(j, nb, wbytes);
             let mut r0 = 0;
             while r0 < x.rows {
-                let n = (x.rows - r0).min(4);
-                group::<D>((f, &row, x, r0, &mut y[r0..r0 + n]));
-                r0 += n;
+                let g = (x.rows - r0).min(4);
+                group::<D>((f, &row, x, r0, &mut y[..g]));
+                for (r, v) in y[..g].iter().enumerate() {
+                    *out.get_unchecked_mut((r0 + r) * n + j) = *v;
+                }
+                r0 += g;
             }
         }
     }

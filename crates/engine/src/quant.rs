@@ -205,15 +205,22 @@ impl QuantMatrix {
                 .for_each(|(c, out)| run(c, out));
             return;
         }
-        // `[n, m]` per chunk, transposed once at the end. Each row's arithmetic is that of the
-        // row alone, so a batch's outputs equal each sequence's own bit for bit.
-        let mut yt = vec![0f32; n * m];
-        yt.par_chunks_mut(chunk * m)
-            .enumerate()
-            .for_each(|(c, out)| run(c, out));
-        for j in 0..n {
+        // Each chunk computes `[m, its outputs]`; the rows are then copied into place. Each
+        // row's arithmetic is that of the row alone, so a batch's outputs equal each sequence's
+        // own bit for bit.
+        let parts: Vec<Vec<f32>> = (0..n.div_ceil(chunk))
+            .into_par_iter()
+            .map(|c| {
+                let mut out = vec![0f32; m * (chunk.min(n - c * chunk))];
+                run(c, &mut out);
+                out
+            })
+            .collect();
+        for (c, part) in parts.iter().enumerate() {
+            let cnt = part.len() / m;
             for r in 0..m {
-                y[r * n + j] = yt[j * m + r];
+                y[r * n + c * chunk..r * n + c * chunk + cnt]
+                    .copy_from_slice(&part[r * cnt..(r + 1) * cnt]);
             }
         }
     }
