@@ -12,7 +12,7 @@
 use crate::generate::{GenerateRequest, Generation, SamplingParams, VisionFeatures, VisualInput};
 use crate::model::VideoVlm;
 use crate::nn::Ctx;
-use crate::sequence::{Sequence, Step};
+use crate::sequence::{PrefixKv, Sequence, Step};
 use crate::EngineError;
 use candle_core::Tensor;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -126,14 +126,18 @@ impl Batch {
         self.active.iter().map(|a| a.reserve).sum()
     }
 
-    /// Prefills a sequence and adds it. Errors (a bad prompt, cancellation during prefill) are
-    /// the caller's; nothing is added then.
+    /// Prefills a sequence and adds it. With a video, the prompt's part up to the video continues
+    /// from `prefix` when it matches (see [`VideoVlm::start_sequence`]); otherwise that part is
+    /// prefilled and returned, for the caller to pass to the next sequence about the same video
+    /// and to keep. Errors (a bad prompt, cancellation during prefill) are the caller's; nothing
+    /// is added then.
     pub fn join(
         &mut self,
         tag: u64,
         j: Join,
         video: Option<&VideoTokens>,
-    ) -> Result<(), EngineError> {
+        prefix: Option<&PrefixKv>,
+    ) -> Result<Option<PrefixKv>, EngineError> {
         let req = GenerateRequest {
             pixels: None,
             side: 1,
@@ -145,10 +149,10 @@ impl Batch {
         let vision_s = video.map_or(0.0, |v| v.vision_s);
         let tokens = video.map(|v| &v.tokens);
         let vlm = j.vlm.clone();
-        let seq = if vlm.lm.device().is_cpu() {
-            crate::cpu_pool::run(|| vlm.start_sequence(tokens, vision_s, &req, &j.flops))
+        let (seq, made) = if vlm.lm.device().is_cpu() {
+            crate::cpu_pool::run(|| vlm.start_sequence(tokens, vision_s, &req, &j.flops, prefix))
         } else {
-            vlm.start_sequence(tokens, vision_s, &req, &j.flops)
+            vlm.start_sequence(tokens, vision_s, &req, &j.flops, prefix)
         }
         .map_err(|e| cancelled(e, &j.cancel))?;
         let reserve = seq.context_len() + j.sampling.max_tokens;
@@ -160,7 +164,7 @@ impl Batch {
             cancel: j.cancel,
             reserve,
         });
-        Ok(())
+        Ok(made)
     }
 
     /// One step: each sequence chooses its next token (streamed through `on_text(tag, piece)`,

@@ -113,8 +113,10 @@ pub struct Generation {
     pub text: String,
     pub token_ids: Vec<u32>,
     pub finish_reason: FinishReason,
-    /// Tokens in the prefill: text tokens plus visual tokens.
+    /// Tokens in the prompt: text tokens plus visual tokens.
     pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from a cached prefix (not prefilled for this request).
+    pub cached_tokens: usize,
     pub text_tokens: usize,
     pub visual_tokens: usize,
     /// Single-token decode passes run after prefill.
@@ -322,6 +324,8 @@ impl VideoVlm {
             let (video, features) = self.encode_visual(visual, req.side, flops, req.cancel)?;
             let mut vision_s = video.as_ref().map_or(0.0, |v| v.vision_s);
             let mut out = Vec::with_capacity(n);
+            // The completions share the prompt's part up to the video: prefilled once.
+            let mut prefix = None;
             for i in 0..n.max(1) {
                 let mut sampling = req.sampling.clone();
                 sampling.seed = sampling.seed.wrapping_add(i as u64);
@@ -339,6 +343,7 @@ impl VideoVlm {
                     vision_s,
                     &one,
                     flops,
+                    &mut prefix,
                     &mut each,
                 )?);
                 vision_s = 0.0;
@@ -369,7 +374,7 @@ impl VideoVlm {
             None => None,
         };
         let vision_s = t0.elapsed().as_secs_f64();
-        self.generate_after_video(video.as_ref(), vision_s, req, flops, on_text)
+        self.generate_after_video(video.as_ref(), vision_s, req, flops, &mut None, on_text)
     }
 
     /// [`Self::generate`] for already encoded visual tokens ([`Self::video_tokens`]);
@@ -382,9 +387,11 @@ impl VideoVlm {
         on_text: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation, EngineError> {
         let r = if self.lm.device().is_cpu() {
-            crate::cpu_pool::run(|| self.generate_after_video(video, 0.0, req, flops, on_text))
+            crate::cpu_pool::run(|| {
+                self.generate_after_video(video, 0.0, req, flops, &mut None, on_text)
+            })
         } else {
-            self.generate_after_video(video, 0.0, req, flops, on_text)
+            self.generate_after_video(video, 0.0, req, flops, &mut None, on_text)
         };
         cancelled_as_such(r, req)
     }
@@ -395,9 +402,13 @@ impl VideoVlm {
         vision_s: f64,
         req: &GenerateRequest,
         flops: &FlopCounter,
+        prefix: &mut Option<crate::sequence::PrefixKv>,
         on_text: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation, EngineError> {
-        let mut seq = self.start_sequence(video, vision_s, req, flops)?;
+        let (mut seq, made) = self.start_sequence(video, vision_s, req, flops, prefix.as_ref())?;
+        if made.is_some() {
+            *prefix = made;
+        }
         let mut ctx = Ctx::new(flops, Component::LmDecode).with_cancel(req.cancel);
         while let Step::Forward(next) = seq.advance(self, on_text)? {
             let e = self.lm.embed(&[next])?;

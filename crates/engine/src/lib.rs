@@ -34,6 +34,7 @@ pub use generate::{
 };
 pub use model::{LoadOptions, QuantizedDecode, VideoVlm};
 pub use nn::Ctx;
+pub use sequence::PrefixKv;
 
 use std::path::Path;
 

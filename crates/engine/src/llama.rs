@@ -179,6 +179,61 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// A copy of what the cache holds that shares nothing with it, each layer's buffers exactly
+    /// as long as its positions: a cache cloned from it reallocates on its first append, so
+    /// sequences continuing from one snapshot never write into it or into each other.
+    pub fn snapshot(&self) -> Result<KvCache> {
+        let own = |t: Tensor| -> Result<Tensor> {
+            if t.is_contiguous() {
+                t.copy()
+            } else {
+                t.contiguous()
+            }
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|c| -> Result<LayerCache> {
+                        Ok(LayerCache {
+                            k: own(c.k.narrow(2, 0, c.len)?)?,
+                            v: own(c.v.narrow(2, 0, c.len)?)?,
+                            len: c.len,
+                        })
+                    })
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers })
+    }
+
+    /// A cache continuing from a [`Self::snapshot`] (sharing its buffers until it appends).
+    pub(crate) fn continue_from(snapshot: &KvCache) -> KvCache {
+        KvCache {
+            layers: snapshot
+                .layers
+                .iter()
+                .map(|l| {
+                    l.as_ref().map(|c| LayerCache {
+                        k: c.k.clone(),
+                        v: c.v.clone(),
+                        len: c.len,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Bytes of the buffers (capacity, not only the filled positions).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|c| (c.k.elem_count() + c.v.elem_count()) * c.k.dtype().size_in_bytes())
+            .sum()
+    }
+
     /// Positions layer `l` holds (all layers hold the same between steps).
     fn len_at(&self, l: usize) -> usize {
         self.layers

@@ -14,8 +14,59 @@ use crate::model::VideoVlm;
 use crate::nn::Ctx;
 use crate::EngineError;
 use candle_core::Tensor;
+use std::sync::Arc;
 use std::time::Instant;
 use vvlm_cost::{Component, FlopCounter};
+
+/// The KV of a prompt's part up to and including the video ([system + user prefix + visual
+/// tokens]) for one checkpoint and one video encoding: a follow-up question about the same video
+/// continues from it and prefills only its own tokens. Immutable and cheap to clone; sequences
+/// continuing from it never write into it.
+#[derive(Clone)]
+pub struct PrefixKv(Arc<PrefixInner>);
+
+struct PrefixInner {
+    /// The text tokens before the video.
+    ids: Vec<u32>,
+    visual_tokens: usize,
+    /// A fingerprint of the visual tokens' values (a different video, checkpoint or pooling
+    /// never matches).
+    visual_hash: u64,
+    cache: KvCache,
+}
+
+impl PrefixKv {
+    /// Positions it holds (text before the video plus visual tokens).
+    pub fn tokens(&self) -> usize {
+        self.0.ids.len() + self.0.visual_tokens
+    }
+
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        self.0.cache.bytes()
+    }
+
+    fn matches(&self, ids: &[u32], visual_tokens: usize, visual_hash: u64) -> bool {
+        self.0.ids == ids
+            && self.0.visual_tokens == visual_tokens
+            && self.0.visual_hash == visual_hash
+    }
+}
+
+/// A fingerprint of a tensor's values.
+fn fingerprint(t: &Tensor) -> Result<u64, EngineError> {
+    use std::hash::Hasher;
+    let v = t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write_usize(v.len());
+    for x in v {
+        h.write_u32(x.to_bits());
+    }
+    Ok(h.finish())
+}
 
 /// What a sequence needs after choosing a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +95,8 @@ pub struct Sequence {
     timings: Timings,
     decode_started: Option<Instant>,
     prompt_tokens: usize,
+    /// Prompt tokens whose KV came from a [`PrefixKv`] (not prefilled here).
+    cached_tokens: usize,
     text_tokens: usize,
     visual_tokens: usize,
     finish: Option<FinishReason>,
@@ -52,25 +105,65 @@ pub struct Sequence {
 impl VideoVlm {
     /// Prefills the prompt around the visual tokens (`video`, already pooled) and returns the
     /// sequence ready for its first [`Sequence::advance`].
+    ///
+    /// With a video, the prompt is prefilled in two parts: [text before the video + visual
+    /// tokens], then the text after it (the question). The first part's KV is what `prefix`
+    /// may already hold (same text before the video, same visual tokens): then only the question
+    /// is prefilled, and counted. Otherwise the first part is prefilled and returned as a new
+    /// [`PrefixKv`] for the caller to keep. Both ways run the question's prefill on the same
+    /// KV values, so a follow-up answers exactly as it would cold.
     pub fn start_sequence(
         &self,
         video: Option<&Tensor>,
         vision_s: f64,
         req: &GenerateRequest,
         flops: &FlopCounter,
-    ) -> Result<Sequence, EngineError> {
+        prefix_kv: Option<&PrefixKv>,
+    ) -> Result<(Sequence, Option<PrefixKv>), EngineError> {
         let prompt = self.template.render(req.system, req.prompt);
         let prefix = self.tokenize(&prompt.before_video)?;
         let suffix = self.tokenize(&prompt.after_video)?;
         let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(req.cancel);
         let visual_tokens = video.map(|v| v.dim(0)).transpose()?.unwrap_or(0);
-        let embeds = self.input_embeddings(&prefix, video, &suffix)?;
-        let prompt_tokens = embeds.dim(1)?;
+        let prompt_tokens = prefix.len() + visual_tokens + suffix.len();
         let t1 = Instant::now();
-        let mut cache = self.lm.new_cache();
-        let hidden = self.lm.forward_hidden(&embeds, &mut cache, &mut ctx)?;
+        let mut made = None;
+        let mut cached_tokens = 0;
+        let (cache, hidden) = match video {
+            Some(v) if !suffix.is_empty() => {
+                let hash = fingerprint(v)?;
+                let mut cache = match prefix_kv.filter(|p| p.matches(&prefix, visual_tokens, hash))
+                {
+                    Some(p) => {
+                        cached_tokens = p.tokens();
+                        KvCache::continue_from(&p.0.cache)
+                    }
+                    None => {
+                        let mut cache = self.lm.new_cache();
+                        let first = self.input_embeddings(&prefix, Some(v), &[])?;
+                        self.lm.forward_hidden(&first, &mut cache, &mut ctx)?;
+                        made = Some(PrefixKv(Arc::new(PrefixInner {
+                            ids: prefix.clone(),
+                            visual_tokens,
+                            visual_hash: hash,
+                            cache: cache.snapshot()?,
+                        })));
+                        cache
+                    }
+                };
+                let rest = self.input_embeddings(&[], None, &suffix)?;
+                let hidden = self.lm.forward_hidden(&rest, &mut cache, &mut ctx)?;
+                (cache, hidden)
+            }
+            _ => {
+                let embeds = self.input_embeddings(&prefix, video, &suffix)?;
+                let mut cache = self.lm.new_cache();
+                let hidden = self.lm.forward_hidden(&embeds, &mut cache, &mut ctx)?;
+                (cache, hidden)
+            }
+        };
         let logits = self.lm.last_logits(&hidden, &ctx)?.to_vec1::<f32>()?;
-        Ok(Sequence {
+        let seq = Sequence {
             cache,
             logits,
             rng: Rng(req.sampling.seed ^ 0x5EED),
@@ -91,10 +184,12 @@ impl VideoVlm {
             },
             decode_started: None,
             prompt_tokens,
+            cached_tokens,
             text_tokens: prefix.len() + suffix.len(),
             visual_tokens,
             finish: None,
-        })
+        };
+        Ok((seq, made))
     }
 }
 
@@ -216,6 +311,7 @@ impl Sequence {
             token_ids: self.ids,
             finish_reason: finish,
             prompt_tokens: self.prompt_tokens,
+            cached_tokens: self.cached_tokens,
             text_tokens: self.text_tokens,
             visual_tokens: self.visual_tokens,
             decode_steps: self.decode_steps,

@@ -99,7 +99,7 @@ fn batched_decode_equals_one_at_a_time_across_joins_and_leaves() {
             if at == step {
                 for &i in who {
                     batch
-                        .join(i as u64, join(&m, i, &counters[i], &cancels[i]), None)
+                        .join(i as u64, join(&m, i, &counters[i], &cancels[i]), None, None)
                         .unwrap();
                 }
             }
@@ -140,7 +140,7 @@ fn a_cancelled_sequence_leaves_and_the_others_go_on() {
     let cancels: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::new(AtomicBool::new(false))).collect();
     for i in 0..3 {
         batch
-            .join(i as u64, join(&m, i, &counters[i], &cancels[i]), None)
+            .join(i as u64, join(&m, i, &counters[i], &cancels[i]), None, None)
             .unwrap();
     }
     let mut results = BTreeMap::new();
@@ -171,7 +171,7 @@ fn a_cancelled_sequence_leaves_and_the_others_go_on() {
     // A client that stops reading cancels its sequence too.
     let c = Arc::new(AtomicBool::new(false));
     let f = Arc::new(FlopCounter::new());
-    batch.join(9, join(&m, 1, &f, &c), None).unwrap();
+    batch.join(9, join(&m, 1, &f, &c), None, None).unwrap();
     let mut left = vec![];
     while !batch.is_empty() {
         left.extend(batch.step(&mut |_, _| false));
@@ -232,7 +232,7 @@ fn videos_in_a_batch_answer_as_alone() {
             flops: flops.clone(),
             cancel: Arc::new(AtomicBool::new(false)),
         };
-        batch.join(i as u64, j, tokens.as_ref()).unwrap();
+        batch.join(i as u64, j, tokens.as_ref(), None).unwrap();
     }
     let mut out = BTreeMap::new();
     while !batch.is_empty() {
@@ -244,4 +244,110 @@ fn videos_in_a_batch_answer_as_alone() {
     assert_eq!(out[&1], reference[1]);
     // The video was encoded once for both.
     assert_eq!(flops.snapshot().vision, vision);
+}
+
+#[test]
+fn a_follow_up_continues_from_the_prefix_kv_and_answers_as_cold() {
+    // The suite ladder with a video encoded once. Question 1 prefills [text before the video +
+    // visual tokens] and returns that KV; question 2 continuing from it answers token for token
+    // as question 2 cold, prefills only its own tokens, and leaves the prefix as it was.
+    let ckpt = root().join("models/ladder/suite-m");
+    let m = Arc::new(VideoVlm::load(&ckpt, &LoadOptions::default()).unwrap());
+    let size = m.cfg.vision_config.image_size;
+    let frames = 4;
+    let mut pixels = vec![0f32; frames * 3 * size * size];
+    for (i, p) in pixels.iter_mut().enumerate() {
+        *p = ((i * 7919) % 251) as f32 / 125.5 - 1.0;
+    }
+    let visual = vvlm_engine::VisualInput::Frames(vvlm_engine::FrameData {
+        pixels: &pixels,
+        frames,
+        size,
+    });
+    let (tokens, _) = m
+        .encode_visual(visual, 2, &FlopCounter::new(), None)
+        .unwrap();
+    let tokens = tokens.unwrap();
+    let run = |q: &str, system: Option<&str>, prefix: Option<&vvlm_engine::PrefixKv>| {
+        let flops = Arc::new(FlopCounter::new());
+        let mut batch = Batch::default();
+        let j = Join {
+            vlm: m.clone(),
+            system: system.map(str::to_string),
+            prompt: q.to_string(),
+            sampling: sampling(6),
+            flops: flops.clone(),
+            cancel: Arc::new(AtomicBool::new(false)),
+        };
+        let made = batch.join(0, j, Some(&tokens), prefix).unwrap();
+        let mut out = None;
+        while !batch.is_empty() {
+            for (_, r) in batch.step(&mut |_, _| true) {
+                out = Some(r.unwrap());
+            }
+        }
+        (out.unwrap(), flops.snapshot(), made)
+    };
+    let (_, q1_cold, made) = run("what colour is the flash ?", None, None);
+    let prefix = made.expect("a cold question with a video returns its prefix");
+    assert!(
+        prefix.tokens() > 2 * 2 * frames,
+        "{} tokens",
+        prefix.tokens()
+    );
+    assert!(prefix.bytes() > 0);
+    let (cold, f_cold, _) = run("what shape moves ?", None, None);
+    let (warm, f_warm, again) = run("what shape moves ?", None, Some(&prefix));
+    assert!(again.is_none(), "a hit makes no new prefix");
+    assert_eq!(warm.token_ids, cold.token_ids);
+    assert_eq!(cold.cached_tokens, 0);
+    assert_eq!(warm.cached_tokens, prefix.tokens());
+    assert_eq!(warm.prompt_tokens, cold.prompt_tokens);
+    assert!(f_warm.lm_prefill < f_cold.lm_prefill);
+    assert_eq!(f_warm.lm_decode, f_cold.lm_decode);
+    // The same prefix saved the same for either question.
+    let (_, q1_warm, _) = run("what colour is the flash ?", None, Some(&prefix));
+    let saved = |a: f64, b: f64| a - b;
+    let (s1, s2) = (
+        saved(q1_cold.lm_prefill, q1_warm.lm_prefill),
+        saved(f_cold.lm_prefill, f_warm.lm_prefill),
+    );
+    assert!((s1 - s2).abs() <= 1e-9 * s1, "{s1} vs {s2}");
+    // Used twice: the prefix was not written into.
+    let (warm2, _, _) = run("what shape moves ?", None, Some(&prefix));
+    assert_eq!(warm2.token_ids, cold.token_ids);
+    // A system prompt answers as its own cold run whether or not its text before the video
+    // matches (this checkpoint's template may place it elsewhere).
+    let (sys_cold, _, _) = run("what shape moves ?", Some("Be brief."), None);
+    let (sys, _, _) = run("what shape moves ?", Some("Be brief."), Some(&prefix));
+    assert_eq!(sys.token_ids, sys_cold.token_ids);
+    // Another video's tokens never continue from this prefix.
+    let other_pixels: Vec<f32> = pixels.iter().map(|p| -p).collect();
+    let other = vvlm_engine::VisualInput::Frames(vvlm_engine::FrameData {
+        pixels: &other_pixels,
+        frames,
+        size,
+    });
+    let (other_tokens, _) = m
+        .encode_visual(other, 2, &FlopCounter::new(), None)
+        .unwrap();
+    let other_tokens = other_tokens.unwrap();
+    let mut batch = Batch::default();
+    let j = Join {
+        vlm: m.clone(),
+        system: None,
+        prompt: "what shape moves ?".into(),
+        sampling: sampling(6),
+        flops: Arc::new(FlopCounter::new()),
+        cancel: Arc::new(AtomicBool::new(false)),
+    };
+    let made = batch
+        .join(0, j, Some(&other_tokens), Some(&prefix))
+        .unwrap();
+    assert!(made.is_some(), "a miss prefills and returns its own prefix");
+    while !batch.is_empty() {
+        for (_, r) in batch.step(&mut |_, _| true) {
+            assert_eq!(r.unwrap().cached_tokens, 0);
+        }
+    }
 }

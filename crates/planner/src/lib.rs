@@ -81,11 +81,16 @@ pub struct PlanRequest {
     pub pins: Pins,
 }
 
-/// A video's frames already encoded by a checkpoint (any pooled side reuses them).
+/// A video's frames already encoded by a checkpoint (any pooled side reuses them), and the
+/// pooled side whose LM prefill of [text before the video + visual tokens] is cached too.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CachedVision {
     pub model: String,
     pub frames: u32,
+    /// The LM's KV of the prompt up to the video at this pooled side is cached: that prefill
+    /// costs nothing more either.
+    #[serde(default)]
+    pub prefilled_side: Option<u32>,
 }
 
 /// One priced and scored configuration.
@@ -233,16 +238,39 @@ impl Planner {
         req: &PlanRequest,
     ) -> (f64, f64) {
         let cold = self.cost(entry, frames, tokens_per_frame, req);
-        let cached = frames > 0
-            && req
-                .cached_vision
-                .iter()
-                .any(|c| c.model == entry.name && c.frames == frames);
-        if cached {
-            ((cold - self.vision_cost(entry, frames)).max(0.0), cold)
+        let Some(hit) = req
+            .cached_vision
+            .iter()
+            .find(|c| frames > 0 && c.model == entry.name && c.frames == frames)
+        else {
+            return (cold, cold);
+        };
+        let side = (tokens_per_frame as f64).sqrt().round() as u32;
+        let prefilled = side * side == tokens_per_frame && hit.prefilled_side == Some(side);
+        let marginal = if prefilled {
+            // Only the question's prefill (over the cached context) and the decode remain.
+            match (self.cost_mode, self.archs.get(&entry.name)) {
+                (CostMode::Exact, Some(arch)) => {
+                    let visual_prefill = arch
+                        .flops(&Workload {
+                            frames: frames as usize,
+                            tokens_per_frame: tokens_per_frame as usize,
+                            text_tokens: 0,
+                            decode_steps: 0,
+                        })
+                        .lm_prefill;
+                    cold - self.vision_cost(entry, frames) - visual_prefill
+                }
+                // The paper's formula prices visual tokens only: what is left is text.
+                _ => {
+                    2.0 * entry.lm_params
+                        * (req.text_tokens_for(&entry.name) + req.expected_decode_tokens) as f64
+                }
+            }
         } else {
-            (cold, cold)
-        }
+            cold - self.vision_cost(entry, frames)
+        };
+        (marginal.max(0.0), cold)
     }
 
     /// Prices one configuration with nothing cached.
@@ -804,6 +832,7 @@ mod tests {
         r.cached_vision.push(CachedVision {
             model: "large".into(),
             frames: 4,
+            prefilled_side: None,
         });
         let warm = p.plan(&r).unwrap().choice;
         // Marginal: 2 * 4 * 7.5e9 * 25 = 1.5e12, which fits.
@@ -826,11 +855,39 @@ mod tests {
                 ["small", "large"].map(|m| CachedVision {
                     model: m.into(),
                     frames: t,
+                    prefilled_side: None,
                 })
             })
             .collect();
         let warm_plan = p.plan(&free).unwrap().choice;
         assert!(warm_plan.predicted_error < cold_plan.predicted_error);
         assert!(warm_plan.cold_cost_flops > 2e12);
+    }
+
+    #[test]
+    fn a_cached_prefix_leaves_only_the_question_and_the_answer_to_price() {
+        let p = planner();
+        let mut r = req(3e12);
+        r.pins = Pins {
+            model: Some("large".into()),
+            frames: Some(4),
+            tokens_per_frame: Some(25),
+        };
+        r.text_tokens = 40;
+        r.expected_decode_tokens = 10;
+        // The prefix KV at side 5 (25 tokens per frame) is cached: by the paper's formula,
+        // what remains is 2 N (text + decode) = 2 * 7.5e9 * 50 = 7.5e11.
+        r.cached_vision.push(CachedVision {
+            model: "large".into(),
+            frames: 4,
+            prefilled_side: Some(5),
+        });
+        let c = p.plan(&r).unwrap().choice;
+        assert!((c.cost_flops - 7.5e11).abs() < 1.0, "{}", c.cost_flops);
+        assert!((c.cold_cost_flops - 4.14192e12).abs() < 1e3);
+        // A prefix at another side saves only the vision part: 2 * 4 * 7.5e9 * 25 = 1.5e12.
+        r.cached_vision[0].prefilled_side = Some(4);
+        let c = p.plan(&r).unwrap().choice;
+        assert!((c.cost_flops - 1.5e12).abs() < 1.0, "{}", c.cost_flops);
     }
 }

@@ -235,6 +235,14 @@ pub async fn admit(
         frames: plan.choice.frames,
     });
     let hit = key.as_ref().and_then(|k| s.cache.get(k));
+    let side = plan.choice.side;
+    // The cached KV prefix, if it was made at this plan's pooled side (the engine checks the
+    // text before the video and the visual tokens themselves before continuing from it).
+    let prefix = hit
+        .as_ref()
+        .and_then(|e| e.prefix.clone())
+        .filter(|(s, _)| *s == side)
+        .map(|(_, p)| p);
     let (visual, sampled, cache) = match (media, hit) {
         (Media::None, _) => (JobVisual::None, vec![], CacheUse::default()),
         (_, Some(e)) => {
@@ -272,6 +280,7 @@ pub async fn admit(
                         frames: frames.clone(),
                         sampled: Arc::new(v.frames.clone()),
                         features: None,
+                        prefix: None,
                     },
                 );
             }
@@ -279,13 +288,20 @@ pub async fn admit(
         }
     };
     let on_features: Option<Box<dyn FnOnce(vvlm_engine::VisionFeatures) + Send>> =
-        match (&visual, key) {
+        match (&visual, &key) {
             (JobVisual::Frames(_), Some(k)) => {
-                let c = s.cache.clone();
+                let (c, k) = (s.cache.clone(), k.clone());
                 Some(Box::new(move |f| c.add_features(&k, f)))
             }
             _ => None,
         };
+    let on_prefix: Option<Box<dyn FnOnce(vvlm_engine::PrefixKv) + Send>> = match key {
+        Some(k) if !matches!(visual, JobVisual::None) => {
+            let c = s.cache.clone();
+            Some(Box::new(move |p| c.add_prefix(&k, side, p)))
+        }
+        _ => None,
+    };
     s.metrics.cache_lookup(cache.frames, cache.vision);
     let decode_s = t0.elapsed().as_secs_f64();
     let cancel = Arc::new(AtomicBool::new(false));
@@ -294,6 +310,8 @@ pub async fn admit(
         engine: engine.clone(),
         visual,
         on_features,
+        prefix,
+        on_prefix,
         n: r.n,
         side: plan.choice.side as usize,
         system: r.system,

@@ -1,6 +1,7 @@
-//! The video cache: decoded frames and the vision features of a video, so that a follow-up
-//! question about it neither decodes nor encodes it again, and the planner prices it at its
-//! marginal cost. Keyed by scope (the tenant, unless sharing is configured: a cross-tenant hit
+//! The video cache: decoded frames, the vision features of a video, and the LM's KV of the
+//! prompt up to and including its visual tokens (at the pooled side last used), so that a
+//! follow-up question about it neither decodes, encodes nor prefills it again, and the planner
+//! prices it at its marginal cost. Keyed by scope (the tenant, unless sharing is configured: a cross-tenant hit
 //! would tell one tenant, by its timing, that another sent the same video), the SHA-256 of the
 //! video's bytes, the checkpoint and the number of frames (uniform sampling: the instants
 //! follow from it and the video). Bounded by bytes, least recently used out first.
@@ -12,7 +13,7 @@ use crate::worker::Frames;
 use lru::LruCache;
 use sha2::{Digest, Sha256};
 use std::sync::{Arc, Mutex};
-use vvlm_engine::VisionFeatures;
+use vvlm_engine::{PrefixKv, VisionFeatures};
 use vvlm_planner::CachedVision;
 use vvlm_video::SampledFrame;
 
@@ -31,11 +32,15 @@ pub struct CacheEntry {
     pub frames: Arc<Frames>,
     pub sampled: Arc<Vec<SampledFrame>>,
     pub features: Option<Arc<VisionFeatures>>,
+    /// The KV of [text before the video + visual tokens] at one pooled side.
+    pub prefix: Option<(u32, PrefixKv)>,
 }
 
 impl CacheEntry {
     fn bytes(&self) -> usize {
-        self.frames.pixels.len() * 4 + self.features.as_ref().map_or(0, |f| f.bytes())
+        self.frames.pixels.len() * 4
+            + self.features.as_ref().map_or(0, |f| f.bytes())
+            + self.prefix.as_ref().map_or(0, |(_, p)| p.bytes())
     }
 }
 
@@ -86,9 +91,10 @@ impl VideoCache {
             .map
             .iter()
             .filter(|(k, e)| k.scope == scope && &k.content == content && e.features.is_some())
-            .map(|(k, _)| CachedVision {
+            .map(|(k, e)| CachedVision {
                 model: k.model.clone(),
                 frames: k.frames,
+                prefilled_side: e.prefix.as_ref().map(|(side, _)| *side),
             })
             .collect()
     }
@@ -125,6 +131,15 @@ impl VideoCache {
         }
     }
 
+    /// Keeps the KV prefix of an entry's video at a pooled side (replacing another side's).
+    pub fn add_prefix(&self, key: &CacheKey, side: u32, prefix: PrefixKv) {
+        let entry = self.lock().map.peek(key).cloned();
+        if let Some(mut e) = entry {
+            e.prefix = Some((side, prefix));
+            self.put(key.clone(), e);
+        }
+    }
+
     /// (entries, bytes) held now.
     pub fn usage(&self) -> (usize, usize) {
         let g = self.lock();
@@ -145,6 +160,7 @@ mod tests {
             }),
             sampled: Arc::new(vec![]),
             features: None,
+            prefix: None,
         }
     }
 

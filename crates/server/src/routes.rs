@@ -436,6 +436,8 @@ pub(crate) fn usage_json(o: &Outcome) -> Value {
     let sum = |f: fn(&vvlm_engine::Generation) -> f64| o.generations.iter().map(f).sum::<f64>();
     json!({
         "prompt_tokens": first.prompt_tokens,
+        // OpenAI's field: prompt tokens whose KV came from the cache (not prefilled again).
+        "prompt_tokens_details": { "cached_tokens": first.cached_tokens },
         "text_tokens": first.text_tokens,
         "visual_tokens": first.visual_tokens,
         "completion_tokens": completion,

@@ -13,7 +13,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use vvlm_cost::FlopCounter;
 use vvlm_engine::batch::{Batch, Join};
 use vvlm_engine::{
-    EngineError, FrameData, Generation, SamplingParams, VideoVlm, VisionFeatures, VisualInput,
+    EngineError, FrameData, Generation, PrefixKv, SamplingParams, VideoVlm, VisionFeatures,
+    VisualInput,
 };
 
 use crate::error::ApiError;
@@ -98,6 +99,10 @@ pub struct Job {
     pub visual: JobVisual,
     /// Receives the features of frames the job encoded (for the video cache).
     pub on_features: Option<Box<dyn FnOnce(VisionFeatures) + Send>>,
+    /// The KV of the prompt up to the video, from the cache (used when it matches).
+    pub prefix: Option<PrefixKv>,
+    /// Receives the KV prefix the job prefilled (for the cache).
+    pub on_prefix: Option<Box<dyn FnOnce(PrefixKv) + Send>>,
     /// Completions to generate from the one encoded video.
     pub n: usize,
     pub side: usize,
@@ -198,6 +203,8 @@ struct Running {
     left: usize,
     error: Option<ApiError>,
     features: Option<VisionFeatures>,
+    /// The KV prefix this job prefilled (kept in the cache if it succeeds).
+    prefix: Option<PrefixKv>,
     queue_s: f64,
     first_text: Option<std::time::Instant>,
 }
@@ -335,6 +342,7 @@ impl Worker {
             left: 0,
             error: None,
             features: None,
+            prefix: None,
             queue_s,
             first_text: None,
             job,
@@ -367,6 +375,9 @@ impl Worker {
                 return;
             }
         };
+        // The completions continue from the cached prefix, or the first one prefills it for
+        // the others (and the cache).
+        let mut prefix = r.job.prefix.take();
         for i in 0..n {
             let mut sampling = r.job.sampling.clone();
             sampling.seed = sampling.seed.wrapping_add(i as u64);
@@ -379,12 +390,22 @@ impl Worker {
                 cancel: r.job.cancel.clone(),
             };
             let joined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.batch
-                    .join((id << TAG_BITS) | i as u64, join, tokens.as_ref())
+                self.batch.join(
+                    (id << TAG_BITS) | i as u64,
+                    join,
+                    tokens.as_ref(),
+                    prefix.as_ref(),
+                )
             }))
             .unwrap_or_else(|_| Err(EngineError::Request("the engine panicked".into())));
             match joined {
-                Ok(()) => r.left += 1,
+                Ok(made) => {
+                    r.left += 1;
+                    if let Some(p) = made {
+                        prefix = Some(p.clone());
+                        r.prefix = Some(p);
+                    }
+                }
                 Err(e) => {
                     // The completions already joined stop at the next step.
                     r.job.cancel.store(true, Ordering::Relaxed);
@@ -433,6 +454,9 @@ impl Worker {
                 let generations: Vec<Generation> = r.generations.into_iter().flatten().collect();
                 if let (Some(f), Some(keep)) = (r.features.take(), r.job.on_features.take()) {
                     keep(f);
+                }
+                if let (Some(p), Some(keep)) = (r.prefix.take(), r.job.on_prefix.take()) {
+                    keep(p);
                 }
                 let per_token: Vec<f64> = generations
                     .iter()
