@@ -729,6 +729,15 @@ async fn a_cached_video_answers_the_same_for_less_and_stays_with_its_tenant() {
         json!({"frames": true, "vision": true})
     );
     assert_eq!(warm["text"], cold["text"]);
+    // The KV of the prompt up to and including the video came from the cache too: only the
+    // question was prefilled.
+    let cached = |v: &Value| v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+    assert_eq!(cached(&cold), Some(0));
+    let hit = cached(&warm).unwrap();
+    assert!(hit >= 8 * 16, "{warm}");
+    assert!(hit < warm["usage"]["prompt_tokens"].as_u64().unwrap());
+    let prefill = |v: &Value| v["usage"]["measured_flops"]["lm_prefill"].as_f64().unwrap();
+    assert!(prefill(&warm) < prefill(&cold) / 2.0, "{warm}");
     let mv = &warm["usage"]["measured_flops"];
     assert_eq!(
         (mv["vision"].as_f64(), mv["projector"].as_f64()),
@@ -760,6 +769,19 @@ async fn a_cached_video_answers_the_same_for_less_and_stays_with_its_tenant() {
         v["usage"]["cache"],
         json!({"frames": false, "vision": false})
     );
+    // A different question about the cached video: alice continues from the cached prefix; a
+    // new tenant answers it cold: the same text.
+    let carol = s.tenant("carol", None);
+    let mut follow = body.clone();
+    follow["question"] = json!("what shape moves ?");
+    let (st, a) = s.post("/v1/videos/qa", &alice, follow.clone()).await;
+    assert_eq!(st, 200, "{a}");
+    let (st, c) = s.post("/v1/videos/qa", &carol, follow).await;
+    assert_eq!(st, 200, "{c}");
+    assert_eq!(cached(&c), Some(0));
+    assert_eq!(cached(&a), Some(hit));
+    assert_eq!(a["text"], c["text"]);
+    assert!(prefill(&a) < prefill(&c));
 }
 
 #[tokio::test]
