@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's `llama-batched-bench` (the peer of `vvlm bench batch`) from the source that
+# Builds llama.cpp's `llama-batched-bench` (the peer of `vvlm bench batch` and `vvlm bench engine
+# --parts smollm2`) and `llama-quantize` (for the F32 requantization) from the source that
 # llama-cpp-python's sdist carries (vendor/llama.cpp; PyPI is reachable where GitHub is not),
 # for this machine's own instruction set: AVX2 + FMA + F16C, and AVX-512 when `lscpu` lists
 # avx512f. Not GGML_NATIVE (it died with an illegal instruction on one of the Xeons). Prints the
@@ -29,6 +30,6 @@ if lscpu | grep -qw avx512f; then flags+=(-DGGML_AVX512=ON); fi
 build=$dir/build
 cmake -S "$dir/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
   -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=ON "${flags[@]}" >/dev/null
-cmake --build "$build" --target llama-batched-bench -j "$(nproc)" >/dev/null
+cmake --build "$build" --target llama-batched-bench llama-quantize -j "$(nproc)" >/dev/null
 echo "${flags[*]}" > "$build/build-flags.txt"
 echo "$build/bin/llama-batched-bench"
