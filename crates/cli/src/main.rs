@@ -47,7 +47,7 @@ enum Command {
     #[command(subcommand)]
     Bench(bench_cmd::BenchCmd),
     /// Run the HTTP server.
-    Serve(serve_cmd::ServeArgs),
+    Serve(Box<serve_cmd::ServeArgs>),
     /// Manage tenants in the ledger.
     Tenant(serve_cmd::TenantArgs),
     /// Plan a request: checkpoint, frames and tokens per frame under a budget.
@@ -89,7 +89,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => engine_cmd::generate(a),
         Command::Frames(a) => frames_cmd::frames(a),
         Command::Plan(a) => plan_cmd::plan(a),
-        Command::Serve(a) => serve_cmd::serve(a),
+        Command::Serve(a) => serve_cmd::serve(*a),
         Command::Bench(c) => bench_cmd::run(c),
         Command::Tenant(a) => serve_cmd::tenant(a),
         Command::Suite(c) => suite_cmd::run(c),

@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// fastest) or off (the dequantized f32 matrices, exact).
     #[arg(long, env = "VVLM_QUANTIZED_DECODE")]
     pub quantized_decode: Option<QuantizedDecodeArg>,
+    /// Prompt tokens prefilled per forward pass (0: whole prompts); the requests already
+    /// decoding take a step between two chunks.
+    #[arg(long, env = "VVLM_PREFILL_CHUNK")]
+    pub prefill_chunk: Option<usize>,
     /// Folders file:// URLs may read from (repeatable).
     #[arg(long = "file-allow", env = "VVLM_FILE_ALLOW", value_delimiter = ',')]
     pub file_allow: Vec<PathBuf>,
@@ -121,6 +125,9 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
     }
     if let Some(v) = &a.dtype {
         c.dtype = v.clone();
+    }
+    if let Some(v) = a.prefill_chunk {
+        c.prefill_chunk = v;
     }
     if let Some(v) = a.quantized_decode {
         c.quantized_decode = match v {

@@ -138,6 +138,25 @@ impl Batch {
         video: Option<&VideoTokens>,
         prefix: Option<&PrefixKv>,
     ) -> Result<Option<PrefixKv>, EngineError> {
+        let mut left = vec![];
+        let r = self.join_stepping(tag, j, video, prefix, &mut |_, _| true, &mut left);
+        assert!(left.is_empty(), "nothing steps while the batch is empty");
+        r
+    }
+
+    /// [`Self::join`] with chunked prefill: between two chunks of the joining sequence's
+    /// prefill, the sequences already in the batch take a decode step (streamed through
+    /// `on_text`, as [`Self::step`]), so a long prompt does not stall them. Sequences that leave
+    /// meanwhile are appended to `left`.
+    pub fn join_stepping(
+        &mut self,
+        tag: u64,
+        j: Join,
+        video: Option<&VideoTokens>,
+        prefix: Option<&PrefixKv>,
+        on_text: &mut (dyn FnMut(u64, &str) -> bool + Send),
+        left: &mut Vec<(u64, Result<Generation, EngineError>)>,
+    ) -> Result<Option<PrefixKv>, EngineError> {
         let req = GenerateRequest {
             pixels: None,
             side: 1,
@@ -149,10 +168,18 @@ impl Batch {
         let vision_s = video.map_or(0.0, |v| v.vision_s);
         let tokens = video.map(|v| &v.tokens);
         let vlm = j.vlm.clone();
-        let (seq, made) = if vlm.lm.device().is_cpu() {
-            crate::cpu_pool::run(|| vlm.start_sequence(tokens, vision_s, &req, &j.flops, prefix))
+        let on_cpu = vlm.lm.device().is_cpu();
+        let mut between = || {
+            if !self.active.is_empty() {
+                left.extend(self.step_here(on_text));
+            }
+        };
+        let (seq, made) = if on_cpu {
+            crate::cpu_pool::run(|| {
+                vlm.start_sequence(tokens, vision_s, &req, &j.flops, prefix, &mut between)
+            })
         } else {
-            vlm.start_sequence(tokens, vision_s, &req, &j.flops, prefix)
+            vlm.start_sequence(tokens, vision_s, &req, &j.flops, prefix, &mut between)
         }
         .map_err(|e| cancelled(e, &j.cancel))?;
         let reserve = seq.context_len() + j.sampling.max_tokens;

@@ -405,7 +405,8 @@ impl VideoVlm {
         prefix: &mut Option<crate::sequence::PrefixKv>,
         on_text: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation, EngineError> {
-        let (mut seq, made) = self.start_sequence(video, vision_s, req, flops, prefix.as_ref())?;
+        let (mut seq, made) =
+            self.start_sequence(video, vision_s, req, flops, prefix.as_ref(), &mut || {})?;
         if made.is_some() {
             *prefix = made;
         }

@@ -26,7 +26,13 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// How decode multiplies a GGUF checkpoint's quantized matrices on the CPU.
     pub quantized_decode: QuantizedDecode,
+    /// Prompt tokens prefilled per forward pass (0: the whole prompt at once). A batch runs a
+    /// decode step of its other sequences between two chunks of a joining sequence's prefill.
+    pub prefill_chunk: usize,
 }
+
+/// The default [`LoadOptions::prefill_chunk`].
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 /// How CPU decode multiplies a GGUF checkpoint's quantized (Q4_1/Q8_0) matrices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -60,6 +66,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             quantized_decode: QuantizedDecode::default(),
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
         }
     }
 }
@@ -108,6 +115,7 @@ impl LoadOptions {
             device,
             dtype,
             quantized_decode: QuantizedDecode::default(),
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
         })
     }
 }
@@ -127,6 +135,8 @@ pub struct VideoVlm {
     pub notes: Vec<String>,
     pub device: Device,
     pub dtype: DType,
+    /// Prompt tokens per prefill pass (see [`LoadOptions::prefill_chunk`]).
+    pub prefill_chunk: usize,
 }
 
 fn safetensor_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
@@ -325,6 +335,7 @@ impl VideoVlm {
             notes,
             device: opts.device.clone(),
             dtype: opts.dtype,
+            prefill_chunk: opts.prefill_chunk,
         })
     }
 

@@ -119,6 +119,7 @@ impl VideoVlm {
         req: &GenerateRequest,
         flops: &FlopCounter,
         prefix_kv: Option<&PrefixKv>,
+        between_chunks: &mut dyn FnMut(),
     ) -> Result<(Sequence, Option<PrefixKv>), EngineError> {
         let prompt = self.template.render(req.system, req.prompt);
         let prefix = self.tokenize(&prompt.before_video)?;
@@ -141,7 +142,8 @@ impl VideoVlm {
                     None => {
                         let mut cache = self.lm.new_cache();
                         let first = self.input_embeddings(&prefix, Some(v), &[])?;
-                        self.lm.forward_hidden(&first, &mut cache, &mut ctx)?;
+                        self.prefill(&first, &mut cache, &mut ctx, between_chunks)?;
+                        between_chunks();
                         made = Some(PrefixKv(Arc::new(PrefixInner {
                             ids: prefix.clone(),
                             visual_tokens,
@@ -152,13 +154,13 @@ impl VideoVlm {
                     }
                 };
                 let rest = self.input_embeddings(&[], None, &suffix)?;
-                let hidden = self.lm.forward_hidden(&rest, &mut cache, &mut ctx)?;
+                let hidden = self.prefill(&rest, &mut cache, &mut ctx, between_chunks)?;
                 (cache, hidden)
             }
             _ => {
                 let embeds = self.input_embeddings(&prefix, video, &suffix)?;
                 let mut cache = self.lm.new_cache();
-                let hidden = self.lm.forward_hidden(&embeds, &mut cache, &mut ctx)?;
+                let hidden = self.prefill(&embeds, &mut cache, &mut ctx, between_chunks)?;
                 (cache, hidden)
             }
         };
@@ -190,6 +192,40 @@ impl VideoVlm {
             finish: None,
         };
         Ok((seq, made))
+    }
+
+    /// Prefills `embeds` (`[1, n, h]`) in chunks of [`Self::prefill_chunk`] positions, calling
+    /// `between_chunks` between two chunks; returns the last chunk's hidden states. The chunks
+    /// are fixed by the prompt and the checkpoint alone (not by what else runs), so a sequence
+    /// prefills the same way alone and in a batch.
+    fn prefill(
+        &self,
+        embeds: &Tensor,
+        cache: &mut crate::llama::KvCache,
+        ctx: &mut Ctx,
+        between_chunks: &mut dyn FnMut(),
+    ) -> Result<Tensor, EngineError> {
+        let n = embeds.dim(1)?;
+        let chunk = if self.prefill_chunk == 0 {
+            n
+        } else {
+            self.prefill_chunk
+        };
+        let mut start = 0;
+        loop {
+            let len = chunk.min(n - start);
+            let part = if len == n {
+                embeds.clone()
+            } else {
+                embeds.narrow(1, start, len)?.contiguous()?
+            };
+            let hidden = self.lm.forward_hidden(&part, cache, ctx)?;
+            start += len;
+            if start >= n {
+                return Ok(hidden);
+            }
+            between_chunks();
+        }
     }
 }
 

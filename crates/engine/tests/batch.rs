@@ -351,3 +351,88 @@ fn a_follow_up_continues_from_the_prefix_kv_and_answers_as_cold() {
         }
     }
 }
+
+#[test]
+fn a_long_prefill_is_chunked_and_the_batch_decodes_between_chunks() {
+    // Chunks of 8 prompt tokens: a sequence already decoding takes steps while another's
+    // ~30-token prompt is prefilled, and both answer as they do alone (alone, the prompt is
+    // chunked the same way: the chunks depend on the prompt, not on what else runs).
+    let gguf = root().join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let dir = std::env::temp_dir().join(format!("vvlm-chunk-{}", std::process::id()));
+    vvlm_engine::demo::write_demo_checkpoint(
+        &dir,
+        &gguf,
+        &vvlm_engine::demo::demo_vision_config(),
+        0,
+    )
+    .unwrap();
+    let opts = LoadOptions {
+        prefill_chunk: 8,
+        ..LoadOptions::default()
+    };
+    let m = Arc::new(VideoVlm::load(&dir, &opts).unwrap());
+    std::fs::remove_dir_all(&dir).ok();
+    let long = "Describe, in one short sentence, what a lighthouse keeper does at night.";
+    let lone = |prompt: &str, n: usize| {
+        let req = GenerateRequest {
+            pixels: None,
+            side: 1,
+            system: None,
+            prompt,
+            sampling: sampling(n),
+            cancel: None,
+        };
+        m.generate(&req, &FlopCounter::new(), &mut |_| true)
+            .unwrap()
+    };
+    let (first_alone, long_alone) = (lone(PROMPTS[0].0, 12), lone(long, 6));
+    assert!(
+        long_alone.prompt_tokens > 3 * 8,
+        "{}",
+        long_alone.prompt_tokens
+    );
+
+    let mut batch = Batch::default();
+    let (f0, c0) = (
+        Arc::new(FlopCounter::new()),
+        Arc::new(AtomicBool::new(false)),
+    );
+    batch.join(0, join(&m, 0, &f0, &c0), None, None).unwrap();
+    let mut streamed: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut left = vec![];
+    let j = Join {
+        vlm: m.clone(),
+        system: None,
+        prompt: long.to_string(),
+        sampling: sampling(6),
+        flops: Arc::new(FlopCounter::new()),
+        cancel: Arc::new(AtomicBool::new(false)),
+    };
+    batch
+        .join_stepping(
+            1,
+            j,
+            None,
+            None,
+            &mut |tag, _| {
+                *streamed.entry(tag).or_default() += 1;
+                true
+            },
+            &mut left,
+        )
+        .unwrap();
+    // The first sequence decoded while the long prompt was prefilled chunk by chunk.
+    let during = streamed.get(&0).copied().unwrap_or(0);
+    assert!(during >= 3, "{during} pieces streamed during the prefill");
+    let mut out = BTreeMap::new();
+    for (t, r) in left {
+        out.insert(t, r.unwrap());
+    }
+    while !batch.is_empty() {
+        for (t, r) in batch.step(&mut |_, _| true) {
+            out.insert(t, r.unwrap());
+        }
+    }
+    assert_eq!(out[&0].token_ids, first_alone.token_ids);
+    assert_eq!(out[&1].token_ids, long_alone.token_ids);
+}

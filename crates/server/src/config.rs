@@ -47,6 +47,10 @@ pub struct ServerConfig {
     /// or `off` (the dequantized f32 matrices).
     #[serde(default)]
     pub quantized_decode: vvlm_engine::QuantizedDecode,
+    /// Prompt tokens prefilled per forward pass (0: whole prompts); decode steps of the other
+    /// sequences run between chunks.
+    #[serde(default = "default_prefill_chunk")]
+    pub prefill_chunk: usize,
     #[serde(default)]
     pub cache: CacheConfig,
 }
@@ -74,6 +78,10 @@ impl Default for CacheConfig {
 
 fn default_device() -> String {
     "cpu".into()
+}
+
+fn default_prefill_chunk() -> usize {
+    vvlm_engine::model::DEFAULT_PREFILL_CHUNK
 }
 
 fn default_dtype() -> String {

@@ -176,6 +176,7 @@ pub fn load_models(state: &AppState) -> Result<(), StartError> {
         let mut load_options = LoadOptions::parse(&state.config.device, &state.config.dtype)
             .map_err(|e| StartError::Config(e.to_string()))?;
         load_options.quantized_decode = state.config.quantized_decode;
+        load_options.prefill_chunk = state.config.prefill_chunk;
         tracing::info!(device = %state.config.device, dtype = ?load_options.dtype, "engine placement");
         let mut loaded = Registry::default();
         let mut engines = BTreeMap::new();

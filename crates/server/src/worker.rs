@@ -197,6 +197,24 @@ impl Pool {
 const TAG_BITS: u32 = 8;
 
 /// A request whose sequences are in the batch.
+/// Streams a piece of a running request's text to its client; false cancels that sequence.
+fn stream(running: &mut HashMap<u64, Running>, tag: u64, piece: &str) -> bool {
+    let Some(r) = running.get_mut(&(tag >> TAG_BITS)) else {
+        return false;
+    };
+    if r.job.cancel.load(Ordering::Relaxed) || r.job.events.is_closed() {
+        return false;
+    }
+    r.first_text.get_or_insert_with(std::time::Instant::now);
+    r.job
+        .events
+        .send(Event::Text {
+            index: (tag & ((1 << TAG_BITS) - 1)) as usize,
+            piece: piece.to_string(),
+        })
+        .is_ok()
+}
+
 struct Running {
     job: Job,
     generations: Vec<Option<Generation>>,
@@ -237,22 +255,7 @@ impl Worker {
             let running = &mut self.running;
             let batch = &mut self.batch;
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                batch.step(&mut |tag, piece| {
-                    let Some(r) = running.get_mut(&(tag >> TAG_BITS)) else {
-                        return false;
-                    };
-                    if r.job.cancel.load(Ordering::Relaxed) || r.job.events.is_closed() {
-                        return false;
-                    }
-                    r.first_text.get_or_insert_with(std::time::Instant::now);
-                    r.job
-                        .events
-                        .send(Event::Text {
-                            index: (tag & ((1 << TAG_BITS) - 1)) as usize,
-                            piece: piece.to_string(),
-                        })
-                        .is_ok()
-                })
+                batch.step(&mut |tag, piece| stream(running, tag, piece))
             }));
             match stepped {
                 Ok(left) => {
@@ -260,19 +263,7 @@ impl Worker {
                         self.sequence_left(tag, result.map_err(ApiError::from));
                     }
                 }
-                Err(_) => {
-                    // The batch's state is unknown after a panic: every request in it fails.
-                    self.batch = Batch::default();
-                    let ids: Vec<u64> = self.running.keys().copied().collect();
-                    for id in ids {
-                        if let Some(mut r) = self.running.remove(&id) {
-                            r.error = Some(ApiError::Internal(
-                                "the engine panicked on this batch".into(),
-                            ));
-                            self.finish(r);
-                        }
-                    }
-                }
+                Err(_) => self.fail_batch(),
             }
         }
     }
@@ -378,6 +369,9 @@ impl Worker {
         // The completions continue from the cached prefix, or the first one prefills it for
         // the others (and the cache).
         let mut prefix = r.job.prefix.take();
+        // Sequences of other requests that finish while this one's prompt is prefilled (their
+        // decode steps run between its prefill chunks).
+        let mut others_left = vec![];
         for i in 0..n {
             let mut sampling = r.job.sampling.clone();
             sampling.seed = sampling.seed.wrapping_add(i as u64);
@@ -389,15 +383,25 @@ impl Worker {
                 flops: r.job.flops.clone(),
                 cancel: r.job.cancel.clone(),
             };
+            let (batch, running) = (&mut self.batch, &mut self.running);
             let joined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.batch.join(
+                batch.join_stepping(
                     (id << TAG_BITS) | i as u64,
                     join,
                     tokens.as_ref(),
                     prefix.as_ref(),
+                    &mut |tag, piece| stream(running, tag, piece),
+                    &mut others_left,
                 )
-            }))
-            .unwrap_or_else(|_| Err(EngineError::Request("the engine panicked".into())));
+            }));
+            let Ok(joined) = joined else {
+                // A panic may have been in another sequence's step between prefill chunks:
+                // the batch's state is unknown, so every request in it fails, this one too.
+                r.error = Some(ApiError::Internal("the engine panicked".into()));
+                self.finish(r);
+                self.fail_batch();
+                return;
+            };
             match joined {
                 Ok(made) => {
                     r.left += 1;
@@ -418,6 +422,23 @@ impl Worker {
             self.finish(r);
         } else {
             self.running.insert(id, r);
+        }
+        for (tag, result) in others_left {
+            self.sequence_left(tag, result.map_err(ApiError::from));
+        }
+    }
+
+    /// After a panic the batch's state is unknown: every request in it fails.
+    fn fail_batch(&mut self) {
+        self.batch = Batch::default();
+        let ids: Vec<u64> = self.running.keys().copied().collect();
+        for id in ids {
+            if let Some(mut r) = self.running.remove(&id) {
+                r.error = Some(ApiError::Internal(
+                    "the engine panicked on this batch".into(),
+                ));
+                self.finish(r);
+            }
         }
     }
 
