@@ -107,13 +107,15 @@ impl LmSpec {
         self.num_hidden_layers as f64 * 2.0 * (h * q + 2.0 * h * kv + q * h + 3.0 * h * i)
     }
 
-    fn attention_flops(&self, q_len: f64, kv_len: f64) -> f64 {
-        // scores (QK^T) and AV, every head, every layer.
+    /// Causal attention of `q_len` new positions after `past` cached ones: scores (QK^T) and AV
+    /// over the visible (query, key) pairs, `q·past + q(q+1)/2`, every head, every layer. The
+    /// total over a prompt is the same however it is split into passes.
+    fn attention_flops(&self, q_len: f64, past: f64) -> f64 {
+        let pairs = q_len * past + q_len * (q_len + 1.0) / 2.0;
         self.num_hidden_layers as f64
             * 2.0
             * 2.0
-            * q_len
-            * kv_len
+            * pairs
             * (self.num_attention_heads * self.head_dim) as f64
     }
 
@@ -124,13 +126,13 @@ impl LmSpec {
     /// Prefill of `len` tokens with an empty cache; the LM head runs on the last position only.
     pub fn prefill_flops(&self, len: usize) -> f64 {
         let l = len as f64;
-        l * self.linear_flops_per_token() + self.attention_flops(l, l) + self.head_flops(1.0)
+        l * self.linear_flops_per_token() + self.attention_flops(l, 0.0) + self.head_flops(1.0)
     }
 
     /// One decode step that attends over `kv_len` positions (the new token included).
     pub fn decode_step_flops(&self, kv_len: usize) -> f64 {
         self.linear_flops_per_token()
-            + self.attention_flops(1.0, kv_len as f64)
+            + self.attention_flops(1.0, kv_len.saturating_sub(1) as f64)
             + self.head_flops(1.0)
     }
 }
@@ -315,14 +317,13 @@ mod tests {
         assert_eq!(a.prefill_len(&w), 74);
         // per token linear: 2*(64*64 + 2*64*32 + 64*64 + 3*64*128) = 2*(4096+4096+4096+24576)=73728, x2 layers
         let lin = 2.0 * 73_728.0;
-        let attn = |q: f64, k: f64| 2.0 * 2.0 * 2.0 * q * k * 64.0;
+        // Over visible (query, key) pairs: 74 * 75 / 2 = 2775 for the prefill, kv for a decode
+        // step.
+        let attn = |pairs: f64| 2.0 * 2.0 * 2.0 * pairs * 64.0;
         let head = 2.0 * 64.0 * 512.0;
         let b = a.flops(&w);
-        assert_eq!(b.lm_prefill, 74.0 * lin + attn(74.0, 74.0) + head);
-        assert_eq!(
-            b.lm_decode,
-            2.0 * (lin + head) + attn(1.0, 75.0) + attn(1.0, 76.0)
-        );
+        assert_eq!(b.lm_prefill, 74.0 * lin + attn(2775.0) + head);
+        assert_eq!(b.lm_decode, 2.0 * (lin + head) + attn(75.0) + attn(76.0));
         assert_eq!(b.projector, 4.0 * 49.0 * 2.0 * (64.0 * 64.0 * 2.0));
     }
 

@@ -10,8 +10,12 @@
 //! `[b, q_len, heads, head_dim]` (what the output projection reads) and returned as a
 //! `[b, heads, q_len, head_dim]` view of it, exactly like the unfused path it replaces.
 //!
-//! FLOPs are counted as the unfused path counts them: two products over the full `q × kv`
-//! rectangle (masked scores are computed and discarded, so that is what runs).
+//! FLOPs are counted over the (query, key) pairs a row may see: the whole `q × kv` rectangle
+//! without a mask, `q·past + q(q+1)/2` pairs with the causal one (two products of `head_dim`
+//! each). That is what this kernel computes (a causal row stops at its last visible key), and
+//! its total over a prompt does not depend on how the prompt is split into prefill passes
+//! (chunks, a cached prefix), so it equals the analytic count for any schedule. (The unfused
+//! path used on GPUs also computes the masked scores, then discards them; they are not counted.)
 
 use crate::nn::Ctx;
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
@@ -52,8 +56,13 @@ pub fn attention(
             );
         }
     }
-    ctx.count_matmul(b * heads, q_len, d, kv_len);
-    ctx.count_matmul(b * heads, q_len, kv_len, d);
+    let pairs = match masking {
+        Masking::None => q_len * kv_len,
+        Masking::Causal { past } => q_len * past + q_len * (q_len + 1) / 2,
+    };
+    // Scores and the weighted sum of values: `head_dim` multiply-adds per pair each.
+    ctx.count_matmul(b * heads, pairs, d, 1);
+    ctx.count_matmul(b * heads, pairs, d, 1);
     if q.device().is_cpu() && q.dtype() == DType::F32 {
         let op = FusedAttentionF32 {
             scale: scale as f32,
@@ -457,9 +466,14 @@ mod tests {
             err < 2e-6,
             "{b} {heads}/{kv_heads} q{q_len} {masking:?}: {err}"
         );
+        // Visible pairs, counted by hand: all q x kv, or row i sees past + i + 1 keys.
+        let pairs: usize = match masking {
+            Masking::None => q_len * kv_len,
+            Masking::Causal { past } => (0..q_len).map(|i| past + i + 1).sum(),
+        };
         assert_eq!(
             flops.get(Component::Vision),
-            4 * (b * heads * q_len * kv_len * d) as u64
+            4 * (b * heads * pairs * d) as u64
         );
     }
 
