@@ -43,6 +43,20 @@ const PROMPTS: [(&str, usize); 5] = [
     ("Say hello in Spanish.", 10),
 ];
 
+/// The suite ladder's middle rung (f32, no quantized matrices) and 4 frames of a deterministic
+/// pattern (`modulus` varies it): (model, pixels, frames, size).
+fn suite_m_with_frames(modulus: usize) -> (Arc<VideoVlm>, Vec<f32>, usize, usize) {
+    let ckpt = root().join("models/ladder/suite-m");
+    let m = Arc::new(VideoVlm::load(&ckpt, &LoadOptions::default()).unwrap());
+    let size = m.cfg.vision_config.image_size;
+    let frames = 4;
+    let half = (modulus as f32) / 2.0;
+    let pixels = (0..frames * 3 * size * size)
+        .map(|i| ((i * 7919) % modulus) as f32 / half - 1.0)
+        .collect();
+    (m, pixels, frames, size)
+}
+
 fn sampling(max_tokens: usize) -> SamplingParams {
     SamplingParams {
         max_tokens,
@@ -187,14 +201,7 @@ fn a_cancelled_sequence_leaves_and_the_others_go_on() {
 fn videos_in_a_batch_answer_as_alone() {
     // The suite ladder (f32, no quantized matrices) with a video: encoded once, two questions
     // in one batch, each equal to its own generation.
-    let ckpt = root().join("models/ladder/suite-m");
-    let m = Arc::new(VideoVlm::load(&ckpt, &LoadOptions::default()).unwrap());
-    let size = m.cfg.vision_config.image_size;
-    let frames = 4;
-    let mut pixels = vec![0f32; frames * 3 * size * size];
-    for (i, p) in pixels.iter_mut().enumerate() {
-        *p = ((i * 7919) % 255) as f32 / 127.5 - 1.0;
-    }
+    let (m, pixels, frames, size) = suite_m_with_frames(255);
     let visual = vvlm_engine::VisualInput::Frames(vvlm_engine::FrameData {
         pixels: &pixels,
         frames,
@@ -251,14 +258,7 @@ fn a_follow_up_continues_from_the_prefix_kv_and_answers_as_cold() {
     // The suite ladder with a video encoded once. Question 1 prefills [text before the video +
     // visual tokens] and returns that KV; question 2 continuing from it answers token for token
     // as question 2 cold, prefills only its own tokens, and leaves the prefix as it was.
-    let ckpt = root().join("models/ladder/suite-m");
-    let m = Arc::new(VideoVlm::load(&ckpt, &LoadOptions::default()).unwrap());
-    let size = m.cfg.vision_config.image_size;
-    let frames = 4;
-    let mut pixels = vec![0f32; frames * 3 * size * size];
-    for (i, p) in pixels.iter_mut().enumerate() {
-        *p = ((i * 7919) % 251) as f32 / 125.5 - 1.0;
-    }
+    let (m, pixels, frames, size) = suite_m_with_frames(251);
     let visual = vvlm_engine::VisualInput::Frames(vvlm_engine::FrameData {
         pixels: &pixels,
         frames,
