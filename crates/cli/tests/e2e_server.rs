@@ -6,55 +6,12 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{models_dir, repo, scratch, vvlm};
+
 const ADMIN: &str = "test-admin-key";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn vvlm() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_vvlm"));
-    c.current_dir(repo());
-    c
-}
-
-fn scratch() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vvlm-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// A registry folder with the demo checkpoint, built once per test process.
-fn models_dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let gguf = repo().join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf");
-        assert!(
-            gguf.exists(),
-            "{} missing: run models/fetch-smollm2.sh (scripts/test does)",
-            gguf.display()
-        );
-        let d = scratch().join("models");
-        std::fs::create_dir_all(&d).unwrap();
-        let st = vvlm()
-            .args(["models", "make-demo", "--gguf"])
-            .arg(&gguf)
-            .arg("--out")
-            .arg(d.join("demo"))
-            .status()
-            .unwrap();
-        assert!(st.success());
-        std::fs::write(
-            d.join("demo.toml"),
-            "name = \"demo\"\npath = \"demo\"\nlm_params = 1.35e8\nmax_frames = 8\nmax_side = 27\n",
-        )
-        .unwrap();
-        d
-    })
-}
 
 fn video(name: &str, seconds: u32) -> PathBuf {
     let p = scratch().join(name);

@@ -1,0 +1,52 @@
+//! What the end-to-end tests share: the repository, the `vvlm` binary, a scratch folder per
+//! test process and a registry folder with the demo checkpoint (SmolLM2-135M from GGUF).
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn vvlm() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vvlm"));
+    c.current_dir(repo());
+    c
+}
+
+pub fn scratch() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vvlm-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A registry folder with the demo checkpoint, built once per test process.
+pub fn models_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let gguf = repo().join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(
+            gguf.exists(),
+            "{} missing: run models/fetch-smollm2.sh (scripts/test does)",
+            gguf.display()
+        );
+        let d = scratch().join("models");
+        std::fs::create_dir_all(&d).unwrap();
+        let st = vvlm()
+            .args(["models", "make-demo", "--gguf"])
+            .arg(&gguf)
+            .arg("--out")
+            .arg(d.join("demo"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::write(
+            d.join("demo.toml"),
+            "name = \"demo\"\npath = \"demo\"\nlm_params = 1.35e8\nmax_frames = 8\nmax_side = 27\n",
+        )
+        .unwrap();
+        d
+    })
+}
