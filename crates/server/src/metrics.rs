@@ -195,7 +195,8 @@ impl Default for Metrics {
         m.ledger_available.set(1);
         r.register(
             "cache_lookups",
-            "Video cache lookups of requests with media, by what (frames, vision) and result",
+            "Video cache lookups of requests with media, by what (frames, vision, prefix: the KV \
+             of the prompt up to the video) and result",
             m.cache_lookups.clone(),
         );
         r.register(
@@ -334,6 +335,16 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    /// Whether a request with media continued from a cached KV prefix.
+    pub fn prefix_lookup(&self, hit: bool) {
+        self.cache_lookups
+            .get_or_create(&CacheLookup {
+                what: "prefix",
+                result: if hit { "hit" } else { "miss" },
+            })
+            .inc();
     }
 
     /// A worker's batch changed by these many sequences and reserved KV positions.

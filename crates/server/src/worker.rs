@@ -473,6 +473,11 @@ impl Worker {
             Some(e) => Err(e),
             None => {
                 let generations: Vec<Generation> = r.generations.into_iter().flatten().collect();
+                if r.job.on_prefix.is_some() || r.job.prefix.is_some() || r.prefix.is_some() {
+                    // A request whose video could use the KV prefix cache.
+                    let hit = generations.first().is_some_and(|g| g.cached_tokens > 0);
+                    self.metrics.prefix_lookup(hit);
+                }
                 if let (Some(f), Some(keep)) = (r.features.take(), r.job.on_features.take()) {
                     keep(f);
                 }
