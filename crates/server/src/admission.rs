@@ -183,7 +183,7 @@ pub async fn admit(
         (m, Some(h?))
     };
     let cached = content
-        .map(|c| s.cache.cached_vision(&scope, &c))
+        .map(|c| s.cache.cached_vision(&scope, &c, r.system.as_deref()))
         .unwrap_or_default();
     let (plan, _budget) = plan_for(s, t, &r, text_only, cached)?;
     let engine = s
@@ -241,8 +241,8 @@ pub async fn admit(
     let prefix = hit
         .as_ref()
         .and_then(|e| e.prefix.clone())
-        .filter(|(s, _)| *s == side)
-        .map(|(_, p)| p);
+        .filter(|p| p.side == side)
+        .map(|p| p.kv);
     let (visual, sampled, cache) = match (media, hit) {
         (Media::None, _) => (JobVisual::None, vec![], CacheUse::default()),
         (_, Some(e)) => {
@@ -298,7 +298,10 @@ pub async fn admit(
     let on_prefix: Option<Box<dyn FnOnce(vvlm_engine::PrefixKv) + Send>> = match key {
         Some(k) if !matches!(visual, JobVisual::None) => {
             let c = s.cache.clone();
-            Some(Box::new(move |p| c.add_prefix(&k, side, p)))
+            let system = r.system.clone();
+            Some(Box::new(move |kv| {
+                c.add_prefix(&k, crate::cache::CachedPrefix { side, system, kv })
+            }))
         }
         _ => None,
     };

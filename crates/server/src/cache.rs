@@ -33,14 +33,23 @@ pub struct CacheEntry {
     pub sampled: Arc<Vec<SampledFrame>>,
     pub features: Option<Arc<VisionFeatures>>,
     /// The KV of [text before the video + visual tokens] at one pooled side.
-    pub prefix: Option<(u32, PrefixKv)>,
+    pub prefix: Option<CachedPrefix>,
+}
+
+/// A KV prefix with what it was made for.
+#[derive(Clone)]
+pub struct CachedPrefix {
+    pub side: u32,
+    /// The request's system prompt (part of the text before the video).
+    pub system: Option<String>,
+    pub kv: PrefixKv,
 }
 
 impl CacheEntry {
     fn bytes(&self) -> usize {
         self.frames.pixels.len() * 4
             + self.features.as_ref().map_or(0, |f| f.bytes())
-            + self.prefix.as_ref().map_or(0, |(_, p)| p.bytes())
+            + self.prefix.as_ref().map_or(0, |p| p.kv.bytes())
     }
 }
 
@@ -84,9 +93,15 @@ impl VideoCache {
         self.lock().map.get(key).cloned()
     }
 
-    /// The (checkpoint, frames) with encoded features for a video in a scope: what the planner
-    /// may price at its marginal cost.
-    pub fn cached_vision(&self, scope: &str, content: &[u8; 32]) -> Vec<CachedVision> {
+    /// The (checkpoint, frames) with encoded features for a video in a scope, and the pooled
+    /// side of a KV prefix made for the same system prompt: what the planner may price at its
+    /// marginal cost.
+    pub fn cached_vision(
+        &self,
+        scope: &str,
+        content: &[u8; 32],
+        system: Option<&str>,
+    ) -> Vec<CachedVision> {
         self.lock()
             .map
             .iter()
@@ -94,7 +109,11 @@ impl VideoCache {
             .map(|(k, e)| CachedVision {
                 model: k.model.clone(),
                 frames: k.frames,
-                prefilled_side: e.prefix.as_ref().map(|(side, _)| *side),
+                prefilled_side: e
+                    .prefix
+                    .as_ref()
+                    .filter(|p| p.system.as_deref() == system)
+                    .map(|p| p.side),
             })
             .collect()
     }
@@ -131,11 +150,11 @@ impl VideoCache {
         }
     }
 
-    /// Keeps the KV prefix of an entry's video at a pooled side (replacing another side's).
-    pub fn add_prefix(&self, key: &CacheKey, side: u32, prefix: PrefixKv) {
+    /// Keeps the KV prefix of an entry's video (replacing the one it had).
+    pub fn add_prefix(&self, key: &CacheKey, prefix: CachedPrefix) {
         let entry = self.lock().map.peek(key).cloned();
         if let Some(mut e) = entry {
-            e.prefix = Some((side, prefix));
+            e.prefix = Some(prefix);
             self.put(key.clone(), e);
         }
     }
