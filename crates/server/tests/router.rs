@@ -738,6 +738,7 @@ async fn a_cached_video_answers_the_same_for_less_and_stays_with_its_tenant() {
     assert!(hit < warm["usage"]["prompt_tokens"].as_u64().unwrap());
     let prefill = |v: &Value| v["usage"]["measured_flops"]["lm_prefill"].as_f64().unwrap();
     assert!(prefill(&warm) < prefill(&cold) / 2.0, "{warm}");
+    let marginal_of = |v: &Value| v["plan"]["cost_flops"].as_f64().unwrap();
     let mv = &warm["usage"]["measured_flops"];
     assert_eq!(
         (mv["vision"].as_f64(), mv["projector"].as_f64()),
@@ -754,6 +755,15 @@ async fn a_cached_video_answers_the_same_for_less_and_stays_with_its_tenant() {
         after["charged_flops"].as_f64().unwrap() - before["charged_flops"].as_f64().unwrap();
     assert!((charged - mv["total"].as_f64().unwrap()).abs() <= 1e-6 * charged);
     assert!(charged < cold["usage"]["measured_flops"]["total"].as_f64().unwrap());
+
+    // Another system prompt: the features are cached but not a prefix made for it, so the plan
+    // prices the visual tokens' prefill again (the engine would not reuse that KV either).
+    let mut with_system = body.clone();
+    with_system["system"] = json!("Answer in one word.");
+    let (st, other) = s.post("/v1/videos/qa", &alice, with_system).await;
+    assert_eq!(st, 200, "{other}");
+    assert!(marginal_of(&other) > marginal_of(&warm), "{other}");
+    assert!(marginal_of(&other) < full);
 
     // A budget between the marginal and the cold price: fits only because the video is cached.
     let mut tight = body.clone();
