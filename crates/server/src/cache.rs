@@ -222,7 +222,7 @@ mod tests {
         assert!(c.get(&key("bob", 1)).is_none());
         assert!(c.get(&key("alice", 2)).is_none());
         // Only entries with features are offered to the planner.
-        assert!(c.cached_vision("alice", &[1; 32]).is_empty());
+        assert!(c.cached_vision("alice", &[1; 32], None).is_empty());
         assert_ne!(
             content_hash([b"ab".as_slice(), b"c".as_slice()]),
             content_hash([b"a".as_slice(), b"bc".as_slice()])
