@@ -6,7 +6,8 @@
 //! - the tiny LLaVA-OneVision fixture end to end on the GPU in f32 (max abs error of every
 //!   intermediate and the logits <= 1e-3: cuBLAS may reorder sums) and in bf16 (logits within
 //!   5% of the logits' range);
-//! - attention through candle's CUDA ops against the fused CPU kernel.
+//! - attention through candle's CUDA ops against the fused CPU kernel;
+//! - the trained suite rung answering on the GPU as on the CPU, alone and in a batch.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
@@ -90,4 +91,92 @@ fn tiny_checkpoint_on_the_gpu_matches_the_cpu() {
     .max(1e-3);
     let e = max_abs(logits, &bf16_gpu["logits"]);
     assert!(e <= 0.05 * range, "bf16 logits: {e} (range {range})");
+}
+
+/// The trained suite rung on the GPU (f32): two questions about one video answer as on the CPU,
+/// and decoding them together in one batch (continuous batching, the batched forward on cuBLAS)
+/// answers as each alone. Greedy tokens are compared: cuBLAS may reorder sums, which could only
+/// change a token at a near-tie; the rung's answers are not near ties.
+#[test]
+fn the_suite_rung_answers_on_the_gpu_as_on_the_cpu_alone_and_batched() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use vvlm_engine::batch::{Batch, Join};
+    use vvlm_engine::{FrameData, GenerateRequest, SamplingParams, VisualInput};
+    let ckpt =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/ladder/suite-m");
+    let load = |device: Device| {
+        Arc::new(
+            VideoVlm::load(
+                &ckpt,
+                &LoadOptions {
+                    device,
+                    dtype: DType::F32,
+                    ..LoadOptions::default()
+                },
+            )
+            .unwrap(),
+        )
+    };
+    let (cpu, gpu_m) = (load(Device::Cpu), load(gpu()));
+    let size = cpu.cfg.vision_config.image_size;
+    let frames = 4;
+    let pixels: Vec<f32> = (0..frames * 3 * size * size)
+        .map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0)
+        .collect();
+    let visual = VisualInput::Frames(FrameData {
+        pixels: &pixels,
+        frames,
+        size,
+    });
+    let sampling = SamplingParams {
+        max_tokens: 6,
+        ..Default::default()
+    };
+    let questions = ["what colour is the flash ?", "what shape moves ?"];
+    let alone = |m: &VideoVlm, q: &str| {
+        let req = GenerateRequest {
+            pixels: None,
+            side: 2,
+            system: None,
+            prompt: q,
+            sampling: sampling.clone(),
+            cancel: None,
+        };
+        let (g, _) = m
+            .generate_visual(visual, &req, 1, &FlopCounter::new(), &mut |_, _| true)
+            .unwrap();
+        g[0].token_ids.clone()
+    };
+    for q in questions {
+        assert_eq!(alone(&gpu_m, q), alone(&cpu, q), "{q}: GPU vs CPU");
+    }
+    let (tokens, _) = gpu_m
+        .encode_visual(visual, 2, &FlopCounter::new(), None)
+        .unwrap();
+    let mut batch = Batch::default();
+    for (i, q) in questions.iter().enumerate() {
+        let j = Join {
+            vlm: gpu_m.clone(),
+            system: None,
+            prompt: q.to_string(),
+            sampling: sampling.clone(),
+            flops: Arc::new(FlopCounter::new()),
+            cancel: Arc::new(AtomicBool::new(false)),
+        };
+        batch.join(i as u64, j, tokens.as_ref(), None).unwrap();
+    }
+    let mut out = std::collections::BTreeMap::new();
+    while !batch.is_empty() {
+        for (t, r) in batch.step(&mut |_, _| true) {
+            out.insert(t, r.unwrap().token_ids);
+        }
+    }
+    for (i, q) in questions.iter().enumerate() {
+        assert_eq!(
+            out[&(i as u64)],
+            alone(&gpu_m, q),
+            "{q}: batched vs alone on the GPU"
+        );
+    }
 }
