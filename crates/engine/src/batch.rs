@@ -138,10 +138,7 @@ impl Batch {
         video: Option<&VideoTokens>,
         prefix: Option<&PrefixKv>,
     ) -> Result<Option<PrefixKv>, EngineError> {
-        let mut left = vec![];
-        let r = self.join_stepping(tag, j, video, prefix, &mut |_, _| true, &mut left);
-        assert!(left.is_empty(), "nothing steps while the batch is empty");
-        r
+        self.join_inner(tag, j, video, prefix, None)
     }
 
     /// [`Self::join`] with chunked prefill: between two chunks of the joining sequence's
@@ -157,6 +154,23 @@ impl Batch {
         on_text: &mut (dyn FnMut(u64, &str) -> bool + Send),
         left: &mut Vec<(u64, Result<Generation, EngineError>)>,
     ) -> Result<Option<PrefixKv>, EngineError> {
+        self.join_inner(tag, j, video, prefix, Some((on_text, left)))
+    }
+
+    /// Joins a sequence; with `stepping`, the others take decode steps between its prefill's
+    /// chunks.
+    #[allow(clippy::type_complexity)]
+    fn join_inner(
+        &mut self,
+        tag: u64,
+        j: Join,
+        video: Option<&VideoTokens>,
+        prefix: Option<&PrefixKv>,
+        mut stepping: Option<(
+            &mut (dyn FnMut(u64, &str) -> bool + Send),
+            &mut Vec<(u64, Result<Generation, EngineError>)>,
+        )>,
+    ) -> Result<Option<PrefixKv>, EngineError> {
         let req = GenerateRequest {
             pixels: None,
             side: 1,
@@ -170,8 +184,10 @@ impl Batch {
         let vlm = j.vlm.clone();
         let on_cpu = vlm.lm.device().is_cpu();
         let mut between = || {
-            if !self.active.is_empty() {
-                left.extend(self.step_here(on_text));
+            if let Some((on_text, left)) = stepping.as_mut() {
+                if !self.active.is_empty() {
+                    left.extend(self.step_here(*on_text));
+                }
             }
         };
         let (seq, made) = if on_cpu {

@@ -127,10 +127,23 @@ pub struct WeightRow<'a> {
     pub m: &'a [f32],
 }
 
+/// A quantized weight block's format (ggml's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightFormat {
+    /// 32 weights = scale d, min m, 32 4-bit q: `w = d·q + m`.
     Q4_1,
+    /// 32 weights = scale d, 32 int8 q: `w = d·q`.
     Q8_0,
+}
+
+impl WeightFormat {
+    /// Bytes of packed quants per 32-weight block (scales kept apart).
+    pub fn quant_bytes(self) -> usize {
+        match self {
+            WeightFormat::Q4_1 => 16,
+            WeightFormat::Q8_0 => 32,
+        }
+    }
 }
 
 /// The instruction set a kernel uses, chosen once per process from what the CPU reports.
@@ -224,22 +237,13 @@ impl Kernel {
         self.isa
     }
 
-    /// `y[r] = w · x_r` for one weight row and every activation row of `x` (`y.len() ==
-    /// x.rows`). Panics if the shapes disagree.
-    pub fn dot_rows(&self, w: &WeightRow, x: &Q8Rows, y: &mut [f32]) {
-        self.dot_matrix(w, x, y)
-    }
-
     /// `out[r * n + j] = w_j · x_r` (`out` is `[x.rows, n]`, the layout of `x · Wᵀ`) for the `n`
     /// consecutive weight rows `w_j` in `w` (each `x.cols` wide) and every activation row of
     /// `x`. Panics if the shapes disagree.
     pub fn dot_matrix(&self, w: &WeightRow, x: &Q8Rows, out: &mut [f32]) {
         let format = self.format;
         let nb = x.cols / BLOCK;
-        let wbytes = match format {
-            WeightFormat::Q4_1 => 16,
-            WeightFormat::Q8_0 => 32,
-        };
+        let wbytes = format.quant_bytes();
         assert!(nb > 0, "no columns");
         assert_eq!(w.d.len() % nb, 0, "weights and activations disagree");
         let n = w.d.len() / nb;
@@ -394,10 +398,7 @@ mod x86 {
     #[inline(always)]
     unsafe fn matrix<D: Dot4>(f: WeightFormat, w: &WeightRow, x: &Q8Rows, out: &mut [f32]) {
         let nb = x.cols / BLOCK;
-        let wbytes = match f {
-            WeightFormat::Q4_1 => 16,
-            WeightFormat::Q8_0 => 32,
-        };
+        let wbytes = f.quant_bytes();
         let n = out.len() / x.rows;
         let mut y = [0f32; 4];
         for j in 0..n {
@@ -663,7 +664,7 @@ mod tests {
                 let mut y = vec![0f32; 5];
                 Kernel::new(isa, format)
                     .unwrap()
-                    .dot_rows(&w.row(), &q, &mut y);
+                    .dot_matrix(&w.row(), &q, &mut y);
                 for r in 0..5 {
                     let (mut want, mut mag) = (0f64, 0f64);
                     for i in 0..k {
@@ -692,7 +693,7 @@ mod tests {
             let x = values(k, 9);
             let q = Q8Rows::quantize(&x, 1, k);
             let mut y = [0f32];
-            Kernel::best(format).dot_rows(&w.row(), &q, &mut y);
+            Kernel::best(format).dot_matrix(&w.row(), &q, &mut y);
             let exact: f64 = (0..k).map(|i| w.w[i] as f64 * x[i] as f64).sum();
             let bound: f64 = (0..k)
                 .map(|i| q.scale(0, i / 32) as f64 * 0.5 * (w.w[i] as f64).abs())
@@ -722,14 +723,14 @@ mod tests {
                 let mut all = vec![0f32; 7];
                 Kernel::new(isa, format)
                     .unwrap()
-                    .dot_rows(&w.row(), &q, &mut all);
+                    .dot_matrix(&w.row(), &q, &mut all);
                 for r in 0..7 {
                     // The row quantized alone, as a sequence decoding by itself has it.
                     let alone = Q8Rows::quantize(&x[r * k..(r + 1) * k], 1, k);
                     let mut one = [0f32];
                     Kernel::new(isa, format)
                         .unwrap()
-                        .dot_rows(&w.row(), &alone, &mut one);
+                        .dot_matrix(&w.row(), &alone, &mut one);
                     assert_eq!(all[r].to_bits(), one[0].to_bits(), "{format:?} {isa:?} {r}");
                 }
             }
@@ -748,13 +749,13 @@ mod tests {
             let mut want = vec![0f32; 3];
             Kernel::new(Isa::Portable, format)
                 .unwrap()
-                .dot_rows(&w.row(), &q, &mut want);
+                .dot_matrix(&w.row(), &q, &mut want);
             let mut seen = vec![];
             for isa in isas() {
                 let mut y = vec![0f32; 3];
                 Kernel::new(isa, format)
                     .unwrap()
-                    .dot_rows(&w.row(), &q, &mut y);
+                    .dot_matrix(&w.row(), &q, &mut y);
                 for r in 0..3 {
                     assert!((y[r] - want[r]).abs() <= 1e-4 * want[r].abs().max(1.0));
                 }

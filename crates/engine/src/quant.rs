@@ -18,13 +18,8 @@ use std::sync::Arc;
 
 const BLOCK: usize = 32;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuantFormat {
-    /// 32 weights = f16 scale d, f16 min m, 32 4-bit q: `w = d·q + m`.
-    Q4_1,
-    /// 32 weights = f16 scale d, 32 int8 q: `w = d·q`.
-    Q8_0,
-}
+/// The block formats taken (the file's d and m are f16; they are kept as f32).
+pub use crate::qdot::WeightFormat as QuantFormat;
 
 /// A `[rows, cols]` matrix of quantized rows (`cols` a multiple of 32).
 #[derive(Debug, Clone)]
@@ -90,10 +85,7 @@ impl QuantMatrix {
     }
 
     fn qbytes(&self) -> usize {
-        match self.format {
-            QuantFormat::Q4_1 => 16,
-            QuantFormat::Q8_0 => 32,
-        }
+        self.format.quant_bytes()
     }
 
     /// Rows reordered: row `i` of the result is row `perm[i]` of `self`.
@@ -170,11 +162,7 @@ impl QuantMatrix {
     /// 32-block once, then each weight row's blocks are multiplied with every activation row in
     /// integer arithmetic ([`crate::qdot`]).
     pub fn gemv(&self, x: &[f32], y: &mut [f32], m: usize) {
-        let kernel = qdot::Kernel::best(match self.format {
-            QuantFormat::Q4_1 => qdot::WeightFormat::Q4_1,
-            QuantFormat::Q8_0 => qdot::WeightFormat::Q8_0,
-        });
-        self.gemv_with(kernel, x, y, m)
+        self.gemv_with(qdot::Kernel::best(self.format), x, y, m)
     }
 
     /// [`Self::gemv`] on a given kernel (tests compare instruction sets).

@@ -196,7 +196,6 @@ impl Pool {
 /// Completions per request at most (tags hold the index in their low byte).
 const TAG_BITS: u32 = 8;
 
-/// A request whose sequences are in the batch.
 /// Streams a piece of a running request's text to its client; false cancels that sequence.
 fn stream(running: &mut HashMap<u64, Running>, tag: u64, piece: &str) -> bool {
     let Some(r) = running.get_mut(&(tag >> TAG_BITS)) else {
@@ -215,6 +214,7 @@ fn stream(running: &mut HashMap<u64, Running>, tag: u64, piece: &str) -> bool {
         .is_ok()
 }
 
+/// A request whose sequences are in the batch.
 struct Running {
     job: Job,
     generations: Vec<Option<Generation>>,
