@@ -19,69 +19,14 @@ pub enum BenchCmd {
     Flops(FlopsArgs),
     /// Engine hot paths at real shapes with random weights: SigLIP so400m/14 per frame, bilinear
     /// pooling, Llama-3.2-1B-shaped prefill and decode, and SmolLM2 (GGUF) prefill and decode.
-    Engine(EngineArgs),
+    Engine(vvlm_engine_bench::engine::EngineArgs),
     /// Admissions per second through the ledger (reserve + settle), SQLite or PostgreSQL, from
     /// one or more replicas.
     Ledger(crate::bench_ledger::LedgerBenchArgs),
     /// Batched decode as llama.cpp's `llama-batched-bench` measures it: for each batch size B,
     /// B sequences of `npp` prompt tokens prefilled, then `ntg` tokens decoded for all of them
     /// (greedy, EOS ignored), batched (one forward per step) and one sequence at a time.
-    Batch(BatchArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct BatchArgs {
-    #[arg(long, default_value = "models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")]
-    pub gguf: PathBuf,
-    /// Prompt tokens per sequence.
-    #[arg(long, default_value_t = 32)]
-    pub npp: usize,
-    /// Tokens generated per sequence.
-    #[arg(long, default_value_t = 128)]
-    pub ntg: usize,
-    /// Batch sizes.
-    #[arg(long, default_value = "1,2,4,8,16", value_delimiter = ',')]
-    pub npl: Vec<usize>,
-    /// Decode from the file's quantized blocks (as the server does on the CPU).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub quantized_decode: bool,
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct EngineArgs {
-    /// Prefill length (tokens).
-    #[arg(long, default_value_t = 512)]
-    pub prefill: usize,
-    /// Decode steps timed after the prefill.
-    #[arg(long, default_value_t = 16)]
-    pub decode: usize,
-    /// Frames encoded by the vision benchmark.
-    #[arg(long, default_value_t = 2)]
-    pub frames: usize,
-    /// SmolLM2 GGUF for the small-LM benchmark (skipped when absent).
-    #[arg(long, default_value = "models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")]
-    pub gguf: PathBuf,
-    /// Only these parts (comma separated: vision, pool, llama1b, smollm2).
-    #[arg(
-        long,
-        default_value = "vision,pool,llama1b,smollm2",
-        value_delimiter = ','
-    )]
-    pub parts: Vec<String>,
-    #[command(flatten)]
-    pub placement: crate::engine_cmd::Placement,
-    /// SmolLM2 decode from the GGUF file's quantized blocks (what the server does on the CPU);
-    /// `--quantized-decode false` times the f32 matrices instead.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub quantized_decode: bool,
-    /// The device's dense peak at the run's dtype, in TFLOP/s (e.g. 989 for an H100 SXM in
-    /// bf16): MFU is reported against it. Default: the measured matmul peak.
-    #[arg(long)]
-    pub peak_tflops: Option<f64>,
-    #[arg(long)]
-    pub json: bool,
+    Batch(vvlm_engine_bench::batch::BatchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -89,7 +34,7 @@ pub struct FlopsArgs {
     #[arg(long, default_value = "models/cache/demo-smollm2")]
     pub checkpoint: PathBuf,
     #[command(flatten)]
-    pub placement: crate::engine_cmd::Placement,
+    pub placement: vvlm_engine_bench::Placement,
     /// The video to caption (frames are sampled from it for every configuration).
     #[arg(long)]
     pub video: PathBuf,
@@ -186,339 +131,28 @@ pub struct Row {
 /// Best-of-3 f32 matmul throughput of this device (GFLOP/s), the peak utilisation is taken
 /// against.
 pub fn matmul_peak_gflops(n: usize) -> Result<f64> {
-    matmul_peak_gflops_on(n, &Device::Cpu, candle_core::DType::F32)
-}
-
-/// Best of 3 `n^3` matmuls on a device at a dtype, synchronised, in GFLOP/s.
-pub fn matmul_peak_gflops_on(n: usize, dev: &Device, dtype: candle_core::DType) -> Result<f64> {
-    let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
-    let _ = a.matmul(&b)?;
-    dev.synchronize()?;
-    let mut best = f64::INFINITY;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let c = a.matmul(&b)?;
-        dev.synchronize()?;
-        best = best.min(t.elapsed().as_secs_f64());
-        drop(c);
-    }
-    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+    vvlm_engine_bench::matmul_peak_gflops_on(n, &Device::Cpu, candle_core::DType::F32)
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Flops(a) => flops(a),
-        BenchCmd::Engine(a) => engine(a),
+        BenchCmd::Engine(a) => {
+            let out = vvlm_engine_bench::engine::run(&a)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            }
+            Ok(())
+        }
         BenchCmd::Ledger(a) => crate::bench_ledger::run(a),
-        BenchCmd::Batch(a) => batch(a),
-    }
-}
-
-/// One batch size's figures.
-#[derive(Debug, Serialize)]
-struct BatchRow {
-    batch: usize,
-    prefill_s: f64,
-    decode_s: f64,
-    /// Aggregate decode tokens per second, batched.
-    decode_tok_s: f64,
-    /// One sequence decoded alone (what B requests get one after another).
-    sequential_decode_tok_s: f64,
-    /// Time per output token (one batched step), median and 99th percentile.
-    tpot_p50_ms: f64,
-    tpot_p99_ms: f64,
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
-}
-
-fn batch(a: BatchArgs) -> Result<()> {
-    use vvlm_cost::Component;
-    use vvlm_engine::Ctx;
-    let dev = Device::Cpu;
-    let dtype = candle_core::DType::F32;
-    let g = vvlm_engine::gguf::load(&a.gguf, dtype, &dev)
-        .with_context(|| format!("{} (run models/fetch-smollm2.sh)", a.gguf.display()))?;
-    let vb = candle_nn::VarBuilder::from_tensors(g.tensors, dtype, &dev);
-    let mut lm = vvlm_engine::llama::Llama::load(vb, None, &g.config)?;
-    if a.quantized_decode {
-        lm.attach_quantized(&g.quantized)?;
-    }
-    let prompt = |s: usize| -> Vec<u32> {
-        (0..a.npp as u32)
-            .map(|i| 100 + (i * 7 + s as u32 * 13) % 1000)
-            .collect()
-    };
-    let rows = vvlm_engine::cpu_pool::run(|| -> Result<Vec<BatchRow>> {
-        let c = FlopCounter::new();
-        let prefill = |ids: &[u32]| -> Result<(vvlm_engine::llama::KvCache, u32)> {
-            let ctx = Ctx::new(&c, Component::LmPrefill);
-            let mut ctx = ctx;
-            let mut cache = lm.new_cache();
-            let h = lm.forward_hidden(&lm.embed(ids)?, &mut cache, &mut ctx)?;
-            let next = vvlm_engine::llama::argmax(&lm.last_logits(&h, &ctx)?)?;
-            Ok((cache, next))
-        };
-        // One sequence alone: the one-at-a-time figure.
-        let (mut cache, mut tok) = prefill(&prompt(0))?;
-        let mut ctx = Ctx::new(&c, Component::LmDecode);
-        let t = Instant::now();
-        for _ in 0..a.ntg {
-            let h = lm.forward_hidden(&lm.embed(&[tok])?, &mut cache, &mut ctx)?;
-            tok = vvlm_engine::llama::argmax(&lm.last_logits(&h, &ctx)?)?;
-        }
-        let single_tok_s = a.ntg as f64 / t.elapsed().as_secs_f64();
-        let mut rows = vec![];
-        for &b in &a.npl {
-            let t = Instant::now();
-            let mut caches = vec![];
-            let mut next = vec![];
-            for s in 0..b {
-                let (cache, n) = prefill(&prompt(s))?;
-                caches.push(cache);
-                next.push(n);
+        BenchCmd::Batch(a) => {
+            let rows = vvlm_engine_bench::batch::run(&a)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
             }
-            let prefill_s = t.elapsed().as_secs_f64();
-            let mut steps = vec![];
-            let t = Instant::now();
-            for _ in 0..a.ntg {
-                let s0 = Instant::now();
-                let embeds = lm.embed(&next)?.transpose(0, 1)?.contiguous()?;
-                let ctxs: Vec<Ctx> = (0..b).map(|_| Ctx::new(&c, Component::LmDecode)).collect();
-                let mut refs: Vec<&mut vvlm_engine::llama::KvCache> = caches.iter_mut().collect();
-                let logits = lm.decode_batch(&embeds, &mut refs, &ctxs)?;
-                next = (0..b)
-                    .map(|r| vvlm_engine::llama::argmax(&logits.get(r)?))
-                    .collect::<candle_core::Result<_>>()?;
-                steps.push(s0.elapsed().as_secs_f64() * 1e3);
-            }
-            let decode_s = t.elapsed().as_secs_f64();
-            steps.sort_by(f64::total_cmp);
-            rows.push(BatchRow {
-                batch: b,
-                prefill_s,
-                decode_s,
-                decode_tok_s: (b * a.ntg) as f64 / decode_s,
-                sequential_decode_tok_s: single_tok_s,
-                tpot_p50_ms: percentile(&steps, 0.5),
-                tpot_p99_ms: percentile(&steps, 0.99),
-            });
+            Ok(())
         }
-        Ok(rows)
-    })?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
     }
-    println!(
-        "SmolLM2-135M decode ({}), {} prompt + {} generated tokens per sequence, {} threads",
-        if a.quantized_decode {
-            "Q4_1/Q8_0 blocks"
-        } else {
-            "f32"
-        },
-        a.npp,
-        a.ntg,
-        vvlm_engine::cpu_pool::run(rayon::current_num_threads)
-    );
-    println!("    B | batched tok/s | one at a time tok/s | speed-up | TPOT p50 ms | p99 ms");
-    for r in &rows {
-        println!(
-            "{:>5} | {:>13.1} | {:>19.1} | {:>7.2}x | {:>11.2} | {:>6.2}",
-            r.batch,
-            r.decode_tok_s,
-            r.sequential_decode_tok_s,
-            r.decode_tok_s / r.sequential_decode_tok_s,
-            r.tpot_p50_ms,
-            r.tpot_p99_ms
-        );
-    }
-    Ok(())
-}
-
-fn lm_prefill_decode(
-    lm: &vvlm_engine::llama::Llama,
-    prefill: usize,
-    decode: usize,
-) -> Result<(f64, f64, f64, f64)> {
-    use vvlm_cost::Component;
-    let ids: Vec<u32> = (0..prefill as u32).map(|i| 100 + (i * 7) % 1000).collect();
-    // Warm-up on a short prompt.
-    {
-        lm.device().synchronize()?;
-        let c = FlopCounter::new();
-        let mut ctx = vvlm_engine::Ctx::new(&c, Component::LmPrefill);
-        let mut cache = lm.new_cache();
-        let h = lm.forward_hidden(&lm.embed(&ids[..16.min(prefill)])?, &mut cache, &mut ctx)?;
-        let _ = lm.last_logits(&h, &ctx)?;
-    }
-    let c = FlopCounter::new();
-    let mut ctx = vvlm_engine::Ctx::new(&c, Component::LmPrefill);
-    let mut cache = lm.new_cache();
-    let t = Instant::now();
-    let h = lm.forward_hidden(&lm.embed(&ids)?, &mut cache, &mut ctx)?;
-    let mut logits = lm.last_logits(&h, &ctx)?;
-    lm.device().synchronize()?;
-    let prefill_s = t.elapsed().as_secs_f64();
-    let prefill_flops = c.get(Component::LmPrefill) as f64;
-    ctx.component = Component::LmDecode;
-    let t = Instant::now();
-    for _ in 0..decode {
-        let next = vvlm_engine::llama::argmax(&logits)?;
-        let h = lm.forward_hidden(&lm.embed(&[next])?, &mut cache, &mut ctx)?;
-        logits = lm.last_logits(&h, &ctx)?;
-    }
-    let decode_s = t.elapsed().as_secs_f64();
-    Ok((
-        prefill_s,
-        prefill_flops,
-        decode_s,
-        c.get(Component::LmDecode) as f64,
-    ))
-}
-
-fn engine(a: EngineArgs) -> Result<()> {
-    use vvlm_cost::Component;
-    let opts = a.placement.load_options()?;
-    let (dev, dtype) = (opts.device.clone(), opts.dtype);
-    let n = if dev.is_cpu() { 1024 } else { 8192 };
-    let measured_peak = matmul_peak_gflops_on(n, &dev, dtype)?;
-    let peak = a.peak_tflops.map_or(measured_peak, |t| t * 1e3);
-    let mut out = serde_json::json!({
-        "device": a.placement.device, "dtype": format!("{dtype:?}"),
-        "matmul_peak_gflops": measured_peak, "mfu_reference_gflops": peak,
-    });
-    let want = |p: &str| a.parts.iter().any(|x| x == p);
-    if !a.json {
-        println!(
-            "{} {dtype:?}: matmul {n}^3 best of 3: {measured_peak:.1} GFLOP/s; MFU against {peak:.1} GFLOP/s",
-            a.placement.device
-        );
-    }
-    if want("vision") {
-        let cfg = vvlm_engine::SiglipVisionConfig::so400m();
-        let t = vvlm_engine::demo::random_vision_tensors(&cfg, 2048, 1)?;
-        let vb = candle_nn::VarBuilder::from_tensors(t, dtype, &dev);
-        let tower = vvlm_engine::siglip::SiglipVision::load(
-            vb.pp("vision_tower.vision_model"),
-            &cfg,
-            cfg.num_hidden_layers,
-        )?;
-        let frame_batch = if dev.is_cpu() { 1 } else { a.frames.max(1) };
-        let px = Tensor::randn(0f32, 1.0, (frame_batch, 3, 384, 384), &dev)?.to_dtype(dtype)?;
-        let c = FlopCounter::new();
-        let mut ctx = vvlm_engine::Ctx::new(&c, Component::Vision);
-        let _ = vvlm_engine::cpu_pool::run(|| tower.forward(&px, &mut ctx))?; // warm-up
-        dev.synchronize()?;
-        c.reset();
-        // One frame per forward, timed separately: the median resists the noise of a shared
-        // machine better than the mean of one batched call.
-        // On a GPU, `frames` frames go in one batch (timed 3 times) and times are per frame.
-        let mut times = Vec::with_capacity(a.frames);
-        let calls = if dev.is_cpu() { a.frames.max(1) } else { 3 };
-        for _ in 0..calls {
-            let px = Tensor::randn(0f32, 1.0, (frame_batch, 3, 384, 384), &dev)?.to_dtype(dtype)?;
-            dev.synchronize()?;
-            let t0 = Instant::now();
-            let _ = vvlm_engine::cpu_pool::run(|| tower.forward(&px, &mut ctx))?;
-            dev.synchronize()?;
-            times.push(t0.elapsed().as_secs_f64() / frame_batch as f64);
-        }
-        let frame_flops = c.get(Component::Vision) as f64 / (calls * frame_batch) as f64;
-        times.sort_by(f64::total_cmp);
-        let s = times[times.len() / 2];
-        let gf = frame_flops / s / 1e9;
-        if !a.json {
-            println!(
-                "SigLIP so400m/14 @384 (26 layers): {s:.3} s/frame (median of {}), {gf:.1} GFLOP/s ({:.0}% of peak)",
-                times.len(),
-                100.0 * gf / peak
-            );
-        }
-        out["vision_s_per_frame"] = serde_json::json!(s);
-        out["vision_gflops"] = serde_json::json!(gf);
-        out["vision_frames_per_s"] = serde_json::json!(1.0 / s);
-        out["vision_mfu"] = serde_json::json!(gf / peak);
-    }
-    if want("pool") {
-        let x = Tensor::randn(0f32, 1.0, (32, 729, 2048), &dev)?.to_dtype(dtype)?;
-        let _ = vvlm_engine::pool::pool(&x, 27, 14)?;
-        dev.synchronize()?;
-        let t0 = Instant::now();
-        let reps = 5;
-        for _ in 0..reps {
-            let _ = vvlm_engine::pool::pool(&x, 27, 14)?;
-        }
-        dev.synchronize()?;
-        let s = t0.elapsed().as_secs_f64() / reps as f64;
-        if !a.json {
-            println!(
-                "bilinear pooling 32 x 27x27 -> 14x14, D=2048: {:.2} ms",
-                s * 1e3
-            );
-        }
-        out["pool_32x729x2048_to_14_ms"] = serde_json::json!(s * 1e3);
-    }
-    if want("llama1b") {
-        let cfg = vvlm_engine::TextConfig::llama32_1b();
-        let t = vvlm_engine::demo::random_lm_tensors(&cfg, 2)?;
-        let vb = candle_nn::VarBuilder::from_tensors(t, dtype, &dev);
-        let lm = vvlm_engine::llama::Llama::load(vb, None, &cfg)?;
-        let (ps, pf, ds, df) =
-            vvlm_engine::cpu_pool::run(|| lm_prefill_decode(&lm, a.prefill, a.decode))?;
-        if !a.json {
-            println!(
-                "Llama-3.2-1B shape: prefill {} tokens {:.1} tok/s ({:.1} GFLOP/s, {:.0}% of peak); decode {:.1} tok/s ({:.3} s/token)",
-                a.prefill,
-                a.prefill as f64 / ps,
-                pf / ps / 1e9,
-                100.0 * pf / ps / 1e9 / peak,
-                a.decode as f64 / ds,
-                ds / a.decode as f64
-            );
-        }
-        out["llama1b_prefill_tok_s"] = serde_json::json!(a.prefill as f64 / ps);
-        out["llama1b_prefill_gflops"] = serde_json::json!(pf / ps / 1e9);
-        out["llama1b_prefill_mfu"] = serde_json::json!(pf / ps / 1e9 / peak);
-        out["llama1b_prefill_flops"] = serde_json::json!(pf);
-        out["llama1b_decode_flops"] = serde_json::json!(df);
-        out["llama1b_decode_tok_s"] = serde_json::json!(a.decode as f64 / ds);
-        out["llama1b_decode_gflops"] = serde_json::json!(df / ds / 1e9);
-    }
-    if want("smollm2") && a.gguf.exists() {
-        let g = vvlm_engine::gguf::load(&a.gguf, dtype, &dev)?;
-        let vb = candle_nn::VarBuilder::from_tensors(g.tensors, dtype, &dev);
-        let mut lm = vvlm_engine::llama::Llama::load(vb, None, &g.config)?;
-        let quantized = a.quantized_decode && dev.is_cpu() && dtype == candle_core::DType::F32;
-        if quantized {
-            lm.attach_quantized(&g.quantized)?;
-        }
-        let (ps, pf, ds, _) =
-            vvlm_engine::cpu_pool::run(|| lm_prefill_decode(&lm, a.prefill, a.decode.max(32)))?;
-        let steps = a.decode.max(32);
-        if !a.json {
-            println!(
-                "SmolLM2-135M (GGUF Q4_1; prefill f32, decode {}): prefill {} tokens {:.1} tok/s ({:.1} GFLOP/s); decode {:.1} tok/s",
-                if quantized { "Q4_1/Q8_0 blocks" } else { "f32" },
-                a.prefill,
-                a.prefill as f64 / ps,
-                pf / ps / 1e9,
-                steps as f64 / ds
-            );
-        }
-        out["smollm2_prefill_tok_s"] = serde_json::json!(a.prefill as f64 / ps);
-        out["smollm2_decode_tok_s"] = serde_json::json!(steps as f64 / ds);
-        out["smollm2_decode_quantized"] = serde_json::json!(quantized);
-    }
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    }
-    Ok(())
 }
 
 fn flops(a: FlopsArgs) -> Result<()> {

@@ -4,24 +4,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use vvlm_cost::{format_si, FlopCounter};
-use vvlm_engine::{GenerateRequest, LoadOptions, SamplingParams, VideoVlm};
+use vvlm_engine::{GenerateRequest, SamplingParams, VideoVlm};
 
-/// Where a command runs the model.
-#[derive(Args, Debug, Clone)]
-pub struct Placement {
-    /// cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
-    #[arg(long, env = "VVLM_DEVICE", default_value = "cpu")]
-    pub device: String,
-    /// auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16.
-    #[arg(long, env = "VVLM_DTYPE", default_value = "auto")]
-    pub dtype: String,
-}
-
-impl Placement {
-    pub fn load_options(&self) -> Result<LoadOptions> {
-        Ok(LoadOptions::parse(&self.device, &self.dtype)?)
-    }
-}
+/// Where a command runs the model (device and dtype flags).
+pub use vvlm_engine_bench::Placement;
 
 #[derive(Subcommand, Debug)]
 pub enum DebugCmd {

@@ -126,6 +126,19 @@ pub struct TextConfig {
 }
 
 impl TextConfig {
+    /// The decoder's shape for exact FLOP accounting.
+    pub fn lm_spec(&self) -> vvlm_cost::LmSpec {
+        vvlm_cost::LmSpec {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.kv_heads(),
+            head_dim: self.head_dim(),
+            vocab_size: self.vocab_size,
+        }
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }

@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
-use vvlm_cost::{ArchSpec, Component, LmSpec, ProjectorSpec, VisionSpec};
+use vvlm_cost::{ArchSpec, Component, ProjectorSpec, VisionSpec};
 
 /// How to load a checkpoint.
 #[derive(Debug, Clone)]
@@ -363,15 +363,7 @@ impl VideoVlm {
                 hidden: t.hidden_size,
                 out_features: t.hidden_size,
             },
-            lm: LmSpec {
-                hidden_size: t.hidden_size,
-                intermediate_size: t.intermediate_size,
-                num_hidden_layers: t.num_hidden_layers,
-                num_attention_heads: t.num_attention_heads,
-                num_key_value_heads: t.kv_heads(),
-                head_dim: t.head_dim(),
-                vocab_size: t.vocab_size,
-            },
+            lm: t.lm_spec(),
             video_newline: self.image_newline.is_some(),
         }
     }

@@ -1,6 +1,7 @@
-//! GPU parity (built with `--features cuda`, run by `scripts/gpu-check` on a machine with an
-//! NVIDIA GPU; these tests fail without one). Every CUDA result is compared with the CPU engine,
-//! which is itself checked against transformers by `parity.rs`:
+//! GPU parity (built with `--features cuda`; run on a machine with an NVIDIA GPU by
+//! `scripts/gpu-run` from a bundle built by `scripts/gpu-bundle`, or built and run there by
+//! `scripts/gpu-check`; these tests fail without one). Every CUDA result is compared with the
+//! CPU engine, which is itself checked against transformers by `parity.rs`:
 //! - the bilinear pooling kernel against its CPU reference: f32 max abs error <= 1e-6, bf16
 //!   within one bf16 rounding of the output (2^-8 relative);
 //! - the tiny LLaVA-OneVision fixture end to end on the GPU in f32 (max abs error of every
@@ -103,8 +104,7 @@ fn the_suite_rung_answers_on_the_gpu_as_on_the_cpu_alone_and_batched() {
     use std::sync::Arc;
     use vvlm_engine::batch::{Batch, Join};
     use vvlm_engine::{FrameData, GenerateRequest, SamplingParams, VisualInput};
-    let ckpt =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/ladder/suite-m");
+    let ckpt = common::repo_root().join("models/ladder/suite-m");
     let load = |device: Device| {
         Arc::new(
             VideoVlm::load(

@@ -5,8 +5,17 @@ use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+/// The repository root: `VVLM_REPO_ROOT` when set (a test binary carried to another machine,
+/// `scripts/gpu-run`, where the build's path does not exist), else the one it was built in.
+pub fn repo_root() -> PathBuf {
+    match std::env::var_os("VVLM_REPO_ROOT") {
+        Some(root) => PathBuf::from(root),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."),
+    }
+}
+
 pub fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava-onevision")
+    repo_root().join("tests/fixtures/tiny-llava-onevision")
 }
 
 /// transformers' inputs, intermediates and logits.

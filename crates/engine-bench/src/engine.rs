@@ -1,0 +1,238 @@
+//! Engine hot paths at real shapes with random weights: SigLIP so400m/14 per frame, bilinear
+//! pooling, Llama-3.2-1B-shaped prefill and decode, and SmolLM2 (GGUF) prefill and decode.
+//! Reports throughput, the FLOPs the engine counted, and MFU against a given or measured peak.
+
+use crate::{matmul_peak_gflops_on, Placement};
+use anyhow::Result;
+use candle_core::Tensor;
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Instant;
+use vvlm_cost::{Component, FlopCounter};
+
+#[derive(Args, Debug)]
+pub struct EngineArgs {
+    /// Prefill length (tokens).
+    #[arg(long, default_value_t = 512)]
+    pub prefill: usize,
+    /// Decode steps timed after the prefill.
+    #[arg(long, default_value_t = 16)]
+    pub decode: usize,
+    /// Frames encoded by the vision benchmark.
+    #[arg(long, default_value_t = 2)]
+    pub frames: usize,
+    /// SmolLM2 GGUF for the small-LM benchmark (skipped when absent).
+    #[arg(long, default_value = "models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    pub gguf: PathBuf,
+    /// Only these parts (comma separated: vision, pool, llama1b, smollm2).
+    #[arg(
+        long,
+        default_value = "vision,pool,llama1b,smollm2",
+        value_delimiter = ','
+    )]
+    pub parts: Vec<String>,
+    #[command(flatten)]
+    pub placement: Placement,
+    /// SmolLM2 decode from the GGUF file's quantized blocks (what the server does on the CPU);
+    /// `--quantized-decode false` times the f32 matrices instead.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub quantized_decode: bool,
+    /// The device's dense peak at the run's dtype, in TFLOP/s (e.g. 989 for an H100 SXM in
+    /// bf16): MFU is reported against it. Default: the measured matmul peak.
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One prefill of `prefill` tokens after a 16-token warm-up, then `decode` greedy steps:
+/// (prefill seconds, prefill FLOPs, decode seconds, decode FLOPs).
+fn lm_prefill_decode(
+    lm: &vvlm_engine::llama::Llama,
+    prefill: usize,
+    decode: usize,
+) -> Result<(f64, f64, f64, f64)> {
+    let ids: Vec<u32> = (0..prefill as u32).map(|i| 100 + (i * 7) % 1000).collect();
+    // Warm-up on a short prompt.
+    {
+        lm.device().synchronize()?;
+        let c = FlopCounter::new();
+        let mut ctx = vvlm_engine::Ctx::new(&c, Component::LmPrefill);
+        let mut cache = lm.new_cache();
+        let h = lm.forward_hidden(&lm.embed(&ids[..16.min(prefill)])?, &mut cache, &mut ctx)?;
+        let _ = lm.last_logits(&h, &ctx)?;
+    }
+    let c = FlopCounter::new();
+    let mut ctx = vvlm_engine::Ctx::new(&c, Component::LmPrefill);
+    let mut cache = lm.new_cache();
+    let t = Instant::now();
+    let h = lm.forward_hidden(&lm.embed(&ids)?, &mut cache, &mut ctx)?;
+    let mut logits = lm.last_logits(&h, &ctx)?;
+    lm.device().synchronize()?;
+    let prefill_s = t.elapsed().as_secs_f64();
+    let prefill_flops = c.get(Component::LmPrefill) as f64;
+    ctx.component = Component::LmDecode;
+    let t = Instant::now();
+    for _ in 0..decode {
+        let next = vvlm_engine::llama::argmax(&logits)?;
+        let h = lm.forward_hidden(&lm.embed(&[next])?, &mut cache, &mut ctx)?;
+        logits = lm.last_logits(&h, &ctx)?;
+    }
+    let decode_s = t.elapsed().as_secs_f64();
+    Ok((
+        prefill_s,
+        prefill_flops,
+        decode_s,
+        c.get(Component::LmDecode) as f64,
+    ))
+}
+
+/// Runs the chosen parts; prints a line per part unless `a.json`; returns the figures.
+pub fn run(a: &EngineArgs) -> Result<serde_json::Value> {
+    let opts = a.placement.load_options()?;
+    let (dev, dtype) = (opts.device.clone(), opts.dtype);
+    let n = if dev.is_cpu() { 1024 } else { 8192 };
+    let measured_peak = matmul_peak_gflops_on(n, &dev, dtype)?;
+    let peak = a.peak_tflops.map_or(measured_peak, |t| t * 1e3);
+    let mut out = serde_json::json!({
+        "device": a.placement.device, "dtype": format!("{dtype:?}"),
+        "matmul_peak_gflops": measured_peak, "mfu_reference_gflops": peak,
+    });
+    let want = |p: &str| a.parts.iter().any(|x| x == p);
+    if !a.json {
+        println!(
+            "{} {dtype:?}: matmul {n}^3 best of 3: {measured_peak:.1} GFLOP/s; MFU against {peak:.1} GFLOP/s",
+            a.placement.device
+        );
+    }
+    if want("vision") {
+        let cfg = vvlm_engine::SiglipVisionConfig::so400m();
+        let t = vvlm_engine::demo::random_vision_tensors(&cfg, 2048, 1)?;
+        let vb = candle_nn::VarBuilder::from_tensors(t, dtype, &dev);
+        let tower = vvlm_engine::siglip::SiglipVision::load(
+            vb.pp("vision_tower.vision_model"),
+            &cfg,
+            cfg.num_hidden_layers,
+        )?;
+        let frame_batch = if dev.is_cpu() { 1 } else { a.frames.max(1) };
+        let px = Tensor::randn(0f32, 1.0, (frame_batch, 3, 384, 384), &dev)?.to_dtype(dtype)?;
+        let c = FlopCounter::new();
+        let mut ctx = vvlm_engine::Ctx::new(&c, Component::Vision);
+        let _ = vvlm_engine::cpu_pool::run(|| tower.forward(&px, &mut ctx))?; // warm-up
+        dev.synchronize()?;
+        c.reset();
+        // One frame per forward, timed separately: the median resists the noise of a shared
+        // machine better than the mean of one batched call.
+        // On a GPU, `frames` frames go in one batch (timed 3 times) and times are per frame.
+        let mut times = Vec::with_capacity(a.frames);
+        let calls = if dev.is_cpu() { a.frames.max(1) } else { 3 };
+        for _ in 0..calls {
+            let px = Tensor::randn(0f32, 1.0, (frame_batch, 3, 384, 384), &dev)?.to_dtype(dtype)?;
+            dev.synchronize()?;
+            let t0 = Instant::now();
+            let _ = vvlm_engine::cpu_pool::run(|| tower.forward(&px, &mut ctx))?;
+            dev.synchronize()?;
+            times.push(t0.elapsed().as_secs_f64() / frame_batch as f64);
+        }
+        let frame_flops = c.get(Component::Vision) as f64 / (calls * frame_batch) as f64;
+        let want = vvlm_cost::VisionSpec::so400m().frame_flops();
+        out["vision_frame_flops"] = serde_json::json!(frame_flops);
+        out["vision_frame_flops_analytic"] = serde_json::json!(want);
+        out["vision_flops_match_analytic"] = serde_json::json!(frame_flops == want);
+        times.sort_by(f64::total_cmp);
+        let s = times[times.len() / 2];
+        let gf = frame_flops / s / 1e9;
+        if !a.json {
+            println!(
+                "SigLIP so400m/14 @384 (26 layers): {s:.3} s/frame (median of {}), {gf:.1} GFLOP/s ({:.0}% of peak)",
+                times.len(),
+                100.0 * gf / peak
+            );
+        }
+        out["vision_s_per_frame"] = serde_json::json!(s);
+        out["vision_gflops"] = serde_json::json!(gf);
+        out["vision_frames_per_s"] = serde_json::json!(1.0 / s);
+        out["vision_mfu"] = serde_json::json!(gf / peak);
+    }
+    if want("pool") {
+        let x = Tensor::randn(0f32, 1.0, (32, 729, 2048), &dev)?.to_dtype(dtype)?;
+        let _ = vvlm_engine::pool::pool(&x, 27, 14)?;
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        let reps = 5;
+        for _ in 0..reps {
+            let _ = vvlm_engine::pool::pool(&x, 27, 14)?;
+        }
+        dev.synchronize()?;
+        let s = t0.elapsed().as_secs_f64() / reps as f64;
+        if !a.json {
+            println!(
+                "bilinear pooling 32 x 27x27 -> 14x14, D=2048: {:.2} ms",
+                s * 1e3
+            );
+        }
+        out["pool_32x729x2048_to_14_ms"] = serde_json::json!(s * 1e3);
+    }
+    if want("llama1b") {
+        let cfg = vvlm_engine::TextConfig::llama32_1b();
+        let t = vvlm_engine::demo::random_lm_tensors(&cfg, 2)?;
+        let vb = candle_nn::VarBuilder::from_tensors(t, dtype, &dev);
+        let lm = vvlm_engine::llama::Llama::load(vb, None, &cfg)?;
+        let (ps, pf, ds, df) =
+            vvlm_engine::cpu_pool::run(|| lm_prefill_decode(&lm, a.prefill, a.decode))?;
+        if !a.json {
+            println!(
+                "Llama-3.2-1B shape: prefill {} tokens {:.1} tok/s ({:.1} GFLOP/s, {:.0}% of peak); decode {:.1} tok/s ({:.3} s/token)",
+                a.prefill,
+                a.prefill as f64 / ps,
+                pf / ps / 1e9,
+                100.0 * pf / ps / 1e9 / peak,
+                a.decode as f64 / ds,
+                ds / a.decode as f64
+            );
+        }
+        out["llama1b_prefill_tok_s"] = serde_json::json!(a.prefill as f64 / ps);
+        out["llama1b_prefill_gflops"] = serde_json::json!(pf / ps / 1e9);
+        out["llama1b_prefill_mfu"] = serde_json::json!(pf / ps / 1e9 / peak);
+        out["llama1b_prefill_flops"] = serde_json::json!(pf);
+        out["llama1b_decode_flops"] = serde_json::json!(df);
+        // What the analytic model (checked against the CPU engine by the parity tests) says
+        // this device should have counted.
+        let spec = cfg.lm_spec();
+        let want_pf = spec.prefill_flops(a.prefill);
+        let want_df: f64 = (0..a.decode)
+            .map(|i| spec.decode_step_flops(a.prefill + i + 1))
+            .sum();
+        out["llama1b_prefill_flops_analytic"] = serde_json::json!(want_pf);
+        out["llama1b_decode_flops_analytic"] = serde_json::json!(want_df);
+        out["llama1b_flops_match_analytic"] = serde_json::json!(pf == want_pf && df == want_df);
+        out["llama1b_decode_tok_s"] = serde_json::json!(a.decode as f64 / ds);
+        out["llama1b_decode_gflops"] = serde_json::json!(df / ds / 1e9);
+    }
+    if want("smollm2") && a.gguf.exists() {
+        let g = vvlm_engine::gguf::load(&a.gguf, dtype, &dev)?;
+        let vb = candle_nn::VarBuilder::from_tensors(g.tensors, dtype, &dev);
+        let mut lm = vvlm_engine::llama::Llama::load(vb, None, &g.config)?;
+        let quantized = a.quantized_decode && dev.is_cpu() && dtype == candle_core::DType::F32;
+        if quantized {
+            lm.attach_quantized(&g.quantized)?;
+        }
+        let (ps, pf, ds, _) =
+            vvlm_engine::cpu_pool::run(|| lm_prefill_decode(&lm, a.prefill, a.decode.max(32)))?;
+        let steps = a.decode.max(32);
+        if !a.json {
+            println!(
+                "SmolLM2-135M (GGUF Q4_1; prefill f32, decode {}): prefill {} tokens {:.1} tok/s ({:.1} GFLOP/s); decode {:.1} tok/s",
+                if quantized { "Q4_1/Q8_0 blocks" } else { "f32" },
+                a.prefill,
+                a.prefill as f64 / ps,
+                pf / ps / 1e9,
+                steps as f64 / ds
+            );
+        }
+        out["smollm2_prefill_tok_s"] = serde_json::json!(a.prefill as f64 / ps);
+        out["smollm2_decode_tok_s"] = serde_json::json!(steps as f64 / ds);
+        out["smollm2_decode_quantized"] = serde_json::json!(quantized);
+    }
+    Ok(out)
+}

@@ -1,0 +1,164 @@
+//! The first thing a GPU run does: open the device, then run one of each kind of kernel the
+//! engine needs and compare it with the CPU, so a missing library, a PTX the driver cannot load
+//! or a broken kernel fails in seconds with a named check instead of minutes into a benchmark.
+//!
+//! Checks: a cuBLAS matmul in f32 and bf16, our bilinear pooling kernel (`kernels/`), and
+//! attention through candle's CUDA ops (softmax, masked fill, batched matmul), each against the
+//! CPU engine with a stated tolerance. On `--device cpu` every check compares the CPU with
+//! itself: that run only exercises the plumbing (used by CI to test the run script).
+
+use crate::Placement;
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use std::time::Instant;
+use vvlm_cost::{Component, FlopCounter};
+use vvlm_engine::attention::{attention, Masking};
+
+/// One kernel compared with the CPU.
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    /// Max abs difference from the CPU, divided by the CPU result's max abs when `relative`.
+    pub error: f32,
+    pub tolerance: f32,
+    pub relative: bool,
+    pub ok: bool,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub device: String,
+    pub cuda_compiled: bool,
+    pub seconds_to_open_device: f64,
+    pub checks: Vec<Check>,
+    pub ok: bool,
+}
+
+fn max_abs(t: &Tensor) -> Result<f32> {
+    Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+fn compare(cpu: &Tensor, dev: &Tensor, relative: bool) -> Result<f32> {
+    let cpu = cpu.to_dtype(DType::F32)?;
+    let dev = dev.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    anyhow::ensure!(
+        cpu.dims() == dev.dims(),
+        "shapes differ: {:?} vs {:?}",
+        cpu.dims(),
+        dev.dims()
+    );
+    let e = max_abs(&(&cpu - &dev)?)?;
+    Ok(if relative {
+        e / max_abs(&cpu)?.max(1e-30)
+    } else {
+        e
+    })
+}
+
+/// Opens the placement's device and runs every check (a failed check does not stop the others).
+pub fn run(p: &Placement) -> Result<Report> {
+    let t = Instant::now();
+    let opts = p.load_options()?;
+    let dev = opts.device.clone();
+    let x = Tensor::zeros(4, DType::F32, &dev)?; // first allocation: context creation
+    dev.synchronize()?;
+    drop(x);
+    let seconds_to_open_device = t.elapsed().as_secs_f64();
+    let mut checks = vec![];
+    let mut check =
+        |name: &'static str, tolerance: f32, relative: bool, f: &dyn Fn() -> Result<f32>| {
+            let t = Instant::now();
+            let (error, ok) = match f() {
+                Ok(e) => (e, e <= tolerance),
+                Err(err) => {
+                    eprintln!("[smoke] {name}: {err:#}");
+                    (f32::NAN, false)
+                }
+            };
+            checks.push(Check {
+                name,
+                error,
+                tolerance,
+                relative,
+                ok,
+                seconds: t.elapsed().as_secs_f64(),
+            });
+        };
+    let to = |t: &Tensor| t.to_device(&dev);
+    // cuBLAS (f32 may run in TF32 when the engine allows it: relative 1e-3 covers 10-bit
+    // mantissas over a 512-long random dot product).
+    check("matmul_f32_cublas", 1e-3, true, &|| {
+        let a = Tensor::randn(0f32, 1.0, (256, 512), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 1.0, (512, 384), &Device::Cpu)?;
+        compare(&a.matmul(&b)?, &to(&a)?.matmul(&to(&b)?)?, true)
+    });
+    // bf16 inputs: both sides round the inputs the same way; the GPU accumulates in f32, the CPU
+    // in its own order, and the output is rounded to bf16 (2^-8 relative).
+    check("matmul_bf16_cublas", 1e-2, true, &|| {
+        let a = Tensor::randn(0f32, 1.0, (256, 512), &Device::Cpu)?.to_dtype(DType::BF16)?;
+        let b = Tensor::randn(0f32, 1.0, (512, 384), &Device::Cpu)?.to_dtype(DType::BF16)?;
+        let want = a.to_dtype(DType::F32)?.matmul(&b.to_dtype(DType::F32)?)?;
+        compare(&want, &to(&a)?.matmul(&to(&b)?)?, true)
+    });
+    check("bilinear_pool_kernel", 1e-6, false, &|| {
+        let x = Tensor::randn(0f32, 1.0, (2, 729, 64), &Device::Cpu)?;
+        let cpu = vvlm_engine::pool::pool(&x, 27, 14)?;
+        compare(&cpu, &vvlm_engine::pool::pool(&to(&x)?, 27, 14)?, false)
+    });
+    check("attention_causal", 1e-4, false, &|| {
+        let flops = FlopCounter::new();
+        let ctx = vvlm_engine::Ctx::new(&flops, Component::LmPrefill);
+        let q = Tensor::randn(0f32, 1.0, (1, 8, 33, 64), &Device::Cpu)?;
+        let k = Tensor::randn(0f32, 1.0, (1, 2, 40, 64), &Device::Cpu)?;
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 40, 64), &Device::Cpu)?;
+        let m = Masking::Causal { past: 7 };
+        let cpu = attention(&q, &k, &v, 0.125, m, &ctx)?;
+        let got = attention(&to(&q)?, &to(&k)?, &to(&v)?, 0.125, m, &ctx)?;
+        compare(&cpu, &got, false)
+    });
+    let ok = checks.iter().all(|c| c.ok);
+    Ok(Report {
+        device: p.device.clone(),
+        cuda_compiled: candle_core::utils::cuda_is_available(),
+        seconds_to_open_device,
+        checks,
+        ok,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_reports_relative_and_absolute_differences() {
+        let a = Tensor::new(&[1f32, -4.0, 2.0], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[1f32, -3.0, 2.5], &Device::Cpu).unwrap();
+        assert_eq!(compare(&a, &b, false).unwrap(), 1.0);
+        assert_eq!(compare(&a, &b, true).unwrap(), 0.25);
+        let c = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        assert!(compare(&a, &c, false).is_err());
+    }
+
+    #[test]
+    fn every_check_runs_on_the_cpu_placement() {
+        let r = run(&Placement {
+            device: "cpu".into(),
+            dtype: "f32".into(),
+        })
+        .unwrap();
+        let names: Vec<_> = r.checks.iter().map(|c| c.name).collect();
+        assert_eq!(
+            names,
+            [
+                "matmul_f32_cublas",
+                "matmul_bf16_cublas",
+                "bilinear_pool_kernel",
+                "attention_causal"
+            ]
+        );
+        assert!(r.ok, "{r:?}");
+    }
+}
