@@ -6,7 +6,7 @@
 # ROUNDS times; each side keeps its best round per B (noise only slows a run down).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --quiet --release -p vvlm-cli
+cargo build --quiet --release -p vvlm-engine-bench
 bash models/fetch-smollm2.sh >/dev/null
 peer=$(bash benches/build_llamacpp.sh)
 g=models/cache/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -14,7 +14,7 @@ ROUNDS=${ROUNDS:-2}
 out=target/batching
 mkdir -p $out
 for r in $(seq "$ROUNDS"); do
-  RAYON_NUM_THREADS=2 target/release/vvlm bench batch --gguf $g --npp 32 --ntg 128 \
+  RAYON_NUM_THREADS=2 target/release/vvlm-engine-bench batch --gguf $g --npp 32 --ntg 128 \
     --npl 1,2,4,8,16 --json > $out/vvlm.$r.json
   "$peer" -m $g -c 4096 -b 2048 -ub 512 -npp 32 -ntg 128 -npl 1,2,4,8,16 -t 2 \
     > $out/llamacpp.$r.txt 2>/dev/null

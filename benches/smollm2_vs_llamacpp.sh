@@ -7,7 +7,7 @@
 # same file). Interleaved ROUNDS times; each side keeps its best round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --quiet --release -p vvlm-cli
+cargo build --quiet --release -p vvlm-engine-bench
 bash models/fetch-smollm2.sh >/dev/null
 peer=$(bash benches/build_llamacpp.sh)
 g=models/cache/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -17,8 +17,8 @@ ROUNDS=${ROUNDS:-2}
 out=target/smollm2-vs-llamacpp
 mkdir -p $out
 for r in $(seq "$ROUNDS"); do
-  RAYON_NUM_THREADS=2 target/release/vvlm bench engine --parts smollm2 --prefill 512 --decode 128 --json > $out/vvlm.$r.json
-  RAYON_NUM_THREADS=2 target/release/vvlm bench engine --parts smollm2 --prefill 512 --decode 128 --quantized-decode false --json > $out/vvlm-f32.$r.json
+  RAYON_NUM_THREADS=2 target/release/vvlm-engine-bench engine --parts smollm2 --prefill 512 --decode 128 --json > $out/vvlm.$r.json
+  RAYON_NUM_THREADS=2 target/release/vvlm-engine-bench engine --parts smollm2 --prefill 512 --decode 128 --quantized-decode false --json > $out/vvlm-f32.$r.json
   for m in q4_1 f32; do
     file=$g; [ $m = f32 ] && file=$f32
     "$peer" -m "$file" -c 1024 -b 512 -ub 512 -npp 512 -ntg 128 -npl 1 -t 2 > $out/llamacpp-$m.$r.txt 2>/dev/null
