@@ -2,9 +2,9 @@
 //! engine needs and compare it with the CPU, so a missing library, a PTX the driver cannot load
 //! or a broken kernel fails in seconds with a named check instead of minutes into a benchmark.
 //!
-//! Checks: a cuBLAS matmul in f32 and bf16, our bilinear pooling kernel (`kernels/`), and
-//! attention through candle's CUDA ops (softmax, masked fill, batched matmul), each against the
-//! CPU engine with a stated tolerance. On `--device cpu` every check compares the CPU with
+//! Checks: a cuBLAS matmul in f32 and bf16, our two kernels (`kernels/`: bilinear pooling and the
+//! scaled causal softmax), and attention as the GPU runs it (batched matmuls around that
+//! softmax), each against the CPU engine with a stated tolerance. On `--device cpu` every check compares the CPU with
 //! itself: that run only exercises the plumbing (used by CI to test the run script).
 
 use crate::Placement;
@@ -107,6 +107,19 @@ pub fn run(p: &Placement) -> Result<Report> {
         let cpu = vvlm_engine::pool::pool(&x, 27, 14)?;
         compare(&cpu, &vvlm_engine::pool::pool(&to(&x)?, 27, 14)?, false)
     });
+    // kernels/scaled_softmax.cu against its CPU reference (bf16: one rounding of values <= 1).
+    check("scaled_softmax_kernel", 4e-3, false, &|| {
+        let x = Tensor::randn(0f32, 3.0, (2, 48, 300), &Device::Cpu)?.to_dtype(DType::BF16)?;
+        let op = vvlm_engine::attention::ScaledSoftmax {
+            scale: 0.125,
+            causal: Some((48, 252)),
+        };
+        compare(
+            &x.apply_op1_no_bwd(&op)?,
+            &to(&x)?.apply_op1_no_bwd(&op)?,
+            false,
+        )
+    });
     check("attention_causal", 1e-4, false, &|| {
         let flops = FlopCounter::new();
         let ctx = vvlm_engine::Ctx::new(&flops, Component::LmPrefill);
@@ -156,6 +169,7 @@ mod tests {
                 "matmul_f32_cublas",
                 "matmul_bf16_cublas",
                 "bilinear_pool_kernel",
+                "scaled_softmax_kernel",
                 "attention_causal"
             ]
         );

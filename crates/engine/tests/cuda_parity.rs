@@ -7,7 +7,8 @@
 //! - the tiny LLaVA-OneVision fixture end to end on the GPU in f32 (max abs error of every
 //!   intermediate and the logits <= 1e-3: cuBLAS may reorder sums) and in bf16 (logits within
 //!   5% of the logits' range);
-//! - attention through candle's CUDA ops against the fused CPU kernel;
+//! - the scaled causal softmax kernel against its CPU reference;
+//! - attention through candle's CUDA ops and that kernel against the fused CPU kernel;
 //! - the trained suite rung answering on the GPU as on the CPU, alone and in a batch.
 #![cfg(feature = "cuda")]
 
@@ -38,6 +39,46 @@ fn pooling_kernel_matches_its_cpu_reference() {
         let cuda = vvlm_engine::pool::pool(&xb.to_device(&dev).unwrap(), 27, side).unwrap();
         let e = max_abs(&cpu, &cuda);
         assert!(e <= 4.0 * 2f32.powi(-8), "bf16 side {side}: {e}");
+    }
+}
+
+/// `kernels/scaled_softmax.cu` against its CPU reference (`ScaledSoftmax::cpu_fwd`): row
+/// lengths around the warp and block sizes and past them, causal with and without a past, and
+/// bidirectional; f32 within 1e-6 (probabilities <= 1; only the summation order differs), bf16
+/// and f16 within one rounding of the output (2^-8, 2^-11 relative) plus that.
+#[test]
+fn scaled_softmax_kernel_matches_its_cpu_reference() {
+    use vvlm_engine::attention::ScaledSoftmax;
+    let dev = gpu();
+    for (rows, kv, causal) in [
+        (3, 1, Some((3, 0))),
+        (6, 5, Some((3, 2))),
+        (64, 31, None),
+        (64, 32, Some((32, 0))),
+        (66, 33, Some((33, 0))),
+        (40, 257, Some((20, 237))),
+        (24, 1000, None),
+        (8, 4100, Some((8, 4092))),
+    ] {
+        let x = Tensor::randn(0f32, 3.0, (2, rows, kv), &Device::Cpu).unwrap();
+        let op = ScaledSoftmax {
+            scale: 0.125,
+            causal,
+        };
+        for (dtype, tol) in [
+            (DType::F32, 1e-6),
+            (DType::BF16, 2f32.powi(-8) + 1e-6),
+            (DType::F16, 2f32.powi(-11) + 1e-6),
+        ] {
+            let xd = x.to_dtype(dtype).unwrap();
+            let cpu = xd.apply_op1_no_bwd(&op).unwrap();
+            let cuda = xd.to_device(&dev).unwrap().apply_op1_no_bwd(&op).unwrap();
+            let e = max_abs(
+                &cpu.to_dtype(DType::F32).unwrap(),
+                &cuda.to_dtype(DType::F32).unwrap(),
+            );
+            assert!(e <= tol, "{dtype:?} rows {rows} kv {kv} {causal:?}: {e}");
+        }
     }
 }
 
