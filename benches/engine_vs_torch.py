@@ -38,6 +38,7 @@ if a.device not in ("cpu", "cuda") and not a.device.startswith("cuda:"):
     ap.error(f"--device must be cpu or cuda[:N], got {a.device!r}")
 
 import torch  # after argument checks: `--help` and bad arguments need no torch
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 torch.set_num_threads(a.threads)
@@ -53,7 +54,7 @@ def clock():
     return time.perf_counter()
 
 
-out = {"torch": torch.__version__, "device": a.device, "dtype": a.dtype, "threads": a.threads}
+out = {"torch": torch.__version__, "transformers": transformers.__version__, "device": a.device, "dtype": a.dtype, "threads": a.threads}
 if gpu:
     out["gpu"] = torch.cuda.get_device_name(dev)
 # Peak: an n^3 matmul, best of 3 (as vvlm's: 1024 on the CPU, 8192 on a GPU).
@@ -69,9 +70,13 @@ out["mfu_reference_gflops"] = peak_gflops
 
 LLAMA = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
              num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
-             rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-             rope_theta=500000.0)
+             max_position_embeddings=131072)
+ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
+if int(transformers.__version__.split(".")[0]) >= 5:  # v5 names it rope_parameters, theta inside
+    LLAMA["rope_parameters"] = dict(ROPE, rope_theta=500000.0)
+else:
+    LLAMA.update(rope_scaling=ROPE, rope_theta=500000.0)
 
 
 def llama_prefill_flops(n_tok):
