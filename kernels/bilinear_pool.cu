@@ -8,6 +8,7 @@
 // arithmetic step by step; scripts/gpu-check compares the two on a GPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include "dtype.cuh"
 #include <stdint.h>
 
 __device__ __forceinline__ void source_index(int dst, int in, int out, int* i0, int* i1, float* l1) {
@@ -20,13 +21,6 @@ __device__ __forceinline__ void source_index(int dst, int in, int out, int* i0, 
     *i1 = lo < in - 1 ? lo + 1 : lo;
     *l1 = src - (float)lo;
 }
-
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half(v); }
 
 // One thread per output element (consecutive threads walk the channel dimension, so every
 // load and store is coalesced); a grid-stride loop covers any size.

@@ -13,14 +13,8 @@
 // order); crates/engine/tests/cuda_parity.rs compares the two on a GPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include "dtype.cuh"
 #include <math.h>
-
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half(v); }
 
 // The block's maximum (is_max) or sum of v, returned to every thread. blockDim.x is a multiple
 // of 32 and at most 1024.

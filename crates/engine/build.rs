@@ -29,6 +29,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it"));
     let nvcc = find_nvcc();
     let arch = std::env::var("VVLM_PTX_ARCH").unwrap_or_else(|_| "80".into());
+    println!("cargo:rerun-if-changed={}", dir.join("dtype.cuh").display());
     for k in KERNELS {
         let src = dir.join(format!("{k}.cu"));
         println!("cargo:rerun-if-changed={}", src.display());

@@ -219,8 +219,8 @@ fn last_dim_contiguous(t: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The unfused composition of candle ops (any device and dtype): what the fused kernel is
-/// tested against, and what runs off the CPU.
+/// The unfused composition of candle ops (any device and dtype): the independent reference the
+/// fused CPU kernel and [`device_attention`] are tested against.
 pub fn reference_attention(
     q: &Tensor,
     k: &Tensor,
