@@ -114,7 +114,7 @@ pub struct Linear {
     in_features: usize,
     out_features: usize,
     /// The same weights quantized (from GGUF), used for decode-shaped products on the CPU.
-    quant: Option<std::sync::Arc<crate::quant::QuantMatrix>>,
+    quant: Option<std::sync::Arc<crate::quant::PackedMatrix>>,
 }
 
 impl Linear {
@@ -156,11 +156,11 @@ impl Linear {
                 self.in_features
             );
         }
-        self.quant = Some(std::sync::Arc::new(q));
+        self.quant = Some(std::sync::Arc::new(q.packed()));
         Ok(())
     }
 
-    pub fn quantized(&self) -> Option<&crate::quant::QuantMatrix> {
+    pub fn quantized(&self) -> Option<&crate::quant::PackedMatrix> {
         self.quant.as_deref()
     }
 
@@ -183,10 +183,14 @@ impl Linear {
             None
         };
         let mut out = Self::from_weights(weight, bias)?;
+        let quants: Option<Vec<crate::quant::QuantMatrix>> = parts
+            .iter()
+            .map(|l| l.quant.as_deref().map(|q| q.unpack()))
+            .collect();
         let quants: Option<Vec<&crate::quant::QuantMatrix>> =
-            parts.iter().map(|l| l.quant.as_deref()).collect();
+            quants.as_ref().map(|q| q.iter().collect());
         if let Some(q) = quants.and_then(|q| crate::quant::QuantMatrix::concat_rows(&q)) {
-            out.quant = Some(std::sync::Arc::new(q));
+            out.quant = Some(std::sync::Arc::new(q.packed()));
         }
         Ok(out)
     }

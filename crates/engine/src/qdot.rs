@@ -2,19 +2,24 @@
 //! 32-value block (`x ≈ d·q`, `q` in -127..=127, as ggml's Q8_1), multiplied with the
 //! checkpoint's Q4_1 / Q8_0 weight blocks in integer arithmetic, one f32 scale per block pair.
 //!
-//! This is what llama.cpp does at decode: a block's 32 products become one `vpmaddubsw` +
-//! `vpmaddwd` (AVX2) or one `vpdpbusd` (AVX-VNNI or AVX512-VNNI) instead of 32 f32 FMAs per
-//! activation row, so a batch of rows costs little more than one. The error added is the
-//! activations' rounding (half a step of `d = max|x_block|/127`), bounded and tested below.
+//! This is what llama.cpp does at decode: products of 4 weight bytes and 4 activation bytes
+//! become one lane of a `vpmaddubsw` + `vpmaddwd` (AVX2) or of a `vpdpbusd` (AVX-VNNI or
+//! AVX512-VNNI) instead of f32 FMAs. The weights are repacked at load ([`TiledWeights`]: 8 rows
+//! interleaved 4 weights at a time, as llama.cpp's repacked GEMM kernels do), so each
+//! instruction serves 8 weight rows at once, a block's 8 integer sums land in the 8 lanes of one
+//! register, and one scale multiply and one FMA per block serve 8 outputs: no horizontal sums.
+//! A batch of up to 4 activation rows shares each unpacked weight vector. The error added is
+//! the activations' rounding (half a step of `d = max|x_block|/127`), bounded and tested below.
 //!
-//! Owns: the activation quantizer and the block-dot kernels with run-time dispatch. Knows nothing
-//! of tensors, layers or candle: it takes slices.
+//! Owns: the activation quantizer, the tiled weight layout and the block-dot kernels with
+//! run-time dispatch. Knows nothing of tensors, layers or candle: it takes slices.
 //!
-//! Every row of a batch is computed by the same instructions in the same order as that row alone
-//! (rows are only grouped to share a weight block's unpacking), so a batched decode step's outputs
-//! are bit-identical to each sequence's own. The VNNI and AVX2 kernels are bit-identical too:
-//! both produce each 4-byte group's exact integer sum in the same lane (no saturation is possible
-//! in these ranges: |15·127·2| and |127·127·2| fit an i16).
+//! Every output is computed by the same arithmetic whatever batch it is in and whatever the
+//! instruction set: exact integer block sums (no saturation is possible: a Q4_1 block's 16
+//! products per i16 are at most 16·15·127 = 30,480; a Q8_0 pair at most 2·128·127 = 32,512),
+//! then the same f32 FMAs in the same order, written out scalar by scalar in the portable kernel
+//! that every SIMD kernel equals bit for bit. So a batched decode step's outputs are
+//! bit-identical to each sequence's own.
 
 pub const BLOCK: usize = 32;
 
@@ -118,15 +123,6 @@ fn quantize_into(x: &[f32], rows: usize, nb: usize, out: &mut Q8Rows) {
     }
 }
 
-/// One weight row: packed quants (Q4_1: 16 bytes a block, low nibbles weights 0..16, high
-/// nibbles 16..32; Q8_0: 32 signed bytes), the per-block scales, and (Q4_1) minimums.
-#[derive(Clone, Copy)]
-pub struct WeightRow<'a> {
-    pub qs: &'a [u8],
-    pub d: &'a [f32],
-    pub m: &'a [f32],
-}
-
 /// A quantized weight block's format (ggml's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightFormat {
@@ -211,6 +207,159 @@ impl Isa {
     }
 }
 
+/// Weight rows per tile: the 8 lanes of a 256-bit vector of i32/f32, one weight row each.
+pub const TILE: usize = 8;
+
+/// A quantized `[rows, cols]` matrix in the kernels' layout: rows in tiles of [`TILE`] (the last
+/// padded with zero rows), each tile's blocks one after another, and inside a block the tile's
+/// rows interleaved 4 weights at a time, so one `vpmaddubsw`/`vpdpbusd` with 4 activation bytes
+/// broadcast computes 4 products for each of 8 weight rows and a block's 8 sums land in the 8
+/// lanes of one register: no horizontal sums, and one scale multiply per block serves 8 rows.
+/// (llama.cpp's "repacked" Q4_0 GEMM kernels interleave rows the same way.)
+///
+/// Per tile `t` and block `b` (`i = t·nb + b`):
+/// - Q4_1: `qs[i·128..]` is 4 vectors of 32 bytes; byte `4j + k` of vector `p` holds row `j`'s
+///   weight `8p + k` in its low nibble and weight `8p + 4 + k` in its high nibble.
+/// - Q8_0: `qs[i·256..]` is 8 vectors; byte `4j + k` of vector `g` is row `j`'s weight `4g + k`.
+/// - `d[i·8 + j]` (and Q4_1's `m[i·8 + j]`): row `j`'s scale (and minimum) of block `b`.
+#[derive(Debug, Clone)]
+pub struct TiledWeights {
+    pub format: WeightFormat,
+    pub rows: usize,
+    pub cols: usize,
+    qs: Vec<u8>,
+    d: Vec<f32>,
+    m: Vec<f32>,
+}
+
+/// One quantized row in ggml's own block layout (Q4_1: 16 bytes a block, low nibbles weights
+/// 0..16, high nibbles 16..32; Q8_0: 32 signed bytes), with its per-block scales (and minimums).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowBlocks {
+    pub qs: Vec<u8>,
+    pub d: Vec<f32>,
+    pub m: Vec<f32>,
+}
+
+impl TiledWeights {
+    /// From rows in ggml's block layout, row-major: `qs` `[rows][cols/32][quant bytes]`, `d`
+    /// (and `m` for Q4_1, empty for Q8_0) `[rows][cols/32]`.
+    pub fn from_rows(
+        format: WeightFormat,
+        rows: usize,
+        cols: usize,
+        qs: &[u8],
+        d: &[f32],
+        m: &[f32],
+    ) -> Self {
+        assert_eq!(cols % BLOCK, 0, "columns a multiple of 32");
+        let nb = cols / BLOCK;
+        let wbytes = format.quant_bytes();
+        assert_eq!(qs.len(), rows * nb * wbytes, "quants of every block");
+        assert_eq!(d.len(), rows * nb, "a scale per block");
+        let q4 = format == WeightFormat::Q4_1;
+        assert_eq!(m.len(), if q4 { rows * nb } else { 0 }, "minimums (Q4_1)");
+        let tiles = rows.div_ceil(TILE);
+        let tb = TILE * wbytes;
+        let mut out = Self {
+            format,
+            rows,
+            cols,
+            qs: vec![0; tiles * nb * tb],
+            d: vec![0.0; tiles * nb * TILE],
+            m: if q4 {
+                vec![0.0; tiles * nb * TILE]
+            } else {
+                vec![]
+            },
+        };
+        for r in 0..rows {
+            let (t, j) = (r / TILE, r % TILE);
+            for b in 0..nb {
+                let i = t * nb + b;
+                let src = &qs[(r * nb + b) * wbytes..(r * nb + b + 1) * wbytes];
+                let dst = &mut out.qs[i * tb..(i + 1) * tb];
+                match format {
+                    WeightFormat::Q4_1 => {
+                        for pos in 0..BLOCK {
+                            let v = if pos < 16 {
+                                src[pos] & 15
+                            } else {
+                                src[pos - 16] >> 4
+                            };
+                            // Position `pos` = 8p + 4h + k: vector p, nibble h, byte 4j + k.
+                            let (p, h, k) = (pos / 8, (pos / 4) % 2, pos % 4);
+                            dst[p * 32 + 4 * j + k] |= v << (4 * h);
+                        }
+                    }
+                    WeightFormat::Q8_0 => {
+                        for pos in 0..BLOCK {
+                            dst[(pos / 4) * 32 + 4 * j + pos % 4] = src[pos];
+                        }
+                    }
+                }
+                out.d[i * TILE + j] = d[r * nb + b];
+                if q4 {
+                    out.m[i * TILE + j] = m[r * nb + b];
+                }
+            }
+        }
+        out
+    }
+
+    /// Row `r` back in ggml's block layout (the inverse of [`Self::from_rows`]).
+    pub fn row(&self, r: usize) -> RowBlocks {
+        assert!(r < self.rows, "row {r} of {}", self.rows);
+        let nb = self.cols / BLOCK;
+        let wbytes = self.format.quant_bytes();
+        let tb = TILE * wbytes;
+        let (t, j) = (r / TILE, r % TILE);
+        let mut out = RowBlocks {
+            qs: vec![0; nb * wbytes],
+            d: Vec::with_capacity(nb),
+            m: Vec::with_capacity(if self.m.is_empty() { 0 } else { nb }),
+        };
+        for b in 0..nb {
+            let i = t * nb + b;
+            let src = &self.qs[i * tb..(i + 1) * tb];
+            let dst = &mut out.qs[b * wbytes..(b + 1) * wbytes];
+            match self.format {
+                WeightFormat::Q4_1 => {
+                    for pos in 0..BLOCK {
+                        let (p, h, k) = (pos / 8, (pos / 4) % 2, pos % 4);
+                        let v = (src[p * 32 + 4 * j + k] >> (4 * h)) & 15;
+                        if pos < 16 {
+                            dst[pos] |= v;
+                        } else {
+                            dst[pos - 16] |= v << 4;
+                        }
+                    }
+                }
+                WeightFormat::Q8_0 => {
+                    for pos in 0..BLOCK {
+                        dst[pos] = src[(pos / 4) * 32 + 4 * j + pos % 4];
+                    }
+                }
+            }
+            out.d.push(self.d[i * TILE + j]);
+            if !self.m.is_empty() {
+                out.m.push(self.m[i * TILE + j]);
+            }
+        }
+        out
+    }
+
+    /// Tiles (groups of [`TILE`] rows, the last possibly partial).
+    pub fn tiles(&self) -> usize {
+        self.rows.div_ceil(TILE)
+    }
+
+    /// Bytes held (quants and f32 scales, padding included).
+    pub fn bytes(&self) -> usize {
+        self.qs.len() + 4 * (self.d.len() + self.m.len())
+    }
+}
+
 /// The block-dot kernel for one weight format on one instruction set, checked once to run on
 /// this CPU.
 #[derive(Debug, Clone, Copy)]
@@ -237,299 +386,310 @@ impl Kernel {
         self.isa
     }
 
-    /// `out[r * n + j] = w_j · x_r` (`out` is `[x.rows, n]`, the layout of `x · Wᵀ`) for the `n`
-    /// consecutive weight rows `w_j` in `w` (each `x.cols` wide) and every activation row of
-    /// `x`. Panics if the shapes disagree.
-    pub fn dot_matrix(&self, w: &WeightRow, x: &Q8Rows, out: &mut [f32]) {
-        let format = self.format;
-        let nb = x.cols / BLOCK;
-        let wbytes = format.quant_bytes();
-        assert!(nb > 0, "no columns");
-        assert_eq!(w.d.len() % nb, 0, "weights and activations disagree");
-        let n = w.d.len() / nb;
+    /// `out[r * n + j] = w_{row0 + j} · x_r` for the weight rows of tiles `tiles` (`row0 =
+    /// tiles.start · 8`, `n` those tiles' real rows) and every activation row of `x`: `out` is
+    /// `[x.rows, n]`, the layout of `x · Wᵀ` restricted to those rows.
+    ///
+    /// Every output is computed by the same arithmetic whatever the other rows of `x` and `w`
+    /// and whatever the instruction set: the block's integer sum (exact), then per block
+    /// `acc = fma(sum, d_w·d_x, acc)` and (Q4_1) `acc_m = fma(m, d_x·Σq_x, acc_m)`, blocks in
+    /// order, result `acc + acc_m`. So a batched decode step's outputs equal each sequence's
+    /// own bit for bit, on every kernel. Panics if the shapes disagree.
+    pub fn dot_tiles(
+        &self,
+        w: &TiledWeights,
+        tiles: std::ops::Range<usize>,
+        x: &Q8Rows,
+        out: &mut [f32],
+    ) {
+        assert_eq!(
+            w.format, self.format,
+            "kernel and weights disagree on format"
+        );
+        assert_eq!(w.cols, x.cols, "weights and activations disagree on width");
+        assert!(x.cols > 0, "no columns");
+        assert!(tiles.end <= w.tiles(), "tiles past the matrix");
+        let row0 = tiles.start * TILE;
+        let n = (tiles.end * TILE).min(w.rows).saturating_sub(row0);
         assert_eq!(
             out.len(),
             n * x.rows,
             "one output per weight and activation row"
         );
-        assert_eq!(w.qs.len(), n * nb * wbytes);
-        assert!(format == WeightFormat::Q8_0 || w.m.len() == n * nb);
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `new`/`best` checked the features; the shapes were checked above.
-            Isa::Avx512Vnni => unsafe { x86::matrix_avx512vnni(format, w, x, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            Isa::AvxVnni => unsafe { x86::matrix_avxvnni(format, w, x, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            Isa::Avx2 => unsafe { x86::matrix_avx2(format, w, x, out) },
-            _ => {
-                let mut y = vec![0f32; x.rows];
-                for j in 0..n {
-                    portable_group(format, &w.row(j, nb, wbytes), x, 0, &mut y);
-                    for (r, v) in y.iter().enumerate() {
-                        out[r * n + j] = *v;
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl<'a> WeightRow<'a> {
-    /// Row `j` of consecutive rows of `nb` blocks of `wbytes` bytes.
-    #[inline(always)]
-    fn row(&self, j: usize, nb: usize, wbytes: usize) -> WeightRow<'a> {
-        WeightRow {
-            qs: &self.qs[j * nb * wbytes..(j + 1) * nb * wbytes],
-            d: &self.d[j * nb..(j + 1) * nb],
-            m: if self.m.is_empty() {
-                &[]
-            } else {
-                &self.m[j * nb..(j + 1) * nb]
-            },
-        }
-    }
-}
-
-fn portable_group(format: WeightFormat, w: &WeightRow, x: &Q8Rows, r0: usize, y: &mut [f32]) {
-    for (j, yv) in y.iter_mut().enumerate() {
-        let r = r0 + j;
-        let mut acc = 0f32;
-        let mut mins = 0f32;
-        for b in 0..w.d.len() {
-            let i = b * x.rows + r;
-            let xq = &x.qs[i * BLOCK..(i + 1) * BLOCK];
-            let isum: i32 = match format {
-                WeightFormat::Q4_1 => {
-                    let q = &w.qs[b * 16..(b + 1) * 16];
-                    (0..16)
-                        .map(|i| {
-                            (q[i] & 15) as i32 * xq[i] as i32
-                                + (q[i] >> 4) as i32 * xq[16 + i] as i32
-                        })
-                        .sum()
-                }
-                WeightFormat::Q8_0 => {
-                    let q = &w.qs[b * 32..(b + 1) * 32];
-                    (0..32).map(|i| q[i] as i8 as i32 * xq[i] as i32).sum()
-                }
-            };
-            acc += w.d[b] * x.d[i] * isum as f32;
-            if format == WeightFormat::Q4_1 {
-                mins += w.m[b] * x.s[i];
-            }
-        }
-        *yv = acc + mins;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::{Q8Rows, WeightFormat, WeightRow, BLOCK};
-    use std::arch::x86_64::*;
-
-    /// Sums of 4 adjacent u8·i8 products, lane by lane.
-    trait Dot4 {
-        unsafe fn dot4(u: __m256i, s: __m256i) -> __m256i;
-    }
-
-    struct Maddubs;
-    impl Dot4 for Maddubs {
-        #[inline(always)]
-        unsafe fn dot4(u: __m256i, s: __m256i) -> __m256i {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
-        }
-    }
-
-    struct Dpbusd512;
-    impl Dot4 for Dpbusd512 {
-        #[inline(always)]
-        unsafe fn dot4(u: __m256i, s: __m256i) -> __m256i {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
-        }
-    }
-
-    struct DpbusdAvx;
-    impl Dot4 for DpbusdAvx {
-        #[inline(always)]
-        unsafe fn dot4(u: __m256i, s: __m256i) -> __m256i {
-            _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
-        }
-    }
-
-    type Args<'a> = (
-        WeightFormat,
-        &'a WeightRow<'a>,
-        &'a Q8Rows,
-        usize,
-        &'a mut [f32],
-    );
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn matrix_avx2(f: WeightFormat, w: &WeightRow, x: &Q8Rows, out: &mut [f32]) {
-        matrix::<Maddubs>(f, w, x, out)
-    }
-
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    pub(super) unsafe fn matrix_avx512vnni(
-        f: WeightFormat,
-        w: &WeightRow,
-        x: &Q8Rows,
-        out: &mut [f32],
-    ) {
-        matrix::<Dpbusd512>(f, w, x, out)
-    }
-
-    #[target_feature(enable = "avx2,fma,avxvnni")]
-    pub(super) unsafe fn matrix_avxvnni(
-        f: WeightFormat,
-        w: &WeightRow,
-        x: &Q8Rows,
-        out: &mut [f32],
-    ) {
-        matrix::<DpbusdAvx>(f, w, x, out)
-    }
-
-    /// Every weight row against every activation row, in groups of up to four activation rows
-    /// that share each unpacked weight block (every row's arithmetic is the same whatever group
-    /// it is in).
-    #[inline(always)]
-    unsafe fn matrix<D: Dot4>(f: WeightFormat, w: &WeightRow, x: &Q8Rows, out: &mut [f32]) {
-        let nb = x.cols / BLOCK;
-        let wbytes = f.quant_bytes();
-        let n = out.len() / x.rows;
-        let mut y = [0f32; 4];
-        for j in 0..n {
-            let row = w.row(j, nb, wbytes);
+        let mut y = [[0f32; TILE]; 4];
+        for t in tiles {
+            let j0 = t * TILE - row0;
+            let cnt = (w.rows - t * TILE).min(TILE);
             let mut r0 = 0;
             while r0 < x.rows {
                 let g = (x.rows - r0).min(4);
-                group::<D>((f, &row, x, r0, &mut y[..g]));
-                for (r, v) in y[..g].iter().enumerate() {
-                    *out.get_unchecked_mut((r0 + r) * n + j) = *v;
+                self.group(w, t, x, r0, &mut y[..g]);
+                for (r, yr) in y[..g].iter().enumerate() {
+                    let o = (r0 + r) * n + j0;
+                    out[o..o + cnt].copy_from_slice(&yr[..cnt]);
                 }
                 r0 += g;
             }
         }
     }
 
-    #[inline(always)]
-    unsafe fn group<D: Dot4>(a: Args) {
-        match (a.0, a.4.len()) {
-            (WeightFormat::Q4_1, 1) => q4_1::<D, 1>(a),
-            (WeightFormat::Q4_1, 2) => q4_1::<D, 2>(a),
-            (WeightFormat::Q4_1, 3) => q4_1::<D, 3>(a),
-            (WeightFormat::Q4_1, _) => q4_1::<D, 4>(a),
-            (WeightFormat::Q8_0, 1) => q8_0::<D, 1>(a),
-            (WeightFormat::Q8_0, 2) => q8_0::<D, 2>(a),
-            (WeightFormat::Q8_0, 3) => q8_0::<D, 3>(a),
-            (WeightFormat::Q8_0, _) => q8_0::<D, 4>(a),
+    /// Activation rows `r0..r0 + y.len()` (at most 4) against tile `t`.
+    fn group(&self, w: &TiledWeights, t: usize, x: &Q8Rows, r0: usize, y: &mut [[f32; TILE]]) {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `new`/`best` checked the features; `dot_tiles` checked the shapes.
+            Isa::Avx512Vnni => unsafe { x86::group_avx512vnni(w, t, x, r0, y) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::AvxVnni => unsafe { x86::group_avxvnni(w, t, x, r0, y) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx2 => unsafe { x86::group_avx2(w, t, x, r0, y) },
+            _ => portable_group(w, t, x, r0, y),
+        }
+    }
+}
+
+/// The kernels' arithmetic written out one scalar at a time (the reference the SIMD kernels
+/// equal bit for bit: `mul_add` is the same single-rounding FMA).
+fn portable_group(w: &TiledWeights, t: usize, x: &Q8Rows, r0: usize, y: &mut [[f32; TILE]]) {
+    let nb = x.cols / BLOCK;
+    let tb = TILE * w.format.quant_bytes();
+    for (r, yr) in y.iter_mut().enumerate() {
+        for (j, yv) in yr.iter_mut().enumerate() {
+            let (mut acc, mut acc_m) = (0f32, 0f32);
+            for b in 0..nb {
+                let i = t * nb + b;
+                let wq = &w.qs[i * tb..(i + 1) * tb];
+                let xi = b * x.rows + r0 + r;
+                let xq = &x.qs[xi * BLOCK..(xi + 1) * BLOCK];
+                let mut isum = 0i32;
+                for (pos, &xv) in xq.iter().enumerate() {
+                    let wv = match w.format {
+                        WeightFormat::Q4_1 => {
+                            let (p, h, k) = (pos / 8, (pos / 4) % 2, pos % 4);
+                            ((wq[p * 32 + 4 * j + k] >> (4 * h)) & 15) as i32
+                        }
+                        WeightFormat::Q8_0 => wq[(pos / 4) * 32 + 4 * j + pos % 4] as i8 as i32,
+                    };
+                    isum += wv * xv as i32;
+                }
+                acc = (isum as f32).mul_add(w.d[i * TILE + j] * x.d[xi], acc);
+                if w.format == WeightFormat::Q4_1 {
+                    acc_m = w.m[i * TILE + j].mul_add(x.s[xi], acc_m);
+                }
+            }
+            *yv = acc + acc_m;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Q8Rows, TiledWeights, WeightFormat, BLOCK, TILE};
+    use std::arch::x86_64::*;
+
+    /// Integer sums of u8·i8 products, 4 adjacent bytes per 32-bit lane, accumulated.
+    trait Dot4 {
+        /// The running sum's representation (AVX2: i16 pairs, exact while few enough are added).
+        unsafe fn zero() -> __m256i;
+        /// `acc + dot4(u, s)` where the partial sums of Q4_1 blocks fit the representation.
+        unsafe fn add_small(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
+        /// `acc + dot4(u, s)` for full-range bytes (Q8_0), `acc` as i32 lanes.
+        unsafe fn add_full(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
+        /// The small accumulator as i32 lanes.
+        unsafe fn finish_small(acc: __m256i) -> __m256i;
+    }
+
+    /// AVX2: `vpmaddubsw` (u8·i8 pairs to i16) then `vpmaddwd` by 1 (pairs to i32). For Q4_1
+    /// the i16 pairs of a whole block are added first: 16 products of |15·127| each, at most
+    /// 30,480, fit an i16, so one `vpmaddwd` per block suffices.
+    struct Maddubs;
+    impl Dot4 for Maddubs {
+        #[inline(always)]
+        unsafe fn zero() -> __m256i {
+            _mm256_setzero_si256()
+        }
+        #[inline(always)]
+        unsafe fn add_small(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+            _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s))
+        }
+        #[inline(always)]
+        unsafe fn add_full(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+            // Two products of at most 128·127 each fit the i16 (32,512): no saturation.
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+            _mm256_add_epi32(acc, p)
+        }
+        #[inline(always)]
+        unsafe fn finish_small(acc: __m256i) -> __m256i {
+            _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
         }
     }
 
-    /// The 8 lanes summed in a fixed order.
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    /// Rows `r0..r0 + R` of `x` against one Q4_1 weight row. Per row and block: the integer dot
-    /// of the block, times the activation's then the weight's scale, into 8 lanes; the minimum's
-    /// term `m·(d·Σq)` into lane `r` of a 4-lane accumulator (the same lane arithmetic whatever
-    /// the group, so a row's result does not depend on its neighbours). Even and odd blocks go to
-    /// two accumulators, so one row alone is not bound by the latency of a single FMA chain.
-    #[inline(always)]
-    unsafe fn q4_1<D: Dot4, const R: usize>((_, w, x, r0, y): Args) {
-        let nb = w.d.len();
-        let mut acc = [[_mm256_setzero_ps(); R]; 2];
-        let mut mins = [_mm_setzero_ps(); 2];
-        let mut b = 0;
-        while b + 1 < nb {
-            q4_1_block::<D, R>(w, x, r0, b, &mut acc[0], &mut mins[0]);
-            q4_1_block::<D, R>(w, x, r0, b + 1, &mut acc[1], &mut mins[1]);
-            b += 2;
+    struct Dpbusd512;
+    impl Dot4 for Dpbusd512 {
+        #[inline(always)]
+        unsafe fn zero() -> __m256i {
+            _mm256_setzero_si256()
         }
-        if b < nb {
-            q4_1_block::<D, R>(w, x, r0, b, &mut acc[0], &mut mins[0]);
+        #[inline(always)]
+        unsafe fn add_small(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(acc, u, s)
         }
-        let mut mv = [0f32; 4];
-        _mm_storeu_ps(mv.as_mut_ptr(), _mm_add_ps(mins[0], mins[1]));
-        for (r, (yv, mv)) in y.iter_mut().zip(mv).enumerate() {
-            *yv = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + mv;
+        #[inline(always)]
+        unsafe fn add_full(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(acc, u, s)
+        }
+        #[inline(always)]
+        unsafe fn finish_small(acc: __m256i) -> __m256i {
+            acc
         }
     }
 
-    #[inline(always)]
-    unsafe fn q4_1_block<D: Dot4, const R: usize>(
-        w: &WeightRow,
+    struct DpbusdAvx;
+    impl Dot4 for DpbusdAvx {
+        #[inline(always)]
+        unsafe fn zero() -> __m256i {
+            _mm256_setzero_si256()
+        }
+        #[inline(always)]
+        unsafe fn add_small(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+            _mm256_dpbusd_avx_epi32(acc, u, s)
+        }
+        #[inline(always)]
+        unsafe fn add_full(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+            _mm256_dpbusd_avx_epi32(acc, u, s)
+        }
+        #[inline(always)]
+        unsafe fn finish_small(acc: __m256i) -> __m256i {
+            acc
+        }
+    }
+
+    type Out<'a> = &'a mut [[f32; TILE]];
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn group_avx2(w: &TiledWeights, t: usize, x: &Q8Rows, r0: usize, y: Out) {
+        group::<Maddubs>(w, t, x, r0, y)
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    pub(super) unsafe fn group_avx512vnni(
+        w: &TiledWeights,
+        t: usize,
         x: &Q8Rows,
         r0: usize,
-        b: usize,
-        acc: &mut [__m256; R],
-        mins: &mut __m128,
+        y: Out,
     ) {
-        let raw = _mm_loadu_si128(w.qs.as_ptr().add(b * 16) as *const __m128i);
-        let low = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(raw, low);
-        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-        let wq = _mm256_set_m128i(hi, lo);
-        let dw = _mm256_set1_ps(*w.d.get_unchecked(b));
-        let i0 = b * x.rows + r0;
-        // Lanes past the group read later rows or the padding; they are not used.
-        *mins = _mm_fmadd_ps(
-            _mm_set1_ps(*w.m.get_unchecked(b)),
-            _mm_loadu_ps(x.s.as_ptr().add(i0)),
-            *mins,
-        );
-        for (r, a) in acc.iter_mut().enumerate() {
-            let q = _mm256_loadu_si256(x.qs.as_ptr().add((i0 + r) * BLOCK) as *const __m256i);
-            let p = _mm256_cvtepi32_ps(D::dot4(wq, q));
-            let t = _mm256_mul_ps(p, _mm256_broadcast_ss(&*x.d.as_ptr().add(i0 + r)));
-            *a = _mm256_fmadd_ps(t, dw, *a);
-        }
+        group::<Dpbusd512>(w, t, x, r0, y)
     }
 
-    /// As [`q4_1`] for Q8_0 weights (signed: `|w|` times `x` with `w`'s sign, in u8·i8 form).
-    #[inline(always)]
-    unsafe fn q8_0<D: Dot4, const R: usize>((_, w, x, r0, y): Args) {
-        let nb = w.d.len();
-        let mut acc = [[_mm256_setzero_ps(); R]; 2];
-        let mut b = 0;
-        while b + 1 < nb {
-            q8_0_block::<D, R>(w, x, r0, b, &mut acc[0]);
-            q8_0_block::<D, R>(w, x, r0, b + 1, &mut acc[1]);
-            b += 2;
-        }
-        if b < nb {
-            q8_0_block::<D, R>(w, x, r0, b, &mut acc[0]);
-        }
-        for (r, yv) in y.iter_mut().enumerate() {
-            *yv = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
-        }
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub(super) unsafe fn group_avxvnni(w: &TiledWeights, t: usize, x: &Q8Rows, r0: usize, y: Out) {
+        group::<DpbusdAvx>(w, t, x, r0, y)
     }
 
     #[inline(always)]
-    unsafe fn q8_0_block<D: Dot4, const R: usize>(
-        w: &WeightRow,
+    unsafe fn group<D: Dot4>(w: &TiledWeights, t: usize, x: &Q8Rows, r0: usize, y: Out) {
+        match (w.format, y.len()) {
+            (WeightFormat::Q4_1, 1) => q4_1::<D, 1>(w, t, x, r0, y),
+            (WeightFormat::Q4_1, 2) => q4_1::<D, 2>(w, t, x, r0, y),
+            (WeightFormat::Q4_1, 3) => q4_1::<D, 3>(w, t, x, r0, y),
+            (WeightFormat::Q4_1, _) => q4_1::<D, 4>(w, t, x, r0, y),
+            (WeightFormat::Q8_0, 1) => q8_0::<D, 1>(w, t, x, r0, y),
+            (WeightFormat::Q8_0, 2) => q8_0::<D, 2>(w, t, x, r0, y),
+            (WeightFormat::Q8_0, 3) => q8_0::<D, 3>(w, t, x, r0, y),
+            (WeightFormat::Q8_0, _) => q8_0::<D, 4>(w, t, x, r0, y),
+        }
+    }
+
+    /// Activation bytes `4g..4g + 4` of block row `xi`, in every lane.
+    #[inline(always)]
+    unsafe fn broadcast4(x: &Q8Rows, xi: usize, g: usize) -> __m256i {
+        let p = x.qs.as_ptr().add(xi * BLOCK + 4 * g) as *const i32;
+        _mm256_set1_epi32(p.read_unaligned())
+    }
+
+    /// Tile `t` against activation rows `r0..r0 + R` (Q4_1): per block, the 8 rows' integer
+    /// sums in 8 lanes; then one FMA by `d_w·d_x` and one by `m·(d_x·Σq)` per activation row.
+    #[inline(always)]
+    unsafe fn q4_1<D: Dot4, const R: usize>(
+        w: &TiledWeights,
+        t: usize,
         x: &Q8Rows,
         r0: usize,
-        b: usize,
-        acc: &mut [__m256; R],
+        y: Out,
     ) {
-        let wq = _mm256_loadu_si256(w.qs.as_ptr().add(b * 32) as *const __m256i);
-        let aw = _mm256_sign_epi8(wq, wq);
-        let dw = _mm256_set1_ps(*w.d.get_unchecked(b));
-        let i0 = b * x.rows + r0;
-        for (r, a) in acc.iter_mut().enumerate() {
-            let q = _mm256_loadu_si256(x.qs.as_ptr().add((i0 + r) * BLOCK) as *const __m256i);
-            let p = _mm256_cvtepi32_ps(D::dot4(aw, _mm256_sign_epi8(q, wq)));
-            let t = _mm256_mul_ps(p, _mm256_broadcast_ss(&*x.d.as_ptr().add(i0 + r)));
-            *a = _mm256_fmadd_ps(t, dw, *a);
+        let nb = x.cols / BLOCK;
+        let low = _mm256_set1_epi8(0x0f);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc_m = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let i = t * nb + b;
+            let q = w.qs.as_ptr().add(i * TILE * 16);
+            let mut sums = [D::zero(); R];
+            for p in 0..4 {
+                let v = _mm256_loadu_si256(q.add(p * 32) as *const __m256i);
+                let lo = _mm256_and_si256(v, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                for (r, s) in sums.iter_mut().enumerate() {
+                    let xi = b * x.rows + r0 + r;
+                    *s = D::add_small(*s, lo, broadcast4(x, xi, 2 * p));
+                    *s = D::add_small(*s, hi, broadcast4(x, xi, 2 * p + 1));
+                }
+            }
+            let dw = _mm256_loadu_ps(w.d.as_ptr().add(i * TILE));
+            let mw = _mm256_loadu_ps(w.m.as_ptr().add(i * TILE));
+            for r in 0..R {
+                let xi = b * x.rows + r0 + r;
+                let f = _mm256_cvtepi32_ps(D::finish_small(sums[r]));
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*x.d.get_unchecked(xi)));
+                acc[r] = _mm256_fmadd_ps(f, scale, acc[r]);
+                acc_m[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*x.s.get_unchecked(xi)), acc_m[r]);
+            }
+        }
+        for r in 0..R {
+            _mm256_storeu_ps(y[r].as_mut_ptr(), _mm256_add_ps(acc[r], acc_m[r]));
+        }
+    }
+
+    /// As [`q4_1`] for Q8_0 (signed weights: `|w|` times `x` with `w`'s sign, in u8·i8 form).
+    #[inline(always)]
+    unsafe fn q8_0<D: Dot4, const R: usize>(
+        w: &TiledWeights,
+        t: usize,
+        x: &Q8Rows,
+        r0: usize,
+        y: Out,
+    ) {
+        let nb = x.cols / BLOCK;
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let i = t * nb + b;
+            let q = w.qs.as_ptr().add(i * TILE * 32);
+            let mut sums = [_mm256_setzero_si256(); R];
+            for g in 0..8 {
+                let v = _mm256_loadu_si256(q.add(g * 32) as *const __m256i);
+                let abs = _mm256_sign_epi8(v, v);
+                for (r, s) in sums.iter_mut().enumerate() {
+                    let xi = b * x.rows + r0 + r;
+                    *s = D::add_full(*s, abs, _mm256_sign_epi8(broadcast4(x, xi, g), v));
+                }
+            }
+            let dw = _mm256_loadu_ps(w.d.as_ptr().add(i * TILE));
+            for r in 0..R {
+                let xi = b * x.rows + r0 + r;
+                let f = _mm256_cvtepi32_ps(sums[r]);
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*x.d.get_unchecked(xi)));
+                acc[r] = _mm256_fmadd_ps(f, scale, acc[r]);
+            }
+        }
+        for r in 0..R {
+            // `+ 0` as the portable kernel's `acc + acc_m` (turns -0 into +0 the same way).
+            _mm256_storeu_ps(
+                y[r].as_mut_ptr(),
+                _mm256_add_ps(acc[r], _mm256_setzero_ps()),
+            );
         }
     }
 }
@@ -603,14 +763,26 @@ mod tests {
         out
     }
 
-    impl Weights {
-        fn row(&self) -> WeightRow<'_> {
-            WeightRow {
-                qs: &self.qs,
-                d: &self.d,
-                m: &self.m,
-            }
-        }
+    /// `n` rows of `k` weights (row `j` from seed `seed + j`), tiled, with each row's
+    /// dequantized values.
+    fn matrix(format: WeightFormat, n: usize, k: usize, seed: u64) -> (TiledWeights, Vec<Weights>) {
+        let rows: Vec<Weights> = (0..n)
+            .map(|j| weights(format, k, seed + j as u64))
+            .collect();
+        let cat = |f: fn(&Weights) -> &[u8]| rows.iter().flat_map(f).copied().collect::<Vec<u8>>();
+        let qs = cat(|w| &w.qs);
+        let d: Vec<f32> = rows.iter().flat_map(|w| w.d.iter().copied()).collect();
+        let m: Vec<f32> = rows.iter().flat_map(|w| w.m.iter().copied()).collect();
+        (TiledWeights::from_rows(format, n, k, &qs, &d, &m), rows)
+    }
+
+    /// `x · Wᵀ` over every tile on one kernel, `[x.rows, w.rows]`.
+    fn product(isa: Isa, w: &TiledWeights, x: &Q8Rows) -> Vec<f32> {
+        let mut y = vec![0f32; x.rows * w.rows];
+        Kernel::new(isa, w.format)
+            .unwrap()
+            .dot_tiles(w, 0..w.tiles(), x, &mut y);
+        y
     }
 
     fn isas() -> Vec<Isa> {
@@ -651,33 +823,46 @@ mod tests {
         assert_eq!(q.dequantize_row(1)[70], 2.5);
     }
 
+    #[test]
+    fn tiling_keeps_every_row_and_block() {
+        // 11 rows: one full tile and a partial one (its padding rows must not show).
+        for format in [WeightFormat::Q4_1, WeightFormat::Q8_0] {
+            let (tiled, rows) = matrix(format, 11, 96, 21);
+            assert_eq!(tiled.tiles(), 2);
+            for (r, w) in rows.iter().enumerate() {
+                let back = tiled.row(r);
+                assert_eq!(back.qs, w.qs, "{format:?} row {r} quants");
+                assert_eq!(back.d, w.d, "{format:?} row {r} scales");
+                assert_eq!(back.m, w.m, "{format:?} row {r} minimums");
+            }
+        }
+    }
+
     /// Against f64 sums of the dequantized weights times the dequantized activations: the
     /// kernels' only freedom is f32 summation order (relative error ~1e-6 of Σ|terms|).
     #[test]
     fn kernels_equal_the_dequantized_dot_product() {
-        let k = 512;
+        let (k, n, m) = (512, 11, 5);
         for format in [WeightFormat::Q4_1, WeightFormat::Q8_0] {
-            let w = weights(format, k, 11);
-            let x = values(5 * k, 7);
-            let q = Q8Rows::quantize(&x, 5, k);
+            let (tiled, rows) = matrix(format, n, k, 11);
+            let x = values(m * k, 7);
+            let q = Q8Rows::quantize(&x, m, k);
             for isa in isas() {
-                let mut y = vec![0f32; 5];
-                Kernel::new(isa, format)
-                    .unwrap()
-                    .dot_matrix(&w.row(), &q, &mut y);
-                for r in 0..5 {
-                    let (mut want, mut mag) = (0f64, 0f64);
-                    for i in 0..k {
-                        let xd = q.scale(r, i / 32) as f64 * q.quant(r, i) as f64;
-                        want += w.w[i] as f64 * xd;
-                        mag += (w.w[i] as f64 * xd).abs();
+                let y = product(isa, &tiled, &q);
+                for r in 0..m {
+                    for (j, w) in rows.iter().enumerate() {
+                        let (mut want, mut mag) = (0f64, 0f64);
+                        for i in 0..k {
+                            let xd = q.scale(r, i / 32) as f64 * q.quant(r, i) as f64;
+                            want += w.w[i] as f64 * xd;
+                            mag += (w.w[i] as f64 * xd).abs();
+                        }
+                        let got = y[r * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * mag,
+                            "{format:?} {isa:?} x row {r}, w row {j}: {got} vs {want}"
+                        );
                     }
-                    let e = (y[r] as f64 - want).abs();
-                    assert!(
-                        e <= 1e-5 * mag,
-                        "{format:?} {isa:?} row {r}: {} vs {want}",
-                        y[r]
-                    );
                 }
             }
         }
@@ -689,11 +874,11 @@ mod tests {
     fn activation_rounding_error_stays_within_its_bound() {
         let k = 1024;
         for format in [WeightFormat::Q4_1, WeightFormat::Q8_0] {
-            let w = weights(format, k, 5);
+            let (tiled, rows) = matrix(format, 1, k, 5);
+            let w = &rows[0];
             let x = values(k, 9);
             let q = Q8Rows::quantize(&x, 1, k);
-            let mut y = [0f32];
-            Kernel::best(format).dot_matrix(&w.row(), &q, &mut y);
+            let y = product(Isa::best(), &tiled, &q);
             let exact: f64 = (0..k).map(|i| w.w[i] as f64 * x[i] as f64).sum();
             let bound: f64 = (0..k)
                 .map(|i| q.scale(0, i / 32) as f64 * 0.5 * (w.w[i] as f64).abs())
@@ -713,59 +898,69 @@ mod tests {
 
     #[test]
     fn a_row_in_a_batch_equals_the_row_alone_bit_for_bit() {
-        // An odd number of blocks: the last one goes to the first accumulator alone.
-        let k = 224;
+        let (k, n, m) = (224, 19, 7);
         for format in [WeightFormat::Q4_1, WeightFormat::Q8_0] {
-            let w = weights(format, k, 2);
-            let x = values(7 * k, 4);
-            let q = Q8Rows::quantize(&x, 7, k);
+            let (tiled, _) = matrix(format, n, k, 2);
+            let x = values(m * k, 4);
+            let q = Q8Rows::quantize(&x, m, k);
             for isa in isas() {
-                let mut all = vec![0f32; 7];
-                Kernel::new(isa, format)
-                    .unwrap()
-                    .dot_matrix(&w.row(), &q, &mut all);
-                for r in 0..7 {
+                let all = product(isa, &tiled, &q);
+                for r in 0..m {
                     // The row quantized alone, as a sequence decoding by itself has it.
                     let alone = Q8Rows::quantize(&x[r * k..(r + 1) * k], 1, k);
-                    let mut one = [0f32];
-                    Kernel::new(isa, format)
-                        .unwrap()
-                        .dot_matrix(&w.row(), &alone, &mut one);
-                    assert_eq!(all[r].to_bits(), one[0].to_bits(), "{format:?} {isa:?} {r}");
+                    let one = product(isa, &tiled, &alone);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&all[r * n..(r + 1) * n]),
+                        bits(&one),
+                        "{format:?} {isa:?} {r}"
+                    );
+                }
+                // A range of tiles gives those rows' outputs as the whole product does.
+                let kernel = Kernel::new(isa, format).unwrap();
+                let mut part = vec![0f32; m * (n - 8)];
+                kernel.dot_tiles(&tiled, 1..3, &q, &mut part);
+                for r in 0..m {
+                    assert_eq!(
+                        &part[r * (n - 8)..(r + 1) * (n - 8)],
+                        &all[r * n + 8..(r + 1) * n]
+                    );
                 }
             }
         }
     }
 
-    /// The SIMD kernels compute the same integer sums as the portable one: they agree to f32
-    /// summation order, and the VNNI and AVX2 kernels bit for bit.
+    /// Every SIMD kernel does the portable kernel's arithmetic exactly (the integer sums are
+    /// exact, the float steps the same FMAs in the same order): equal bit for bit.
     #[test]
-    fn simd_kernels_agree_with_the_portable_one() {
-        let k = 768;
+    fn simd_kernels_equal_the_portable_one_bit_for_bit() {
+        let (k, n, m) = (768, 13, 6);
         for format in [WeightFormat::Q4_1, WeightFormat::Q8_0] {
-            let w = weights(format, k, 8);
-            let x = values(3 * k, 1);
-            let q = Q8Rows::quantize(&x, 3, k);
-            let mut want = vec![0f32; 3];
-            Kernel::new(Isa::Portable, format)
-                .unwrap()
-                .dot_matrix(&w.row(), &q, &mut want);
-            let mut seen = vec![];
+            let (tiled, _) = matrix(format, n, k, 8);
+            let x = values(m * k, 1);
+            let q = Q8Rows::quantize(&x, m, k);
+            let want = product(Isa::Portable, &tiled, &q);
+            assert!(want.iter().any(|v| v.abs() > 0.1), "a non-trivial product");
             for isa in isas() {
-                let mut y = vec![0f32; 3];
-                Kernel::new(isa, format)
-                    .unwrap()
-                    .dot_matrix(&w.row(), &q, &mut y);
-                for r in 0..3 {
-                    assert!((y[r] - want[r]).abs() <= 1e-4 * want[r].abs().max(1.0));
-                }
-                seen.push((isa, y));
-            }
-            if let Some(a) = seen.iter().find(|(i, _)| *i == Isa::Avx2) {
-                for (isa, y) in seen.iter().filter(|(i, _)| *i != Isa::Portable) {
-                    assert_eq!(&a.1, y, "{format:?}: {isa:?} differs from AVX2");
-                }
+                let y = product(isa, &tiled, &q);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&y),
+                    bits(&want),
+                    "{format:?}: {isa:?} differs from portable"
+                );
             }
         }
+    }
+
+    /// Where the CPU has it, the fastest kernel is not the portable one (the dispatch works).
+    #[test]
+    fn dispatch_picks_simd_where_the_cpu_has_it() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            assert_ne!(Isa::best(), Isa::Portable);
+        }
+        assert!(Isa::all_available().contains(&Isa::best()));
     }
 }

@@ -8,6 +8,10 @@
 //! f32 path dequantizes; results differ from it by the activations' rounding (bounded in
 //! `qdot`'s tests) and summation order. Scales are stored as f32 beside the packed quants
 //! (converted once at load). Prefill of more than a few rows keeps the f32 matrices.
+//!
+//! [`QuantMatrix`] holds the file's rows as ggml lays them out, for load-time reshaping (head
+//! permutation, q/k/v and gate/up concatenation); [`PackedMatrix`] is the same matrix in the
+//! kernels' tiled layout, which a layer keeps (only one of the two is held per layer).
 
 use crate::qdot;
 use crate::EngineError;
@@ -158,34 +162,79 @@ impl QuantMatrix {
         w
     }
 
-    /// `y[m, rows] = x[m, cols] · Wᵀ`, parallel over rows of W: `x` is quantized to 8 bits per
-    /// 32-block once, then each weight row's blocks are multiplied with every activation row in
-    /// integer arithmetic ([`crate::qdot`]).
+    /// The matrix in the decode kernels' tiled layout.
+    pub fn packed(&self) -> PackedMatrix {
+        PackedMatrix(qdot::TiledWeights::from_rows(
+            self.format,
+            self.rows,
+            self.cols,
+            &self.qs,
+            &self.d,
+            &self.m,
+        ))
+    }
+}
+
+/// A [`QuantMatrix`] packed for the decode kernels ([`qdot::TiledWeights`]: rows interleaved
+/// in tiles of 8): what a layer keeps and multiplies with. Load-time reshaping (row permutation,
+/// concatenation) happens on [`QuantMatrix`] before packing.
+#[derive(Debug, Clone)]
+pub struct PackedMatrix(qdot::TiledWeights);
+
+impl PackedMatrix {
+    pub fn format(&self) -> QuantFormat {
+        self.0.format
+    }
+
+    pub fn rows(&self) -> usize {
+        self.0.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.0.cols
+    }
+
+    /// Back to ggml's row layout (for concatenation after packing, and checks).
+    pub fn unpack(&self) -> QuantMatrix {
+        let w = &self.0;
+        let mut out = QuantMatrix {
+            format: w.format,
+            rows: w.rows,
+            cols: w.cols,
+            qs: Vec::new(),
+            d: Vec::new(),
+            m: Vec::new(),
+        };
+        for r in 0..w.rows {
+            let row = w.row(r);
+            out.qs.extend_from_slice(&row.qs);
+            out.d.extend_from_slice(&row.d);
+            out.m.extend_from_slice(&row.m);
+        }
+        out
+    }
+
+    /// `y[m, rows] = x[m, cols] · Wᵀ`, parallel over tiles of W's rows: `x` is quantized to 8
+    /// bits per 32-block once, then each tile's blocks are multiplied with every activation row
+    /// in integer arithmetic ([`crate::qdot`]).
     pub fn gemv(&self, x: &[f32], y: &mut [f32], m: usize) {
-        self.gemv_with(qdot::Kernel::best(self.format), x, y, m)
+        self.gemv_with(qdot::Kernel::best(self.0.format), x, y, m)
     }
 
     /// [`Self::gemv`] on a given kernel (tests compare instruction sets).
     pub fn gemv_with(&self, kernel: qdot::Kernel, x: &[f32], y: &mut [f32], m: usize) {
         use rayon::prelude::*;
-        let (n, nb) = (self.rows, self.cols / BLOCK);
-        let xq = qdot::Q8Rows::quantize(x, m, self.cols);
-        let qb = nb * self.qbytes();
-        // Chunks of output rows, large enough to amortise scheduling, small enough to balance
-        // the threads; each chunk's weight rows are read once for all activation rows.
-        let chunk = (n / (rayon::current_num_threads() * 8)).clamp(16, 1024);
+        let n = self.0.rows;
+        let xq = qdot::Q8Rows::quantize(x, m, self.0.cols);
+        // Chunks of tiles of output rows, large enough to amortise scheduling, small enough to
+        // balance the threads; each chunk's weights are read once for all activation rows.
+        let tiles = self.0.tiles();
+        let chunk_tiles = (tiles / (rayon::current_num_threads() * 8)).clamp(2, 128);
+        let chunk = chunk_tiles * qdot::TILE;
         let run = |c: usize, out: &mut [f32]| {
-            let (o0, o1) = (c * chunk, c * chunk + out.len() / m);
-            let w = qdot::WeightRow {
-                qs: &self.qs[o0 * qb..o1 * qb],
-                d: &self.d[o0 * nb..o1 * nb],
-                m: if self.m.is_empty() {
-                    &[]
-                } else {
-                    &self.m[o0 * nb..o1 * nb]
-                },
-            };
-            kernel.dot_matrix(&w, &xq, out);
+            let t0 = c * chunk_tiles;
+            let t1 = (t0 + chunk_tiles).min(tiles);
+            kernel.dot_tiles(&self.0, t0..t1, &xq, out);
         };
         if m == 1 {
             y.par_chunks_mut(chunk)
@@ -194,8 +243,8 @@ impl QuantMatrix {
             return;
         }
         // Each chunk computes `[m, its outputs]`; the rows are then copied into place. Each
-        // row's arithmetic is that of the row alone, so a batch's outputs equal each sequence's
-        // own bit for bit.
+        // output's arithmetic is that of the row alone (`qdot`), so a batch's outputs equal each
+        // sequence's own bit for bit.
         let parts: Vec<Vec<f32>> = (0..n.div_ceil(chunk))
             .into_par_iter()
             .map(|c| {
@@ -215,7 +264,7 @@ impl QuantMatrix {
 }
 
 /// `x [m, cols] · Wᵀ` for a quantized `W` as a candle op on `x` (CPU, f32, contiguous).
-pub struct QuantGemv(pub Arc<QuantMatrix>);
+pub struct QuantGemv(pub Arc<PackedMatrix>);
 
 impl candle_core::CustomOp1 for QuantGemv {
     fn name(&self) -> &'static str {
@@ -230,12 +279,12 @@ impl candle_core::CustomOp1 for QuantGemv {
             candle_core::bail!("quant-gemv expects contiguous activations");
         };
         let (m, k) = l.shape().dims2()?;
-        if k != self.0.cols {
-            candle_core::bail!("quant-gemv: x has {k} columns, W has {}", self.0.cols);
+        if k != self.0.cols() {
+            candle_core::bail!("quant-gemv: x has {k} columns, W has {}", self.0.cols());
         }
-        let mut y = vec![0f32; m * self.0.rows];
+        let mut y = vec![0f32; m * self.0.rows()];
         self.0.gemv(&x[a..b], &mut y, m);
-        Ok((CpuStorage::F32(y), Shape::from((m, self.0.rows))))
+        Ok((CpuStorage::F32(y), Shape::from((m, self.0.rows()))))
     }
 }
 
@@ -251,7 +300,8 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (70, 256), &dev).unwrap();
             let qm = QuantMatrix::from_qtensor(&QTensor::quantize(&w, dtype).unwrap())
                 .unwrap()
-                .unwrap();
+                .unwrap()
+                .packed();
             let m = 7;
             let x: Vec<f32> = (0..m * 256)
                 .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
@@ -281,7 +331,7 @@ mod tests {
         for m in [1, 3, 9] {
             let x = Tensor::randn(0f32, 1.0, (m, 256), &dev).unwrap();
             let got = x
-                .apply_op1_no_bwd(&QuantGemv(Arc::new(qm.clone())))
+                .apply_op1_no_bwd(&QuantGemv(Arc::new(qm.packed())))
                 .unwrap();
             let xq = qdot::Q8Rows::quantize(&x.flatten_all().unwrap().to_vec1().unwrap(), m, 256);
             let xd: Vec<f32> = (0..m).flat_map(|r| xq.dequantize_row(r)).collect();
@@ -314,6 +364,10 @@ mod tests {
         let c = QuantMatrix::concat_rows(&[&qm, &p]).unwrap();
         assert_eq!(c.rows, 140);
         assert_eq!(&c.dequantize()[70 * 256..], &pd[..]);
+        // Packing for the kernels and unpacking keep every block.
+        let back = c.packed().unpack();
+        assert_eq!((back.rows, back.cols, back.format), (140, 256, format));
+        assert_eq!(back.dequantize(), c.dequantize());
     }
 
     #[test]
