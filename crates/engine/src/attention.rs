@@ -425,7 +425,7 @@ unsafe fn small_rows_block(
     (dot, axpy, softmax): Kernels,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if d % 8 == 0
+    if d.is_multiple_of(8)
         && std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
     {
