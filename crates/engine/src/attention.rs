@@ -528,6 +528,7 @@ unsafe fn attend_row_avx2(
     while c0 < d {
         let w = ((d - c0) / 8).min(8);
         let mut acc = [_mm256_setzero_ps(); 8];
+        // The full-width case with a constant trip count, so the 8 accumulators stay in registers.
         if w == 8 {
             for (jj, &p) in row.iter().enumerate() {
                 let pv = _mm256_set1_ps(p);

@@ -353,11 +353,6 @@ impl TiledWeights {
     pub fn tiles(&self) -> usize {
         self.rows.div_ceil(TILE)
     }
-
-    /// Bytes held (quants and f32 scales, padding included).
-    pub fn bytes(&self) -> usize {
-        self.qs.len() + 4 * (self.d.len() + self.m.len())
-    }
 }
 
 /// The block-dot kernel for one weight format on one instruction set, checked once to run on
