@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// fastest) or off (the dequantized f32 matrices, exact).
     #[arg(long, env = "VVLM_QUANTIZED_DECODE")]
     pub quantized_decode: Option<QuantizedDecodeArg>,
+    /// With int8 quantized decode: prefill from the quantized blocks too and drop the f32
+    /// copies of those matrices (less memory, faster prefill); false prefills in exact f32.
+    #[arg(long, env = "VVLM_QUANTIZED_PREFILL", action = clap::ArgAction::Set)]
+    pub quantized_prefill: Option<bool>,
     /// Prompt tokens prefilled per forward pass (0: whole prompts); the requests already
     /// decoding take a step between two chunks.
     #[arg(long, env = "VVLM_PREFILL_CHUNK")]
@@ -128,6 +132,9 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
     }
     if let Some(v) = a.prefill_chunk {
         c.prefill_chunk = v;
+    }
+    if let Some(v) = a.quantized_prefill {
+        c.quantized_prefill = v;
     }
     if let Some(v) = a.quantized_decode {
         c.quantized_decode = match v {

@@ -37,6 +37,10 @@ pub struct EngineArgs {
     /// `--quantized-decode false` times the f32 matrices instead.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub quantized_decode: bool,
+    /// SmolLM2 prefill from the quantized blocks too (8-bit activations), the f32 copies of
+    /// its matrices dropped (the server's `quantized_prefill`; needs quantized decode).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub quantized_prefill: bool,
     /// The device's dense peak at the run's dtype, in TFLOP/s (e.g. 989 for an H100 SXM in
     /// bf16): MFU is reported against it. Default: the measured matmul peak.
     #[arg(long)]
@@ -217,22 +221,47 @@ pub fn run(a: &EngineArgs) -> Result<serde_json::Value> {
         if quantized {
             lm.attach_quantized(&g.quantized)?;
         }
+        let quantized_prefill = quantized && a.quantized_prefill;
+        if quantized_prefill {
+            lm.keep_only_quantized();
+        }
+        drop(g.quantized);
+        vvlm_engine::release_free_memory();
+        let rss = resident_mib();
         let (ps, pf, ds, _) =
             vvlm_engine::cpu_pool::run(|| lm_prefill_decode(&lm, a.prefill, a.decode.max(32)))?;
         let steps = a.decode.max(32);
         if !a.json {
             println!(
-                "SmolLM2-135M (GGUF Q4_1; prefill f32, decode {}): prefill {} tokens {:.1} tok/s ({:.1} GFLOP/s); decode {:.1} tok/s",
+                "SmolLM2-135M (GGUF Q4_1; prefill {}, decode {}): prefill {} tokens {:.1} tok/s ({:.1} GFLOP/s); decode {:.1} tok/s; resident after load {}",
+                if quantized_prefill { "Q4_1/Q8_0 blocks" } else { "f32" },
                 if quantized { "Q4_1/Q8_0 blocks" } else { "f32" },
                 a.prefill,
                 a.prefill as f64 / ps,
                 pf / ps / 1e9,
-                steps as f64 / ds
+                steps as f64 / ds,
+                rss.map_or("unknown".to_string(), |m| format!("{m:.0} MiB"))
             );
         }
         out["smollm2_prefill_tok_s"] = serde_json::json!(a.prefill as f64 / ps);
         out["smollm2_decode_tok_s"] = serde_json::json!(steps as f64 / ds);
         out["smollm2_decode_quantized"] = serde_json::json!(quantized);
+        out["smollm2_prefill_quantized"] = serde_json::json!(quantized_prefill);
+        out["smollm2_resident_mib"] = serde_json::json!(rss);
     }
     Ok(out)
+}
+
+/// This process's resident memory (Linux `VmRSS`), MiB; `None` elsewhere.
+fn resident_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
 }

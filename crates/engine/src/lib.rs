@@ -73,6 +73,17 @@ pub fn set_cpu_threads(n: usize) {
     }
 }
 
+/// Hands the allocator's free memory back to the OS (glibc `malloc_trim`): after a load that
+/// dropped large buffers (e.g. f32 copies of quantized matrices), resident memory shows what is
+/// still held. [`tune_cpu_allocator`] keeps freed memory otherwise (1 GiB trim threshold).
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the allocator's arenas to the OS.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Keeps freed tensor buffers in the process instead of returning them to the kernel after
 /// every op. glibc serves allocations above its mmap threshold (128 KiB, adapting upwards) with
 /// fresh `mmap`s and trims the heap top eagerly, so each activation of a forward pass was paid

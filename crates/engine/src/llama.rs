@@ -354,6 +354,29 @@ impl Llama {
         Ok(attached)
     }
 
+    /// Every product from the quantized weights [`Self::attach_quantized`] attached, prefill
+    /// too (8-bit activations, as llama.cpp runs a quantized file), and their f32 copies
+    /// dropped. Returns the f32 bytes the layers no longer hold (a tied head's are still the
+    /// embedding table's).
+    pub fn keep_only_quantized(&mut self) -> usize {
+        let mut freed = 0;
+        for b in &mut self.blocks {
+            for lin in [
+                &mut b.attn.qkv,
+                &mut b.attn.o,
+                &mut b.mlp.gate_up,
+                &mut b.mlp.down,
+            ] {
+                freed += lin.keep_only_quantized();
+            }
+        }
+        let head = self.lm_head.keep_only_quantized();
+        if !self.cfg.tie_word_embeddings.unwrap_or(false) {
+            freed += head;
+        }
+        freed
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }

@@ -108,14 +108,19 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[out, in]`, as checkpoints store it (the gemm reads it transposed in place; measured
-    /// faster than a transposed copy for both prefill and single-token decode).
-    weight: Tensor,
+    /// faster than a transposed copy for both prefill and single-token decode). `None` once
+    /// [`Self::keep_only_quantized`] dropped it.
+    weight: Option<Tensor>,
     bias: Option<Tensor>,
     in_features: usize,
     out_features: usize,
     /// The same weights quantized (from GGUF), used for decode-shaped products on the CPU.
     quant: Option<std::sync::Arc<crate::quant::PackedMatrix>>,
 }
+
+/// What a layer without its f32 weights says when asked to run where only they can.
+const QUANTIZED_ONLY: &str =
+    "this layer keeps only its quantized weights (quantized_prefill), which run on the CPU in f32";
 
 impl Linear {
     pub fn load(
@@ -136,7 +141,7 @@ impl Linear {
     pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         Ok(Self {
-            weight: weight.contiguous()?,
+            weight: Some(weight.contiguous()?),
             bias,
             in_features,
             out_features,
@@ -164,18 +169,34 @@ impl Linear {
         self.quant.as_deref()
     }
 
+    /// Products of every shape (prefill too) from the quantized weights, and the f32 copy
+    /// dropped (its memory is freed once nothing else holds it). No-op without quantized
+    /// weights. Returns the f32 bytes this layer no longer holds.
+    pub fn keep_only_quantized(&mut self) -> usize {
+        if self.quant.is_none() {
+            return 0;
+        }
+        self.weight
+            .take()
+            .map_or(0, |w| w.elem_count() * w.dtype().size_in_bytes())
+    }
+
     /// One layer computing several that read the same input (q/k/v, gate/up): their weights
     /// stacked along the output dimension, so one product (one pass over the input, one
     /// dispatch) replaces several. Outputs are the parts' outputs side by side, in order.
     pub fn concat(parts: &[Linear]) -> Result<Self> {
-        let weights: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
+        let weights = parts
+            .iter()
+            .map(|l| l.weight.as_ref())
+            .collect::<Option<Vec<&Tensor>>>()
+            .ok_or_else(|| candle_core::Error::Msg(QUANTIZED_ONLY.into()))?;
         let weight = Tensor::cat(&weights, 0)?;
         let bias = if parts.iter().any(|l| l.bias.is_some()) {
             let biases = parts
                 .iter()
                 .map(|l| match &l.bias {
                     Some(b) => Ok(b.clone()),
-                    None => Tensor::zeros(l.out_features, l.weight.dtype(), l.weight.device()),
+                    None => Tensor::zeros(l.out_features, weights[0].dtype(), weights[0].device()),
                 })
                 .collect::<Result<Vec<_>>>()?;
             Some(Tensor::cat(&biases, 0)?)
@@ -227,17 +248,15 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, self.in_features))?;
         let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
-        let mut y = if cpu_f32 && rows <= gemv_rows {
-            match &self.quant {
-                Some(q) => x2
-                    .contiguous()?
-                    .apply_op1_no_bwd(&crate::quant::QuantGemv(q.clone()))?,
-                None => x2
-                    .contiguous()?
-                    .apply_op2_no_bwd(&self.weight, &crate::gemv::Gemv)?,
+        let mut y = match (&self.quant, &self.weight) {
+            (Some(q), w) if cpu_f32 && (rows <= gemv_rows || w.is_none()) => x2
+                .contiguous()?
+                .apply_op1_no_bwd(&crate::quant::QuantGemv(q.clone()))?,
+            (_, Some(w)) if cpu_f32 && rows <= gemv_rows => {
+                x2.contiguous()?.apply_op2_no_bwd(w, &crate::gemv::Gemv)?
             }
-        } else {
-            x2.matmul(&self.weight.t()?)?
+            (_, Some(w)) => x2.matmul(&w.t()?)?,
+            (_, None) => candle_core::bail!("{QUANTIZED_ONLY}"),
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
@@ -518,6 +537,51 @@ mod tests {
         assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
         // Counted the same as the parts: 2 · rows · in · (8 + 4) each time.
         assert_eq!(flops.get(Component::Vision), 2 * 2 * (6 * 16 * 12));
+    }
+
+    /// A layer that kept only its quantized weights runs every shape from them: a 100-row
+    /// product (prefill-sized, past the decode paths' row limits) equals each row alone bit
+    /// for bit (the integer kernels' per-row arithmetic), stays within the activations'
+    /// rounding of the f32 product, counts the same FLOPs, and the f32 copy is gone.
+    #[test]
+    fn a_quantized_only_layer_runs_prefill_from_its_blocks() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.05, (40, 64), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        let deq = q.dequantize(&dev).unwrap();
+        let mut lin = Linear::from_weights(deq.clone(), None).unwrap();
+        let exact = lin.clone();
+        lin.set_quantized(
+            crate::quant::QuantMatrix::from_qtensor(&q)
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(lin.keep_only_quantized(), 40 * 64 * 4);
+        assert_eq!(lin.keep_only_quantized(), 0, "already dropped");
+        let x = Tensor::randn(0f32, 1.0, (100, 64), &dev).unwrap();
+        let flops = FlopCounter::new();
+        let ctx = Ctx::new(&flops, Component::LmPrefill);
+        let all = lin.forward(&x, &ctx).unwrap();
+        assert_eq!(flops.get(Component::LmPrefill), 2 * 100 * 64 * 40);
+        let all_rows = all.to_vec2::<f32>().unwrap();
+        for (r, want) in all_rows.iter().enumerate() {
+            let one = lin
+                .forward(&x.narrow(0, r, 1).unwrap(), &ctx)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(&one, want, "row {r}");
+        }
+        // Activations rounded to 8 bits per 32-block: |error| <= Σ|w|·d/2 per output; with
+        // |x| <~ 4.5 and |w| <~ 0.25 that is < 64·0.25·0.018 ≈ 0.3; measured ~0.02.
+        let d = max_abs_diff(&all, &exact.forward(&x, &ctx).unwrap()).unwrap();
+        assert!(d < 0.1, "{d}");
+        let err = Linear::concat(&[lin.clone(), lin]).unwrap_err().to_string();
+        assert!(err.contains("only its quantized weights"), "{err}");
     }
 
     #[test]

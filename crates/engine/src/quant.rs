@@ -225,7 +225,22 @@ impl PackedMatrix {
     pub fn gemv_with(&self, kernel: qdot::Kernel, x: &[f32], y: &mut [f32], m: usize) {
         use rayon::prelude::*;
         let n = self.0.rows;
-        let xq = qdot::Q8Rows::quantize(x, m, self.0.cols);
+        let k = self.0.cols;
+        assert_eq!(x.len(), m * k, "activations are [m, cols]");
+        assert_eq!(y.len(), m * n, "outputs are [m, rows]");
+        if m > PREFILL_ROW_BLOCK {
+            // Prefill-sized: parallel over blocks of activation rows, each quantized by its own
+            // task (in parallel, and still in cache for the products) and multiplied with every
+            // tile; a block's outputs are contiguous rows of `y`.
+            y.par_chunks_mut(PREFILL_ROW_BLOCK * n)
+                .zip(x.par_chunks(PREFILL_ROW_BLOCK * k))
+                .for_each(|(out, xs)| {
+                    let xq = qdot::Q8Rows::quantize(xs, xs.len() / k, k);
+                    kernel.dot_tiles(&self.0, 0..self.0.tiles(), &xq, out);
+                });
+            return;
+        }
+        let xq = qdot::Q8Rows::quantize(x, m, k);
         // Chunks of tiles of output rows, large enough to amortise scheduling, small enough to
         // balance the threads; each chunk's weights are read once for all activation rows.
         let tiles = self.0.tiles();
@@ -262,6 +277,10 @@ impl PackedMatrix {
         }
     }
 }
+
+/// Activation rows per task for products of more rows than this (prefill): 64 rows of the
+/// widest SmolLM2/Llama input (8192 columns) quantize to 512 KiB, an L2's worth.
+const PREFILL_ROW_BLOCK: usize = 64;
 
 /// `x [m, cols] · Wᵀ` for a quantized `W` as a candle op on `x` (CPU, f32, contiguous).
 pub struct QuantGemv(pub Arc<PackedMatrix>);
@@ -302,16 +321,23 @@ mod tests {
                 .unwrap()
                 .unwrap()
                 .packed();
-            let m = 7;
-            let x: Vec<f32> = (0..m * 256)
-                .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
-                .collect();
-            let mut all = vec![0f32; m * 70];
-            qm.gemv(&x, &mut all, m);
-            for r in 0..m {
-                let mut one = vec![0f32; 70];
-                qm.gemv(&x[r * 256..(r + 1) * 256], &mut one, 1);
-                assert_eq!(&all[r * 70..(r + 1) * 70], &one[..], "{dtype:?} row {r}");
+            // 7 rows: a decode batch (tiles in parallel); 150: a prefill (blocks of 64 rows in
+            // parallel, the last one partial).
+            for m in [7, 150] {
+                let x: Vec<f32> = (0..m * 256)
+                    .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+                    .collect();
+                let mut all = vec![0f32; m * 70];
+                qm.gemv(&x, &mut all, m);
+                for r in 0..m {
+                    let mut one = vec![0f32; 70];
+                    qm.gemv(&x[r * 256..(r + 1) * 256], &mut one, 1);
+                    assert_eq!(
+                        &all[r * 70..(r + 1) * 70],
+                        &one[..],
+                        "{dtype:?} {m} rows, row {r}"
+                    );
+                }
             }
         }
     }

@@ -177,6 +177,7 @@ pub fn load_models(state: &AppState) -> Result<(), StartError> {
             .map_err(|e| StartError::Config(e.to_string()))?;
         load_options.quantized_decode = state.config.quantized_decode;
         load_options.prefill_chunk = state.config.prefill_chunk;
+        load_options.quantized_prefill = state.config.quantized_prefill;
         tracing::info!(device = %state.config.device, dtype = ?load_options.dtype, "engine placement");
         let mut loaded = Registry::default();
         let mut engines = BTreeMap::new();
