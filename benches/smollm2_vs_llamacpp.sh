@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SmolLM2-135M prefill (512 tokens) and decode (128 steps), one sequence, 2 threads: vvlm as it
-# serves (prefill with the Q4_1 file dequantized to f32; decode from the file's own Q4_1/Q8_0
-# blocks with 8-bit activations) and with f32 decode, against llama.cpp built for this machine
+# serves (prefill and decode from the file's own Q4_1/Q8_0 blocks with 8-bit activations), with
+# f32 prefill (`--quantized-prefill false`: the file dequantized at load) and with f32 decode,
+# against llama.cpp built for this machine
 # (benches/build_llamacpp.sh: `llama-batched-bench -npp 512 -ntg 128 -npl 1`) at F32 (the file
 # requantized by llama.cpp's `llama-quantize`: the same dequantized weights) and at Q4_1 (the
 # same file). Interleaved ROUNDS times; each side keeps its best round.
@@ -17,7 +18,8 @@ ROUNDS=${ROUNDS:-2}
 out=target/smollm2-vs-llamacpp
 mkdir -p $out
 for r in $(seq "$ROUNDS"); do
-  RAYON_NUM_THREADS=2 target/release/vvlm-engine-bench engine --parts smollm2 --prefill 512 --decode 128 --json > $out/vvlm.$r.json
+  RAYON_NUM_THREADS=2 target/release/vvlm-engine-bench engine --parts smollm2 --prefill 512 --decode 128 --quantized-prefill true --json > $out/vvlm.$r.json
+  RAYON_NUM_THREADS=2 target/release/vvlm-engine-bench engine --parts smollm2 --prefill 512 --decode 128 --quantized-prefill false --json > $out/vvlm-f32-prefill.$r.json
   RAYON_NUM_THREADS=2 target/release/vvlm-engine-bench engine --parts smollm2 --prefill 512 --decode 128 --quantized-decode false --json > $out/vvlm-f32.$r.json
   for m in q4_1 f32; do
     file=$g; [ $m = f32 ] && file=$f32
@@ -30,6 +32,7 @@ n = int(os.environ["ROUNDS"])
 d = "target/smollm2-vs-llamacpp"
 vs = [json.load(open(f"{d}/vvlm.{r}.json")) for r in range(1, n + 1)]
 vf = [json.load(open(f"{d}/vvlm-f32.{r}.json")) for r in range(1, n + 1)]
+vp32 = [json.load(open(f"{d}/vvlm-f32-prefill.{r}.json")) for r in range(1, n + 1)]
 def peer(m):
     best = {"prefill": 0.0, "decode": 0.0}
     for r in range(1, n + 1):
@@ -42,8 +45,10 @@ def peer(m):
 q41, f32 = peer("q4_1"), peer("f32")
 best = lambda runs, k: max(x[k] for x in runs)
 print(f"{os.environ['CPU']}, 2 threads; llama.cpp built with {os.environ['FLAGS']}; best of {n} interleaved rounds")
-vp = best(vs, "smollm2_prefill_tok_s")
-print(f"prefill 512  vvlm (f32 matmuls)             {vp:7.1f} tok/s | llama.cpp F32 {f32['prefill']:7.1f} ({vp / f32['prefill']:.2f}x) | llama.cpp Q4_1 {q41['prefill']:7.1f} ({vp / q41['prefill']:.2f}x)")
+for name, runs in [("Q4_1/Q8_0 blocks, int8 activations", vs), ("f32 matmuls, dequantized file", vp32)]:
+    vp = best(runs, "smollm2_prefill_tok_s")
+    rss = min(x["smollm2_resident_mib"] for x in runs)
+    print(f"prefill 512  vvlm ({name}; resident after load {rss:.0f} MiB) {vp:7.1f} tok/s | llama.cpp F32 {f32['prefill']:7.1f} ({vp / f32['prefill']:.2f}x) | llama.cpp Q4_1 {q41['prefill']:7.1f} ({vp / q41['prefill']:.2f}x)")
 vq = best(vs, "smollm2_decode_tok_s")
 print(f"decode 128   vvlm (Q4_1/Q8_0, int8 activations) {vq:7.1f} tok/s | llama.cpp Q4_1 {q41['decode']:7.1f} ({vq / q41['decode']:.2f}x)")
 vd = best(vf, "smollm2_decode_tok_s")
