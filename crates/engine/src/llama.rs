@@ -245,7 +245,9 @@ impl KvCache {
 
 /// The language model.
 pub struct Llama {
-    embed: Embedding,
+    /// `None` once [`Self::keep_only_quantized`] dropped a tied table: lookups then dequantize
+    /// the head's quantized rows (the same values).
+    embed: Option<Embedding>,
     blocks: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -303,7 +305,7 @@ impl Llama {
             None => Linear::from_weights(embed_w.clone(), None)?,
         };
         Ok(Self {
-            embed: Embedding::new(embed_w, h),
+            embed: Some(Embedding::new(embed_w, h)),
             blocks,
             norm: RmsNorm::load(vb.pp("norm"), h, cfg.rms_norm_eps)?,
             lm_head,
@@ -373,6 +375,10 @@ impl Llama {
         let head = self.lm_head.keep_only_quantized();
         if !self.cfg.tie_word_embeddings.unwrap_or(false) {
             freed += head;
+        } else if head > 0 {
+            // The tied table is the head's matrix: lookups read its quantized rows instead.
+            freed += head;
+            self.embed = None;
         }
         freed
     }
@@ -397,8 +403,22 @@ impl Llama {
 
     /// Token embeddings `[1, L, h]` (a lookup, no FLOPs).
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        let t = Tensor::new(ids, &self.device)?;
-        candle_core::Module::forward(&self.embed, &t)?.unsqueeze(0)
+        if let Some(e) = &self.embed {
+            let t = Tensor::new(ids, &self.device)?;
+            return candle_core::Module::forward(e, &t)?.unsqueeze(0);
+        }
+        let q = self
+            .lm_head
+            .quantized()
+            .ok_or_else(|| candle_core::Error::Msg("no embedding table".into()))?;
+        let mut rows = Vec::with_capacity(ids.len() * q.cols());
+        for &id in ids {
+            if id as usize >= q.rows() {
+                candle_core::bail!("token id {id} outside the vocabulary of {}", q.rows());
+            }
+            rows.extend(q.dequantize_row(id as usize));
+        }
+        Tensor::from_vec(rows, (1, ids.len(), q.cols()), &self.device)
     }
 
     /// Runs the decoder on `[1, L, h]` embeddings after `cache` and returns the final-normed

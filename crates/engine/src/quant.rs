@@ -141,24 +141,7 @@ impl QuantMatrix {
     /// The weights as f32 `[rows * cols]` (for tests and checks).
     pub fn dequantize(&self) -> Vec<f32> {
         let mut w = vec![0f32; self.rows * self.cols];
-        for (b, out) in w.chunks_exact_mut(BLOCK).enumerate() {
-            let q = &self.qs[b * self.qbytes()..(b + 1) * self.qbytes()];
-            let d = self.d[b];
-            match self.format {
-                QuantFormat::Q4_1 => {
-                    let m = self.m[b];
-                    for i in 0..16 {
-                        out[i] = d * (q[i] & 15) as f32 + m;
-                        out[i + 16] = d * (q[i] >> 4) as f32 + m;
-                    }
-                }
-                QuantFormat::Q8_0 => {
-                    for i in 0..32 {
-                        out[i] = d * (q[i] as i8) as f32;
-                    }
-                }
-            }
-        }
+        dequantize_blocks(self.format, &self.qs, &self.d, &self.m, &mut w);
         w
     }
 
@@ -192,6 +175,15 @@ impl PackedMatrix {
 
     pub fn cols(&self) -> usize {
         self.0.cols
+    }
+
+    /// Row `r` as f32, the values candle's dequantization gives (`d·q + m`, `d·q`): what an
+    /// embedding lookup reads when the f32 table was dropped.
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        let row = self.0.row(r);
+        let mut out = vec![0f32; self.0.cols];
+        dequantize_blocks(self.0.format, &row.qs, &row.d, &row.m, &mut out);
+        out
     }
 
     /// Back to ggml's row layout (for concatenation after packing, and checks).
@@ -273,6 +265,28 @@ impl PackedMatrix {
             for r in 0..m {
                 y[r * n + c * chunk..r * n + c * chunk + cnt]
                     .copy_from_slice(&part[r * cnt..(r + 1) * cnt]);
+            }
+        }
+    }
+}
+
+/// Blocks in ggml's layout (`qs` of consecutive blocks, a scale `d` and for Q4_1 a minimum `m`
+/// each) as f32 values, written into `out` (32 per block).
+fn dequantize_blocks(format: QuantFormat, qs: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
+    let qb = format.quant_bytes();
+    for (b, out) in out.chunks_exact_mut(BLOCK).enumerate() {
+        let q = &qs[b * qb..(b + 1) * qb];
+        match format {
+            QuantFormat::Q4_1 => {
+                for i in 0..16 {
+                    out[i] = d[b] * (q[i] & 15) as f32 + m[b];
+                    out[i + 16] = d[b] * (q[i] >> 4) as f32 + m[b];
+                }
+            }
+            QuantFormat::Q8_0 => {
+                for i in 0..32 {
+                    out[i] = d[b] * (q[i] as i8) as f32;
+                }
             }
         }
     }

@@ -301,7 +301,8 @@ fn quantized_decode_matches_llama_cpp() {
     }
 }
 
-/// Prefill from the file's blocks (`keep_only_quantized`, the default `quantized_prefill`):
+/// Prefill from the file's blocks (`keep_only_quantized`, the default `quantized_prefill`; the
+/// tied embedding table is then read from the head's quantized rows):
 /// the prompt's rows go through the same integer kernels as decode (8-bit activation blocks,
 /// each row's arithmetic that of the row alone), so the last position's logits after
 /// prefilling the first `step` tokens should match (a) llama.cpp decoding the same file (the
@@ -344,6 +345,23 @@ fn quantized_prefill_matches_llama_cpp_and_quantized_decode() {
         .collect();
     let steps = golden["steps"].to_vec1::<i64>().unwrap();
     let want = golden["logits"].to_vec2::<f32>().unwrap();
+    // The tied embedding table went with the head's f32 copy: lookups dequantize the head's
+    // Q8_0 rows, the same values as candle's dequantized table, bit for bit.
+    let table = |lm: &vvlm_engine::llama::Llama, ids: &[u32]| {
+        lm.embed(ids)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let probe = [0, 1, 17, 4242, 49151];
+    assert_eq!(table(&prefill_lm, &probe), table(&decode_lm, &probe));
+    assert_eq!(table(&prefill_lm, &ids), table(&decode_lm, &ids));
+    assert!(
+        prefill_lm.embed(&[49152]).is_err(),
+        "an id past the vocabulary"
+    );
     let flops = FlopCounter::new();
     let mut ctx = vvlm_engine::Ctx::new(&flops, vvlm_cost::Component::LmDecode);
     let mut cache = decode_lm.new_cache();

@@ -49,7 +49,7 @@ pub struct ServerConfig {
     pub quantized_decode: vvlm_engine::QuantizedDecode,
     /// With `quantized_decode = "int8"`: prefill from the Q4_1/Q8_0 blocks too (8-bit
     /// activations, as llama.cpp) and drop the f32 copies of those matrices (SmolLM2-135M:
-    /// 232 vs 637 MiB resident, prefill ~1.4x faster). `false` prefills in exact f32.
+    /// 124 vs 637 MiB resident, prefill ~1.4x faster). `false` prefills in exact f32.
     #[serde(default = "default_quantized_prefill")]
     pub quantized_prefill: bool,
     /// Prompt tokens prefilled per forward pass (0: whole prompts); decode steps of the other
