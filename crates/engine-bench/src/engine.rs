@@ -214,33 +214,41 @@ pub fn run(a: &EngineArgs) -> Result<serde_json::Value> {
         out["llama1b_decode_gflops"] = serde_json::json!(df / ds / 1e9);
     }
     if want("smollm2") && a.gguf.exists() {
-        let g = vvlm_engine::gguf::load(&a.gguf, dtype, &dev)?;
-        let vb = candle_nn::VarBuilder::from_tensors(g.tensors, dtype, &dev);
-        let mut lm = vvlm_engine::llama::Llama::load(vb, None, &g.config)?;
         let quantized = a.quantized_decode && dev.is_cpu() && dtype == candle_core::DType::F32;
-        if quantized {
-            lm.attach_quantized(&g.quantized)?;
-        }
         let quantized_prefill = quantized && a.quantized_prefill;
-        if quantized_prefill {
-            lm.keep_only_quantized();
-        }
+        // As the server loads it: served from the blocks alone, nothing is dequantized.
+        let g = if quantized_prefill {
+            vvlm_engine::gguf::load_quantized(&a.gguf, dtype, &dev)?
+        } else {
+            vvlm_engine::gguf::load(&a.gguf, dtype, &dev)?
+        };
+        let vb = candle_nn::VarBuilder::from_tensors(g.tensors, dtype, &dev);
+        let lm = if quantized_prefill {
+            vvlm_engine::llama::Llama::load_quantized(vb, None, &g.config, &g.quantized)?
+        } else {
+            let mut lm = vvlm_engine::llama::Llama::load(vb, None, &g.config)?;
+            if quantized {
+                lm.attach_quantized(&g.quantized)?;
+            }
+            lm
+        };
         drop(g.quantized);
         vvlm_engine::release_free_memory();
-        let rss = resident_mib();
+        let (rss, load_peak) = (resident_mib(), peak_resident_mib());
         let (ps, pf, ds, _) =
             vvlm_engine::cpu_pool::run(|| lm_prefill_decode(&lm, a.prefill, a.decode.max(32)))?;
         let steps = a.decode.max(32);
         if !a.json {
             println!(
-                "SmolLM2-135M (GGUF Q4_1; prefill {}, decode {}): prefill {} tokens {:.1} tok/s ({:.1} GFLOP/s); decode {:.1} tok/s; resident after load {}",
+                "SmolLM2-135M (GGUF Q4_1; prefill {}, decode {}): prefill {} tokens {:.1} tok/s ({:.1} GFLOP/s); decode {:.1} tok/s; resident after load {} (peak so far {})",
                 if quantized_prefill { "Q4_1/Q8_0 blocks" } else { "f32" },
                 if quantized { "Q4_1/Q8_0 blocks" } else { "f32" },
                 a.prefill,
                 a.prefill as f64 / ps,
                 pf / ps / 1e9,
                 steps as f64 / ds,
-                rss.map_or("unknown".to_string(), |m| format!("{m:.0} MiB"))
+                rss.map_or("unknown".to_string(), |m| format!("{m:.0} MiB")),
+                load_peak.map_or("unknown".to_string(), |m| format!("{m:.0} MiB"))
             );
         }
         out["smollm2_prefill_tok_s"] = serde_json::json!(a.prefill as f64 / ps);
@@ -248,16 +256,26 @@ pub fn run(a: &EngineArgs) -> Result<serde_json::Value> {
         out["smollm2_decode_quantized"] = serde_json::json!(quantized);
         out["smollm2_prefill_quantized"] = serde_json::json!(quantized_prefill);
         out["smollm2_resident_mib"] = serde_json::json!(rss);
+        out["smollm2_load_peak_mib"] = serde_json::json!(load_peak);
     }
     Ok(out)
 }
 
 /// This process's resident memory (Linux `VmRSS`), MiB; `None` elsewhere.
 fn resident_mib() -> Option<f64> {
+    proc_status_mib("VmRSS:")
+}
+
+/// This process's peak resident memory so far (Linux `VmHWM`), MiB; `None` elsewhere.
+fn peak_resident_mib() -> Option<f64> {
+    proc_status_mib("VmHWM:")
+}
+
+fn proc_status_mib(key: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .find_map(|l| l.strip_prefix(key))?
         .trim()
         .trim_end_matches("kB")
         .trim()

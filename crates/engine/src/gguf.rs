@@ -45,8 +45,26 @@ fn md_f(ct: &gguf_file::Content, key: &str) -> Option<f64> {
         .map(|v| v as f64)
 }
 
-/// Reads the whole LM from a GGUF file.
+/// Reads the whole LM from a GGUF file: every tensor as `dtype` on `device`, plus (CPU) the
+/// Q4_1/Q8_0 matrices as the file stores them.
 pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufLm, EngineError> {
+    read(path, dtype, device, true)
+}
+
+/// [`load`] without f32 copies of the Q4_1/Q8_0 matrices (CPU): they are in
+/// [`GgufLm::quantized`] only, for [`crate::llama::Llama::load_quantized`]. Nothing is
+/// dequantized that will not be kept, so loading never holds the whole model in f32 (SmolLM2:
+/// peak resident ~0.2 GiB instead of ~1 GiB).
+pub fn load_quantized(path: &Path, dtype: DType, device: &Device) -> Result<GgufLm, EngineError> {
+    read(path, dtype, device, false)
+}
+
+fn read(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    f32_of_quantized: bool,
+) -> Result<GgufLm, EngineError> {
     let mut file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
     let ct = gguf_file::Content::read(&mut file).map_err(|e| {
         EngineError::Checkpoint(format!(
@@ -99,10 +117,6 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufLm, Engine
         if !quantizations.contains(&qt) {
             quantizations.push(qt);
         }
-        let t = q
-            .dequantize(device)
-            .and_then(|t| t.to_dtype(dtype))
-            .map_err(|e| EngineError::Checkpoint(format!("dequantizing {name}: {e}")))?;
         let Some(hf) = hf_name(&name) else { continue };
         let perm_heads = if hf.ends_with("self_attn.q_proj.weight") {
             Some(heads)
@@ -111,19 +125,28 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufLm, Engine
         } else {
             None
         };
-        let t = match perm_heads {
-            Some(h) => unpermute(&t, h)?,
-            None => t,
-        };
-        if device.is_cpu() && hf.ends_with(".weight") && t.rank() == 2 {
+        let mut kept_quantized = false;
+        if device.is_cpu() && hf.ends_with(".weight") && q.shape().rank() == 2 {
             if let Some(qm) = crate::quant::QuantMatrix::from_qtensor(&q)? {
                 let qm = match perm_heads {
                     Some(h) => qm.permute_rows(&unpermute_rows(qm.rows, h)?),
                     None => qm,
                 };
                 quantized.insert(hf.clone(), qm);
+                kept_quantized = true;
             }
         }
+        if kept_quantized && !f32_of_quantized {
+            continue;
+        }
+        let t = q
+            .dequantize(device)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| EngineError::Checkpoint(format!("dequantizing {name}: {e}")))?;
+        let t = match perm_heads {
+            Some(h) => unpermute(&t, h)?,
+            None => t,
+        };
         tensors.insert(hf, t);
     }
     let tokenizer = tokenizer_from_gguf(&ct)?;

@@ -243,11 +243,66 @@ impl KvCache {
     }
 }
 
+/// Token embeddings: an f32 table, or a quantized matrix whose rows are dequantized per lookup
+/// (a GGUF LM served from its blocks; tied, it is the head's matrix).
+enum EmbedTable {
+    F32(Embedding),
+    Quantized(std::sync::Arc<crate::quant::PackedMatrix>),
+}
+
+/// The file's quantized matrices under HF names (see [`crate::gguf::GgufLm::quantized`]).
+pub type QuantizedWeights = std::collections::HashMap<String, crate::quant::QuantMatrix>;
+
+/// A linear layer whose weights are `parts` (stacked along the output dimension; names relative
+/// to `vb`, e.g. `q_proj`), `in_f` inputs, outputs `parts`' sizes: from the quantized matrices
+/// when `quant` has every part (no f32 copy), else from `vb`'s tensors.
+fn linear(
+    vb: &VarBuilder,
+    quant: Option<(&QuantizedWeights, &str)>,
+    parts: &[(&str, usize)],
+    in_f: usize,
+    bias: bool,
+) -> Result<Linear> {
+    if let Some((q, prefix)) = quant {
+        let mats: Option<Vec<&crate::quant::QuantMatrix>> = parts
+            .iter()
+            .map(|(p, _)| q.get(&format!("{prefix}{p}.weight")))
+            .collect();
+        if let Some(m) = mats.and_then(|m| crate::quant::QuantMatrix::concat_rows(&m)) {
+            let out: usize = parts.iter().map(|(_, o)| o).sum();
+            if (m.rows, m.cols) != (out, in_f) {
+                candle_core::bail!(
+                    "quantized {prefix}{} is [{}, {}], expected [{out}, {in_f}]",
+                    parts[0].0,
+                    m.rows,
+                    m.cols
+                );
+            }
+            let b = if bias {
+                let bs = parts
+                    .iter()
+                    .map(|(p, o)| vb.pp(*p).get(*o, "bias"))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Tensor::cat(&bs, 0)?)
+            } else {
+                None
+            };
+            return Linear::from_quantized(m, b);
+        }
+    }
+    let mut ls = parts
+        .iter()
+        .map(|(p, o)| Linear::load(vb.pp(*p), in_f, *o, bias))
+        .collect::<Result<Vec<_>>>()?;
+    if ls.len() == 1 {
+        return Ok(ls.remove(0));
+    }
+    Linear::concat(&ls)
+}
+
 /// The language model.
 pub struct Llama {
-    /// `None` once [`Self::keep_only_quantized`] dropped a tied table: lookups then dequantize
-    /// the head's quantized rows (the same values).
-    embed: Option<Embedding>,
+    embed: EmbedTable,
     blocks: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -261,9 +316,39 @@ impl Llama {
     /// Loads from a VarBuilder rooted at the LM's `model` prefix; `lm_head` is the VarBuilder of
     /// the untied head (or None for tied embeddings).
     pub fn load(vb: VarBuilder, lm_head: Option<VarBuilder>, cfg: &TextConfig) -> Result<Self> {
+        Self::load_with(vb, lm_head, cfg, None)
+    }
+
+    /// [`Self::load`] with every matrix `quant` holds taken from it alone (no f32 copy; products
+    /// on the CPU's integer kernels, prefill and decode): a GGUF LM read by
+    /// [`crate::gguf::load_quantized`], whose `vb` lacks those matrices. A tied head and the
+    /// embeddings share the quantized table.
+    pub fn load_quantized(
+        vb: VarBuilder,
+        lm_head: Option<VarBuilder>,
+        cfg: &TextConfig,
+        quant: &QuantizedWeights,
+    ) -> Result<Self> {
+        Self::load_with(vb, lm_head, cfg, Some(quant))
+    }
+
+    fn load_with(
+        vb: VarBuilder,
+        lm_head: Option<VarBuilder>,
+        cfg: &TextConfig,
+        quant: Option<&QuantizedWeights>,
+    ) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-        let embed_w = vb.get((cfg.vocab_size, h), "embed_tokens.weight")?;
+        let embed = match quant.and_then(|q| q.get("embed_tokens.weight")) {
+            Some(m) if (m.rows, m.cols) == (cfg.vocab_size, h) => {
+                EmbedTable::Quantized(std::sync::Arc::new(m.packed()))
+            }
+            _ => EmbedTable::F32(Embedding::new(
+                vb.get((cfg.vocab_size, h), "embed_tokens.weight")?,
+                h,
+            )),
+        };
         let qkv_bias = cfg.qkv_bias();
         let mlp_bias = cfg.mlp_bias.unwrap_or(false);
         let blocks = (0..cfg.num_hidden_layers)
@@ -271,17 +356,29 @@ impl Llama {
                 let b = vb.pp(format!("layers.{l}"));
                 let a = b.pp("self_attn");
                 let m = b.pp("mlp");
+                let (qa, qm) = (format!("layers.{l}.self_attn."), format!("layers.{l}.mlp."));
+                let (qa, qm) = (
+                    quant.map(|q| (q, qa.as_str())),
+                    quant.map(|q| (q, qm.as_str())),
+                );
                 Ok(Block {
                     attn: Attention {
-                        qkv: Linear::concat(&[
-                            Linear::load(a.pp("q_proj"), h, nh * hd, qkv_bias)?,
-                            Linear::load(a.pp("k_proj"), h, nkv * hd, qkv_bias)?,
-                            Linear::load(a.pp("v_proj"), h, nkv * hd, qkv_bias)?,
-                        ])?,
-                        o: Linear::load(
-                            a.pp("o_proj"),
-                            nh * hd,
+                        qkv: linear(
+                            &a,
+                            qa,
+                            &[
+                                ("q_proj", nh * hd),
+                                ("k_proj", nkv * hd),
+                                ("v_proj", nkv * hd),
+                            ],
                             h,
+                            qkv_bias,
+                        )?,
+                        o: linear(
+                            &a,
+                            qa,
+                            &[("o_proj", h)],
+                            nh * hd,
                             cfg.attention_bias.unwrap_or(false),
                         )?,
                         heads: nh,
@@ -289,23 +386,24 @@ impl Llama {
                         head_dim: hd,
                     },
                     mlp: Mlp {
-                        gate_up: Linear::concat(&[
-                            Linear::load(m.pp("gate_proj"), h, i, mlp_bias)?,
-                            Linear::load(m.pp("up_proj"), h, i, mlp_bias)?,
-                        ])?,
-                        down: Linear::load(m.pp("down_proj"), i, h, mlp_bias)?,
+                        gate_up: linear(&m, qm, &[("gate_proj", i), ("up_proj", i)], h, mlp_bias)?,
+                        down: linear(&m, qm, &[("down_proj", h)], i, mlp_bias)?,
                     },
                     ln1: RmsNorm::load(b.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
                     ln2: RmsNorm::load(b.pp("post_attention_layernorm"), h, cfg.rms_norm_eps)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = match lm_head {
-            Some(vb) => Linear::load(vb, h, cfg.vocab_size, false)?,
-            None => Linear::from_weights(embed_w.clone(), None)?,
+        let lm_head = match (lm_head, &embed) {
+            (Some(vb), _) => match quant.and_then(|q| q.get("lm_head.weight")) {
+                Some(m) => Linear::from_quantized(m.clone(), None)?,
+                None => Linear::load(vb, h, cfg.vocab_size, false)?,
+            },
+            (None, EmbedTable::F32(e)) => Linear::from_weights(e.embeddings().clone(), None)?,
+            (None, EmbedTable::Quantized(q)) => Linear::from_packed(q.clone()),
         };
         Ok(Self {
-            embed: Some(Embedding::new(embed_w, h)),
+            embed,
             blocks,
             norm: RmsNorm::load(vb.pp("norm"), h, cfg.rms_norm_eps)?,
             lm_head,
@@ -378,7 +476,9 @@ impl Llama {
         } else if head > 0 {
             // The tied table is the head's matrix: lookups read its quantized rows instead.
             freed += head;
-            self.embed = None;
+            if let Some(q) = self.lm_head.quantized_shared() {
+                self.embed = EmbedTable::Quantized(q);
+            }
         }
         freed
     }
@@ -403,14 +503,13 @@ impl Llama {
 
     /// Token embeddings `[1, L, h]` (a lookup, no FLOPs).
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        if let Some(e) = &self.embed {
-            let t = Tensor::new(ids, &self.device)?;
-            return candle_core::Module::forward(e, &t)?.unsqueeze(0);
-        }
-        let q = self
-            .lm_head
-            .quantized()
-            .ok_or_else(|| candle_core::Error::Msg("no embedding table".into()))?;
+        let q = match &self.embed {
+            EmbedTable::F32(e) => {
+                let t = Tensor::new(ids, &self.device)?;
+                return candle_core::Module::forward(e, &t)?.unsqueeze(0);
+            }
+            EmbedTable::Quantized(q) => q,
+        };
         let mut rows = Vec::with_capacity(ids.len() * q.cols());
         for &id in ids {
             if id as usize >= q.rows() {

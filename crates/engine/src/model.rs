@@ -244,7 +244,17 @@ impl VideoVlm {
         let (lm, mut tokenizer) = match raw.get("vvlm_lm_gguf").and_then(|v| v.as_str()) {
             Some(g) => {
                 let gpath = dir.join(g);
-                let glm = gguf::load(&gpath, opts.dtype, &opts.device)?;
+                // On the CPU in f32, decode (and by default prefill) reads the file's quantized
+                // blocks (same weights); served from them alone, they are never dequantized.
+                let quantized_decode = opts.device.is_cpu()
+                    && opts.dtype == DType::F32
+                    && opts.quantized_decode == QuantizedDecode::Int8;
+                let only_quantized = quantized_decode && opts.quantized_prefill;
+                let glm = if only_quantized {
+                    gguf::load_quantized(&gpath, opts.dtype, &opts.device)?
+                } else {
+                    gguf::load(&gpath, opts.dtype, &opts.device)?
+                };
                 if glm.config.hidden_size != ht {
                     return Err(EngineError::Config(format!(
                         "{} has hidden size {}, the projector outputs {ht}",
@@ -263,39 +273,37 @@ impl VideoVlm {
                 } = glm;
                 template_src = chat_template;
                 let lm_vb = VarBuilder::from_tensors(tensors, opts.dtype, &opts.device);
-                let head = lm_vb
-                    .contains_tensor("lm_head.weight")
-                    .then(|| lm_vb.pp("lm_head"));
-                let mut lm = Llama::load(lm_vb, head, &cfg.text_config)?;
-                // Decode reads the file's quantized blocks on the CPU (same weights).
-                let quantized_decode = opts.device.is_cpu()
-                    && opts.dtype == DType::F32
-                    && opts.quantized_decode == QuantizedDecode::Int8;
-                let attached = if quantized_decode {
-                    lm.attach_quantized(&quantized)?
+                let head = (lm_vb.contains_tensor("lm_head.weight")
+                    || quantized.contains_key("lm_head.weight"))
+                .then(|| lm_vb.pp("lm_head"));
+                let (lm, how) = if only_quantized {
+                    let lm = Llama::load_quantized(lm_vb, head, &cfg.text_config, &quantized)?;
+                    let how = format!(
+                        "; prefill and decode read the quantized weights of {} matrices (no f32 copies)",
+                        quantized.len()
+                    );
+                    (lm, how)
                 } else {
-                    0
-                };
-                drop(quantized);
-                notes.push(format!(
-                    "LM from GGUF {} ({}){}",
-                    g,
-                    quantizations.join(", "),
-                    if attached > 0 {
+                    let mut lm = Llama::load(lm_vb, head, &cfg.text_config)?;
+                    let attached = if quantized_decode {
+                        lm.attach_quantized(&quantized)?
+                    } else {
+                        0
+                    };
+                    let how = if attached > 0 {
                         format!("; decode reads the quantized weights of {attached} matrices")
                     } else {
                         String::new()
-                    }
+                    };
+                    (lm, how)
+                };
+                drop(quantized);
+                crate::release_free_memory();
+                notes.push(format!(
+                    "LM from GGUF {} ({}){how}",
+                    g,
+                    quantizations.join(", ")
                 ));
-                if attached > 0 && opts.quantized_prefill {
-                    // The loader's tensors are gone by now: the dropped copies are freed.
-                    let freed = lm.keep_only_quantized();
-                    crate::release_free_memory();
-                    notes.push(format!(
-                        "prefill reads the quantized weights too ({:.0} MiB of f32 copies dropped)",
-                        freed as f64 / f64::from(1 << 20)
-                    ));
-                }
                 (lm, Some(tokenizer))
             }
             None => {

@@ -149,6 +149,34 @@ impl Linear {
         })
     }
 
+    /// A layer holding only quantized weights (a GGUF file's blocks, no f32 copy): every
+    /// product runs on the CPU's integer kernels, in f32 activations.
+    pub fn from_quantized(q: crate::quant::QuantMatrix, bias: Option<Tensor>) -> Result<Self> {
+        if let Some(b) = &bias {
+            if b.dims1()? != q.rows {
+                candle_core::bail!("bias of {} for {} outputs", b.dims1()?, q.rows);
+            }
+        }
+        Ok(Self {
+            weight: None,
+            bias,
+            in_features: q.cols,
+            out_features: q.rows,
+            quant: Some(std::sync::Arc::new(q.packed())),
+        })
+    }
+
+    /// A bias-free layer over an already packed quantized matrix (shared, e.g. a tied head).
+    pub fn from_packed(q: std::sync::Arc<crate::quant::PackedMatrix>) -> Self {
+        Self {
+            weight: None,
+            bias: None,
+            in_features: q.cols(),
+            out_features: q.rows(),
+            quant: Some(q),
+        }
+    }
+
     /// Attaches the quantized form of this layer's weights (same shape), used for products of at
     /// most [`crate::gemv::MAX_ROWS`] rows on the CPU in f32.
     pub fn set_quantized(&mut self, q: crate::quant::QuantMatrix) -> Result<()> {
@@ -167,6 +195,11 @@ impl Linear {
 
     pub fn quantized(&self) -> Option<&crate::quant::PackedMatrix> {
         self.quant.as_deref()
+    }
+
+    /// The quantized matrix, shared (a tied embedding reads the head's).
+    pub fn quantized_shared(&self) -> Option<std::sync::Arc<crate::quant::PackedMatrix>> {
+        self.quant.clone()
     }
 
     /// Products of every shape (prefill too) from the quantized weights, and the f32 copy

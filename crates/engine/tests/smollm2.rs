@@ -302,7 +302,8 @@ fn quantized_decode_matches_llama_cpp() {
 }
 
 /// Prefill from the file's blocks (`keep_only_quantized`, the default `quantized_prefill`; the
-/// tied embedding table is then read from the head's quantized rows):
+/// tied embedding table is then read from the head's quantized rows; the server's
+/// `gguf::load_quantized` + `Llama::load_quantized` give the same logits bit for bit):
 /// the prompt's rows go through the same integer kernels as decode (8-bit activation blocks,
 /// each row's arithmetic that of the row alone), so the last position's logits after
 /// prefilling the first `step` tokens should match (a) llama.cpp decoding the same file (the
@@ -331,6 +332,21 @@ fn quantized_prefill_matches_llama_cpp_and_quantized_decode() {
         prefill_lm.keep_only_quantized() > 100 << 20,
         "f32 copies dropped"
     );
+    // What the server loads: the file read without f32 copies of its quantized matrices.
+    let lean =
+        vvlm_engine::gguf::load_quantized(&gguf(), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(lean.quantized.len(), g.quantized.len());
+    assert!(
+        lean.tensors.keys().all(|k| !g.quantized.contains_key(k)),
+        "no f32 copy of a quantized matrix"
+    );
+    let lean_lm = vvlm_engine::llama::Llama::load_quantized(
+        candle_nn::VarBuilder::from_tensors(lean.tensors, candle_core::DType::F32, &Device::Cpu),
+        None,
+        &lean.config,
+        &lean.quantized,
+    )
+    .unwrap();
     let golden = candle_core::safetensors::load(
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/fixtures/smollm2-llamacpp/decode.safetensors"),
@@ -358,6 +374,7 @@ fn quantized_prefill_matches_llama_cpp_and_quantized_decode() {
     let probe = [0, 1, 17, 4242, 49151];
     assert_eq!(table(&prefill_lm, &probe), table(&decode_lm, &probe));
     assert_eq!(table(&prefill_lm, &ids), table(&decode_lm, &ids));
+    assert_eq!(table(&lean_lm, &ids), table(&decode_lm, &ids));
     assert!(
         prefill_lm.embed(&[49152]).is_err(),
         "an id past the vocabulary"
@@ -402,6 +419,20 @@ fn quantized_prefill_matches_llama_cpp_and_quantized_decode() {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
+        // The same matrices and kernels whichever way the model was loaded: bit for bit.
+        let mut cache = lean_lm.new_cache();
+        let h = lean_lm
+            .forward_hidden(&lean_lm.embed(&ids[..step]).unwrap(), &mut cache, &mut ctx)
+            .unwrap();
+        let lean_logits = lean_lm
+            .last_logits(&h, &ctx)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(
+            lean_logits, got,
+            "step {step}: load_quantized vs keep_only_quantized"
+        );
         let (d, mean) = diffs(&got, &want[row]);
         let (dd, dmean) = diffs(&got, &decoded[step - 1]);
         eprintln!(
