@@ -48,8 +48,8 @@ pub struct ServerConfig {
     #[serde(default)]
     pub quantized_decode: vvlm_engine::QuantizedDecode,
     /// With `quantized_decode = "int8"`: prefill from the Q4_1/Q8_0 blocks too (8-bit
-    /// activations, as llama.cpp) and drop the f32 copies of those matrices (SmolLM2-135M:
-    /// 124 vs 637 MiB resident, prefill ~1.4x faster). `false` prefills in exact f32.
+    /// activations, as llama.cpp) and never dequantize those matrices (SmolLM2-135M: 123 vs
+    /// 637 MiB resident, load peak 235 vs 967, prefill ~1.4x). `false` prefills in exact f32.
     #[serde(default = "default_quantized_prefill")]
     pub quantized_prefill: bool,
     /// Prompt tokens prefilled per forward pass (0: whole prompts); decode steps of the other
