@@ -48,7 +48,8 @@ print(f"{os.environ['CPU']}, 2 threads; llama.cpp built with {os.environ['FLAGS'
 for name, runs in [("Q4_1/Q8_0 blocks, int8 activations", vs), ("f32 matmuls, dequantized file", vp32)]:
     vp = best(runs, "smollm2_prefill_tok_s")
     rss = min(x["smollm2_resident_mib"] for x in runs)
-    print(f"prefill 512  vvlm ({name}; resident after load {rss:.0f} MiB) {vp:7.1f} tok/s | llama.cpp F32 {f32['prefill']:7.1f} ({vp / f32['prefill']:.2f}x) | llama.cpp Q4_1 {q41['prefill']:7.1f} ({vp / q41['prefill']:.2f}x)")
+    peak = min(x["smollm2_load_peak_mib"] for x in runs)
+    print(f"prefill 512  vvlm ({name}; resident after load {rss:.0f} MiB, load peak {peak:.0f} MiB) {vp:7.1f} tok/s | llama.cpp F32 {f32['prefill']:7.1f} ({vp / f32['prefill']:.2f}x) | llama.cpp Q4_1 {q41['prefill']:7.1f} ({vp / q41['prefill']:.2f}x)")
 vq = best(vs, "smollm2_decode_tok_s")
 print(f"decode 128   vvlm (Q4_1/Q8_0, int8 activations) {vq:7.1f} tok/s | llama.cpp Q4_1 {q41['decode']:7.1f} ({vq / q41['decode']:.2f}x)")
 vd = best(vf, "smollm2_decode_tok_s")
