@@ -37,9 +37,10 @@ pub struct EngineArgs {
     /// `--quantized-decode false` times the f32 matrices instead.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub quantized_decode: bool,
-    /// SmolLM2 prefill from the quantized blocks too (8-bit activations), the f32 copies of
-    /// its matrices dropped (the server's `quantized_prefill`; needs quantized decode).
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    /// SmolLM2 prefill from the quantized blocks too (8-bit activations), no f32 copies of its
+    /// matrices (the server's `quantized_prefill`, on by default there too; needs quantized
+    /// decode); `--quantized-prefill false` prefills from the dequantized f32 matrices.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub quantized_prefill: bool,
     /// The device's dense peak at the run's dtype, in TFLOP/s (e.g. 989 for an H100 SXM in
     /// bf16): MFU is reported against it. Default: the measured matmul peak.
