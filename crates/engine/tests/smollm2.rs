@@ -203,6 +203,38 @@ fn logits_match_llama_cpp_f32() {
     }
 }
 
+/// The LM of a loaded GGUF on its f32 tensors (quantized matrices not attached).
+fn f32_lm(g: &vvlm_engine::gguf::GgufLm) -> vvlm_engine::llama::Llama {
+    let vb = candle_nn::VarBuilder::from_tensors(
+        g.tensors.clone(),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    );
+    vvlm_engine::llama::Llama::load(vb, None, &g.config).unwrap()
+}
+
+/// llama.cpp decoding the GGUF one token per step (`benches/decode_logits_fixture.sh`): the
+/// prompt ids, the steps recorded (1-based) and their logits.
+fn decode_fixture() -> (Vec<u32>, Vec<i64>, Vec<Vec<f32>>) {
+    let golden = candle_core::safetensors::load(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/smollm2-llamacpp/decode.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ids = golden["ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
+    (
+        ids,
+        golden["steps"].to_vec1::<i64>().unwrap(),
+        golden["logits"].to_vec2::<f32>().unwrap(),
+    )
+}
+
 /// Decode from the file's Q4_1/Q8_0 blocks (what the CPU serves: 8-bit activation blocks times
 /// the file's blocks in integer arithmetic) against llama.cpp decoding the same file one token
 /// per step (`benches/decode_logits_fixture.sh`, the same kind of arithmetic, with f32 KV; it
@@ -218,29 +250,11 @@ fn logits_match_llama_cpp_f32() {
 #[test]
 fn quantized_decode_matches_llama_cpp() {
     let g = vvlm_engine::gguf::load(&gguf(), candle_core::DType::F32, &Device::Cpu).unwrap();
-    let load = || {
-        let vb = candle_nn::VarBuilder::from_tensors(
-            g.tensors.clone(),
-            candle_core::DType::F32,
-            &Device::Cpu,
-        );
-        vvlm_engine::llama::Llama::load(vb, None, &g.config).unwrap()
-    };
-    let plain = load();
-    let mut quant = load();
+    let plain = f32_lm(&g);
+    let mut quant = f32_lm(&g);
     let attached = quant.attach_quantized(&g.quantized).unwrap();
     assert_eq!(attached, 7 * g.config.num_hidden_layers + 1);
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/smollm2-llamacpp/decode.safetensors");
-    let golden = candle_core::safetensors::load(fixture, &Device::Cpu).unwrap();
-    let ids: Vec<u32> = golden["ids"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as u32)
-        .collect();
-    let steps = golden["steps"].to_vec1::<i64>().unwrap();
-    let want = golden["logits"].to_vec2::<f32>().unwrap();
+    let (ids, steps, want) = decode_fixture();
     // Every step's logits, decoding one token at a time.
     let decode = |lm: &vvlm_engine::llama::Llama| {
         let flops = FlopCounter::new();
@@ -318,12 +332,7 @@ fn quantized_decode_matches_llama_cpp() {
 fn quantized_prefill_matches_llama_cpp_and_quantized_decode() {
     let g = vvlm_engine::gguf::load(&gguf(), candle_core::DType::F32, &Device::Cpu).unwrap();
     let load = || {
-        let vb = candle_nn::VarBuilder::from_tensors(
-            g.tensors.clone(),
-            candle_core::DType::F32,
-            &Device::Cpu,
-        );
-        let mut lm = vvlm_engine::llama::Llama::load(vb, None, &g.config).unwrap();
+        let mut lm = f32_lm(&g);
         lm.attach_quantized(&g.quantized).unwrap();
         lm
     };
@@ -347,20 +356,7 @@ fn quantized_prefill_matches_llama_cpp_and_quantized_decode() {
         &lean.quantized,
     )
     .unwrap();
-    let golden = candle_core::safetensors::load(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/smollm2-llamacpp/decode.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let ids: Vec<u32> = golden["ids"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as u32)
-        .collect();
-    let steps = golden["steps"].to_vec1::<i64>().unwrap();
-    let want = golden["logits"].to_vec2::<f32>().unwrap();
+    let (ids, steps, want) = decode_fixture();
     // The tied embedding table went with the head's f32 copy: lookups dequantize the head's
     // Q8_0 rows, the same values as candle's dequantized table, bit for bit.
     let table = |lm: &vvlm_engine::llama::Llama, ids: &[u32]| {
