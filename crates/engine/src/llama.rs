@@ -234,13 +234,6 @@ impl KvCache {
             .sum()
     }
 
-    /// Positions layer `l` holds (all layers hold the same between steps).
-    fn len_at(&self, l: usize) -> usize {
-        self.layers
-            .get(l)
-            .and_then(|c| c.as_ref())
-            .map_or(0, |c| c.len)
-    }
 }
 
 /// Token embeddings: an f32 table, or a quantized matrix whose rows are dequantized per lookup
@@ -698,28 +691,19 @@ impl Block {
         let k = candle_nn::rotary_emb::rope(&part(a.heads, a.kv_heads)?, cos, sin)?;
         let v = part(a.heads + a.kv_heads, a.kv_heads)?;
         let scale = (a.head_dim as f64).powf(-0.5);
-        let mut outs = Vec::with_capacity(b);
-        for (i, cache) in caches.iter_mut().enumerate() {
-            let past = cache.len_at(layer);
-            let (ki, vi) = LayerCache::append(
-                &mut cache.layers[layer],
-                &k.narrow(2, i, 1)?,
-                &v.narrow(2, i, 1)?,
-            )?;
-            let qi = q.narrow(2, i, 1)?.contiguous()?;
-            outs.push(attention(
-                &qi,
-                &ki,
-                &vi,
-                scale,
-                Masking::Causal { past },
-                &ctxs[i],
-            )?);
-        }
-        // [1, heads, B, d] -> [B, 1, heads·d]
-        let o = Tensor::cat(&outs, 2)?
-            .transpose(1, 2)?
-            .reshape((b, 1, a.heads * a.head_dim))?;
+        let kvs = caches
+            .iter_mut()
+            .enumerate()
+            .map(|(i, cache)| {
+                LayerCache::append(
+                    &mut cache.layers[layer],
+                    &k.narrow(2, i, 1)?,
+                    &v.narrow(2, i, 1)?,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // [B, 1, heads·d], each row as its sequence's own decode step computes it.
+        let o = crate::attention::decode_attention_batch(&q, &kvs, scale, ctxs)?;
         let o = a.o.forward_rows(&o, ctxs)?;
         let x = (x + o)?;
         let y = self.ln2.forward(&x)?;

@@ -411,6 +411,33 @@ impl Kernel {
             n * x.rows,
             "one output per weight and activation row"
         );
+        // SAFETY: `out` holds x.rows rows of n outputs, checked above.
+        unsafe { self.dot_tiles_strided(w, tiles, x, out.as_mut_ptr(), n) }
+    }
+
+    /// [`Self::dot_tiles`] writing activation row `r`'s outputs at `out + r·stride` (a column
+    /// range of a wider `[x.rows, stride]` output, so that tasks over different tiles write one
+    /// shared output in place).
+    ///
+    /// # Safety
+    /// `out + r·stride .. + n` must be valid for writes for every activation row `r` (`n` the
+    /// tiles' real rows) and not be accessed by anything else during the call.
+    pub unsafe fn dot_tiles_strided(
+        &self,
+        w: &TiledWeights,
+        tiles: std::ops::Range<usize>,
+        x: &Q8Rows,
+        out: *mut f32,
+        stride: usize,
+    ) {
+        assert_eq!(
+            w.format, self.format,
+            "kernel and weights disagree on format"
+        );
+        assert_eq!(w.cols, x.cols, "weights and activations disagree on width");
+        assert!(x.cols > 0, "no columns");
+        assert!(tiles.end <= w.tiles(), "tiles past the matrix");
+        let row0 = tiles.start * TILE;
         let mut y = [[0f32; TILE]; 4];
         for t in tiles {
             let j0 = t * TILE - row0;
@@ -420,8 +447,12 @@ impl Kernel {
                 let g = (x.rows - r0).min(4);
                 self.group(w, t, x, r0, &mut y[..g]);
                 for (r, yr) in y[..g].iter().enumerate() {
-                    let o = (r0 + r) * n + j0;
-                    out[o..o + cnt].copy_from_slice(&yr[..cnt]);
+                    // SAFETY: the caller guarantees row r0 + r's n outputs are writable.
+                    std::ptr::copy_nonoverlapping(
+                        yr.as_ptr(),
+                        out.add((r0 + r) * stride + j0),
+                        cnt,
+                    );
                 }
                 r0 += g;
             }

@@ -249,24 +249,22 @@ impl PackedMatrix {
                 .for_each(|(c, out)| run(c, out));
             return;
         }
-        // Each chunk computes `[m, its outputs]`; the rows are then copied into place. Each
-        // output's arithmetic is that of the row alone (`qdot`), so a batch's outputs equal each
+        // Each chunk writes its column range of every row of `y` in place. Each output's
+        // arithmetic is that of the row alone (`qdot`), so a batch's outputs equal each
         // sequence's own bit for bit.
-        let parts: Vec<Vec<f32>> = (0..n.div_ceil(chunk))
-            .into_par_iter()
-            .map(|c| {
-                let mut out = vec![0f32; m * (chunk.min(n - c * chunk))];
-                run(c, &mut out);
-                out
-            })
-            .collect();
-        for (c, part) in parts.iter().enumerate() {
-            let cnt = part.len() / m;
-            for r in 0..m {
-                y[r * n + c * chunk..r * n + c * chunk + cnt]
-                    .copy_from_slice(&part[r * cnt..(r + 1) * cnt]);
-            }
-        }
+        #[derive(Clone, Copy)]
+        struct Out(*mut f32);
+        // SAFETY: the chunks write disjoint column ranges of `y`, which outlives the loop.
+        unsafe impl Send for Out {}
+        unsafe impl Sync for Out {}
+        let out = Out(y.as_mut_ptr());
+        (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let out = out;
+            let t0 = c * chunk_tiles;
+            let t1 = (t0 + chunk_tiles).min(tiles);
+            // SAFETY: `y` is [m, n]; chunk c writes columns c·chunk.. of each row, up to n.
+            unsafe { kernel.dot_tiles_strided(&self.0, t0..t1, &xq, out.0.add(c * chunk), n) }
+        });
     }
 }
 
