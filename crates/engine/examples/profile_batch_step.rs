@@ -25,21 +25,34 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .unwrap_or("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf".into());
     let batches: Vec<usize> = args
         .get(2)
-        .map(|s| s.split(',').map(|b| b.parse().expect("a batch size")).collect())
+        .map(|s| {
+            s.split(',')
+                .map(|b| b.parse().expect("a batch size"))
+                .collect()
+        })
         .unwrap_or(vec![1, 8]);
-    let g = vvlm_engine::gguf::load_quantized(std::path::Path::new(&path), DType::F32, &Device::Cpu)?;
+    let g =
+        vvlm_engine::gguf::load_quantized(std::path::Path::new(&path), DType::F32, &Device::Cpu)?;
     let cfg = g.config.clone();
     // The model's products, fused as `Llama::load_quantized` fuses them.
     let mut mats: Vec<PackedMatrix> = vec![];
     for l in 0..cfg.num_hidden_layers {
         let p = |n: &str| &g.quantized[&format!("layers.{l}.{n}.weight")];
         for parts in [
-            vec![p("self_attn.q_proj"), p("self_attn.k_proj"), p("self_attn.v_proj")],
+            vec![
+                p("self_attn.q_proj"),
+                p("self_attn.k_proj"),
+                p("self_attn.v_proj"),
+            ],
             vec![p("self_attn.o_proj")],
             vec![p("mlp.gate_proj"), p("mlp.up_proj")],
             vec![p("mlp.down_proj")],
         ] {
-            mats.push(QuantMatrix::concat_rows(&parts).expect("same format").packed());
+            mats.push(
+                QuantMatrix::concat_rows(&parts)
+                    .expect("same format")
+                    .packed(),
+            );
         }
     }
     mats.push(g.quantized["embed_tokens.weight"].packed());
@@ -52,7 +65,9 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             let mut caches = vec![];
             let mut next = vec![];
             for s in 0..b {
-                let ids: Vec<u32> = (0..32u32).map(|i| 100 + (i * 7 + s as u32 * 13) % 1000).collect();
+                let ids: Vec<u32> = (0..32u32)
+                    .map(|i| 100 + (i * 7 + s as u32 * 13) % 1000)
+                    .collect();
                 let mut cache = lm.new_cache();
                 let mut ctx = Ctx::new(&c, Component::LmPrefill);
                 let h = lm.forward_hidden(&lm.embed(&ids)?, &mut cache, &mut ctx)?;

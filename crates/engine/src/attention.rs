@@ -166,8 +166,10 @@ pub fn decode_attention_batch(
     }
     let mut seqs = Vec::with_capacity(b);
     for ((ks, kl), (vs, vl)) in &guards {
-        let (candle_core::Storage::Cpu(CpuStorage::F32(kd)), candle_core::Storage::Cpu(CpuStorage::F32(vd))) =
-            (&**ks, &**vs)
+        let (
+            candle_core::Storage::Cpu(CpuStorage::F32(kd)),
+            candle_core::Storage::Cpu(CpuStorage::F32(vd)),
+        ) = (&**ks, &**vs)
         else {
             candle_core::bail!("decode attention: keys and values must be f32 on the CPU, as q");
         };
@@ -940,7 +942,13 @@ mod tests {
                     .to_vec1()
                     .unwrap()
             };
-            let row: Vec<f32> = got.get(i).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let row: Vec<f32> = got
+                .get(i)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             assert_eq!(row, flat(alone), "sequence {i}: bit for bit");
             let want = flat(reference_attention(&qi, k, v, scale, masking).unwrap());
             let err = row
@@ -962,9 +970,8 @@ mod tests {
         let q = Tensor::zeros((1, 4, 2, 8), DType::F32, &dev).unwrap();
         let kv = |h: usize, n: usize| Tensor::zeros((1, h, n, 8), DType::F32, &dev).unwrap();
         let c = FlopCounter::new();
-        let ctxs = |n: usize| -> Vec<Ctx> {
-            (0..n).map(|_| Ctx::new(&c, Component::LmDecode)).collect()
-        };
+        let ctxs =
+            |n: usize| -> Vec<Ctx> { (0..n).map(|_| Ctx::new(&c, Component::LmDecode)).collect() };
         // One cache for two rows; heads not a multiple of kv heads; an empty cache.
         let one = vec![(kv(2, 3), kv(2, 3))];
         assert!(decode_attention_batch(&q, &one, 1.0, &ctxs(2)).is_err());

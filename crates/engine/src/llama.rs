@@ -233,7 +233,6 @@ impl KvCache {
             .map(|c| (c.k.elem_count() + c.v.elem_count()) * c.k.dtype().size_in_bytes())
             .sum()
     }
-
 }
 
 /// Token embeddings: an f32 table, or a quantized matrix whose rows are dequantized per lookup

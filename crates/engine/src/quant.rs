@@ -259,11 +259,11 @@ impl PackedMatrix {
         unsafe impl Sync for Out {}
         let out = Out(y.as_mut_ptr());
         (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
-            let out = out;
+            let dst = out;
             let t0 = c * chunk_tiles;
             let t1 = (t0 + chunk_tiles).min(tiles);
             // SAFETY: `y` is [m, n]; chunk c writes columns c·chunk.. of each row, up to n.
-            unsafe { kernel.dot_tiles_strided(&self.0, t0..t1, &xq, out.0.add(c * chunk), n) }
+            unsafe { kernel.dot_tiles_strided(&self.0, t0..t1, &xq, dst.0.add(c * chunk), n) }
         });
     }
 }
