@@ -487,8 +487,8 @@ impl candle_core::CustomOp1 for SwigluFusedF32 {
         let i = two_i / 2;
         let x = &x[a..b];
         let mut dst = vec![0f32; x.len() / 2];
-        if let Some(rows_per_task) = (16 * 1024usize).checked_div(i) {
-            // Rows in parallel, several short rows per task.
+        if let Some(rows_per_task) = (4 * 1024usize).checked_div(i) {
+            // Rows in parallel, ~4K values per task (a decode batch of 8 SmolLM2 rows: 3 tasks).
             let rows_per_task = rows_per_task.max(1);
             let rows = swiglu_rows_kernel();
             dst.par_chunks_mut(rows_per_task * i)
