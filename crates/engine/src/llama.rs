@@ -542,7 +542,8 @@ impl Llama {
     /// One decode step for several sequences at once: `embeds` `[B, 1, h]` holds each
     /// sequence's new token, `caches[i]` its KV cache (lengths may differ), `ctxs[i]` where its
     /// FLOPs are counted. The linear layers run as one `[B, h]` product (matrix-vector products
-    /// become a small matrix product); attention runs per sequence over its own cache. Returns
+    /// become a small matrix product); attention runs for every sequence over its own cache in
+    /// one pass ([`crate::attention::decode_attention_batch`]). Returns
     /// each sequence's next-token logits `[B, vocab]` in f32.
     pub fn decode_batch(
         &self,
