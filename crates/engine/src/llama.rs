@@ -678,18 +678,25 @@ impl Block {
         let a = &self.attn;
         let y = self.ln1.forward(x)?;
         let qkv = a.qkv.forward_rows(&y, ctxs)?;
-        // The batch as the time axis of one sequence: [1, heads, B, d], so that row i is
-        // rotated at sequence i's own position.
-        let heads_view = qkv.reshape((1, b, a.heads + 2 * a.kv_heads, a.head_dim))?;
-        let part = |start: usize, n: usize| -> Result<Tensor> {
-            heads_view
-                .narrow(2, start, n)?
-                .transpose(1, 2)?
-                .contiguous()
+        // q as [1, heads, B, d] (the batch as the time axis of one sequence, so that row i is
+        // rotated at sequence i's own position); k and v with sequence i's rows along `seq_axis`.
+        let (q, k, v, seq_axis) = if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+            let (q, k, v) =
+                split_rotate_decode_rows(&qkv, cos, sin, a.heads, a.kv_heads, a.head_dim)?;
+            (q, k, v, 0)
+        } else {
+            let heads_view = qkv.reshape((1, b, a.heads + 2 * a.kv_heads, a.head_dim))?;
+            let part = |start: usize, n: usize| -> Result<Tensor> {
+                heads_view
+                    .narrow(2, start, n)?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = candle_nn::rotary_emb::rope(&part(0, a.heads)?, cos, sin)?;
+            let k = candle_nn::rotary_emb::rope(&part(a.heads, a.kv_heads)?, cos, sin)?;
+            let v = part(a.heads + a.kv_heads, a.kv_heads)?;
+            (q, k, v, 2)
         };
-        let q = candle_nn::rotary_emb::rope(&part(0, a.heads)?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&part(a.heads, a.kv_heads)?, cos, sin)?;
-        let v = part(a.heads + a.kv_heads, a.kv_heads)?;
         let scale = (a.head_dim as f64).powf(-0.5);
         let kvs = caches
             .iter_mut()
@@ -697,8 +704,8 @@ impl Block {
             .map(|(i, cache)| {
                 LayerCache::append(
                     &mut cache.layers[layer],
-                    &k.narrow(2, i, 1)?,
-                    &v.narrow(2, i, 1)?,
+                    &k.narrow(seq_axis, i, 1)?,
+                    &v.narrow(seq_axis, i, 1)?,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
@@ -716,7 +723,131 @@ impl Block {
     }
 }
 
+/// A decode batch's fused q/k/v rows `[B, 1, (heads + 2·kv_heads)·d]` (CPU, f32) split and
+/// rotated in one pass, instead of three strided copies and two RoPE ops per layer: q as
+/// `[1, heads, B, d]` (what [`crate::attention::decode_attention_batch`] reads), k and v as
+/// `[B, kv_heads, 1, d]` (sequence i's rows a contiguous `narrow(0, i, 1)`, appended to its cache
+/// without a copy). `cos`/`sin` `[B, d/2]` hold each row's own position. RoPE is computed as
+/// candle's `rope` computes it (`x1·c − x2·s`, `x1·s + x2·c`, each product rounded, no fused
+/// multiply-add), so the rows equal the unfused path's bit for bit.
+fn split_rotate_decode_rows(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let b = qkv.dim(0)?;
+    let w = (heads + 2 * kv_heads) * d;
+    let half = d / 2;
+    if qkv.elem_count() != b * w || cos.dims() != [b, half] || sin.dims() != [b, half] {
+        candle_core::bail!(
+            "decode rows: qkv {:?}, cos {:?}, sin {:?} for {heads}/{kv_heads} heads of {d}",
+            qkv.dims(),
+            cos.dims(),
+            sin.dims()
+        );
+    }
+    let x: Vec<f32> = qkv.flatten_all()?.to_vec1()?;
+    let cos: Vec<f32> = cos.flatten_all()?.to_vec1()?;
+    let sin: Vec<f32> = sin.flatten_all()?.to_vec1()?;
+    let mut q = vec![0f32; heads * b * d];
+    let mut k = vec![0f32; b * kv_heads * d];
+    let mut v = vec![0f32; b * kv_heads * d];
+    let rotate = |src: &[f32], dst: &mut [f32], c: &[f32], s: &[f32]| {
+        for i in 0..half {
+            let (x1, x2) = (src[i], src[i + half]);
+            dst[i] = x1 * c[i] - x2 * s[i];
+            dst[i + half] = x1 * s[i] + x2 * c[i];
+        }
+    };
+    for i in 0..b {
+        let row = &x[i * w..(i + 1) * w];
+        let (c, s) = (
+            &cos[i * half..(i + 1) * half],
+            &sin[i * half..(i + 1) * half],
+        );
+        for h in 0..heads {
+            rotate(
+                &row[h * d..(h + 1) * d],
+                &mut q[(h * b + i) * d..][..d],
+                c,
+                s,
+            );
+        }
+        for h in 0..kv_heads {
+            let o = (i * kv_heads + h) * d;
+            rotate(&row[(heads + h) * d..][..d], &mut k[o..o + d], c, s);
+            v[o..o + d].copy_from_slice(&row[(heads + kv_heads + h) * d..][..d]);
+        }
+    }
+    let dev = qkv.device();
+    Ok((
+        Tensor::from_vec(q, (1, heads, b, d), dev)?,
+        Tensor::from_vec(k, (b, kv_heads, 1, d), dev)?,
+        Tensor::from_vec(v, (b, kv_heads, 1, d), dev)?,
+    ))
+}
+
 /// Index of the maximum of a 1-D f32 tensor.
 pub fn argmax(logits: &Tensor) -> Result<u32> {
     logits.argmax(D::Minus1)?.to_scalar::<u32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn split_rotated_decode_rows_equal_candles_rope_bit_for_bit() {
+        let dev = Device::Cpu;
+        let (b, heads, kv_heads, d) = (3, 6, 2, 16);
+        let qkv = Tensor::randn(0f32, 1.0, (b, 1, (heads + 2 * kv_heads) * d), &dev).unwrap();
+        // Each row at its own position: angles from different positions of one table.
+        let angles = Tensor::randn(0f32, 3.0, (b, d / 2), &dev).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let (q, k, v) = split_rotate_decode_rows(&qkv, &cos, &sin, heads, kv_heads, d).unwrap();
+        // The unfused path: strided parts made contiguous, then candle's rope.
+        let view = qkv.reshape((1, b, heads + 2 * kv_heads, d)).unwrap();
+        let part = |start: usize, n: usize| {
+            view.narrow(2, start, n)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let want_q = candle_nn::rotary_emb::rope(&part(0, heads), &cos, &sin).unwrap();
+        let want_k = candle_nn::rotary_emb::rope(&part(heads, kv_heads), &cos, &sin).unwrap();
+        let want_v = part(heads + kv_heads, kv_heads);
+        let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        assert_eq!(flat(&q), flat(&want_q));
+        for i in 0..b {
+            let ki = k.narrow(0, i, 1).unwrap();
+            assert!(ki.is_contiguous());
+            assert_eq!(flat(&ki), flat(&want_k.narrow(2, i, 1).unwrap()));
+            assert_eq!(
+                flat(&v.narrow(0, i, 1).unwrap()),
+                flat(&want_v.narrow(2, i, 1).unwrap())
+            );
+        }
+        // Rotation by hand for one element: q of head 1, row 2, pair (3, 3 + d/2).
+        let x = flat(&qkv);
+        let (c, s) = (flat(&cos)[2 * d / 2 + 3], flat(&sin)[2 * d / 2 + 3]);
+        let base = 2 * (heads + 2 * kv_heads) * d + d;
+        let (x1, x2) = (x[base + 3], x[base + 3 + d / 2]);
+        let qv = flat(&q);
+        assert_eq!(qv[(b + 2) * d + 3], x1 * c - x2 * s);
+        assert_eq!(qv[(b + 2) * d + 3 + d / 2], x1 * s + x2 * c);
+    }
+
+    #[test]
+    fn split_rotate_refuses_mismatched_tables() {
+        let dev = Device::Cpu;
+        let qkv = Tensor::zeros((2, 1, 4 * 8), DType::F32, &dev).unwrap();
+        let t = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
+        assert!(split_rotate_decode_rows(&qkv, &t, &t, 2, 1, 8).is_err());
+    }
 }
