@@ -86,6 +86,10 @@ pub struct ServeArgs {
     /// decoding take a step between two chunks.
     #[arg(long, env = "VVLM_PREFILL_CHUNK")]
     pub prefill_chunk: Option<usize>,
+    /// KV cache element type: auto (the model's dtype) or f16 (an f32 LM on the CPU: half the
+    /// cache memory and half the bytes decode reads from it).
+    #[arg(long, env = "VVLM_KV_CACHE_DTYPE")]
+    pub kv_cache_dtype: Option<KvCacheDtypeArg>,
     /// Folders file:// URLs may read from (repeatable).
     #[arg(long = "file-allow", env = "VVLM_FILE_ALLOW", value_delimiter = ',')]
     pub file_allow: Vec<PathBuf>,
@@ -95,6 +99,12 @@ pub struct ServeArgs {
 pub enum QuantizedDecodeArg {
     Int8,
     Off,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum KvCacheDtypeArg {
+    Auto,
+    F16,
 }
 
 pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
@@ -140,6 +150,12 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
         c.quantized_decode = match v {
             QuantizedDecodeArg::Int8 => vvlm_engine::QuantizedDecode::Int8,
             QuantizedDecodeArg::Off => vvlm_engine::QuantizedDecode::Off,
+        };
+    }
+    if let Some(v) = a.kv_cache_dtype {
+        c.kv_cache_dtype = match v {
+            KvCacheDtypeArg::Auto => vvlm_engine::KvCacheDtype::Auto,
+            KvCacheDtypeArg::F16 => vvlm_engine::KvCacheDtype::F16,
         };
     }
     if let Some(v) = &a.admin_key {

@@ -33,6 +33,9 @@ pub struct BatchArgs {
     /// Decode from the file's quantized blocks (as the server does on the CPU; f32 CPU only).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub quantized_decode: bool,
+    /// KV caches in f16 (the server's `kv_cache_dtype = "f16"`; CPU, f32 LM).
+    #[arg(long)]
+    pub kv_f16: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -113,6 +116,10 @@ pub fn run(a: &BatchArgs) -> Result<Vec<BatchRow>> {
             lm
         }
     };
+    let mut lm = lm;
+    if a.kv_f16 {
+        lm.set_kv_cache_dtype(candle_core::DType::F16)?;
+    }
     let prompt = |s: usize| -> Vec<u32> {
         (0..a.npp as u32)
             .map(|i| 100 + (i * 7 + s as u32 * 13) % 1000)

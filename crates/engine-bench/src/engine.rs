@@ -42,6 +42,9 @@ pub struct EngineArgs {
     /// decode); `--quantized-prefill false` prefills from the dequantized f32 matrices.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub quantized_prefill: bool,
+    /// SmolLM2's KV cache in f16 (the server's `kv_cache_dtype = "f16"`; CPU, f32 LM).
+    #[arg(long)]
+    pub kv_f16: bool,
     /// The device's dense peak at the run's dtype, in TFLOP/s (e.g. 989 for an H100 SXM in
     /// bf16): MFU is reported against it. Default: the measured matmul peak.
     #[arg(long)]
@@ -233,6 +236,10 @@ pub fn run(a: &EngineArgs) -> Result<serde_json::Value> {
             }
             lm
         };
+        let mut lm = lm;
+        if a.kv_f16 {
+            lm.set_kv_cache_dtype(candle_core::DType::F16)?;
+        }
         drop(g.quantized);
         vvlm_engine::release_free_memory();
         let (rss, load_peak) = (resident_mib(), peak_resident_mib());
@@ -241,9 +248,10 @@ pub fn run(a: &EngineArgs) -> Result<serde_json::Value> {
         let steps = a.decode.max(32);
         if !a.json {
             println!(
-                "SmolLM2-135M (GGUF Q4_1; prefill {}, decode {}): prefill {} tokens {:.1} tok/s ({:.1} GFLOP/s); decode {:.1} tok/s; resident after load {} (peak so far {})",
+                "SmolLM2-135M (GGUF Q4_1; prefill {}, decode {}, KV cache {}): prefill {} tokens {:.1} tok/s ({:.1} GFLOP/s); decode {:.1} tok/s; resident after load {} (peak so far {})",
                 if quantized_prefill { "Q4_1/Q8_0 blocks" } else { "f32" },
                 if quantized { "Q4_1/Q8_0 blocks" } else { "f32" },
+                if a.kv_f16 { "f16" } else { "f32" },
                 a.prefill,
                 a.prefill as f64 / ps,
                 pf / ps / 1e9,
@@ -256,6 +264,7 @@ pub fn run(a: &EngineArgs) -> Result<serde_json::Value> {
         out["smollm2_decode_tok_s"] = serde_json::json!(steps as f64 / ds);
         out["smollm2_decode_quantized"] = serde_json::json!(quantized);
         out["smollm2_prefill_quantized"] = serde_json::json!(quantized_prefill);
+        out["smollm2_kv_f16"] = serde_json::json!(a.kv_f16);
         out["smollm2_resident_mib"] = serde_json::json!(rss);
         out["smollm2_load_peak_mib"] = serde_json::json!(load_peak);
     }

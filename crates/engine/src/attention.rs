@@ -80,7 +80,23 @@ fn uncounted_attention(
     scale: f64,
     masking: Masking,
 ) -> Result<Tensor> {
-    if q.device().is_cpu() && q.dtype() == DType::F32 {
+    let cpu_f32 = q.device().is_cpu() && q.dtype() == DType::F32;
+    if cpu_f32 && k.dtype() == DType::F16 && v.dtype() == DType::F16 {
+        let (b, heads, q_len, d) = q.dims4()?;
+        if q_len == 1 && f16_decode_kernel(d) {
+            // A decode row against an f16 cache: the f16 kernel, as in a batched step.
+            let q = q.contiguous()?;
+            let kvs: Vec<(Tensor, Tensor)> = (0..b)
+                .map(|i| Ok((k.narrow(0, i, 1)?, v.narrow(0, i, 1)?)))
+                .collect::<Result<_>>()?;
+            return decode_rows(&q, (q.stride()[0], q.stride()[1]), &kvs, heads, d, scale)?
+                .reshape((b, 1, heads, d))?
+                .transpose(1, 2);
+        }
+        // Prompt rows: the cached keys and values widened to f32 (exactly) for the GEMMs.
+        return uncounted_attention(q, &kv_to_f32(k)?, &kv_to_f32(v)?, scale, masking);
+    }
+    if cpu_f32 {
         let op = FusedAttentionF32 {
             scale: scale as f32,
             masking,
@@ -148,44 +164,112 @@ pub fn decode_attention_batch(
             .reshape((b, 1, heads * d));
     }
     let q = q.contiguous()?;
+    let f16 = kvs
+        .iter()
+        .all(|(k, v)| k.dtype() == DType::F16 && v.dtype() == DType::F16);
+    let out = if f16 && !f16_decode_kernel(d) {
+        // No F16C (or an odd head size): the same arithmetic on exactly widened values.
+        let wide = kvs
+            .iter()
+            .map(|(k, v)| Ok((kv_to_f32(k)?, kv_to_f32(v)?)))
+            .collect::<Result<Vec<_>>>()?;
+        decode_rows(&q, (q.stride()[2], q.stride()[1]), &wide, heads, d, scale)?
+    } else {
+        decode_rows(&q, (q.stride()[2], q.stride()[1]), kvs, heads, d, scale)?
+    };
+    out.reshape((b, 1, heads * d))
+}
+
+/// Keys or values of an f16 cache as f32 (exact), for the kernels that read f32.
+fn kv_to_f32(t: &Tensor) -> Result<Tensor> {
+    use half::slice::HalfFloatSliceExt;
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(CpuStorage::F16(x)) = &*s else {
+        candle_core::bail!("kv_to_f32 expects f16 on the CPU");
+    };
+    let x = &x[l.start_offset()..l.start_offset() + t.elem_count()];
+    let mut out = vec![0f32; x.len()];
+    x.convert_to_f32_slice(&mut out);
+    drop(s);
+    Tensor::from_vec(out, t.shape(), t.device())
+}
+
+/// Whether decode rows can read an f16 cache directly (AVX2, FMA and F16C; a head size the
+/// 8-lane kernel takes). Otherwise an f16 cache is widened to f32 first: the same results.
+pub fn f16_decode_kernel(d: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        d.is_multiple_of(8)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = d;
+        false
+    }
+}
+
+/// Whether this CPU can keep a KV cache in f16 and read it in the decode kernels.
+pub fn f16_kv_supported() -> bool {
+    f16_decode_kernel(64)
+}
+
+/// One decode row per (sequence, head): sequence `i`'s query for head `h` at
+/// `q[i·qs.0 + h·qs.1 ..][..d]` (CPU f32, last stride 1) against `kvs[i]` (`[1, kv_heads, len_i,
+/// d]`, f32, or f16 where [`f16_decode_kernel`]), all in one parallel pass; returns `[B, heads,
+/// d]`. Each row is computed by [`small_rows_block`] (f32) or the same arithmetic on widened f16
+/// values, so a row equals that sequence's decode step alone bit for bit.
+fn decode_rows(
+    q: &Tensor,
+    qs: (usize, usize),
+    kvs: &[(Tensor, Tensor)],
+    heads: usize,
+    d: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let b = kvs.len();
     let kvs = kvs
         .iter()
         .map(|(k, v)| Ok((last_dim_contiguous(k)?, last_dim_contiguous(v)?)))
         .collect::<Result<Vec<_>>>()?;
-    // Every sequence's keys and values as (pointer, row stride, rows) per kv head, read under
-    // their storages' read locks, held until the pass ends.
+    // Every sequence's keys and values as (pointer, row stride) per kv head, read under their
+    // storages' read locks, held until the pass ends.
     let guards: Vec<_> = kvs
         .iter()
         .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()))
         .collect();
-    struct Seq {
-        k: (*const f32, usize),
-        v: (*const f32, usize),
-        head_stride: (usize, usize),
-        len: usize,
-    }
     let mut seqs = Vec::with_capacity(b);
     for ((ks, kl), (vs, vl)) in &guards {
-        let (
-            candle_core::Storage::Cpu(CpuStorage::F32(kd)),
-            candle_core::Storage::Cpu(CpuStorage::F32(vd)),
-        ) = (&**ks, &**vs)
-        else {
-            candle_core::bail!("decode attention: keys and values must be f32 on the CPU, as q");
+        use candle_core::Storage::Cpu;
+        let (k, v) = match (&**ks, &**vs) {
+            (Cpu(CpuStorage::F32(kd)), Cpu(CpuStorage::F32(vd))) => (
+                KvPtr::F32(kd[kl.start_offset()..].as_ptr()),
+                KvPtr::F32(vd[vl.start_offset()..].as_ptr()),
+            ),
+            (Cpu(CpuStorage::F16(kd)), Cpu(CpuStorage::F16(vd))) if f16_decode_kernel(d) => (
+                KvPtr::F16(kd[kl.start_offset()..].as_ptr()),
+                KvPtr::F16(vd[vl.start_offset()..].as_ptr()),
+            ),
+            _ => candle_core::bail!(
+                "decode attention: keys and values must both be f32 (or f16 where this CPU has \
+                 F16C) on the CPU"
+            ),
         };
         let (kst, vst) = (kl.stride(), vl.stride());
-        // SAFETY: the offsets are the layouts' own, inside their storages.
-        seqs.push(Seq {
-            k: (unsafe { kd.as_ptr().add(kl.start_offset()) }, kst[2]),
-            v: (unsafe { vd.as_ptr().add(vl.start_offset()) }, vst[2]),
-            head_stride: (kst[1], vst[1]),
+        seqs.push(SeqKv {
+            k,
+            v,
+            strides: (kst[1], kst[2], vst[1], vst[2]),
             len: kl.dims()[2],
         });
     }
     let max_len = seqs.iter().map(|s| s.len).max().unwrap_or(0);
     let (qg, ql) = q.storage_and_layout();
     let candle_core::Storage::Cpu(CpuStorage::F32(qd)) = &*qg else {
-        candle_core::bail!("decode attention expects f32 on the CPU");
+        candle_core::bail!("decode attention expects f32 queries on the CPU");
     };
     let qd = &qd[ql.start_offset()..];
     let mut out = vec![0f32; b * heads * d];
@@ -194,10 +278,6 @@ pub fn decode_attention_batch(
     let scale = scale as f32;
     let exp_softmax = softmax_kernel();
     let (dot, axpy) = (crate::gemv::dot_kernel(), crate::gemv::axpy_kernel());
-    struct Seqs<'a>(&'a [Seq]);
-    // SAFETY: the pointers are only read, under the read locks held in `guards`.
-    unsafe impl Send for Seqs<'_> {}
-    unsafe impl Sync for Seqs<'_> {}
     let all = Seqs(&seqs);
     (0..b * heads).into_par_iter().for_each_init(
         || vec![0f32; max_len],
@@ -207,28 +287,68 @@ pub fn decode_attention_batch(
             let s = &all.0[i];
             let hk = h / rep;
             let out = out_ptr;
-            // SAFETY: q is contiguous [1, heads, B, d]; sequence i's keys and values are `len`
-            // rows of head hk at the recorded strides; each unit writes output row (i, h) only.
+            let (ks0, ks1, vs0, vs1) = s.strides;
+            let qp = qd.as_ptr().wrapping_add(i * qs.0 + h * qs.1);
+            let op = out.0.wrapping_add((i * heads + h) * d);
+            // SAFETY: q holds row (i, h) at the given strides; sequence i's keys and values are
+            // `len` rows of head hk at the recorded strides, alive under `guards`; each unit
+            // writes output row (i, h) only.
             unsafe {
-                small_rows_block(
-                    (qd.as_ptr().add((h * b + i) * d), d),
-                    (s.k.0.add(hk * s.head_stride.0), s.k.1),
-                    (s.v.0.add(hk * s.head_stride.1), s.v.1),
-                    (out.0.add((i * heads + h) * d), d),
-                    1,
-                    s.len,
-                    d,
-                    |_| s.len,
-                    scale,
-                    &mut scores[..s.len],
-                    (dot, axpy, exp_softmax),
-                );
+                match (s.k, s.v) {
+                    (KvPtr::F32(k), KvPtr::F32(v)) => small_rows_block(
+                        (qp, d),
+                        (k.add(hk * ks0), ks1),
+                        (v.add(hk * vs0), vs1),
+                        (op, d),
+                        1,
+                        s.len,
+                        d,
+                        |_| s.len,
+                        scale,
+                        &mut scores[..s.len],
+                        (dot, axpy, exp_softmax),
+                    ),
+                    #[cfg(target_arch = "x86_64")]
+                    (KvPtr::F16(k), KvPtr::F16(v)) => attend_row_avx2_f16(
+                        qp,
+                        (k.add(hk * ks0), ks1),
+                        (v.add(hk * vs0), vs1),
+                        op,
+                        d,
+                        scale,
+                        &mut scores[..s.len],
+                        exp_softmax,
+                    ),
+                    // Not built: f16 caches are widened first where there is no f16 kernel.
+                    _ => {}
+                }
             }
         },
     );
     drop(guards);
-    Tensor::from_vec(out, (b, 1, heads * d), q.device())
+    drop(qg);
+    Tensor::from_vec(out, (b, heads, d), q.device())
 }
+
+/// Where one sequence's cached keys and values start, by element type.
+#[derive(Clone, Copy)]
+enum KvPtr {
+    F32(*const f32),
+    F16(*const half::f16),
+}
+
+struct SeqKv {
+    k: KvPtr,
+    v: KvPtr,
+    /// (k head stride, k row stride, v head stride, v row stride)
+    strides: (usize, usize, usize, usize),
+    len: usize,
+}
+
+struct Seqs<'a>(&'a [SeqKv]);
+// SAFETY: the pointers are only read, under the storages' read locks held for the whole pass.
+unsafe impl Send for Seqs<'_> {}
+unsafe impl Sync for Seqs<'_> {}
 
 /// Attention as two batched matmuls around [`ScaledSoftmax`] (any device and dtype): what runs
 /// off the CPU's fused f32 kernel.
@@ -637,6 +757,67 @@ unsafe fn attend_row_avx2(
     row: &mut [f32],
     softmax: fn(&mut [f32]),
 ) {
+    attend_row::<f32>(q, k, v, o, d, scale, row, softmax)
+}
+
+/// [`attend_row_avx2`] on an f16 cache: each key and value row widened by `vcvtph2ps` (exact)
+/// as it is loaded, then the same f32 arithmetic, so the result equals the f32 kernel's on the
+/// widened cache bit for bit while reading half the bytes.
+///
+/// # Safety
+/// As [`attend_row_avx2`], and F16C present; k and v rows are f16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_row_avx2_f16(
+    q: *const f32,
+    k: (*const half::f16, usize),
+    v: (*const half::f16, usize),
+    o: *mut f32,
+    d: usize,
+    scale: f32,
+    row: &mut [f32],
+    softmax: fn(&mut [f32]),
+) {
+    attend_row::<half::f16>(q, k, v, o, d, scale, row, softmax)
+}
+
+/// Eight cached values as f32 lanes.
+#[cfg(target_arch = "x86_64")]
+trait Load8: Copy {
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Load8 for f32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Load8 for half::f16 {
+    #[inline(always)]
+    unsafe fn load8(p: *const half::f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_row<E: Load8>(
+    q: *const f32,
+    k: (*const E, usize),
+    v: (*const E, usize),
+    o: *mut f32,
+    d: usize,
+    scale: f32,
+    row: &mut [f32],
+    softmax: fn(&mut [f32]),
+) {
     use std::arch::x86_64::*;
     let n = row.len();
     let quads = n / 4 * 4;
@@ -654,7 +835,7 @@ unsafe fn attend_row_avx2(
         while i < d {
             let qv = _mm256_loadu_ps(q.add(i));
             for t in 0..4 {
-                a[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[t].add(i)), a[t]);
+                a[t] = _mm256_fmadd_ps(qv, E::load8(kp[t].add(i)), a[t]);
             }
             i += 8;
         }
@@ -669,7 +850,7 @@ unsafe fn attend_row_avx2(
         let mut a = _mm256_setzero_ps();
         let mut i = 0;
         while i < d {
-            a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(kp.add(i)), a);
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), E::load8(kp.add(i)), a);
             i += 8;
         }
         let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -689,7 +870,7 @@ unsafe fn attend_row_avx2(
                 let pv = _mm256_set1_ps(p);
                 let vp = v.0.add(jj * v.1 + c0);
                 for (u, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vp.add(8 * u)), *a);
+                    *a = _mm256_fmadd_ps(pv, E::load8(vp.add(8 * u)), *a);
                 }
             }
         } else {
@@ -697,7 +878,7 @@ unsafe fn attend_row_avx2(
                 let pv = _mm256_set1_ps(p);
                 let vp = v.0.add(jj * v.1 + c0);
                 for (u, a) in acc.iter_mut().enumerate().take(w) {
-                    *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vp.add(8 * u)), *a);
+                    *a = _mm256_fmadd_ps(pv, E::load8(vp.add(8 * u)), *a);
                 }
             }
         }
@@ -961,6 +1142,58 @@ mod tests {
             let by_hand = 4 * (heads * lens[i] * d) as u64;
             assert_eq!(counters[i].get(Component::LmDecode), by_hand);
             assert_eq!(alone_flops.get(Component::LmDecode), by_hand);
+        }
+    }
+
+    #[test]
+    fn an_f16_cache_attends_as_its_exactly_widened_f32_copy() {
+        let dev = Device::Cpu;
+        let (heads, kv_heads, d) = (6, 2, 64);
+        let c = FlopCounter::new();
+        let ctx = Ctx::new(&c, Component::LmDecode);
+        // Caches as narrowed views of larger f16 buffers; `wide` the same values in f32.
+        let cache = |n: usize| {
+            let t = Tensor::randn(0f32, 1.0, (1, kv_heads, n + 9, d), &dev)
+                .unwrap()
+                .to_dtype(DType::F16)
+                .unwrap();
+            t.narrow(2, 0, n).unwrap()
+        };
+        let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        // A decode row (the f16 kernel where the CPU has F16C) and prompt rows (widened for
+        // the GEMMs): each equal to the f32 kernels on the widened cache, bit for bit.
+        for (q_len, past) in [(1usize, 40usize), (1, 0), (5, 30), (130, 0)] {
+            let n = past + q_len;
+            let (k, v) = (cache(n), cache(n));
+            let q = Tensor::randn(0f32, 1.0, (1, heads, q_len, d), &dev).unwrap();
+            let masking = Masking::Causal { past };
+            let got = attention(&q, &k, &v, 0.125, masking, &ctx).unwrap();
+            let want = attention(&q, &wide(&k), &wide(&v), 0.125, masking, &ctx).unwrap();
+            assert_eq!(flat(&got), flat(&want), "q {q_len} after {past}");
+            let reference = reference_attention(&q, &wide(&k), &wide(&v), 0.125, masking).unwrap();
+            assert!(
+                max_abs_diff(&got, &reference) < 2e-6,
+                "q {q_len} after {past}"
+            );
+        }
+        // A batch over f16 caches of different lengths: each row as its sequence alone.
+        let lens = [1usize, 17, 300];
+        let kvs: Vec<(Tensor, Tensor)> = lens.iter().map(|&n| (cache(n), cache(n))).collect();
+        let q = Tensor::randn(0f32, 1.0, (1, heads, lens.len(), d), &dev).unwrap();
+        let ctxs: Vec<Ctx> = lens
+            .iter()
+            .map(|_| Ctx::new(&c, Component::LmDecode))
+            .collect();
+        let got = decode_attention_batch(&q, &kvs, 0.125, &ctxs).unwrap();
+        for (i, (k, v)) in kvs.iter().enumerate() {
+            let qi = q.narrow(2, i, 1).unwrap().contiguous().unwrap();
+            let masking = Masking::Causal { past: lens[i] - 1 };
+            let alone = attention(&qi, k, v, 0.125, masking, &ctx).unwrap();
+            let widened = attention(&qi, &wide(k), &wide(v), 0.125, masking, &ctx).unwrap();
+            let row = flat(&got.get(i).unwrap());
+            assert_eq!(row, flat(&alone.transpose(1, 2).unwrap()), "sequence {i}");
+            assert_eq!(row, flat(&widened.transpose(1, 2).unwrap()), "sequence {i}");
         }
     }
 

@@ -32,7 +32,7 @@ pub use generate::{
     FinishReason, FrameData, GenerateRequest, Generation, SamplingParams, StepLogprobs, Timings,
     TokenLogprob, VisionFeatures, VisualInput, MAX_TOP_LOGPROBS,
 };
-pub use model::{LoadOptions, QuantizedDecode, VideoVlm};
+pub use model::{KvCacheDtype, LoadOptions, QuantizedDecode, VideoVlm};
 pub use nn::Ctx;
 pub use sequence::PrefixKv;
 

@@ -132,6 +132,9 @@ struct Block {
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
+    /// The type keys and values are stored in (`None`: as the model computes them). F16 on the
+    /// CPU halves what a decode step reads from memory ([`Llama::set_kv_cache_dtype`]).
+    dtype: Option<DType>,
 }
 
 struct LayerCache {
@@ -205,12 +208,16 @@ impl KvCache {
                     .transpose()
             })
             .collect::<Result<_>>()?;
-        Ok(KvCache { layers })
+        Ok(KvCache {
+            layers,
+            dtype: self.dtype,
+        })
     }
 
     /// A cache continuing from a [`Self::snapshot`] (sharing its buffers until it appends).
     pub(crate) fn continue_from(snapshot: &KvCache) -> KvCache {
         KvCache {
+            dtype: snapshot.dtype,
             layers: snapshot
                 .layers
                 .iter()
@@ -222,6 +229,18 @@ impl KvCache {
                     })
                 })
                 .collect(),
+        }
+    }
+
+    /// Appends layer `layer`'s new keys and values (`[b, kv_heads, n, d]`, stored as the cache's
+    /// dtype) and returns views of everything cached.
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let slot = &mut self.layers[layer];
+        match self.dtype {
+            Some(dt) if dt != k.dtype() => {
+                LayerCache::append(slot, &k.to_dtype(dt)?, &v.to_dtype(dt)?)
+            }
+            _ => LayerCache::append(slot, k, v),
         }
     }
 
@@ -302,6 +321,8 @@ pub struct Llama {
     pub cfg: TextConfig,
     device: Device,
     dtype: DType,
+    /// What new caches store keys and values as (`None`: `dtype`).
+    kv_dtype: Option<DType>,
 }
 
 impl Llama {
@@ -403,6 +424,7 @@ impl Llama {
             cfg: cfg.clone(),
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            kv_dtype: None,
         })
     }
 
@@ -486,7 +508,31 @@ impl Llama {
     pub fn new_cache(&self) -> KvCache {
         KvCache {
             layers: (0..self.blocks.len()).map(|_| None).collect(),
+            dtype: self.kv_dtype,
         }
+    }
+
+    /// Stores the keys and values of caches made from now on as `dtype`. F16 is for an f32 LM on
+    /// the CPU whose processor has F16C (the decode kernels read it directly, half the bytes of
+    /// f32; prompt rows widen it exactly): decode at long contexts reads mostly the cache. The
+    /// model's own dtype restores the default. Anything else is an error.
+    pub fn set_kv_cache_dtype(&mut self, dtype: DType) -> Result<()> {
+        if dtype == self.dtype {
+            self.kv_dtype = None;
+            return Ok(());
+        }
+        if dtype != DType::F16 || self.dtype != DType::F32 || !self.device().is_cpu() {
+            candle_core::bail!(
+                "a {dtype:?} KV cache is for an f32 LM on the CPU (this LM: {:?} on {:?})",
+                self.dtype,
+                self.device().location()
+            );
+        }
+        if !crate::attention::f16_kv_supported() {
+            candle_core::bail!("an f16 KV cache needs a CPU with AVX2, FMA and F16C");
+        }
+        self.kv_dtype = Some(dtype);
+        Ok(())
     }
 
     pub fn inv_freq(&self) -> Vec<f32> {
@@ -531,7 +577,7 @@ impl Llama {
         let mut x = embeds.clone();
         for (l, block) in self.blocks.iter().enumerate() {
             ctx.check_cancel()?;
-            x = block.forward(&x, l, &mut cache.layers[l], &cos, &sin, masking, ctx)?;
+            x = block.forward(&x, l, cache, &cos, &sin, masking, ctx)?;
             ctx.tap(|| format!("text.layer_out.{l}"), &x);
         }
         let x = self.norm.forward(&x)?;
@@ -597,7 +643,7 @@ impl Block {
         &self,
         x: &Tensor,
         layer: usize,
-        cache: &mut Option<LayerCache>,
+        cache: &mut KvCache,
         cos: &Tensor,
         sin: &Tensor,
         masking: Masking,
@@ -636,7 +682,7 @@ impl Block {
         );
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k, v) = LayerCache::append(cache, &k, &v)?;
+        let (k, v) = cache.append(layer, &k, &v)?;
         let o = attention(&q, &k, &v, (a.head_dim as f64).powf(-0.5), masking, ctx)?;
         let o = o.transpose(1, 2)?.reshape((b, len, a.heads * a.head_dim))?;
         let o = a.o.forward(&o, ctx)?;
@@ -702,8 +748,8 @@ impl Block {
             .iter_mut()
             .enumerate()
             .map(|(i, cache)| {
-                LayerCache::append(
-                    &mut cache.layers[layer],
+                cache.append(
+                    layer,
                     &k.narrow(seq_axis, i, 1)?,
                     &v.narrow(seq_axis, i, 1)?,
                 )
@@ -841,6 +887,107 @@ mod tests {
         let qv = flat(&q);
         assert_eq!(qv[(b + 2) * d + 3], x1 * c - x2 * s);
         assert_eq!(qv[(b + 2) * d + 3 + d / 2], x1 * s + x2 * c);
+    }
+
+    fn tiny_lm() -> Llama {
+        let cfg: crate::TextConfig = serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "vocab_size": 97, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": true, "rope_theta": 10000.0
+        }))
+        .unwrap();
+        let t = crate::demo::random_lm_tensors(&cfg, 11).unwrap();
+        let vb = candle_nn::VarBuilder::from_tensors(t, DType::F32, &Device::Cpu);
+        Llama::load(vb, None, &cfg).unwrap()
+    }
+
+    #[test]
+    fn an_f16_kv_cache_decodes_within_its_rounding_and_batched_as_alone() {
+        let exact = tiny_lm();
+        let mut lm = tiny_lm();
+        assert!(lm.set_kv_cache_dtype(DType::BF16).is_err(), "only f16");
+        if !crate::attention::f16_kv_supported() {
+            assert!(lm.set_kv_cache_dtype(DType::F16).is_err());
+            return;
+        }
+        lm.set_kv_cache_dtype(DType::F16).unwrap();
+        let c = vvlm_cost::FlopCounter::new();
+        let ctx = || Ctx::new(&c, vvlm_cost::Component::LmDecode);
+        let prompt: [u32; 6] = [3, 14, 15, 92, 65, 35];
+        // Prefill, then 8 greedy steps, one sequence alone; logits of every step.
+        let run = |lm: &Llama, prompt: &[u32]| -> (Vec<Vec<f32>>, KvCache) {
+            let mut cache = lm.new_cache();
+            let mut ctx = ctx();
+            let h = lm
+                .forward_hidden(&lm.embed(prompt).unwrap(), &mut cache, &mut ctx)
+                .unwrap();
+            let mut logits = vec![lm.last_logits(&h, &ctx).unwrap().to_vec1::<f32>().unwrap()];
+            for _ in 0..8 {
+                let l = logits.last().unwrap();
+                let next = (0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap() as u32;
+                let h = lm
+                    .forward_hidden(&lm.embed(&[next]).unwrap(), &mut cache, &mut ctx)
+                    .unwrap();
+                logits.push(lm.last_logits(&h, &ctx).unwrap().to_vec1::<f32>().unwrap());
+            }
+            (logits, cache)
+        };
+        let (half, cache) = run(&lm, &prompt);
+        let (full, full_cache) = run(&exact, &prompt);
+        // Half the bytes, and every step within a few times the keys' and values' f16 rounding
+        // (2^-11 relative) of the logits' range (measured: ~1e-4 of it).
+        assert_eq!(2 * cache.bytes(), full_cache.bytes());
+        for (step, (a, b)) in half.iter().zip(&full).enumerate() {
+            let range = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let d = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            eprintln!("step {step}: f16 vs f32 cache, max abs {d} of a range {range}");
+            assert!(d > 0.0 || step == 0, "step {step}: the cache is f16");
+            assert!(
+                d <= 4.0 * 2f32.powi(-11) * range.max(1.0),
+                "step {step}: {d} of {range}"
+            );
+        }
+        // Two sequences decoding together equal each alone, bit for bit.
+        let other: [u32; 3] = [7, 7, 60];
+        let (alone_other, _) = run(&lm, &other);
+        let (mut c1, mut c2) = (lm.new_cache(), lm.new_cache());
+        let mut next = vec![];
+        for (p, cache) in [(&prompt[..], &mut c1), (&other[..], &mut c2)] {
+            let mut ctx = ctx();
+            let h = lm
+                .forward_hidden(&lm.embed(p).unwrap(), cache, &mut ctx)
+                .unwrap();
+            let l = lm.last_logits(&h, &ctx).unwrap().to_vec1::<f32>().unwrap();
+            next.push((0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap() as u32);
+        }
+        for step in 1..=8 {
+            let embeds = lm
+                .embed(&next)
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let ctxs = [ctx(), ctx()];
+            let logits = lm
+                .decode_batch(&embeds, &mut [&mut c1, &mut c2], &ctxs)
+                .unwrap();
+            for (row, want) in [&half[step], &alone_other[step]].into_iter().enumerate() {
+                let got = logits.get(row).unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(&got, want, "step {step}, sequence {row}");
+                next[row] = (0..got.len())
+                    .max_by(|&a, &b| got[a].total_cmp(&got[b]))
+                    .unwrap() as u32;
+            }
+        }
+        // The model's own dtype restores f32 caches.
+        lm.set_kv_cache_dtype(DType::F32).unwrap();
+        assert_eq!(lm.new_cache().dtype, None);
     }
 
     #[test]

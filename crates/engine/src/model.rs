@@ -35,6 +35,35 @@ pub struct LoadOptions {
     /// Prompt tokens prefilled per forward pass (0: the whole prompt at once). A batch runs a
     /// decode step of its other sequences between two chunks of a joining sequence's prefill.
     pub prefill_chunk: usize,
+    /// What the LM's KV cache stores keys and values as.
+    pub kv_cache: KvCacheDtype,
+}
+
+/// The KV cache's element type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvCacheDtype {
+    /// The model's dtype (f32 on the CPU, bf16 on a GPU).
+    #[default]
+    Auto,
+    /// f16 for an f32 LM on the CPU (AVX2, FMA and F16C): half the cache's memory, and half the
+    /// bytes a decode step reads from it, which is most of a step at long contexts (a video's
+    /// visual tokens). Keys and values are rounded to f16 (11 significant bits, as llama.cpp's
+    /// default cache); attention computes in f32.
+    F16,
+}
+
+impl std::str::FromStr for KvCacheDtype {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, EngineError> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            "f16" => Ok(Self::F16),
+            other => Err(EngineError::Request(format!(
+                "unknown kv_cache dtype {other:?} (expected auto or f16)"
+            ))),
+        }
+    }
 }
 
 /// The default [`LoadOptions::prefill_chunk`].
@@ -74,6 +103,7 @@ impl Default for LoadOptions {
             quantized_decode: QuantizedDecode::default(),
             quantized_prefill: true,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            kv_cache: KvCacheDtype::default(),
         }
     }
 }
@@ -124,6 +154,7 @@ impl LoadOptions {
             quantized_decode: QuantizedDecode::default(),
             quantized_prefill: true,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            kv_cache: KvCacheDtype::default(),
         })
     }
 }
@@ -241,7 +272,7 @@ impl VideoVlm {
             notes.extend(n.iter().filter_map(|s| s.as_str().map(String::from)));
         }
         let mut template_src: Option<String> = None;
-        let (lm, mut tokenizer) = match raw.get("vvlm_lm_gguf").and_then(|v| v.as_str()) {
+        let (mut lm, mut tokenizer) = match raw.get("vvlm_lm_gguf").and_then(|v| v.as_str()) {
             Some(g) => {
                 let gpath = dir.join(g);
                 // On the CPU in f32, decode (and by default prefill) reads the file's quantized
@@ -330,6 +361,11 @@ impl VideoVlm {
                 (lm, None)
             }
         };
+        if opts.kv_cache == KvCacheDtype::F16 {
+            lm.set_kv_cache_dtype(DType::F16)
+                .map_err(|e| EngineError::Config(format!("kv_cache f16: {e}")))?;
+            notes.push("KV cache in f16 (decode reads half the bytes)".into());
+        }
         let tok_path = dir.join("tokenizer.json");
         if tok_path.exists() {
             tokenizer =

@@ -313,6 +313,28 @@ fn quantized_decode_matches_llama_cpp() {
         );
         assert_eq!(top(a, 1), top(b, 1), "step {}", step + 1);
     }
+    // An f16 KV cache (the server's `kv_cache_dtype = "f16"`; llama.cpp's own cache, with which
+    // the fixture was made, is f16): the same bounds against llama.cpp and vvlm's f32-cache
+    // decode, the same top tokens.
+    if !vvlm_engine::attention::f16_kv_supported() {
+        return;
+    }
+    quant.set_kv_cache_dtype(candle_core::DType::F16).unwrap();
+    let h = decode(&quant);
+    for (row, &step) in steps.iter().enumerate() {
+        let got = &h[step as usize - 1];
+        let (d, mean) = (max_diff(got, &want[row]), mean_diff(got, &want[row]));
+        let (df, mf) = (
+            max_diff(got, &q[step as usize - 1]),
+            mean_diff(got, &q[step as usize - 1]),
+        );
+        eprintln!(
+            "step {step}: f16 cache vs llama.cpp Q4_1: max abs {d}, mean abs {mean}; vs the f32 cache: max abs {df}, mean abs {mf}"
+        );
+        assert!(d <= 1.5 && mean <= 0.6, "step {step}: max {d}, mean {mean}");
+        assert!(df <= 1.5 && mf <= 0.6, "step {step}: max {df}, mean {mf}");
+        assert_eq!(top(got, 1), top(&want[row], 1), "step {step}");
+    }
 }
 
 /// Prefill from the file's blocks (`keep_only_quantized`, the default `quantized_prefill`; the

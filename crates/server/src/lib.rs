@@ -178,6 +178,7 @@ pub fn load_models(state: &AppState) -> Result<(), StartError> {
         load_options.quantized_decode = state.config.quantized_decode;
         load_options.prefill_chunk = state.config.prefill_chunk;
         load_options.quantized_prefill = state.config.quantized_prefill;
+        load_options.kv_cache = state.config.kv_cache_dtype;
         tracing::info!(device = %state.config.device, dtype = ?load_options.dtype, "engine placement");
         let mut loaded = Registry::default();
         let mut engines = BTreeMap::new();
