@@ -94,6 +94,101 @@ fn greedy_generation_is_coherent_english() {
     assert_eq!(flops.snapshot(), arch.flops(&w));
 }
 
+/// `kv_cache = f16` as the server loads it. With exact f32 weights the cache's f16 rounding
+/// moves the first answer token's log-probabilities by ~1e-3 (measured 0.0015 at most); on the
+/// served int8 path a change that small can flip an activation's 8-bit rounding in this model's
+/// outlier channels, which moves logits by up to ~1 (see `quantized_decode_matches_llama_cpp`)
+/// and can change a close greedy choice: "The capital of France is Paris." becomes "L'Étoile
+/// de la Cité, ..." (its first token's margin was 0.40 nats). Also: noted at load, FLOPs equal
+/// the analytic count, and a bf16 LM refuses it.
+#[test]
+fn an_f16_kv_cache_moves_log_probabilities_by_its_rounding() {
+    let kv16 = |o: &LoadOptions| LoadOptions {
+        kv_cache: vvlm_engine::KvCacheDtype::F16,
+        ..o.clone()
+    };
+    let exact = LoadOptions {
+        quantized_decode: vvlm_engine::QuantizedDecode::Off,
+        ..LoadOptions::default()
+    };
+    let checkpoint = || {
+        let dir = std::env::temp_dir().join(format!("vvlm-smol-kv-{}", std::process::id()));
+        vvlm_engine::demo::write_demo_checkpoint(
+            &dir,
+            &gguf(),
+            &vvlm_engine::demo::demo_vision_config(),
+            0,
+        )
+        .unwrap();
+        dir
+    };
+    if !vvlm_engine::attention::f16_kv_supported() {
+        let dir = checkpoint();
+        assert!(VideoVlm::load(&dir, &kv16(&exact)).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+        return;
+    }
+    let req = GenerateRequest {
+        pixels: None,
+        side: 1,
+        system: None,
+        prompt: "What is the capital of France?",
+        sampling: SamplingParams {
+            max_tokens: 1,
+            logprobs: Some(4),
+            ..Default::default()
+        },
+        cancel: None,
+    };
+    let first = |m: &VideoVlm| {
+        m.generate(&req, &FlopCounter::new(), &mut |_| true)
+            .unwrap()
+            .logprobs[0]
+            .top
+            .clone()
+    };
+    let half = demo_with(&kv16(&exact));
+    assert!(
+        half.notes.iter().any(|n| n.contains("KV cache in f16")),
+        "{:?}",
+        half.notes
+    );
+    let (got, want) = (first(&half), first(&demo_with(&exact)));
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.token_id, w.token_id, "the same top 4 in the same order");
+        assert!((g.logprob - w.logprob).abs() < 5e-3, "{g:?} vs {w:?}");
+    }
+    // The served int8 path: FLOPs as counted by hand for a text-only request.
+    let m = demo_with(&kv16(&LoadOptions::default()));
+    let flops = FlopCounter::new();
+    let long = GenerateRequest {
+        sampling: SamplingParams {
+            max_tokens: 12,
+            ..Default::default()
+        },
+        ..req
+    };
+    let g = m.generate(&long, &flops, &mut |_| true).unwrap();
+    let w = vvlm_cost::Workload {
+        frames: 0,
+        tokens_per_frame: 0,
+        text_tokens: g.text_tokens,
+        decode_steps: g.decode_steps,
+    };
+    let mut arch = m.arch();
+    arch.video_newline = false;
+    assert_eq!(flops.snapshot(), arch.flops(&w));
+    // An f16 cache is for an f32 LM.
+    let dir = checkpoint();
+    let bf16 = LoadOptions {
+        dtype: candle_core::DType::BF16,
+        ..kv16(&LoadOptions::default())
+    };
+    let err = VideoVlm::load(&dir, &bf16).err().expect("refused");
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(err.to_string().contains("kv_cache f16"), "{err}");
+}
+
 #[test]
 fn tokenizer_matches_smollm2s_own() {
     let m = demo();

@@ -333,6 +333,18 @@ mod tests {
     }
 
     #[test]
+    fn the_kv_cache_dtype_is_auto_f16_or_refused() {
+        assert_eq!(
+            ServerConfig::embedded().kv_cache_dtype,
+            vvlm_engine::KvCacheDtype::Auto
+        );
+        let c = ServerConfig::layered(Some("kv_cache_dtype = \"f16\"\n")).unwrap();
+        assert_eq!(c.kv_cache_dtype, vvlm_engine::KvCacheDtype::F16);
+        let err = ServerConfig::layered(Some("kv_cache_dtype = \"fp8\"\n")).unwrap_err();
+        assert!(err.contains("fp8"), "{err}");
+    }
+
+    #[test]
     fn threads_are_resolved_once() {
         let mut c = ServerConfig::embedded();
         c.limits.workers = 0;
