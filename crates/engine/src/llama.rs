@@ -531,6 +531,14 @@ impl Llama {
         if !crate::attention::f16_kv_supported() {
             candle_core::bail!("an f16 KV cache needs a CPU with AVX2, FMA and F16C");
         }
+        let d = self.cfg.head_dim();
+        if !crate::attention::f16_decode_kernel(d) {
+            // The decode kernel reads 8 values at a time; others would widen the whole cache
+            // every step, slower than keeping it in f32.
+            candle_core::bail!(
+                "an f16 KV cache needs a head size that is a multiple of 8 (this LM: {d})"
+            );
+        }
         self.kv_dtype = Some(dtype);
         Ok(())
     }
@@ -890,10 +898,14 @@ mod tests {
     }
 
     fn tiny_lm() -> Llama {
+        tiny_lm_with_head_dim(16)
+    }
+
+    fn tiny_lm_with_head_dim(head_dim: usize) -> Llama {
         let cfg: crate::TextConfig = serde_json::from_value(serde_json::json!({
             "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 16, "vocab_size": 97, "rms_norm_eps": 1e-5,
+            "head_dim": head_dim, "vocab_size": 97, "rms_norm_eps": 1e-5,
             "tie_word_embeddings": true, "rope_theta": 10000.0
         }))
         .unwrap();
@@ -912,6 +924,11 @@ mod tests {
             return;
         }
         lm.set_kv_cache_dtype(DType::F16).unwrap();
+        // A head size the 8-lane kernel cannot take is refused (it would widen every step).
+        let err = tiny_lm_with_head_dim(12)
+            .set_kv_cache_dtype(DType::F16)
+            .unwrap_err();
+        assert!(err.to_string().contains("multiple of 8"), "{err}");
         let c = vvlm_cost::FlopCounter::new();
         let ctx = || Ctx::new(&c, vvlm_cost::Component::LmDecode);
         let prompt: [u32; 6] = [3, 14, 15, 92, 65, 35];

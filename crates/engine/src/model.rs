@@ -46,10 +46,11 @@ pub enum KvCacheDtype {
     /// The model's dtype (f32 on the CPU, bf16 on a GPU).
     #[default]
     Auto,
-    /// f16 for an f32 LM on the CPU (AVX2, FMA and F16C): half the cache's memory, and half the
-    /// bytes a decode step reads from it, which is most of a step at long contexts (a video's
-    /// visual tokens). Keys and values are rounded to f16 (11 significant bits, as llama.cpp's
-    /// default cache); attention computes in f32.
+    /// f16 for an f32 LM on the CPU (AVX2, FMA and F16C) whose head size is a multiple of 8:
+    /// half the cache's memory, and half the bytes a decode step reads from it, which is most of
+    /// a step at long contexts (a video's visual tokens). Keys and values are rounded to f16 (11
+    /// significant bits, as llama.cpp's default cache); attention computes in f32. A checkpoint
+    /// it cannot apply to keeps its own dtype, with a load note saying why.
     F16,
 }
 
@@ -362,9 +363,15 @@ impl VideoVlm {
             }
         };
         if opts.kv_cache == KvCacheDtype::F16 {
-            lm.set_kv_cache_dtype(DType::F16)
-                .map_err(|e| EngineError::Config(format!("kv_cache f16: {e}")))?;
-            notes.push("KV cache in f16 (decode reads half the bytes)".into());
+            // A server-wide preference over checkpoints of different shapes: where it cannot
+            // apply, this checkpoint keeps its own dtype and says why.
+            notes.push(match lm.set_kv_cache_dtype(DType::F16) {
+                Ok(()) => "KV cache in f16 (decode reads half the bytes)".into(),
+                Err(e) => format!(
+                    "kv_cache f16 not applied ({e}); the KV cache stays {:?}",
+                    opts.dtype
+                ),
+            });
         }
         let tok_path = dir.join("tokenizer.json");
         if tok_path.exists() {

@@ -57,8 +57,9 @@ pub struct ServerConfig {
     #[serde(default = "default_prefill_chunk")]
     pub prefill_chunk: usize,
     /// What the LM's KV cache stores: `auto` (the model's dtype) or `f16` (an f32 LM on the
-    /// CPU with F16C: half the cache memory and half the bytes a decode step reads from it; keys
-    /// and values rounded to f16, as llama.cpp's default cache).
+    /// CPU with F16C and a head size that is a multiple of 8: half the cache memory and half the
+    /// bytes a decode step reads from it; keys and values rounded to f16, as llama.cpp's default
+    /// cache). A checkpoint it cannot apply to keeps its own dtype, with a load note.
     #[serde(default)]
     pub kv_cache_dtype: vvlm_engine::KvCacheDtype,
     #[serde(default)]
