@@ -397,13 +397,6 @@ impl Kernel {
         x: &Q8Rows,
         out: &mut [f32],
     ) {
-        assert_eq!(
-            w.format, self.format,
-            "kernel and weights disagree on format"
-        );
-        assert_eq!(w.cols, x.cols, "weights and activations disagree on width");
-        assert!(x.cols > 0, "no columns");
-        assert!(tiles.end <= w.tiles(), "tiles past the matrix");
         let row0 = tiles.start * TILE;
         let n = (tiles.end * TILE).min(w.rows).saturating_sub(row0);
         assert_eq!(
@@ -411,7 +404,8 @@ impl Kernel {
             n * x.rows,
             "one output per weight and activation row"
         );
-        // SAFETY: `out` holds x.rows rows of n outputs, checked above.
+        // SAFETY: `out` holds x.rows rows of n outputs, checked above (the other shapes are
+        // checked by `dot_tiles_strided`).
         unsafe { self.dot_tiles_strided(w, tiles, x, out.as_mut_ptr(), n) }
     }
 

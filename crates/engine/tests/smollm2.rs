@@ -38,6 +38,19 @@ fn demo_with(opts: &LoadOptions) -> VideoVlm {
     m
 }
 
+/// Measured FLOPs equal the analytic count for a text-only request.
+fn assert_text_flops_are_analytic(m: &VideoVlm, g: &vvlm_engine::Generation, flops: &FlopCounter) {
+    let w = vvlm_cost::Workload {
+        frames: 0,
+        tokens_per_frame: 0,
+        text_tokens: g.text_tokens,
+        decode_steps: g.decode_steps,
+    };
+    let mut arch = m.arch();
+    arch.video_newline = false;
+    assert_eq!(flops.snapshot(), arch.flops(&w));
+}
+
 #[test]
 fn greedy_generation_is_coherent_english() {
     let m = demo();
@@ -82,16 +95,7 @@ fn greedy_generation_is_coherent_english() {
     assert_eq!(s.text, g.text[..at]);
     assert_eq!(streamed, s.text);
     assert_eq!(s.finish_reason, vvlm_engine::FinishReason::Stop);
-    // Measured equals the analytic count for a text-only request.
-    let w = vvlm_cost::Workload {
-        frames: 0,
-        tokens_per_frame: 0,
-        text_tokens: g.text_tokens,
-        decode_steps: g.decode_steps,
-    };
-    let mut arch = m.arch();
-    arch.video_newline = false;
-    assert_eq!(flops.snapshot(), arch.flops(&w));
+    assert_text_flops_are_analytic(&m, &g, &flops);
 }
 
 /// `kv_cache = f16` as the server loads it. With exact f32 weights the cache's f16 rounding
@@ -179,15 +183,7 @@ fn an_f16_kv_cache_moves_log_probabilities_by_its_rounding() {
         ..req
     };
     let g = m.generate(&long, &flops, &mut |_| true).unwrap();
-    let w = vvlm_cost::Workload {
-        frames: 0,
-        tokens_per_frame: 0,
-        text_tokens: g.text_tokens,
-        decode_steps: g.decode_steps,
-    };
-    let mut arch = m.arch();
-    arch.video_newline = false;
-    assert_eq!(flops.snapshot(), arch.flops(&w));
+    assert_text_flops_are_analytic(&m, &g, &flops);
     // An f16 cache is for an f32 LM: a bf16 one keeps its own cache and says so.
     not_applied(&LoadOptions {
         dtype: candle_core::DType::BF16,
