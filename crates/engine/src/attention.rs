@@ -231,6 +231,9 @@ fn decode_rows(
     scale: f64,
 ) -> Result<Tensor> {
     let b = kvs.len();
+    if b == 0 {
+        return Tensor::zeros((0, heads, d), DType::F32, q.device());
+    }
     let kvs = kvs
         .iter()
         .map(|(k, v)| Ok((last_dim_contiguous(k)?, last_dim_contiguous(v)?)))
@@ -1212,6 +1215,10 @@ mod tests {
         assert!(decode_attention_batch(&q, &odd, 1.0, &ctxs(2)).is_err());
         let empty = vec![(kv(2, 3), kv(2, 3)), (kv(2, 0), kv(2, 0))];
         assert!(decode_attention_batch(&q, &empty, 1.0, &ctxs(2)).is_err());
+        // No sequences: no rows, no panic.
+        let none = Tensor::zeros((1, 4, 0, 8), DType::F32, &dev).unwrap();
+        let out = decode_attention_batch(&none, &[], 1.0, &[]).unwrap();
+        assert_eq!(out.dims(), &[0, 1, 32]);
     }
 
     #[test]
