@@ -4,6 +4,7 @@
 use crate::attention::{attention, Masking};
 use crate::config::TextConfig;
 use crate::nn::{Ctx, Linear, RmsNorm};
+use crate::EngineError;
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 
@@ -516,28 +517,30 @@ impl Llama {
     /// the CPU whose processor has F16C (the decode kernels read it directly, half the bytes of
     /// f32; prompt rows widen it exactly): decode at long contexts reads mostly the cache. The
     /// model's own dtype restores the default. Anything else is an error.
-    pub fn set_kv_cache_dtype(&mut self, dtype: DType) -> Result<()> {
+    pub fn set_kv_cache_dtype(&mut self, dtype: DType) -> std::result::Result<(), EngineError> {
         if dtype == self.dtype {
             self.kv_dtype = None;
             return Ok(());
         }
         if dtype != DType::F16 || self.dtype != DType::F32 || !self.device().is_cpu() {
-            candle_core::bail!(
+            return Err(EngineError::Unsupported(format!(
                 "a {dtype:?} KV cache is for an f32 LM on the CPU (this LM: {:?} on {:?})",
                 self.dtype,
                 self.device().location()
-            );
+            )));
         }
         if !crate::attention::f16_kv_supported() {
-            candle_core::bail!("an f16 KV cache needs a CPU with AVX2, FMA and F16C");
+            return Err(EngineError::Unsupported(
+                "an f16 KV cache needs a CPU with AVX2, FMA and F16C".into(),
+            ));
         }
         let d = self.cfg.head_dim();
         if !crate::attention::f16_decode_kernel(d) {
             // The decode kernel reads 8 values at a time; others would widen the whole cache
             // every step, slower than keeping it in f32.
-            candle_core::bail!(
+            return Err(EngineError::Unsupported(format!(
                 "an f16 KV cache needs a head size that is a multiple of 8 (this LM: {d})"
-            );
+            )));
         }
         self.kv_dtype = Some(dtype);
         Ok(())
