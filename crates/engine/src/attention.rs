@@ -132,9 +132,18 @@ pub fn decode_attention_batch(
             ctxs.len()
         );
     }
+    let first_kv_heads = match kvs.first() {
+        Some((k, _)) => k.dim(1)?,
+        None => 1,
+    };
     for ((k, v), ctx) in kvs.iter().zip(ctxs) {
         let (kb, kv_heads, len, kd) = k.dims4()?;
-        if kb != 1 || kd != d || v.dims4()? != (1, kv_heads, len, d) || heads % kv_heads != 0 {
+        if kb != 1
+            || kd != d
+            || v.dims4()? != (1, kv_heads, len, d)
+            || heads % kv_heads != 0
+            || kv_heads != first_kv_heads
+        {
             candle_core::bail!(
                 "decode attention: incompatible shapes q {:?} k {:?} v {:?}",
                 q.dims(),
@@ -164,18 +173,19 @@ pub fn decode_attention_batch(
             .reshape((b, 1, heads * d));
     }
     let q = q.contiguous()?;
-    let f16 = kvs
-        .iter()
-        .all(|(k, v)| k.dtype() == DType::F16 && v.dtype() == DType::F16);
-    let out = if f16 && !f16_decode_kernel(d) {
-        // No F16C (or an odd head size): the same arithmetic on exactly widened values.
+    let out = if f16_decode_kernel(d) {
+        decode_rows(&q, (q.stride()[2], q.stride()[1]), kvs, heads, d, scale)?
+    } else {
+        // No F16C (or a head size the kernel does not take): f16 caches widened exactly, the
+        // same arithmetic.
         let wide = kvs
             .iter()
-            .map(|(k, v)| Ok((kv_to_f32(k)?, kv_to_f32(v)?)))
+            .map(|(k, v)| match (k.dtype(), v.dtype()) {
+                (DType::F16, DType::F16) => Ok((kv_to_f32(k)?, kv_to_f32(v)?)),
+                _ => Ok((k.clone(), v.clone())),
+            })
             .collect::<Result<Vec<_>>>()?;
         decode_rows(&q, (q.stride()[2], q.stride()[1]), &wide, heads, d, scale)?
-    } else {
-        decode_rows(&q, (q.stride()[2], q.stride()[1]), kvs, heads, d, scale)?
     };
     out.reshape((b, 1, heads * d))
 }
@@ -1213,6 +1223,9 @@ mod tests {
         assert!(decode_attention_batch(&q, &one, 1.0, &ctxs(2)).is_err());
         let odd = vec![(kv(3, 3), kv(3, 3)), (kv(3, 3), kv(3, 3))];
         assert!(decode_attention_batch(&q, &odd, 1.0, &ctxs(2)).is_err());
+        // Sequences of one batch disagreeing on their kv heads.
+        let mixed = vec![(kv(2, 3), kv(2, 3)), (kv(4, 3), kv(4, 3))];
+        assert!(decode_attention_batch(&q, &mixed, 1.0, &ctxs(2)).is_err());
         let empty = vec![(kv(2, 3), kv(2, 3)), (kv(2, 0), kv(2, 0))];
         assert!(decode_attention_batch(&q, &empty, 1.0, &ctxs(2)).is_err());
         // No sequences: no rows, no panic.
