@@ -514,9 +514,10 @@ impl Llama {
     }
 
     /// Stores the keys and values of caches made from now on as `dtype`. F16 is for an f32 LM on
-    /// the CPU whose processor has F16C (the decode kernels read it directly, half the bytes of
-    /// f32; prompt rows widen it exactly): decode at long contexts reads mostly the cache. The
-    /// model's own dtype restores the default. Anything else is an error.
+    /// the CPU whose processor has AVX2, FMA and F16C and whose head size is a multiple of 8
+    /// (the decode kernel reads the cache directly, half the bytes of f32; prompt rows widen it
+    /// exactly): decode at long contexts reads mostly the cache. The model's own dtype restores
+    /// the default. Anything else is [`EngineError::Unsupported`].
     pub fn set_kv_cache_dtype(&mut self, dtype: DType) -> std::result::Result<(), EngineError> {
         if dtype == self.dtype {
             self.kv_dtype = None;
