@@ -254,6 +254,7 @@ fn decode_rows(
         .iter()
         .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()))
         .collect();
+    let f16_kernel = f16_decode_kernel(d);
     let mut seqs = Vec::with_capacity(b);
     for ((ks, kl), (vs, vl)) in &guards {
         use candle_core::Storage::Cpu;
@@ -262,7 +263,7 @@ fn decode_rows(
                 KvPtr::F32(kd[kl.start_offset()..].as_ptr()),
                 KvPtr::F32(vd[vl.start_offset()..].as_ptr()),
             ),
-            (Cpu(CpuStorage::F16(kd)), Cpu(CpuStorage::F16(vd))) if f16_decode_kernel(d) => (
+            (Cpu(CpuStorage::F16(kd)), Cpu(CpuStorage::F16(vd))) if f16_kernel => (
                 KvPtr::F16(kd[kl.start_offset()..].as_ptr()),
                 KvPtr::F16(vd[vl.start_offset()..].as_ptr()),
             ),

@@ -24,8 +24,12 @@ fn demo() -> VideoVlm {
     demo_with(&LoadOptions::default())
 }
 
-fn demo_with(opts: &LoadOptions) -> VideoVlm {
-    let dir = std::env::temp_dir().join(format!("vvlm-smol-{}", std::process::id()));
+/// The demo checkpoint (SmolLM2 + an untrained vision tower) written to a scratch folder of its
+/// own (tests run in parallel threads of one process).
+fn demo_checkpoint() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("vvlm-smol-{}-{n}", std::process::id()));
     vvlm_engine::demo::write_demo_checkpoint(
         &dir,
         &gguf(),
@@ -33,6 +37,11 @@ fn demo_with(opts: &LoadOptions) -> VideoVlm {
         0,
     )
     .unwrap();
+    dir
+}
+
+fn demo_with(opts: &LoadOptions) -> VideoVlm {
+    let dir = demo_checkpoint();
     let m = VideoVlm::load(&dir, opts).unwrap();
     std::fs::remove_dir_all(&dir).ok();
     m
@@ -115,21 +124,8 @@ fn an_f16_kv_cache_moves_log_probabilities_by_its_rounding() {
         quantized_decode: vvlm_engine::QuantizedDecode::Off,
         ..LoadOptions::default()
     };
-    let checkpoint = || {
-        let dir = std::env::temp_dir().join(format!("vvlm-smol-kv-{}", std::process::id()));
-        vvlm_engine::demo::write_demo_checkpoint(
-            &dir,
-            &gguf(),
-            &vvlm_engine::demo::demo_vision_config(),
-            0,
-        )
-        .unwrap();
-        dir
-    };
     let not_applied = |o: &LoadOptions| {
-        let dir = checkpoint();
-        let m = VideoVlm::load(&dir, o).unwrap();
-        std::fs::remove_dir_all(&dir).ok();
+        let m = demo_with(o);
         assert!(
             m.notes
                 .iter()
