@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const KERNELS: &[&str] = &["bilinear_pool", "scaled_softmax"];
+const KERNELS: &[&str] = &["bilinear_pool", "scaled_softmax", "flash_attention"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=CARGO_FEATURE_CUDA");

@@ -131,6 +131,29 @@ pub fn run(p: &Placement) -> Result<Report> {
         let got = attention(&to(&q)?, &to(&k)?, &to(&v)?, 0.125, m, &ctx)?;
         compare(&cpu, &got, false)
     });
+    // A prompt-sized bf16 attention: on a GPU kernels/flash_attention.cu (two 64-row blocks,
+    // grouped heads, a past, a head size padded 72 -> 80), against the CPU's f32 kernel on the
+    // same bf16-rounded inputs; P and the output are rounded to bf16 (2^-8 relative of values
+    // up to ~3).
+    check("attention_bf16_prompt", 2e-2, false, &|| {
+        let flops = FlopCounter::new();
+        let ctx = vvlm_engine::Ctx::new(&flops, Component::LmPrefill);
+        let r = |s: (usize, usize, usize, usize)| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, 1.0, s, &Device::Cpu)?
+                .to_dtype(DType::BF16)?
+                .to_dtype(DType::F32)?)
+        };
+        let (q, k, v) = (
+            r((1, 6, 100, 72))?,
+            r((1, 2, 109, 72))?,
+            r((1, 2, 109, 72))?,
+        );
+        let m = Masking::Causal { past: 9 };
+        let cpu = attention(&q, &k, &v, 0.125, m, &ctx)?;
+        let b = |t: &Tensor| -> Result<Tensor> { Ok(to(&t.to_dtype(DType::BF16)?)?) };
+        let got = attention(&b(&q)?, &b(&k)?, &b(&v)?, 0.125, m, &ctx)?;
+        compare(&cpu, &got.to_dtype(DType::F32)?, false)
+    });
     let ok = checks.iter().all(|c| c.ok);
     Ok(Report {
         device: p.device.clone(),
@@ -160,6 +183,7 @@ mod tests {
         let r = run(&Placement {
             device: "cpu".into(),
             dtype: "f32".into(),
+            attention: crate::AttentionKernel::Flash,
         })
         .unwrap();
         let names: Vec<_> = r.checks.iter().map(|c| c.name).collect();
@@ -170,7 +194,8 @@ mod tests {
                 "matmul_bf16_cublas",
                 "bilinear_pool_kernel",
                 "scaled_softmax_kernel",
-                "attention_causal"
+                "attention_causal",
+                "attention_bf16_prompt"
             ]
         );
         assert!(r.ok, "{r:?}");

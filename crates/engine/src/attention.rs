@@ -374,6 +374,23 @@ pub fn device_attention(
     masking: Masking,
 ) -> Result<Tensor> {
     let (b, heads, q_len, d) = q.dims4()?;
+    if flash_attention_applies(q, k, v)? {
+        let op = FlashAttention {
+            scale: scale as f32,
+            masking,
+        };
+        let aligned = |t: &Tensor| -> Result<Tensor> {
+            let (stride, offset) = (t.stride(), t.layout().start_offset());
+            if stride[3] == 1 && stride[..3].iter().chain([&offset]).all(|s| s % 8 == 0) {
+                Ok(t.clone())
+            } else {
+                t.contiguous()
+            }
+        };
+        return aligned(q)?
+            .apply_op3_no_bwd(&aligned(k)?, &aligned(v)?, &op)?
+            .transpose(1, 2);
+    }
     let kv_heads = k.dim(1)?;
     let rep = heads / kv_heads;
     let qg = q.contiguous()?.reshape((b, kv_heads, rep * q_len, d))?;
@@ -490,6 +507,101 @@ impl candle_core::CustomOp1 for ScaledSoftmax {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda::scaled_softmax(s, l, self.scale, self.causal)
+    }
+}
+
+/// Which attention kernel runs on CUDA for bf16/f16 (see [`set_device_attention`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceAttention {
+    /// `kernels/flash_attention.cu`: the scores stay on chip (the default; head sizes up to 128
+    /// that are multiples of 8, and prompts of at least [`FLASH_MIN_ROWS`] rows).
+    Flash,
+    /// Two cuBLAS matmuls around [`ScaledSoftmax`] (the scores materialised in memory).
+    Unfused,
+}
+
+static DEVICE_ATTENTION_UNFUSED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Chooses the CUDA attention kernel for this process (benchmarks compare the two; the result
+/// differs only by rounding). Like candle's own reduced-precision switches, a process setting.
+pub fn set_device_attention(kernel: DeviceAttention) {
+    DEVICE_ATTENTION_UNFUSED.store(
+        kernel == DeviceAttention::Unfused,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// The CUDA attention kernel in use.
+pub fn device_attention_kernel() -> DeviceAttention {
+    if DEVICE_ATTENTION_UNFUSED.load(std::sync::atomic::Ordering::Relaxed) {
+        DeviceAttention::Unfused
+    } else {
+        DeviceAttention::Flash
+    }
+}
+
+/// Query rows from which the flash kernel replaces the matmuls (its blocks take 64 rows; a
+/// decode row or two would leave the tensor cores idle and one block per head on the GPU).
+pub const FLASH_MIN_ROWS: usize = 16;
+
+/// Whether [`device_attention`] runs `kernels/flash_attention.cu` for these inputs.
+fn flash_attention_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
+    let (_, heads, q_len, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    Ok(cfg!(feature = "cuda")
+        && q.device().is_cuda()
+        && matches!(q.dtype(), DType::BF16 | DType::F16)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && device_attention_kernel() == DeviceAttention::Flash
+        && q_len >= FLASH_MIN_ROWS
+        && d % 8 == 0
+        && d <= 128
+        && heads % kv_heads == 0)
+}
+
+/// Attention by `kernels/flash_attention.cu` (CUDA, bf16/f16): `q` `[b, heads, q_len, d]`, `k`/`v`
+/// `[b, kv_heads, kv_len, d]`, each with a contiguous last dimension and rows 16-byte aligned;
+/// the result is `[b, q_len, heads, d]` (the caller transposes it). No CPU implementation: the
+/// CPU's fused f32 kernel and [`reference_attention`] are what it is checked against.
+pub struct FlashAttention {
+    pub scale: f32,
+    pub masking: Masking,
+}
+
+impl candle_core::CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("flash-attention runs on CUDA only (the CPU has its own fused kernel)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        lq: &Layout,
+        k: &candle_core::CudaStorage,
+        lk: &Layout,
+        v: &candle_core::CudaStorage,
+        lv: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let past = match self.masking {
+            Masking::Causal { past } => Some(past),
+            Masking::None => None,
+        };
+        crate::cuda::flash_attention((q, lq), (k, lk), (v, lv), self.scale, past)
     }
 }
 

@@ -1,7 +1,9 @@
 //! The engine's own CUDA kernels (sources in `kernels/`, compiled to PTX by `build.rs` when the
 //! `cuda` feature is on), loaded through candle's CUDA device (cudarc) and launched from the
 //! custom ops' `cuda_fwd`. Each kernel's CPU reference is the same op's `cpu_fwd`:
-//! `bilinear_pool.cu` / `pool::BilinearPool`, `scaled_softmax.cu` / `attention::ScaledSoftmax`.
+//! `bilinear_pool.cu` / `pool::BilinearPool`, `scaled_softmax.cu` / `attention::ScaledSoftmax`;
+//! `flash_attention.cu` (`attention::FlashAttention`) has no CPU twin: it is checked against
+//! the CPU's fused attention and `attention::reference_attention`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -13,6 +15,173 @@ pub const BILINEAR_POOL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/bili
 
 /// PTX of `kernels/scaled_softmax.cu`.
 pub const SCALED_SOFTMAX_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/scaled_softmax.ptx"));
+
+/// PTX of `kernels/flash_attention.cu`.
+pub const FLASH_ATTENTION_PTX: &str =
+    include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
+
+/// Attention by `kernels/flash_attention.cu` (see [`crate::attention::FlashAttention`]): `q`
+/// `[b, heads, q_len, d]`, `k`/`v` `[b, kv_heads, kv_len, d]` with any strides whose last one is
+/// 1 and the others (and the offsets) multiples of 8; `past` for the causal mask. Returns `[b,
+/// q_len, heads, d]` contiguous.
+pub fn flash_attention(
+    (q, lq): (&CudaStorage, &Layout),
+    (k, lk): (&CudaStorage, &Layout),
+    (v, lv): (&CudaStorage, &Layout),
+    scale: f32,
+    past: Option<usize>,
+) -> Result<(CudaStorage, Shape)> {
+    let (b, heads, q_len, d) = lq.shape().dims4()?;
+    let (kb, kv_heads, kv_len, kd) = lk.shape().dims4()?;
+    if kb != b || kd != d || lv.shape().dims4()? != (b, kv_heads, kv_len, d) {
+        candle_core::bail!(
+            "flash-attention: incompatible shapes q {:?} k {:?} v {:?}",
+            lq.dims(),
+            lk.dims(),
+            lv.dims()
+        );
+    }
+    if kv_heads == 0 || heads % kv_heads != 0 || d % 8 != 0 || d > 128 || q_len == 0 {
+        candle_core::bail!(
+            "flash-attention: {heads} heads on {kv_heads}, head size {d}, {q_len} rows"
+        );
+    }
+    if let Some(past) = past {
+        if past + q_len != kv_len {
+            candle_core::bail!(
+                "flash-attention: causal mask needs past {past} + q {q_len} == kv {kv_len}"
+            );
+        }
+    }
+    for l in [lq, lk, lv] {
+        let st = l.stride();
+        if st[3] != 1
+            || st[..3]
+                .iter()
+                .chain([&l.start_offset()])
+                .any(|s| s % 8 != 0)
+        {
+            candle_core::bail!(
+                "flash-attention: rows must be contiguous and 16-byte aligned ({:?})",
+                st
+            );
+        }
+    }
+    let dp = match d {
+        0..=32 => 32,
+        33..=64 => 64,
+        65..=80 => 80,
+        _ => 128,
+    };
+    let dims = FlashDims {
+        b,
+        heads,
+        kv_heads,
+        q_len,
+        kv_len,
+        d,
+        past,
+        scale,
+    };
+    let out = match q.dtype() {
+        DType::BF16 => launch_flash::<half::bf16>(
+            (q, lq),
+            (k, lk),
+            (v, lv),
+            &format!("flash_attention_bf16_d{dp}"),
+            dims,
+        )?,
+        DType::F16 => launch_flash::<half::f16>(
+            (q, lq),
+            (k, lk),
+            (v, lv),
+            &format!("flash_attention_f16_d{dp}"),
+            dims,
+        )?,
+        dt => candle_core::bail!("flash-attention: unsupported dtype {dt:?} (bf16 or f16)"),
+    };
+    Ok((out, Shape::from((b, q_len, heads, d))))
+}
+
+#[derive(Clone, Copy)]
+struct FlashDims {
+    b: usize,
+    heads: usize,
+    kv_heads: usize,
+    q_len: usize,
+    kv_len: usize,
+    d: usize,
+    past: Option<usize>,
+    scale: f32,
+}
+
+fn launch_flash<T: CudaDType + DeviceRepr>(
+    (q, lq): (&CudaStorage, &Layout),
+    (k, lk): (&CudaStorage, &Layout),
+    (v, lv): (&CudaStorage, &Layout),
+    kernel: &str,
+    a: FlashDims,
+) -> Result<CudaStorage> {
+    let dev = q.device();
+    let qs = q.as_cuda_slice::<T>()?.slice(lq.start_offset()..);
+    let ks = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
+    let vs = v.as_cuda_slice::<T>()?.slice(lv.start_offset()..);
+    let func = dev.get_or_load_custom_func(kernel, "vvlm_flash_attention", FLASH_ATTENTION_PTX)?;
+    let total = a.b * a.q_len * a.heads * a.d;
+    // SAFETY: every output element is written: each block writes all d columns of its rows.
+    let out = unsafe { dev.alloc::<T>(total)? };
+    let to_i32 = |x: usize, what: &str| -> Result<i32> {
+        i32::try_from(x)
+            .map_err(|_| candle_core::Error::Msg(format!("flash-attention: {what} {x} too large")))
+    };
+    let (q_len, kv_len, d) = (
+        to_i32(a.q_len, "q_len")?,
+        to_i32(a.kv_len, "kv_len")?,
+        to_i32(a.d, "d")?,
+    );
+    let (heads, kv_heads) = (to_i32(a.heads, "heads")?, to_i32(a.kv_heads, "kv heads")?);
+    let strides = |l: &Layout| -> [i64; 3] {
+        let s = l.stride();
+        [s[0] as i64, s[1] as i64, s[2] as i64]
+    };
+    let (sq, sk, sv) = (strides(lq), strides(lk), strides(lv));
+    let causal = i32::from(a.past.is_some());
+    let past = to_i32(a.past.unwrap_or(0), "past")?;
+    let scale_log2 = a.scale * std::f32::consts::LOG2_E;
+    let mut bld = func.builder();
+    bld.arg(&qs);
+    bld.arg(&ks);
+    bld.arg(&vs);
+    bld.arg(&out);
+    bld.arg(&q_len);
+    bld.arg(&kv_len);
+    bld.arg(&d);
+    bld.arg(&heads);
+    bld.arg(&kv_heads);
+    for s in sq.iter().chain(&sk).chain(&sv) {
+        bld.arg(s);
+    }
+    bld.arg(&causal);
+    bld.arg(&past);
+    bld.arg(&scale_log2);
+    if a.heads > 65_535 || a.b > 65_535 {
+        candle_core::bail!(
+            "flash-attention: {} heads x {} sequences exceed one grid",
+            a.heads,
+            a.b
+        );
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (a.q_len.div_ceil(64) as u32, a.heads as u32, a.b as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the kernel's signature is (const T*, const T*, const T*, T*, int x5, long long x9,
+    // int, int, float), matched above; q, k and v hold the elements their layouts address (rows
+    // checked 16-byte aligned), `out` holds b·q_len·heads·d elements.
+    unsafe { bld.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
 
 /// Softmax of `scale · x` over the last dimension with the causal mask inside (see
 /// [`crate::attention::ScaledSoftmax`], its CPU reference), f32/bf16/f16, one block per row.

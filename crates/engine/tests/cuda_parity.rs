@@ -9,6 +9,8 @@
 //!   5% of the logits' range);
 //! - the scaled causal softmax kernel against its CPU reference;
 //! - attention through candle's CUDA ops and that kernel against the fused CPU kernel;
+//! - the flash attention kernel (bf16/f16 prompts) against the fused CPU kernel and the
+//!   unfused GPU path;
 //! - the trained suite rung answering on the GPU as on the CPU, alone and in a batch.
 #![cfg(feature = "cuda")]
 
@@ -96,6 +98,69 @@ fn attention_on_the_gpu_matches_the_fused_cpu_kernel() {
     let cuda = attention(&to(&q), &to(&k), &to(&v), 0.125, m, &ctx).unwrap();
     let e = max_abs(&cpu, &cuda);
     assert!(e <= 1e-4, "{e}");
+}
+
+/// `kernels/flash_attention.cu` (what `attention` runs on CUDA for bf16/f16 prompts of at least
+/// `FLASH_MIN_ROWS` rows) against the CPU's fused f32 kernel on the same rounded inputs, and
+/// against the unfused GPU path: head sizes 32, 64, 72 (padded to 80) and 128; one and several
+/// 64-row blocks with a partial last one; causal with and without a past, and bidirectional
+/// (vision); grouped heads; q read through a transposed view and k/v through a narrowed cache.
+/// P and the output are rounded to the input type: bf16 within 2e-2, f16 within 4e-3 of values
+/// up to ~3 (randn inputs).
+#[test]
+fn flash_attention_kernel_matches_the_cpu_and_the_unfused_path() {
+    use vvlm_engine::attention::{set_device_attention, DeviceAttention};
+    let dev = gpu();
+    let flops = FlopCounter::new();
+    let ctx = vvlm_engine::Ctx::new(&flops, Component::LmPrefill);
+    for (b, heads, kv_heads, q_len, past, d, causal) in [
+        (1, 2, 2, 16, 0, 64, true),
+        (2, 8, 2, 65, 7, 64, true),
+        (1, 4, 1, 200, 300, 128, true),
+        (2, 6, 2, 100, 9, 72, true),
+        (1, 16, 16, 729, 0, 72, false),
+        (2, 4, 4, 33, 0, 32, false),
+    ] {
+        let kv_len = q_len + past;
+        let r = |s: (usize, usize, usize, usize)| {
+            Tensor::randn(0f32, 1.0, s, &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        // q as a linear layer leaves it: [b, len, heads, d] seen as [b, heads, len, d]; k and v
+        // as the first kv_len positions of a longer cache.
+        let q = r((b, q_len, heads, d)).transpose(1, 2).unwrap();
+        let k = r((b, kv_heads, kv_len + 24, d))
+            .narrow(2, 0, kv_len)
+            .unwrap();
+        let v = r((b, kv_heads, kv_len + 24, d))
+            .narrow(2, 0, kv_len)
+            .unwrap();
+        let m = if causal {
+            Masking::Causal { past }
+        } else {
+            Masking::None
+        };
+        let cpu = attention(&q, &k, &v, 0.125, m, &ctx).unwrap();
+        for (dtype, tol) in [(DType::BF16, 2e-2), (DType::F16, 4e-3)] {
+            let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+            set_device_attention(DeviceAttention::Flash);
+            let flash = attention(&on(&q), &on(&k), &on(&v), 0.125, m, &ctx).unwrap();
+            set_device_attention(DeviceAttention::Unfused);
+            let unfused = attention(&on(&q), &on(&k), &on(&v), 0.125, m, &ctx).unwrap();
+            set_device_attention(DeviceAttention::Flash);
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let case = format!("{dtype:?} b {b} heads {heads}/{kv_heads} q {q_len} past {past} d {d} causal {causal}");
+            assert_eq!(flash.dims(), cpu.dims(), "{case}");
+            let e = max_abs(&cpu, &f32(&flash));
+            assert!(e <= tol, "flash vs CPU, {case}: {e}");
+            let e = max_abs(&f32(&unfused), &f32(&flash));
+            assert!(e <= 2.0 * tol, "flash vs unfused, {case}: {e}");
+        }
+    }
 }
 
 fn fixture_forward(opts: &LoadOptions) -> std::collections::BTreeMap<String, Tensor> {
