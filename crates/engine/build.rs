@@ -8,7 +8,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const KERNELS: &[&str] = &["bilinear_pool", "scaled_softmax", "flash_attention"];
+const KERNELS: &[&str] = &[
+    "bilinear_pool",
+    "scaled_softmax",
+    "flash_attention",
+    "decode_attention",
+];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=CARGO_FEATURE_CUDA");

@@ -30,16 +30,17 @@ pub struct Placement {
     /// auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16.
     #[arg(long, env = "VVLM_DTYPE", default_value = "auto")]
     pub dtype: String,
-    /// The CUDA attention kernel for bf16/f16 prompts: `flash` (kernels/flash_attention.cu, the
-    /// default) or `unfused` (cuBLAS matmuls around the softmax kernel), to compare the two.
-    #[arg(long, env = "VVLM_CUDA_ATTENTION", value_enum, default_value_t = AttentionKernel::Flash)]
+    /// The CUDA attention kernels: `fused` (the default: kernels/flash_attention.cu for bf16/f16
+    /// prompts, kernels/decode_attention.cu for decode rows) or `unfused` (cuBLAS matmuls around
+    /// the softmax kernel, per sequence), to compare the two.
+    #[arg(long, env = "VVLM_CUDA_ATTENTION", value_enum, default_value_t = AttentionKernel::Fused)]
     pub attention: AttentionKernel,
 }
 
 /// [`vvlm_engine::attention::DeviceAttention`] on the command line.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionKernel {
-    Flash,
+    Fused,
     Unfused,
 }
 
@@ -49,7 +50,7 @@ impl Placement {
     pub fn load_options(&self) -> Result<LoadOptions> {
         use vvlm_engine::attention::{set_device_attention, DeviceAttention};
         set_device_attention(match self.attention {
-            AttentionKernel::Flash => DeviceAttention::Flash,
+            AttentionKernel::Fused => DeviceAttention::Fused,
             AttentionKernel::Unfused => DeviceAttention::Unfused,
         });
         Ok(LoadOptions::parse(&self.device, &self.dtype)?)

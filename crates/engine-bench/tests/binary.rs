@@ -22,7 +22,7 @@ fn smoke_on_the_cpu_prints_a_passing_report() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["ok"], true);
     assert_eq!(r["device"], "cpu");
-    assert_eq!(r["checks"].as_array().unwrap().len(), 5);
+    assert_eq!(r["checks"].as_array().unwrap().len(), 6);
 }
 
 #[test]
@@ -37,6 +37,13 @@ fn bad_arguments_exit_2_naming_them() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("llama70b") && err.contains("llama1b"), "{err}");
+    let out = bin()
+        .args(["smoke", "--attention", "flashy"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("flashy") && err.contains("fused"), "{err}");
 }
 
 #[test]

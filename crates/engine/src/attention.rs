@@ -106,6 +106,16 @@ fn uncounted_attention(
         let v = last_dim_contiguous(v)?;
         return q.apply_op3_no_bwd(&k, &v, &op)?.transpose(1, 2);
     }
+    let (b, heads, q_len, d) = q.dims4()?;
+    if q_len == 1 && q.device().is_cuda() {
+        let kvs: Vec<(Tensor, Tensor)> = (0..b)
+            .map(|i| Ok((k.narrow(0, i, 1)?, v.narrow(0, i, 1)?)))
+            .collect::<Result<_>>()?;
+        if cuda_decode_applies(q, &kvs, d) {
+            // A decode row on the GPU: the kernel a batched step uses, so alone equals batched.
+            return cuda_decode_rows(&q.squeeze(2)?, &kvs, scale)?.reshape((b, heads, 1, d));
+        }
+    }
     device_attention(q, k, v, scale, masking)
 }
 
@@ -157,6 +167,14 @@ pub fn decode_attention_batch(
         // As `attention` counts one query row against `len` keys.
         ctx.count_matmul(heads, len, d, 1);
         ctx.count_matmul(heads, len, d, 1);
+    }
+    if cuda_decode_applies(q, kvs, d) {
+        // [1, heads, B, d] -> [B, heads, d]: every sequence in one launch.
+        return cuda_decode_rows(&q.squeeze(0)?.transpose(0, 1)?, kvs, scale)?.reshape((
+            b,
+            1,
+            heads * d,
+        ));
     }
     if !(q.device().is_cpu() && q.dtype() == DType::F32) {
         let outs = kvs
@@ -510,21 +528,24 @@ impl candle_core::CustomOp1 for ScaledSoftmax {
     }
 }
 
-/// Which attention kernel runs on CUDA for bf16/f16 (see [`set_device_attention`]).
+/// Which attention kernels run on CUDA (see [`set_device_attention`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceAttention {
-    /// `kernels/flash_attention.cu`: the scores stay on chip (the default; head sizes up to 128
-    /// that are multiples of 8, and prompts of at least [`FLASH_MIN_ROWS`] rows).
-    Flash,
-    /// Two cuBLAS matmuls around [`ScaledSoftmax`] (the scores materialised in memory).
+    /// The engine's fused kernels (the default): `kernels/flash_attention.cu` for bf16/f16
+    /// prompts of at least [`FLASH_MIN_ROWS`] rows (head sizes up to 128, multiples of 8), the
+    /// scores kept on chip; `kernels/decode_attention.cu` for decode rows (f32/bf16/f16, even
+    /// head sizes up to 256), every sequence of a batched step in one launch.
+    Fused,
+    /// Two cuBLAS matmuls around [`ScaledSoftmax`] (the scores materialised in memory), per
+    /// sequence.
     Unfused,
 }
 
 static DEVICE_ATTENTION_UNFUSED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-/// Chooses the CUDA attention kernel for this process (benchmarks compare the two; the result
-/// differs only by rounding). Like candle's own reduced-precision switches, a process setting.
+/// Chooses the CUDA attention kernels for this process (benchmarks compare the two; results
+/// differ only by rounding). Like candle's own reduced-precision switches, a process setting.
 pub fn set_device_attention(kernel: DeviceAttention) {
     DEVICE_ATTENTION_UNFUSED.store(
         kernel == DeviceAttention::Unfused,
@@ -532,12 +553,12 @@ pub fn set_device_attention(kernel: DeviceAttention) {
     );
 }
 
-/// The CUDA attention kernel in use.
+/// The CUDA attention kernels in use.
 pub fn device_attention_kernel() -> DeviceAttention {
     if DEVICE_ATTENTION_UNFUSED.load(std::sync::atomic::Ordering::Relaxed) {
         DeviceAttention::Unfused
     } else {
-        DeviceAttention::Flash
+        DeviceAttention::Fused
     }
 }
 
@@ -554,11 +575,64 @@ fn flash_attention_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
         && matches!(q.dtype(), DType::BF16 | DType::F16)
         && k.dtype() == q.dtype()
         && v.dtype() == q.dtype()
-        && device_attention_kernel() == DeviceAttention::Flash
+        && device_attention_kernel() == DeviceAttention::Fused
         && q_len >= FLASH_MIN_ROWS
-        && d % 8 == 0
+        && d.is_multiple_of(8)
         && d <= 128
         && heads % kv_heads == 0)
+}
+
+/// Whether decode rows of head size `d` on `q`'s device run `kernels/decode_attention.cu`
+/// (CUDA, f32/bf16/f16 caches of `q`'s dtype, even head sizes up to 256).
+fn cuda_decode_applies(q: &Tensor, kvs: &[(Tensor, Tensor)], d: usize) -> bool {
+    cfg!(feature = "cuda")
+        && q.device().is_cuda()
+        && matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && device_attention_kernel() == DeviceAttention::Fused
+        && d.is_multiple_of(2)
+        && d <= 256
+        && kvs
+            .iter()
+            .all(|(k, v)| k.dtype() == q.dtype() && v.dtype() == q.dtype())
+}
+
+/// One decode row per (sequence, head) by `kernels/decode_attention.cu`: the op's input is `q`
+/// `[B, heads, d]` (contiguous), `kvs[i]` sequence `i`'s `[1, kv_heads, len_i, d]` keys and
+/// values on the same device (any strides whose last one is 1); the result is `[B, heads, d]`.
+/// Every key of a sequence is visible to its row (the causal mask of a decode step). No CPU
+/// implementation: the CPU's decode kernel and [`reference_attention`] are what it is checked
+/// against.
+pub struct DecodeAttention {
+    pub kvs: Vec<(Tensor, Tensor)>,
+    pub scale: f32,
+}
+
+impl candle_core::CustomOp1 for DecodeAttention {
+    fn name(&self) -> &'static str {
+        "decode-attention"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("decode-attention runs on CUDA only (the CPU has its own decode kernel)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::decode_attention(q, l, &self.kvs, self.scale)
+    }
+}
+
+/// [`DecodeAttention`] for rows laid out `[B, heads, d]` (any strides): `[B, heads, d]`.
+fn cuda_decode_rows(q: &Tensor, kvs: &[(Tensor, Tensor)], scale: f64) -> Result<Tensor> {
+    let op = DecodeAttention {
+        kvs: kvs.to_vec(),
+        scale: scale as f32,
+    };
+    q.contiguous()?.apply_op1_no_bwd(&op)
 }
 
 /// Attention by `kernels/flash_attention.cu` (CUDA, bf16/f16): `q` `[b, heads, q_len, d]`, `k`/`v`

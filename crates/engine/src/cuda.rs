@@ -183,6 +183,157 @@ fn launch_flash<T: CudaDType + DeviceRepr>(
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
+/// PTX of `kernels/decode_attention.cu`.
+pub const DECODE_ATTENTION_PTX: &str =
+    include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx"));
+
+/// Decode rows by `kernels/decode_attention.cu` (see [`crate::attention::DecodeAttention`]):
+/// `q` `[B, heads, d]` contiguous; `kvs[i]` sequence `i`'s `[1, kv_heads, len_i, d]` keys and
+/// values (same dtype, this device, last stride 1, even strides and offsets). Returns `[B,
+/// heads, d]`.
+pub fn decode_attention(
+    q: &CudaStorage,
+    lq: &Layout,
+    kvs: &[(candle_core::Tensor, candle_core::Tensor)],
+    scale: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let (b, heads, d) = lq.shape().dims3()?;
+    let Some((start, end)) = lq.contiguous_offsets() else {
+        candle_core::bail!("decode-attention expects contiguous queries");
+    };
+    if kvs.len() != b || b == 0 {
+        candle_core::bail!("decode-attention: {b} rows for {} caches", kvs.len());
+    }
+    if d % 2 != 0 || d > 256 {
+        candle_core::bail!("decode-attention: head size {d} (even, at most 256)");
+    }
+    match q.dtype() {
+        DType::F32 => launch_decode::<f32>(
+            q,
+            (start, end),
+            (b, heads, d),
+            kvs,
+            "decode_attention_f32",
+            scale,
+        ),
+        DType::BF16 => launch_decode::<half::bf16>(
+            q,
+            (start, end),
+            (b, heads, d),
+            kvs,
+            "decode_attention_bf16",
+            scale,
+        ),
+        DType::F16 => launch_decode::<half::f16>(
+            q,
+            (start, end),
+            (b, heads, d),
+            kvs,
+            "decode_attention_f16",
+            scale,
+        ),
+        dt => candle_core::bail!("decode-attention: unsupported dtype {dt:?}"),
+    }
+    .map(|out| (out, Shape::from((b, heads, d))))
+}
+
+fn launch_decode<T: CudaDType + DeviceRepr>(
+    q: &CudaStorage,
+    (start, end): (usize, usize),
+    (b, heads, d): (usize, usize, usize),
+    kvs: &[(candle_core::Tensor, candle_core::Tensor)],
+    kernel: &str,
+    scale: f32,
+) -> Result<CudaStorage> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let dev = q.device();
+    let stream = dev.cuda_stream();
+    // Every cache's storage read-locked until the launch is queued.
+    let guards: Vec<_> = kvs
+        .iter()
+        .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()))
+        .collect();
+    let mut kv_heads = None;
+    let (mut lens, mut strides) = (Vec::with_capacity(b), Vec::with_capacity(4 * b));
+    let (mut k_ptrs, mut v_ptrs) = (Vec::with_capacity(b), Vec::with_capacity(b));
+    let mut syncs = Vec::with_capacity(2 * b);
+    for ((ks, kl), (vs, vl)) in &guards {
+        let (one, kvh, len, kd) = kl.shape().dims4()?;
+        if one != 1 || kd != d || vl.shape().dims4()? != (1, kvh, len, d) || len == 0 {
+            candle_core::bail!(
+                "decode-attention: cache {:?} / {:?} for head size {d}",
+                kl.dims(),
+                vl.dims()
+            );
+        }
+        if kvh == 0 || heads % kvh != 0 || kv_heads.is_some_and(|h| h != kvh) {
+            candle_core::bail!("decode-attention: {heads} heads on {kvh} kv heads");
+        }
+        kv_heads = Some(kvh);
+        for l in [kl, vl] {
+            let st = l.stride();
+            if st[3] != 1 || st[1] % 2 != 0 || st[2] % 2 != 0 || l.start_offset() % 2 != 0 {
+                candle_core::bail!("decode-attention: cache strides {st:?} (even, last 1)");
+            }
+            strides.push(st[1] as i64);
+            strides.push(st[2] as i64);
+        }
+        let len = i32::try_from(len)
+            .map_err(|_| candle_core::Error::Msg(format!("decode-attention: {len} positions")))?;
+        lens.push(len);
+        for ((storage, layout), ptrs) in [(ks, kl), (vs, vl)]
+            .into_iter()
+            .zip([&mut k_ptrs, &mut v_ptrs])
+        {
+            let candle_core::Storage::Cuda(c) = &**storage else {
+                candle_core::bail!("decode-attention: a cache is not on the GPU");
+            };
+            let (ptr, sync) = c.as_cuda_slice::<T>()?.device_ptr(&stream);
+            ptrs.push(ptr + (layout.start_offset() * std::mem::size_of::<T>()) as u64);
+            syncs.push(sync);
+        }
+    }
+    let kv_heads = kv_heads.unwrap_or(1);
+    if heads > 65_535 || b > 65_535 {
+        candle_core::bail!("decode-attention: {heads} heads x {b} sequences exceed one grid");
+    }
+    let k_dev = dev.clone_htod(&k_ptrs)?;
+    let v_dev = dev.clone_htod(&v_ptrs)?;
+    let strides_dev = dev.clone_htod(&strides)?;
+    let lens_dev = dev.clone_htod(&lens)?;
+    let qs = q.as_cuda_slice::<T>()?.slice(start..end);
+    let func =
+        dev.get_or_load_custom_func(kernel, "vvlm_decode_attention", DECODE_ATTENTION_PTX)?;
+    // SAFETY: the kernel writes all d elements of every (sequence, head) row.
+    let out = unsafe { dev.alloc::<T>(b * heads * d)? };
+    let (heads_i, kv_heads_i, d_i) = (heads as i32, kv_heads as i32, d as i32);
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let mut bld = func.builder();
+    bld.arg(&qs);
+    bld.arg(&out);
+    bld.arg(&k_dev);
+    bld.arg(&v_dev);
+    bld.arg(&strides_dev);
+    bld.arg(&lens_dev);
+    bld.arg(&heads_i);
+    bld.arg(&kv_heads_i);
+    bld.arg(&d_i);
+    bld.arg(&scale_log2);
+    let cfg = LaunchConfig {
+        grid_dim: (heads as u32, b as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the kernel's signature is (const T*, T*, const u64*, const u64*, const i64*,
+    // const int*, int, int, int, float), matched above; each pointer addresses a live cache
+    // (read-locked in `guards`) of `lens[i]` rows at the strides passed, checked above; `out`
+    // holds b·heads·d elements.
+    unsafe { bld.launch(cfg) }.w()?;
+    drop(syncs);
+    drop(guards);
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
 /// Softmax of `scale · x` over the last dimension with the causal mask inside (see
 /// [`crate::attention::ScaledSoftmax`], its CPU reference), f32/bf16/f16, one block per row.
 pub fn scaled_softmax(

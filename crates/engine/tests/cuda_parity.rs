@@ -9,8 +9,8 @@
 //!   5% of the logits' range);
 //! - the scaled causal softmax kernel against its CPU reference;
 //! - attention through candle's CUDA ops and that kernel against the fused CPU kernel;
-//! - the flash attention kernel (bf16/f16 prompts) against the fused CPU kernel and the
-//!   unfused GPU path;
+//! - the flash attention kernel (bf16/f16 prompts) and the batched decode attention kernel
+//!   against the CPU's kernels and the unfused GPU path;
 //! - the trained suite rung answering on the GPU as on the CPU, alone and in a batch.
 #![cfg(feature = "cuda")]
 
@@ -122,8 +122,10 @@ fn flash_attention_kernel_matches_the_cpu_and_the_unfused_path() {
         (2, 4, 4, 33, 0, 32, false),
     ] {
         let kv_len = q_len + past;
-        let r = |s: (usize, usize, usize, usize)| {
-            Tensor::randn(0f32, 1.0, s, &Device::Cpu)
+        // Queries of half the keys' spread: the unfused path rounds the scores themselves to
+        // bf16, which at full spread approaches the bound on its own.
+        let r = |s: (usize, usize, usize, usize), std: f32| {
+            Tensor::randn(0f32, std, s, &Device::Cpu)
                 .unwrap()
                 .to_dtype(DType::BF16)
                 .unwrap()
@@ -147,11 +149,11 @@ fn flash_attention_kernel_matches_the_cpu_and_the_unfused_path() {
         let cpu = attention(&q, &k, &v, 0.125, m, &ctx).unwrap();
         for (dtype, tol) in [(DType::BF16, 2e-2), (DType::F16, 4e-3)] {
             let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
-            set_device_attention(DeviceAttention::Flash);
+            set_device_attention(DeviceAttention::Fused);
             let flash = attention(&on(&q), &on(&k), &on(&v), 0.125, m, &ctx).unwrap();
             set_device_attention(DeviceAttention::Unfused);
             let unfused = attention(&on(&q), &on(&k), &on(&v), 0.125, m, &ctx).unwrap();
-            set_device_attention(DeviceAttention::Flash);
+            set_device_attention(DeviceAttention::Fused);
             let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
             let case = format!("{dtype:?} b {b} heads {heads}/{kv_heads} q {q_len} past {past} d {d} causal {causal}");
             assert_eq!(flash.dims(), cpu.dims(), "{case}");
@@ -159,6 +161,75 @@ fn flash_attention_kernel_matches_the_cpu_and_the_unfused_path() {
             assert!(e <= tol, "flash vs CPU, {case}: {e}");
             let e = max_abs(&f32(&unfused), &f32(&flash));
             assert!(e <= 2.0 * tol, "flash vs unfused, {case}: {e}");
+        }
+    }
+}
+
+/// `kernels/decode_attention.cu` (a batched decode step's attention, every sequence in one
+/// launch) against the CPU's decode kernel: cache lengths 1 to 700 (fewer keys than the kernel's
+/// 8 warps, and many), caches read through narrowed views, grouped heads, head sizes 64, 72 and
+/// 128; f32 within 1e-4 (summation order), bf16 within 2e-2, f16 within 4e-3 (the output's
+/// rounding); each row equal bit for bit to the sequence decoded alone on the GPU; and within
+/// the same bounds of the unfused GPU path.
+#[test]
+fn decode_attention_kernel_matches_the_cpu_alone_and_batched() {
+    use vvlm_engine::attention::{decode_attention_batch, set_device_attention, DeviceAttention};
+    let dev = gpu();
+    let flops = FlopCounter::new();
+    for (heads, kv_heads, d) in [(6, 2, 64), (4, 4, 72), (8, 1, 128)] {
+        let lens = [1usize, 5, 130, 700];
+        let b = lens.len();
+        let round = |t: Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let q = round(Tensor::randn(0f32, 0.5, (1, heads, b, d), &Device::Cpu).unwrap());
+        let kvs: Vec<(Tensor, Tensor)> = lens
+            .iter()
+            .map(|&n| {
+                let t = || {
+                    round(Tensor::randn(0f32, 1.0, (1, kv_heads, n + 10, d), &Device::Cpu).unwrap())
+                        .narrow(2, 0, n)
+                        .unwrap()
+                };
+                (t(), t())
+            })
+            .collect();
+        let ctxs: Vec<vvlm_engine::Ctx> = (0..b)
+            .map(|_| vvlm_engine::Ctx::new(&flops, Component::LmDecode))
+            .collect();
+        let cpu = decode_attention_batch(&q, &kvs, 0.125, &ctxs).unwrap();
+        for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2), (DType::F16, 4e-3)] {
+            let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+            let gkvs: Vec<(Tensor, Tensor)> = kvs.iter().map(|(k, v)| (on(k), on(v))).collect();
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let case = format!("{dtype:?} heads {heads}/{kv_heads} d {d}");
+            let got = decode_attention_batch(&on(&q), &gkvs, 0.125, &ctxs).unwrap();
+            assert_eq!(got.dims(), cpu.dims(), "{case}");
+            let e = max_abs(&cpu, &f32(&got));
+            assert!(e <= tol, "batched vs CPU, {case}: {e}");
+            for (i, (k, v)) in gkvs.iter().enumerate() {
+                let qi = on(&q).narrow(2, i, 1).unwrap().contiguous().unwrap();
+                let ctx = vvlm_engine::Ctx::new(&flops, Component::LmDecode);
+                let m = Masking::Causal { past: lens[i] - 1 };
+                let alone = attention(&qi, k, v, 0.125, m, &ctx)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap();
+                let row = got.get(i).unwrap().flatten_all().unwrap();
+                assert_eq!(
+                    f32(&alone).to_vec1::<f32>().unwrap(),
+                    f32(&row).to_vec1::<f32>().unwrap(),
+                    "{case} sequence {i}: alone = batched"
+                );
+            }
+            set_device_attention(DeviceAttention::Unfused);
+            let unfused = decode_attention_batch(&on(&q), &gkvs, 0.125, &ctxs).unwrap();
+            set_device_attention(DeviceAttention::Fused);
+            let e = max_abs(&f32(&unfused), &f32(&got));
+            assert!(e <= 2.0 * tol, "fused vs unfused, {case}: {e}");
         }
     }
 }

@@ -1,0 +1,138 @@
+// Decode attention for a batch of sequences in one launch: the new position of every sequence
+// attends to its own KV cache, wherever that cache lives (a pointer per sequence), so a batched
+// decode step costs one launch per layer instead of three per sequence (two matmuls and a
+// softmax each).
+//
+// One block of 8 warps per (head, sequence). The sequence's `len` keys are split into 8
+// contiguous ranges, one per warp; a warp walks its keys one by one with the head dimension
+// spread over its lanes (two adjacent elements per lane per 64 columns: 128-byte rows read
+// whole), reduces each dot product by shuffles and keeps a running max, sum and weighted value
+// sum (online softmax, log2 domain). The 8 partial results are merged through shared memory:
+//   M = max_w m_w;  out = sum_w 2^(m_w - M) o_w / sum_w 2^(m_w - M) l_w.
+//
+// q, out: [B, heads, d] contiguous. k_ptrs[i], v_ptrs[i]: sequence i's keys and values (element
+// type T), head hk's row j at ptr + hk * head_stride + j * row_stride with strides[i] = {k head,
+// k row, v head, v row} (elements). Head h reads kv head h / (heads / kv_heads). d even, <= 256.
+//
+// CPU reference: `vvlm_engine::attention::decode_attention_batch`'s CPU kernel (and
+// `reference_attention`); crates/engine/tests/cuda_parity.rs compares them on a GPU.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#include <math.h>
+
+constexpr int WARPS = 8;
+constexpr int MAX_D = 256;
+constexpr int PAIRS = MAX_D / 64;  // column pairs per lane
+
+__device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+__device__ __forceinline__ float2 load2(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
+__device__ __forceinline__ void store1(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+__device__ __forceinline__ void store1(__half* p, float v) { *p = __float2half(v); }
+
+template <typename T>
+__device__ void decode_attention(
+    const T* __restrict__ q, T* __restrict__ out,
+    const unsigned long long* __restrict__ k_ptrs, const unsigned long long* __restrict__ v_ptrs,
+    const long long* __restrict__ strides, const int* __restrict__ lens,
+    int heads, int kv_heads, int d, float scale_log2) {
+    __shared__ float part_m[WARPS], part_l[WARPS];
+    __shared__ float part_o[WARPS][MAX_D];
+    const int h = blockIdx.x, i = blockIdx.y;
+    const int hk = h / (heads / kv_heads);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int len = lens[i];
+    const T* k = reinterpret_cast<const T*>(k_ptrs[i]) + hk * strides[4 * i];
+    const T* v = reinterpret_cast<const T*>(v_ptrs[i]) + hk * strides[4 * i + 2];
+    const long long k_row = strides[4 * i + 1], v_row = strides[4 * i + 3];
+    const T* qh = q + ((long long)i * heads + h) * d;
+
+    float2 qv[PAIRS], o[PAIRS];
+#pragma unroll
+    for (int p = 0; p < PAIRS; ++p) {
+        const int c = 64 * p + 2 * lane;
+        qv[p] = c < d ? load2(qh + c) : make_float2(0.0f, 0.0f);
+        o[p] = make_float2(0.0f, 0.0f);
+    }
+    float m = -INFINITY, l = 0.0f;
+    const int per = (len + WARPS - 1) / WARPS;
+    const int j0 = min(len, warp * per), j1 = min(len, j0 + per);
+    for (int j = j0; j < j1; ++j) {
+        const T* kr = k + j * k_row;
+        float s = 0.0f;
+#pragma unroll
+        for (int p = 0; p < PAIRS; ++p) {
+            const int c = 64 * p + 2 * lane;
+            if (c < d) {
+                const float2 kv = load2(kr + c);
+                s = fmaf(qv[p].x, kv.x, s);
+                s = fmaf(qv[p].y, kv.y, s);
+            }
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        s *= scale_log2;
+        const float m_new = fmaxf(m, s);
+        const float corr = exp2f(m - m_new);  // 0 for the first key (m = -inf)
+        const float w = exp2f(s - m_new);
+        l = l * corr + w;
+        const T* vr = v + j * v_row;
+#pragma unroll
+        for (int p = 0; p < PAIRS; ++p) {
+            const int c = 64 * p + 2 * lane;
+            if (c < d) {
+                const float2 vv = load2(vr + c);
+                o[p].x = fmaf(w, vv.x, o[p].x * corr);
+                o[p].y = fmaf(w, vv.y, o[p].y * corr);
+            }
+        }
+        m = m_new;
+    }
+    if (lane == 0) {
+        part_m[warp] = m;
+        part_l[warp] = l;
+    }
+#pragma unroll
+    for (int p = 0; p < PAIRS; ++p) {
+        const int c = 64 * p + 2 * lane;
+        if (c < d) {
+            part_o[warp][c] = o[p].x;
+            part_o[warp][c + 1] = o[p].y;
+        }
+    }
+    __syncthreads();
+    float big = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) big = fmaxf(big, part_m[w]);
+    float total = 0.0f, scale[WARPS];
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+        // A warp with no keys (len < 8) has m = -inf: weight 0.
+        scale[w] = part_m[w] == -INFINITY ? 0.0f : exp2f(part_m[w] - big);
+        total = fmaf(scale[w], part_l[w], total);
+    }
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    T* oh = out + ((long long)i * heads + h) * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float x = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) x = fmaf(scale[w], part_o[w][c], x);
+        store1(oh + c, x * inv);
+    }
+}
+
+#define DECODE_ATTENTION(NAME, T)                                                                   \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                                  \
+        const T* q, T* out, const unsigned long long* k_ptrs, const unsigned long long* v_ptrs,     \
+        const long long* strides, const int* lens, int heads, int kv_heads, int d,                  \
+        float scale_log2) {                                                                         \
+        decode_attention<T>(q, out, k_ptrs, v_ptrs, strides, lens, heads, kv_heads, d, scale_log2); \
+    }
+
+DECODE_ATTENTION(decode_attention_f32, float)
+DECODE_ATTENTION(decode_attention_bf16, __nv_bfloat16)
+DECODE_ATTENTION(decode_attention_f16, __half)
