@@ -134,11 +134,11 @@ fn flash_attention_kernel_matches_the_cpu_and_the_unfused_path() {
         };
         // q as a linear layer leaves it: [b, len, heads, d] seen as [b, heads, len, d]; k and v
         // as the first kv_len positions of a longer cache.
-        let q = r((b, q_len, heads, d)).transpose(1, 2).unwrap();
-        let k = r((b, kv_heads, kv_len + 24, d))
+        let q = r((b, q_len, heads, d), 0.5).transpose(1, 2).unwrap();
+        let k = r((b, kv_heads, kv_len + 24, d), 1.0)
             .narrow(2, 0, kv_len)
             .unwrap();
-        let v = r((b, kv_heads, kv_len + 24, d))
+        let v = r((b, kv_heads, kv_len + 24, d), 1.0)
             .narrow(2, 0, kv_len)
             .unwrap();
         let m = if causal {
