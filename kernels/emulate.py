@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Line-for-line NumPy emulations of kernels/flash_attention.cu and kernels/decode_attention.cu,
+to check their index arithmetic without a GPU: tiles, masks, online softmax, the merge of
+partial results, and (flash) the fragments of `mma.sync.m16n8k16` as the 32 lanes hold them.
+`mma` below rebuilds A (16x16), B (16x8) and C (16x8) from the lanes' registers by the PTX ISA's
+layouts (lane = 4 * group + t; A a0..a3 = (group, 2t), (group+8, 2t), (group, 2t+8),
+(group+8, 2t+8), pairs; B b0, b1 = (k 2t, n group), (k 2t+8, n group), pairs; C c0..c3 =
+(group, 2t), (group, 2t+1), (group+8, 2t), (group+8, 2t+1)), multiplies, and scatters D back.
+Values stay f64 (no bf16 rounding): what is checked is where every element goes.
+
+    python3 kernels/emulate.py     # exit 1 if any shape differs from plain attention
+
+A transliteration, not the kernels: a change to a kernel needs the same change here.
+"""
+import sys
+import numpy as np
+
+# ---- kernels/flash_attention.cu ----
+BM = BN = 64
+
+def mma(c, a, b):
+    # c[lane] = [4 floats], a[lane] = [4 pairs], b[lane] = [2 pairs]
+    A = np.zeros((16, 16)); B = np.zeros((16, 8)); C = np.zeros((16, 8))
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        for reg, (r, cc) in enumerate([(g, 2*t), (g+8, 2*t), (g, 2*t+8), (g+8, 2*t+8)]):
+            A[r, cc], A[r, cc+1] = a[lane][reg]
+        for reg, k in enumerate([2*t, 2*t+8]):
+            B[k, g], B[k+1, g] = b[lane][reg]
+        C[g, 2*t], C[g, 2*t+1], C[g+8, 2*t], C[g+8, 2*t+1] = c[lane]
+    D = A @ B + C
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        c[lane] = [D[g, 2*t], D[g, 2*t+1], D[g+8, 2*t], D[g+8, 2*t+1]]
+
+def load_tile(tile, src, r0, length, d, DP):
+    tile[:] = 0
+    for r in range(BN):
+        for c in range(0, DP, 8):
+            if r0 + r < length and c < d:
+                tile[r, c:c+8] = src[r0 + r, c:c+8]
+
+def kernel(q, k, v, causal, past, scale, DP):
+    """flash_attention<T, DP>: every block (m0, h, b) in turn; its 4 warps one after another
+    (they share nothing after the Q fragments are read, so the order does not matter)."""
+    B, H, QL, d = q.shape
+    KVH, KL = k.shape[1], k.shape[2]
+    out = np.full((B, QL, H, d), np.nan)
+    sl2 = scale * np.log2(np.e)
+    for b in range(B):
+        for h in range(H):
+            hk = h // (H // KVH)
+            for m0 in range(0, QL, BM):
+                sk = np.zeros((BN, DP + 8)); sv = np.zeros((BN, DP + 8))
+                load_tile(sk, q[b, h], m0, QL, d, DP)
+                QA = {}
+                for warp in range(4):
+                    qa = QA.setdefault(warp, {})
+                    for lane in range(32):
+                        g, t = lane >> 2, lane & 3
+                        r = warp * 16 + g
+                        qa[lane] = [[(sk[r, s*16+2*t], sk[r, s*16+2*t+1]), (sk[r+8, s*16+2*t], sk[r+8, s*16+2*t+1]),
+                                     (sk[r, s*16+8+2*t], sk[r, s*16+9+2*t]), (sk[r+8, s*16+8+2*t], sk[r+8, s*16+9+2*t])]
+                                    for s in range(DP // 16)]
+                for warp in range(4):
+                    qa = QA[warp]
+                    # per-warp state
+                    acc = {l: [[0.0]*4 for _ in range(DP // 8)] for l in range(32)}
+                    rmax = {l: [-np.inf, -np.inf] for l in range(32)}
+                    rsum = {l: [0.0, 0.0] for l in range(32)}
+                    qi = {l: [m0 + warp*16 + (l >> 2), m0 + warp*16 + (l >> 2) + 8] for l in range(32)}
+                    kv_end = min(KL, past + min(m0 + BM, QL)) if causal else KL
+                    for n0 in range(0, kv_end, BN):
+                        load_tile(sk, k[b, hk], n0, KL, d, DP)
+                        load_tile(sv, v[b, hk], n0, KL, d, DP)
+                        s = {l: [[0.0]*4 for _ in range(BN // 8)] for l in range(32)}
+                        for ks in range(DP // 16):
+                            for j in range(BN // 8):
+                                cs = [s[l][j] for l in range(32)]
+                                bf = {}
+                                for l in range(32):
+                                    g, t = l >> 2, l & 3
+                                    bf[l] = [(sk[8*j+g, ks*16+2*t], sk[8*j+g, ks*16+2*t+1]), (sk[8*j+g, ks*16+8+2*t], sk[8*j+g, ks*16+9+2*t])]
+                                mma(cs, [qa[l][ks] for l in range(32)], bf)
+                                for l in range(32): s[l][j] = cs[l]
+                        newmax = {}
+                        for l in range(32):
+                            t = l & 3
+                            nm = list(rmax[l])
+                            for j in range(BN // 8):
+                                for e in range(4):
+                                    row = e >> 1
+                                    kj = n0 + 8*j + 2*t + (e & 1)
+                                    vis = kj < KL and (not causal or kj <= past + qi[l][row])
+                                    x = s[l][j][e] * sl2 if vis else -np.inf
+                                    s[l][j][e] = x
+                                    nm[row] = max(nm[row], x)
+                            newmax[l] = nm
+                        for l in range(32):  # quad reduction
+                            base = l & ~3
+                            for row in range(2):
+                                m = max(newmax[base + i][row] for i in range(4))
+                                alpha = 1.0 if m == -np.inf else 2.0 ** (rmax[l][row] - m)
+                                rmax[l][row] = m; rsum[l][row] *= alpha
+                                for n in range(DP // 8):
+                                    acc[l][n][2*row] *= alpha; acc[l][n][2*row+1] *= alpha
+                        for l in range(32):
+                            for j in range(BN // 8):
+                                for e in range(4):
+                                    row = e >> 1
+                                    p = 0.0 if rmax[l][row] == -np.inf else 2.0 ** (s[l][j][e] - rmax[l][row])
+                                    s[l][j][e] = p; rsum[l][row] += p
+                        for kk in range(BN // 16):
+                            pa = {l: [(s[l][2*kk][0], s[l][2*kk][1]), (s[l][2*kk][2], s[l][2*kk][3]),
+                                      (s[l][2*kk+1][0], s[l][2*kk+1][1]), (s[l][2*kk+1][2], s[l][2*kk+1][3])] for l in range(32)}
+                            for n in range(DP // 8):
+                                bf = {}
+                                for l in range(32):
+                                    g, t = l >> 2, l & 3
+                                    key, col = 16*kk + 2*t, 8*n + g
+                                    bf[l] = [(sv[key, col], sv[key+1, col]), (sv[key+8, col], sv[key+9, col])]
+                                cs = [acc[l][n] for l in range(32)]
+                                mma(cs, [pa[l] for l in range(32)], bf)
+                                for l in range(32): acc[l][n] = cs[l]
+                    for l in range(32):
+                        g, t = l >> 2, l & 3
+                        base = l & ~3
+                        for row in range(2):
+                            L = sum(rsum[base + i][row] for i in range(4))
+                            inv = 1.0 / L if L > 0 else 0.0
+                            if qi[l][row] >= QL: continue
+                            for n in range(DP // 8):
+                                col = 8*n + 2*t
+                                if col < d:
+                                    out[b, qi[l][row], h, col] = acc[l][n][2*row] * inv
+                                    out[b, qi[l][row], h, col+1] = acc[l][n][2*row+1] * inv
+    return out
+
+
+# ---- kernels/decode_attention.cu ----
+WARPS, MAX_D = 8, 256
+PAIRS = MAX_D // 64
+def decode_kernel(q, ks, vs, heads, kv_heads, d, scale):
+    B = len(ks); out = np.zeros((B, heads, d))
+    sl2 = scale * np.log2(np.e)
+    for i in range(B):
+        for h in range(heads):
+            hk = h // (heads // kv_heads)
+            K, V = ks[i][hk], vs[i][hk]; L = K.shape[0]
+            pm, pl, po = [0]*WARPS, [0]*WARPS, np.zeros((WARPS, MAX_D))
+            for warp in range(WARPS):
+                m, l = -np.inf, 0.0
+                o = np.zeros((32, PAIRS, 2))
+                per = (L + WARPS - 1) // WARPS
+                j0 = min(L, warp * per); j1 = min(L, j0 + per)
+                for j in range(j0, j1):
+                    part = np.zeros(32)
+                    for lane in range(32):
+                        for p in range(PAIRS):
+                            c = 64*p + 2*lane
+                            if c < d: part[lane] += q[i, h, c]*K[j, c] + q[i, h, c+1]*K[j, c+1]
+                    s = part.sum() * sl2
+                    mn = max(m, s); corr = 2.0 ** (m - mn); w = 2.0 ** (s - mn)
+                    l = l*corr + w
+                    for lane in range(32):
+                        for p in range(PAIRS):
+                            c = 64*p + 2*lane
+                            if c < d:
+                                o[lane, p, 0] = w*V[j, c] + o[lane, p, 0]*corr
+                                o[lane, p, 1] = w*V[j, c+1] + o[lane, p, 1]*corr
+                    m = mn
+                pm[warp], pl[warp] = m, l
+                for lane in range(32):
+                    for p in range(PAIRS):
+                        c = 64*p + 2*lane
+                        if c < d: po[warp, c], po[warp, c+1] = o[lane, p]
+            big = max(pm)
+            sc = [0.0 if pm[w] == -np.inf else 2.0 ** (pm[w] - big) for w in range(WARPS)]
+            tot = sum(sc[w]*pl[w] for w in range(WARPS))
+            for c in range(d):
+                out[i, h, c] = sum(sc[w]*po[w, c] for w in range(WARPS)) / tot
+    return out
+
+
+def reference(q, k, v, causal, past, scale):
+    """Plain attention: q [B, H, QL, d], k/v [B, KVH, KL, d] -> [B, QL, H, d]."""
+    B, H, QL, d = q.shape
+    KVH, KL = k.shape[1], k.shape[2]
+    out = np.zeros((B, QL, H, d))
+    for b in range(B):
+        for h in range(H):
+            hk = h // (H // KVH)
+            s = q[b, h] @ k[b, hk].T * scale
+            if causal:
+                s[np.arange(KL)[None, :] > past + np.arange(QL)[:, None]] = -np.inf
+            p = np.exp(s - s.max(1, keepdims=True))
+            out[b, :, h] = (p / p.sum(1, keepdims=True)) @ v[b, hk]
+    return out
+
+
+def main():
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    # (B, heads, kv heads, q rows, kv rows, d, padded d, causal): one and two 64-row blocks,
+    # partial tiles, a past, grouped heads, SigLIP's 72 padded to 80, bidirectional.
+    for B, H, KVH, QL, KL, d, DP, causal in [(1, 2, 1, 5, 5, 64, 64, True), (1, 2, 2, 70, 77, 72, 80, True),
+                                             (2, 4, 2, 3, 130, 32, 32, False), (1, 1, 1, 65, 65, 128, 128, True),
+                                             (1, 2, 1, 16, 200, 64, 64, True)]:
+        q = rng.standard_normal((B, H, QL, d))
+        k = rng.standard_normal((B, KVH, KL, d))
+        v = rng.standard_normal((B, KVH, KL, d))
+        got = kernel(q, k, v, causal, KL - QL, 0.125, DP)
+        err = np.abs(got - reference(q, k, v, causal, KL - QL, 0.125)).max()
+        print(f"flash  B {B} heads {H}/{KVH} q {QL} kv {KL} d {d} (as {DP}) causal {causal}: max error {err:.1e}")
+        worst = max(worst, err)
+    # (heads, kv heads, d, cache lengths): fewer keys than warps, many, odd lengths.
+    for H, KVH, d, lens in [(4, 2, 64, [1, 5, 33]), (2, 1, 72, [200]), (2, 2, 128, [7, 64])]:
+        q = rng.standard_normal((len(lens), H, d))
+        ks = [rng.standard_normal((KVH, n, d)) for n in lens]
+        vs = [rng.standard_normal((KVH, n, d)) for n in lens]
+        got = decode_kernel(q, ks, vs, H, KVH, d, 0.125)
+        err = max(np.abs(reference(q[i][None, :, None], ks[i][None], vs[i][None], False, 0, 0.125)[0, 0] - got[i]).max()
+                  for i in range(len(lens)))
+        print(f"decode heads {H}/{KVH} d {d} lengths {lens}: max error {err:.1e}")
+        worst = max(worst, err)
+    if not worst < 1e-9:
+        sys.exit(f"emulation differs from plain attention by {worst}")
+
+
+if __name__ == "__main__":
+    main()
