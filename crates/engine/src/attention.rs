@@ -20,7 +20,11 @@
 //! Off the CPU's f32 path ([`device_attention`]: GPUs, and bf16/f16 on the CPU) the scores are
 //! materialised by two batched matmuls around [`ScaledSoftmax`], which applies the scale and the
 //! causal mask inside the softmax (on CUDA: `kernels/scaled_softmax.cu`, one pass over the
-//! scores instead of a scaled copy, a mask tensor, a masked copy and the softmax).
+//! scores instead of a scaled copy, a mask tensor, a masked copy and the softmax). On CUDA two
+//! fused kernels take over where they apply ([`DeviceAttention::Fused`], the default):
+//! [`FlashAttention`] (`kernels/flash_attention.cu`) for bf16/f16 prompts, whose scores never
+//! reach memory, and [`DecodeAttention`] (`kernels/decode_attention.cu`) for decode rows, every
+//! sequence of a batched step in one launch. FLOPs are counted the same whichever kernel runs.
 //! [`reference_attention`] stays the plain composition of candle ops both are tested against.
 
 use crate::nn::Ctx;
@@ -591,9 +595,16 @@ fn cuda_decode_applies(q: &Tensor, kvs: &[(Tensor, Tensor)], d: usize) -> bool {
         && device_attention_kernel() == DeviceAttention::Fused
         && d.is_multiple_of(2)
         && d <= 256
-        && kvs
-            .iter()
-            .all(|(k, v)| k.dtype() == q.dtype() && v.dtype() == q.dtype())
+        && kvs.iter().all(|(k, v)| {
+            // The kernel reads element pairs: rows contiguous, strides and offsets even.
+            [k, v].iter().all(|t| {
+                let (st, offset) = (t.stride(), t.layout().start_offset());
+                t.dtype() == q.dtype()
+                    && t.rank() == 4
+                    && st[3] == 1
+                    && [st[1], st[2], offset].iter().all(|s| s.is_multiple_of(2))
+            })
+        })
 }
 
 /// One decode row per (sequence, head) by `kernels/decode_attention.cu`: the op's input is `q`
