@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use std::time::Instant;
 use vvlm_cost::{Component, FlopCounter};
-use vvlm_engine::attention::{attention, Masking};
+use vvlm_engine::attention::{attention, decode_attention_batch, Masking};
 
 /// One kernel compared with the CPU.
 #[derive(Debug, Serialize)]
@@ -156,6 +156,32 @@ pub fn run(p: &Placement) -> Result<Report> {
         let got = attention(&b(&q)?, &b(&k)?, &b(&v)?, 0.125, m, &ctx)?;
         compare(&cpu, &got.to_dtype(DType::F32)?, false)
     });
+    // A decode step of three sequences (1, 40 and 300 cached positions; on a GPU
+    // kernels/decode_attention.cu, all three in one launch) against the CPU's decode kernel.
+    check("attention_decode_batch", 2e-2, false, &|| {
+        let flops = FlopCounter::new();
+        let ctxs: Vec<_> = (0..3)
+            .map(|_| vvlm_engine::Ctx::new(&flops, Component::LmDecode))
+            .collect();
+        let r = |s: (usize, usize, usize, usize), std: f32| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, std, s, &Device::Cpu)?
+                .to_dtype(DType::BF16)?
+                .to_dtype(DType::F32)?)
+        };
+        let q = r((1, 8, 3, 64), 0.5)?;
+        let kvs = [1usize, 40, 300]
+            .iter()
+            .map(|&n| Ok((r((1, 2, n, 64), 1.0)?, r((1, 2, n, 64), 1.0)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let cpu = decode_attention_batch(&q, &kvs, 0.125, &ctxs)?;
+        let b = |t: &Tensor| -> Result<Tensor> { Ok(to(&t.to_dtype(DType::BF16)?)?) };
+        let dkvs = kvs
+            .iter()
+            .map(|(k, v)| Ok((b(k)?, b(v)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let got = decode_attention_batch(&b(&q)?, &dkvs, 0.125, &ctxs)?;
+        compare(&cpu, &got.to_dtype(DType::F32)?, false)
+    });
     let ok = checks.iter().all(|c| c.ok);
     Ok(Report {
         device: p.device.clone(),
@@ -197,7 +223,8 @@ mod tests {
                 "bilinear_pool_kernel",
                 "scaled_softmax_kernel",
                 "attention_causal",
-                "attention_bf16_prompt"
+                "attention_bf16_prompt",
+                "attention_decode_batch"
             ]
         );
         assert!(r.ok, "{r:?}");

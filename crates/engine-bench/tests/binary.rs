@@ -22,7 +22,7 @@ fn smoke_on_the_cpu_prints_a_passing_report() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["ok"], true);
     assert_eq!(r["device"], "cpu");
-    assert_eq!(r["checks"].as_array().unwrap().len(), 6);
+    assert_eq!(r["checks"].as_array().unwrap().len(), 7);
 }
 
 #[test]
