@@ -13,6 +13,7 @@ const KERNELS: &[&str] = &[
     "scaled_softmax",
     "flash_attention",
     "decode_attention",
+    "kv_append",
 ];
 
 fn main() {

@@ -334,6 +334,123 @@ fn launch_decode<T: CudaDType + DeviceRepr>(
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
+/// PTX of `kernels/kv_append.cu`.
+pub const KV_APPEND_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kv_append.ptx"));
+
+/// One cache buffer pair a batched append writes into: keys and values `[1, kv_heads, cap, d]`
+/// (this device, k's dtype, last stride 1) and the position written.
+pub struct AppendSlot<'a> {
+    pub k: &'a candle_core::Tensor,
+    pub v: &'a candle_core::Tensor,
+    pub pos: usize,
+}
+
+/// Writes row `i` of `k`/`v` (`[1, kv_heads, B, d]`, contiguous) at position `dst[i].pos` of
+/// sequence `i`'s cache buffers, all sequences in one launch (`kernels/kv_append.cu`). The
+/// caller owns the buffers exclusively (nothing else reads or writes them during the call) and
+/// has made room (`pos` < capacity).
+pub fn kv_append(
+    k: &candle_core::Tensor,
+    v: &candle_core::Tensor,
+    dst: &[AppendSlot<'_>],
+) -> Result<()> {
+    let (one, kv_heads, b, d) = k.dims4()?;
+    if one != 1 || v.dims4()? != (1, kv_heads, b, d) || dst.len() != b || b == 0 {
+        candle_core::bail!(
+            "kv-append: rows {:?} / {:?} for {} caches",
+            k.dims(),
+            v.dims(),
+            dst.len()
+        );
+    }
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    match k.dtype() {
+        DType::F32 => launch_kv_append::<f32>(&k, &v, dst, "kv_append_f32", (b, kv_heads, d)),
+        DType::BF16 => {
+            launch_kv_append::<half::bf16>(&k, &v, dst, "kv_append_bf16", (b, kv_heads, d))
+        }
+        DType::F16 => launch_kv_append::<half::f16>(&k, &v, dst, "kv_append_f16", (b, kv_heads, d)),
+        dt => candle_core::bail!("kv-append: unsupported dtype {dt:?}"),
+    }
+}
+
+fn launch_kv_append<T: CudaDType + DeviceRepr>(
+    k: &candle_core::Tensor,
+    v: &candle_core::Tensor,
+    dst: &[AppendSlot<'_>],
+    kernel: &str,
+    (b, kv_heads, d): (usize, usize, usize),
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    use candle_core::Storage;
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Storage::Cuda(kc), Storage::Cuda(vc)) = (&*ks, &*vs) else {
+        candle_core::bail!("kv-append: rows not on the GPU");
+    };
+    let dev = kc.device();
+    let stream = dev.cuda_stream();
+    let guards: Vec<_> = dst
+        .iter()
+        .map(|s| (s.k.storage_and_layout(), s.v.storage_and_layout(), s.pos))
+        .collect();
+    let (mut k_ptrs, mut v_ptrs) = (Vec::with_capacity(b), Vec::with_capacity(b));
+    let (mut strides, mut pos) = (Vec::with_capacity(4 * b), Vec::with_capacity(b));
+    let mut syncs = Vec::with_capacity(2 * b);
+    for ((dks, dkl), (dvs, dvl), p) in &guards {
+        for (layout, storage, ptrs) in [(dkl, dks, &mut k_ptrs), (dvl, dvs, &mut v_ptrs)] {
+            let (one, h, cap, dd) = layout.shape().dims4()?;
+            let st = layout.stride();
+            if one != 1 || h != kv_heads || dd != d || *p >= cap || st[3] != 1 {
+                candle_core::bail!(
+                    "kv-append: cache {:?} (strides {st:?}) for position {p}",
+                    layout.dims()
+                );
+            }
+            let Storage::Cuda(c) = &**storage else {
+                candle_core::bail!("kv-append: a cache is not on the GPU");
+            };
+            // The buffer is written through a pointer taken under a read lock: the caller owns
+            // it exclusively (see above), as candle's own in-place `slice_set` assumes.
+            let (ptr, sync) = c.as_cuda_slice::<T>()?.device_ptr(&stream);
+            ptrs.push(ptr + (layout.start_offset() * std::mem::size_of::<T>()) as u64);
+            syncs.push(sync);
+            strides.push(st[1] as i64);
+            strides.push(st[2] as i64);
+        }
+        pos.push(
+            i32::try_from(*p)
+                .map_err(|_| candle_core::Error::Msg(format!("kv-append: position {p}")))?,
+        );
+    }
+    // strides was filled k head, k row, v head, v row per sequence.
+    let k_dev = dev.clone_htod(&k_ptrs)?;
+    let v_dev = dev.clone_htod(&v_ptrs)?;
+    let strides_dev = dev.clone_htod(&strides)?;
+    let pos_dev = dev.clone_htod(&pos)?;
+    let kq = kc.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
+    let vq = vc.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
+    let func = dev.get_or_load_custom_func(kernel, "vvlm_kv_append", KV_APPEND_PTX)?;
+    let (b_i, h_i, d_i) = (b as i32, kv_heads as i32, d as i32);
+    let mut bld = func.builder();
+    bld.arg(&kq);
+    bld.arg(&vq);
+    bld.arg(&k_dev);
+    bld.arg(&v_dev);
+    bld.arg(&strides_dev);
+    bld.arg(&pos_dev);
+    bld.arg(&b_i);
+    bld.arg(&h_i);
+    bld.arg(&d_i);
+    // SAFETY: the kernel's signature is (const T*, const T*, const u64*, const u64*, const i64*,
+    // const int*, int, int, int), matched above; the rows hold kv_heads·b·d elements; each
+    // destination holds position `pos[i]` (checked below its capacity) at the strides passed.
+    unsafe { bld.launch(LaunchConfig::for_num_elems((b * kv_heads * d) as u32)) }.w()?;
+    drop(syncs);
+    drop(guards);
+    Ok(())
+}
+
 /// Softmax of `scale · x` over the last dimension with the causal mask inside (see
 /// [`crate::attention::ScaledSoftmax`], its CPU reference), f32/bf16/f16, one block per row.
 pub fn scaled_softmax(

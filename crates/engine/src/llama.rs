@@ -148,27 +148,43 @@ struct LayerCache {
 const INITIAL_CAPACITY: usize = 256;
 
 impl LayerCache {
-    /// Appends `k`, `v` (`[b, kv_heads, n, d]`) and returns views of everything cached.
-    fn append(slot: &mut Option<LayerCache>, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let n = k.dim(2)?;
+    /// Makes room for `n` more positions of rows shaped like `k` (`[b, kv_heads, _, d]`, its
+    /// dtype and device): a new buffer holding the filled positions when they do not fit (so a
+    /// cache continuing from a snapshot, whose buffers are exactly full, never writes into it).
+    fn reserve(slot: &mut Option<LayerCache>, k: &Tensor, n: usize) -> Result<()> {
         let len = slot.as_ref().map_or(0, |c| c.len);
         let cap = slot.as_ref().map_or(0, |c| c.k.dim(2).unwrap_or(0));
         if len + n > cap {
             let new_cap = (len + n).max(2 * cap).max(INITIAL_CAPACITY);
             let (b, h, _, d) = k.dims4()?;
             let nk = Tensor::zeros((b, h, new_cap, d), k.dtype(), k.device())?;
-            let nv = Tensor::zeros((b, h, new_cap, d), v.dtype(), v.device())?;
+            let nv = Tensor::zeros((b, h, new_cap, d), k.dtype(), k.device())?;
             if let Some(old) = slot.as_ref() {
                 nk.slice_set(&old.k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
                 nv.slice_set(&old.v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
             }
             *slot = Some(LayerCache { k: nk, v: nv, len });
         }
-        let c = slot.as_mut().expect("allocated above");
-        c.k.slice_set(&k.contiguous()?, 2, len)?;
-        c.v.slice_set(&v.contiguous()?, 2, len)?;
-        c.len = len + n;
-        Ok((c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?))
+        Ok(())
+    }
+
+    /// Views of everything cached.
+    fn views(&self) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.k.narrow(2, 0, self.len)?,
+            self.v.narrow(2, 0, self.len)?,
+        ))
+    }
+
+    /// Appends `k`, `v` (`[b, kv_heads, n, d]`) and returns views of everything cached.
+    fn append(slot: &mut Option<LayerCache>, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = k.dim(2)?;
+        Self::reserve(slot, k, n)?;
+        let c = slot.as_mut().expect("allocated by reserve");
+        c.k.slice_set(&k.contiguous()?, 2, c.len)?;
+        c.v.slice_set(&v.contiguous()?, 2, c.len)?;
+        c.len += n;
+        c.views()
     }
 }
 
@@ -243,6 +259,59 @@ impl KvCache {
             }
             _ => LayerCache::append(slot, k, v),
         }
+    }
+
+    /// One decode step's new position of every sequence at layer `layer`: row `i` of `k`/`v`
+    /// (`[1, kv_heads, B, d]`) appended to `caches[i]`, as [`Self::append`] would one by one;
+    /// returns each sequence's views of everything cached. On CUDA, where every cache stores
+    /// the rows' dtype, all sequences are written by one launch (`kernels/kv_append.cu`)
+    /// instead of two copies each.
+    fn append_rows(
+        caches: &mut [&mut KvCache],
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
+        #[cfg(feature = "cuda")]
+        if k.device().is_cuda()
+            && matches!(k.dtype(), DType::F32 | DType::BF16 | DType::F16)
+            && caches
+                .iter()
+                .all(|c| c.dtype.is_none_or(|dt| dt == k.dtype()))
+        {
+            let row = k.narrow(2, 0, 1)?;
+            for c in caches.iter_mut() {
+                LayerCache::reserve(&mut c.layers[layer], &row, 1)?;
+            }
+            {
+                let filled: Vec<&LayerCache> = caches
+                    .iter()
+                    .map(|c| c.layers[layer].as_ref().expect("reserved above"))
+                    .collect();
+                let slots: Vec<crate::cuda::AppendSlot> = filled
+                    .iter()
+                    .map(|c| crate::cuda::AppendSlot {
+                        k: &c.k,
+                        v: &c.v,
+                        pos: c.len,
+                    })
+                    .collect();
+                crate::cuda::kv_append(k, v, &slots)?;
+            }
+            return caches
+                .iter_mut()
+                .map(|c| {
+                    let lc = c.layers[layer].as_mut().expect("reserved above");
+                    lc.len += 1;
+                    lc.views()
+                })
+                .collect();
+        }
+        caches
+            .iter_mut()
+            .enumerate()
+            .map(|(i, cache)| cache.append(layer, &k.narrow(2, i, 1)?, &v.narrow(2, i, 1)?))
+            .collect()
     }
 
     /// Bytes of the buffers (capacity, not only the filled positions).
@@ -756,17 +825,21 @@ impl Block {
             (q, k, v, 2)
         };
         let scale = (a.head_dim as f64).powf(-0.5);
-        let kvs = caches
-            .iter_mut()
-            .enumerate()
-            .map(|(i, cache)| {
-                cache.append(
-                    layer,
-                    &k.narrow(seq_axis, i, 1)?,
-                    &v.narrow(seq_axis, i, 1)?,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let kvs = if seq_axis == 2 {
+            KvCache::append_rows(caches, layer, &k, &v)?
+        } else {
+            caches
+                .iter_mut()
+                .enumerate()
+                .map(|(i, cache)| {
+                    cache.append(
+                        layer,
+                        &k.narrow(seq_axis, i, 1)?,
+                        &v.narrow(seq_axis, i, 1)?,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
         // [B, 1, heads·d], each row as its sequence's own decode step computes it.
         let o = crate::attention::decode_attention_batch(&q, &kvs, scale, ctxs)?;
         let o = a.o.forward_rows(&o, ctxs)?;
