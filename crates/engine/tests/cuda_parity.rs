@@ -11,7 +11,8 @@
 //! - attention through candle's CUDA ops and that kernel against the fused CPU kernel;
 //! - the flash attention kernel (bf16/f16 prompts) and the batched decode attention kernel
 //!   against the CPU's kernels and the unfused GPU path;
-//! - the trained suite rung answering on the GPU as on the CPU, alone and in a batch.
+//! - the trained suite rung answering on the GPU as on the CPU, alone and in a batch (the
+//!   batch through the decode attention and KV append kernels), and batched = alone in bf16.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
@@ -282,20 +283,20 @@ fn the_suite_rung_answers_on_the_gpu_as_on_the_cpu_alone_and_batched() {
     use vvlm_engine::batch::{Batch, Join};
     use vvlm_engine::{FrameData, GenerateRequest, SamplingParams, VisualInput};
     let ckpt = common::repo_root().join("models/ladder/suite-m");
-    let load = |device: Device| {
+    let load = |device: Device, dtype: DType| {
         Arc::new(
             VideoVlm::load(
                 &ckpt,
                 &LoadOptions {
                     device,
-                    dtype: DType::F32,
+                    dtype,
                     ..LoadOptions::default()
                 },
             )
             .unwrap(),
         )
     };
-    let (cpu, gpu_m) = (load(Device::Cpu), load(gpu()));
+    let (cpu, gpu_m) = (load(Device::Cpu, DType::F32), load(gpu(), DType::F32));
     let size = cpu.cfg.vision_config.image_size;
     let frames = 4;
     let pixels: Vec<f32> = (0..frames * 3 * size * size)
@@ -328,32 +329,38 @@ fn the_suite_rung_answers_on_the_gpu_as_on_the_cpu_alone_and_batched() {
     for q in questions {
         assert_eq!(alone(&gpu_m, q), alone(&cpu, q), "{q}: GPU vs CPU");
     }
-    let (tokens, _) = gpu_m
-        .encode_visual(visual, 2, &FlopCounter::new(), None)
-        .unwrap();
-    let mut batch = Batch::default();
-    for (i, q) in questions.iter().enumerate() {
-        let j = Join {
-            vlm: gpu_m.clone(),
-            system: None,
-            prompt: q.to_string(),
-            sampling: sampling.clone(),
-            flops: Arc::new(FlopCounter::new()),
-            cancel: Arc::new(AtomicBool::new(false)),
-        };
-        batch.join(i as u64, j, tokens.as_ref(), None).unwrap();
-    }
-    let mut out = std::collections::BTreeMap::new();
-    while !batch.is_empty() {
-        for (t, r) in batch.step(&mut |_, _| true) {
-            out.insert(t, r.unwrap().token_ids);
+    // Batched on the GPU (the decode attention and KV append kernels; in bf16 also the flash
+    // kernel for the prompts) equals each question alone on the GPU, in f32 and in bf16.
+    let gpu_bf16 = load(gpu(), DType::BF16);
+    for m in [&gpu_m, &gpu_bf16] {
+        let (tokens, _) = m
+            .encode_visual(visual, 2, &FlopCounter::new(), None)
+            .unwrap();
+        let mut batch = Batch::default();
+        for (i, q) in questions.iter().enumerate() {
+            let j = Join {
+                vlm: m.clone(),
+                system: None,
+                prompt: q.to_string(),
+                sampling: sampling.clone(),
+                flops: Arc::new(FlopCounter::new()),
+                cancel: Arc::new(AtomicBool::new(false)),
+            };
+            batch.join(i as u64, j, tokens.as_ref(), None).unwrap();
         }
-    }
-    for (i, q) in questions.iter().enumerate() {
-        assert_eq!(
-            out[&(i as u64)],
-            alone(&gpu_m, q),
-            "{q}: batched vs alone on the GPU"
-        );
+        let mut out = std::collections::BTreeMap::new();
+        while !batch.is_empty() {
+            for (t, r) in batch.step(&mut |_, _| true) {
+                out.insert(t, r.unwrap().token_ids);
+            }
+        }
+        for (i, q) in questions.iter().enumerate() {
+            assert_eq!(
+                out[&(i as u64)],
+                alone(m, q),
+                "{q}: batched vs alone on the GPU ({:?})",
+                m.dtype
+            );
+        }
     }
 }
