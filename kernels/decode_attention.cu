@@ -10,9 +10,11 @@
 // sum (online softmax, log2 domain). The 8 partial results are merged through shared memory:
 //   M = max_w m_w;  out = sum_w 2^(m_w - M) o_w / sum_w 2^(m_w - M) l_w.
 //
-// q, out: [B, heads, d] contiguous. k_ptrs[i], v_ptrs[i]: sequence i's keys and values (element
-// type T), head hk's row j at ptr + hk * head_stride + j * row_stride with strides[i] = {k head,
-// k row, v head, v row} (elements). Head h reads kv head h / (heads / kv_heads). d even, <= 256.
+// q, out: [B, heads, d] contiguous. meta[7 i .. 7 i + 7] = {k pointer, v pointer, k head stride,
+// k row stride, v head stride, v row stride, len}: sequence i's keys and values (element type T),
+// head hk's row j at pointer + hk * head stride + j * row stride (elements), `len` rows (one
+// array for the whole batch: one host-to-device copy). Head h reads kv head h / (heads /
+// kv_heads). d even, <= 256.
 //
 // CPU reference: `vvlm_engine::attention::decode_attention_batch`'s CPU kernel (and
 // `reference_attention`); crates/engine/tests/cuda_parity.rs compares them on a GPU.
@@ -36,19 +38,18 @@ __device__ __forceinline__ void store1(__half* p, float v) { *p = __float2half(v
 
 template <typename T>
 __device__ void decode_attention(
-    const T* __restrict__ q, T* __restrict__ out,
-    const unsigned long long* __restrict__ k_ptrs, const unsigned long long* __restrict__ v_ptrs,
-    const long long* __restrict__ strides, const int* __restrict__ lens,
+    const T* __restrict__ q, T* __restrict__ out, const long long* __restrict__ meta,
     int heads, int kv_heads, int d, float scale_log2) {
     __shared__ float part_m[WARPS], part_l[WARPS];
     __shared__ float part_o[WARPS][MAX_D];
     const int h = blockIdx.x, i = blockIdx.y;
     const int hk = h / (heads / kv_heads);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int len = lens[i];
-    const T* k = reinterpret_cast<const T*>(k_ptrs[i]) + hk * strides[4 * i];
-    const T* v = reinterpret_cast<const T*>(v_ptrs[i]) + hk * strides[4 * i + 2];
-    const long long k_row = strides[4 * i + 1], v_row = strides[4 * i + 3];
+    const long long* m_i = meta + 7 * i;
+    const int len = (int)m_i[6];
+    const T* k = reinterpret_cast<const T*>(m_i[0]) + hk * m_i[2];
+    const T* v = reinterpret_cast<const T*>(m_i[1]) + hk * m_i[4];
+    const long long k_row = m_i[3], v_row = m_i[5];
     const T* qh = q + ((long long)i * heads + h) * d;
 
     float2 qv[PAIRS], o[PAIRS];
@@ -127,10 +128,9 @@ __device__ void decode_attention(
 
 #define DECODE_ATTENTION(NAME, T)                                                                   \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                                  \
-        const T* q, T* out, const unsigned long long* k_ptrs, const unsigned long long* v_ptrs,     \
-        const long long* strides, const int* lens, int heads, int kv_heads, int d,                  \
+        const T* q, T* out, const long long* meta, int heads, int kv_heads, int d,                  \
         float scale_log2) {                                                                         \
-        decode_attention<T>(q, out, k_ptrs, v_ptrs, strides, lens, heads, kv_heads, d, scale_log2); \
+        decode_attention<T>(q, out, meta, heads, kv_heads, d, scale_log2);                          \
     }
 
 DECODE_ATTENTION(decode_attention_f32, float)

@@ -3,9 +3,10 @@
 // launches a step). Thread per element of the new rows.
 //
 // k, v: the step's new rows, [kv_heads, b, d] contiguous (the batch laid out as the time axis).
-// k_dst[i], v_dst[i]: sequence i's cache buffers (element type T); element (head h, position p,
-// column c) at dst + h * head_stride + p * row_stride + c, strides[i] = {k head, k row, v head,
-// v row}; pos[i]: the position written (the cache's length before the step).
+// meta[7 i .. 7 i + 7] = {k pointer, v pointer, k head stride, k row stride, v head stride, v row
+// stride, position}: sequence i's cache buffers (element type T), element (head h, position p,
+// column c) at pointer + h * head stride + p * row stride + c; the position written (the cache's
+// length before the step). One array for the whole batch: one host-to-device copy.
 //
 // CPU reference: `KvCache::append` (candle's slice_set); crates/engine/tests/cuda_parity.rs
 // checks batched decoding, which appends through this kernel on a GPU, against the CPU.
@@ -14,26 +15,24 @@
 
 template <typename T>
 __device__ void kv_append(const T* __restrict__ k, const T* __restrict__ v,
-                          const unsigned long long* __restrict__ k_dst, const unsigned long long* __restrict__ v_dst,
-                          const long long* __restrict__ strides, const int* __restrict__ pos,
-                          int b, int kv_heads, int d) {
+                          const long long* __restrict__ meta, int b, int kv_heads, int d) {
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long total = (long long)kv_heads * b * d;
     if (idx >= total) return;
     const int c = (int)(idx % d);
     const long long row = idx / d;
     const int i = (int)(row % b), h = (int)(row / b);
-    T* kd = reinterpret_cast<T*>(k_dst[i]) + h * strides[4 * i] + (long long)pos[i] * strides[4 * i + 1] + c;
-    T* vd = reinterpret_cast<T*>(v_dst[i]) + h * strides[4 * i + 2] + (long long)pos[i] * strides[4 * i + 3] + c;
+    const long long* m_i = meta + 7 * i;
+    T* kd = reinterpret_cast<T*>(m_i[0]) + h * m_i[2] + m_i[6] * m_i[3] + c;
+    T* vd = reinterpret_cast<T*>(m_i[1]) + h * m_i[4] + m_i[6] * m_i[5] + c;
     *kd = k[idx];
     *vd = v[idx];
 }
 
 #define KV_APPEND(NAME, T)                                                                              \
-    extern "C" __global__ void NAME(const T* k, const T* v, const unsigned long long* k_dst,            \
-                                    const unsigned long long* v_dst, const long long* strides,          \
-                                    const int* pos, int b, int kv_heads, int d) {                       \
-        kv_append<T>(k, v, k_dst, v_dst, strides, pos, b, kv_heads, d);                                 \
+    extern "C" __global__ void NAME(const T* k, const T* v, const long long* meta, int b, int kv_heads, \
+                                    int d) {                                                            \
+        kv_append<T>(k, v, meta, b, kv_heads, d);                                                       \
     }
 
 KV_APPEND(kv_append_f32, float)

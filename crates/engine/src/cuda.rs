@@ -237,6 +237,53 @@ pub fn decode_attention(
     .map(|out| (out, Shape::from((b, heads, d))))
 }
 
+/// Per sequence, what the batched cache kernels read: `[k pointer, v pointer, k head stride, k
+/// row stride, v head stride, v row stride, n]` (elements; `n` the cached length for decode
+/// attention, the position written for an append), one array for the whole batch so that one
+/// host-to-device copy carries it.
+const CACHE_META: usize = 7;
+
+/// One sequence's cache as [`cache_meta`] reads it: keys' and values' storages and layouts
+/// (`[1, kv_heads, _, d]`, last stride 1, checked by the caller) and `n`.
+type CacheRef<'a> = (
+    &'a candle_core::Storage,
+    &'a Layout,
+    &'a candle_core::Storage,
+    &'a Layout,
+    usize,
+);
+
+/// The [`CACHE_META`] array of `caches` on the device, and the guards that order the kernel's
+/// accesses after earlier writes (drop them after the launch is queued).
+fn cache_meta<'a, T: CudaDType + DeviceRepr + 'a>(
+    dev: &candle_core::CudaDevice,
+    stream: &'a candle_core::cuda_backend::cudarc::driver::CudaStream,
+    caches: &[CacheRef<'a>],
+    what: &str,
+) -> Result<(
+    candle_core::cuda_backend::cudarc::driver::CudaSlice<i64>,
+    Vec<candle_core::cuda_backend::cudarc::driver::SyncOnDrop<'a>>,
+)> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let mut meta = Vec::with_capacity(CACHE_META * caches.len());
+    let mut syncs = Vec::with_capacity(2 * caches.len());
+    for &(ks, kl, vs, vl, n) in caches {
+        for (storage, layout) in [(ks, kl), (vs, vl)] {
+            let candle_core::Storage::Cuda(c) = storage else {
+                candle_core::bail!("{what}: a cache is not on the GPU");
+            };
+            let (ptr, sync) = c.as_cuda_slice::<T>()?.device_ptr(stream);
+            meta.push((ptr + (layout.start_offset() * std::mem::size_of::<T>()) as u64) as i64);
+            syncs.push(sync);
+        }
+        for l in [kl, vl] {
+            meta.extend([l.stride()[1] as i64, l.stride()[2] as i64]);
+        }
+        meta.push(n as i64);
+    }
+    Ok((dev.clone_htod(&meta)?, syncs))
+}
+
 fn launch_decode<T: CudaDType + DeviceRepr>(
     q: &CudaStorage,
     (start, end): (usize, usize),
@@ -245,7 +292,6 @@ fn launch_decode<T: CudaDType + DeviceRepr>(
     kernel: &str,
     scale: f32,
 ) -> Result<CudaStorage> {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let dev = q.device();
     let stream = dev.cuda_stream();
     // Every cache's storage read-locked until the launch is queued.
@@ -254,9 +300,7 @@ fn launch_decode<T: CudaDType + DeviceRepr>(
         .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()))
         .collect();
     let mut kv_heads = None;
-    let (mut lens, mut strides) = (Vec::with_capacity(b), Vec::with_capacity(4 * b));
-    let (mut k_ptrs, mut v_ptrs) = (Vec::with_capacity(b), Vec::with_capacity(b));
-    let mut syncs = Vec::with_capacity(2 * b);
+    let mut caches: Vec<CacheRef> = Vec::with_capacity(b);
     for ((ks, kl), (vs, vl)) in &guards {
         let (one, kvh, len, kd) = kl.shape().dims4()?;
         if one != 1 || kd != d || vl.shape().dims4()? != (1, kvh, len, d) || len == 0 {
@@ -270,37 +314,25 @@ fn launch_decode<T: CudaDType + DeviceRepr>(
             candle_core::bail!("decode-attention: {heads} heads on {kvh} kv heads");
         }
         kv_heads = Some(kvh);
-        for l in [kl, vl] {
+        for l in [*kl, *vl] {
             let st = l.stride();
-            if st[3] != 1 || st[1] % 2 != 0 || st[2] % 2 != 0 || l.start_offset() % 2 != 0 {
+            let even = [st[1], st[2], l.start_offset()]
+                .iter()
+                .all(|s| s.is_multiple_of(2));
+            if st[3] != 1 || !even {
                 candle_core::bail!("decode-attention: cache strides {st:?} (even, last 1)");
             }
-            strides.push(st[1] as i64);
-            strides.push(st[2] as i64);
         }
-        let len = i32::try_from(len)
-            .map_err(|_| candle_core::Error::Msg(format!("decode-attention: {len} positions")))?;
-        lens.push(len);
-        for ((storage, layout), ptrs) in [(ks, kl), (vs, vl)]
-            .into_iter()
-            .zip([&mut k_ptrs, &mut v_ptrs])
-        {
-            let candle_core::Storage::Cuda(c) = &**storage else {
-                candle_core::bail!("decode-attention: a cache is not on the GPU");
-            };
-            let (ptr, sync) = c.as_cuda_slice::<T>()?.device_ptr(&stream);
-            ptrs.push(ptr + (layout.start_offset() * std::mem::size_of::<T>()) as u64);
-            syncs.push(sync);
+        if len > i32::MAX as usize {
+            candle_core::bail!("decode-attention: {len} positions");
         }
+        caches.push((&**ks, *kl, &**vs, *vl, len));
     }
     let kv_heads = kv_heads.unwrap_or(1);
     if heads > 65_535 || b > 65_535 {
         candle_core::bail!("decode-attention: {heads} heads x {b} sequences exceed one grid");
     }
-    let k_dev = dev.clone_htod(&k_ptrs)?;
-    let v_dev = dev.clone_htod(&v_ptrs)?;
-    let strides_dev = dev.clone_htod(&strides)?;
-    let lens_dev = dev.clone_htod(&lens)?;
+    let (meta, syncs) = cache_meta::<T>(dev, &stream, &caches, "decode-attention")?;
     let qs = q.as_cuda_slice::<T>()?.slice(start..end);
     let func =
         dev.get_or_load_custom_func(kernel, "vvlm_decode_attention", DECODE_ATTENTION_PTX)?;
@@ -311,10 +343,7 @@ fn launch_decode<T: CudaDType + DeviceRepr>(
     let mut bld = func.builder();
     bld.arg(&qs);
     bld.arg(&out);
-    bld.arg(&k_dev);
-    bld.arg(&v_dev);
-    bld.arg(&strides_dev);
-    bld.arg(&lens_dev);
+    bld.arg(&meta);
     bld.arg(&heads_i);
     bld.arg(&kv_heads_i);
     bld.arg(&d_i);
@@ -324,10 +353,9 @@ fn launch_decode<T: CudaDType + DeviceRepr>(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the kernel's signature is (const T*, T*, const u64*, const u64*, const i64*,
-    // const int*, int, int, int, float), matched above; each pointer addresses a live cache
-    // (read-locked in `guards`) of `lens[i]` rows at the strides passed, checked above; `out`
-    // holds b·heads·d elements.
+    // SAFETY: the kernel's signature is (const T*, T*, const i64*, int, int, int, float),
+    // matched above; `meta` addresses each live cache (read-locked in `guards`) of `len` rows at
+    // the strides checked above; `out` holds b·heads·d elements.
     unsafe { bld.launch(cfg) }.w()?;
     drop(syncs);
     drop(guards);
@@ -381,7 +409,6 @@ fn launch_kv_append<T: CudaDType + DeviceRepr>(
     kernel: &str,
     (b, kv_heads, d): (usize, usize, usize),
 ) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     use candle_core::Storage;
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
@@ -394,11 +421,9 @@ fn launch_kv_append<T: CudaDType + DeviceRepr>(
         .iter()
         .map(|s| (s.k.storage_and_layout(), s.v.storage_and_layout(), s.pos))
         .collect();
-    let (mut k_ptrs, mut v_ptrs) = (Vec::with_capacity(b), Vec::with_capacity(b));
-    let (mut strides, mut pos) = (Vec::with_capacity(4 * b), Vec::with_capacity(b));
-    let mut syncs = Vec::with_capacity(2 * b);
+    let mut caches: Vec<CacheRef> = Vec::with_capacity(b);
     for ((dks, dkl), (dvs, dvl), p) in &guards {
-        for (layout, storage, ptrs) in [(dkl, dks, &mut k_ptrs), (dvl, dvs, &mut v_ptrs)] {
+        for layout in [*dkl, *dvl] {
             let (one, h, cap, dd) = layout.shape().dims4()?;
             let st = layout.stride();
             if one != 1 || h != kv_heads || dd != d || *p >= cap || st[3] != 1 {
@@ -407,27 +432,12 @@ fn launch_kv_append<T: CudaDType + DeviceRepr>(
                     layout.dims()
                 );
             }
-            let Storage::Cuda(c) = &**storage else {
-                candle_core::bail!("kv-append: a cache is not on the GPU");
-            };
-            // The buffer is written through a pointer taken under a read lock: the caller owns
-            // it exclusively (see above), as candle's own in-place `slice_set` assumes.
-            let (ptr, sync) = c.as_cuda_slice::<T>()?.device_ptr(&stream);
-            ptrs.push(ptr + (layout.start_offset() * std::mem::size_of::<T>()) as u64);
-            syncs.push(sync);
-            strides.push(st[1] as i64);
-            strides.push(st[2] as i64);
         }
-        pos.push(
-            i32::try_from(*p)
-                .map_err(|_| candle_core::Error::Msg(format!("kv-append: position {p}")))?,
-        );
+        // The buffers are written through pointers taken under read locks: the caller owns
+        // them exclusively (see `kv_append`), as candle's own in-place `slice_set` assumes.
+        caches.push((&**dks, *dkl, &**dvs, *dvl, *p));
     }
-    // strides was filled k head, k row, v head, v row per sequence.
-    let k_dev = dev.clone_htod(&k_ptrs)?;
-    let v_dev = dev.clone_htod(&v_ptrs)?;
-    let strides_dev = dev.clone_htod(&strides)?;
-    let pos_dev = dev.clone_htod(&pos)?;
+    let (meta, syncs) = cache_meta::<T>(dev, &stream, &caches, "kv-append")?;
     let kq = kc.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
     let vq = vc.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
     let func = dev.get_or_load_custom_func(kernel, "vvlm_kv_append", KV_APPEND_PTX)?;
@@ -435,16 +445,13 @@ fn launch_kv_append<T: CudaDType + DeviceRepr>(
     let mut bld = func.builder();
     bld.arg(&kq);
     bld.arg(&vq);
-    bld.arg(&k_dev);
-    bld.arg(&v_dev);
-    bld.arg(&strides_dev);
-    bld.arg(&pos_dev);
+    bld.arg(&meta);
     bld.arg(&b_i);
     bld.arg(&h_i);
     bld.arg(&d_i);
-    // SAFETY: the kernel's signature is (const T*, const T*, const u64*, const u64*, const i64*,
-    // const int*, int, int, int), matched above; the rows hold kv_heads·b·d elements; each
-    // destination holds position `pos[i]` (checked below its capacity) at the strides passed.
+    // SAFETY: the kernel's signature is (const T*, const T*, const i64*, int, int, int), matched
+    // above; the rows hold kv_heads·b·d elements; each destination holds position `pos` (checked
+    // below its capacity) at the strides in `meta`.
     unsafe { bld.launch(LaunchConfig::for_num_elems((b * kv_heads * d) as u32)) }.w()?;
     drop(syncs);
     drop(guards);
