@@ -8,12 +8,29 @@ layouts (lane = 4 * group + t; A a0..a3 = (group, 2t), (group+8, 2t), (group, 2t
 (group, 2t), (group, 2t+1), (group+8, 2t), (group+8, 2t+1)), multiplies, and scatters D back.
 Values stay f64 (no bf16 rounding): what is checked is where every element goes.
 
-    python3 kernels/emulate.py     # exit 1 if any shape differs from plain attention
+    python3 kernels/emulate.py                   # exit 1 if any shape differs from plain attention
+    python3 kernels/emulate.py --rounding bf16   # the parity tests' shapes with bf16's rounding
+                                                 # (f16 too): the errors their tolerances bound
 
 A transliteration, not the kernels: a change to a kernel needs the same change here.
 """
 import sys
 import numpy as np
+
+# The element type's rounding where the kernels round (P before P.V in flash, every output):
+# identity by default (index checks), bf16 or f16 with --rounding (tolerance checks).
+ROUND = lambda x: x
+
+
+def round_to(dtype):
+    def bf16(x):
+        b = np.asarray(x, dtype=np.float32).view(np.uint32)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000  # nearest, ties to even
+        return b.view(np.float32).astype(np.float64)
+    def f16(x):
+        return np.asarray(x, dtype=np.float16).astype(np.float64)
+    return {"bf16": bf16, "f16": f16}[dtype]
+
 
 # ---- kernels/flash_attention.cu ----
 BM = BN = 64
@@ -111,8 +128,10 @@ def kernel(q, k, v, causal, past, scale, DP):
                                     p = 0.0 if rmax[l][row] == -np.inf else 2.0 ** (s[l][j][e] - rmax[l][row])
                                     s[l][j][e] = p; rsum[l][row] += p
                         for kk in range(BN // 16):
-                            pa = {l: [(s[l][2*kk][0], s[l][2*kk][1]), (s[l][2*kk][2], s[l][2*kk][3]),
-                                      (s[l][2*kk+1][0], s[l][2*kk+1][1]), (s[l][2*kk+1][2], s[l][2*kk+1][3])] for l in range(32)}
+                            R = lambda x: float(ROUND(x))  # Mma<T>::pack
+                            pa = {l: [(R(s[l][2*kk][0]), R(s[l][2*kk][1])), (R(s[l][2*kk][2]), R(s[l][2*kk][3])),
+                                      (R(s[l][2*kk+1][0]), R(s[l][2*kk+1][1])), (R(s[l][2*kk+1][2]), R(s[l][2*kk+1][3]))]
+                                  for l in range(32)}
                             for n in range(DP // 8):
                                 bf = {}
                                 for l in range(32):
@@ -132,8 +151,8 @@ def kernel(q, k, v, causal, past, scale, DP):
                             for n in range(DP // 8):
                                 col = 8*n + 2*t
                                 if col < d:
-                                    out[b, qi[l][row], h, col] = acc[l][n][2*row] * inv
-                                    out[b, qi[l][row], h, col+1] = acc[l][n][2*row+1] * inv
+                                    out[b, qi[l][row], h, col] = ROUND(acc[l][n][2*row] * inv)
+                                    out[b, qi[l][row], h, col+1] = ROUND(acc[l][n][2*row+1] * inv)
     return out
 
 
@@ -178,7 +197,7 @@ def decode_kernel(q, ks, vs, heads, kv_heads, d, scale):
             sc = [0.0 if pm[w] == -np.inf else 2.0 ** (pm[w] - big) for w in range(WARPS)]
             tot = sum(sc[w]*pl[w] for w in range(WARPS))
             for c in range(d):
-                out[i, h, c] = sum(sc[w]*po[w, c] for w in range(WARPS)) / tot
+                out[i, h, c] = ROUND(sum(sc[w]*po[w, c] for w in range(WARPS)) / tot)
     return out
 
 
@@ -196,6 +215,36 @@ def reference(q, k, v, causal, past, scale):
             p = np.exp(s - s.max(1, keepdims=True))
             out[b, :, h] = (p / p.sum(1, keepdims=True)) @ v[b, hk]
     return out
+
+
+def tolerances(dtype):
+    """The parity tests' shapes and inputs (queries N(0, 0.5), keys and values N(0, 1), all
+    rounded to `dtype`) through the kernels with `dtype`'s rounding, against plain attention in
+    f64 on the same rounded inputs: the errors cuda_parity.rs bounds (bf16 2e-2, f16 4e-3)."""
+    global ROUND
+    ROUND = round_to(dtype)
+    rng = np.random.default_rng(7)
+    worst = 0.0
+    for B, H, KVH, QL, past, d, DP, causal in [(1, 2, 2, 16, 0, 64, 64, True), (2, 8, 2, 65, 7, 64, 64, True),
+                                               (1, 4, 1, 200, 300, 128, 128, True), (2, 6, 2, 100, 9, 72, 80, True)]:
+        KL = QL + past
+        q = ROUND(rng.standard_normal((B, H, QL, d)) * 0.5)
+        k = ROUND(rng.standard_normal((B, KVH, KL, d)))
+        v = ROUND(rng.standard_normal((B, KVH, KL, d)))
+        err = np.abs(kernel(q, k, v, causal, past, 0.125, DP) - reference(q, k, v, causal, past, 0.125)).max()
+        print(f"{dtype} flash  heads {H}/{KVH} q {QL} past {past} d {d}: max error {err:.2e}")
+        worst = max(worst, err)
+    for H, KVH, d in [(6, 2, 64), (4, 4, 72), (8, 1, 128)]:
+        lens = [1, 5, 130, 700]
+        q = ROUND(rng.standard_normal((len(lens), H, d)) * 0.5)
+        ks = [ROUND(rng.standard_normal((KVH, n, d))) for n in lens]
+        vs = [ROUND(rng.standard_normal((KVH, n, d))) for n in lens]
+        got = decode_kernel(q, ks, vs, H, KVH, d, 0.125)
+        err = max(np.abs(reference(q[i][None, :, None], ks[i][None], vs[i][None], False, 0, 0.125)[0, 0] - got[i]).max()
+                  for i in range(len(lens)))
+        print(f"{dtype} decode heads {H}/{KVH} d {d} lengths {lens}: max error {err:.2e}")
+        worst = max(worst, err)
+    print(f"{dtype}: worst {worst:.2e}")
 
 
 def main():
@@ -228,4 +277,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--rounding"]:
+        tolerances(sys.argv[2])
+    else:
+        main()
