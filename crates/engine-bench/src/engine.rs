@@ -45,6 +45,12 @@ pub struct EngineArgs {
     /// SmolLM2's KV cache in f16 (the server's `kv_cache_dtype = "f16"`; CPU, f32 LM).
     #[arg(long)]
     pub kv_f16: bool,
+    /// One more pass of the vision tower and of the Llama-1B prefill with per-section timing
+    /// (`vvlm_engine::profile`: each section synchronises the device, so the profiled pass is
+    /// slower than the timed one): ms in matrix products, attention, norms, RoPE, activations
+    /// and the rest, as `vision_profile_ms` / `llama1b_prefill_profile_ms`.
+    #[arg(long)]
+    pub profile: bool,
     /// The device's dense peak at the run's dtype, in TFLOP/s (e.g. 989 for an H100 SXM in
     /// bf16): MFU is reported against it. Default: the measured matmul peak.
     #[arg(long)]
@@ -93,6 +99,36 @@ fn lm_prefill_decode(
         decode_s,
         c.get(Component::LmDecode) as f64,
     ))
+}
+
+/// One more run of `f` with `vvlm_engine::profile` on: ms per section, the rest of the pass as
+/// `other`, the profiled pass's `total`, and each section's call count.
+fn profiled(
+    dev: &candle_core::Device,
+    f: impl FnOnce() -> Result<()>,
+) -> Result<serde_json::Value> {
+    use vvlm_engine::profile;
+    profile::reset();
+    dev.synchronize()?;
+    profile::set_enabled(true);
+    let t = Instant::now();
+    let r = f().and_then(|()| Ok(dev.synchronize()?));
+    let total = t.elapsed().as_secs_f64() * 1e3;
+    profile::set_enabled(false);
+    r?;
+    let mut out = serde_json::Map::new();
+    let mut timed = 0.0;
+    for (section, secs, calls) in profile::totals() {
+        out.insert(section.name().into(), serde_json::json!(secs * 1e3));
+        out.insert(
+            format!("{}_calls", section.name()),
+            serde_json::json!(calls),
+        );
+        timed += secs * 1e3;
+    }
+    out.insert("other".into(), serde_json::json!((total - timed).max(0.0)));
+    out.insert("total".into(), serde_json::json!(total));
+    Ok(serde_json::Value::Object(out))
 }
 
 /// Runs the chosen parts; prints a line per part unless `a.json`; returns the figures.
@@ -158,6 +194,18 @@ pub fn run(a: &EngineArgs) -> Result<serde_json::Value> {
                 100.0 * gf / peak
             );
         }
+        if a.profile {
+            let p = profiled(&dev, || {
+                let px =
+                    Tensor::randn(0f32, 1.0, (frame_batch, 3, 384, 384), &dev)?.to_dtype(dtype)?;
+                vvlm_engine::cpu_pool::run(|| tower.forward(&px, &mut ctx))?;
+                Ok(())
+            })?;
+            if !a.json {
+                println!("  profiled ({frame_batch} frame(s)), ms: {p}");
+            }
+            out["vision_profile_ms"] = p;
+        }
         out["vision_s_per_frame"] = serde_json::json!(s);
         out["vision_gflops"] = serde_json::json!(gf);
         out["vision_frames_per_s"] = serde_json::json!(1.0 / s);
@@ -199,6 +247,25 @@ pub fn run(a: &EngineArgs) -> Result<serde_json::Value> {
                 a.decode as f64 / ds,
                 ds / a.decode as f64
             );
+        }
+        if a.profile {
+            let ids: Vec<u32> = (0..a.prefill as u32)
+                .map(|i| 100 + (i * 7) % 1000)
+                .collect();
+            let p = profiled(&dev, || {
+                vvlm_engine::cpu_pool::run(|| -> Result<()> {
+                    let c = FlopCounter::new();
+                    let mut ctx = vvlm_engine::Ctx::new(&c, Component::LmPrefill);
+                    let mut cache = lm.new_cache();
+                    let h = lm.forward_hidden(&lm.embed(&ids)?, &mut cache, &mut ctx)?;
+                    lm.last_logits(&h, &ctx)?;
+                    Ok(())
+                })
+            })?;
+            if !a.json {
+                println!("  profiled prefill, ms: {p}");
+            }
+            out["llama1b_prefill_profile_ms"] = p;
         }
         out["llama1b_prefill_tok_s"] = serde_json::json!(a.prefill as f64 / ps);
         out["llama1b_prefill_gflops"] = serde_json::json!(pf / ps / 1e9);
@@ -293,4 +360,58 @@ fn proc_status_mib(key: &str) -> Option<f64> {
         .parse()
         .ok()?;
     Some(kib / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profiled_pass_reports_every_section_and_the_rest() {
+        let dev = candle_core::Device::Cpu;
+        let vb = candle_nn::VarBuilder::from_tensors(
+            [
+                (
+                    "weight".to_string(),
+                    Tensor::ones(64, candle_core::DType::F32, &dev).unwrap(),
+                ),
+                (
+                    "bias".to_string(),
+                    Tensor::zeros(64, candle_core::DType::F32, &dev).unwrap(),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+            candle_core::DType::F32,
+            &dev,
+        );
+        let norm = vvlm_engine::nn::LayerNorm::load(vb, 64, 1e-6).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (256, 64), &dev).unwrap();
+        let p = profiled(&dev, || {
+            for _ in 0..3 {
+                norm.forward(&x)?;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            Ok(())
+        })
+        .unwrap();
+        for s in vvlm_engine::profile::Section::ALL {
+            assert!(p[s.name()].as_f64().unwrap() >= 0.0, "{p}");
+        }
+        // Other tests' passes may run while timing is on: lower bounds.
+        assert!(p["norm_calls"].as_u64().unwrap() >= 3, "{p}");
+        let total = p["total"].as_f64().unwrap();
+        assert!(total >= 5.0 && p["other"].as_f64().unwrap() >= 0.0, "{p}");
+        assert!(p["norm"].as_f64().unwrap() <= total, "{p}");
+        // A failing pass is an error, and timing is off again afterwards.
+        assert!(profiled(&dev, || anyhow::bail!("boom")).is_err());
+        vvlm_engine::profile::reset();
+        norm.forward(&x).unwrap();
+        let norm_calls = vvlm_engine::profile::totals()
+            .into_iter()
+            .find(|t| t.0 == vvlm_engine::profile::Section::Norm)
+            .unwrap()
+            .2;
+        assert_eq!(norm_calls, 0);
+    }
 }

@@ -73,7 +73,9 @@ pub fn attention(
     // Scores and the weighted sum of values: `head_dim` multiply-adds per pair each.
     ctx.count_matmul(b * heads, pairs, d, 1);
     ctx.count_matmul(b * heads, pairs, d, 1);
-    uncounted_attention(q, k, v, scale, masking)
+    crate::profile::time(crate::profile::Section::Attention, q.device(), || {
+        uncounted_attention(q, k, v, scale, masking)
+    })
 }
 
 /// [`attention`] without the count (shapes checked by the caller).

@@ -20,6 +20,7 @@ pub mod llama;
 pub mod model;
 pub mod nn;
 pub mod pool;
+pub mod profile;
 pub mod qdot;
 pub mod quant;
 pub mod score;

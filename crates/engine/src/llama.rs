@@ -761,8 +761,12 @@ impl Block {
             part(a.heads, a.kv_heads)?,
             part(a.heads + a.kv_heads, a.kv_heads)?,
         );
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (q, k) = crate::profile::time(crate::profile::Section::Rope, q.device(), || {
+            Ok((
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            ))
+        })?;
         let (k, v) = cache.append(layer, &k, &v)?;
         let o = attention(&q, &k, &v, (a.head_dim as f64).powf(-0.5), masking, ctx)?;
         let o = o.transpose(1, 2)?.reshape((b, len, a.heads * a.head_dim))?;
@@ -807,23 +811,26 @@ impl Block {
         let qkv = a.qkv.forward_rows(&y, ctxs)?;
         // q as [1, heads, B, d] (the batch as the time axis of one sequence, so that row i is
         // rotated at sequence i's own position); k and v with sequence i's rows along `seq_axis`.
-        let (q, k, v, seq_axis) = if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
-            let (q, k, v) =
-                split_rotate_decode_rows(&qkv, cos, sin, a.heads, a.kv_heads, a.head_dim)?;
-            (q, k, v, 0)
-        } else {
-            let heads_view = qkv.reshape((1, b, a.heads + 2 * a.kv_heads, a.head_dim))?;
-            let part = |start: usize, n: usize| -> Result<Tensor> {
-                heads_view
-                    .narrow(2, start, n)?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let q = candle_nn::rotary_emb::rope(&part(0, a.heads)?, cos, sin)?;
-            let k = candle_nn::rotary_emb::rope(&part(a.heads, a.kv_heads)?, cos, sin)?;
-            let v = part(a.heads + a.kv_heads, a.kv_heads)?;
-            (q, k, v, 2)
-        };
+        // (Profiled as RoPE, with the split of the fused product it comes with.)
+        let (q, k, v, seq_axis) =
+            crate::profile::time(crate::profile::Section::Rope, qkv.device(), || {
+                if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+                    let (q, k, v) =
+                        split_rotate_decode_rows(&qkv, cos, sin, a.heads, a.kv_heads, a.head_dim)?;
+                    return Ok((q, k, v, 0));
+                }
+                let heads_view = qkv.reshape((1, b, a.heads + 2 * a.kv_heads, a.head_dim))?;
+                let part = |start: usize, n: usize| -> Result<Tensor> {
+                    heads_view
+                        .narrow(2, start, n)?
+                        .transpose(1, 2)?
+                        .contiguous()
+                };
+                let q = candle_nn::rotary_emb::rope(&part(0, a.heads)?, cos, sin)?;
+                let k = candle_nn::rotary_emb::rope(&part(a.heads, a.kv_heads)?, cos, sin)?;
+                let v = part(a.heads + a.kv_heads, a.kv_heads)?;
+                Ok((q, k, v, 2))
+            })?;
         let scale = (a.head_dim as f64).powf(-0.5);
         let kvs = if seq_axis == 2 {
             KvCache::append_rows(caches, layer, &k, &v)?
@@ -841,7 +848,9 @@ impl Block {
                 .collect::<Result<Vec<_>>>()?
         };
         // [B, 1, heads·d], each row as its sequence's own decode step computes it.
-        let o = crate::attention::decode_attention_batch(&q, &kvs, scale, ctxs)?;
+        let o = crate::profile::time(crate::profile::Section::Attention, q.device(), || {
+            crate::attention::decode_attention_batch(&q, &kvs, scale, ctxs)
+        })?;
         let o = a.o.forward_rows(&o, ctxs)?;
         let x = (x + o)?;
         let y = self.ln2.forward(&x)?;

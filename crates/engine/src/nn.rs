@@ -277,6 +277,12 @@ impl Linear {
     }
 
     fn compute(&self, x: &Tensor, gemv_rows: usize) -> Result<Tensor> {
+        crate::profile::time(crate::profile::Section::Matmul, x.device(), || {
+            self.compute_untimed(x, gemv_rows)
+        })
+    }
+
+    fn compute_untimed(&self, x: &Tensor, gemv_rows: usize) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, self.in_features))?;
@@ -317,7 +323,9 @@ impl LayerNorm {
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
+        crate::profile::time(crate::profile::Section::Norm, x.device(), || {
+            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
+        })
     }
 }
 
@@ -336,6 +344,12 @@ impl RmsNorm {
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::profile::time(crate::profile::Section::Norm, x.device(), || {
+            self.forward_untimed(x)
+        })
+    }
+
+    fn forward_untimed(&self, x: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
         if dt == DType::F32 {
             return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps);
@@ -390,10 +404,12 @@ impl Module for GeluErf {
 /// (Eigen's, accurate to a few ulp in f32): candle's own applies libm's `tanhf` element by element
 /// on one thread, which costs SigLIP so400m more than a second per frame on two cores.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() != DType::F32 || !x.device().is_cpu() {
-        return x.gelu();
-    }
-    x.contiguous()?.apply_op1_no_bwd(&GeluTanhF32)
+    crate::profile::time(crate::profile::Section::Activation, x.device(), || {
+        if x.dtype() != DType::F32 || !x.device().is_cpu() {
+            return x.gelu();
+        }
+        x.contiguous()?.apply_op1_no_bwd(&GeluTanhF32)
+    })
 }
 
 /// Eigen's `generic_fast_tanh_float` rational approximation.
@@ -451,13 +467,19 @@ impl candle_core::CustomOp1 for GeluTanhF32 {
 
 /// SwiGLU on a fused gate/up product `[.., 2i]` (gate first): `silu(gate) * up`, `[.., i]`.
 pub fn swiglu_fused(gate_up: &Tensor) -> Result<Tensor> {
-    let i = gate_up.dim(D::Minus1)? / 2;
-    if gate_up.dtype() != DType::F32 || !gate_up.device().is_cpu() {
-        let g = gate_up.narrow(D::Minus1, 0, i)?;
-        let u = gate_up.narrow(D::Minus1, i, i)?;
-        return candle_nn::ops::silu(&g)? * u;
-    }
-    gate_up.contiguous()?.apply_op1_no_bwd(&SwigluFusedF32)
+    crate::profile::time(
+        crate::profile::Section::Activation,
+        gate_up.device(),
+        || {
+            let i = gate_up.dim(D::Minus1)? / 2;
+            if gate_up.dtype() != DType::F32 || !gate_up.device().is_cpu() {
+                let g = gate_up.narrow(D::Minus1, 0, i)?;
+                let u = gate_up.narrow(D::Minus1, i, i)?;
+                return candle_nn::ops::silu(&g)? * u;
+            }
+            gate_up.contiguous()?.apply_op1_no_bwd(&SwigluFusedF32)
+        },
+    )
 }
 
 struct SwigluFusedF32;

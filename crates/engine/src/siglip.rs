@@ -145,7 +145,9 @@ impl EncoderLayer {
         let y = if self.tanh_gelu {
             crate::nn::gelu_tanh(&y)?
         } else {
-            y.gelu_erf()?
+            crate::profile::time(crate::profile::Section::Activation, y.device(), || {
+                y.gelu_erf()
+            })?
         };
         let y = self.fc2.forward(&y, ctx)?;
         if tap0 {
