@@ -14,6 +14,7 @@ const KERNELS: &[&str] = &[
     "flash_attention",
     "decode_attention",
     "kv_append",
+    "epilogue",
 ];
 
 fn main() {

@@ -458,6 +458,120 @@ fn launch_kv_append<T: CudaDType + DeviceRepr>(
     Ok(())
 }
 
+/// PTX of `kernels/epilogue.cu`.
+pub const EPILOGUE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/epilogue.ptx"));
+
+/// A linear layer's epilogue in one pass (`kernels/epilogue.cu`): `gelu_tanh(y + bias)`, or
+/// with `residual`, `residual + (y + bias)`. `y` (and `residual`, same shape) `[.., cols]`,
+/// `bias` `[cols]`, all contiguous and of one dtype.
+pub fn epilogue(
+    (y, ly): (&CudaStorage, &Layout),
+    (b, lb): (&CudaStorage, &Layout),
+    residual: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    let cols = lb.shape().dims1()?;
+    let n = ly.shape().elem_count();
+    if ly.dims().last() != Some(&cols) || cols == 0 || cols > i32::MAX as usize {
+        candle_core::bail!("epilogue: bias of {cols} for {:?}", ly.dims());
+    }
+    let offsets = |l: &Layout| {
+        l.contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("epilogue: contiguous inputs".into()))
+    };
+    let (ys, bs) = (offsets(ly)?, offsets(lb)?);
+    let rs = match residual {
+        Some((_, lr)) if lr.dims() != ly.dims() => {
+            candle_core::bail!("epilogue: residual {:?} for {:?}", lr.dims(), ly.dims())
+        }
+        Some((_, lr)) => Some(offsets(lr)?),
+        None => None,
+    };
+    let suffix = match y.dtype() {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        dt => candle_core::bail!("epilogue: unsupported dtype {dt:?}"),
+    };
+    let kernel = match residual {
+        Some(_) => format!("bias_residual_{suffix}"),
+        None => format!("bias_gelu_tanh_{suffix}"),
+    };
+    let out = match y.dtype() {
+        DType::F32 => launch_epilogue::<f32>(
+            y,
+            ys,
+            b,
+            bs,
+            residual.map(|(r, _)| r).zip(rs),
+            &kernel,
+            n,
+            cols,
+        )?,
+        DType::BF16 => launch_epilogue::<half::bf16>(
+            y,
+            ys,
+            b,
+            bs,
+            residual.map(|(r, _)| r).zip(rs),
+            &kernel,
+            n,
+            cols,
+        )?,
+        _ => launch_epilogue::<half::f16>(
+            y,
+            ys,
+            b,
+            bs,
+            residual.map(|(r, _)| r).zip(rs),
+            &kernel,
+            n,
+            cols,
+        )?,
+    };
+    Ok((out, ly.shape().clone()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_epilogue<T: CudaDType + DeviceRepr>(
+    y: &CudaStorage,
+    (y0, y1): (usize, usize),
+    b: &CudaStorage,
+    (b0, b1): (usize, usize),
+    residual: Option<(&CudaStorage, (usize, usize))>,
+    kernel: &str,
+    n: usize,
+    cols: usize,
+) -> Result<CudaStorage> {
+    let dev = y.device();
+    let yv = y.as_cuda_slice::<T>()?.slice(y0..y1);
+    let bv = b.as_cuda_slice::<T>()?.slice(b0..b1);
+    let func = dev.get_or_load_custom_func(kernel, "vvlm_epilogue", EPILOGUE_PTX)?;
+    // SAFETY: every element is written by the kernel (a grid-stride loop over all n).
+    let out = unsafe { dev.alloc::<T>(n)? };
+    let (n_i, cols_i) = (n as i64, cols as i32);
+    let mut bld = func.builder();
+    bld.arg(&yv);
+    bld.arg(&bv);
+    let rv;
+    if let Some((r, (r0, r1))) = residual {
+        rv = r.as_cuda_slice::<T>()?.slice(r0..r1);
+        bld.arg(&rv);
+    }
+    bld.arg(&out);
+    bld.arg(&n_i);
+    bld.arg(&cols_i);
+    let blocks = n.div_ceil(256).clamp(1, 65_535 * 32) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the kernels' signatures are (const T*, const T*, [const T*,] T*, long long, int),
+    // matched above; y (and the residual) hold n elements, the bias cols, out n.
+    unsafe { bld.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
 /// Softmax of `scale · x` over the last dimension with the causal mask inside (see
 /// [`crate::attention::ScaledSoftmax`], its CPU reference), f32/bf16/f16, one block per row.
 pub fn scaled_softmax(

@@ -276,6 +276,50 @@ impl Linear {
         self.compute(x, crate::gemv::MAX_BATCH_ROWS)
     }
 
+    /// `gelu_tanh(x·Wᵀ + b)` (counted as [`Self::forward`]): on CUDA, with a bias, the bias
+    /// and the activation in one pass over the output ([`BiasGeluTanh`]); elsewhere the
+    /// product, then [`gelu_tanh`].
+    pub fn forward_gelu_tanh(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) if x.device().is_cuda() => {
+                let y = self.product_without_bias(x, ctx)?;
+                crate::profile::time(crate::profile::Section::Activation, x.device(), || {
+                    y.apply_op2_no_bwd(b, &BiasGeluTanh)
+                })
+            }
+            _ => gelu_tanh(&self.forward(x, ctx)?),
+        }
+    }
+
+    /// `residual + (x·Wᵀ + b)` (counted as [`Self::forward`]): on CUDA, with a bias, the bias
+    /// and the residual in one pass over the output ([`BiasResidual`]); elsewhere the product,
+    /// then the add.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) if x.device().is_cuda() => {
+                let y = self.product_without_bias(x, ctx)?;
+                y.apply_op3_no_bwd(b, &residual.contiguous()?, &BiasResidual)
+            }
+            _ => residual + self.forward(x, ctx)?,
+        }
+    }
+
+    /// `x·Wᵀ` without the bias (a full matmul; counted as [`Self::forward`]).
+    fn product_without_bias(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let Some(w) = &self.weight else {
+            candle_core::bail!("{QUANTIZED_ONLY}");
+        };
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        ctx.count_matmul(1, rows, self.in_features, self.out_features);
+        crate::profile::time(crate::profile::Section::Matmul, x.device(), || {
+            let y = x.reshape((rows, self.in_features))?.matmul(&w.t()?)?;
+            let mut out_dims = dims.clone();
+            *out_dims.last_mut().unwrap() = self.out_features;
+            y.reshape(out_dims)
+        })
+    }
+
     fn compute(&self, x: &Tensor, gemv_rows: usize) -> Result<Tensor> {
         crate::profile::time(crate::profile::Section::Matmul, x.device(), || {
             self.compute_untimed(x, gemv_rows)
@@ -303,6 +347,123 @@ impl Linear {
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_features;
         y.reshape(out_dims)
+    }
+}
+
+/// `gelu_tanh(y + bias)` over `y` `[.., cols]` and `bias` `[cols]` in one pass, in f32
+/// arithmetic rounded once (the composition rounds `y + bias` first). On CUDA
+/// `kernels/epilogue.cu`; `cpu_fwd` is its reference.
+pub struct BiasGeluTanh;
+
+/// `residual + (y + bias)` over `y`, `residual` `[.., cols]` and `bias` `[cols]` in one pass,
+/// in f32 arithmetic rounded once. On CUDA `kernels/epilogue.cu`; `cpu_fwd` is its reference.
+pub struct BiasResidual;
+
+/// transformers' `gelu_pytorch_tanh` in f32.
+fn gelu_tanh_f32(x: f32) -> f32 {
+    0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// The epilogues' CPU reference: `f(y, bias, residual)` per element in f32, `[.., cols]`.
+fn epilogue_cpu(
+    y: (&candle_core::CpuStorage, &candle_core::Layout),
+    bias: (&candle_core::CpuStorage, &candle_core::Layout),
+    residual: Option<(&candle_core::CpuStorage, &candle_core::Layout)>,
+    f: impl Fn(f32, f32, f32) -> f32,
+) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    use candle_core::CpuStorage as S;
+    fn values(s: &S, l: &candle_core::Layout) -> Result<Vec<f32>> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("epilogue expects contiguous inputs");
+        };
+        Ok(match s {
+            S::F32(x) => x[a..b].to_vec(),
+            S::BF16(x) => x[a..b].iter().map(|v| v.to_f32()).collect(),
+            S::F16(x) => x[a..b].iter().map(|v| v.to_f32()).collect(),
+            _ => candle_core::bail!("epilogue: f32, bf16 or f16"),
+        })
+    }
+    let cols = bias.1.shape().dims1()?;
+    if y.1.dims().last() != Some(&cols) || cols == 0 {
+        candle_core::bail!("epilogue: bias of {cols} for {:?}", y.1.dims());
+    }
+    let (yv, bv) = (values(y.0, y.1)?, values(bias.0, bias.1)?);
+    let rv = match residual {
+        Some((s, l)) if l.dims() == y.1.dims() => Some(values(s, l)?),
+        Some((_, l)) => {
+            candle_core::bail!("epilogue: residual {:?} for {:?}", l.dims(), y.1.dims())
+        }
+        None => None,
+    };
+    let out: Vec<f32> = yv
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| f(v, bv[i % cols], rv.as_ref().map_or(0.0, |r| r[i])))
+        .collect();
+    let storage = match y.0 {
+        S::F32(_) => S::F32(out),
+        S::BF16(_) => S::BF16(out.into_iter().map(half::bf16::from_f32).collect()),
+        S::F16(_) => S::F16(out.into_iter().map(half::f16::from_f32).collect()),
+        _ => unreachable!("checked by values()"),
+    };
+    Ok((storage, y.1.shape().clone()))
+}
+
+impl candle_core::CustomOp2 for BiasGeluTanh {
+    fn name(&self) -> &'static str {
+        "bias-gelu-tanh"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &candle_core::CpuStorage,
+        ly: &candle_core::Layout,
+        b: &candle_core::CpuStorage,
+        lb: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        epilogue_cpu((y, ly), (b, lb), None, |y, b, _| gelu_tanh_f32(y + b))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        ly: &candle_core::Layout,
+        b: &candle_core::CudaStorage,
+        lb: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        crate::cuda::epilogue((y, ly), (b, lb), None)
+    }
+}
+
+impl candle_core::CustomOp3 for BiasResidual {
+    fn name(&self) -> &'static str {
+        "bias-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &candle_core::CpuStorage,
+        ly: &candle_core::Layout,
+        b: &candle_core::CpuStorage,
+        lb: &candle_core::Layout,
+        r: &candle_core::CpuStorage,
+        lr: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        epilogue_cpu((y, ly), (b, lb), Some((r, lr)), |y, b, r| r + (y + b))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        ly: &candle_core::Layout,
+        b: &candle_core::CudaStorage,
+        lb: &candle_core::Layout,
+        r: &candle_core::CudaStorage,
+        lr: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        crate::cuda::epilogue((y, ly), (b, lb), Some((r, lr)))
     }
 }
 
@@ -562,6 +723,57 @@ fn swiglu_rows(d: &mut [f32], s: &[f32], i: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The epilogues' CPU reference against candle's ops: f32 `gelu(y + b)` within 1e-6 of
+    /// each value's magnitude (libm's tanh either way), `x + (y + b)` bit for bit; bf16 within two
+    /// ulps of the output (the composition rounds `y + b` first); shapes refused.
+    #[test]
+    fn the_epilogues_equal_the_composition_they_fuse() {
+        let dev = Device::Cpu;
+        let y = Tensor::randn(0f32, 2.0, (3, 5, 48), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 48, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 5, 48), &dev).unwrap();
+        let flat = |t: &Tensor| -> Vec<f32> {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let close = |got: &Tensor, want: &Tensor, rel: f32| {
+            for (g, w) in flat(got).iter().zip(flat(want)) {
+                assert!((g - w).abs() <= rel * w.abs().max(1.0), "{g} vs {w}");
+            }
+        };
+        let gelu = y.apply_op2_no_bwd(&b, &BiasGeluTanh).unwrap();
+        close(&gelu, &y.broadcast_add(&b).unwrap().gelu().unwrap(), 1e-6);
+        let res = y.apply_op3_no_bwd(&b, &x, &BiasResidual).unwrap();
+        assert_eq!(
+            flat(&res),
+            flat(&(&x + y.broadcast_add(&b).unwrap()).unwrap())
+        );
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        // Two bf16 ulps (up to 2^-7 of a value each): the composition's two roundings and the
+        // activation's slope can put it one ulp further from the exact value than one rounding.
+        let two_roundings = 2.0 * 2f32.powi(-7);
+        close(
+            &bf(&y).apply_op2_no_bwd(&bf(&b), &BiasGeluTanh).unwrap(),
+            &bf(&y).broadcast_add(&bf(&b)).unwrap().gelu().unwrap(),
+            two_roundings,
+        );
+        close(
+            &bf(&y)
+                .apply_op3_no_bwd(&bf(&b), &bf(&x), &BiasResidual)
+                .unwrap(),
+            &(bf(&x) + bf(&y).broadcast_add(&bf(&b)).unwrap()).unwrap(),
+            two_roundings,
+        );
+        let short = Tensor::zeros(47, DType::F32, &dev).unwrap();
+        assert!(y.apply_op2_no_bwd(&short, &BiasGeluTanh).is_err());
+        let other = Tensor::zeros((3, 48), DType::F32, &dev).unwrap();
+        assert!(y.apply_op3_no_bwd(&b, &other, &BiasResidual).is_err());
+    }
 
     #[test]
     fn device_built_causal_mask_equals_the_host_one() {

@@ -129,30 +129,40 @@ impl EncoderLayer {
             ctx,
         )?;
         let attn = attn.transpose(1, 2)?.reshape((f, n, h))?;
-        let o = self.out.forward(&attn, ctx)?;
-        if tap0 {
+        // Unless this layer's intermediates are tapped (parity checks), the biases, activation
+        // and residual adds go into the linear layers' epilogues (one pass each on CUDA).
+        let fused = !(tap0 && ctx.taps.is_some());
+        let x = if fused {
+            self.out.forward_add(&attn, x, ctx)?
+        } else {
+            let o = self.out.forward(&attn, ctx)?;
             ctx.tap(|| "vision.layer0.self_attn.out_proj".into(), &o);
-        }
-        let x = (x + o)?;
+            (x + o)?
+        };
         let y = self.ln2.forward(&x)?;
         if tap0 {
             ctx.tap(|| "vision.layer0.layer_norm2".into(), &y);
         }
-        let y = self.fc1.forward(&y, ctx)?;
-        if tap0 {
-            ctx.tap(|| "vision.layer0.mlp.fc1".into(), &y);
-        }
-        let y = if self.tanh_gelu {
-            crate::nn::gelu_tanh(&y)?
+        let y = if fused && self.tanh_gelu {
+            self.fc1.forward_gelu_tanh(&y, ctx)?
         } else {
-            crate::profile::time(crate::profile::Section::Activation, y.device(), || {
-                y.gelu_erf()
-            })?
+            let y = self.fc1.forward(&y, ctx)?;
+            if tap0 {
+                ctx.tap(|| "vision.layer0.mlp.fc1".into(), &y);
+            }
+            if self.tanh_gelu {
+                crate::nn::gelu_tanh(&y)?
+            } else {
+                crate::profile::time(crate::profile::Section::Activation, y.device(), || {
+                    y.gelu_erf()
+                })?
+            }
         };
-        let y = self.fc2.forward(&y, ctx)?;
-        if tap0 {
-            ctx.tap(|| "vision.layer0.mlp.fc2".into(), &y);
+        if fused {
+            return self.fc2.forward_add(&y, &x, ctx);
         }
+        let y = self.fc2.forward(&y, ctx)?;
+        ctx.tap(|| "vision.layer0.mlp.fc2".into(), &y);
         x + y
     }
 }

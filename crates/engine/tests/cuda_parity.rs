@@ -7,7 +7,8 @@
 //! - the tiny LLaVA-OneVision fixture end to end on the GPU in f32 (max abs error of every
 //!   intermediate and the logits <= 1e-3: cuBLAS may reorder sums) and in bf16 (logits within
 //!   5% of the logits' range);
-//! - the scaled causal softmax kernel against its CPU reference;
+//! - the scaled causal softmax kernel and the linear layers' epilogues (bias + GELU, bias +
+//!   residual) against their CPU references;
 //! - attention through candle's CUDA ops and that kernel against the fused CPU kernel;
 //! - the flash attention kernel (bf16/f16 prompts) and the batched decode attention kernel
 //!   against the CPU's kernels and the unfused GPU path;
@@ -231,6 +232,59 @@ fn decode_attention_kernel_matches_the_cpu_alone_and_batched() {
             set_device_attention(DeviceAttention::Fused);
             let e = max_abs(&f32(&unfused), &f32(&got));
             assert!(e <= 2.0 * tol, "fused vs unfused, {case}: {e}");
+        }
+    }
+}
+
+/// `kernels/epilogue.cu` against its CPU reference (`BiasGeluTanh`, `BiasResidual`): f32
+/// within 1e-5 of each value's magnitude (the GPU's tanhf vs libm's tanh), bf16/f16 within one
+/// ulp of the output (2^-7, 2^-10 of a value).
+#[test]
+fn epilogue_kernels_match_their_cpu_reference() {
+    use vvlm_engine::nn::{BiasGeluTanh, BiasResidual};
+    let dev = gpu();
+    let y = Tensor::randn(0f32, 2.0, (7, 300, 4304), &Device::Cpu).unwrap();
+    let b = Tensor::randn(0f32, 1.0, 4304, &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (7, 300, 4304), &Device::Cpu).unwrap();
+    for (dtype, rel) in [
+        (DType::F32, 1e-5),
+        (DType::BF16, 2f32.powi(-7)),
+        (DType::F16, 2f32.powi(-10)),
+    ] {
+        let (y, b, x) = (
+            y.to_dtype(dtype).unwrap(),
+            b.to_dtype(dtype).unwrap(),
+            x.to_dtype(dtype).unwrap(),
+        );
+        let on = |t: &Tensor| t.to_device(&dev).unwrap();
+        for (name, cpu, cuda) in [
+            (
+                "gelu",
+                y.apply_op2_no_bwd(&b, &BiasGeluTanh).unwrap(),
+                on(&y).apply_op2_no_bwd(&on(&b), &BiasGeluTanh).unwrap(),
+            ),
+            (
+                "residual",
+                y.apply_op3_no_bwd(&b, &x, &BiasResidual).unwrap(),
+                on(&y)
+                    .apply_op3_no_bwd(&on(&b), &on(&x), &BiasResidual)
+                    .unwrap(),
+            ),
+        ] {
+            let f = |t: &Tensor| -> Vec<f32> {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            for (c, g) in f(&cpu).iter().zip(f(&cuda)) {
+                assert!(
+                    (c - g).abs() <= rel * c.abs().max(1.0),
+                    "{name} {dtype:?}: {c} vs {g}"
+                );
+            }
         }
     }
 }
