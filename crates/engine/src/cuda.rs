@@ -207,32 +207,15 @@ pub fn decode_attention(
     if d % 2 != 0 || d > 256 {
         candle_core::bail!("decode-attention: head size {d} (even, at most 256)");
     }
+    let kernel = format!(
+        "decode_attention_{}",
+        dtype_suffix(q.dtype(), "decode-attention")?
+    );
+    let args = (q, (start, end), (b, heads, d), kvs, kernel.as_str(), scale);
     match q.dtype() {
-        DType::F32 => launch_decode::<f32>(
-            q,
-            (start, end),
-            (b, heads, d),
-            kvs,
-            "decode_attention_f32",
-            scale,
-        ),
-        DType::BF16 => launch_decode::<half::bf16>(
-            q,
-            (start, end),
-            (b, heads, d),
-            kvs,
-            "decode_attention_bf16",
-            scale,
-        ),
-        DType::F16 => launch_decode::<half::f16>(
-            q,
-            (start, end),
-            (b, heads, d),
-            kvs,
-            "decode_attention_f16",
-            scale,
-        ),
-        dt => candle_core::bail!("decode-attention: unsupported dtype {dt:?}"),
+        DType::F32 => launch_decode::<f32>(args),
+        DType::BF16 => launch_decode::<half::bf16>(args),
+        _ => launch_decode::<half::f16>(args),
     }
     .map(|out| (out, Shape::from((b, heads, d))))
 }
@@ -284,13 +267,27 @@ fn cache_meta<'a, T: CudaDType + DeviceRepr + 'a>(
     Ok((dev.clone_htod(&meta)?, syncs))
 }
 
+/// The kernels' name suffix for a dtype (`f32`, `bf16`, `f16`).
+fn dtype_suffix(dtype: DType, op: &str) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        dt => candle_core::bail!("{op}: unsupported dtype {dt:?}"),
+    })
+}
+
+type DecodeArgs<'a> = (
+    &'a CudaStorage,
+    (usize, usize),
+    (usize, usize, usize),
+    &'a [(candle_core::Tensor, candle_core::Tensor)],
+    &'a str,
+    f32,
+);
+
 fn launch_decode<T: CudaDType + DeviceRepr>(
-    q: &CudaStorage,
-    (start, end): (usize, usize),
-    (b, heads, d): (usize, usize, usize),
-    kvs: &[(candle_core::Tensor, candle_core::Tensor)],
-    kernel: &str,
-    scale: f32,
+    (q, (start, end), (b, heads, d), kvs, kernel, scale): DecodeArgs<'_>,
 ) -> Result<CudaStorage> {
     let dev = q.device();
     let stream = dev.cuda_stream();
@@ -392,13 +389,11 @@ pub fn kv_append(
         );
     }
     let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let kernel = format!("kv_append_{}", dtype_suffix(k.dtype(), "kv-append")?);
     match k.dtype() {
-        DType::F32 => launch_kv_append::<f32>(&k, &v, dst, "kv_append_f32", (b, kv_heads, d)),
-        DType::BF16 => {
-            launch_kv_append::<half::bf16>(&k, &v, dst, "kv_append_bf16", (b, kv_heads, d))
-        }
-        DType::F16 => launch_kv_append::<half::f16>(&k, &v, dst, "kv_append_f16", (b, kv_heads, d)),
-        dt => candle_core::bail!("kv-append: unsupported dtype {dt:?}"),
+        DType::F32 => launch_kv_append::<f32>(&k, &v, dst, &kernel, (b, kv_heads, d)),
+        DType::BF16 => launch_kv_append::<half::bf16>(&k, &v, dst, &kernel, (b, kv_heads, d)),
+        _ => launch_kv_append::<half::f16>(&k, &v, dst, &kernel, (b, kv_heads, d)),
     }
 }
 
@@ -486,12 +481,7 @@ pub fn epilogue(
         Some((_, lr)) => Some(offsets(lr)?),
         None => None,
     };
-    let suffix = match y.dtype() {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        dt => candle_core::bail!("epilogue: unsupported dtype {dt:?}"),
-    };
+    let suffix = dtype_suffix(y.dtype(), "epilogue")?;
     let kernel = match residual {
         Some(_) => format!("bias_residual_{suffix}"),
         None => format!("bias_gelu_tanh_{suffix}"),
