@@ -15,6 +15,7 @@ const KERNELS: &[&str] = &[
     "decode_attention",
     "kv_append",
     "epilogue",
+    "rms_norm",
 ];
 
 fn main() {

@@ -562,6 +562,74 @@ fn launch_epilogue<T: CudaDType + DeviceRepr>(
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
+/// PTX of `kernels/rms_norm.cu`.
+pub const RMS_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
+
+/// RMSNorm of bf16/f16 rows in one pass (`kernels/rms_norm.cu`, see
+/// [`crate::nn::RmsNormLowPrecision`]): `x` `[.., n]` and `w` `[n]`, contiguous, one dtype.
+pub fn rms_norm(
+    (x, lx): (&CudaStorage, &Layout),
+    (w, lw): (&CudaStorage, &Layout),
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let n = lw.shape().dims1()?;
+    let (Some((x0, x1)), Some((w0, w1))) = (lx.contiguous_offsets(), lw.contiguous_offsets())
+    else {
+        candle_core::bail!("rms-norm expects contiguous inputs");
+    };
+    if lx.dims().last() != Some(&n) || n == 0 || n > i32::MAX as usize {
+        candle_core::bail!("rms-norm: weight of {n} for {:?}", lx.dims());
+    }
+    let rows = (x1 - x0) / n;
+    if rows > u32::MAX as usize {
+        candle_core::bail!("rms-norm: {rows} rows exceed one grid");
+    }
+    let kernel = format!("rms_norm_{}", dtype_suffix(x.dtype(), "rms-norm")?);
+    let out = match x.dtype() {
+        DType::BF16 => {
+            launch_rms_norm::<half::bf16>(x, (x0, x1), w, (w0, w1), &kernel, (rows, n), eps)?
+        }
+        DType::F16 => {
+            launch_rms_norm::<half::f16>(x, (x0, x1), w, (w0, w1), &kernel, (rows, n), eps)?
+        }
+        dt => candle_core::bail!("rms-norm: {dt:?} (bf16 or f16; f32 has candle's kernel)"),
+    };
+    Ok((out, lx.shape().clone()))
+}
+
+fn launch_rms_norm<T: CudaDType + DeviceRepr>(
+    x: &CudaStorage,
+    (x0, x1): (usize, usize),
+    w: &CudaStorage,
+    (w0, w1): (usize, usize),
+    kernel: &str,
+    (rows, n): (usize, usize),
+    eps: f32,
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let xv = x.as_cuda_slice::<T>()?.slice(x0..x1);
+    let wv = w.as_cuda_slice::<T>()?.slice(w0..w1);
+    let func = dev.get_or_load_custom_func(kernel, "vvlm_rms_norm", RMS_NORM_PTX)?;
+    // SAFETY: every element of every row is written.
+    let out = unsafe { dev.alloc::<T>(rows * n)? };
+    let n_i = n as i32;
+    let mut bld = func.builder();
+    bld.arg(&xv);
+    bld.arg(&wv);
+    bld.arg(&out);
+    bld.arg(&n_i);
+    bld.arg(&eps);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the kernel's signature is (const T*, const T*, T*, int, float), matched above; x
+    // and out hold rows·n elements, w n; one block (a multiple of 32 threads) per row.
+    unsafe { bld.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
 /// Softmax of `scale · x` over the last dimension with the causal mask inside (see
 /// [`crate::attention::ScaledSoftmax`], its CPU reference), f32/bf16/f16, one block per row.
 pub fn scaled_softmax(

@@ -515,12 +515,99 @@ impl RmsNorm {
         if dt == DType::F32 {
             return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps);
         }
+        if x.device().is_cuda() && matches!(dt, DType::BF16 | DType::F16) {
+            // The same arithmetic in one kernel (`kernels/rms_norm.cu`) instead of nine ops.
+            return x
+                .contiguous()?
+                .apply_op2_no_bwd(&self.weight, &RmsNormLowPrecision { eps: self.eps });
+        }
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = xf
             .broadcast_div(&(var + self.eps as f64)?.sqrt()?)?
             .to_dtype(dt)?;
         normed.broadcast_mul(&self.weight)
+    }
+}
+
+/// [`RmsNorm`] of bf16/f16 rows in one pass, with the composition's arithmetic: per row of `x`
+/// `[.., n]`, `r = sqrt(Σ x² · (1/n) + eps)` in f32, then `T(T(x / r) · w)` (the normalised value
+/// rounded to the input type before the weight multiplies it, as transformers' LlamaRMSNorm
+/// does). On CUDA `kernels/rms_norm.cu`; `cpu_fwd` is its reference.
+pub struct RmsNormLowPrecision {
+    pub eps: f32,
+}
+
+impl candle_core::CustomOp2 for RmsNormLowPrecision {
+    fn name(&self) -> &'static str {
+        "rms-norm-low-precision"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &candle_core::CpuStorage,
+        lx: &candle_core::Layout,
+        w: &candle_core::CpuStorage,
+        lw: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        fn rows<T: Copy>(
+            x: &[T],
+            w: &[T],
+            eps: f32,
+            to: impl Fn(T) -> f32,
+            from: impl Fn(f32) -> T,
+        ) -> Vec<T> {
+            let n = w.len();
+            x.chunks(n)
+                .flat_map(|row| {
+                    let s: f32 = row.iter().map(|&v| to(v) * to(v)).sum();
+                    // `s · (1/n)`, as candle's mean computes it.
+                    let r = (s * (1.0 / n as f32) + eps).sqrt();
+                    row.iter()
+                        .zip(w)
+                        .map(|(&v, &wv)| from(to(from(to(v) / r)) * to(wv)))
+                        .collect::<Vec<T>>()
+                })
+                .collect()
+        }
+        let n = lw.shape().dims1()?;
+        let (Some((x0, x1)), Some((w0, w1))) = (lx.contiguous_offsets(), lw.contiguous_offsets())
+        else {
+            candle_core::bail!("rms-norm expects contiguous inputs");
+        };
+        if lx.dims().last() != Some(&n) || n == 0 {
+            candle_core::bail!("rms-norm: weight of {n} for {:?}", lx.dims());
+        }
+        let out = match (x, w) {
+            (S::BF16(x), S::BF16(w)) => S::BF16(rows(
+                &x[x0..x1],
+                &w[w0..w1],
+                self.eps,
+                |v| v.to_f32(),
+                half::bf16::from_f32,
+            )),
+            (S::F16(x), S::F16(w)) => S::F16(rows(
+                &x[x0..x1],
+                &w[w0..w1],
+                self.eps,
+                |v| v.to_f32(),
+                half::f16::from_f32,
+            )),
+            _ => candle_core::bail!("rms-norm-low-precision: bf16 or f16, both the same"),
+        };
+        Ok((out, lx.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &candle_core::Layout,
+        w: &candle_core::CudaStorage,
+        lw: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        crate::cuda::rms_norm((x, lx), (w, lw), self.eps)
     }
 }
 
@@ -723,6 +810,52 @@ fn swiglu_rows(d: &mut [f32], s: &[f32], i: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one-pass RMSNorm's CPU reference against the composition `RmsNorm` runs elsewhere:
+    /// bf16 and f16 rows of 2048 and 576 (SmolLM2's), within two ulps of the output (the sum's
+    /// order differs; a last-bit change of `x / r` can flip its rounding to the input type, and
+    /// the product with the weight rounds again); shapes and dtypes refused.
+    #[test]
+    fn the_one_pass_rms_norm_equals_the_composition() {
+        let dev = Device::Cpu;
+        for n in [2048usize, 576] {
+            let x = Tensor::randn(0f32, 3.0, (2, 7, n), &dev).unwrap();
+            let w = Tensor::randn(1f32, 0.2, n, &dev).unwrap();
+            for (dt, ulp) in [(DType::BF16, 2f32.powi(-7)), (DType::F16, 2f32.powi(-10))] {
+                let (x, w) = (x.to_dtype(dt).unwrap(), w.to_dtype(dt).unwrap());
+                let norm = RmsNorm {
+                    weight: w.clone(),
+                    eps: 1e-5,
+                };
+                let want = norm.forward(&x).unwrap();
+                let got = x
+                    .apply_op2_no_bwd(&w, &RmsNormLowPrecision { eps: 1e-5 })
+                    .unwrap();
+                let f = |t: &Tensor| -> Vec<f32> {
+                    t.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                for (g, e) in f(&got).iter().zip(f(&want)) {
+                    assert!(
+                        (g - e).abs() <= 2.0 * ulp * e.abs().max(2f32.powi(-10)),
+                        "{dt:?} n {n}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+        let x = Tensor::zeros((2, 8), DType::BF16, &dev).unwrap();
+        let op = RmsNormLowPrecision { eps: 1e-5 };
+        assert!(x
+            .apply_op2_no_bwd(&Tensor::zeros(7, DType::BF16, &dev).unwrap(), &op)
+            .is_err());
+        assert!(x
+            .apply_op2_no_bwd(&Tensor::zeros(8, DType::F16, &dev).unwrap(), &op)
+            .is_err());
+    }
 
     /// The epilogues' CPU reference against candle's ops: f32 `gelu(y + b)` within 1e-6 of
     /// each value's magnitude (libm's tanh either way), `x + (y + b)` bit for bit; bf16 within two

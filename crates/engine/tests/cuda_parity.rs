@@ -7,8 +7,8 @@
 //! - the tiny LLaVA-OneVision fixture end to end on the GPU in f32 (max abs error of every
 //!   intermediate and the logits <= 1e-3: cuBLAS may reorder sums) and in bf16 (logits within
 //!   5% of the logits' range);
-//! - the scaled causal softmax kernel and the linear layers' epilogues (bias + GELU, bias +
-//!   residual) against their CPU references;
+//! - the scaled causal softmax kernel, the linear layers' epilogues (bias + GELU, bias +
+//!   residual) and the one-pass bf16/f16 RMSNorm against their CPU references;
 //! - attention through candle's CUDA ops and that kernel against the fused CPU kernel;
 //! - the flash attention kernel (bf16/f16 prompts) and the batched decode attention kernel
 //!   against the CPU's kernels and the unfused GPU path;
@@ -283,6 +283,43 @@ fn epilogue_kernels_match_their_cpu_reference() {
                 assert!(
                     (c - g).abs() <= rel * c.abs().max(1.0),
                     "{name} {dtype:?}: {c} vs {g}"
+                );
+            }
+        }
+    }
+}
+
+/// `kernels/rms_norm.cu` against its CPU reference (`RmsNormLowPrecision`, itself checked
+/// against the composition `RmsNorm` runs on the CPU): rows of 2048 and 576, bf16 and f16,
+/// within two ulps of the output (the GPU sums in another order).
+#[test]
+fn rms_norm_kernel_matches_its_cpu_reference() {
+    use vvlm_engine::nn::RmsNormLowPrecision;
+    let dev = gpu();
+    let op = RmsNormLowPrecision { eps: 1e-5 };
+    for n in [2048usize, 576] {
+        let x = Tensor::randn(0f32, 3.0, (3, 100, n), &Device::Cpu).unwrap();
+        let w = Tensor::randn(1f32, 0.2, n, &Device::Cpu).unwrap();
+        for (dt, ulp) in [(DType::BF16, 2f32.powi(-7)), (DType::F16, 2f32.powi(-10))] {
+            let (x, w) = (x.to_dtype(dt).unwrap(), w.to_dtype(dt).unwrap());
+            let cpu = x.apply_op2_no_bwd(&w, &op).unwrap();
+            let cuda = x
+                .to_device(&dev)
+                .unwrap()
+                .apply_op2_no_bwd(&w.to_device(&dev).unwrap(), &op)
+                .unwrap();
+            let f = |t: &Tensor| -> Vec<f32> {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            for (c, g) in f(&cpu).iter().zip(f(&cuda)) {
+                assert!(
+                    (c - g).abs() <= 2.0 * ulp * c.abs().max(2f32.powi(-10)),
+                    "{dt:?} n {n}: {c} vs {g}"
                 );
             }
         }
