@@ -16,6 +16,7 @@ const KERNELS: &[&str] = &[
     "kv_append",
     "epilogue",
     "rms_norm",
+    "split_rope",
 ];
 
 fn main() {

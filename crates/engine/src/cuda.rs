@@ -630,6 +630,75 @@ fn launch_rms_norm<T: CudaDType + DeviceRepr>(
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
+/// PTX of `kernels/split_rope.cu`.
+pub const SPLIT_ROPE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/split_rope.ptx"));
+
+/// The fused q/k/v rows split per head with RoPE on q and k (`kernels/split_rope.cu`, see
+/// [`crate::llama::SplitRope`]): `x` `[b, len, heads·d]`, `cos`/`sin` `[len, d/2]`, contiguous,
+/// one dtype (shapes checked by the op). Returns `[b, heads, len, d]`'s storage.
+pub fn split_rope(
+    (x, lx): (&CudaStorage, &Layout),
+    (c, lc): (&CudaStorage, &Layout),
+    (s, ls): (&CudaStorage, &Layout),
+    (b, len, rotated, heads, d): (usize, usize, usize, usize, usize),
+) -> Result<CudaStorage> {
+    let offsets = |l: &Layout| {
+        l.contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("split-rope: contiguous inputs".into()))
+    };
+    let (xo, co, so) = (offsets(lx)?, offsets(lc)?, offsets(ls)?);
+    let total = b * len * heads * d;
+    if [b, len, heads, d].iter().any(|&v| v > i32::MAX as usize) {
+        candle_core::bail!("split-rope: {b} x {len} x {heads} x {d} too large");
+    }
+    let kernel = format!("split_rope_{}", dtype_suffix(x.dtype(), "split-rope")?);
+    let dims = [b, len, rotated, heads, d].map(|v| v as i32);
+    match x.dtype() {
+        DType::F32 => launch_split_rope::<f32>(x, xo, c, co, s, so, &kernel, dims, total),
+        DType::BF16 => launch_split_rope::<half::bf16>(x, xo, c, co, s, so, &kernel, dims, total),
+        _ => launch_split_rope::<half::f16>(x, xo, c, co, s, so, &kernel, dims, total),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_split_rope<T: CudaDType + DeviceRepr>(
+    x: &CudaStorage,
+    (x0, x1): (usize, usize),
+    c: &CudaStorage,
+    (c0, c1): (usize, usize),
+    s: &CudaStorage,
+    (s0, s1): (usize, usize),
+    kernel: &str,
+    [b, len, rotated, heads, d]: [i32; 5],
+    total: usize,
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let xv = x.as_cuda_slice::<T>()?.slice(x0..x1);
+    let cv = c.as_cuda_slice::<T>()?.slice(c0..c1);
+    let sv = s.as_cuda_slice::<T>()?.slice(s0..s1);
+    let func = dev.get_or_load_custom_func(kernel, "vvlm_split_rope", SPLIT_ROPE_PTX)?;
+    // SAFETY: every element of every head's row is written (a pair per thread, all pairs).
+    let out = unsafe { dev.alloc::<T>(total)? };
+    let mut bld = func.builder();
+    bld.arg(&xv);
+    bld.arg(&cv);
+    bld.arg(&sv);
+    bld.arg(&out);
+    for v in [&b, &len, &rotated, &heads, &d] {
+        bld.arg(v);
+    }
+    let pairs = total / 2;
+    let cfg = LaunchConfig {
+        grid_dim: (pairs.div_ceil(256).clamp(1, 65_535 * 32) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the kernel's signature is (const T*, const T*, const T*, T*, int x5), matched
+    // above; x and out hold b·len·heads·d elements, cos and sin len·d/2 (checked by the op).
+    unsafe { bld.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
 /// Softmax of `scale · x` over the last dimension with the causal mask inside (see
 /// [`crate::attention::ScaledSoftmax`], its CPU reference), f32/bf16/f16, one block per row.
 pub fn scaled_softmax(

@@ -5,7 +5,7 @@ use crate::attention::{attention, Masking};
 use crate::config::TextConfig;
 use crate::nn::{Ctx, Linear, RmsNorm};
 use crate::EngineError;
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 
 /// RoPE inverse frequencies, with llama3 scaling when configured (computed in f32 as torch does).
@@ -112,6 +112,19 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+}
+
+impl Attention {
+    /// [`SplitRope`] of the fused product `[b, len, (heads + 2·kv_heads)·d]` at `cos`/`sin`.
+    fn split_rope(&self, qkv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let op = SplitRope {
+            rotated: self.heads + self.kv_heads,
+            heads: self.heads + 2 * self.kv_heads,
+            head_dim: self.head_dim,
+        };
+        qkv.contiguous()?
+            .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &op)
+    }
 }
 
 struct Mlp {
@@ -747,24 +760,29 @@ impl Block {
             ctx.tap(|| "text.layer0.self_attn.k_proj".into(), &k);
             ctx.tap(|| "text.layer0.self_attn.v_proj".into(), &v);
         }
-        // Per-head views of the fused product ([b, len, heads + 2·kv_heads, d] narrowed, then
-        // [b, heads, len, d]); one copy each into the layout RoPE and the cache take.
-        let heads_view = qkv.reshape((b, len, a.heads + 2 * a.kv_heads, a.head_dim))?;
-        let part = |start: usize, n: usize| -> Result<Tensor> {
-            heads_view
-                .narrow(2, start, n)?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (q, k, v) = (
-            part(0, a.heads)?,
-            part(a.heads, a.kv_heads)?,
-            part(a.heads + a.kv_heads, a.kv_heads)?,
-        );
-        let (q, k) = crate::profile::time(crate::profile::Section::Rope, q.device(), || {
+        let (q, k, v) = crate::profile::time(crate::profile::Section::Rope, qkv.device(), || {
+            if qkv.device().is_cuda() {
+                // One kernel: the per-head layout and RoPE of q and k ([b, heads, len, d] each).
+                let all = a.split_rope(&qkv, cos, sin)?;
+                return Ok((
+                    all.narrow(1, 0, a.heads)?,
+                    all.narrow(1, a.heads, a.kv_heads)?,
+                    all.narrow(1, a.heads + a.kv_heads, a.kv_heads)?,
+                ));
+            }
+            // Per-head views of the fused product ([b, len, heads + 2·kv_heads, d] narrowed,
+            // then [b, heads, len, d]); one copy each into the layout RoPE and the cache take.
+            let heads_view = qkv.reshape((b, len, a.heads + 2 * a.kv_heads, a.head_dim))?;
+            let part = |start: usize, n: usize| -> Result<Tensor> {
+                heads_view
+                    .narrow(2, start, n)?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
             Ok((
-                candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+                candle_nn::rotary_emb::rope(&part(0, a.heads)?, cos, sin)?,
+                candle_nn::rotary_emb::rope(&part(a.heads, a.kv_heads)?, cos, sin)?,
+                part(a.heads + a.kv_heads, a.kv_heads)?,
             ))
         })?;
         let (k, v) = cache.append(layer, &k, &v)?;
@@ -819,6 +837,17 @@ impl Block {
                         split_rotate_decode_rows(&qkv, cos, sin, a.heads, a.kv_heads, a.head_dim)?;
                     return Ok((q, k, v, 0));
                 }
+                if qkv.device().is_cuda() {
+                    // The batch as the time axis of one sequence ([1, heads, B, d] etc.), in one
+                    // kernel.
+                    let all = a.split_rope(&qkv.reshape((1, b, ()))?, cos, sin)?;
+                    return Ok((
+                        all.narrow(1, 0, a.heads)?,
+                        all.narrow(1, a.heads, a.kv_heads)?,
+                        all.narrow(1, a.heads + a.kv_heads, a.kv_heads)?,
+                        2,
+                    ));
+                }
                 let heads_view = qkv.reshape((1, b, a.heads + 2 * a.kv_heads, a.head_dim))?;
                 let part = |start: usize, n: usize| -> Result<Tensor> {
                     heads_view
@@ -860,6 +889,126 @@ impl Block {
             .down
             .forward_rows(&crate::nn::swiglu_fused(&gu)?, ctxs)?;
         x + d
+    }
+}
+
+/// The fused q/k/v product `[b, len, (heads + 2·kv_heads)·d]` split into per-head rows with RoPE
+/// applied to q and k, in one pass: `[b, heads + 2·kv_heads, len, d]` (q heads, then k, then
+/// v), row `t` rotated by `cos`/`sin` row `t` (`[len, d/2]`) as candle's `rope` rotates (`x1·c −
+/// x2·s`, `x1·s + x2·c`, each product rounded, in f32, one rounding to the input type). On
+/// CUDA `kernels/split_rope.cu` (one launch instead of three copies and two RoPE ops);
+/// `cpu_fwd` is its reference.
+pub struct SplitRope {
+    /// Heads rotated (q and k: `heads + kv_heads`).
+    pub rotated: usize,
+    /// All heads of the product (`heads + 2·kv_heads`).
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl SplitRope {
+    fn dims(&self, l: &Layout, lc: &Layout) -> Result<(usize, usize, usize)> {
+        let (b, len, w) = l.shape().dims3()?;
+        let half = self.head_dim / 2;
+        if w != self.heads * self.head_dim
+            || self.rotated > self.heads
+            || !self.head_dim.is_multiple_of(2)
+            || lc.dims() != [len, half]
+        {
+            candle_core::bail!(
+                "split-rope: {:?} with cos/sin {:?} for {} heads of {}",
+                l.dims(),
+                lc.dims(),
+                self.heads,
+                self.head_dim
+            );
+        }
+        Ok((b, len, half))
+    }
+}
+
+impl candle_core::CustomOp3 for SplitRope {
+    fn name(&self) -> &'static str {
+        "split-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        c: &CpuStorage,
+        lc: &Layout,
+        s: &CpuStorage,
+        ls: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, len, half) = self.dims(lx, lc)?;
+        if ls.dims() != lc.dims() {
+            candle_core::bail!("split-rope: sin {:?} for cos {:?}", ls.dims(), lc.dims());
+        }
+        let (heads, d) = (self.heads, self.head_dim);
+        let run = |x: Vec<f32>, c: Vec<f32>, s: Vec<f32>| -> Vec<f32> {
+            let mut out = vec![0f32; x.len()];
+            for bi in 0..b {
+                for t in 0..len {
+                    for h in 0..heads {
+                        let src = &x[((bi * len + t) * heads + h) * d..][..d];
+                        let dst = &mut out[((bi * heads + h) * len + t) * d..][..d];
+                        for p in 0..half {
+                            let (x1, x2) = (src[p], src[p + half]);
+                            if h < self.rotated {
+                                let (cv, sv) = (c[t * half + p], s[t * half + p]);
+                                dst[p] = x1 * cv - x2 * sv;
+                                dst[p + half] = x1 * sv + x2 * cv;
+                            } else {
+                                dst[p] = x1;
+                                dst[p + half] = x2;
+                            }
+                        }
+                    }
+                }
+            }
+            out
+        };
+        fn values(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+            let Some((a, b)) = l.contiguous_offsets() else {
+                candle_core::bail!("split-rope expects contiguous inputs");
+            };
+            Ok(match s {
+                CpuStorage::F32(x) => x[a..b].to_vec(),
+                CpuStorage::BF16(x) => x[a..b].iter().map(|v| v.to_f32()).collect(),
+                CpuStorage::F16(x) => x[a..b].iter().map(|v| v.to_f32()).collect(),
+                _ => candle_core::bail!("split-rope: f32, bf16 or f16"),
+            })
+        }
+        let out = run(values(x, lx)?, values(c, lc)?, values(s, ls)?);
+        let out = match x {
+            CpuStorage::F32(_) => CpuStorage::F32(out),
+            CpuStorage::BF16(_) => {
+                CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
+            }
+            _ => CpuStorage::F16(out.into_iter().map(half::f16::from_f32).collect()),
+        };
+        Ok((out, Shape::from((b, heads, len, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        c: &candle_core::CudaStorage,
+        lc: &Layout,
+        s: &candle_core::CudaStorage,
+        ls: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (b, len, _) = self.dims(lx, lc)?;
+        let out = crate::cuda::split_rope(
+            (x, lx),
+            (c, lc),
+            (s, ls),
+            (b, len, self.rotated, self.heads, self.head_dim),
+        )?;
+        Ok((out, Shape::from((b, self.heads, len, self.head_dim))))
     }
 }
 
@@ -1091,6 +1240,77 @@ mod tests {
         // The model's own dtype restores f32 caches.
         lm.set_kv_cache_dtype(DType::F32).unwrap();
         assert_eq!(lm.new_cache().dtype, None);
+    }
+
+    /// `SplitRope`'s CPU reference (what `kernels/split_rope.cu` is checked against) against
+    /// the composition it replaces on CUDA (per-head copies, then candle's `rope` on q and k):
+    /// f32 bit for bit; bf16 within 2^-5 of the largest input (candle's CPU rope rounds each
+    /// bf16 product, the op rounds once from f32); a batch of 2, 5 positions, 6 q heads on 2 kv
+    /// heads of 16.
+    #[test]
+    fn split_rope_equals_the_copies_and_candles_rope() {
+        let dev = Device::Cpu;
+        let (b, len, heads, kv_heads, d) = (2, 5, 6, 2, 16);
+        let all = heads + 2 * kv_heads;
+        let qkv = Tensor::randn(0f32, 1.0, (b, len, all * d), &dev).unwrap();
+        let angles = Tensor::randn(0f32, 2.0, (len, d / 2), &dev).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let op = SplitRope {
+            rotated: heads + kv_heads,
+            heads: all,
+            head_dim: d,
+        };
+        for dt in [DType::F32, DType::BF16] {
+            let (x, c, s) = (
+                qkv.to_dtype(dt).unwrap(),
+                cos.to_dtype(dt).unwrap(),
+                sin.to_dtype(dt).unwrap(),
+            );
+            let got = x.apply_op3_no_bwd(&c, &s, &op).unwrap();
+            assert_eq!(got.dims(), &[b, all, len, d]);
+            let view = x.reshape((b, len, all, d)).unwrap();
+            let part = |start: usize, n: usize| {
+                view.narrow(2, start, n)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let want = Tensor::cat(
+                &[
+                    candle_nn::rotary_emb::rope(&part(0, heads), &c, &s).unwrap(),
+                    candle_nn::rotary_emb::rope(&part(heads, kv_heads), &c, &s).unwrap(),
+                    part(heads + kv_heads, kv_heads),
+                ],
+                1,
+            )
+            .unwrap();
+            let f = |t: &Tensor| -> Vec<f32> {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let err = f(&got)
+                .iter()
+                .zip(f(&want))
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            // bf16: candle's CPU rope rounds each product to bf16, the op rounds once from f32:
+            // a few ulps of the largest input apart.
+            let largest = f(&x).iter().fold(0f32, |m, v| m.max(v.abs()));
+            let tol = if dt == DType::F32 {
+                0.0
+            } else {
+                2f32.powi(-5) * largest
+            };
+            assert!(err <= tol, "{dt:?}: {err}");
+        }
+        let short = Tensor::zeros((len, d / 2 - 1), DType::F32, &dev).unwrap();
+        assert!(qkv.apply_op3_no_bwd(&short, &short, &op).is_err());
     }
 
     #[test]

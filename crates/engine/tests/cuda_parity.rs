@@ -8,7 +8,8 @@
 //!   intermediate and the logits <= 1e-3: cuBLAS may reorder sums) and in bf16 (logits within
 //!   5% of the logits' range);
 //! - the scaled causal softmax kernel, the linear layers' epilogues (bias + GELU, bias +
-//!   residual) and the one-pass bf16/f16 RMSNorm against their CPU references;
+//!   residual), the one-pass bf16/f16 RMSNorm and the q/k/v split with RoPE against their CPU
+//!   references;
 //! - attention through candle's CUDA ops and that kernel against the fused CPU kernel;
 //! - the flash attention kernel (bf16/f16 prompts) and the batched decode attention kernel
 //!   against the CPU's kernels and the unfused GPU path;
@@ -322,6 +323,48 @@ fn rms_norm_kernel_matches_its_cpu_reference() {
                     "{dt:?} n {n}: {c} vs {g}"
                 );
             }
+        }
+    }
+}
+
+/// `kernels/split_rope.cu` against its CPU reference (`SplitRope`, itself bit-equal to the
+/// per-head copies and candle's rope in f32): the same f32 arithmetic without fused
+/// multiply-adds and one rounding to the type, so every dtype equal bit for bit; a prompt
+/// (batch 2, 37 positions) and a decode batch laid out as time (b 1, 9 rows).
+#[test]
+fn split_rope_kernel_equals_its_cpu_reference() {
+    use vvlm_engine::llama::SplitRope;
+    let dev = gpu();
+    let (heads, kv_heads, d) = (8, 2, 64);
+    let op = SplitRope {
+        rotated: heads + kv_heads,
+        heads: heads + 2 * kv_heads,
+        head_dim: d,
+    };
+    for (b, len) in [(2usize, 37usize), (1, 9)] {
+        let x = Tensor::randn(
+            0f32,
+            1.0,
+            (b, len, (heads + 2 * kv_heads) * d),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let angles = Tensor::randn(0f32, 2.0, (len, d / 2), &Device::Cpu).unwrap();
+        let (c, s) = (angles.cos().unwrap(), angles.sin().unwrap());
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let t = |v: &Tensor| v.to_dtype(dt).unwrap();
+            let on = |v: &Tensor| t(v).to_device(&dev).unwrap();
+            let cpu = t(&x).apply_op3_no_bwd(&t(&c), &t(&s), &op).unwrap();
+            let cuda = on(&x).apply_op3_no_bwd(&on(&c), &on(&s), &op).unwrap();
+            let f = |v: &Tensor| -> Vec<f32> {
+                v.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            assert_eq!(f(&cpu), f(&cuda), "{dt:?} b {b} len {len}");
         }
     }
 }
