@@ -140,7 +140,7 @@ pub fn run(a: &EngineArgs) -> Result<serde_json::Value> {
     let peak = a.peak_tflops.map_or(measured_peak, |t| t * 1e3);
     let mut out = serde_json::json!({
         "device": a.placement.device, "dtype": format!("{dtype:?}"),
-        "cuda_attention": format!("{:?}", a.placement.attention).to_lowercase(),
+        "cuda_kernels": format!("{:?}", a.placement.kernels).to_lowercase(),
         "matmul_peak_gflops": measured_peak, "mfu_reference_gflops": peak,
     });
     let want = |p: &str| a.parts.iter().any(|x| x == p);

@@ -30,28 +30,28 @@ pub struct Placement {
     /// auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16.
     #[arg(long, env = "VVLM_DTYPE", default_value = "auto")]
     pub dtype: String,
-    /// The CUDA attention kernels: `fused` (the default: kernels/flash_attention.cu for bf16/f16
-    /// prompts, kernels/decode_attention.cu for decode rows) or `unfused` (cuBLAS matmuls around
-    /// the softmax kernel, per sequence), to compare the two.
-    #[arg(long, env = "VVLM_CUDA_ATTENTION", value_enum, default_value_t = AttentionKernel::Fused)]
-    pub attention: AttentionKernel,
+    /// The CUDA kernels: `fused` (the default: the engine's own in kernels/, flash and decode
+    /// attention, KV append, RMSNorm, q/k/v split with RoPE, epilogues) or `unfused` (candle's
+    /// ops alone), to compare the two or to rule ours out.
+    #[arg(long, env = "VVLM_CUDA_KERNELS", value_enum, default_value_t = KernelChoice::Fused)]
+    pub kernels: KernelChoice,
 }
 
-/// [`vvlm_engine::attention::DeviceAttention`] on the command line.
+/// [`vvlm_engine::DeviceKernels`] on the command line.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttentionKernel {
+pub enum KernelChoice {
     Fused,
     Unfused,
 }
 
 impl Placement {
-    /// The engine's load options for this placement; also selects the process's CUDA attention
-    /// kernel (`--attention`).
+    /// The engine's load options for this placement; also selects the process's CUDA kernels
+    /// (`--kernels`).
     pub fn load_options(&self) -> Result<LoadOptions> {
-        use vvlm_engine::attention::{set_device_attention, DeviceAttention};
-        set_device_attention(match self.attention {
-            AttentionKernel::Fused => DeviceAttention::Fused,
-            AttentionKernel::Unfused => DeviceAttention::Unfused,
+        use vvlm_engine::{set_device_kernels, DeviceKernels};
+        set_device_kernels(match self.kernels {
+            KernelChoice::Fused => DeviceKernels::Fused,
+            KernelChoice::Unfused => DeviceKernels::Unfused,
         });
         Ok(LoadOptions::parse(&self.device, &self.dtype)?)
     }

@@ -211,7 +211,7 @@ mod tests {
         let r = run(&Placement {
             device: "cpu".into(),
             dtype: "f32".into(),
-            attention: crate::AttentionKernel::Fused,
+            kernels: crate::KernelChoice::Fused,
         })
         .unwrap();
         let names: Vec<_> = r.checks.iter().map(|c| c.name).collect();

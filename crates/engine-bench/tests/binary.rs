@@ -38,7 +38,7 @@ fn bad_arguments_exit_2_naming_them() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("llama70b") && err.contains("llama1b"), "{err}");
     let out = bin()
-        .args(["smoke", "--attention", "flashy"])
+        .args(["smoke", "--kernels", "flashy"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

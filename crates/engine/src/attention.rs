@@ -21,7 +21,7 @@
 //! materialised by two batched matmuls around [`ScaledSoftmax`], which applies the scale and the
 //! causal mask inside the softmax (on CUDA: `kernels/scaled_softmax.cu`, one pass over the
 //! scores instead of a scaled copy, a mask tensor, a masked copy and the softmax). On CUDA two
-//! fused kernels take over where they apply ([`DeviceAttention::Fused`], the default):
+//! fused kernels take over where they apply ([`crate::DeviceKernels::Fused`], the default):
 //! [`FlashAttention`] (`kernels/flash_attention.cu`) for bf16/f16 prompts, whose scores never
 //! reach memory, and [`DecodeAttention`] (`kernels/decode_attention.cu`) for decode rows, every
 //! sequence of a batched step in one launch. FLOPs are counted the same whichever kernel runs.
@@ -534,40 +534,6 @@ impl candle_core::CustomOp1 for ScaledSoftmax {
     }
 }
 
-/// Which attention kernels run on CUDA (see [`set_device_attention`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceAttention {
-    /// The engine's fused kernels (the default): `kernels/flash_attention.cu` for bf16/f16
-    /// prompts of at least [`FLASH_MIN_ROWS`] rows (head sizes up to 128, multiples of 8), the
-    /// scores kept on chip; `kernels/decode_attention.cu` for decode rows (f32/bf16/f16, even
-    /// head sizes up to 256), every sequence of a batched step in one launch.
-    Fused,
-    /// Two cuBLAS matmuls around [`ScaledSoftmax`] (the scores materialised in memory), per
-    /// sequence.
-    Unfused,
-}
-
-static DEVICE_ATTENTION_UNFUSED: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
-/// Chooses the CUDA attention kernels for this process (benchmarks compare the two; results
-/// differ only by rounding). Like candle's own reduced-precision switches, a process setting.
-pub fn set_device_attention(kernel: DeviceAttention) {
-    DEVICE_ATTENTION_UNFUSED.store(
-        kernel == DeviceAttention::Unfused,
-        std::sync::atomic::Ordering::Relaxed,
-    );
-}
-
-/// The CUDA attention kernels in use.
-pub fn device_attention_kernel() -> DeviceAttention {
-    if DEVICE_ATTENTION_UNFUSED.load(std::sync::atomic::Ordering::Relaxed) {
-        DeviceAttention::Unfused
-    } else {
-        DeviceAttention::Fused
-    }
-}
-
 /// Query rows from which the flash kernel replaces the matmuls (its blocks take 64 rows; a
 /// decode row or two would leave the tensor cores idle and one block per head on the GPU).
 pub const FLASH_MIN_ROWS: usize = 16;
@@ -576,12 +542,10 @@ pub const FLASH_MIN_ROWS: usize = 16;
 fn flash_attention_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
     let (_, heads, q_len, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
-    Ok(cfg!(feature = "cuda")
-        && q.device().is_cuda()
+    Ok(crate::fused_on(q.device())
         && matches!(q.dtype(), DType::BF16 | DType::F16)
         && k.dtype() == q.dtype()
         && v.dtype() == q.dtype()
-        && device_attention_kernel() == DeviceAttention::Fused
         && q_len >= FLASH_MIN_ROWS
         && d.is_multiple_of(8)
         && d <= 128
@@ -591,10 +555,8 @@ fn flash_attention_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
 /// Whether decode rows of head size `d` on `q`'s device run `kernels/decode_attention.cu`
 /// (CUDA, f32/bf16/f16 caches of `q`'s dtype, even head sizes up to 256).
 fn cuda_decode_applies(q: &Tensor, kvs: &[(Tensor, Tensor)], d: usize) -> bool {
-    cfg!(feature = "cuda")
-        && q.device().is_cuda()
+    crate::fused_on(q.device())
         && matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        && device_attention_kernel() == DeviceAttention::Fused
         && d.is_multiple_of(2)
         && d <= 256
         && kvs.iter().all(|(k, v)| {

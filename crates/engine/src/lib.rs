@@ -38,6 +38,39 @@ pub use nn::Ctx;
 pub use sequence::PrefixKv;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Which kernels run on CUDA where the engine has its own (`kernels/`): the fused ones (the
+/// default: flash and decode attention, the batched KV append, RMSNorm, the q/k/v split with
+/// RoPE, the linear layers' epilogues) or candle's ops alone (`Unfused`: e.g. cuBLAS matmuls
+/// around the softmax kernel for attention), to compare the two or to rule ours out. Results
+/// differ only by rounding. A process setting, like candle's own precision switches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKernels {
+    Fused,
+    Unfused,
+}
+
+static DEVICE_KERNELS_UNFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Chooses the CUDA kernels for this process (see [`DeviceKernels`]).
+pub fn set_device_kernels(kernels: DeviceKernels) {
+    DEVICE_KERNELS_UNFUSED.store(kernels == DeviceKernels::Unfused, Ordering::Relaxed);
+}
+
+/// The CUDA kernels in use.
+pub fn device_kernels() -> DeviceKernels {
+    if DEVICE_KERNELS_UNFUSED.load(Ordering::Relaxed) {
+        DeviceKernels::Unfused
+    } else {
+        DeviceKernels::Fused
+    }
+}
+
+/// Whether the engine's fused CUDA kernels run for tensors on `device`.
+pub(crate) fn fused_on(device: &candle_core::Device) -> bool {
+    cfg!(feature = "cuda") && device.is_cuda() && device_kernels() == DeviceKernels::Fused
+}
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]

@@ -286,7 +286,7 @@ impl KvCache {
         v: &Tensor,
     ) -> Result<Vec<(Tensor, Tensor)>> {
         #[cfg(feature = "cuda")]
-        if k.device().is_cuda()
+        if crate::fused_on(k.device())
             && matches!(k.dtype(), DType::F32 | DType::BF16 | DType::F16)
             && caches
                 .iter()
@@ -761,7 +761,7 @@ impl Block {
             ctx.tap(|| "text.layer0.self_attn.v_proj".into(), &v);
         }
         let (q, k, v) = crate::profile::time(crate::profile::Section::Rope, qkv.device(), || {
-            if qkv.device().is_cuda() {
+            if crate::fused_on(qkv.device()) {
                 // One kernel: the per-head layout and RoPE of q and k ([b, heads, len, d] each).
                 let all = a.split_rope(&qkv, cos, sin)?;
                 return Ok((
@@ -837,7 +837,7 @@ impl Block {
                         split_rotate_decode_rows(&qkv, cos, sin, a.heads, a.kv_heads, a.head_dim)?;
                     return Ok((q, k, v, 0));
                 }
-                if qkv.device().is_cuda() {
+                if crate::fused_on(qkv.device()) {
                     // The batch as the time axis of one sequence ([1, heads, B, d] etc.), in one
                     // kernel.
                     let all = a.split_rope(&qkv.reshape((1, b, ()))?, cos, sin)?;

@@ -281,7 +281,7 @@ impl Linear {
     /// product, then [`gelu_tanh`].
     pub fn forward_gelu_tanh(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         match &self.bias {
-            Some(b) if x.device().is_cuda() => {
+            Some(b) if crate::fused_on(x.device()) => {
                 let y = self.product_without_bias(x, ctx)?;
                 crate::profile::time(crate::profile::Section::Activation, x.device(), || {
                     y.apply_op2_no_bwd(b, &BiasGeluTanh)
@@ -296,7 +296,7 @@ impl Linear {
     /// then the add.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         match &self.bias {
-            Some(b) if x.device().is_cuda() => {
+            Some(b) if crate::fused_on(x.device()) => {
                 let y = self.product_without_bias(x, ctx)?;
                 y.apply_op3_no_bwd(b, &residual.contiguous()?, &BiasResidual)
             }
@@ -515,7 +515,7 @@ impl RmsNorm {
         if dt == DType::F32 {
             return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps);
         }
-        if x.device().is_cuda() && matches!(dt, DType::BF16 | DType::F16) {
+        if crate::fused_on(x.device()) && matches!(dt, DType::BF16 | DType::F16) {
             // The same arithmetic in one kernel (`kernels/rms_norm.cu`) instead of nine ops.
             return x
                 .contiguous()?

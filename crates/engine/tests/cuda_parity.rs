@@ -112,7 +112,7 @@ fn attention_on_the_gpu_matches_the_fused_cpu_kernel() {
 /// up to ~3 (randn inputs).
 #[test]
 fn flash_attention_kernel_matches_the_cpu_and_the_unfused_path() {
-    use vvlm_engine::attention::{set_device_attention, DeviceAttention};
+    use vvlm_engine::{set_device_kernels, DeviceKernels};
     let dev = gpu();
     let flops = FlopCounter::new();
     let ctx = vvlm_engine::Ctx::new(&flops, Component::LmPrefill);
@@ -152,11 +152,11 @@ fn flash_attention_kernel_matches_the_cpu_and_the_unfused_path() {
         let cpu = attention(&q, &k, &v, 0.125, m, &ctx).unwrap();
         for (dtype, tol) in [(DType::BF16, 2e-2), (DType::F16, 4e-3)] {
             let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
-            set_device_attention(DeviceAttention::Fused);
+            set_device_kernels(DeviceKernels::Fused);
             let flash = attention(&on(&q), &on(&k), &on(&v), 0.125, m, &ctx).unwrap();
-            set_device_attention(DeviceAttention::Unfused);
+            set_device_kernels(DeviceKernels::Unfused);
             let unfused = attention(&on(&q), &on(&k), &on(&v), 0.125, m, &ctx).unwrap();
-            set_device_attention(DeviceAttention::Fused);
+            set_device_kernels(DeviceKernels::Fused);
             let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
             let case = format!("{dtype:?} b {b} heads {heads}/{kv_heads} q {q_len} past {past} d {d} causal {causal}");
             assert_eq!(flash.dims(), cpu.dims(), "{case}");
@@ -176,7 +176,8 @@ fn flash_attention_kernel_matches_the_cpu_and_the_unfused_path() {
 /// the same bounds of the unfused GPU path.
 #[test]
 fn decode_attention_kernel_matches_the_cpu_alone_and_batched() {
-    use vvlm_engine::attention::{decode_attention_batch, set_device_attention, DeviceAttention};
+    use vvlm_engine::attention::decode_attention_batch;
+    use vvlm_engine::{set_device_kernels, DeviceKernels};
     let dev = gpu();
     let flops = FlopCounter::new();
     for (heads, kv_heads, d) in [(6, 2, 64), (4, 4, 72), (8, 1, 128)] {
@@ -228,9 +229,9 @@ fn decode_attention_kernel_matches_the_cpu_alone_and_batched() {
                     "{case} sequence {i}: alone = batched"
                 );
             }
-            set_device_attention(DeviceAttention::Unfused);
+            set_device_kernels(DeviceKernels::Unfused);
             let unfused = decode_attention_batch(&on(&q), &gkvs, 0.125, &ctxs).unwrap();
-            set_device_attention(DeviceAttention::Fused);
+            set_device_kernels(DeviceKernels::Fused);
             let e = max_abs(&f32(&unfused), &f32(&got));
             assert!(e <= 2.0 * tol, "fused vs unfused, {case}: {e}");
         }
