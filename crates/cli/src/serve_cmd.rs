@@ -90,6 +90,10 @@ pub struct ServeArgs {
     /// cache memory and half the bytes decode reads from it).
     #[arg(long, env = "VVLM_KV_CACHE_DTYPE")]
     pub kv_cache_dtype: Option<KvCacheDtypeArg>,
+    /// On CUDA: fused (the engine's own kernels where they apply) or unfused (candle's ops
+    /// alone: the escape hatch should one of ours misbehave on a GPU).
+    #[arg(long, env = "VVLM_CUDA_KERNELS")]
+    pub cuda_kernels: Option<CudaKernelsArg>,
     /// Folders file:// URLs may read from (repeatable).
     #[arg(long = "file-allow", env = "VVLM_FILE_ALLOW", value_delimiter = ',')]
     pub file_allow: Vec<PathBuf>,
@@ -105,6 +109,12 @@ pub enum QuantizedDecodeArg {
 pub enum KvCacheDtypeArg {
     Auto,
     F16,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum CudaKernelsArg {
+    Fused,
+    Unfused,
 }
 
 pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
@@ -156,6 +166,12 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
         c.kv_cache_dtype = match v {
             KvCacheDtypeArg::Auto => vvlm_engine::KvCacheDtype::Auto,
             KvCacheDtypeArg::F16 => vvlm_engine::KvCacheDtype::F16,
+        };
+    }
+    if let Some(v) = a.cuda_kernels {
+        c.cuda_kernels = match v {
+            CudaKernelsArg::Fused => vvlm_engine::DeviceKernels::Fused,
+            CudaKernelsArg::Unfused => vvlm_engine::DeviceKernels::Unfused,
         };
     }
     if let Some(v) = &a.admin_key {

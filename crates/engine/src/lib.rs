@@ -45,8 +45,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// RoPE, the linear layers' epilogues) or candle's ops alone (`Unfused`: e.g. cuBLAS matmuls
 /// around the softmax kernel for attention), to compare the two or to rule ours out. Results
 /// differ only by rounding. A process setting, like candle's own precision switches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DeviceKernels {
+    #[default]
     Fused,
     Unfused,
 }

@@ -62,6 +62,12 @@ pub struct ServerConfig {
     /// cache). A checkpoint it cannot apply to keeps its own dtype, with a load note.
     #[serde(default)]
     pub kv_cache_dtype: vvlm_engine::KvCacheDtype,
+    /// On CUDA: `fused` (the default) runs the engine's own kernels where they apply (flash and
+    /// batched decode attention, KV append, RMSNorm, q/k/v split with RoPE, epilogues);
+    /// `unfused` leaves candle's ops alone (same results up to rounding; slower): an escape
+    /// hatch should one of ours misbehave on a GPU. No effect on the CPU.
+    #[serde(default)]
+    pub cuda_kernels: vvlm_engine::DeviceKernels,
     #[serde(default)]
     pub cache: CacheConfig,
 }
@@ -331,6 +337,18 @@ mod tests {
         let err = ServerConfig::layered(Some("[limits]\nqueue_dept = 3\n")).unwrap_err();
         assert!(err.contains("queue_dept"), "{err}");
         assert!(ServerConfig::layered(Some("[limits]\nqueue_depth = \"many\"\n")).is_err());
+    }
+
+    #[test]
+    fn the_cuda_kernels_are_fused_unfused_or_refused() {
+        assert_eq!(
+            ServerConfig::embedded().cuda_kernels,
+            vvlm_engine::DeviceKernels::Fused
+        );
+        let c = ServerConfig::layered(Some("cuda_kernels = \"unfused\"\n")).unwrap();
+        assert_eq!(c.cuda_kernels, vvlm_engine::DeviceKernels::Unfused);
+        let err = ServerConfig::layered(Some("cuda_kernels = \"fast\"\n")).unwrap_err();
+        assert!(err.to_string().contains("fast"), "{err}");
     }
 
     #[test]

@@ -179,6 +179,7 @@ pub fn load_models(state: &AppState) -> Result<(), StartError> {
         load_options.prefill_chunk = state.config.prefill_chunk;
         load_options.quantized_prefill = state.config.quantized_prefill;
         load_options.kv_cache = state.config.kv_cache_dtype;
+        vvlm_engine::set_device_kernels(state.config.cuda_kernels);
         tracing::info!(device = %state.config.device, dtype = ?load_options.dtype, "engine placement");
         let mut loaded = Registry::default();
         let mut engines = BTreeMap::new();
