@@ -7,7 +7,7 @@ tokens then decode steps with a KV cache, and (with --batch) batched greedy deco
 CPU, as beside `vvlm bench engine` (benches/engine_vs_torch.sh):
     python3 benches/engine_vs_torch.py --threads 2 --prefill 512 --decode 16 --frames 2
 GPU, as beside the bundle's engine and batch steps (scripts/gpu-run):
-    python3 benches/engine_vs_torch.py --device cuda --dtype bf16 --frames 32 --prefill 4096 \
+    python3 benches/engine_vs_torch.py --device cuda --dtype bf16 --frames 32 --prefill 4096 --profile \
         --decode 64 --batch 1,8,64 --ntg 128 --peak-tflops 989
 
 On the CPU vision is timed one frame per call (median); on a GPU all frames go in one batch,
@@ -28,6 +28,9 @@ ap.add_argument("--batch", default="", help="batch sizes for batched decode, e.g
 ap.add_argument("--npp", type=int, default=32, help="prompt tokens per sequence in the batch test")
 ap.add_argument("--ntg", type=int, default=128, help="tokens generated per sequence in the batch test")
 ap.add_argument("--peak-tflops", type=float, default=None, help="dense peak for MFU")
+ap.add_argument("--profile", action="store_true",
+                help="one more vision pass and prefill timed by kind of op (vision_profile_ms, "
+                     "llama1b_prefill_profile_ms), as vvlm's `engine --profile`")
 a = ap.parse_args()
 parts = set(p.strip() for p in a.parts.split(","))
 try:
@@ -79,6 +82,57 @@ else:
     LLAMA.update(rope_scaling=ROPE, rope_theta=500000.0)
 
 
+def profiled(model, run):
+    """One more `run()` with forward hooks timing, with the device synchronised around each,
+    the modules vvlm's profile sections cover: linear layers (matmul, with their bias), norms,
+    activations, and the attention modules' own time less their linear layers (attention: in
+    transformers that includes RoPE, so vvlm's rope section belongs beside it). The rest of the
+    pass is `other`; `total` is the profiled pass (slower than an unprofiled one)."""
+    import torch.nn as nn
+    kinds = {"matmul": 0.0, "attention": 0.0, "norm": 0.0, "activation": 0.0}
+    stack = []  # [start, time of timed children]
+
+    def kind(m):
+        name = type(m).__name__
+        if isinstance(m, nn.Linear):
+            return "matmul"
+        if "Norm" in name:
+            return "norm"
+        if name.endswith("Attention"):
+            return "attention"
+        if "Activation" in name or name in ("GELUTanh", "SiLU", "SiLUActivation", "PytorchGELUTanh", "GELU"):
+            return "activation"
+        return None
+
+    def pre(m, args):
+        sync()
+        stack.append([time.perf_counter(), 0.0])
+
+    def post(m, args, output):
+        sync()
+        t0, children = stack.pop()
+        spent = time.perf_counter() - t0
+        kinds[kind(m)] += spent - children
+        if stack:
+            stack[-1][1] += spent
+
+    hooks = []
+    for m in model.modules():
+        if kind(m):
+            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        t0 = clock()
+        run()
+        total = clock() - t0
+    finally:
+        for h in hooks:
+            h.remove()
+    res = {k: v * 1e3 for k, v in kinds.items()}
+    res["other"] = max(0.0, total * 1e3 - sum(res.values()))
+    res["total"] = total * 1e3
+    return res
+
+
 def llama_prefill_flops(n_tok):
     """Matmul FLOPs of a prefill, as vvlm counts them (linear layers, causal attention over the
     visible pairs, the LM head on the last position)."""
@@ -116,6 +170,9 @@ with torch.inference_mode():
         out["vision_frames_per_s"] = 1 / s
         out["vision_gflops"] = siglip_frame_flops() / s / 1e9
         out["vision_mfu"] = out["vision_gflops"] / peak_gflops
+        if a.profile:
+            px = torch.randn(fb, 3, 384, 384, device=dev, dtype=dtype)
+            out["vision_profile_ms"] = profiled(m, lambda: m(pixel_values=px, output_hidden_states=False))
         del m
     if "llama1b" in parts or batches:
         with torch.device(dev):
@@ -129,6 +186,9 @@ with torch.inference_mode():
         out["llama1b_prefill_tok_s"] = a.prefill / ps
         out["llama1b_prefill_gflops"] = llama_prefill_flops(a.prefill) / ps / 1e9
         out["llama1b_prefill_mfu"] = out["llama1b_prefill_gflops"] / peak_gflops
+        if a.profile:
+            out["llama1b_prefill_profile_ms"] = profiled(
+                m, lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1))
         past = o.past_key_values
         nxt = o.logits[:, -1].argmax(-1, keepdim=True)
         t0 = clock()
