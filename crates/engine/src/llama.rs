@@ -969,25 +969,9 @@ impl candle_core::CustomOp3 for SplitRope {
             }
             out
         };
-        fn values(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
-            let Some((a, b)) = l.contiguous_offsets() else {
-                candle_core::bail!("split-rope expects contiguous inputs");
-            };
-            Ok(match s {
-                CpuStorage::F32(x) => x[a..b].to_vec(),
-                CpuStorage::BF16(x) => x[a..b].iter().map(|v| v.to_f32()).collect(),
-                CpuStorage::F16(x) => x[a..b].iter().map(|v| v.to_f32()).collect(),
-                _ => candle_core::bail!("split-rope: f32, bf16 or f16"),
-            })
-        }
+        let values = |s, l| crate::nn::cpu_values_f32(s, l, "split-rope");
         let out = run(values(x, lx)?, values(c, lc)?, values(s, ls)?);
-        let out = match x {
-            CpuStorage::F32(_) => CpuStorage::F32(out),
-            CpuStorage::BF16(_) => {
-                CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
-            }
-            _ => CpuStorage::F16(out.into_iter().map(half::f16::from_f32).collect()),
-        };
+        let out = crate::nn::cpu_storage_like(x, out);
         Ok((out, Shape::from((b, heads, len, d))))
     }
 

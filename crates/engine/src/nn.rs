@@ -364,6 +364,38 @@ fn gelu_tanh_f32(x: f32) -> f32 {
     0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh())
 }
 
+/// A contiguous f32/bf16/f16 CPU tensor's values as f32 (what the CPU references of the CUDA
+/// kernels compute in); `op` names the caller in errors.
+pub(crate) fn cpu_values_f32(
+    s: &candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+) -> Result<Vec<f32>> {
+    use candle_core::CpuStorage as S;
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op} expects contiguous inputs");
+    };
+    Ok(match s {
+        S::F32(x) => x[a..b].to_vec(),
+        S::BF16(x) => x[a..b].iter().map(|v| v.to_f32()).collect(),
+        S::F16(x) => x[a..b].iter().map(|v| v.to_f32()).collect(),
+        _ => candle_core::bail!("{op}: f32, bf16 or f16"),
+    })
+}
+
+/// f32 values as a CPU storage of `like`'s dtype (f32, bf16 or f16), rounded once.
+pub(crate) fn cpu_storage_like(
+    like: &candle_core::CpuStorage,
+    v: Vec<f32>,
+) -> candle_core::CpuStorage {
+    use candle_core::CpuStorage as S;
+    match like {
+        S::BF16(_) => S::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        S::F16(_) => S::F16(v.into_iter().map(half::f16::from_f32).collect()),
+        _ => S::F32(v),
+    }
+}
+
 /// The epilogues' CPU reference: `f(y, bias, residual)` per element in f32, `[.., cols]`.
 fn epilogue_cpu(
     y: (&candle_core::CpuStorage, &candle_core::Layout),
@@ -371,18 +403,7 @@ fn epilogue_cpu(
     residual: Option<(&candle_core::CpuStorage, &candle_core::Layout)>,
     f: impl Fn(f32, f32, f32) -> f32,
 ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-    use candle_core::CpuStorage as S;
-    fn values(s: &S, l: &candle_core::Layout) -> Result<Vec<f32>> {
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("epilogue expects contiguous inputs");
-        };
-        Ok(match s {
-            S::F32(x) => x[a..b].to_vec(),
-            S::BF16(x) => x[a..b].iter().map(|v| v.to_f32()).collect(),
-            S::F16(x) => x[a..b].iter().map(|v| v.to_f32()).collect(),
-            _ => candle_core::bail!("epilogue: f32, bf16 or f16"),
-        })
-    }
+    let values = |s, l| cpu_values_f32(s, l, "epilogue");
     let cols = bias.1.shape().dims1()?;
     if y.1.dims().last() != Some(&cols) || cols == 0 {
         candle_core::bail!("epilogue: bias of {cols} for {:?}", y.1.dims());
@@ -400,12 +421,7 @@ fn epilogue_cpu(
         .enumerate()
         .map(|(i, &v)| f(v, bv[i % cols], rv.as_ref().map_or(0.0, |r| r[i])))
         .collect();
-    let storage = match y.0 {
-        S::F32(_) => S::F32(out),
-        S::BF16(_) => S::BF16(out.into_iter().map(half::bf16::from_f32).collect()),
-        S::F16(_) => S::F16(out.into_iter().map(half::f16::from_f32).collect()),
-        _ => unreachable!("checked by values()"),
-    };
+    let storage = cpu_storage_like(y.0, out);
     Ok((storage, y.1.shape().clone()))
 }
 
