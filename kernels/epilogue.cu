@@ -2,11 +2,14 @@
 // activation or the residual add, each reading and writing the whole output):
 //   bias_gelu_tanh: out = gelu_tanh(y + bias)     (SigLIP's fc1, the projector's first layer)
 //   bias_residual:  out = residual + (y + bias)   (SigLIP's out-projection and fc2)
+//   swiglu:         out = silu(g) * u of gate_up = [g | u] rows [rows, 2 cols] (Llama's MLP:
+//                   one pass and one launch instead of a SiLU over a strided view and a multiply)
 // in f32 arithmetic, rounded once to T. y, residual, out: [rows, cols] contiguous; bias: [cols].
 // gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as transformers'
 // gelu_pytorch_tanh and candle's gelu.
 //
-// CPU reference: `vvlm_engine::nn::BiasGeluTanh::cpu_fwd` / `BiasResidual::cpu_fwd` (the same
+// CPU reference: `vvlm_engine::nn::BiasGeluTanh::cpu_fwd` / `BiasResidual::cpu_fwd` /
+// `SwigluDevice::cpu_fwd` (the same
 // formulas, checked in CI against candle's ops); crates/engine/tests/cuda_parity.rs compares.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -30,6 +33,15 @@ __device__ void bias_residual(const T* __restrict__ y, const T* __restrict__ bia
     }
 }
 
+template <typename T>
+__device__ void swiglu(const T* __restrict__ gu, T* __restrict__ out, long long n, int cols) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long row = i / cols, c = i % cols;
+        const float g = load(gu + row * 2 * cols + c), u = load(gu + row * 2 * cols + cols + c);
+        store(out + i, g / (1.0f + expf(-g)) * u);
+    }
+}
+
 #define EPILOGUES(SUFFIX, T)                                                                              \
     extern "C" __global__ void bias_gelu_tanh_##SUFFIX(const T* y, const T* bias, T* out, long long n,     \
                                                        int cols) {                                         \
@@ -38,6 +50,9 @@ __device__ void bias_residual(const T* __restrict__ y, const T* __restrict__ bia
     extern "C" __global__ void bias_residual_##SUFFIX(const T* y, const T* bias, const T* residual, T* out, \
                                                       long long n, int cols) {                             \
         bias_residual(y, bias, residual, out, n, cols);                                                    \
+    }                                                                                                      \
+    extern "C" __global__ void swiglu_##SUFFIX(const T* gu, T* out, long long n, int cols) {               \
+        swiglu(gu, out, n, cols);                                                                          \
     }
 
 EPILOGUES(f32, float)

@@ -562,6 +562,58 @@ fn launch_epilogue<T: CudaDType + DeviceRepr>(
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
+/// SwiGLU of a fused gate/up product `[.., 2i]` (`kernels/epilogue.cu`, see
+/// [`crate::nn::SwigluDevice`]): `[.., i]`.
+pub fn swiglu(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("swiglu expects a contiguous tensor");
+    };
+    let two_i = l.dims().last().copied().unwrap_or(0);
+    if two_i == 0 || !two_i.is_multiple_of(2) || two_i / 2 > i32::MAX as usize {
+        candle_core::bail!("swiglu: last dimension {two_i} (even, > 0)");
+    }
+    let i = two_i / 2;
+    let n = (end - start) / 2;
+    let kernel = format!("swiglu_{}", dtype_suffix(s.dtype(), "swiglu")?);
+    let out = match s.dtype() {
+        DType::F32 => launch_swiglu::<f32>(s, (start, end), &kernel, n, i)?,
+        DType::BF16 => launch_swiglu::<half::bf16>(s, (start, end), &kernel, n, i)?,
+        _ => launch_swiglu::<half::f16>(s, (start, end), &kernel, n, i)?,
+    };
+    let mut dims = l.dims().to_vec();
+    *dims.last_mut().expect("checked above") = i;
+    Ok((out, Shape::from(dims)))
+}
+
+fn launch_swiglu<T: CudaDType + DeviceRepr>(
+    s: &CudaStorage,
+    (start, end): (usize, usize),
+    kernel: &str,
+    n: usize,
+    i: usize,
+) -> Result<CudaStorage> {
+    let dev = s.device();
+    let x = s.as_cuda_slice::<T>()?.slice(start..end);
+    let func = dev.get_or_load_custom_func(kernel, "vvlm_epilogue", EPILOGUE_PTX)?;
+    // SAFETY: every output element is written (a grid-stride loop over all n).
+    let out = unsafe { dev.alloc::<T>(n)? };
+    let (n_i, i_i) = (n as i64, i as i32);
+    let mut bld = func.builder();
+    bld.arg(&x);
+    bld.arg(&out);
+    bld.arg(&n_i);
+    bld.arg(&i_i);
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65_535 * 32) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the kernel's signature is (const T*, T*, long long, int), matched above; the
+    // input holds 2n elements (rows of 2i), the output n.
+    unsafe { bld.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
 /// PTX of `kernels/rms_norm.cu`.
 pub const RMS_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
 

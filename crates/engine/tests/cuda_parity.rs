@@ -238,12 +238,13 @@ fn decode_attention_kernel_matches_the_cpu_alone_and_batched() {
     }
 }
 
-/// `kernels/epilogue.cu` against its CPU reference (`BiasGeluTanh`, `BiasResidual`): f32
+/// `kernels/epilogue.cu` against its CPU reference (`BiasGeluTanh`, `BiasResidual`,
+/// `SwigluDevice`): f32
 /// within 1e-5 of each value's magnitude (the GPU's tanhf vs libm's tanh), bf16/f16 within one
 /// ulp of the output (2^-7, 2^-10 of a value).
 #[test]
 fn epilogue_kernels_match_their_cpu_reference() {
-    use vvlm_engine::nn::{BiasGeluTanh, BiasResidual};
+    use vvlm_engine::nn::{BiasGeluTanh, BiasResidual, SwigluDevice};
     let dev = gpu();
     let y = Tensor::randn(0f32, 2.0, (7, 300, 4304), &Device::Cpu).unwrap();
     let b = Tensor::randn(0f32, 1.0, 4304, &Device::Cpu).unwrap();
@@ -271,6 +272,12 @@ fn epilogue_kernels_match_their_cpu_reference() {
                 on(&y)
                     .apply_op3_no_bwd(&on(&b), &on(&x), &BiasResidual)
                     .unwrap(),
+            ),
+            (
+                // y as a fused gate/up product: [.., 2 · 2152] -> [.., 2152].
+                "swiglu",
+                y.apply_op1_no_bwd(&SwigluDevice).unwrap(),
+                on(&y).apply_op1_no_bwd(&SwigluDevice).unwrap(),
             ),
         ] {
             let f = |t: &Tensor| -> Vec<f32> {
