@@ -113,7 +113,7 @@ fn uncounted_attention(
         return q.apply_op3_no_bwd(&k, &v, &op)?.transpose(1, 2);
     }
     let (b, heads, q_len, d) = q.dims4()?;
-    if q_len == 1 && q.device().is_cuda() {
+    if q_len == 1 && crate::fused_on(q.device()) {
         let kvs: Vec<(Tensor, Tensor)> = (0..b)
             .map(|i| Ok((k.narrow(0, i, 1)?, v.narrow(0, i, 1)?)))
             .collect::<Result<_>>()?;

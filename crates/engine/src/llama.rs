@@ -1270,14 +1270,7 @@ mod tests {
                 1,
             )
             .unwrap();
-            let f = |t: &Tensor| -> Vec<f32> {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
+            let f = crate::nn::values_f32;
             let err = f(&got)
                 .iter()
                 .zip(f(&want))

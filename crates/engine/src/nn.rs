@@ -257,7 +257,7 @@ impl Linear {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         ctx.count_matmul(1, rows, self.in_features, self.out_features);
-        self.compute(x, crate::gemv::MAX_ROWS)
+        self.compute(x, crate::gemv::MAX_ROWS, true)
     }
 
     /// [`Self::forward`] over rows that belong to different requests: row `i` is counted in
@@ -273,7 +273,7 @@ impl Linear {
         }
         // The row-wise kernels for a whole decode batch: each weight row is read once for all
         // the batch's rows, and each output is the same dot product as for a sequence alone.
-        self.compute(x, crate::gemv::MAX_BATCH_ROWS)
+        self.compute(x, crate::gemv::MAX_BATCH_ROWS, true)
     }
 
     /// `gelu_tanh(x·Wᵀ + b)` (counted as [`Self::forward`]): on CUDA, with a bias, the bias
@@ -306,27 +306,20 @@ impl Linear {
 
     /// `x·Wᵀ` without the bias (a full matmul; counted as [`Self::forward`]).
     fn product_without_bias(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let Some(w) = &self.weight else {
-            candle_core::bail!("{QUANTIZED_ONLY}");
-        };
-        let dims = x.dims().to_vec();
+        let dims = x.dims();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         ctx.count_matmul(1, rows, self.in_features, self.out_features);
+        self.compute(x, crate::gemv::MAX_ROWS, false)
+    }
+
+    /// `x·Wᵀ`, plus the bias when `add_bias`.
+    fn compute(&self, x: &Tensor, gemv_rows: usize, add_bias: bool) -> Result<Tensor> {
         crate::profile::time(crate::profile::Section::Matmul, x.device(), || {
-            let y = x.reshape((rows, self.in_features))?.matmul(&w.t()?)?;
-            let mut out_dims = dims.clone();
-            *out_dims.last_mut().unwrap() = self.out_features;
-            y.reshape(out_dims)
+            self.compute_untimed(x, gemv_rows, add_bias)
         })
     }
 
-    fn compute(&self, x: &Tensor, gemv_rows: usize) -> Result<Tensor> {
-        crate::profile::time(crate::profile::Section::Matmul, x.device(), || {
-            self.compute_untimed(x, gemv_rows)
-        })
-    }
-
-    fn compute_untimed(&self, x: &Tensor, gemv_rows: usize) -> Result<Tensor> {
+    fn compute_untimed(&self, x: &Tensor, gemv_rows: usize, add_bias: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, self.in_features))?;
@@ -341,7 +334,7 @@ impl Linear {
             (_, Some(w)) => x2.matmul(&w.t()?)?,
             (_, None) => candle_core::bail!("{QUANTIZED_ONLY}"),
         };
-        if let Some(b) = &self.bias {
+        if let (true, Some(b)) = (add_bias, &self.bias) {
             y = y.broadcast_add(b)?;
         }
         let mut out_dims = dims;
@@ -613,51 +606,33 @@ impl candle_core::CustomOp2 for RmsNormLowPrecision {
         lw: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CpuStorage as S;
-        fn rows<T: Copy>(
-            x: &[T],
-            w: &[T],
-            eps: f32,
-            to: impl Fn(T) -> f32,
-            from: impl Fn(f32) -> T,
-        ) -> Vec<T> {
-            let n = w.len();
-            x.chunks(n)
-                .flat_map(|row| {
-                    let s: f32 = row.iter().map(|&v| to(v) * to(v)).sum();
-                    // `s · (1/n)`, as candle's mean computes it.
-                    let r = (s * (1.0 / n as f32) + eps).sqrt();
-                    row.iter()
-                        .zip(w)
-                        .map(|(&v, &wv)| from(to(from(to(v) / r)) * to(wv)))
-                        .collect::<Vec<T>>()
-                })
-                .collect()
-        }
-        let n = lw.shape().dims1()?;
-        let (Some((x0, x1)), Some((w0, w1))) = (lx.contiguous_offsets(), lw.contiguous_offsets())
-        else {
-            candle_core::bail!("rms-norm expects contiguous inputs");
+        // The normalised value's rounding to the input type, before the weight.
+        let round: fn(f32) -> f32 = match (x, w) {
+            (S::BF16(_), S::BF16(_)) => |v| half::bf16::from_f32(v).to_f32(),
+            (S::F16(_), S::F16(_)) => |v| half::f16::from_f32(v).to_f32(),
+            _ => candle_core::bail!("rms-norm-low-precision: bf16 or f16, both the same"),
         };
+        let n = lw.shape().dims1()?;
         if lx.dims().last() != Some(&n) || n == 0 {
             candle_core::bail!("rms-norm: weight of {n} for {:?}", lx.dims());
         }
-        let out = match (x, w) {
-            (S::BF16(x), S::BF16(w)) => S::BF16(rows(
-                &x[x0..x1],
-                &w[w0..w1],
-                self.eps,
-                |v| v.to_f32(),
-                half::bf16::from_f32,
-            )),
-            (S::F16(x), S::F16(w)) => S::F16(rows(
-                &x[x0..x1],
-                &w[w0..w1],
-                self.eps,
-                |v| v.to_f32(),
-                half::f16::from_f32,
-            )),
-            _ => candle_core::bail!("rms-norm-low-precision: bf16 or f16, both the same"),
-        };
+        let (xv, wv) = (
+            cpu_values_f32(x, lx, "rms-norm")?,
+            cpu_values_f32(w, lw, "rms-norm")?,
+        );
+        let out: Vec<f32> = xv
+            .chunks(n)
+            .flat_map(|row| {
+                let s: f32 = row.iter().map(|&v| v * v).sum();
+                // `s · (1/n)`, as candle's mean computes it.
+                let r = (s * (1.0 / n as f32) + self.eps).sqrt();
+                row.iter()
+                    .zip(&wv)
+                    .map(|(&v, &w)| round(v / r) * w)
+                    .collect::<Vec<f32>>()
+            })
+            .collect();
+        let out = cpu_storage_like(x, out);
         Ok((out, lx.shape().clone()))
     }
 
@@ -873,6 +848,15 @@ fn swiglu_rows(d: &mut [f32], s: &[f32], i: usize) {
     }
 }
 
+/// A tensor's values as f32 (tests compare kernels element by element).
+#[cfg(test)]
+pub(crate) fn values_f32(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("an f32-convertible tensor")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -897,14 +881,7 @@ mod tests {
                 let got = x
                     .apply_op2_no_bwd(&w, &RmsNormLowPrecision { eps: 1e-5 })
                     .unwrap();
-                let f = |t: &Tensor| -> Vec<f32> {
-                    t.to_dtype(DType::F32)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                };
+                let f = values_f32;
                 for (g, e) in f(&got).iter().zip(f(&want)) {
                     assert!(
                         (g - e).abs() <= 2.0 * ulp * e.abs().max(2f32.powi(-10)),
@@ -936,14 +913,7 @@ mod tests {
             let g = x.narrow(2, 0, 40).unwrap();
             let u = x.narrow(2, 40, 40).unwrap();
             let want = (candle_nn::ops::silu(&g).unwrap() * u).unwrap();
-            let f = |t: &Tensor| -> Vec<f32> {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
+            let f = values_f32;
             for (a, b) in f(&got).iter().zip(f(&want)) {
                 assert!(
                     (a - b).abs() <= rel * b.abs().max(1.0),
@@ -964,14 +934,7 @@ mod tests {
         let y = Tensor::randn(0f32, 2.0, (3, 5, 48), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 48, &dev).unwrap();
         let x = Tensor::randn(0f32, 1.0, (3, 5, 48), &dev).unwrap();
-        let flat = |t: &Tensor| -> Vec<f32> {
-            t.to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        };
+        let flat = values_f32;
         let close = |got: &Tensor, want: &Tensor, rel: f32| {
             for (g, w) in flat(got).iter().zip(flat(want)) {
                 assert!((g - w).abs() <= rel * w.abs().max(1.0), "{g} vs {w}");

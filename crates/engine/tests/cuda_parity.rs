@@ -280,14 +280,7 @@ fn epilogue_kernels_match_their_cpu_reference() {
                 on(&y).apply_op1_no_bwd(&SwigluDevice).unwrap(),
             ),
         ] {
-            let f = |t: &Tensor| -> Vec<f32> {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
+            let f = common::values_f32;
             for (c, g) in f(&cpu).iter().zip(f(&cuda)) {
                 assert!(
                     (c - g).abs() <= rel * c.abs().max(1.0),
@@ -317,14 +310,7 @@ fn rms_norm_kernel_matches_its_cpu_reference() {
                 .unwrap()
                 .apply_op2_no_bwd(&w.to_device(&dev).unwrap(), &op)
                 .unwrap();
-            let f = |t: &Tensor| -> Vec<f32> {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
+            let f = common::values_f32;
             for (c, g) in f(&cpu).iter().zip(f(&cuda)) {
                 assert!(
                     (c - g).abs() <= 2.0 * ulp * c.abs().max(2f32.powi(-10)),
@@ -364,14 +350,7 @@ fn split_rope_kernel_equals_its_cpu_reference() {
             let on = |v: &Tensor| t(v).to_device(&dev).unwrap();
             let cpu = t(&x).apply_op3_no_bwd(&t(&c), &t(&s), &op).unwrap();
             let cuda = on(&x).apply_op3_no_bwd(&on(&c), &on(&s), &op).unwrap();
-            let f = |v: &Tensor| -> Vec<f32> {
-                v.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
+            let f = common::values_f32;
             assert_eq!(f(&cpu), f(&cuda), "{dt:?} b {b} len {len}");
         }
     }

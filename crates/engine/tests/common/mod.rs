@@ -41,3 +41,11 @@ pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     vvlm_engine::nn::max_abs_diff(a, b).unwrap()
 }
+
+/// A tensor's values as f32, for element-by-element comparisons.
+pub fn values_f32(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(candle_core::DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("an f32-convertible tensor")
+}
