@@ -2,8 +2,8 @@
 # Builds llama.cpp's `llama-batched-bench` (the peer of `vvlm bench batch` and `vvlm bench engine
 # --parts smollm2`) and `llama-quantize` (for the F32 requantization) from the source that
 # llama-cpp-python's sdist carries (vendor/llama.cpp; PyPI is reachable where GitHub is not),
-# for this machine's own instruction set: AVX2 + FMA + F16C, and AVX-512 when `lscpu` lists
-# avx512f. Not GGML_NATIVE (it died with an illegal instruction on one of the Xeons). Prints the
+# for this machine's own instruction set: AVX2 + FMA + F16C, and each of AVX-512 (F, VBMI, VNNI,
+# BF16), AVX-VNNI and BMI2 that /proc/cpuinfo lists. Not GGML_NATIVE (it died with an illegal instruction on one of the Xeons). Prints the
 # binary's path; the flags used are written beside it (build-flags.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,14 @@ PY
 fi
 command -v cmake >/dev/null || python3 -m pip install --quiet cmake >&2
 flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON)
-if lscpu | grep -qw avx512f; then flags+=(-DGGML_AVX512=ON); fi
+cpu_flags=$(grep -m1 '^flags' /proc/cpuinfo)
+has() { grep -qw "$1" <<<"$cpu_flags"; }
+if has avx512f; then flags+=(-DGGML_AVX512=ON); fi
+if has avx512vbmi; then flags+=(-DGGML_AVX512_VBMI=ON); fi
+if has avx512_vnni; then flags+=(-DGGML_AVX512_VNNI=ON); fi
+if has avx512_bf16; then flags+=(-DGGML_AVX512_BF16=ON); fi
+if has avx_vnni; then flags+=(-DGGML_AVX_VNNI=ON); fi
+if has bmi2; then flags+=(-DGGML_BMI2=ON); fi
 build=$dir/build
 cmake -S "$dir/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
   -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=ON "${flags[@]}" >/dev/null

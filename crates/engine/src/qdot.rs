@@ -159,7 +159,7 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            let avx2 = has!("avx2") && has!("fma");
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
             if avx2 && has!("avx512vnni") && has!("avx512vl") {
                 return Isa::Avx512Vnni;
             }
@@ -184,7 +184,7 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            let avx2 = has!("avx2") && has!("fma");
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
             match self {
                 Isa::Portable => true,
                 Isa::Avx2 => avx2,
@@ -217,19 +217,23 @@ pub const TILE: usize = 8;
 /// lanes of one register: no horizontal sums, and one scale multiply per block serves 8 rows.
 /// (llama.cpp's "repacked" Q4_0 GEMM kernels interleave rows the same way.)
 ///
-/// Per tile `t` and block `b` (`i = t·nb + b`):
-/// - Q4_1: `qs[i·128..]` is 4 vectors of 32 bytes; byte `4j + k` of vector `p` holds row `j`'s
-///   weight `8p + k` in its low nibble and weight `8p + 4 + k` in its high nibble.
-/// - Q8_0: `qs[i·256..]` is 8 vectors; byte `4j + k` of vector `g` is row `j`'s weight `4g + k`.
-/// - `d[i·8 + j]` (and Q4_1's `m[i·8 + j]`): row `j`'s scale (and minimum) of block `b`.
+/// The scales stay the file's f16 (widened to f32 in the kernel, exactly), and each (tile,
+/// block) is one record of quants then scales, so decode, which reads every weight once per
+/// token and is bound by those bytes, reads 20 bytes per 32 Q4_1 weights (34 for Q8_0) in one
+/// forward stream, as many as the file holds.
+///
+/// Record `i = t·nb + b` (tile `t`, block `b`), [`Self::record_bytes`] long:
+/// - Q4_1: 4 vectors of 32 bytes (byte `4j + k` of vector `p` holds row `j`'s weight `8p + k` in
+///   its low nibble and weight `8p + 4 + k` in its high nibble), then the 8 rows' scales `d` as
+///   f16, then their minimums `m` as f16.
+/// - Q8_0: 8 vectors (byte `4j + k` of vector `g` is row `j`'s weight `4g + k`), then the 8
+///   rows' scales `d` as f16.
 #[derive(Debug, Clone)]
 pub struct TiledWeights {
     pub format: WeightFormat,
     pub rows: usize,
     pub cols: usize,
-    qs: Vec<u8>,
-    d: Vec<f32>,
-    m: Vec<f32>,
+    data: Vec<u8>,
 }
 
 /// One quantized row in ggml's own block layout (Q4_1: 16 bytes a block, low nibbles weights
@@ -243,7 +247,8 @@ pub struct RowBlocks {
 
 impl TiledWeights {
     /// From rows in ggml's block layout, row-major: `qs` `[rows][cols/32][quant bytes]`, `d`
-    /// (and `m` for Q4_1, empty for Q8_0) `[rows][cols/32]`.
+    /// (and `m` for Q4_1, empty for Q8_0) `[rows][cols/32]`. The scales are kept as f16, as
+    /// ggml stores them: values that are not f16 (no GGUF block has one) are rounded to f16.
     pub fn from_rows(
         format: WeightFormat,
         rows: usize,
@@ -261,24 +266,20 @@ impl TiledWeights {
         assert_eq!(m.len(), if q4 { rows * nb } else { 0 }, "minimums (Q4_1)");
         let tiles = rows.div_ceil(TILE);
         let tb = TILE * wbytes;
+        let rec = Self::record_len(format);
         let mut out = Self {
             format,
             rows,
             cols,
-            qs: vec![0; tiles * nb * tb],
-            d: vec![0.0; tiles * nb * TILE],
-            m: if q4 {
-                vec![0.0; tiles * nb * TILE]
-            } else {
-                vec![]
-            },
+            data: vec![0; tiles * nb * rec],
         };
         for r in 0..rows {
             let (t, j) = (r / TILE, r % TILE);
             for b in 0..nb {
                 let i = t * nb + b;
                 let src = &qs[(r * nb + b) * wbytes..(r * nb + b + 1) * wbytes];
-                let dst = &mut out.qs[i * tb..(i + 1) * tb];
+                let record = &mut out.data[i * rec..(i + 1) * rec];
+                let (dst, scales) = record.split_at_mut(tb);
                 match format {
                     WeightFormat::Q4_1 => {
                         for pos in 0..BLOCK {
@@ -298,13 +299,57 @@ impl TiledWeights {
                         }
                     }
                 }
-                out.d[i * TILE + j] = d[r * nb + b];
+                let half = |v: f32| half::f16::from_f32(v).to_le_bytes();
+                scales[2 * j..2 * j + 2].copy_from_slice(&half(d[r * nb + b]));
                 if q4 {
-                    out.m[i * TILE + j] = m[r * nb + b];
+                    scales[2 * (TILE + j)..2 * (TILE + j) + 2]
+                        .copy_from_slice(&half(m[r * nb + b]));
                 }
             }
         }
         out
+    }
+
+    /// Bytes of one (tile, block) record: the 8 rows' quants, then their f16 scales (and
+    /// minimums).
+    fn record_len(format: WeightFormat) -> usize {
+        TILE * format.quant_bytes()
+            + match format {
+                WeightFormat::Q4_1 => 4 * TILE,
+                WeightFormat::Q8_0 => 2 * TILE,
+            }
+    }
+
+    /// Bytes of one (tile, block) record.
+    pub fn record_bytes(&self) -> usize {
+        Self::record_len(self.format)
+    }
+
+    /// Record `i`'s quants.
+    #[inline(always)]
+    fn quants(&self, i: usize) -> *const u8 {
+        debug_assert!((i + 1) * self.record_bytes() <= self.data.len());
+        // SAFETY (of the caller's reads): record i lies inside `data` (asserted in debug
+        // builds; the kernels' callers check the tile range).
+        unsafe { self.data.as_ptr().add(i * self.record_bytes()) }
+    }
+
+    /// Record `i`'s 8 scales (f16), then (Q4_1) its 8 minimums.
+    #[inline(always)]
+    fn scales(&self, i: usize) -> *const u8 {
+        // SAFETY: as `quants`; the scales follow the quants inside the record.
+        unsafe { self.quants(i).add(TILE * self.format.quant_bytes()) }
+    }
+
+    /// Row `j`'s scale (and Q4_1 minimum) in record `i`, widened.
+    fn scale_min(&self, i: usize, j: usize) -> (f32, f32) {
+        let rec = self.record_bytes();
+        let s = &self.data[i * rec + TILE * self.format.quant_bytes()..(i + 1) * rec];
+        let h = |o: usize| half::f16::from_le_bytes([s[o], s[o + 1]]).to_f32();
+        match self.format {
+            WeightFormat::Q4_1 => (h(2 * j), h(2 * (TILE + j))),
+            WeightFormat::Q8_0 => (h(2 * j), 0.0),
+        }
     }
 
     /// Row `r` back in ggml's block layout (the inverse of [`Self::from_rows`]).
@@ -312,16 +357,17 @@ impl TiledWeights {
         assert!(r < self.rows, "row {r} of {}", self.rows);
         let nb = self.cols / BLOCK;
         let wbytes = self.format.quant_bytes();
-        let tb = TILE * wbytes;
+        let rec = self.record_bytes();
+        let q4 = self.format == WeightFormat::Q4_1;
         let (t, j) = (r / TILE, r % TILE);
         let mut out = RowBlocks {
             qs: vec![0; nb * wbytes],
             d: Vec::with_capacity(nb),
-            m: Vec::with_capacity(if self.m.is_empty() { 0 } else { nb }),
+            m: Vec::with_capacity(if q4 { nb } else { 0 }),
         };
         for b in 0..nb {
             let i = t * nb + b;
-            let src = &self.qs[i * tb..(i + 1) * tb];
+            let src = &self.data[i * rec..(i + 1) * rec];
             let dst = &mut out.qs[b * wbytes..(b + 1) * wbytes];
             match self.format {
                 WeightFormat::Q4_1 => {
@@ -341,9 +387,10 @@ impl TiledWeights {
                     }
                 }
             }
-            out.d.push(self.d[i * TILE + j]);
-            if !self.m.is_empty() {
-                out.m.push(self.m[i * TILE + j]);
+            let (d, m) = self.scale_min(i, j);
+            out.d.push(d);
+            if q4 {
+                out.m.push(m);
             }
         }
         out
@@ -474,13 +521,14 @@ impl Kernel {
 /// equal bit for bit: `mul_add` is the same single-rounding FMA).
 fn portable_group(w: &TiledWeights, t: usize, x: &Q8Rows, r0: usize, y: &mut [[f32; TILE]]) {
     let nb = x.cols / BLOCK;
-    let tb = TILE * w.format.quant_bytes();
+    let rec = w.record_bytes();
     for (r, yr) in y.iter_mut().enumerate() {
         for (j, yv) in yr.iter_mut().enumerate() {
             let (mut acc, mut acc_m) = (0f32, 0f32);
             for b in 0..nb {
                 let i = t * nb + b;
-                let wq = &w.qs[i * tb..(i + 1) * tb];
+                let wq = &w.data[i * rec..(i + 1) * rec];
+                let (dw, mw) = w.scale_min(i, j);
                 let xi = b * x.rows + r0 + r;
                 let xq = &x.qs[xi * BLOCK..(xi + 1) * BLOCK];
                 let mut isum = 0i32;
@@ -494,9 +542,9 @@ fn portable_group(w: &TiledWeights, t: usize, x: &Q8Rows, r0: usize, y: &mut [[f
                     };
                     isum += wv * xv as i32;
                 }
-                acc = (isum as f32).mul_add(w.d[i * TILE + j] * x.d[xi], acc);
+                acc = (isum as f32).mul_add(dw * x.d[xi], acc);
                 if w.format == WeightFormat::Q4_1 {
-                    acc_m = w.m[i * TILE + j].mul_add(x.s[xi], acc_m);
+                    acc_m = mw.mul_add(x.s[xi], acc_m);
                 }
             }
             *yv = acc + acc_m;
@@ -588,12 +636,12 @@ mod x86 {
 
     type Out<'a> = &'a mut [[f32; TILE]];
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn group_avx2(w: &TiledWeights, t: usize, x: &Q8Rows, r0: usize, y: Out) {
         group::<Maddubs>(w, t, x, r0, y)
     }
 
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
     pub(super) unsafe fn group_avx512vnni(
         w: &TiledWeights,
         t: usize,
@@ -604,7 +652,7 @@ mod x86 {
         group::<Dpbusd512>(w, t, x, r0, y)
     }
 
-    #[target_feature(enable = "avx2,fma,avxvnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     pub(super) unsafe fn group_avxvnni(w: &TiledWeights, t: usize, x: &Q8Rows, r0: usize, y: Out) {
         group::<DpbusdAvx>(w, t, x, r0, y)
     }
@@ -646,7 +694,7 @@ mod x86 {
         let mut acc_m = [_mm256_setzero_ps(); R];
         for b in 0..nb {
             let i = t * nb + b;
-            let q = w.qs.as_ptr().add(i * TILE * 16);
+            let q = w.quants(i);
             let mut sums = [D::zero(); R];
             for p in 0..4 {
                 let v = _mm256_loadu_si256(q.add(p * 32) as *const __m256i);
@@ -658,8 +706,8 @@ mod x86 {
                     *s = D::add_small(*s, hi, broadcast4(x, xi, 2 * p + 1));
                 }
             }
-            let dw = _mm256_loadu_ps(w.d.as_ptr().add(i * TILE));
-            let mw = _mm256_loadu_ps(w.m.as_ptr().add(i * TILE));
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(w.scales(i) as *const __m128i));
+            let mw = _mm256_cvtph_ps(_mm_loadu_si128(w.scales(i).add(16) as *const __m128i));
             for r in 0..R {
                 let xi = b * x.rows + r0 + r;
                 let f = _mm256_cvtepi32_ps(D::finish_small(sums[r]));
@@ -686,7 +734,7 @@ mod x86 {
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..nb {
             let i = t * nb + b;
-            let q = w.qs.as_ptr().add(i * TILE * 32);
+            let q = w.quants(i);
             let mut sums = [_mm256_setzero_si256(); R];
             for g in 0..8 {
                 let v = _mm256_loadu_si256(q.add(g * 32) as *const __m256i);
@@ -696,7 +744,7 @@ mod x86 {
                     *s = D::add_full(*s, abs, _mm256_sign_epi8(broadcast4(x, xi, g), v));
                 }
             }
-            let dw = _mm256_loadu_ps(w.d.as_ptr().add(i * TILE));
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(w.scales(i) as *const __m128i));
             for r in 0..R {
                 let xi = b * x.rows + r0 + r;
                 let f = _mm256_cvtepi32_ps(sums[r]);
@@ -752,11 +800,13 @@ mod tests {
             w: vec![0.0; k],
         };
         for b in 0..nb {
-            let d = 0.01 + v[k + b].abs() * 0.05;
+            // Scales are f16 in every GGUF block (and in the tiled layout).
+            let f16 = |v: f32| half::f16::from_f32(v).to_f32();
+            let d = f16(0.01 + v[k + b].abs() * 0.05);
             out.d.push(d);
             match format {
                 WeightFormat::Q4_1 => {
-                    let m = -8.0 * d + v[k + nb + b] * 0.01;
+                    let m = f16(-8.0 * d + v[k + nb + b] * 0.01);
                     out.m.push(m);
                     for i in 0..16 {
                         let lo = ((v[b * 32 + i] + 1.0) * 7.99) as u8;
@@ -977,7 +1027,9 @@ mod tests {
     #[test]
     fn dispatch_picks_simd_where_the_cpu_has_it() {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
         {
             assert_ne!(Isa::best(), Isa::Portable);
         }

@@ -6,8 +6,10 @@
 //!
 //! The weights are exactly the file's (`d·q + m` for Q4_1, `d·q` for Q8_0), the same values the
 //! f32 path dequantizes; results differ from it by the activations' rounding (bounded in
-//! `qdot`'s tests) and summation order. Scales are stored as f32 beside the packed quants
-//! (converted once at load). Prefill of more than a few rows keeps the f32 matrices.
+//! `qdot`'s tests) and summation order. The packed layout keeps the file's f16 scales beside
+//! each block's quants (as many bytes as the file: decode reads them all every token);
+//! [`QuantMatrix`] widens them to f32 for load-time reshaping. Prefill of more than a few rows
+//! keeps the f32 matrices.
 //!
 //! [`QuantMatrix`] holds the file's rows as ggml lays them out, for load-time reshaping (head
 //! permutation, q/k/v and gate/up concatenation); [`PackedMatrix`] is the same matrix in the
@@ -22,7 +24,7 @@ use std::sync::Arc;
 
 const BLOCK: usize = 32;
 
-/// The block formats taken (the file's d and m are f16; they are kept as f32).
+/// The block formats taken (the file's d and m are f16).
 pub use crate::qdot::WeightFormat as QuantFormat;
 
 /// A `[rows, cols]` matrix of quantized rows (`cols` a multiple of 32).
@@ -167,6 +169,11 @@ pub struct PackedMatrix(qdot::TiledWeights);
 impl PackedMatrix {
     pub fn format(&self) -> QuantFormat {
         self.0.format
+    }
+
+    /// The kernels' tiled layout (for kernel benchmarks).
+    pub fn tiled(&self) -> &qdot::TiledWeights {
+        &self.0
     }
 
     pub fn rows(&self) -> usize {

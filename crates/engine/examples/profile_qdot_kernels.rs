@@ -1,0 +1,68 @@
+//! The integer decode kernels alone (`qdot`), one thread, on SmolLM2-135M's matrix shapes (its
+//! fused gate/up, down, fused q/k/v, and the 49152-row tied head, which does not fit a cache),
+//! for every kernel set this CPU runs and 1, 4 and 8 activation rows: GFLOP/s counted as
+//! 2·rows·in·out, best of 7 windows of 0.1 s.
+//! `cargo run --release -p vvlm-engine --example profile_qdot_kernels [-- FORMAT]` (FORMAT
+//! `q4_1` or `q8_0`; both by default).
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use std::time::Instant;
+use vvlm_engine::qdot::{Isa, Kernel, Q8Rows};
+use vvlm_engine::quant::QuantMatrix;
+
+fn main() -> candle_core::Result<()> {
+    let d = Device::Cpu;
+    let only = std::env::args().nth(1);
+    let shapes = [
+        ("gate_up", 3072usize, 576usize),
+        ("down", 576, 1536),
+        ("qkv", 960, 576),
+        ("head", 49152, 576),
+    ];
+    println!(
+        "{:<8} {:>6} {:<11} {:>4} | {:>9} {:>10}",
+        "matrix", "format", "kernels", "rows", "GFLOP/s", "us/call"
+    );
+    for (name, out, inp) in shapes {
+        let w = Tensor::randn(0f32, 0.02, (out, inp), &d)?;
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let label = format!("{dtype:?}").to_lowercase();
+            if only.as_ref().is_some_and(|o| *o != label) {
+                continue;
+            }
+            let q = QTensor::quantize(&w, dtype)?;
+            let packed = QuantMatrix::from_qtensor(&q)
+                .expect("a Q4_1/Q8_0 tensor")
+                .expect("taken")
+                .packed();
+            let tiled = packed.tiled();
+            for isa in Isa::all_available() {
+                let kernel = Kernel::new(isa, tiled.format).expect("available");
+                for rows in [1usize, 4, 8] {
+                    let x: Vec<f32> = Tensor::randn(0f32, 1.0, (rows, inp), &d)?
+                        .flatten_all()?
+                        .to_vec1()?;
+                    let xq = Q8Rows::quantize(&x, rows, inp);
+                    let mut y = vec![0f32; rows * out];
+                    let mut best = f64::MAX;
+                    for _ in 0..7 {
+                        let t = Instant::now();
+                        let mut n = 0;
+                        while t.elapsed().as_secs_f64() < 0.1 {
+                            kernel.dot_tiles(tiled, 0..tiled.tiles(), &xq, &mut y);
+                            n += 1;
+                        }
+                        best = best.min(t.elapsed().as_secs_f64() / n as f64);
+                    }
+                    println!(
+                        "{name:<8} {label:>6} {:<11} {rows:>4} | {:>9.1} {:>10.1}",
+                        format!("{isa:?}"),
+                        2.0 * (rows * inp * out) as f64 / best / 1e9,
+                        best * 1e6
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
