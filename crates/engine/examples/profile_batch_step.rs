@@ -2,7 +2,9 @@
 //! loads it): for B sequences, the median step of `Llama::decode_batch` beside the median time of
 //! its matrix products alone (every layer's fused q/k/v, o, fused gate/up and down, and the tied
 //! head, each `PackedMatrix::gemv` at B rows on the same weights); the difference is attention,
-//! norms, RoPE, cache appends and scheduling.
+//! norms, RoPE, cache appends and scheduling. Then, per B, one more run of steps with the
+//! engine's section timer on (`vvlm_engine::profile`: matmul, attention, norm, rope,
+//! activation, and the untimed rest), in ms per step.
 //! `cargo run --release -p vvlm-engine --example profile_batch_step [-- GGUF [B,B,..]]`.
 use candle_core::{DType, Device};
 use std::time::Instant;
@@ -61,6 +63,7 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let c = FlopCounter::new();
     vvlm_engine::cpu_pool::run(|| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         println!("    B | step p50 / min ms | products p50 / min ms | rest p50 / min ms | products GFLOP/s (min)");
+        let mut profile_lines = vec![];
         for &b in &batches {
             let mut caches = vec![];
             let mut next = vec![];
@@ -86,6 +89,34 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                     .collect::<candle_core::Result<_>>()?;
                 steps.push(t.elapsed().as_secs_f64() * 1e3);
             }
+            // The same steps once more with the engine's section timer on: where the step's
+            // time goes by kind of op (the profiler's own cost included), per step.
+            vvlm_engine::profile::reset();
+            vvlm_engine::profile::set_enabled(true);
+            let profiled_steps = 32;
+            let t = Instant::now();
+            for _ in 0..profiled_steps {
+                let embeds = lm.embed(&next)?.transpose(0, 1)?.contiguous()?;
+                let ctxs: Vec<Ctx> = (0..b).map(|_| Ctx::new(&c, Component::LmDecode)).collect();
+                let mut refs: Vec<&mut vvlm_engine::llama::KvCache> = caches.iter_mut().collect();
+                let logits = lm.decode_batch(&embeds, &mut refs, &ctxs)?;
+                next = (0..b)
+                    .map(|r| vvlm_engine::llama::argmax(&logits.get(r)?))
+                    .collect::<candle_core::Result<_>>()?;
+            }
+            let total = t.elapsed().as_secs_f64() * 1e3 / profiled_steps as f64;
+            vvlm_engine::profile::set_enabled(false);
+            let mut sections = String::new();
+            let mut timed = 0.0;
+            for (section, secs, _) in vvlm_engine::profile::totals() {
+                let ms = secs * 1e3 / profiled_steps as f64;
+                timed += ms;
+                sections += &format!(" {} {ms:.2}", section.name());
+            }
+            profile_lines.push(format!(
+                "{b:>5} | profiled step {total:.2} ms:{sections} other {:.2}",
+                total - timed
+            ));
             let mut prods = vec![];
             let mut flops = 0.0;
             for _ in 0..64 {
@@ -106,6 +137,9 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 s0 - p0,
                 flops / p0 / 1e6
             );
+        }
+        for line in profile_lines {
+            println!("{line}");
         }
         Ok(())
     })
