@@ -149,7 +149,14 @@ impl QuantMatrix {
 
     /// The matrix in the decode kernels' tiled layout.
     pub fn packed(&self) -> PackedMatrix {
-        PackedMatrix(qdot::TiledWeights::from_rows(
+        self.packed_in(qdot::TileOrder::for_kernels(qdot::Isa::best()))
+    }
+
+    /// [`Self::packed`] with the records in `order` (for benchmarks of each kernel set in the
+    /// order it walks).
+    pub fn packed_in(&self, order: qdot::TileOrder) -> PackedMatrix {
+        PackedMatrix(qdot::TiledWeights::from_rows_in(
+            order,
             self.format,
             self.rows,
             self.cols,
@@ -243,7 +250,9 @@ impl PackedMatrix {
         // Chunks of tiles of output rows, large enough to amortise scheduling, small enough to
         // balance the threads; each chunk's weights are read once for all activation rows.
         let tiles = self.0.tiles();
-        let chunk_tiles = (tiles / (rayon::current_num_threads() * 8)).clamp(2, 128);
+        // An even number of tiles per task: the tiles are stored in pairs (one stream), so a
+        // pair is never split between two threads.
+        let chunk_tiles = (tiles / (rayon::current_num_threads() * 8)).clamp(2, 128) / 2 * 2;
         let chunk = chunk_tiles * qdot::TILE;
         let run = |c: usize, out: &mut [f32]| {
             let t0 = c * chunk_tiles;
