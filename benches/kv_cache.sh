@@ -31,7 +31,7 @@ for r in $(seq "$ROUNDS"); do
     -ntg 64 -npl "$BATCH" -t 2 > $out/llamacpp-batch.$r.txt 2>/dev/null
 done
 ROUNDS=$ROUNDS CONTEXT=$CONTEXT BATCH=$BATCH BATCH_CONTEXT=$BATCH_CONTEXT \
-FLAGS="$(cat "$(dirname "$peer")/../build-flags.txt")" CPU="$(lscpu | sed -n 's/^Model name: *//p')" \
+FLAGS="$(cat "$(dirname "$peer")/../build-flags.txt")" CPU="$(bash benches/cpu_label.sh)" \
 python3 - <<'PY'
 import json, os
 n = int(os.environ["ROUNDS"])

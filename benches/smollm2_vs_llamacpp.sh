@@ -26,7 +26,7 @@ for r in $(seq "$ROUNDS"); do
     "$peer" -m "$file" -c 1024 -b 512 -ub 512 -npp 512 -ntg 128 -npl 1 -t 2 > $out/llamacpp-$m.$r.txt 2>/dev/null
   done
 done
-ROUNDS=$ROUNDS FLAGS="$(cat "$(dirname "$peer")/../build-flags.txt")" CPU="$(lscpu | sed -n 's/^Model name: *//p')" python3 - <<'PY'
+ROUNDS=$ROUNDS FLAGS="$(cat "$(dirname "$peer")/../build-flags.txt")" CPU="$(bash benches/cpu_label.sh)" python3 - <<'PY'
 import json, os
 n = int(os.environ["ROUNDS"])
 d = "target/smollm2-vs-llamacpp"
@@ -44,7 +44,7 @@ def peer(m):
     return best
 q41, f32 = peer("q4_1"), peer("f32")
 best = lambda runs, k: max(x[k] for x in runs)
-print(f"{os.environ['CPU']}, 2 threads; llama.cpp built with {os.environ['FLAGS']}; best of {n} interleaved rounds")
+print(f"{os.environ['CPU']}, 2 threads; vvlm's decode kernels {vs[0].get('cpu_decode_kernels', '?')}; llama.cpp built with {os.environ['FLAGS']}; best of {n} interleaved rounds")
 for name, runs in [("Q4_1/Q8_0 blocks, int8 activations", vs), ("f32 matmuls, dequantized file", vp32)]:
     vp = best(runs, "smollm2_prefill_tok_s")
     rss = min(x["smollm2_resident_mib"] for x in runs)

@@ -142,6 +142,7 @@ pub fn run(a: &EngineArgs) -> Result<serde_json::Value> {
         "device": a.placement.device, "dtype": format!("{dtype:?}"),
         "cuda_kernels": format!("{:?}", a.placement.kernels).to_lowercase(),
         "matmul_peak_gflops": measured_peak, "mfu_reference_gflops": peak,
+        "cpu_decode_kernels": format!("{:?}", vvlm_engine::qdot::Isa::best()),
     });
     let want = |p: &str| a.parts.iter().any(|x| x == p);
     if !a.json {
