@@ -35,6 +35,9 @@ pub struct Q8Rows {
     d: Vec<f32>,
     /// `[cols / 32][rows]` `d·Σq` (the Q4_1 minimum's term), then [`PAD`] zeros.
     s: Vec<f32>,
+    /// `[cols / 32][rows]` `-128·Σq` (the VNNI Q8_0 kernels' offset correction), then [`PAD`]
+    /// zeros.
+    offset: Vec<i32>,
 }
 
 /// Zeros after the per-block arrays, so a group of fewer than 4 rows may load 4 lanes.
@@ -54,6 +57,7 @@ impl Q8Rows {
             qs: vec![0; x.len()],
             d: vec![0.0; nb * rows + PAD],
             s: vec![0.0; nb * rows + PAD],
+            offset: vec![0; nb * rows + PAD],
         };
         #[cfg(target_arch = "x86_64")]
         if Isa::Avx2.available() {
@@ -140,6 +144,7 @@ unsafe fn quantize_avx2(x: &[f32], rows: usize, nb: usize, out: &mut Q8Rows) {
             _mm256_storeu_si256(out.qs.as_mut_ptr().add(i * BLOCK) as *mut __m256i, bytes);
             out.d[i] = d;
             out.s[i] = d * sum as f32;
+            out.offset[i] = -128 * sum;
         }
     }
 }
@@ -169,6 +174,7 @@ fn quantize_into(x: &[f32], rows: usize, nb: usize, out: &mut Q8Rows) {
             }
             out.d[i] = d;
             out.s[i] = d * sum as f32;
+            out.offset[i] = -128 * sum;
         }
     }
 }
@@ -705,6 +711,9 @@ mod x86 {
 
     /// Integer sums of u8·i8 products, 4 adjacent bytes per 32-bit lane, accumulated.
     trait Dot4 {
+        /// Whether `add_full` takes any u8 times any i8 exactly (`vpdpbusd` sums in i32; AVX2's
+        /// `vpmaddubsw` saturates its i16 pairs, so it needs |w|·(x with w's sign) instead).
+        const EXACT_U8: bool;
         /// The running sum's representation (AVX2: i16 pairs, exact while few enough are added).
         unsafe fn zero() -> __m256i;
         /// `acc + dot4(u, s)` where the partial sums of Q4_1 blocks fit the representation.
@@ -720,6 +729,7 @@ mod x86 {
     /// 30,480, fit an i16, so one `vpmaddwd` per block suffices.
     struct Maddubs;
     impl Dot4 for Maddubs {
+        const EXACT_U8: bool = false;
         #[inline(always)]
         unsafe fn zero() -> __m256i {
             _mm256_setzero_si256()
@@ -742,6 +752,7 @@ mod x86 {
 
     struct Dpbusd512;
     impl Dot4 for Dpbusd512 {
+        const EXACT_U8: bool = true;
         #[inline(always)]
         unsafe fn zero() -> __m256i {
             _mm256_setzero_si256()
@@ -762,6 +773,7 @@ mod x86 {
 
     struct DpbusdAvx;
     impl Dot4 for DpbusdAvx {
+        const EXACT_U8: bool = true;
         #[inline(always)]
         unsafe fn zero() -> __m256i {
             _mm256_setzero_si256()
@@ -966,24 +978,21 @@ mod x86 {
         y: &mut [[f32; 2 * TILE]],
     ) {
         let nb = x.cols / BLOCK;
-        let zero = _mm512_setzero_si512();
+        let flip = _mm512_set1_epi8(-128);
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..nb {
             let i0 = w.record(t, b);
             let i1 = i0 + 1;
             let (q0, q1) = (w.quants(i0), w.quants(i1));
+            // Σ (w + 128)·x − 128·Σx, as the 256-bit VNNI kernel.
             let mut sums = [_mm512_setzero_si512(); R];
+            for (r, s) in sums.iter_mut().enumerate() {
+                *s = _mm512_set1_epi32(*x.offset.get_unchecked(b * x.rows + r0 + r));
+            }
             for g in 0..8 {
-                let v = load_pair(q0.add(g * 32), q1.add(g * 32));
-                // |w| times x with w's sign (no `vpsignb` in AVX-512: negate x where w < 0;
-                // where w = 0 the product is 0 either way).
-                let abs = _mm512_abs_epi8(v);
-                let negative = _mm512_movepi8_mask(v);
+                let u = _mm512_xor_si512(load_pair(q0.add(g * 32), q1.add(g * 32)), flip);
                 for (r, s) in sums.iter_mut().enumerate() {
-                    let xi = b * x.rows + r0 + r;
-                    let xv = broadcast4_512(x, xi, g);
-                    let signed = _mm512_mask_sub_epi8(xv, negative, zero, xv);
-                    *s = _mm512_dpbusd_epi32(*s, abs, signed);
+                    *s = _mm512_dpbusd_epi32(*s, u, broadcast4_512(x, b * x.rows + r0 + r, g));
                 }
             }
             let dw = scales_pair(w.scales(i0), w.scales(i1));
@@ -1003,7 +1012,8 @@ mod x86 {
         }
     }
 
-    /// As [`q4_1`] for Q8_0 (signed weights: `|w|` times `x` with `w`'s sign, in u8·i8 form).
+    /// As [`q4_1`] for Q8_0 (signed weights; with `vpdpbusd`, `(w + 128)·x` summed from
+    /// `-128·Σx`, otherwise: `|w|` times `x` with `w`'s sign, in u8·i8 form).
     #[inline(always)]
     unsafe fn q8_0<D: Dot4, const R: usize>(
         w: &TiledWeights,
@@ -1018,12 +1028,28 @@ mod x86 {
             let i = w.record(t, b);
             let q = w.quants(i);
             let mut sums = [_mm256_setzero_si256(); R];
-            for g in 0..8 {
-                let v = _mm256_loadu_si256(q.add(g * 32) as *const __m256i);
-                let abs = _mm256_sign_epi8(v, v);
+            if D::EXACT_U8 {
+                // Σ (w + 128)·x − 128·Σx: the weights as u8 by flipping their sign bit, the
+                // correction as each sum's starting value; the same exact integer total.
+                let flip = _mm256_set1_epi8(-128);
                 for (r, s) in sums.iter_mut().enumerate() {
-                    let xi = b * x.rows + r0 + r;
-                    *s = D::add_full(*s, abs, _mm256_sign_epi8(broadcast4(x, xi, g), v));
+                    *s = _mm256_set1_epi32(*x.offset.get_unchecked(b * x.rows + r0 + r));
+                }
+                for g in 0..8 {
+                    let v = _mm256_loadu_si256(q.add(g * 32) as *const __m256i);
+                    let u = _mm256_xor_si256(v, flip);
+                    for (r, s) in sums.iter_mut().enumerate() {
+                        *s = D::add_full(*s, u, broadcast4(x, b * x.rows + r0 + r, g));
+                    }
+                }
+            } else {
+                for g in 0..8 {
+                    let v = _mm256_loadu_si256(q.add(g * 32) as *const __m256i);
+                    let abs = _mm256_sign_epi8(v, v);
+                    for (r, s) in sums.iter_mut().enumerate() {
+                        let xi = b * x.rows + r0 + r;
+                        *s = D::add_full(*s, abs, _mm256_sign_epi8(broadcast4(x, xi, g), v));
+                    }
                 }
             }
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(w.scales(i) as *const __m128i));
@@ -1212,6 +1238,7 @@ mod tests {
             qs: vec![0; x.len()],
             d: vec![0.0; nb * rows + PAD],
             s: vec![0.0; nb * rows + PAD],
+            offset: vec![0; nb * rows + PAD],
         };
         quantize_into(&x, rows, nb, &mut scalar);
         let simd = Q8Rows::quantize(&x, rows, cols);
@@ -1219,6 +1246,7 @@ mod tests {
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&simd.d), bits(&scalar.d));
         assert_eq!(bits(&simd.s), bits(&scalar.s));
+        assert_eq!(simd.offset, scalar.offset);
         // The ties went to even: -15.5 -> -16, -14.5 -> -14.
         assert_eq!(simd.quant(0, 96), -16);
         assert_eq!(simd.quant(0, 97), -14);
