@@ -77,16 +77,22 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 next.push(vvlm_engine::llama::argmax(&lm.last_logits(&h, &ctx)?)?);
                 caches.push(cache);
             }
-            let mut steps = vec![];
-            for _ in 0..128 {
-                let t = Instant::now();
-                let embeds = lm.embed(&next)?.transpose(0, 1)?.contiguous()?;
+            // One decode step of every sequence; the greedy next tokens.
+            let step = |next: &[u32],
+                        caches: &mut Vec<vvlm_engine::llama::KvCache>|
+             -> Result<Vec<u32>, Box<dyn std::error::Error + Send + Sync>> {
+                let embeds = lm.embed(next)?.transpose(0, 1)?.contiguous()?;
                 let ctxs: Vec<Ctx> = (0..b).map(|_| Ctx::new(&c, Component::LmDecode)).collect();
                 let mut refs: Vec<&mut vvlm_engine::llama::KvCache> = caches.iter_mut().collect();
                 let logits = lm.decode_batch(&embeds, &mut refs, &ctxs)?;
-                next = (0..b)
+                Ok((0..b)
                     .map(|r| vvlm_engine::llama::argmax(&logits.get(r)?))
-                    .collect::<candle_core::Result<_>>()?;
+                    .collect::<candle_core::Result<_>>()?)
+            };
+            let mut steps = vec![];
+            for _ in 0..128 {
+                let t = Instant::now();
+                next = step(&next, &mut caches)?;
                 steps.push(t.elapsed().as_secs_f64() * 1e3);
             }
             // The same steps once more with the engine's section timer on: where the step's
@@ -96,13 +102,7 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             let profiled_steps = 32;
             let t = Instant::now();
             for _ in 0..profiled_steps {
-                let embeds = lm.embed(&next)?.transpose(0, 1)?.contiguous()?;
-                let ctxs: Vec<Ctx> = (0..b).map(|_| Ctx::new(&c, Component::LmDecode)).collect();
-                let mut refs: Vec<&mut vvlm_engine::llama::KvCache> = caches.iter_mut().collect();
-                let logits = lm.decode_batch(&embeds, &mut refs, &ctxs)?;
-                next = (0..b)
-                    .map(|r| vvlm_engine::llama::argmax(&logits.get(r)?))
-                    .collect::<candle_core::Result<_>>()?;
+                next = step(&next, &mut caches)?;
             }
             let total = t.elapsed().as_secs_f64() * 1e3 / profiled_steps as f64;
             vvlm_engine::profile::set_enabled(false);

@@ -604,7 +604,7 @@ impl Kernel {
         let mut y2 = [[0f32; 2 * TILE]; 4];
         let mut t = tiles.start;
         while t < tiles.end {
-            let j0 = t * TILE - row0;
+            let dst = out.add(t * TILE - row0);
             #[cfg(target_arch = "x86_64")]
             if self.isa == Isa::Avx512Vnni
                 && w.order == TileOrder::Pairs
@@ -612,42 +612,20 @@ impl Kernel {
                 && t + 1 < tiles.end
             {
                 // A pair of tiles in the 16 lanes of 512-bit vectors: half the instructions
-                // per product, one stream of records (tile t is full, as t + 1 follows it).
+                // per product, one stream of records (tile t is full, as t + 1 follows it, and
+                // the two tiles' outputs are adjacent).
                 let cnt = TILE + (w.rows - (t + 1) * TILE).min(TILE);
-                let mut r0 = 0;
-                while r0 < x.rows {
-                    let g = (x.rows - r0).min(4);
+                by_row_groups(x.rows, &mut y2, dst, stride, cnt, |r0, y| {
                     // SAFETY: `new`/`best` checked the features; the shapes are checked above.
-                    x86::pair_avx512vnni(w, t, x, r0, &mut y2[..g]);
-                    for (r, yr) in y2[..g].iter().enumerate() {
-                        // SAFETY: the caller guarantees row r0 + r's n outputs are writable;
-                        // tiles t and t + 1 are adjacent outputs.
-                        std::ptr::copy_nonoverlapping(
-                            yr.as_ptr(),
-                            out.add((r0 + r) * stride + j0),
-                            cnt,
-                        );
-                    }
-                    r0 += g;
-                }
+                    x86::pair_avx512vnni(w, t, x, r0, y)
+                });
                 t += 2;
                 continue;
             }
             let cnt = (w.rows - t * TILE).min(TILE);
-            let mut r0 = 0;
-            while r0 < x.rows {
-                let g = (x.rows - r0).min(4);
-                self.group(w, t, x, r0, &mut y[..g]);
-                for (r, yr) in y[..g].iter().enumerate() {
-                    // SAFETY: the caller guarantees row r0 + r's n outputs are writable.
-                    std::ptr::copy_nonoverlapping(
-                        yr.as_ptr(),
-                        out.add((r0 + r) * stride + j0),
-                        cnt,
-                    );
-                }
-                r0 += g;
-            }
+            by_row_groups(x.rows, &mut y, dst, stride, cnt, |r0, y| {
+                self.group(w, t, x, r0, y)
+            });
             t += 1;
         }
     }
@@ -666,6 +644,32 @@ impl Kernel {
             Isa::Avx2 => unsafe { x86::group_avx2(w, t, x, r0, y) },
             _ => portable_group(w, t, x, r0, y),
         }
+    }
+}
+
+/// Runs `kernel(r0, rows)` for the activation rows in groups of at most 4 (`rows` the group's
+/// outputs, `W` per row) and copies each row's first `cnt` outputs to `dst + row·stride`.
+///
+/// # Safety
+/// `dst + row·stride .. + cnt` must be valid for writes for every activation row.
+#[inline(always)]
+unsafe fn by_row_groups<const W: usize>(
+    rows: usize,
+    buf: &mut [[f32; W]; 4],
+    dst: *mut f32,
+    stride: usize,
+    cnt: usize,
+    mut kernel: impl FnMut(usize, &mut [[f32; W]]),
+) {
+    let mut r0 = 0;
+    while r0 < rows {
+        let g = (rows - r0).min(4);
+        kernel(r0, &mut buf[..g]);
+        for (r, yr) in buf[..g].iter().enumerate() {
+            // SAFETY: the caller guarantees row r0 + r's cnt outputs are writable.
+            std::ptr::copy_nonoverlapping(yr.as_ptr(), dst.add((r0 + r) * stride), cnt);
+        }
+        r0 += g;
     }
 }
 
