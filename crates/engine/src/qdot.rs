@@ -8,8 +8,10 @@
 //! interleaved 4 weights at a time, as llama.cpp's repacked GEMM kernels do), so each
 //! instruction serves 8 weight rows at once, a block's 8 integer sums land in the 8 lanes of one
 //! register, and one scale multiply and one FMA per block serve 8 outputs: no horizontal sums.
-//! A batch of up to 4 activation rows shares each unpacked weight vector. The error added is
-//! the activations' rounding (half a step of `d = max|x_block|/127`), bounded and tested below.
+//! A batch of up to 4 activation rows shares each unpacked weight vector. The AVX-512 kernels
+//! take two tiles (16 rows) per 512-bit instruction, and on Q8_0 multiply `w + 128` as u8 from
+//! a start of `-128·Σx` (one `vpdpbusd` per 4 bytes, no sign trick). The error added is the
+//! activations' rounding (half a step of `d = max|x_block|/127`), bounded and tested below.
 //!
 //! Owns: the activation quantizer, the tiled weight layout and the block-dot kernels with
 //! run-time dispatch. Knows nothing of tensors, layers or candle: it takes slices.
