@@ -603,7 +603,7 @@ impl Kernel {
         let row0 = tiles.start * TILE;
         let mut y = [[0f32; TILE]; 4];
         #[cfg(target_arch = "x86_64")]
-        let mut y2 = [[0f32; 2 * TILE]; 4];
+        let mut y2 = [[0f32; 2 * TILE]; 8];
         let mut t = tiles.start;
         while t < tiles.end {
             let dst = out.add(t * TILE - row0);
@@ -649,15 +649,15 @@ impl Kernel {
     }
 }
 
-/// Runs `kernel(r0, rows)` for the activation rows in groups of at most 4 (`rows` the group's
+/// Runs `kernel(r0, rows)` for the activation rows in groups of at most `G` (`rows` the group's
 /// outputs, `W` per row) and copies each row's first `cnt` outputs to `dst + row·stride`.
 ///
 /// # Safety
 /// `dst + row·stride .. + cnt` must be valid for writes for every activation row.
 #[inline(always)]
-unsafe fn by_row_groups<const W: usize>(
+unsafe fn by_row_groups<const W: usize, const G: usize>(
     rows: usize,
-    buf: &mut [[f32; W]; 4],
+    buf: &mut [[f32; W]; G],
     dst: *mut f32,
     stride: usize,
     cnt: usize,
@@ -665,7 +665,7 @@ unsafe fn by_row_groups<const W: usize>(
 ) {
     let mut r0 = 0;
     while r0 < rows {
-        let g = (rows - r0).min(4);
+        let g = (rows - r0).min(G);
         kernel(r0, &mut buf[..g]);
         for (r, yr) in buf[..g].iter().enumerate() {
             // SAFETY: the caller guarantees row r0 + r's cnt outputs are writable.
@@ -901,11 +901,19 @@ mod x86 {
             (WeightFormat::Q4_1, 1) => pair_q4_1::<1>(w, t, x, r0, y),
             (WeightFormat::Q4_1, 2) => pair_q4_1::<2>(w, t, x, r0, y),
             (WeightFormat::Q4_1, 3) => pair_q4_1::<3>(w, t, x, r0, y),
-            (WeightFormat::Q4_1, _) => pair_q4_1::<4>(w, t, x, r0, y),
+            (WeightFormat::Q4_1, 4) => pair_q4_1::<4>(w, t, x, r0, y),
+            (WeightFormat::Q4_1, 5) => pair_q4_1::<5>(w, t, x, r0, y),
+            (WeightFormat::Q4_1, 6) => pair_q4_1::<6>(w, t, x, r0, y),
+            (WeightFormat::Q4_1, 7) => pair_q4_1::<7>(w, t, x, r0, y),
+            (WeightFormat::Q4_1, _) => pair_q4_1::<8>(w, t, x, r0, y),
             (WeightFormat::Q8_0, 1) => pair_q8_0::<1>(w, t, x, r0, y),
             (WeightFormat::Q8_0, 2) => pair_q8_0::<2>(w, t, x, r0, y),
             (WeightFormat::Q8_0, 3) => pair_q8_0::<3>(w, t, x, r0, y),
-            (WeightFormat::Q8_0, _) => pair_q8_0::<4>(w, t, x, r0, y),
+            (WeightFormat::Q8_0, 4) => pair_q8_0::<4>(w, t, x, r0, y),
+            (WeightFormat::Q8_0, 5) => pair_q8_0::<5>(w, t, x, r0, y),
+            (WeightFormat::Q8_0, 6) => pair_q8_0::<6>(w, t, x, r0, y),
+            (WeightFormat::Q8_0, 7) => pair_q8_0::<7>(w, t, x, r0, y),
+            (WeightFormat::Q8_0, _) => pair_q8_0::<8>(w, t, x, r0, y),
         }
     }
 
