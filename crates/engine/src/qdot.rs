@@ -1380,8 +1380,12 @@ mod tests {
     /// exact, the float steps the same FMAs in the same order): equal bit for bit.
     #[test]
     fn simd_kernels_equal_the_portable_one_bit_for_bit() {
-        let (k, n, m) = (768, 13, 6);
-        for format in [WeightFormat::Q4_1, WeightFormat::Q8_0] {
+        let (k, n) = (768, 13);
+        // 6 rows: one group; 17: two full groups of 8 (AVX-512) or four of 4, and a last row.
+        for (format, m) in [WeightFormat::Q4_1, WeightFormat::Q8_0]
+            .into_iter()
+            .flat_map(|f| [(f, 6), (f, 17)])
+        {
             let (tiled, _) = matrix(format, n, k, 8);
             let x = values(m * k, 1);
             let q = Q8Rows::quantize(&x, m, k);
