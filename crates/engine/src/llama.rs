@@ -1084,14 +1084,7 @@ mod tests {
         let (q, k, v) = split_rotate_decode_rows(&qkv, &cos, &sin, heads, kv_heads, d).unwrap();
         // The unfused path: strided parts made contiguous, then candle's rope.
         let view = qkv.reshape((1, b, heads + 2 * kv_heads, d)).unwrap();
-        let part = |start: usize, n: usize| {
-            view.narrow(2, start, n)
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .contiguous()
-                .unwrap()
-        };
+        let part = |start: usize, n: usize| heads_of(&view, start, n);
         let want_q = candle_nn::rotary_emb::rope(&part(0, heads), &cos, &sin).unwrap();
         let want_k = candle_nn::rotary_emb::rope(&part(heads, kv_heads), &cos, &sin).unwrap();
         let want_v = part(heads + kv_heads, kv_heads);
@@ -1114,6 +1107,17 @@ mod tests {
         let qv = flat(&q);
         assert_eq!(qv[(b + 2) * d + 3], x1 * c - x2 * s);
         assert_eq!(qv[(b + 2) * d + 3 + d / 2], x1 * s + x2 * c);
+    }
+
+    /// Heads `start..start + n` of a `[b, len, heads, d]` view as a contiguous `[b, n, len, d]`
+    /// (the unfused path's strided copy, the reference the fused splits are checked against).
+    fn heads_of(view: &Tensor, start: usize, n: usize) -> Tensor {
+        view.narrow(2, start, n)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
     }
 
     fn tiny_lm() -> Llama {
@@ -1253,14 +1257,7 @@ mod tests {
             let got = x.apply_op3_no_bwd(&c, &s, &op).unwrap();
             assert_eq!(got.dims(), &[b, all, len, d]);
             let view = x.reshape((b, len, all, d)).unwrap();
-            let part = |start: usize, n: usize| {
-                view.narrow(2, start, n)
-                    .unwrap()
-                    .transpose(1, 2)
-                    .unwrap()
-                    .contiguous()
-                    .unwrap()
-            };
+            let part = |start: usize, n: usize| heads_of(&view, start, n);
             let want = Tensor::cat(
                 &[
                     candle_nn::rotary_emb::rope(&part(0, heads), &c, &s).unwrap(),
