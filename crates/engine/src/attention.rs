@@ -317,21 +317,54 @@ fn decode_rows(
     let exp_softmax = softmax_kernel();
     let (dot, axpy) = (crate::gemv::dot_kernel(), crate::gemv::axpy_kernel());
     let all = Seqs(&seqs);
-    (0..b * heads).into_par_iter().for_each_init(
-        || vec![0f32; max_len],
+    let group = heads_per_unit(b, heads / rep, rep, d);
+    let units_per_seq = heads / group;
+    (0..b * units_per_seq).into_par_iter().for_each_init(
+        || vec![0f32; group * max_len],
         |scores, unit| {
             let all = &all;
-            let (i, h) = (unit / heads, unit % heads);
+            let (i, h) = (unit / units_per_seq, unit % units_per_seq * group);
             let s = &all.0[i];
             let hk = h / rep;
             let out = out_ptr;
             let (ks0, ks1, vs0, vs1) = s.strides;
             let qp = qd.as_ptr().wrapping_add(i * qs.0 + h * qs.1);
             let op = out.0.wrapping_add((i * heads + h) * d);
-            // SAFETY: q holds row (i, h) at the given strides; sequence i's keys and values are
-            // `len` rows of head hk at the recorded strides, alive under `guards`; each unit
-            // writes output row (i, h) only.
+            // SAFETY: q holds rows (i, h..h + group) at the given strides; sequence i's keys
+            // and values are `len` rows of head hk at the recorded strides, alive under
+            // `guards`; each unit writes output rows (i, h..h + group) only.
             unsafe {
+                #[cfg(target_arch = "x86_64")]
+                if group > 1 {
+                    let qps: Vec<*const f32> = (0..group).map(|g| qp.add(g * qs.1)).collect();
+                    let ops: Vec<*mut f32> = (0..group).map(|g| op.add(g * d)).collect();
+                    let rows = &mut scores[..group * s.len];
+                    match (s.k, s.v) {
+                        (KvPtr::F32(k), KvPtr::F32(v)) => attend_group_avx2(
+                            &qps,
+                            (k.add(hk * ks0), ks1),
+                            (v.add(hk * vs0), vs1),
+                            &ops,
+                            d,
+                            scale,
+                            rows,
+                            exp_softmax,
+                        ),
+                        (KvPtr::F16(k), KvPtr::F16(v)) => attend_group_avx2_f16(
+                            &qps,
+                            (k.add(hk * ks0), ks1),
+                            (v.add(hk * vs0), vs1),
+                            &ops,
+                            d,
+                            scale,
+                            rows,
+                            exp_softmax,
+                        ),
+                        // Not built: both kinds are checked above.
+                        _ => {}
+                    }
+                    return;
+                }
                 match (s.k, s.v) {
                     (KvPtr::F32(k), KvPtr::F32(v)) => small_rows_block(
                         (qp, d),
@@ -366,6 +399,20 @@ fn decode_rows(
     drop(guards);
     drop(qg);
     Tensor::from_vec(out, (b, heads, d), q.device())
+}
+
+/// Query heads per work unit of a batched decode step: every head of a kv group in one unit
+/// ([`attend_group`]: each cached row read once for the group) when there are enough (sequence,
+/// kv head) units to keep the threads busy, at least 4 each; otherwise one head per unit, as
+/// many units as there are rows (one sequence: 9 units for SmolLM2 instead of 3). Either way
+/// each row's arithmetic is the same.
+fn heads_per_unit(b: usize, kv_heads: usize, rep: usize, d: usize) -> usize {
+    let grouped_kernel = f16_decode_kernel(d);
+    if grouped_kernel && rep > 1 && b * kv_heads >= 4 * rayon::current_num_threads() {
+        rep
+    } else {
+        1
+    }
 }
 
 /// Where one sequence's cached keys and values start, by element type.
@@ -957,6 +1004,46 @@ unsafe fn attend_row_avx2_f16(
     attend_row::<half::f16>(q, k, v, o, d, scale, row, softmax)
 }
 
+/// [`attend_group`] on an f32 cache.
+///
+/// # Safety
+/// As [`attend_row_avx2`], for every query and output pointer.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_group_avx2(
+    qs: &[*const f32],
+    k: (*const f32, usize),
+    v: (*const f32, usize),
+    os: &[*mut f32],
+    d: usize,
+    scale: f32,
+    rows: &mut [f32],
+    softmax: fn(&mut [f32]),
+) {
+    attend_group::<f32>(qs, k, v, os, d, scale, rows, softmax)
+}
+
+/// [`attend_group`] on an f16 cache (each row widened exactly as it is loaded).
+///
+/// # Safety
+/// As [`attend_row_avx2_f16`], for every query and output pointer.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_group_avx2_f16(
+    qs: &[*const f32],
+    k: (*const half::f16, usize),
+    v: (*const half::f16, usize),
+    os: &[*mut f32],
+    d: usize,
+    scale: f32,
+    rows: &mut [f32],
+    softmax: fn(&mut [f32]),
+) {
+    attend_group::<half::f16>(qs, k, v, os, d, scale, rows, softmax)
+}
+
 /// Eight cached values as f32 lanes.
 #[cfg(target_arch = "x86_64")]
 trait Load8: Copy {
@@ -993,11 +1080,75 @@ unsafe fn attend_row<E: Load8>(
     row: &mut [f32],
     softmax: fn(&mut [f32]),
 ) {
-    use std::arch::x86_64::*;
     let n = row.len();
-    let quads = n / 4 * 4;
+    score_keys(q, k, d, scale, row, 0..n);
+    softmax(row);
+    accumulate_values(row, v, o, d, 0..n);
+}
+
+/// Keys read per head in turn by [`attend_group`]: 32 f32 rows of 64 (8 KiB) stay in L1 for the
+/// group's other heads. A multiple of 4, so the score quads start where [`attend_row`]'s do.
+#[cfg(target_arch = "x86_64")]
+const GROUP_KEY_BLOCK: usize = 32;
+
+/// [`attend_row`] for the query heads that share one kv head (grouped-query attention), bit for
+/// bit each head's own result: the same per-head arithmetic, but over blocks of
+/// [`GROUP_KEY_BLOCK`] keys (then values) taken by every head in turn, so each cached row is
+/// read from memory once for the group instead of once per head. `rows` holds one score row per
+/// head (`qs.len()` rows of the same length); the values' accumulators are stored to the
+/// output between blocks and loaded back (exact), so each column sums its keys in order.
+///
+/// # Safety
+/// As [`attend_row`], for every query and output pointer.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_group<E: Load8>(
+    qs: &[*const f32],
+    k: (*const E, usize),
+    v: (*const E, usize),
+    os: &[*mut f32],
+    d: usize,
+    scale: f32,
+    rows: &mut [f32],
+    softmax: fn(&mut [f32]),
+) {
+    let n = rows.len() / qs.len();
+    let blocks = || (0..n).step_by(GROUP_KEY_BLOCK).map(|j| j..(j + GROUP_KEY_BLOCK).min(n));
+    for keys in blocks() {
+        for (&q, row) in qs.iter().zip(rows.chunks_exact_mut(n)) {
+            score_keys(q, k, d, scale, row, keys.clone());
+        }
+    }
+    for row in rows.chunks_exact_mut(n) {
+        softmax(row);
+    }
+    for keys in blocks() {
+        for (&o, row) in os.iter().zip(rows.chunks_exact(n)) {
+            accumulate_values(row, v, o, d, keys.clone());
+        }
+    }
+}
+
+/// `row[j] = scale · q·k_j` for the keys `keys` (AVX2): four keys at a time (the query loaded
+/// once for four, the four sums reduced together by `vhaddps`), then one at a time; the four-key
+/// groups start at `keys.start`, which callers keep a multiple of 4, so a key's sum is reduced
+/// the same way however the keys are split.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn score_keys<E: Load8>(
+    q: *const f32,
+    k: (*const E, usize),
+    d: usize,
+    scale: f32,
+    row: &mut [f32],
+    keys: std::ops::Range<usize>,
+) {
+    use std::arch::x86_64::*;
+    let n = keys.end;
+    let quads = keys.start + (n - keys.start) / 4 * 4;
     let sv = _mm_set1_ps(scale);
-    let mut j = 0;
+    let mut j = keys.start;
     while j < quads {
         let kp = [
             k.0.add(j * k.1),
@@ -1034,16 +1185,38 @@ unsafe fn attend_row<E: Load8>(
         row[j] = _mm_cvtss_f32(h) * scale;
         j += 1;
     }
-    softmax(row);
+}
+
+/// `o += Σ_{j in keys} row[j] · v_j` (AVX2; `o` starts from zero when `keys` starts at 0), with
+/// `o` held in registers across the keys, 64 columns at a time (no load/store of `o` per key,
+/// which chained every key's update on the previous one's store). Each column adds its keys in
+/// order with one FMA each, so splitting the keys into consecutive ranges changes nothing.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn accumulate_values<E: Load8>(
+    row: &[f32],
+    v: (*const E, usize),
+    o: *mut f32,
+    d: usize,
+    keys: std::ops::Range<usize>,
+) {
+    use std::arch::x86_64::*;
+    let first = keys.start == 0;
+    let row = &row[keys.clone()];
     let mut c0 = 0;
     while c0 < d {
         let w = ((d - c0) / 8).min(8);
         let mut acc = [_mm256_setzero_ps(); 8];
+        if !first {
+            for (u, a) in acc.iter_mut().enumerate().take(w) {
+                *a = _mm256_loadu_ps(o.add(c0 + 8 * u));
+            }
+        }
         // The full-width case with a constant trip count, so the 8 accumulators stay in registers.
         if w == 8 {
             for (jj, &p) in row.iter().enumerate() {
                 let pv = _mm256_set1_ps(p);
-                let vp = v.0.add(jj * v.1 + c0);
+                let vp = v.0.add((keys.start + jj) * v.1 + c0);
                 for (u, a) in acc.iter_mut().enumerate() {
                     *a = _mm256_fmadd_ps(pv, E::load8(vp.add(8 * u)), *a);
                 }
@@ -1051,7 +1224,7 @@ unsafe fn attend_row<E: Load8>(
         } else {
             for (jj, &p) in row.iter().enumerate() {
                 let pv = _mm256_set1_ps(p);
-                let vp = v.0.add(jj * v.1 + c0);
+                let vp = v.0.add((keys.start + jj) * v.1 + c0);
                 for (u, a) in acc.iter_mut().enumerate().take(w) {
                     *a = _mm256_fmadd_ps(pv, E::load8(vp.add(8 * u)), *a);
                 }
@@ -1275,7 +1448,21 @@ mod tests {
             .iter()
             .map(|c| Ctx::new(c, Component::LmDecode))
             .collect();
-        let got = decode_attention_batch(&q, &kvs, scale, &ctxs).unwrap();
+        // On one thread the units are whole kv groups (4 sequences x 2 kv heads >= 4 per
+        // thread); on 64 threads one head each: both equal to each sequence alone.
+        let on_threads = |n: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .unwrap()
+                .install(|| decode_attention_batch(&q, &kvs, scale, &ctxs).unwrap())
+        };
+        let (grouped, per_head) = (on_threads(1), on_threads(64));
+        assert_eq!(
+            grouped.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            per_head.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        let got = grouped;
         assert_eq!(got.dims(), &[b, 1, heads * d]);
         for (i, (k, v)) in kvs.iter().enumerate() {
             let qi = q.narrow(2, i, 1).unwrap().contiguous().unwrap();
@@ -1315,7 +1502,8 @@ mod tests {
             assert!(err < 2e-6, "sequence {i}: {err}");
             // Counted by hand: 2 products of d multiply-adds per head and key.
             let by_hand = 4 * (heads * lens[i] * d) as u64;
-            assert_eq!(counters[i].get(Component::LmDecode), by_hand);
+            // (The batch ran twice above, on one thread and on 64: counted each time.)
+            assert_eq!(counters[i].get(Component::LmDecode), 2 * by_hand);
             assert_eq!(alone_flops.get(Component::LmDecode), by_hand);
         }
     }
@@ -1360,7 +1548,16 @@ mod tests {
             .iter()
             .map(|_| Ctx::new(&c, Component::LmDecode))
             .collect();
-        let got = decode_attention_batch(&q, &kvs, 0.125, &ctxs).unwrap();
+        // Grouped units (one thread: 3 sequences x 2 kv heads >= 4) and one head per unit.
+        let on_threads = |n: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .unwrap()
+                .install(|| decode_attention_batch(&q, &kvs, 0.125, &ctxs).unwrap())
+        };
+        let got = on_threads(1);
+        assert_eq!(flat(&got), flat(&on_threads(64)));
         for (i, (k, v)) in kvs.iter().enumerate() {
             let qi = q.narrow(2, i, 1).unwrap().contiguous().unwrap();
             let masking = Masking::Causal { past: lens[i] - 1 };
