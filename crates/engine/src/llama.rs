@@ -785,7 +785,9 @@ impl Block {
                 part(a.heads + a.kv_heads, a.kv_heads)?,
             ))
         })?;
-        let (k, v) = cache.append(layer, &k, &v)?;
+        let (k, v) = crate::profile::time(crate::profile::Section::KvAppend, k.device(), || {
+            cache.append(layer, &k, &v)
+        })?;
         let o = attention(&q, &k, &v, (a.head_dim as f64).powf(-0.5), masking, ctx)?;
         let o = o.transpose(1, 2)?.reshape((b, len, a.heads * a.head_dim))?;
         let o = a.o.forward(&o, ctx)?;
@@ -861,9 +863,10 @@ impl Block {
                 Ok((q, k, v, 2))
             })?;
         let scale = (a.head_dim as f64).powf(-0.5);
-        let kvs = if seq_axis == 2 {
-            KvCache::append_rows(caches, layer, &k, &v)?
-        } else {
+        let kvs = crate::profile::time(crate::profile::Section::KvAppend, k.device(), || {
+            if seq_axis == 2 {
+                return KvCache::append_rows(caches, layer, &k, &v);
+            }
             caches
                 .iter_mut()
                 .enumerate()
@@ -874,8 +877,8 @@ impl Block {
                         &v.narrow(seq_axis, i, 1)?,
                     )
                 })
-                .collect::<Result<Vec<_>>>()?
-        };
+                .collect::<Result<Vec<_>>>()
+        })?;
         // [B, 1, heads·d], each row as its sequence's own decode step computes it.
         let o = crate::profile::time(crate::profile::Section::Attention, q.device(), || {
             crate::attention::decode_attention_batch(&q, &kvs, scale, ctxs)

@@ -28,15 +28,18 @@ pub enum Section {
     Rope,
     /// GELU, SwiGLU.
     Activation,
+    /// Writing a step's new keys and values into the KV cache.
+    KvAppend,
 }
 
 impl Section {
-    pub const ALL: [Section; 5] = [
+    pub const ALL: [Section; 6] = [
         Section::Matmul,
         Section::Attention,
         Section::Norm,
         Section::Rope,
         Section::Activation,
+        Section::KvAppend,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,13 +49,15 @@ impl Section {
             Section::Norm => "norm",
             Section::Rope => "rope",
             Section::Activation => "activation",
+            Section::KvAppend => "kv-append",
         }
     }
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 /// Seconds and calls per section, in [`Section::ALL`]'s order.
-static TOTALS: Mutex<[(f64, u64); 5]> = Mutex::new([(0.0, 0); 5]);
+static TOTALS: Mutex<[(f64, u64); Section::ALL.len()]> =
+    Mutex::new([(0.0, 0); Section::ALL.len()]);
 
 /// Turns timing on or off (for the whole process).
 pub fn set_enabled(on: bool) {
@@ -61,7 +66,7 @@ pub fn set_enabled(on: bool) {
 
 /// Zeroes the totals.
 pub fn reset() {
-    *TOTALS.lock().unwrap_or_else(|e| e.into_inner()) = [(0.0, 0); 5];
+    *TOTALS.lock().unwrap_or_else(|e| e.into_inner()) = [(0.0, 0); Section::ALL.len()];
 }
 
 /// Seconds and calls per section since the last [`reset`].
