@@ -334,63 +334,49 @@ fn decode_rows(
             // and values are `len` rows of head hk at the recorded strides, alive under
             // `guards`; each unit writes output rows (i, h..h + group) only.
             unsafe {
-                #[cfg(target_arch = "x86_64")]
-                if group > 1 {
-                    let qps: Vec<*const f32> = (0..group).map(|g| qp.add(g * qs.1)).collect();
-                    let ops: Vec<*mut f32> = (0..group).map(|g| op.add(g * d)).collect();
-                    let rows = &mut scores[..group * s.len];
-                    match (s.k, s.v) {
-                        (KvPtr::F32(k), KvPtr::F32(v)) => attend_group_avx2(
-                            &qps,
-                            (k.add(hk * ks0), ks1),
-                            (v.add(hk * vs0), vs1),
-                            &ops,
-                            d,
-                            scale,
-                            rows,
-                            exp_softmax,
-                        ),
-                        (KvPtr::F16(k), KvPtr::F16(v)) => attend_group_avx2_f16(
-                            &qps,
-                            (k.add(hk * ks0), ks1),
-                            (v.add(hk * vs0), vs1),
-                            &ops,
-                            d,
-                            scale,
-                            rows,
-                            exp_softmax,
-                        ),
-                        // Not built: both kinds are checked above.
-                        _ => {}
-                    }
-                    return;
-                }
+                let (k_at, v_at) = (hk * ks0, hk * vs0);
+                // The group's query rows (`qs.1` apart) and output rows (`d` apart).
+                let qps = || -> Vec<*const f32> { (0..group).map(|g| qp.add(g * qs.1)).collect() };
+                let ops = || -> Vec<*mut f32> { (0..group).map(|g| op.add(g * d)).collect() };
+                let rows = &mut scores[..group * s.len];
                 match (s.k, s.v) {
-                    (KvPtr::F32(k), KvPtr::F32(v)) => small_rows_block(
+                    (KvPtr::F32(k), KvPtr::F32(v)) if group == 1 => small_rows_block(
                         (qp, d),
-                        (k.add(hk * ks0), ks1),
-                        (v.add(hk * vs0), vs1),
+                        (k.add(k_at), ks1),
+                        (v.add(v_at), vs1),
                         (op, d),
                         1,
                         s.len,
                         d,
                         |_| s.len,
                         scale,
-                        &mut scores[..s.len],
+                        rows,
                         (dot, axpy, exp_softmax),
                     ),
                     #[cfg(target_arch = "x86_64")]
-                    (KvPtr::F16(k), KvPtr::F16(v)) => attend_row_avx2_f16(
-                        qp,
-                        (k.add(hk * ks0), ks1),
-                        (v.add(hk * vs0), vs1),
-                        op,
+                    (KvPtr::F32(k), KvPtr::F32(v)) => attend_group_avx2(
+                        &qps(),
+                        (k.add(k_at), ks1),
+                        (v.add(v_at), vs1),
+                        &ops(),
                         d,
                         scale,
-                        &mut scores[..s.len],
+                        rows,
                         exp_softmax,
                     ),
-                    // Not built: f16 caches are widened first where there is no f16 kernel.
+                    #[cfg(target_arch = "x86_64")]
+                    (KvPtr::F16(k), KvPtr::F16(v)) => attend_group_avx2_f16(
+                        &qps(),
+                        (k.add(k_at), ks1),
+                        (v.add(v_at), vs1),
+                        &ops(),
+                        d,
+                        scale,
+                        rows,
+                        exp_softmax,
+                    ),
+                    // Not built: groups and f16 caches only where the AVX2 kernels run
+                    // (`heads_per_unit`, `f16_decode_kernel`).
                     _ => {}
                 }
             }
@@ -928,11 +914,11 @@ unsafe fn small_rows_block(
     {
         for r in 0..rows {
             let vis = visible(r);
-            attend_row_avx2(
-                q.0.add(r * q.1),
+            attend_group_avx2(
+                &[q.0.add(r * q.1)],
                 k,
                 v,
-                out.0.add(r * out.1),
+                &[out.0.add(r * out.1)],
                 d,
                 scale,
                 &mut scores[r * kv_len..r * kv_len + vis],
@@ -957,57 +943,12 @@ unsafe fn small_rows_block(
     }
 }
 
-/// One query row of a decode step against its visible keys (`row.len()` of them), AVX2: the
-/// scores four keys at a time (the query loaded once for four, the four sums reduced together
-/// by `vhaddps`), the softmax, then `o = Σ p_j v_j` with `o` held in registers across all keys,
-/// 64 columns at a time (no load/store of `o` per key, which chained every key's update on the
-/// previous one's store). `d` a multiple of 8.
-///
-/// # Safety
-/// AVX2 and FMA present; the pointers address a `d`-vector query, `row.len()` key and value
-/// rows of `d` at the given row strides, and a `d`-vector output.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_row_avx2(
-    q: *const f32,
-    k: (*const f32, usize),
-    v: (*const f32, usize),
-    o: *mut f32,
-    d: usize,
-    scale: f32,
-    row: &mut [f32],
-    softmax: fn(&mut [f32]),
-) {
-    attend_row::<f32>(q, k, v, o, d, scale, row, softmax)
-}
-
-/// [`attend_row_avx2`] on an f16 cache: each key and value row widened by `vcvtph2ps` (exact)
-/// as it is loaded, then the same f32 arithmetic, so the result equals the f32 kernel's on the
-/// widened cache bit for bit while reading half the bytes.
-///
-/// # Safety
-/// As [`attend_row_avx2`], and F16C present; k and v rows are f16.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_row_avx2_f16(
-    q: *const f32,
-    k: (*const half::f16, usize),
-    v: (*const half::f16, usize),
-    o: *mut f32,
-    d: usize,
-    scale: f32,
-    row: &mut [f32],
-    softmax: fn(&mut [f32]),
-) {
-    attend_row::<half::f16>(q, k, v, o, d, scale, row, softmax)
-}
-
 /// [`attend_group`] on an f32 cache.
 ///
 /// # Safety
-/// As [`attend_row_avx2`], for every query and output pointer.
+/// AVX2 and FMA present; every query pointer addresses a `d`-vector, every output pointer a
+/// writable `d`-vector no one else touches during the call, and `k`, `v` `rows.len() /
+/// qs.len()` key and value rows of `d` at the given row strides.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -1024,10 +965,12 @@ unsafe fn attend_group_avx2(
     attend_group::<f32>(qs, k, v, os, d, scale, rows, softmax)
 }
 
-/// [`attend_group`] on an f16 cache (each row widened exactly as it is loaded).
+/// [`attend_group`] on an f16 cache: each key and value row widened by `vcvtph2ps` (exact) as
+/// it is loaded, then the same f32 arithmetic, so the result equals the f32 kernel's on the
+/// widened cache bit for bit while reading half the bytes.
 ///
 /// # Safety
-/// As [`attend_row_avx2_f16`], for every query and output pointer.
+/// As [`attend_group_avx2`], and F16C present; k and v rows are f16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
@@ -1067,39 +1010,22 @@ impl Load8 for half::f16 {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_row<E: Load8>(
-    q: *const f32,
-    k: (*const E, usize),
-    v: (*const E, usize),
-    o: *mut f32,
-    d: usize,
-    scale: f32,
-    row: &mut [f32],
-    softmax: fn(&mut [f32]),
-) {
-    let n = row.len();
-    score_keys(q, k, d, scale, row, 0..n);
-    softmax(row);
-    accumulate_values(row, v, o, d, 0..n);
-}
-
 /// Keys read per head in turn by [`attend_group`]: 32 f32 rows of 64 (8 KiB) stay in L1 for the
-/// group's other heads. A multiple of 4, so the score quads start where [`attend_row`]'s do.
+/// group's other heads. A multiple of 4, so the score quads start where one head's do.
 #[cfg(target_arch = "x86_64")]
 const GROUP_KEY_BLOCK: usize = 32;
 
-/// [`attend_row`] for the query heads that share one kv head (grouped-query attention), bit for
-/// bit each head's own result: the same per-head arithmetic, but over blocks of
-/// [`GROUP_KEY_BLOCK`] keys (then values) taken by every head in turn, so each cached row is
-/// read from memory once for the group instead of once per head. `rows` holds one score row per
-/// head (`qs.len()` rows of the same length); the values' accumulators are stored to the
-/// output between blocks and loaded back (exact), so each column sums its keys in order.
+/// Decode rows against their visible keys (`rows.len() / qs.len()` of them) for query heads
+/// that share one kv head (grouped-query attention; one head is a group of one): per head the
+/// scores ([`score_keys`]), the softmax, then `o = Σ p_j v_j` ([`accumulate_values`]). A group
+/// of several heads goes over blocks of [`GROUP_KEY_BLOCK`] keys (then values) taken by every
+/// head in turn, so each cached row is read from memory once for the group instead of once per
+/// head, bit for bit each head's result alone: `rows` holds one score row per head, and the
+/// values' accumulators are stored to the output between blocks and loaded back (exact), so
+/// each column still sums its keys in order. `d` a multiple of 8.
 ///
 /// # Safety
-/// As [`attend_row`], for every query and output pointer.
+/// As [`attend_group_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -1114,7 +1040,13 @@ unsafe fn attend_group<E: Load8>(
     softmax: fn(&mut [f32]),
 ) {
     let n = rows.len() / qs.len();
-    let blocks = || (0..n).step_by(GROUP_KEY_BLOCK).map(|j| j..(j + GROUP_KEY_BLOCK).min(n));
+    // One head: all its keys at once (no accumulator round trips).
+    let block = if qs.len() == 1 {
+        n.max(1)
+    } else {
+        GROUP_KEY_BLOCK
+    };
+    let blocks = || (0..n).step_by(block).map(move |j| j..(j + block).min(n));
     for keys in blocks() {
         for (&q, row) in qs.iter().zip(rows.chunks_exact_mut(n)) {
             score_keys(q, k, d, scale, row, keys.clone());

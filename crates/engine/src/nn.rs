@@ -973,7 +973,11 @@ mod tests {
             weight: Tensor::new(&[1f32, 2.0], &dev).unwrap(),
             eps: 0.0,
         };
-        let got = values_f32(&norm.forward(&Tensor::new(&[[3f32, 4.0]], &dev).unwrap()).unwrap());
+        let got = values_f32(
+            &norm
+                .forward(&Tensor::new(&[[3f32, 4.0]], &dev).unwrap())
+                .unwrap(),
+        );
         let r = 12.5f32.sqrt();
         assert_eq!(got, vec![3.0 / r, 4.0 / r * 2.0]);
         let eps = 1e-5;
@@ -1001,7 +1005,9 @@ mod tests {
         }
         let short = Tensor::zeros(3, DType::F32, &dev).unwrap();
         let x = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
-        assert!(x.apply_op2_no_bwd(&short, &RmsNormF32 { eps: 1e-5 }).is_err());
+        assert!(x
+            .apply_op2_no_bwd(&short, &RmsNormF32 { eps: 1e-5 })
+            .is_err());
     }
 
     /// The one-pass RMSNorm's CPU reference against the composition `RmsNorm` runs elsewhere:

@@ -56,8 +56,7 @@ impl Section {
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 /// Seconds and calls per section, in [`Section::ALL`]'s order.
-static TOTALS: Mutex<[(f64, u64); Section::ALL.len()]> =
-    Mutex::new([(0.0, 0); Section::ALL.len()]);
+static TOTALS: Mutex<[(f64, u64); Section::ALL.len()]> = Mutex::new([(0.0, 0); Section::ALL.len()]);
 
 /// Turns timing on or off (for the whole process).
 pub fn set_enabled(on: bool) {
