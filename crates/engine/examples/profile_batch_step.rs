@@ -4,7 +4,7 @@
 //! head, each `PackedMatrix::gemv` at B rows on the same weights); the difference is attention,
 //! norms, RoPE, cache appends and scheduling. Then, per B, one more run of steps with the
 //! engine's section timer on (`vvlm_engine::profile`: matmul, attention, norm, rope,
-//! activation, and the untimed rest), in ms per step.
+//! activation, kv-append, and the untimed rest), in ms per step.
 //! `cargo run --release -p vvlm-engine --example profile_batch_step [-- GGUF [B,B,..]]`.
 use candle_core::{DType, Device};
 use std::time::Instant;
