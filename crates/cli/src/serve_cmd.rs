@@ -94,6 +94,10 @@ pub struct ServeArgs {
     /// alone: the escape hatch should one of ours misbehave on a GPU).
     #[arg(long, env = "VVLM_CUDA_KERNELS")]
     pub cuda_kernels: Option<CudaKernelsArg>,
+    /// The CPU's integer kernels: auto (the best this processor has) or one by name (the same
+    /// results; to compare them or avoid one). One the CPU cannot run is a startup error.
+    #[arg(long, env = "VVLM_CPU_KERNELS", value_parser = vvlm_engine_bench::cpu_kernels_parser())]
+    pub cpu_kernels: Option<vvlm_engine::CpuKernels>,
     /// Folders file:// URLs may read from (repeatable).
     #[arg(long = "file-allow", env = "VVLM_FILE_ALLOW", value_delimiter = ',')]
     pub file_allow: Vec<PathBuf>,
@@ -174,6 +178,9 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
             CudaKernelsArg::Unfused => vvlm_engine::DeviceKernels::Unfused,
         };
     }
+    if let Some(v) = a.cpu_kernels {
+        c.cpu_kernels = v;
+    }
     if let Some(v) = &a.admin_key {
         c.admin_key = Some(v.clone());
     }
@@ -220,6 +227,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     // A bad device or dtype is a startup error, not a server that answers 503 forever.
     vvlm_engine::LoadOptions::parse(&c.device, &c.dtype)
         .with_context(|| format!("device {:?} / dtype {:?}", c.device, c.dtype))?;
+    vvlm_engine::set_cpu_kernels(c.cpu_kernels).context("cpu_kernels")?;
     let threads = c.threads_per_worker();
     vvlm_engine::set_cpu_threads(threads);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -817,6 +817,38 @@ fn ledger_survives_kill_9_mid_request_and_shutdown_is_graceful() {
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );
+    // So are CPU kernels by an unknown name (the flag lists the names) and, where this CPU
+    // lacks them, a set it cannot run.
+    let bad = vvlm()
+        .args(["serve", "--cpu-kernels", "avx1024", "--bind", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("avx1024") && err.contains("avx512_vnni"),
+        "{err}"
+    );
+    #[cfg(target_arch = "x86_64")]
+    let missing = if !std::arch::is_x86_feature_detected!("avx512vnni") {
+        Some("avx512_vnni")
+    } else if !std::arch::is_x86_feature_detected!("avxvnni") {
+        Some("avx_vnni")
+    } else {
+        None
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let missing = Some("avx2");
+    if let Some(kernels) = missing {
+        let bad = vvlm()
+            .args(["serve", "--bind", "127.0.0.1:0"])
+            .env("VVLM_CPU_KERNELS", kernels)
+            .output()
+            .unwrap();
+        assert!(!bad.status.success());
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(err.contains("cannot run"), "{kernels}: {err}");
+    }
     let db = scratch().join("crash.db");
     let out = vvlm()
         .args(["tenant", "--db"])

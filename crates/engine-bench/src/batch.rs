@@ -189,7 +189,10 @@ pub fn run(a: &BatchArgs) -> Result<Vec<BatchRow>> {
         "{} decode ({}), {} prompt + {} generated tokens per sequence, {}",
         a.random.map_or("SmolLM2-135M", RandomLm::label),
         if quantized(a, &opts) {
-            "Q4_1/Q8_0 blocks".to_string()
+            format!(
+                "Q4_1/Q8_0 blocks, {:?} kernels",
+                vvlm_engine::qdot::Isa::best()
+            )
         } else {
             format!("{dtype:?}")
         },

@@ -35,6 +35,18 @@ pub struct Placement {
     /// ops alone), to compare the two or to rule ours out.
     #[arg(long, env = "VVLM_CUDA_KERNELS", value_enum, default_value_t = KernelChoice::Fused)]
     pub kernels: KernelChoice,
+    /// The CPU's integer kernels for quantized matrices: auto (the best this processor has) or
+    /// one by name (the same results), to compare them side by side on one machine.
+    #[arg(long, env = "VVLM_CPU_KERNELS", default_value = "auto", value_parser = cpu_kernels_parser())]
+    pub cpu_kernels: vvlm_engine::CpuKernels,
+}
+
+/// Parses [`vvlm_engine::CpuKernels`] by its names (listed in `--help`).
+pub fn cpu_kernels_parser() -> impl clap::builder::TypedValueParser<Value = vvlm_engine::CpuKernels>
+{
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(vvlm_engine::CpuKernels::NAMES)
+        .try_map(|s| s.parse::<vvlm_engine::CpuKernels>())
 }
 
 /// [`vvlm_engine::DeviceKernels`] on the command line.
@@ -46,13 +58,14 @@ pub enum KernelChoice {
 
 impl Placement {
     /// The engine's load options for this placement; also selects the process's CUDA kernels
-    /// (`--kernels`).
+    /// (`--kernels`) and CPU kernels (`--cpu-kernels`; refused where this CPU cannot run them).
     pub fn load_options(&self) -> Result<LoadOptions> {
         use vvlm_engine::{set_device_kernels, DeviceKernels};
         set_device_kernels(match self.kernels {
             KernelChoice::Fused => DeviceKernels::Fused,
             KernelChoice::Unfused => DeviceKernels::Unfused,
         });
+        vvlm_engine::set_cpu_kernels(self.cpu_kernels)?;
         Ok(LoadOptions::parse(&self.device, &self.dtype)?)
     }
 }

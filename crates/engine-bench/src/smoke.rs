@@ -212,6 +212,7 @@ mod tests {
             device: "cpu".into(),
             dtype: "f32".into(),
             kernels: crate::KernelChoice::Fused,
+            cpu_kernels: vvlm_engine::CpuKernels::Auto,
         })
         .unwrap();
         let names: Vec<_> = r.checks.iter().map(|c| c.name).collect();

@@ -74,6 +74,64 @@ pub(crate) fn fused_on(device: &candle_core::Device) -> bool {
     cfg!(feature = "cuda") && device.is_cuda() && device_kernels() == DeviceKernels::Fused
 }
 
+/// Which integer kernels the CPU's quantized products run: `Auto` (the best this processor
+/// has: AVX-512 VNNI, AVX-VNNI, AVX2, or portable code, detected at run time) or one set by
+/// name, to compare them on one processor or to avoid one. Every set gives the same results
+/// bit for bit; only the speed differs. A process setting, fixed before any model loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CpuKernels {
+    #[default]
+    Auto,
+    Avx512Vnni,
+    AvxVnni,
+    Avx2,
+    Portable,
+}
+
+impl CpuKernels {
+    /// The names settings and flags take, in the order of the variants.
+    pub const NAMES: [&'static str; 5] = ["auto", "avx512_vnni", "avx_vnni", "avx2", "portable"];
+    const ALL: [CpuKernels; 5] = [
+        CpuKernels::Auto,
+        CpuKernels::Avx512Vnni,
+        CpuKernels::AvxVnni,
+        CpuKernels::Avx2,
+        CpuKernels::Portable,
+    ];
+}
+
+impl std::str::FromStr for CpuKernels {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::NAMES
+            .iter()
+            .position(|&n| n == s)
+            .map(|i| Self::ALL[i])
+            .ok_or_else(|| {
+                format!(
+                    "unknown CPU kernels {s:?} (one of {})",
+                    Self::NAMES.join(", ")
+                )
+            })
+    }
+}
+
+/// Fixes the CPU's kernels for this process (see [`CpuKernels`]): refused, with the reason,
+/// for a set this CPU cannot run or after the kernels were fixed otherwise. `Auto` fixes
+/// nothing (the first product detects them).
+pub fn set_cpu_kernels(kernels: CpuKernels) -> Result<(), EngineError> {
+    use qdot::Isa;
+    let isa = match kernels {
+        CpuKernels::Auto => return Ok(()),
+        CpuKernels::Avx512Vnni => Isa::Avx512Vnni,
+        CpuKernels::AvxVnni => Isa::AvxVnni,
+        CpuKernels::Avx2 => Isa::Avx2,
+        CpuKernels::Portable => Isa::Portable,
+    };
+    isa.choose().map_err(EngineError::Unsupported)
+}
+
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -213,6 +213,9 @@ pub enum Isa {
     Portable,
 }
 
+/// The process's kernels, fixed at the first product (or by [`Isa::choose`]).
+static CHOSEN: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+
 impl Isa {
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
@@ -232,10 +235,29 @@ impl Isa {
         Isa::Portable
     }
 
-    /// The best this CPU has (detected once).
+    /// The kernels every product runs: the best this CPU has (detected once), or what
+    /// [`Isa::choose`] fixed before.
     pub fn best() -> Self {
-        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *BEST.get_or_init(Isa::detect)
+        *CHOSEN.get_or_init(Isa::detect)
+    }
+
+    /// Fixes the kernels for the process (an operator's choice, to compare kernel sets on one
+    /// processor or to avoid one): refused when this CPU cannot run them, or when the kernels
+    /// were already fixed otherwise (matrices are laid out for the kernels when they load).
+    pub fn choose(self) -> Result<(), String> {
+        if !self.available() {
+            return Err(format!(
+                "this CPU cannot run the {self:?} kernels (it has {:?})",
+                Isa::detect()
+            ));
+        }
+        let fixed = *CHOSEN.get_or_init(|| self);
+        if fixed != self {
+            return Err(format!(
+                "the CPU kernels are already {fixed:?} for this process"
+            ));
+        }
+        Ok(())
     }
 
     /// Whether this CPU can run kernels for `self`.
@@ -1088,6 +1110,28 @@ mod x86 {
 #[allow(clippy::needless_range_loop)] // index arithmetic is the point of these checks
 mod tests {
     use super::*;
+
+    /// The process's kernels are the detected ones unless chosen first; choosing them again is
+    /// accepted, another set afterwards or one this CPU cannot run is refused with the reason.
+    #[test]
+    fn kernels_once_fixed_stay_and_unrunnable_ones_are_refused() {
+        let fixed = Isa::best();
+        assert!(fixed.available());
+        assert_eq!(fixed.choose(), Ok(()));
+        for isa in [Isa::Portable, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni] {
+            if isa == fixed {
+                continue;
+            }
+            let err = isa.choose().unwrap_err();
+            let why = if isa.available() {
+                "already"
+            } else {
+                "cannot run"
+            };
+            assert!(err.contains(why), "{isa:?}: {err}");
+        }
+        assert_eq!(Isa::best(), fixed);
+    }
 
     /// A deterministic pseudo-random stream (no test depends on a seed's luck).
     fn values(n: usize, seed: u64) -> Vec<f32> {

@@ -68,6 +68,12 @@ pub struct ServerConfig {
     /// hatch should one of ours misbehave on a GPU. No effect on the CPU.
     #[serde(default)]
     pub cuda_kernels: vvlm_engine::DeviceKernels,
+    /// The CPU's integer kernels for quantized matrices: `auto` (the best this processor has,
+    /// detected at run time) or `avx512_vnni`, `avx_vnni`, `avx2`, `portable` (the same results
+    /// bit for bit; to compare them on one processor or avoid one). A set this CPU cannot run
+    /// is a startup error.
+    #[serde(default)]
+    pub cpu_kernels: vvlm_engine::CpuKernels,
     #[serde(default)]
     pub cache: CacheConfig,
 }
@@ -337,6 +343,20 @@ mod tests {
         let err = ServerConfig::layered(Some("[limits]\nqueue_dept = 3\n")).unwrap_err();
         assert!(err.contains("queue_dept"), "{err}");
         assert!(ServerConfig::layered(Some("[limits]\nqueue_depth = \"many\"\n")).is_err());
+    }
+
+    #[test]
+    fn the_cpu_kernels_are_named_or_refused() {
+        assert_eq!(
+            ServerConfig::embedded().cpu_kernels,
+            vvlm_engine::CpuKernels::Auto
+        );
+        let c = ServerConfig::layered(Some("cpu_kernels = \"avx512_vnni\"\n")).unwrap();
+        assert_eq!(c.cpu_kernels, vvlm_engine::CpuKernels::Avx512Vnni);
+        let c = ServerConfig::layered(Some("cpu_kernels = \"portable\"\n")).unwrap();
+        assert_eq!(c.cpu_kernels, vvlm_engine::CpuKernels::Portable);
+        let err = ServerConfig::layered(Some("cpu_kernels = \"avx1024\"\n")).unwrap_err();
+        assert!(err.to_string().contains("avx1024"), "{err}");
     }
 
     #[test]

@@ -180,6 +180,8 @@ pub fn load_models(state: &AppState) -> Result<(), StartError> {
         load_options.quantized_prefill = state.config.quantized_prefill;
         load_options.kv_cache = state.config.kv_cache_dtype;
         vvlm_engine::set_device_kernels(state.config.cuda_kernels);
+        vvlm_engine::set_cpu_kernels(state.config.cpu_kernels)
+            .map_err(|e| StartError::Config(e.to_string()))?;
         tracing::info!(device = %state.config.device, dtype = ?load_options.dtype, "engine placement");
         let mut loaded = Registry::default();
         let mut engines = BTreeMap::new();
