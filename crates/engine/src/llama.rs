@@ -498,6 +498,11 @@ impl Llama {
             (None, EmbedTable::F32(e)) => Linear::from_weights(e.embeddings().clone(), None)?,
             (None, EmbedTable::Quantized(q)) => Linear::from_packed(q.clone()),
         };
+        let mut blocks = blocks;
+        for b in &mut blocks {
+            // SwiGLU inside the gate/up product's tasks (where its weights allow).
+            b.mlp.gate_up.interleave_for_swiglu();
+        }
         Ok(Self {
             embed,
             blocks,
@@ -547,6 +552,10 @@ impl Llama {
             set(&mut self.lm_head, &["lm_head.weight".to_string()])?;
         } else if self.cfg.tie_word_embeddings.unwrap_or(false) {
             set(&mut self.lm_head, &["embed_tokens.weight".to_string()])?;
+        }
+        for b in &mut self.blocks {
+            // SwiGLU inside the gate/up product's tasks (where its weights allow).
+            b.mlp.gate_up.interleave_for_swiglu();
         }
         Ok(attached)
     }
@@ -799,13 +808,17 @@ impl Block {
         if tap0 {
             ctx.tap(|| "text.layer0.post_attention_layernorm".into(), &y);
         }
-        let gu = self.mlp.gate_up.forward(&y, ctx)?;
-        if tap0 {
+        let act = if tap0 && ctx.taps.is_some() {
+            // Tapped: the gate and up outputs themselves (the unfused product).
+            let gu = self.mlp.gate_up.forward(&y, ctx)?;
             let i = gu.dim(2)? / 2;
             ctx.tap(|| "text.layer0.mlp.gate_proj".into(), &gu.narrow(2, 0, i)?);
             ctx.tap(|| "text.layer0.mlp.up_proj".into(), &gu.narrow(2, i, i)?);
-        }
-        let d = self.mlp.down.forward(&crate::nn::swiglu_fused(&gu)?, ctx)?;
+            crate::nn::swiglu_fused(&gu)?
+        } else {
+            self.mlp.gate_up.forward_swiglu(&y, ctx)?
+        };
+        let d = self.mlp.down.forward(&act, ctx)?;
         if tap0 {
             ctx.tap(|| "text.layer0.mlp.down_proj".into(), &d);
         }
@@ -886,11 +899,8 @@ impl Block {
         let o = a.o.forward_rows(&o, ctxs)?;
         let x = (x + o)?;
         let y = self.ln2.forward(&x)?;
-        let gu = self.mlp.gate_up.forward_rows(&y, ctxs)?;
-        let d = self
-            .mlp
-            .down
-            .forward_rows(&crate::nn::swiglu_fused(&gu)?, ctxs)?;
+        let act = self.mlp.gate_up.forward_rows_swiglu(&y, ctxs)?;
+        let d = self.mlp.down.forward_rows(&act, ctxs)?;
         x + d
     }
 }

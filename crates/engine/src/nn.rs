@@ -116,6 +116,9 @@ pub struct Linear {
     out_features: usize,
     /// The same weights quantized (from GGUF), used for decode-shaped products on the CPU.
     quant: Option<std::sync::Arc<crate::quant::PackedMatrix>>,
+    /// `quant`'s rows are gate and up interleaved tile by tile ([`Self::interleave_for_swiglu`]):
+    /// the SwiGLU products read it as it is; a plain product puts its outputs back in order.
+    quant_swiglu: bool,
 }
 
 /// What a layer without its f32 weights says when asked to run where only they can.
@@ -146,6 +149,7 @@ impl Linear {
             in_features,
             out_features,
             quant: None,
+            quant_swiglu: false,
         })
     }
 
@@ -163,6 +167,7 @@ impl Linear {
             in_features: q.cols,
             out_features: q.rows,
             quant: Some(std::sync::Arc::new(q.packed())),
+            quant_swiglu: false,
         })
     }
 
@@ -174,6 +179,7 @@ impl Linear {
             in_features: q.cols(),
             out_features: q.rows(),
             quant: Some(q),
+            quant_swiglu: false,
         }
     }
 
@@ -190,7 +196,34 @@ impl Linear {
             );
         }
         self.quant = Some(std::sync::Arc::new(q.packed()));
+        self.quant_swiglu = false;
         Ok(())
+    }
+
+    /// For a gate/up layer (gate rows over up rows, no bias) with quantized weights: reorders
+    /// them tile by tile ([`crate::quant::QuantMatrix::halves_interleaved_by_tile`]) so that
+    /// [`Self::forward_swiglu`] computes `silu(gate)·up` inside the product's parallel tasks on
+    /// the CPU ([`crate::quant::PackedMatrix::gemv_swiglu`]). Returns whether it applies (not
+    /// without quantized weights, with a bias, or halves of part tiles); a plain product still
+    /// answers in gate-then-up order.
+    pub fn interleave_for_swiglu(&mut self) -> bool {
+        if self.quant_swiglu {
+            return true;
+        }
+        let Some(q) = &self.quant else {
+            return false;
+        };
+        if self.bias.is_some() {
+            return false;
+        }
+        match q.unpack().halves_interleaved_by_tile() {
+            Some(inter) => {
+                self.quant = Some(std::sync::Arc::new(inter.packed()));
+                self.quant_swiglu = true;
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn quantized(&self) -> Option<&crate::quant::PackedMatrix> {
@@ -239,7 +272,10 @@ impl Linear {
         let mut out = Self::from_weights(weight, bias)?;
         let quants: Option<Vec<crate::quant::QuantMatrix>> = parts
             .iter()
-            .map(|l| l.quant.as_deref().map(|q| q.unpack()))
+            .map(|l| match l.quant_swiglu {
+                false => l.quant.as_deref().map(|q| q.unpack()),
+                true => None,
+            })
             .collect();
         let quants: Option<Vec<&crate::quant::QuantMatrix>> =
             quants.as_ref().map(|q| q.iter().collect());
@@ -274,6 +310,52 @@ impl Linear {
         // The row-wise kernels for a whole decode batch: each weight row is read once for all
         // the batch's rows, and each output is the same dot product as for a sequence alone.
         self.compute(x, crate::gemv::MAX_BATCH_ROWS, true)
+    }
+
+    /// `silu(gate)·up` of a gate/up layer's output `[.., 2i]` (gate then up), counted as
+    /// [`Self::forward`]: from the interleaved quantized weights in one op on the CPU
+    /// ([`Self::interleave_for_swiglu`]), else the product then [`swiglu_fused`]. The same
+    /// values either way, bit for bit.
+    pub fn forward_swiglu(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        ctx.count_matmul(1, rows, self.in_features, self.out_features);
+        self.compute_swiglu(x, crate::gemv::MAX_ROWS)
+    }
+
+    /// [`Self::forward_swiglu`] over rows that belong to different requests (counted as
+    /// [`Self::forward_rows`]).
+    pub fn forward_rows_swiglu(&self, x: &Tensor, ctxs: &[Ctx]) -> Result<Tensor> {
+        let dims = x.dims();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        if rows != ctxs.len() {
+            candle_core::bail!("forward_rows: {rows} rows for {} requests", ctxs.len());
+        }
+        for c in ctxs {
+            c.count_matmul(1, 1, self.in_features, self.out_features);
+        }
+        self.compute_swiglu(x, crate::gemv::MAX_BATCH_ROWS)
+    }
+
+    fn compute_swiglu(&self, x: &Tensor, gemv_rows: usize) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+        match &self.quant {
+            Some(q)
+                if self.quant_swiglu && cpu_f32 && (rows <= gemv_rows || self.weight.is_none()) =>
+            {
+                let y = crate::profile::time(crate::profile::Section::Matmul, x.device(), || {
+                    x.reshape((rows, self.in_features))?
+                        .contiguous()?
+                        .apply_op1_no_bwd(&crate::quant::QuantGemvSwiglu(q.clone()))
+                })?;
+                let mut out_dims = dims;
+                *out_dims.last_mut().unwrap() = self.out_features / 2;
+                y.reshape(out_dims)
+            }
+            _ => swiglu_fused(&self.compute(x, gemv_rows, true)?),
+        }
     }
 
     /// `gelu_tanh(x·Wᵀ + b)` (counted as [`Self::forward`]): on CUDA, with a bias, the bias
@@ -325,9 +407,22 @@ impl Linear {
         let x2 = x.reshape((rows, self.in_features))?;
         let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
         let mut y = match (&self.quant, &self.weight) {
-            (Some(q), w) if cpu_f32 && (rows <= gemv_rows || w.is_none()) => x2
-                .contiguous()?
-                .apply_op1_no_bwd(&crate::quant::QuantGemv(q.clone()))?,
+            (Some(q), w) if cpu_f32 && (rows <= gemv_rows || w.is_none()) => {
+                let y = x2
+                    .contiguous()?
+                    .apply_op1_no_bwd(&crate::quant::QuantGemv(q.clone()))?;
+                if self.quant_swiglu {
+                    // Rows interleaved by tile for SwiGLU: the outputs back in gate-then-up
+                    // order (a tapped forward wants the two halves themselves).
+                    let tile = crate::qdot::TILE;
+                    y.reshape((rows, self.out_features / (2 * tile), 2, tile))?
+                        .transpose(1, 2)?
+                        .contiguous()?
+                        .reshape((rows, self.out_features))?
+                } else {
+                    y
+                }
+            }
             (_, Some(w)) if cpu_f32 && rows <= gemv_rows => {
                 x2.contiguous()?.apply_op2_no_bwd(w, &crate::gemv::Gemv)?
             }
@@ -917,7 +1012,7 @@ impl candle_core::CustomOp1 for SwigluFusedF32 {
 /// build of the same code when the CPU has it (`exp` is [`crate::attention::exp_f32`] on every
 /// path, a polynomial the compiler vectorises, so results do not depend on the instruction set;
 /// libm's scalar `expf` was ~1.3 ms of a ~23 ms 8-sequence SmolLM2 decode step).
-fn swiglu_rows_kernel() -> fn(&mut [f32], &[f32], usize) {
+pub(crate) fn swiglu_rows_kernel() -> fn(&mut [f32], &[f32], usize) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -959,6 +1054,61 @@ pub(crate) fn values_f32(t: &Tensor) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gate/up layer interleaved for SwiGLU answers `forward_swiglu` and `forward_rows_swiglu`
+    /// exactly as SwiGLU of the plain layer's product (decode rows, a decode batch, prompt rows
+    /// from the quantized weights alone), counted as the product; a plain product of it still
+    /// answers in gate-then-up order; a layer with a bias is left as it is.
+    #[test]
+    fn a_gate_up_layer_interleaved_for_swiglu_answers_as_the_composition() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let (i, h) = (24, 64);
+        let w = Tensor::randn(0f32, 1.0, (2 * i, h), &dev).unwrap();
+        let q = crate::quant::QuantMatrix::from_qtensor(
+            &QTensor::quantize(&w, GgmlDType::Q8_0).unwrap(),
+        )
+        .unwrap()
+        .unwrap();
+        let plain = Linear::from_quantized(q.clone(), None).unwrap();
+        let mut fused = Linear::from_quantized(q.clone(), None).unwrap();
+        assert!(fused.interleave_for_swiglu());
+        let flops = vvlm_cost::FlopCounter::new();
+        let ctx = Ctx::new(&flops, vvlm_cost::Component::LmDecode);
+        for rows in [1usize, 3, 100] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, h), &dev).unwrap();
+            let want = values_f32(&swiglu_fused(&plain.forward(&x, &ctx).unwrap()).unwrap());
+            let before = flops.get(vvlm_cost::Component::LmDecode);
+            let got = fused.forward_swiglu(&x, &ctx).unwrap();
+            assert_eq!(got.dims(), &[1, rows, i]);
+            assert_eq!(values_f32(&got), want, "{rows} rows");
+            assert_eq!(
+                flops.get(vvlm_cost::Component::LmDecode) - before,
+                (2 * rows * 2 * i * h) as u64
+            );
+        }
+        let x = Tensor::randn(0f32, 1.0, (8, 1, h), &dev).unwrap();
+        let ctxs: Vec<Ctx> = (0..8)
+            .map(|_| Ctx::new(&flops, vvlm_cost::Component::LmDecode))
+            .collect();
+        assert_eq!(
+            values_f32(&fused.forward_rows_swiglu(&x, &ctxs).unwrap()),
+            values_f32(&swiglu_fused(&plain.forward_rows(&x, &ctxs).unwrap()).unwrap())
+        );
+        // A plain product (a tapped forward) still answers in gate-then-up order.
+        for x in [
+            x.clone(),
+            Tensor::randn(0f32, 1.0, (1, 100, h), &dev).unwrap(),
+        ] {
+            assert_eq!(
+                values_f32(&fused.forward(&x, &ctx).unwrap()),
+                values_f32(&plain.forward(&x, &ctx).unwrap())
+            );
+        }
+        let bias = Tensor::zeros(2 * i, DType::F32, &dev).unwrap();
+        let mut biased = Linear::from_quantized(q, Some(bias)).unwrap();
+        assert!(!biased.interleave_for_swiglu());
+    }
 
     /// The f32 CPU RMSNorm by hand on one row, then on decode-sized (serial) and prompt-sized
     /// (parallel) inputs and a width that is not a multiple of 8 against the same formula in

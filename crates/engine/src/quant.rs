@@ -140,6 +140,40 @@ impl QuantMatrix {
         Some(out)
     }
 
+    /// The rows of a stacked pair of equal halves (gate over up) reordered tile by tile: the
+    /// first half's rows `8j..8j+8`, then the second half's same rows, for every `j`, so one
+    /// tile pair holds a gate tile and its up tile ([`PackedMatrix::gemv_swiglu`]). `None` when
+    /// the halves are not whole tiles.
+    pub fn halves_interleaved_by_tile(&self) -> Option<Self> {
+        const TILE: usize = qdot::TILE;
+        let half = self.rows / 2;
+        if !self.rows.is_multiple_of(2) || half == 0 || !half.is_multiple_of(TILE) {
+            return None;
+        }
+        let nb = self.cols / BLOCK;
+        let (qb, per_row_m) = (
+            nb * self.format.quant_bytes(),
+            if self.m.is_empty() { 0 } else { nb },
+        );
+        let mut out = Self {
+            format: self.format,
+            rows: self.rows,
+            cols: self.cols,
+            qs: Vec::with_capacity(self.qs.len()),
+            d: Vec::with_capacity(self.d.len()),
+            m: Vec::with_capacity(self.m.len()),
+        };
+        for j in 0..half / TILE {
+            for r in (j * TILE..(j + 1) * TILE).chain(half + j * TILE..half + (j + 1) * TILE) {
+                out.qs.extend_from_slice(&self.qs[r * qb..(r + 1) * qb]);
+                out.d.extend_from_slice(&self.d[r * nb..(r + 1) * nb]);
+                out.m
+                    .extend_from_slice(&self.m[r * per_row_m..(r + 1) * per_row_m]);
+            }
+        }
+        Some(out)
+    }
+
     /// The weights as f32 `[rows * cols]` (for tests and checks).
     pub fn dequantize(&self) -> Vec<f32> {
         let mut w = vec![0f32; self.rows * self.cols];
@@ -284,6 +318,110 @@ impl PackedMatrix {
     }
 }
 
+impl PackedMatrix {
+    /// `y[m, rows/2] = silu(g) · u` of the product `x[m, cols] · Wᵀ`, for a matrix whose rows
+    /// are gate and up interleaved tile by tile ([`QuantMatrix::halves_interleaved_by_tile`]):
+    /// each task multiplies its tiles (a gate tile and its up tile side by side, one pair for
+    /// the AVX-512 kernels) and applies SwiGLU to them while they are in its cache, so the
+    /// product's `[m, rows]` is never written out and read back by another thread. Each output
+    /// is bit for bit `swiglu` of [`Self::gemv`]'s on the same weights in gate-then-up order.
+    pub fn gemv_swiglu(&self, x: &[f32], y: &mut [f32], m: usize) {
+        self.gemv_swiglu_with(qdot::Kernel::best(self.0.format), x, y, m)
+    }
+
+    /// [`Self::gemv_swiglu`] on a given kernel (tests compare instruction sets).
+    pub fn gemv_swiglu_with(&self, kernel: qdot::Kernel, x: &[f32], y: &mut [f32], m: usize) {
+        use rayon::prelude::*;
+        const TILE: usize = qdot::TILE;
+        let (n, k) = (self.0.rows, self.0.cols);
+        let half = n / 2;
+        assert!(
+            n.is_multiple_of(2 * TILE),
+            "gate and up halves of whole tiles"
+        );
+        assert_eq!(x.len(), m * k, "activations are [m, cols]");
+        assert_eq!(y.len(), m * half, "outputs are [m, rows / 2]");
+        let swiglu = crate::nn::swiglu_rows_kernel();
+        let tiles = self.0.tiles();
+        if m > PREFILL_ROW_BLOCK {
+            // Prefill-sized: blocks of activation rows, every tile each, then SwiGLU.
+            y.par_chunks_mut(PREFILL_ROW_BLOCK * half)
+                .zip(x.par_chunks(PREFILL_ROW_BLOCK * k))
+                .for_each(|(out, xs)| {
+                    let rows = xs.len() / k;
+                    let xq = qdot::Q8Rows::quantize(xs, rows, k);
+                    let mut gu = vec![0f32; rows * n];
+                    kernel.dot_tiles(&self.0, 0..tiles, &xq, &mut gu);
+                    // A row's products are [gate tile, up tile] pairs: SwiGLU of 8 from 16.
+                    for (o, g) in out.chunks_exact_mut(half).zip(gu.chunks_exact(n)) {
+                        swiglu(o, g, TILE);
+                    }
+                });
+            return;
+        }
+        let xq = qdot::Q8Rows::quantize(x, m, k);
+        // As `gemv`'s chunks (an even number of tiles: whole gate/up pairs).
+        let chunk_tiles = (tiles / (rayon::current_num_threads() * 8)).clamp(2, 128) / 2 * 2;
+        #[derive(Clone, Copy)]
+        struct Out(*mut f32);
+        // SAFETY: the chunks write disjoint column ranges of `y`, which outlives the loop.
+        unsafe impl Send for Out {}
+        unsafe impl Sync for Out {}
+        let out = Out(y.as_mut_ptr());
+        (0..tiles.div_ceil(chunk_tiles))
+            .into_par_iter()
+            .for_each_init(
+                || vec![0f32; m * chunk_tiles * TILE],
+                |gu, c| {
+                    let dst = out;
+                    let (t0, t1) = (c * chunk_tiles, ((c + 1) * chunk_tiles).min(tiles));
+                    let w = (t1 - t0) * TILE;
+                    let gu = &mut gu[..m * w];
+                    kernel.dot_tiles(&self.0, t0..t1, &xq, gu);
+                    for (r, g) in gu.chunks_exact(w).enumerate() {
+                        // SAFETY: `y` is [m, half]; chunk c writes columns t0/2·8 .. + w/2 of row r.
+                        let o = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                dst.0.add(r * half + t0 / 2 * TILE),
+                                w / 2,
+                            )
+                        };
+                        swiglu(o, g, TILE);
+                    }
+                },
+            );
+    }
+}
+
+/// [`PackedMatrix::gemv_swiglu`] as an op: `[m, cols]` f32 activations to `[m, rows / 2]`.
+pub struct QuantGemvSwiglu(pub Arc<PackedMatrix>);
+
+impl candle_core::CustomOp1 for QuantGemvSwiglu {
+    fn name(&self) -> &'static str {
+        "quant-gemv-swiglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(x) = s else {
+            candle_core::bail!("quant-gemv-swiglu expects f32 activations");
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("quant-gemv-swiglu expects contiguous activations");
+        };
+        let (m, k) = l.shape().dims2()?;
+        if k != self.0.cols() {
+            candle_core::bail!(
+                "quant-gemv-swiglu: x has {k} columns, W has {}",
+                self.0.cols()
+            );
+        }
+        let half = self.0.rows() / 2;
+        let mut y = vec![0f32; m * half];
+        self.0.gemv_swiglu(&x[a..b], &mut y, m);
+        Ok((CpuStorage::F32(y), Shape::from((m, half))))
+    }
+}
+
 /// Blocks in ggml's layout (`qs` of consecutive blocks, a scale `d` and for Q4_1 a minimum `m`
 /// each) as f32 values, written into `out` (32 per block).
 fn dequantize_blocks(format: QuantFormat, qs: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
@@ -368,6 +506,75 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The gate/up product with SwiGLU in its tasks, on every kernel set this CPU runs, equals
+    /// SwiGLU (the engine's op) of the plain product of the same weights in gate-then-up order,
+    /// bit for bit: one row, a decode batch (tiles in parallel) and a prefill (row blocks, the
+    /// last partial); its interleaved rows are the halves' rows tile by tile; halves of part
+    /// tiles are refused.
+    #[test]
+    fn the_swiglu_product_equals_swiglu_of_the_product() {
+        let dev = Device::Cpu;
+        let (half, cols) = (40, 128);
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let w = Tensor::randn(0f32, 1.0, (2 * half, cols), &dev).unwrap();
+            let qm = QuantMatrix::from_qtensor(&QTensor::quantize(&w, dtype).unwrap())
+                .unwrap()
+                .unwrap();
+            let inter = qm.halves_interleaved_by_tile().unwrap();
+            let (a, b) = (qm.dequantize(), inter.dequantize());
+            for j in 0..half / 8 {
+                for i in 0..8 {
+                    let row = |m: &[f32], r: usize| m[r * cols..(r + 1) * cols].to_vec();
+                    assert_eq!(
+                        row(&b, 16 * j + i),
+                        row(&a, 8 * j + i),
+                        "gate row {}",
+                        8 * j + i
+                    );
+                    assert_eq!(row(&b, 16 * j + 8 + i), row(&a, half + 8 * j + i));
+                }
+            }
+            let (plain, fused) = (qm.packed(), inter.packed());
+            for isa in [
+                qdot::Isa::Portable,
+                qdot::Isa::Avx2,
+                qdot::Isa::AvxVnni,
+                qdot::Isa::Avx512Vnni,
+            ] {
+                let Some(kernel) = qdot::Kernel::new(isa, qm.format) else {
+                    continue;
+                };
+                for m in [1usize, 7, 150] {
+                    let x: Vec<f32> = (0..m * cols)
+                        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+                        .collect();
+                    let mut gu = vec![0f32; m * 2 * half];
+                    plain.gemv_with(kernel, &x, &mut gu, m);
+                    let want = crate::nn::swiglu_fused(
+                        &Tensor::from_vec(gu, (m, 2 * half), &dev).unwrap(),
+                    )
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                    let mut got = vec![0f32; m * half];
+                    fused.gemv_swiglu_with(kernel, &x, &mut got, m);
+                    let first_difference = got.iter().zip(&want).position(|(a, b)| a != b);
+                    assert_eq!(first_difference, None, "{dtype:?} {isa:?} {m} rows");
+                }
+            }
+        }
+        let w = Tensor::randn(0f32, 1.0, (2 * 12, 64), &dev).unwrap();
+        let qm = QuantMatrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q8_0).unwrap())
+            .unwrap()
+            .unwrap();
+        assert!(
+            qm.halves_interleaved_by_tile().is_none(),
+            "halves of 12 rows"
+        );
     }
 
     fn check(dtype: GgmlDType, format: QuantFormat) {
