@@ -281,12 +281,10 @@ impl PackedMatrix {
             return;
         }
         let xq = qdot::Q8Rows::quantize(x, m, k);
-        // Chunks of tiles of output rows, large enough to amortise scheduling, small enough to
-        // balance the threads; each chunk's weights are read once for all activation rows.
+        // Chunks of tiles of output rows; each chunk's weights are read once for all
+        // activation rows.
         let tiles = self.0.tiles();
-        // An even number of tiles per task: the tiles are stored in pairs (one stream), so a
-        // pair is never split between two threads.
-        let chunk_tiles = (tiles / (rayon::current_num_threads() * 8)).clamp(2, 128) / 2 * 2;
+        let chunk_tiles = decode_chunk_tiles(tiles);
         let chunk = chunk_tiles * qdot::TILE;
         let run = |c: usize, out: &mut [f32]| {
             let t0 = c * chunk_tiles;
@@ -302,11 +300,6 @@ impl PackedMatrix {
         // Each chunk writes its column range of every row of `y` in place. Each output's
         // arithmetic is that of the row alone (`qdot`), so a batch's outputs equal each
         // sequence's own bit for bit.
-        #[derive(Clone, Copy)]
-        struct Out(*mut f32);
-        // SAFETY: the chunks write disjoint column ranges of `y`, which outlives the loop.
-        unsafe impl Send for Out {}
-        unsafe impl Sync for Out {}
         let out = Out(y.as_mut_ptr());
         (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
             let dst = out;
@@ -364,12 +357,7 @@ impl PackedMatrix {
         }
         let xq = qdot::Q8Rows::quantize(x, m, k);
         // As `gemv`'s chunks (an even number of tiles: whole gate/up pairs).
-        let chunk_tiles = (tiles / (rayon::current_num_threads() * 8)).clamp(2, 128) / 2 * 2;
-        #[derive(Clone, Copy)]
-        struct Out(*mut f32);
-        // SAFETY: the chunks write disjoint column ranges of `y`, which outlives the loop.
-        unsafe impl Send for Out {}
-        unsafe impl Sync for Out {}
+        let chunk_tiles = decode_chunk_tiles(tiles);
         let out = Out(y.as_mut_ptr());
         (0..tiles.div_ceil(chunk_tiles))
             .into_par_iter()
@@ -405,22 +393,10 @@ impl candle_core::CustomOp1 for QuantGemvSwiglu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(x) = s else {
-            candle_core::bail!("quant-gemv-swiglu expects f32 activations");
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("quant-gemv-swiglu expects contiguous activations");
-        };
-        let (m, k) = l.shape().dims2()?;
-        if k != self.0.cols() {
-            candle_core::bail!(
-                "quant-gemv-swiglu: x has {k} columns, W has {}",
-                self.0.cols()
-            );
-        }
+        let (x, m) = activations(s, l, self.0.cols(), "quant-gemv-swiglu")?;
         let half = self.0.rows() / 2;
         let mut y = vec![0f32; m * half];
-        self.0.gemv_swiglu(&x[a..b], &mut y, m);
+        self.0.gemv_swiglu(x, &mut y, m);
         Ok((CpuStorage::F32(y), Shape::from((m, half))))
     }
 }
@@ -447,6 +423,42 @@ fn dequantize_blocks(format: QuantFormat, qs: &[u8], d: &[f32], m: &[f32], out: 
     }
 }
 
+/// Tiles per task of a decode-sized product: large enough to amortise scheduling, small enough
+/// to balance the threads (8 tasks a thread); an even number, since the tiles are stored in
+/// pairs (one stream) and a pair is never split between two threads.
+fn decode_chunk_tiles(tiles: usize) -> usize {
+    (tiles / (rayon::current_num_threads() * 8)).clamp(2, 128) / 2 * 2
+}
+
+/// An output buffer shared by a product's tasks, each writing its own column range of every
+/// row.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: the tasks write disjoint column ranges of the buffer, which outlives them.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// The f32 activations `[m, cols]` a product op was given (CPU, contiguous, `cols` columns);
+/// `op` names it in errors.
+fn activations<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    cols: usize,
+    op: &str,
+) -> Result<(&'a [f32], usize)> {
+    let CpuStorage::F32(x) = s else {
+        candle_core::bail!("{op} expects f32 activations");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op} expects contiguous activations");
+    };
+    let (m, k) = l.shape().dims2()?;
+    if k != cols {
+        candle_core::bail!("{op}: x has {k} columns, W has {cols}");
+    }
+    Ok((&x[a..b], m))
+}
+
 /// Activation rows per task for products of more rows than this (prefill): 64 rows of the
 /// widest SmolLM2/Llama input (8192 columns) quantize to 512 KiB, an L2's worth.
 const PREFILL_ROW_BLOCK: usize = 64;
@@ -460,18 +472,9 @@ impl candle_core::CustomOp1 for QuantGemv {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(x) = s else {
-            candle_core::bail!("quant-gemv expects f32 activations");
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("quant-gemv expects contiguous activations");
-        };
-        let (m, k) = l.shape().dims2()?;
-        if k != self.0.cols() {
-            candle_core::bail!("quant-gemv: x has {k} columns, W has {}", self.0.cols());
-        }
+        let (x, m) = activations(s, l, self.0.cols(), "quant-gemv")?;
         let mut y = vec![0f32; m * self.0.rows()];
-        self.0.gemv(&x[a..b], &mut y, m);
+        self.0.gemv(x, &mut y, m);
         Ok((CpuStorage::F32(y), Shape::from((m, self.0.rows()))))
     }
 }
