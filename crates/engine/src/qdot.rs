@@ -260,6 +260,16 @@ impl Isa {
         Ok(())
     }
 
+    /// The name settings use for these kernels ([`crate::CpuKernels`]).
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::AvxVnni => "avx_vnni",
+            Isa::Avx512Vnni => "avx512_vnni",
+        }
+    }
+
     /// Whether this CPU can run kernels for `self`.
     pub fn available(self) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -1131,6 +1141,15 @@ mod tests {
             assert!(err.contains(why), "{isa:?}: {err}");
         }
         assert_eq!(Isa::best(), fixed);
+        // Each set's name is the setting that chooses it.
+        for (isa, kernels) in [
+            (Isa::Portable, crate::CpuKernels::Portable),
+            (Isa::Avx2, crate::CpuKernels::Avx2),
+            (Isa::AvxVnni, crate::CpuKernels::AvxVnni),
+            (Isa::Avx512Vnni, crate::CpuKernels::Avx512Vnni),
+        ] {
+            assert_eq!(isa.name().parse::<crate::CpuKernels>(), Ok(kernels));
+        }
     }
 
     /// A deterministic pseudo-random stream (no test depends on a seed's luck).

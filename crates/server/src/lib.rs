@@ -182,7 +182,12 @@ pub fn load_models(state: &AppState) -> Result<(), StartError> {
         vvlm_engine::set_device_kernels(state.config.cuda_kernels);
         vvlm_engine::set_cpu_kernels(state.config.cpu_kernels)
             .map_err(|e| StartError::Config(e.to_string()))?;
-        tracing::info!(device = %state.config.device, dtype = ?load_options.dtype, "engine placement");
+        tracing::info!(
+            device = %state.config.device,
+            dtype = ?load_options.dtype,
+            cpu_kernels = vvlm_engine::qdot::Isa::best().name(),
+            "engine placement"
+        );
         let mut loaded = Registry::default();
         let mut engines = BTreeMap::new();
         for entry in &registry.models {

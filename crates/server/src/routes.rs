@@ -278,7 +278,10 @@ where
 async fn health(State(s): St) -> Response {
     if s.is_ready() {
         let models: Vec<String> = s.engines().keys().cloned().collect();
-        Json(json!({"status": "ok", "models": models})).into_response()
+        // Which integer kernels the CPU's quantized products run (`cpu_kernels`, as detected
+        // or chosen).
+        let cpu_kernels = vvlm_engine::qdot::Isa::best().name();
+        Json(json!({"status": "ok", "models": models, "cpu_kernels": cpu_kernels})).into_response()
     } else {
         let why = s
             .load_error

@@ -382,6 +382,20 @@ async fn a_full_queue_is_429_with_retry_after() {
 }
 
 #[tokio::test]
+async fn health_names_the_models_and_the_cpu_kernels_once_loaded() {
+    let s = server_with(true, |_| {});
+    let (st, v) = s.json(Method::GET, "/health", None, Value::Null).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["models"], json!(["suite-m", "suite-s"]));
+    let kernels = v["cpu_kernels"].as_str().unwrap();
+    assert!(
+        vvlm_engine::CpuKernels::NAMES[1..].contains(&kernels),
+        "{kernels}"
+    );
+}
+
+#[tokio::test]
 async fn before_models_load_health_and_requests_are_503() {
     let s = server_with(false, |_| {});
     let key = s.tenant("alice", None);
