@@ -272,9 +272,12 @@ impl Linear {
         let mut out = Self::from_weights(weight, bias)?;
         let quants: Option<Vec<crate::quant::QuantMatrix>> = parts
             .iter()
-            .map(|l| match l.quant_swiglu {
-                false => l.quant.as_deref().map(|q| q.unpack()),
-                true => None,
+            // (A layer interleaved for SwiGLU holds its rows in another order: not stacked.)
+            .map(|l| {
+                l.quant
+                    .as_deref()
+                    .filter(|_| !l.quant_swiglu)
+                    .map(|q| q.unpack())
             })
             .collect();
         let quants: Option<Vec<&crate::quant::QuantMatrix>> =
