@@ -335,9 +335,6 @@ fn decode_rows(
             // `guards`; each unit writes output rows (i, h..h + group) only.
             unsafe {
                 let (k_at, v_at) = (hk * ks0, hk * vs0);
-                // The group's query rows (`qs.1` apart) and output rows (`d` apart).
-                let qps = || -> Vec<*const f32> { (0..group).map(|g| qp.add(g * qs.1)).collect() };
-                let ops = || -> Vec<*mut f32> { (0..group).map(|g| op.add(g * d)).collect() };
                 let rows = &mut scores[..group * s.len];
                 match (s.k, s.v) {
                     (KvPtr::F32(k), KvPtr::F32(v)) if group == 1 => small_rows_block(
@@ -355,10 +352,12 @@ fn decode_rows(
                     ),
                     #[cfg(target_arch = "x86_64")]
                     (KvPtr::F32(k), KvPtr::F32(v)) => attend_group_avx2(
-                        &qps(),
+                        // The group's query rows (`qs.1` apart) and output rows (`d` apart).
+                        (qp, qs.1),
                         (k.add(k_at), ks1),
                         (v.add(v_at), vs1),
-                        &ops(),
+                        (op, d),
+                        group,
                         d,
                         scale,
                         rows,
@@ -366,10 +365,12 @@ fn decode_rows(
                     ),
                     #[cfg(target_arch = "x86_64")]
                     (KvPtr::F16(k), KvPtr::F16(v)) => attend_group_avx2_f16(
-                        &qps(),
+                        // The group's query rows (`qs.1` apart) and output rows (`d` apart).
+                        (qp, qs.1),
                         (k.add(k_at), ks1),
                         (v.add(v_at), vs1),
-                        &ops(),
+                        (op, d),
+                        group,
                         d,
                         scale,
                         rows,
@@ -915,10 +916,11 @@ unsafe fn small_rows_block(
         for r in 0..rows {
             let vis = visible(r);
             attend_group_avx2(
-                &[q.0.add(r * q.1)],
+                (q.0.add(r * q.1), 0),
                 k,
                 v,
-                &[out.0.add(r * out.1)],
+                (out.0.add(r * out.1), 0),
+                1,
                 d,
                 scale,
                 &mut scores[r * kv_len..r * kv_len + vis],
@@ -946,23 +948,24 @@ unsafe fn small_rows_block(
 /// [`attend_group`] on an f32 cache.
 ///
 /// # Safety
-/// AVX2 and FMA present; every query pointer addresses a `d`-vector, every output pointer a
-/// writable `d`-vector no one else touches during the call, and `k`, `v` `rows.len() /
-/// qs.len()` key and value rows of `d` at the given row strides.
+/// AVX2 and FMA present; `q` and `o` address `heads` query rows and `heads` writable output rows
+/// of `d` at their strides (the outputs touched by no one else during the call), `k`, `v`
+/// `rows.len() / heads` key and value rows of `d` at theirs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_group_avx2(
-    qs: &[*const f32],
+    q: (*const f32, usize),
     k: (*const f32, usize),
     v: (*const f32, usize),
-    os: &[*mut f32],
+    o: (*mut f32, usize),
+    heads: usize,
     d: usize,
     scale: f32,
     rows: &mut [f32],
     softmax: fn(&mut [f32]),
 ) {
-    attend_group::<f32>(qs, k, v, os, d, scale, rows, softmax)
+    attend_group::<f32>(q, k, v, o, heads, d, scale, rows, softmax)
 }
 
 /// [`attend_group`] on an f16 cache: each key and value row widened by `vcvtph2ps` (exact) as
@@ -975,16 +978,17 @@ unsafe fn attend_group_avx2(
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_group_avx2_f16(
-    qs: &[*const f32],
+    q: (*const f32, usize),
     k: (*const half::f16, usize),
     v: (*const half::f16, usize),
-    os: &[*mut f32],
+    o: (*mut f32, usize),
+    heads: usize,
     d: usize,
     scale: f32,
     rows: &mut [f32],
     softmax: fn(&mut [f32]),
 ) {
-    attend_group::<half::f16>(qs, k, v, os, d, scale, rows, softmax)
+    attend_group::<half::f16>(q, k, v, o, heads, d, scale, rows, softmax)
 }
 
 /// Eight cached values as f32 lanes.
@@ -1015,7 +1019,7 @@ impl Load8 for half::f16 {
 #[cfg(target_arch = "x86_64")]
 const GROUP_KEY_BLOCK: usize = 32;
 
-/// Decode rows against their visible keys (`rows.len() / qs.len()` of them) for query heads
+/// Decode rows against their visible keys (`rows.len() / heads` of them) for the query heads
 /// that share one kv head (grouped-query attention; one head is a group of one): per head the
 /// scores ([`score_keys`]), the softmax, then `o = Σ p_j v_j` ([`accumulate_values`]). A group
 /// of several heads goes over blocks of [`GROUP_KEY_BLOCK`] keys (then values) taken by every
@@ -1030,34 +1034,35 @@ const GROUP_KEY_BLOCK: usize = 32;
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_group<E: Load8>(
-    qs: &[*const f32],
+    q: (*const f32, usize),
     k: (*const E, usize),
     v: (*const E, usize),
-    os: &[*mut f32],
+    o: (*mut f32, usize),
+    heads: usize,
     d: usize,
     scale: f32,
     rows: &mut [f32],
     softmax: fn(&mut [f32]),
 ) {
-    let n = rows.len() / qs.len();
+    let n = rows.len() / heads;
     // One head: all its keys at once (no accumulator round trips).
-    let block = if qs.len() == 1 {
+    let block = if heads == 1 {
         n.max(1)
     } else {
         GROUP_KEY_BLOCK
     };
     let blocks = || (0..n).step_by(block).map(move |j| j..(j + block).min(n));
     for keys in blocks() {
-        for (&q, row) in qs.iter().zip(rows.chunks_exact_mut(n)) {
-            score_keys(q, k, d, scale, row, keys.clone());
+        for (g, row) in rows.chunks_exact_mut(n).enumerate() {
+            score_keys(q.0.add(g * q.1), k, d, scale, row, keys.clone());
         }
     }
     for row in rows.chunks_exact_mut(n) {
         softmax(row);
     }
     for keys in blocks() {
-        for (&o, row) in os.iter().zip(rows.chunks_exact(n)) {
-            accumulate_values(row, v, o, d, keys.clone());
+        for (g, row) in rows.chunks_exact(n).enumerate() {
+            accumulate_values(row, v, o.0.add(g * o.1), d, keys.clone());
         }
     }
 }

@@ -121,6 +121,12 @@ pub struct Linear {
     quant_swiglu: bool,
 }
 
+/// The rows of `x` `[.., cols]`: the product of every dimension but the last.
+fn leading_rows(x: &Tensor) -> usize {
+    let dims = x.dims();
+    dims[..dims.len().saturating_sub(1)].iter().product()
+}
+
 /// What a layer without its f32 weights says when asked to run where only they can.
 const QUANTIZED_ONLY: &str =
     "this layer keeps only its quantized weights (quantized_prefill), which run on the CPU in f32";
@@ -293,26 +299,34 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        ctx.count_matmul(1, rows, self.in_features, self.out_features);
+        self.count(x, ctx);
         self.compute(x, crate::gemv::MAX_ROWS, true)
     }
 
     /// [`Self::forward`] over rows that belong to different requests: row `i` is counted in
     /// `ctxs[i]` (each row costs the same), so batched requests are charged what they ran.
     pub fn forward_rows(&self, x: &Tensor, ctxs: &[Ctx]) -> Result<Tensor> {
-        let dims = x.dims();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
+        self.count_rows(x, ctxs)?;
+        // The row-wise kernels for a whole decode batch: each weight row is read once for all
+        // the batch's rows, and each output is the same dot product as for a sequence alone.
+        self.compute(x, crate::gemv::MAX_BATCH_ROWS, true)
+    }
+
+    /// Counts the product of all of `x`'s rows in `ctx`.
+    fn count(&self, x: &Tensor, ctx: &Ctx) {
+        ctx.count_matmul(1, leading_rows(x), self.in_features, self.out_features);
+    }
+
+    /// Counts row `i` of `x` in `ctxs[i]` (one request each).
+    fn count_rows(&self, x: &Tensor, ctxs: &[Ctx]) -> Result<()> {
+        let rows = leading_rows(x);
         if rows != ctxs.len() {
             candle_core::bail!("forward_rows: {rows} rows for {} requests", ctxs.len());
         }
         for c in ctxs {
             c.count_matmul(1, 1, self.in_features, self.out_features);
         }
-        // The row-wise kernels for a whole decode batch: each weight row is read once for all
-        // the batch's rows, and each output is the same dot product as for a sequence alone.
-        self.compute(x, crate::gemv::MAX_BATCH_ROWS, true)
+        Ok(())
     }
 
     /// `silu(gate)·up` of a gate/up layer's output `[.., 2i]` (gate then up), counted as
@@ -320,29 +334,20 @@ impl Linear {
     /// ([`Self::interleave_for_swiglu`]), else the product then [`swiglu_fused`]. The same
     /// values either way, bit for bit.
     pub fn forward_swiglu(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        ctx.count_matmul(1, rows, self.in_features, self.out_features);
+        self.count(x, ctx);
         self.compute_swiglu(x, crate::gemv::MAX_ROWS)
     }
 
     /// [`Self::forward_swiglu`] over rows that belong to different requests (counted as
     /// [`Self::forward_rows`]).
     pub fn forward_rows_swiglu(&self, x: &Tensor, ctxs: &[Ctx]) -> Result<Tensor> {
-        let dims = x.dims();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        if rows != ctxs.len() {
-            candle_core::bail!("forward_rows: {rows} rows for {} requests", ctxs.len());
-        }
-        for c in ctxs {
-            c.count_matmul(1, 1, self.in_features, self.out_features);
-        }
+        self.count_rows(x, ctxs)?;
         self.compute_swiglu(x, crate::gemv::MAX_BATCH_ROWS)
     }
 
     fn compute_swiglu(&self, x: &Tensor, gemv_rows: usize) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let rows = leading_rows(x);
         let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
         match &self.quant {
             Some(q)
@@ -391,9 +396,7 @@ impl Linear {
 
     /// `x·Wᵀ` without the bias (a full matmul; counted as [`Self::forward`]).
     fn product_without_bias(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let dims = x.dims();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        ctx.count_matmul(1, rows, self.in_features, self.out_features);
+        self.count(x, ctx);
         self.compute(x, crate::gemv::MAX_ROWS, false)
     }
 
@@ -406,7 +409,7 @@ impl Linear {
 
     fn compute_untimed(&self, x: &Tensor, gemv_rows: usize, add_bias: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let rows = leading_rows(x);
         let x2 = x.reshape((rows, self.in_features))?;
         let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
         let mut y = match (&self.quant, &self.weight) {
