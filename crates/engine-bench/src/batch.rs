@@ -1,6 +1,9 @@
 //! Batched decode as llama.cpp's `llama-batched-bench` measures it: for each batch size B, B
-//! sequences of `npp` prompt tokens prefilled, then `ntg` tokens decoded for all of them (greedy,
-//! EOS ignored) in one forward pass per step, beside one sequence decoded alone.
+//! sequences of `npp` prompt tokens prefilled, then `ntg` tokens decoded for all of them (EOS
+//! ignored) in one forward pass per step, beside one sequence decoded alone. Each step's next
+//! tokens are chosen as the server's scheduler chooses them (`vvlm_engine::generate::sample` on
+//! each sequence's logits: greedy by default, or `--temperature`/`--top-p`), and that choice is
+//! part of the step's time.
 
 use crate::{percentile, Placement};
 use anyhow::{Context, Result};
@@ -36,6 +39,12 @@ pub struct BatchArgs {
     /// KV caches in f16 (the server's `kv_cache_dtype = "f16"`; CPU, f32 LM).
     #[arg(long)]
     pub kv_f16: bool,
+    /// Sampling temperature of every sequence (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus (top-p) of every sequence's draw.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
     #[arg(long)]
     pub json: bool,
 }
@@ -125,6 +134,16 @@ pub fn run(a: &BatchArgs) -> Result<Vec<BatchRow>> {
             .map(|i| 100 + (i * 7 + s as u32 * 13) % 1000)
             .collect()
     };
+    // The scheduler's choice of a token from a row of logits (a fixed spread of draws).
+    let sampling = vvlm_engine::SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        ..Default::default()
+    };
+    let choose = |logits: &[f32], draw: usize| -> u32 {
+        let u = (draw as f64 * 0.618_033_988_749_895).fract();
+        vvlm_engine::generate::sample(logits, &sampling, u)
+    };
     let rows = vvlm_engine::cpu_pool::run(|| -> Result<Vec<BatchRow>> {
         let c = FlopCounter::new();
         let prefill = |ids: &[u32]| -> Result<(vvlm_engine::llama::KvCache, u32)> {
@@ -139,9 +158,9 @@ pub fn run(a: &BatchArgs) -> Result<Vec<BatchRow>> {
         let (mut cache, mut tok) = prefill(&prompt(0))?;
         let mut ctx = Ctx::new(&c, Component::LmDecode);
         let t = Instant::now();
-        for _ in 0..a.ntg {
+        for step in 0..a.ntg {
             let h = lm.forward_hidden(&lm.embed(&[tok])?, &mut cache, &mut ctx)?;
-            tok = vvlm_engine::llama::argmax(&lm.last_logits(&h, &ctx)?)?;
+            tok = choose(&lm.last_logits(&h, &ctx)?.to_vec1()?, step);
         }
         let single_tok_s = a.ntg as f64 / t.elapsed().as_secs_f64();
         let mut rows = vec![];
@@ -157,14 +176,14 @@ pub fn run(a: &BatchArgs) -> Result<Vec<BatchRow>> {
             let prefill_s = t.elapsed().as_secs_f64();
             let mut steps = vec![];
             let t = Instant::now();
-            for _ in 0..a.ntg {
+            for step in 0..a.ntg {
                 let s0 = Instant::now();
                 let embeds = lm.embed(&next)?.transpose(0, 1)?.contiguous()?;
                 let ctxs: Vec<Ctx> = (0..b).map(|_| Ctx::new(&c, Component::LmDecode)).collect();
                 let mut refs: Vec<&mut vvlm_engine::llama::KvCache> = caches.iter_mut().collect();
                 let logits = lm.decode_batch(&embeds, &mut refs, &ctxs)?;
                 next = (0..b)
-                    .map(|r| vvlm_engine::llama::argmax(&logits.get(r)?))
+                    .map(|r| Ok(choose(&logits.get(r)?.to_vec1()?, step * b + r)))
                     .collect::<candle_core::Result<_>>()?;
                 steps.push(s0.elapsed().as_secs_f64() * 1e3);
             }
@@ -186,7 +205,7 @@ pub fn run(a: &BatchArgs) -> Result<Vec<BatchRow>> {
         return Ok(rows);
     }
     println!(
-        "{} decode ({}), {} prompt + {} generated tokens per sequence, {}",
+        "{} decode ({}), {} prompt + {} generated tokens per sequence, {}, {}",
         a.random.map_or("SmolLM2-135M", RandomLm::label),
         if quantized(a, &opts) {
             format!(
@@ -205,6 +224,11 @@ pub fn run(a: &BatchArgs) -> Result<Vec<BatchRow>> {
             )
         } else {
             a.placement.device.clone()
+        },
+        if a.temperature > 0.0 {
+            format!("sampled at temperature {} top-p {}", a.temperature, a.top_p)
+        } else {
+            "greedy".into()
         }
     );
     println!("    B | batched tok/s | one at a time tok/s | speed-up | TPOT p50 ms | p99 ms");

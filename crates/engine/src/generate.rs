@@ -55,28 +55,7 @@ pub struct StepLogprobs {
     pub top: Vec<TokenLogprob>,
 }
 
-/// `log softmax(logits)[chosen]` and the `k` most likely `(id, logprob)`, in f64.
-pub fn logprobs_at(logits: &[f32], chosen: u32, k: usize) -> (f64, Vec<(u32, f64)>) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let log_z = max
-        + logits
-            .iter()
-            .map(|&l| (l as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
-    let lp = |i: usize| logits[i] as f64 - log_z;
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    let k = k.min(logits.len());
-    if k > 0 && k < idx.len() {
-        idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
-    }
-    idx.truncate(k);
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    (
-        lp(chosen as usize),
-        idx.into_iter().map(|i| (i as u32, lp(i))).collect(),
-    )
-}
+pub use crate::sampling::{logprobs_at, sample};
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -205,58 +184,6 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
     }
-}
-
-/// Picks the next token from raw logits.
-pub fn sample(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
-    let argmax = || {
-        logits
-            .iter()
-            .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-                if v > bv {
-                    (i, v)
-                } else {
-                    (bi, bv)
-                }
-            })
-            .0 as u32
-    };
-    if p.temperature <= 0.0 {
-        return argmax();
-    }
-    let t = p.temperature as f32;
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(usize, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i, (((l - max) / t) as f64).exp()))
-        .collect();
-    let z: f64 = probs.iter().map(|x| x.1).sum();
-    probs.iter_mut().for_each(|x| x.1 /= z);
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let top_p = p.top_p.clamp(0.0, 1.0);
-    let mut keep = probs.len();
-    if top_p < 1.0 {
-        let mut acc = 0.0;
-        for (i, (_, q)) in probs.iter().enumerate() {
-            acc += q;
-            if acc >= top_p {
-                keep = i + 1;
-                break;
-            }
-        }
-    }
-    let kept = &probs[..keep.max(1)];
-    let mass: f64 = kept.iter().map(|x| x.1).sum();
-    let mut r = u * mass;
-    for (i, q) in kept {
-        r -= q;
-        if r <= 0.0 {
-            return *i as u32;
-        }
-    }
-    kept.last().map(|x| x.0 as u32).unwrap_or_else(argmax)
 }
 
 impl VideoVlm {

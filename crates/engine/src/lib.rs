@@ -23,6 +23,7 @@ pub mod pool;
 pub mod profile;
 pub mod qdot;
 pub mod quant;
+pub mod sampling;
 pub mod score;
 pub mod sequence;
 pub mod siglip;

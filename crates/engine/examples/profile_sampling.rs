@@ -1,0 +1,58 @@
+//! What choosing one token costs on the CPU (release build): `vvlm_engine::sample` on real
+//! SmolLM2-135M logits (49152 of them, after a short prompt, from the Q4_1 GGUF as the server
+//! loads it) at greedy, temperature 0.7 with top-p 0.9 and 1.0, and temperature 1.5, and
+//! `logprobs_at` with 5 alternatives: median and fastest µs per call. A batched decode step
+//! samples once per sequence on the scheduler's thread, between forward passes.
+//! `cargo run --release -p vvlm-engine --example profile_sampling [-- GGUF]`.
+use candle_core::{DType, Device};
+use std::time::Instant;
+use vvlm_cost::{Component, FlopCounter};
+use vvlm_engine::{Ctx, SamplingParams};
+
+fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let path = std::env::args()
+        .nth(1)
+        .unwrap_or("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf".into());
+    let g =
+        vvlm_engine::gguf::load_quantized(std::path::Path::new(&path), DType::F32, &Device::Cpu)?;
+    let vb = candle_nn::VarBuilder::from_tensors(g.tensors.clone(), DType::F32, &Device::Cpu);
+    let lm = vvlm_engine::llama::Llama::load_quantized(vb, None, &g.config, &g.quantized)?;
+    let c = FlopCounter::new();
+    let ids: Vec<u32> = (0..24u32).map(|i| 100 + i * 37 % 900).collect();
+    let mut cache = lm.new_cache();
+    let mut ctx = Ctx::new(&c, Component::LmPrefill);
+    let h = lm.forward_hidden(&lm.embed(&ids)?, &mut cache, &mut ctx)?;
+    let logits: Vec<f32> = lm.last_logits(&h, &ctx)?.to_vec1()?;
+    println!(
+        "{} logits; µs per call, median / fastest of 200",
+        logits.len()
+    );
+    let time = |name: &str, f: &mut dyn FnMut(f64) -> u32| {
+        let mut v = vec![];
+        let mut sink = 0u64;
+        for i in 0..200 {
+            let t = Instant::now();
+            sink += f(i as f64 / 200.0) as u64;
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        v.sort_by(f64::total_cmp);
+        println!(
+            "{name:>32}: {:>8.1} / {:>8.1}   (tokens drawn sum {sink})",
+            v[100], v[0]
+        );
+    };
+    for (temperature, top_p) in [(0.0, 1.0), (0.7, 0.9), (0.7, 1.0), (1.5, 0.95)] {
+        let p = SamplingParams {
+            temperature,
+            top_p,
+            ..Default::default()
+        };
+        time(&format!("sample t={temperature} top_p={top_p}"), &mut |u| {
+            vvlm_engine::generate::sample(&logits, &p, u)
+        });
+    }
+    time("logprobs_at k=5", &mut |_| {
+        vvlm_engine::generate::logprobs_at(&logits, 7, 5).1.len() as u32
+    });
+    Ok(())
+}
