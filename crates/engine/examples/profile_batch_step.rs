@@ -5,7 +5,8 @@
 //! norms, RoPE, cache appends and scheduling. Then, per B, one more run of steps with the
 //! engine's section timer on (`vvlm_engine::profile`: matmul, attention, norm, rope,
 //! activation, kv-append, and the untimed rest), in ms per step.
-//! `cargo run --release -p vvlm-engine --example profile_batch_step [-- GGUF [B,B,..]]`.
+//! `[VVLM_CPU_KERNELS=avx2] cargo run --release -p vvlm-engine --example profile_batch_step [-- GGUF
+//! [B,B,..]]`.
 use candle_core::{DType, Device};
 use std::time::Instant;
 use vvlm_cost::{Component, FlopCounter};
@@ -20,6 +21,10 @@ fn median_min(mut v: Vec<f64>) -> (f64, f64) {
 
 fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     vvlm_engine::tune_cpu_allocator();
+    // The integer kernels by name, as the server's `cpu_kernels` (default: the best here).
+    if let Ok(name) = std::env::var("VVLM_CPU_KERNELS") {
+        vvlm_engine::set_cpu_kernels(name.parse()?)?;
+    }
     let args: Vec<String> = std::env::args().collect();
     let path = args
         .get(1)
