@@ -45,6 +45,13 @@ pub struct BatchArgs {
     /// Nucleus (top-p) of every sequence's draw.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
+    /// Decode through the server's scheduler (`vvlm_engine::batch::Batch`: each sequence a chat
+    /// request joining the batch, with its template, sampling, stop tokens, incremental
+    /// detokenisation and streamed text) instead of the bare forward loop: the time per output
+    /// token a served request sees. Prompts are short story requests (not `--npp` tokens); a
+    /// sequence may end before `--ntg` tokens at its end of turn.
+    #[arg(long)]
+    pub scheduler: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -105,6 +112,22 @@ pub fn quantized(a: &BatchArgs, opts: &vvlm_engine::LoadOptions) -> bool {
 
 /// Runs every batch size; prints a table unless `a.json`; returns the rows.
 pub fn run(a: &BatchArgs) -> Result<Vec<BatchRow>> {
+    if a.scheduler {
+        let rows = run_scheduler(a)?;
+        if !a.json {
+            print_rows(
+                &format!(
+                    "SmolLM2-135M through the scheduler (Q4_1/Q8_0 blocks, {} kernels), story prompts, \
+                     up to {} generated tokens per sequence, {}",
+                    vvlm_engine::qdot::Isa::best().name(),
+                    a.ntg,
+                    sampling_label(a)
+                ),
+                &rows,
+            );
+        }
+        return Ok(rows);
+    }
     let opts = a.placement.load_options()?;
     let (dev, dtype) = (opts.device.clone(), opts.dtype);
     let lm = match a.random {
@@ -204,7 +227,7 @@ pub fn run(a: &BatchArgs) -> Result<Vec<BatchRow>> {
     if a.json {
         return Ok(rows);
     }
-    println!(
+    let header = format!(
         "{} decode ({}), {} prompt + {} generated tokens per sequence, {}, {}",
         a.random.map_or("SmolLM2-135M", RandomLm::label),
         if quantized(a, &opts) {
@@ -225,14 +248,24 @@ pub fn run(a: &BatchArgs) -> Result<Vec<BatchRow>> {
         } else {
             a.placement.device.clone()
         },
-        if a.temperature > 0.0 {
-            format!("sampled at temperature {} top-p {}", a.temperature, a.top_p)
-        } else {
-            "greedy".into()
-        }
+        sampling_label(a)
     );
+    print_rows(&header, &rows);
+    Ok(rows)
+}
+
+fn sampling_label(a: &BatchArgs) -> String {
+    if a.temperature > 0.0 {
+        format!("sampled at temperature {} top-p {}", a.temperature, a.top_p)
+    } else {
+        "greedy".into()
+    }
+}
+
+fn print_rows(header: &str, rows: &[BatchRow]) {
+    println!("{header}");
     println!("    B | batched tok/s | one at a time tok/s | speed-up | TPOT p50 ms | p99 ms");
-    for r in &rows {
+    for r in rows {
         println!(
             "{:>5} | {:>13.1} | {:>19.1} | {:>7.2}x | {:>11.2} | {:>6.2}",
             r.batch,
@@ -242,6 +275,99 @@ pub fn run(a: &BatchArgs) -> Result<Vec<BatchRow>> {
             r.tpot_p50_ms,
             r.tpot_p99_ms
         );
+    }
+}
+
+/// Story requests: answers long enough to fill `--ntg` tokens.
+const STORY_PROMPTS: [&str; 8] = [
+    "Write a long story about a lighthouse keeper.",
+    "Write a long story about a dragon who learns to cook.",
+    "Tell me a long tale about a lost city under the sea.",
+    "Write a long story about two friends crossing a desert.",
+    "Describe, at length, a day in the life of a medieval baker.",
+    "Write a long story about a robot who paints.",
+    "Tell a long story about a storm over a small fishing village.",
+    "Write a long story about a clockmaker and a mysterious clock.",
+];
+
+/// [`run`] through the scheduler: for each B, B story requests join a [`Batch`] and it steps
+/// until all have left; a step's time includes choosing each sequence's token and streaming
+/// its text. One request alone first (the one-at-a-time figure).
+///
+/// [`Batch`]: vvlm_engine::batch::Batch
+fn run_scheduler(a: &BatchArgs) -> Result<Vec<BatchRow>> {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use vvlm_engine::batch::{Batch, Join};
+    let mut opts = a.placement.load_options()?;
+    anyhow::ensure!(
+        a.random.is_none() && quantized(a, &opts),
+        "--scheduler serves the GGUF from its quantized blocks on the CPU"
+    );
+    if a.kv_f16 {
+        opts.kv_cache = vvlm_engine::KvCacheDtype::F16;
+    }
+    // The SmolLM2 demo checkpoint (the GGUF's LM and tokenizer; its vision tower is not used).
+    let dir = std::env::temp_dir().join(format!("vvlm-bench-scheduler-{}", std::process::id()));
+    vvlm_engine::demo::write_demo_checkpoint(
+        &dir,
+        &a.gguf,
+        &vvlm_engine::demo::demo_vision_config(),
+        0,
+    )
+    .with_context(|| format!("{} (run models/fetch-smollm2.sh)", a.gguf.display()))?;
+    let vlm = vvlm_engine::VideoVlm::load(&dir, &opts);
+    std::fs::remove_dir_all(&dir).ok();
+    let vlm = Arc::new(vlm?);
+    let join = |i: usize| Join {
+        vlm: vlm.clone(),
+        system: None,
+        prompt: STORY_PROMPTS[i % STORY_PROMPTS.len()].to_string(),
+        sampling: vvlm_engine::SamplingParams {
+            max_tokens: a.ntg,
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: i as u64,
+            ..Default::default()
+        },
+        flops: Arc::new(FlopCounter::new()),
+        cancel: Arc::new(AtomicBool::new(false)),
+    };
+    // B sequences joined, then stepped until every one has left: (join seconds, per-step ms,
+    // decode seconds, tokens generated).
+    let serve = |b: usize| -> Result<(f64, Vec<f64>, f64, usize)> {
+        let mut batch = Batch::default();
+        let t = Instant::now();
+        for i in 0..b {
+            batch.join(i as u64, join(i), None, None)?;
+        }
+        let join_s = t.elapsed().as_secs_f64();
+        let (mut steps, mut tokens) = (vec![], 0);
+        let t = Instant::now();
+        while !batch.is_empty() {
+            let s0 = Instant::now();
+            for (_, r) in batch.step(&mut |_, _| true) {
+                tokens += r?.token_ids.len();
+            }
+            steps.push(s0.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok((join_s, steps, t.elapsed().as_secs_f64(), tokens))
+    };
+    let (_, _, single_s, single_tokens) = serve(1)?;
+    let single_tok_s = single_tokens as f64 / single_s;
+    let mut rows = vec![];
+    for &b in &a.npl {
+        let (prefill_s, mut steps, decode_s, tokens) = serve(b)?;
+        steps.sort_by(f64::total_cmp);
+        rows.push(BatchRow {
+            batch: b,
+            prefill_s,
+            decode_s,
+            decode_tok_s: tokens as f64 / decode_s,
+            sequential_decode_tok_s: single_tok_s,
+            tpot_p50_ms: percentile(&steps, 0.5),
+            tpot_p99_ms: percentile(&steps, 0.99),
+        });
     }
     Ok(rows)
 }

@@ -1,6 +1,7 @@
 //! The `vvlm-engine-bench` binary as a GPU run calls it (`scripts/gpu-run`), on the CPU: the
 //! smoke check prints one JSON report and exits 0; bad arguments exit 2 naming the problem; a
-//! CUDA device asked of a CPU build fails with a message that says how to build one.
+//! CUDA device asked of a CPU build fails with a message that says how to build one; the batch
+//! bench serves real requests through the scheduler.
 
 use std::process::Command;
 
@@ -55,4 +56,49 @@ fn cuda_on_a_cpu_build_says_how_to_get_one() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--features cuda"), "{err}");
+}
+
+#[test]
+fn the_batch_bench_serves_real_requests_through_the_scheduler() {
+    let gguf = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/cache/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        gguf.exists(),
+        "run models/fetch-smollm2.sh (scripts/test does)"
+    );
+    let out = bin()
+        .args([
+            "batch",
+            "--scheduler",
+            "--ntg",
+            "6",
+            "--npl",
+            "1,3",
+            "--json",
+        ])
+        .args(["--temperature", "0.7", "--top-p", "0.9", "--gguf"])
+        .arg(&gguf)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, b) in rows.iter().zip([1, 3]) {
+        assert_eq!(row["batch"], b);
+        // Tokens were generated and steps timed (6 at most per sequence).
+        assert!(row["decode_tok_s"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["tpot_p50_ms"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    // Random weights have no tokenizer: refused with a message, not a panic.
+    let out = bin()
+        .args(["batch", "--scheduler", "--random", "smollm2", "--ntg", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--scheduler"));
 }

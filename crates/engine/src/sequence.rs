@@ -100,6 +100,14 @@ pub struct Sequence {
     text_tokens: usize,
     visual_tokens: usize,
     finish: Option<FinishReason>,
+    /// The next token, drawn ahead of [`Sequence::advance`] by [`Sequence::choose`].
+    chosen: Option<Choice>,
+}
+
+/// A drawn token and, when asked for, its log-probability and the most likely alternatives.
+struct Choice {
+    token: u32,
+    logprobs: Option<(f64, Vec<(u32, f64)>)>,
 }
 
 impl VideoVlm {
@@ -190,6 +198,7 @@ impl VideoVlm {
             text_tokens: prefix.len() + suffix.len(),
             visual_tokens,
             finish: None,
+            chosen: None,
         };
         Ok((seq, made))
     }
@@ -240,6 +249,36 @@ impl Sequence {
         self.cache.len()
     }
 
+    /// Whether choosing the next token costs more than a greedy pass over the logits (a draw
+    /// at a temperature, log-probabilities): worth doing for a batch's sequences in parallel.
+    pub fn choice_is_costly(&self) -> bool {
+        self.sampling.temperature > 0.0 || self.sampling.logprobs.is_some()
+    }
+
+    /// Draws the next token (and its log-probabilities) from the last logits ahead of
+    /// [`Self::advance`], which then takes it: the same token from the same random draw as
+    /// `advance` alone would choose, so a batch may choose every sequence's token in parallel
+    /// (it touches nothing but this sequence). Nothing when the sequence is finishing.
+    pub fn choose(&mut self) {
+        if self.finish.is_none()
+            && self.chosen.is_none()
+            && self.ids.len() < self.sampling.max_tokens
+        {
+            self.chosen = Some(self.draw());
+        }
+    }
+
+    fn draw(&mut self) -> Choice {
+        let token = sample(&self.logits, &self.sampling, self.rng.uniform());
+        let logprobs = match self.sampling.logprobs {
+            Some(k) if !self.stop_ids.contains(&token) => {
+                Some(logprobs_at(&self.logits, token, k.min(MAX_TOP_LOGPROBS)))
+            }
+            _ => None,
+        };
+        Choice { token, logprobs }
+    }
+
     /// Chooses the next token from the last logits and streams any text it completes.
     /// `on_text` returns false to cancel (the sequence then finishes as cancelled).
     pub fn advance(
@@ -258,12 +297,17 @@ impl Sequence {
         if self.ids.len() >= self.sampling.max_tokens {
             return done(self, FinishReason::Length);
         }
-        let next = sample(&self.logits, &self.sampling, self.rng.uniform());
+        let Choice {
+            token: next,
+            logprobs,
+        } = match self.chosen.take() {
+            Some(c) => c,
+            None => self.draw(),
+        };
         if self.stop_ids.contains(&next) {
             return done(self, FinishReason::Stop);
         }
-        if let Some(k) = self.sampling.logprobs {
-            let (lp, top) = logprobs_at(&self.logits, next, k.min(MAX_TOP_LOGPROBS));
+        if let Some((lp, top)) = logprobs {
             let entry = |id: u32, logprob: f64| -> Result<TokenLogprob, EngineError> {
                 let token = vlm.detokenize(&[id])?;
                 Ok(TokenLogprob {

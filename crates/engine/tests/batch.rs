@@ -1,7 +1,7 @@
 //! Continuous batching against one-at-a-time generation on real weights (SmolLM2-135M from
 //! GGUF, decode on its quantized matrices; and the suite ladder's f32 checkpoint with video):
-//! sequences joining and leaving a running batch produce the same tokens, the same text and
-//! the same FLOPs as each run alone; a cancelled sequence leaves at the next step and the
+//! sequences joining and leaving a running batch (greedy, and sampled with log-probabilities)
+//! produce the same tokens, the same text and the same FLOPs as each run alone; a cancelled sequence leaves at the next step and the
 //! others go on.
 
 use std::collections::BTreeMap;
@@ -64,18 +64,36 @@ fn sampling(max_tokens: usize) -> SamplingParams {
     }
 }
 
+/// How prompt `i` is decoded: greedy, except prompts 1 and 3, drawn at a temperature with a
+/// nucleus and their log-probabilities reported (a batch draws those in parallel).
+fn prompt_sampling(i: usize) -> SamplingParams {
+    let n = PROMPTS[i].1;
+    if i % 2 == 1 {
+        SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            seed: 7 + i as u64,
+            logprobs: Some(2),
+            ..sampling(n)
+        }
+    } else {
+        sampling(n)
+    }
+}
+
 /// Each prompt alone: its generation and its FLOPs.
 fn alone(m: &VideoVlm) -> Vec<(Generation, vvlm_cost::FlopBreakdown)> {
     PROMPTS
         .iter()
-        .map(|(p, n)| {
+        .enumerate()
+        .map(|(i, (p, _))| {
             let flops = FlopCounter::new();
             let req = GenerateRequest {
                 pixels: None,
                 side: 1,
                 system: None,
                 prompt: p,
-                sampling: sampling(*n),
+                sampling: prompt_sampling(i),
                 cancel: None,
             };
             let g = m.generate(&req, &flops, &mut |_| true).unwrap();
@@ -89,7 +107,7 @@ fn join(m: &Arc<VideoVlm>, i: usize, flops: &Arc<FlopCounter>, cancel: &Arc<Atom
         vlm: m.clone(),
         system: None,
         prompt: PROMPTS[i].0.to_string(),
-        sampling: sampling(PROMPTS[i].1),
+        sampling: prompt_sampling(i),
         flops: flops.clone(),
         cancel: cancel.clone(),
     }
@@ -139,6 +157,8 @@ fn batched_decode_equals_one_at_a_time_across_joins_and_leaves() {
             "prompt {i}: streamed text"
         );
         assert_eq!(got.finish_reason, want.finish_reason);
+        assert_eq!(got.logprobs, want.logprobs, "prompt {i}: log-probabilities");
+        assert_eq!(got.logprobs.is_empty(), i % 2 == 0);
         // Each request is charged exactly what it would be alone.
         assert_eq!(counters[i].snapshot(), *want_flops, "prompt {i}: FLOPs");
     }
