@@ -22,7 +22,8 @@ use crate::generate::SamplingParams;
 
 /// Picks the next token from raw logits, `u` uniform in [0, 1) (see the module doc).
 pub fn sample(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
-    if p.temperature <= 0.0 || logits.is_empty() {
+    // An infinite logit takes all the probability (its weight would be exp(inf − inf)).
+    if p.temperature <= 0.0 || logits.is_empty() || max_of(logits) == f32::INFINITY {
         return greedy(logits);
     }
     let mut w = vec![0f32; logits.len()];
@@ -411,6 +412,11 @@ mod tests {
         long[700] = 9.0;
         long[900] = 9.0;
         assert_eq!(greedy(&long), 700);
+        // An infinite logit is always drawn.
+        for j in 0..10 {
+            let logits = [1.0, f32::INFINITY, 3.0, f32::INFINITY];
+            assert_eq!(sample(&logits, &params(1.0, 0.5), j as f64 / 10.0), 1);
+        }
         // NaN logits are never drawn either.
         let logits = [f32::NAN, 1.0, 1.0];
         for j in 0..10 {
