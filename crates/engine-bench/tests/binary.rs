@@ -9,18 +9,23 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vvlm-engine-bench"))
 }
 
+/// The run's stdout as JSON, after checking that it exited 0 (else its stderr is the failure).
+fn json_of(out: std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn smoke_on_the_cpu_prints_a_passing_report() {
     let out = bin()
         .args(["smoke", "--device", "cpu", "--dtype", "f32"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = json_of(out);
     assert_eq!(r["ok"], true);
     assert_eq!(r["device"], "cpu");
     assert_eq!(r["checks"].as_array().unwrap().len(), 7);
@@ -81,12 +86,8 @@ fn the_batch_bench_serves_real_requests_through_the_scheduler() {
         .env("RAYON_NUM_THREADS", "2")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = json_of(out);
+    let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 2);
     for (row, b) in rows.iter().zip([1, 3]) {
         assert_eq!(row["batch"], b);

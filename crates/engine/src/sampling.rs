@@ -15,15 +15,15 @@
 //!
 //! NaN logits are never chosen (weight 0, not ranked by greedy).
 
-use crate::attention::exp_f32;
 #[cfg(target_arch = "x86_64")]
 use crate::attention::exp_f32x8;
+use crate::attention::{exp_f32, max_f32};
 use crate::generate::SamplingParams;
 
 /// Picks the next token from raw logits, `u` uniform in [0, 1) (see the module doc).
 pub fn sample(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
     // An infinite logit takes all the probability (its weight would be exp(inf − inf)).
-    if p.temperature <= 0.0 || logits.is_empty() || max_of(logits) == f32::INFINITY {
+    if p.temperature <= 0.0 || logits.is_empty() || max_f32(logits) == f32::INFINITY {
         return greedy(logits);
     }
     let mut w = vec![0f32; logits.len()];
@@ -75,7 +75,7 @@ pub fn sample(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
 pub fn logprobs_at(logits: &[f32], chosen: u32, k: usize) -> (f64, Vec<(u32, f64)>) {
     let mut w = vec![0f32; logits.len()];
     let total = weights(logits, 1.0, &mut w);
-    let log_z = max_of(logits) as f64 + total.ln();
+    let log_z = max_f32(logits) as f64 + total.ln();
     let lp = |i: usize| logits[i] as f64 - log_z;
     (
         lp(chosen as usize),
@@ -88,7 +88,7 @@ pub fn logprobs_at(logits: &[f32], chosen: u32, k: usize) -> (f64, Vec<(u32, f64
 
 /// The first id of the largest logit (NaN ignored); 0 when no logit is above −∞.
 pub fn greedy(logits: &[f32]) -> u32 {
-    let m = max_of(logits);
+    let m = max_f32(logits);
     if m == f32::NEG_INFINITY || m.is_nan() {
         return 0;
     }
@@ -102,23 +102,6 @@ pub fn greedy(logits: &[f32]) -> u32 {
         .position(|&x| x == m)
         .expect("in that chunk");
     (c * CHUNK + j) as u32
-}
-
-/// The largest non-NaN value (−∞ when there is none), eight lanes at a time.
-fn max_of(x: &[f32]) -> f32 {
-    const L: usize = 8;
-    let mut m = [f32::NEG_INFINITY; L];
-    let mut chunks = x.chunks_exact(L);
-    for c in &mut chunks {
-        for l in 0..L {
-            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
-        }
-    }
-    chunks
-        .remainder()
-        .iter()
-        .chain(m.iter())
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
 /// `out[i] = exp((logits[i] − max) / t)` (0 for a NaN logit) and their sum in f64.
@@ -138,7 +121,7 @@ fn weights(logits: &[f32], t: f32, out: &mut [f32]) -> f64 {
 unsafe fn weights_avx2(logits: &[f32], t: f32, out: &mut [f32]) -> f64 {
     use std::arch::x86_64::*;
     assert_eq!(logits.len(), out.len());
-    let max = max_of(logits);
+    let max = max_f32(logits);
     let (mv, tv) = (_mm256_set1_ps(max), _mm256_set1_ps(t));
     let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
     let n8 = logits.len() / 8 * 8;
@@ -161,7 +144,7 @@ unsafe fn weights_avx2(logits: &[f32], t: f32, out: &mut [f32]) -> f64 {
 
 /// [`weights`] one at a time (no AVX2).
 fn weights_impl(logits: &[f32], t: f32, out: &mut [f32]) -> f64 {
-    weights_with(logits, max_of(logits), t, out)
+    weights_with(logits, max_f32(logits), t, out)
 }
 
 /// `out[i] = exp_f32((logits[i] − max) / t)` (0 for NaN) and their sum.
