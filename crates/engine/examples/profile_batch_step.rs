@@ -76,7 +76,9 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 let ids: Vec<u32> = (0..32u32)
                     .map(|i| 100 + (i * 7 + s as u32 * 13) % 1000)
                     .collect();
+                // Allocated once for the 32 + 128 + 32 positions it reaches (as served).
                 let mut cache = lm.new_cache();
+                cache.plan_positions(32 + 128 + 32);
                 let mut ctx = Ctx::new(&c, Component::LmPrefill);
                 let h = lm.forward_hidden(&lm.embed(&ids)?, &mut cache, &mut ctx)?;
                 next.push(vvlm_engine::llama::argmax(&lm.last_logits(&h, &ctx)?)?);

@@ -127,6 +127,12 @@ impl Batch {
         self.active.iter().map(|a| a.reserve).sum()
     }
 
+    /// KV positions the batch's caches are allocated for: its reservation, each cache being
+    /// allocated once at its sequence's (see [`crate::llama::KvCache::plan_positions`]).
+    pub fn allocated_tokens(&self) -> usize {
+        self.active.iter().map(|a| a.seq.cache.capacity()).sum()
+    }
+
     /// Prefills a sequence and adds it. With a video, the prompt's part up to the video continues
     /// from `prefix` when it matches (see [`VideoVlm::start_sequence`]); otherwise that part is
     /// prefilled and returned, for the caller to pass to the next sequence about the same video

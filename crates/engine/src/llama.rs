@@ -141,14 +141,21 @@ struct Block {
 }
 
 /// Per-layer key/value cache of one sequence: preallocated buffers `[b, kv_heads, capacity, d]`
-/// written in place, grown by doubling, and read through a view of the filled positions (no
-/// copy of the whole cache per generated token). Not `Clone`: the buffers are written in place.
+/// written in place, read through a view of the filled positions (no copy of the whole cache per
+/// generated token). A sequence that knows how many positions it may reach (prompt + max tokens:
+/// what a batch's admission reserves for it) plans them ([`Self::plan_positions`]) and its
+/// buffers are allocated once at that size; otherwise (or past the plan) they grow by doubling,
+/// each growth a copy of the whole cache (for 8 sequences of a batch one step in which one
+/// crosses 256 or 512 positions waits on that copy). Not `Clone`: written in place.
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
     /// The type keys and values are stored in (`None`: as the model computes them). F16 on the
     /// CPU halves what a decode step reads from memory ([`Llama::set_kv_cache_dtype`]).
     dtype: Option<DType>,
+    /// Positions the buffers are allocated for when they are (re)allocated below this (0: none
+    /// planned).
+    planned: usize,
 }
 
 struct LayerCache {
@@ -164,11 +171,17 @@ impl LayerCache {
     /// Makes room for `n` more positions of rows shaped like `k` (`[b, kv_heads, _, d]`, its
     /// dtype and device): a new buffer holding the filled positions when they do not fit (so a
     /// cache continuing from a snapshot, whose buffers are exactly full, never writes into it).
-    fn reserve(slot: &mut Option<LayerCache>, k: &Tensor, n: usize) -> Result<()> {
+    /// `planned` positions (0: none) are allocated at once when they hold the new ones;
+    /// otherwise capacity doubles (at least [`INITIAL_CAPACITY`]).
+    fn reserve(slot: &mut Option<LayerCache>, k: &Tensor, n: usize, planned: usize) -> Result<()> {
         let len = slot.as_ref().map_or(0, |c| c.len);
         let cap = slot.as_ref().map_or(0, |c| c.k.dim(2).unwrap_or(0));
         if len + n > cap {
-            let new_cap = (len + n).max(2 * cap).max(INITIAL_CAPACITY);
+            let new_cap = if planned >= len + n {
+                planned
+            } else {
+                (len + n).max(2 * cap).max(INITIAL_CAPACITY)
+            };
             let (b, h, _, d) = k.dims4()?;
             let nk = Tensor::zeros((b, h, new_cap, d), k.dtype(), k.device())?;
             let nv = Tensor::zeros((b, h, new_cap, d), k.dtype(), k.device())?;
@@ -190,9 +203,14 @@ impl LayerCache {
     }
 
     /// Appends `k`, `v` (`[b, kv_heads, n, d]`) and returns views of everything cached.
-    fn append(slot: &mut Option<LayerCache>, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn append(
+        slot: &mut Option<LayerCache>,
+        k: &Tensor,
+        v: &Tensor,
+        planned: usize,
+    ) -> Result<(Tensor, Tensor)> {
         let n = k.dim(2)?;
-        Self::reserve(slot, k, n)?;
+        Self::reserve(slot, k, n, planned)?;
         let c = slot.as_mut().expect("allocated by reserve");
         c.k.slice_set(&k.contiguous()?, 2, c.len)?;
         c.v.slice_set(&v.contiguous()?, 2, c.len)?;
@@ -241,6 +259,7 @@ impl KvCache {
         Ok(KvCache {
             layers,
             dtype: self.dtype,
+            planned: 0,
         })
     }
 
@@ -248,6 +267,7 @@ impl KvCache {
     pub(crate) fn continue_from(snapshot: &KvCache) -> KvCache {
         KvCache {
             dtype: snapshot.dtype,
+            planned: 0,
             layers: snapshot
                 .layers
                 .iter()
@@ -268,10 +288,24 @@ impl KvCache {
         let slot = &mut self.layers[layer];
         match self.dtype {
             Some(dt) if dt != k.dtype() => {
-                LayerCache::append(slot, &k.to_dtype(dt)?, &v.to_dtype(dt)?)
+                LayerCache::append(slot, &k.to_dtype(dt)?, &v.to_dtype(dt)?, self.planned)
             }
-            _ => LayerCache::append(slot, k, v),
+            _ => LayerCache::append(slot, k, v, self.planned),
         }
+    }
+
+    /// Plans `positions` in all: the buffers are then allocated (or, continuing from a
+    /// snapshot, reallocated) once at that size instead of growing by doubling.
+    pub fn plan_positions(&mut self, positions: usize) {
+        self.planned = positions;
+    }
+
+    /// Positions the buffers hold without growing (0 before the first append).
+    pub fn capacity(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |c| c.k.dim(2).unwrap_or(0))
     }
 
     /// One decode step's new position of every sequence at layer `layer`: row `i` of `k`/`v`
@@ -294,7 +328,7 @@ impl KvCache {
         {
             let row = k.narrow(2, 0, 1)?;
             for c in caches.iter_mut() {
-                LayerCache::reserve(&mut c.layers[layer], &row, 1)?;
+                LayerCache::reserve(&mut c.layers[layer], &row, 1, c.planned)?;
             }
             {
                 let filled: Vec<&LayerCache> = caches
@@ -601,6 +635,7 @@ impl Llama {
         KvCache {
             layers: (0..self.blocks.len()).map(|_| None).collect(),
             dtype: self.kv_dtype,
+            planned: 0,
         }
     }
 
@@ -1148,6 +1183,49 @@ mod tests {
         let t = crate::demo::random_lm_tensors(&cfg, 11).unwrap();
         let vb = candle_nn::VarBuilder::from_tensors(t, DType::F32, &Device::Cpu);
         Llama::load(vb, None, &cfg).unwrap()
+    }
+
+    #[test]
+    fn a_planned_cache_is_allocated_once_and_decodes_as_a_growing_one() {
+        let lm = tiny_lm();
+        let c = vvlm_cost::FlopCounter::new();
+        let mut ctx = Ctx::new(&c, vvlm_cost::Component::LmDecode);
+        let prompt: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % 97).collect();
+        // 20 prompt positions + 280 steps: crosses the unplanned cache's 256 (a doubling).
+        let (planned_at, steps) = (290, 280);
+        let (mut growing, mut planned) = (lm.new_cache(), lm.new_cache());
+        planned.plan_positions(planned_at);
+        let mut capacities = std::collections::BTreeSet::new();
+        let mut next = [0u32; 2];
+        for (i, cache) in [&mut growing, &mut planned].into_iter().enumerate() {
+            let h = lm
+                .forward_hidden(&lm.embed(&prompt).unwrap(), cache, &mut ctx)
+                .unwrap();
+            next[i] = argmax(&lm.last_logits(&h, &ctx).unwrap()).unwrap();
+        }
+        assert_eq!(planned.capacity(), planned_at, "allocated at the plan");
+        assert_eq!(growing.capacity(), INITIAL_CAPACITY);
+        for step in 0..steps {
+            let mut logits = vec![];
+            for (i, cache) in [&mut growing, &mut planned].into_iter().enumerate() {
+                let h = lm
+                    .forward_hidden(&lm.embed(&[next[i]]).unwrap(), cache, &mut ctx)
+                    .unwrap();
+                logits.push(lm.last_logits(&h, &ctx).unwrap().to_vec1::<f32>().unwrap());
+            }
+            // The same values whatever the buffers' size, bit for bit.
+            assert_eq!(logits[0], logits[1], "step {step}");
+            let l = &logits[0];
+            next = [(0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap() as u32; 2];
+            capacities.insert(planned.capacity());
+        }
+        // Never reallocated below its plan; grown by doubling past it (300 > 290).
+        assert_eq!(planned.len(), 300);
+        assert_eq!(
+            capacities.into_iter().collect::<Vec<_>>(),
+            vec![planned_at, 2 * planned_at]
+        );
+        assert_eq!(growing.capacity(), 2 * INITIAL_CAPACITY);
     }
 
     #[test]

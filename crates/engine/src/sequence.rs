@@ -135,6 +135,9 @@ impl VideoVlm {
         let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(req.cancel);
         let visual_tokens = video.map(|v| v.dim(0)).transpose()?.unwrap_or(0);
         let prompt_tokens = prefix.len() + visual_tokens + suffix.len();
+        // Every position the sequence may reach (what a batch reserves for it): its cache is
+        // allocated once at that size, never copied to grow mid-batch.
+        let positions = prompt_tokens + req.sampling.max_tokens;
         let t1 = Instant::now();
         let mut made = None;
         let mut cached_tokens = 0;
@@ -145,10 +148,13 @@ impl VideoVlm {
                 {
                     Some(p) => {
                         cached_tokens = p.tokens();
-                        KvCache::continue_from(&p.0.cache)
+                        let mut cache = KvCache::continue_from(&p.0.cache);
+                        cache.plan_positions(positions);
+                        cache
                     }
                     None => {
                         let mut cache = self.lm.new_cache();
+                        cache.plan_positions(positions);
                         let first = self.input_embeddings(&prefix, Some(v), &[])?;
                         self.prefill(&first, &mut cache, &mut ctx, between_chunks)?;
                         between_chunks();
@@ -168,6 +174,7 @@ impl VideoVlm {
             _ => {
                 let embeds = self.input_embeddings(&prefix, video, &suffix)?;
                 let mut cache = self.lm.new_cache();
+                cache.plan_positions(positions);
                 let hidden = self.prefill(&embeds, &mut cache, &mut ctx, between_chunks)?;
                 (cache, hidden)
             }

@@ -137,6 +137,8 @@ fn batched_decode_equals_one_at_a_time_across_joins_and_leaves() {
             }
         }
         max_batch = max_batch.max(batch.len());
+        // Every cache is allocated once, at what admission reserves for its sequence.
+        assert_eq!(batch.allocated_tokens(), batch.reserved_tokens());
         for (tag, r) in batch.step(&mut |tag, piece| {
             streamed.entry(tag).or_default().push_str(piece);
             true
@@ -300,6 +302,8 @@ fn a_follow_up_continues_from_the_prefix_kv_and_answers_as_cold() {
             cancel: Arc::new(AtomicBool::new(false)),
         };
         let made = batch.join(0, j, Some(&tokens), prefix).unwrap();
+        // Continuing from a prefix too, the cache is allocated once at the reservation.
+        assert_eq!(batch.allocated_tokens(), batch.reserved_tokens());
         let mut out = None;
         while !batch.is_empty() {
             for (_, r) in batch.step(&mut |_, _| true) {
@@ -365,6 +369,7 @@ fn a_follow_up_continues_from_the_prefix_kv_and_answers_as_cold() {
         .join(0, j, Some(&other_tokens), Some(&prefix))
         .unwrap();
     assert!(made.is_some(), "a miss prefills and returns its own prefix");
+    assert_eq!(batch.allocated_tokens(), batch.reserved_tokens());
     while !batch.is_empty() {
         for (_, r) in batch.step(&mut |_, _| true) {
             assert_eq!(r.unwrap().cached_tokens, 0);
