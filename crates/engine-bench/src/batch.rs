@@ -259,11 +259,16 @@ pub fn run(a: &BatchArgs) -> Result<Vec<BatchRow>> {
     Ok(rows)
 }
 
+/// How tokens are chosen, and the KV cache's type.
 fn sampling_label(a: &BatchArgs) -> String {
+    let kv = if a.kv_f16 { "f16" } else { "as computed" };
     if a.temperature > 0.0 {
-        format!("sampled at temperature {} top-p {}", a.temperature, a.top_p)
+        format!(
+            "sampled at temperature {} top-p {}, KV cache {kv}",
+            a.temperature, a.top_p
+        )
     } else {
-        "greedy".into()
+        format!("greedy, KV cache {kv}")
     }
 }
 
