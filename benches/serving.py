@@ -3,7 +3,8 @@
 benchmark_serving names): for each concurrency C, C clients each send ROUNDS streaming
 `POST /v1/chat/completions` one after another (story prompts, `max_tokens`, a temperature);
 per request the time to first token (first content chunk), the time per output token after it
-((end - first) / (tokens - 1), tokens from the final usage chunk) and the end-to-end latency;
+((end - first) / (tokens - 1), tokens from the final usage chunk), the gaps between its content
+chunks (inter-token latency) and the end-to-end latency;
 per C the output tokens per second of all requests over the wall time. Loopback only; stops
 after C x ROUNDS requests per concurrency. Run by benches/serving.sh.
 
@@ -56,7 +57,7 @@ def one(conn, i):
     r = conn.getresponse()
     if r.status != 200:
         raise SystemExit(f"HTTP {r.status}: {r.read()[:300]!r}")
-    first, tokens = None, None
+    first, tokens, last, gaps = None, None, None, []
     for line in r:
         line = line.strip()
         if not line.startswith(b"data:"):
@@ -66,15 +67,20 @@ def one(conn, i):
             break
         chunk = json.loads(data)
         for c in chunk.get("choices", []):
-            if c.get("delta", {}).get("content") and first is None:
-                first = time.perf_counter()
+            if c.get("delta", {}).get("content"):
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                else:
+                    gaps.append(now - last)
+                last = now
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
     end = time.perf_counter()
     r.read()  # the rest of the chunked body, so the connection takes the next request
     first = first or end
     tpot = (end - first) / (tokens - 1) if tokens and tokens > 1 else None
-    return first - t0, tpot, end - t0, tokens or 0
+    return first - t0, tpot, end - t0, tokens or 0, gaps
 
 
 def level(c):
@@ -104,6 +110,8 @@ def level(c):
     tpot = [r[1] for r in rows if r[1] is not None]
     e2e = [r[2] for r in rows]
     tokens = sum(r[3] for r in rows)
+    # Inter-token latency: every gap between two content chunks of one stream.
+    itl = [g for r in rows for g in r[4]] or [0.0]
     return {
         "concurrency": c,
         "requests": len(rows),
@@ -112,6 +120,7 @@ def level(c):
         "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
         "tpot_p50_ms": pct(tpot, 0.5), "tpot_p99_ms": pct(tpot, 0.99),
         "e2e_p50_ms": pct(e2e, 0.5), "e2e_p99_ms": pct(e2e, 0.99),
+        "itl_p99_ms": pct(itl, 0.99), "itl_max_ms": pct(itl, 1.0),
         "mean_output_tokens": statistics.mean(r[3] for r in rows),
     }
 
@@ -122,9 +131,9 @@ if a.json:
 else:
     print(f"{a.model}, streaming chat, max_tokens {a.max_tokens}, temperature {a.temperature}, "
           f"top_p {a.top_p}, {a.rounds} requests per client")
-    print("| concurrency | requests | output tok/s | mean tokens | TTFT p50 / p99 ms | TPOT p50 / p99 ms | e2e p50 / p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| concurrency | requests | output tok/s | mean tokens | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p99 / max ms | e2e p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['concurrency']} | {r['requests']} | {r['output_tok_s']:.1f} | {r['mean_output_tokens']:.0f} | "
               f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} | "
-              f"{r['e2e_p50_ms']:.0f} / {r['e2e_p99_ms']:.0f} |")
+              f"{r['itl_p99_ms']:.1f} / {r['itl_max_ms']:.0f} | {r['e2e_p50_ms']:.0f} / {r['e2e_p99_ms']:.0f} |")

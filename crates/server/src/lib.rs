@@ -135,6 +135,7 @@ pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError
         worker::BatchLimits {
             max_sequences: config.limits.max_batch.max(1),
             max_tokens: config.limits.max_batch_tokens,
+            joins_per_step: config.limits.joins_per_step,
         },
         metrics.clone(),
     );

@@ -147,6 +147,8 @@ pub struct BatchLimits {
     /// KV positions (each sequence's prompt plus its max_tokens) beyond which new requests
     /// wait in the queue.
     pub max_tokens: usize,
+    /// Requests admitted between two decode steps while the batch runs (0: all that fit).
+    pub joins_per_step: usize,
 }
 
 impl Pool {
@@ -268,9 +270,11 @@ impl Worker {
         }
     }
 
-    /// Takes requests into the batch while it has room; blocks for one when the worker is
-    /// idle. False when the queue is closed and nothing runs.
+    /// Takes requests into the batch while it has room, at most `joins_per_step` of them once
+    /// it runs (so its sequences take a decode step between two such joins); blocks for one
+    /// when the worker is idle. False when the queue is closed and nothing runs.
     fn admit(&mut self) -> bool {
+        let mut joined = 0;
         loop {
             let fits = |w: &Self, j: &Job| {
                 w.batch.is_empty()
@@ -307,6 +311,12 @@ impl Worker {
                 return true;
             }
             self.start(job);
+            joined += 1;
+            if !self.batch.is_empty() && joined == self.limits.joins_per_step {
+                // A decode step before the next join (`joins_per_step`): the first joiners
+                // stream while the rest of a burst is prefilled.
+                return true;
+            }
         }
     }
 
