@@ -23,11 +23,15 @@ use crate::generate::SamplingParams;
 /// Picks the next token from raw logits, `u` uniform in [0, 1) (see the module doc).
 pub fn sample(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
     // An infinite logit takes all the probability (its weight would be exp(inf − inf)).
-    if p.temperature <= 0.0 || logits.is_empty() || max_f32(logits) == f32::INFINITY {
+    if p.temperature <= 0.0 || logits.is_empty() {
+        return greedy(logits);
+    }
+    let max = max_f32(logits);
+    if max == f32::INFINITY {
         return greedy(logits);
     }
     let mut w = vec![0f32; logits.len()];
-    let total = weights(logits, p.temperature as f32, &mut w);
+    let total = weights(logits, max, p.temperature as f32, &mut w);
     if total.is_nan() || total <= 0.0 {
         return greedy(logits);
     }
@@ -74,8 +78,9 @@ pub fn sample(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
 /// within 2 ulp each, so within ~3e-7 of the exact log-probability).
 pub fn logprobs_at(logits: &[f32], chosen: u32, k: usize) -> (f64, Vec<(u32, f64)>) {
     let mut w = vec![0f32; logits.len()];
-    let total = weights(logits, 1.0, &mut w);
-    let log_z = max_f32(logits) as f64 + total.ln();
+    let max = max_f32(logits);
+    let total = weights(logits, max, 1.0, &mut w);
+    let log_z = max as f64 + total.ln();
     let lp = |i: usize| logits[i] as f64 - log_z;
     (
         lp(chosen as usize),
@@ -104,24 +109,24 @@ pub fn greedy(logits: &[f32]) -> u32 {
     (c * CHUNK + j) as u32
 }
 
-/// `out[i] = exp((logits[i] − max) / t)` (0 for a NaN logit) and their sum in f64.
-fn weights(logits: &[f32], t: f32, out: &mut [f32]) -> f64 {
+/// `out[i] = exp((logits[i] − max) / t)` (0 for a NaN logit) and their sum in f64; `max` the
+/// largest logit ([`max_f32`], computed once by the caller).
+fn weights(logits: &[f32], max: f32, t: f32, out: &mut [f32]) -> f64 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the features were detected above.
-        return unsafe { weights_avx2(logits, t, out) };
+        return unsafe { weights_avx2(logits, max, t, out) };
     }
-    weights_impl(logits, t, out)
+    weights_with(logits, max, t, out)
 }
 
-/// [`weights_impl`] eight lanes at a time with [`exp_f32x8`] (each weight bit for bit the
+/// [`weights_with`] eight lanes at a time with [`exp_f32x8`] (each weight bit for bit the
 /// scalar one; the sum's association differs, by rounding only).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn weights_avx2(logits: &[f32], t: f32, out: &mut [f32]) -> f64 {
+unsafe fn weights_avx2(logits: &[f32], max: f32, t: f32, out: &mut [f32]) -> f64 {
     use std::arch::x86_64::*;
     assert_eq!(logits.len(), out.len());
-    let max = max_f32(logits);
     let (mv, tv) = (_mm256_set1_ps(max), _mm256_set1_ps(t));
     let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
     let n8 = logits.len() / 8 * 8;
@@ -140,11 +145,6 @@ unsafe fn weights_avx2(logits: &[f32], t: f32, out: &mut [f32]) -> f64 {
     _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_add_pd(lo, hi));
     let tail = weights_with(&logits[n8..], max, t, &mut out[n8..]);
     lanes.iter().sum::<f64>() + tail
-}
-
-/// [`weights`] one at a time (no AVX2).
-fn weights_impl(logits: &[f32], t: f32, out: &mut [f32]) -> f64 {
-    weights_with(logits, max_f32(logits), t, out)
 }
 
 /// `out[i] = exp_f32((logits[i] − max) / t)` (0 for NaN) and their sum.
@@ -325,7 +325,7 @@ mod tests {
             let logits = lm_like(n, seed);
             for (t, top_p) in [(0.7, 0.9), (1.0, 1.0), (1.5, 0.95), (0.2, 0.5), (3.0, 1.0)] {
                 let mut w = vec![0f32; n];
-                weights(&logits, t as f32, &mut w);
+                weights(&logits, max_f32(&logits), t as f32, &mut w);
                 for j in 0..200 {
                     let u = (j as f64 + 0.37) / 200.0;
                     assert_eq!(
@@ -342,7 +342,7 @@ mod tests {
     fn weights_are_the_scaled_softmax_numerators() {
         let logits = lm_like(4099, 9);
         let mut w = vec![0f32; logits.len()];
-        let total = weights(&logits, 0.7, &mut w);
+        let total = weights(&logits, max_f32(&logits), 0.7, &mut w);
         let max = logits.iter().cloned().fold(f32::MIN, f32::max);
         let mut exact_total = 0.0;
         for (&l, &x) in logits.iter().zip(&w) {
@@ -355,7 +355,7 @@ mod tests {
         assert!((total - exact_total).abs() <= 3e-7 * exact_total);
         // The one-at-a-time path (CPUs without AVX2) gives the same weights bit for bit.
         let mut one = vec![0f32; logits.len()];
-        let one_total = weights_impl(&logits, 0.7, &mut one);
+        let one_total = weights_with(&logits, max_f32(&logits), 0.7, &mut one);
         assert!(w.iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits()));
         assert!((one_total - total).abs() <= 1e-12 * total);
     }
