@@ -41,47 +41,68 @@ impl VideoVlm {
         flops: &FlopCounter,
         cancel: Option<&AtomicBool>,
     ) -> Result<(Option<VideoTokens>, Option<VisionFeatures>), EngineError> {
-        let run = || -> Result<(Option<VideoTokens>, Option<VisionFeatures>), EngineError> {
-            let t0 = Instant::now();
-            let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(cancel);
-            let (projected, fresh) = match visual {
-                VisualInput::None => return Ok((None, None)),
-                VisualInput::Frames(f) => {
-                    let want = f.frames * 3 * f.size * f.size;
-                    if f.pixels.len() != want || f.frames == 0 {
-                        return Err(EngineError::Request(format!(
-                            "frames: {} values for {} frames of {}x{} (want {want})",
-                            f.pixels.len(),
-                            f.frames,
-                            f.size,
-                            f.size
-                        )));
-                    }
-                    self.check_side(side)?;
-                    let pixels = Tensor::from_slice(
-                        f.pixels,
-                        (f.frames, 3, f.size, f.size),
-                        &candle_core::Device::Cpu,
-                    )?;
-                    let p = self.projected_frames(&pixels, &mut ctx)?;
-                    (p.clone(), Some(self.features(p)))
-                }
-                VisualInput::Features(f) => (self.features_tensor(f)?, None),
-            };
-            let tokens = self.video_tokens(&projected, side, &mut ctx)?;
-            Ok((
-                Some(VideoTokens {
-                    tokens,
-                    vision_s: t0.elapsed().as_secs_f64(),
-                }),
-                fresh,
-            ))
-        };
-        if self.lm.device().is_cpu() {
-            crate::cpu_pool::run(run)
+        let on_cpu = self.lm.device().is_cpu();
+        if on_cpu {
+            crate::cpu_pool::run(|| self.encode_visual_between(visual, side, flops, cancel, None))
         } else {
-            run()
+            self.encode_visual_between(visual, side, flops, cancel, None)
         }
+    }
+
+    /// [`Self::encode_visual`]; with `between`, frames are encoded in passes of
+    /// [`Self::frames_per_pass`] with `between` called between two passes.
+    fn encode_visual_between(
+        &self,
+        visual: VisualInput<'_>,
+        side: usize,
+        flops: &FlopCounter,
+        cancel: Option<&AtomicBool>,
+        between: Option<&mut dyn FnMut()>,
+    ) -> Result<(Option<VideoTokens>, Option<VisionFeatures>), EngineError> {
+        let t0 = Instant::now();
+        let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(cancel);
+        let (projected, fresh) = match visual {
+            VisualInput::None => return Ok((None, None)),
+            VisualInput::Frames(f) => {
+                let want = f.frames * 3 * f.size * f.size;
+                if f.pixels.len() != want || f.frames == 0 {
+                    return Err(EngineError::Request(format!(
+                        "frames: {} values for {} frames of {}x{} (want {want})",
+                        f.pixels.len(),
+                        f.frames,
+                        f.size,
+                        f.size
+                    )));
+                }
+                self.check_side(side)?;
+                let pixels = Tensor::from_slice(
+                    f.pixels,
+                    (f.frames, 3, f.size, f.size),
+                    &candle_core::Device::Cpu,
+                )?;
+                let p = match between {
+                    Some(between) => self.projected_frames_stepping(&pixels, &mut ctx, between)?,
+                    None => self.projected_frames(&pixels, &mut ctx)?,
+                };
+                (p.clone(), Some(self.features(p)))
+            }
+            VisualInput::Features(f) => (self.features_tensor(f)?, None),
+        };
+        let tokens = self.video_tokens(&projected, side, &mut ctx)?;
+        Ok((
+            Some(VideoTokens {
+                tokens,
+                vision_s: t0.elapsed().as_secs_f64(),
+            }),
+            fresh,
+        ))
+    }
+}
+
+impl VideoTokens {
+    /// The visual tokens `[frames · side² (+1 newline), hidden]` (the LM's input embeddings).
+    pub fn tokens(&self) -> &Tensor {
+        &self.tokens
     }
 }
 
@@ -162,6 +183,45 @@ impl Batch {
         left: &mut Vec<(u64, Result<Generation, EngineError>)>,
     ) -> Result<Option<PrefixKv>, EngineError> {
         self.join_inner(tag, j, video, prefix, Some((on_text, left)))
+    }
+
+    /// [`VideoVlm::encode_visual`] for a request about to join: on the CPU, while the batch has
+    /// sequences, its frames are encoded in passes of [`VideoVlm::frames_per_pass`] and the
+    /// sequences take a decode step between two passes and after the last (streamed through
+    /// `on_text`, as [`Self::step`]), so a joining video does not stall their streams for its
+    /// whole encoding, nor for its last pass and its prompt's first prefill chunk together.
+    /// The result equals `encode_visual`'s (frames are encoded independently). Sequences that
+    /// leave meanwhile are appended to `left`.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    pub fn encode_stepping(
+        &mut self,
+        vlm: &VideoVlm,
+        visual: VisualInput<'_>,
+        side: usize,
+        flops: &FlopCounter,
+        cancel: Option<&AtomicBool>,
+        on_text: &mut (dyn FnMut(u64, &str) -> bool + Send),
+        left: &mut Vec<(u64, Result<Generation, EngineError>)>,
+    ) -> Result<(Option<VideoTokens>, Option<VisionFeatures>), EngineError> {
+        if self.active.is_empty() || !vlm.lm.device().is_cpu() {
+            // Nothing waits (or a GPU, where a video's encoding is milliseconds): one pass.
+            return vlm.encode_visual(visual, side, flops, cancel);
+        }
+        let frames = matches!(visual, VisualInput::Frames(_));
+        crate::cpu_pool::run(|| {
+            let mut between = || {
+                if !self.active.is_empty() {
+                    left.extend(self.step_here(on_text));
+                }
+            };
+            let encoded =
+                vlm.encode_visual_between(visual, side, flops, cancel, Some(&mut between))?;
+            if frames {
+                // And one before the joining prompt's prefill starts.
+                between();
+            }
+            Ok(encoded)
+        })
     }
 
     /// Joins a sequence; with `stepping`, the others take decode steps between its prefill's

@@ -500,6 +500,44 @@ impl VideoVlm {
         self.project(&feats, ctx)
     }
 
+    /// Frames per tower pass when a video's encoding is interleaved with other work
+    /// ([`Self::projected_frames_stepping`]): as many as hold [`Self::prefill_chunk`] patches, at
+    /// least one (every frame when chunking is off), so no single pass between two decode steps
+    /// of a batch is much longer than a prefill chunk's.
+    pub fn frames_per_pass(&self, frames: usize) -> usize {
+        let patches = self.grid() * self.grid();
+        if self.prefill_chunk == 0 {
+            return frames.max(1);
+        }
+        (self.prefill_chunk / patches.max(1)).clamp(1, frames.max(1))
+    }
+
+    /// [`Self::projected_frames`] in passes of [`Self::frames_per_pass`] frames, calling
+    /// `between` between two passes (a running batch takes a decode step there). Frames are
+    /// encoded independently (the tower's attention is within a frame), so the result equals
+    /// one pass over every frame on the CPU bit for bit (tested), FLOPs included.
+    pub fn projected_frames_stepping(
+        &self,
+        pixels: &Tensor,
+        ctx: &mut Ctx,
+        between: &mut dyn FnMut(),
+    ) -> Result<Tensor, EngineError> {
+        let frames = pixels.dim(0)?;
+        let per = self.frames_per_pass(frames);
+        if per >= frames {
+            return self.projected_frames(pixels, ctx);
+        }
+        let mut parts = Vec::with_capacity(frames.div_ceil(per));
+        for start in (0..frames).step_by(per) {
+            if start > 0 {
+                between();
+            }
+            let n = per.min(frames - start);
+            parts.push(self.projected_frames(&pixels.narrow(0, start, n)?, ctx)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
     /// Pooled tokens of projected frames, flattened, with the newline:
     /// `[frames * side^2 (+1), ht]`.
     pub fn video_tokens(

@@ -22,7 +22,11 @@ fn smollm2() -> Arc<VideoVlm> {
         gguf.exists(),
         "run models/fetch-smollm2.sh (scripts/test does)"
     );
-    let dir = std::env::temp_dir().join(format!("vvlm-batch-{}", std::process::id()));
+    // One directory per call: tests run in parallel threads of one process, and one test must
+    // not load the checkpoint while another rewrites or removes it.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("vvlm-batch-{}-{call}", std::process::id()));
     vvlm_engine::demo::write_demo_checkpoint(
         &dir,
         &gguf,
@@ -217,6 +221,125 @@ fn a_cancelled_sequence_leaves_and_the_others_go_on() {
         r.as_ref().unwrap().finish_reason,
         vvlm_engine::FinishReason::Cancelled
     );
+}
+
+#[test]
+fn a_video_joining_a_running_batch_is_encoded_between_their_decode_steps() {
+    // The demo checkpoint's tower sees 729 patches a frame, more than a prefill chunk (512):
+    // one frame a pass, so 3 frames give the running sequences 2 decode steps meanwhile.
+    let m = smollm2();
+    let (frames, size) = (3, m.cfg.vision_config.image_size);
+    assert_eq!(m.frames_per_pass(frames), 1);
+    let pixels: Vec<f32> = (0..frames * 3 * size * size)
+        .map(|i| ((i * 7919) % 251) as f32 / 125.5 - 1.0)
+        .collect();
+    let visual = vvlm_engine::VisualInput::Frames(vvlm_engine::FrameData {
+        pixels: &pixels,
+        frames,
+        size,
+    });
+    let reference = alone(&m);
+    // The video in one pass, nothing else running; and a question about it alone.
+    let (whole, whole_features) = m
+        .encode_visual(visual, 2, &FlopCounter::new(), None)
+        .unwrap();
+    let question = "Describe the video.";
+    let alone_flops = FlopCounter::new();
+    let req = GenerateRequest {
+        pixels: None,
+        side: 2,
+        system: None,
+        prompt: question,
+        sampling: sampling(8),
+        cancel: None,
+    };
+    let (want, _) = m
+        .generate_visual(visual, &req, 1, &alone_flops, &mut |_, _| true)
+        .unwrap();
+
+    // Prompts 0 (greedy) and 3 (sampled) run; the video is encoded while they do.
+    let mut batch = Batch::default();
+    let counters: Vec<Arc<FlopCounter>> = (0..5).map(|_| Arc::new(FlopCounter::new())).collect();
+    let cancel = Arc::new(AtomicBool::new(false));
+    for i in [0, 3] {
+        batch
+            .join(i as u64, join(&m, i, &counters[i], &cancel), None, None)
+            .unwrap();
+    }
+    let mut streamed: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut done: BTreeMap<u64, Generation> = BTreeMap::new();
+    for (t, r) in batch.step(&mut |_, _| true) {
+        done.insert(t, r.unwrap());
+    }
+    let video_flops = Arc::new(FlopCounter::new());
+    let mut left = vec![];
+    let before = counters[0].snapshot().lm_decode;
+    let (tokens, features) = batch
+        .encode_stepping(
+            &m,
+            visual,
+            2,
+            &video_flops,
+            None,
+            &mut |tag, _| {
+                *streamed.entry(tag).or_default() += 1;
+                true
+            },
+            &mut left,
+        )
+        .unwrap();
+    // The running sequences took decode steps between the frames' passes...
+    assert!(
+        counters[0].snapshot().lm_decode > before,
+        "no decode step ran during the encoding"
+    );
+    assert!(streamed.get(&0).is_some_and(|&n| n >= 1), "{streamed:?}");
+    for (t, r) in left {
+        done.insert(t, r.unwrap());
+    }
+    // ...and the encoding equals the one-pass encoding bit for bit, FLOPs included.
+    let (tokens, whole) = (tokens.unwrap(), whole.unwrap());
+    assert_eq!(
+        tokens.tokens().to_vec2::<f32>().unwrap(),
+        whole.tokens().to_vec2::<f32>().unwrap()
+    );
+    assert_eq!(video_flops.snapshot().vision, alone_flops.snapshot().vision);
+    let full = m.grid();
+    let pooled = |f: &vvlm_engine::VisionFeatures| {
+        let (t, _) = m
+            .encode_visual(
+                vvlm_engine::VisualInput::Features(f),
+                full,
+                &FlopCounter::new(),
+                None,
+            )
+            .unwrap();
+        t.unwrap().tokens().to_vec2::<f32>().unwrap()
+    };
+    assert_eq!(pooled(&features.unwrap()), pooled(&whole_features.unwrap()));
+    // The question joins with it and answers as alone; so do the others.
+    let j = Join {
+        vlm: m.clone(),
+        system: None,
+        prompt: question.to_string(),
+        sampling: sampling(8),
+        flops: video_flops.clone(),
+        cancel: cancel.clone(),
+    };
+    batch.join(9, j, Some(&tokens), None).unwrap();
+    while !batch.is_empty() {
+        for (t, r) in batch.step(&mut |_, _| true) {
+            done.insert(t, r.unwrap());
+        }
+    }
+    assert_eq!(done[&9].token_ids, want[0].token_ids);
+    assert_eq!(video_flops.snapshot(), alone_flops.snapshot());
+    for i in [0usize, 3] {
+        let got = &done[&(i as u64)];
+        assert_eq!(got.token_ids, reference[i].0.token_ids, "prompt {i}");
+        assert_eq!(got.logprobs, reference[i].0.logprobs, "prompt {i}");
+        assert_eq!(counters[i].snapshot(), reference[i].1, "prompt {i}: FLOPs");
+    }
 }
 
 #[test]

@@ -348,8 +348,13 @@ impl Worker {
             first_text: None,
             job,
         };
+        // Sequences of other requests that finish while this one's video is encoded or its
+        // prompt prefilled (their decode steps run between its frames' passes and its prefill
+        // chunks).
+        let mut others_left = vec![];
         let encoded = {
             let j = &r.job;
+            let (batch, running) = (&mut self.batch, &mut self.running);
             let visual = match &j.visual {
                 JobVisual::None => VisualInput::None,
                 JobVisual::Frames(f) => VisualInput::Frames(FrameData {
@@ -360,28 +365,41 @@ impl Worker {
                 JobVisual::Features(f) => VisualInput::Features(f),
             };
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                j.engine
-                    .encode_visual(visual, j.side, &j.flops, Some(&j.cancel))
+                batch.encode_stepping(
+                    &j.engine,
+                    visual,
+                    j.side,
+                    &j.flops,
+                    Some(&j.cancel),
+                    &mut |tag, piece| stream(running, tag, piece),
+                    &mut others_left,
+                )
             }))
-            .unwrap_or_else(|_| Err(EngineError::Request("the engine panicked".into())))
         };
         let tokens = match encoded {
-            Ok((tokens, features)) => {
+            Ok(Ok((tokens, features))) => {
                 r.features = features;
                 tokens
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 r.error = Some(ApiError::from(e));
                 self.finish(r);
+                self.others_left(others_left);
+                return;
+            }
+            Err(_) => {
+                // A panic may have been in another sequence's step between two passes: the
+                // batch's state is unknown, so every request in it fails, this one too.
+                r.error = Some(ApiError::Internal("the engine panicked".into()));
+                self.finish(r);
+                self.others_left(others_left);
+                self.fail_batch();
                 return;
             }
         };
         // The completions continue from the cached prefix, or the first one prefills it for
         // the others (and the cache).
         let mut prefix = r.job.prefix.take();
-        // Sequences of other requests that finish while this one's prompt is prefilled (their
-        // decode steps run between its prefill chunks).
-        let mut others_left = vec![];
         for i in 0..n {
             let mut sampling = r.job.sampling.clone();
             sampling.seed = sampling.seed.wrapping_add(i as u64);
@@ -409,6 +427,7 @@ impl Worker {
                 // the batch's state is unknown, so every request in it fails, this one too.
                 r.error = Some(ApiError::Internal("the engine panicked".into()));
                 self.finish(r);
+                self.others_left(others_left);
                 self.fail_batch();
                 return;
             };
@@ -433,7 +452,12 @@ impl Worker {
         } else {
             self.running.insert(id, r);
         }
-        for (tag, result) in others_left {
+        self.others_left(others_left);
+    }
+
+    /// Sequences of other requests that left while a request joined.
+    fn others_left(&mut self, left: Vec<(u64, Result<Generation, EngineError>)>) {
+        for (tag, result) in left {
             self.sequence_left(tag, result.map_err(ApiError::from));
         }
     }
