@@ -1150,3 +1150,71 @@ fn metric(s: &Server, name: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// A video joining a running batch through the server: its frames are encoded between the
+/// running chat's decode steps (the engine's batch test checks the interleaving), and both
+/// answer exactly what they answer alone, charged what they ran. Two tenants, so the video
+/// cache (per tenant) cannot hand the second run its features.
+#[test]
+fn a_video_joining_a_running_chat_answers_as_alone() {
+    let db = scratch().join("video-join.db");
+    let s = Server::start(&db, &["--workers", "1", "--max-batch", "8"]);
+    let alone_key = admin_create(&s, json!({"name": "alone", "per_request_max": "10T"}));
+    let key = admin_create(&s, json!({"name": "together", "per_request_max": "10T"}));
+    let v = video("join.mp4", 2);
+    let chat = json!({"messages": [{"role": "user",
+                      "content": "Write a long story about a lighthouse keeper."}],
+                      "max_tokens": 200, "budget_flops": "1T"});
+    let fields = [
+        ("prompt", "Describe the video."),
+        ("budget", "10T"),
+        ("frames", "4"),
+        ("tokens_per_frame", "4"),
+        ("max_tokens", "8"),
+    ];
+    let caption = |key: &str| post_form(&s, "/v1/videos/caption", Some(key), &fields, Some(&v));
+    let chat_alone = post_json(&s, "/v1/chat/completions", &alone_key, chat.clone());
+    assert_eq!(chat_alone.status, 200, "{}", chat_alone.body);
+    let video_alone = caption(&alone_key);
+    assert_eq!(video_alone.status, 200, "{}", video_alone.body);
+    let steps_before = metric(&s, "vvlm_decode_batch_size_count");
+    let (chat_together, chat_done, video_together, video_done) = std::thread::scope(|sc| {
+        let running = sc.spawn(|| {
+            let a = post_json(&s, "/v1/chat/completions", &key, chat.clone());
+            (a, Instant::now())
+        });
+        // The chat decodes, then the video arrives.
+        let t = Instant::now();
+        while metric(&s, "vvlm_decode_batch_size_count") < steps_before + 5.0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the chat never decoded"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let video = caption(&key);
+        let video_done = Instant::now();
+        let (chat, chat_done) = running.join().unwrap();
+        (chat, chat_done, video, video_done)
+    });
+    assert_eq!(chat_together.status, 200, "{}", chat_together.body);
+    assert_eq!(video_together.status, 200, "{}", video_together.body);
+    assert!(
+        chat_done > video_done,
+        "the chat ended before the video was answered: nothing ran beside it"
+    );
+    assert_eq!(
+        chat_together.body["choices"][0]["message"]["content"],
+        chat_alone.body["choices"][0]["message"]["content"]
+    );
+    assert_eq!(video_together.body["text"], video_alone.body["text"]);
+    for (a, t) in [
+        (&chat_alone, &chat_together),
+        (&video_alone, &video_together),
+    ] {
+        assert_eq!(
+            a.body["usage"]["measured_flops"]["total"], t.body["usage"]["measured_flops"]["total"],
+            "the same work, counted per request"
+        );
+    }
+}
