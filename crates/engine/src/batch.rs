@@ -49,15 +49,15 @@ impl VideoVlm {
         }
     }
 
-    /// [`Self::encode_visual`]; with `between`, frames are encoded in passes of
-    /// [`Self::frames_per_pass`] with `between` called between two passes.
+    /// [`Self::encode_visual`]; with `(quantum, between)`, frames are encoded as
+    /// [`Self::projected_frames_stepping`] encodes them.
     fn encode_visual_between(
         &self,
         visual: VisualInput<'_>,
         side: usize,
         flops: &FlopCounter,
         cancel: Option<&AtomicBool>,
-        between: Option<&mut dyn FnMut()>,
+        between: Option<(std::time::Duration, &mut dyn FnMut())>,
     ) -> Result<(Option<VideoTokens>, Option<VisionFeatures>), EngineError> {
         let t0 = Instant::now();
         let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(cancel);
@@ -81,7 +81,9 @@ impl VideoVlm {
                     &candle_core::Device::Cpu,
                 )?;
                 let p = match between {
-                    Some(between) => self.projected_frames_stepping(&pixels, &mut ctx, between)?,
+                    Some((quantum, between)) => {
+                        self.projected_frames_stepping(&pixels, &mut ctx, quantum, between)?
+                    }
                     None => self.projected_frames(&pixels, &mut ctx)?,
                 };
                 (p.clone(), Some(self.features(p)))
@@ -128,15 +130,42 @@ struct Active {
     reserve: usize,
 }
 
+/// How long a joining video's encoding runs between two decode steps of the batch at most,
+/// give or take one tower layer of [`VideoVlm::frames_per_pass`] frames (see
+/// [`Batch::encode_stepping`]).
+pub const DEFAULT_ENCODE_QUANTUM: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The running batch.
-#[derive(Default)]
 pub struct Batch {
     active: Vec<Active>,
+    encode_quantum: std::time::Duration,
+    steps: u64,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self {
+            active: vec![],
+            encode_quantum: DEFAULT_ENCODE_QUANTUM,
+            steps: 0,
+        }
+    }
 }
 
 impl Batch {
     pub fn len(&self) -> usize {
         self.active.len()
+    }
+
+    /// Steps taken so far (each [`Self::step`], and each one run while a sequence joins).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Sets how long a joining video's encoding may run between two decode steps (default
+    /// [`DEFAULT_ENCODE_QUANTUM`]; zero: a step at every tower layer).
+    pub fn set_encode_quantum(&mut self, quantum: std::time::Duration) {
+        self.encode_quantum = quantum;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -187,11 +216,12 @@ impl Batch {
 
     /// [`VideoVlm::encode_visual`] for a request about to join: on the CPU, while the batch has
     /// sequences, its frames are encoded in passes of [`VideoVlm::frames_per_pass`] and the
-    /// sequences take a decode step between two passes and after the last (streamed through
-    /// `on_text`, as [`Self::step`]), so a joining video does not stall their streams for its
-    /// whole encoding, nor for its last pass and its prompt's first prefill chunk together.
-    /// The result equals `encode_visual`'s (frames are encoded independently). Sequences that
-    /// leave meanwhile are appended to `left`.
+    /// sequences take a decode step (streamed through `on_text`, as [`Self::step`]) at the first
+    /// tower layer or pass boundary after each encode quantum ([`Self::set_encode_quantum`]), and
+    /// one after the encoding, so a joining video does not stall their streams for its whole
+    /// encoding, nor for its end and its prompt's first prefill chunk together. The result
+    /// equals `encode_visual`'s (frames are encoded independently, a pause changes no
+    /// arithmetic). Sequences that leave meanwhile are appended to `left`.
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     pub fn encode_stepping(
         &mut self,
@@ -208,14 +238,20 @@ impl Batch {
             return vlm.encode_visual(visual, side, flops, cancel);
         }
         let frames = matches!(visual, VisualInput::Frames(_));
+        let quantum = self.encode_quantum;
         crate::cpu_pool::run(|| {
             let mut between = || {
                 if !self.active.is_empty() {
                     left.extend(self.step_here(on_text));
                 }
             };
-            let encoded =
-                vlm.encode_visual_between(visual, side, flops, cancel, Some(&mut between))?;
+            let encoded = vlm.encode_visual_between(
+                visual,
+                side,
+                flops,
+                cancel,
+                Some((quantum, &mut between)),
+            )?;
             if frames {
                 // And one before the joining prompt's prefill starts.
                 between();
@@ -302,6 +338,7 @@ impl Batch {
         &mut self,
         on_text: &mut (dyn FnMut(u64, &str) -> bool + Send),
     ) -> Vec<(u64, Result<Generation, EngineError>)> {
+        self.steps += 1;
         let mut left = vec![];
         let mut forward: Vec<(usize, u32)> = vec![];
         let mut keep = Vec::with_capacity(self.active.len());

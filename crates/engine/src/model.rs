@@ -447,10 +447,20 @@ impl VideoVlm {
 
     /// Vision features `[frames, patches, hidden]` of preprocessed pixels `[frames, 3, H, W]`.
     pub fn vision_features(&self, pixels: &Tensor, ctx: &mut Ctx) -> Result<Tensor, EngineError> {
+        self.vision_features_with(pixels, ctx, &mut || {})
+    }
+
+    /// [`Self::vision_features`], calling `after_layer` after each tower layer.
+    fn vision_features_with(
+        &self,
+        pixels: &Tensor,
+        ctx: &mut Ctx,
+        after_layer: &mut dyn FnMut(),
+    ) -> Result<Tensor, EngineError> {
         let saved = ctx.component;
         ctx.component = Component::Vision;
         let pixels = pixels.to_device(&self.device)?.to_dtype(self.dtype)?;
-        let out = self.vision.forward(&pixels, ctx);
+        let out = self.vision.forward_with(&pixels, ctx, after_layer);
         ctx.component = saved;
         Ok(out?)
     }
@@ -502,8 +512,8 @@ impl VideoVlm {
 
     /// Frames per tower pass when a video's encoding is interleaved with other work
     /// ([`Self::projected_frames_stepping`]): as many as hold [`Self::prefill_chunk`] patches, at
-    /// least one (every frame when chunking is off), so no single pass between two decode steps
-    /// of a batch is much longer than a prefill chunk's.
+    /// least one (every frame when chunking is off), so one layer of a pass is a bounded piece
+    /// of work.
     pub fn frames_per_pass(&self, frames: usize) -> usize {
         let patches = self.grid() * self.grid();
         if self.prefill_chunk == 0 {
@@ -513,27 +523,43 @@ impl VideoVlm {
     }
 
     /// [`Self::projected_frames`] in passes of [`Self::frames_per_pass`] frames, calling
-    /// `between` between two passes (a running batch takes a decode step there). Frames are
-    /// encoded independently (the tower's attention is within a frame), so the result equals
-    /// one pass over every frame on the CPU bit for bit (tested), FLOPs included.
+    /// `between` (a running batch takes a decode step there) at the first tower layer or pass
+    /// boundary after `quantum` has passed since the last call (zero: at every boundary). Frames
+    /// are encoded independently (the tower's attention is within a frame) and a pause changes
+    /// no arithmetic, so the result equals one pass over every frame on the CPU bit for bit
+    /// (tested), FLOPs included.
     pub fn projected_frames_stepping(
         &self,
         pixels: &Tensor,
         ctx: &mut Ctx,
+        quantum: std::time::Duration,
         between: &mut dyn FnMut(),
     ) -> Result<Tensor, EngineError> {
         let frames = pixels.dim(0)?;
         let per = self.frames_per_pass(frames);
-        if per >= frames {
-            return self.projected_frames(pixels, ctx);
-        }
+        let mut last = std::time::Instant::now();
+        let mut boundary = || {
+            if last.elapsed() >= quantum {
+                between();
+                last = std::time::Instant::now();
+            }
+        };
         let mut parts = Vec::with_capacity(frames.div_ceil(per));
         for start in (0..frames).step_by(per) {
-            if start > 0 {
-                between();
-            }
             let n = per.min(frames - start);
-            parts.push(self.projected_frames(&pixels.narrow(0, start, n)?, ctx)?);
+            let chunk = if n == frames {
+                pixels.clone()
+            } else {
+                pixels.narrow(0, start, n)?
+            };
+            let feats = self.vision_features_with(&chunk, ctx, &mut boundary)?;
+            parts.push(self.project(&feats, ctx)?);
+            if start + n < frames {
+                boundary();
+            }
+        }
+        if parts.len() == 1 {
+            return Ok(parts.pop().expect("one part"));
         }
         Ok(Tensor::cat(&parts, 0)?)
     }

@@ -190,12 +190,24 @@ impl SiglipVision {
 
     /// `[frames, C, H, W]` -> features `[frames, patches, hidden]`.
     pub fn forward(&self, pixels: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        self.forward_with(pixels, ctx, &mut || {})
+    }
+
+    /// [`Self::forward`], calling `after_layer` after each encoder layer (where a caller may
+    /// run other work: the layers' arithmetic does not change).
+    pub fn forward_with(
+        &self,
+        pixels: &Tensor,
+        ctx: &mut Ctx,
+        after_layer: &mut dyn FnMut(),
+    ) -> Result<Tensor> {
         let mut x = self.embeddings.forward(pixels, ctx)?;
         ctx.tap(|| "vision.embeddings".into(), &x);
         for (i, layer) in self.layers.iter().enumerate() {
             ctx.check_cancel()?;
             x = layer.forward(&x, i, ctx)?;
             ctx.tap(|| format!("vision.layer_out.{i}"), &x);
+            after_layer();
         }
         Ok(x)
     }

@@ -226,7 +226,8 @@ fn a_cancelled_sequence_leaves_and_the_others_go_on() {
 #[test]
 fn a_video_joining_a_running_batch_is_encoded_between_their_decode_steps() {
     // The demo checkpoint's tower sees 729 patches a frame, more than a prefill chunk (512):
-    // one frame a pass, so 3 frames give the running sequences 2 decode steps meanwhile.
+    // one frame a pass. With a zero encode quantum the running sequences take a decode step
+    // after every layer of every pass (4 layers), between passes, and once at the end.
     let m = smollm2();
     let (frames, size) = (3, m.cfg.vision_config.image_size);
     assert_eq!(m.frames_per_pass(frames), 1);
@@ -259,6 +260,7 @@ fn a_video_joining_a_running_batch_is_encoded_between_their_decode_steps() {
 
     // Prompts 0 (greedy) and 3 (sampled) run; the video is encoded while they do.
     let mut batch = Batch::default();
+    batch.set_encode_quantum(std::time::Duration::ZERO);
     let counters: Vec<Arc<FlopCounter>> = (0..5).map(|_| Arc::new(FlopCounter::new())).collect();
     let cancel = Arc::new(AtomicBool::new(false));
     for i in [0, 3] {
@@ -266,6 +268,32 @@ fn a_video_joining_a_running_batch_is_encoded_between_their_decode_steps() {
             .join(i as u64, join(&m, i, &counters[i], &cancel), None, None)
             .unwrap();
     }
+    // And a story, long enough to decode through the whole encoding.
+    let story = "Write a long story about a lighthouse keeper.";
+    let story_alone = m
+        .generate(
+            &GenerateRequest {
+                pixels: None,
+                side: 1,
+                system: None,
+                prompt: story,
+                sampling: sampling(40),
+                cancel: None,
+            },
+            &FlopCounter::new(),
+            &mut |_| true,
+        )
+        .unwrap();
+    assert_eq!(story_alone.token_ids.len(), 40, "the story ended early");
+    let story_join = Join {
+        vlm: m.clone(),
+        system: None,
+        prompt: story.to_string(),
+        sampling: sampling(40),
+        flops: Arc::new(FlopCounter::new()),
+        cancel: cancel.clone(),
+    };
+    batch.join(7, story_join, None, None).unwrap();
     let mut streamed: BTreeMap<u64, usize> = BTreeMap::new();
     let mut done: BTreeMap<u64, Generation> = BTreeMap::new();
     for (t, r) in batch.step(&mut |_, _| true) {
@@ -274,6 +302,7 @@ fn a_video_joining_a_running_batch_is_encoded_between_their_decode_steps() {
     let video_flops = Arc::new(FlopCounter::new());
     let mut left = vec![];
     let before = counters[0].snapshot().lm_decode;
+    let steps_before = batch.steps();
     let (tokens, features) = batch
         .encode_stepping(
             &m,
@@ -294,6 +323,11 @@ fn a_video_joining_a_running_batch_is_encoded_between_their_decode_steps() {
         "no decode step ran during the encoding"
     );
     assert!(streamed.get(&0).is_some_and(|&n| n >= 1), "{streamed:?}");
+    let layers = m.cfg.vision_config.num_hidden_layers as u64;
+    assert_eq!(
+        batch.steps() - steps_before,
+        frames as u64 * layers + (frames as u64 - 1) + 1
+    );
     for (t, r) in left {
         done.insert(t, r.unwrap());
     }
@@ -333,6 +367,7 @@ fn a_video_joining_a_running_batch_is_encoded_between_their_decode_steps() {
         }
     }
     assert_eq!(done[&9].token_ids, want[0].token_ids);
+    assert_eq!(done[&7].token_ids, story_alone.token_ids);
     assert_eq!(video_flops.snapshot(), alone_flops.snapshot());
     for i in [0usize, 3] {
         let got = &done[&(i as u64)];
