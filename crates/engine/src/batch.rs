@@ -140,6 +140,8 @@ pub struct Batch {
     active: Vec<Active>,
     encode_quantum: std::time::Duration,
     steps: u64,
+    /// Sequences in each step since [`Batch::take_step_sizes`] last took them.
+    step_sizes: Vec<usize>,
 }
 
 impl Default for Batch {
@@ -148,6 +150,7 @@ impl Default for Batch {
             active: vec![],
             encode_quantum: DEFAULT_ENCODE_QUANTUM,
             steps: 0,
+            step_sizes: vec![],
         }
     }
 }
@@ -160,6 +163,12 @@ impl Batch {
     /// Steps taken so far (each [`Self::step`], and each one run while a sequence joins).
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// The number of sequences in each step taken since the last call (those run while a
+    /// sequence joined included), oldest first: what a caller's batch-size metric observes.
+    pub fn take_step_sizes(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.step_sizes)
     }
 
     /// Sets how long a joining video's encoding may run between two decode steps (default
@@ -339,6 +348,7 @@ impl Batch {
         on_text: &mut (dyn FnMut(u64, &str) -> bool + Send),
     ) -> Vec<(u64, Result<Generation, EngineError>)> {
         self.steps += 1;
+        self.step_sizes.push(self.active.len());
         let mut left = vec![];
         let mut forward: Vec<(usize, u32)> = vec![];
         let mut keep = Vec::with_capacity(self.active.len());

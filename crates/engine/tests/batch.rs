@@ -303,6 +303,7 @@ fn a_video_joining_a_running_batch_is_encoded_between_their_decode_steps() {
     let mut left = vec![];
     let before = counters[0].snapshot().lm_decode;
     let steps_before = batch.steps();
+    batch.take_step_sizes();
     let (tokens, features) = batch
         .encode_stepping(
             &m,
@@ -328,6 +329,11 @@ fn a_video_joining_a_running_batch_is_encoded_between_their_decode_steps() {
         batch.steps() - steps_before,
         frames as u64 * layers + (frames as u64 - 1) + 1
     );
+    // Each of those steps' sizes is reported (the server's batch-size metric observes them).
+    let sizes = batch.take_step_sizes();
+    assert_eq!(sizes.len() as u64, batch.steps() - steps_before);
+    assert!(sizes.iter().all(|&n| (1..=3).contains(&n)), "{sizes:?}");
+    assert_eq!(sizes[0], 3);
     for (t, r) in left {
         done.insert(t, r.unwrap());
     }

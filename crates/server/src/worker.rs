@@ -247,13 +247,14 @@ impl Worker {
             let now = (self.batch.len() as i64, self.batch.reserved_tokens() as i64);
             self.metrics.batch_changed(now.0 - shown.0, now.1 - shown.1);
             shown = now;
-            if !self.admit() {
+            let admitted = self.admit();
+            self.observe_steps();
+            if !admitted {
                 return;
             }
             if self.batch.is_empty() {
                 continue;
             }
-            self.metrics.decode_step(self.batch.len());
             let running = &mut self.running;
             let batch = &mut self.batch;
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -267,6 +268,14 @@ impl Worker {
                 }
                 Err(_) => self.fail_batch(),
             }
+            self.observe_steps();
+        }
+    }
+
+    /// Every decode step's size into the metrics, those run while requests joined included.
+    fn observe_steps(&mut self) {
+        for size in self.batch.take_step_sizes() {
+            self.metrics.decode_step(size);
         }
     }
 
