@@ -214,6 +214,16 @@ pub struct Limits {
     /// 45-53 ms) and the last joiner's first token comes later (281-287 -> 345-356 ms).
     #[serde(default)]
     pub joins_per_step: usize,
+    /// Milliseconds a joining video's encoding runs at most (give or take one tower layer)
+    /// before the running batch takes a decode step (CPU; 0: a step after every tower layer).
+    /// Lower: steadier streams while videos join; higher: a joining video's first token a
+    /// little sooner.
+    #[serde(default = "default_encode_quantum_ms")]
+    pub encode_quantum_ms: u64,
+}
+
+fn default_encode_quantum_ms() -> u64 {
+    vvlm_engine::batch::DEFAULT_ENCODE_QUANTUM.as_millis() as u64
 }
 
 fn default_max_batch() -> usize {
@@ -390,6 +400,15 @@ mod tests {
         assert_eq!(c.kv_cache_dtype, vvlm_engine::KvCacheDtype::F16);
         let err = ServerConfig::layered(Some("kv_cache_dtype = \"fp8\"\n")).unwrap_err();
         assert!(err.contains("fp8"), "{err}");
+    }
+
+    #[test]
+    fn encode_quantum_is_50_ms_unless_configured() {
+        assert_eq!(ServerConfig::embedded().limits.encode_quantum_ms, 50);
+        let c = ServerConfig::layered(Some("[limits]\nencode_quantum_ms = 0\n")).unwrap();
+        assert_eq!(c.limits.encode_quantum_ms, 0);
+        let err = ServerConfig::layered(Some("[limits]\nencode_quantum_ms = -5\n")).unwrap_err();
+        assert!(err.contains("encode_quantum_ms"), "{err}");
     }
 
     #[test]

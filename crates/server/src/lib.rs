@@ -136,6 +136,7 @@ pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError
             max_sequences: config.limits.max_batch.max(1),
             max_tokens: config.limits.max_batch_tokens,
             joins_per_step: config.limits.joins_per_step,
+            encode_quantum: std::time::Duration::from_millis(config.limits.encode_quantum_ms),
         },
         metrics.clone(),
     );

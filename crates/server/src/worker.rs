@@ -149,6 +149,8 @@ pub struct BatchLimits {
     pub max_tokens: usize,
     /// Requests admitted between two decode steps while the batch runs (0: all that fit).
     pub joins_per_step: usize,
+    /// How long a joining video's encoding runs before the batch takes a decode step.
+    pub encode_quantum: std::time::Duration,
 }
 
 impl Pool {
@@ -174,7 +176,7 @@ impl Pool {
                         rx,
                         metrics,
                         limits,
-                        batch: Batch::default(),
+                        batch: new_batch(&limits),
                         running: HashMap::new(),
                         next_id: 0,
                         waiting: None,
@@ -193,6 +195,13 @@ impl Pool {
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
         }
     }
+}
+
+/// An empty batch as the limits configure it.
+fn new_batch(limits: &BatchLimits) -> Batch {
+    let mut b = Batch::default();
+    b.set_encode_quantum(limits.encode_quantum);
+    b
 }
 
 /// Completions per request at most (tags hold the index in their low byte).
@@ -473,7 +482,7 @@ impl Worker {
 
     /// After a panic the batch's state is unknown: every request in it fails.
     fn fail_batch(&mut self) {
-        self.batch = Batch::default();
+        self.batch = new_batch(&self.limits);
         let ids: Vec<u64> = self.running.keys().copied().collect();
         for id in ids {
             if let Some(mut r) = self.running.remove(&id) {
