@@ -111,6 +111,23 @@ r = client.chat.completions.create(
 )
 ok("text-only chat", len(r.choices[0].message.content) > 0, r)
 
+# A conversation: the first answer sent back as the assistant's turn, then a follow-up about the
+# same video; its prompt is the whole conversation, the video's part served from the cache.
+follow_up = messages(QUESTION) + [
+    {"role": "assistant", "content": text},
+    {"role": "user", "content": "Say it again in French."},
+]
+r = client.chat.completions.create(
+    model="auto", messages=follow_up, max_tokens=8, seed=1, extra_body=EXTRA
+)
+ok("conversation: answered", len(r.choices[0].message.content) > 0, r)
+first = client.chat.completions.create(
+    model="auto", messages=messages(QUESTION), max_tokens=1, seed=1, extra_body=EXTRA
+)
+ok("conversation: the prompt holds every turn", r.usage.prompt_tokens > first.usage.prompt_tokens + 5,
+   (r.usage, first.usage))
+ok("conversation: the video's KV from the first turn", r.usage.prompt_tokens_details.cached_tokens > 0, r.usage)
+
 # Errors, each as its typed exception with OpenAI's fields.
 def expect(name, exc, code, call):
     try:

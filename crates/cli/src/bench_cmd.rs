@@ -209,6 +209,7 @@ fn flops(a: FlopsArgs) -> Result<()> {
                 side,
                 system: None,
                 prompt: &a.prompt,
+                history: &[],
                 sampling: SamplingParams {
                     max_tokens: a.max_tokens,
                     ..Default::default()

@@ -208,6 +208,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         side: 1,
         system: a.system.as_deref(),
         prompt: &a.prompt,
+        history: &[],
         sampling: SamplingParams {
             max_tokens: a.max_tokens,
             temperature: a.temperature,

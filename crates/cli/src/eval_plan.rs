@@ -61,7 +61,7 @@ struct Loaded {
 /// What a request for this item asks the planner: prompt tokens and the answer length a client
 /// would allow (the longest choice plus an end token; open answers the eval's generation cap).
 fn request_shape(vlm: &VideoVlm, it: &Item) -> Result<(usize, usize)> {
-    let text = vlm.count_prompt_tokens(None, &it.question)?;
+    let text = vlm.count_prompt_tokens(None, &[], &it.question)?;
     let decode = if it.choices.is_empty() {
         MAX_ANSWER_TOKENS
     } else {

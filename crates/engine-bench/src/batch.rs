@@ -336,6 +336,7 @@ fn run_scheduler(a: &BatchArgs) -> Result<Vec<BatchRow>> {
         vlm: vlm.clone(),
         system: None,
         prompt: STORY_PROMPTS[i % STORY_PROMPTS.len()].to_string(),
+        history: vec![],
         sampling: vvlm_engine::SamplingParams {
             max_tokens: a.ntg,
             temperature: a.temperature,

@@ -112,6 +112,8 @@ impl VideoTokens {
 pub struct Join {
     pub vlm: Arc<VideoVlm>,
     pub system: Option<String>,
+    /// The conversation's earlier messages (see [`GenerateRequest::history`]).
+    pub history: Vec<crate::template::Turn>,
     pub prompt: String,
     pub sampling: SamplingParams,
     /// Where its FLOPs are counted (shared by the completions of one request).
@@ -288,6 +290,7 @@ impl Batch {
             side: 1,
             system: j.system.as_deref(),
             prompt: &j.prompt,
+            history: &j.history,
             sampling: j.sampling.clone(),
             cancel: Some(&j.cancel),
         };

@@ -112,6 +112,9 @@ pub struct GenerateRequest<'a> {
     /// Pooled grid side s (tokens per frame s*s).
     pub side: usize,
     pub system: Option<&'a str>,
+    /// The conversation's earlier messages, in order (empty: one user turn).
+    pub history: &'a [crate::template::Turn],
+    /// The last user message.
     pub prompt: &'a str,
     pub sampling: SamplingParams,
     /// Set to stop the request: vision, prefill and decode check it between layers.
@@ -212,9 +215,10 @@ impl VideoVlm {
     pub fn count_prompt_tokens(
         &self,
         system: Option<&str>,
+        history: &[crate::template::Turn],
         prompt: &str,
     ) -> Result<usize, EngineError> {
-        let p = self.template.render(system, prompt);
+        let p = self.template.render_conversation(system, history, prompt);
         Ok(self.tokenize(&p.before_video)?.len() + self.tokenize(&p.after_video)?.len())
     }
 
@@ -261,6 +265,7 @@ impl VideoVlm {
                     side: req.side,
                     system: req.system,
                     prompt: req.prompt,
+                    history: &[],
                     sampling,
                     cancel: req.cancel,
                 };

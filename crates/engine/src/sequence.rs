@@ -129,7 +129,9 @@ impl VideoVlm {
         prefix_kv: Option<&PrefixKv>,
         between_chunks: &mut dyn FnMut(),
     ) -> Result<(Sequence, Option<PrefixKv>), EngineError> {
-        let prompt = self.template.render(req.system, req.prompt);
+        let prompt = self
+            .template
+            .render_conversation(req.system, req.history, req.prompt);
         let prefix = self.tokenize(&prompt.before_video)?;
         let suffix = self.tokenize(&prompt.after_video)?;
         let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(req.cancel);

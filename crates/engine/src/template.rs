@@ -31,6 +31,30 @@ pub struct PromptText {
 /// Marks where the video goes in the rendered user turn; split out after rendering.
 const VIDEO_MARK: &str = "\u{1}vvlm-video\u{1}";
 
+/// Who wrote an earlier message of a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// An earlier message of a conversation (before the last user message, which is the prompt).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    pub role: Role,
+    pub content: String,
+}
+
 /// A checkpoint's chat template.
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
@@ -120,27 +144,51 @@ impl ChatTemplate {
     /// Renders a single user turn (with an optional system message) and opens the assistant
     /// turn: the checkpoint's template where it renders, else the family's built-in format.
     pub fn render(&self, system: Option<&str>, user: &str) -> PromptText {
+        self.render_conversation(system, &[], user)
+    }
+
+    /// Renders a conversation: the system message, the earlier messages (`history`, in order),
+    /// the last user message, then opens the assistant turn. The video's tokens go at the start
+    /// of the first user message (the history's first, else `user`), so every turn of a
+    /// conversation about one video shares the text before it.
+    pub fn render_conversation(
+        &self,
+        system: Option<&str>,
+        history: &[Turn],
+        user: &str,
+    ) -> PromptText {
+        let mut messages: Vec<(&str, String)> = history
+            .iter()
+            .map(|t| (t.role.as_str(), t.content.clone()))
+            .chain(std::iter::once(("user", user.to_string())))
+            .collect();
+        let first_user = messages
+            .iter_mut()
+            .find(|(role, _)| *role == "user")
+            .expect("the last message is the user's");
+        first_user.1 = format!("{VIDEO_MARK}\n{}", first_user.1);
         if let Some(j) = &self.jinja {
-            match self.render_jinja(j, system, user) {
+            match self.render_jinja(j, system, &messages) {
                 Ok(p) => return p,
                 Err(e) => tracing::warn!("chat template: {e}; using the built-in format"),
             }
         }
-        self.render_builtin(system, user)
+        self.render_builtin(system, &messages)
     }
 
     fn render_jinja(
         &self,
         j: &Jinja,
         system: Option<&str>,
-        user: &str,
+        turns: &[(&str, String)],
     ) -> Result<PromptText, String> {
         let mut messages = vec![];
         if let Some(s) = system {
             messages.push(minijinja::context! { role => "system", content => s });
         }
-        let content = format!("{VIDEO_MARK}\n{user}");
-        messages.push(minijinja::context! { role => "user", content => content });
+        for (role, content) in turns {
+            messages.push(minijinja::context! { role => role, content => content });
+        }
         let text = j
             .env
             .get_template("chat")
@@ -171,31 +219,38 @@ impl ChatTemplate {
         }
     }
 
-    fn render_builtin(&self, system: Option<&str>, user: &str) -> PromptText {
-        let (before_video, after_video) = match self.family {
+    fn render_builtin(&self, system: Option<&str>, turns: &[(&str, String)]) -> PromptText {
+        let text = match self.family {
             TemplateFamily::ChatMl => {
-                let sys = system
+                let mut t = system
                     .map(|s| format!("<|im_start|>system\n{s}<|im_end|>\n"))
                     .unwrap_or_default();
-                (
-                    format!("{sys}<|im_start|>user\n"),
-                    format!("\n{user}<|im_end|>\n<|im_start|>assistant\n"),
-                )
+                for (role, content) in turns {
+                    t += &format!("<|im_start|>{role}\n{content}<|im_end|>\n");
+                }
+                t + "<|im_start|>assistant\n"
             }
             TemplateFamily::Llama3 => {
-                let sys = system
-                    .map(|s| format!("<|start_header_id|>system<|end_header_id|>\n\n{s}<|eot_id|>"))
-                    .unwrap_or_default();
-                (
-                    format!("<|begin_of_text|>{sys}<|start_header_id|>user<|end_header_id|>\n\n"),
-                    format!("\n{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
-                )
+                let mut t = "<|begin_of_text|>".to_string();
+                if let Some(s) = system {
+                    t += &format!("<|start_header_id|>system<|end_header_id|>\n\n{s}<|eot_id|>");
+                }
+                for (role, content) in turns {
+                    t += &format!(
+                        "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>"
+                    );
+                }
+                t + "<|start_header_id|>assistant<|end_header_id|>\n\n"
             }
-            TemplateFamily::Plain => (String::new(), format!("\n{user}\n")),
+            // The messages as they are, one a line (no system message: a base model's prompt).
+            TemplateFamily::Plain => turns.iter().map(|(_, c)| format!("{c}\n")).collect(),
         };
+        let (before_video, after_video) = text
+            .split_once(VIDEO_MARK)
+            .expect("the built-in formats keep the user's content");
         PromptText {
-            before_video,
-            after_video,
+            before_video: before_video.to_string(),
+            after_video: after_video.to_string(),
             stop: self.stop(),
         }
     }
@@ -277,6 +332,81 @@ mod tests {
         assert_eq!(
             ChatTemplate::family_of(Some("<|start_header_id|>")),
             TemplateFamily::Llama3
+        );
+    }
+
+    fn history() -> Vec<Turn> {
+        vec![
+            Turn {
+                role: Role::User,
+                content: "What moves?".into(),
+            },
+            Turn {
+                role: Role::Assistant,
+                content: "A red square.".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn conversations_render_every_turn_with_the_video_in_the_first_user_message() {
+        // The checkpoint's own template (SmolLM2's), and the built-in formats.
+        let (t, _) = ChatTemplate::from_source(Some(SMOLLM2), "<|im_start|>", "<|im_end|>");
+        let p = t.render_conversation(Some("Be brief."), &history(), "Which way?");
+        assert_eq!(
+            p.before_video,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+        );
+        assert_eq!(
+            p.after_video,
+            "\nWhat moves?<|im_end|>\n<|im_start|>assistant\nA red square.<|im_end|>\n<|im_start|>user\nWhich way?<|im_end|>\n<|im_start|>assistant\n"
+        );
+        // Every turn of a conversation shares the text before the video with the first turn.
+        assert_eq!(
+            p.before_video,
+            t.render(Some("Be brief."), "What moves?").before_video
+        );
+        let p = ChatTemplate::builtin(TemplateFamily::ChatMl).render_conversation(
+            None,
+            &history(),
+            "Which way?",
+        );
+        assert_eq!(p.before_video, "<|im_start|>user\n");
+        assert_eq!(
+            p.after_video,
+            "\nWhat moves?<|im_end|>\n<|im_start|>assistant\nA red square.<|im_end|>\n<|im_start|>user\nWhich way?<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let p = ChatTemplate::builtin(TemplateFamily::Llama3).render_conversation(
+            Some("S"),
+            &history(),
+            "Which way?",
+        );
+        assert_eq!(
+            p.before_video,
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+        );
+        assert_eq!(
+            p.after_video,
+            "\nWhat moves?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA red square.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhich way?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+        let p = ChatTemplate::builtin(TemplateFamily::Plain).render_conversation(
+            Some("ignored"),
+            &history(),
+            "Which way?",
+        );
+        assert_eq!(
+            (p.before_video.as_str(), p.after_video.as_str()),
+            ("", "\nWhat moves?\nA red square.\nWhich way?\n")
+        );
+        // Without a user message before it, the video goes in the last one.
+        let p = ChatTemplate::builtin(TemplateFamily::ChatMl).render_conversation(
+            None,
+            &history()[1..],
+            "Which way?",
+        );
+        assert_eq!(
+            p.before_video,
+            "<|im_start|>assistant\nA red square.<|im_end|>\n<|im_start|>user\n"
         );
     }
 }

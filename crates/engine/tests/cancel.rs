@@ -29,6 +29,7 @@ fn cancellation_stops_vision_prefill_and_decode() {
         side: 4,
         system: None,
         prompt: "what colour is the background ?",
+        history: &[],
         sampling: sampling.clone(),
         cancel,
     };

@@ -439,6 +439,7 @@ fn the_suite_rung_answers_on_the_gpu_as_on_the_cpu_alone_and_batched() {
             side: 2,
             system: None,
             prompt: q,
+            history: &[],
             sampling: sampling.clone(),
             cancel: None,
         };
@@ -463,6 +464,7 @@ fn the_suite_rung_answers_on_the_gpu_as_on_the_cpu_alone_and_batched() {
                 vlm: m.clone(),
                 system: None,
                 prompt: q.to_string(),
+                history: vec![],
                 sampling: sampling.clone(),
                 flops: Arc::new(FlopCounter::new()),
                 cancel: Arc::new(AtomicBool::new(false)),

@@ -70,6 +70,7 @@ fn greedy_generation_is_coherent_english() {
         side: 1,
         system: None,
         prompt: "What is the capital of France?",
+        history: &[],
         sampling: SamplingParams {
             max_tokens: 24,
             ..Default::default()
@@ -143,6 +144,7 @@ fn an_f16_kv_cache_moves_log_probabilities_by_its_rounding() {
         side: 1,
         system: None,
         prompt: "What is the capital of France?",
+        history: &[],
         sampling: SamplingParams {
             max_tokens: 1,
             logprobs: Some(4),

@@ -76,6 +76,7 @@ pub fn score_item(
         side,
         system: None,
         prompt: &item.question,
+        history: &[],
         sampling: SamplingParams {
             max_tokens: MAX_ANSWER_TOKENS,
             ..Default::default()
@@ -311,6 +312,7 @@ pub fn score_encoded(
         side: 0,
         system: None,
         prompt: &item.question,
+        history: &[],
         sampling: SamplingParams {
             max_tokens: MAX_ANSWER_TOKENS,
             ..Default::default()

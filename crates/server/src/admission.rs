@@ -133,7 +133,7 @@ pub fn plan_request(
     if !r.prompt.is_empty() {
         for (name, e) in s.engines() {
             let n = e
-                .count_prompt_tokens(r.system.as_deref(), &r.prompt)
+                .count_prompt_tokens(r.system.as_deref(), &r.history, &r.prompt)
                 .map_err(ApiError::from)?;
             text_tokens_by_model.insert(name, n);
         }
@@ -318,6 +318,7 @@ pub async fn admit(
         n: r.n,
         side: plan.choice.side as usize,
         system: r.system,
+        history: r.history,
         prompt: r.prompt,
         sampling: r.sampling,
         flops: flops.clone(),

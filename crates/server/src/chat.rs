@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
+use vvlm_engine::template::{Role, Turn};
 use vvlm_engine::{FinishReason, Generation, StepLogprobs};
 
 /// The body's own fields (the rest are [`RequestOptions`]).
@@ -126,7 +127,9 @@ pub fn parse(
         None => return Err(ApiError::invalid("messages", "`messages` is required")),
     };
     let mut system = None;
-    let mut prompt = vec![];
+    // The user and assistant messages in order; which user message carries the media.
+    let mut turns: Vec<Turn> = vec![];
+    let mut media_turn = None;
     let mut media = Media::None;
     let mut images = vec![];
     for m in messages {
@@ -134,17 +137,29 @@ pub fn parse(
             MessageContent::Text(t) => vec![Part::Text { text: t }],
             MessageContent::Parts(p) => p,
         };
+        let role = match m.role.as_str() {
+            "system" | "developer" => None,
+            "user" => Some(Role::User),
+            "assistant" => Some(Role::Assistant),
+            other => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!("unsupported role `{other}` (system, user or assistant)"),
+                ))
+            }
+        };
+        let mut texts = vec![];
         for p in parts {
-            match (m.role.as_str(), p) {
-                ("system" | "developer", Part::Text { text }) => system = Some(text),
-                ("user", Part::Text { text }) => prompt.push(text),
-                ("user", Part::VideoUrl { video_url }) => {
+            match (role, p) {
+                (_, Part::Text { text }) => texts.push(text),
+                (Some(Role::User), Part::VideoUrl { video_url }) => {
                     if !matches!(media, Media::None) {
                         return Err(ApiError::invalid("messages", "one video per request"));
                     }
                     media = resolve_url(video_url.url(), allow)?;
+                    media_turn = Some(turns.len());
                 }
-                ("user", Part::ImageUrl { image_url }) => {
+                (Some(Role::User), Part::ImageUrl { image_url }) => {
                     match resolve_url(image_url.url(), allow)? {
                         Media::Images(mut i) => images.append(&mut i),
                         _ => {
@@ -154,21 +169,47 @@ pub fn parse(
                             ))
                         }
                     }
+                    media_turn = Some(turns.len());
                 }
-                ("assistant", _) => {
+                _ => {
                     return Err(ApiError::invalid(
                         "messages",
-                        "multi-turn conversations are not supported; send one user turn",
-                    ))
-                }
-                (role, _) => {
-                    return Err(ApiError::invalid(
-                        "messages",
-                        format!("unsupported message part for role `{role}`"),
+                        format!("unsupported message part for role `{}`", m.role),
                     ))
                 }
             }
         }
+        match role {
+            None => system = Some(texts.join("\n")),
+            Some(role) => turns.push(Turn {
+                role,
+                content: texts.join("\n"),
+            }),
+        }
+    }
+    // The last message is the one answered; the others are the conversation so far.
+    let prompt = match turns.pop() {
+        Some(t) if t.role == Role::User => t.content,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "messages",
+                "the last message must be the user's (the one answered)",
+            ))
+        }
+        None => String::new(),
+    };
+    let history = turns;
+    // The video's tokens go in the first user message: every turn about it shares the text
+    // before them (and the KV cached for them).
+    let first_user = history
+        .iter()
+        .position(|t| t.role == Role::User)
+        .unwrap_or(history.len());
+    if media_turn.is_some_and(|i| i != first_user) {
+        return Err(ApiError::invalid(
+            "messages",
+            "a video or images go in the first user message (later turns ask about them)",
+        ));
     }
     if !images.is_empty() {
         if !matches!(media, Media::None) {
@@ -182,8 +223,9 @@ pub fn parse(
     Ok(ChatRequest {
         options,
         content: Content {
-            prompt: prompt.join("\n"),
+            prompt,
             system,
+            history,
             media,
         },
         stream,

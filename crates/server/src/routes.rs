@@ -378,6 +378,7 @@ async fn plan(
         let content = Content {
             prompt: text("prompt")?.unwrap_or_default(),
             system: text("system")?,
+            history: vec![],
             media: crate::validation::Media::None,
         };
         // The same rules as a request that runs: a dry run must not cost more to answer.

@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use vvlm_engine::template::Turn;
 use vvlm_engine::{SamplingParams, MAX_TOP_LOGPROBS};
 use vvlm_planner::Pins;
 
@@ -216,8 +217,11 @@ impl RequestOptions {
 /// What a request asks about: its text and its media.
 #[derive(Debug, Default)]
 pub struct Content {
+    /// The (last) user message.
     pub prompt: String,
     pub system: Option<String>,
+    /// A chat's earlier messages, in order (empty for one user turn).
+    pub history: Vec<Turn>,
     pub media: Media,
 }
 
@@ -227,6 +231,8 @@ pub struct ValidRequest {
     pub task: String,
     pub prompt: String,
     pub system: Option<String>,
+    /// A chat's earlier messages, in order.
+    pub history: Vec<Turn>,
     /// The request's budget (None: the tenant's default).
     pub budget: Option<f64>,
     pub pins: Pins,
@@ -271,6 +277,21 @@ pub fn validate(
             "prompt",
             format!(
                 "prompt is longer than {} characters",
+                limits.max_prompt_chars
+            ),
+        ));
+    }
+    // A conversation is held to the same cap as one message: its messages together.
+    let conversation: usize = c.prompt.chars().count()
+        + c.history
+            .iter()
+            .map(|t| t.content.chars().count())
+            .sum::<usize>();
+    if conversation > limits.max_prompt_chars {
+        return Err(ApiError::invalid(
+            "messages",
+            format!(
+                "the conversation's messages are longer than {} characters together",
                 limits.max_prompt_chars
             ),
         ));
@@ -363,6 +384,7 @@ pub fn validate(
         task: o.task.unwrap_or_else(|| rules.default_task.to_string()),
         prompt: c.prompt,
         system: c.system,
+        history: c.history,
         budget,
         pins: Pins {
             model: o.model.filter(|m| !m.is_empty() && m != "auto"),
@@ -445,6 +467,7 @@ pub fn from_json_video(
         Content {
             prompt,
             system: text("system", &body)?,
+            history: vec![],
             media,
         },
     ))

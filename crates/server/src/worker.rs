@@ -107,6 +107,8 @@ pub struct Job {
     pub n: usize,
     pub side: usize,
     pub system: Option<String>,
+    /// A chat's earlier messages, in order.
+    pub history: Vec<vvlm_engine::template::Turn>,
     pub prompt: String,
     pub sampling: SamplingParams,
     pub flops: Arc<FlopCounter>,
@@ -425,6 +427,7 @@ impl Worker {
                 vlm: r.job.engine.clone(),
                 system: r.job.system.clone(),
                 prompt: r.job.prompt.clone(),
+                history: r.job.history.clone(),
                 sampling,
                 flops: r.job.flops.clone(),
                 cancel: r.job.cancel.clone(),

@@ -884,3 +884,89 @@ async fn several_workers_never_wait_on_each_other() {
         t.elapsed()
     );
 }
+
+/// A chat's earlier messages: a follow-up about a video is answered with the whole conversation
+/// as its prompt, the video's KV reused from the first turn (the video in the first user
+/// message, so every turn shares the text before it), and equal to the same conversation sent
+/// cold by another tenant. The rules of a conversation are 422s naming `messages`.
+#[tokio::test]
+async fn a_conversation_about_a_video_continues_from_its_cached_prefix() {
+    let s = server();
+    let alice = s.tenant("alice", None);
+    let bob = s.tenant("bob", None);
+    let video = json!({"type": "video_url",
+                       "video_url": {"url": data_url("video/mp4", &video_bytes())}});
+    let first = json!({"role": "user", "content": [video.clone(),
+                       {"type": "text", "text": "what colour is the flash ?"}]});
+    let opts = |messages: Value| {
+        json!({"model": "suite-m", "frames": 8, "tokens_per_frame": 16, "max_tokens": 4,
+               "messages": messages})
+    };
+    let (st, one) = s
+        .post("/v1/chat/completions", &alice, opts(json!([first.clone()])))
+        .await;
+    assert_eq!(st, 200, "{one}");
+    let answer = one["choices"][0]["message"]["content"].clone();
+    let conversation = json!([first.clone(), {"role": "assistant", "content": answer},
+                              {"role": "user", "content": "what shape moves ?"}]);
+    let (st, two) = s
+        .post("/v1/chat/completions", &alice, opts(conversation.clone()))
+        .await;
+    assert_eq!(st, 200, "{two}");
+    let tokens = |v: &Value| v["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = |v: &Value| v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+    // The whole conversation is the prompt; the video's part of it came from the first turn.
+    assert!(tokens(&two) > tokens(&one) + 4, "{one}\n{two}");
+    assert!(cached(&two).unwrap() >= 8 * 16, "{two}");
+    // Cold (another tenant: caches are per tenant), the same answer, every token prefilled.
+    let (st, cold) = s
+        .post("/v1/chat/completions", &bob, opts(conversation))
+        .await;
+    assert_eq!(st, 200, "{cold}");
+    assert_eq!(cached(&cold), Some(0));
+    assert_eq!(tokens(&cold), tokens(&two));
+    assert_eq!(
+        cold["choices"][0]["message"]["content"],
+        two["choices"][0]["message"]["content"]
+    );
+    // The rules.
+    let text = |role: &str, t: &str| json!({"role": role, "content": t});
+    let cases = [
+        (
+            json!([first.clone(), text("assistant", "red")]),
+            "the last message must be the user's",
+        ),
+        (
+            json!([
+                text("user", "hi"),
+                text("assistant", "hello"),
+                first.clone()
+            ]),
+            "first user message",
+        ),
+        (
+            json!([text("tool", "x"), first.clone()]),
+            "unsupported role",
+        ),
+        (
+            json!([first.clone(), {"role": "assistant", "content": [video.clone()]},
+                   text("user", "and?")]),
+            "unsupported message part",
+        ),
+        (
+            json!([
+                text("user", &"a".repeat(5000)),
+                text("assistant", &"b".repeat(5000)),
+                text("user", "why?")
+            ]),
+            "longer than",
+        ),
+    ];
+    for (messages, says) in cases {
+        let (st, v) = s.post("/v1/chat/completions", &alice, opts(messages)).await;
+        assert_eq!((st, kind(&v)), (422, "validation_error"), "{says}: {v}");
+        assert_eq!(v["error"]["param"], "messages", "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(says), "{says}: {msg}");
+    }
+}
