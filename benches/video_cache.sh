@@ -27,15 +27,19 @@ run planned-off 0
 run planned-on 536870912
 run rich-off 0 --model suite-l --frames 32 --tpf 64 --budget 1T
 run rich-on 536870912 --model suite-l --frames 32 --tpf 64 --budget 1T
+# The ten questions as one conversation (each turn resends the earlier ones and their answers).
+run chat-off 0 --model suite-l --frames 32 --tpf 64 --budget 1T --conversation
+run chat-on 536870912 --model suite-l --frames 32 --tpf 64 --budget 1T --conversation
 python3 - <<'PY'
 import json
-print("| run | cache | question 1 ms | questions 2-10 mean ms | question 1 FLOPs | questions 2-10 mean FLOPs | total FLOPs | plan (q1 -> q2) |")
-print("|---|---|---|---|---|---|---|---|")
+print("| run | cache | question 1 ms | questions 2-10 mean ms | question 1 FLOPs | questions 2-10 mean FLOPs | total FLOPs | plan (q1 -> q2) | prompt / cached tokens, q10 |")
+print("|---|---|---|---|---|---|---|---|---|")
 for line in open("target/video-cache/results.jsonl"):
     d = json.loads(line)
     r = d["rows"]
     rest = r[1:]
     g = lambda x: f"{x / 1e6:.1f}M"
     print(f"| {d['label'].split('-')[0]} | {d['label'].split('-')[1]} | {r[0]['ms']:.0f} | {sum(x['ms'] for x in rest) / len(rest):.0f} | "
-          f"{g(r[0]['measured'])} | {g(sum(x['measured'] for x in rest) / len(rest))} | {g(sum(x['measured'] for x in r))} | {r[0]['plan']} -> {r[1]['plan']} |")
+          f"{g(r[0]['measured'])} | {g(sum(x['measured'] for x in rest) / len(rest))} | {g(sum(x['measured'] for x in r))} | {r[0]['plan']} -> {r[1]['plan']} | "
+          f"{r[-1]['prompt_tokens']} / {r[-1]['cached_tokens']} |")
 PY
