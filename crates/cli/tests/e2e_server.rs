@@ -1218,3 +1218,54 @@ fn a_video_joining_a_running_chat_answers_as_alone() {
         );
     }
 }
+
+/// Text prompts sharing a system message (SmolLM2's ChatML template): the second continues from
+/// the cached KV of [system message + the template's opening] (per tenant), prefills only the
+/// rest, and answers as the same request cold; another system message does not match.
+#[test]
+fn a_system_prompt_is_prefilled_once_per_tenant() {
+    let db = scratch().join("system-prefix.db");
+    let s = Server::start(&db, &["--workers", "1"]);
+    let alice = admin_create(&s, json!({"name": "alice", "per_request_max": "10T"}));
+    let bob = admin_create(&s, json!({"name": "bob", "per_request_max": "10T"}));
+    let system = "You are a careful assistant for a video question-answering service. Answer in \
+                  one short sentence, name colours and shapes plainly, never invent details, and \
+                  say so when the question cannot be answered from what was shown.";
+    let chat = |key: &str, q: &str, sys: &str| {
+        let a = post_json(
+            &s,
+            "/v1/chat/completions",
+            key,
+            json!({"max_tokens": 8, "budget_flops": "1T",
+                   "messages": [{"role": "system", "content": sys},
+                                {"role": "user", "content": q}]}),
+        );
+        assert_eq!(a.status, 200, "{}", a.body);
+        a.body
+    };
+    let cached = |v: &Value| v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+    let prefill = |v: &Value| v["usage"]["measured_flops"]["lm_prefill"].as_f64().unwrap();
+    let first = chat(&alice, "What is the capital of France?", system);
+    assert_eq!(cached(&first), Some(0));
+    let second = chat(&alice, "Name three colours.", system);
+    let hit = cached(&second).unwrap();
+    assert!(hit >= 40, "{second}");
+    assert!(hit < second["usage"]["prompt_tokens"].as_u64().unwrap());
+    // Cold for another tenant: the same prompt and answer, every token prefilled.
+    let cold = chat(&bob, "Name three colours.", system);
+    assert_eq!(cached(&cold), Some(0));
+    assert_eq!(
+        cold["usage"]["prompt_tokens"],
+        second["usage"]["prompt_tokens"]
+    );
+    assert_eq!(
+        cold["choices"][0]["message"]["content"],
+        second["choices"][0]["message"]["content"]
+    );
+    assert!(prefill(&second) < prefill(&cold) / 2.0, "{second}\n{cold}");
+    // Another system message starts cold.
+    assert_eq!(
+        cached(&chat(&alice, "Name three colours.", "Be terse.")),
+        Some(0)
+    );
+}

@@ -20,7 +20,9 @@ use vvlm_cost::{Component, FlopCounter};
 
 /// The KV of a prompt's part up to and including the video ([system + user prefix + visual
 /// tokens]) for one checkpoint and one video encoding: a follow-up question about the same video
-/// continues from it and prefills only its own tokens. Immutable and cheap to clone; sequences
+/// continues from it and prefills only its own tokens. For a text prompt, the KV of [system +
+/// the template's opening of the first user message]: requests sharing a system prompt continue
+/// from it. Immutable and cheap to clone; sequences
 /// continuing from it never write into it.
 #[derive(Clone)]
 pub struct PrefixKv(Arc<PrefixInner>);
@@ -114,12 +116,13 @@ impl VideoVlm {
     /// Prefills the prompt around the visual tokens (`video`, already pooled) and returns the
     /// sequence ready for its first [`Sequence::advance`].
     ///
-    /// With a video, the prompt is prefilled in two parts: [text before the video + visual
-    /// tokens], then the text after it (the question). The first part's KV is what `prefix`
-    /// may already hold (same text before the video, same visual tokens): then only the question
-    /// is prefilled, and counted. Otherwise the first part is prefilled and returned as a new
-    /// [`PrefixKv`] for the caller to keep. Both ways run the question's prefill on the same
-    /// KV values, so a follow-up answers exactly as it would cold.
+    /// The prompt is prefilled in two parts: [text before the video + visual tokens (if any)],
+    /// then the text after it (the question; for a text prompt the first part is the system
+    /// message and the template's opening). The first part's KV is what `prefix` may already
+    /// hold (same text before the video, same visual tokens): then only the rest is prefilled,
+    /// and counted. Otherwise the first part is prefilled and returned as a new [`PrefixKv`]
+    /// for the caller to keep. Both ways run the rest's prefill on the same KV values, so a
+    /// follow-up answers exactly as it would cold.
     pub fn start_sequence(
         &self,
         video: Option<&Tensor>,
@@ -143,9 +146,14 @@ impl VideoVlm {
         let t1 = Instant::now();
         let mut made = None;
         let mut cached_tokens = 0;
+        // A prompt is prefilled in two parts, the text up to the video (its visual tokens
+        // included) and the rest, whenever both are there: a text prompt too, whose first part
+        // is the system message and the template's opening, so that requests sharing a system
+        // prompt can continue from its cached KV exactly as they would prefill it cold.
+        let split = !suffix.is_empty() && (video.is_some() || !prefix.is_empty());
         let (cache, hidden) = match video {
-            Some(v) if !suffix.is_empty() => {
-                let hash = fingerprint(v)?;
+            v if split => {
+                let hash = v.map(fingerprint).transpose()?.unwrap_or(0);
                 let mut cache = match prefix_kv.filter(|p| p.matches(&prefix, visual_tokens, hash))
                 {
                     Some(p) => {
@@ -157,7 +165,7 @@ impl VideoVlm {
                     None => {
                         let mut cache = self.lm.new_cache();
                         cache.plan_positions(positions);
-                        let first = self.input_embeddings(&prefix, Some(v), &[])?;
+                        let first = self.input_embeddings(&prefix, v, &[])?;
                         self.prefill(&first, &mut cache, &mut ctx, between_chunks)?;
                         between_chunks();
                         made = Some(PrefixKv(Arc::new(PrefixInner {

@@ -171,8 +171,15 @@ pub async fn admit(
         t.name.clone()
     };
     let media = std::mem::take(&mut r.media);
-    let (media, content) = if text_only || s.config.cache.max_bytes == 0 {
+    let (media, content) = if s.config.cache.max_bytes == 0 {
         (media, None)
+    } else if text_only {
+        // A text prompt's cached part is the KV of its system message (and the template's
+        // opening): keyed by that message.
+        (
+            media,
+            Some(crate::cache::text_prefix_key(r.system.as_deref())),
+        )
     } else {
         let (m, h) = tokio::task::spawn_blocking(move || {
             let h = media_hash(&media);
@@ -296,11 +303,17 @@ pub async fn admit(
             _ => None,
         };
     let on_prefix: Option<Box<dyn FnOnce(vvlm_engine::PrefixKv) + Send>> = match key {
-        Some(k) if !matches!(visual, JobVisual::None) => {
+        Some(k) => {
             let c = s.cache.clone();
             let system = r.system.clone();
+            let text = matches!(visual, JobVisual::None);
             Some(Box::new(move |kv| {
-                c.add_prefix(&k, crate::cache::CachedPrefix { side, system, kv })
+                let prefix = crate::cache::CachedPrefix { side, system, kv };
+                if text {
+                    c.put_text_prefix(k, prefix)
+                } else {
+                    c.add_prefix(&k, prefix)
+                }
             }))
         }
         _ => None,

@@ -1,7 +1,8 @@
 //! The video cache: decoded frames, the vision features of a video, and the LM's KV of the
 //! prompt up to and including its visual tokens (at the pooled side last used), so that a
 //! follow-up question about it neither decodes, encodes nor prefills it again, and the planner
-//! prices it at its marginal cost. Keyed by scope (the tenant, unless sharing is configured: a cross-tenant hit
+//! prices it at its marginal cost. Text prompts keep the KV of their system message here too
+//! (keyed by that message), so requests sharing a system prompt do not prefill it again. Keyed by scope (the tenant, unless sharing is configured: a cross-tenant hit
 //! would tell one tenant, by its timing, that another sent the same video), the SHA-256 of the
 //! video's bytes, the checkpoint and the number of frames (uniform sampling: the instants
 //! follow from it and the video). Bounded by bytes, least recently used out first.
@@ -61,6 +62,21 @@ struct Inner {
 pub struct VideoCache {
     max_bytes: usize,
     inner: Mutex<Inner>,
+}
+
+/// The key content of a text prompt's cached KV: its system message (None apart from every
+/// string), in a domain of its own (never a video's hash).
+pub fn text_prefix_key(system: Option<&str>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"vvlm text prefix\0");
+    match system {
+        Some(s) => {
+            h.update([1]);
+            h.update(s.as_bytes());
+        }
+        None => h.update([0]),
+    }
+    h.finalize().into()
 }
 
 /// The SHA-256 of a video's bytes (or of a list of images, each length-prefixed).
@@ -157,6 +173,23 @@ impl VideoCache {
             e.prefix = Some(prefix);
             self.put(key.clone(), e);
         }
+    }
+
+    /// Keeps a text prompt's KV prefix (an entry of its own, without frames).
+    pub fn put_text_prefix(&self, key: CacheKey, prefix: CachedPrefix) {
+        self.put(
+            key,
+            CacheEntry {
+                frames: Arc::new(Frames {
+                    pixels: vec![],
+                    count: 0,
+                    size: 0,
+                }),
+                sampled: Arc::new(vec![]),
+                features: None,
+                prefix: Some(prefix),
+            },
+        );
     }
 
     /// (entries, bytes) held now.
