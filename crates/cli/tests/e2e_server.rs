@@ -1073,11 +1073,22 @@ fn the_official_openai_client_works_against_the_server() {
 
 /// Continuous batching through the server: concurrent requests decode together (the decode
 /// batch size metric sees steps of more than one sequence) and each answers exactly what it
-/// answers alone (greedy), charged what it ran.
+/// answers alone (greedy), charged what it ran. (The cache is off: every run prefills its whole
+/// prompt, so alone and together measure the same work.)
 #[test]
 fn concurrent_requests_are_batched_and_answer_as_alone() {
     let db = scratch().join("batch.db");
-    let s = Server::start(&db, &["--workers", "1", "--max-batch", "8"]);
+    let s = Server::start(
+        &db,
+        &[
+            "--workers",
+            "1",
+            "--max-batch",
+            "8",
+            "--cache-max-bytes",
+            "0",
+        ],
+    );
     let key = admin_create(&s, json!({"name": "b", "per_request_max": "10T"}));
     let prompts = [
         "What is the capital of France?",
