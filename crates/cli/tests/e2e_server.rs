@@ -1274,6 +1274,18 @@ fn a_system_prompt_is_prefilled_once_per_tenant() {
         second["choices"][0]["message"]["content"]
     );
     assert!(prefill(&second) < prefill(&cold) / 2.0, "{second}\n{cold}");
+    // And planned at that marginal cost (what was reserved), never below what ran.
+    let plan = |v: &Value| {
+        (
+            v["plan"]["cost_flops"].as_f64().unwrap(),
+            v["plan"]["cold_cost_flops"].as_f64().unwrap(),
+        )
+    };
+    let (cost, cold_cost) = plan(&second);
+    assert_eq!(plan(&cold), (cold_cost, cold_cost));
+    assert!(cost < cold_cost / 2.0, "{second}");
+    let ran = second["usage"]["measured_flops"]["total"].as_f64().unwrap();
+    assert!(ran <= cost * (1.0 + 1e-9), "{ran} > {cost}");
     // Another system message starts cold.
     assert_eq!(
         cached(&chat(&alice, "Name three colours.", "Be terse.")),

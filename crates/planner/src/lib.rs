@@ -75,6 +75,10 @@ pub struct PlanRequest {
     /// their vision and projector cost nothing more, so they are priced at their marginal cost.
     #[serde(default)]
     pub cached_vision: Vec<CachedVision>,
+    /// Text alone: prompt tokens whose KV each model already has cached (a shared system
+    /// message): their prefill costs nothing more, so the model is priced at its marginal cost.
+    #[serde(default)]
+    pub cached_text_tokens_by_model: BTreeMap<String, usize>,
     /// Generated tokens to price (used by the exact cost mode).
     pub expected_decode_tokens: usize,
     #[serde(default)]
@@ -273,6 +277,36 @@ impl Planner {
         (marginal.max(0.0), cold)
     }
 
+    /// Prices a text-only request on one model given the cache: (marginal, cold). The prefill
+    /// of the cached prompt tokens (the first ones: causal attention makes their cost that of a
+    /// prompt of their own) is what the cache saves.
+    pub fn marginal_text_cost(&self, entry: &ModelEntry, req: &PlanRequest) -> (f64, f64) {
+        let cold = self.cost(entry, 0, 0, req);
+        let cached = req
+            .cached_text_tokens_by_model
+            .get(&entry.name)
+            .copied()
+            .unwrap_or(0)
+            .min(req.text_tokens_for(&entry.name));
+        if cached == 0 {
+            return (cold, cold);
+        }
+        let saved = match (self.cost_mode, self.archs.get(&entry.name)) {
+            (CostMode::Exact, Some(arch)) => {
+                arch.flops(&Workload {
+                    frames: 0,
+                    tokens_per_frame: 0,
+                    text_tokens: cached,
+                    decode_steps: 0,
+                })
+                .lm_prefill
+            }
+            // Text is 2 N per token in the paper's formula.
+            _ => 2.0 * entry.lm_params * cached as f64,
+        };
+        ((cold - saved).max(0.0), cold)
+    }
+
     /// Prices one configuration with nothing cached.
     pub fn cost(
         &self,
@@ -428,8 +462,7 @@ impl Planner {
                     }
                 }
                 fits_some = true;
-                let cost = self.cost(entry, 0, 0, req);
-                let cold = cost;
+                let (cost, cold) = self.marginal_text_cost(entry, req);
                 min_cost = min_cost.min(cost);
                 if cost > budget {
                     continue;
@@ -571,6 +604,7 @@ mod tests {
             text_tokens_by_model: BTreeMap::new(),
             text_only: false,
             cached_vision: vec![],
+            cached_text_tokens_by_model: BTreeMap::new(),
             expected_decode_tokens: 32,
             pins: Pins::default(),
         }
@@ -891,5 +925,26 @@ mod tests {
         r.cached_vision[0].prefilled_side = Some(4);
         let c = p.plan(&r).unwrap().choice;
         assert!((c.cost_flops - 1.5e12).abs() < 1.0, "{}", c.cost_flops);
+    }
+
+    #[test]
+    fn a_cached_system_prompt_is_priced_at_its_marginal_cost() {
+        let p = planner();
+        let mut r = req(5e11);
+        r.text_only = true;
+        r.text_tokens = 120;
+        // Theoretical mode: 2 N (120 + 32); large: 2 * 7.5e9 * 152 = 2.28e12, over the budget.
+        assert_eq!(p.plan(&r).unwrap().choice.model, "small");
+        // 100 of large's prompt tokens cached: 2 * 7.5e9 * (20 + 32) = 7.8e11, still over;
+        // then at a 1e12 budget large fits only warm.
+        r.cached_text_tokens_by_model.insert("large".into(), 100);
+        r.budget_flops = 1e12;
+        let c = p.plan(&r).unwrap().choice;
+        assert_eq!(c.model, "large");
+        assert_eq!((c.cost_flops, c.cold_cost_flops), (7.8e11, 2.28e12));
+        // More cached than the prompt has (another template): at most the prompt.
+        r.cached_text_tokens_by_model.insert("large".into(), 1000);
+        let c = p.plan(&r).unwrap().choice;
+        assert_eq!(c.cost_flops, 2.0 * 7.5e9 * 32.0);
     }
 }

@@ -102,13 +102,22 @@ pub fn plan_for(
     t: &Tenant,
     r: &ValidRequest,
     text_only: bool,
-    cached_vision: Vec<CachedVision>,
+    cached: Cached,
 ) -> Result<(Plan, f64), ApiError> {
     let planner = s
         .planner()
         .ok_or_else(|| ApiError::NotReady("models are loading".into()))?;
-    let (req, budget) = plan_request(s, t, r, text_only, cached_vision)?;
+    let (req, budget) = plan_request(s, t, r, text_only, cached)?;
     Ok((planner.plan(&req)?, budget))
+}
+
+/// What the cache holds for a request, as the planner prices it.
+#[derive(Debug, Default)]
+pub struct Cached {
+    /// The video's encodings (and their KV prefixes).
+    pub vision: Vec<CachedVision>,
+    /// Text alone: the cached prompt tokens (its system message's KV) per model.
+    pub text_tokens_by_model: BTreeMap<String, usize>,
 }
 
 /// What the planner is asked for a request (see [`plan_for`]), and the budget.
@@ -117,7 +126,7 @@ pub fn plan_request(
     t: &Tenant,
     r: &ValidRequest,
     text_only: bool,
-    cached_vision: Vec<CachedVision>,
+    cached: Cached,
 ) -> Result<(PlanRequest, f64), ApiError> {
     let budget = r.budget.unwrap_or(t.default_budget);
     if budget > t.per_request_max {
@@ -144,7 +153,8 @@ pub fn plan_request(
         text_tokens: text_tokens_by_model.values().copied().max().unwrap_or(0),
         text_tokens_by_model,
         text_only,
-        cached_vision,
+        cached_vision: cached.vision,
+        cached_text_tokens_by_model: cached.text_tokens_by_model,
         expected_decode_tokens: r
             .max_tokens
             .unwrap_or(s.config.planner.expected_decode_tokens),
@@ -189,9 +199,17 @@ pub async fn admit(
         .map_err(|e| ApiError::Internal(format!("hashing task: {e}")))?;
         (m, Some(h?))
     };
-    let cached = content
-        .map(|c| s.cache.cached_vision(&scope, &c, r.system.as_deref()))
-        .unwrap_or_default();
+    let cached = match content {
+        Some(c) if text_only => Cached {
+            text_tokens_by_model: s.cache.cached_text_tokens(&scope, &c),
+            ..Cached::default()
+        },
+        Some(c) => Cached {
+            vision: s.cache.cached_vision(&scope, &c, r.system.as_deref()),
+            ..Cached::default()
+        },
+        None => Cached::default(),
+    };
     let (plan, _budget) = plan_for(s, t, &r, text_only, cached)?;
     let engine = s
         .engine(&plan.choice.model)

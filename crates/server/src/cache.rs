@@ -134,6 +134,21 @@ impl VideoCache {
             .collect()
     }
 
+    /// Text alone: per checkpoint, the prompt tokens whose KV is cached for a text prefix key
+    /// ([`text_prefix_key`]) in a scope: what the planner may price at its marginal cost.
+    pub fn cached_text_tokens(
+        &self,
+        scope: &str,
+        content: &[u8; 32],
+    ) -> std::collections::BTreeMap<String, usize> {
+        self.lock()
+            .map
+            .iter()
+            .filter(|(k, _)| k.scope == scope && &k.content == content && k.frames == 0)
+            .filter_map(|(k, e)| e.prefix.as_ref().map(|p| (k.model.clone(), p.kv.tokens())))
+            .collect()
+    }
+
     /// Inserts or replaces an entry, then evicts the least recently used until under the cap.
     /// An entry larger than the cap alone is not kept.
     pub fn put(&self, key: CacheKey, entry: CacheEntry) {

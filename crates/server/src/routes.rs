@@ -399,7 +399,7 @@ async fn plan(
             }
         };
         let r = validate(options, content, rules, &s.config.limits)?;
-        let (req, budget) = plan_request(&s, &t, &r, text_only, vec![])?;
+        let (req, budget) = plan_request(&s, &t, &r, text_only, Default::default())?;
         let planner = s
             .planner()
             .ok_or_else(|| ApiError::NotReady("models are loading".into()))?;
