@@ -1291,4 +1291,19 @@ fn a_system_prompt_is_prefilled_once_per_tenant() {
         cached(&chat(&alice, "Name three colours.", "Be terse.")),
         Some(0)
     );
+    // So does a conversation opening with the assistant's words (its prompt does not begin
+    // with the cached part), and it is planned cold.
+    let a = post_json(
+        &s,
+        "/v1/chat/completions",
+        &alice,
+        json!({"max_tokens": 8, "budget_flops": "1T",
+               "messages": [{"role": "system", "content": system},
+                            {"role": "assistant", "content": "Ask me about the video."},
+                            {"role": "user", "content": "Name three colours."}]}),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(cached(&a.body), Some(0));
+    let (cost, cold_cost) = plan(&a.body);
+    assert_eq!(cost, cold_cost);
 }

@@ -181,11 +181,16 @@ pub async fn admit(
         t.name.clone()
     };
     let media = std::mem::take(&mut r.media);
-    let (media, content) = if s.config.cache.max_bytes == 0 {
+    // A text prompt's cached part is the KV of its system message (and the template's opening
+    // of the first user message): keyed by that message, when nothing else comes before that
+    // user message (a conversation opening with the assistant's words is not cached).
+    let system_first = r
+        .history
+        .first()
+        .is_none_or(|t| t.role == vvlm_engine::template::Role::User);
+    let (media, content) = if s.config.cache.max_bytes == 0 || (text_only && !system_first) {
         (media, None)
     } else if text_only {
-        // A text prompt's cached part is the KV of its system message (and the template's
-        // opening): keyed by that message.
         (
             media,
             Some(crate::cache::text_prefix_key(r.system.as_deref())),
@@ -205,7 +210,16 @@ pub async fn admit(
             ..Cached::default()
         },
         Some(c) => Cached {
-            vision: s.cache.cached_vision(&scope, &c, r.system.as_deref()),
+            vision: s
+                .cache
+                .cached_vision(&scope, &c, r.system.as_deref())
+                .into_iter()
+                // A prefix made after the system message alone: not this prompt's otherwise.
+                .map(|v| CachedVision {
+                    prefilled_side: v.prefilled_side.filter(|_| system_first),
+                    ..v
+                })
+                .collect(),
             ..Cached::default()
         },
         None => Cached::default(),
