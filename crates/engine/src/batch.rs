@@ -137,6 +137,9 @@ struct Active {
 /// [`Batch::encode_stepping`]).
 pub const DEFAULT_ENCODE_QUANTUM: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// Step sizes a batch holds for [`Batch::take_step_sizes`] at most.
+pub const MAX_STEP_SIZES: usize = 1 << 16;
+
 /// The running batch.
 pub struct Batch {
     active: Vec<Active>,
@@ -169,6 +172,7 @@ impl Batch {
 
     /// The number of sequences in each step taken since the last call (those run while a
     /// sequence joined included), oldest first: what a caller's batch-size metric observes.
+    /// At most the newest [`MAX_STEP_SIZES`] are held.
     pub fn take_step_sizes(&mut self) -> Vec<usize> {
         std::mem::take(&mut self.step_sizes)
     }
@@ -351,6 +355,10 @@ impl Batch {
         on_text: &mut (dyn FnMut(u64, &str) -> bool + Send),
     ) -> Vec<(u64, Result<Generation, EngineError>)> {
         self.steps += 1;
+        if self.step_sizes.len() >= MAX_STEP_SIZES {
+            // Nobody is taking them: keep the newest (bounded memory for any caller).
+            self.step_sizes.drain(..MAX_STEP_SIZES / 2);
+        }
         self.step_sizes.push(self.active.len());
         let mut left = vec![];
         let mut forward: Vec<(usize, u32)> = vec![];
