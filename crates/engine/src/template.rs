@@ -1,7 +1,8 @@
 //! Chat formatting. A checkpoint's own Jinja chat template (`tokenizer_config.json`'s
 //! `chat_template`, or a GGUF's `tokenizer.chat_template`) is rendered with minijinja, as
-//! transformers' `apply_chat_template` renders it; the video's tokens go at the start of the user
-//! turn, as LLaVA-OneVision's processor places `<video>`. A checkpoint without a template, or
+//! transformers' `apply_chat_template` renders it, a whole conversation included (earlier user
+//! and assistant messages); the video's tokens go at the start of the first user message, as
+//! LLaVA-OneVision's processor places `<video>`. A checkpoint without a template, or
 //! whose template does not compile or render, is formatted by the built-in path for its family
 //! (ChatML, Llama 3 headers, or the plain prompt).
 

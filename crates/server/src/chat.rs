@@ -1,5 +1,6 @@
-//! The OpenAI-compatible chat completions route: the body's messages into [`Content`], its
-//! options into [`RequestOptions`], and the answer as `chat.completion` JSON or an SSE stream of
+//! The OpenAI-compatible chat completions route: the body's messages into [`Content`] (the
+//! last user message answered, the earlier user and assistant messages its history, the video
+//! or images in the first user message), its options into [`RequestOptions`], and the answer as `chat.completion` JSON or an SSE stream of
 //! `chat.completion.chunk`s. Fields OpenAI defines that vvlm does not implement are refused by
 //! name (400), never ignored.
 
