@@ -9,16 +9,10 @@ cargo build --quiet --release -p vvlm-cli
 bash scripts/setup-models >/dev/null
 out=target/system-prompt
 mkdir -p $out
+source benches/demo_server.sh
 run() { # label cache_bytes
-  local label=$1 bytes=$2 db=$out/$1.db port=$((20000 + RANDOM % 20000))
-  rm -f "$db"
-  local key
-  key=$(target/release/vvlm tenant --db "$db" add bench --per-request-max 1P 2>/dev/null)
-  target/release/vvlm serve --db "$db" --bind 127.0.0.1:$port --models-dir models/text-demo \
-    --workers 1 --threads-per-worker 2 --cache-max-bytes "$bytes" >/dev/null 2>&1 &
-  local pid=$!
-  for _ in $(seq 300); do curl -sf http://127.0.0.1:$port/health >/dev/null && break; sleep 0.2; done
-  python3 benches/system_prompt.py http://127.0.0.1:$port "$key" --label "$label" >> $out/results.jsonl
+  serve_demo $out/$1.db $out/$1.log --cache-max-bytes "$2"
+  python3 benches/system_prompt.py $base "$key" --label "$1" >> $out/results.jsonl
   kill $pid; wait $pid 2>/dev/null || true
 }
 rm -f $out/results.jsonl
