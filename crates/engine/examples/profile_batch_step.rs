@@ -5,7 +5,7 @@
 //! norms, RoPE, cache appends and scheduling. Then, per B, one more run of steps with the
 //! engine's section timer on (`vvlm_engine::profile`: matmul, attention, norm, rope,
 //! activation, kv-append, and the untimed rest), in ms per step.
-//! `[VVLM_CPU_KERNELS=avx2] cargo run --release -p vvlm-engine --example profile_batch_step [-- GGUF
+//! `[VVLM_CPU_KERNELS=avx2] [VVLM_KV_F16=1] cargo run --release -p vvlm-engine --example profile_batch_step [-- GGUF
 //! [B,B,..]]`.
 use candle_core::{DType, Device};
 use std::time::Instant;
@@ -64,7 +64,11 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     mats.push(g.quantized["embed_tokens.weight"].packed());
     let vb = candle_nn::VarBuilder::from_tensors(g.tensors.clone(), DType::F32, &Device::Cpu);
-    let lm = vvlm_engine::llama::Llama::load_quantized(vb, None, &cfg, &g.quantized)?;
+    let mut lm = vvlm_engine::llama::Llama::load_quantized(vb, None, &cfg, &g.quantized)?;
+    // The KV cache in f16, as the server's `kv_cache_dtype = "f16"` (`VVLM_KV_F16=1`).
+    if std::env::var("VVLM_KV_F16").is_ok_and(|v| v == "1") {
+        lm.set_kv_cache_dtype(DType::F16)?;
+    }
     let c = FlopCounter::new();
     vvlm_engine::cpu_pool::run(|| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         println!("    B | step p50 / min ms | products p50 / min ms | rest p50 / min ms | products GFLOP/s (min)");

@@ -27,10 +27,22 @@ pub struct SamplingParams {
     #[serde(default)]
     pub stop: Vec<String>,
     /// Log-probabilities: None reports none; `Some(k)` reports each generated token's
-    /// log-probability under the model (the softmax of its logits, before temperature and
-    /// top-p) and the `k` most likely tokens at that step (k <= [`MAX_TOP_LOGPROBS`]).
+    /// log-probability under the model (the softmax of its logits, before penalties,
+    /// temperature, min-p, top-k and top-p) and the `k` most likely tokens at that step (k <= [`MAX_TOP_LOGPROBS`]).
     #[serde(default)]
     pub logprobs: Option<usize>,
+    /// Only the `top_k` likeliest tokens may be drawn (0: no limit). Applied after temperature
+    /// and `min_p`, before `top_p`.
+    #[serde(default)]
+    pub top_k: usize,
+    /// Only tokens at least `min_p` times as likely as the likeliest may be drawn, after
+    /// temperature (0: no limit).
+    #[serde(default)]
+    pub min_p: f64,
+    /// Changes to the logits before anything else (bias, then repetition, frequency and
+    /// presence penalties); log-probabilities are still the model's.
+    #[serde(default)]
+    pub penalties: crate::sampling::Penalties,
 }
 
 /// The most alternatives reported per generated token (as OpenAI allows).
@@ -55,7 +67,7 @@ pub struct StepLogprobs {
     pub top: Vec<TokenLogprob>,
 }
 
-pub use crate::sampling::{logprobs_at, sample};
+pub use crate::sampling::{logprobs_at, sample, Penalties};
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -67,6 +79,9 @@ impl Default for SamplingParams {
             stop_token_ids: vec![],
             stop: vec![],
             logprobs: None,
+            top_k: 0,
+            min_p: 0.0,
+            penalties: Default::default(),
         }
     }
 }

@@ -1,14 +1,17 @@
-//! Choosing the next token from a step's logits: greedy, temperature and top-p (nucleus)
+//! Choosing the next token from a step's logits: logit bias and repetition, frequency and
+//! presence penalties ([`Penalties`]), greedy, temperature, min-p, top-k and top-p (nucleus)
 //! sampling, and log-probabilities. Owns the arithmetic of the choice; knows nothing of models,
 //! sequences or requests (the scheduler calls it once per sequence per decode step, on its own
 //! thread between forward passes, so its cost adds to every sequence's time per output token).
 //!
 //! A draw is defined as: weights `w_i = exp((l_i − max l) / T)` (f32, [`exp_f32`], within 2 ulp
 //! of the exact value); tokens ranked by weight, heaviest first (equal weights: lower id first);
-//! the nucleus the shortest prefix of that ranking whose weight reaches `top_p · Σ w` (every
-//! token when `top_p >= 1`); then the token where the running weight of the nucleus, in rank
-//! order, first reaches `u ·` (the nucleus' weight), `u` uniform in [0, 1): a small `u` picks the
-//! likeliest token. Ranking all 49152 tokens of a vocabulary took ~1.8 ms a draw (a sort), more
+//! with `min_p`, tokens of weight below `min_p · max w` weigh 0; with `top_k`, all but the first
+//! `k` of the ranking weigh 0; the nucleus the shortest prefix of the ranking whose weight
+//! reaches `top_p · Σ w` (every token when `top_p >= 1`); then the token where the running weight
+//! of the nucleus, in rank order, first reaches `u ·` (the nucleus' weight), `u` uniform in
+//! [0, 1): a small `u` picks the likeliest token. (vLLM's order: temperature, min-p, top-k,
+//! top-p; min-p and top-k commute.) Ranking all 49152 tokens of a vocabulary took ~1.8 ms a draw (a sort), more
 //! than a batched decode step of 8 sequences; here the weights are summed by range (a histogram
 //! over their binary exponents), the running sum follows the ranges from the heaviest, and only
 //! the tokens of the range where it crosses its target are sorted.
@@ -19,6 +22,93 @@
 use crate::attention::exp_f32x8;
 use crate::attention::{exp_f32, max_f32};
 use crate::generate::SamplingParams;
+use serde::{Deserialize, Serialize};
+
+/// Changes to a step's logits before the choice, as vLLM applies them (OpenAI's `logit_bias`,
+/// `frequency_penalty` and `presence_penalty`; Hugging Face's `repetition_penalty`): first each
+/// biased token's logit plus its bias; then, for every token in the prompt or generated so far,
+/// a positive logit divided by `repetition` and a negative one multiplied by it; then, for each
+/// generated token, `frequency · count + presence` subtracted (`count` the times it was
+/// generated). The identity by default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Penalties {
+    #[serde(default)]
+    pub frequency: f32,
+    #[serde(default)]
+    pub presence: f32,
+    #[serde(default = "one")]
+    pub repetition: f32,
+    /// (token id, bias); ids outside the vocabulary are ignored here (the server refuses them).
+    #[serde(default)]
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+impl Default for Penalties {
+    fn default() -> Self {
+        Self {
+            frequency: 0.0,
+            presence: 0.0,
+            repetition: 1.0,
+            logit_bias: vec![],
+        }
+    }
+}
+
+impl Penalties {
+    /// Whether applying them changes nothing.
+    pub fn is_identity(&self) -> bool {
+        self.frequency == 0.0
+            && self.presence == 0.0
+            && self.repetition == 1.0
+            && self.logit_bias.iter().all(|&(_, b)| b == 0.0)
+    }
+
+    /// Whether the prompt's tokens matter (the repetition penalty).
+    pub fn uses_prompt(&self) -> bool {
+        self.repetition != 1.0
+    }
+
+    /// Applies them to `logits` in place (see the type's doc), `prompt` and `generated` the
+    /// sequence's token ids so far.
+    pub fn apply(&self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) {
+        let n = logits.len();
+        for &(id, bias) in &self.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
+        if self.repetition != 1.0 {
+            let mut seen: Vec<u32> = prompt.iter().chain(generated).copied().collect();
+            seen.sort_unstable();
+            seen.dedup();
+            for id in seen {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = if *l > 0.0 {
+                        *l / self.repetition
+                    } else {
+                        *l * self.repetition
+                    };
+                }
+            }
+        }
+        if self.frequency != 0.0 || self.presence != 0.0 {
+            let mut ids: Vec<u32> = generated
+                .iter()
+                .copied()
+                .filter(|&i| (i as usize) < n)
+                .collect();
+            ids.sort_unstable();
+            for run in ids.chunk_by(|a, b| a == b) {
+                let l = &mut logits[run[0] as usize];
+                *l -= self.frequency * run.len() as f32 + self.presence;
+            }
+        }
+    }
+}
 
 /// Picks the next token from raw logits, `u` uniform in [0, 1) (see the module doc).
 pub fn sample(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
@@ -31,9 +121,12 @@ pub fn sample(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
         return greedy(logits);
     }
     let mut w = vec![0f32; logits.len()];
-    let total = weights(logits, max, p.temperature as f32, &mut w);
+    let mut total = weights(logits, max, p.temperature as f32, &mut w);
     if total.is_nan() || total <= 0.0 {
         return greedy(logits);
+    }
+    if p.min_p > 0.0 || p.top_k > 0 {
+        total = keep_likeliest(&mut w, p.top_k, p.min_p);
     }
     let ranking = Ranking::of(&w);
     let top_p = p.top_p.clamp(0.0, 1.0);
@@ -71,6 +164,38 @@ pub fn sample(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
         }
     }
     tokens.last().map_or_else(|| greedy(logits), |&(id, _)| id)
+}
+
+/// Zeroes the weights below `min_p ·` the largest (when `min_p > 0`) and all but the `top_k`
+/// heaviest (when `top_k > 0`; equal weights: lower id first), and returns the sum of what is
+/// left. The largest weight always stays.
+fn keep_likeliest(w: &mut [f32], top_k: usize, min_p: f64) -> f64 {
+    if min_p > 0.0 {
+        let floor = (min_p.min(1.0) * w.iter().fold(0f32, |m, &x| m.max(x)) as f64) as f32;
+        for x in w.iter_mut() {
+            if *x < floor {
+                *x = 0.0;
+            }
+        }
+    }
+    if top_k > 0 {
+        let mut ranked: Vec<(f32, u32)> = w
+            .iter()
+            .enumerate()
+            .filter(|(_, &x)| x > 0.0)
+            .map(|(i, &x)| (x, i as u32))
+            .collect();
+        if ranked.len() > top_k {
+            let heavier = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+            let (_, &mut last, _) = ranked.select_nth_unstable_by(top_k - 1, heavier);
+            for (i, x) in w.iter_mut().enumerate() {
+                if heavier(&last, &(*x, i as u32)).is_lt() {
+                    *x = 0.0;
+                }
+            }
+        }
+    }
+    w.iter().map(|&x| x as f64).sum()
 }
 
 /// `log softmax(logits)[chosen]` and the `k` most likely `(id, logprob)`, most likely first
@@ -336,6 +461,111 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// [`reference`] with min-p and top-k first, written out on the full sort.
+    fn reference_filtered(w: &[f32], top_k: usize, min_p: f64, top_p: f64, u: f64) -> u32 {
+        let max = w.iter().cloned().fold(0f32, f32::max);
+        let floor = (min_p * max as f64) as f32;
+        let mut ranked: Vec<u32> = (0..w.len() as u32).collect();
+        ranked.sort_by(|&a, &b| w[b as usize].total_cmp(&w[a as usize]).then(a.cmp(&b)));
+        let mut kept = vec![0f32; w.len()];
+        for (rank, &i) in ranked.iter().enumerate() {
+            let x = w[i as usize];
+            if (top_k == 0 || rank < top_k) && (min_p == 0.0 || x >= floor) {
+                kept[i as usize] = x;
+            }
+        }
+        reference(&kept, top_p, u)
+    }
+
+    #[test]
+    fn min_p_and_top_k_draws_equal_the_full_sort_definition() {
+        for (seed, n) in [(11u64, 49152usize), (12, 1000), (13, 7)] {
+            let logits = lm_like(n, seed);
+            for (t, top_p, top_k, min_p) in [
+                (0.7, 0.9, 40, 0.0),
+                (1.0, 1.0, 0, 0.05),
+                (1.5, 0.95, 5, 0.1),
+                (1.0, 1.0, 1, 0.0),
+                (2.0, 1.0, 3000, 0.0),
+                (0.8, 0.5, 20, 0.02),
+            ] {
+                let mut w = vec![0f32; n];
+                weights(&logits, max_f32(&logits), t as f32, &mut w);
+                let p = SamplingParams {
+                    top_k,
+                    min_p,
+                    ..params(t, top_p)
+                };
+                for j in 0..200 {
+                    let u = (j as f64 + 0.37) / 200.0;
+                    let got = sample(&logits, &p, u);
+                    assert_eq!(
+                        got,
+                        reference_filtered(&w, top_k, min_p, top_p, u),
+                        "n {n} t {t} top_p {top_p} top_k {top_k} min_p {min_p} u {u}"
+                    );
+                    if top_k == 1 {
+                        assert_eq!(got, greedy(&logits), "top-k 1 is greedy");
+                    }
+                }
+            }
+        }
+        // Softmax [1, 2, 3, 4] / 10: min-p 0.6 keeps tokens 2 and 3 (3/4 >= 0.6, 2/4 < 0.6),
+        // drawn 3:4; top-k 2 keeps the same two.
+        let logits = [0.0f32, 2f32.ln(), 3f32.ln(), 4f32.ln()];
+        for p in [
+            SamplingParams {
+                min_p: 0.6,
+                ..params(1.0, 1.0)
+            },
+            SamplingParams {
+                top_k: 2,
+                ..params(1.0, 1.0)
+            },
+        ] {
+            let n = 70_000;
+            let mut counts = [0usize; 4];
+            for j in 0..n {
+                counts[sample(&logits, &p, (j as f64 + 0.5) / n as f64) as usize] += 1;
+            }
+            assert_eq!((counts[0], counts[1]), (0, 0), "{p:?}");
+            assert!(
+                (counts[3] as f64 / n as f64 - 4.0 / 7.0).abs() < 1e-3,
+                "{counts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn penalties_change_the_logits_as_vllm_does() {
+        let p = Penalties {
+            frequency: 0.5,
+            presence: 0.25,
+            repetition: 2.0,
+            logit_bias: vec![(1, 1.5), (4, -100.0), (99, 7.0)],
+        };
+        let mut l = [1.0f32, 2.0, -1.0, 0.5, 3.0, -2.0];
+        // Prompt: 3 and 5; generated: 0 twice and 2 once.
+        p.apply(&mut l, &[3, 5, 3], &[0, 2, 0]);
+        // 0: 1 / 2 − (2·0.5 + 0.25) = −0.75; 1: biased 3.5, unseen; 2: −1 · 2 − 0.75 = −2.75;
+        // 3: 0.5 / 2 (prompt only); 4: 3 − 100 = −97, unseen; 5: −2 · 2 (prompt); 99 ignored.
+        assert_eq!(l, [-0.75, 3.5, -2.75, 0.25, -97.0, -4.0]);
+        assert!(!p.is_identity() && p.uses_prompt());
+        let none = Penalties::default();
+        assert!(none.is_identity() && !none.uses_prompt());
+        let mut same = [1.0f32, -2.0];
+        none.apply(&mut same, &[0, 1], &[1, 1]);
+        assert_eq!(same, [1.0, -2.0]);
+        // Greedy on the changed logits: a bias of −100 on the likeliest token moves the choice.
+        let mut l = [5.0f32, 4.0, 1.0];
+        Penalties {
+            logit_bias: vec![(0, -100.0)],
+            ..Default::default()
+        }
+        .apply(&mut l, &[], &[]);
+        assert_eq!(greedy(&l), 1);
     }
 
     #[test]

@@ -86,6 +86,8 @@ pub struct Sequence {
     sampling: SamplingParams,
     rng: Rng,
     stop_ids: Vec<u32>,
+    /// The prompt's text tokens, kept only when a penalty reads them.
+    prompt_ids: Vec<u32>,
     ids: Vec<u32>,
     emitted: String,
     prefix_offset: usize,
@@ -195,6 +197,11 @@ impl VideoVlm {
             logits,
             rng: Rng(req.sampling.seed ^ 0x5EED),
             stop_ids: self.stop_ids(&req.sampling.stop_token_ids),
+            prompt_ids: if req.sampling.penalties.uses_prompt() {
+                prefix.iter().chain(&suffix).copied().collect()
+            } else {
+                vec![]
+            },
             sampling: req.sampling.clone(),
             ids: vec![],
             emitted: String::new(),
@@ -269,7 +276,9 @@ impl Sequence {
     /// Whether choosing the next token costs more than a greedy pass over the logits (a draw
     /// at a temperature, log-probabilities): worth doing for a batch's sequences in parallel.
     pub fn choice_is_costly(&self) -> bool {
-        self.sampling.temperature > 0.0 || self.sampling.logprobs.is_some()
+        self.sampling.temperature > 0.0
+            || self.sampling.logprobs.is_some()
+            || !self.sampling.penalties.is_identity()
     }
 
     /// Draws the next token (and its log-probabilities) from the last logits ahead of
@@ -286,7 +295,16 @@ impl Sequence {
     }
 
     fn draw(&mut self) -> Choice {
-        let token = sample(&self.logits, &self.sampling, self.rng.uniform());
+        let u = self.rng.uniform();
+        let token = if self.sampling.penalties.is_identity() {
+            sample(&self.logits, &self.sampling, u)
+        } else {
+            let mut logits = self.logits.clone();
+            self.sampling
+                .penalties
+                .apply(&mut logits, &self.prompt_ids, &self.ids);
+            sample(&logits, &self.sampling, u)
+        };
         let logprobs = match self.sampling.logprobs {
             Some(k) if !self.stop_ids.contains(&token) => {
                 Some(logprobs_at(&self.logits, token, k.min(MAX_TOP_LOGPROBS)))

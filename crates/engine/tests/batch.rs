@@ -69,19 +69,41 @@ fn sampling(max_tokens: usize) -> SamplingParams {
 }
 
 /// How prompt `i` is decoded: greedy, except prompts 1 and 3, drawn at a temperature with a
-/// nucleus and their log-probabilities reported (a batch draws those in parallel).
+/// nucleus and their log-probabilities reported (a batch draws those in parallel); prompt 3
+/// also with top-k, min-p and every penalty, prompt 2 greedy with a repetition penalty (which
+/// reads its prompt).
 fn prompt_sampling(i: usize) -> SamplingParams {
     let n = PROMPTS[i].1;
-    if i % 2 == 1 {
-        SamplingParams {
+    match i {
+        1 | 3 => SamplingParams {
             temperature: 0.8,
             top_p: 0.9,
             seed: 7 + i as u64,
             logprobs: Some(2),
+            ..if i == 3 {
+                SamplingParams {
+                    top_k: 20,
+                    min_p: 0.02,
+                    penalties: vvlm_engine::generate::Penalties {
+                        frequency: 0.4,
+                        presence: 0.3,
+                        repetition: 1.2,
+                        logit_bias: vec![(5, 2.0), (17, -3.0)],
+                    },
+                    ..sampling(n)
+                }
+            } else {
+                sampling(n)
+            }
+        },
+        2 => SamplingParams {
+            penalties: vvlm_engine::generate::Penalties {
+                repetition: 1.3,
+                ..Default::default()
+            },
             ..sampling(n)
-        }
-    } else {
-        sampling(n)
+        },
+        _ => sampling(n),
     }
 }
 
@@ -117,6 +139,71 @@ fn join(m: &Arc<VideoVlm>, i: usize, flops: &Arc<FlopCounter>, cancel: &Arc<Atom
         flops: flops.clone(),
         cancel: cancel.clone(),
     }
+}
+
+/// The penalties act on a real model's choice: a bias of −100 on the greedy first token moves
+/// it; +100 on one token makes every greedy token that one; a presence penalty beyond any logit
+/// gap leaves no token repeated, and a repetition penalty changes an answer that repeats itself.
+#[test]
+fn logit_bias_and_penalties_steer_a_real_models_tokens() {
+    let m = smollm2();
+    let run = |sampling: SamplingParams| -> Generation {
+        let req = GenerateRequest {
+            pixels: None,
+            side: 1,
+            system: None,
+            prompt: "Count from one to twenty in words.",
+            history: &[],
+            sampling,
+            cancel: None,
+        };
+        m.generate(&req, &FlopCounter::new(), &mut |_| true)
+            .unwrap()
+    };
+    let plain = run(sampling(24));
+    let first = plain.token_ids[0];
+    let avoided = run(SamplingParams {
+        penalties: vvlm_engine::generate::Penalties {
+            logit_bias: vec![(first, -100.0)],
+            ..Default::default()
+        },
+        ..sampling(24)
+    });
+    assert_ne!(avoided.token_ids[0], first);
+    let forced = run(SamplingParams {
+        penalties: vvlm_engine::generate::Penalties {
+            logit_bias: vec![(1234, 100.0)],
+            ..Default::default()
+        },
+        ..sampling(8)
+    });
+    assert_eq!(forced.token_ids, vec![1234; 8]);
+    // The greedy answer repeats tokens (it counts in digits: "1234567891012..."); a presence
+    // penalty larger than any logit gap repeats none, and a frequency penalty as large makes
+    // each of its repeats rarer than the answer's own.
+    let repeats = |g: &Generation| {
+        let mut ids = g.token_ids.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        g.token_ids.len() - ids.len()
+    };
+    assert!(repeats(&plain) > 0, "{:?}", plain.text);
+    let penalised = run(SamplingParams {
+        penalties: vvlm_engine::generate::Penalties {
+            presence: 1000.0,
+            ..Default::default()
+        },
+        ..sampling(24)
+    });
+    assert_eq!(repeats(&penalised), 0, "{:?}", penalised.text);
+    let repeated = run(SamplingParams {
+        penalties: vvlm_engine::generate::Penalties {
+            repetition: 1.5,
+            ..Default::default()
+        },
+        ..sampling(24)
+    });
+    assert_ne!(repeated.token_ids, plain.token_ids, "{:?}", repeated.text);
 }
 
 #[test]
