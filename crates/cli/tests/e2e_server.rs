@@ -340,7 +340,7 @@ fn caption_qa_chat_budgets_and_every_error_path() {
             json!([{"type": "function", "function": {"name": "f"}}]),
         ),
         ("response_format", json!({"type": "json_object"})),
-        ("presence_penalty", json!(0.5)),
+        ("reasoning_effort", json!("high")),
     ] {
         let mut body = chat_body(false);
         body[field] = value;

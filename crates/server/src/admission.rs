@@ -228,6 +228,22 @@ pub async fn admit(
     let engine = s
         .engine(&plan.choice.model)
         .ok_or_else(|| ApiError::Internal(format!("model {} is not loaded", plan.choice.model)))?;
+    let vocab = engine.cfg.text_config.vocab_size;
+    if let Some(&(id, _)) = r
+        .sampling
+        .penalties
+        .logit_bias
+        .iter()
+        .find(|&&(id, _)| id as usize >= vocab)
+    {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!(
+                "token {id} is outside the vocabulary of {} ({vocab} tokens)",
+                plan.choice.model
+            ),
+        ));
+    }
     // A place in the queue before any work is spent (reservation, decoding): an overloaded
     // server answers 429 at once, and at most queue_depth + workers requests decode or wait.
     let permit = match slot.and_then(|x| x.take()) {

@@ -26,8 +26,8 @@ use vvlm_engine::{FinishReason, Generation, StepLogprobs};
 /// The body's own fields (the rest are [`RequestOptions`]).
 const OWN: &[&str] = &["messages", "stream", "stream_options", "user"];
 
-/// OpenAI fields vvlm does not implement: 400 naming the field when set (null, and zero
-/// penalties, mean "not set").
+/// OpenAI fields vvlm does not implement: 400 naming the field when set (null means "not
+/// set").
 const UNSUPPORTED: &[&str] = &[
     "tools",
     "tool_choice",
@@ -35,9 +35,6 @@ const UNSUPPORTED: &[&str] = &[
     "function_call",
     "parallel_tool_calls",
     "response_format",
-    "logit_bias",
-    "presence_penalty",
-    "frequency_penalty",
     "modalities",
     "audio",
     "prediction",
@@ -97,7 +94,6 @@ pub fn parse(
     for &field in UNSUPPORTED {
         let set = match body.remove(field) {
             None | Some(Value::Null) => false,
-            Some(Value::Number(n)) if field.ends_with("_penalty") => n.as_f64() != Some(0.0),
             Some(Value::Array(a)) if field == "tools" => !a.is_empty(),
             Some(_) => true,
         };

@@ -11,8 +11,10 @@ use crate::error::ApiError;
 use base64::Engine as _;
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use vvlm_engine::generate::Penalties;
 use vvlm_engine::template::Turn;
 use vvlm_engine::{SamplingParams, MAX_TOP_LOGPROBS};
 use vvlm_planner::Pins;
@@ -148,13 +150,49 @@ pub struct RequestOptions {
     pub logprobs: Option<bool>,
     #[serde(default, deserialize_with = "lenient")]
     pub top_logprobs: Option<u32>,
+    /// vLLM's: only the k likeliest tokens (0 or -1: all).
+    #[serde(default, deserialize_with = "lenient")]
+    pub top_k: Option<i64>,
+    /// vLLM's: only tokens at least `min_p` times as likely as the likeliest.
+    #[serde(default, deserialize_with = "lenient")]
+    pub min_p: Option<f64>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub frequency_penalty: Option<f64>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub presence_penalty: Option<f64>,
+    /// vLLM's (and Hugging Face's): over the prompt's and the generated tokens.
+    #[serde(default, deserialize_with = "lenient")]
+    pub repetition_penalty: Option<f64>,
+    /// OpenAI's: token id (as a string) -> bias in [-100, 100], added to its logit.
+    #[serde(default, deserialize_with = "object_or_json_text")]
+    pub logit_bias: Option<BTreeMap<String, f64>>,
 }
+
+/// The most entries a `logit_bias` may hold.
+pub const MAX_LOGIT_BIAS: usize = 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum StopField {
     One(String),
     Many(Vec<String>),
+}
+
+/// An object given as itself or as its JSON text (a form field).
+fn object_or_json_text<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(t)) => serde_json::from_str(&t)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("not a JSON object: {e}"))),
+        Some(v) => serde_json::from_value(v)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
 }
 
 /// A value given as itself or as its text (`"8"` for 8, `"true"` for true).
@@ -364,6 +402,7 @@ pub fn validate(
         (true, k) => Some(k.unwrap_or(0) as usize),
         (false, None) => None,
     };
+    let penalties = penalties(&o)?;
     let stop = match o.stop {
         None => vec![],
         Some(StopField::One(x)) => vec![x],
@@ -373,6 +412,23 @@ pub fn validate(
         return Err(ApiError::invalid(
             "stop",
             "stop: at most 4 strings of 1-64 characters",
+        ));
+    }
+    let top_k = match o.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("top_k must be -1 or 0 (no limit) or positive, got {k}"),
+            ))
+        }
+    };
+    let min_p = o.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::invalid(
+            "min_p",
+            format!("min_p must be in [0, 1], got {min_p}"),
         ));
     }
     let budget = o
@@ -400,9 +456,66 @@ pub fn validate(
             stop_token_ids: vec![],
             stop,
             logprobs,
+            top_k,
+            min_p,
+            penalties,
         },
         n: n as usize,
         media: c.media,
+    })
+}
+
+/// The logit bias and penalties, each checked against its range (OpenAI's for its fields,
+/// vLLM's for `repetition_penalty`).
+fn penalties(o: &RequestOptions) -> Result<Penalties, ApiError> {
+    let within = |name: &str, v: Option<f64>, ok: fn(f64) -> bool, range: &str| match v {
+        Some(x) if !ok(x) => Err(ApiError::invalid(
+            name,
+            format!("{name} must be in {range}, got {x}"),
+        )),
+        _ => Ok(v),
+    };
+    let two = |x: f64| (-2.0..=2.0).contains(&x);
+    let frequency = within("frequency_penalty", o.frequency_penalty, two, "[-2, 2]")?;
+    let presence = within("presence_penalty", o.presence_penalty, two, "[-2, 2]")?;
+    let repetition = within(
+        "repetition_penalty",
+        o.repetition_penalty,
+        |x| x > 0.0 && x <= 2.0,
+        "(0, 2]",
+    )?;
+    let mut logit_bias = vec![];
+    if let Some(map) = &o.logit_bias {
+        if map.len() > MAX_LOGIT_BIAS {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!(
+                    "logit_bias holds at most {MAX_LOGIT_BIAS} tokens, got {}",
+                    map.len()
+                ),
+            ));
+        }
+        for (k, &v) in map {
+            let id: u32 = k.trim().parse().map_err(|_| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("logit_bias keys are token ids, got `{k}`"),
+                )
+            })?;
+            if !(-100.0..=100.0).contains(&v) {
+                return Err(ApiError::invalid(
+                    "logit_bias",
+                    format!("logit_bias values must be in [-100, 100], got {v} for token {id}"),
+                ));
+            }
+            logit_bias.push((id, v as f32));
+        }
+    }
+    Ok(Penalties {
+        frequency: frequency.unwrap_or(0.0) as f32,
+        presence: presence.unwrap_or(0.0) as f32,
+        repetition: repetition.unwrap_or(1.0) as f32,
+        logit_bias,
     })
 }
 

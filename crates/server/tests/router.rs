@@ -316,6 +316,45 @@ async fn validation_errors_are_422_naming_the_field() {
             "max_tokens",
         ),
         ("top_p", json!(0), Some("top_p"), "top_p"),
+        ("top_k", json!(-2), Some("top_k"), "top_k must be"),
+        ("min_p", json!(1.5), Some("min_p"), "[0, 1]"),
+        (
+            "frequency_penalty",
+            json!(2.5),
+            Some("frequency_penalty"),
+            "[-2, 2]",
+        ),
+        (
+            "presence_penalty",
+            json!(-3),
+            Some("presence_penalty"),
+            "[-2, 2]",
+        ),
+        (
+            "repetition_penalty",
+            json!(0),
+            Some("repetition_penalty"),
+            "(0, 2]",
+        ),
+        (
+            "logit_bias",
+            json!({"red": 5}),
+            Some("logit_bias"),
+            "token ids",
+        ),
+        (
+            "logit_bias",
+            json!({"7": 101}),
+            Some("logit_bias"),
+            "[-100, 100]",
+        ),
+        ("logit_bias", json!("{not json"), Some("logit_bias"), "JSON"),
+        (
+            "logit_bias",
+            json!({"44": 1}),
+            Some("logit_bias"),
+            "outside the vocabulary",
+        ),
         (
             "stop",
             json!(["a", "b", "c", "d", "e"]),
@@ -349,6 +388,55 @@ async fn validation_errors_are_422_naming_the_field() {
         let msg = v["error"]["message"].as_str().unwrap();
         assert!(msg.contains(says), "{field}: {msg}");
     }
+}
+
+/// Top-k, min-p and the logit bias reach the model's choice: top-k 1 and min-p 1 at a high
+/// temperature answer as greedy; a +100 bias makes every token that one (the ladder's
+/// vocabulary is 44 words).
+#[tokio::test]
+async fn sampling_controls_reach_the_models_choice() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "what colour is the flash ?"}],
+                              "max_tokens": 6, "logprobs": true});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let tokens = |v: &Value| -> Vec<String> {
+        v["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["token"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (st, greedy) = s.post("/v1/chat/completions", &key, chat(json!({}))).await;
+    assert_eq!(st, 200, "{greedy}");
+    for extra in [
+        json!({"temperature": 2.0, "top_k": 1, "seed": 3}),
+        json!({"temperature": 2.0, "min_p": 1.0, "seed": 4}),
+    ] {
+        let (st, v) = s
+            .post("/v1/chat/completions", &key, chat(extra.clone()))
+            .await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(tokens(&v), tokens(&greedy), "{extra}");
+    }
+    let (st, v) = s
+        .post(
+            "/v1/chat/completions",
+            &key,
+            chat(json!({"logit_bias": {"30": 100}})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let forced = tokens(&v);
+    assert_eq!(forced.len(), 6, "{v}");
+    assert!(forced.iter().all(|t| t == &forced[0]), "{forced:?}");
+    assert_ne!(forced, tokens(&greedy));
 }
 
 #[tokio::test]
