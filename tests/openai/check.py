@@ -111,6 +111,20 @@ r = client.chat.completions.create(
 )
 ok("text-only chat", len(r.choices[0].message.content) > 0, r)
 
+# Sampling controls as the client sends them: OpenAI's logit_bias and penalties as arguments,
+# vLLM's top_k through extra_body. A +100 bias on one token makes every greedy token that one.
+forced = client.chat.completions.create(
+    model="auto", messages=[{"role": "user", "content": QUESTION}], max_tokens=4, logprobs=True,
+    logit_bias={"1234": 100},
+)
+tokens = [t.token for t in forced.choices[0].logprobs.content]
+ok("logit_bias: every token the biased one", len(tokens) == 4 and len(set(tokens)) == 1, tokens)
+r = client.chat.completions.create(
+    model="auto", messages=[{"role": "user", "content": QUESTION}], max_tokens=4,
+    presence_penalty=0.5, frequency_penalty=0.5, temperature=1.0, seed=2, extra_body={"top_k": 5},
+)
+ok("penalties and top_k: answered", len(r.choices[0].message.content) > 0, r)
+
 # A conversation: the first answer sent back as the assistant's turn, then a follow-up about the
 # same video; its prompt is the whole conversation, the video's part served from the cache.
 follow_up = messages(QUESTION) + [

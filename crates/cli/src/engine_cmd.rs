@@ -214,9 +214,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             temperature: a.temperature,
             top_p: a.top_p,
             seed: a.seed,
-            stop_token_ids: vec![],
-            stop: vec![],
-            logprobs: None,
+            ..Default::default()
         },
         cancel: None,
     };

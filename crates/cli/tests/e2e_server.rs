@@ -1040,7 +1040,7 @@ fn ledger_survives_kill_9_mid_request_and_shutdown_is_graceful() {
 
 /// The official `openai` Python package (pinned in tests/openai/requirements.txt, installed by
 /// scripts/setup-openai-client) against a real server: plain and streamed chat with
-/// include_usage, stop, logprobs, n, text alone, and one error of each kind as its typed
+/// include_usage, stop, logprobs, n, text alone, logit_bias, penalties and top_k, and one error of each kind as its typed
 /// exception (tests/openai/check.py).
 #[test]
 fn the_official_openai_client_works_against_the_server() {
