@@ -1,7 +1,8 @@
 //! What choosing one token costs on the CPU (release build): `vvlm_engine::sample` on real
 //! SmolLM2-135M logits (49152 of them, after a short prompt, from the Q4_1 GGUF as the server
 //! loads it) at greedy, temperature 0.7 with top-p 0.9 and 1.0, and temperature 1.5, and
-//! `logprobs_at` with 5 alternatives: median and fastest µs per call. A batched decode step
+//! `logprobs_at` with 5 alternatives, with top-k and min-p, and the penalties (a copy of the
+//! logits and the changes): median and fastest µs per call. A batched decode step
 //! samples once per sequence on the scheduler's thread, between forward passes.
 //! `cargo run --release -p vvlm-engine --example profile_sampling [-- GGUF]`.
 use candle_core::{DType, Device};
@@ -51,6 +52,35 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             vvlm_engine::generate::sample(&logits, &p, u)
         });
     }
+    // vLLM's extensions: top-k and min-p (a partial selection over the weights), and the
+    // penalties as a sequence applies them (a copy of the logits, then the changes) over 256
+    // generated tokens and a 64-token prompt.
+    for (top_k, min_p) in [(40, 0.0), (0, 0.05)] {
+        let p = SamplingParams {
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k,
+            min_p,
+            ..Default::default()
+        };
+        time(
+            &format!("sample t=0.7 top_p=0.9 top_k={top_k} min_p={min_p}"),
+            &mut |u| vvlm_engine::generate::sample(&logits, &p, u),
+        );
+    }
+    let penalties = vvlm_engine::generate::Penalties {
+        frequency: 0.5,
+        presence: 0.5,
+        repetition: 1.1,
+        logit_bias: vec![(13, 5.0), (42, -5.0)],
+    };
+    let prompt: Vec<u32> = (0..64u32).map(|i| i * 613 % 49152).collect();
+    let generated: Vec<u32> = (0..256u32).map(|i| i * 97 % 3000).collect();
+    time("penalties (copy + apply)", &mut |_| {
+        let mut l = logits.clone();
+        penalties.apply(&mut l, &prompt, &generated);
+        l[0] as u32
+    });
     time("logprobs_at k=5", &mut |_| {
         vvlm_engine::generate::logprobs_at(&logits, 7, 5).1.len() as u32
     });

@@ -178,22 +178,32 @@ fn keep_likeliest(w: &mut [f32], top_k: usize, min_p: f64) -> f64 {
             }
         }
     }
-    if top_k > 0 {
-        let mut ranked: Vec<(f32, u32)> = w
-            .iter()
-            .enumerate()
-            .filter(|(_, &x)| x > 0.0)
-            .map(|(i, &x)| (x, i as u32))
-            .collect();
-        if ranked.len() > top_k {
-            let heavier = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-            let (_, &mut last, _) = ranked.select_nth_unstable_by(top_k - 1, heavier);
-            for (i, x) in w.iter_mut().enumerate() {
-                if heavier(&last, &(*x, i as u32)).is_lt() {
-                    *x = 0.0;
+    if top_k > 0 && top_k < w.len() {
+        // The k-th heaviest token: counted by bin (as `Ranking` sums by bin), then only the bin
+        // where the count crosses k is ranked.
+        let mut counts = [0usize; Ranking::BINS];
+        for &x in w.iter() {
+            counts[Ranking::bin_of(x)] += 1;
+        }
+        let mut above = 0;
+        let mut last = None;
+        for b in (1..Ranking::BINS).rev() {
+            if above + counts[b] >= top_k {
+                last = Some(Ranking::tokens_in_bin(w, b)[top_k - above - 1]);
+                break;
+            }
+            above += counts[b];
+        }
+        if let Some((id, x)) = last {
+            let after = |i: usize, y: f32| y < x || (y == x && i as u32 > id);
+            for (i, y) in w.iter_mut().enumerate() {
+                if after(i, *y) {
+                    *y = 0.0;
                 }
             }
         }
+        // (Otherwise fewer than k tokens weigh more than the lowest bin: nothing to drop that
+        // the draw could reach.)
     }
     w.iter().map(|&x| x as f64).sum()
 }
@@ -338,6 +348,11 @@ impl<'a> Ranking<'a> {
 
     /// `(id, weight)` of bin `b`'s tokens, heaviest first (equal weights: lower id first).
     fn bin(&self, b: usize) -> Vec<(u32, f32)> {
+        Self::tokens_in_bin(self.w, b)
+    }
+
+    /// [`Self::bin`] of any weights.
+    fn tokens_in_bin(w: &[f32], b: usize) -> Vec<(u32, f32)> {
         const L: usize = 8;
         let lo = f32::from_bits((b as u32) << Self::SHIFT);
         let hi = if b + 1 == Self::BINS {
@@ -348,7 +363,7 @@ impl<'a> Ranking<'a> {
         let inside = |x: f32| x >= lo && x < hi;
         let mut out = vec![];
         // Eight at a time, a chunk looked into only when one of its weights is in the bin.
-        for (c, chunk) in self.w.chunks(L).enumerate() {
+        for (c, chunk) in w.chunks(L).enumerate() {
             if chunk.iter().fold(false, |any, &x| any | inside(x)) {
                 for (j, &x) in chunk.iter().enumerate() {
                     if inside(x) {
