@@ -7,6 +7,7 @@ Exits non-zero with the failed check's message. Prints one line per check.
 """
 
 import base64
+import json
 import sys
 
 import openai
@@ -125,6 +126,18 @@ r = client.chat.completions.create(
 )
 ok("penalties and top_k: answered", len(r.choices[0].message.content) > 0, r)
 
+# JSON mode: the answer is one JSON object, whatever the model would have said.
+r = client.chat.completions.create(
+    model="auto", max_tokens=64, response_format={"type": "json_object"},
+    messages=[{"role": "user", "content": "Describe Paris as JSON with keys name and country."}],
+)
+try:
+    parsed = json.loads(r.choices[0].message.content)
+except ValueError as e:
+    parsed = e
+ok("json_object: one JSON object", isinstance(parsed, dict) and r.choices[0].finish_reason == "stop",
+   (r.choices[0].message.content, r.choices[0].finish_reason))
+
 # A conversation: the first answer sent back as the assistant's turn, then a follow-up about the
 # same video; its prompt is the whole conversation, the video's part served from the cache.
 follow_up = messages(QUESTION) + [
@@ -162,7 +175,8 @@ expect("404 unknown model", openai.NotFoundError, "model_not_found",
        lambda: client.chat.completions.create(model="nope", messages=messages("hi")))
 e = expect("400 unsupported parameter", openai.BadRequestError, "unsupported_parameter",
            lambda: client.chat.completions.create(
-               model="auto", messages=messages("hi"), response_format={"type": "json_object"}))
+               model="auto", messages=messages("hi"),
+               response_format={"type": "json_schema", "json_schema": {"name": "caption", "schema": {}}}))
 ok("400 names the parameter", e.param == "response_format", e.param)
 e = expect("422 invalid value", openai.UnprocessableEntityError, "validation_error",
            lambda: client.chat.completions.create(model="auto", messages=messages("hi"), max_tokens=100000))

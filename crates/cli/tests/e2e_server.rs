@@ -339,7 +339,10 @@ fn caption_qa_chat_budgets_and_every_error_path() {
             "tools",
             json!([{"type": "function", "function": {"name": "f"}}]),
         ),
-        ("response_format", json!({"type": "json_object"})),
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "caption"}}),
+        ),
         ("reasoning_effort", json!("high")),
     ] {
         let mut body = chat_body(false);

@@ -81,6 +81,42 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         penalties.apply(&mut l, &prompt, &generated);
         l[0] as u32
     });
+    // JSON mode's mask over the vocabulary (the demo checkpoint's tokenizer, from the same
+    // GGUF: `bash scripts/setup-models`): inside a string, where most tokens stay in it, and
+    // where a value must begin.
+    let demo = std::path::Path::new("models/cache/demo-smollm2");
+    if demo.join("config.json").exists() {
+        let m = vvlm_engine::VideoVlm::load(demo, &vvlm_engine::LoadOptions::default())?;
+        let t = Instant::now();
+        let tokens = m.token_bytes();
+        println!(
+            "{:>32}: {:>8.1}   (once per checkpoint)",
+            "token table",
+            t.elapsed().as_secs_f64() * 1e6
+        );
+        let ids = |text: &str| -> Vec<u32> {
+            m.tokenizer
+                .as_ref()
+                .unwrap()
+                .encode(text, false)
+                .unwrap()
+                .get_ids()
+                .to_vec()
+        };
+        for (name, prefix) in [
+            ("in a string", "{\"name\": \"Fel"),
+            ("a value", "{\"age\":"),
+        ] {
+            let mut c = vvlm_engine::json_mode::JsonConstraint::new(tokens.clone());
+            for id in ids(prefix) {
+                c.accept(id);
+            }
+            time(&format!("json mask, {name}"), &mut |_| {
+                let mut l = logits.clone();
+                c.mask(&mut l, &[0, 2]) as u32
+            });
+        }
+    }
     time("logprobs_at k=5", &mut |_| {
         vvlm_engine::generate::logprobs_at(&logits, 7, 5).1.len() as u32
     });

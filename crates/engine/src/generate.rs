@@ -43,6 +43,20 @@ pub struct SamplingParams {
     /// presence penalties); log-probabilities are still the model's.
     #[serde(default)]
     pub penalties: crate::sampling::Penalties,
+    /// What the output must be: any text, or one JSON object ([`crate::json_mode`]).
+    #[serde(default)]
+    pub response_format: ResponseFormat,
+}
+
+/// OpenAI's `response_format` types vvlm implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseFormat {
+    #[default]
+    Text,
+    /// One JSON object: tokens that would leave none are never drawn, and the sequence stops
+    /// only once it is complete.
+    JsonObject,
 }
 
 /// The most alternatives reported per generated token (as OpenAI allows).
@@ -82,6 +96,7 @@ impl Default for SamplingParams {
             top_k: 0,
             min_p: 0.0,
             penalties: Default::default(),
+            response_format: ResponseFormat::Text,
         }
     }
 }
@@ -224,6 +239,28 @@ impl VideoVlm {
             .ok_or_else(|| EngineError::Checkpoint("the checkpoint has no tokenizer".into()))?;
         tok.decode(ids, true)
             .map_err(|e| EngineError::Request(format!("detokenizing: {e}")))
+    }
+
+    /// Every token of the LM's vocabulary as the tokenizer decodes it alone (special tokens and
+    /// ids it has no text for: empty), made once, for JSON mode ([`crate::json_mode`]).
+    pub fn token_bytes(&self) -> std::sync::Arc<crate::json_mode::TokenBytes> {
+        self.token_bytes
+            .get_or_init(|| {
+                let vocab = self.cfg.text_config.vocab_size;
+                std::sync::Arc::new(crate::json_mode::TokenBytes::new((0..vocab).map(|id| {
+                    self.tokenizer
+                        .as_ref()
+                        .and_then(|t| t.decode(&[id as u32], true).ok())
+                        .map(String::into_bytes)
+                        .unwrap_or_default()
+                })))
+            })
+            .clone()
+    }
+
+    /// Whether this checkpoint's vocabulary can write a JSON object (a token can open one).
+    pub fn can_write_json(&self) -> bool {
+        self.token_bytes().can_open_object()
     }
 
     /// Number of text tokens the chat-formatted prompt takes (for planning).

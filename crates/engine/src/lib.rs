@@ -16,6 +16,7 @@ pub mod demo;
 pub mod gemv;
 pub mod generate;
 pub mod gguf;
+pub mod json_mode;
 pub mod llama;
 pub mod model;
 pub mod nn;
@@ -31,8 +32,8 @@ pub mod template;
 
 pub use config::{LlavaOnevisionConfig, SiglipVisionConfig, TextConfig};
 pub use generate::{
-    FinishReason, FrameData, GenerateRequest, Generation, SamplingParams, StepLogprobs, Timings,
-    TokenLogprob, VisionFeatures, VisualInput, MAX_TOP_LOGPROBS,
+    FinishReason, FrameData, GenerateRequest, Generation, ResponseFormat, SamplingParams,
+    StepLogprobs, Timings, TokenLogprob, VisionFeatures, VisualInput, MAX_TOP_LOGPROBS,
 };
 pub use model::{KvCacheDtype, LoadOptions, QuantizedDecode, VideoVlm};
 pub use nn::Ctx;

@@ -177,6 +177,8 @@ pub struct VideoVlm {
     pub dtype: DType,
     /// Prompt tokens per prefill pass (see [`LoadOptions::prefill_chunk`]).
     pub prefill_chunk: usize,
+    /// Every token's bytes, made on the first JSON-mode request ([`Self::token_bytes`]).
+    pub(crate) token_bytes: std::sync::OnceLock<std::sync::Arc<crate::json_mode::TokenBytes>>,
 }
 
 fn safetensor_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
@@ -413,6 +415,7 @@ impl VideoVlm {
             device: opts.device.clone(),
             dtype: opts.dtype,
             prefill_chunk: opts.prefill_chunk,
+            token_bytes: Default::default(),
         })
     }
 

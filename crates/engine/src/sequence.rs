@@ -88,6 +88,8 @@ pub struct Sequence {
     stop_ids: Vec<u32>,
     /// The prompt's text tokens, kept only when a penalty reads them.
     prompt_ids: Vec<u32>,
+    /// JSON mode: where the output stands in its object.
+    json: Option<crate::json_mode::JsonConstraint>,
     ids: Vec<u32>,
     emitted: String,
     prefix_offset: usize,
@@ -202,6 +204,8 @@ impl VideoVlm {
             } else {
                 vec![]
             },
+            json: (req.sampling.response_format == crate::generate::ResponseFormat::JsonObject)
+                .then(|| crate::json_mode::JsonConstraint::new(self.token_bytes())),
             sampling: req.sampling.clone(),
             ids: vec![],
             emitted: String::new(),
@@ -279,6 +283,7 @@ impl Sequence {
         self.sampling.temperature > 0.0
             || self.sampling.logprobs.is_some()
             || !self.sampling.penalties.is_identity()
+            || self.json.is_some()
     }
 
     /// Draws the next token (and its log-probabilities) from the last logits ahead of
@@ -296,14 +301,20 @@ impl Sequence {
 
     fn draw(&mut self) -> Choice {
         let u = self.rng.uniform();
-        let token = if self.sampling.penalties.is_identity() {
+        let token = if self.sampling.penalties.is_identity() && self.json.is_none() {
             sample(&self.logits, &self.sampling, u)
         } else {
             let mut logits = self.logits.clone();
             self.sampling
                 .penalties
                 .apply(&mut logits, &self.prompt_ids, &self.ids);
-            sample(&logits, &self.sampling, u)
+            match &self.json {
+                // Nothing the constraint allows (a vocabulary without the bytes it needs): stop.
+                Some(j) if !j.mask(&mut logits, &self.stop_ids) => {
+                    self.stop_ids.first().copied().unwrap_or(0)
+                }
+                _ => sample(&logits, &self.sampling, u),
+            }
         };
         let logprobs = match self.sampling.logprobs {
             Some(k) if !self.stop_ids.contains(&token) => {
@@ -359,6 +370,9 @@ impl Sequence {
                     .map(|(i, l)| entry(i, l))
                     .collect::<Result<_, _>>()?,
             });
+        }
+        if let Some(j) = &mut self.json {
+            j.accept(next);
         }
         self.ids.push(next);
         // Incremental detokenisation (as text-generation-inference does): each step decodes

@@ -71,7 +71,7 @@ fn sampling(max_tokens: usize) -> SamplingParams {
 /// How prompt `i` is decoded: greedy, except prompts 1 and 3, drawn at a temperature with a
 /// nucleus and their log-probabilities reported (a batch draws those in parallel); prompt 3
 /// also with top-k, min-p and every penalty, prompt 2 greedy with a repetition penalty (which
-/// reads its prompt).
+/// reads its prompt), prompt 4 in JSON mode.
 fn prompt_sampling(i: usize) -> SamplingParams {
     let n = PROMPTS[i].1;
     match i {
@@ -101,6 +101,10 @@ fn prompt_sampling(i: usize) -> SamplingParams {
                 repetition: 1.3,
                 ..Default::default()
             },
+            ..sampling(n)
+        },
+        4 => SamplingParams {
+            response_format: vvlm_engine::ResponseFormat::JsonObject,
             ..sampling(n)
         },
         _ => sampling(n),
@@ -204,6 +208,59 @@ fn logit_bias_and_penalties_steer_a_real_models_tokens() {
         ..sampling(24)
     });
     assert_ne!(repeated.token_ids, plain.token_ids, "{:?}", repeated.text);
+}
+
+/// JSON mode on a real model: greedy and sampled answers (which would not be JSON unasked)
+/// are one JSON object that stops when complete.
+#[test]
+fn json_mode_answers_one_json_object() {
+    let m = smollm2();
+    let run = |prompt: &str, sampling: SamplingParams| -> Generation {
+        let req = GenerateRequest {
+            pixels: None,
+            side: 1,
+            system: None,
+            prompt,
+            history: &[],
+            sampling,
+            cancel: None,
+        };
+        m.generate(&req, &FlopCounter::new(), &mut |_| true)
+            .unwrap()
+    };
+    let json = |temperature: f64, seed: u64| SamplingParams {
+        max_tokens: 96,
+        temperature,
+        seed,
+        response_format: vvlm_engine::ResponseFormat::JsonObject,
+        ..Default::default()
+    };
+    let plain = run("What is the capital of France?", sampling(24));
+    assert!(serde_json::from_str::<serde_json::Value>(&plain.text).is_err());
+    for (prompt, temperature, seed) in [
+        ("What is the capital of France?", 0.0, 0),
+        (
+            "Describe a cat as JSON with keys name, colour and age.",
+            0.0,
+            0,
+        ),
+        (
+            "Describe a cat as JSON with keys name, colour and age.",
+            0.9,
+            5,
+        ),
+    ] {
+        let g = run(prompt, json(temperature, seed));
+        let v: serde_json::Value = serde_json::from_str(&g.text)
+            .unwrap_or_else(|e| panic!("{prompt:?} at {temperature}: {e}: {:?}", g.text));
+        assert!(v.is_object(), "{:?}", g.text);
+        assert_eq!(
+            g.finish_reason,
+            vvlm_engine::FinishReason::Stop,
+            "{:?}",
+            g.text
+        );
+    }
 }
 
 #[test]

@@ -228,6 +228,21 @@ pub async fn admit(
     let engine = s
         .engine(&plan.choice.model)
         .ok_or_else(|| ApiError::Internal(format!("model {} is not loaded", plan.choice.model)))?;
+    if r.sampling.response_format == vvlm_engine::ResponseFormat::JsonObject {
+        let e = engine.clone();
+        let can = tokio::task::spawn_blocking(move || e.can_write_json())
+            .await
+            .map_err(|e| ApiError::Internal(format!("token table task: {e}")))?;
+        if !can {
+            return Err(ApiError::invalid(
+                "response_format",
+                format!(
+                    "{} cannot write JSON (no token of its vocabulary opens an object)",
+                    plan.choice.model
+                ),
+            ));
+        }
+    }
     let vocab = engine.cfg.text_config.vocab_size;
     if let Some(&(id, _)) = r
         .sampling

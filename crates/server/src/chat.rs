@@ -34,7 +34,6 @@ const UNSUPPORTED: &[&str] = &[
     "functions",
     "function_call",
     "parallel_tool_calls",
-    "response_format",
     "modalities",
     "audio",
     "prediction",

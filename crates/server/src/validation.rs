@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use vvlm_engine::generate::Penalties;
+use vvlm_engine::generate::{Penalties, ResponseFormat};
 use vvlm_engine::template::Turn;
 use vvlm_engine::{SamplingParams, MAX_TOP_LOGPROBS};
 use vvlm_planner::Pins;
@@ -166,6 +166,9 @@ pub struct RequestOptions {
     /// OpenAI's: token id (as a string) -> bias in [-100, 100], added to its logit.
     #[serde(default, deserialize_with = "object_or_json_text")]
     pub logit_bias: Option<BTreeMap<String, f64>>,
+    /// OpenAI's: `{"type": "text"}` or `{"type": "json_object"}` (JSON mode).
+    #[serde(default, deserialize_with = "object_or_json_text")]
+    pub response_format: Option<Map<String, Value>>,
 }
 
 /// The most entries a `logit_bias` may hold.
@@ -403,6 +406,23 @@ pub fn validate(
         (false, None) => None,
     };
     let penalties = penalties(&o)?;
+    let response_format = match o.response_format.as_ref().map(|f| f.get("type")) {
+        None => ResponseFormat::Text,
+        Some(Some(Value::String(t))) if t == "text" => ResponseFormat::Text,
+        Some(Some(Value::String(t))) if t == "json_object" => ResponseFormat::JsonObject,
+        // A schema is a real request vvlm cannot honour: refused, not ignored.
+        Some(Some(Value::String(t))) if t == "json_schema" => {
+            return Err(ApiError::Unsupported {
+                param: "response_format".into(),
+            })
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "response_format",
+                "response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"}",
+            ))
+        }
+    };
     let stop = match o.stop {
         None => vec![],
         Some(StopField::One(x)) => vec![x],
@@ -459,6 +479,7 @@ pub fn validate(
             top_k,
             min_p,
             penalties,
+            response_format,
         },
         n: n as usize,
         media: c.media,

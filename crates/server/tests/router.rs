@@ -356,6 +356,19 @@ async fn validation_errors_are_422_naming_the_field() {
             "outside the vocabulary",
         ),
         (
+            "response_format",
+            json!({"type": "xml"}),
+            Some("response_format"),
+            "json_object",
+        ),
+        // The ladder's 44 words hold no `{`.
+        (
+            "response_format",
+            json!({"type": "json_object"}),
+            Some("response_format"),
+            "cannot write JSON",
+        ),
+        (
             "stop",
             json!(["a", "b", "c", "d", "e"]),
             Some("stop"),
@@ -443,11 +456,22 @@ async fn sampling_controls_reach_the_models_choice() {
 async fn unimplemented_openai_fields_are_400_by_name() {
     let s = server();
     let key = s.tenant("alice", None);
-    let body = json!({"messages": [{"role": "user", "content": "hi"}],
-                      "response_format": {"type": "json_object"}});
-    let (st, v) = s.post("/v1/chat/completions", &key, body).await;
-    assert_eq!((st, kind(&v)), (400, "unsupported_parameter"));
-    assert_eq!(v["error"]["param"], "response_format");
+    for (field, value) in [
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "x"}}),
+        ),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+    ] {
+        let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
+        body[field] = value;
+        let (st, v) = s.post("/v1/chat/completions", &key, body).await;
+        assert_eq!((st, kind(&v)), (400, "unsupported_parameter"), "{v}");
+        assert_eq!(v["error"]["param"], field);
+    }
 }
 
 #[tokio::test]

@@ -1,0 +1,602 @@
+//! Constrained decoding to one JSON object (OpenAI's `response_format: {"type": "json_object"}`):
+//! a byte-level recognizer of the prefixes of JSON texts whose value is an object (RFC 8259),
+//! and the mask it puts on a step's logits: a token may be drawn only if its bytes keep the
+//! output a prefix of such a text, and a stop token only once the object is complete (then
+//! nothing else may be). So a generation that stops, stops on one complete object; one cut by
+//! `max_tokens` is a prefix of one (as OpenAI's JSON mode).
+//!
+//! Whitespace between tokens is allowed as JSON allows it, up to [`MAX_WHITESPACE_RUN`] bytes in
+//! a row (a small model under the constraint otherwise fills its tokens with newlines), and
+//! nesting up to [`MAX_DEPTH`] containers. Inside strings any byte from 0x20 up is accepted (a
+//! token of a multi-byte character is a piece of it), escapes as JSON defines them.
+//!
+//! Owns the grammar and the mask; knows nothing of models beyond each token's bytes.
+
+use std::sync::Arc;
+
+/// Open containers a prefix may hold.
+pub const MAX_DEPTH: u32 = 128;
+/// Whitespace bytes outside strings allowed in a row.
+pub const MAX_WHITESPACE_RUN: u8 = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Number {
+    Minus,
+    Zero,
+    Int,
+    Dot,
+    Frac,
+    E,
+    ESign,
+    Exp,
+}
+
+impl Number {
+    /// Whether a number may end here.
+    fn complete(self) -> bool {
+        matches!(
+            self,
+            Number::Zero | Number::Int | Number::Frac | Number::Exp
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Escape {
+    No,
+    Backslash,
+    /// Hex digits of a `\u` escape still to come.
+    Hex(u8),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Mode {
+    /// Before the object's `{`.
+    Start,
+    /// A value (after `:`, `[` or an array's `,`); `]` too right after `[`.
+    Value {
+        or_close: bool,
+    },
+    /// A key (after `{` or an object's `,`); `}` too right after `{`.
+    Key {
+        or_close: bool,
+    },
+    /// The `:` after a key.
+    Colon,
+    /// After a value inside a container: `,` or its closer.
+    AfterValue,
+    Str {
+        key: bool,
+        escape: Escape,
+    },
+    Number(Number),
+    /// `true`, `false` or `null`: which, and the bytes matched.
+    Literal {
+        word: u8,
+        at: u8,
+    },
+    /// The object is complete.
+    Done,
+}
+
+const WORDS: [&[u8]; 3] = [b"true", b"false", b"null"];
+
+/// Where a JSON text's prefix stands: small and `Copy`, so that every token of a vocabulary can
+/// be tried from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct JsonPrefix {
+    mode: Mode,
+    /// Open containers, the innermost in bit 0: 1 an object, 0 an array.
+    stack: u128,
+    depth: u32,
+    whitespace_run: u8,
+}
+
+impl Default for JsonPrefix {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl JsonPrefix {
+    /// Nothing written yet.
+    pub fn new() -> Self {
+        Self {
+            mode: Mode::Start,
+            stack: 0,
+            depth: 0,
+            whitespace_run: 0,
+        }
+    }
+
+    /// Whether the object is complete.
+    pub fn is_complete(&self) -> bool {
+        self.mode == Mode::Done
+    }
+
+    /// Whether the text may continue with these bytes (and then moves past them).
+    pub fn feed_all(&mut self, bytes: &[u8]) -> bool {
+        bytes.iter().all(|&b| self.feed(b))
+    }
+
+    fn in_object(&self) -> bool {
+        self.stack & 1 == 1
+    }
+
+    fn open(&mut self, object: bool) -> bool {
+        if self.depth >= MAX_DEPTH {
+            return false;
+        }
+        self.stack = self.stack << 1 | object as u128;
+        self.depth += 1;
+        self.mode = if object {
+            Mode::Key { or_close: true }
+        } else {
+            Mode::Value { or_close: true }
+        };
+        true
+    }
+
+    fn close(&mut self) -> bool {
+        self.stack >>= 1;
+        self.depth -= 1;
+        self.value_done();
+        true
+    }
+
+    fn value_done(&mut self) {
+        self.mode = if self.depth == 0 {
+            Mode::Done
+        } else {
+            Mode::AfterValue
+        };
+    }
+
+    /// Whether the text may continue with `b` (and then moves past it).
+    pub fn feed(&mut self, b: u8) -> bool {
+        let space = matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+        let outside_string = !matches!(self.mode, Mode::Str { .. });
+        if space && outside_string && !matches!(self.mode, Mode::Number(_) | Mode::Literal { .. }) {
+            if self.mode == Mode::Done || self.whitespace_run >= MAX_WHITESPACE_RUN {
+                return false;
+            }
+            self.whitespace_run += 1;
+            return true;
+        }
+        self.whitespace_run = 0;
+        match self.mode {
+            Mode::Start => b == b'{' && self.open(true),
+            Mode::Value { or_close } => match b {
+                b'{' => self.open(true),
+                b'[' => self.open(false),
+                b'"' => {
+                    self.mode = Mode::Str {
+                        key: false,
+                        escape: Escape::No,
+                    };
+                    true
+                }
+                b'-' => self.number(Number::Minus),
+                b'0' => self.number(Number::Zero),
+                b'1'..=b'9' => self.number(Number::Int),
+                b't' | b'f' | b'n' => {
+                    let word = match b {
+                        b't' => 0,
+                        b'f' => 1,
+                        _ => 2,
+                    };
+                    self.mode = Mode::Literal { word, at: 1 };
+                    true
+                }
+                b']' if or_close => self.close(),
+                _ => false,
+            },
+            Mode::Key { or_close } => match b {
+                b'"' => {
+                    self.mode = Mode::Str {
+                        key: true,
+                        escape: Escape::No,
+                    };
+                    true
+                }
+                b'}' if or_close => self.close(),
+                _ => false,
+            },
+            Mode::Colon => {
+                if b == b':' {
+                    self.mode = Mode::Value { or_close: false };
+                }
+                b == b':'
+            }
+            Mode::AfterValue => match b {
+                b',' => {
+                    self.mode = if self.in_object() {
+                        Mode::Key { or_close: false }
+                    } else {
+                        Mode::Value { or_close: false }
+                    };
+                    true
+                }
+                b'}' if self.in_object() => self.close(),
+                b']' if !self.in_object() => self.close(),
+                _ => false,
+            },
+            Mode::Str { key, escape } => {
+                let escape = match (escape, b) {
+                    (Escape::No, b'"') => {
+                        if key {
+                            self.mode = Mode::Colon;
+                        } else {
+                            self.value_done();
+                        }
+                        return true;
+                    }
+                    (Escape::No, b'\\') => Escape::Backslash,
+                    (Escape::No, 0x00..=0x1f) => return false,
+                    (Escape::No, _) => Escape::No,
+                    (Escape::Backslash, b'u') => Escape::Hex(4),
+                    (Escape::Backslash, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                        Escape::No
+                    }
+                    (Escape::Backslash, _) => return false,
+                    (Escape::Hex(n), c) if c.is_ascii_hexdigit() => {
+                        if n == 1 {
+                            Escape::No
+                        } else {
+                            Escape::Hex(n - 1)
+                        }
+                    }
+                    (Escape::Hex(_), _) => return false,
+                };
+                self.mode = Mode::Str { key, escape };
+                true
+            }
+            Mode::Number(n) => {
+                let next = match (n, b) {
+                    (Number::Minus, b'0') => Number::Zero,
+                    (Number::Minus, b'1'..=b'9') => Number::Int,
+                    (Number::Int, b'0'..=b'9') => Number::Int,
+                    (Number::Zero | Number::Int, b'.') => Number::Dot,
+                    (Number::Dot | Number::Frac, b'0'..=b'9') => Number::Frac,
+                    (Number::Zero | Number::Int | Number::Frac, b'e' | b'E') => Number::E,
+                    (Number::E, b'+' | b'-') => Number::ESign,
+                    (Number::E | Number::ESign | Number::Exp, b'0'..=b'9') => Number::Exp,
+                    // The number ends here; the byte belongs to what follows it.
+                    (n, _) if n.complete() => {
+                        self.value_done();
+                        return self.feed(b);
+                    }
+                    _ => return false,
+                };
+                self.mode = Mode::Number(next);
+                true
+            }
+            Mode::Literal { word, at } => {
+                let w = WORDS[word as usize];
+                if w[at as usize] != b {
+                    return false;
+                }
+                if at as usize + 1 == w.len() {
+                    self.value_done();
+                } else {
+                    self.mode = Mode::Literal { word, at: at + 1 };
+                }
+                true
+            }
+            Mode::Done => false,
+        }
+    }
+
+    fn number(&mut self, n: Number) -> bool {
+        self.mode = Mode::Number(n);
+        true
+    }
+
+    /// Whether a token of these bytes may follow (without moving).
+    fn accepts(&self, bytes: &[u8], plain: bool) -> bool {
+        if bytes.is_empty() {
+            return false;
+        }
+        // Inside a string, outside an escape, a token without quotes, backslashes or control
+        // bytes stays inside it.
+        if plain
+            && matches!(
+                self.mode,
+                Mode::Str {
+                    escape: Escape::No,
+                    ..
+                }
+            )
+        {
+            return true;
+        }
+        let mut s = *self;
+        s.feed_all(bytes)
+    }
+}
+
+/// Every token's bytes, as the model's tokenizer decodes it alone (exact for byte-level BPE,
+/// which SmolLM2, Llama 3 and Qwen2 use), for [`JsonPrefix`] to try; and the tokens each prefix
+/// state allows, kept once computed (an object's text returns to the same few states: after a
+/// value, before a key, inside a string), up to [`MASKS_KEPT`] states.
+#[derive(Debug)]
+pub struct TokenBytes {
+    offsets: Vec<usize>,
+    bytes: Vec<u8>,
+    /// Tokens without `"`, `\` or control bytes.
+    plain: Vec<bool>,
+    masks: std::sync::Mutex<std::collections::HashMap<JsonPrefix, Arc<[u64]>>>,
+}
+
+/// Prefix states whose allowed tokens are kept (a bit a token: 6 KiB each for 49152 tokens).
+pub const MASKS_KEPT: usize = 512;
+
+impl TokenBytes {
+    /// From each token's bytes, in id order.
+    pub fn new(tokens: impl IntoIterator<Item = Vec<u8>>) -> Self {
+        let (mut offsets, mut bytes, mut plain) = (vec![0], vec![], vec![]);
+        for t in tokens {
+            plain.push(t.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\'));
+            bytes.extend_from_slice(&t);
+            offsets.push(bytes.len());
+        }
+        Self {
+            offsets,
+            bytes,
+            plain,
+            masks: Default::default(),
+        }
+    }
+
+    /// One bit a token: whether its bytes may follow `state` (computed once per state).
+    fn allowed(&self, state: &JsonPrefix) -> Arc<[u64]> {
+        let lock = || self.masks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(bits) = lock().get(state) {
+            return bits.clone();
+        }
+        // The bytes a token may begin with, tried once each.
+        let first: Vec<bool> = (0..=255u8)
+            .map(|b| {
+                let mut s = *state;
+                s.feed(b)
+            })
+            .collect();
+        let mut bits = vec![0u64; self.len().div_ceil(64)];
+        for id in 0..self.len() {
+            let t = self.get(id);
+            if t.first().is_some_and(|&b| first[b as usize]) && state.accepts(t, self.plain[id]) {
+                bits[id / 64] |= 1 << (id % 64);
+            }
+        }
+        let bits: Arc<[u64]> = bits.into();
+        let mut masks = lock();
+        if masks.len() >= MASKS_KEPT {
+            masks.clear();
+        }
+        masks.insert(*state, bits.clone());
+        bits
+    }
+
+    pub fn len(&self) -> usize {
+        self.plain.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.plain.is_empty()
+    }
+
+    pub fn get(&self, id: usize) -> &[u8] {
+        &self.bytes[self.offsets[id]..self.offsets[id + 1]]
+    }
+
+    /// Whether some token can open an object (so a checkpoint can write JSON at all).
+    pub fn can_open_object(&self) -> bool {
+        let start = JsonPrefix::new();
+        (0..self.len()).any(|i| start.accepts(self.get(i), false))
+    }
+}
+
+/// A sequence's JSON constraint: where its output stands and the vocabulary's bytes.
+#[derive(Debug, Clone)]
+pub struct JsonConstraint {
+    prefix: JsonPrefix,
+    tokens: Arc<TokenBytes>,
+}
+
+impl JsonConstraint {
+    pub fn new(tokens: Arc<TokenBytes>) -> Self {
+        Self {
+            prefix: JsonPrefix::new(),
+            tokens,
+        }
+    }
+
+    /// Sets every logit the constraint forbids to −∞: tokens that would leave no JSON object,
+    /// and until the object is complete the stop tokens (after it, every other token). Returns
+    /// whether any token is left.
+    pub fn mask(&self, logits: &mut [f32], stop_ids: &[u32]) -> bool {
+        let done = self.prefix.is_complete();
+        let stops: Vec<(usize, f32)> = stop_ids
+            .iter()
+            .filter_map(|&i| logits.get(i as usize).map(|&l| (i as usize, l)))
+            .collect();
+        // (Complete: no bytes may follow, so no token is allowed but the stops below.)
+        let bits = self.tokens.allowed(&self.prefix);
+        for (id, l) in logits.iter_mut().enumerate() {
+            if bits.get(id / 64).is_none_or(|w| w >> (id % 64) & 1 == 0) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        for (id, l) in stops {
+            logits[id] = if done { l } else { f32::NEG_INFINITY };
+        }
+        logits.iter().any(|&l| l > f32::NEG_INFINITY)
+    }
+
+    /// Moves past a drawn token (one the mask allowed).
+    pub fn accept(&mut self, id: u32) {
+        if (id as usize) < self.tokens.len() {
+            let ok = self.prefix.feed_all(self.tokens.get(id as usize));
+            debug_assert!(ok, "a token the mask forbade");
+        }
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.prefix.is_complete()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every prefix of `text` accepted, and complete exactly at its end.
+    fn accepted(text: &str) -> bool {
+        let mut p = JsonPrefix::new();
+        for (i, &b) in text.as_bytes().iter().enumerate() {
+            if p.is_complete() || !p.feed(b) {
+                return false;
+            }
+            let _ = i;
+        }
+        p.is_complete()
+    }
+
+    /// Where the recognizer first refuses `text` (None: never).
+    fn refused_at(text: &str) -> Option<usize> {
+        let mut p = JsonPrefix::new();
+        text.as_bytes().iter().position(|&b| !p.feed(b))
+    }
+
+    #[test]
+    fn objects_serde_json_parses_are_accepted_whole() {
+        for text in [
+            "{}",
+            " {\"a\": 1}",
+            "{\"a\":[1,2.5,-0.25e+3,0,true,false,null,\"x\"]}",
+            "{\"nested\": {\"k\": [[], {}, [{}]], \"e\": \"\\u00e9\\n\\\"q\\\" \\\\ /\"}}",
+            "{\"caption\": \"A red flash, then a blue one.\", \"frames\": 8}",
+            "{\n    \"a\": 1E5,\n    \"b\": -0\n}",
+            "{\"ünï\": \"cødé 漢字\"}",
+        ] {
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert!(v.is_object(), "{text}");
+            assert!(accepted(text), "{text}");
+        }
+    }
+
+    #[test]
+    fn what_is_not_an_object_is_refused_where_it_goes_wrong() {
+        for (text, at) in [
+            ("[1, 2]", 0),
+            ("\"x\"", 0),
+            ("{a: 1}", 1),
+            ("{\"a\" 1}", 5),
+            ("{\"a\": 01}", 7),
+            ("{\"a\": 1.}", 8),
+            ("{\"a\": .5}", 6),
+            ("{\"a\": tru}", 9),
+            ("{\"a\": 1,}", 8),
+            ("{\"a\": [1,]}", 9),
+            ("{\"a\": \"\\x\"}", 8),
+            ("{\"a\": \"\\u12g4\"}", 11),
+            ("{\"a\": \"line\nbreak\"}", 11),
+            ("{\"a\": 1}}", 8),
+            ("{\"a\": 1} x", 8),
+            ("{\"a\": [1}", 8),
+            ("{\"a\": -}", 7),
+            ("{\"a\": 1e}", 8),
+        ] {
+            assert!(
+                serde_json::from_str::<serde_json::Value>(text).is_err() || !text.starts_with('{'),
+                "{text}"
+            );
+            assert_eq!(refused_at(text), Some(at), "{text}");
+        }
+        // Prefixes are not complete; nesting and whitespace have their limits.
+        let mut p = JsonPrefix::new();
+        assert!(p.feed_all(b"{\"a\": [1, {\"b\": \"c") && !p.is_complete());
+        let deep = "{\"a\":".to_string() + &"[".repeat(MAX_DEPTH as usize - 1);
+        let mut p = JsonPrefix::new();
+        assert!(p.feed_all(deep.as_bytes()));
+        assert!(!p.feed(b'['), "past the depth limit");
+        let mut p = JsonPrefix::new();
+        assert!(p.feed_all(&[b' '; MAX_WHITESPACE_RUN as usize]));
+        assert!(!p.feed(b' '), "past the whitespace limit");
+        assert!(p.feed(b'{'));
+    }
+
+    #[test]
+    fn every_byte_string_agrees_with_serde_json() {
+        // All strings over a small alphabet up to length 6 (and the complete ones checked
+        // against serde_json): complete means serde_json parses an object; a refused string has
+        // no extension serde_json parses; an accepted prefix is a prefix of some object.
+        let alphabet = b"{}[]\":,1-.e tn";
+        let mut count = 0;
+        let mut frontier = vec![(vec![], JsonPrefix::new())];
+        for _ in 0..6 {
+            let mut next = vec![];
+            for (text, p) in &frontier {
+                for &b in alphabet {
+                    let mut q = *p;
+                    let mut t = text.clone();
+                    t.push(b);
+                    if q.feed(b) {
+                        let parsed = serde_json::from_slice::<serde_json::Value>(&t);
+                        assert_eq!(
+                            q.is_complete(),
+                            parsed.as_ref().is_ok_and(|v| v.is_object()),
+                            "{:?}",
+                            String::from_utf8_lossy(&t)
+                        );
+                        count += 1;
+                        next.push((t, q));
+                    } else if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&t) {
+                        // Refused yet JSON: only what JSON mode rules out (not an object at
+                        // the top, or trailing whitespace after the object).
+                        assert!(
+                            !v.is_object() || t.ends_with(b" "),
+                            "{:?}",
+                            String::from_utf8_lossy(&t)
+                        );
+                    }
+                }
+            }
+            frontier = next;
+        }
+        assert!(count > 1000, "{count} accepted prefixes");
+    }
+
+    #[test]
+    fn the_mask_allows_what_continues_an_object_and_stops_only_when_complete() {
+        let vocab: Vec<&str> = vec![
+            "<eos>", "{", "}", "\"", "a", "\":", " 1", "[", "x", "", "\"}",
+        ];
+        let tokens = Arc::new(TokenBytes::new(vocab.iter().map(|t| t.as_bytes().to_vec())));
+        assert!(tokens.can_open_object());
+        let mut c = JsonConstraint::new(tokens);
+        let allowed = |c: &JsonConstraint| {
+            let mut l = vec![0f32; vocab.len()];
+            c.mask(&mut l, &[0]);
+            (0..vocab.len())
+                .filter(|&i| l[i] == 0.0)
+                .map(|i| vocab[i])
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(allowed(&c), vec!["{"]);
+        c.accept(1);
+        // (A key may begin with `:` or `}`.)
+        assert_eq!(allowed(&c), vec!["}", "\"", "\":", "\"}"]);
+        for id in [3, 4, 5] {
+            c.accept(id);
+        }
+        assert_eq!(allowed(&c), vec!["{", "\"", "\":", " 1", "[", "\"}"]);
+        c.accept(6);
+        assert_eq!(allowed(&c), vec!["}"]);
+        c.accept(2);
+        assert!(c.is_complete());
+        assert_eq!(allowed(&c), vec!["<eos>"]);
+        // A vocabulary without `{` cannot write JSON.
+        assert!(!TokenBytes::new([b"a".to_vec(), b"}".to_vec()]).can_open_object());
+    }
+}
