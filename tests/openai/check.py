@@ -138,6 +138,14 @@ except ValueError as e:
 ok("json_object: one JSON object", isinstance(parsed, dict) and r.choices[0].finish_reason == "stop",
    (r.choices[0].message.content, r.choices[0].finish_reason))
 
+# A choice (vLLM's guided_choice, through extra_body): the answer is exactly one of them.
+r = client.chat.completions.create(
+    model="auto", messages=messages("Which city is the capital of France?"), max_tokens=16,
+    extra_body={"guided_choice": ["Paris", "London", "I cannot tell"], **EXTRA},
+)
+ok("guided_choice: one of the strings", r.choices[0].message.content in ("Paris", "London", "I cannot tell"),
+   r.choices[0].message.content)
+
 # A conversation: the first answer sent back as the assistant's turn, then a follow-up about the
 # same video; its prompt is the whole conversation, the video's part served from the cache.
 follow_up = messages(QUESTION) + [

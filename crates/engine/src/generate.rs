@@ -48,8 +48,9 @@ pub struct SamplingParams {
     pub response_format: ResponseFormat,
 }
 
-/// OpenAI's `response_format` types vvlm implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// What the output must be ([`crate::constraint`]): OpenAI's `response_format` types vvlm
+/// implements, and vLLM's `guided_choice`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResponseFormat {
     #[default]
@@ -57,6 +58,8 @@ pub enum ResponseFormat {
     /// One JSON object: tokens that would leave none are never drawn, and the sequence stops
     /// only once it is complete.
     JsonObject,
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
 }
 
 /// The most alternatives reported per generated token (as OpenAI allows).
@@ -241,18 +244,39 @@ impl VideoVlm {
             .map_err(|e| EngineError::Request(format!("detokenizing: {e}")))
     }
 
-    /// Every token of the LM's vocabulary as the tokenizer decodes it alone (special tokens and
-    /// ids it has no text for: empty), made once, for JSON mode ([`crate::json_mode`]).
+    /// Every token of the LM's vocabulary as the bytes it adds to the output, made once, for the
+    /// output constraints ([`crate::constraint`]): with a byte-level BPE decoder (SmolLM2, Llama
+    /// 3, Qwen2) the token's own bytes (a piece of a multi-byte character included), otherwise
+    /// its text decoded alone; special tokens and ids without text: none.
     pub fn token_bytes(&self) -> std::sync::Arc<crate::json_mode::TokenBytes> {
         self.token_bytes
             .get_or_init(|| {
                 let vocab = self.cfg.text_config.vocab_size;
+                let Some(t) = self.tokenizer.as_ref() else {
+                    return std::sync::Arc::new(crate::json_mode::TokenBytes::new(
+                        (0..vocab).map(|_| vec![]),
+                    ));
+                };
+                let byte_level = matches!(
+                    t.get_decoder(),
+                    Some(tokenizers::decoders::DecoderWrapper::ByteLevel(_))
+                );
+                let unicode_to_byte = gpt2_unicode_to_byte();
                 std::sync::Arc::new(crate::json_mode::TokenBytes::new((0..vocab).map(|id| {
-                    self.tokenizer
-                        .as_ref()
-                        .and_then(|t| t.decode(&[id as u32], true).ok())
-                        .map(String::into_bytes)
-                        .unwrap_or_default()
+                    let text = t.decode(&[id as u32], true).unwrap_or_default();
+                    if text.is_empty() {
+                        return vec![];
+                    }
+                    let raw = byte_level
+                        .then(|| t.id_to_token(id as u32))
+                        .flatten()
+                        .and_then(|piece| {
+                            piece
+                                .chars()
+                                .map(|c| unicode_to_byte.get(&c).copied())
+                                .collect::<Option<Vec<u8>>>()
+                        });
+                    raw.unwrap_or_else(|| text.into_bytes())
                 })))
             })
             .clone()
@@ -261,6 +285,12 @@ impl VideoVlm {
     /// Whether this checkpoint's vocabulary can write a JSON object (a token can open one).
     pub fn can_write_json(&self) -> bool {
         self.token_bytes().can_open_object()
+    }
+
+    /// Whether this checkpoint's tokens, each as it decodes alone, can spell `text` exactly (as
+    /// a choice is written: [`crate::constraint`]).
+    pub fn can_write(&self, text: &str) -> bool {
+        self.token_bytes().can_spell(text.as_bytes())
     }
 
     /// Number of text tokens the chat-formatted prompt takes (for planning).
@@ -417,6 +447,24 @@ impl VideoVlm {
     }
 }
 
+/// The inverse of GPT-2's byte-level alphabet (`bytes_to_unicode`): printable Latin-1 bytes
+/// stand for themselves, the other 68 bytes for the characters from U+0100 on, in byte order.
+fn gpt2_unicode_to_byte() -> std::collections::HashMap<char, u8> {
+    let mut map = std::collections::HashMap::new();
+    let mut next = 256u32;
+    for b in 0..=255u8 {
+        let printable = matches!(b, 33..=126 | 161..=172 | 174..=255);
+        let c = if printable {
+            b as u32
+        } else {
+            next += 1;
+            next - 1
+        };
+        map.insert(char::from_u32(c).expect("a valid char"), b);
+    }
+    map
+}
+
 /// A forward pass stopped by the request's cancel flag is [`EngineError::Cancelled`].
 fn cancelled_as_such(
     r: Result<Generation, EngineError>,
@@ -464,6 +512,17 @@ mod tests {
         assert!((top[1].1 - 0.3f64.ln()).abs() < 1e-6);
         assert!(logprobs_at(&logits, 0, 0).1.is_empty());
         assert_eq!(logprobs_at(&logits, 0, 9).1.len(), 4);
+    }
+
+    #[test]
+    fn gpt2_byte_alphabet_inverts_as_published() {
+        // bytes_to_unicode: ' ' (32) is 'Ġ' (U+0120), '\n' (10) 'Ċ' (U+010A), 0xAD 'Ń' (U+0143).
+        let m = super::gpt2_unicode_to_byte();
+        assert_eq!(m.len(), 256);
+        assert_eq!(
+            (m[&'Ġ'], m[&'Ċ'], m[&'Ń'], m[&'a'], m[&'é']),
+            (32, 10, 0xAD, b'a', 0xE9)
+        );
     }
 
     #[test]

@@ -326,6 +326,8 @@ pub struct TokenBytes {
     /// Tokens without `"`, `\` or control bytes.
     plain: Vec<bool>,
     masks: std::sync::Mutex<std::collections::HashMap<JsonPrefix, Arc<[u64]>>>,
+    /// Token ids by their first byte (made on the first [`Self::can_spell`]).
+    by_first: std::sync::OnceLock<Vec<Vec<u32>>>,
 }
 
 /// Prefix states whose allowed tokens are kept (a bit a token: 6 KiB each for 49152 tokens).
@@ -345,6 +347,7 @@ impl TokenBytes {
             bytes,
             plain,
             masks: Default::default(),
+            by_first: Default::default(),
         }
     }
 
@@ -387,6 +390,34 @@ impl TokenBytes {
 
     pub fn get(&self, id: usize) -> &[u8] {
         &self.bytes[self.offsets[id]..self.offsets[id + 1]]
+    }
+
+    /// Whether a sequence of tokens spells `text` exactly (as a choice must be written): which
+    /// positions of it are reachable, token by token.
+    pub fn can_spell(&self, text: &[u8]) -> bool {
+        let by_first = self.by_first.get_or_init(|| {
+            let mut index = vec![vec![]; 256];
+            for id in 0..self.len() {
+                if let Some(&b) = self.get(id).first() {
+                    index[b as usize].push(id as u32);
+                }
+            }
+            index
+        });
+        let mut reach = vec![false; text.len() + 1];
+        reach[0] = true;
+        for at in 0..text.len() {
+            if !reach[at] {
+                continue;
+            }
+            for &id in &by_first[text[at] as usize] {
+                let t = self.get(id as usize);
+                if text[at..].starts_with(t) {
+                    reach[at + t.len()] = true;
+                }
+            }
+        }
+        reach[text.len()]
     }
 
     /// Whether some token can open an object (so a checkpoint can write JSON at all).
@@ -567,6 +598,10 @@ mod tests {
         assert!(count > 1000, "{count} accepted prefixes");
     }
 
+    fn tokens_spell(vocab: &[&str], text: &str) -> bool {
+        TokenBytes::new(vocab.iter().map(|t| t.as_bytes().to_vec())).can_spell(text.as_bytes())
+    }
+
     #[test]
     fn the_mask_allows_what_continues_an_object_and_stops_only_when_complete() {
         let vocab: Vec<&str> = vec![
@@ -596,6 +631,11 @@ mod tests {
         c.accept(2);
         assert!(c.is_complete());
         assert_eq!(allowed(&c), vec!["<eos>"]);
+        // What the tokens can spell, and not.
+        assert!(tokens_spell(&["ab", "a", "b"], "abba"));
+        assert!(!tokens_spell(&["ab", "a"], "abba"));
+        assert!(!tokens_spell(&["red", " cross"], "redcross"));
+        assert!(tokens_spell(&["red", " cross"], "red cross"));
         // A vocabulary without `{` cannot write JSON.
         assert!(!TokenBytes::new([b"a".to_vec(), b"}".to_vec()]).can_open_object());
     }

@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod batch;
 pub mod config;
+pub mod constraint;
 pub mod cpu_pool;
 #[cfg(feature = "cuda")]
 pub mod cuda;

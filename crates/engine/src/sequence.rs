@@ -88,8 +88,8 @@ pub struct Sequence {
     stop_ids: Vec<u32>,
     /// The prompt's text tokens, kept only when a penalty reads them.
     prompt_ids: Vec<u32>,
-    /// JSON mode: where the output stands in its object.
-    json: Option<crate::json_mode::JsonConstraint>,
+    /// JSON mode or a choice: what the output is held to, and where it stands.
+    constraint: Option<crate::constraint::OutputConstraint>,
     ids: Vec<u32>,
     emitted: String,
     prefix_offset: usize,
@@ -204,8 +204,7 @@ impl VideoVlm {
             } else {
                 vec![]
             },
-            json: (req.sampling.response_format == crate::generate::ResponseFormat::JsonObject)
-                .then(|| crate::json_mode::JsonConstraint::new(self.token_bytes())),
+            constraint: self.output_constraint(&req.sampling.response_format),
             sampling: req.sampling.clone(),
             ids: vec![],
             emitted: String::new(),
@@ -229,6 +228,24 @@ impl VideoVlm {
             chosen: None,
         };
         Ok((seq, made))
+    }
+
+    /// What `format` holds a sequence's output to (None: any text).
+    fn output_constraint(
+        &self,
+        format: &crate::generate::ResponseFormat,
+    ) -> Option<crate::constraint::OutputConstraint> {
+        use crate::constraint::{ChoiceConstraint, OutputConstraint};
+        use crate::generate::ResponseFormat;
+        match format {
+            ResponseFormat::Text => None,
+            ResponseFormat::JsonObject => Some(OutputConstraint::Json(
+                crate::json_mode::JsonConstraint::new(self.token_bytes()),
+            )),
+            ResponseFormat::Choice(choices) => Some(OutputConstraint::Choice(
+                ChoiceConstraint::new(choices, self.token_bytes()),
+            )),
+        }
     }
 
     /// Prefills `embeds` (`[1, n, h]`) in chunks of [`Self::prefill_chunk`] positions, calling
@@ -283,7 +300,7 @@ impl Sequence {
         self.sampling.temperature > 0.0
             || self.sampling.logprobs.is_some()
             || !self.sampling.penalties.is_identity()
-            || self.json.is_some()
+            || self.constraint.is_some()
     }
 
     /// Draws the next token (and its log-probabilities) from the last logits ahead of
@@ -301,14 +318,14 @@ impl Sequence {
 
     fn draw(&mut self) -> Choice {
         let u = self.rng.uniform();
-        let token = if self.sampling.penalties.is_identity() && self.json.is_none() {
+        let token = if self.sampling.penalties.is_identity() && self.constraint.is_none() {
             sample(&self.logits, &self.sampling, u)
         } else {
             let mut logits = self.logits.clone();
             self.sampling
                 .penalties
                 .apply(&mut logits, &self.prompt_ids, &self.ids);
-            match &self.json {
+            match &self.constraint {
                 // Nothing the constraint allows (a vocabulary without the bytes it needs): stop.
                 Some(j) if !j.mask(&mut logits, &self.stop_ids) => {
                     self.stop_ids.first().copied().unwrap_or(0)
@@ -371,8 +388,8 @@ impl Sequence {
                     .collect::<Result<_, _>>()?,
             });
         }
-        if let Some(j) = &mut self.json {
-            j.accept(next);
+        if let Some(c) = &mut self.constraint {
+            c.accept(next);
         }
         self.ids.push(next);
         // Incremental detokenisation (as text-generation-inference does): each step decodes

@@ -71,7 +71,7 @@ fn sampling(max_tokens: usize) -> SamplingParams {
 /// How prompt `i` is decoded: greedy, except prompts 1 and 3, drawn at a temperature with a
 /// nucleus and their log-probabilities reported (a batch draws those in parallel); prompt 3
 /// also with top-k, min-p and every penalty, prompt 2 greedy with a repetition penalty (which
-/// reads its prompt), prompt 4 in JSON mode.
+/// reads its prompt), prompt 4 in JSON mode, prompt 0 held to a choice.
 fn prompt_sampling(i: usize) -> SamplingParams {
     let n = PROMPTS[i].1;
     match i {
@@ -105,6 +105,14 @@ fn prompt_sampling(i: usize) -> SamplingParams {
         },
         4 => SamplingParams {
             response_format: vvlm_engine::ResponseFormat::JsonObject,
+            ..sampling(n)
+        },
+        0 => SamplingParams {
+            response_format: vvlm_engine::ResponseFormat::Choice(vec![
+                "Paris".into(),
+                "Lyon".into(),
+                "The capital of France is Paris.".into(),
+            ]),
             ..sampling(n)
         },
         _ => sampling(n),
@@ -261,6 +269,41 @@ fn json_mode_answers_one_json_object() {
             g.text
         );
     }
+}
+
+/// A choice on a real model: the answer is exactly one of the strings, greedy or sampled,
+/// whatever the model would have said; a choice its tokens cannot spell is known before.
+#[test]
+fn a_guided_choice_answers_exactly_one_of_its_strings() {
+    let m = smollm2();
+    let choices = vec!["yes".to_string(), "no".into(), "not sure".into()];
+    for (prompt, temperature, seed) in [
+        ("Is Paris in France?", 0.0, 0),
+        ("Is the sea made of cheese?", 0.0, 0),
+        ("Is Paris in France?", 1.2, 9),
+    ] {
+        let req = GenerateRequest {
+            pixels: None,
+            side: 1,
+            system: None,
+            prompt,
+            history: &[],
+            sampling: SamplingParams {
+                max_tokens: 16,
+                temperature,
+                seed,
+                response_format: vvlm_engine::ResponseFormat::Choice(choices.clone()),
+                ..Default::default()
+            },
+            cancel: None,
+        };
+        let g = m
+            .generate(&req, &FlopCounter::new(), &mut |_| true)
+            .unwrap();
+        assert!(choices.contains(&g.text), "{prompt:?}: {:?}", g.text);
+        assert_eq!(g.finish_reason, vvlm_engine::FinishReason::Stop);
+    }
+    assert!(m.can_write("not sure") && m.can_write("Ünïcødé 漢字"));
 }
 
 #[test]

@@ -228,18 +228,29 @@ pub async fn admit(
     let engine = s
         .engine(&plan.choice.model)
         .ok_or_else(|| ApiError::Internal(format!("model {} is not loaded", plan.choice.model)))?;
-    if r.sampling.response_format == vvlm_engine::ResponseFormat::JsonObject {
-        let e = engine.clone();
-        let can = tokio::task::spawn_blocking(move || e.can_write_json())
-            .await
-            .map_err(|e| ApiError::Internal(format!("token table task: {e}")))?;
-        if !can {
+    // What the planned checkpoint's tokens cannot write is refused before anything is spent
+    // (the token table is made once per checkpoint, off the async threads).
+    if r.sampling.response_format != vvlm_engine::ResponseFormat::Text {
+        let (e, format) = (engine.clone(), r.sampling.response_format.clone());
+        let unwritable = tokio::task::spawn_blocking(move || match format {
+            vvlm_engine::ResponseFormat::JsonObject => (!e.can_write_json()).then(|| {
+                (
+                    "response_format",
+                    "JSON (no token of its vocabulary opens an object)".to_string(),
+                )
+            }),
+            vvlm_engine::ResponseFormat::Choice(choices) => choices
+                .into_iter()
+                .find(|c| !e.can_write(c))
+                .map(|c| ("guided_choice", format!("`{c}` with its tokens"))),
+            vvlm_engine::ResponseFormat::Text => None,
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("token table task: {e}")))?;
+        if let Some((param, what)) = unwritable {
             return Err(ApiError::invalid(
-                "response_format",
-                format!(
-                    "{} cannot write JSON (no token of its vocabulary opens an object)",
-                    plan.choice.model
-                ),
+                param,
+                format!("{} cannot write {what}", plan.choice.model),
             ));
         }
     }

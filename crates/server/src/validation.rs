@@ -169,7 +169,14 @@ pub struct RequestOptions {
     /// OpenAI's: `{"type": "text"}` or `{"type": "json_object"}` (JSON mode).
     #[serde(default, deserialize_with = "object_or_json_text")]
     pub response_format: Option<Map<String, Value>>,
+    /// vLLM's: the answer must be exactly one of these strings.
+    #[serde(default, deserialize_with = "object_or_json_text")]
+    pub guided_choice: Option<Vec<String>>,
 }
+
+/// The most strings a `guided_choice` may list, and the longest one (characters).
+pub const MAX_CHOICES: usize = 64;
+pub const MAX_CHOICE_CHARS: usize = 256;
 
 /// The most entries a `logit_bias` may hold.
 pub const MAX_LOGIT_BIAS: usize = 1024;
@@ -420,6 +427,30 @@ pub fn validate(
             return Err(ApiError::invalid(
                 "response_format",
                 "response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"}",
+            ))
+        }
+    };
+    let response_format = match (response_format, o.guided_choice) {
+        (f, None) => f,
+        (ResponseFormat::Text, Some(choices)) => {
+            let bad = choices
+                .iter()
+                .find(|c| c.is_empty() || c.chars().count() > MAX_CHOICE_CHARS);
+            if choices.is_empty() || choices.len() > MAX_CHOICES || bad.is_some() {
+                return Err(ApiError::invalid(
+                    "guided_choice",
+                    format!(
+                        "guided_choice lists 1 to {MAX_CHOICES} strings of 1 to \
+                         {MAX_CHOICE_CHARS} characters"
+                    ),
+                ));
+            }
+            ResponseFormat::Choice(choices)
+        }
+        (_, Some(_)) => {
+            return Err(ApiError::invalid(
+                "guided_choice",
+                "guided_choice and a JSON response_format exclude each other",
             ))
         }
     };

@@ -369,6 +369,25 @@ async fn validation_errors_are_422_naming_the_field() {
             "cannot write JSON",
         ),
         (
+            "guided_choice",
+            json!([]),
+            Some("guided_choice"),
+            "1 to 64 strings",
+        ),
+        (
+            "guided_choice",
+            json!(["red", ""]),
+            Some("guided_choice"),
+            "1 to 64 strings",
+        ),
+        // Its tokens are words: "reddish" is none, nor is "redblue" two of them.
+        (
+            "guided_choice",
+            json!(["red", "reddish"]),
+            Some("guided_choice"),
+            "cannot write `reddish`",
+        ),
+        (
             "stop",
             json!(["a", "b", "c", "d", "e"]),
             Some("stop"),
@@ -403,9 +422,9 @@ async fn validation_errors_are_422_naming_the_field() {
     }
 }
 
-/// Top-k, min-p and the logit bias reach the model's choice: top-k 1 and min-p 1 at a high
-/// temperature answer as greedy; a +100 bias makes every token that one (the ladder's
-/// vocabulary is 44 words).
+/// Top-k, min-p, a guided choice and the logit bias reach the model's choice: top-k 1 and min-p
+/// 1 at a high temperature answer as greedy; a video question held to a choice answers one of
+/// its strings; a +100 bias makes every token that one (the ladder's vocabulary is 44 words).
 #[tokio::test]
 async fn sampling_controls_reach_the_models_choice() {
     let s = server();
@@ -438,6 +457,30 @@ async fn sampling_controls_reach_the_models_choice() {
         assert_eq!(st, 200, "{v}");
         assert_eq!(tokens(&v), tokens(&greedy), "{extra}");
     }
+    // A video question held to two of the ladder's words: the answer is one of them.
+    for choices in [
+        json!(["red", "white"]),
+        json!(["square", "circle", "cross"]),
+    ] {
+        let mut body = qa_body();
+        body["guided_choice"] = choices.clone();
+        let (st, v) = s.post("/v1/videos/qa", &key, body).await;
+        assert_eq!(st, 200, "{v}");
+        assert!(
+            choices.as_array().unwrap().contains(&v["text"]),
+            "{choices}: {v}"
+        );
+        assert_eq!(v["finish_reason"], "stop", "{v}");
+    }
+    let mut body = qa_body();
+    body["guided_choice"] = json!(["red"]);
+    body["response_format"] = json!({"type": "json_object"});
+    let (st, v) = s.post("/v1/videos/qa", &key, body).await;
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (422, Some("guided_choice")),
+        "{v}"
+    );
     let (st, v) = s
         .post(
             "/v1/chat/completions",
