@@ -116,7 +116,7 @@ impl JsonPrefix {
 
     /// Whether the text may continue with these bytes (and then moves past them).
     pub fn feed_all(&mut self, bytes: &[u8]) -> bool {
-        bytes.iter().all(|&b| self.feed(b))
+        bytes.iter().all(|&b| JsonPrefix::feed(self, b))
     }
 
     fn in_object(&self) -> bool {
@@ -291,41 +291,132 @@ impl JsonPrefix {
         self.mode = Mode::Number(n);
         true
     }
+}
+
+/// A recognizer of output prefixes, byte by byte, that the constraints' masks are computed
+/// from: small and `Copy` (every token is tried from a copy), hashable (the allowed tokens of
+/// each state are kept).
+pub trait BytePrefix: Copy + Eq + std::hash::Hash {
+    /// Whether the output may continue with `b` (and then moves past it).
+    fn feed(&mut self, b: u8) -> bool;
+    /// Whether any byte from 0x20 up but `"` and `\` keeps the state as it is (inside a
+    /// string, outside an escape): a token of such bytes is then accepted without trying it.
+    fn in_plain_string(&self) -> bool;
+    /// Whether the output is complete (only a stop token may follow).
+    fn is_complete(&self) -> bool;
 
     /// Whether a token of these bytes may follow (without moving).
     fn accepts(&self, bytes: &[u8], plain: bool) -> bool {
         if bytes.is_empty() {
             return false;
         }
-        // Inside a string, outside an escape, a token without quotes, backslashes or control
-        // bytes stays inside it.
-        if plain
-            && matches!(
-                self.mode,
-                Mode::Str {
-                    escape: Escape::No,
-                    ..
-                }
-            )
-        {
+        if plain && self.in_plain_string() {
             return true;
         }
         let mut s = *self;
-        s.feed_all(bytes)
+        bytes.iter().all(|&b| s.feed(b))
     }
 }
 
-/// Every token's bytes, as the model's tokenizer decodes it alone (exact for byte-level BPE,
-/// which SmolLM2, Llama 3 and Qwen2 use), for [`JsonPrefix`] to try; and the tokens each prefix
-/// state allows, kept once computed (an object's text returns to the same few states: after a
-/// value, before a key, inside a string), up to [`MASKS_KEPT`] states.
+impl BytePrefix for JsonPrefix {
+    fn feed(&mut self, b: u8) -> bool {
+        JsonPrefix::feed(self, b)
+    }
+    fn in_plain_string(&self) -> bool {
+        matches!(
+            self.mode,
+            Mode::Str {
+                escape: Escape::No,
+                ..
+            }
+        )
+    }
+    fn is_complete(&self) -> bool {
+        JsonPrefix::is_complete(self)
+    }
+}
+
+/// The tokens each state of a [`BytePrefix`] allows, one bit a token, computed once per state
+/// and kept (an output returns to the same few states: after a value, before a key, inside a
+/// string), up to [`MASKS_KEPT`] states.
+#[derive(Debug)]
+pub struct MaskCache<P>(std::sync::Mutex<std::collections::HashMap<P, Arc<[u64]>>>);
+
+impl<P> Default for MaskCache<P> {
+    fn default() -> Self {
+        Self(Default::default())
+    }
+}
+
+impl<P: BytePrefix> MaskCache<P> {
+    /// Whether each of `tokens` may follow `state`.
+    pub fn allowed(&self, tokens: &TokenBytes, state: &P) -> Arc<[u64]> {
+        let lock = || self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(bits) = lock().get(state) {
+            return bits.clone();
+        }
+        // The bytes a token may begin with, tried once each.
+        let first: Vec<bool> = (0..=255u8)
+            .map(|b| {
+                let mut s = *state;
+                s.feed(b)
+            })
+            .collect();
+        let mut bits = vec![0u64; tokens.len().div_ceil(64)];
+        for id in 0..tokens.len() {
+            let t = tokens.get(id);
+            if t.first().is_some_and(|&b| first[b as usize]) && state.accepts(t, tokens.plain[id]) {
+                bits[id / 64] |= 1 << (id % 64);
+            }
+        }
+        let bits: Arc<[u64]> = bits.into();
+        let mut masks = lock();
+        if masks.len() >= MASKS_KEPT {
+            masks.clear();
+        }
+        masks.insert(*state, bits.clone());
+        bits
+    }
+
+    /// Sets every logit `state` forbids to −∞: tokens whose bytes cannot follow, and until the
+    /// output is complete the stop tokens (after it, every other token). Returns whether any
+    /// token is left.
+    pub fn mask(
+        &self,
+        tokens: &TokenBytes,
+        state: &P,
+        logits: &mut [f32],
+        stop_ids: &[u32],
+    ) -> bool {
+        let done = state.is_complete();
+        let stops: Vec<(usize, f32)> = stop_ids
+            .iter()
+            .filter_map(|&i| logits.get(i as usize).map(|&l| (i as usize, l)))
+            .collect();
+        // (Complete: no bytes may follow, so no token is allowed but the stops below.)
+        let bits = self.allowed(tokens, state);
+        for (id, l) in logits.iter_mut().enumerate() {
+            if bits.get(id / 64).is_none_or(|w| w >> (id % 64) & 1 == 0) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        for (id, l) in stops {
+            logits[id] = if done { l } else { f32::NEG_INFINITY };
+        }
+        logits.iter().any(|&l| l > f32::NEG_INFINITY)
+    }
+}
+
+/// Every token's bytes (what it adds to the output), for the constraints' recognizers to try,
+/// and JSON mode's allowed tokens by state.
 #[derive(Debug)]
 pub struct TokenBytes {
     offsets: Vec<usize>,
     bytes: Vec<u8>,
     /// Tokens without `"`, `\` or control bytes.
     plain: Vec<bool>,
-    masks: std::sync::Mutex<std::collections::HashMap<JsonPrefix, Arc<[u64]>>>,
+    /// JSON mode's allowed tokens by state.
+    json_masks: MaskCache<JsonPrefix>,
     /// Token ids by their first byte (made on the first [`Self::can_spell`]).
     by_first: std::sync::OnceLock<Vec<Vec<u32>>>,
 }
@@ -346,38 +437,9 @@ impl TokenBytes {
             offsets,
             bytes,
             plain,
-            masks: Default::default(),
+            json_masks: Default::default(),
             by_first: Default::default(),
         }
-    }
-
-    /// One bit a token: whether its bytes may follow `state` (computed once per state).
-    fn allowed(&self, state: &JsonPrefix) -> Arc<[u64]> {
-        let lock = || self.masks.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(bits) = lock().get(state) {
-            return bits.clone();
-        }
-        // The bytes a token may begin with, tried once each.
-        let first: Vec<bool> = (0..=255u8)
-            .map(|b| {
-                let mut s = *state;
-                s.feed(b)
-            })
-            .collect();
-        let mut bits = vec![0u64; self.len().div_ceil(64)];
-        for id in 0..self.len() {
-            let t = self.get(id);
-            if t.first().is_some_and(|&b| first[b as usize]) && state.accepts(t, self.plain[id]) {
-                bits[id / 64] |= 1 << (id % 64);
-            }
-        }
-        let bits: Arc<[u64]> = bits.into();
-        let mut masks = lock();
-        if masks.len() >= MASKS_KEPT {
-            masks.clear();
-        }
-        masks.insert(*state, bits.clone());
-        bits
     }
 
     pub fn len(&self) -> usize {
@@ -446,22 +508,9 @@ impl JsonConstraint {
     /// and until the object is complete the stop tokens (after it, every other token). Returns
     /// whether any token is left.
     pub fn mask(&self, logits: &mut [f32], stop_ids: &[u32]) -> bool {
-        let done = self.prefix.is_complete();
-        let stops: Vec<(usize, f32)> = stop_ids
-            .iter()
-            .filter_map(|&i| logits.get(i as usize).map(|&l| (i as usize, l)))
-            .collect();
-        // (Complete: no bytes may follow, so no token is allowed but the stops below.)
-        let bits = self.tokens.allowed(&self.prefix);
-        for (id, l) in logits.iter_mut().enumerate() {
-            if bits.get(id / 64).is_none_or(|w| w >> (id % 64) & 1 == 0) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-        for (id, l) in stops {
-            logits[id] = if done { l } else { f32::NEG_INFINITY };
-        }
-        logits.iter().any(|&l| l > f32::NEG_INFINITY)
+        self.tokens
+            .json_masks
+            .mask(&self.tokens, &self.prefix, logits, stop_ids)
     }
 
     /// Moves past a drawn token (one the mask allowed).
