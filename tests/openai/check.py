@@ -138,6 +138,33 @@ except ValueError as e:
 ok("json_object: one JSON object", isinstance(parsed, dict) and r.choices[0].finish_reason == "stop",
    (r.choices[0].message.content, r.choices[0].finish_reason))
 
+# Structured output: a JSON Schema (the subset vvlm enforces), as the client sends it.
+CITY = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "country": {"type": "string"},
+        "population_millions": {"type": "number"},
+        "capital": {"type": "boolean"},
+    },
+    "required": ["name", "country", "capital"],
+    "additionalProperties": False,
+}
+r = client.chat.completions.create(
+    model="auto", max_tokens=96,
+    response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}},
+    messages=[{"role": "user", "content": "Describe Paris."}],
+)
+try:
+    doc = json.loads(r.choices[0].message.content)
+except ValueError as e:
+    doc = e
+ok("json_schema: a document of the schema",
+   isinstance(doc, dict) and set(doc) <= set(CITY["properties"]) and set(CITY["required"]) <= set(doc)
+   and isinstance(doc["name"], str) and isinstance(doc["capital"], bool)
+   and r.choices[0].finish_reason == "stop",
+   (r.choices[0].message.content, r.choices[0].finish_reason))
+
 # A choice (vLLM's guided_choice, through extra_body): the answer is exactly one of them.
 r = client.chat.completions.create(
     model="auto", messages=messages("Which city is the capital of France?"), max_tokens=16,
@@ -184,8 +211,8 @@ expect("404 unknown model", openai.NotFoundError, "model_not_found",
 e = expect("400 unsupported parameter", openai.BadRequestError, "unsupported_parameter",
            lambda: client.chat.completions.create(
                model="auto", messages=messages("hi"),
-               response_format={"type": "json_schema", "json_schema": {"name": "caption", "schema": {}}}))
-ok("400 names the parameter", e.param == "response_format", e.param)
+               tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]))
+ok("400 names the parameter", e.param == "tools", e.param)
 e = expect("422 invalid value", openai.UnprocessableEntityError, "validation_error",
            lambda: client.chat.completions.create(model="auto", messages=messages("hi"), max_tokens=100000))
 ok("422 names the parameter", e.param == "max_tokens", e.param)

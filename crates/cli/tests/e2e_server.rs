@@ -339,10 +339,7 @@ fn caption_qa_chat_budgets_and_every_error_path() {
             "tools",
             json!([{"type": "function", "function": {"name": "f"}}]),
         ),
-        (
-            "response_format",
-            json!({"type": "json_schema", "json_schema": {"name": "caption"}}),
-        ),
+        ("audio", json!({"voice": "alloy", "format": "wav"})),
         ("reasoning_effort", json!("high")),
     ] {
         let mut body = chat_body(false);

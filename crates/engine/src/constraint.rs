@@ -1,5 +1,6 @@
 //! Constraints on what a sequence may write, applied to each step's logits before the choice:
-//! one JSON object ([`crate::json_mode`]) or exactly one of a list of strings (vLLM's
+//! one JSON object ([`crate::json_mode`]), one document valid against a JSON Schema
+//! ([`crate::json_schema`]) or exactly one of a list of strings (vLLM's
 //! `guided_choice`: the answer to a multiple-choice question, a label). A token the constraint
 //! forbids gets logit −∞; a stop token is allowed only once the output is complete, and then
 //! nothing else is (for choices, where one is a prefix of another, both stay open). Owns the
@@ -77,6 +78,8 @@ impl ChoiceConstraint {
 #[derive(Debug, Clone)]
 pub enum OutputConstraint {
     Json(JsonConstraint),
+    /// Boxed: its prefix holds a frame per nesting level.
+    Schema(Box<crate::json_schema::SchemaConstraint>),
     Choice(ChoiceConstraint),
 }
 
@@ -86,6 +89,7 @@ impl OutputConstraint {
     pub fn mask(&self, logits: &mut [f32], stop_ids: &[u32]) -> bool {
         match self {
             OutputConstraint::Json(j) => j.mask(logits, stop_ids),
+            OutputConstraint::Schema(j) => j.mask(logits, stop_ids),
             OutputConstraint::Choice(c) => c.mask(logits, stop_ids),
         }
     }
@@ -94,6 +98,7 @@ impl OutputConstraint {
     pub fn accept(&mut self, id: u32) {
         match self {
             OutputConstraint::Json(j) => j.accept(id),
+            OutputConstraint::Schema(j) => j.accept(id),
             OutputConstraint::Choice(c) => c.accept(id),
         }
     }
@@ -101,6 +106,7 @@ impl OutputConstraint {
     pub fn is_complete(&self) -> bool {
         match self {
             OutputConstraint::Json(j) => j.is_complete(),
+            OutputConstraint::Schema(j) => j.is_complete(),
             OutputConstraint::Choice(c) => c.is_complete(),
         }
     }

@@ -58,6 +58,8 @@ pub enum ResponseFormat {
     /// One JSON object: tokens that would leave none are never drawn, and the sequence stops
     /// only once it is complete.
     JsonObject,
+    /// One document valid against this JSON Schema (the subset of [`crate::json_schema`]).
+    JsonSchema(serde_json::Value),
     /// Exactly one of these strings.
     Choice(Vec<String>),
 }

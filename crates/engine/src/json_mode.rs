@@ -348,24 +348,29 @@ impl<P> Default for MaskCache<P> {
     }
 }
 
-impl<P: BytePrefix> MaskCache<P> {
-    /// Whether each of `tokens` may follow `state`.
-    pub fn allowed(&self, tokens: &TokenBytes, state: &P) -> Arc<[u64]> {
+impl<P: Copy + Eq + std::hash::Hash> MaskCache<P> {
+    /// Whether each of `tokens` may follow `state`: `follows(state, bytes)` says whether bytes
+    /// may (`plain_string`: the state is inside a string, where a token without `"`, `\` or
+    /// control bytes needs no trying).
+    pub fn allowed_with(
+        &self,
+        tokens: &TokenBytes,
+        state: &P,
+        plain_string: bool,
+        follows: impl Fn(&P, &[u8]) -> bool,
+    ) -> Arc<[u64]> {
         let lock = || self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(bits) = lock().get(state) {
             return bits.clone();
         }
         // The bytes a token may begin with, tried once each.
-        let first: Vec<bool> = (0..=255u8)
-            .map(|b| {
-                let mut s = *state;
-                s.feed(b)
-            })
-            .collect();
+        let first: Vec<bool> = (0..=255u8).map(|b| follows(state, &[b])).collect();
         let mut bits = vec![0u64; tokens.len().div_ceil(64)];
         for id in 0..tokens.len() {
             let t = tokens.get(id);
-            if t.first().is_some_and(|&b| first[b as usize]) && state.accepts(t, tokens.plain[id]) {
+            let ok = t.first().is_some_and(|&b| first[b as usize])
+                && ((plain_string && tokens.plain[id]) || follows(state, t));
+            if ok {
                 bits[id / 64] |= 1 << (id % 64);
             }
         }
@@ -377,10 +382,17 @@ impl<P: BytePrefix> MaskCache<P> {
         masks.insert(*state, bits.clone());
         bits
     }
+}
 
-    /// Sets every logit `state` forbids to −∞: tokens whose bytes cannot follow, and until the
-    /// output is complete the stop tokens (after it, every other token). Returns whether any
-    /// token is left.
+impl<P: BytePrefix> MaskCache<P> {
+    /// [`Self::allowed_with`] the state's own bytes.
+    pub fn allowed(&self, tokens: &TokenBytes, state: &P) -> Arc<[u64]> {
+        self.allowed_with(tokens, state, state.in_plain_string(), |s, t| {
+            s.accepts(t, false)
+        })
+    }
+
+    /// Masks `logits` by what `state` allows ([`apply_mask`]).
     pub fn mask(
         &self,
         tokens: &TokenBytes,
@@ -388,23 +400,32 @@ impl<P: BytePrefix> MaskCache<P> {
         logits: &mut [f32],
         stop_ids: &[u32],
     ) -> bool {
-        let done = state.is_complete();
-        let stops: Vec<(usize, f32)> = stop_ids
-            .iter()
-            .filter_map(|&i| logits.get(i as usize).map(|&l| (i as usize, l)))
-            .collect();
-        // (Complete: no bytes may follow, so no token is allowed but the stops below.)
-        let bits = self.allowed(tokens, state);
-        for (id, l) in logits.iter_mut().enumerate() {
-            if bits.get(id / 64).is_none_or(|w| w >> (id % 64) & 1 == 0) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-        for (id, l) in stops {
-            logits[id] = if done { l } else { f32::NEG_INFINITY };
-        }
-        logits.iter().any(|&l| l > f32::NEG_INFINITY)
+        apply_mask(
+            &self.allowed(tokens, state),
+            state.is_complete(),
+            logits,
+            stop_ids,
+        )
     }
+}
+
+/// Sets every logit `allowed` (one bit a token) forbids to −∞, and the stop tokens' unless the
+/// output is `complete` (after it, the other tokens are forbidden by `allowed`: no bytes may
+/// follow). Returns whether any token is left.
+pub fn apply_mask(allowed: &[u64], complete: bool, logits: &mut [f32], stop_ids: &[u32]) -> bool {
+    let stops: Vec<(usize, f32)> = stop_ids
+        .iter()
+        .filter_map(|&i| logits.get(i as usize).map(|&l| (i as usize, l)))
+        .collect();
+    for (id, l) in logits.iter_mut().enumerate() {
+        if allowed.get(id / 64).is_none_or(|w| w >> (id % 64) & 1 == 0) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+    for (id, l) in stops {
+        logits[id] = if complete { l } else { f32::NEG_INFINITY };
+    }
+    logits.iter().any(|&l| l > f32::NEG_INFINITY)
 }
 
 /// Every token's bytes (what it adds to the output), for the constraints' recognizers to try,

@@ -18,6 +18,7 @@ pub mod gemv;
 pub mod generate;
 pub mod gguf;
 pub mod json_mode;
+pub mod json_schema;
 pub mod llama;
 pub mod model;
 pub mod nn;

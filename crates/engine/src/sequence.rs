@@ -136,6 +136,8 @@ impl VideoVlm {
         prefix_kv: Option<&PrefixKv>,
         between_chunks: &mut dyn FnMut(),
     ) -> Result<(Sequence, Option<PrefixKv>), EngineError> {
+        // Checked before any work is spent.
+        let constraint = self.output_constraint(&req.sampling.response_format)?;
         let prompt = self
             .template
             .render_conversation(req.system, req.history, req.prompt);
@@ -204,7 +206,7 @@ impl VideoVlm {
             } else {
                 vec![]
             },
-            constraint: self.output_constraint(&req.sampling.response_format),
+            constraint,
             sampling: req.sampling.clone(),
             ids: vec![],
             emitted: String::new(),
@@ -230,22 +232,33 @@ impl VideoVlm {
         Ok((seq, made))
     }
 
-    /// What `format` holds a sequence's output to (None: any text).
+    /// What `format` holds a sequence's output to (None: any text); a schema outside the
+    /// subset is a request error.
     fn output_constraint(
         &self,
         format: &crate::generate::ResponseFormat,
-    ) -> Option<crate::constraint::OutputConstraint> {
+    ) -> Result<Option<crate::constraint::OutputConstraint>, EngineError> {
         use crate::constraint::{ChoiceConstraint, OutputConstraint};
         use crate::generate::ResponseFormat;
-        match format {
+        Ok(match format {
             ResponseFormat::Text => None,
             ResponseFormat::JsonObject => Some(OutputConstraint::Json(
                 crate::json_mode::JsonConstraint::new(self.token_bytes()),
             )),
+            ResponseFormat::JsonSchema(schema) => {
+                let compiled = crate::json_schema::Schema::compile(schema)
+                    .map_err(|e| EngineError::Request(e.to_string()))?;
+                Some(OutputConstraint::Schema(Box::new(
+                    crate::json_schema::SchemaConstraint::new(
+                        std::sync::Arc::new(compiled),
+                        self.token_bytes(),
+                    ),
+                )))
+            }
             ResponseFormat::Choice(choices) => Some(OutputConstraint::Choice(
                 ChoiceConstraint::new(choices, self.token_bytes()),
             )),
-        }
+        })
     }
 
     /// Prefills `embeds` (`[1, n, h]`) in chunks of [`Self::prefill_chunk`] positions, calling

@@ -233,7 +233,8 @@ pub async fn admit(
     if r.sampling.response_format != vvlm_engine::ResponseFormat::Text {
         let (e, format) = (engine.clone(), r.sampling.response_format.clone());
         let unwritable = tokio::task::spawn_blocking(move || match format {
-            vvlm_engine::ResponseFormat::JsonObject => (!e.can_write_json()).then(|| {
+            vvlm_engine::ResponseFormat::JsonObject
+            | vvlm_engine::ResponseFormat::JsonSchema(_) => (!e.can_write_json()).then(|| {
                 (
                     "response_format",
                     "JSON (no token of its vocabulary opens an object)".to_string(),

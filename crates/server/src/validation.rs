@@ -417,16 +417,27 @@ pub fn validate(
         None => ResponseFormat::Text,
         Some(Some(Value::String(t))) if t == "text" => ResponseFormat::Text,
         Some(Some(Value::String(t))) if t == "json_object" => ResponseFormat::JsonObject,
-        // A schema is a real request vvlm cannot honour: refused, not ignored.
         Some(Some(Value::String(t))) if t == "json_schema" => {
-            return Err(ApiError::Unsupported {
-                param: "response_format".into(),
-            })
+            let schema = o
+                .response_format
+                .as_ref()
+                .and_then(|f| f.get("json_schema"))
+                .and_then(|j| j.get("schema"))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "response_format",
+                        "a json_schema response format needs `json_schema.schema`",
+                    )
+                })?;
+            // Outside the subset vvlm enforces: refused by keyword, never silently dropped.
+            vvlm_engine::json_schema::Schema::compile(schema)
+                .map_err(|e| ApiError::invalid("response_format", e.to_string()))?;
+            ResponseFormat::JsonSchema(schema.clone())
         }
         Some(_) => {
             return Err(ApiError::invalid(
                 "response_format",
-                "response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"}",
+                "response_format type must be text, json_object or json_schema",
             ))
         }
     };

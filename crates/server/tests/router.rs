@@ -361,6 +361,18 @@ async fn validation_errors_are_422_naming_the_field() {
             Some("response_format"),
             "json_object",
         ),
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "x"}}),
+            Some("response_format"),
+            "json_schema.schema",
+        ),
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"schema": {"type": "string", "format": "date"}}}),
+            Some("response_format"),
+            "keyword `format` is not supported",
+        ),
         // The ladder's 44 words hold no `{`.
         (
             "response_format",
@@ -501,13 +513,10 @@ async fn unimplemented_openai_fields_are_400_by_name() {
     let key = s.tenant("alice", None);
     for (field, value) in [
         (
-            "response_format",
-            json!({"type": "json_schema", "json_schema": {"name": "x"}}),
-        ),
-        (
             "tools",
             json!([{"type": "function", "function": {"name": "f"}}]),
         ),
+        ("audio", json!({"voice": "alloy", "format": "wav"})),
     ] {
         let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
         body[field] = value;

@@ -1,0 +1,882 @@
+//! Constrained decoding to a JSON Schema (OpenAI's `response_format: {"type": "json_schema"}`),
+//! for the subset structured outputs use: objects with `properties` (each written at most once,
+//! `}` only once every `required` one is; no other keys: `additionalProperties` must be absent
+//! or false), arrays with `items` (`minItems`, `maxItems`), strings, numbers, integers, booleans,
+//! null, and `enum` / `const` of any JSON values (their compact JSON text, matched byte for
+//! byte). Annotations (`title`, `description`, `$schema`, `default`, `examples`) are ignored;
+//! any other keyword (`anyOf`, `$ref`, `pattern`, `format`, ...) or a schema without a type is
+//! refused by name when compiled, never silently dropped. Up to [`MAX_DEPTH`] nested containers
+//! and [`MAX_PROPERTIES`] properties an object.
+//!
+//! [`SchemaPrefix`] recognizes the prefixes of texts that are JSON and valid against the schema,
+//! so a generation that stops is one valid document. Whitespace between tokens as
+//! [`crate::json_mode`] allows it. Owns the schema subset and its recognizer; knows nothing of
+//! models.
+
+use crate::json_mode::{MaskCache, TokenBytes, MAX_WHITESPACE_RUN};
+use serde_json::Value;
+use std::sync::Arc;
+
+/// Containers a document may nest.
+pub const MAX_DEPTH: usize = 16;
+/// Properties an object schema may list.
+pub const MAX_PROPERTIES: usize = 64;
+/// Values an `enum` may list.
+pub const MAX_ENUM: usize = 64;
+
+#[derive(Debug, Clone, PartialEq)]
+enum Node {
+    Object {
+        props: Vec<(Vec<u8>, u16)>,
+        required: u64,
+    },
+    Array {
+        items: u16,
+        min: u32,
+        max: u32,
+    },
+    String,
+    Number {
+        integer: bool,
+    },
+    Boolean,
+    Null,
+    /// `enum` / `const`: each value's compact JSON text.
+    Literals(Vec<Vec<u8>>),
+}
+
+/// A compiled schema: its nodes (the root first) and the allowed tokens of each state.
+#[derive(Debug)]
+pub struct Schema {
+    nodes: Vec<Node>,
+    masks: MaskCache<SchemaPrefix>,
+}
+
+/// Why a schema cannot be compiled: the keyword or construct, and where (a JSON pointer).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("json_schema at `{at}`: {what}")]
+pub struct SchemaError {
+    pub at: String,
+    pub what: String,
+}
+
+const ANNOTATIONS: &[&str] = &[
+    "title",
+    "description",
+    "$schema",
+    "$id",
+    "default",
+    "examples",
+    "$comment",
+];
+
+impl Schema {
+    /// Compiles `schema` (see the module doc for the subset).
+    pub fn compile(schema: &Value) -> Result<Schema, SchemaError> {
+        let mut nodes = vec![];
+        add(schema, "", 0, &mut nodes)?;
+        Ok(Schema {
+            nodes,
+            masks: MaskCache::default(),
+        })
+    }
+}
+
+fn err(at: &str, what: impl Into<String>) -> SchemaError {
+    SchemaError {
+        at: if at.is_empty() { "/".into() } else { at.into() },
+        what: what.into(),
+    }
+}
+
+/// Adds the node of `s` (and its children) and returns its index.
+fn add(s: &Value, at: &str, depth: usize, nodes: &mut Vec<Node>) -> Result<u16, SchemaError> {
+    if depth > MAX_DEPTH {
+        return Err(err(at, format!("nested deeper than {MAX_DEPTH}")));
+    }
+    let Some(obj) = s.as_object() else {
+        return Err(err(at, "a schema must be an object"));
+    };
+    let index = nodes.len();
+    if index >= u16::MAX as usize {
+        return Err(err(at, "too many schemas"));
+    }
+    nodes.push(Node::Null); // placeholder, set below
+    const SUPPORTED: &[&str] = &[
+        "type",
+        "enum",
+        "const",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "minItems",
+        "maxItems",
+    ];
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !SUPPORTED.contains(&k.as_str()) && !ANNOTATIONS.contains(&k.as_str()))
+    {
+        return Err(err(at, format!("keyword `{k}` is not supported")));
+    }
+    let known = |keys: &[&str]| -> Result<(), SchemaError> {
+        for k in obj.keys() {
+            if !keys.contains(&k.as_str()) && !ANNOTATIONS.contains(&k.as_str()) {
+                return Err(err(at, format!("keyword `{k}` is not supported")));
+            }
+        }
+        Ok(())
+    };
+    let literal = |v: &Value| serde_json::to_vec(v).expect("a JSON value serializes");
+    let node = if let Some(values) = obj.get("enum") {
+        known(&["enum", "type"])?;
+        let values = values
+            .as_array()
+            .filter(|v| !v.is_empty() && v.len() <= MAX_ENUM)
+            .ok_or_else(|| err(at, format!("`enum` must list 1 to {MAX_ENUM} values")))?;
+        Node::Literals(values.iter().map(literal).collect())
+    } else if let Some(value) = obj.get("const") {
+        known(&["const", "type"])?;
+        Node::Literals(vec![literal(value)])
+    } else {
+        let ty = obj
+            .get("type")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| err(at, "a schema needs `type` (one of object, array, string, number, integer, boolean, null), `enum` or `const`"))?;
+        match ty {
+            "object" => {
+                known(&["type", "properties", "required", "additionalProperties"])?;
+                if obj
+                    .get("additionalProperties")
+                    .is_some_and(|a| a != &Value::Bool(false))
+                {
+                    return Err(err(at, "`additionalProperties` must be false or absent"));
+                }
+                let empty = serde_json::Map::new();
+                let props_in = match obj.get("properties") {
+                    None => &empty,
+                    Some(Value::Object(p)) => p,
+                    Some(_) => return Err(err(at, "`properties` must be an object")),
+                };
+                if props_in.len() > MAX_PROPERTIES {
+                    return Err(err(at, format!("more than {MAX_PROPERTIES} properties")));
+                }
+                let mut props = vec![];
+                for (name, sub) in props_in {
+                    if name.is_empty() || name.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\')
+                    {
+                        return Err(err(
+                            at,
+                            format!("property name {name:?}: quotes, backslashes and control characters are not supported"),
+                        ));
+                    }
+                    let child = add(sub, &format!("{at}/properties/{name}"), depth + 1, nodes)?;
+                    props.push((name.as_bytes().to_vec(), child));
+                }
+                let mut required = 0u64;
+                for r in obj
+                    .get("required")
+                    .and_then(|r| r.as_array())
+                    .into_iter()
+                    .flatten()
+                {
+                    let name = r.as_str().unwrap_or_default();
+                    let i = props
+                        .iter()
+                        .position(|(n, _)| n == name.as_bytes())
+                        .ok_or_else(|| err(at, format!("required `{name}` is not a property")))?;
+                    required |= 1 << i;
+                }
+                Node::Object { props, required }
+            }
+            "array" => {
+                known(&["type", "items", "minItems", "maxItems"])?;
+                let items = obj
+                    .get("items")
+                    .ok_or_else(|| err(at, "an array needs `items`"))?;
+                let items = add(items, &format!("{at}/items"), depth + 1, nodes)?;
+                let count = |k: &str, default: u32| -> Result<u32, SchemaError> {
+                    match obj.get(k) {
+                        None => Ok(default),
+                        Some(v) => v
+                            .as_u64()
+                            .and_then(|n| u32::try_from(n).ok())
+                            .ok_or_else(|| err(at, format!("`{k}` must be a count"))),
+                    }
+                };
+                let (min, max) = (count("minItems", 0)?, count("maxItems", u32::MAX)?);
+                if min > max {
+                    return Err(err(at, "`minItems` is over `maxItems`"));
+                }
+                Node::Array { items, min, max }
+            }
+            "string" => {
+                known(&["type"])?;
+                Node::String
+            }
+            "number" | "integer" => {
+                known(&["type"])?;
+                Node::Number {
+                    integer: ty == "integer",
+                }
+            }
+            "boolean" => {
+                known(&["type"])?;
+                Node::Boolean
+            }
+            "null" => {
+                known(&["type"])?;
+                Node::Null
+            }
+            other => return Err(err(at, format!("type `{other}` is not supported"))),
+        }
+    };
+    nodes[index] = node;
+    Ok(index as u16)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Phase {
+    /// Object: a key or `}` (after `{`); a key (after `,`); inside a key, the properties it
+    /// may still be and the bytes matched; its `:`; its value; after it.
+    KeyOrClose,
+    Key,
+    InKey {
+        candidates: u64,
+        at: u16,
+    },
+    Colon {
+        prop: u8,
+    },
+    Value {
+        prop: u8,
+    },
+    /// Array: a value or `]` (after `[`); a value (after `,`).
+    ItemOrClose,
+    Item,
+    After,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Frame {
+    node: u16,
+    /// Object: the properties written; array: the items begun.
+    used: u64,
+    phase: Phase,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Scalar {
+    None,
+    /// Inside a string: after a backslash; the hex digits of a `\u` escape still to come.
+    Str {
+        backslash: bool,
+        hex: u8,
+    },
+    Number {
+        integer: bool,
+        state: u8,
+    },
+    /// `true`, `false`, `null`: which and the bytes matched.
+    Word {
+        word: u8,
+        at: u8,
+    },
+    /// An `enum`/`const`: its node, the values still possible and the bytes matched.
+    Literal {
+        node: u16,
+        candidates: u64,
+        at: u16,
+    },
+}
+
+const WORDS: [&[u8]; 3] = [b"true", b"false", b"null"];
+
+// Number states (as json_mode's): after `-`, `0`, digits, `.`, fraction digits, `e`, its
+// sign, exponent digits.
+const MINUS: u8 = 0;
+const ZERO: u8 = 1;
+const INT: u8 = 2;
+const DOT: u8 = 3;
+const FRAC: u8 = 4;
+const E: u8 = 5;
+const ESIGN: u8 = 6;
+const EXP: u8 = 7;
+
+/// Where a document's prefix stands against its schema (`Copy`, hashable: see [`BytePrefix`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SchemaPrefix {
+    frames: [Frame; MAX_DEPTH],
+    depth: u8,
+    scalar: Scalar,
+    whitespace_run: u8,
+    done: bool,
+}
+
+/// A [`SchemaPrefix`] with its schema, to feed.
+struct Cursor<'a> {
+    p: &'a mut SchemaPrefix,
+    nodes: &'a [Node],
+}
+
+impl SchemaPrefix {
+    fn new() -> Self {
+        Self {
+            frames: [Frame {
+                node: 0,
+                used: 0,
+                phase: Phase::After,
+            }; MAX_DEPTH],
+            depth: 0,
+            scalar: Scalar::None,
+            whitespace_run: 0,
+            done: false,
+        }
+    }
+}
+
+impl Cursor<'_> {
+    fn top(&mut self) -> Option<&mut Frame> {
+        let d = self.p.depth as usize;
+        (d > 0).then(|| &mut self.p.frames[d - 1])
+    }
+
+    /// The node a value must match here, if a value may begin here.
+    fn expected(&self) -> Option<(u16, bool)> {
+        let d = self.p.depth as usize;
+        if d == 0 {
+            return (!self.p.done).then_some((0, false));
+        }
+        let f = &self.p.frames[d - 1];
+        match (&self.nodes[f.node as usize], f.phase) {
+            (Node::Object { props, .. }, Phase::Value { prop }) => {
+                Some((props[prop as usize].1, false))
+            }
+            (Node::Array { items, min, .. }, Phase::ItemOrClose) => Some((*items, *min == 0)),
+            (Node::Array { items, .. }, Phase::Item) => Some((*items, false)),
+            _ => None,
+        }
+    }
+
+    fn value_done(&mut self) {
+        self.p.scalar = Scalar::None;
+        match self.top() {
+            None => self.p.done = true,
+            Some(f) => f.phase = Phase::After,
+        }
+    }
+
+    fn close(&mut self) -> bool {
+        self.p.depth -= 1;
+        self.value_done();
+        true
+    }
+
+    /// Begins a value of `node` with byte `b`.
+    fn begin(&mut self, node: u16, b: u8) -> bool {
+        // The parent counts the value as written: an object's property, an array's item.
+        if let Some(f) = self.top() {
+            match f.phase {
+                Phase::ItemOrClose | Phase::Item => f.used += 1,
+                Phase::Value { prop } => f.used |= 1 << prop,
+                _ => {}
+            }
+        }
+        let started = match &self.nodes[node as usize] {
+            Node::Object { .. } | Node::Array { .. } => {
+                let object = matches!(self.nodes[node as usize], Node::Object { .. });
+                if b != if object { b'{' } else { b'[' } || self.p.depth as usize >= MAX_DEPTH {
+                    return false;
+                }
+                self.p.frames[self.p.depth as usize] = Frame {
+                    node,
+                    used: 0,
+                    phase: if object {
+                        Phase::KeyOrClose
+                    } else {
+                        Phase::ItemOrClose
+                    },
+                };
+                self.p.depth += 1;
+                return true;
+            }
+            Node::String => (b == b'"').then_some(Scalar::Str {
+                backslash: false,
+                hex: 0,
+            }),
+            Node::Number { integer } => match b {
+                b'-' => Some(MINUS),
+                b'0' => Some(ZERO),
+                b'1'..=b'9' => Some(INT),
+                _ => None,
+            }
+            .map(|state| Scalar::Number {
+                integer: *integer,
+                state,
+            }),
+            Node::Boolean => match b {
+                b't' => Some(Scalar::Word { word: 0, at: 1 }),
+                b'f' => Some(Scalar::Word { word: 1, at: 1 }),
+                _ => None,
+            },
+            Node::Null => (b == b'n').then_some(Scalar::Word { word: 2, at: 1 }),
+            Node::Literals(values) => {
+                let candidates = values
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.first() == Some(&b))
+                    .fold(0u64, |m, (i, _)| m | 1 << i);
+                if candidates == 0 {
+                    return false;
+                }
+                self.p.scalar = Scalar::Literal {
+                    node,
+                    candidates,
+                    at: 1,
+                };
+                self.literal_maybe_done();
+                return true;
+            }
+        };
+        match started {
+            Some(s) => {
+                self.p.scalar = s;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ends a literal whose every remaining candidate is complete (nothing can extend it).
+    fn literal_maybe_done(&mut self) {
+        if let Scalar::Literal {
+            node,
+            candidates,
+            at,
+        } = self.p.scalar
+        {
+            let Node::Literals(values) = &self.nodes[node as usize] else {
+                return;
+            };
+            let all_whole = (0..values.len())
+                .filter(|i| candidates >> i & 1 == 1)
+                .all(|i| values[i].len() == at as usize);
+            if all_whole {
+                self.value_done();
+            }
+        }
+    }
+
+    fn feed(&mut self, b: u8) -> bool {
+        match self.p.scalar {
+            Scalar::None => {}
+            Scalar::Str { backslash, hex } => {
+                self.p.scalar = match (backslash, hex, b) {
+                    (false, 0, b'"') => {
+                        self.value_done();
+                        return true;
+                    }
+                    (false, 0, b'\\') => Scalar::Str {
+                        backslash: true,
+                        hex: 0,
+                    },
+                    (false, 0, 0x00..=0x1f) => return false,
+                    (false, 0, _) => Scalar::Str {
+                        backslash: false,
+                        hex: 0,
+                    },
+                    (true, _, b'u') => Scalar::Str {
+                        backslash: false,
+                        hex: 4,
+                    },
+                    (true, _, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                        Scalar::Str {
+                            backslash: false,
+                            hex: 0,
+                        }
+                    }
+                    (true, _, _) => return false,
+                    (false, n, c) if c.is_ascii_hexdigit() => Scalar::Str {
+                        backslash: false,
+                        hex: n - 1,
+                    },
+                    (false, _, _) => return false,
+                };
+                return true;
+            }
+            Scalar::Number { integer, state } => {
+                let next = match (state, b) {
+                    (MINUS, b'0') => Some(ZERO),
+                    (MINUS, b'1'..=b'9') => Some(INT),
+                    (INT, b'0'..=b'9') => Some(INT),
+                    (ZERO | INT, b'.') if !integer => Some(DOT),
+                    (DOT | FRAC, b'0'..=b'9') => Some(FRAC),
+                    (ZERO | INT | FRAC, b'e' | b'E') if !integer => Some(E),
+                    (E, b'+' | b'-') => Some(ESIGN),
+                    (E | ESIGN | EXP, b'0'..=b'9') => Some(EXP),
+                    _ => None,
+                };
+                if let Some(state) = next {
+                    self.p.scalar = Scalar::Number { integer, state };
+                    return true;
+                }
+                if !matches!(state, ZERO | INT | FRAC | EXP) || self.p.depth == 0 {
+                    // Incomplete, or a top-level number (the schema's root is a container or
+                    // a literal in practice: a bare number could never be known to end).
+                    return false;
+                }
+                self.value_done();
+                // The byte belongs to what follows the number.
+            }
+            Scalar::Word { word, at } => {
+                let w = WORDS[word as usize];
+                if w[at as usize] != b {
+                    return false;
+                }
+                if at as usize + 1 == w.len() {
+                    self.value_done();
+                } else {
+                    self.p.scalar = Scalar::Word { word, at: at + 1 };
+                }
+                return true;
+            }
+            Scalar::Literal {
+                node,
+                candidates,
+                at,
+            } => {
+                let Node::Literals(values) = &self.nodes[node as usize] else {
+                    return false;
+                };
+                let next = (0..values.len())
+                    .filter(|&i| candidates >> i & 1 == 1)
+                    .filter(|&i| values[i].get(at as usize) == Some(&b))
+                    .fold(0u64, |m, i| m | 1 << i);
+                if next != 0 {
+                    self.p.scalar = Scalar::Literal {
+                        node,
+                        candidates: next,
+                        at: at + 1,
+                    };
+                    self.literal_maybe_done();
+                    return true;
+                }
+                // A whole candidate (a number, `1` of `1` and `10`) ends before this byte.
+                let whole = (0..values.len())
+                    .any(|i| candidates >> i & 1 == 1 && values[i].len() == at as usize);
+                if !whole || self.p.depth == 0 {
+                    return false;
+                }
+                self.value_done();
+            }
+        }
+        // Between values: whitespace (not inside a key), structure, or the start of a value.
+        let in_key = self.p.depth > 0
+            && matches!(
+                self.p.frames[self.p.depth as usize - 1].phase,
+                Phase::InKey { .. }
+            );
+        if !in_key && matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            if self.p.done || self.p.whitespace_run >= MAX_WHITESPACE_RUN {
+                return false;
+            }
+            self.p.whitespace_run += 1;
+            return true;
+        }
+        self.p.whitespace_run = 0;
+        if let Some((node, or_close)) = self.expected() {
+            if b == b']' && or_close {
+                return self.close();
+            }
+            return self.begin(node, b);
+        }
+        let nodes = self.nodes;
+        let Some(f) = self.top() else {
+            return false;
+        };
+        match (&nodes[f.node as usize], f.phase) {
+            (Node::Object { props, required }, Phase::KeyOrClose | Phase::Key | Phase::After) => {
+                let unused = ((1u128 << props.len()) - 1) as u64 & !f.used;
+                match (f.phase, b) {
+                    (Phase::KeyOrClose | Phase::Key, b'"') if unused != 0 => {
+                        f.phase = Phase::InKey {
+                            candidates: unused,
+                            at: 0,
+                        };
+                        true
+                    }
+                    (Phase::After, b',') if unused != 0 => {
+                        f.phase = Phase::Key;
+                        true
+                    }
+                    (Phase::KeyOrClose | Phase::After, b'}') if f.used & required == *required => {
+                        self.close()
+                    }
+                    _ => false,
+                }
+            }
+            (Node::Object { props, .. }, Phase::InKey { candidates, at }) => {
+                let at_ = at as usize;
+                if b == b'"' {
+                    match (0..props.len())
+                        .find(|&i| candidates >> i & 1 == 1 && props[i].0.len() == at_)
+                    {
+                        Some(i) => {
+                            f.phase = Phase::Colon { prop: i as u8 };
+                            true
+                        }
+                        None => false,
+                    }
+                } else {
+                    let next = (0..props.len())
+                        .filter(|&i| candidates >> i & 1 == 1 && props[i].0.get(at_) == Some(&b))
+                        .fold(0u64, |m, i| m | 1 << i);
+                    if next == 0 {
+                        return false;
+                    }
+                    f.phase = Phase::InKey {
+                        candidates: next,
+                        at: at + 1,
+                    };
+                    true
+                }
+            }
+            (Node::Object { .. }, Phase::Colon { prop }) if b == b':' => {
+                f.phase = Phase::Value { prop };
+                true
+            }
+            (Node::Array { max, min, .. }, Phase::After) => match b {
+                b',' if f.used < *max as u64 => {
+                    f.phase = Phase::Item;
+                    true
+                }
+                b']' if f.used >= *min as u64 => self.close(),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// A sequence's schema constraint: the compiled schema, where the output stands, and the
+/// vocabulary's bytes.
+#[derive(Debug, Clone)]
+pub struct SchemaConstraint {
+    schema: Arc<Schema>,
+    prefix: SchemaPrefix,
+    tokens: Arc<TokenBytes>,
+}
+
+impl SchemaConstraint {
+    pub fn new(schema: Arc<Schema>, tokens: Arc<TokenBytes>) -> Self {
+        Self {
+            schema,
+            prefix: SchemaPrefix::new(),
+            tokens,
+        }
+    }
+
+    /// Whether `bytes` may follow `state` (moving it past them).
+    fn feed_all(nodes: &[Node], state: &mut SchemaPrefix, bytes: &[u8]) -> bool {
+        let mut c = Cursor { p: state, nodes };
+        bytes.iter().all(|&b| c.feed(b))
+    }
+
+    /// Sets every logit the constraint forbids to −∞ (see [`crate::constraint`]); returns
+    /// whether any token is left.
+    pub fn mask(&self, logits: &mut [f32], stop_ids: &[u32]) -> bool {
+        let nodes = &self.schema.nodes;
+        let plain_string = self.prefix.scalar
+            == Scalar::Str {
+                backslash: false,
+                hex: 0,
+            };
+        let bits =
+            self.schema
+                .masks
+                .allowed_with(&self.tokens, &self.prefix, plain_string, |s, t| {
+                    let mut s = *s;
+                    Self::feed_all(nodes, &mut s, t)
+                });
+        crate::json_mode::apply_mask(&bits, self.prefix.done, logits, stop_ids)
+    }
+
+    /// Moves past a drawn token (one the mask allowed).
+    pub fn accept(&mut self, id: u32) {
+        if (id as usize) < self.tokens.len() {
+            let ok = Self::feed_all(
+                &self.schema.nodes,
+                &mut self.prefix,
+                self.tokens.get(id as usize),
+            );
+            debug_assert!(ok, "a token the mask forbade");
+        }
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.prefix.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn schema() -> Schema {
+        Schema::compile(&json!({
+            "type": "object",
+            "title": "a caption",
+            "properties": {
+                "caption": {"type": "string", "description": "one sentence"},
+                "objects": {"type": "array", "items": {"enum": ["cat", "dog", 7]}, "minItems": 1, "maxItems": 2},
+                "count": {"type": "integer"},
+                "score": {"type": "number"},
+                "moving": {"type": "boolean"},
+                "colour": {"enum": ["red", "reddish", null]},
+                "meta": {"type": "object", "properties": {"n": {"const": 1}}, "required": ["n"], "additionalProperties": false}
+            },
+            "required": ["caption", "count"],
+            "additionalProperties": false
+        }))
+        .unwrap()
+    }
+
+    fn accepted(s: &Schema, text: &str) -> Result<(), usize> {
+        let mut p = SchemaPrefix::new();
+        let mut c = Cursor {
+            p: &mut p,
+            nodes: &s.nodes,
+        };
+        for (i, &b) in text.as_bytes().iter().enumerate() {
+            if !c.feed(b) {
+                return Err(i);
+            }
+        }
+        if c.p.done {
+            Ok(())
+        } else {
+            Err(text.len())
+        }
+    }
+
+    #[test]
+    fn documents_valid_against_the_schema_are_accepted() {
+        let s = schema();
+        for text in [
+            r#"{"caption": "A cat.", "count": 1}"#,
+            r#"{"count": -20, "caption": "x", "objects": ["dog", 7], "score": 1.5e-3}"#,
+            r#"{"caption": "é \"q\" \u00e9", "count": 0, "moving": false, "colour": "reddish"}"#,
+            r#"{"caption": "", "count": 3, "colour": null, "meta": {"n": 1}, "score": 0}"#,
+            "{\n  \"caption\": \"a\",\n  \"count\": 2\n}",
+        ] {
+            assert_eq!(accepted(&s, text), Ok(()), "{text}");
+            serde_json::from_str::<Value>(text).unwrap();
+        }
+    }
+
+    #[test]
+    fn what_the_schema_rules_out_is_refused_where_it_goes_wrong() {
+        let s = schema();
+        for (text, at) in [
+            (r#"["caption"]"#, 0),
+            (r#"{"title": 1}"#, 2),
+            (r#"{"cou nt": 1}"#, 5),
+            (r#"{"count": 1.5"#, 11),
+            (r#"{"count": 1}"#, 11),
+            (r#"{"caption": 5"#, 12),
+            (r#"{"caption": "a", "caption": "b"}"#, 19),
+            (r#"{"objects": [7], "objects": [7]}"#, 18),
+            (r#"{"meta": {"n": 1}, "meta""#, 21),
+            (r#"{"objects": []"#, 13),
+            (r#"{"objects": ["cat", "dog", 7]"#, 25),
+            (r#"{"objects": ["bird"]"#, 14),
+            (r#"{"colour": "re"}"#, 14),
+            (r#"{"moving": "yes"}"#, 11),
+            (r#"{"meta": {}}"#, 10),
+            (r#"{"meta": {"n": 2}}"#, 15),
+        ] {
+            assert_eq!(accepted(&s, text), Err(at), "{text}");
+        }
+        // Every property written: no comma may follow.
+        let one =
+            Schema::compile(&json!({"type": "object", "properties": {"a": {"type": "null"}}}))
+                .unwrap();
+        assert_eq!(accepted(&one, r#"{"a": null, "#), Err(10));
+        assert_eq!(accepted(&one, "{}"), Ok(()));
+    }
+
+    #[test]
+    fn unsupported_keywords_are_named_with_where_they_are() {
+        for (schema, at, says) in [
+            (
+                json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}),
+                "/properties/a",
+                "`pattern`",
+            ),
+            (json!({"anyOf": [{"type": "string"}]}), "/", "`anyOf`"),
+            (json!({"description": "no type"}), "/", "needs `type`"),
+            (
+                json!({"type": "string", "items": {"type": "null"}}),
+                "/",
+                "`items`",
+            ),
+            (
+                json!({"type": "object", "additionalProperties": true}),
+                "/",
+                "additionalProperties",
+            ),
+            (json!({"type": "array"}), "/", "`items`"),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "null"}}, "required": ["b"]}),
+                "/",
+                "required `b`",
+            ),
+            (json!({"type": "tuple"}), "/", "`tuple`"),
+            (json!({"enum": []}), "/", "`enum`"),
+        ] {
+            let e = Schema::compile(&schema).unwrap_err();
+            assert_eq!(e.at, at, "{schema}");
+            assert!(e.what.contains(says), "{schema}: {}", e.what);
+        }
+    }
+
+    #[test]
+    fn the_mask_walks_a_document_token_by_token() {
+        let s = Arc::new(
+            Schema::compile(&json!({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
+                .unwrap(),
+        );
+        let vocab = [
+            "<eos>", "{", "\"ok\"", ":", " true", "}", "\"", "o", "k", "x",
+        ];
+        let tokens = Arc::new(TokenBytes::new(vocab.iter().map(|t| t.as_bytes().to_vec())));
+        let mut c = SchemaConstraint::new(s, tokens);
+        let allowed = |c: &SchemaConstraint| {
+            let mut l = vec![0f32; vocab.len()];
+            c.mask(&mut l, &[0]);
+            (0..vocab.len())
+                .filter(|&i| l[i] == 0.0)
+                .map(|i| vocab[i])
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(allowed(&c), vec!["{"]);
+        c.accept(1);
+        assert_eq!(
+            allowed(&c),
+            vec!["\"ok\"", "\""],
+            "a key, not `}}` (ok is required)"
+        );
+        c.accept(6);
+        assert_eq!(allowed(&c), vec!["o"]);
+        for id in [7, 8, 6, 3] {
+            c.accept(id);
+        }
+        assert_eq!(allowed(&c), vec![" true"]);
+        c.accept(4);
+        assert_eq!(allowed(&c), vec!["}"]);
+        c.accept(5);
+        assert!(c.is_complete());
+        assert_eq!(allowed(&c), vec!["<eos>"]);
+    }
+}
