@@ -462,7 +462,9 @@ fn console_in_a_real_browser() {
     b.wait_text("#plan-status", "Planned for 3.16G", SHORT);
     assert!(b.text("#plan-cost").contains("LM prefill"));
 
-    // Run side by side with the naive configuration: both answers stream, then the tables.
+    // Run side by side with the naive configuration, the answer held to three colours: both
+    // answers stream (each exactly one of them), then the tables.
+    b.keys("#choices", "white, red, blue");
     b.click("#side-by-side");
     b.wait_js(
         "the naive point",
@@ -489,7 +491,8 @@ fn console_in_a_real_browser() {
     assert_eq!(results[0]["title"], "Plan");
     assert_eq!(results[1]["title"], "Naive");
     for r in results {
-        assert!(!r["answer"].as_str().unwrap().trim().is_empty(), "{r}");
+        let answer = r["answer"].as_str().unwrap();
+        assert!(["white", "red", "blue"].contains(&answer), "{r}");
         let rows = r["flops"].as_array().unwrap();
         assert_eq!(rows.len(), 5, "{r}");
         let total = rows[4].as_array().unwrap();

@@ -112,24 +112,39 @@ impl OutputConstraint {
     }
 }
 
+/// For the constraints' tests: a vocabulary of these token texts, and which of them `c` allows
+/// next (stop id 0).
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    pub fn vocab(tokens: &[&str]) -> Arc<TokenBytes> {
+        Arc::new(TokenBytes::new(
+            tokens.iter().map(|t| t.as_bytes().to_vec()),
+        ))
+    }
+
+    pub fn allowed<'a>(c: &OutputConstraint, tokens: &[&'a str]) -> Vec<&'a str> {
+        let mut l = vec![0f32; tokens.len()];
+        c.mask(&mut l, &[0]);
+        (0..tokens.len())
+            .filter(|&i| l[i] == 0.0)
+            .map(|i| tokens[i])
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::{allowed, vocab};
     use super::*;
 
     #[test]
     fn a_choice_is_written_token_by_token_and_stops_only_when_whole() {
-        let vocab = ["<eos>", "re", "d", "dish", "blue", "r", "x", ""];
-        let tokens = Arc::new(TokenBytes::new(vocab.iter().map(|t| t.as_bytes().to_vec())));
+        let words = ["<eos>", "re", "d", "dish", "blue", "r", "x", ""];
         let choices = ["red".to_string(), "reddish".into(), "blue".into()];
-        let mut c = OutputConstraint::Choice(ChoiceConstraint::new(&choices, tokens));
-        let allowed = |c: &OutputConstraint| {
-            let mut l = vec![0f32; vocab.len()];
-            c.mask(&mut l, &[0]);
-            (0..vocab.len())
-                .filter(|&i| l[i] == 0.0)
-                .map(|i| vocab[i])
-                .collect::<Vec<_>>()
-        };
+        let mut c = OutputConstraint::Choice(ChoiceConstraint::new(&choices, vocab(&words)));
+        let allowed = |c: &OutputConstraint| allowed(c, &words);
         assert_eq!(allowed(&c), vec!["re", "blue", "r"]);
         c.accept(1);
         assert_eq!(allowed(&c), vec!["d"]);

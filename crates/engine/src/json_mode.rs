@@ -674,20 +674,14 @@ mod tests {
 
     #[test]
     fn the_mask_allows_what_continues_an_object_and_stops_only_when_complete() {
-        let vocab: Vec<&str> = vec![
+        use crate::constraint::{testing, OutputConstraint};
+        let words = [
             "<eos>", "{", "}", "\"", "a", "\":", " 1", "[", "x", "", "\"}",
         ];
-        let tokens = Arc::new(TokenBytes::new(vocab.iter().map(|t| t.as_bytes().to_vec())));
+        let tokens = testing::vocab(&words);
         assert!(tokens.can_open_object());
-        let mut c = JsonConstraint::new(tokens);
-        let allowed = |c: &JsonConstraint| {
-            let mut l = vec![0f32; vocab.len()];
-            c.mask(&mut l, &[0]);
-            (0..vocab.len())
-                .filter(|&i| l[i] == 0.0)
-                .map(|i| vocab[i])
-                .collect::<Vec<_>>()
-        };
+        let mut c = OutputConstraint::Json(JsonConstraint::new(tokens));
+        let allowed = |c: &OutputConstraint| testing::allowed(c, &words);
         assert_eq!(allowed(&c), vec!["{"]);
         c.accept(1);
         // (A key may begin with `:` or `}`.)

@@ -847,19 +847,13 @@ mod tests {
             Schema::compile(&json!({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
                 .unwrap(),
         );
-        let vocab = [
+        use crate::constraint::{testing, OutputConstraint};
+        let words = [
             "<eos>", "{", "\"ok\"", ":", " true", "}", "\"", "o", "k", "x",
         ];
-        let tokens = Arc::new(TokenBytes::new(vocab.iter().map(|t| t.as_bytes().to_vec())));
-        let mut c = SchemaConstraint::new(s, tokens);
-        let allowed = |c: &SchemaConstraint| {
-            let mut l = vec![0f32; vocab.len()];
-            c.mask(&mut l, &[0]);
-            (0..vocab.len())
-                .filter(|&i| l[i] == 0.0)
-                .map(|i| vocab[i])
-                .collect::<Vec<_>>()
-        };
+        let mut c =
+            OutputConstraint::Schema(Box::new(SchemaConstraint::new(s, testing::vocab(&words))));
+        let allowed = |c: &OutputConstraint| testing::allowed(c, &words);
         assert_eq!(allowed(&c), vec!["{"]);
         c.accept(1);
         assert_eq!(

@@ -68,6 +68,24 @@ fn sampling(max_tokens: usize) -> SamplingParams {
     }
 }
 
+/// A text prompt generated alone (no system message, no history).
+fn text(
+    m: &VideoVlm,
+    prompt: &str,
+    sampling: SamplingParams,
+) -> Result<Generation, vvlm_engine::EngineError> {
+    let req = GenerateRequest {
+        pixels: None,
+        side: 1,
+        system: None,
+        prompt,
+        history: &[],
+        sampling,
+        cancel: None,
+    };
+    m.generate(&req, &FlopCounter::new(), &mut |_| true)
+}
+
 /// How prompt `i` is decoded: greedy, except prompts 1 and 3, drawn at a temperature with a
 /// nucleus and their log-probabilities reported (a batch draws those in parallel); prompt 3
 /// also with top-k, min-p and every penalty, prompt 2 greedy with a repetition penalty (which
@@ -159,19 +177,7 @@ fn join(m: &Arc<VideoVlm>, i: usize, flops: &Arc<FlopCounter>, cancel: &Arc<Atom
 #[test]
 fn logit_bias_and_penalties_steer_a_real_models_tokens() {
     let m = smollm2();
-    let run = |sampling: SamplingParams| -> Generation {
-        let req = GenerateRequest {
-            pixels: None,
-            side: 1,
-            system: None,
-            prompt: "Count from one to twenty in words.",
-            history: &[],
-            sampling,
-            cancel: None,
-        };
-        m.generate(&req, &FlopCounter::new(), &mut |_| true)
-            .unwrap()
-    };
+    let run = |s: SamplingParams| text(&m, "Count from one to twenty in words.", s).unwrap();
     let plain = run(sampling(24));
     let first = plain.token_ids[0];
     let avoided = run(SamplingParams {
@@ -223,19 +229,7 @@ fn logit_bias_and_penalties_steer_a_real_models_tokens() {
 #[test]
 fn json_mode_answers_one_json_object() {
     let m = smollm2();
-    let run = |prompt: &str, sampling: SamplingParams| -> Generation {
-        let req = GenerateRequest {
-            pixels: None,
-            side: 1,
-            system: None,
-            prompt,
-            history: &[],
-            sampling,
-            cancel: None,
-        };
-        m.generate(&req, &FlopCounter::new(), &mut |_| true)
-            .unwrap()
-    };
+    let run = |prompt: &str, s: SamplingParams| text(&m, prompt, s).unwrap();
     let json = |temperature: f64, seed: u64| SamplingParams {
         max_tokens: 96,
         temperature,
@@ -282,24 +276,19 @@ fn a_guided_choice_answers_exactly_one_of_its_strings() {
         ("Is the sea made of cheese?", 0.0, 0),
         ("Is Paris in France?", 1.2, 9),
     ] {
-        let req = GenerateRequest {
-            pixels: None,
-            side: 1,
-            system: None,
+        let format = vvlm_engine::ResponseFormat::Choice(choices.clone());
+        let g = text(
+            &m,
             prompt,
-            history: &[],
-            sampling: SamplingParams {
+            SamplingParams {
                 max_tokens: 16,
                 temperature,
                 seed,
-                response_format: vvlm_engine::ResponseFormat::Choice(choices.clone()),
+                response_format: format,
                 ..Default::default()
             },
-            cancel: None,
-        };
-        let g = m
-            .generate(&req, &FlopCounter::new(), &mut |_| true)
-            .unwrap();
+        )
+        .unwrap();
         assert!(choices.contains(&g.text), "{prompt:?}: {:?}", g.text);
         assert_eq!(g.finish_reason, vvlm_engine::FinishReason::Stop);
     }
@@ -323,25 +312,20 @@ fn a_json_schema_answer_holds_to_the_schema() {
         "additionalProperties": false
     });
     for (temperature, seed) in [(0.0, 0), (0.7, 3), (0.7, 11)] {
-        let req = GenerateRequest {
-            pixels: None,
-            side: 1,
-            system: None,
-            prompt: "Describe a photo of two cats sleeping on a sofa.",
-            history: &[],
-            sampling: SamplingParams {
+        let format = vvlm_engine::ResponseFormat::JsonSchema(schema.clone());
+        let g = text(
+            &m,
+            "Describe a photo of two cats sleeping on a sofa.",
+            SamplingParams {
                 max_tokens: 200,
                 temperature,
                 top_p: 0.9,
                 seed,
-                response_format: vvlm_engine::ResponseFormat::JsonSchema(schema.clone()),
+                response_format: format,
                 ..Default::default()
             },
-            cancel: None,
-        };
-        let g = m
-            .generate(&req, &FlopCounter::new(), &mut |_| true)
-            .unwrap();
+        )
+        .unwrap();
         assert_eq!(
             g.finish_reason,
             vvlm_engine::FinishReason::Stop,
@@ -367,23 +351,16 @@ fn a_json_schema_answer_holds_to_the_schema() {
             .all(|a| ["cat", "dog", "bird"].contains(&a.as_str().unwrap_or(""))));
     }
     // A schema outside the subset is a request error before any work.
-    let req = GenerateRequest {
-        pixels: None,
-        side: 1,
-        system: None,
-        prompt: "hi",
-        history: &[],
-        sampling: SamplingParams {
-            response_format: vvlm_engine::ResponseFormat::JsonSchema(
-                serde_json::json!({"type": "string", "pattern": "a+"}),
-            ),
+    let bad = serde_json::json!({"type": "string", "pattern": "a+"});
+    let e = text(
+        &m,
+        "hi",
+        SamplingParams {
+            response_format: vvlm_engine::ResponseFormat::JsonSchema(bad),
             ..Default::default()
         },
-        cancel: None,
-    };
-    let e = m
-        .generate(&req, &FlopCounter::new(), &mut |_| true)
-        .unwrap_err();
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("`pattern`"), "{e}");
 }
 

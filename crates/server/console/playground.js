@@ -301,6 +301,9 @@ async function runOne(videoUrl, r, cfg, p, title, signal) {
     stream: true,
     messages: [{ role: 'user', content: [{ type: 'video_url', video_url: { url: videoUrl } }, { type: 'text', text: r.prompt }] }],
   };
+  // Answer choices: the answer is exactly one of them (vLLM's guided_choice).
+  const choices = $('choices').value.split(',').map((c) => c.trim()).filter(Boolean);
+  if (choices.length) body.guided_choice = choices;
   const t0 = performance.now();
   let first = null;
   let last = null;
