@@ -116,6 +116,31 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 c.mask(&mut l, &[0, 2]) as u32
             });
         }
+        // A JSON Schema's mask: the first time a state is met (every token tried) and after.
+        let schema = vvlm_engine::json_schema::Schema::compile(&serde_json::json!({
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}}},
+            "required": ["name"]
+        }))?;
+        let mut c = vvlm_engine::json_schema::SchemaConstraint::new(
+            std::sync::Arc::new(schema),
+            tokens.clone(),
+        );
+        for id in ids("{\"age\": 3, ") {
+            c.accept(id);
+        }
+        let t = Instant::now();
+        c.mask(&mut logits.clone(), &[0, 2]);
+        println!(
+            "{:>32}: {:>8.1}",
+            "schema mask, a new state",
+            t.elapsed().as_secs_f64() * 1e6
+        );
+        time("schema mask, a state met before", &mut |_| {
+            let mut l = logits.clone();
+            c.mask(&mut l, &[0, 2]) as u32
+        });
     }
     time("logprobs_at k=5", &mut |_| {
         vvlm_engine::generate::logprobs_at(&logits, 7, 5).1.len() as u32
