@@ -174,9 +174,11 @@ pub struct RequestOptions {
     pub guided_choice: Option<Vec<String>>,
 }
 
-/// The most strings a `guided_choice` may list, and the longest one (characters).
+/// The most strings a `guided_choice` may list, the longest one and all together (characters:
+/// each is checked against the planned checkpoint's tokens before the request is queued).
 pub const MAX_CHOICES: usize = 64;
 pub const MAX_CHOICE_CHARS: usize = 256;
+pub const MAX_CHOICES_CHARS: usize = 4096;
 
 /// The most entries a `logit_bias` may hold.
 pub const MAX_LOGIT_BIAS: usize = 1024;
@@ -447,12 +449,17 @@ pub fn validate(
             let bad = choices
                 .iter()
                 .find(|c| c.is_empty() || c.chars().count() > MAX_CHOICE_CHARS);
-            if choices.is_empty() || choices.len() > MAX_CHOICES || bad.is_some() {
+            let total: usize = choices.iter().map(|c| c.chars().count()).sum();
+            if choices.is_empty()
+                || choices.len() > MAX_CHOICES
+                || bad.is_some()
+                || total > MAX_CHOICES_CHARS
+            {
                 return Err(ApiError::invalid(
                     "guided_choice",
                     format!(
                         "guided_choice lists 1 to {MAX_CHOICES} strings of 1 to \
-                         {MAX_CHOICE_CHARS} characters"
+                         {MAX_CHOICE_CHARS} characters, {MAX_CHOICES_CHARS} in all"
                     ),
                 ));
             }

@@ -392,6 +392,12 @@ async fn validation_errors_are_422_naming_the_field() {
             Some("guided_choice"),
             "1 to 64 strings",
         ),
+        (
+            "guided_choice",
+            json!(vec!["x".repeat(200); 21]),
+            Some("guided_choice"),
+            "4096 in all",
+        ),
         // Its tokens are words: "reddish" is none, nor is "redblue" two of them.
         (
             "guided_choice",
