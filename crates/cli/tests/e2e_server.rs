@@ -335,10 +335,7 @@ fn caption_qa_chat_budgets_and_every_error_path() {
     );
     // OpenAI fields vvlm does not implement are refused by name, not ignored.
     for (field, value) in [
-        (
-            "tools",
-            json!([{"type": "function", "function": {"name": "f"}}]),
-        ),
+        ("functions", json!([{"name": "f"}])),
         ("audio", json!({"voice": "alloy", "format": "wav"})),
         ("reasoning_effort", json!("high")),
     ] {

@@ -29,8 +29,6 @@ const OWN: &[&str] = &["messages", "stream", "stream_options", "user"];
 /// OpenAI fields vvlm does not implement: 400 naming the field when set (null means "not
 /// set").
 const UNSUPPORTED: &[&str] = &[
-    "tools",
-    "tool_choice",
     "functions",
     "function_call",
     "parallel_tool_calls",
@@ -83,6 +81,8 @@ pub struct ChatRequest {
     pub content: Content,
     pub stream: bool,
     pub include_usage: bool,
+    /// The function whose call is forced: the answer is its arguments, sent as a tool call.
+    pub tool: Option<String>,
 }
 
 /// Reads a chat body.
@@ -93,7 +93,6 @@ pub fn parse(
     for &field in UNSUPPORTED {
         let set = match body.remove(field) {
             None | Some(Value::Null) => false,
-            Some(Value::Array(a)) if field == "tools" => !a.is_empty(),
             Some(_) => true,
         };
         if set {
@@ -102,11 +101,28 @@ pub fn parse(
             });
         }
     }
-    // Accepted and without effect here: OpenAI's storage and routing hints.
-    for field in ["store", "metadata", "service_tier"] {
+    // Accepted and without effect here: OpenAI's storage and routing hints, and whether calls
+    // may be parallel (a forced call is one call).
+    for field in ["store", "metadata", "service_tier", "parallel_tool_calls"] {
         body.remove(field);
     }
-    let options = RequestOptions::take_from(&mut body, OWN)?;
+    let tool = forced_tool(body.remove("tools"), body.remove("tool_choice"))?;
+    let mut options = RequestOptions::take_from(&mut body, OWN)?;
+    if let Some(t) = &tool {
+        // The call's arguments are a document of the function's parameters schema.
+        if options.response_format.is_some() || options.guided_choice.is_some() {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "a forced tool call and response_format or guided_choice exclude each other",
+            ));
+        }
+        options.response_format = Some(
+            json!({"type": "json_schema", "json_schema": {"name": t.name, "schema": t.parameters}})
+                .as_object()
+                .cloned()
+                .expect("an object"),
+        );
+    }
     let stream = match body.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -216,6 +232,15 @@ pub fn parse(
         }
         media = Media::Images(images);
     }
+    // The forced function is described to the model in the system message (the templates vvlm
+    // renders have no tool syntax of their own).
+    if let Some(t) = &tool {
+        let call = t.instruction();
+        system = Some(match system {
+            Some(s) if !s.is_empty() => format!("{s}\n\n{call}"),
+            _ => call,
+        });
+    }
     Ok(ChatRequest {
         options,
         content: Content {
@@ -226,7 +251,120 @@ pub fn parse(
         },
         stream,
         include_usage,
+        tool: tool.map(|t| t.name),
     })
+}
+
+/// The function a request forces a call of (OpenAI's `tools` and `tool_choice`).
+struct ForcedTool {
+    name: String,
+    description: String,
+    parameters: Value,
+}
+
+impl ForcedTool {
+    /// What the system message says of it.
+    fn instruction(&self) -> String {
+        let what = if self.description.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.description)
+        };
+        format!(
+            "Call the function `{}`{what}: answer with its arguments only, as one JSON object \
+             of this JSON Schema: {}",
+            self.name, self.parameters
+        )
+    }
+}
+
+/// The tool a request forces, from `tools` and `tool_choice`: `none` (or no tools) calls
+/// none; a named function, or `required` with one tool, forces it. `auto` is refused by name:
+/// vvlm's checkpoints are not trained to choose a call, so it never pretends they do.
+fn forced_tool(
+    tools: Option<Value>,
+    choice: Option<Value>,
+) -> Result<Option<ForcedTool>, ApiError> {
+    let bad = |param: &str, m: String| ApiError::invalid(param, m);
+    let tools = match tools {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(bad("tools", "`tools` must be a list".into())),
+    };
+    let mut defined = vec![];
+    for t in &tools {
+        let f = t
+            .get("function")
+            .filter(|_| t.get("type").and_then(|x| x.as_str()) == Some("function"))
+            .ok_or_else(|| {
+                bad(
+                    "tools",
+                    "each tool is {\"type\": \"function\", \"function\": {...}}".into(),
+                )
+            })?;
+        let name = f.get("name").and_then(|n| n.as_str()).unwrap_or_default();
+        let valid = (1..=64).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid {
+            return Err(bad(
+                "tools",
+                format!("function name `{name}`: 1-64 letters, digits, `_` or `-`"),
+            ));
+        }
+        if defined.iter().any(|d: &ForcedTool| d.name == name) {
+            return Err(bad("tools", format!("function `{name}` is defined twice")));
+        }
+        let parameters = f
+            .get("parameters")
+            .cloned()
+            .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+        vvlm_engine::json_schema::Schema::compile(&parameters)
+            .map_err(|e| bad("tools", format!("function `{name}` parameters: {e}")))?;
+        defined.push(ForcedTool {
+            name: name.to_string(),
+            description: f
+                .get("description")
+                .and_then(|d| d.as_str())
+                .unwrap_or_default()
+                .to_string(),
+            parameters,
+        });
+    }
+    let named = |name: &str| {
+        defined
+            .iter()
+            .position(|d| d.name == name)
+            .ok_or_else(|| bad("tool_choice", format!("no tool is named `{name}`")))
+    };
+    let pick = match choice.as_ref() {
+        None | Some(Value::Null) if defined.is_empty() => return Ok(None),
+        Some(Value::String(c)) if c == "none" => return Ok(None),
+        None | Some(Value::Null) => None,
+        Some(Value::String(c)) if c == "auto" => None,
+        Some(Value::String(c)) if c == "required" && defined.len() == 1 => Some(0),
+        Some(Value::String(c)) if c == "required" => {
+            return Err(bad(
+                "tool_choice",
+                "`required` with several tools: name the one to call".into(),
+            ))
+        }
+        Some(c) => match c.get("function").and_then(|f| f.get("name")).and_then(|n| n.as_str()) {
+            Some(name) if !defined.is_empty() => Some(named(name)?),
+            Some(_) => return Err(bad("tool_choice", "tool_choice names a function but no `tools` are given".into())),
+            None => return Err(bad("tool_choice", "tool_choice is none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}".into())),
+        },
+    };
+    match pick {
+        Some(i) => Ok(Some(defined.swap_remove(i))),
+        None => Err(bad(
+            "tool_choice",
+            "vvlm calls a tool only when tool_choice names it (or is `required` with one tool): \
+             its checkpoints are not trained to choose one"
+                .into(),
+        )),
+    }
 }
 
 fn finish_str(f: FinishReason) -> &'static str {
@@ -256,14 +394,31 @@ fn logprobs_json(asked: bool, steps: &[StepLogprobs]) -> Value {
     json!({ "content": content })
 }
 
-fn choices_json(generations: &[Generation], logprobs: bool) -> Vec<Value> {
+/// A forced call's id: the completion's id and the choice.
+fn call_id(id: &str, index: usize) -> String {
+    format!("call_{}_{index}", id.trim_start_matches("chatcmpl-"))
+}
+
+fn choices_json(
+    id: &str,
+    generations: &[Generation],
+    logprobs: bool,
+    tool: Option<&str>,
+) -> Vec<Value> {
     generations
         .iter()
         .enumerate()
         .map(|(i, g)| {
+            let message = match tool {
+                None => json!({"role": "assistant", "content": g.text}),
+                Some(name) => json!({"role": "assistant", "content": null, "tool_calls": [{
+                    "id": call_id(id, i), "type": "function",
+                    "function": {"name": name, "arguments": g.text},
+                }]}),
+            };
             json!({
                 "index": i,
-                "message": {"role": "assistant", "content": g.text},
+                "message": message,
                 "finish_reason": finish_str(g.finish_reason),
                 "logprobs": logprobs_json(logprobs, &g.logprobs),
             })
@@ -293,16 +448,17 @@ pub async fn completions(
         let o = run_to_completion(s.clone(), t.clone(), r, slot).await?;
         return Ok(Json(json!({
             "id": id, "object": "chat.completion", "created": created, "model": o.plan.choice.model,
-            "choices": choices_json(&o.generations, logprobs),
+            "choices": choices_json(&id, &o.generations, logprobs, c.tool.as_deref()),
             "usage": usage_json(&o), "plan": o.plan, "notes": o.notes,
         }))
         .into_response());
     }
-    stream(s, t, r, slot, id, created, c.include_usage).await
+    stream(s, t, r, slot, id, created, c.include_usage, c.tool).await
 }
 
 /// Streaming: admission errors are ordinary HTTP errors; after that, SSE chunks, and an error
 /// (timeout, engine) as an event carrying the same body as an HTTP error.
+#[allow(clippy::too_many_arguments)]
 async fn stream(
     s: Arc<AppState>,
     t: Tenant,
@@ -311,6 +467,7 @@ async fn stream(
     id: String,
     created: i64,
     include_usage: bool,
+    tool: Option<String>,
 ) -> Result<Response, ApiError> {
     let logprobs = r.sampling.logprobs.is_some();
     let mut a = admit(&s, &t, r, slot).await?;
@@ -325,10 +482,20 @@ async fn stream(
         let error = |e: ApiError| {
             let _ = tx.send(SseEvent::default().data(e.body().to_string()));
         };
+        // A forced call streams as OpenAI's do: its id and name first, then its arguments.
+        let delta = |piece: &str| match &tool {
+            None => json!({"content": piece}),
+            Some(_) => json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+        };
         for i in 0..a.n {
+            let first = match &tool {
+                None => json!({"role": "assistant", "content": ""}),
+                Some(name) => json!({"role": "assistant", "content": null, "tool_calls": [{
+                    "index": 0, "id": call_id(&id, i), "type": "function",
+                    "function": {"name": name, "arguments": ""}}]}),
+            };
             send(chunk(
-                json!([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                "finish_reason": null, "logprobs": null}]),
+                json!([{"index": i, "delta": first, "finish_reason": null, "logprobs": null}]),
             ));
         }
         let deadline = tokio::time::Instant::now() + timeout;
@@ -346,7 +513,7 @@ async fn stream(
                 }
                 Ok(Some(Event::Started)) => {}
                 Ok(Some(Event::Text { index, piece })) => {
-                    let c = chunk(json!([{"index": index, "delta": {"content": piece},
+                    let c = chunk(json!([{"index": index, "delta": delta(&piece),
                                           "finish_reason": null, "logprobs": null}]));
                     if !send(c) {
                         return; // client gone: the guard cancels the job

@@ -513,15 +513,108 @@ async fn sampling_controls_reach_the_models_choice() {
     assert_ne!(forced, tokens(&greedy));
 }
 
+/// `tools` and `tool_choice`: a call is made only when forced (a named function, or `required`
+/// with one tool); every other shape is a 422 naming the field at fault.
+#[tokio::test]
+async fn tool_calls_are_forced_or_refused_by_name() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let f = |name: &str, params: Value| json!({"type": "function", "function": {"name": name, "parameters": params}});
+    let obj = json!({"type": "object", "properties": {"colour": {"enum": ["red", "white"]}}, "required": ["colour"]});
+    let cases: Vec<(Value, Value, &str, &str)> = vec![
+        (
+            json!([f("answer", obj.clone())]),
+            Value::Null,
+            "tool_choice",
+            "names it",
+        ),
+        (
+            json!([f("answer", obj.clone())]),
+            json!("auto"),
+            "tool_choice",
+            "names it",
+        ),
+        (
+            json!([f("a", obj.clone()), f("b", obj.clone())]),
+            json!("required"),
+            "tool_choice",
+            "name the one",
+        ),
+        (
+            json!([f("answer", obj.clone())]),
+            json!({"type": "function", "function": {"name": "other"}}),
+            "tool_choice",
+            "no tool is named `other`",
+        ),
+        (
+            Value::Null,
+            json!({"type": "function", "function": {"name": "answer"}}),
+            "tool_choice",
+            "no `tools`",
+        ),
+        (
+            json!([f(
+                "answer",
+                json!({"type": "object", "patternProperties": {}})
+            )]),
+            json!("required"),
+            "tools",
+            "`patternProperties`",
+        ),
+        (
+            json!([f("bad name!", obj.clone())]),
+            json!("required"),
+            "tools",
+            "letters, digits",
+        ),
+        (
+            json!([f("a", obj.clone()), f("a", obj.clone())]),
+            json!("required"),
+            "tools",
+            "twice",
+        ),
+        (
+            json!([{"type": "retrieval"}]),
+            json!("required"),
+            "tools",
+            "each tool is",
+        ),
+        // A valid forced call on a checkpoint that cannot write JSON (the ladder's words).
+        (
+            json!([f("answer", obj.clone())]),
+            json!("required"),
+            "response_format",
+            "cannot write JSON",
+        ),
+    ];
+    for (tools, choice, param, says) in cases {
+        let mut body =
+            json!({"messages": [{"role": "user", "content": "what colour is the flash ?"}]});
+        body["tools"] = tools.clone();
+        body["tool_choice"] = choice.clone();
+        let (st, v) = s.post("/v1/chat/completions", &key, body).await;
+        assert_eq!(
+            (st, v["error"]["param"].as_str()),
+            (422, Some(param)),
+            "{tools} {choice}: {v}"
+        );
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(says), "{tools} {choice}: {msg}");
+    }
+    // `none` answers in text.
+    let body = json!({"messages": [{"role": "user", "content": "what colour is the flash ?"}],
+                      "tools": [f("answer", obj)], "tool_choice": "none", "max_tokens": 3});
+    let (st, v) = s.post("/v1/chat/completions", &key, body).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+}
+
 #[tokio::test]
 async fn unimplemented_openai_fields_are_400_by_name() {
     let s = server();
     let key = s.tenant("alice", None);
     for (field, value) in [
-        (
-            "tools",
-            json!([{"type": "function", "function": {"name": "f"}}]),
-        ),
+        ("functions", json!([{"name": "f"}])),
         ("audio", json!({"voice": "alloy", "format": "wav"})),
     ] {
         let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
