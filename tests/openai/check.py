@@ -201,6 +201,18 @@ except ValueError as e:
 ok("tool call: streamed arguments", names == ["describe_city"] and isinstance(sargs, dict)
    and set(CITY["required"]) <= set(sargs), (names, streamed))
 
+# The call's result sent back as a `tool` message: the model answers in text.
+r2 = client.chat.completions.create(
+    model="auto", max_tokens=24, tools=[TOOL], tool_choice="none",
+    messages=[{"role": "user", "content": "Paris is the capital of France."},
+              {"role": "assistant", "content": None, "tool_calls": [
+                  {"id": calls[0].id, "type": "function",
+                   "function": {"name": "describe_city", "arguments": calls[0].function.arguments}}]},
+              {"role": "tool", "tool_call_id": calls[0].id, "content": "recorded"}],
+)
+ok("tool call: the result answered in text", isinstance(r2.choices[0].message.content, str)
+   and len(r2.choices[0].message.content) > 0 and not r2.choices[0].message.tool_calls, r2.choices[0].message)
+
 # A choice (vLLM's guided_choice, through extra_body): the answer is exactly one of them.
 r = client.chat.completions.create(
     model="auto", messages=messages("Which city is the capital of France?"), max_tokens=16,

@@ -42,7 +42,26 @@ const UNSUPPORTED: &[&str] = &[
 #[derive(Deserialize)]
 struct ChatMessage {
     role: String,
-    content: MessageContent,
+    /// Null for an assistant message that only called a tool.
+    content: Option<MessageContent>,
+    /// An assistant message's calls (sent back in a conversation after a forced call).
+    #[serde(default)]
+    tool_calls: Vec<ToolCall>,
+    /// A `tool` message's call (its result follows the call in the conversation).
+    #[serde(default)]
+    tool_call_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ToolCall {
+    id: String,
+    function: CalledFunction,
+}
+
+#[derive(Deserialize)]
+struct CalledFunction {
+    name: String,
+    arguments: String,
 }
 
 #[derive(Deserialize)]
@@ -144,22 +163,66 @@ pub fn parse(
     let mut media_turn = None;
     let mut media = Media::None;
     let mut images = vec![];
+    // The calls made so far, by id, for the results that follow them.
+    let mut calls: Vec<(String, String)> = vec![];
     for m in messages {
-        let parts = match m.content {
-            MessageContent::Text(t) => vec![Part::Text { text: t }],
-            MessageContent::Parts(p) => p,
+        let mut parts = match m.content {
+            None => vec![],
+            Some(MessageContent::Text(t)) => vec![Part::Text { text: t }],
+            Some(MessageContent::Parts(p)) => p,
         };
         let role = match m.role.as_str() {
             "system" | "developer" => None,
             "user" => Some(Role::User),
             "assistant" => Some(Role::Assistant),
+            // A tool's result is read by the model as the next user turn, naming the call.
+            "tool" => {
+                let name = m
+                    .tool_call_id
+                    .as_ref()
+                    .and_then(|id| calls.iter().find(|(c, _)| c == id))
+                    .map(|(_, name)| name.clone())
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "messages",
+                            "a tool message's tool_call_id must name a call an earlier assistant message made",
+                        )
+                    })?;
+                let text = parts
+                    .drain(..)
+                    .map(|p| match p {
+                        Part::Text { text } => Ok(text),
+                        _ => Err(ApiError::invalid("messages", "a tool message is text")),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .join("\n");
+                parts.push(Part::Text {
+                    text: format!("The function `{name}` returned: {text}"),
+                });
+                Some(Role::User)
+            }
             other => {
                 return Err(ApiError::invalid(
                     "messages",
-                    format!("unsupported role `{other}` (system, user or assistant)"),
+                    format!("unsupported role `{other}` (system, user, assistant or tool)"),
                 ))
             }
         };
+        // An assistant's calls are what it said: the arguments it wrote, a call a line.
+        if !m.tool_calls.is_empty() {
+            if role != Some(Role::Assistant) {
+                return Err(ApiError::invalid(
+                    "messages",
+                    "only assistant messages make tool calls",
+                ));
+            }
+            for c in &m.tool_calls {
+                calls.push((c.id.clone(), c.function.name.clone()));
+                parts.push(Part::Text {
+                    text: c.function.arguments.clone(),
+                });
+            }
+        }
         let mut texts = vec![];
         for p in parts {
             match (role, p) {

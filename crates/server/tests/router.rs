@@ -601,6 +601,32 @@ async fn tool_calls_are_forced_or_refused_by_name() {
         let msg = v["error"]["message"].as_str().unwrap();
         assert!(msg.contains(says), "{tools} {choice}: {msg}");
     }
+    // After a call, its result comes back as a `tool` message naming it; the model answers
+    // in text. A result naming no call is a 422.
+    let call = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+        "type": "function", "function": {"name": "answer", "arguments": "{\"colour\": \"white\"}"}}]});
+    let first = json!({"role": "user", "content": "what colour is the flash ?"});
+    let body = json!({"messages": [first, call, {"role": "tool", "tool_call_id": "call_1", "content": "white"}],
+                      "max_tokens": 3});
+    let (st, v) = s.post("/v1/chat/completions", &key, body).await;
+    assert_eq!(st, 200, "{v}");
+    let alone = json!({"messages": [first], "max_tokens": 3});
+    let (_, w) = s.post("/v1/chat/completions", &key, alone).await;
+    assert!(
+        v["usage"]["prompt_tokens"].as_u64() > w["usage"]["prompt_tokens"].as_u64(),
+        "the call and its result are in the prompt: {v} {w}"
+    );
+    let body = json!({"messages": [first, call, {"role": "tool", "tool_call_id": "call_9", "content": "x"}]});
+    let (st, v) = s.post("/v1/chat/completions", &key, body).await;
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (422, Some("messages")),
+        "{v}"
+    );
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("tool_call_id"));
     // `none` answers in text.
     let body = json!({"messages": [{"role": "user", "content": "what colour is the flash ?"}],
                       "tools": [f("answer", obj)], "tool_choice": "none", "max_tokens": 3});
