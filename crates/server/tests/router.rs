@@ -1234,8 +1234,12 @@ async fn a_conversation_about_a_video_continues_from_its_cached_prefix() {
             "first user message",
         ),
         (
-            json!([text("tool", "x"), first.clone()]),
+            json!([text("function", "x"), first.clone()]),
             "unsupported role",
+        ),
+        (
+            json!([text("tool", "x"), first.clone()]),
+            "must name a call",
         ),
         (
             json!([first.clone(), {"role": "assistant", "content": [video.clone()]},
