@@ -1,5 +1,6 @@
 //! The inference core on candle: SigLIP frame encoding, the 2-layer MLP projector, bilinear
-//! token pooling (g x g -> s x s), Llama/Qwen2 prefill and decode with a KV cache, generation,
+//! token pooling (g x g -> s x s), Llama/Qwen2 prefill and decode with a KV cache, generation
+//! (sampling controls, and output constraints: JSON, a JSON Schema subset, a choice of strings),
 //! and a measured-FLOPs count of every matrix product executed (see `vvlm_cost`'s conventions).
 //!
 //! Owns checkpoint loading (HF safetensors + config.json in LLaVA-OneVision layouts, LMs from
