@@ -3,9 +3,12 @@
 //! `}` only once every `required` one is; no other keys: `additionalProperties` must be absent
 //! or false), arrays with `items` (`minItems`, `maxItems`), strings, numbers, integers, booleans,
 //! null, and `enum` / `const` of any JSON values (their compact JSON text, matched byte for
-//! byte). Annotations (`title`, `description`, `$schema`, `default`, `examples`) are ignored;
-//! any other keyword (`anyOf`, `$ref`, `pattern`, `format`, ...) or a schema without a type is
-//! refused by name when compiled, never silently dropped. Up to [`MAX_DEPTH`] nested containers
+//! byte), local `$ref`s (`#/$defs/...`, expanded in place; recursion refused) and alternatives
+//! (`anyOf`, `oneOf`, a list of types) whose values begin with different bytes, so that a
+//! value's first byte picks one (`["string", "null"]`, Pydantic's optional fields).
+//! Annotations (`title`, `description`, `$schema`, `default`, `examples`, `$defs`) are ignored;
+//! any other keyword (`allOf`, `pattern`, `format`, ...), alternatives that could begin alike,
+//! or a schema without a type is refused by name when compiled, never silently dropped. Up to [`MAX_DEPTH`] nested containers
 //! and [`MAX_PROPERTIES`] properties an object.
 //!
 //! [`SchemaPrefix`] recognizes the prefixes of texts that are JSON and valid against the schema,
@@ -43,6 +46,9 @@ enum Node {
     Null,
     /// `enum` / `const`: each value's compact JSON text.
     Literals(Vec<Vec<u8>>),
+    /// `anyOf` / `oneOf` / a list of types: alternatives that begin with different bytes, so
+    /// that a value's first byte says which it is.
+    Union(Vec<u16>),
 }
 
 /// A compiled schema: its nodes (the root first) and the allowed tokens of each state.
@@ -60,7 +66,22 @@ pub struct SchemaError {
     pub what: String,
 }
 
+/// The keywords a schema node may hold (besides `$ref`, `anyOf`, `oneOf`).
+const SUPPORTED: &[&str] = &[
+    "type",
+    "enum",
+    "const",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+    "minItems",
+    "maxItems",
+];
+
 const ANNOTATIONS: &[&str] = &[
+    "$defs",
+    "definitions",
     "title",
     "description",
     "$schema",
@@ -73,13 +94,47 @@ const ANNOTATIONS: &[&str] = &[
 impl Schema {
     /// Compiles `schema` (see the module doc for the subset).
     pub fn compile(schema: &Value) -> Result<Schema, SchemaError> {
-        let mut nodes = vec![];
-        add(schema, "", 0, &mut nodes)?;
+        let mut cx = Compiler {
+            root: schema,
+            nodes: vec![],
+            refs: vec![],
+        };
+        add(schema, "", 0, &mut cx)?;
         Ok(Schema {
-            nodes,
+            nodes: cx.nodes,
             masks: MaskCache::default(),
         })
     }
+}
+
+/// What compiling holds: the root (for local `$ref`s), the nodes so far, and the references
+/// being expanded (a reference inside its own expansion is recursion).
+struct Compiler<'a> {
+    root: &'a Value,
+    nodes: Vec<Node>,
+    refs: Vec<String>,
+}
+
+/// The bytes a value of `node` may begin with.
+fn first_bytes(nodes: &[Node], node: u16) -> [bool; 256] {
+    let mut set = [false; 256];
+    let mut put = |bytes: &[u8]| bytes.iter().for_each(|&b| set[b as usize] = true);
+    match &nodes[node as usize] {
+        Node::Object { .. } => put(b"{"),
+        Node::Array { .. } => put(b"["),
+        Node::String => put(b"\""),
+        Node::Number { .. } => put(b"-0123456789"),
+        Node::Boolean => put(b"tf"),
+        Node::Null => put(b"n"),
+        Node::Literals(values) => values.iter().for_each(|v| put(&v[..1])),
+        Node::Union(alts) => {
+            for &a in alts {
+                let sub = first_bytes(nodes, a);
+                (0..256).filter(|&b| sub[b]).for_each(|b| set[b] = true);
+            }
+        }
+    }
+    set
 }
 
 fn err(at: &str, what: impl Into<String>) -> SchemaError {
@@ -90,29 +145,127 @@ fn err(at: &str, what: impl Into<String>) -> SchemaError {
 }
 
 /// Adds the node of `s` (and its children) and returns its index.
-fn add(s: &Value, at: &str, depth: usize, nodes: &mut Vec<Node>) -> Result<u16, SchemaError> {
+fn add(s: &Value, at: &str, depth: usize, cx: &mut Compiler) -> Result<u16, SchemaError> {
     if depth > MAX_DEPTH {
         return Err(err(at, format!("nested deeper than {MAX_DEPTH}")));
     }
     let Some(obj) = s.as_object() else {
         return Err(err(at, "a schema must be an object"));
     };
+    // A local reference (`#/$defs/Name`, as Pydantic writes nested models): its target, in
+    // place.
+    if let Some(r) = obj.get("$ref") {
+        if let Some(k) = obj.keys().find(|k| {
+            !["$ref", "$defs", "definitions"].contains(&k.as_str())
+                && !ANNOTATIONS.contains(&k.as_str())
+        }) {
+            return Err(err(
+                at,
+                format!("keyword `{k}` beside `$ref` is not supported"),
+            ));
+        }
+        let r = r.as_str().unwrap_or_default();
+        let target = r
+            .strip_prefix('#')
+            .and_then(|p| cx.root.pointer(p))
+            .ok_or_else(|| {
+                err(
+                    at,
+                    format!("`$ref` {r:?} is not a local reference this schema holds"),
+                )
+            })?;
+        if cx.refs.iter().any(|x| x == r) {
+            return Err(err(
+                at,
+                format!("`$ref` {r:?} is recursive (not supported)"),
+            ));
+        }
+        cx.refs.push(r.to_string());
+        let node = add(target, r.trim_start_matches('#'), depth, cx);
+        cx.refs.pop();
+        return node;
+    }
+    // Alternatives: `anyOf` / `oneOf`, or a list of types (`["string", "null"]`, as optional
+    // fields are written).
+    let alternatives: Option<Vec<(Value, String)>> =
+        if let Some(list) = obj.get("anyOf").or(obj.get("oneOf")) {
+            let key = if obj.contains_key("anyOf") {
+                "anyOf"
+            } else {
+                "oneOf"
+            };
+            if let Some(k) = obj.keys().find(|k| {
+                k.as_str() != key
+                    && !["$defs", "definitions"].contains(&k.as_str())
+                    && !ANNOTATIONS.contains(&k.as_str())
+            }) {
+                return Err(err(
+                    at,
+                    format!("keyword `{k}` beside `{key}` is not supported"),
+                ));
+            }
+            let list = list
+                .as_array()
+                .filter(|l| !l.is_empty() && l.len() <= MAX_ENUM)
+                .ok_or_else(|| err(at, format!("`{key}` must list 1 to {MAX_ENUM} schemas")))?;
+            Some(
+                list.iter()
+                    .enumerate()
+                    .map(|(i, v)| (v.clone(), format!("{at}/{key}/{i}")))
+                    .collect(),
+            )
+        } else if let Some(Value::Array(types)) = obj.get("type") {
+            if let Some(k) = obj
+                .keys()
+                .find(|k| !SUPPORTED.contains(&k.as_str()) && !ANNOTATIONS.contains(&k.as_str()))
+            {
+                return Err(err(at, format!("keyword `{k}` is not supported")));
+            }
+            let mut alts = vec![];
+            for (i, t) in types.iter().enumerate() {
+                // Each type with the keywords that apply to it.
+                let mut one = obj.clone();
+                one.insert("type".into(), t.clone());
+                if t != "object" {
+                    for k in ["properties", "required", "additionalProperties"] {
+                        one.remove(k);
+                    }
+                }
+                if t != "array" {
+                    for k in ["items", "minItems", "maxItems"] {
+                        one.remove(k);
+                    }
+                }
+                alts.push((Value::Object(one), format!("{at}/type/{i}")));
+            }
+            Some(alts)
+        } else {
+            None
+        };
+    if let Some(alts) = alternatives {
+        let mut nodes = vec![];
+        let mut seen = [false; 256];
+        for (v, where_) in &alts {
+            let n = add(v, where_, depth, cx)?;
+            let first = first_bytes(&cx.nodes, n);
+            if (0..256).any(|b| first[b] && seen[b]) {
+                return Err(err(where_, "alternatives that can begin with the same byte are not supported (number and integer, two objects, a string and a string enum, ...)"));
+            }
+            (0..256).filter(|&b| first[b]).for_each(|b| seen[b] = true);
+            nodes.push(n);
+        }
+        if cx.nodes.len() >= u16::MAX as usize {
+            return Err(err(at, "too many schemas"));
+        }
+        cx.nodes.push(Node::Union(nodes));
+        return Ok((cx.nodes.len() - 1) as u16);
+    }
+    let nodes = &mut cx.nodes;
     let index = nodes.len();
     if index >= u16::MAX as usize {
         return Err(err(at, "too many schemas"));
     }
     nodes.push(Node::Null); // placeholder, set below
-    const SUPPORTED: &[&str] = &[
-        "type",
-        "enum",
-        "const",
-        "properties",
-        "required",
-        "additionalProperties",
-        "items",
-        "minItems",
-        "maxItems",
-    ];
     if let Some(k) = obj
         .keys()
         .find(|k| !SUPPORTED.contains(&k.as_str()) && !ANNOTATIONS.contains(&k.as_str()))
@@ -170,7 +323,7 @@ fn add(s: &Value, at: &str, depth: usize, nodes: &mut Vec<Node>) -> Result<u16, 
                             format!("property name {name:?}: quotes, backslashes and control characters are not supported"),
                         ));
                     }
-                    let child = add(sub, &format!("{at}/properties/{name}"), depth + 1, nodes)?;
+                    let child = add(sub, &format!("{at}/properties/{name}"), depth + 1, cx)?;
                     props.push((name.as_bytes().to_vec(), child));
                 }
                 let mut required = 0u64;
@@ -194,7 +347,7 @@ fn add(s: &Value, at: &str, depth: usize, nodes: &mut Vec<Node>) -> Result<u16, 
                 let items = obj
                     .get("items")
                     .ok_or_else(|| err(at, "an array needs `items`"))?;
-                let items = add(items, &format!("{at}/items"), depth + 1, nodes)?;
+                let items = add(items, &format!("{at}/items"), depth + 1, cx)?;
                 let count = |k: &str, default: u32| -> Result<u32, SchemaError> {
                     match obj.get(k) {
                         None => Ok(default),
@@ -231,7 +384,7 @@ fn add(s: &Value, at: &str, depth: usize, nodes: &mut Vec<Node>) -> Result<u16, 
             other => return Err(err(at, format!("type `{other}` is not supported"))),
         }
     };
-    nodes[index] = node;
+    cx.nodes[index] = node;
     Ok(index as u16)
 }
 
@@ -382,7 +535,19 @@ impl Cursor<'_> {
                 _ => {}
             }
         }
-        let started = match &self.nodes[node as usize] {
+        self.start(node, b)
+    }
+
+    /// Starts a value of `node` with byte `b` (an alternative chosen by the byte).
+    fn start(&mut self, node: u16, b: u8) -> bool {
+        let nodes = self.nodes;
+        let started = match &nodes[node as usize] {
+            Node::Union(alts) => {
+                return alts
+                    .iter()
+                    .find(|&&a| first_bytes(nodes, a)[b as usize])
+                    .is_some_and(|&a| self.start(a, b));
+            }
             Node::Object { .. } | Node::Array { .. } => {
                 let object = matches!(self.nodes[node as usize], Node::Object { .. });
                 if b != if object { b'{' } else { b'[' } || self.p.depth as usize >= MAX_DEPTH {
@@ -806,6 +971,47 @@ mod tests {
         assert_eq!(accepted(&one, "{}"), Ok(()));
     }
 
+    /// What Pydantic writes for nested models and optional fields: `$defs` and `$ref`,
+    /// `anyOf` with null, a list of types, titles and defaults.
+    fn pydantic_like() -> Schema {
+        Schema::compile(&json!({
+            "$defs": {"Animal": {"title": "Animal", "type": "object", "properties": {
+                "kind": {"enum": ["cat", "dog"], "title": "Kind", "type": "string"},
+                "age": {"anyOf": [{"type": "integer"}, {"type": "null"}], "default": null, "title": "Age"}},
+                "required": ["kind"]}},
+            "title": "Photo", "type": "object",
+            "properties": {
+                "caption": {"title": "Caption", "type": "string"},
+                "animals": {"items": {"$ref": "#/$defs/Animal"}, "title": "Animals", "type": "array"},
+                "place": {"type": ["string", "null"], "default": null}
+            },
+            "required": ["caption", "animals"]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn references_and_alternatives_are_followed() {
+        let s = pydantic_like();
+        for text in [
+            r#"{"caption": "x", "animals": [{"kind": "cat", "age": 3}, {"age": null, "kind": "dog"}], "place": null}"#,
+            r#"{"animals": [], "caption": "", "place": "home"}"#,
+        ] {
+            assert_eq!(accepted(&s, text), Ok(()), "{text}");
+        }
+        for (text, at) in [
+            (r#"{"caption": "x", "animals": [{"age": 1}"#, 38),
+            (r#"{"caption": "x", "animals": [], "place": 5"#, 41),
+            (r#"{"caption": "x", "animals": [{"kind": "cow""#, 40),
+            (
+                r#"{"caption": "x", "animals": [{"kind": "cat", "age": 1.5"#,
+                53,
+            ),
+        ] {
+            assert_eq!(accepted(&s, text), Err(at), "{text}");
+        }
+    }
+
     #[test]
     fn unsupported_keywords_are_named_with_where_they_are() {
         for (schema, at, says) in [
@@ -814,7 +1020,7 @@ mod tests {
                 "/properties/a",
                 "`pattern`",
             ),
-            (json!({"anyOf": [{"type": "string"}]}), "/", "`anyOf`"),
+            (json!({"allOf": [{"type": "string"}]}), "/", "`allOf`"),
             (json!({"description": "no type"}), "/", "needs `type`"),
             (
                 json!({"type": "string", "items": {"type": "null"}}),
@@ -834,6 +1040,31 @@ mod tests {
             ),
             (json!({"type": "tuple"}), "/", "`tuple`"),
             (json!({"enum": []}), "/", "`enum`"),
+            (
+                json!({"$defs": {"N": {"type": "object", "properties": {"next": {"$ref": "#/$defs/N"}}}}, "$ref": "#/$defs/N"}),
+                "/$defs/N/properties/next",
+                "recursive",
+            ),
+            (
+                json!({"$ref": "#/$defs/Missing"}),
+                "/",
+                "not a local reference",
+            ),
+            (
+                json!({"$ref": "https://example.com/s.json"}),
+                "/",
+                "not a local reference",
+            ),
+            (
+                json!({"anyOf": [{"type": "integer"}, {"type": "number"}]}),
+                "/anyOf/1",
+                "same byte",
+            ),
+            (
+                json!({"type": ["string", "null"], "pattern": "x"}),
+                "/",
+                "`pattern`",
+            ),
         ] {
             let e = Schema::compile(&schema).unwrap_err();
             assert_eq!(e.at, at, "{schema}");

@@ -350,6 +350,48 @@ fn a_json_schema_answer_holds_to_the_schema() {
             .iter()
             .all(|a| ["cat", "dog", "bird"].contains(&a.as_str().unwrap_or(""))));
     }
+    // As Pydantic writes a nested model and an optional field: `$defs`/`$ref`, `anyOf` with
+    // null, titles and defaults.
+    let nested = serde_json::json!({
+        "$defs": {"Animal": {"title": "Animal", "type": "object", "properties": {
+            "kind": {"enum": ["cat", "dog"], "title": "Kind", "type": "string"},
+            "age": {"anyOf": [{"type": "integer"}, {"type": "null"}], "default": null}},
+            "required": ["kind", "age"]}},
+        "title": "Photo", "type": "object",
+        "properties": {"animals": {"type": "array", "items": {"$ref": "#/$defs/Animal"}, "minItems": 1, "maxItems": 2},
+                       "place": {"type": ["string", "null"]}},
+        "required": ["animals", "place"]
+    });
+    let g = text(
+        &m,
+        "Describe a photo of two cats sleeping on a sofa.",
+        SamplingParams {
+            max_tokens: 200,
+            response_format: vvlm_engine::ResponseFormat::JsonSchema(nested),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&g.text).unwrap();
+    let animals = v["animals"].as_array().unwrap();
+    assert!((1..=2).contains(&animals.len()), "{:?}", g.text);
+    for a in animals {
+        assert!(
+            ["cat", "dog"].contains(&a["kind"].as_str().unwrap()),
+            "{:?}",
+            g.text
+        );
+        assert!(
+            a["age"].is_null() || a["age"].is_i64() || a["age"].is_u64(),
+            "{:?}",
+            g.text
+        );
+    }
+    assert!(
+        v["place"].is_null() || v["place"].is_string(),
+        "{:?}",
+        g.text
+    );
     // A schema outside the subset is a request error before any work.
     let bad = serde_json::json!({"type": "string", "pattern": "a+"});
     let e = text(
