@@ -144,7 +144,7 @@ CITY = {
     "properties": {
         "name": {"type": "string"},
         "country": {"type": "string"},
-        "population_millions": {"type": "number"},
+        "population_millions": {"anyOf": [{"type": "number"}, {"type": "null"}], "default": None},
         "capital": {"type": "boolean"},
     },
     "required": ["name", "country", "capital"],
