@@ -363,12 +363,23 @@ impl<P: Copy + Eq + std::hash::Hash> MaskCache<P> {
         if let Some(bits) = lock().get(state) {
             return bits.clone();
         }
-        // The bytes a token may begin with, tried once each.
+        // The bytes a token may begin with, tried once each; where few may (between values),
+        // the pairs too: most tokens then fail on a table instead of a copy of the state.
         let first: Vec<bool> = (0..=255u8).map(|b| follows(state, &[b])).collect();
+        let starts: Vec<u8> = (0..=255u8).filter(|&b| first[b as usize]).collect();
+        let mut second = vec![true; 256 * 256];
+        if starts.len() <= 16 {
+            for &a in &starts {
+                for b in 0..=255u8 {
+                    second[a as usize * 256 + b as usize] = follows(state, &[a, b]);
+                }
+            }
+        }
         let mut bits = vec![0u64; tokens.len().div_ceil(64)];
         for id in 0..tokens.len() {
             let t = tokens.get(id);
             let ok = t.first().is_some_and(|&b| first[b as usize])
+                && (t.len() < 2 || second[t[0] as usize * 256 + t[1] as usize])
                 && ((plain_string && tokens.plain[id]) || follows(state, t));
             if ok {
                 bits[id / 64] |= 1 << (id % 64);
