@@ -20,7 +20,7 @@ pub const MAX_DEPTH: u32 = 128;
 pub const MAX_WHITESPACE_RUN: u8 = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Number {
+pub(crate) enum Number {
     Minus,
     Zero,
     Int,
@@ -31,22 +31,132 @@ enum Number {
     Exp,
 }
 
-impl Number {
-    /// Whether a number may end here.
-    fn complete(self) -> bool {
-        matches!(
-            self,
-            Number::Zero | Number::Int | Number::Frac | Number::Exp
-        )
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Escape {
+pub(crate) enum Escape {
     No,
     Backslash,
     /// Hex digits of a `\u` escape still to come.
     Hex(u8),
+}
+
+/// A JSON scalar being read, byte by byte (shared by JSON mode and [`crate::json_schema`]): a
+/// string after its opening quote, a number (an integer only, when a schema says so), or
+/// `true` / `false` / `null`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Scalar {
+    Str(Escape),
+    Number {
+        state: Number,
+        integer: bool,
+    },
+    /// Which word, and the bytes matched.
+    Word {
+        word: u8,
+        at: u8,
+    },
+}
+
+/// What a byte does to a [`Scalar`].
+pub(crate) enum Read {
+    /// Taken; the scalar goes on.
+    More,
+    /// Taken; the scalar is whole (a closing quote, a word's last letter).
+    Whole,
+    /// Not the scalar's: it was whole before this byte (a number ends at what follows it).
+    EndedBefore,
+    Invalid,
+}
+
+const WORDS: [&[u8]; 3] = [b"true", b"false", b"null"];
+
+impl Scalar {
+    /// The scalar a value's first byte begins, of the kinds allowed.
+    pub(crate) fn start(b: u8, string: bool, number: Option<bool>, words: &[u8]) -> Option<Self> {
+        let state = match b {
+            b'"' if string => return Some(Scalar::Str(Escape::No)),
+            b't' | b'f' | b'n' => {
+                let word = match b {
+                    b't' => 0,
+                    b'f' => 1,
+                    _ => 2,
+                };
+                return words
+                    .contains(&word)
+                    .then_some(Scalar::Word { word, at: 1 });
+            }
+            b'-' => Number::Minus,
+            b'0' => Number::Zero,
+            b'1'..=b'9' => Number::Int,
+            _ => return None,
+        };
+        number.map(|integer| Scalar::Number { state, integer })
+    }
+
+    /// Inside a string, outside an escape: any byte from 0x20 up but `"` and `\` keeps it so.
+    pub(crate) fn in_plain_string(&self) -> bool {
+        *self == Scalar::Str(Escape::No)
+    }
+
+    pub(crate) fn read(&mut self, b: u8) -> Read {
+        match *self {
+            Scalar::Str(escape) => {
+                *self = Scalar::Str(match (escape, b) {
+                    (Escape::No, b'"') => return Read::Whole,
+                    (Escape::No, b'\\') => Escape::Backslash,
+                    (Escape::No, 0x00..=0x1f) => return Read::Invalid,
+                    (Escape::No, _) => Escape::No,
+                    (Escape::Backslash, b'u') => Escape::Hex(4),
+                    (Escape::Backslash, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                        Escape::No
+                    }
+                    (Escape::Backslash, _) => return Read::Invalid,
+                    (Escape::Hex(n), c) if c.is_ascii_hexdigit() => {
+                        if n == 1 {
+                            Escape::No
+                        } else {
+                            Escape::Hex(n - 1)
+                        }
+                    }
+                    (Escape::Hex(_), _) => return Read::Invalid,
+                });
+                Read::More
+            }
+            Scalar::Number { state, integer } => {
+                let next = match (state, b) {
+                    (Number::Minus, b'0') => Number::Zero,
+                    (Number::Minus, b'1'..=b'9') => Number::Int,
+                    (Number::Int, b'0'..=b'9') => Number::Int,
+                    (Number::Zero | Number::Int, b'.') if !integer => Number::Dot,
+                    (Number::Dot | Number::Frac, b'0'..=b'9') => Number::Frac,
+                    (Number::Zero | Number::Int | Number::Frac, b'e' | b'E') if !integer => {
+                        Number::E
+                    }
+                    (Number::E, b'+' | b'-') => Number::ESign,
+                    (Number::E | Number::ESign | Number::Exp, b'0'..=b'9') => Number::Exp,
+                    (Number::Zero | Number::Int | Number::Frac | Number::Exp, _) => {
+                        return Read::EndedBefore
+                    }
+                    _ => return Read::Invalid,
+                };
+                *self = Scalar::Number {
+                    state: next,
+                    integer,
+                };
+                Read::More
+            }
+            Scalar::Word { word, at } => {
+                let w = WORDS[word as usize];
+                if w[at as usize] != b {
+                    return Read::Invalid;
+                }
+                if at as usize + 1 == w.len() {
+                    return Read::Whole;
+                }
+                *self = Scalar::Word { word, at: at + 1 };
+                Read::More
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,32 +164,18 @@ enum Mode {
     /// Before the object's `{`.
     Start,
     /// A value (after `:`, `[` or an array's `,`); `]` too right after `[`.
-    Value {
-        or_close: bool,
-    },
+    Value { or_close: bool },
     /// A key (after `{` or an object's `,`); `}` too right after `{`.
-    Key {
-        or_close: bool,
-    },
+    Key { or_close: bool },
     /// The `:` after a key.
     Colon,
     /// After a value inside a container: `,` or its closer.
     AfterValue,
-    Str {
-        key: bool,
-        escape: Escape,
-    },
-    Number(Number),
-    /// `true`, `false` or `null`: which, and the bytes matched.
-    Literal {
-        word: u8,
-        at: u8,
-    },
+    /// A scalar value, or (`key`) an object's key.
+    Scalar { scalar: Scalar, key: bool },
     /// The object is complete.
     Done,
 }
-
-const WORDS: [&[u8]; 3] = [b"true", b"false", b"null"];
 
 /// Where a JSON text's prefix stands: small and `Copy`, so that every token of a vocabulary can
 /// be tried from it.
@@ -154,9 +250,28 @@ impl JsonPrefix {
 
     /// Whether the text may continue with `b` (and then moves past it).
     pub fn feed(&mut self, b: u8) -> bool {
-        let space = matches!(b, b' ' | b'\t' | b'\n' | b'\r');
-        let outside_string = !matches!(self.mode, Mode::Str { .. });
-        if space && outside_string && !matches!(self.mode, Mode::Number(_) | Mode::Literal { .. }) {
+        if let Mode::Scalar { mut scalar, key } = self.mode {
+            return match scalar.read(b) {
+                Read::More => {
+                    self.mode = Mode::Scalar { scalar, key };
+                    true
+                }
+                Read::Whole if key => {
+                    self.mode = Mode::Colon;
+                    true
+                }
+                Read::Whole => {
+                    self.value_done();
+                    true
+                }
+                Read::EndedBefore => {
+                    self.value_done();
+                    self.feed(b)
+                }
+                Read::Invalid => false,
+            };
+        }
+        if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
             if self.mode == Mode::Done || self.whitespace_run >= MAX_WHITESPACE_RUN {
                 return false;
             }
@@ -169,33 +284,20 @@ impl JsonPrefix {
             Mode::Value { or_close } => match b {
                 b'{' => self.open(true),
                 b'[' => self.open(false),
-                b'"' => {
-                    self.mode = Mode::Str {
-                        key: false,
-                        escape: Escape::No,
-                    };
-                    true
-                }
-                b'-' => self.number(Number::Minus),
-                b'0' => self.number(Number::Zero),
-                b'1'..=b'9' => self.number(Number::Int),
-                b't' | b'f' | b'n' => {
-                    let word = match b {
-                        b't' => 0,
-                        b'f' => 1,
-                        _ => 2,
-                    };
-                    self.mode = Mode::Literal { word, at: 1 };
-                    true
-                }
                 b']' if or_close => self.close(),
-                _ => false,
+                _ => match Scalar::start(b, true, Some(false), &[0, 1, 2]) {
+                    Some(scalar) => {
+                        self.mode = Mode::Scalar { scalar, key: false };
+                        true
+                    }
+                    None => false,
+                },
             },
             Mode::Key { or_close } => match b {
                 b'"' => {
-                    self.mode = Mode::Str {
+                    self.mode = Mode::Scalar {
+                        scalar: Scalar::Str(Escape::No),
                         key: true,
-                        escape: Escape::No,
                     };
                     true
                 }
@@ -221,75 +323,8 @@ impl JsonPrefix {
                 b']' if !self.in_object() => self.close(),
                 _ => false,
             },
-            Mode::Str { key, escape } => {
-                let escape = match (escape, b) {
-                    (Escape::No, b'"') => {
-                        if key {
-                            self.mode = Mode::Colon;
-                        } else {
-                            self.value_done();
-                        }
-                        return true;
-                    }
-                    (Escape::No, b'\\') => Escape::Backslash,
-                    (Escape::No, 0x00..=0x1f) => return false,
-                    (Escape::No, _) => Escape::No,
-                    (Escape::Backslash, b'u') => Escape::Hex(4),
-                    (Escape::Backslash, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
-                        Escape::No
-                    }
-                    (Escape::Backslash, _) => return false,
-                    (Escape::Hex(n), c) if c.is_ascii_hexdigit() => {
-                        if n == 1 {
-                            Escape::No
-                        } else {
-                            Escape::Hex(n - 1)
-                        }
-                    }
-                    (Escape::Hex(_), _) => return false,
-                };
-                self.mode = Mode::Str { key, escape };
-                true
-            }
-            Mode::Number(n) => {
-                let next = match (n, b) {
-                    (Number::Minus, b'0') => Number::Zero,
-                    (Number::Minus, b'1'..=b'9') => Number::Int,
-                    (Number::Int, b'0'..=b'9') => Number::Int,
-                    (Number::Zero | Number::Int, b'.') => Number::Dot,
-                    (Number::Dot | Number::Frac, b'0'..=b'9') => Number::Frac,
-                    (Number::Zero | Number::Int | Number::Frac, b'e' | b'E') => Number::E,
-                    (Number::E, b'+' | b'-') => Number::ESign,
-                    (Number::E | Number::ESign | Number::Exp, b'0'..=b'9') => Number::Exp,
-                    // The number ends here; the byte belongs to what follows it.
-                    (n, _) if n.complete() => {
-                        self.value_done();
-                        return self.feed(b);
-                    }
-                    _ => return false,
-                };
-                self.mode = Mode::Number(next);
-                true
-            }
-            Mode::Literal { word, at } => {
-                let w = WORDS[word as usize];
-                if w[at as usize] != b {
-                    return false;
-                }
-                if at as usize + 1 == w.len() {
-                    self.value_done();
-                } else {
-                    self.mode = Mode::Literal { word, at: at + 1 };
-                }
-                true
-            }
-            Mode::Done => false,
+            Mode::Scalar { .. } | Mode::Done => false,
         }
-    }
-
-    fn number(&mut self, n: Number) -> bool {
-        self.mode = Mode::Number(n);
-        true
     }
 }
 
@@ -323,13 +358,7 @@ impl BytePrefix for JsonPrefix {
         JsonPrefix::feed(self, b)
     }
     fn in_plain_string(&self) -> bool {
-        matches!(
-            self.mode,
-            Mode::Str {
-                escape: Escape::No,
-                ..
-            }
-        )
+        matches!(self.mode, Mode::Scalar { scalar, .. } if scalar.in_plain_string())
     }
     fn is_complete(&self) -> bool {
         JsonPrefix::is_complete(self)

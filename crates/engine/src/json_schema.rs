@@ -16,7 +16,7 @@
 //! [`crate::json_mode`] allows it. Owns the schema subset and its recognizer; knows nothing of
 //! models.
 
-use crate::json_mode::{MaskCache, TokenBytes, MAX_WHITESPACE_RUN};
+use crate::json_mode::{MaskCache, Read, Scalar as Lexer, TokenBytes, MAX_WHITESPACE_RUN};
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -418,43 +418,14 @@ struct Frame {
     phase: Phase,
 }
 
+/// The value being read, if it is a scalar: a JSON string, number or word (the shared lexer),
+/// or an `enum`/`const` (its node, the values still possible and the bytes matched).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Scalar {
     None,
-    /// Inside a string: after a backslash; the hex digits of a `\u` escape still to come.
-    Str {
-        backslash: bool,
-        hex: u8,
-    },
-    Number {
-        integer: bool,
-        state: u8,
-    },
-    /// `true`, `false`, `null`: which and the bytes matched.
-    Word {
-        word: u8,
-        at: u8,
-    },
-    /// An `enum`/`const`: its node, the values still possible and the bytes matched.
-    Literal {
-        node: u16,
-        candidates: u64,
-        at: u16,
-    },
+    Json(crate::json_mode::Scalar),
+    Literal { node: u16, candidates: u64, at: u16 },
 }
-
-const WORDS: [&[u8]; 3] = [b"true", b"false", b"null"];
-
-// Number states (as json_mode's): after `-`, `0`, digits, `.`, fraction digits, `e`, its
-// sign, exponent digits.
-const MINUS: u8 = 0;
-const ZERO: u8 = 1;
-const INT: u8 = 2;
-const DOT: u8 = 3;
-const FRAC: u8 = 4;
-const E: u8 = 5;
-const ESIGN: u8 = 6;
-const EXP: u8 = 7;
 
 /// Where a document's prefix stands against its schema (`Copy`, hashable: see [`BytePrefix`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -565,26 +536,10 @@ impl Cursor<'_> {
                 self.p.depth += 1;
                 return true;
             }
-            Node::String => (b == b'"').then_some(Scalar::Str {
-                backslash: false,
-                hex: 0,
-            }),
-            Node::Number { integer } => match b {
-                b'-' => Some(MINUS),
-                b'0' => Some(ZERO),
-                b'1'..=b'9' => Some(INT),
-                _ => None,
-            }
-            .map(|state| Scalar::Number {
-                integer: *integer,
-                state,
-            }),
-            Node::Boolean => match b {
-                b't' => Some(Scalar::Word { word: 0, at: 1 }),
-                b'f' => Some(Scalar::Word { word: 1, at: 1 }),
-                _ => None,
-            },
-            Node::Null => (b == b'n').then_some(Scalar::Word { word: 2, at: 1 }),
+            Node::String => Lexer::start(b, true, None, &[]),
+            Node::Number { integer } => Lexer::start(b, false, Some(*integer), &[]),
+            Node::Boolean => Lexer::start(b, false, None, &[0, 1]),
+            Node::Null => Lexer::start(b, false, None, &[2]),
             Node::Literals(values) => {
                 let candidates = values
                     .iter()
@@ -605,7 +560,7 @@ impl Cursor<'_> {
         };
         match started {
             Some(s) => {
-                self.p.scalar = s;
+                self.p.scalar = Scalar::Json(s);
                 true
             }
             None => false,
@@ -635,76 +590,20 @@ impl Cursor<'_> {
     fn feed(&mut self, b: u8) -> bool {
         match self.p.scalar {
             Scalar::None => {}
-            Scalar::Str { backslash, hex } => {
-                self.p.scalar = match (backslash, hex, b) {
-                    (false, 0, b'"') => {
-                        self.value_done();
-                        return true;
-                    }
-                    (false, 0, b'\\') => Scalar::Str {
-                        backslash: true,
-                        hex: 0,
-                    },
-                    (false, 0, 0x00..=0x1f) => return false,
-                    (false, 0, _) => Scalar::Str {
-                        backslash: false,
-                        hex: 0,
-                    },
-                    (true, _, b'u') => Scalar::Str {
-                        backslash: false,
-                        hex: 4,
-                    },
-                    (true, _, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
-                        Scalar::Str {
-                            backslash: false,
-                            hex: 0,
-                        }
-                    }
-                    (true, _, _) => return false,
-                    (false, n, c) if c.is_ascii_hexdigit() => Scalar::Str {
-                        backslash: false,
-                        hex: n - 1,
-                    },
-                    (false, _, _) => return false,
-                };
-                return true;
-            }
-            Scalar::Number { integer, state } => {
-                let next = match (state, b) {
-                    (MINUS, b'0') => Some(ZERO),
-                    (MINUS, b'1'..=b'9') => Some(INT),
-                    (INT, b'0'..=b'9') => Some(INT),
-                    (ZERO | INT, b'.') if !integer => Some(DOT),
-                    (DOT | FRAC, b'0'..=b'9') => Some(FRAC),
-                    (ZERO | INT | FRAC, b'e' | b'E') if !integer => Some(E),
-                    (E, b'+' | b'-') => Some(ESIGN),
-                    (E | ESIGN | EXP, b'0'..=b'9') => Some(EXP),
-                    _ => None,
-                };
-                if let Some(state) = next {
-                    self.p.scalar = Scalar::Number { integer, state };
+            Scalar::Json(mut lexer) => match lexer.read(b) {
+                Read::More => {
+                    self.p.scalar = Scalar::Json(lexer);
                     return true;
                 }
-                if !matches!(state, ZERO | INT | FRAC | EXP) || self.p.depth == 0 {
-                    // Incomplete, or a top-level number (the schema's root is a container or
-                    // a literal in practice: a bare number could never be known to end).
-                    return false;
-                }
-                self.value_done();
-                // The byte belongs to what follows the number.
-            }
-            Scalar::Word { word, at } => {
-                let w = WORDS[word as usize];
-                if w[at as usize] != b {
-                    return false;
-                }
-                if at as usize + 1 == w.len() {
+                Read::Whole => {
                     self.value_done();
-                } else {
-                    self.p.scalar = Scalar::Word { word, at: at + 1 };
+                    return true;
                 }
-                return true;
-            }
+                // A number ends at what follows it (never at the top: the root is a container
+                // or a literal in practice, and a bare number could never be known to end).
+                Read::EndedBefore if self.p.depth > 0 => self.value_done(),
+                Read::EndedBefore | Read::Invalid => return false,
+            },
             Scalar::Literal {
                 node,
                 candidates,
@@ -851,11 +750,7 @@ impl SchemaConstraint {
     /// whether any token is left.
     pub fn mask(&self, logits: &mut [f32], stop_ids: &[u32]) -> bool {
         let nodes = &self.schema.nodes;
-        let plain_string = self.prefix.scalar
-            == Scalar::Str {
-                backslash: false,
-                hex: 0,
-            };
+        let plain_string = matches!(self.prefix.scalar, Scalar::Json(l) if l.in_plain_string());
         let bits =
             self.schema
                 .masks

@@ -859,19 +859,7 @@ fn a_long_prefill_is_chunked_and_the_batch_decodes_between_chunks() {
     let m = Arc::new(VideoVlm::load(&dir, &opts).unwrap());
     std::fs::remove_dir_all(&dir).ok();
     let long = "Describe, in one short sentence, what a lighthouse keeper does at night.";
-    let lone = |prompt: &str, n: usize| {
-        let req = GenerateRequest {
-            pixels: None,
-            side: 1,
-            system: None,
-            prompt,
-            history: &[],
-            sampling: sampling(n),
-            cancel: None,
-        };
-        m.generate(&req, &FlopCounter::new(), &mut |_| true)
-            .unwrap()
-    };
+    let lone = |prompt: &str, n: usize| text(&m, prompt, sampling(n)).unwrap();
     let (first_alone, long_alone) = (lone(PROMPTS[0].0, 12), lone(long, 6));
     assert!(
         long_alone.prompt_tokens > 3 * 8,
