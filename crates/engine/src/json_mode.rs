@@ -367,13 +367,27 @@ impl BytePrefix for JsonPrefix {
 
 /// The tokens each state of a [`BytePrefix`] allows, one bit a token, computed once per state
 /// and kept (an output returns to the same few states: after a value, before a key, inside a
-/// string), up to [`MASKS_KEPT`] states.
+/// string), up to a number of states (then it starts afresh).
 #[derive(Debug)]
-pub struct MaskCache<P>(std::sync::Mutex<std::collections::HashMap<P, Arc<[u64]>>>);
+pub struct MaskCache<P> {
+    masks: std::sync::Mutex<std::collections::HashMap<P, Arc<[u64]>>>,
+    kept: usize,
+}
 
 impl<P> Default for MaskCache<P> {
+    /// [`MASKS_KEPT`] states.
     fn default() -> Self {
-        Self(Default::default())
+        Self::keeping(MASKS_KEPT)
+    }
+}
+
+impl<P> MaskCache<P> {
+    /// Keeping up to `kept` states.
+    pub fn keeping(kept: usize) -> Self {
+        Self {
+            masks: Default::default(),
+            kept: kept.max(1),
+        }
     }
 }
 
@@ -388,7 +402,7 @@ impl<P: Copy + Eq + std::hash::Hash> MaskCache<P> {
         plain_string: bool,
         follows: impl Fn(&P, &[u8]) -> bool,
     ) -> Arc<[u64]> {
-        let lock = || self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let lock = || self.masks.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(bits) = lock().get(state) {
             return bits.clone();
         }
@@ -416,7 +430,7 @@ impl<P: Copy + Eq + std::hash::Hash> MaskCache<P> {
         }
         let bits: Arc<[u64]> = bits.into();
         let mut masks = lock();
-        if masks.len() >= MASKS_KEPT {
+        if masks.len() >= self.kept {
             masks.clear();
         }
         masks.insert(*state, bits.clone());
@@ -482,7 +496,8 @@ pub struct TokenBytes {
     by_first: std::sync::OnceLock<Vec<Vec<u32>>>,
 }
 
-/// Prefix states whose allowed tokens are kept (a bit a token: 6 KiB each for 49152 tokens).
+/// Prefix states whose allowed tokens JSON mode keeps per checkpoint (a bit a token: 6 KiB each
+/// for 49152 tokens, 3 MiB in all).
 pub const MASKS_KEPT: usize = 512;
 
 impl TokenBytes {

@@ -26,6 +26,9 @@ pub const MAX_DEPTH: usize = 16;
 pub const MAX_PROPERTIES: usize = 64;
 /// Values an `enum` may list.
 pub const MAX_ENUM: usize = 64;
+/// States whose allowed tokens a request's schema keeps (each request compiles its own: 0.75
+/// MiB at most for 49152 tokens, however many requests are in flight with schemas).
+pub const SCHEMA_MASKS_KEPT: usize = 128;
 
 #[derive(Debug, Clone, PartialEq)]
 enum Node {
@@ -102,7 +105,7 @@ impl Schema {
         add(schema, "", 0, &mut cx)?;
         Ok(Schema {
             nodes: cx.nodes,
-            masks: MaskCache::default(),
+            masks: MaskCache::keeping(SCHEMA_MASKS_KEPT),
         })
     }
 }

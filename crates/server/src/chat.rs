@@ -1,8 +1,10 @@
 //! The OpenAI-compatible chat completions route: the body's messages into [`Content`] (the
-//! last user message answered, the earlier user and assistant messages its history, the video
-//! or images in the first user message), its options into [`RequestOptions`], and the answer as `chat.completion` JSON or an SSE stream of
-//! `chat.completion.chunk`s. Fields OpenAI defines that vvlm does not implement are refused by
-//! name (400), never ignored.
+//! last user message answered, the earlier user, assistant and tool messages its history, the
+//! video or images in the first user message), its options into [`RequestOptions`], a forced
+//! tool call (`tools` + `tool_choice`) into a JSON Schema response format and a system-message
+//! line, and the answer as `chat.completion` JSON or an SSE stream of `chat.completion.chunk`s
+//! (a forced call as `tool_calls`). Fields OpenAI defines that vvlm does not implement are
+//! refused by name (400), never ignored.
 
 use crate::admission::{admit, record, run_to_completion, AdmissionSlot, Outcome};
 use crate::error::ApiError;

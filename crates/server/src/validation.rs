@@ -3,7 +3,8 @@
 //! [`validate`] turns them into a [`ValidRequest`]: the only type that is planned, charged or
 //! queued. Adding an option is one field of [`RequestOptions`] and its rule in [`validate`].
 //!
-//! Owns the request rules; must not know the ledger, the planner's search or the engine's
+//! Owns the request rules (a JSON Schema is compiled here only to refuse what the engine's
+//! subset cannot enforce); must not know the ledger, the planner's search or the engine's
 //! tensors.
 
 use crate::config::Limits;
