@@ -397,6 +397,12 @@ pub async fn admit(
     let decode_s = t0.elapsed().as_secs_f64();
     let cancel = Arc::new(AtomicBool::new(false));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let constrained = match r.sampling.response_format {
+        vvlm_engine::ResponseFormat::Text => None,
+        vvlm_engine::ResponseFormat::JsonObject => Some("json_object"),
+        vvlm_engine::ResponseFormat::JsonSchema(_) => Some("json_schema"),
+        vvlm_engine::ResponseFormat::Choice(_) => Some("choice"),
+    };
     let job = Job {
         engine: engine.clone(),
         visual,
@@ -420,6 +426,9 @@ pub async fn admit(
     if !s.pool.submit(job) {
         s.metrics.queued(-1);
         return Err(overloaded(s));
+    }
+    if let Some(format) = constrained {
+        s.metrics.constrained(format);
     }
     Ok(Admitted {
         plan,

@@ -66,12 +66,18 @@ pub struct Metrics {
     tenant_charged: Family<TenantLabel, Gauge<f64, AtomicU64>>,
     tenant_reserved: Family<TenantLabel, Gauge<f64, AtomicU64>>,
     cache_lookups: Family<CacheLookup, Counter>,
+    constrained: Family<Constraint, Counter>,
     batch_sequences: Gauge,
     batch_kv_tokens: Gauge,
     decode_batch_size: Histogram,
     cache_bytes: Gauge,
     cache_entries: Gauge,
     cache: std::sync::Mutex<Option<std::sync::Arc<crate::cache::VideoCache>>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Constraint {
+    format: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -93,6 +99,7 @@ impl Default for Metrics {
             budget_rejections: Counter::default(),
             overload_rejections: Counter::default(),
             generated_tokens: Counter::default(),
+            constrained: Family::default(),
             queue_time: latency(),
             time_to_first_token: latency(),
             time_per_output_token: Histogram::new(TOKEN_BUCKETS),
@@ -151,6 +158,11 @@ impl Default for Metrics {
             "generated_tokens",
             "Completion tokens",
             m.generated_tokens.clone(),
+        );
+        r.register(
+            "constrained_requests",
+            "Requests admitted with a constrained output, by format (json_object, json_schema: forced tool calls too, choice)",
+            m.constrained.clone(),
         );
         r.register(
             "request_queue_time_seconds",
@@ -322,6 +334,11 @@ impl Metrics {
             self.time_per_output_token.observe(t);
         }
         self.e2e_latency.observe(e2e_s);
+    }
+
+    /// A request admitted with its output held to `format`.
+    pub fn constrained(&self, format: &'static str) {
+        self.constrained.get_or_create(&Constraint { format }).inc();
     }
 
     /// One request's cache lookup: were its frames, and its vision features, cached?

@@ -490,6 +490,16 @@ async fn sampling_controls_reach_the_models_choice() {
         );
         assert_eq!(v["finish_reason"], "stop", "{v}");
     }
+    let (_, _, metrics) = s
+        .send(
+            Request::builder()
+                .uri("/metrics")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    let line = "vvlm_constrained_requests_total{format=\"choice\"} 2";
+    assert!(metrics.as_str().unwrap().contains(line), "{line}");
     let mut body = qa_body();
     body["guided_choice"] = json!(["red"]);
     body["response_format"] = json!({"type": "json_object"});
