@@ -473,6 +473,13 @@ pub fn validate(
             ))
         }
     };
+    // A choice is answered in at most its longest string's bytes (every token writes at least
+    // one) and the stop token: planned, reserved and capped at that, so a multiple-choice
+    // question leaves the budget to the video instead of to a long answer.
+    let choice_tokens = match &response_format {
+        ResponseFormat::Choice(c) => c.iter().map(|x| x.len() + 1).max(),
+        _ => None,
+    };
     let stop = match o.stop {
         None => vec![],
         Some(StopField::One(x)) => vec![x],
@@ -517,9 +524,15 @@ pub fn validate(
             frames: o.frames,
             tokens_per_frame: o.tokens_per_frame,
         },
-        max_tokens: o.max_tokens,
+        max_tokens: match (o.max_tokens, choice_tokens) {
+            (Some(m), Some(c)) => Some(m.min(c)),
+            (m, c) => m.or(c),
+        },
         sampling: SamplingParams {
-            max_tokens: o.max_tokens.unwrap_or(limits.default_max_tokens),
+            max_tokens: o
+                .max_tokens
+                .unwrap_or(limits.default_max_tokens)
+                .min(choice_tokens.unwrap_or(usize::MAX)),
             temperature: o.temperature.unwrap_or(0.0),
             top_p: o.top_p.unwrap_or(1.0),
             seed: o.seed.unwrap_or(0),

@@ -985,7 +985,7 @@ async fn a_plan_answers_its_price_by_component_and_on_request_every_candidate() 
         .sum();
     let cost = p["cost_flops"].as_f64().unwrap();
     assert!((sum - cost).abs() <= 1e-9 * cost, "{parts} vs {cost}");
-    let mut with = body;
+    let mut with = body.clone();
     with["candidates"] = json!(true);
     let (st, c) = s.post("/v1/plan", &key, with).await;
     assert_eq!(st, 200, "{c}");
@@ -1005,6 +1005,20 @@ async fn a_plan_answers_its_price_by_component_and_on_request_every_candidate() 
     for k in ["model", "frames", "tokens_per_frame", "cost_flops"] {
         assert_eq!(best[k], c[k], "{k}");
     }
+    // A multiple-choice question is priced at its longest choice's bytes (+ the stop token)
+    // of decode, not at the server's expected answer length.
+    let mut choice = body.clone();
+    choice["guided_choice"] = json!(["circle", "square"]);
+    choice.as_object_mut().unwrap().remove("candidates");
+    let (st, q) = s.post("/v1/plan", &key, choice).await;
+    assert_eq!(st, 200, "{q}");
+    let decode = |p: &Value| p["cost_by_component"]["lm_decode"].as_f64().unwrap();
+    assert!(
+        decode(&q) < decode(&p) / 2.0,
+        "{} vs {}",
+        decode(&q),
+        decode(&p)
+    );
     let mut bad = json!({"budget": "1G", "candidates": "yes"});
     let (st, v) = s.post("/v1/plan", &key, bad.take()).await;
     assert_eq!((st, kind(&v)), (422, "validation_error"));
