@@ -88,7 +88,7 @@ pub struct Sequence {
     stop_ids: Vec<u32>,
     /// The prompt's text tokens, kept only when a penalty reads them.
     prompt_ids: Vec<u32>,
-    /// JSON mode or a choice: what the output is held to, and where it stands.
+    /// JSON mode, a JSON Schema or a choice: what the output is held to, and where it stands.
     constraint: Option<crate::constraint::OutputConstraint>,
     ids: Vec<u32>,
     emitted: String,
