@@ -26,8 +26,11 @@ pub const MAX_DEPTH: usize = 16;
 pub const MAX_PROPERTIES: usize = 64;
 /// Values an `enum` may list.
 pub const MAX_ENUM: usize = 64;
-/// States whose allowed tokens a request's schema keeps (each request compiles its own: 0.75
-/// MiB at most for 49152 tokens, however many requests are in flight with schemas).
+/// Compiled schemas a checkpoint keeps (with their masks) for the requests that send them again.
+pub const SCHEMAS_KEPT: usize = 16;
+
+/// States whose allowed tokens a schema keeps (0.75 MiB at most for 49152 tokens; with
+/// [`SCHEMAS_KEPT`] schemas, 12 MiB a checkpoint).
 pub const SCHEMA_MASKS_KEPT: usize = 128;
 
 #[derive(Debug, Clone, PartialEq)]

@@ -245,20 +245,49 @@ impl VideoVlm {
             ResponseFormat::JsonObject => Some(OutputConstraint::Json(
                 crate::json_mode::JsonConstraint::new(self.token_bytes()),
             )),
-            ResponseFormat::JsonSchema(schema) => {
-                let compiled = crate::json_schema::Schema::compile(schema)
-                    .map_err(|e| EngineError::Request(e.to_string()))?;
-                Some(OutputConstraint::Schema(Box::new(
-                    crate::json_schema::SchemaConstraint::new(
-                        std::sync::Arc::new(compiled),
-                        self.token_bytes(),
-                    ),
-                )))
-            }
+            ResponseFormat::JsonSchema(schema) => Some(OutputConstraint::Schema(Box::new(
+                crate::json_schema::SchemaConstraint::new(
+                    self.compiled_schema(schema)?,
+                    self.token_bytes(),
+                ),
+            ))),
             ResponseFormat::Choice(choices) => Some(OutputConstraint::Choice(
                 ChoiceConstraint::new(choices, self.token_bytes()),
             )),
         })
+    }
+
+    /// `schema` compiled, from the checkpoint's recent schemas when it was sent before (with
+    /// the masks its states have met); a schema outside the subset is a request error.
+    pub fn compiled_schema(
+        &self,
+        schema: &serde_json::Value,
+    ) -> Result<std::sync::Arc<crate::json_schema::Schema>, EngineError> {
+        let key = schema.to_string();
+        let lock = || self.schemas.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut kept = lock();
+            if let Some(i) = kept.iter().position(|(k, _)| *k == key) {
+                let hit = kept.remove(i);
+                let compiled = hit.1.clone();
+                kept.push(hit);
+                return Ok(compiled);
+            }
+        }
+        let compiled = std::sync::Arc::new(
+            crate::json_schema::Schema::compile(schema)
+                .map_err(|e| EngineError::Request(e.to_string()))?,
+        );
+        let mut kept = lock();
+        // (Compiled meanwhile by another request: that one, with whatever masks it has.)
+        if let Some((_, other)) = kept.iter().find(|(k, _)| *k == key) {
+            return Ok(other.clone());
+        }
+        if kept.len() >= crate::json_schema::SCHEMAS_KEPT {
+            kept.remove(0);
+        }
+        kept.push((key, compiled.clone()));
+        Ok(compiled)
     }
 
     /// Prefills `embeds` (`[1, n, h]`) in chunks of [`Self::prefill_chunk`] positions, calling

@@ -392,6 +392,20 @@ fn a_json_schema_answer_holds_to_the_schema() {
         "{:?}",
         g.text
     );
+    // A schema sent again is the one compiled before (its masks known); the checkpoint keeps
+    // the most recent few.
+    let again = m.compiled_schema(&schema).unwrap();
+    assert!(std::sync::Arc::ptr_eq(
+        &again,
+        &m.compiled_schema(&schema).unwrap()
+    ));
+    for i in 0..vvlm_engine::json_schema::SCHEMAS_KEPT {
+        m.compiled_schema(&serde_json::json!({"const": i})).unwrap();
+    }
+    assert!(!std::sync::Arc::ptr_eq(
+        &again,
+        &m.compiled_schema(&schema).unwrap()
+    ));
     // A schema outside the subset is a request error before any work.
     let bad = serde_json::json!({"type": "string", "pattern": "a+"});
     let e = text(
