@@ -37,6 +37,14 @@ pub(crate) enum Escape {
     Backslash,
     /// Hex digits of a `\u` escape still to come.
     Hex(u8),
+    /// Inside a multi-byte UTF-8 character: continuation bytes still to come, and the range
+    /// the next one must be in (narrower after some lead bytes: no overlong forms, no
+    /// surrogates, nothing past U+10FFFF), as `str::from_utf8` checks.
+    Utf8 {
+        need: u8,
+        lo: u8,
+        hi: u8,
+    },
 }
 
 /// A JSON scalar being read, byte by byte (shared by JSON mode and [`crate::json_schema`]): a
@@ -104,7 +112,57 @@ impl Scalar {
                     (Escape::No, b'"') => return Read::Whole,
                     (Escape::No, b'\\') => Escape::Backslash,
                     (Escape::No, 0x00..=0x1f) => return Read::Invalid,
-                    (Escape::No, _) => Escape::No,
+                    (Escape::No, 0x20..=0x7f) => Escape::No,
+                    (Escape::No, lead) => match lead {
+                        0xC2..=0xDF => Escape::Utf8 {
+                            need: 1,
+                            lo: 0x80,
+                            hi: 0xBF,
+                        },
+                        0xE0 => Escape::Utf8 {
+                            need: 2,
+                            lo: 0xA0,
+                            hi: 0xBF,
+                        },
+                        0xE1..=0xEC | 0xEE..=0xEF => Escape::Utf8 {
+                            need: 2,
+                            lo: 0x80,
+                            hi: 0xBF,
+                        },
+                        0xED => Escape::Utf8 {
+                            need: 2,
+                            lo: 0x80,
+                            hi: 0x9F,
+                        },
+                        0xF0 => Escape::Utf8 {
+                            need: 3,
+                            lo: 0x90,
+                            hi: 0xBF,
+                        },
+                        0xF1..=0xF3 => Escape::Utf8 {
+                            need: 3,
+                            lo: 0x80,
+                            hi: 0xBF,
+                        },
+                        0xF4 => Escape::Utf8 {
+                            need: 3,
+                            lo: 0x80,
+                            hi: 0x8F,
+                        },
+                        _ => return Read::Invalid,
+                    },
+                    (Escape::Utf8 { need, lo, hi }, c) if (lo..=hi).contains(&c) => {
+                        if need == 1 {
+                            Escape::No
+                        } else {
+                            Escape::Utf8 {
+                                need: need - 1,
+                                lo: 0x80,
+                                hi: 0xBF,
+                            }
+                        }
+                    }
+                    (Escape::Utf8 { .. }, _) => return Read::Invalid,
                     (Escape::Backslash, b'u') => Escape::Hex(4),
                     (Escape::Backslash, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
                         Escape::No
@@ -488,7 +546,8 @@ pub fn apply_mask(allowed: &[u64], complete: bool, logits: &mut [f32], stop_ids:
 pub struct TokenBytes {
     offsets: Vec<usize>,
     bytes: Vec<u8>,
-    /// Tokens without `"`, `\` or control bytes.
+    /// Tokens of printable ASCII without `"` or `\` (inside a string, outside an escape or a
+    /// multi-byte character, they leave the state as it is).
     plain: Vec<bool>,
     /// JSON mode's allowed tokens by state.
     json_masks: MaskCache<JsonPrefix>,
@@ -505,7 +564,10 @@ impl TokenBytes {
     pub fn new(tokens: impl IntoIterator<Item = Vec<u8>>) -> Self {
         let (mut offsets, mut bytes, mut plain) = (vec![0], vec![], vec![]);
         for t in tokens {
-            plain.push(t.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\'));
+            plain.push(
+                t.iter()
+                    .all(|&b| (0x20..0x80).contains(&b) && b != b'"' && b != b'\\'),
+            );
             bytes.extend_from_slice(&t);
             offsets.push(bytes.len());
         }
@@ -680,6 +742,127 @@ mod tests {
         assert!(p.feed_all(&[b' '; MAX_WHITESPACE_RUN as usize]));
         assert!(!p.feed(b' '), "past the whitespace limit");
         assert!(p.feed(b'{'));
+    }
+
+    /// A deterministic generator for the random tests (64-bit LCG, high bits).
+    pub(crate) struct Lcg(pub u64);
+
+    impl Lcg {
+        pub(crate) fn below(&mut self, n: usize) -> usize {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((self.0 >> 33) as usize) % n.max(1)
+        }
+    }
+
+    /// A random JSON value, nested up to `depth`.
+    pub(crate) fn random_value(r: &mut Lcg, depth: usize) -> serde_json::Value {
+        use serde_json::Value;
+        let strings = ["", "a", "é \"q\"", "line\nbreak", "tab\t\\", "漢字", "}]"];
+        match r.below(if depth == 0 { 5 } else { 7 }) {
+            0 => Value::Null,
+            1 => Value::Bool(r.below(2) == 0),
+            2 => serde_json::json!((r.below(2000) as i64) - 1000),
+            3 => serde_json::json!((r.below(100000) as f64 - 50000.0) / 997.0),
+            4 => Value::String(strings[r.below(strings.len())].into()),
+            5 => Value::Array(
+                (0..r.below(4))
+                    .map(|_| random_value(r, depth - 1))
+                    .collect(),
+            ),
+            _ => Value::Object(
+                (0..r.below(4))
+                    .map(|i| {
+                        (
+                            format!("k{i}{}", strings[r.below(strings.len())]),
+                            random_value(r, depth - 1),
+                        )
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn random_objects_and_their_mutations_agree_with_serde_json() {
+        // 2000 random objects, compact and pretty: accepted whole. Each with one byte changed,
+        // dropped or doubled: complete exactly when serde_json parses an object from it (or
+        // refused: JSON mode takes no trailing whitespace).
+        let mut r = Lcg(7);
+        let noise = b"{}[]\":,0123456789-.eE+tfn \\ux\n";
+        for i in 0..2000 {
+            let v = serde_json::Value::Object(match random_value(&mut r, 4) {
+                serde_json::Value::Object(o) => o,
+                other => [("v".to_string(), other)].into_iter().collect(),
+            });
+            let text = if i % 2 == 0 {
+                serde_json::to_string(&v).unwrap()
+            } else {
+                serde_json::to_string_pretty(&v).unwrap()
+            };
+            assert!(accepted(&text), "{text}");
+            let mut bytes = text.clone().into_bytes();
+            let at = r.below(bytes.len());
+            match r.below(3) {
+                0 => bytes[at] = noise[r.below(noise.len())],
+                1 => {
+                    bytes.remove(at);
+                }
+                _ => bytes.insert(at, bytes[at]),
+            }
+            let mut p = JsonPrefix::new();
+            let fed = bytes.iter().all(|&b| p.feed(b));
+            let parsed = serde_json::from_slice::<serde_json::Value>(&bytes);
+            // JSON's grammar has no bound on a number; serde_json's f64 has (1e400): not ours.
+            if parsed
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("number out of range"))
+            {
+                continue;
+            }
+            let object = parsed.as_ref().is_ok_and(|v| v.is_object());
+            let trailing_space = bytes.last().is_some_and(|b| b.is_ascii_whitespace());
+            assert_eq!(
+                fed && p.is_complete(),
+                object && !trailing_space,
+                "{:?}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+    }
+
+    #[test]
+    fn strings_hold_valid_utf8_as_std_checks_it() {
+        // Every 1-3 byte sequence over bytes that matter to UTF-8 (ASCII, continuation ranges,
+        // each kind of lead byte, bytes never valid) inside a string: accepted whole exactly
+        // when `str::from_utf8` accepts it.
+        let bytes = [
+            b'a', 0x7f, 0x80, 0x8f, 0x90, 0x9f, 0xa0, 0xbf, 0xc0, 0xc1, 0xc2, 0xdf, 0xe0, 0xe1,
+            0xec, 0xed, 0xee, 0xef, 0xf0, 0xf1, 0xf3, 0xf4, 0xf5, 0xff,
+        ];
+        let mut checked = 0;
+        for len in 1..=3 {
+            for n in 0..bytes.len().pow(len as u32) {
+                let mut v = vec![];
+                let mut k = n;
+                for _ in 0..len {
+                    v.push(bytes[k % bytes.len()]);
+                    k /= bytes.len();
+                }
+                let mut text = b"{\"a\": \"".to_vec();
+                text.extend(&v);
+                text.extend(b"\"}");
+                let mut p = JsonPrefix::new();
+                let whole = text.iter().all(|&b| p.feed(b)) && p.is_complete();
+                assert_eq!(whole, std::str::from_utf8(&v).is_ok(), "{v:02x?}");
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 24 + 24 * 24 + 24 * 24 * 24);
+        // Four-byte characters too.
+        assert!(accepted("{\"emoji\": \"🎥 ok\"}"));
     }
 
     #[test]
