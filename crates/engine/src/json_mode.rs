@@ -665,7 +665,7 @@ impl JsonConstraint {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Every prefix of `text` accepted, and complete exactly at its end.

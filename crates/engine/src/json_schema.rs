@@ -875,7 +875,11 @@ mod tests {
     /// What Pydantic writes for nested models and optional fields: `$defs` and `$ref`,
     /// `anyOf` with null, a list of types, titles and defaults.
     fn pydantic_like() -> Schema {
-        Schema::compile(&json!({
+        Schema::compile(&pydantic_like_value()).unwrap()
+    }
+
+    fn pydantic_like_value() -> Value {
+        json!({
             "$defs": {"Animal": {"title": "Animal", "type": "object", "properties": {
                 "kind": {"enum": ["cat", "dog"], "title": "Kind", "type": "string"},
                 "age": {"anyOf": [{"type": "integer"}, {"type": "null"}], "default": null, "title": "Age"}},
@@ -887,8 +891,130 @@ mod tests {
                 "place": {"type": ["string", "null"], "default": null}
             },
             "required": ["caption", "animals"]
-        }))
-        .unwrap()
+        })
+    }
+
+    /// JSON Schema's meaning for the subset, on parsed values (independent of the byte-level
+    /// recognizer): what a document must be to be valid.
+    fn valid(v: &Value, s: &Value, root: &Value) -> bool {
+        if let Some(r) = s.get("$ref").and_then(|r| r.as_str()) {
+            return valid(v, root.pointer(&r[1..]).unwrap(), root);
+        }
+        if let Some(alts) = s.get("anyOf").or(s.get("oneOf")).and_then(|a| a.as_array()) {
+            return alts.iter().any(|a| valid(v, a, root));
+        }
+        if let Some(values) = s.get("enum").and_then(|e| e.as_array()) {
+            return values.contains(v);
+        }
+        if let Some(c) = s.get("const") {
+            return c == v;
+        }
+        let types: Vec<&str> = match &s["type"] {
+            Value::String(t) => vec![t.as_str()],
+            Value::Array(ts) => ts.iter().filter_map(|t| t.as_str()).collect(),
+            _ => vec![],
+        };
+        types.iter().any(|&t| match (t, v) {
+            ("null", Value::Null) | ("boolean", Value::Bool(_)) | ("string", Value::String(_)) => {
+                true
+            }
+            ("number", Value::Number(_)) => true,
+            ("integer", Value::Number(n)) => n.is_i64() || n.is_u64(),
+            ("array", Value::Array(items)) => {
+                let n = items.len() as u64;
+                n >= s.get("minItems").and_then(|m| m.as_u64()).unwrap_or(0)
+                    && n <= s
+                        .get("maxItems")
+                        .and_then(|m| m.as_u64())
+                        .unwrap_or(u64::MAX)
+                    && items.iter().all(|i| valid(i, &s["items"], root))
+            }
+            ("object", Value::Object(o)) => {
+                let props = s["properties"].as_object().cloned().unwrap_or_default();
+                let required = s["required"].as_array().cloned().unwrap_or_default();
+                o.iter()
+                    .all(|(k, x)| props.get(k).is_some_and(|p| valid(x, p, root)))
+                    && required.iter().all(|r| o.contains_key(r.as_str().unwrap()))
+            }
+            _ => false,
+        })
+    }
+
+    #[test]
+    fn random_documents_agree_with_the_schemas_meaning() {
+        use crate::json_mode::tests::{random_value, Lcg};
+        let schema = pydantic_like_value();
+        let s = Schema::compile(&schema).unwrap();
+        let mut r = Lcg(11);
+        let pick = |r: &mut Lcg, xs: &[Value]| xs[r.below(xs.len())].clone();
+        let (mut valid_seen, mut invalid_seen) = (0, 0);
+        for i in 0..3000 {
+            // Mostly schema-shaped documents with random slips (a wrong kind, a missing or extra
+            // key, an item count), some entirely random objects.
+            let animal = |r: &mut Lcg| {
+                let mut a = serde_json::Map::new();
+                if r.below(8) != 0 {
+                    a.insert(
+                        "kind".into(),
+                        pick(r, &[json!("cat"), json!("dog"), json!("cow"), json!(3)]),
+                    );
+                }
+                if r.below(2) == 0 {
+                    a.insert(
+                        "age".into(),
+                        pick(r, &[json!(4), json!(null), json!(2.5), json!("4")]),
+                    );
+                }
+                if r.below(12) == 0 {
+                    a.insert("name".into(), json!("x"));
+                }
+                Value::Object(a)
+            };
+            let doc = if i % 10 == 9 {
+                random_value(&mut r, 3)
+            } else {
+                let mut d = serde_json::Map::new();
+                if r.below(10) != 0 {
+                    d.insert(
+                        "caption".into(),
+                        pick(
+                            &mut r,
+                            &[json!("two cats"), json!(""), json!(1), json!(null)],
+                        ),
+                    );
+                }
+                if r.below(10) != 0 {
+                    let n = r.below(4);
+                    d.insert(
+                        "animals".into(),
+                        Value::Array((0..n).map(|_| animal(&mut r)).collect()),
+                    );
+                }
+                if r.below(2) == 0 {
+                    d.insert(
+                        "place".into(),
+                        pick(&mut r, &[json!("home"), json!(null), json!(false)]),
+                    );
+                }
+                Value::Object(d)
+            };
+            let text = if i % 2 == 0 {
+                serde_json::to_string(&doc).unwrap()
+            } else {
+                serde_json::to_string_pretty(&doc).unwrap()
+            };
+            let want = valid(&doc, &schema, &schema);
+            assert_eq!(accepted(&s, &text).is_ok(), want, "{text}");
+            if want {
+                valid_seen += 1;
+            } else {
+                invalid_seen += 1;
+            }
+        }
+        assert!(
+            valid_seen > 300 && invalid_seen > 300,
+            "{valid_seen} valid, {invalid_seen} not"
+        );
     }
 
     #[test]
