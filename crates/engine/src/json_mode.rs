@@ -113,44 +113,21 @@ impl Scalar {
                     (Escape::No, b'\\') => Escape::Backslash,
                     (Escape::No, 0x00..=0x1f) => return Read::Invalid,
                     (Escape::No, 0x20..=0x7f) => Escape::No,
-                    (Escape::No, lead) => match lead {
-                        0xC2..=0xDF => Escape::Utf8 {
-                            need: 1,
-                            lo: 0x80,
-                            hi: 0xBF,
-                        },
-                        0xE0 => Escape::Utf8 {
-                            need: 2,
-                            lo: 0xA0,
-                            hi: 0xBF,
-                        },
-                        0xE1..=0xEC | 0xEE..=0xEF => Escape::Utf8 {
-                            need: 2,
-                            lo: 0x80,
-                            hi: 0xBF,
-                        },
-                        0xED => Escape::Utf8 {
-                            need: 2,
-                            lo: 0x80,
-                            hi: 0x9F,
-                        },
-                        0xF0 => Escape::Utf8 {
-                            need: 3,
-                            lo: 0x90,
-                            hi: 0xBF,
-                        },
-                        0xF1..=0xF3 => Escape::Utf8 {
-                            need: 3,
-                            lo: 0x80,
-                            hi: 0xBF,
-                        },
-                        0xF4 => Escape::Utf8 {
-                            need: 3,
-                            lo: 0x80,
-                            hi: 0x8F,
-                        },
-                        _ => return Read::Invalid,
-                    },
+                    // A lead byte: how many continuation bytes follow, and the range of the
+                    // first of them.
+                    (Escape::No, lead) => {
+                        let (need, lo, hi) = match lead {
+                            0xC2..=0xDF => (1, 0x80, 0xBF),
+                            0xE0 => (2, 0xA0, 0xBF),
+                            0xE1..=0xEC | 0xEE..=0xEF => (2, 0x80, 0xBF),
+                            0xED => (2, 0x80, 0x9F),
+                            0xF0 => (3, 0x90, 0xBF),
+                            0xF1..=0xF3 => (3, 0x80, 0xBF),
+                            0xF4 => (3, 0x80, 0x8F),
+                            _ => return Read::Invalid,
+                        };
+                        Escape::Utf8 { need, lo, hi }
+                    }
                     (Escape::Utf8 { need, lo, hi }, c) if (lo..=hi).contains(&c) => {
                         if need == 1 {
                             Escape::No

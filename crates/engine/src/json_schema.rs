@@ -53,8 +53,8 @@ enum Node {
     /// `enum` / `const`: each value's compact JSON text.
     Literals(Vec<Vec<u8>>),
     /// `anyOf` / `oneOf` / a list of types: alternatives that begin with different bytes, so
-    /// that a value's first byte says which it is.
-    Union(Vec<u16>),
+    /// that a value's first byte says which it is: the alternative of each first byte.
+    Union(Box<[Option<u16>; 256]>),
 }
 
 /// A compiled schema: its nodes (the root first) and the allowed tokens of each state.
@@ -133,12 +133,9 @@ fn first_bytes(nodes: &[Node], node: u16) -> [bool; 256] {
         Node::Boolean => put(b"tf"),
         Node::Null => put(b"n"),
         Node::Literals(values) => values.iter().for_each(|v| put(&v[..1])),
-        Node::Union(alts) => {
-            for &a in alts {
-                let sub = first_bytes(nodes, a);
-                (0..256).filter(|&b| sub[b]).for_each(|b| set[b] = true);
-            }
-        }
+        Node::Union(by_first) => (0..256)
+            .filter(|&b| by_first[b].is_some())
+            .for_each(|b| set[b] = true),
     }
     set
 }
@@ -249,21 +246,21 @@ fn add(s: &Value, at: &str, depth: usize, cx: &mut Compiler) -> Result<u16, Sche
             None
         };
     if let Some(alts) = alternatives {
-        let mut nodes = vec![];
-        let mut seen = [false; 256];
+        let mut by_first = Box::new([None; 256]);
         for (v, where_) in &alts {
             let n = add(v, where_, depth, cx)?;
             let first = first_bytes(&cx.nodes, n);
-            if (0..256).any(|b| first[b] && seen[b]) {
+            if (0..256).any(|b| first[b] && by_first[b].is_some()) {
                 return Err(err(where_, "alternatives that can begin with the same byte are not supported (number and integer, two objects, a string and a string enum, ...)"));
             }
-            (0..256).filter(|&b| first[b]).for_each(|b| seen[b] = true);
-            nodes.push(n);
+            (0..256)
+                .filter(|&b| first[b])
+                .for_each(|b| by_first[b] = Some(n));
         }
         if cx.nodes.len() >= u16::MAX as usize {
             return Err(err(at, "too many schemas"));
         }
-        cx.nodes.push(Node::Union(nodes));
+        cx.nodes.push(Node::Union(by_first));
         return Ok((cx.nodes.len() - 1) as u16);
     }
     let nodes = &mut cx.nodes;
@@ -519,11 +516,8 @@ impl Cursor<'_> {
     fn start(&mut self, node: u16, b: u8) -> bool {
         let nodes = self.nodes;
         let started = match &nodes[node as usize] {
-            Node::Union(alts) => {
-                return alts
-                    .iter()
-                    .find(|&&a| first_bytes(nodes, a)[b as usize])
-                    .is_some_and(|&a| self.start(a, b));
+            Node::Union(by_first) => {
+                return by_first[b as usize].is_some_and(|a| self.start(a, b));
             }
             Node::Object { .. } | Node::Array { .. } => {
                 let object = matches!(self.nodes[node as usize], Node::Object { .. });
