@@ -277,6 +277,10 @@ pub enum TenantCmd {
         quota: Option<String>,
         #[arg(long, default_value = "day")]
         period: String,
+        /// Requests the tenant may have in flight on a server at once (default: the server's
+        /// `[limits] tenant_max_in_flight`).
+        #[arg(long)]
+        max_in_flight: Option<u32>,
     },
     /// List tenants with their usage.
     List,
@@ -293,6 +297,9 @@ pub enum TenantCmd {
         quota: Option<String>,
         #[arg(long)]
         period: Option<String>,
+        /// Requests in flight at once (`none`: the server's default).
+        #[arg(long)]
+        max_in_flight: Option<String>,
     },
     /// Remove a tenant (its key stops working; its accounting history is kept).
     Remove { name: String },
@@ -331,12 +338,14 @@ pub fn tenant(a: TenantArgs) -> Result<()> {
             per_request_max,
             quota,
             period,
+            max_in_flight,
         } => {
             let s = TenantSettings {
                 default_budget: flops(&default_budget, "default-budget")?,
                 per_request_max: flops(&per_request_max, "per-request-max")?,
                 quota: flops(&quota, "quota")?.map(Some),
                 period: Some(Period::parse(&period)?),
+                max_in_flight: max_in_flight.map(Some),
             };
             let (t, key) = l.create_tenant(&name, &s)?;
             eprintln!(
@@ -349,11 +358,12 @@ pub fn tenant(a: TenantArgs) -> Result<()> {
             for t in l.tenants()? {
                 let u = l.usage(&t, now())?;
                 println!(
-                    "{:<20} default {:.3e}  max/request {:.3e}  quota {}  used {:.3e} (+{:.3e} reserved)",
+                    "{:<20} default {:.3e}  max/request {:.3e}  quota {}  in flight {}  used {:.3e} (+{:.3e} reserved)",
                     t.name,
                     t.default_budget,
                     t.per_request_max,
                     t.quota.map(|q| format!("{q:.3e}/{}", t.period.as_str())).unwrap_or_else(|| "unlimited".into()),
+                    t.max_in_flight.map(|m| m.to_string()).unwrap_or_else(|| "server default".into()),
                     u.charged_flops,
                     u.reserved_flops
                 );
@@ -369,7 +379,15 @@ pub fn tenant(a: TenantArgs) -> Result<()> {
             per_request_max,
             quota,
             period,
+            max_in_flight,
         } => {
+            let max_in_flight = match max_in_flight.as_deref() {
+                None => None,
+                Some("none") => Some(None),
+                Some(v) => Some(Some(v.parse::<u32>().with_context(|| {
+                    format!("--max-in-flight `{v}` is not a number of requests (or `none`)")
+                })?)),
+            };
             let quota = match quota.as_deref() {
                 None => None,
                 Some("none") => Some(None),
@@ -380,6 +398,7 @@ pub fn tenant(a: TenantArgs) -> Result<()> {
                 per_request_max: flops(&per_request_max, "per-request-max")?,
                 quota,
                 period: period.as_deref().map(Period::parse).transpose()?,
+                max_in_flight,
             };
             println!(
                 "{}",

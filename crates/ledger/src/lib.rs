@@ -136,6 +136,10 @@ pub struct Tenant {
     /// FLOPs per period; None = unlimited.
     pub quota: Option<f64>,
     pub period: Period,
+    /// Requests this tenant may have in flight on one server at once; None: the server's
+    /// default (`[limits] tenant_max_in_flight`).
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
 }
 
 /// Settings for a new or changed tenant.
@@ -147,18 +151,29 @@ pub struct TenantSettings {
     #[serde(default, with = "double_option")]
     pub quota: Option<Option<f64>>,
     pub period: Option<Period>,
+    /// `Some(None)` returns the tenant to the server's default.
+    #[serde(default, with = "double_option")]
+    pub max_in_flight: Option<Option<u32>>,
 }
 
+/// Most requests one tenant may be given in flight (a limit, not a reservation).
+pub const MAX_IN_FLIGHT_LIMIT: u32 = 1_000_000;
+
 mod double_option {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &Option<Option<f64>>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    pub fn serialize<T: Serialize, S: Serializer>(
+        v: &Option<Option<T>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match v {
-            Some(Some(x)) => s.serialize_f64(*x),
+            Some(Some(x)) => x.serialize(s),
             _ => s.serialize_none(),
         }
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D::Error> {
-        Ok(Some(Option::<f64>::deserialize(d)?))
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<T>>, D::Error> {
+        Ok(Some(Option::<T>::deserialize(d)?))
     }
 }
 
@@ -466,6 +481,9 @@ fn updated_tenant(mut t: Tenant, s: &TenantSettings) -> Result<Tenant, LedgerErr
     if let Some(p) = s.period {
         t.period = p;
     }
+    if let Some(m) = s.max_in_flight {
+        t.max_in_flight = m;
+    }
     if t.default_budget > t.per_request_max {
         return Err(LedgerError::Invalid(
             "default_budget exceeds per_request_max".into(),
@@ -491,6 +509,13 @@ fn check_settings(s: &TenantSettings) -> Result<(), LedgerError> {
         if !(q.is_finite() && q >= 0.0) {
             return Err(LedgerError::Invalid(format!(
                 "quota must be >= 0 FLOPs, got {q}"
+            )));
+        }
+    }
+    if let Some(Some(m)) = s.max_in_flight {
+        if !(1..=MAX_IN_FLIGHT_LIMIT).contains(&m) {
+            return Err(LedgerError::Invalid(format!(
+                "max_in_flight must be 1 to {MAX_IN_FLIGHT_LIMIT} requests (null: the server's default), got {m}"
             )));
         }
     }

@@ -36,6 +36,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "request_plans",
         sql: include_str!("../migrations/postgres/0003_request_plans.sql"),
     },
+    Migration {
+        version: 4,
+        name: "tenant_max_in_flight",
+        sql: include_str!("../migrations/postgres/0004_tenant_max_in_flight.sql"),
+    },
 ];
 
 /// Advisory lock key that serialises migrations of replicas starting together.
@@ -108,10 +113,11 @@ fn row_tenant(r: &Row) -> Tenant {
         } else {
             Period::Day
         },
+        max_in_flight: r.get::<_, Option<i64>>(6).map(|m| m as u32),
     }
 }
 
-const TENANT_COLS: &str = "id, name, default_budget, per_request_max, quota, period";
+const TENANT_COLS: &str = "id, name, default_budget, per_request_max, quota, period, max_in_flight";
 const LIVE: &str = "key_hash NOT LIKE 'removed:%'";
 
 impl PostgresLedger {
@@ -304,16 +310,17 @@ impl Ledger for PostgresLedger {
         let (pool, name, hash) = (self.pool.clone(), name.to_string(), crate::hash_key(&key));
         let quota = s.quota.flatten();
         let period = s.period.unwrap_or(Period::Day).as_str();
+        let max_in_flight = s.max_in_flight.flatten().map(i64::from);
         let t = self.block(async move {
             let c = pool.get().await?;
             let r = c
                 .query_one(
                     &format!(
-                        "INSERT INTO tenants (name, key_hash, default_budget, per_request_max, quota, period, created_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, EXTRACT(EPOCH FROM now())::BIGINT)
+                        "INSERT INTO tenants (name, key_hash, default_budget, per_request_max, quota, period, max_in_flight, created_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, EXTRACT(EPOCH FROM now())::BIGINT)
                          RETURNING {TENANT_COLS}"
                     ),
-                    &[&name, &hash, &default_budget, &per_request_max, &quota, &period],
+                    &[&name, &hash, &default_budget, &per_request_max, &quota, &period, &max_in_flight],
                 )
                 .await;
             match r {
@@ -330,9 +337,11 @@ impl Ledger for PostgresLedger {
         let (pool, t2) = (self.pool.clone(), t.clone());
         self.block(async move {
             let c = pool.get().await?;
+            let max_in_flight = t2.max_in_flight.map(i64::from);
             c.execute(
-                "UPDATE tenants SET default_budget = $1, per_request_max = $2, quota = $3, period = $4 WHERE id = $5",
-                &[&t2.default_budget, &t2.per_request_max, &t2.quota, &t2.period.as_str(), &t2.id],
+                "UPDATE tenants SET default_budget = $1, per_request_max = $2, quota = $3, period = $4,
+                 max_in_flight = $5 WHERE id = $6",
+                &[&t2.default_budget, &t2.per_request_max, &t2.quota, &t2.period.as_str(), &max_in_flight, &t2.id],
             )
             .await?;
             Ok(())

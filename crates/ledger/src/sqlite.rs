@@ -32,6 +32,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "request_plans",
         sql: include_str!("../migrations/sqlite/0004_request_plans.sql"),
     },
+    Migration {
+        version: 5,
+        name: "tenant_max_in_flight",
+        sql: include_str!("../migrations/sqlite/0005_tenant_max_in_flight.sql"),
+    },
 ];
 
 pub struct SqliteLedger {
@@ -56,7 +61,7 @@ impl From<rusqlite::Error> for LedgerError {
     }
 }
 
-const TENANT_COLS: &str = "id, name, default_budget, per_request_max, quota, period";
+const TENANT_COLS: &str = "id, name, default_budget, per_request_max, quota, period, max_in_flight";
 /// Removed tenants are tombstones (see `remove_tenant`).
 const LIVE: &str = "key_hash NOT LIKE 'removed:%'";
 
@@ -98,6 +103,7 @@ impl SqliteLedger {
             } else {
                 Period::Day
             },
+            max_in_flight: r.get::<_, Option<i64>>(6)?.map(|m| m as u32),
         })
     }
 
@@ -153,15 +159,16 @@ impl Ledger for SqliteLedger {
         let (default_budget, per_request_max) = new_tenant_budgets(name, s)?;
         let key = new_key()?;
         let r = self.lock().execute(
-            "INSERT INTO tenants (name, key_hash, default_budget, per_request_max, quota, period, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, strftime('%s','now'))",
+            "INSERT INTO tenants (name, key_hash, default_budget, per_request_max, quota, period, max_in_flight, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, strftime('%s','now'))",
             params![
                 name,
                 crate::hash_key(&key),
                 default_budget,
                 per_request_max,
                 s.quota.flatten(),
-                s.period.unwrap_or(Period::Day).as_str()
+                s.period.unwrap_or(Period::Day).as_str(),
+                s.max_in_flight.flatten()
             ],
         );
         match r {
@@ -180,8 +187,16 @@ impl Ledger for SqliteLedger {
     fn update_tenant(&self, name: &str, s: &TenantSettings) -> Result<Tenant, LedgerError> {
         let t = updated_tenant(self.tenant_by_name(name)?, s)?;
         self.lock().execute(
-            "UPDATE tenants SET default_budget = ?1, per_request_max = ?2, quota = ?3, period = ?4 WHERE id = ?5",
-            params![t.default_budget, t.per_request_max, t.quota, t.period.as_str(), t.id],
+            "UPDATE tenants SET default_budget = ?1, per_request_max = ?2, quota = ?3, period = ?4,
+             max_in_flight = ?5 WHERE id = ?6",
+            params![
+                t.default_budget,
+                t.per_request_max,
+                t.quota,
+                t.period.as_str(),
+                t.max_in_flight,
+                t.id
+            ],
         )?;
         Ok(t)
     }

@@ -204,6 +204,43 @@ pub fn settings_are_validated(h: &dyn Harness) {
         .unwrap();
     assert_eq!((t.quota, t.period), (Some(5.0), Period::Month));
     assert_eq!(l.tenant_by_name("z").unwrap(), t);
+    // A tenant's own limit of requests in flight: set, kept when other settings change,
+    // cleared by null (back to the server's default), never 0 or absurd.
+    assert_eq!(t.max_in_flight, None);
+    let limit = |m: Option<u32>| TenantSettings {
+        max_in_flight: Some(m),
+        ..Default::default()
+    };
+    let t = l.update_tenant("z", &limit(Some(3))).unwrap();
+    assert_eq!(t.max_in_flight, Some(3));
+    let t = l
+        .update_tenant(
+            "z",
+            &TenantSettings {
+                default_budget: Some(7.0),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(l.tenant_by_name("z").unwrap().max_in_flight, Some(3));
+    for bad in [0, crate::MAX_IN_FLIGHT_LIMIT + 1] {
+        assert!(matches!(
+            l.update_tenant("z", &limit(Some(bad))),
+            Err(LedgerError::Invalid(m)) if m.contains("max_in_flight")
+        ));
+        assert!(l.create_tenant("w", &limit(Some(bad))).is_err());
+    }
+    let (w, key) = l.create_tenant("w", &limit(Some(2))).unwrap();
+    assert_eq!(w.max_in_flight, Some(2));
+    assert_eq!(
+        l.tenant_by_key(&key).unwrap().unwrap().max_in_flight,
+        Some(2)
+    );
+    assert_eq!(
+        l.update_tenant("z", &limit(None)).unwrap().max_in_flight,
+        None
+    );
+    assert_eq!(l.tenant_by_name("z").unwrap().max_in_flight, None);
     // A changed quota binds at once (admission reads the stored quota, not the caller's copy).
     let stale = Tenant {
         quota: None,

@@ -5,6 +5,7 @@
 
 use crate::cache::{content_hash, CacheEntry, CacheKey};
 use crate::error::ApiError;
+use crate::fair_gate::{Place, Refused};
 use crate::ledger::{now, Tenant};
 use crate::validation::{Media, ValidRequest};
 use crate::worker::{Event, Frames, Held, Job, JobVisual};
@@ -23,13 +24,13 @@ use vvlm_video::{FrameSampling, Preprocess, SampledFrame};
 /// A request's place among those admitted (decoding, queued or running), taken before its
 /// body is read so that an overloaded server answers 429 without parsing, planning or decoding.
 #[derive(Clone)]
-pub struct AdmissionSlot(Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);
+pub struct AdmissionSlot(Arc<std::sync::Mutex<Option<Place>>>);
 
 impl AdmissionSlot {
-    pub fn new(p: tokio::sync::OwnedSemaphorePermit) -> Self {
+    pub fn new(p: Place) -> Self {
         Self(Arc::new(std::sync::Mutex::new(Some(p))))
     }
-    fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    fn take(&self) -> Option<Place> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
@@ -41,6 +42,28 @@ pub fn overloaded(s: &AppState) -> ApiError {
             s.config.limits.queue_depth
         ),
         retry_after_s: 2,
+    }
+}
+
+/// The most requests the tenant may have in flight: its own limit, else the server's default
+/// (None: no limit but the server's places).
+pub fn tenant_limit(s: &AppState, t: &Tenant) -> Option<usize> {
+    t.max_in_flight
+        .map(|m| m as usize)
+        .or(Some(s.config.limits.tenant_max_in_flight).filter(|&m| m > 0))
+}
+
+/// The 429 for a refused place.
+pub fn refusal(s: &AppState, t: &Tenant, refused: Refused) -> ApiError {
+    match refused {
+        Refused::Full => overloaded(s),
+        Refused::TenantLimit { limit } => ApiError::TenantLimit {
+            message: format!(
+                "tenant `{}` already has {limit} requests in flight, its limit; retry when one finishes",
+                t.name
+            ),
+            retry_after_s: 1,
+        },
     }
 }
 
@@ -273,13 +296,12 @@ pub async fn admit(
     }
     // A place in the queue before any work is spent (reservation, decoding): an overloaded
     // server answers 429 at once, and at most queue_depth + workers requests decode or wait.
-    let permit = match slot.and_then(|x| x.take()) {
+    let place = match slot.and_then(|x| x.take()) {
         Some(p) => p,
         None => s
             .admission
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| overloaded(s))?,
+            .try_acquire(t.id, tenant_limit(s, t))
+            .map_err(|refused| refusal(s, t, refused))?,
     };
     static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     // Unique across replicas: the replica's random id, then a counter.
@@ -420,7 +442,7 @@ pub async fn admit(
         events: tx,
         held: Some(held),
         queued_at: Instant::now(),
-        _permit: permit,
+        _place: place,
     };
     s.metrics.queued(1);
     if !s.pool.submit(job) {

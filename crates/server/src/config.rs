@@ -198,6 +198,11 @@ pub struct Limits {
     /// it is answered 429.
     #[serde(default = "default_queue_wait")]
     pub queue_wait_s: f64,
+    /// Places (of queue_depth + workers x max_batch) one tenant may hold at once, for tenants
+    /// without a limit of their own (`max_in_flight`); 0: no limit but the places. Whatever
+    /// the limits, a freed place goes to the waiting tenant holding the fewest.
+    #[serde(default)]
+    pub tenant_max_in_flight: usize,
     /// Sequences each worker decodes together (continuous batching; 1 runs one at a time).
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,

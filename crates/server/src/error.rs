@@ -38,6 +38,9 @@ pub enum ApiError {
     },
     #[error("{message}")]
     Overloaded { message: String, retry_after_s: u64 },
+    /// The tenant has as many requests in flight as its limit (429).
+    #[error("{message}")]
+    TenantLimit { message: String, retry_after_s: u64 },
     #[error("{0}")]
     NotReady(String),
     /// The ledger's database cannot be reached: new work is refused (503).
@@ -63,7 +66,9 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BudgetExhausted { .. } => StatusCode::PAYMENT_REQUIRED,
-            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded { .. } | ApiError::TenantLimit { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::NotReady(_) | ApiError::LedgerUnavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -86,6 +91,7 @@ impl ApiError {
             ApiError::UnsupportedMedia(_) => "unsupported_media",
             ApiError::BudgetExhausted { .. } => "budget_exhausted",
             ApiError::Overloaded { .. } => "overloaded",
+            ApiError::TenantLimit { .. } => "concurrency_limit",
             ApiError::NotReady(_) => "not_ready",
             ApiError::LedgerUnavailable { .. } => "ledger_unavailable",
             ApiError::Timeout(_) => "timeout",
@@ -134,6 +140,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
         if let ApiError::Overloaded { retry_after_s, .. }
+        | ApiError::TenantLimit { retry_after_s, .. }
         | ApiError::LedgerUnavailable { retry_after_s, .. } = &self
         {
             if let Ok(v) = HeaderValue::from_str(&retry_after_s.to_string()) {

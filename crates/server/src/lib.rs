@@ -14,6 +14,7 @@ mod chat;
 pub mod config;
 pub mod console;
 pub mod error;
+pub mod fair_gate;
 pub mod metrics;
 mod routes;
 pub mod validation;
@@ -39,8 +40,9 @@ pub struct AppState {
     pub leases: Arc<Leases>,
     pub metrics: Arc<metrics::Metrics>,
     pub pool: worker::Pool,
-    /// Requests admitted (decoding, queued or running): queue_depth + workers.
-    pub admission: Arc<tokio::sync::Semaphore>,
+    /// Places of the requests admitted (decoding, queued or running): queue_depth + workers x
+    /// max_batch, shared fairly between tenants.
+    pub admission: fair_gate::FairGate,
     /// Decoded frames and vision features of recent videos.
     pub cache: Arc<cache::VideoCache>,
     /// Set once at least one checkpoint is loaded and the planner built over the loaded ones.
@@ -125,9 +127,9 @@ pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError
         "ledger open"
     );
     let metrics = Arc::new(metrics::Metrics::default());
-    let admission = Arc::new(tokio::sync::Semaphore::new(
+    let admission = fair_gate::FairGate::new(
         config.limits.queue_depth + config.workers() * config.limits.max_batch.max(1),
-    ));
+    );
     let pool = worker::Pool::start(
         config.workers(),
         config.threads_per_worker(),
@@ -147,6 +149,7 @@ pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError
         .map(ledger::hash_key);
     let video_cache = Arc::new(cache::VideoCache::new(config.cache.max_bytes));
     metrics.watch_cache(video_cache.clone());
+    metrics.watch_admission(admission.clone());
     Ok(Arc::new(AppState {
         cache: video_cache,
         config,

@@ -73,6 +73,10 @@ pub struct Metrics {
     cache_bytes: Gauge,
     cache_entries: Gauge,
     cache: std::sync::Mutex<Option<std::sync::Arc<crate::cache::VideoCache>>>,
+    tenant_limit_rejections: Family<TenantLabel, Counter>,
+    admission_waiting: Gauge,
+    admission_held: Gauge,
+    admission: std::sync::Mutex<Option<crate::fair_gate::FairGate>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -115,6 +119,10 @@ impl Default for Metrics {
             cache_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
             cache: std::sync::Mutex::new(None),
+            tenant_limit_rejections: Family::default(),
+            admission_waiting: Gauge::default(),
+            admission_held: Gauge::default(),
+            admission: std::sync::Mutex::new(None),
         };
         let mut m = m;
         let r = &mut m.registry;
@@ -205,6 +213,22 @@ impl Default for Metrics {
             m.tenant_reserved.clone(),
         );
         m.ledger_available.set(1);
+        r.register(
+            "tenant_limit_rejections",
+            "Requests refused (429 concurrency_limit) because their tenant had its limit of \
+             requests in flight",
+            m.tenant_limit_rejections.clone(),
+        );
+        r.register(
+            "admission_places_held",
+            "Admission places held (requests decoding, queued or running; read at scrape)",
+            m.admission_held.clone(),
+        );
+        r.register(
+            "admission_waiting",
+            "Requests waiting at the door for an admission place (read at scrape)",
+            m.admission_waiting.clone(),
+        );
         r.register(
             "cache_lookups",
             "Video cache lookups of requests with media, by what (frames, vision, prefix: the KV \
@@ -306,6 +330,20 @@ impl Metrics {
         self.overload_rejections.inc();
     }
 
+    /// A request refused a place at the door: the server was full, or its tenant at its limit.
+    pub fn admission_refused(&self, tenant: &str, why: crate::fair_gate::Refused) {
+        match why {
+            crate::fair_gate::Refused::Full => self.overload_rejected(),
+            crate::fair_gate::Refused::TenantLimit { .. } => {
+                self.tenant_limit_rejections
+                    .get_or_create(&TenantLabel {
+                        tenant: tenant.to_string(),
+                    })
+                    .inc();
+            }
+        }
+    }
+
     /// A job entered the queue (+1) or left it (-1).
     pub fn queued(&self, delta: i64) {
         self.queue_depth.inc_by(delta);
@@ -380,8 +418,23 @@ impl Metrics {
         *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
     }
 
+    /// The admission places whose use `/metrics` shows.
+    pub fn watch_admission(&self, g: crate::fair_gate::FairGate) {
+        *self.admission.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
+        if let Some(g) = self
+            .admission
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            self.admission_held
+                .set((g.capacity() - g.available()) as i64);
+            self.admission_waiting.set(g.waiting() as i64);
+        }
         if let Some(c) = self
             .cache
             .lock()

@@ -1,7 +1,9 @@
 //! Routes: caption, QA, OpenAI-compatible chat completions (with SSE streaming), plan, models,
 //! health, metrics, usage and the admin API.
 
-use crate::admission::{overloaded, plan_request, run_to_completion, AdmissionSlot, Outcome};
+use crate::admission::{
+    plan_request, refusal, run_to_completion, tenant_limit, AdmissionSlot, Outcome,
+};
 use crate::error::ApiError;
 use crate::ledger::{now, Tenant, TenantSettings, Usage};
 use crate::validation::{
@@ -82,11 +84,11 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 async fn require_tenant(State(s): St, req: Request, next: axum::middleware::Next) -> Response {
     let checked = match authenticate(&s, req.headers())
         .await
-        .and_then(|_| check_length(&s, &req))
+        .and_then(|t| check_length(&s, &req).map(|_| t))
     {
-        Ok(_) => {
+        Ok(t) => {
             let path = req.uri().path().to_string();
-            admission_slot(&s, &path).await
+            admission_slot(&s, &t, &path).await
         }
         Err(e) => Err(e),
     };
@@ -118,8 +120,13 @@ async fn drain_small_body(req: Request) {
 
 /// Routes that run the engine take an admission slot at the door, waiting up to
 /// `queue_wait_s` for one: a full server holds a retrying client briefly (an idle wait) instead
-/// of answering 429 at once and being asked again in a tight loop.
-async fn admission_slot(s: &AppState, path: &str) -> Result<Option<AdmissionSlot>, ApiError> {
+/// of answering 429 at once and being asked again in a tight loop. Places freed meanwhile go
+/// to the waiting tenant holding the fewest, and a tenant holds at most its limit.
+async fn admission_slot(
+    s: &AppState,
+    t: &Tenant,
+    path: &str,
+) -> Result<Option<AdmissionSlot>, ApiError> {
     if !matches!(
         path,
         "/v1/videos/caption" | "/v1/videos/qa" | "/v1/chat/completions"
@@ -127,15 +134,16 @@ async fn admission_slot(s: &AppState, path: &str) -> Result<Option<AdmissionSlot
         return Ok(None);
     }
     let wait = Duration::from_secs_f64(s.config.limits.queue_wait_s.clamp(0.0, 60.0));
-    let permit = match tokio::time::timeout(wait, s.admission.clone().acquire_owned()).await {
-        Ok(Ok(p)) => p,
-        _ => {
+    let place = s
+        .admission
+        .acquire(t.id, tenant_limit(s, t), wait)
+        .await
+        .map_err(|refused| {
             // Counted here: this 429 does not pass through `with_tenant`.
-            s.metrics.overload_rejected();
-            return Err(overloaded(s));
-        }
-    };
-    Ok(Some(AdmissionSlot::new(permit)))
+            s.metrics.admission_refused(&t.name, refused);
+            refusal(s, t, refused)
+        })?;
+    Ok(Some(AdmissionSlot::new(place)))
 }
 
 /// The body length a request announces (`Content-Length`), if it does.
@@ -576,6 +584,9 @@ struct CreateTenant {
     quota: Option<Budget>,
     #[serde(default)]
     period: Option<String>,
+    /// Requests in flight at once on a server (absent or null: the server's default).
+    #[serde(default)]
+    max_in_flight: Option<u32>,
 }
 
 async fn admin_create(
@@ -594,6 +605,7 @@ async fn admin_create(
             .as_deref()
             .map(crate::ledger::Period::parse)
             .transpose()?,
+        max_in_flight: b.max_in_flight.map(Some),
     };
     let (t, key) = s
         .ledger_call(move |l| l.create_tenant(&b.name, &settings))
@@ -647,10 +659,16 @@ struct UpdateTenant {
     quota: Option<Option<Budget>>,
     #[serde(default)]
     period: Option<String>,
+    /// A number sets the tenant's limit of requests in flight; null returns it to the
+    /// server's default.
+    #[serde(default, deserialize_with = "nullable")]
+    max_in_flight: Option<Option<u32>>,
 }
 
-fn nullable<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Budget>>, D::Error> {
-    Ok(Some(Option::<Budget>::deserialize(d)?))
+fn nullable<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Ok(Some(Option::<T>::deserialize(d)?))
 }
 
 async fn admin_update(
@@ -674,6 +692,7 @@ async fn admin_update(
             .as_deref()
             .map(crate::ledger::Period::parse)
             .transpose()?,
+        max_in_flight: b.max_in_flight,
     };
     Ok(Json(json!(
         s.ledger_call(move |l| l.update_tenant(&name, &settings))

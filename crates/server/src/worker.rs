@@ -118,8 +118,8 @@ pub struct Job {
     pub held: Option<Held>,
     /// When the job was queued (for queue time, time to first token and end to end).
     pub queued_at: std::time::Instant,
-    /// The request's place in the admission limit, freed when the job ends.
-    pub _permit: tokio::sync::OwnedSemaphorePermit,
+    /// The request's place among those admitted, freed when the job ends.
+    pub _place: crate::fair_gate::Place,
 }
 
 /// What a job sees: text alone, decoded frames, or a cached encoding of them.

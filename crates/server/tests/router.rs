@@ -73,7 +73,7 @@ impl Server {
             default_budget: Some(1e9),
             per_request_max: Some(1e12),
             quota: Some(quota),
-            period: None,
+            ..Default::default()
         };
         self.state.ledger.create_tenant(name, &settings).unwrap().1
     }
@@ -665,9 +665,10 @@ async fn unimplemented_openai_fields_are_400_by_name() {
 async fn a_full_queue_is_429_with_retry_after() {
     let s = server();
     let key = s.tenant("alice", None);
-    // Every admission place taken (as by requests in flight).
-    let places = s.state.admission.available_permits() as u32;
-    let _held = s.state.admission.clone().acquire_many_owned(places).await;
+    // Every admission place taken (as by another tenant's requests in flight).
+    let _held: Vec<_> = (0..s.state.admission.capacity())
+        .map(|_| s.state.admission.try_acquire(-1, None).unwrap())
+        .collect();
     let req = Request::builder()
         .method(Method::POST)
         .uri("/v1/videos/qa")
@@ -678,6 +679,211 @@ async fn a_full_queue_is_429_with_retry_after() {
     let (st, headers, v) = s.send(req).await;
     assert_eq!((st.as_u16(), kind(&v)), (429, "overloaded"));
     assert_eq!(headers["retry-after"], "2");
+}
+
+impl Server {
+    fn tenant_id(&self, name: &str) -> i64 {
+        self.state.ledger.tenant_by_name(name).unwrap().id
+    }
+
+    async fn metrics(&self) -> String {
+        let req = Request::builder()
+            .uri("/metrics")
+            .body(Body::empty())
+            .unwrap();
+        self.send(req).await.2.as_str().unwrap().to_string()
+    }
+}
+
+fn text_chat(max_tokens: u32) -> Value {
+    json!({"messages": [{"role": "user", "content": "what colour is the flash ?"}],
+           "max_tokens": max_tokens})
+}
+
+#[tokio::test]
+async fn a_tenant_at_its_limit_is_429_while_other_tenants_are_served() {
+    let s = server();
+    let alice = s.tenant("alice", None);
+    let bob = s.tenant("bob", None);
+    // The limit is the tenant's own, set through the admin API (0 is refused, by name).
+    let (st, v) = s
+        .json(
+            Method::PATCH,
+            "/admin/tenants/alice",
+            Some(ADMIN),
+            json!({"max_in_flight": 0}),
+        )
+        .await;
+    assert_eq!(st, 422, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max_in_flight"));
+    let (st, v) = s
+        .json(
+            Method::PATCH,
+            "/admin/tenants/alice",
+            Some(ADMIN),
+            json!({"max_in_flight": 1}),
+        )
+        .await;
+    assert_eq!((st, &v["max_in_flight"]), (200, &json!(1)), "{v}");
+    // Alice's one place is held (as by a request of hers still running).
+    let place = s
+        .state
+        .admission
+        .try_acquire(s.tenant_id("alice"), Some(1))
+        .unwrap();
+    let req = |key: &str| {
+        Request::builder()
+            .method(Method::POST)
+            .uri("/v1/chat/completions")
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(text_chat(2).to_string()))
+            .unwrap()
+    };
+    let (st, headers, v) = s.send(req(&alice)).await;
+    assert_eq!((st.as_u16(), kind(&v)), (429, "concurrency_limit"), "{v}");
+    assert_eq!(headers["retry-after"], "1");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("alice") && message.contains("1 requests in flight"),
+        "{message}"
+    );
+    // Bob is served meanwhile: the server has places left.
+    let (st, _, v) = s.send(req(&bob)).await;
+    assert_eq!(st, 200, "{v}");
+    let line = "vvlm_tenant_limit_rejections_total{tenant=\"alice\"} 1";
+    assert!(s.metrics().await.contains(line), "{line}");
+    // Alice's held place (bob's is given back just after his answer).
+    let t0 = std::time::Instant::now();
+    let mut metrics = s.metrics().await;
+    while !metrics.contains("vvlm_admission_places_held 1") && t0.elapsed().as_secs() < 10 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        metrics = s.metrics().await;
+    }
+    assert!(
+        metrics.contains("vvlm_admission_places_held 1"),
+        "{metrics}"
+    );
+    // Her place given back, alice is served again.
+    drop(place);
+    let (st, _, v) = s.send(req(&alice)).await;
+    assert_eq!(st, 200, "{v}");
+    // null returns her to the server's default (no limit here).
+    let (st, v) = s
+        .json(
+            Method::PATCH,
+            "/admin/tenants/alice",
+            Some(ADMIN),
+            json!({"max_in_flight": null}),
+        )
+        .await;
+    assert_eq!((st, &v["max_in_flight"]), (200, &Value::Null), "{v}");
+    let _two = [
+        s.state
+            .admission
+            .try_acquire(s.tenant_id("alice"), None)
+            .unwrap(),
+        s.state
+            .admission
+            .try_acquire(s.tenant_id("alice"), None)
+            .unwrap(),
+    ];
+    let (st, _, v) = s.send(req(&alice)).await;
+    assert_eq!(st, 200, "{v}");
+}
+
+#[tokio::test]
+async fn the_servers_default_limit_binds_tenants_without_their_own() {
+    let s = server_with(true, |c| c.limits.tenant_max_in_flight = 1);
+    let alice = s.tenant("alice", None);
+    let bob = s.tenant("bob", None);
+    let (st, v) = s
+        .json(
+            Method::PATCH,
+            "/admin/tenants/bob",
+            Some(ADMIN),
+            json!({"max_in_flight": 2}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let _places = [
+        s.state
+            .admission
+            .try_acquire(s.tenant_id("alice"), None)
+            .unwrap(),
+        s.state
+            .admission
+            .try_acquire(s.tenant_id("bob"), None)
+            .unwrap(),
+    ];
+    let (st, v) = s.post("/v1/chat/completions", &alice, text_chat(2)).await;
+    assert_eq!((st, kind(&v)), (429, "concurrency_limit"), "{v}");
+    let (st, v) = s.post("/v1/chat/completions", &bob, text_chat(2)).await;
+    assert_eq!(st, 200, "{v}");
+}
+
+/// Through the router: with every place held by alice and her second request already waiting
+/// at the door, bob's request (arriving later) gets the first freed place; FIFO would give it
+/// to alice.
+#[tokio::test]
+async fn a_freed_place_goes_to_the_waiting_tenant_holding_fewest() {
+    let s = server_with(true, |c| {
+        c.limits.queue_depth = 1;
+        c.limits.max_batch = 1;
+        c.limits.queue_wait_s = 30.0;
+    });
+    let alice = s.tenant("alice", None);
+    let bob = s.tenant("bob", None);
+    let gate = s.state.admission.clone();
+    assert_eq!(gate.capacity(), 2);
+    let id = s.tenant_id("alice");
+    let mut held = vec![
+        gate.try_acquire(id, None).unwrap(),
+        gate.try_acquire(id, None).unwrap(),
+    ];
+    let spawn = |key: String| {
+        let state = s.state.clone();
+        tokio::spawn(async move {
+            let req = Request::builder()
+                .method(Method::POST)
+                .uri("/v1/chat/completions")
+                .header(header::AUTHORIZATION, format!("Bearer {key}"))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(text_chat(2).to_string()))
+                .unwrap();
+            let resp = vvlm_server::router(state).oneshot(req).await.unwrap();
+            resp.status().as_u16()
+        })
+    };
+    let alices = spawn(alice);
+    while gate.waiting() < 1 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let bobs = spawn(bob);
+    while gate.waiting() < 2 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    held.pop();
+    // The freed place is bob's: alice still holds only the one left (her waiter gets a place
+    // once bob's request ends and gives its own back).
+    while gate.waiting() == 2 {
+        tokio::task::yield_now().await;
+    }
+    if gate.waiting() == 1 {
+        assert_eq!(gate.held_by(id), 1, "the freed place went to alice");
+    }
+    assert_eq!(bobs.await.unwrap(), 200);
+    held.pop();
+    assert_eq!(alices.await.unwrap(), 200);
+    // Every place comes back (the worker drops a job's place just after its answer).
+    let t0 = std::time::Instant::now();
+    while gate.available() < 2 && t0.elapsed().as_secs() < 10 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!((gate.waiting(), gate.available()), (0, 2));
 }
 
 #[tokio::test]
