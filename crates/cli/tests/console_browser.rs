@@ -564,6 +564,25 @@ fn console_in_a_real_browser() {
     b.keys("#quota", "2P");
     b.click("#quota-form button[type=submit]");
     b.wait_text("#tenant-list", "2.00P", SHORT);
+    // Its limit of requests in flight: 0 is refused by name, 4 is kept and shown.
+    b.keys("#in-flight", "0");
+    b.click("#in-flight-form button[type=submit]");
+    b.wait_text("#tenants-error", "max_in_flight", SHORT);
+    b.js(
+        "document.getElementById('in-flight').value = '';",
+        json!([]),
+    );
+    b.keys("#in-flight", "4");
+    b.click("#in-flight-form button[type=submit]");
+    b.wait_js(
+        "the limit in the list",
+        "const tr = [...document.querySelectorAll('#tenant-list tbody tr')] \
+           .find(r => r.textContent.includes('acme')); return tr && tr.lastElementChild.textContent === '4';",
+        SHORT,
+    );
+    assert_eq!(b.text("#tenants-error"), "");
+    let (_, acme) = api("GET", &format!("{base}/admin/tenants/acme"), ADMIN, None);
+    assert_eq!(acme["max_in_flight"], 4, "{acme}");
     b.click("#rotate");
     b.wait_text("#tenant-key-out", "shown once", SHORT);
     let new_key = b.text("#tenant-key-out code");
@@ -575,6 +594,7 @@ fn console_in_a_real_browser() {
     );
     b.keys("#new-name", "beta-team");
     b.keys("#new-quota", "5T");
+    b.keys("#new-in-flight", "2");
     b.click("#create");
     b.wait_text("#created-key-out", "API key of beta-team", SHORT);
     b.wait_text("#tenant-list", "beta-team", SHORT);
@@ -584,7 +604,14 @@ fn console_in_a_real_browser() {
         ADMIN,
         None,
     );
-    assert_eq!((status, beta["quota"].as_f64()), (200, Some(5e12)));
+    assert_eq!(
+        (
+            status,
+            beta["quota"].as_f64(),
+            beta["max_in_flight"].as_u64()
+        ),
+        (200, Some(5e12), Some(2))
+    );
     if let Ok(out) = std::env::var("VVLM_SCREENSHOTS") {
         // Hide the freshly shown keys from the picture.
         b.js(

@@ -216,9 +216,12 @@ fn caption_qa_chat_budgets_and_every_error_path() {
             "1",
             "--workers",
             "1",
+            // Two places in all (queue depth 1 + one worker's batch of 1).
+            "--max-batch",
+            "1",
             "--max-upload-bytes",
             "3000000",
-            // 429 at once when the queue is full (the overload check below counts on it).
+            // 429 at once when the places are taken (the overload check below counts on it).
             "--queue-wait-s",
             "0",
         ],
@@ -701,8 +704,8 @@ fn caption_qa_chat_budgets_and_every_error_path() {
     );
     assert_eq!(ub["requests"].as_u64(), Some(2));
 
-    // Overload: one worker, queue depth 1: of four concurrent requests at least one is refused
-    // with 429 and Retry-After, and the rest succeed.
+    // Overload: two places: of four concurrent requests at least one is refused with 429 and
+    // Retry-After, and the rest succeed.
     let handles: Vec<_> = (0..4)
         .map(|_| {
             let url = s.url("/v1/videos/caption");

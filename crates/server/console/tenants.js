@@ -1,5 +1,6 @@
 // The tenants page (admin key): quotas and usage this period, usage over time, recent requests
-// with their plan and charge; create a tenant, change a quota, rotate a key. Only the admin API.
+// with their plan and charge; create a tenant, change a quota or the requests it may have in
+// flight, rotate a key. Only the admin API.
 
 import { call, getKey, setKey, ApiError } from './api.js';
 import { usageChart } from './charts.js';
@@ -14,6 +15,14 @@ function fail(e) {
 
 function ok() {
   $('tenants-error').textContent = '';
+}
+
+// A limit of requests in flight: undefined when empty (the server's default), else 1 or more.
+function countField(id, what) {
+  const text = $(id).value.trim();
+  if (!text) return undefined;
+  if (!/^[0-9]+$/.test(text)) throw new ApiError(422, 'validation', `${what}: "${text}" is not a whole number of requests`);
+  return Number(text);
 }
 
 function flopsField(id, what) {
@@ -43,10 +52,11 @@ async function refresh() {
         si(u.charged_flops), si(u.reserved_flops), meter,
         u.remaining === null ? '-' : si(u.remaining),
         String(u.requests), t.period, when(u.reset_at),
+        t.max_in_flight == null ? 'server default' : String(t.max_in_flight),
       ];
     });
     $('tenant-list').replaceChildren(rows.length
-      ? table('Tenants: quota, used (charged) and reserved FLOPs this period', ['tenant', 'quota', 'used', 'reserved', 'of quota', 'remaining', 'requests', 'period', 'resets'], rows, 'tenants')
+      ? table('Tenants: quota, used (charged) and reserved FLOPs this period', ['tenant', 'quota', 'used', 'reserved', 'of quota', 'remaining', 'requests', 'period', 'resets', 'in flight at most'], rows, 'tenants')
       : el('p', { text: 'No tenants yet: create one below.' }));
     if (selected && tenants.some((x) => x.tenant.name === selected)) await detail();
   } catch (e) {
@@ -77,6 +87,7 @@ async function detail() {
     ]);
     ok();
     $('quota').value = t.quota === null ? '' : si(t.quota);
+    $('in-flight').value = t.max_in_flight == null ? '' : String(t.max_in_flight);
     $('usage-chart').replaceChildren(usageChart(h.series.points, h.series.bucket_s));
     const rows = h.requests.map((r) => {
       const p = r.plan || {};
@@ -119,6 +130,8 @@ async function create(ev) {
     if (quota !== undefined) body.quota = quota;
     if (max !== undefined) body.per_request_max = max;
     if (def !== undefined) body.default_budget = def;
+    const inFlight = countField('new-in-flight', 'requests in flight');
+    if (inFlight !== undefined) body.max_in_flight = inFlight;
     const r = await call('admin', 'POST', '/admin/tenants', body);
     ok();
     showKey('created-key-out', r.tenant.name, r.api_key);
@@ -144,6 +157,18 @@ async function setQuota(ev) {
 async function removeQuota() {
   try {
     await call('admin', 'PATCH', `/admin/tenants/${encodeURIComponent(selected)}`, { quota: null });
+    await refresh();
+  } catch (e) {
+    fail(e);
+  }
+}
+
+async function setInFlight(ev) {
+  ev.preventDefault();
+  try {
+    // Empty: back to the server's default.
+    const m = countField('in-flight', 'requests in flight');
+    await call('admin', 'PATCH', `/admin/tenants/${encodeURIComponent(selected)}`, { max_in_flight: m === undefined ? null : m });
     await refresh();
   } catch (e) {
     fail(e);
@@ -178,6 +203,7 @@ export function start() {
   $('create-form').addEventListener('submit', create);
   $('quota-form').addEventListener('submit', setQuota);
   $('quota-remove').addEventListener('click', removeQuota);
+  $('in-flight-form').addEventListener('submit', setInFlight);
   $('rotate').addEventListener('click', rotate);
   $('usage-range').addEventListener('change', detail);
   refresh();
