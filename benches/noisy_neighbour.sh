@@ -2,9 +2,9 @@
 # A noisy neighbour (fair admission between tenants): one release server with the default
 # registry and config (the suite ladder, 32 admission places), a 3-second 320x240 video, budget
 # 1T; tenant `noisy` runs 48 clients resending at once on 429, tenant `quiet` one request at a
-# time. Each round runs every server binary given (e.g. a build from before fair admission as
-# FIFO=path) side by side, then this build with the noisy tenant limited to 16 in flight.
-# Usage: [FIFO=/path/to/old/vvlm] [ROUNDS=2] benches/noisy_neighbour.sh [SECONDS]
+# time. Each round runs the other server binaries given (builds from before fair admission,
+# PEERS="name=path ...") side by side, then this build, then this build with the noisy tenant
+# limited to 16 in flight. Usage: [PEERS="fifo=/tmp/old-vvlm"] [ROUNDS=2] benches/noisy_neighbour.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --quiet --release -p vvlm-cli
@@ -27,7 +27,7 @@ run() { # NAME BINARY NOISY_LIMIT
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 for round in $(seq "${ROUNDS:-1}"); do
-  if [ -n "${FIFO:-}" ]; then run fifo "$FIFO" none; fi
+  for peer in ${PEERS:-}; do run "${peer%%=*}" "${peer#*=}" none; done
   run fair "$new" none
   run fair+limit16 "$new" 16
 done

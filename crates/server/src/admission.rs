@@ -443,9 +443,10 @@ pub async fn admit(
         held: Some(held),
         queued_at: Instant::now(),
         _place: place,
+        started: None,
     };
     s.metrics.queued(1);
-    if !s.pool.submit(job) {
+    if !s.pool.submit(t.id, job) {
         s.metrics.queued(-1);
         return Err(overloaded(s));
     }

@@ -1,6 +1,6 @@
 //! The HTTP API: routes, validation, tenants and budgets (through `vvlm-ledger`: SQLite, or a
 //! PostgreSQL shared by replicas), admission places shared fairly between tenants (`fair_gate`),
-//! the bounded queue and the inference workers. Each request is
+//! the queue (ordered fairly between tenants: `job_queue`) and the inference workers. Each request is
 //! planned to the compute-optimal frontier within its tenant's budget before it is queued,
 //! charged its planned FLOPs on admission, and settled to the FLOPs the engine measured when it
 //! finishes.
@@ -16,6 +16,7 @@ pub mod config;
 pub mod console;
 pub mod error;
 pub mod fair_gate;
+pub mod job_queue;
 pub mod metrics;
 mod routes;
 pub mod validation;
@@ -130,14 +131,13 @@ pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError
     let metrics = Arc::new(metrics::Metrics::default());
     let places = config.limits.queue_depth + config.workers() * config.limits.max_batch.max(1);
     let admission = fair_gate::FairGate::new(places);
-    // The queue holds every admitted request: one that has a place is never refused later for
-    // room in the queue (when batches are bounded by their KV tokens before their sequences,
-    // a queue of `queue_depth` filled while places were left, and requests already planned and
-    // reserved got 429).
+    // The queue holds every admitted request (the places bound it): one that has a place is
+    // never refused later for room in the queue (when batches were bounded by their KV tokens
+    // before their sequences, a queue of `queue_depth` filled while places were left, and
+    // requests already planned and reserved got 429).
     let pool = worker::Pool::start(
         config.workers(),
         config.threads_per_worker(),
-        places,
         worker::BatchLimits {
             max_sequences: config.limits.max_batch.max(1),
             max_tokens: config.limits.max_batch_tokens,

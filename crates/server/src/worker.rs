@@ -1,4 +1,5 @@
-//! The bounded queue and the inference workers. Requests beyond the queue's depth are refused
+//! The queue and the inference workers. The queue is ordered fairly between tenants
+//! ([`JobQueue`]) and bounded by the admission places (every admitted request fits in it).
 //! (429), never buffered without bound. Each worker runs a continuous batch (the engine's
 //! [`Batch`]): requests join it between decode steps while it has room, each request's `n`
 //! completions are sequences sharing one encoding of its video, and a request leaves when its
@@ -7,8 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 use vvlm_cost::FlopCounter;
 use vvlm_engine::batch::{Batch, Join};
@@ -18,6 +18,7 @@ use vvlm_engine::{
 };
 
 use crate::error::ApiError;
+use crate::job_queue::{JobQueue, Started};
 use crate::ledger::{now, Leases, Reservation};
 
 /// What a worker reports back.
@@ -120,6 +121,9 @@ pub struct Job {
     pub queued_at: std::time::Instant,
     /// The request's place among those admitted, freed when the job ends.
     pub _place: crate::fair_gate::Place,
+    /// Set when a worker takes the job: counted against its tenant in the queue's order until
+    /// the job ends.
+    pub started: Option<Started>,
 }
 
 /// What a job sees: text alone, decoded frames, or a cached encoding of them.
@@ -137,7 +141,7 @@ pub struct Frames {
 }
 
 pub struct Pool {
-    tx: SyncSender<Job>,
+    queue: JobQueue<Job>,
     pub workers: usize,
 }
 
@@ -161,21 +165,19 @@ impl Pool {
     pub fn start(
         workers: usize,
         threads: usize,
-        depth: usize,
         limits: BatchLimits,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
-        let (tx, rx) = sync_channel::<Job>(depth);
-        let rx = Arc::new(Mutex::new(rx));
+        let queue = JobQueue::new();
         for i in 0..workers {
-            let rx = rx.clone();
+            let queue = queue.clone();
             let metrics = metrics.clone();
             std::thread::Builder::new()
                 .name(format!("vvlm-worker-{i}"))
                 .spawn(move || {
                     vvlm_engine::cpu_pool::use_own_pool(threads, &format!("vvlm-worker-{i}"));
                     Worker {
-                        rx,
+                        queue,
                         metrics,
                         limits,
                         batch: new_batch(&limits),
@@ -187,15 +189,25 @@ impl Pool {
                 })
                 .expect("spawn worker thread");
         }
-        Self { tx, workers }
+        Self { queue, workers }
     }
 
-    /// Queues a job; false when the queue is full (the job is dropped, its events closed).
-    pub fn submit(&self, job: Job) -> bool {
-        match self.tx.try_send(job) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
-        }
+    /// Queues a tenant's job; false once the pool is shutting down (the job is dropped, its
+    /// events closed).
+    pub fn submit(&self, tenant: i64, job: Job) -> bool {
+        self.queue.push(tenant, job)
+    }
+
+    /// Jobs queued, not yet taken by a worker.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+}
+
+impl Drop for Pool {
+    /// The workers finish what they hold and stop.
+    fn drop(&mut self) {
+        self.queue.close();
     }
 }
 
@@ -241,7 +253,7 @@ struct Running {
 }
 
 struct Worker {
-    rx: Arc<Mutex<Receiver<Job>>>,
+    queue: JobQueue<Job>,
     metrics: Arc<crate::metrics::Metrics>,
     limits: BatchLimits,
     batch: Batch,
@@ -304,25 +316,15 @@ impl Worker {
             let job = match self.waiting.take() {
                 Some(j) => j,
                 None => {
-                    if self.batch.is_empty() && self.running.is_empty() {
-                        // Idle: wait for a request (holding the queue while waiting).
-                        let guard = self.rx.lock().unwrap_or_else(|p| p.into_inner());
-                        match guard.recv() {
-                            Ok(j) => j,
-                            Err(_) => return false,
+                    // Idle: wait for a request; busy: never wait for the queue.
+                    let idle = self.batch.is_empty() && self.running.is_empty();
+                    match self.queue.take(idle) {
+                        Some((mut j, started)) => {
+                            j.started = Some(started);
+                            j
                         }
-                    } else {
-                        // Busy: never wait for the queue. An idle worker may hold it while it
-                        // waits for a request; then there is nothing to take anyway.
-                        let guard = match self.rx.try_lock() {
-                            Ok(g) => g,
-                            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-                            Err(std::sync::TryLockError::WouldBlock) => return true,
-                        };
-                        match guard.try_recv() {
-                            Ok(j) => j,
-                            Err(_) => return true,
-                        }
+                        None if idle => return false,
+                        None => return true,
                     }
                 }
             };

@@ -886,6 +886,72 @@ async fn a_freed_place_goes_to_the_waiting_tenant_holding_fewest() {
     assert_eq!((gate.waiting(), gate.available()), (0, 2));
 }
 
+/// The queue behind the door: one sequence at a time, the worker busy with carol's video,
+/// alice's four requests admitted (one held by the worker until it fits, three queued), then
+/// bob's: his is taken next, not after all of hers.
+#[tokio::test]
+async fn a_queued_burst_does_not_keep_another_tenant_waiting_behind_it() {
+    let s = server_with(true, |c| {
+        c.limits.queue_depth = 8;
+        c.limits.max_batch = 1;
+        c.limits.queue_wait_s = 30.0;
+    });
+    let carol = s.tenant("carol", None);
+    let alice = s.tenant("alice", None);
+    let bob = s.tenant("bob", None);
+    let spawn = |key: String, path: &'static str, body: Value| {
+        let state = s.state.clone();
+        tokio::spawn(async move {
+            let req = Request::builder()
+                .method(Method::POST)
+                .uri(path)
+                .header(header::AUTHORIZATION, format!("Bearer {key}"))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            let resp = vvlm_server::router(state).oneshot(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let _ = axum::body::to_bytes(resp.into_body(), usize::MAX).await;
+            (status, std::time::Instant::now())
+        })
+    };
+    let mut video = qa_body();
+    video["budget"] = json!("1e12");
+    video["frames"] = json!(8);
+    let t0 = std::time::Instant::now();
+    let busy = spawn(carol, "/v1/videos/qa", video);
+    while !s.state.metrics.render().contains("vvlm_in_flight 1") && t0.elapsed().as_secs() < 30 {
+        tokio::task::yield_now().await;
+    }
+    let hers: Vec<_> = (0..4)
+        .map(|_| spawn(alice.clone(), "/v1/chat/completions", text_chat(8)))
+        .collect();
+    while s.state.pool.queued() < 3 && t0.elapsed().as_secs() < 30 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        s.state.pool.queued(),
+        3,
+        "alice's requests queued behind carol's video"
+    );
+    let (status, bob_done) = spawn(bob, "/v1/chat/completions", text_chat(8))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(busy.await.unwrap().0, 200);
+    let mut before_bob = 0;
+    for h in hers {
+        let (status, done) = h.await.unwrap();
+        assert_eq!(status, 200);
+        before_bob += (done < bob_done) as usize;
+    }
+    // Only the one the worker held when bob came; first come first served: all four.
+    assert!(
+        before_bob <= 1,
+        "{before_bob} of alice's requests finished before bob's"
+    );
+}
+
 #[tokio::test]
 async fn health_names_the_models_and_the_cpu_kernels_once_loaded() {
     let s = server_with(true, |_| {});

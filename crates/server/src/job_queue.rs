@@ -1,0 +1,295 @@
+//! The queue between admission and the workers, ordered fairly between tenants: a worker with
+//! room takes the oldest job of the tenant with the fewest jobs started and not finished
+//! (running in a batch, or held by a worker until it fits), and among those the fewest jobs in
+//! all (started and queued). So a tenant's burst queued ahead does not keep another tenant's
+//! request waiting behind all of it (with one-at-a-time service too, where nobody has a job
+//! started when the next is chosen), and a tenant with nothing running is never passed over
+//! for one with something running; within a tenant, first come first served. The fair gate (`fair_gate`) bounds how many jobs there can be, so the
+//! queue itself is unbounded.
+//!
+//! Owns the order in which queued jobs start. It must not know what a job is: tenants are ids,
+//! jobs are values.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// A queue of jobs of type `T`, shared by the server (which pushes) and its workers (which take).
+pub struct JobQueue<T> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T> Clone for JobQueue<T> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<T> {
+    state: Mutex<QueueState<T>>,
+    ready: Condvar,
+}
+
+struct QueueState<T> {
+    tenants: HashMap<i64, TenantJobs<T>>,
+    next_seq: u64,
+    closed: bool,
+}
+
+struct TenantJobs<T> {
+    /// Jobs taken by a worker and not finished.
+    started: usize,
+    queued: VecDeque<(u64, T)>,
+}
+
+impl<T> QueueState<T> {
+    fn forget_idle(&mut self, tenant: i64) {
+        if self
+            .tenants
+            .get(&tenant)
+            .is_some_and(|t| t.started == 0 && t.queued.is_empty())
+        {
+            self.tenants.remove(&tenant);
+        }
+    }
+}
+
+/// A job's start, counted against its tenant until dropped (when the job finishes).
+pub struct Started {
+    finish: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Some(f) = self.finish.take() {
+            f();
+        }
+    }
+}
+
+impl std::fmt::Debug for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Started")
+    }
+}
+
+impl<T: Send + 'static> Default for JobQueue<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Send + 'static> JobQueue<T> {
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(QueueState {
+                    tenants: HashMap::new(),
+                    next_seq: 0,
+                    closed: false,
+                }),
+                ready: Condvar::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState<T>> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a tenant's job; false (the job dropped) once the queue is closed.
+    pub fn push(&self, tenant: i64, job: T) -> bool {
+        let mut st = self.lock();
+        if st.closed {
+            return false;
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.tenants
+            .entry(tenant)
+            .or_insert_with(|| TenantJobs {
+                started: 0,
+                queued: VecDeque::new(),
+            })
+            .queued
+            .push_back((seq, job));
+        drop(st);
+        self.inner.ready.notify_one();
+        true
+    }
+
+    /// The next job (the oldest of the tenant with the fewest started, then the fewest in all),
+    /// with its start ticket;
+    /// None when none is queued (`wait`: blocks for one until the queue is closed).
+    pub fn take(&self, wait: bool) -> Option<(T, Started)> {
+        let mut st = self.lock();
+        loop {
+            let next = st
+                .tenants
+                .iter()
+                .filter_map(|(&id, t)| {
+                    let outstanding = t.started + t.queued.len();
+                    t.queued
+                        .front()
+                        .map(|&(seq, _)| (t.started, outstanding, seq, id))
+                })
+                .min();
+            if let Some((_, _, _, tenant)) = next {
+                let t = st.tenants.get_mut(&tenant).expect("chosen above");
+                let (_, job) = t.queued.pop_front().expect("chosen above");
+                t.started += 1;
+                let inner = self.inner.clone();
+                let finish = move || {
+                    let mut st = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(t) = st.tenants.get_mut(&tenant) {
+                        t.started -= 1;
+                    }
+                    st.forget_idle(tenant);
+                };
+                return Some((
+                    job,
+                    Started {
+                        finish: Some(Box::new(finish)),
+                    },
+                ));
+            }
+            if !wait || st.closed {
+                return None;
+            }
+            st = self.inner.ready.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// No more jobs are queued; waiting workers wake (and find none once the queue is empty).
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.inner.ready.notify_all();
+    }
+
+    /// Jobs queued (not taken).
+    pub fn len(&self) -> usize {
+        self.lock().tenants.values().map(|t| t.queued.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Jobs of the tenant taken and not finished.
+    pub fn started(&self, tenant: i64) -> usize {
+        self.lock().tenants.get(&tenant).map_or(0, |t| t.started)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(q: &JobQueue<&'static str>, keep: &mut Vec<Started>) -> Vec<&'static str> {
+        let mut out = vec![];
+        while let Some((job, started)) = q.take(false) {
+            out.push(job);
+            keep.push(started);
+        }
+        out
+    }
+
+    #[test]
+    fn a_later_tenant_is_taken_before_an_earlier_tenants_backlog() {
+        let q = JobQueue::new();
+        for job in ["a1", "a2", "a3", "a4"] {
+            assert!(q.push(1, job));
+        }
+        q.push(2, "b1");
+        q.push(2, "b2");
+        q.push(3, "c1");
+        let mut running = vec![];
+        // Nobody has a job started: c1 (1 in all), b1 (2), a1 (4); then by jobs started (b2
+        // and a2 at one each: tenant 2 has fewer in all), then the rest of tenant 1's.
+        assert_eq!(
+            order(&q, &mut running),
+            ["c1", "b1", "a1", "b2", "a2", "a3", "a4"]
+        );
+        assert_eq!((q.started(1), q.started(2), q.len()), (4, 2, 0));
+        running.clear();
+        assert_eq!((q.started(1), q.started(2)), (0, 0));
+    }
+
+    #[test]
+    fn jobs_running_count_against_their_tenant() {
+        let q = JobQueue::new();
+        q.push(1, "a1");
+        let (_, a1) = q.take(false).unwrap();
+        // Tenant 1 has a job running: tenant 2's later job goes first.
+        q.push(1, "a2");
+        q.push(2, "b1");
+        let (first, _b1) = q.take(false).unwrap();
+        assert_eq!(first, "b1");
+        // Both have one running now: the oldest queued job.
+        q.push(2, "b2");
+        let (second, _a2) = q.take(false).unwrap();
+        assert_eq!(second, "a2");
+        drop(a1);
+        assert_eq!(q.started(1), 1);
+        assert_eq!(q.take(false).unwrap().0, "b2");
+        assert!(q.take(false).is_none());
+    }
+
+    /// One job at a time (a batch of one): when a job ends nobody has one started, and the
+    /// tenant with fewer jobs in all goes first.
+    #[test]
+    fn one_at_a_time_the_tenant_with_fewer_jobs_goes_first() {
+        let q = JobQueue::new();
+        for job in ["a1", "a2", "a3"] {
+            q.push(1, job);
+        }
+        let (job, running) = q.take(false).unwrap();
+        assert_eq!(job, "a1");
+        q.push(2, "b1");
+        drop(running);
+        let mut served = vec![];
+        while let Some((job, running)) = q.take(false) {
+            served.push(job);
+            drop(running);
+        }
+        assert_eq!(served, ["b1", "a2", "a3"]);
+    }
+
+    /// A tenant with nothing running is not passed over for one with more queued but a job
+    /// running (no starvation by the count of jobs in all).
+    #[test]
+    fn nothing_running_goes_before_fewer_in_all() {
+        let q = JobQueue::new();
+        q.push(2, "b1");
+        let (_, _b1) = q.take(false).unwrap();
+        for job in ["a1", "a2", "a3"] {
+            q.push(1, job);
+        }
+        q.push(2, "b2");
+        assert_eq!(q.take(false).unwrap().0, "a1");
+    }
+
+    #[test]
+    fn a_waiting_worker_wakes_for_a_job_and_at_close() {
+        let q: JobQueue<u32> = JobQueue::new();
+        let worker = {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                let mut got = vec![];
+                while let Some((job, _started)) = q.take(true) {
+                    got.push(job);
+                }
+                got
+            })
+        };
+        q.push(7, 1);
+        q.push(7, 2);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        q.close();
+        assert!(!q.push(7, 3), "closed");
+        assert_eq!(worker.join().unwrap(), [1, 2]);
+        // Nothing is kept for tenants with nothing queued or running.
+        assert!(q.lock().tenants.is_empty());
+    }
+}
