@@ -21,17 +21,42 @@ use vvlm_engine::{Generation, VideoVlm};
 use vvlm_planner::{CachedVision, Plan, PlanRequest};
 use vvlm_video::{FrameSampling, Preprocess, SampledFrame};
 
+/// A request's id: `req-<replica>-<n>`, unique across replicas. Every answer carries it
+/// (`x-request-id`), logs name it, and a reservation is keyed by it in the ledger (so the
+/// tenant's request history shows the id its client saw).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+impl RequestId {
+    pub fn new(s: &AppState) -> Self {
+        static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        // Unique across replicas: the replica's random id, then a counter.
+        Self(format!(
+            "req-{}-{}",
+            s.ledger.lease().owner,
+            REQUESTS.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+}
+
 /// A request's place among those admitted (decoding, queued or running), taken before its
-/// body is read so that an overloaded server answers 429 without parsing, planning or decoding.
+/// body is read so that an overloaded server answers 429 without parsing, planning or decoding;
+/// with the request's id.
 #[derive(Clone)]
-pub struct AdmissionSlot(Arc<std::sync::Mutex<Option<Place>>>);
+pub struct AdmissionSlot {
+    place: Arc<std::sync::Mutex<Option<Place>>>,
+    pub id: RequestId,
+}
 
 impl AdmissionSlot {
-    pub fn new(p: Place) -> Self {
-        Self(Arc::new(std::sync::Mutex::new(Some(p))))
+    pub fn new(p: Place, id: RequestId) -> Self {
+        Self {
+            place: Arc::new(std::sync::Mutex::new(Some(p))),
+            id,
+        }
     }
     fn take(&self) -> Option<Place> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.place.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 
@@ -296,6 +321,10 @@ pub async fn admit(
     }
     // A place in the queue before any work is spent (reservation, decoding): an overloaded
     // server answers 429 at once, and at most queue_depth + workers requests decode or wait.
+    let request_id = slot
+        .as_ref()
+        .map_or_else(|| RequestId::new(s), |x| x.id.clone())
+        .0;
     let place = match slot.and_then(|x| x.take()) {
         Some(p) => p,
         None => s
@@ -303,13 +332,6 @@ pub async fn admit(
             .try_acquire(t.id, tenant_limit(s, t))
             .map_err(|refused| refusal(s, t, refused))?,
     };
-    static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    // Unique across replicas: the replica's random id, then a counter.
-    let request_id = format!(
-        "req-{}-{}",
-        s.ledger.lease().owner,
-        REQUESTS.fetch_add(1, Ordering::Relaxed)
-    );
     // n completions of one plan: reserved n times its price (the video is encoded once, so
     // the measured cost settles lower).
     let reserve = plan.choice.cost_flops * r.n as f64;

@@ -506,7 +506,11 @@ pub async fn completions(
         prompt_required: true,
     };
     let r = validate(c.options, c.content, rules, &s.config.limits)?;
-    let id = format!("chatcmpl-{}", new_id());
+    // The completion's id names the request (`x-request-id`, the ledger's request history).
+    let id = format!(
+        "chatcmpl-{}",
+        slot.as_ref().map_or_else(new_id, |x| x.id.0.clone())
+    );
     let created = now();
     let logprobs = r.sampling.logprobs.is_some();
     if !c.stream {

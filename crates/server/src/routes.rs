@@ -2,7 +2,7 @@
 //! health, metrics, usage and the admin API.
 
 use crate::admission::{
-    plan_request, refusal, run_to_completion, tenant_limit, AdmissionSlot, Outcome,
+    plan_request, refusal, run_to_completion, tenant_limit, AdmissionSlot, Outcome, RequestId,
 };
 use crate::error::ApiError;
 use crate::ledger::{now, Tenant, TenantSettings, Usage};
@@ -68,7 +68,45 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            with_request_id,
+        ))
         .with_state(state)
+}
+
+/// A client's own id for a request (`X-Client-Request-Id`, as OpenAI's clients send it): 1-128
+/// visible ASCII characters, else ignored.
+fn client_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
+    let v = headers.get("x-client-request-id")?;
+    let ok = (1..=128).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
+    ok.then(|| v.clone())
+}
+
+/// Gives every request an id ([`RequestId`]): in the request's extensions for the handlers, in
+/// a tracing span around everything logged for it, and on the answer as `x-request-id`
+/// (errors included); a valid `X-Client-Request-Id` is logged beside it and echoed back.
+async fn with_request_id(State(s): St, req: Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument;
+    let id = RequestId::new(&s);
+    let client = client_request_id(req.headers());
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id.0,
+        client_request_id = client.as_ref().and_then(|v| v.to_str().ok()),
+        method = %req.method(),
+        path = %req.uri().path(),
+    );
+    let mut req = req;
+    req.extensions_mut().insert(id.clone());
+    let mut resp = next.run(req).instrument(span).await;
+    if let Ok(v) = HeaderValue::from_str(&id.0) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    if let Some(v) = client {
+        resp.headers_mut().insert("x-client-request-id", v);
+    }
+    resp
 }
 
 /// The credentials of `Authorization: Bearer <key>` (the scheme is case-insensitive, RFC 7235).
@@ -88,7 +126,12 @@ async fn require_tenant(State(s): St, req: Request, next: axum::middleware::Next
     {
         Ok(t) => {
             let path = req.uri().path().to_string();
-            admission_slot(&s, &t, &path).await
+            let id = req
+                .extensions()
+                .get::<RequestId>()
+                .cloned()
+                .unwrap_or_else(|| RequestId::new(&s));
+            admission_slot(&s, &t, &path, id).await
         }
         Err(e) => Err(e),
     };
@@ -126,6 +169,7 @@ async fn admission_slot(
     s: &AppState,
     t: &Tenant,
     path: &str,
+    id: RequestId,
 ) -> Result<Option<AdmissionSlot>, ApiError> {
     if !matches!(
         path,
@@ -143,7 +187,7 @@ async fn admission_slot(
             s.metrics.admission_refused(&t.name, refused);
             refusal(s, t, refused)
         })?;
-    Ok(Some(AdmissionSlot::new(place)))
+    Ok(Some(AdmissionSlot::new(place, id)))
 }
 
 /// The body length a request announces (`Content-Length`), if it does.

@@ -952,6 +952,66 @@ async fn a_queued_burst_does_not_keep_another_tenant_waiting_behind_it() {
     );
 }
 
+/// Every answer names its request (`x-request-id`), errors included; an engine request's id is
+/// its chat completion's id and its row in the tenant's request history; a client's own id is
+/// echoed when it is well formed.
+#[tokio::test]
+async fn every_answer_names_its_request() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let id_of = |h: &axum::http::HeaderMap| {
+        let id = h["x-request-id"].to_str().unwrap().to_string();
+        assert!(id.starts_with("req-"), "{id}");
+        id
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (method, path, key) in [
+        (Method::GET, "/health", None),
+        (Method::GET, "/v1/usage", Some("wrong")),
+        (Method::GET, "/no/such/route", Some(key.as_str())),
+        (Method::GET, "/v1/usage", Some(key.as_str())),
+    ] {
+        let mut b = Request::builder().method(method).uri(path);
+        if let Some(k) = key {
+            b = b.header(header::AUTHORIZATION, format!("Bearer {k}"));
+        }
+        let (_, headers, _) = s.send(b.body(Body::empty()).unwrap()).await;
+        assert!(seen.insert(id_of(&headers)), "ids are unique");
+        assert!(headers.get("x-client-request-id").is_none());
+    }
+    let chat = |client: &str| {
+        Request::builder()
+            .method(Method::POST)
+            .uri("/v1/chat/completions")
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("x-client-request-id", client)
+            .body(Body::from(text_chat(2).to_string()))
+            .unwrap()
+    };
+    let (st, headers, v) = s.send(chat("trace-7f3a")).await;
+    assert_eq!(st, 200, "{v}");
+    let id = id_of(&headers);
+    assert_eq!(headers["x-client-request-id"], "trace-7f3a");
+    assert_eq!(v["id"], format!("chatcmpl-{id}"));
+    let (st, history) = s
+        .json(
+            Method::GET,
+            "/admin/tenants/alice/requests?limit=1",
+            Some(ADMIN),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(st, 200, "{history}");
+    assert_eq!(history["requests"][0]["request_id"], id.as_str());
+    // A malformed client id (a space; too long) is not echoed; the request is served.
+    for bad in ["two words", &"x".repeat(129)] {
+        let (st, headers, _) = s.send(chat(bad)).await;
+        assert_eq!(st, 200);
+        assert!(headers.get("x-client-request-id").is_none(), "{bad}");
+    }
+}
+
 #[tokio::test]
 async fn health_names_the_models_and_the_cpu_kernels_once_loaded() {
     let s = server_with(true, |_| {});
