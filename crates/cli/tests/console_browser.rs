@@ -564,10 +564,10 @@ fn console_in_a_real_browser() {
     b.keys("#quota", "2P");
     b.click("#quota-form button[type=submit]");
     b.wait_text("#tenant-list", "2.00P", SHORT);
-    // Its limit of requests in flight: 0 is refused by name, 4 is kept and shown.
+    // Its limit of requests in flight: 0 is refused before it is sent, 4 is kept and shown.
     b.keys("#in-flight", "0");
     b.click("#in-flight-form button[type=submit]");
-    b.wait_text("#tenants-error", "max_in_flight", SHORT);
+    b.wait_text("#tenants-error", "1 or more", SHORT);
     b.js(
         "document.getElementById('in-flight').value = '';",
         json!([]),

@@ -21,7 +21,7 @@ function ok() {
 function countField(id, what) {
   const text = $(id).value.trim();
   if (!text) return undefined;
-  if (!/^[0-9]+$/.test(text)) throw new ApiError(422, 'validation', `${what}: "${text}" is not a whole number of requests`);
+  if (!/^[0-9]+$/.test(text) || Number(text) < 1) throw new ApiError(422, 'validation', `${what}: "${text}" is not a whole number of requests, 1 or more`);
   return Number(text);
 }
 

@@ -1619,3 +1619,327 @@ async fn a_conversation_about_a_video_continues_from_its_cached_prefix() {
         assert!(msg.contains(says), "{says}: {msg}");
     }
 }
+
+/// A small deterministic generator (xorshift64*) for the hostile-body test.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Values a hostile or careless client puts where another was expected.
+fn odd_value(rng: &mut Rng) -> Value {
+    let deep = (0..80).fold(json!(1), |v, _| json!([v]));
+    let choices = [
+        Value::Null,
+        json!(true),
+        json!(-1),
+        json!(0),
+        json!(1.5),
+        json!(1e308),
+        json!(-1e308),
+        json!(u64::MAX),
+        json!(i64::MIN),
+        json!(""),
+        json!("x".repeat(20_000)),
+        json!("\u{0}\u{7}\u{fffd}\u{10ffff} é 漢"),
+        json!("5T"),
+        json!("NaN"),
+        json!([]),
+        json!({}),
+        json!([null, 1, "a"]),
+        json!({"type": "object"}),
+        json!({"type": "json_schema", "json_schema": {"schema": {"type": "array"}}}),
+        deep,
+    ];
+    choices[rng.below(choices.len())].clone()
+}
+
+/// One random change to a JSON value: a value replaced (anywhere), a key removed or added.
+fn mutate(v: &mut Value, rng: &mut Rng) {
+    // Walk down to a random container.
+    let mut at = v;
+    loop {
+        let go_deeper = rng.below(3) > 0;
+        let next = match at {
+            Value::Object(m) if go_deeper && !m.is_empty() => {
+                let k = m.keys().nth(rng.below(m.len())).unwrap().clone();
+                if m[&k].is_object() || m[&k].is_array() {
+                    Some(k)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        match next {
+            Some(k) => at = at.get_mut(&k).unwrap(),
+            None => break,
+        }
+    }
+    match at {
+        Value::Object(m) => match rng.below(3) {
+            0 if !m.is_empty() => {
+                let k = m.keys().nth(rng.below(m.len())).unwrap().clone();
+                m.remove(&k);
+            }
+            1 => {
+                let k = [
+                    "extra",
+                    "n",
+                    "max_tokens",
+                    "stream",
+                    "logit_bias",
+                    "stop",
+                    "top_k",
+                ][rng.below(7)];
+                m.insert(k.into(), odd_value(rng));
+            }
+            _ if !m.is_empty() => {
+                let k = m.keys().nth(rng.below(m.len())).unwrap().clone();
+                m.insert(k, odd_value(rng));
+            }
+            _ => {}
+        },
+        Value::Array(a) if !a.is_empty() => {
+            let i = rng.below(a.len());
+            a[i] = odd_value(rng);
+        }
+        other => *other = odd_value(rng),
+    }
+}
+
+/// Hostile bodies: valid requests of every JSON route changed at random (values of the wrong
+/// kind or size anywhere, keys removed and added, the text cut or a byte changed) are answered
+/// 2xx or 4xx with a JSON error naming the problem, never 5xx or a dropped connection, and the
+/// server still serves a plain request after them.
+#[tokio::test]
+async fn random_hostile_bodies_get_4xx_never_5xx() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let seeds: Vec<(&str, Option<&str>, Value)> = vec![
+        (
+            "/v1/chat/completions",
+            Some(&key),
+            json!({"messages": [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": [{"type": "text", "text": "what colour ?"}]}],
+                   "max_tokens": 3, "temperature": 0.5, "top_p": 0.9, "stop": ["."], "n": 2,
+                   "logit_bias": {"5": 1}, "guided_choice": ["red", "white"],
+                   "stream": false, "seed": 3}),
+        ),
+        (
+            "/v1/chat/completions",
+            Some(&key),
+            json!({"messages": [{"role": "user", "content": "what colour is the flash ?"},
+                                {"role": "assistant", "content": "red"},
+                                {"role": "user", "content": "what shape ?"}],
+                   "max_tokens": 3, "logprobs": true, "top_logprobs": 2, "presence_penalty": 0.5,
+                   "repetition_penalty": 1.1, "min_p": 0.05, "top_k": 5,
+                   "stream_options": {"include_usage": true}}),
+        ),
+        (
+            "/v1/plan",
+            Some(&key),
+            json!({"budget": "1G", "task": "detail", "prompt": "what shape ?", "frames": 4,
+                   "tokens_per_frame": 16, "candidates": true, "n": 2, "guided_choice": ["a", "b"]}),
+        ),
+        (
+            "/v1/videos/qa",
+            Some(&key),
+            json!({"video": data_url("video/mp4", &video_bytes()), "question": "what colour ?",
+                   "max_tokens": 2, "budget": "1G"}),
+        ),
+        (
+            "/admin/tenants",
+            Some(ADMIN),
+            json!({"name": "bob", "quota": "1P", "per_request_max": "1T", "period": "day",
+                   "max_in_flight": 2}),
+        ),
+    ];
+    let mut rng = Rng(0x5eed_cafe_f00d_1234);
+    let mut statuses = std::collections::BTreeMap::new();
+    for (path, key, seed) in &seeds {
+        // The seed itself is a valid request.
+        let (st, v) = s.post(path, key.unwrap(), seed.clone()).await;
+        assert!((200..300).contains(&st), "{path}: {st} {v}");
+        if *path == "/admin/tenants" {
+            let (st, _) = s
+                .json(
+                    Method::DELETE,
+                    "/admin/tenants/bob",
+                    Some(ADMIN),
+                    Value::Null,
+                )
+                .await;
+            assert_eq!(st, 204);
+        }
+        let rounds = if path.starts_with("/v1/videos") {
+            40
+        } else {
+            150
+        };
+        for round in 0..rounds {
+            let mut body = seed.clone();
+            for _ in 0..1 + rng.below(3) {
+                mutate(&mut body, &mut rng);
+            }
+            let mut bytes = body.to_string().into_bytes();
+            match rng.below(8) {
+                0 => bytes.truncate(rng.below(bytes.len() + 1)),
+                1 if !bytes.is_empty() => {
+                    let i = rng.below(bytes.len());
+                    bytes[i] = rng.next() as u8;
+                }
+                _ => {}
+            }
+            let mut b = Request::builder()
+                .method(Method::POST)
+                .uri(*path)
+                .header(header::CONTENT_TYPE, "application/json");
+            if let Some(k) = key {
+                b = b.header(header::AUTHORIZATION, format!("Bearer {k}"));
+            }
+            let (st, _, v) = s.send(b.body(Body::from(bytes.clone())).unwrap()).await;
+            let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
+            assert!(
+                !st.is_server_error(),
+                "{path} round {round}: {st} for {shown}: {v}"
+            );
+            if st.is_client_error() {
+                let m = v["error"]["message"].as_str().unwrap_or("");
+                assert!(!m.is_empty(), "{path} round {round}: {st} {v} for {shown}");
+            }
+            *statuses.entry((*path, st.as_u16())).or_insert(0) += 1;
+            // Tenants made by the admin seed are removed again (the name is reused).
+            if *path == "/admin/tenants" && st.is_success() {
+                let name = v["tenant"]["name"].as_str().unwrap().to_string();
+                let (st, _) = s
+                    .json(
+                        Method::DELETE,
+                        &format!("/admin/tenants/{name}"),
+                        Some(ADMIN),
+                        Value::Null,
+                    )
+                    .await;
+                assert_eq!(st, 204);
+            }
+        }
+    }
+    eprintln!("{statuses:?}");
+    // Each route answered some mutated bodies and refused others.
+    for (path, _, _) in &seeds {
+        let ok = statuses
+            .iter()
+            .any(|((p, st), _)| p == path && (200..300).contains(st));
+        let refused = statuses
+            .iter()
+            .any(|((p, st), _)| p == path && (400..500).contains(st));
+        assert!(ok && refused, "{path}: {statuses:?}");
+    }
+    let (st, v) = s.post("/v1/chat/completions", &key, text_chat(2)).await;
+    assert_eq!(st, 200, "{v}");
+}
+
+/// Hostile multipart forms: random fields (known and unknown names, odd values), the video part
+/// present, missing, cut short or repeated, and the body cut anywhere: 2xx or 4xx with a JSON
+/// error, never 5xx.
+#[tokio::test]
+async fn random_hostile_forms_get_4xx_never_5xx() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let boundary = "hostileboundary";
+    let video = video_bytes();
+    let names = [
+        "question",
+        "prompt",
+        "system",
+        "max_tokens",
+        "frames",
+        "tokens_per_frame",
+        "budget",
+        "temperature",
+        "n",
+        "stop",
+        "logit_bias",
+        "guided_choice",
+        "response_format",
+        "seed",
+        "task",
+        "model",
+        "logprobs",
+        "top_logprobs",
+        "unknown",
+        "",
+    ];
+    let mut rng = Rng(0xf0f0_1234_abcd_9876);
+    let mut statuses = std::collections::BTreeMap::new();
+    for round in 0..60 {
+        let mut body = vec![];
+        let mut shown = vec![];
+        body.extend(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"question\"\r\n\r\nwhat colour ?\r\n")
+                .bytes(),
+        );
+        for _ in 0..rng.below(5) {
+            let name = names[rng.below(names.len())];
+            let value = match odd_value(&mut rng) {
+                Value::String(t) => t,
+                v => v.to_string(),
+            };
+            shown.push(format!("{name}={}", &value[..value.len().min(40)]));
+            body.extend(
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+                    .bytes(),
+            );
+        }
+        for _ in 0..rng.below(3) {
+            let cut = if rng.below(3) == 0 {
+                rng.below(video.len())
+            } else {
+                video.len()
+            };
+            shown.push(format!("video[..{cut}]"));
+            body.extend(
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"video\"; filename=\"v.mp4\"\r\nContent-Type: video/mp4\r\n\r\n").bytes(),
+            );
+            body.extend(&video[..cut]);
+            body.extend(b"\r\n");
+        }
+        body.extend(format!("--{boundary}--\r\n").bytes());
+        if rng.below(6) == 0 {
+            let cut = rng.below(body.len());
+            shown.push(format!("body[..{cut}]"));
+            body.truncate(cut);
+        }
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/videos/qa")
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .header(
+                header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(Body::from(body))
+            .unwrap();
+        let (st, _, v) = s.send(req).await;
+        assert!(
+            !st.is_server_error(),
+            "round {round}: {st} for {shown:?}: {v}"
+        );
+        if st.is_client_error() {
+            let m = v["error"]["message"].as_str().unwrap_or("");
+            assert!(!m.is_empty(), "round {round}: {st} {v} for {shown:?}");
+        }
+        *statuses.entry(st.as_u16()).or_insert(0) += 1;
+    }
+    eprintln!("{statuses:?}");
+    assert!(statuses.contains_key(&200) && statuses.keys().any(|s| (400..500).contains(s)));
+}
