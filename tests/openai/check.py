@@ -43,6 +43,13 @@ EXTRA = {"budget_flops": "2T"}
 # Models.
 models = client.models.list()
 ok("models.list", [m.id for m in models.data] == ["demo"], [m.id for m in models.data])
+one = client.models.retrieve("demo")
+ok("models.retrieve", one.id == "demo" and one.object == "model", one)
+try:
+    client.models.retrieve("no-such-model")
+    ok("models.retrieve unknown", False, "no error")
+except openai.NotFoundError as e:
+    ok("models.retrieve unknown", e.status_code == 404, e)
 
 # Non-streamed, with a video.
 r = client.chat.completions.create(
@@ -53,6 +60,9 @@ ok("chat: text", isinstance(text, str) and len(text) > 0, repr(text))
 ok("chat: finish_reason", r.choices[0].finish_reason in ("stop", "length"), r.choices[0].finish_reason)
 ok("chat: usage", r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0, r.usage)
 ok("chat: model is the planned checkpoint", r.model == "demo", r.model)
+# The client reads the request's id from `x-request-id`; the completion is named after it.
+ok("chat: request id", (r._request_id or "").startswith("req-") and r.id == "chatcmpl-" + r._request_id,
+   (r._request_id, r.id))
 
 # Streamed, with include_usage: the same text (greedy), usage in a final chunk.
 chunks = list(

@@ -37,6 +37,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     // client cannot make the server read (or hold) a large upload.
     let tenant_routes = Router::new()
         .route("/v1/models", get(models))
+        .route("/v1/models/{model}", get(model))
         .route("/v1/plan", post(plan))
         .route("/v1/usage", get(usage))
         .route("/v1/videos/caption", post(caption))
@@ -365,6 +366,26 @@ async fn metrics(State(s): St) -> Response {
         .into_response()
 }
 
+/// A served checkpoint as OpenAI's model object, with what the planner knows of it.
+fn model_json(s: &AppState, m: &vvlm_planner::ModelEntry) -> Value {
+    let notes = s
+        .engine(&m.name)
+        .map(|e| e.notes.clone())
+        .unwrap_or_default();
+    // `created`: when the checkpoint was written (its config.json), as OpenAI's epoch seconds.
+    let created = std::fs::metadata(m.path.join("config.json"))
+        .and_then(|md| md.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    json!({
+        "id": m.name, "object": "model", "created": created, "owned_by": "vvlm",
+        "lm_params": m.lm_params,
+        "frames": [m.min_frames, m.max_frames], "max_tokens_per_frame": m.max_side * m.max_side,
+        "description": m.description, "notes": notes,
+    })
+}
+
 async fn models(State(s): St) -> Response {
     let Some(planner) = s.planner() else {
         return ApiError::NotReady("models are loading".into()).into_response();
@@ -373,25 +394,24 @@ async fn models(State(s): St) -> Response {
         .registry()
         .models
         .iter()
-        .map(|m| {
-            let notes = s.engine(&m.name).map(|e| e.notes.clone()).unwrap_or_default();
-            // `created`: when the checkpoint was written (its config.json), as OpenAI's epoch
-            // seconds.
-            let created = std::fs::metadata(m.path.join("config.json"))
-                .and_then(|md| md.modified())
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs());
-            json!({
-                "id": m.name, "object": "model", "created": created, "owned_by": "vvlm",
-                "lm_params": m.lm_params,
-                "frames": [m.min_frames, m.max_frames], "max_tokens_per_frame": m.max_side * m.max_side,
-                "description": m.description, "notes": notes,
-            })
-        })
+        .map(|m| model_json(&s, m))
         .collect();
     Json(json!({"object": "list", "data": data, "tasks": planner.tasks().collect::<Vec<_>>()}))
         .into_response()
+}
+
+/// One model (OpenAI's `GET /v1/models/{model}`); an unknown one is 404 `model_not_found`.
+async fn model(State(s): St, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let planner = s
+        .planner()
+        .ok_or_else(|| ApiError::NotReady("models are loading".into()))?;
+    let m = planner
+        .registry()
+        .models
+        .iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| ApiError::ModelNotFound(format!("the model `{name}` does not exist")))?;
+    Ok(Json(model_json(&s, m)).into_response())
 }
 
 async fn usage(State(s): St, headers: HeaderMap) -> Response {

@@ -695,6 +695,44 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Sets (a number) or clears (null) a tenant's limit of requests in flight.
+    async fn set_max_in_flight(&self, tenant: &str, limit: Value) -> (u16, Value) {
+        let path = format!("/admin/tenants/{tenant}");
+        self.json(
+            Method::PATCH,
+            &path,
+            Some(ADMIN),
+            json!({ "max_in_flight": limit }),
+        )
+        .await
+    }
+
+    /// Sends a JSON POST on its own task: its status, and when its answer had been read.
+    fn spawn_post(
+        &self,
+        key: &str,
+        path: &'static str,
+        body: Value,
+    ) -> tokio::task::JoinHandle<(u16, std::time::Instant)> {
+        let state = self.state.clone();
+        let key = key.to_string();
+        tokio::spawn(async move {
+            let req = Request::builder()
+                .method(Method::POST)
+                .uri(path)
+                .header(header::AUTHORIZATION, format!("Bearer {key}"))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            let resp = vvlm_server::router(state).oneshot(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let _ = axum::body::to_bytes(resp.into_body(), usize::MAX).await;
+            (status, std::time::Instant::now())
+        })
+    }
+}
+
 fn text_chat(max_tokens: u32) -> Value {
     json!({"messages": [{"role": "user", "content": "what colour is the flash ?"}],
            "max_tokens": max_tokens})
@@ -706,27 +744,13 @@ async fn a_tenant_at_its_limit_is_429_while_other_tenants_are_served() {
     let alice = s.tenant("alice", None);
     let bob = s.tenant("bob", None);
     // The limit is the tenant's own, set through the admin API (0 is refused, by name).
-    let (st, v) = s
-        .json(
-            Method::PATCH,
-            "/admin/tenants/alice",
-            Some(ADMIN),
-            json!({"max_in_flight": 0}),
-        )
-        .await;
+    let (st, v) = s.set_max_in_flight("alice", json!(0)).await;
     assert_eq!(st, 422, "{v}");
     assert!(v["error"]["message"]
         .as_str()
         .unwrap()
         .contains("max_in_flight"));
-    let (st, v) = s
-        .json(
-            Method::PATCH,
-            "/admin/tenants/alice",
-            Some(ADMIN),
-            json!({"max_in_flight": 1}),
-        )
-        .await;
+    let (st, v) = s.set_max_in_flight("alice", json!(1)).await;
     assert_eq!((st, &v["max_in_flight"]), (200, &json!(1)), "{v}");
     // Alice's one place is held (as by a request of hers still running).
     let place = s
@@ -772,14 +796,7 @@ async fn a_tenant_at_its_limit_is_429_while_other_tenants_are_served() {
     let (st, _, v) = s.send(req(&alice)).await;
     assert_eq!(st, 200, "{v}");
     // null returns her to the server's default (no limit here).
-    let (st, v) = s
-        .json(
-            Method::PATCH,
-            "/admin/tenants/alice",
-            Some(ADMIN),
-            json!({"max_in_flight": null}),
-        )
-        .await;
+    let (st, v) = s.set_max_in_flight("alice", json!(null)).await;
     assert_eq!((st, &v["max_in_flight"]), (200, &Value::Null), "{v}");
     let _two = [
         s.state
@@ -800,14 +817,7 @@ async fn the_servers_default_limit_binds_tenants_without_their_own() {
     let s = server_with(true, |c| c.limits.tenant_max_in_flight = 1);
     let alice = s.tenant("alice", None);
     let bob = s.tenant("bob", None);
-    let (st, v) = s
-        .json(
-            Method::PATCH,
-            "/admin/tenants/bob",
-            Some(ADMIN),
-            json!({"max_in_flight": 2}),
-        )
-        .await;
+    let (st, v) = s.set_max_in_flight("bob", json!(2)).await;
     assert_eq!(st, 200, "{v}");
     let _places = [
         s.state
@@ -844,25 +854,12 @@ async fn a_freed_place_goes_to_the_waiting_tenant_holding_fewest() {
         gate.try_acquire(id, None).unwrap(),
         gate.try_acquire(id, None).unwrap(),
     ];
-    let spawn = |key: String| {
-        let state = s.state.clone();
-        tokio::spawn(async move {
-            let req = Request::builder()
-                .method(Method::POST)
-                .uri("/v1/chat/completions")
-                .header(header::AUTHORIZATION, format!("Bearer {key}"))
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(text_chat(2).to_string()))
-                .unwrap();
-            let resp = vvlm_server::router(state).oneshot(req).await.unwrap();
-            resp.status().as_u16()
-        })
-    };
-    let alices = spawn(alice);
+    let spawn = |key: &str| s.spawn_post(key, "/v1/chat/completions", text_chat(2));
+    let alices = spawn(&alice);
     while gate.waiting() < 1 {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    let bobs = spawn(bob);
+    let bobs = spawn(&bob);
     while gate.waiting() < 2 {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
@@ -875,9 +872,9 @@ async fn a_freed_place_goes_to_the_waiting_tenant_holding_fewest() {
     if gate.waiting() == 1 {
         assert_eq!(gate.held_by(id), 1, "the freed place went to alice");
     }
-    assert_eq!(bobs.await.unwrap(), 200);
+    assert_eq!(bobs.await.unwrap().0, 200);
     held.pop();
-    assert_eq!(alices.await.unwrap(), 200);
+    assert_eq!(alices.await.unwrap().0, 200);
     // Every place comes back (the worker drops a job's place just after its answer).
     let t0 = std::time::Instant::now();
     while gate.available() < 2 && t0.elapsed().as_secs() < 10 {
@@ -887,7 +884,7 @@ async fn a_freed_place_goes_to_the_waiting_tenant_holding_fewest() {
 }
 
 /// The queue behind the door: one sequence at a time, the worker busy with carol's video,
-/// alice's four requests admitted (one held by the worker until it fits, three queued), then
+/// alice's four requests admitted (queued, or one held by the worker until it fits), then
 /// bob's: his is taken next, not after all of hers.
 #[tokio::test]
 async fn a_queued_burst_does_not_keep_another_tenant_waiting_behind_it() {
@@ -899,42 +896,29 @@ async fn a_queued_burst_does_not_keep_another_tenant_waiting_behind_it() {
     let carol = s.tenant("carol", None);
     let alice = s.tenant("alice", None);
     let bob = s.tenant("bob", None);
-    let spawn = |key: String, path: &'static str, body: Value| {
-        let state = s.state.clone();
-        tokio::spawn(async move {
-            let req = Request::builder()
-                .method(Method::POST)
-                .uri(path)
-                .header(header::AUTHORIZATION, format!("Bearer {key}"))
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap();
-            let resp = vvlm_server::router(state).oneshot(req).await.unwrap();
-            let status = resp.status().as_u16();
-            let _ = axum::body::to_bytes(resp.into_body(), usize::MAX).await;
-            (status, std::time::Instant::now())
-        })
-    };
     let mut video = qa_body();
     video["budget"] = json!("1e12");
     video["frames"] = json!(8);
     let t0 = std::time::Instant::now();
-    let busy = spawn(carol, "/v1/videos/qa", video);
+    let busy = s.spawn_post(&carol, "/v1/videos/qa", video);
     while !s.state.metrics.render().contains("vvlm_in_flight 1") && t0.elapsed().as_secs() < 30 {
         tokio::task::yield_now().await;
     }
     let hers: Vec<_> = (0..4)
-        .map(|_| spawn(alice.clone(), "/v1/chat/completions", text_chat(8)))
+        .map(|_| s.spawn_post(&alice, "/v1/chat/completions", text_chat(8)))
         .collect();
     while s.state.pool.queued() < 3 && t0.elapsed().as_secs() < 30 {
         tokio::task::yield_now().await;
     }
-    assert_eq!(
-        s.state.pool.queued(),
-        3,
-        "alice's requests queued behind carol's video"
+    // Three queued and one held by the worker until it fits, or all four queued (the worker
+    // takes the next job between decode steps, not while it encodes a video).
+    let queued = s.state.pool.queued();
+    assert!(
+        (3..=4).contains(&queued),
+        "{queued} of alice's requests queued behind carol's video"
     );
-    let (status, bob_done) = spawn(bob, "/v1/chat/completions", text_chat(8))
+    let (status, bob_done) = s
+        .spawn_post(&bob, "/v1/chat/completions", text_chat(8))
         .await
         .unwrap();
     assert_eq!(status, 200);
@@ -1093,6 +1077,24 @@ async fn two_loaded_models_are_listed_and_each_can_be_pinned() {
         .collect();
     ids.sort();
     assert_eq!(ids, ["suite-m", "suite-s"]);
+    // One model by name is the list's entry; an unknown one is 404 naming `model`.
+    let (st, one) = s
+        .json(Method::GET, "/v1/models/suite-m", Some(&key), Value::Null)
+        .await;
+    assert_eq!(st, 200, "{one}");
+    let listed = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "suite-m");
+    assert_eq!(Some(&one), listed);
+    let (st, e) = s
+        .json(Method::GET, "/v1/models/nope", Some(&key), Value::Null)
+        .await;
+    assert_eq!(
+        (st, kind(&e), &e["error"]["param"]),
+        (404, "model_not_found", &json!("model"))
+    );
     for m in ids {
         let mut body = qa_body();
         body["model"] = json!(m);
