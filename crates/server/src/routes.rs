@@ -132,16 +132,20 @@ async fn require_tenant(State(s): St, req: Request, next: axum::middleware::Next
                 .get::<RequestId>()
                 .cloned()
                 .unwrap_or_else(|| RequestId::new(&s));
-            admission_slot(&s, &t, &path, id).await
+            admission_slot(&s, &t, &path, id)
+                .await
+                .map(|slot| (t, slot))
         }
         Err(e) => Err(e),
     };
     match checked {
-        Ok(slot) => {
+        Ok((tenant, slot)) => {
             let mut req = req;
             if let Some(slot) = slot {
                 req.extensions_mut().insert(slot);
             }
+            // The handler answers for this tenant without reading it from the ledger again.
+            req.extensions_mut().insert(Authenticated(tenant));
             next.run(req).await
         }
         Err(e) => {
@@ -236,6 +240,10 @@ pub(crate) fn json_error(e: axum::extract::rejection::JsonRejection) -> ApiError
     body_error(e.status(), e.body_text())
 }
 
+/// The tenant `require_tenant` authenticated, in the request's extensions.
+#[derive(Clone)]
+struct Authenticated(Tenant);
+
 async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Tenant, ApiError> {
     let key = bearer(headers)
         .ok_or_else(|| ApiError::Unauthorized("missing `Authorization: Bearer <key>`".into()))?
@@ -275,10 +283,11 @@ fn quota_headers(resp: &mut Response, u: &Usage) {
     }
 }
 
-/// Runs an authenticated handler and stamps the tenant's remaining quota on the answer, errors
-/// included.
+/// Runs an authenticated handler (the tenant `require_tenant` found, else the one the headers'
+/// key names) and stamps the tenant's remaining quota on the answer, errors included.
 async fn with_tenant<F, Fut>(
     state: Arc<AppState>,
+    authenticated: Option<Authenticated>,
     headers: &HeaderMap,
     route: &'static str,
     f: F,
@@ -288,7 +297,11 @@ where
     Fut: std::future::Future<Output = Result<Response, ApiError>>,
 {
     let started = Instant::now();
-    let tenant = match authenticate(&state, headers).await {
+    let found = match authenticated {
+        Some(Authenticated(t)) => Ok(t),
+        None => authenticate(&state, headers).await,
+    };
+    let tenant = match found {
         Ok(t) => t,
         Err(e) => {
             state
@@ -414,8 +427,13 @@ async fn model(State(s): St, Path(name): Path<String>) -> Result<Response, ApiEr
     Ok(Json(model_json(&s, m)).into_response())
 }
 
-async fn usage(State(s): St, headers: HeaderMap) -> Response {
-    with_tenant(s, &headers, "/v1/usage", |s, t| async move {
+async fn usage(
+    State(s): St,
+    authenticated: Option<axum::Extension<Authenticated>>,
+    headers: HeaderMap,
+) -> Response {
+    let authenticated = authenticated.map(|axum::Extension(x)| x);
+    with_tenant(s, authenticated, &headers, "/v1/usage", |s, t| async move {
         Ok(Json(json!(s.ledger_call(move |l| l.usage(&t, now())).await?)).into_response())
     })
     .await
@@ -425,10 +443,12 @@ async fn usage(State(s): St, headers: HeaderMap) -> Response {
 /// each model's tokenizer), and `text_only` for a request without video.
 async fn plan(
     State(s): St,
+    authenticated: Option<axum::Extension<Authenticated>>,
     headers: HeaderMap,
     body: Result<Json<Map<String, Value>>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    with_tenant(s, &headers, "/v1/plan", |s, t| async move {
+    let authenticated = authenticated.map(|axum::Extension(x)| x);
+    with_tenant(s, authenticated, &headers, "/v1/plan", |s, t| async move {
         let Json(mut b) = body.map_err(json_error)?;
         let options =
             RequestOptions::take_from(&mut b, &["prompt", "system", "text_only", "candidates"])?;
@@ -599,7 +619,8 @@ async fn video_endpoint(
     // `require_tenant` has checked the key (and taken the admission slot) before any body.
     let headers = req.headers().clone();
     let slot = req.extensions().get::<AdmissionSlot>().cloned();
-    with_tenant(s, &headers, route, |s, t| async move {
+    let authenticated = req.extensions().get::<Authenticated>().cloned();
+    with_tenant(s, authenticated, &headers, route, |s, t| async move {
         let (options, content) = parse_video_request(req, &s.config.file_allow).await?;
         let rules = Rules {
             default_task: task,
@@ -624,13 +645,19 @@ async fn qa(State(s): St, req: Request) -> Response {
 async fn chat(
     State(s): St,
     slot: Option<axum::Extension<AdmissionSlot>>,
+    authenticated: Option<axum::Extension<Authenticated>>,
     headers: HeaderMap,
     body: Result<Json<Map<String, Value>>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let slot = slot.map(|axum::Extension(x)| x);
-    with_tenant(s, &headers, "/v1/chat/completions", |s, t| {
-        crate::chat::completions(s, t, slot, body)
-    })
+    let authenticated = authenticated.map(|axum::Extension(x)| x);
+    with_tenant(
+        s,
+        authenticated,
+        &headers,
+        "/v1/chat/completions",
+        |s, t| crate::chat::completions(s, t, slot, body),
+    )
     .await
 }
 
