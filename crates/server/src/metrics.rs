@@ -74,6 +74,7 @@ pub struct Metrics {
     cache_entries: Gauge,
     cache: std::sync::Mutex<Option<std::sync::Arc<crate::cache::VideoCache>>>,
     tenant_limit_rejections: Family<TenantLabel, Counter>,
+    tenant_places_held: Family<TenantLabel, Gauge>,
     admission_waiting: Gauge,
     admission_held: Gauge,
     admission: std::sync::Mutex<Option<crate::fair_gate::FairGate>>,
@@ -120,6 +121,7 @@ impl Default for Metrics {
             cache_entries: Gauge::default(),
             cache: std::sync::Mutex::new(None),
             tenant_limit_rejections: Family::default(),
+            tenant_places_held: Family::default(),
             admission_waiting: Gauge::default(),
             admission_held: Gauge::default(),
             admission: std::sync::Mutex::new(None),
@@ -220,6 +222,12 @@ impl Default for Metrics {
             m.tenant_limit_rejections.clone(),
         );
         r.register(
+            "tenant_places_held",
+            "Admission places the tenant holds on this replica (its requests decoding, queued or \
+             running; read at scrape)",
+            m.tenant_places_held.clone(),
+        );
+        r.register(
             "admission_places_held",
             "Admission places held (requests decoding, queued or running; read at scrape)",
             m.admission_held.clone(),
@@ -286,6 +294,18 @@ impl Metrics {
             };
             self.tenant_charged.get_or_create(&l).set(u.charged_flops);
             self.tenant_reserved.get_or_create(&l).set(u.reserved_flops);
+        }
+    }
+
+    /// The admission places each tenant holds on this replica now.
+    pub fn set_places_held(&self, held: &[(&str, usize)]) {
+        self.tenant_places_held.clear();
+        for &(tenant, n) in held {
+            self.tenant_places_held
+                .get_or_create(&TenantLabel {
+                    tenant: tenant.to_string(),
+                })
+                .set(n as i64);
         }
     }
 

@@ -361,17 +361,28 @@ async fn health(State(s): St) -> Response {
 
 async fn metrics(State(s): St) -> Response {
     // Usage comes from the shared ledger, so every replica reports the same figures.
-    let usages = s
+    let tenants = s
         .ledger_call(|l| {
             let now = now();
             l.tenants()?
-                .iter()
-                .map(|t| l.usage(t, now))
+                .into_iter()
+                .map(|t| l.usage(&t, now).map(|u| (t, u)))
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
         .ok();
+    let usages: Option<Vec<_>> = tenants
+        .as_ref()
+        .map(|v| v.iter().map(|(_, u)| u.clone()).collect());
     s.metrics.set_usage(usages.as_deref());
+    // This replica's admission places, by tenant (for the tenants the ledger listed).
+    if let Some(v) = &tenants {
+        let held: Vec<_> = v
+            .iter()
+            .map(|(t, _)| (t.name.as_str(), s.admission.held_by(t.id)))
+            .collect();
+        s.metrics.set_places_held(&held);
+    }
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         s.metrics.render(),

@@ -791,6 +791,12 @@ async fn a_tenant_at_its_limit_is_429_while_other_tenants_are_served() {
         metrics.contains("vvlm_admission_places_held 1"),
         "{metrics}"
     );
+    for line in [
+        "vvlm_tenant_places_held{tenant=\"alice\"} 1",
+        "vvlm_tenant_places_held{tenant=\"bob\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line}: {metrics}");
+    }
     // Her place given back, alice is served again.
     drop(place);
     let (st, _, v) = s.send(req(&alice)).await;
