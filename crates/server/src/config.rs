@@ -170,7 +170,9 @@ impl LedgerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
-    /// Requests waiting for a worker beyond which new ones get 429.
+    /// Requests that may wait for a worker beyond those the workers' batches hold: the server
+    /// admits `queue_depth + workers x max_batch` at once (decoding, queued or running); more
+    /// wait at the door up to `queue_wait_s`, then get 429.
     pub queue_depth: usize,
     /// Inference workers (0: one per 2 cores, at least 1).
     pub workers: usize,
@@ -194,7 +196,7 @@ pub struct Limits {
     /// Open connections served at once; more wait in the kernel's accept queue.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// Seconds a request waits for a place among the admitted (queue_depth + workers) before
+    /// Seconds a request waits for a place among the admitted (queue_depth + workers x max_batch) before
     /// it is answered 429.
     #[serde(default = "default_queue_wait")]
     pub queue_wait_s: f64,
