@@ -281,6 +281,10 @@ pub enum TenantCmd {
         /// `[limits] tenant_max_in_flight`).
         #[arg(long)]
         max_in_flight: Option<u32>,
+        /// Share of a server's places while other tenants wait too, relative to theirs
+        /// (0.01-100; default 1).
+        #[arg(long)]
+        weight: Option<f64>,
     },
     /// List tenants with their usage.
     List,
@@ -300,6 +304,9 @@ pub enum TenantCmd {
         /// Requests in flight at once (`none`: the server's default).
         #[arg(long)]
         max_in_flight: Option<String>,
+        /// Share of a server's places under contention (`none`: 1).
+        #[arg(long)]
+        weight: Option<String>,
     },
     /// Remove a tenant (its key stops working; its accounting history is kept).
     Remove { name: String },
@@ -339,6 +346,7 @@ pub fn tenant(a: TenantArgs) -> Result<()> {
             quota,
             period,
             max_in_flight,
+            weight,
         } => {
             let s = TenantSettings {
                 default_budget: flops(&default_budget, "default-budget")?,
@@ -346,6 +354,7 @@ pub fn tenant(a: TenantArgs) -> Result<()> {
                 quota: flops(&quota, "quota")?.map(Some),
                 period: Some(Period::parse(&period)?),
                 max_in_flight: max_in_flight.map(Some),
+                weight: weight.map(Some),
             };
             let (t, key) = l.create_tenant(&name, &s)?;
             eprintln!(
@@ -358,12 +367,13 @@ pub fn tenant(a: TenantArgs) -> Result<()> {
             for t in l.tenants()? {
                 let u = l.usage(&t, now())?;
                 println!(
-                    "{:<20} default {:.3e}  max/request {:.3e}  quota {}  in flight {}  used {:.3e} (+{:.3e} reserved)",
+                    "{:<20} default {:.3e}  max/request {:.3e}  quota {}  in flight {}  weight {}  used {:.3e} (+{:.3e} reserved)",
                     t.name,
                     t.default_budget,
                     t.per_request_max,
                     t.quota.map(|q| format!("{q:.3e}/{}", t.period.as_str())).unwrap_or_else(|| "unlimited".into()),
                     t.max_in_flight.map(|m| m.to_string()).unwrap_or_else(|| "server default".into()),
+                    t.weight.unwrap_or(1.0),
                     u.charged_flops,
                     u.reserved_flops
                 );
@@ -380,7 +390,15 @@ pub fn tenant(a: TenantArgs) -> Result<()> {
             quota,
             period,
             max_in_flight,
+            weight,
         } => {
+            let weight = match weight.as_deref() {
+                None => None,
+                Some("none") => Some(None),
+                Some(v) => Some(Some(v.parse::<f64>().with_context(|| {
+                    format!("--weight `{v}` is not a number (or `none`)")
+                })?)),
+            };
             let max_in_flight = match max_in_flight.as_deref() {
                 None => None,
                 Some("none") => Some(None),
@@ -399,6 +417,7 @@ pub fn tenant(a: TenantArgs) -> Result<()> {
                 quota,
                 period: period.as_deref().map(Period::parse).transpose()?,
                 max_in_flight,
+                weight,
             };
             println!(
                 "{}",

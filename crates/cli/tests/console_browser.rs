@@ -573,6 +573,7 @@ fn console_in_a_real_browser() {
         json!([]),
     );
     b.keys("#in-flight", "4");
+    b.keys("#weight", "2.5");
     b.click("#in-flight-form button[type=submit]");
     b.wait_js(
         "the limit in the list",
@@ -582,7 +583,11 @@ fn console_in_a_real_browser() {
     );
     assert_eq!(b.text("#tenants-error"), "");
     let (_, acme) = api("GET", &format!("{base}/admin/tenants/acme"), ADMIN, None);
-    assert_eq!(acme["max_in_flight"], 4, "{acme}");
+    assert_eq!(
+        (&acme["max_in_flight"], &acme["weight"]),
+        (&json!(4), &json!(2.5)),
+        "{acme}"
+    );
     b.click("#rotate");
     b.wait_text("#tenant-key-out", "shown once", SHORT);
     let new_key = b.text("#tenant-key-out code");
@@ -595,6 +600,7 @@ fn console_in_a_real_browser() {
     b.keys("#new-name", "beta-team");
     b.keys("#new-quota", "5T");
     b.keys("#new-in-flight", "2");
+    b.keys("#new-weight", "0.5");
     b.click("#create");
     b.wait_text("#created-key-out", "API key of beta-team", SHORT);
     b.wait_text("#tenant-list", "beta-team", SHORT);
@@ -608,9 +614,10 @@ fn console_in_a_real_browser() {
         (
             status,
             beta["quota"].as_f64(),
-            beta["max_in_flight"].as_u64()
+            beta["max_in_flight"].as_u64(),
+            beta["weight"].as_f64()
         ),
-        (200, Some(5e12), Some(2))
+        (200, Some(5e12), Some(2), Some(0.5))
     );
     if let Ok(out) = std::env::var("VVLM_SCREENSHOTS") {
         // Hide the freshly shown keys from the picture.

@@ -140,6 +140,10 @@ pub struct Tenant {
     /// default (`[limits] tenant_max_in_flight`).
     #[serde(default)]
     pub max_in_flight: Option<u32>,
+    /// Its share of a server's places while other tenants wait too, relative to theirs; None:
+    /// 1.
+    #[serde(default)]
+    pub weight: Option<f64>,
 }
 
 /// Settings for a new or changed tenant.
@@ -154,7 +158,13 @@ pub struct TenantSettings {
     /// `Some(None)` returns the tenant to the server's default.
     #[serde(default, with = "double_option")]
     pub max_in_flight: Option<Option<u32>>,
+    /// `Some(None)` returns the tenant to weight 1.
+    #[serde(default, with = "double_option")]
+    pub weight: Option<Option<f64>>,
 }
+
+/// The range of a tenant's weight.
+pub const WEIGHT_RANGE: std::ops::RangeInclusive<f64> = 0.01..=100.0;
 
 /// Most requests one tenant may be given in flight (a limit, not a reservation).
 pub const MAX_IN_FLIGHT_LIMIT: u32 = 1_000_000;
@@ -484,6 +494,9 @@ fn updated_tenant(mut t: Tenant, s: &TenantSettings) -> Result<Tenant, LedgerErr
     if let Some(m) = s.max_in_flight {
         t.max_in_flight = m;
     }
+    if let Some(w) = s.weight {
+        t.weight = w;
+    }
     if t.default_budget > t.per_request_max {
         return Err(LedgerError::Invalid(
             "default_budget exceeds per_request_max".into(),
@@ -516,6 +529,15 @@ fn check_settings(s: &TenantSettings) -> Result<(), LedgerError> {
         if !(1..=MAX_IN_FLIGHT_LIMIT).contains(&m) {
             return Err(LedgerError::Invalid(format!(
                 "max_in_flight must be 1 to {MAX_IN_FLIGHT_LIMIT} requests (null: the server's default), got {m}"
+            )));
+        }
+    }
+    if let Some(Some(w)) = s.weight {
+        if !WEIGHT_RANGE.contains(&w) {
+            return Err(LedgerError::Invalid(format!(
+                "weight must be {} to {} (null: 1), got {w}",
+                WEIGHT_RANGE.start(),
+                WEIGHT_RANGE.end()
             )));
         }
     }

@@ -41,6 +41,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "tenant_max_in_flight",
         sql: include_str!("../migrations/postgres/0004_tenant_max_in_flight.sql"),
     },
+    Migration {
+        version: 5,
+        name: "tenant_weight",
+        sql: include_str!("../migrations/postgres/0005_tenant_weight.sql"),
+    },
 ];
 
 /// Advisory lock key that serialises migrations of replicas starting together.
@@ -114,10 +119,12 @@ fn row_tenant(r: &Row) -> Tenant {
             Period::Day
         },
         max_in_flight: r.get::<_, Option<i64>>(6).map(|m| m as u32),
+        weight: r.get(7),
     }
 }
 
-const TENANT_COLS: &str = "id, name, default_budget, per_request_max, quota, period, max_in_flight";
+const TENANT_COLS: &str =
+    "id, name, default_budget, per_request_max, quota, period, max_in_flight, weight";
 const LIVE: &str = "key_hash NOT LIKE 'removed:%'";
 
 impl PostgresLedger {
@@ -311,16 +318,17 @@ impl Ledger for PostgresLedger {
         let quota = s.quota.flatten();
         let period = s.period.unwrap_or(Period::Day).as_str();
         let max_in_flight = s.max_in_flight.flatten().map(i64::from);
+        let weight = s.weight.flatten();
         let t = self.block(async move {
             let c = pool.get().await?;
             let r = c
                 .query_one(
                     &format!(
-                        "INSERT INTO tenants (name, key_hash, default_budget, per_request_max, quota, period, max_in_flight, created_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, EXTRACT(EPOCH FROM now())::BIGINT)
+                        "INSERT INTO tenants (name, key_hash, default_budget, per_request_max, quota, period, max_in_flight, weight, created_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, EXTRACT(EPOCH FROM now())::BIGINT)
                          RETURNING {TENANT_COLS}"
                     ),
-                    &[&name, &hash, &default_budget, &per_request_max, &quota, &period, &max_in_flight],
+                    &[&name, &hash, &default_budget, &per_request_max, &quota, &period, &max_in_flight, &weight],
                 )
                 .await;
             match r {
@@ -340,8 +348,8 @@ impl Ledger for PostgresLedger {
             let max_in_flight = t2.max_in_flight.map(i64::from);
             c.execute(
                 "UPDATE tenants SET default_budget = $1, per_request_max = $2, quota = $3, period = $4,
-                 max_in_flight = $5 WHERE id = $6",
-                &[&t2.default_budget, &t2.per_request_max, &t2.quota, &t2.period.as_str(), &max_in_flight, &t2.id],
+                 max_in_flight = $5, weight = $6 WHERE id = $7",
+                &[&t2.default_budget, &t2.per_request_max, &t2.quota, &t2.period.as_str(), &max_in_flight, &t2.weight, &t2.id],
             )
             .await?;
             Ok(())

@@ -37,6 +37,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "tenant_max_in_flight",
         sql: include_str!("../migrations/sqlite/0005_tenant_max_in_flight.sql"),
     },
+    Migration {
+        version: 6,
+        name: "tenant_weight",
+        sql: include_str!("../migrations/sqlite/0006_tenant_weight.sql"),
+    },
 ];
 
 pub struct SqliteLedger {
@@ -61,7 +66,8 @@ impl From<rusqlite::Error> for LedgerError {
     }
 }
 
-const TENANT_COLS: &str = "id, name, default_budget, per_request_max, quota, period, max_in_flight";
+const TENANT_COLS: &str =
+    "id, name, default_budget, per_request_max, quota, period, max_in_flight, weight";
 /// Removed tenants are tombstones (see `remove_tenant`).
 const LIVE: &str = "key_hash NOT LIKE 'removed:%'";
 
@@ -104,6 +110,7 @@ impl SqliteLedger {
                 Period::Day
             },
             max_in_flight: r.get::<_, Option<i64>>(6)?.map(|m| m as u32),
+            weight: r.get(7)?,
         })
     }
 
@@ -159,8 +166,8 @@ impl Ledger for SqliteLedger {
         let (default_budget, per_request_max) = new_tenant_budgets(name, s)?;
         let key = new_key()?;
         let r = self.lock().execute(
-            "INSERT INTO tenants (name, key_hash, default_budget, per_request_max, quota, period, max_in_flight, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, strftime('%s','now'))",
+            "INSERT INTO tenants (name, key_hash, default_budget, per_request_max, quota, period, max_in_flight, weight, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, strftime('%s','now'))",
             params![
                 name,
                 crate::hash_key(&key),
@@ -168,7 +175,8 @@ impl Ledger for SqliteLedger {
                 per_request_max,
                 s.quota.flatten(),
                 s.period.unwrap_or(Period::Day).as_str(),
-                s.max_in_flight.flatten()
+                s.max_in_flight.flatten(),
+                s.weight.flatten()
             ],
         );
         match r {
@@ -188,13 +196,14 @@ impl Ledger for SqliteLedger {
         let t = updated_tenant(self.tenant_by_name(name)?, s)?;
         self.lock().execute(
             "UPDATE tenants SET default_budget = ?1, per_request_max = ?2, quota = ?3, period = ?4,
-             max_in_flight = ?5 WHERE id = ?6",
+             max_in_flight = ?5, weight = ?6 WHERE id = ?7",
             params![
                 t.default_budget,
                 t.per_request_max,
                 t.quota,
                 t.period.as_str(),
                 t.max_in_flight,
+                t.weight,
                 t.id
             ],
         )?;

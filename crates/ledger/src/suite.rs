@@ -241,6 +241,28 @@ pub fn settings_are_validated(h: &dyn Harness) {
         None
     );
     assert_eq!(l.tenant_by_name("z").unwrap().max_in_flight, None);
+    // Its weight: set and read back, cleared by null, in range.
+    let weight = |w: Option<f64>| TenantSettings {
+        weight: Some(w),
+        ..Default::default()
+    };
+    assert_eq!(
+        l.update_tenant("z", &weight(Some(2.5))).unwrap().weight,
+        Some(2.5)
+    );
+    assert_eq!(l.tenant_by_name("z").unwrap().weight, Some(2.5));
+    for bad in [0.0, -1.0, 100.5, f64::NAN] {
+        assert!(matches!(
+            l.update_tenant("z", &weight(Some(bad))),
+            Err(LedgerError::Invalid(m)) if m.contains("weight")
+        ));
+    }
+    assert_eq!(l.update_tenant("z", &weight(None)).unwrap().weight, None);
+    let (v, _) = l.create_tenant("v", &weight(Some(0.5))).unwrap();
+    assert_eq!(
+        (v.weight, l.tenant_by_name("v").unwrap().weight),
+        (Some(0.5), Some(0.5))
+    );
     // A changed quota binds at once (admission reads the stored quota, not the caller's copy).
     let stale = Tenant {
         quota: None,

@@ -1,6 +1,6 @@
 // The tenants page (admin key): quotas and usage this period, usage over time, recent requests
-// with their plan and charge; create a tenant, change a quota or the requests it may have in
-// flight, rotate a key. Only the admin API.
+// with their plan and charge; create a tenant, change a quota or its share of the server (the
+// requests it may have in flight, its weight), rotate a key. Only the admin API.
 
 import { call, getKey, setKey, ApiError } from './api.js';
 import { usageChart } from './charts.js';
@@ -23,6 +23,15 @@ function countField(id, what) {
   if (!text) return undefined;
   if (!/^[0-9]+$/.test(text) || Number(text) < 1) throw new ApiError(422, 'validation', `${what}: "${text}" is not a whole number of requests, 1 or more`);
   return Number(text);
+}
+
+// A weight: undefined when empty (1), else a number from 0.01 to 100.
+function weightField(id) {
+  const text = $(id).value.trim();
+  if (!text) return undefined;
+  const v = Number(text);
+  if (!Number.isFinite(v) || v < 0.01 || v > 100) throw new ApiError(422, 'validation', `weight: "${text}" is not a number from 0.01 to 100`);
+  return v;
 }
 
 function flopsField(id, what) {
@@ -52,11 +61,12 @@ async function refresh() {
         si(u.charged_flops), si(u.reserved_flops), meter,
         u.remaining === null ? '-' : si(u.remaining),
         String(u.requests), t.period, when(u.reset_at),
+        t.weight == null ? '1' : String(t.weight),
         t.max_in_flight == null ? 'server default' : String(t.max_in_flight),
       ];
     });
     $('tenant-list').replaceChildren(rows.length
-      ? table('Tenants: quota, used (charged) and reserved FLOPs this period', ['tenant', 'quota', 'used', 'reserved', 'of quota', 'remaining', 'requests', 'period', 'resets', 'in flight at most'], rows, 'tenants')
+      ? table('Tenants: quota, used (charged) and reserved FLOPs this period', ['tenant', 'quota', 'used', 'reserved', 'of quota', 'remaining', 'requests', 'period', 'resets', 'weight', 'in flight at most'], rows, 'tenants')
       : el('p', { text: 'No tenants yet: create one below.' }));
     if (selected && tenants.some((x) => x.tenant.name === selected)) await detail();
   } catch (e) {
@@ -88,6 +98,7 @@ async function detail() {
     ok();
     $('quota').value = t.quota === null ? '' : si(t.quota);
     $('in-flight').value = t.max_in_flight == null ? '' : String(t.max_in_flight);
+    $('weight').value = t.weight == null ? '' : String(t.weight);
     $('usage-chart').replaceChildren(usageChart(h.series.points, h.series.bucket_s));
     const rows = h.requests.map((r) => {
       const p = r.plan || {};
@@ -132,6 +143,8 @@ async function create(ev) {
     if (def !== undefined) body.default_budget = def;
     const inFlight = countField('new-in-flight', 'requests in flight');
     if (inFlight !== undefined) body.max_in_flight = inFlight;
+    const weight = weightField('new-weight');
+    if (weight !== undefined) body.weight = weight;
     const r = await call('admin', 'POST', '/admin/tenants', body);
     ok();
     showKey('created-key-out', r.tenant.name, r.api_key);
@@ -163,12 +176,16 @@ async function removeQuota() {
   }
 }
 
-async function setInFlight(ev) {
+async function setShare(ev) {
   ev.preventDefault();
   try {
-    // Empty: back to the server's default.
+    // Empty: back to the server's default limit, and to weight 1.
     const m = countField('in-flight', 'requests in flight');
-    await call('admin', 'PATCH', `/admin/tenants/${encodeURIComponent(selected)}`, { max_in_flight: m === undefined ? null : m });
+    const w = weightField('weight');
+    await call('admin', 'PATCH', `/admin/tenants/${encodeURIComponent(selected)}`, {
+      max_in_flight: m === undefined ? null : m,
+      weight: w === undefined ? null : w,
+    });
     await refresh();
   } catch (e) {
     fail(e);
@@ -203,7 +220,7 @@ export function start() {
   $('create-form').addEventListener('submit', create);
   $('quota-form').addEventListener('submit', setQuota);
   $('quota-remove').addEventListener('click', removeQuota);
-  $('in-flight-form').addEventListener('submit', setInFlight);
+  $('in-flight-form').addEventListener('submit', setShare);
   $('rotate').addEventListener('click', rotate);
   $('usage-range').addEventListener('change', detail);
   refresh();

@@ -5,7 +5,7 @@
 
 use crate::cache::{content_hash, CacheEntry, CacheKey};
 use crate::error::ApiError;
-use crate::fair_gate::{Place, Refused};
+use crate::fair_gate::{Place, Refused, Share};
 use crate::ledger::{now, Tenant};
 use crate::validation::{Media, ValidRequest};
 use crate::worker::{Event, Frames, Held, Job, JobVisual};
@@ -70,12 +70,21 @@ pub fn overloaded(s: &AppState) -> ApiError {
     }
 }
 
-/// The most requests the tenant may have in flight: its own limit, else the server's default
-/// (None: no limit but the server's places).
-pub fn tenant_limit(s: &AppState, t: &Tenant) -> Option<usize> {
-    t.max_in_flight
-        .map(|m| m as usize)
-        .or(Some(s.config.limits.tenant_max_in_flight).filter(|&m| m > 0))
+/// The tenant's share of the places: the most requests it may have in flight (its own limit,
+/// else the server's default; None: no limit but the server's places) and its weight.
+pub fn tenant_share(s: &AppState, t: &Tenant) -> Share {
+    Share {
+        limit: t
+            .max_in_flight
+            .map(|m| m as usize)
+            .or(Some(s.config.limits.tenant_max_in_flight).filter(|&m| m > 0)),
+        weight: tenant_weight(t),
+    }
+}
+
+/// The tenant's weight (1 unless set).
+pub fn tenant_weight(t: &Tenant) -> f64 {
+    t.weight.unwrap_or(1.0)
 }
 
 /// The 429 for a refused place.
@@ -329,7 +338,7 @@ pub async fn admit(
         Some(p) => p,
         None => s
             .admission
-            .try_acquire(t.id, tenant_limit(s, t))
+            .try_acquire(t.id, tenant_share(s, t))
             .map_err(|refused| refusal(s, t, refused))?,
     };
     // n completions of one plan: reserved n times its price (the video is encoded once, so
@@ -468,7 +477,7 @@ pub async fn admit(
         started: None,
     };
     s.metrics.queued(1);
-    if !s.pool.submit(t.id, job) {
+    if !s.pool.submit(t.id, tenant_weight(t), job) {
         s.metrics.queued(-1);
         return Err(overloaded(s));
     }

@@ -1,14 +1,16 @@
 //! Admission places shared fairly between tenants: at most `capacity` requests are admitted
 //! (decoding, queued or running) at once, and each tenant at most its own limit of them. A
 //! request that finds no place waits (up to the server's `queue_wait_s`); a freed place goes to
-//! the waiting tenant that holds the fewest places, the earliest waiter first among equals. So
+//! the waiting tenant that holds the fewest places for its weight (places held / weight: one of
+//! weight 2 is given places until it holds twice as many as one of weight 1), the earliest
+//! waiter first among equals. So
 //! a tenant sending 64 requests at once cannot keep another tenant's single request waiting
 //! behind all of them (a first-come semaphore would), and with a per-tenant limit it cannot hold
 //! every place either.
 //!
 //! Owns places, waiters and the order of grants. It must not know HTTP, the ledger or the
-//! engine: tenants are ids, limits are numbers handed in by the caller at each request (so a
-//! changed limit applies to the next request).
+//! engine: tenants are ids, limits and weights are numbers handed in by the caller at each
+//! request (so a changed one applies to the next request).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -36,14 +38,44 @@ struct GateState {
 #[derive(Default)]
 struct TenantPlaces {
     held: usize,
-    /// The limit given with the tenant's latest request (None: only the capacity).
-    limit: Option<usize>,
+    /// The share given with the tenant's latest request.
+    share: Share,
     waiting: VecDeque<Waiter>,
 }
 
 impl TenantPlaces {
     fn under_limit(&self) -> bool {
-        self.limit.is_none_or(|l| self.held < l)
+        self.share.limit.is_none_or(|l| self.held < l)
+    }
+
+    /// Places held for the tenant's weight: the lowest is served first.
+    fn load(&self) -> f64 {
+        self.held as f64 / self.share.weight
+    }
+}
+
+/// What a tenant may have of the places: at most `limit` (None: no limit of its own), and,
+/// while others wait too, places in proportion to `weight` (> 0; 1 for every tenant: equal
+/// shares).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Share {
+    pub limit: Option<usize>,
+    pub weight: f64,
+}
+
+impl Default for Share {
+    fn default() -> Self {
+        Self {
+            limit: None,
+            weight: 1.0,
+        }
+    }
+}
+
+impl From<Option<usize>> for Share {
+    /// A limit at weight 1.
+    fn from(limit: Option<usize>) -> Self {
+        Self { limit, weight: 1.0 }
     }
 }
 
@@ -106,16 +138,16 @@ impl Inner {
     }
 
     /// Hands free places to waiters: each to the waiting tenant (under its limit) that holds
-    /// the fewest, its earliest waiter; a waiter that has gone (its request was dropped) is
-    /// skipped.
+    /// the fewest for its weight, its earliest waiter; a waiter that has gone (its request was
+    /// dropped) is skipped.
     fn grant(self: &Arc<Self>, st: &mut GateState) {
         while st.held < self.capacity {
             let next = st
                 .tenants
                 .iter()
                 .filter(|(_, t)| t.under_limit())
-                .filter_map(|(&id, t)| t.waiting.front().map(|w| (t.held, w.seq, id)))
-                .min();
+                .filter_map(|(&id, t)| t.waiting.front().map(|w| (t.load(), w.seq, id)))
+                .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
             let Some((_, _, id)) = next else { return };
             let t = st.tenants.get_mut(&id).expect("chosen above");
             let w = t.waiting.pop_front().expect("chosen above");
@@ -142,13 +174,13 @@ impl Inner {
         self: &Arc<Self>,
         st: &mut GateState,
         tenant: i64,
-        limit: Option<usize>,
+        share: Share,
     ) -> Result<Place, Refused> {
         let t = st.tenants.entry(tenant).or_default();
-        t.limit = limit;
+        t.share = share;
         let result = if !t.under_limit() {
             Err(Refused::TenantLimit {
-                limit: limit.unwrap_or(0),
+                limit: share.limit.unwrap_or(0),
             })
         } else if st.held >= self.capacity {
             Err(Refused::Full)
@@ -172,7 +204,7 @@ impl Inner {
     fn refusal(&self, st: &GateState, tenant: i64) -> Refused {
         match st.tenants.get(&tenant) {
             Some(t) if !t.under_limit() => Refused::TenantLimit {
-                limit: t.limit.unwrap_or(0),
+                limit: t.share.limit.unwrap_or(0),
             },
             _ => Refused::Full,
         }
@@ -229,22 +261,23 @@ impl FairGate {
     }
 
     /// A place now, or why not (no waiting).
-    pub fn try_acquire(&self, tenant: i64, limit: Option<usize>) -> Result<Place, Refused> {
+    pub fn try_acquire(&self, tenant: i64, share: impl Into<Share>) -> Result<Place, Refused> {
         let mut st = self.inner.lock();
-        self.inner.take_now(&mut st, tenant, limit)
+        self.inner.take_now(&mut st, tenant, share.into())
     }
 
     /// A place, waiting up to `wait` for one (freed places go to the tenant holding the
-    /// fewest). `limit`: the most places this tenant may hold (None: no limit of its own).
+    /// fewest for its weight). `share`: the tenant's limit and weight (a bare limit: weight 1).
     pub async fn acquire(
         &self,
         tenant: i64,
-        limit: Option<usize>,
+        share: impl Into<Share>,
         wait: Duration,
     ) -> Result<Place, Refused> {
+        let share = share.into();
         let (mut rx, queued) = {
             let mut st = self.inner.lock();
-            match self.inner.take_now(&mut st, tenant, limit) {
+            match self.inner.take_now(&mut st, tenant, share) {
                 Ok(p) => return Ok(p),
                 Err(e) if wait.is_zero() => return Err(e),
                 Err(_) => {}
@@ -253,7 +286,7 @@ impl FairGate {
             st.next_seq += 1;
             let (tx, rx) = oneshot::channel();
             let t = st.tenants.entry(tenant).or_default();
-            t.limit = limit;
+            t.share = share;
             t.waiting.push_back(Waiter { seq, tx });
             let queued = Queued {
                 inner: self.inner.clone(),
@@ -349,6 +382,40 @@ mod tests {
         drop((a3, b));
         waits.remove(0).await.unwrap().unwrap();
         assert_eq!(g.waiting(), 0);
+    }
+
+    /// Tenant 1 of weight 3 and tenant 2 of weight 1 both waiting: of four places freed one at
+    /// a time, tenant 1 is given three and tenant 2 one.
+    #[tokio::test]
+    async fn freed_places_follow_the_weights() {
+        let g = FairGate::new(4);
+        let mut held: Vec<_> = (0..4).map(|_| g.try_acquire(9, None).unwrap()).collect();
+        let heavy = Share {
+            limit: None,
+            weight: 3.0,
+        };
+        let mut waits = vec![];
+        let arrivals = [(1, heavy); 4]
+            .into_iter()
+            .chain([(2, Share::default()); 4]);
+        for (tenant, share) in arrivals {
+            let g2 = g.clone();
+            waits.push(tokio::spawn(async move {
+                g2.acquire(tenant, share, LONG).await
+            }));
+            while g.waiting() < waits.len() {
+                tokio::task::yield_now().await;
+            }
+        }
+        for _ in 0..4 {
+            held.pop();
+        }
+        // 3 / 3 = 1 / 1: each holds its share.
+        assert_eq!((g.held_by(1), g.held_by(2), g.held_by(9)), (3, 1, 0));
+        assert_eq!(g.waiting(), 4);
+        for w in waits {
+            w.abort();
+        }
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! The queue between admission and the workers, ordered fairly between tenants: a worker with
 //! room takes the oldest job of the tenant with the fewest jobs started and not finished
 //! (running in a batch, or held by a worker until it fits), and among those the fewest jobs in
-//! all (started and queued). So a tenant's burst queued ahead does not keep another tenant's
+//! all (started and queued), both counted for the tenant's weight (divided by it: a tenant of
+//! weight 2 may have twice as many started before another of weight 1 goes first). So a tenant's burst queued ahead does not keep another tenant's
 //! request waiting behind all of it (with one-at-a-time service too, where nobody has a job
 //! started when the next is chosen), and a tenant with nothing running is never passed over
 //! for one with something running; within a tenant, first come first served. The fair gate (`fair_gate`) bounds how many jobs there can be, so the
@@ -41,6 +42,8 @@ struct TenantJobs<T> {
     /// Jobs taken by a worker and not finished.
     started: usize,
     queued: VecDeque<(u64, T)>,
+    /// The weight given with the tenant's latest job.
+    weight: f64,
 }
 
 impl<T> QueueState<T> {
@@ -98,22 +101,26 @@ impl<T: Send + 'static> JobQueue<T> {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a tenant's job; false (the job dropped) once the queue is closed.
+    /// Queues a tenant's job at weight 1; false (the job dropped) once the queue is closed.
     pub fn push(&self, tenant: i64, job: T) -> bool {
+        self.push_weighted(tenant, 1.0, job)
+    }
+
+    /// Queues a job of a tenant of the given weight (> 0); false once the queue is closed.
+    pub fn push_weighted(&self, tenant: i64, weight: f64, job: T) -> bool {
         let mut st = self.lock();
         if st.closed {
             return false;
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        st.tenants
-            .entry(tenant)
-            .or_insert_with(|| TenantJobs {
-                started: 0,
-                queued: VecDeque::new(),
-            })
-            .queued
-            .push_back((seq, job));
+        let t = st.tenants.entry(tenant).or_insert_with(|| TenantJobs {
+            started: 0,
+            queued: VecDeque::new(),
+            weight,
+        });
+        t.weight = weight;
+        t.queued.push_back((seq, job));
         drop(st);
         self.inner.ready.notify_one();
         true
@@ -129,12 +136,17 @@ impl<T: Send + 'static> JobQueue<T> {
                 .tenants
                 .iter()
                 .filter_map(|(&id, t)| {
-                    let outstanding = t.started + t.queued.len();
+                    let started = t.started as f64 / t.weight;
+                    let outstanding = (t.started + t.queued.len()) as f64 / t.weight;
                     t.queued
                         .front()
-                        .map(|&(seq, _)| (t.started, outstanding, seq, id))
+                        .map(|&(seq, _)| (started, outstanding, seq, id))
                 })
-                .min();
+                .min_by(|a, b| {
+                    (a.0.total_cmp(&b.0))
+                        .then(a.1.total_cmp(&b.1))
+                        .then(a.2.cmp(&b.2))
+                });
             if let Some((_, _, _, tenant)) = next {
                 let t = st.tenants.get_mut(&tenant).expect("chosen above");
                 let (_, job) = t.queued.pop_front().expect("chosen above");
@@ -268,6 +280,26 @@ mod tests {
         }
         q.push(2, "b2");
         assert_eq!(q.take(false).unwrap().0, "a1");
+    }
+
+    /// Tenant 1 of weight 2 and tenant 2 of weight 1, both with a backlog: while all run,
+    /// tenant 1 has two jobs started for each of tenant 2's.
+    #[test]
+    fn started_jobs_follow_the_weights() {
+        let q = JobQueue::new();
+        for job in ["a1", "a2", "a3", "a4"] {
+            q.push_weighted(1, 2.0, job);
+        }
+        for job in ["b1", "b2", "b3", "b4"] {
+            q.push_weighted(2, 1.0, job);
+        }
+        let mut running = vec![];
+        // a1 (fewer in all for its weight: 4 / 2 against 4), b1 (none started), a2 (0.5
+        // started against 1), a3 (1 against 1; 2 in all against 4), b2, a4: four to two.
+        assert_eq!(
+            order(&q, &mut running)[..6],
+            ["a1", "b1", "a2", "a3", "b2", "a4"]
+        );
     }
 
     #[test]

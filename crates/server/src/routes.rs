@@ -2,7 +2,7 @@
 //! health, metrics, usage and the admin API.
 
 use crate::admission::{
-    plan_request, refusal, run_to_completion, tenant_limit, AdmissionSlot, Outcome, RequestId,
+    plan_request, refusal, run_to_completion, tenant_share, AdmissionSlot, Outcome, RequestId,
 };
 use crate::error::ApiError;
 use crate::ledger::{now, Tenant, TenantSettings, Usage};
@@ -185,7 +185,7 @@ async fn admission_slot(
     let wait = Duration::from_secs_f64(s.config.limits.queue_wait_s.clamp(0.0, 60.0));
     let place = s
         .admission
-        .acquire(t.id, tenant_limit(s, t), wait)
+        .acquire(t.id, tenant_share(s, t), wait)
         .await
         .map_err(|refused| {
             // Counted here: this 429 does not pass through `with_tenant`.
@@ -689,6 +689,9 @@ struct CreateTenant {
     /// Requests in flight at once on a server (absent or null: the server's default).
     #[serde(default)]
     max_in_flight: Option<u32>,
+    /// Share of a server's places under contention, relative to other tenants' (absent: 1).
+    #[serde(default)]
+    weight: Option<f64>,
 }
 
 async fn admin_create(
@@ -708,6 +711,7 @@ async fn admin_create(
             .map(crate::ledger::Period::parse)
             .transpose()?,
         max_in_flight: b.max_in_flight.map(Some),
+        weight: b.weight.map(Some),
     };
     let (t, key) = s
         .ledger_call(move |l| l.create_tenant(&b.name, &settings))
@@ -765,6 +769,9 @@ struct UpdateTenant {
     /// server's default.
     #[serde(default, deserialize_with = "nullable")]
     max_in_flight: Option<Option<u32>>,
+    /// A number sets the tenant's weight; null returns it to 1.
+    #[serde(default, deserialize_with = "nullable")]
+    weight: Option<Option<f64>>,
 }
 
 fn nullable<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
@@ -795,6 +802,7 @@ async fn admin_update(
             .map(crate::ledger::Period::parse)
             .transpose()?,
         max_in_flight: b.max_in_flight,
+        weight: b.weight,
     };
     Ok(Json(json!(
         s.ledger_call(move |l| l.update_tenant(&name, &settings))

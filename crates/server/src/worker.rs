@@ -192,10 +192,10 @@ impl Pool {
         Self { queue, workers }
     }
 
-    /// Queues a tenant's job; false once the pool is shutting down (the job is dropped, its
-    /// events closed).
-    pub fn submit(&self, tenant: i64, job: Job) -> bool {
-        self.queue.push(tenant, job)
+    /// Queues a job of a tenant of the given weight; false once the pool is shutting down (the
+    /// job is dropped, its events closed).
+    pub fn submit(&self, tenant: i64, weight: f64, job: Job) -> bool {
+        self.queue.push_weighted(tenant, weight, job)
     }
 
     /// Jobs queued, not yet taken by a worker.

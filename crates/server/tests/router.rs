@@ -818,6 +818,44 @@ async fn a_tenant_at_its_limit_is_429_while_other_tenants_are_served() {
     assert_eq!(st, 200, "{v}");
 }
 
+/// A tenant's weight (its share of the places under contention): created with it, changed,
+/// refused out of range by name, cleared by null; a request of a weighted tenant is served.
+#[tokio::test]
+async fn a_tenants_weight_is_set_through_the_admin_api() {
+    let s = server();
+    let (st, v) = s
+        .post(
+            "/admin/tenants",
+            ADMIN,
+            json!({"name": "gold", "weight": 3}),
+        )
+        .await;
+    assert_eq!((st, &v["tenant"]["weight"]), (201, &json!(3.0)), "{v}");
+    let key = v["api_key"].as_str().unwrap().to_string();
+    let patch = |w: Value| {
+        s.json(
+            Method::PATCH,
+            "/admin/tenants/gold",
+            Some(ADMIN),
+            json!({ "weight": w }),
+        )
+    };
+    for bad in [json!(0), json!(-2), json!(101)] {
+        let (st, v) = patch(bad.clone()).await;
+        assert_eq!(st, 422, "{bad}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("weight"),
+            "{v}"
+        );
+    }
+    let (st, v) = patch(json!(0.5)).await;
+    assert_eq!((st, &v["weight"]), (200, &json!(0.5)), "{v}");
+    let (st, v) = s.post("/v1/chat/completions", &key, text_chat(2)).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = patch(Value::Null).await;
+    assert_eq!((st, &v["weight"]), (200, &Value::Null), "{v}");
+}
+
 #[tokio::test]
 async fn the_servers_default_limit_binds_tenants_without_their_own() {
     let s = server_with(true, |c| c.limits.tenant_max_in_flight = 1);
