@@ -335,6 +335,20 @@ fn flops(s: &Option<String>, what: &str) -> Result<Option<f64>> {
         .transpose()
 }
 
+/// A `set` flag's value: absent (unchanged), `none` (cleared) or a number.
+fn set_or_clear<T: std::str::FromStr>(v: &Option<String>, flag: &str) -> Result<Option<Option<T>>>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    Ok(match v.as_deref() {
+        None => None,
+        Some("none") => Some(None),
+        Some(v) => Some(Some(v.parse::<T>().with_context(|| {
+            format!("--{flag} `{v}` is not a number (or `none`)")
+        })?)),
+    })
+}
+
 pub fn tenant(a: TenantArgs) -> Result<()> {
     // The tenant commands never reserve: the lease settings are unused.
     let l = vvlm_server::ledger::open(&a.db, &Options::new(LeaseSettings::new(30)))?;
@@ -392,20 +406,8 @@ pub fn tenant(a: TenantArgs) -> Result<()> {
             max_in_flight,
             weight,
         } => {
-            let weight = match weight.as_deref() {
-                None => None,
-                Some("none") => Some(None),
-                Some(v) => Some(Some(v.parse::<f64>().with_context(|| {
-                    format!("--weight `{v}` is not a number (or `none`)")
-                })?)),
-            };
-            let max_in_flight = match max_in_flight.as_deref() {
-                None => None,
-                Some("none") => Some(None),
-                Some(v) => Some(Some(v.parse::<u32>().with_context(|| {
-                    format!("--max-in-flight `{v}` is not a number of requests (or `none`)")
-                })?)),
-            };
+            let weight = set_or_clear::<f64>(&weight, "weight")?;
+            let max_in_flight = set_or_clear::<u32>(&max_in_flight, "max-in-flight")?;
             let quota = match quota.as_deref() {
                 None => None,
                 Some("none") => Some(None),

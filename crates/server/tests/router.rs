@@ -696,6 +696,12 @@ impl Server {
 }
 
 impl Server {
+    /// A place taken for the tenant (as by a request of its still running), without a limit.
+    fn hold_place(&self, tenant: &str) -> vvlm_server::fair_gate::Place {
+        let id = self.tenant_id(tenant);
+        self.state.admission.try_acquire(id, None).unwrap()
+    }
+
     /// Sets (a number) or clears (null) a tenant's limit of requests in flight.
     async fn set_max_in_flight(&self, tenant: &str, limit: Value) -> (u16, Value) {
         let path = format!("/admin/tenants/{tenant}");
@@ -804,16 +810,7 @@ async fn a_tenant_at_its_limit_is_429_while_other_tenants_are_served() {
     // null returns her to the server's default (no limit here).
     let (st, v) = s.set_max_in_flight("alice", json!(null)).await;
     assert_eq!((st, &v["max_in_flight"]), (200, &Value::Null), "{v}");
-    let _two = [
-        s.state
-            .admission
-            .try_acquire(s.tenant_id("alice"), None)
-            .unwrap(),
-        s.state
-            .admission
-            .try_acquire(s.tenant_id("alice"), None)
-            .unwrap(),
-    ];
+    let _two = [s.hold_place("alice"), s.hold_place("alice")];
     let (st, _, v) = s.send(req(&alice)).await;
     assert_eq!(st, 200, "{v}");
 }
@@ -863,16 +860,7 @@ async fn the_servers_default_limit_binds_tenants_without_their_own() {
     let bob = s.tenant("bob", None);
     let (st, v) = s.set_max_in_flight("bob", json!(2)).await;
     assert_eq!(st, 200, "{v}");
-    let _places = [
-        s.state
-            .admission
-            .try_acquire(s.tenant_id("alice"), None)
-            .unwrap(),
-        s.state
-            .admission
-            .try_acquire(s.tenant_id("bob"), None)
-            .unwrap(),
-    ];
+    let _places = [s.hold_place("alice"), s.hold_place("bob")];
     let (st, v) = s.post("/v1/chat/completions", &alice, text_chat(2)).await;
     assert_eq!((st, kind(&v)), (429, "concurrency_limit"), "{v}");
     let (st, v) = s.post("/v1/chat/completions", &bob, text_chat(2)).await;
