@@ -538,6 +538,7 @@ fn console_in_a_real_browser() {
     );
     eprintln!("acme: {row}");
     assert_eq!(row[6], "3", "three requests charged: {row}");
+    assert_eq!(row[9], "0", "none in flight now: {row}");
     assert_ne!(row[2], "0", "used: {row}");
     let (_, usage) = api("GET", &format!("{base}/v1/usage"), &key, None);
     assert_eq!(usage["requests"], 3);

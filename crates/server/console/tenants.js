@@ -50,7 +50,7 @@ async function refresh() {
   try {
     const { tenants } = await call('admin', 'GET', '/admin/tenants');
     ok();
-    const rows = tenants.map(({ tenant: t, usage: u }) => {
+    const rows = tenants.map(({ tenant: t, usage: u, places_held: held }) => {
       const used = u.charged_flops + u.reserved_flops;
       const meter = t.quota
         ? el('meter', { min: 0, max: t.quota, value: Math.min(used, t.quota), 'aria-label': `${t.name}: ${si(used)} of ${si(t.quota)} used` })
@@ -61,12 +61,13 @@ async function refresh() {
         si(u.charged_flops), si(u.reserved_flops), meter,
         u.remaining === null ? '-' : si(u.remaining),
         String(u.requests), t.period, when(u.reset_at),
+        String(held),
         t.weight == null ? '1' : String(t.weight),
         t.max_in_flight == null ? 'server default' : String(t.max_in_flight),
       ];
     });
     $('tenant-list').replaceChildren(rows.length
-      ? table('Tenants: quota, used (charged) and reserved FLOPs this period', ['tenant', 'quota', 'used', 'reserved', 'of quota', 'remaining', 'requests', 'period', 'resets', 'weight', 'in flight at most'], rows, 'tenants')
+      ? table('Tenants: quota, used (charged) and reserved FLOPs this period', ['tenant', 'quota', 'used', 'reserved', 'of quota', 'remaining', 'requests', 'period', 'resets', 'in flight now', 'weight', 'in flight at most'], rows, 'tenants')
       : el('p', { text: 'No tenants yet: create one below.' }));
     if (selected && tenants.some((x) => x.tenant.name === selected)) await detail();
   } catch (e) {

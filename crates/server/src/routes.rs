@@ -736,7 +736,9 @@ async fn admin_list(State(s): St, headers: HeaderMap) -> Result<Response, ApiErr
         })
         .await?;
     for (t, u) in all {
-        out.push(json!({"tenant": t, "usage": u}));
+        // Its requests in flight on this replica now (decoding, queued or running).
+        let held = s.admission.held_by(t.id);
+        out.push(json!({"tenant": t, "usage": u, "places_held": held}));
     }
     Ok(Json(json!({"tenants": out})).into_response())
 }

@@ -803,6 +803,21 @@ async fn a_tenant_at_its_limit_is_429_while_other_tenants_are_served() {
     ] {
         assert!(metrics.contains(line), "{line}: {metrics}");
     }
+    // The admin list shows the same.
+    let (st, list) = s
+        .json(Method::GET, "/admin/tenants", Some(ADMIN), Value::Null)
+        .await;
+    assert_eq!(st, 200, "{list}");
+    let held: Vec<(&str, u64)> = list["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            let name = x["tenant"]["name"].as_str().unwrap();
+            (name, x["places_held"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(held, [("alice", 1), ("bob", 0)]);
     // Her place given back, alice is served again.
     drop(place);
     let (st, _, v) = s.send(req(&alice)).await;
