@@ -51,6 +51,18 @@ try:
 except openai.NotFoundError as e:
     ok("models.retrieve unknown", e.status_code == 404, e)
 
+# Text completions: the prompt as it is (no chat template): SmolLM2 completes the sentence.
+c = client.completions.create(model="auto", prompt="The capital of France is", max_tokens=4,
+                              logprobs=2, extra_body=EXTRA)
+ok("completions: text", c.choices[0].text.startswith(" Paris"), repr(c.choices[0].text))
+ok("completions: object and id", c.object == "text_completion" and c.id == "cmpl-" + c._request_id, c.id)
+ok("completions: logprobs", len(c.choices[0].logprobs.tokens) == c.usage.completion_tokens
+   and all(len(t) == 2 for t in c.choices[0].logprobs.top_logprobs), c.choices[0].logprobs)
+streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+    model="auto", prompt="The capital of France is", max_tokens=4, stream=True, extra_body=EXTRA)
+    if ch.choices)
+ok("completions: streamed the same", streamed == c.choices[0].text, (streamed, c.choices[0].text))
+
 # Non-streamed, with a video.
 r = client.chat.completions.create(
     model="auto", messages=messages(QUESTION), max_tokens=12, seed=1, extra_body=EXTRA

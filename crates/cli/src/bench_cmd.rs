@@ -210,6 +210,7 @@ fn flops(a: FlopsArgs) -> Result<()> {
                 system: None,
                 prompt: &a.prompt,
                 history: &[],
+                raw: false,
                 sampling: SamplingParams {
                     max_tokens: a.max_tokens,
                     ..Default::default()

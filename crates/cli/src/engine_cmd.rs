@@ -209,6 +209,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         system: a.system.as_deref(),
         prompt: &a.prompt,
         history: &[],
+        raw: false,
         sampling: SamplingParams {
             max_tokens: a.max_tokens,
             temperature: a.temperature,

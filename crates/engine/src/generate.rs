@@ -149,8 +149,11 @@ pub struct GenerateRequest<'a> {
     pub system: Option<&'a str>,
     /// The conversation's earlier messages, in order (empty: one user turn).
     pub history: &'a [crate::template::Turn],
-    /// The last user message.
+    /// The last user message (or, `raw`, the whole prompt).
     pub prompt: &'a str,
+    /// The prompt as it is, for a completion: no system message, history or chat template
+    /// around it; tokenized with the tokenizer's own special tokens (a BOS where it adds one).
+    pub raw: bool,
     pub sampling: SamplingParams,
     /// Set to stop the request: vision, prefill and decode check it between layers.
     pub cancel: Option<&'a std::sync::atomic::AtomicBool>,
@@ -232,6 +235,20 @@ impl VideoVlm {
             .ok_or_else(|| EngineError::Checkpoint("the checkpoint has no tokenizer".into()))?;
         Ok(tok
             .encode(text, false)
+            .map_err(|e| EngineError::Request(format!("tokenizing: {e}")))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// A completion's prompt as it is: tokenized with the tokenizer's own special tokens (a
+    /// BOS where the checkpoint's tokenizer adds one, as `transformers` and vLLM do).
+    pub fn tokenize_raw(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let tok = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| EngineError::Checkpoint("the checkpoint has no tokenizer".into()))?;
+        Ok(tok
+            .encode(text, true)
             .map_err(|e| EngineError::Request(format!("tokenizing: {e}")))?
             .get_ids()
             .to_vec())
@@ -350,6 +367,7 @@ impl VideoVlm {
                     system: req.system,
                     prompt: req.prompt,
                     history: &[],
+                    raw: req.raw,
                     sampling,
                     cancel: req.cancel,
                 };

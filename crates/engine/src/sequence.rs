@@ -138,11 +138,17 @@ impl VideoVlm {
     ) -> Result<(Sequence, Option<PrefixKv>), EngineError> {
         // Checked before any work is spent.
         let constraint = self.output_constraint(&req.sampling.response_format)?;
-        let prompt = self
-            .template
-            .render_conversation(req.system, req.history, req.prompt);
-        let prefix = self.tokenize(&prompt.before_video)?;
-        let suffix = self.tokenize(&prompt.after_video)?;
+        let (prefix, suffix) = if req.raw {
+            (vec![], self.tokenize_raw(req.prompt)?)
+        } else {
+            let prompt = self
+                .template
+                .render_conversation(req.system, req.history, req.prompt);
+            (
+                self.tokenize(&prompt.before_video)?,
+                self.tokenize(&prompt.after_video)?,
+            )
+        };
         let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(req.cancel);
         let visual_tokens = video.map(|v| v.dim(0)).transpose()?.unwrap_or(0);
         let prompt_tokens = prefix.len() + visual_tokens + suffix.len();

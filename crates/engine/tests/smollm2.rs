@@ -71,6 +71,7 @@ fn greedy_generation_is_coherent_english() {
         system: None,
         prompt: "What is the capital of France?",
         history: &[],
+        raw: false,
         sampling: SamplingParams {
             max_tokens: 24,
             ..Default::default()
@@ -145,6 +146,7 @@ fn an_f16_kv_cache_moves_log_probabilities_by_its_rounding() {
         system: None,
         prompt: "What is the capital of France?",
         history: &[],
+        raw: false,
         sampling: SamplingParams {
             max_tokens: 1,
             logprobs: Some(4),
@@ -197,6 +199,36 @@ fn tokenizer_matches_smollm2s_own() {
     assert_eq!(tok.encode("Hello", false).unwrap().get_ids(), &[19556]);
     assert_eq!(tok.encode("123", false).unwrap().get_ids().len(), 3);
     assert_eq!(tok.token_to_id("<|im_end|>"), Some(2));
+}
+
+/// A raw prompt (a text completion) is continued as it is: no chat template around it, so the
+/// model completes the sentence ("The capital of France is" -> " Paris"), its prompt is exactly
+/// the text's tokens (SmolLM2's tokenizer adds no BOS: "Hello" is one token), and the same
+/// words as a chat message are more tokens (the template's).
+#[test]
+fn a_raw_prompt_is_continued_as_it_is() {
+    let m = demo();
+    let flops = FlopCounter::new();
+    let prompt = "The capital of France is";
+    let req = GenerateRequest {
+        pixels: None,
+        side: 1,
+        system: None,
+        prompt,
+        history: &[],
+        raw: true,
+        sampling: SamplingParams {
+            max_tokens: 4,
+            ..Default::default()
+        },
+        cancel: None,
+    };
+    let g = m.generate(&req, &flops, &mut |_| true).unwrap();
+    assert!(g.text.starts_with(" Paris"), "{:?}", g.text);
+    assert_eq!(m.tokenize_raw("Hello").unwrap(), [19556]);
+    let words = m.tokenize_raw(prompt).unwrap().len();
+    assert_eq!(g.text_tokens, words);
+    assert!(m.count_prompt_tokens(None, &[], prompt).unwrap() > words + 4);
 }
 
 /// ggml's Q4_1 block: f16 scale d, f16 min m, 16 bytes of nibbles; x = q * d + m, low nibbles

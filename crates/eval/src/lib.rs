@@ -77,6 +77,7 @@ pub fn score_item(
         system: None,
         prompt: &item.question,
         history: &[],
+        raw: false,
         sampling: SamplingParams {
             max_tokens: MAX_ANSWER_TOKENS,
             ..Default::default()
@@ -313,6 +314,7 @@ pub fn score_encoded(
         system: None,
         prompt: &item.question,
         history: &[],
+        raw: false,
         sampling: SamplingParams {
             max_tokens: MAX_ANSWER_TOKENS,
             ..Default::default()

@@ -198,9 +198,12 @@ pub fn plan_request(
     let mut text_tokens_by_model = BTreeMap::new();
     if !r.prompt.is_empty() {
         for (name, e) in s.engines() {
-            let n = e
-                .count_prompt_tokens(r.system.as_deref(), &r.history, &r.prompt)
-                .map_err(ApiError::from)?;
+            let n = if r.raw {
+                e.tokenize_raw(&r.prompt).map(|ids| ids.len())
+            } else {
+                e.count_prompt_tokens(r.system.as_deref(), &r.history, &r.prompt)
+            }
+            .map_err(ApiError::from)?;
             text_tokens_by_model.insert(name, n);
         }
     }
@@ -467,6 +470,7 @@ pub async fn admit(
         system: r.system,
         history: r.history,
         prompt: r.prompt,
+        raw: r.raw,
         sampling: r.sampling,
         flops: flops.clone(),
         cancel: cancel.clone(),

@@ -432,7 +432,7 @@ fn forced_tool(
     }
 }
 
-fn finish_str(f: FinishReason) -> &'static str {
+pub(crate) fn finish_str(f: FinishReason) -> &'static str {
     match f {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
@@ -457,6 +457,29 @@ fn logprobs_json(asked: bool, steps: &[StepLogprobs]) -> Value {
         })
         .collect();
     json!({ "content": content })
+}
+
+/// The text completions API's `logprobs` object of one choice (null when not asked for): each
+/// token, its log-probability, the alternatives as a token -> log-probability map, and where
+/// each token begins in the text (characters).
+pub(crate) fn text_logprobs_json(asked: bool, steps: &[StepLogprobs]) -> Value {
+    if !asked {
+        return Value::Null;
+    }
+    let mut offset = 0;
+    let mut text_offset = vec![];
+    for s in steps {
+        text_offset.push(offset);
+        offset += s.chosen.token.chars().count();
+    }
+    json!({
+        "tokens": steps.iter().map(|s| &s.chosen.token).collect::<Vec<_>>(),
+        "token_logprobs": steps.iter().map(|s| s.chosen.logprob).collect::<Vec<_>>(),
+        "top_logprobs": steps.iter().map(|s| {
+            s.top.iter().map(|t| (t.token.clone(), json!(t.logprob))).collect::<Map<String, Value>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    })
 }
 
 /// A forced call's id: the completion's id and the choice.
@@ -522,13 +545,30 @@ pub async fn completions(
         }))
         .into_response());
     }
-    stream(s, t, r, slot, id, created, c.include_usage, c.tool).await
+    stream(
+        s,
+        t,
+        r,
+        slot,
+        id,
+        created,
+        c.include_usage,
+        Shape::Chat { tool: c.tool },
+    )
+    .await
+}
+
+/// What a stream's chunks are: chat completion chunks (a forced call's arguments as tool-call
+/// deltas), or text completion chunks (`/v1/completions`; `echo`: the prompt comes first).
+pub(crate) enum Shape {
+    Chat { tool: Option<String> },
+    Text { echo: Option<String> },
 }
 
 /// Streaming: admission errors are ordinary HTTP errors; after that, SSE chunks, and an error
 /// (timeout, engine) as an event carrying the same body as an HTTP error.
 #[allow(clippy::too_many_arguments)]
-async fn stream(
+pub(crate) async fn stream(
     s: Arc<AppState>,
     t: Tenant,
     r: ValidRequest,
@@ -536,15 +576,23 @@ async fn stream(
     id: String,
     created: i64,
     include_usage: bool,
-    tool: Option<String>,
+    shape: Shape,
 ) -> Result<Response, ApiError> {
     let logprobs = r.sampling.logprobs.is_some();
     let mut a = admit(&s, &t, r, slot).await?;
     let model = a.plan.choice.model.clone();
     let timeout = Duration::from_secs_f64(s.config.limits.request_timeout_s);
+    let (tool, text) = match shape {
+        Shape::Chat { tool } => (tool, None),
+        Shape::Text { echo } => (None, Some(echo)),
+    };
     let stream = async_stream(move |tx| async move {
+        let object = match text {
+            None => "chat.completion.chunk",
+            Some(_) => "text_completion",
+        };
         let chunk = |choices: Value| {
-            json!({"id": id, "object": "chat.completion.chunk", "created": created,
+            json!({"id": id, "object": object, "created": created,
                    "model": model, "choices": choices})
         };
         let send = |v: Value| tx.send(SseEvent::default().data(v.to_string())).is_ok();
@@ -557,6 +605,14 @@ async fn stream(
             Some(_) => json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
         };
         for i in 0..a.n {
+            if let Some(echo) = &text {
+                // Text completions: the prompt first when echoed, no role chunk.
+                if let Some(prompt) = echo {
+                    send(chunk(json!([{"index": i, "text": prompt, "logprobs": null,
+                                       "finish_reason": null}])));
+                }
+                continue;
+            }
             let first = match &tool {
                 None => json!({"role": "assistant", "content": ""}),
                 Some(name) => json!({"role": "assistant", "content": null, "tool_calls": [{
@@ -582,8 +638,12 @@ async fn stream(
                 }
                 Ok(Some(Event::Started)) => {}
                 Ok(Some(Event::Text { index, piece })) => {
-                    let c = chunk(json!([{"index": index, "delta": delta(&piece),
-                                          "finish_reason": null, "logprobs": null}]));
+                    let c = match text {
+                        None => chunk(json!([{"index": index, "delta": delta(&piece),
+                                              "finish_reason": null, "logprobs": null}])),
+                        Some(_) => chunk(json!([{"index": index, "text": piece,
+                                                 "finish_reason": null, "logprobs": null}])),
+                    };
                     if !send(c) {
                         return; // client gone: the guard cancels the job
                     }
@@ -607,9 +667,15 @@ async fn stream(
                     };
                     let usage = usage_json(&o);
                     for (i, g) in o.generations.iter().enumerate() {
-                        let mut last = chunk(json!([{"index": i, "delta": {},
-                            "finish_reason": finish_str(g.finish_reason),
-                            "logprobs": logprobs_json(logprobs, &g.logprobs)}]));
+                        let finish = finish_str(g.finish_reason);
+                        let mut last = match text {
+                            None => chunk(json!([{"index": i, "delta": {},
+                                "finish_reason": finish,
+                                "logprobs": logprobs_json(logprobs, &g.logprobs)}])),
+                            Some(_) => chunk(json!([{"index": i, "text": "",
+                                "finish_reason": finish,
+                                "logprobs": text_logprobs_json(logprobs, &g.logprobs)}])),
+                        };
                         last["usage"] = usage.clone();
                         last["plan"] = json!(o.plan);
                         send(last);

@@ -12,6 +12,7 @@
 mod admission;
 pub mod cache;
 mod chat;
+mod completions;
 pub mod config;
 pub mod console;
 pub mod error;

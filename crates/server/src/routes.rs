@@ -1,4 +1,4 @@
-//! Routes: caption, QA, OpenAI-compatible chat completions (with SSE streaming), plan, models,
+//! Routes: caption, QA, OpenAI-compatible chat and text completions (with SSE streaming), plan, models,
 //! health, metrics, usage and the admin API.
 
 use crate::admission::{
@@ -43,6 +43,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/videos/caption", post(caption))
         .route("/v1/videos/qa", post(qa))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(text_completions))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_tenant,
@@ -178,7 +179,7 @@ async fn admission_slot(
 ) -> Result<Option<AdmissionSlot>, ApiError> {
     if !matches!(
         path,
-        "/v1/videos/caption" | "/v1/videos/qa" | "/v1/chat/completions"
+        "/v1/videos/caption" | "/v1/videos/qa" | "/v1/chat/completions" | "/v1/completions"
     ) {
         return Ok(None);
     }
@@ -651,6 +652,21 @@ async fn caption(State(s): St, req: Request) -> Response {
 
 async fn qa(State(s): St, req: Request) -> Response {
     video_endpoint(s, req, "qa", "/v1/videos/qa").await
+}
+
+async fn text_completions(
+    State(s): St,
+    slot: Option<axum::Extension<AdmissionSlot>>,
+    authenticated: Option<axum::Extension<Authenticated>>,
+    headers: HeaderMap,
+    body: Result<Json<Map<String, Value>>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let slot = slot.map(|axum::Extension(x)| x);
+    let authenticated = authenticated.map(|axum::Extension(x)| x);
+    with_tenant(s, authenticated, &headers, "/v1/completions", |s, t| {
+        crate::completions::completions(s, t, slot, body)
+    })
+    .await
 }
 
 async fn chat(

@@ -295,6 +295,8 @@ pub struct ValidRequest {
     pub n: usize,
     /// `Media::None`: a text-only request (chat only).
     pub media: Media,
+    /// The prompt as it is, without system message, history or chat template (`/v1/completions`).
+    pub raw: bool,
 }
 
 /// The most completions one request may ask for.
@@ -546,6 +548,7 @@ pub fn validate(
         },
         n: n as usize,
         media: c.media,
+        raw: false,
     })
 }
 

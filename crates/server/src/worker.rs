@@ -111,6 +111,8 @@ pub struct Job {
     /// A chat's earlier messages, in order.
     pub history: Vec<vvlm_engine::template::Turn>,
     pub prompt: String,
+    /// The prompt as it is, without the chat template (a completion).
+    pub raw: bool,
     pub sampling: SamplingParams,
     pub flops: Arc<FlopCounter>,
     pub cancel: Arc<AtomicBool>,
@@ -430,6 +432,7 @@ impl Worker {
                 system: r.job.system.clone(),
                 prompt: r.job.prompt.clone(),
                 history: r.job.history.clone(),
+                raw: r.job.raw,
                 sampling,
                 flops: r.job.flops.clone(),
                 cancel: r.job.cancel.clone(),

@@ -1795,6 +1795,13 @@ async fn random_hostile_bodies_get_4xx_never_5xx() {
                    "stream_options": {"include_usage": true}}),
         ),
         (
+            "/v1/completions",
+            Some(&key),
+            json!({"prompt": ["what colour is the flash ?"], "max_tokens": 3, "echo": true,
+                   "n": 2, "best_of": 2, "stop": ["."], "seed": 4, "temperature": 0.7,
+                   "stream": false, "user": "u1"}),
+        ),
+        (
             "/v1/plan",
             Some(&key),
             json!({"budget": "1G", "task": "detail", "prompt": "what shape ?", "frames": 4,
@@ -1991,4 +1998,131 @@ async fn random_hostile_forms_get_4xx_never_5xx() {
     }
     eprintln!("{statuses:?}");
     assert!(statuses.contains_key(&200) && statuses.keys().any(|s| (400..500).contains(s)));
+}
+
+/// `/v1/completions`: the prompt as it is, OpenAI's `text_completion` shape with the request's id, `echo`,
+/// `logprobs` as a count, the same text streamed, and each field it refuses by name.
+#[tokio::test]
+async fn text_completions_continue_the_prompt_as_it_is() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let prompt = "what colour is the flash ?";
+    let req = |body: Value| {
+        Request::builder()
+            .method(Method::POST)
+            .uri("/v1/completions")
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let (st, headers, v) = s
+        .send(req(
+            json!({"prompt": prompt, "max_tokens": 4, "model": "suite-s"}),
+        ))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    let id = headers["x-request-id"].to_str().unwrap();
+    assert_eq!(v["id"], format!("cmpl-{id}"));
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(["stop", "length"].contains(&v["choices"][0]["finish_reason"].as_str().unwrap()));
+    assert_eq!(v["choices"][0]["logprobs"], Value::Null);
+    // Six words of a word-level vocabulary, nothing around them.
+    assert_eq!(v["usage"]["prompt_tokens"], 6, "{v}");
+    // One prompt in a list is that prompt; the default length is OpenAI's 16.
+    let (st, _, one) = s
+        .send(req(json!({"prompt": [prompt], "model": "suite-s"})))
+        .await;
+    assert_eq!(st, 200, "{one}");
+    assert!(one["usage"]["completion_tokens"].as_u64().unwrap() <= 16);
+    // echo: the prompt, then the completion.
+    let (st, _, e) = s
+        .send(req(
+            json!({"prompt": prompt, "max_tokens": 4, "model": "suite-s", "echo": true}),
+        ))
+        .await;
+    assert_eq!(st, 200, "{e}");
+    assert_eq!(e["choices"][0]["text"], format!("{prompt}{text}"));
+    // logprobs: 2 alternatives per token, one entry per generated token.
+    let (st, _, l) = s
+        .send(req(
+            json!({"prompt": prompt, "max_tokens": 4, "model": "suite-s", "logprobs": 2}),
+        ))
+        .await;
+    assert_eq!(st, 200, "{l}");
+    let lp = &l["choices"][0]["logprobs"];
+    let n = l["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), n, "{lp}");
+    assert!(lp["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|x| x.as_f64().unwrap() <= 0.0));
+    assert!(lp["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m.as_object().unwrap().len() == 2));
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets.first(), Some(&0));
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]));
+    // Streamed: text_completion chunks whose texts make the same (greedy) completion.
+    let (st, _, sse) = s
+        .send(req(
+            json!({"prompt": prompt, "max_tokens": 4, "model": "suite-s", "stream": true}),
+        ))
+        .await;
+    assert_eq!(st, 200);
+    let events: Vec<&str> = sse
+        .as_str()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let mut streamed = String::new();
+    let mut finish = None;
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        assert_eq!(c["object"], "text_completion", "{c}");
+        streamed += c["choices"][0]["text"].as_str().unwrap();
+        if !c["choices"][0]["finish_reason"].is_null() {
+            finish = Some(c["choices"][0]["finish_reason"].clone());
+        }
+    }
+    assert_eq!(streamed, text);
+    assert!(finish.is_some(), "{events:?}");
+    // Refused by name.
+    for (body, status, param) in [
+        (json!({"prompt": prompt, "suffix": "!"}), 400, "suffix"),
+        (json!({"prompt": [1, 2, 3]}), 422, "prompt"),
+        (json!({"prompt": ["a", "b"]}), 422, "prompt"),
+        (json!({}), 422, "prompt"),
+        (json!({"prompt": prompt, "best_of": 3}), 422, "best_of"),
+        (json!({"prompt": prompt, "logprobs": 6}), 422, "logprobs"),
+        (
+            json!({"prompt": prompt, "logprobs": 1, "echo": true}),
+            422,
+            "echo",
+        ),
+        (json!({"prompt": prompt, "echo": "yes"}), 422, "echo"),
+        (
+            json!({"prompt": prompt, "max_tokens": 0}),
+            422,
+            "max_tokens",
+        ),
+    ] {
+        let (st, _, v) = s.send(req(body.clone())).await;
+        assert_eq!(
+            (st.as_u16(), v["error"]["param"].as_str()),
+            (status, Some(param)),
+            "{body}: {v}"
+        );
+    }
 }
