@@ -228,27 +228,24 @@ impl Rng {
 }
 
 impl VideoVlm {
+    /// Text without special tokens (a rendered template has its own).
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
-        let tok = self
-            .tokenizer
-            .as_ref()
-            .ok_or_else(|| EngineError::Checkpoint("the checkpoint has no tokenizer".into()))?;
-        Ok(tok
-            .encode(text, false)
-            .map_err(|e| EngineError::Request(format!("tokenizing: {e}")))?
-            .get_ids()
-            .to_vec())
+        self.encode_text(text, false)
     }
 
     /// A completion's prompt as it is: tokenized with the tokenizer's own special tokens (a
     /// BOS where the checkpoint's tokenizer adds one, as `transformers` and vLLM do).
     pub fn tokenize_raw(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        self.encode_text(text, true)
+    }
+
+    fn encode_text(&self, text: &str, special_tokens: bool) -> Result<Vec<u32>, EngineError> {
         let tok = self
             .tokenizer
             .as_ref()
             .ok_or_else(|| EngineError::Checkpoint("the checkpoint has no tokenizer".into()))?;
         Ok(tok
-            .encode(text, true)
+            .encode(text, special_tokens)
             .map_err(|e| EngineError::Request(format!("tokenizing: {e}")))?
             .get_ids()
             .to_vec())
