@@ -63,11 +63,11 @@ async function refresh() {
         String(u.requests), t.period, when(u.reset_at),
         String(held),
         t.weight == null ? '1' : String(t.weight),
-        t.max_in_flight == null ? 'server default' : String(t.max_in_flight),
+        t.max_in_flight == null ? 'default' : String(t.max_in_flight),
       ];
     });
     $('tenant-list').replaceChildren(rows.length
-      ? table('Tenants: quota, used (charged) and reserved FLOPs this period', ['tenant', 'quota', 'used', 'reserved', 'of quota', 'remaining', 'requests', 'period', 'resets', 'in flight now', 'weight', 'in flight at most'], rows, 'tenants')
+      ? table('Tenants: quota, used (charged) and reserved FLOPs this period', ['tenant', 'quota', 'used', 'reserved', 'of quota', 'remaining', 'requests', 'period', 'resets', 'in flight', 'weight', 'max in flight'], rows, 'tenants')
       : el('p', { text: 'No tenants yet: create one below.' }));
     if (selected && tenants.some((x) => x.tenant.name === selected)) await detail();
   } catch (e) {
