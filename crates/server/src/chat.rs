@@ -106,6 +106,21 @@ pub struct ChatRequest {
     pub tool: Option<String>,
 }
 
+/// `stream` and `stream_options.include_usage` of a chat or text completions body (left in it).
+pub(crate) fn stream_flags(body: &Map<String, Value>) -> Result<(bool, bool), ApiError> {
+    let stream = match body.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::invalid("stream", "`stream` must be a boolean")),
+    };
+    let include_usage = body
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    Ok((stream, include_usage))
+}
+
 /// Reads a chat body.
 pub fn parse(
     mut body: Map<String, Value>,
@@ -144,16 +159,7 @@ pub fn parse(
                 .expect("an object"),
         );
     }
-    let stream = match body.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::invalid("stream", "`stream` must be a boolean")),
-    };
-    let include_usage = body
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
+    let (stream, include_usage) = stream_flags(&body)?;
     let messages: Vec<ChatMessage> = match body.remove("messages") {
         Some(v) => serde_json::from_value(v)
             .map_err(|e| ApiError::invalid("messages", format!("messages: {e}")))?,

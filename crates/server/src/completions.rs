@@ -6,7 +6,7 @@
 //! `suffix`, `logprobs` as a count, and the `text_completion` shapes.
 
 use crate::admission::{run_to_completion, AdmissionSlot};
-use crate::chat::{finish_str, stream, text_logprobs_json, Shape};
+use crate::chat::{finish_str, stream, stream_flags, text_logprobs_json, Shape};
 use crate::error::ApiError;
 use crate::ledger::{now, Tenant};
 use crate::routes::{json_error, new_id, usage_json};
@@ -68,25 +68,12 @@ fn parse(body: &mut Map<String, Value>) -> Result<TextRequest, ApiError> {
             ))
         }
     };
-    let flag = |body: &mut Map<String, Value>, name: &str| match body.remove(name) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(b),
-        Some(_) => Err(ApiError::invalid(
-            name,
-            format!("`{name}` must be a boolean"),
-        )),
+    let echo = match body.remove("echo") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(_) => return Err(ApiError::invalid("echo", "`echo` must be a boolean")),
     };
-    let echo = flag(body, "echo")?;
-    let stream = body.get("stream").cloned().map_or(Ok(false), |v| match v {
-        Value::Null => Ok(false),
-        Value::Bool(b) => Ok(b),
-        _ => Err(ApiError::invalid("stream", "`stream` must be a boolean")),
-    })?;
-    let include_usage = body
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
+    let (stream, include_usage) = stream_flags(body)?;
     // `logprobs` here is a count of alternatives (0-5), chat's is a flag with `top_logprobs`.
     match body.remove("logprobs") {
         None | Some(Value::Null) => {}

@@ -280,7 +280,7 @@ impl Metrics {
     }
 
     /// Usage of every tenant as the ledger has it now (None: the database did not answer).
-    pub fn set_usage(&self, usages: Option<&[vvlm_ledger::Usage]>) {
+    pub fn set_usage<'a>(&self, usages: Option<impl IntoIterator<Item = &'a vvlm_ledger::Usage>>) {
         let Some(usages) = usages else {
             self.ledger_available.set(0);
             return;

@@ -372,10 +372,8 @@ async fn metrics(State(s): St) -> Response {
         })
         .await
         .ok();
-    let usages: Option<Vec<_>> = tenants
-        .as_ref()
-        .map(|v| v.iter().map(|(_, u)| u.clone()).collect());
-    s.metrics.set_usage(usages.as_deref());
+    s.metrics
+        .set_usage(tenants.as_ref().map(|v| v.iter().map(|(_, u)| u)));
     // This replica's admission places, by tenant (for the tenants the ledger listed).
     if let Some(v) = &tenants {
         let held: Vec<_> = v
