@@ -74,6 +74,18 @@ pub fn device_kernels() -> DeviceKernels {
     }
 }
 
+/// CUDA device `ordinal` with one stream of its own, on which every thread's work is queued
+/// in order. candle's `Device::new_cuda` uses the per-thread default stream instead: work
+/// launched from the engine's pool thread (a forward runs inside [`cpu_pool::run`]) then ran on
+/// that thread's stream while the calling thread made the inputs, dropped the outputs and
+/// synchronized on its own. On an H200 that let a frame batch's output be freed while a kernel
+/// still wrote it (an illegal address in the 32-frame vision tower) and let `synchronize`
+/// return before the work ended (benchmarks timed the launches, not the work).
+/// Every CUDA device the engine makes comes from here.
+pub fn cuda_device(ordinal: usize) -> candle_core::Result<candle_core::Device> {
+    candle_core::Device::new_cuda_with_stream(ordinal)
+}
+
 /// Whether the engine's fused CUDA kernels run for tensors on `device`.
 pub(crate) fn fused_on(device: &candle_core::Device) -> bool {
     cfg!(feature = "cuda") && device.is_cuda() && device_kernels() == DeviceKernels::Fused

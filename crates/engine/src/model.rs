@@ -130,7 +130,7 @@ impl LoadOptions {
                             .into(),
                     ));
                 }
-                Device::new_cuda(ordinal)?
+                crate::cuda_device(ordinal)?
             }
             other => {
                 return Err(EngineError::Request(format!(

@@ -26,7 +26,44 @@ mod common;
 use common::max_abs;
 
 fn gpu() -> Device {
-    Device::new_cuda(0).expect("these tests need an NVIDIA GPU and driver (see scripts/gpu-check)")
+    vvlm_engine::cuda_device(0)
+        .expect("these tests need an NVIDIA GPU and driver (see scripts/gpu-check)")
+}
+
+/// Work queued from the engine's pool thread (where a forward runs) is ordered with the calling
+/// thread's: after the caller's `synchronize`, a long chain of products launched on a pool
+/// thread is complete and its result reads back right, and an output dropped by the caller is
+/// freed after the kernels that write it. Under candle's per-thread default stream this read
+/// back a result before the chain ended (each thread had its own stream).
+#[test]
+fn work_launched_on_a_pool_thread_is_ordered_with_the_callers() {
+    let dev = gpu();
+    let stream = dev.as_cuda_device().unwrap().cuda_stream();
+    // CU_STREAM_PER_THREAD is the handle 0x2: one stream per calling thread.
+    assert_ne!(
+        stream.cu_stream() as usize,
+        2,
+        "the per-thread default stream"
+    );
+    let x = Tensor::randn(0f32, 0.02, (2048, 2048), &Device::Cpu).unwrap();
+    let chain = |x: &Tensor| -> Tensor {
+        let mut y = x.clone();
+        for _ in 0..24 {
+            y = (y.matmul(x).unwrap() + x).unwrap();
+        }
+        y
+    };
+    let want = chain(&x);
+    let xg = x.to_device(&dev).unwrap();
+    for _ in 0..3 {
+        let got = vvlm_engine::cpu_pool::run(|| chain(&xg));
+        dev.synchronize().unwrap();
+        let e = max_abs(&want, &got);
+        assert!(e <= 1e-3, "a chain launched on a pool thread: {e}");
+        // Dropped here, on this thread, while nothing else waits: freed in the stream's order.
+        drop(vvlm_engine::cpu_pool::run(|| chain(&xg)));
+    }
+    dev.synchronize().unwrap();
 }
 
 #[test]
