@@ -157,7 +157,7 @@ def kernel(q, k, v, causal, past, scale, DP):
 
 
 # ---- kernels/decode_attention.cu ----
-WARPS, MAX_D = 8, 256
+WARPS, MAX_D, GROUP = 8, 256, 4
 PAIRS = MAX_D // 64
 def decode_kernel(q, ks, vs, heads, kv_heads, d, scale):
     B = len(ks); out = np.zeros((B, heads, d))
@@ -172,22 +172,33 @@ def decode_kernel(q, ks, vs, heads, kv_heads, d, scale):
                 o = np.zeros((32, PAIRS, 2))
                 per = (L + WARPS - 1) // WARPS
                 j0 = min(L, warp * per); j1 = min(L, j0 + per)
-                for j in range(j0, j1):
-                    part = np.zeros(32)
-                    for lane in range(32):
-                        for p in range(PAIRS):
-                            c = 64*p + 2*lane
-                            if c < d: part[lane] += q[i, h, c]*K[j, c] + q[i, h, c+1]*K[j, c+1]
-                    s = part.sum() * sl2
-                    mn = max(m, s); corr = 2.0 ** (m - mn); w = 2.0 ** (s - mn)
-                    l = l*corr + w
-                    for lane in range(32):
-                        for p in range(PAIRS):
-                            c = 64*p + 2*lane
-                            if c < d:
-                                o[lane, p, 0] = w*V[j, c] + o[lane, p, 0]*corr
-                                o[lane, p, 1] = w*V[j, c+1] + o[lane, p, 1]*corr
-                    m = mn
+                for j in range(j0, j1, GROUP):
+                    n = min(GROUP, j1 - j)
+                    # The group's rows as the lanes load them (0 past the warp's range).
+                    kv = np.zeros((GROUP, 32, PAIRS, 2)); vv = np.zeros((GROUP, 32, PAIRS, 2))
+                    for g in range(GROUP):
+                        for lane in range(32):
+                            for p in range(PAIRS):
+                                c = 64*p + 2*lane
+                                if g < n and c < d:
+                                    kv[g, lane, p] = K[j + g, c:c+2]; vv[g, lane, p] = V[j + g, c:c+2]
+                    parts = np.zeros((GROUP, 32))
+                    for g in range(GROUP):
+                        for lane in range(32):
+                            for p in range(PAIRS):
+                                c = 64*p + 2*lane
+                                if c < d: parts[g, lane] += q[i, h, c]*kv[g, lane, p, 0] + q[i, h, c+1]*kv[g, lane, p, 1]
+                    for g in range(n):
+                        s = parts[g].sum() * sl2
+                        mn = max(m, s); corr = 2.0 ** (m - mn); w = 2.0 ** (s - mn)
+                        l = l*corr + w
+                        for lane in range(32):
+                            for p in range(PAIRS):
+                                c = 64*p + 2*lane
+                                if c < d:
+                                    o[lane, p, 0] = w*vv[g, lane, p, 0] + o[lane, p, 0]*corr
+                                    o[lane, p, 1] = w*vv[g, lane, p, 1] + o[lane, p, 1]*corr
+                        m = mn
                 pm[warp], pl[warp] = m, l
                 for lane in range(32):
                     for p in range(PAIRS):
