@@ -10,6 +10,59 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Shape};
 
+/// Keeps the memory freed on `device` in its default memory pool for later allocations. cudarc
+/// allocates stream-ordered (`cuMemAllocAsync`) from that pool, whose release threshold is 0 by
+/// default: every synchronisation (one a decode step, for the logits) handed all freed memory
+/// back to the driver, and the next step's allocations mapped it again. Serving stacks keep it
+/// (PyTorch's caching allocator never returns memory on its own); the KV budget bounds what the
+/// engine holds. `VVLM_CUDA_POOL_RELEASE=1` keeps the driver's default, to compare.
+pub fn keep_freed_memory(device: &candle_core::Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let ctx = device.as_cuda_device()?.cuda_stream().context().clone();
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut keep: u64 = u64::MAX;
+    // SAFETY: `pool` receives the device's default pool handle; the attribute takes a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .w()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut keep as *mut u64).cast(),
+        )
+        .result()
+        .w()?;
+    }
+    Ok(())
+}
+
+/// The release threshold of `device`'s default memory pool (bytes freed memory may hold before
+/// a synchronisation returns it to the driver), for checks.
+pub fn pool_release_threshold(device: &candle_core::Device) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let ctx = device.as_cuda_device()?.cuda_stream().context().clone();
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut value: u64 = 0;
+    // SAFETY: as in `keep_freed_memory`.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .w()?;
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut value as *mut u64).cast(),
+        )
+        .result()
+        .w()?;
+    }
+    Ok(value)
+}
+
 /// PTX of `kernels/bilinear_pool.cu`.
 pub const BILINEAR_POOL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/bilinear_pool.ptx"));
 

@@ -82,8 +82,16 @@ pub fn device_kernels() -> DeviceKernels {
 /// still wrote it (an illegal address in the 32-frame vision tower) and let `synchronize`
 /// return before the work ended (benchmarks timed the launches, not the work).
 /// Every CUDA device the engine makes comes from here.
+///
+/// Freed device memory stays in the device's memory pool for the next allocation (see
+/// [`cuda::keep_freed_memory`]) unless `VVLM_CUDA_POOL_RELEASE=1`.
 pub fn cuda_device(ordinal: usize) -> candle_core::Result<candle_core::Device> {
-    candle_core::Device::new_cuda_with_stream(ordinal)
+    let device = candle_core::Device::new_cuda_with_stream(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if std::env::var("VVLM_CUDA_POOL_RELEASE").as_deref() != Ok("1") {
+        cuda::keep_freed_memory(&device)?;
+    }
+    Ok(device)
 }
 
 /// Whether the engine's fused CUDA kernels run for tensors on `device`.
