@@ -17,50 +17,57 @@ use candle_core::{CudaStorage, DType, Layout, Result, Shape};
 /// (PyTorch's caching allocator never returns memory on its own); the KV budget bounds what the
 /// engine holds. `VVLM_CUDA_POOL_RELEASE=1` keeps the driver's default, to compare.
 pub fn keep_freed_memory(device: &candle_core::Device) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let ctx = device.as_cuda_device()?.cuda_stream().context().clone();
-    if !ctx.has_async_alloc() {
-        return Ok(());
-    }
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let mut keep: u64 = u64::MAX;
-    // SAFETY: `pool` receives the device's default pool handle; the attribute takes a u64.
-    unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-            .result()
-            .w()?;
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut keep as *mut u64).cast(),
-        )
-        .result()
-        .w()?;
+    if let Some(pool) = default_pool(device)? {
+        let mut keep = u64::MAX;
+        pool_attribute(pool, true, &mut keep)?;
     }
     Ok(())
 }
 
 /// The release threshold of `device`'s default memory pool (bytes freed memory may hold before
-/// a synchronisation returns it to the driver), for checks.
-pub fn pool_release_threshold(device: &candle_core::Device) -> Result<u64> {
+/// a synchronisation returns it to the driver; `None` without stream-ordered allocation).
+pub fn pool_release_threshold(device: &candle_core::Device) -> Result<Option<u64>> {
+    let Some(pool) = default_pool(device)? else {
+        return Ok(None);
+    };
+    let mut value = 0u64;
+    pool_attribute(pool, false, &mut value)?;
+    Ok(Some(value))
+}
+
+type MemPool = candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool;
+
+/// The default memory pool of `device`, where cudarc allocates (when the device allocates
+/// stream-ordered at all).
+fn default_pool(device: &candle_core::Device) -> Result<Option<MemPool>> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let ctx = device.as_cuda_device()?.cuda_stream().context().clone();
+    if !ctx.has_async_alloc() {
+        return Ok(None);
+    }
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let mut value: u64 = 0;
-    // SAFETY: as in `keep_freed_memory`.
-    unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-            .result()
-            .w()?;
-        sys::cuMemPoolGetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut value as *mut u64).cast(),
-        )
+    // SAFETY: `pool` receives the device's default pool handle.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
         .result()
         .w()?;
-    }
-    Ok(value)
+    Ok(Some(pool))
+}
+
+/// Sets (`set`) or reads the pool's release threshold through `value`.
+fn pool_attribute(pool: MemPool, set: bool, value: &mut u64) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+    let ptr = (value as *mut u64).cast();
+    // SAFETY: the release threshold is a u64 attribute; `pool` is a live pool handle.
+    let r = unsafe {
+        if set {
+            sys::cuMemPoolSetAttribute(pool, attr, ptr)
+        } else {
+            sys::cuMemPoolGetAttribute(pool, attr, ptr)
+        }
+    };
+    r.result().w()?;
+    Ok(())
 }
 
 /// PTX of `kernels/bilinear_pool.cu`.

@@ -48,7 +48,7 @@ fn work_launched_on_a_pool_thread_is_ordered_with_the_callers() {
     if std::env::var("VVLM_CUDA_POOL_RELEASE").as_deref() != Ok("1") {
         // Freed memory stays in the pool (the driver's default releases it at every sync).
         let kept = vvlm_engine::cuda::pool_release_threshold(&dev).unwrap();
-        assert_eq!(kept, u64::MAX);
+        assert!(matches!(kept, None | Some(u64::MAX)), "{kept:?}");
     }
     let x = Tensor::randn(0f32, 0.02, (2048, 2048), &Device::Cpu).unwrap();
     let chain = |x: &Tensor| -> Tensor {
