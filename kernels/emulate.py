@@ -50,6 +50,18 @@ def mma(c, a, b):
         g, t = lane >> 2, lane & 3
         c[lane] = [D[g, 2*t], D[g, 2*t+1], D[g+8, 2*t], D[g+8, 2*t+1]]
 
+def ldmatrix_x4_trans(tile, addrs):
+    """ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: lanes 8i..8i+7 give the (row, col) of
+    matrix i's rows (8 elements each from there); lane = 4 * group + t receives in r[i] matrix
+    i's (row 2t, column group) and (row 2t + 1, column group), the PTX ISA's .trans layout."""
+    mats = [np.array([tile[addrs[8*i + j][0], addrs[8*i + j][1]:addrs[8*i + j][1] + 8] for j in range(8)])
+            for i in range(4)]
+    regs = {}
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        regs[lane] = [(mats[i][2*t, g], mats[i][2*t + 1, g]) for i in range(4)]
+    return regs
+
 def load_tile(tile, src, r0, length, d, DP):
     tile[:] = 0
     for r in range(BN):
@@ -132,15 +144,16 @@ def kernel(q, k, v, causal, past, scale, DP):
                             pa = {l: [(R(s[l][2*kk][0]), R(s[l][2*kk][1])), (R(s[l][2*kk][2]), R(s[l][2*kk][3])),
                                       (R(s[l][2*kk+1][0]), R(s[l][2*kk+1][1])), (R(s[l][2*kk+1][2]), R(s[l][2*kk+1][3]))]
                                   for l in range(32)}
-                            for n in range(DP // 8):
-                                bf = {}
-                                for l in range(32):
-                                    g, t = l >> 2, l & 3
-                                    key, col = 16*kk + 2*t, 8*n + g
-                                    bf[l] = [(sv[key, col], sv[key+1, col]), (sv[key+8, col], sv[key+9, col])]
-                                cs = [acc[l][n] for l in range(32)]
-                                mma(cs, [pa[l] for l in range(32)], bf)
-                                for l in range(32): acc[l][n] = cs[l]
+                            for n in range(0, DP // 8, 2):
+                                # Lane l addresses row l & 7 of matrix l >> 3: keys 0-7 / 8-15 of the
+                                # step (matrix bit 0), column block n / n + 1 (matrix bit 1).
+                                addrs = [(16*kk + 8*((l >> 3) & 1) + (l & 7), 8*(n + (l >> 4))) for l in range(32)]
+                                regs = ldmatrix_x4_trans(sv, addrs)
+                                for half in range(2):
+                                    bf = {l: [regs[l][2*half], regs[l][2*half + 1]] for l in range(32)}
+                                    cs = [acc[l][n + half] for l in range(32)]
+                                    mma(cs, [pa[l] for l in range(32)], bf)
+                                    for l in range(32): acc[l][n + half] = cs[l]
                     for l in range(32):
                         g, t = l >> 2, l & 3
                         base = l & ~3

@@ -83,9 +83,18 @@ __device__ __forceinline__ void load_tile(T (*tile)[DP + 8], const T* src, long 
 
 __device__ __forceinline__ uint32_t load_u32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
-// Two 16-bit values of one column from two rows, packed (first in the low half).
-__device__ __forceinline__ uint32_t pack_rows(const void* lo, const void* hi) {
-    return (uint32_t)*reinterpret_cast<const uint16_t*>(lo) | ((uint32_t)*reinterpret_cast<const uint16_t*>(hi) << 16);
+// Four 8x8 16-bit matrices from shared memory, transposed (`ldmatrix ... .x4.trans`): lanes
+// 8i..8i+7 give the addresses of matrix i's 8 rows (16 bytes each, 16-byte aligned), and lane
+// = 4 * group + t receives in r[i] matrix i's elements (row 2t, column group) and (row 2t + 1,
+// column group), packed: with the rows keys and the columns head columns, exactly an
+// m16n8k16 B fragment of V (b0 = keys 2t..2t+1, b1 = keys 2t+8..2t+9, column group). One
+// instruction for two 8-column blocks, where reading the fragments by 16-bit loads took four a
+// block (the V side of the H200's first profile: attention ~87 TFLOP/s).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
 }
 
 template <typename T, int DP>
@@ -187,7 +196,10 @@ __device__ void flash_attention(
             }
         }
 
-        // acc += P · V, 16 keys per step: P's A fragment from the score tiles 2kk and 2kk + 1.
+        // acc += P · V, 16 keys per step: P's A fragment from the score tiles 2kk and 2kk + 1,
+        // V's B fragments by ldmatrix: this lane addresses row `mr` of matrix `mi` (matrices 0,
+        // 1: keys 0-7, 8-15 of the step, columns of block n; 2, 3: the same keys, block n + 1).
+        const int mi = lane >> 3, mr = lane & 7;
 #pragma unroll
         for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
             const uint32_t pa[4] = {
@@ -196,13 +208,13 @@ __device__ void flash_attention(
                 Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                 Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]),
             };
-            const int key = 16 * kk + 2 * t;
+            const int key = 16 * kk + 8 * (mi & 1) + mr;
 #pragma unroll
-            for (int n = 0; n < DP / 8; ++n) {
-                const int col = 8 * n + group;
-                const uint32_t b0 = pack_rows(&sv[key][col], &sv[key + 1][col]);
-                const uint32_t b1 = pack_rows(&sv[key + 8][col], &sv[key + 9][col]);
-                Mma<T>::run(acc[n], pa, b0, b1);
+            for (int n = 0; n < DP / 8; n += 2) {  // DP / 8 is even: DP is a multiple of 16
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, &sv[key][8 * (n + (mi >> 1))]);
+                Mma<T>::run(acc[n], pa, b[0], b[1]);
+                Mma<T>::run(acc[n + 1], pa, b[2], b[3]);
             }
         }
         __syncthreads();
