@@ -79,7 +79,10 @@ def kernel(q, k, v, causal, past, scale, DP):
     for b in range(B):
         for h in range(H):
             hk = h // (H // KVH)
-            for m0 in range(0, QL, BM):
+            nblocks = (QL + BM - 1) // BM
+            for bx in range(nblocks):
+                qblock = nblocks - 1 - bx if causal else bx  # causal: the longest blocks first
+                m0 = qblock * BM
                 sk = np.zeros((BN, DP + 8)); sv = np.zeros((BN, DP + 8))
                 load_tile(sk, q[b, h], m0, QL, d, DP)
                 QA = {}

@@ -107,7 +107,10 @@ __device__ void flash_attention(
     int causal, int past, float scale_log2) {
     __shared__ __align__(16) T sk[BLOCK_N][DP + 8];
     __shared__ __align__(16) T sv[BLOCK_N][DP + 8];
-    const int m0 = blockIdx.x * BLOCK_M, h = blockIdx.y, b = blockIdx.z;
+    // Causal: the last query rows (the most key tiles) in the first blocks launched, so that
+    // the long blocks do not finish the grid alone.
+    const int qblock = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int m0 = qblock * BLOCK_M, h = blockIdx.y, b = blockIdx.z;
     const int hk = h / (heads / kv_heads);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int group = lane >> 2, t = lane & 3;
