@@ -85,11 +85,21 @@ pub fn device_kernels() -> DeviceKernels {
 ///
 /// Freed device memory stays in the device's memory pool for the next allocation (see
 /// [`cuda::keep_freed_memory`]) unless `VVLM_CUDA_POOL_RELEASE=1`.
+///
+/// cudarc tracks every buffer's reads and writes with events once its context has a stream of
+/// its own (one or more `cuEventRecord` per argument of every launch), to order buffers shared
+/// between streams. Here nothing is: each device's buffers are made and used on its one stream
+/// (candle refuses to mix devices), so the tracking is turned off before anything is allocated.
 pub fn cuda_device(ordinal: usize) -> candle_core::Result<candle_core::Device> {
     let device = candle_core::Device::new_cuda_with_stream(ordinal)?;
     #[cfg(feature = "cuda")]
-    if std::env::var("VVLM_CUDA_POOL_RELEASE").as_deref() != Ok("1") {
-        cuda::keep_freed_memory(&device)?;
+    {
+        // SAFETY: every allocation and launch of this device is queued on its one stream, in
+        // order, so no buffer needs events to order its uses between streams.
+        unsafe { device.as_cuda_device()?.disable_event_tracking() };
+        if std::env::var("VVLM_CUDA_POOL_RELEASE").as_deref() != Ok("1") {
+            cuda::keep_freed_memory(&device)?;
+        }
     }
     Ok(device)
 }

@@ -45,6 +45,9 @@ fn work_launched_on_a_pool_thread_is_ordered_with_the_callers() {
         2,
         "the per-thread default stream"
     );
+    // One stream: no per-buffer events (cudarc records them at every use once a context has
+    // a stream of its own).
+    assert!(!dev.as_cuda_device().unwrap().is_event_tracking());
     if std::env::var("VVLM_CUDA_POOL_RELEASE").as_deref() != Ok("1") {
         // Freed memory stays in the pool (the driver's default releases it at every sync).
         let kept = vvlm_engine::cuda::pool_release_threshold(&dev).unwrap();
