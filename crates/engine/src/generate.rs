@@ -31,6 +31,13 @@ pub struct SamplingParams {
     /// temperature, min-p, top-k and top-p) and the `k` most likely tokens at that step (k <= [`MAX_TOP_LOGPROBS`]).
     #[serde(default)]
     pub logprobs: Option<usize>,
+    /// The prompt's log-probabilities (a raw prompt's, [`GenerateRequest::raw`]): None reports
+    /// none; `Some(k)` reports each prompt token after the first with its log-probability
+    /// given the tokens before it and the `k` most likely tokens there, in
+    /// [`Generation::prompt_logprobs`]. The prefill then computes the logits of every prompt
+    /// position, not only the last (counted as prefill FLOPs).
+    #[serde(default)]
+    pub prompt_logprobs: Option<usize>,
     /// Only the `top_k` likeliest tokens may be drawn (0: no limit). Applied after temperature
     /// and `min_p`, before `top_p`.
     #[serde(default)]
@@ -62,6 +69,15 @@ pub enum ResponseFormat {
     JsonSchema(serde_json::Value),
     /// Exactly one of these strings.
     Choice(Vec<String>),
+}
+
+/// A prompt token and, after the first, its log-probability given the tokens before it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptToken {
+    pub token_id: u32,
+    pub token: String,
+    /// None for the first token: nothing before it predicts it.
+    pub logprobs: Option<StepLogprobs>,
 }
 
 /// The most alternatives reported per generated token (as OpenAI allows).
@@ -98,6 +114,7 @@ impl Default for SamplingParams {
             stop_token_ids: vec![],
             stop: vec![],
             logprobs: None,
+            prompt_logprobs: None,
             top_k: 0,
             min_p: 0.0,
             penalties: Default::default(),
@@ -138,6 +155,8 @@ pub struct Generation {
     pub timings: Timings,
     /// Per generated token, when [`SamplingParams::logprobs`] asked for them.
     pub logprobs: Vec<StepLogprobs>,
+    /// Per prompt token, when [`SamplingParams::prompt_logprobs`] asked for them.
+    pub prompt_logprobs: Vec<PromptToken>,
 }
 
 /// One request to the engine.

@@ -6,8 +6,8 @@
 //! one-at-a-time outputs are equal.
 
 use crate::generate::{
-    logprobs_at, sample, FinishReason, GenerateRequest, Generation, Rng, SamplingParams,
-    StepLogprobs, Timings, TokenLogprob, MAX_TOP_LOGPROBS,
+    logprobs_at, sample, FinishReason, GenerateRequest, Generation, PromptToken, Rng,
+    SamplingParams, StepLogprobs, Timings, TokenLogprob, MAX_TOP_LOGPROBS,
 };
 use crate::llama::KvCache;
 use crate::model::VideoVlm;
@@ -98,6 +98,7 @@ pub struct Sequence {
     stopped_by_string: bool,
     decode_steps: usize,
     logprobs: Vec<StepLogprobs>,
+    prompt_logprobs: Vec<PromptToken>,
     timings: Timings,
     decode_started: Option<Instant>,
     prompt_tokens: usize,
@@ -163,6 +164,8 @@ impl VideoVlm {
         // is the system message and the template's opening, so that requests sharing a system
         // prompt can continue from its cached KV exactly as they would prefill it cold.
         let split = !suffix.is_empty() && (video.is_some() || !prefix.is_empty());
+        // A raw prompt's log-probabilities, when asked: from every prefill chunk's logits.
+        let mut prompt_logprobs = vec![];
         let (cache, hidden) = match video {
             v if split => {
                 let hash = v.map(fingerprint).transpose()?.unwrap_or(0);
@@ -178,7 +181,13 @@ impl VideoVlm {
                         let mut cache = self.lm.new_cache();
                         cache.plan_positions(positions);
                         let first = self.input_embeddings(&prefix, v, &[])?;
-                        self.prefill(&first, &mut cache, &mut ctx, between_chunks)?;
+                        self.prefill(
+                            &first,
+                            &mut cache,
+                            &mut ctx,
+                            between_chunks,
+                            &mut |_, _, _| Ok(()),
+                        )?;
                         between_chunks();
                         made = Some(PrefixKv(Arc::new(PrefixInner {
                             ids: prefix.clone(),
@@ -190,14 +199,36 @@ impl VideoVlm {
                     }
                 };
                 let rest = self.input_embeddings(&[], None, &suffix)?;
-                let hidden = self.prefill(&rest, &mut cache, &mut ctx, between_chunks)?;
+                let hidden = self.prefill(
+                    &rest,
+                    &mut cache,
+                    &mut ctx,
+                    between_chunks,
+                    &mut |_, _, _| Ok(()),
+                )?;
                 (cache, hidden)
             }
             _ => {
                 let embeds = self.input_embeddings(&prefix, video, &suffix)?;
                 let mut cache = self.lm.new_cache();
                 cache.plan_positions(positions);
-                let hidden = self.prefill(&embeds, &mut cache, &mut ctx, between_chunks)?;
+                let scored = match req.sampling.prompt_logprobs {
+                    Some(k) if req.raw => Some(k.min(MAX_TOP_LOGPROBS)),
+                    _ => None,
+                };
+                let mut on_chunk = |start: usize, hidden: &Tensor, ctx: &Ctx| match scored {
+                    Some(k) => self.score_prompt_chunk(
+                        &suffix,
+                        start,
+                        hidden,
+                        k,
+                        ctx,
+                        &mut prompt_logprobs,
+                    ),
+                    None => Ok(()),
+                };
+                let hidden =
+                    self.prefill(&embeds, &mut cache, &mut ctx, between_chunks, &mut on_chunk)?;
                 (cache, hidden)
             }
         };
@@ -222,6 +253,7 @@ impl VideoVlm {
             stopped_by_string: false,
             decode_steps: 0,
             logprobs: vec![],
+            prompt_logprobs,
             timings: Timings {
                 vision_s,
                 prefill_s: t1.elapsed().as_secs_f64(),
@@ -300,12 +332,15 @@ impl VideoVlm {
     /// `between_chunks` between two chunks; returns the last chunk's hidden states. The chunks
     /// are fixed by the prompt and the checkpoint alone (not by what else runs), so a sequence
     /// prefills the same way alone and in a batch.
+    /// `on_chunk(start, hidden, ctx)` sees each chunk's hidden states (`[1, len, h]`, positions
+    /// `start..start + len` of `embeds`) as they are made.
     fn prefill(
         &self,
         embeds: &Tensor,
         cache: &mut crate::llama::KvCache,
         ctx: &mut Ctx,
         between_chunks: &mut dyn FnMut(),
+        on_chunk: &mut dyn FnMut(usize, &Tensor, &Ctx) -> Result<(), EngineError>,
     ) -> Result<Tensor, EngineError> {
         let n = embeds.dim(1)?;
         let chunk = if self.prefill_chunk == 0 {
@@ -322,12 +357,76 @@ impl VideoVlm {
                 embeds.narrow(1, start, len)?.contiguous()?
             };
             let hidden = self.lm.forward_hidden(&part, cache, ctx)?;
+            on_chunk(start, &hidden, ctx)?;
             start += len;
             if start >= n {
                 return Ok(hidden);
             }
             between_chunks();
         }
+    }
+}
+
+impl VideoVlm {
+    /// The log-probabilities of the prompt tokens `ids` that the chunk of hidden states
+    /// `hidden` (`[1, len, h]`, positions `start..start + len`) predicts: position `p`'s logits
+    /// give token `p + 1` (the last position's, the first generated token, is the decode's).
+    /// Pushes the first token too (with no log-probability) when `start` is 0.
+    fn score_prompt_chunk(
+        &self,
+        ids: &[u32],
+        start: usize,
+        hidden: &Tensor,
+        k: usize,
+        ctx: &Ctx,
+        out: &mut Vec<PromptToken>,
+    ) -> Result<(), EngineError> {
+        let entry = |id: u32, logprob: f64| -> Result<TokenLogprob, EngineError> {
+            let token = self.detokenize(&[id])?;
+            Ok(TokenLogprob {
+                token_id: id,
+                bytes: token.as_bytes().to_vec(),
+                token,
+                logprob,
+            })
+        };
+        if start == 0 {
+            if let Some(&first) = ids.first() {
+                out.push(PromptToken {
+                    token_id: first,
+                    token: self.detokenize(&[first])?,
+                    logprobs: None,
+                });
+            }
+        }
+        let len = hidden.dim(1)?;
+        // Positions whose next token is in the prompt (counted: the lm_head over them).
+        let scored = len.min(ids.len().saturating_sub(start + 1));
+        if scored == 0 {
+            return Ok(());
+        }
+        let rows = self
+            .lm
+            .logits(&hidden.narrow(1, 0, scored)?, ctx)?
+            .squeeze(0)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2::<f32>()?;
+        for (i, row) in rows.iter().enumerate() {
+            let next = ids[start + i + 1];
+            let (lp, top) = logprobs_at(row, next, k);
+            out.push(PromptToken {
+                token_id: next,
+                token: self.detokenize(&[next])?,
+                logprobs: Some(StepLogprobs {
+                    chosen: entry(next, lp)?,
+                    top: top
+                        .into_iter()
+                        .map(|(i, l)| entry(i, l))
+                        .collect::<Result<_, _>>()?,
+                }),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -511,6 +610,7 @@ impl Sequence {
             decode_steps: self.decode_steps,
             timings: self.timings,
             logprobs: self.logprobs,
+            prompt_logprobs: self.prompt_logprobs,
         })
     }
 }

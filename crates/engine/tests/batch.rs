@@ -938,3 +938,98 @@ fn a_long_prefill_is_chunked_and_the_batch_decodes_between_chunks() {
     assert_eq!(out[&0].token_ids, first_alone.token_ids);
     assert_eq!(out[&1].token_ids, long_alone.token_ids);
 }
+
+/// A raw prompt's log-probabilities (`prompt_logprobs`), prefilled in chunks of 4 tokens,
+/// against one unchunked forward over the same ids with the log-softmax computed here in f64:
+/// every token after the first, its log-probability given the tokens before it and the top 3
+/// there; the first token has none; the scoring's lm_head is counted as prefill.
+#[test]
+fn a_raw_prompts_log_probabilities_equal_an_unchunked_forward() {
+    let ckpt = root().join("models/ladder/suite-m");
+    let opts = LoadOptions {
+        prefill_chunk: 4,
+        ..LoadOptions::default()
+    };
+    let m = VideoVlm::load(&ckpt, &opts).unwrap();
+    let prompt = "what color is the ball on the left of the box and what shape is it";
+    let run = |prompt_logprobs: Option<usize>| {
+        let flops = FlopCounter::new();
+        let req = GenerateRequest {
+            pixels: None,
+            side: 1,
+            system: None,
+            prompt,
+            history: &[],
+            raw: true,
+            sampling: SamplingParams {
+                max_tokens: 2,
+                prompt_logprobs,
+                ..Default::default()
+            },
+            cancel: None,
+        };
+        let g = m.generate(&req, &flops, &mut |_| true).unwrap();
+        (g, flops.get(vvlm_cost::Component::LmPrefill))
+    };
+    let (g, scored_flops) = run(Some(3));
+    let (plain, plain_flops) = run(None);
+    assert!(plain.prompt_logprobs.is_empty());
+    assert_eq!(g.text, plain.text, "scoring changes nothing generated");
+
+    let ids = m.tokenize_raw(prompt).unwrap();
+    assert!(
+        ids.len() > 2 * 4,
+        "{} tokens: more than two chunks",
+        ids.len()
+    );
+    assert_eq!(g.prompt_logprobs.len(), ids.len());
+    assert_eq!(g.prompt_logprobs[0].token_id, ids[0]);
+    assert!(g.prompt_logprobs[0].logprobs.is_none());
+    // The reference: all positions at once, log-softmax in f64.
+    let embeds = m.lm.embed(&ids).unwrap();
+    let flops = FlopCounter::new();
+    let mut ctx = vvlm_engine::Ctx::new(&flops, vvlm_cost::Component::LmPrefill);
+    let mut cache = m.lm.new_cache();
+    let hidden = m.lm.forward_hidden(&embeds, &mut cache, &mut ctx).unwrap();
+    let rows =
+        m.lm.logits(&hidden, &ctx)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+    for (p, entry) in g.prompt_logprobs.iter().enumerate().skip(1) {
+        let row = &rows[p - 1];
+        let max = row.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x as f64));
+        let log_z = max
+            + row
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        let lp = entry.logprobs.as_ref().expect("after the first token");
+        assert_eq!(entry.token_id, ids[p]);
+        assert_eq!(lp.chosen.token_id, ids[p]);
+        let want = row[ids[p] as usize] as f64 - log_z;
+        assert!(
+            (lp.chosen.logprob - want).abs() < 1e-4,
+            "position {p}: {} vs {want}",
+            lp.chosen.logprob
+        );
+        // The top 3, most likely first, each with its own log-probability.
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        assert_eq!(lp.top.len(), 3);
+        for (t, &i) in lp.top.iter().zip(&order) {
+            assert!(
+                (t.logprob - (row[i] as f64 - log_z)).abs() < 1e-4,
+                "position {p}"
+            );
+        }
+        assert!(lp.top[0].logprob >= lp.top[1].logprob && lp.top[1].logprob >= lp.top[2].logprob);
+    }
+    // The lm_head over the prompt's positions but the last: counted as prefill.
+    let cfg = &m.lm.cfg;
+    let head = 2 * (ids.len() as u64 - 1) * (cfg.hidden_size * cfg.vocab_size) as u64;
+    assert_eq!(scored_flops - plain_flops, head);
+}
