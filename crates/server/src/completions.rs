@@ -3,7 +3,9 @@
 //! benchmarks that speak this API (vLLM's `bench serve`, lm-eval's `local-completions`). The
 //! options are chat's (budget, sampling controls, structured outputs, `n`, `stop`, `seed`),
 //! read by the same code; this module owns only what differs: `prompt`, `echo`, `best_of`,
-//! `suffix`, `logprobs` as a count, and the `text_completion` shapes.
+//! `suffix`, `logprobs` as a count, and the `text_completion` shapes. `echo` with `logprobs`
+//! returns the prompt's tokens with their log-probabilities ahead of the completion's (the
+//! first token's `null`), what lm-eval's log-likelihood tasks read.
 
 use crate::admission::{run_to_completion, AdmissionSlot};
 use crate::chat::{finish_str, stream, stream_flags, text_logprobs_json, Shape};
@@ -16,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
+use vvlm_engine::generate::{PromptToken, StepLogprobs};
 
 /// Fields read here besides the shared options.
 const OWN: &[&str] = &["stream", "stream_options", "user"];
@@ -30,6 +33,8 @@ const DEFAULT_MAX_TOKENS: u64 = 16;
 struct TextRequest {
     prompt: String,
     echo: bool,
+    /// `echo` with `logprobs`: the prompt's log-probabilities too, with this many alternatives.
+    prompt_logprobs: Option<usize>,
     stream: bool,
     include_usage: bool,
 }
@@ -74,17 +79,21 @@ fn parse(body: &mut Map<String, Value>) -> Result<TextRequest, ApiError> {
         Some(_) => return Err(ApiError::invalid("echo", "`echo` must be a boolean")),
     };
     let (stream, include_usage) = stream_flags(body)?;
+    let mut prompt_logprobs = None;
     // `logprobs` here is a count of alternatives (0-5), chat's is a flag with `top_logprobs`.
     match body.remove("logprobs") {
         None | Some(Value::Null) => {}
         Some(v) => match v.as_u64() {
             Some(k) if k <= MAX_LOGPROBS => {
                 if echo {
-                    return Err(ApiError::invalid(
-                        "echo",
-                        "echo with logprobs asks for the prompt's log-probabilities, which vvlm \
-                         does not compute: ask for one or the other",
-                    ));
+                    if stream {
+                        return Err(ApiError::invalid(
+                            "stream",
+                            "echo with logprobs (the prompt's log-probabilities) is answered \
+                             whole: ask without stream",
+                        ));
+                    }
+                    prompt_logprobs = Some(k as usize);
                 }
                 body.insert("logprobs".into(), json!(true));
                 body.insert("top_logprobs".into(), json!(k));
@@ -118,6 +127,7 @@ fn parse(body: &mut Map<String, Value>) -> Result<TextRequest, ApiError> {
     Ok(TextRequest {
         prompt,
         echo,
+        prompt_logprobs,
         stream,
         include_usage,
     })
@@ -146,6 +156,7 @@ pub async fn completions(
     };
     let mut r = validate(options, content, rules, &s.config.limits)?;
     r.raw = true;
+    r.sampling.prompt_logprobs = text.prompt_logprobs;
     // The completion's id names the request (`x-request-id`, the ledger's request history).
     let id = format!(
         "cmpl-{}",
@@ -153,6 +164,7 @@ pub async fn completions(
     );
     let created = now();
     let logprobs = r.sampling.logprobs.is_some();
+    let text_is_scored = text.prompt_logprobs.is_some();
     let echo = text.echo.then_some(text.prompt);
     if text.stream {
         let shape = Shape::Text { echo };
@@ -168,9 +180,13 @@ pub async fn completions(
                 Some(p) => format!("{p}{}", g.text),
                 None => g.text.clone(),
             };
+            let logprobs = match text_is_scored {
+                true => echo_logprobs_json(&g.prompt_logprobs, &g.logprobs),
+                false => text_logprobs_json(logprobs, &g.logprobs),
+            };
             json!({
                 "index": i, "text": text, "finish_reason": finish_str(g.finish_reason),
-                "logprobs": text_logprobs_json(logprobs, &g.logprobs),
+                "logprobs": logprobs,
             })
         })
         .collect();
@@ -179,4 +195,48 @@ pub async fn completions(
         "choices": choices, "usage": usage_json(&o), "plan": o.plan, "notes": o.notes,
     }))
     .into_response())
+}
+
+/// OpenAI's text `logprobs` for `echo` with `logprobs`: the prompt's tokens (the first with
+/// `null`: nothing before it predicts it), then the completion's, `text_offset` counting
+/// characters from the start of the echoed text.
+fn echo_logprobs_json(prompt: &[PromptToken], steps: &[StepLogprobs]) -> Value {
+    let top = |s: &StepLogprobs| -> Value {
+        Value::Object(
+            s.top
+                .iter()
+                .map(|t| (t.token.clone(), json!(t.logprob)))
+                .collect(),
+        )
+    };
+    let mut tokens = vec![];
+    let mut token_logprobs = vec![];
+    let mut top_logprobs = vec![];
+    for p in prompt {
+        tokens.push(p.token.clone());
+        token_logprobs.push(
+            p.logprobs
+                .as_ref()
+                .map_or(Value::Null, |l| json!(l.chosen.logprob)),
+        );
+        top_logprobs.push(p.logprobs.as_ref().map_or(Value::Null, top));
+    }
+    for s in steps {
+        tokens.push(s.chosen.token.clone());
+        token_logprobs.push(json!(s.chosen.logprob));
+        top_logprobs.push(top(s));
+    }
+    let mut offset = 0;
+    let text_offset: Vec<usize> = tokens
+        .iter()
+        .map(|t| {
+            let at = offset;
+            offset += t.chars().count();
+            at
+        })
+        .collect();
+    json!({
+        "tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+        "text_offset": text_offset,
+    })
 }

@@ -541,6 +541,8 @@ pub fn validate(
             stop_token_ids: vec![],
             stop,
             logprobs,
+            // Set by the text completions handler (`echo` with `logprobs`).
+            prompt_logprobs: None,
             top_k,
             min_p,
             penalties,

@@ -2072,6 +2072,58 @@ async fn text_completions_continue_the_prompt_as_it_is() {
         .collect();
     assert_eq!(offsets.first(), Some(&0));
     assert!(offsets.windows(2).all(|w| w[0] <= w[1]));
+    // echo with logprobs (lm-eval's log-likelihood requests): the prompt's tokens with their
+    // log-probabilities (the first null), then the completion's, as without echo.
+    let scored = |echo: bool| {
+        req(
+            json!({"prompt": prompt, "max_tokens": 2, "model": "suite-s", "logprobs": 1,
+                   "echo": echo, "temperature": 0}),
+        )
+    };
+    let (st, _, el) = s.send(scored(true)).await;
+    assert_eq!(st, 200, "{el}");
+    let (st, _, plain) = s.send(scored(false)).await;
+    assert_eq!(st, 200, "{plain}");
+    let (lp, plain_lp) = (
+        &el["choices"][0]["logprobs"],
+        &plain["choices"][0]["logprobs"],
+    );
+    let prompt_tokens = el["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    let n = el["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    let arr = |v: &Value, k: &str| v[k].as_array().unwrap().clone();
+    assert_eq!(arr(lp, "tokens").len(), prompt_tokens + n, "{lp}");
+    let logprobs = arr(lp, "token_logprobs");
+    let tops = arr(lp, "top_logprobs");
+    assert!(logprobs[0].is_null() && tops[0].is_null(), "{lp}");
+    for (x, t) in logprobs.iter().zip(&tops).skip(1) {
+        assert!(x.as_f64().unwrap() <= 0.0, "{lp}");
+        assert_eq!(t.as_object().unwrap().len(), 1, "{lp}");
+    }
+    assert_eq!(
+        logprobs[prompt_tokens..],
+        arr(plain_lp, "token_logprobs")[..],
+        "{lp}"
+    );
+    assert_eq!(
+        arr(lp, "tokens")[prompt_tokens..],
+        arr(plain_lp, "tokens")[..]
+    );
+    let continued = plain["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(el["choices"][0]["text"], format!("{prompt}{continued}"));
+    let offsets: Vec<u64> = arr(lp, "text_offset")
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets.len(), prompt_tokens + n);
+    assert!(offsets[0] == 0 && offsets.windows(2).all(|w| w[0] <= w[1]));
+    // Scoring the prompt is work done: more prefill FLOPs than the same request without it.
+    let prefill = |v: &Value| v["usage"]["measured_flops"]["lm_prefill"].as_f64().unwrap();
+    assert!(
+        prefill(&el) > prefill(&plain),
+        "{} vs {}",
+        el["usage"],
+        plain["usage"]
+    );
     // Streamed: text_completion chunks whose texts make the same (greedy) completion.
     let (st, _, sse) = s
         .send(req(
@@ -2107,9 +2159,9 @@ async fn text_completions_continue_the_prompt_as_it_is() {
         (json!({"prompt": prompt, "best_of": 3}), 422, "best_of"),
         (json!({"prompt": prompt, "logprobs": 6}), 422, "logprobs"),
         (
-            json!({"prompt": prompt, "logprobs": 1, "echo": true}),
+            json!({"prompt": prompt, "logprobs": 1, "echo": true, "stream": true}),
             422,
-            "echo",
+            "stream",
         ),
         (json!({"prompt": prompt, "echo": "yes"}), 422, "echo"),
         (
