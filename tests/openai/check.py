@@ -58,6 +58,18 @@ ok("completions: text", c.choices[0].text.startswith(" Paris"), repr(c.choices[0
 ok("completions: object and id", c.object == "text_completion" and c.id == "cmpl-" + c._request_id, c.id)
 ok("completions: logprobs", len(c.choices[0].logprobs.tokens) == c.usage.completion_tokens
    and all(len(t) == 2 for t in c.choices[0].logprobs.top_logprobs), c.choices[0].logprobs)
+# lm-eval's log-likelihood request: echo with logprobs scores the prompt's own tokens; " Paris"
+# (the model's answer above) is the greedy token where it stands, as lm-eval's is_greedy reads.
+e = client.completions.create(model="auto", prompt="The capital of France is Paris", max_tokens=1,
+                              echo=True, logprobs=1, temperature=0, extra_body=EXTRA)
+elp = e.choices[0].logprobs
+ok("completions: echo with logprobs",
+   e.choices[0].text.startswith("The capital of France is Paris") and elp.token_logprobs[0] is None
+   and elp.top_logprobs[0] is None and len(elp.tokens) == e.usage.prompt_tokens + e.usage.completion_tokens,
+   elp)
+i = elp.tokens.index(" Paris")
+ok("completions: the prompt's greedy token", elp.token_logprobs[i] == max(elp.top_logprobs[i].values())
+   and list(elp.top_logprobs[i]) == [" Paris"], (elp.tokens[i], elp.token_logprobs[i], elp.top_logprobs[i]))
 streamed = "".join(ch.choices[0].text for ch in client.completions.create(
     model="auto", prompt="The capital of France is", max_tokens=4, stream=True, extra_body=EXTRA)
     if ch.choices)
