@@ -368,6 +368,31 @@ impl VideoVlm {
 }
 
 impl VideoVlm {
+    /// Token `chosen`'s entry with its log-probability and the alternatives `(lp, top)` found
+    /// by [`logprobs_at`], each token's text decoded alone.
+    fn step_logprobs(
+        &self,
+        chosen: u32,
+        (lp, top): (f64, Vec<(u32, f64)>),
+    ) -> Result<StepLogprobs, EngineError> {
+        let entry = |id: u32, logprob: f64| -> Result<TokenLogprob, EngineError> {
+            let token = self.detokenize(&[id])?;
+            Ok(TokenLogprob {
+                token_id: id,
+                bytes: token.as_bytes().to_vec(),
+                token,
+                logprob,
+            })
+        };
+        Ok(StepLogprobs {
+            chosen: entry(chosen, lp)?,
+            top: top
+                .into_iter()
+                .map(|(i, l)| entry(i, l))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
     /// The log-probabilities of the prompt tokens `ids` that the chunk of hidden states
     /// `hidden` (`[1, len, h]`, positions `start..start + len`) predicts: position `p`'s logits
     /// give token `p + 1` (the last position's, the first generated token, is the decode's).
@@ -381,15 +406,6 @@ impl VideoVlm {
         ctx: &Ctx,
         out: &mut Vec<PromptToken>,
     ) -> Result<(), EngineError> {
-        let entry = |id: u32, logprob: f64| -> Result<TokenLogprob, EngineError> {
-            let token = self.detokenize(&[id])?;
-            Ok(TokenLogprob {
-                token_id: id,
-                bytes: token.as_bytes().to_vec(),
-                token,
-                logprob,
-            })
-        };
         if start == 0 {
             if let Some(&first) = ids.first() {
                 out.push(PromptToken {
@@ -413,17 +429,10 @@ impl VideoVlm {
             .to_vec2::<f32>()?;
         for (i, row) in rows.iter().enumerate() {
             let next = ids[start + i + 1];
-            let (lp, top) = logprobs_at(row, next, k);
             out.push(PromptToken {
                 token_id: next,
                 token: self.detokenize(&[next])?,
-                logprobs: Some(StepLogprobs {
-                    chosen: entry(next, lp)?,
-                    top: top
-                        .into_iter()
-                        .map(|(i, l)| entry(i, l))
-                        .collect::<Result<_, _>>()?,
-                }),
+                logprobs: Some(self.step_logprobs(next, logprobs_at(row, next, k))?),
             });
         }
         Ok(())
@@ -517,23 +526,8 @@ impl Sequence {
         if self.stop_ids.contains(&next) {
             return done(self, FinishReason::Stop);
         }
-        if let Some((lp, top)) = logprobs {
-            let entry = |id: u32, logprob: f64| -> Result<TokenLogprob, EngineError> {
-                let token = vlm.detokenize(&[id])?;
-                Ok(TokenLogprob {
-                    token_id: id,
-                    bytes: token.as_bytes().to_vec(),
-                    token,
-                    logprob,
-                })
-            };
-            self.logprobs.push(StepLogprobs {
-                chosen: entry(next, lp)?,
-                top: top
-                    .into_iter()
-                    .map(|(i, l)| entry(i, l))
-                    .collect::<Result<_, _>>()?,
-            });
+        if let Some(found) = logprobs {
+            self.logprobs.push(vlm.step_logprobs(next, found)?);
         }
         if let Some(c) = &mut self.constraint {
             c.accept(next);

@@ -74,17 +74,28 @@ fn text(
     prompt: &str,
     sampling: SamplingParams,
 ) -> Result<Generation, vvlm_engine::EngineError> {
+    text_counted(m, prompt, false, sampling, &FlopCounter::new())
+}
+
+/// [`text`], counted in `flops`, the prompt raw (as it is, no chat template) or not.
+fn text_counted(
+    m: &VideoVlm,
+    prompt: &str,
+    raw: bool,
+    sampling: SamplingParams,
+    flops: &FlopCounter,
+) -> Result<Generation, vvlm_engine::EngineError> {
     let req = GenerateRequest {
         pixels: None,
         side: 1,
         system: None,
         prompt,
         history: &[],
-        raw: false,
+        raw,
         sampling,
         cancel: None,
     };
-    m.generate(&req, &FlopCounter::new(), &mut |_| true)
+    m.generate(&req, flops, &mut |_| true)
 }
 
 /// How prompt `i` is decoded: greedy, except prompts 1 and 3, drawn at a temperature with a
@@ -954,21 +965,12 @@ fn a_raw_prompts_log_probabilities_equal_an_unchunked_forward() {
     let prompt = "what color is the ball on the left of the box and what shape is it";
     let run = |prompt_logprobs: Option<usize>| {
         let flops = FlopCounter::new();
-        let req = GenerateRequest {
-            pixels: None,
-            side: 1,
-            system: None,
-            prompt,
-            history: &[],
-            raw: true,
-            sampling: SamplingParams {
-                max_tokens: 2,
-                prompt_logprobs,
-                ..Default::default()
-            },
-            cancel: None,
+        let sampling = SamplingParams {
+            max_tokens: 2,
+            prompt_logprobs,
+            ..Default::default()
         };
-        let g = m.generate(&req, &flops, &mut |_| true).unwrap();
+        let g = text_counted(&m, prompt, true, sampling, &flops).unwrap();
         (g, flops.get(vvlm_cost::Component::LmPrefill))
     };
     let (g, scored_flops) = run(Some(3));
