@@ -22,6 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
+use vvlm_engine::generate::PromptToken;
 use vvlm_engine::template::{Role, Turn};
 use vvlm_engine::{FinishReason, Generation, StepLogprobs};
 
@@ -465,25 +466,54 @@ fn logprobs_json(asked: bool, steps: &[StepLogprobs]) -> Value {
     json!({ "content": content })
 }
 
-/// The text completions API's `logprobs` object of one choice (null when not asked for): each
-/// token, its log-probability, the alternatives as a token -> log-probability map, and where
-/// each token begins in the text (characters).
-pub(crate) fn text_logprobs_json(asked: bool, steps: &[StepLogprobs]) -> Value {
+/// OpenAI's text-completion `logprobs`: the prompt's entries when it was scored (`echo` with
+/// `logprobs`; the first token's `null`: nothing before it predicts it), then each generated
+/// token's; `text_offset` counts characters from the start of the text they make. Null unless
+/// asked.
+pub(crate) fn text_logprobs_json(
+    asked: bool,
+    prompt: &[PromptToken],
+    steps: &[StepLogprobs],
+) -> Value {
     if !asked {
         return Value::Null;
     }
-    let mut offset = 0;
-    let mut text_offset = vec![];
-    for s in steps {
-        text_offset.push(offset);
-        offset += s.chosen.token.chars().count();
+    let top = |s: &StepLogprobs| -> Value {
+        Value::Object(
+            s.top
+                .iter()
+                .map(|t| (t.token.clone(), json!(t.logprob)))
+                .collect(),
+        )
+    };
+    let mut tokens = vec![];
+    let mut token_logprobs = vec![];
+    let mut top_logprobs = vec![];
+    for p in prompt {
+        tokens.push(p.token.clone());
+        token_logprobs.push(
+            p.logprobs
+                .as_ref()
+                .map_or(Value::Null, |l| json!(l.chosen.logprob)),
+        );
+        top_logprobs.push(p.logprobs.as_ref().map_or(Value::Null, top));
     }
+    for s in steps {
+        tokens.push(s.chosen.token.clone());
+        token_logprobs.push(json!(s.chosen.logprob));
+        top_logprobs.push(top(s));
+    }
+    let mut offset = 0;
+    let text_offset: Vec<usize> = tokens
+        .iter()
+        .map(|t| {
+            let at = offset;
+            offset += t.chars().count();
+            at
+        })
+        .collect();
     json!({
-        "tokens": steps.iter().map(|s| &s.chosen.token).collect::<Vec<_>>(),
-        "token_logprobs": steps.iter().map(|s| s.chosen.logprob).collect::<Vec<_>>(),
-        "top_logprobs": steps.iter().map(|s| {
-            s.top.iter().map(|t| (t.token.clone(), json!(t.logprob))).collect::<Map<String, Value>>()
-        }).collect::<Vec<_>>(),
+        "tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
         "text_offset": text_offset,
     })
 }
@@ -680,7 +710,7 @@ pub(crate) async fn stream(
                                 "logprobs": logprobs_json(logprobs, &g.logprobs)}])),
                             Some(_) => chunk(json!([{"index": i, "text": "",
                                 "finish_reason": finish,
-                                "logprobs": text_logprobs_json(logprobs, &g.logprobs)}])),
+                                "logprobs": text_logprobs_json(logprobs, &[], &g.logprobs)}])),
                         };
                         last["usage"] = usage.clone();
                         last["plan"] = json!(o.plan);

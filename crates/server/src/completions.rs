@@ -18,7 +18,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
-use vvlm_engine::generate::{PromptToken, StepLogprobs};
 
 /// Fields read here besides the shared options.
 const OWN: &[&str] = &["stream", "stream_options", "user"];
@@ -164,7 +163,6 @@ pub async fn completions(
     );
     let created = now();
     let logprobs = r.sampling.logprobs.is_some();
-    let text_is_scored = text.prompt_logprobs.is_some();
     let echo = text.echo.then_some(text.prompt);
     if text.stream {
         let shape = Shape::Text { echo };
@@ -180,13 +178,10 @@ pub async fn completions(
                 Some(p) => format!("{p}{}", g.text),
                 None => g.text.clone(),
             };
-            let logprobs = match text_is_scored {
-                true => echo_logprobs_json(&g.prompt_logprobs, &g.logprobs),
-                false => text_logprobs_json(logprobs, &g.logprobs),
-            };
             json!({
                 "index": i, "text": text, "finish_reason": finish_str(g.finish_reason),
-                "logprobs": logprobs,
+                // The prompt's entries are there when it was scored (`echo` with `logprobs`).
+                "logprobs": text_logprobs_json(logprobs, &g.prompt_logprobs, &g.logprobs),
             })
         })
         .collect();
@@ -195,48 +190,4 @@ pub async fn completions(
         "choices": choices, "usage": usage_json(&o), "plan": o.plan, "notes": o.notes,
     }))
     .into_response())
-}
-
-/// OpenAI's text `logprobs` for `echo` with `logprobs`: the prompt's tokens (the first with
-/// `null`: nothing before it predicts it), then the completion's, `text_offset` counting
-/// characters from the start of the echoed text.
-fn echo_logprobs_json(prompt: &[PromptToken], steps: &[StepLogprobs]) -> Value {
-    let top = |s: &StepLogprobs| -> Value {
-        Value::Object(
-            s.top
-                .iter()
-                .map(|t| (t.token.clone(), json!(t.logprob)))
-                .collect(),
-        )
-    };
-    let mut tokens = vec![];
-    let mut token_logprobs = vec![];
-    let mut top_logprobs = vec![];
-    for p in prompt {
-        tokens.push(p.token.clone());
-        token_logprobs.push(
-            p.logprobs
-                .as_ref()
-                .map_or(Value::Null, |l| json!(l.chosen.logprob)),
-        );
-        top_logprobs.push(p.logprobs.as_ref().map_or(Value::Null, top));
-    }
-    for s in steps {
-        tokens.push(s.chosen.token.clone());
-        token_logprobs.push(json!(s.chosen.logprob));
-        top_logprobs.push(top(s));
-    }
-    let mut offset = 0;
-    let text_offset: Vec<usize> = tokens
-        .iter()
-        .map(|t| {
-            let at = offset;
-            offset += t.chars().count();
-            at
-        })
-        .collect();
-    json!({
-        "tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-        "text_offset": text_offset,
-    })
 }
