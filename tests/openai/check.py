@@ -75,6 +75,28 @@ streamed = "".join(ch.choices[0].text for ch in client.completions.create(
     if ch.choices)
 ok("completions: streamed the same", streamed == c.choices[0].text, (streamed, c.choices[0].text))
 
+# lm-eval's default requests (`tokenized_requests`): prompts as token ids, several in one
+# request, the choices read in `index` order. The ids are llama.cpp's `llama-tokenize` on the
+# same GGUF (an independent tokenizer): "The capital of France is", "... Germany is", and
+# "... France is Paris" (" Berlin": 11452).
+FRANCE, GERMANY = [504, 3575, 282, 4649, 314], [504, 3575, 282, 4521, 314]
+PARIS = FRANCE + [7042]
+texts = [client.completions.create(model="auto", prompt=p, max_tokens=4, temperature=0,
+                                   extra_body=EXTRA)
+         for p in ["The capital of France is", "The capital of Germany is"]]
+b = client.completions.create(model="auto", prompt=[FRANCE, GERMANY], max_tokens=4, temperature=0,
+                              extra_body=EXTRA)
+got = [ch.text for ch in sorted(b.choices, key=lambda ch: ch.index)]
+ok("completions: token ids, two prompts", got == [t.choices[0].text for t in texts]
+   and b.usage.prompt_tokens == sum(t.usage.prompt_tokens for t in texts),
+   (got, [t.choices[0].text for t in texts], b.usage))
+sc = client.completions.create(model="auto", prompt=[PARIS, GERMANY + [11452]], max_tokens=1,
+                              echo=True, logprobs=1, temperature=0, extra_body=EXTRA)
+first = sorted(sc.choices, key=lambda ch: ch.index)[0].logprobs
+ok("completions: scored token ids", first.tokens[:len(PARIS)] == elp.tokens[:len(PARIS)]
+   and first.token_logprobs[:len(PARIS)] == elp.token_logprobs[:len(PARIS)],
+   (first.tokens, elp.tokens))
+
 # Non-streamed, with a video.
 r = client.chat.completions.create(
     model="auto", messages=messages(QUESTION), max_tokens=12, seed=1, extra_body=EXTRA

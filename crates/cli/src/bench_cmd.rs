@@ -210,7 +210,7 @@ fn flops(a: FlopsArgs) -> Result<()> {
                 system: None,
                 prompt: &a.prompt,
                 history: &[],
-                raw: false,
+                form: &vvlm_engine::PromptForm::Chat,
                 sampling: SamplingParams {
                     max_tokens: a.max_tokens,
                     ..Default::default()

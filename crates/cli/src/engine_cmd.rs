@@ -209,7 +209,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         system: a.system.as_deref(),
         prompt: &a.prompt,
         history: &[],
-        raw: false,
+        form: &vvlm_engine::PromptForm::Chat,
         sampling: SamplingParams {
             max_tokens: a.max_tokens,
             temperature: a.temperature,

@@ -339,7 +339,7 @@ fn run_scheduler(a: &BatchArgs) -> Result<Vec<BatchRow>> {
         system: None,
         prompt: STORY_PROMPTS[i % STORY_PROMPTS.len()].to_string(),
         history: vec![],
-        raw: false,
+        form: vvlm_engine::PromptForm::Chat,
         sampling: vvlm_engine::SamplingParams {
             max_tokens: a.ntg,
             temperature: a.temperature,

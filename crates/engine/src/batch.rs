@@ -115,8 +115,8 @@ pub struct Join {
     /// The conversation's earlier messages (see [`GenerateRequest::history`]).
     pub history: Vec<crate::template::Turn>,
     pub prompt: String,
-    /// The prompt as it is (see [`GenerateRequest::raw`]).
-    pub raw: bool,
+    /// How the prompt is read (see [`GenerateRequest::form`]).
+    pub form: crate::generate::PromptForm,
     pub sampling: SamplingParams,
     /// Where its FLOPs are counted (shared by the completions of one request).
     pub flops: Arc<FlopCounter>,
@@ -297,7 +297,7 @@ impl Batch {
             system: j.system.as_deref(),
             prompt: &j.prompt,
             history: &j.history,
-            raw: j.raw,
+            form: &j.form,
             sampling: j.sampling.clone(),
             cancel: Some(&j.cancel),
         };

@@ -31,7 +31,7 @@ pub struct SamplingParams {
     /// temperature, min-p, top-k and top-p) and the `k` most likely tokens at that step (k <= [`MAX_TOP_LOGPROBS`]).
     #[serde(default)]
     pub logprobs: Option<usize>,
-    /// The prompt's log-probabilities (a raw prompt's, [`GenerateRequest::raw`]): None reports
+    /// The prompt's log-probabilities (a completion's prompt, [`PromptForm::is_raw`]): None reports
     /// none; `Some(k)` reports each prompt token after the first with its log-probability
     /// given the tokens before it and the `k` most likely tokens there, in
     /// [`Generation::prompt_logprobs`]. The prefill then computes the logits of every prompt
@@ -159,6 +159,28 @@ pub struct Generation {
     pub prompt_logprobs: Vec<PromptToken>,
 }
 
+/// How a request's prompt is read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PromptForm {
+    /// The last user message, inside the checkpoint's chat template with the system message and
+    /// the conversation's earlier messages.
+    #[default]
+    Chat,
+    /// The prompt as it is, for a completion: no system message, history or chat template
+    /// around it; tokenized with the tokenizer's own special tokens (a BOS where it adds one).
+    Raw,
+    /// A completion's prompt as the checkpoint's token ids, taken as they are (the prompt's
+    /// text is not read).
+    Tokens(Vec<u32>),
+}
+
+impl PromptForm {
+    /// Whether the prompt is a completion's (no chat template around it).
+    pub fn is_raw(&self) -> bool {
+        !matches!(self, Self::Chat)
+    }
+}
+
 /// One request to the engine.
 pub struct GenerateRequest<'a> {
     /// Preprocessed frames `[T, 3, H, W]`, or None for a text-only prompt.
@@ -168,11 +190,10 @@ pub struct GenerateRequest<'a> {
     pub system: Option<&'a str>,
     /// The conversation's earlier messages, in order (empty: one user turn).
     pub history: &'a [crate::template::Turn],
-    /// The last user message (or, `raw`, the whole prompt).
+    /// The last user message (or, [`PromptForm::Raw`], the whole prompt).
     pub prompt: &'a str,
-    /// The prompt as it is, for a completion: no system message, history or chat template
-    /// around it; tokenized with the tokenizer's own special tokens (a BOS where it adds one).
-    pub raw: bool,
+    /// How the prompt is read: a chat message, or a completion's prompt as text or token ids.
+    pub form: &'a PromptForm,
     pub sampling: SamplingParams,
     /// Set to stop the request: vision, prefill and decode check it between layers.
     pub cancel: Option<&'a std::sync::atomic::AtomicBool>,
@@ -258,6 +279,52 @@ impl VideoVlm {
         self.encode_text(text, true)
     }
 
+    /// What this checkpoint's token ids mean: a hash of every id's token (added tokens
+    /// included) and of the LM's vocabulary size, equal for two checkpoints exactly when a
+    /// token-id prompt reads the same to both. Made once; 0 without a tokenizer.
+    pub fn vocabulary_fingerprint(&self) -> u64 {
+        *self.vocabulary.get_or_init(|| {
+            use std::hash::{Hash, Hasher};
+            let Some(t) = self.tokenizer.as_ref() else {
+                return 0;
+            };
+            let mut tokens: Vec<(u32, String)> =
+                t.get_vocab(true).into_iter().map(|(s, i)| (i, s)).collect();
+            tokens.sort_unstable();
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            self.cfg.text_config.vocab_size.hash(&mut h);
+            tokens.hash(&mut h);
+            h.finish()
+        })
+    }
+
+    /// A completion's prompt as token ids: its text tokenized as it is ([`Self::tokenize_raw`]),
+    /// or the ids it was given, each checked to be in the vocabulary. None for a chat prompt.
+    pub fn completion_prompt_ids(
+        &self,
+        form: &PromptForm,
+        text: &str,
+    ) -> Result<Option<Vec<u32>>, EngineError> {
+        match form {
+            PromptForm::Chat => Ok(None),
+            PromptForm::Raw => self.tokenize_raw(text).map(Some),
+            PromptForm::Tokens(ids) => {
+                let vocab = self.cfg.text_config.vocab_size;
+                if ids.is_empty() {
+                    return Err(EngineError::Request("the prompt has no tokens".into()));
+                }
+                if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab)
+                {
+                    return Err(EngineError::Request(format!(
+                        "token {id} (the prompt's token {i}) is outside the vocabulary of \
+                         {vocab} tokens"
+                    )));
+                }
+                Ok(Some(ids.clone()))
+            }
+        }
+    }
+
     fn encode_text(&self, text: &str, special_tokens: bool) -> Result<Vec<u32>, EngineError> {
         let tok = self
             .tokenizer
@@ -270,12 +337,23 @@ impl VideoVlm {
             .to_vec())
     }
 
+    /// Generated ids as text, special tokens left out.
     pub fn detokenize(&self, ids: &[u32]) -> Result<String, EngineError> {
+        self.decode_ids(ids, true)
+    }
+
+    /// A token-id prompt as the text it stands for, special tokens included (what `echo`
+    /// returns for it).
+    pub fn prompt_text(&self, ids: &[u32]) -> Result<String, EngineError> {
+        self.decode_ids(ids, false)
+    }
+
+    fn decode_ids(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, EngineError> {
         let tok = self
             .tokenizer
             .as_ref()
             .ok_or_else(|| EngineError::Checkpoint("the checkpoint has no tokenizer".into()))?;
-        tok.decode(ids, true)
+        tok.decode(ids, skip_special_tokens)
             .map_err(|e| EngineError::Request(format!("detokenizing: {e}")))
     }
 
@@ -383,7 +461,7 @@ impl VideoVlm {
                     system: req.system,
                     prompt: req.prompt,
                     history: &[],
-                    raw: req.raw,
+                    form: req.form,
                     sampling,
                     cancel: req.cancel,
                 };

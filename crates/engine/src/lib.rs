@@ -35,8 +35,9 @@ pub mod template;
 
 pub use config::{LlavaOnevisionConfig, SiglipVisionConfig, TextConfig};
 pub use generate::{
-    FinishReason, FrameData, GenerateRequest, Generation, ResponseFormat, SamplingParams,
-    StepLogprobs, Timings, TokenLogprob, VisionFeatures, VisualInput, MAX_TOP_LOGPROBS,
+    FinishReason, FrameData, GenerateRequest, Generation, PromptForm, ResponseFormat,
+    SamplingParams, StepLogprobs, Timings, TokenLogprob, VisionFeatures, VisualInput,
+    MAX_TOP_LOGPROBS,
 };
 pub use model::{KvCacheDtype, LoadOptions, QuantizedDecode, VideoVlm};
 pub use nn::Ctx;

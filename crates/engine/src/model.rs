@@ -179,6 +179,8 @@ pub struct VideoVlm {
     pub prefill_chunk: usize,
     /// Every token's bytes, made on the first JSON-mode request ([`Self::token_bytes`]).
     pub(crate) token_bytes: std::sync::OnceLock<std::sync::Arc<crate::json_mode::TokenBytes>>,
+    /// What the token ids mean, made on first use ([`Self::vocabulary_fingerprint`]).
+    pub(crate) vocabulary: std::sync::OnceLock<u64>,
     /// Compiled JSON Schemas by their compact text, the most recently used last (at most
     /// [`crate::json_schema::SCHEMAS_KEPT`]): a schema sent again starts with its masks known.
     pub(crate) schemas: std::sync::Mutex<Vec<(String, std::sync::Arc<crate::json_schema::Schema>)>>,
@@ -419,6 +421,7 @@ impl VideoVlm {
             dtype: opts.dtype,
             prefill_chunk: opts.prefill_chunk,
             token_bytes: Default::default(),
+            vocabulary: Default::default(),
             schemas: Default::default(),
         })
     }

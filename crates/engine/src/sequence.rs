@@ -139,16 +139,17 @@ impl VideoVlm {
     ) -> Result<(Sequence, Option<PrefixKv>), EngineError> {
         // Checked before any work is spent.
         let constraint = self.output_constraint(&req.sampling.response_format)?;
-        let (prefix, suffix) = if req.raw {
-            (vec![], self.tokenize_raw(req.prompt)?)
-        } else {
-            let prompt = self
-                .template
-                .render_conversation(req.system, req.history, req.prompt);
-            (
-                self.tokenize(&prompt.before_video)?,
-                self.tokenize(&prompt.after_video)?,
-            )
+        let (prefix, suffix) = match self.completion_prompt_ids(req.form, req.prompt)? {
+            Some(ids) => (vec![], ids),
+            None => {
+                let prompt = self
+                    .template
+                    .render_conversation(req.system, req.history, req.prompt);
+                (
+                    self.tokenize(&prompt.before_video)?,
+                    self.tokenize(&prompt.after_video)?,
+                )
+            }
         };
         let mut ctx = Ctx::new(flops, Component::LmPrefill).with_cancel(req.cancel);
         let visual_tokens = video.map(|v| v.dim(0)).transpose()?.unwrap_or(0);
@@ -164,7 +165,7 @@ impl VideoVlm {
         // is the system message and the template's opening, so that requests sharing a system
         // prompt can continue from its cached KV exactly as they would prefill it cold.
         let split = !suffix.is_empty() && (video.is_some() || !prefix.is_empty());
-        // A raw prompt's log-probabilities, when asked: from every prefill chunk's logits.
+        // A completion prompt's log-probabilities, when asked: from every prefill chunk's logits.
         let mut prompt_logprobs = vec![];
         let (cache, hidden) = match video {
             v if split => {
@@ -213,7 +214,7 @@ impl VideoVlm {
                 let mut cache = self.lm.new_cache();
                 cache.plan_positions(positions);
                 let scored = match req.sampling.prompt_logprobs {
-                    Some(k) if req.raw => Some(k.min(MAX_TOP_LOGPROBS)),
+                    Some(k) if req.form.is_raw() => Some(k.min(MAX_TOP_LOGPROBS)),
                     _ => None,
                 };
                 let mut on_chunk = |start: usize, hidden: &Tensor, ctx: &Ctx| match scored {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use vvlm_cost::FlopCounter;
 use vvlm_engine::batch::{Batch, Join};
-use vvlm_engine::{GenerateRequest, Generation, LoadOptions, SamplingParams, VideoVlm};
+use vvlm_engine::{GenerateRequest, Generation, LoadOptions, PromptForm, SamplingParams, VideoVlm};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -74,14 +74,14 @@ fn text(
     prompt: &str,
     sampling: SamplingParams,
 ) -> Result<Generation, vvlm_engine::EngineError> {
-    text_counted(m, prompt, false, sampling, &FlopCounter::new())
+    text_counted(m, prompt, &PromptForm::Chat, sampling, &FlopCounter::new())
 }
 
-/// [`text`], counted in `flops`, the prompt raw (as it is, no chat template) or not.
+/// [`text`], counted in `flops`, the prompt read as `form` says.
 fn text_counted(
     m: &VideoVlm,
     prompt: &str,
-    raw: bool,
+    form: &PromptForm,
     sampling: SamplingParams,
     flops: &FlopCounter,
 ) -> Result<Generation, vvlm_engine::EngineError> {
@@ -91,7 +91,7 @@ fn text_counted(
         system: None,
         prompt,
         history: &[],
-        raw,
+        form,
         sampling,
         cancel: None,
     };
@@ -162,7 +162,7 @@ fn alone(m: &VideoVlm) -> Vec<(Generation, vvlm_cost::FlopBreakdown)> {
                 system: None,
                 prompt: p,
                 history: &[],
-                raw: false,
+                form: &PromptForm::Chat,
                 sampling: prompt_sampling(i),
                 cancel: None,
             };
@@ -178,7 +178,7 @@ fn join(m: &Arc<VideoVlm>, i: usize, flops: &Arc<FlopCounter>, cancel: &Arc<Atom
         system: None,
         prompt: PROMPTS[i].0.to_string(),
         history: vec![],
-        raw: false,
+        form: PromptForm::Chat,
         sampling: prompt_sampling(i),
         flops: flops.clone(),
         cancel: cancel.clone(),
@@ -569,7 +569,7 @@ fn a_video_joining_a_running_batch_is_encoded_between_their_decode_steps() {
         system: None,
         prompt: question,
         history: &[],
-        raw: false,
+        form: &PromptForm::Chat,
         sampling: sampling(8),
         cancel: None,
     };
@@ -597,7 +597,7 @@ fn a_video_joining_a_running_batch_is_encoded_between_their_decode_steps() {
                 system: None,
                 prompt: story,
                 history: &[],
-                raw: false,
+                form: &PromptForm::Chat,
                 sampling: sampling(40),
                 cancel: None,
             },
@@ -611,7 +611,7 @@ fn a_video_joining_a_running_batch_is_encoded_between_their_decode_steps() {
         system: None,
         prompt: story.to_string(),
         history: vec![],
-        raw: false,
+        form: PromptForm::Chat,
         sampling: sampling(40),
         flops: Arc::new(FlopCounter::new()),
         cancel: cancel.clone(),
@@ -686,7 +686,7 @@ fn a_video_joining_a_running_batch_is_encoded_between_their_decode_steps() {
         system: None,
         prompt: question.to_string(),
         history: vec![],
-        raw: false,
+        form: PromptForm::Chat,
         sampling: sampling(8),
         flops: video_flops.clone(),
         cancel: cancel.clone(),
@@ -728,7 +728,7 @@ fn videos_in_a_batch_answer_as_alone() {
             system: None,
             prompt: q,
             history: &[],
-            raw: false,
+            form: &PromptForm::Chat,
             sampling: sampling(5),
             cancel: None,
         };
@@ -749,7 +749,7 @@ fn videos_in_a_batch_answer_as_alone() {
             system: None,
             prompt: q.to_string(),
             history: vec![],
-            raw: false,
+            form: PromptForm::Chat,
             sampling: sampling(5),
             flops: flops.clone(),
             cancel: Arc::new(AtomicBool::new(false)),
@@ -791,7 +791,7 @@ fn a_follow_up_continues_from_the_prefix_kv_and_answers_as_cold() {
             system: system.map(str::to_string),
             prompt: q.to_string(),
             history: vec![],
-            raw: false,
+            form: PromptForm::Chat,
             sampling: sampling(6),
             flops: flops.clone(),
             cancel: Arc::new(AtomicBool::new(false)),
@@ -857,7 +857,7 @@ fn a_follow_up_continues_from_the_prefix_kv_and_answers_as_cold() {
         system: None,
         prompt: "what shape moves ?".into(),
         history: vec![],
-        raw: false,
+        form: PromptForm::Chat,
         sampling: sampling(6),
         flops: Arc::new(FlopCounter::new()),
         cancel: Arc::new(AtomicBool::new(false)),
@@ -916,7 +916,7 @@ fn a_long_prefill_is_chunked_and_the_batch_decodes_between_chunks() {
         system: None,
         prompt: long.to_string(),
         history: vec![],
-        raw: false,
+        form: PromptForm::Chat,
         sampling: sampling(6),
         flops: Arc::new(FlopCounter::new()),
         cancel: Arc::new(AtomicBool::new(false)),
@@ -970,7 +970,7 @@ fn a_raw_prompts_log_probabilities_equal_an_unchunked_forward() {
             prompt_logprobs,
             ..Default::default()
         };
-        let g = text_counted(&m, prompt, true, sampling, &flops).unwrap();
+        let g = text_counted(&m, prompt, &PromptForm::Raw, sampling, &flops).unwrap();
         (g, flops.get(vvlm_cost::Component::LmPrefill))
     };
     let (g, scored_flops) = run(Some(3));
@@ -1034,4 +1034,68 @@ fn a_raw_prompts_log_probabilities_equal_an_unchunked_forward() {
     let cfg = &m.lm.cfg;
     let head = 2 * (ids.len() as u64 - 1) * (cfg.hidden_size * cfg.vocab_size) as u64;
     assert_eq!(scored_flops - plain_flops, head);
+}
+
+/// A completion's prompt given as token ids is the prompt those ids are: the same tokens, log-
+/// probabilities and FLOPs as its text tokenized by the checkpoint's tokenizer.json (read here
+/// with the tokenizers library, not through the engine). Ids outside the vocabulary and an
+/// empty list are refused, naming the token.
+#[test]
+fn a_token_id_prompt_answers_as_its_text() {
+    let ckpt = root().join("models/ladder/suite-m");
+    let m = VideoVlm::load(&ckpt, &LoadOptions::default()).unwrap();
+    let prompt = "what color is the ball on the left of the box";
+    let ids = tokenizers::Tokenizer::from_file(ckpt.join("tokenizer.json"))
+        .unwrap()
+        .encode(prompt, true)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    assert!(ids.len() > 5, "{ids:?}");
+    let run = |text: &str, form: &PromptForm| {
+        let flops = FlopCounter::new();
+        let sampling = SamplingParams {
+            max_tokens: 4,
+            prompt_logprobs: Some(2),
+            logprobs: Some(2),
+            ..Default::default()
+        };
+        let g = text_counted(&m, text, form, sampling, &flops).unwrap();
+        (g, flops.snapshot())
+    };
+    let (by_text, text_flops) = run(prompt, &PromptForm::Raw);
+    // The text is not read when ids are given.
+    let (by_ids, ids_flops) = run("", &PromptForm::Tokens(ids.clone()));
+    assert_eq!(by_ids.token_ids, by_text.token_ids);
+    assert_eq!(by_ids.text, by_text.text);
+    assert_eq!(by_ids.prompt_tokens, ids.len());
+    let scored: Vec<u32> = by_ids.prompt_logprobs.iter().map(|t| t.token_id).collect();
+    assert_eq!(scored, ids);
+    for (a, b) in by_ids.prompt_logprobs.iter().zip(&by_text.prompt_logprobs) {
+        assert_eq!(
+            a.logprobs.as_ref().map(|l| l.chosen.logprob),
+            b.logprobs.as_ref().map(|l| l.chosen.logprob)
+        );
+    }
+    assert_eq!(ids_flops, text_flops);
+
+    let vocab = m.cfg.text_config.vocab_size as u32;
+    for (bad, says) in [
+        (
+            vec![ids[0], vocab],
+            format!("token {vocab} (the prompt's token 1)"),
+        ),
+        (vec![], "no tokens".to_string()),
+    ] {
+        let e = text_counted(
+            &m,
+            prompt,
+            &PromptForm::Tokens(bad),
+            SamplingParams::default(),
+            &FlopCounter::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(&says), "{e}");
+    }
 }

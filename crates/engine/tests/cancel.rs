@@ -30,7 +30,7 @@ fn cancellation_stops_vision_prefill_and_decode() {
         system: None,
         prompt: "what colour is the background ?",
         history: &[],
-        raw: false,
+        form: &vvlm_engine::PromptForm::Chat,
         sampling: sampling.clone(),
         cancel,
     };

@@ -485,7 +485,7 @@ fn the_suite_rung_answers_on_the_gpu_as_on_the_cpu_alone_and_batched() {
             system: None,
             prompt: q,
             history: &[],
-            raw: false,
+            form: &vvlm_engine::PromptForm::Chat,
             sampling: sampling.clone(),
             cancel: None,
         };
@@ -511,7 +511,7 @@ fn the_suite_rung_answers_on_the_gpu_as_on_the_cpu_alone_and_batched() {
                 system: None,
                 prompt: q.to_string(),
                 history: vec![],
-                raw: false,
+                form: vvlm_engine::PromptForm::Chat,
                 sampling: sampling.clone(),
                 flops: Arc::new(FlopCounter::new()),
                 cancel: Arc::new(AtomicBool::new(false)),

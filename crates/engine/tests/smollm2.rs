@@ -71,7 +71,7 @@ fn greedy_generation_is_coherent_english() {
         system: None,
         prompt: "What is the capital of France?",
         history: &[],
-        raw: false,
+        form: &vvlm_engine::PromptForm::Chat,
         sampling: SamplingParams {
             max_tokens: 24,
             ..Default::default()
@@ -146,7 +146,7 @@ fn an_f16_kv_cache_moves_log_probabilities_by_its_rounding() {
         system: None,
         prompt: "What is the capital of France?",
         history: &[],
-        raw: false,
+        form: &vvlm_engine::PromptForm::Chat,
         sampling: SamplingParams {
             max_tokens: 1,
             logprobs: Some(4),
@@ -216,7 +216,7 @@ fn a_raw_prompt_is_continued_as_it_is() {
         system: None,
         prompt,
         history: &[],
-        raw: true,
+        form: &vvlm_engine::PromptForm::Raw,
         sampling: SamplingParams {
             max_tokens: 4,
             ..Default::default()

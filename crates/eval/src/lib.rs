@@ -77,7 +77,7 @@ pub fn score_item(
         system: None,
         prompt: &item.question,
         history: &[],
-        raw: false,
+        form: &vvlm_engine::PromptForm::Chat,
         sampling: SamplingParams {
             max_tokens: MAX_ANSWER_TOKENS,
             ..Default::default()
@@ -314,7 +314,7 @@ pub fn score_encoded(
         system: None,
         prompt: &item.question,
         history: &[],
-        raw: false,
+        form: &vvlm_engine::PromptForm::Chat,
         sampling: SamplingParams {
             max_tokens: MAX_ANSWER_TOKENS,
             ..Default::default()

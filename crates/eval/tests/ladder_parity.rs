@@ -163,7 +163,7 @@ fn generated_logprobs_are_the_log_softmax_of_the_reference_logits() {
         system: None,
         prompt: question,
         history: &[],
-        raw: false,
+        form: &vvlm_engine::PromptForm::Chat,
         sampling: vvlm_engine::SamplingParams {
             max_tokens: 2,
             logprobs: Some(3),

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedReceiver;
 use vvlm_cost::{FlopBreakdown, FlopCounter};
-use vvlm_engine::{Generation, VideoVlm};
+use vvlm_engine::{Generation, PromptForm, VideoVlm};
 use vvlm_planner::{CachedVision, Plan, PlanRequest};
 use vvlm_video::{FrameSampling, Preprocess, SampledFrame};
 
@@ -44,19 +44,32 @@ impl RequestId {
 /// with the request's id.
 #[derive(Clone)]
 pub struct AdmissionSlot {
-    place: Arc<std::sync::Mutex<Option<Place>>>,
+    place: Arc<std::sync::Mutex<Option<Arc<Place>>>>,
     pub id: RequestId,
 }
 
 impl AdmissionSlot {
     pub fn new(p: Place, id: RequestId) -> Self {
+        Self::shared(Some(Arc::new(p)), id)
+    }
+    fn shared(p: Option<Arc<Place>>, id: RequestId) -> Self {
         Self {
-            place: Arc::new(std::sync::Mutex::new(Some(p))),
+            place: Arc::new(std::sync::Mutex::new(p)),
             id,
         }
     }
-    fn take(&self) -> Option<Place> {
+    fn take(&self) -> Option<Arc<Place>> {
         self.place.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// The slots of a request's `k` prompts (a completions request may send several): they
+    /// share this slot's place, given back when the last prompt's job ends, and each has its
+    /// own id, `<id>-<i>`, which keys its reservation (the tenant's request history).
+    pub fn split(&self, k: usize) -> Vec<AdmissionSlot> {
+        let place = self.take();
+        (0..k)
+            .map(|i| Self::shared(place.clone(), RequestId(format!("{}-{i}", self.id.0))))
+            .collect()
     }
 }
 
@@ -196,12 +209,14 @@ pub fn plan_request(
         ));
     }
     let mut text_tokens_by_model = BTreeMap::new();
-    if !r.prompt.is_empty() {
+    if !r.prompt.is_empty() || matches!(r.form, PromptForm::Tokens(_)) {
         for (name, e) in s.engines() {
-            let n = if r.raw {
-                e.tokenize_raw(&r.prompt).map(|ids| ids.len())
-            } else {
-                e.count_prompt_tokens(r.system.as_deref(), &r.history, &r.prompt)
+            let n = match &r.form {
+                PromptForm::Chat => {
+                    e.count_prompt_tokens(r.system.as_deref(), &r.history, &r.prompt)
+                }
+                PromptForm::Raw => e.tokenize_raw(&r.prompt).map(|ids| ids.len()),
+                PromptForm::Tokens(ids) => Ok(ids.len()),
             }
             .map_err(ApiError::from)?;
             text_tokens_by_model.insert(name, n);
@@ -339,10 +354,11 @@ pub async fn admit(
         .0;
     let place = match slot.and_then(|x| x.take()) {
         Some(p) => p,
-        None => s
-            .admission
-            .try_acquire(t.id, tenant_share(s, t))
-            .map_err(|refused| refusal(s, t, refused))?,
+        None => Arc::new(
+            s.admission
+                .try_acquire(t.id, tenant_share(s, t))
+                .map_err(|refused| refusal(s, t, refused))?,
+        ),
     };
     // n completions of one plan: reserved n times its price (the video is encoded once, so
     // the measured cost settles lower).
@@ -470,7 +486,7 @@ pub async fn admit(
         system: r.system,
         history: r.history,
         prompt: r.prompt,
-        raw: r.raw,
+        form: r.form,
         sampling: r.sampling,
         flops: flops.clone(),
         cancel: cancel.clone(),

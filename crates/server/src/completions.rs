@@ -6,18 +6,24 @@
 //! `suffix`, `logprobs` as a count, and the `text_completion` shapes. `echo` with `logprobs`
 //! returns the prompt's tokens with their log-probabilities ahead of the completion's (the
 //! first token's `null`), what lm-eval's log-likelihood tasks read.
+//!
+//! A prompt is text or the checkpoint's token ids (what lm-eval sends by default), and one
+//! request may send several (a list of either): each is planned, reserved and charged as its
+//! own request would be, they are queued together (so the workers batch them), share the
+//! request's admission place, and come back as choices `i * n + j`, prompt by prompt.
 
 use crate::admission::{run_to_completion, AdmissionSlot};
 use crate::chat::{finish_str, stream, stream_flags, text_logprobs_json, Shape};
 use crate::error::ApiError;
 use crate::ledger::{now, Tenant};
 use crate::routes::{json_error, new_id, usage_json};
-use crate::validation::{validate, Content, Media, RequestOptions, Rules};
+use crate::validation::{validate, Content, Media, RequestOptions, Rules, ValidRequest};
 use crate::AppState;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
+use vvlm_engine::{PromptForm, VideoVlm};
 
 /// Fields read here besides the shared options.
 const OWN: &[&str] = &["stream", "stream_options", "user"];
@@ -28,9 +34,16 @@ const MAX_LOGPROBS: u64 = 5;
 /// The length OpenAI's completions default to when `max_tokens` is not given.
 const DEFAULT_MAX_TOKENS: u64 = 16;
 
+/// One prompt: text, continued as it is, or the checkpoint's token ids.
+#[derive(Debug, Clone, PartialEq)]
+enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
 /// What a completions body asks for, beside the shared options.
 struct TextRequest {
-    prompt: String,
+    prompts: Vec<Prompt>,
     echo: bool,
     /// `echo` with `logprobs`: the prompt's log-probabilities too, with this many alternatives.
     prompt_logprobs: Option<usize>,
@@ -38,40 +51,70 @@ struct TextRequest {
     include_usage: bool,
 }
 
+/// A list of token ids, if `v` is one (each a whole number that fits a token id).
+fn token_ids(v: &[Value]) -> Option<Vec<u32>> {
+    v.iter()
+        .map(|x| x.as_u64().and_then(|id| u32::try_from(id).ok()))
+        .collect()
+}
+
+/// `prompt` as OpenAI's API takes it: a string, a list of strings, a list of token ids, or a
+/// list of token-id lists.
+fn parse_prompts(v: Option<Value>, max_prompts: usize) -> Result<Vec<Prompt>, ApiError> {
+    let shapes = "`prompt` must be a string, a list of strings, a list of token ids or a list of \
+                  token-id lists";
+    let prompts = match v {
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid("prompt", "`prompt` is required"))
+        }
+        Some(Value::String(p)) => vec![Prompt::Text(p)],
+        Some(Value::Array(a)) if a.is_empty() => {
+            return Err(ApiError::invalid("prompt", "`prompt` is an empty list"))
+        }
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
+            .into_iter()
+            .map(|p| Prompt::Text(p.as_str().unwrap_or_default().to_string()))
+            .collect(),
+        Some(Value::Array(a)) if a.iter().all(Value::is_number) => {
+            vec![Prompt::Tokens(token_ids(&a).ok_or_else(|| {
+                ApiError::invalid("prompt", "token ids are whole numbers from 0 to 2^32 - 1")
+            })?)]
+        }
+        Some(Value::Array(a)) if a.iter().all(Value::is_array) => a
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let ids = p.as_array().and_then(|p| token_ids(p)).ok_or_else(|| {
+                    ApiError::invalid(
+                        &format!("prompt[{i}]"),
+                        "token ids are whole numbers from 0 to 2^32 - 1",
+                    )
+                })?;
+                Ok(Prompt::Tokens(ids))
+            })
+            .collect::<Result<_, ApiError>>()?,
+        Some(_) => return Err(ApiError::invalid("prompt", shapes)),
+    };
+    if prompts.len() > max_prompts {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "{} prompts; at most {max_prompts} per request (`[limits] max_prompts`)",
+                prompts.len()
+            ),
+        ));
+    }
+    Ok(prompts)
+}
+
 /// Reads what differs from chat, leaving the shared options in `body`.
-fn parse(body: &mut Map<String, Value>) -> Result<TextRequest, ApiError> {
+fn parse(body: &mut Map<String, Value>, max_prompts: usize) -> Result<TextRequest, ApiError> {
     if body.remove("suffix").is_some_and(|v| !v.is_null()) {
         return Err(ApiError::Unsupported {
             param: "suffix".into(),
         });
     }
-    let prompt = match body.remove("prompt") {
-        Some(Value::String(p)) => p,
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
-            a[0].as_str().unwrap_or_default().to_string()
-        }
-        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(|p| p.is_string()) => {
-            return Err(ApiError::invalid(
-                "prompt",
-                "one prompt per request: send each as its own request (they are decoded together)",
-            ))
-        }
-        Some(Value::Array(a)) if !a.is_empty() => {
-            return Err(ApiError::invalid(
-                "prompt",
-                "token-id prompts are not supported: send the prompt's text",
-            ))
-        }
-        None | Some(Value::Null) => {
-            return Err(ApiError::invalid("prompt", "`prompt` is required"))
-        }
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "prompt",
-                "`prompt` must be a string (or a list of one)",
-            ))
-        }
-    };
+    let prompts = parse_prompts(body.remove("prompt"), max_prompts)?;
     let echo = match body.remove("echo") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => b,
@@ -123,13 +166,151 @@ fn parse(body: &mut Map<String, Value>) -> Result<TextRequest, ApiError> {
     if !body.contains_key("max_tokens") && !body.contains_key("max_completion_tokens") {
         body.insert("max_tokens".into(), json!(DEFAULT_MAX_TOKENS));
     }
+    if stream && prompts.len() > 1 {
+        return Err(ApiError::invalid(
+            "stream",
+            "several prompts are answered whole: ask without stream, or send each prompt as its \
+             own request",
+        ));
+    }
     Ok(TextRequest {
-        prompt,
+        prompts,
         echo,
         prompt_logprobs,
         stream,
         include_usage,
     })
+}
+
+/// Where prompt `i` is named in an error: `prompt`, or `prompt[i]` when there are several.
+fn prompt_param(i: usize, several: bool) -> String {
+    if several {
+        format!("prompt[{i}]")
+    } else {
+        "prompt".into()
+    }
+}
+
+/// Each prompt's own rules (the shared options are validated once): text is not blank and not
+/// over `max_prompt_chars` characters; token ids are some, and at most that many.
+fn check_prompts(prompts: &[Prompt], max: usize) -> Result<(), ApiError> {
+    let several = prompts.len() > 1;
+    for (i, p) in prompts.iter().enumerate() {
+        let problem = match p {
+            Prompt::Text(t) if t.trim().is_empty() => Some("the prompt is empty".to_string()),
+            Prompt::Text(t) if t.chars().count() > max => {
+                Some(format!("prompt is longer than {max} characters"))
+            }
+            Prompt::Tokens(ids) if ids.is_empty() => Some("the prompt has no tokens".to_string()),
+            Prompt::Tokens(ids) if ids.len() > max => {
+                Some(format!("prompt is longer than {max} tokens"))
+            }
+            _ => None,
+        };
+        if let Some(m) = problem {
+            return Err(ApiError::invalid(&prompt_param(i, several), m));
+        }
+    }
+    Ok(())
+}
+
+/// The checkpoints a token-id prompt may be planned on, whose vocabulary its ids are checked
+/// against: the one the request names, else every served one, which must then read token ids
+/// alike (one vocabulary) or the ids would mean different text to each.
+fn token_id_checkpoints(s: &AppState, r: &ValidRequest) -> Result<Vec<Arc<VideoVlm>>, ApiError> {
+    if let Some(m) = &r.pins.model {
+        // An unknown name is the planner's to refuse.
+        return Ok(s.engine(m).into_iter().collect());
+    }
+    let engines: Vec<(String, Arc<VideoVlm>)> = s.engines().into_iter().collect();
+    let mut vocabularies: Vec<u64> = engines
+        .iter()
+        .map(|(_, e)| e.vocabulary_fingerprint())
+        .collect();
+    vocabularies.sort_unstable();
+    vocabularies.dedup();
+    if vocabularies.len() > 1 {
+        let names: Vec<&str> = engines.iter().map(|(n, _)| n.as_str()).collect();
+        return Err(ApiError::invalid(
+            "model",
+            format!(
+                "token-id prompts need `model`: the served checkpoints ({}) do not share one \
+                 vocabulary",
+                names.join(", ")
+            ),
+        ));
+    }
+    Ok(engines.into_iter().map(|(_, e)| e).collect())
+}
+
+/// Each prompt's request: the shared options with its text or token ids; and the text its
+/// `echo` returns (a token-id prompt decoded, special tokens included).
+fn prompt_requests(
+    s: &AppState,
+    r: &ValidRequest,
+    prompts: Vec<Prompt>,
+) -> Result<Vec<(ValidRequest, String)>, ApiError> {
+    let several = prompts.len() > 1;
+    let checkpoints = if prompts.iter().any(|p| matches!(p, Prompt::Tokens(_))) {
+        token_id_checkpoints(s, r)?
+    } else {
+        vec![]
+    };
+    prompts
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut one = r.clone();
+            match p {
+                Prompt::Text(t) => {
+                    one.prompt = t;
+                    one.form = PromptForm::Raw;
+                }
+                Prompt::Tokens(ids) => {
+                    let form = PromptForm::Tokens(ids);
+                    for e in &checkpoints {
+                        if let Err(e) = e.completion_prompt_ids(&form, "") {
+                            return Err(ApiError::invalid(
+                                &prompt_param(i, several),
+                                e.to_string(),
+                            ));
+                        }
+                    }
+                    if let (PromptForm::Tokens(ids), Some(e)) = (&form, checkpoints.first()) {
+                        one.prompt = e.prompt_text(ids).map_err(ApiError::from)?;
+                    }
+                    one.form = form;
+                }
+            }
+            let echo = one.prompt.clone();
+            Ok((one, echo))
+        })
+        .collect()
+}
+
+/// Numbers summed and flags or-ed, field by field: the usage of several prompts' requests.
+fn add_usage(total: &mut Value, one: &Value) {
+    match (total, one) {
+        (Value::Object(t), Value::Object(o)) => {
+            for (k, v) in o {
+                match t.get_mut(k) {
+                    Some(x) => add_usage(x, v),
+                    None => {
+                        t.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (t @ Value::Number(_), Value::Number(o)) => {
+            let sum = t.as_f64().unwrap_or(0.0) + o.as_f64().unwrap_or(0.0);
+            *t = match (t.as_u64(), o.as_u64()) {
+                (Some(a), Some(b)) => json!(a + b),
+                _ => json!(sum),
+            };
+        }
+        (t @ Value::Bool(_), Value::Bool(o)) => *t = json!(t.as_bool() == Some(true) || *o),
+        _ => {}
+    }
 }
 
 /// Runs a text completion; the handler in [`crate::routes`] authenticates and stamps quotas.
@@ -140,10 +321,13 @@ pub async fn completions(
     body: Result<Json<Map<String, Value>>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(mut body) = body.map_err(json_error)?;
-    let text = parse(&mut body)?;
+    let limits = &s.config.limits;
+    let text = parse(&mut body, limits.max_prompts)?;
+    check_prompts(&text.prompts, limits.max_prompt_chars)?;
     let options = RequestOptions::take_from(&mut body, OWN)?;
+    // The shared options, validated once; each prompt is put in below.
     let content = Content {
-        prompt: text.prompt.clone(),
+        prompt: String::new(),
         system: None,
         history: vec![],
         media: Media::None,
@@ -151,11 +335,11 @@ pub async fn completions(
     let rules = Rules {
         default_task: "qa",
         media_required: false,
-        prompt_required: true,
+        prompt_required: false,
     };
-    let mut r = validate(options, content, rules, &s.config.limits)?;
-    r.raw = true;
+    let mut r = validate(options, content, rules, limits)?;
     r.sampling.prompt_logprobs = text.prompt_logprobs;
+    let mut requests = prompt_requests(&s, &r, text.prompts)?;
     // The completion's id names the request (`x-request-id`, the ledger's request history).
     let id = format!(
         "cmpl-{}",
@@ -163,31 +347,67 @@ pub async fn completions(
     );
     let created = now();
     let logprobs = r.sampling.logprobs.is_some();
-    let echo = text.echo.then_some(text.prompt);
     if text.stream {
-        let shape = Shape::Text { echo };
+        // One prompt (several are refused with stream).
+        let (r, echo) = requests.remove(0);
+        let shape = Shape::Text {
+            echo: text.echo.then_some(echo),
+        };
         return stream(s, t, r, slot, id, created, text.include_usage, shape).await;
     }
-    let o = run_to_completion(s.clone(), t.clone(), r, slot).await?;
-    let choices: Vec<Value> = o
-        .generations
-        .iter()
-        .enumerate()
-        .map(|(i, g)| {
-            let text = match &echo {
-                Some(p) => format!("{p}{}", g.text),
-                None => g.text.clone(),
+    let slots: Vec<Option<AdmissionSlot>> = match &slot {
+        Some(x) if requests.len() > 1 => x.split(requests.len()).into_iter().map(Some).collect(),
+        _ => vec![slot],
+    };
+    // Every prompt is queued at once (the workers batch them); the first error is the answer,
+    // and dropping the others' tasks cancels them.
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut echoes = Vec::with_capacity(requests.len());
+    for (i, ((r, echo), slot)) in requests.into_iter().zip(slots).enumerate() {
+        echoes.push(echo);
+        let (s, t) = (s.clone(), t.clone());
+        tasks.spawn(async move { (i, run_to_completion(s, t, r, slot).await) });
+    }
+    let mut outcomes: Vec<Option<crate::admission::Outcome>> =
+        (0..echoes.len()).map(|_| None).collect();
+    while let Some(done) = tasks.join_next().await {
+        let (i, o) = done.map_err(|e| ApiError::Internal(format!("a prompt's task: {e}")))?;
+        outcomes[i] = Some(o?);
+    }
+    let outcomes: Vec<_> = outcomes.into_iter().flatten().collect();
+    let mut choices = vec![];
+    for (i, o) in outcomes.iter().enumerate() {
+        for (j, g) in o.generations.iter().enumerate() {
+            let text = match text.echo {
+                true => format!("{}{}", echoes[i], g.text),
+                false => g.text.clone(),
             };
-            json!({
-                "index": i, "text": text, "finish_reason": finish_str(g.finish_reason),
+            choices.push(json!({
+                "index": i * o.n + j, "text": text, "finish_reason": finish_str(g.finish_reason),
                 // The prompt's entries are there when it was scored (`echo` with `logprobs`).
                 "logprobs": text_logprobs_json(logprobs, &g.prompt_logprobs, &g.logprobs),
-            })
-        })
-        .collect();
-    Ok(Json(json!({
-        "id": id, "object": "text_completion", "created": created, "model": o.plan.choice.model,
-        "choices": choices, "usage": usage_json(&o), "plan": o.plan, "notes": o.notes,
-    }))
-    .into_response())
+            }));
+        }
+    }
+    let first = &outcomes[0];
+    let mut usage = usage_json(first);
+    for o in &outcomes[1..] {
+        add_usage(&mut usage, &usage_json(o));
+    }
+    let mut notes: Vec<String> = vec![];
+    for note in outcomes.iter().flat_map(|o| &o.notes) {
+        if !notes.contains(note) {
+            notes.push(note.clone());
+        }
+    }
+    let mut v = json!({
+        "id": id, "object": "text_completion", "created": created,
+        "model": first.plan.choice.model, "choices": choices, "usage": usage,
+        "plan": first.plan, "notes": notes,
+    });
+    if outcomes.len() > 1 {
+        // Each prompt's own plan, in order (`plan` is the first's).
+        v["plans"] = json!(outcomes.iter().map(|o| &o.plan).collect::<Vec<_>>());
+    }
+    Ok(Json(v).into_response())
 }

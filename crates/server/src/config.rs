@@ -227,6 +227,15 @@ pub struct Limits {
     /// little sooner.
     #[serde(default = "default_encode_quantum_ms")]
     pub encode_quantum_ms: u64,
+    /// Prompts one `/v1/completions` request may send (a list of texts or of token-id
+    /// lists). Each is planned, reserved and charged as its own request would be, and they
+    /// are decoded together; the request holds one admission place.
+    #[serde(default = "default_max_prompts")]
+    pub max_prompts: usize,
+}
+
+fn default_max_prompts() -> usize {
+    64
 }
 
 fn default_encode_quantum_ms() -> u64 {

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use vvlm_engine::generate::{Penalties, ResponseFormat};
+use vvlm_engine::generate::{Penalties, PromptForm, ResponseFormat};
 use vvlm_engine::template::Turn;
 use vvlm_engine::{SamplingParams, MAX_TOP_LOGPROBS};
 use vvlm_planner::Pins;
@@ -295,8 +295,9 @@ pub struct ValidRequest {
     pub n: usize,
     /// `Media::None`: a text-only request (chat only).
     pub media: Media,
-    /// The prompt as it is, without system message, history or chat template (`/v1/completions`).
-    pub raw: bool,
+    /// How the prompt is read: a chat message, or (`/v1/completions`) the prompt as it is, as
+    /// text or token ids, without system message, history or chat template.
+    pub form: PromptForm,
 }
 
 /// The most completions one request may ask for.
@@ -550,7 +551,7 @@ pub fn validate(
         },
         n: n as usize,
         media: c.media,
-        raw: false,
+        form: PromptForm::Chat,
     })
 }
 

@@ -13,8 +13,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use vvlm_cost::FlopCounter;
 use vvlm_engine::batch::{Batch, Join};
 use vvlm_engine::{
-    EngineError, FrameData, Generation, PrefixKv, SamplingParams, VideoVlm, VisionFeatures,
-    VisualInput,
+    EngineError, FrameData, Generation, PrefixKv, PromptForm, SamplingParams, VideoVlm,
+    VisionFeatures, VisualInput,
 };
 
 use crate::error::ApiError;
@@ -111,8 +111,8 @@ pub struct Job {
     /// A chat's earlier messages, in order.
     pub history: Vec<vvlm_engine::template::Turn>,
     pub prompt: String,
-    /// The prompt as it is, without the chat template (a completion).
-    pub raw: bool,
+    /// How the prompt is read: a chat message, or a completion's text or token ids.
+    pub form: PromptForm,
     pub sampling: SamplingParams,
     pub flops: Arc<FlopCounter>,
     pub cancel: Arc<AtomicBool>,
@@ -121,8 +121,9 @@ pub struct Job {
     pub held: Option<Held>,
     /// When the job was queued (for queue time, time to first token and end to end).
     pub queued_at: std::time::Instant,
-    /// The request's place among those admitted, freed when the job ends.
-    pub _place: crate::fair_gate::Place,
+    /// The request's place among those admitted, freed when its last job ends (the prompts of
+    /// one completions request share it).
+    pub _place: Arc<crate::fair_gate::Place>,
     /// Set when a worker takes the job: counted against its tenant in the queue's order until
     /// the job ends.
     pub started: Option<Started>,
@@ -432,7 +433,7 @@ impl Worker {
                 system: r.job.system.clone(),
                 prompt: r.job.prompt.clone(),
                 history: r.job.history.clone(),
-                raw: r.job.raw,
+                form: r.job.form.clone(),
                 sampling,
                 flops: r.job.flops.clone(),
                 cancel: r.job.cancel.clone(),

@@ -2153,9 +2153,30 @@ async fn text_completions_continue_the_prompt_as_it_is() {
     // Refused by name.
     for (body, status, param) in [
         (json!({"prompt": prompt, "suffix": "!"}), 400, "suffix"),
-        (json!({"prompt": [1, 2, 3]}), 422, "prompt"),
-        (json!({"prompt": ["a", "b"]}), 422, "prompt"),
         (json!({}), 422, "prompt"),
+        (json!({"prompt": []}), 422, "prompt"),
+        (json!({"prompt": {"text": prompt}}), 422, "prompt"),
+        (json!({"prompt": [[40, 11], "what"]}), 422, "prompt"),
+        (json!({"prompt": [40, -11]}), 422, "prompt"),
+        (json!({"prompt": [40, 1.5]}), 422, "prompt"),
+        (json!({"prompt": [40, 4294967296u64]}), 422, "prompt"),
+        (json!({"prompt": "   "}), 422, "prompt"),
+        (json!({"prompt": [prompt, ""]}), 422, "prompt[1]"),
+        (json!({"prompt": [[40, 11], []]}), 422, "prompt[1]"),
+        (json!({"prompt": [[40, 11], [40, -1]]}), 422, "prompt[1]"),
+        // Ids past suite-s's 44-token vocabulary.
+        (
+            json!({"prompt": [40, 44], "model": "suite-s"}),
+            422,
+            "prompt",
+        ),
+        (json!({"prompt": [[40], [35, 9999]]}), 422, "prompt[1]"),
+        (json!({"prompt": vec![prompt; 65]}), 422, "prompt"),
+        (
+            json!({"prompt": [prompt, prompt], "stream": true}),
+            422,
+            "stream",
+        ),
         (json!({"prompt": prompt, "best_of": 3}), 422, "best_of"),
         (json!({"prompt": prompt, "logprobs": 6}), 422, "logprobs"),
         (
@@ -2177,4 +2198,221 @@ async fn text_completions_continue_the_prompt_as_it_is() {
             "{body}: {v}"
         );
     }
+}
+
+/// `POST /v1/completions` with token ids and with several prompts (what lm-eval's
+/// `local-completions` sends by default): ids answer as the text they stand for; each of several
+/// prompts answers as it would alone, in choices `i * n + j`, with the usage summed, each
+/// prompt's plan, and a reservation of its own in the tenant's history; the request's one
+/// admission place is given back at the end.
+#[tokio::test]
+async fn text_completions_take_token_ids_and_several_prompts() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let capacity = s.state.admission.available();
+    // suite-s's word-level vocabulary (models/ladder/suite-s/tokenizer.json), read by hand:
+    // what=40 colour=11 is=20 the=35 flash=17 ?=6; which=41 way=39 does=15 object=27 move=23.
+    let (colour, colour_ids) = ("what colour is the flash ?", json!([40, 11, 20, 35, 17, 6]));
+    let (way, way_ids) = (
+        "which way does the object move ?",
+        json!([41, 39, 15, 35, 27, 23, 6]),
+    );
+    let greedy = |prompt: Value, extra: Value| {
+        let mut b = json!({"prompt": prompt, "max_tokens": 4, "model": "suite-s",
+                           "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let mut alone = vec![];
+    for p in [colour, way] {
+        let (st, v) = s
+            .post("/v1/completions", &key, greedy(json!(p), json!({})))
+            .await;
+        assert_eq!(st, 200, "{v}");
+        alone.push(v);
+    }
+    let text = |v: &Value, i: usize| v["choices"][i]["text"].as_str().unwrap().to_string();
+    // Token ids: the same completion and prompt tokens as the text; echo decodes them.
+    let (st, by_ids) = s
+        .post(
+            "/v1/completions",
+            &key,
+            greedy(colour_ids.clone(), json!({"echo": true})),
+        )
+        .await;
+    assert_eq!(st, 200, "{by_ids}");
+    assert_eq!(text(&by_ids, 0), format!("{colour}{}", text(&alone[0], 0)));
+    assert_eq!(by_ids["usage"]["prompt_tokens"], 6, "{by_ids}");
+    assert_eq!(
+        by_ids["usage"]["completion_tokens"],
+        alone[0]["usage"]["completion_tokens"]
+    );
+    // Scored (echo with logprobs): the prompt's own tokens come back, the first unscored.
+    let (st, scored) = s
+        .post(
+            "/v1/completions",
+            &key,
+            greedy(
+                colour_ids.clone(),
+                json!({"echo": true, "logprobs": 1, "max_tokens": 1}),
+            ),
+        )
+        .await;
+    assert_eq!(st, 200, "{scored}");
+    let tokens = scored["choices"][0]["logprobs"]["tokens"]
+        .as_array()
+        .unwrap();
+    let words: Vec<&str> = tokens[..6].iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(words.join(" "), colour);
+    assert!(scored["choices"][0]["logprobs"]["token_logprobs"][0].is_null());
+    // Unpinned: both served checkpoints read ids alike (one vocabulary), so the planner chooses.
+    let (st, v) = s
+        .post(
+            "/v1/completions",
+            &key,
+            json!({"prompt": colour_ids, "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+
+    // Several prompts, two completions each (one greedy: both the same), as texts and as ids.
+    for prompts in [json!([colour, way]), json!([colour_ids, way_ids])] {
+        let (st, headers, v) = s
+            .send(
+                Request::builder()
+                    .method(Method::POST)
+                    .uri("/v1/completions")
+                    .header(header::AUTHORIZATION, format!("Bearer {key}"))
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(
+                        greedy(prompts.clone(), json!({"n": 2})).to_string(),
+                    ))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(st, 200, "{prompts}: {v}");
+        let choices = v["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 4, "{v}");
+        for (k, c) in choices.iter().enumerate() {
+            assert_eq!(c["index"], k, "{v}");
+            assert_eq!(text(&v, k), text(&alone[k / 2], 0), "choice {k}: {v}");
+        }
+        let usage = |v: &Value, f: &str| v["usage"][f].as_u64().unwrap();
+        assert_eq!(
+            usage(&v, "prompt_tokens"),
+            usage(&alone[0], "prompt_tokens") + usage(&alone[1], "prompt_tokens")
+        );
+        assert_eq!(
+            usage(&v, "completion_tokens"),
+            2 * (usage(&alone[0], "completion_tokens") + usage(&alone[1], "completion_tokens"))
+        );
+        let decode = |v: &Value| v["usage"]["measured_flops"]["lm_decode"].as_f64().unwrap();
+        assert!(
+            decode(&v) > decode(&alone[0]).max(decode(&alone[1])),
+            "{}",
+            v["usage"]
+        );
+        assert_eq!(v["plans"].as_array().unwrap().len(), 2, "{v}");
+        // Each prompt is reserved and charged under its own id, the request's with its index.
+        let id = headers["x-request-id"].to_str().unwrap().to_string();
+        assert_eq!(v["id"], format!("cmpl-{id}"));
+        let (st, history) = s
+            .json(
+                Method::GET,
+                "/admin/tenants/alice/requests?limit=2",
+                Some(ADMIN),
+                Value::Null,
+            )
+            .await;
+        assert_eq!(st, 200, "{history}");
+        let mut ids: Vec<&str> = history["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["request_id"].as_str().unwrap())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, [format!("{id}-0"), format!("{id}-1")], "{history}");
+    }
+    // Every place comes back once the requests are answered (the prompts shared one; a job
+    // lets its place go as the worker drops it, just after it reports).
+    let t0 = std::time::Instant::now();
+    while s.state.admission.available() != capacity && t0.elapsed().as_secs() < 10 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.state.admission.available(), capacity);
+}
+
+/// Token ids mean different text to checkpoints with different vocabularies: unpinned, such a
+/// prompt is refused naming `model`; pinned, it is served; text prompts are unaffected. The
+/// second checkpoint is suite-s's weights with two words of its vocabulary swapped.
+#[tokio::test]
+async fn token_id_prompts_need_a_model_when_vocabularies_differ() {
+    let s = server_with(true, |c| {
+        let dir = c.models_dir.join("suite-x");
+        std::fs::create_dir(&dir).unwrap();
+        let src = repo().join("models/ladder/suite-s");
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "preprocessor_config.json",
+        ] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        let tok = std::fs::read_to_string(src.join("tokenizer.json")).unwrap();
+        let swapped = tok
+            .replace("\"red\": 30", "\"tmp\": 30")
+            .replace("\"blue\": 9", "\"red\": 9")
+            .replace("\"tmp\": 30", "\"blue\": 30");
+        assert_ne!(swapped, tok);
+        std::fs::write(dir.join("tokenizer.json"), swapped).unwrap();
+        let toml = std::fs::read_to_string(repo().join("models/suite-s.toml"))
+            .unwrap()
+            .replace("name = \"suite-s\"", "name = \"suite-x\"")
+            .replace(
+                "path = \"ladder/suite-s\"",
+                &format!("path = \"{}\"", dir.display()),
+            );
+        std::fs::write(c.models_dir.join("suite-x.toml"), toml).unwrap();
+    });
+    let key = s.tenant("alice", None);
+    assert!(s.state.engine("suite-x").is_some());
+    let ids = json!([40, 11, 20, 35, 17, 6]);
+    let (st, v) = s
+        .post(
+            "/v1/completions",
+            &key,
+            json!({"prompt": ids, "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (422, Some("model")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("suite-x"),
+        "{v}"
+    );
+    for model in ["suite-s", "suite-x"] {
+        let (st, v) = s
+            .post(
+                "/v1/completions",
+                &key,
+                json!({"prompt": ids, "max_tokens": 2, "model": model}),
+            )
+            .await;
+        assert_eq!(st, 200, "{model}: {v}");
+        assert_eq!(v["model"], model);
+    }
+    let (st, v) = s
+        .post(
+            "/v1/completions",
+            &key,
+            json!({"prompt": "what colour is the flash ?", "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
 }
