@@ -9,6 +9,7 @@ Exits non-zero with the failed check's message. Prints one line per check.
 import base64
 import json
 import sys
+import urllib.request
 
 import openai
 
@@ -96,6 +97,19 @@ first = sorted(sc.choices, key=lambda ch: ch.index)[0].logprobs
 ok("completions: scored token ids", first.tokens[:len(PARIS)] == elp.tokens[:len(PARIS)]
    and first.token_logprobs[:len(PARIS)] == elp.token_logprobs[:len(PARIS)],
    (first.tokens, elp.tokens))
+
+# vLLM's /tokenize and /detokenize (outside the OpenAI client): the same ids as llama.cpp's.
+def post(path, body):
+    req = urllib.request.Request(base_url + path, data=json.dumps(body).encode(),
+                                 headers={"Authorization": "Bearer " + key,
+                                          "Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=60))
+
+
+t = post("/tokenize", {"prompt": "The capital of France is Paris", "model": "demo"})
+ok("tokenize: llama.cpp's ids", t["tokens"] == PARIS and t["count"] == len(PARIS), t)
+d = post("/detokenize", {"tokens": PARIS})
+ok("detokenize: the text", d["prompt"] == "The capital of France is Paris", d)
 
 # Non-streamed, with a video.
 r = client.chat.completions.create(

@@ -460,7 +460,7 @@ impl VideoVlm {
                     side: req.side,
                     system: req.system,
                     prompt: req.prompt,
-                    history: &[],
+                    history: req.history,
                     form: req.form,
                     sampling,
                     cancel: req.cancel,

@@ -1099,3 +1099,54 @@ fn a_token_id_prompt_answers_as_its_text() {
         assert!(e.contains(&says), "{e}");
     }
 }
+
+/// `generate_visual` keeps a conversation's earlier messages: with no video it answers a
+/// follow-up exactly as `generate` does (the same prompt tokens, the same greedy tokens), and
+/// the history is in the prompt (more tokens than the last message alone).
+#[test]
+fn generate_visual_keeps_the_conversation() {
+    use vvlm_engine::template::{Role, Turn};
+    let m = VideoVlm::load(
+        &root().join("models/ladder/suite-m"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let history = [
+        Turn {
+            role: Role::User,
+            content: "what colour is the flash ?".into(),
+        },
+        Turn {
+            role: Role::Assistant,
+            content: "red .".into(),
+        },
+    ];
+    let req = |history| GenerateRequest {
+        pixels: None,
+        side: 1,
+        system: None,
+        prompt: "which way does the object move ?",
+        history,
+        form: &PromptForm::Chat,
+        sampling: SamplingParams {
+            max_tokens: 4,
+            ..Default::default()
+        },
+        cancel: None,
+    };
+    let flops = FlopCounter::new();
+    let direct = m.generate(&req(&history), &flops, &mut |_| true).unwrap();
+    let (visual, _) = m
+        .generate_visual(
+            vvlm_engine::VisualInput::None,
+            &req(&history),
+            1,
+            &flops,
+            &mut |_, _| true,
+        )
+        .unwrap();
+    let last_alone = m.generate(&req(&[]), &flops, &mut |_| true).unwrap();
+    assert!(direct.prompt_tokens > last_alone.prompt_tokens);
+    assert_eq!(visual[0].prompt_tokens, direct.prompt_tokens);
+    assert_eq!(visual[0].token_ids, direct.token_ids);
+}

@@ -17,13 +17,14 @@ use crate::chat::{finish_str, stream, stream_flags, text_logprobs_json, Shape};
 use crate::error::ApiError;
 use crate::ledger::{now, Tenant};
 use crate::routes::{json_error, new_id, usage_json};
+use crate::tokenize::token_checkpoint;
 use crate::validation::{validate, Content, Media, RequestOptions, Rules, ValidRequest};
 use crate::AppState;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
-use vvlm_engine::{PromptForm, VideoVlm};
+use vvlm_engine::PromptForm;
 
 /// Fields read here besides the shared options.
 const OWN: &[&str] = &["stream", "stream_options", "user"];
@@ -214,35 +215,6 @@ fn check_prompts(prompts: &[Prompt], max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The checkpoints a token-id prompt may be planned on, whose vocabulary its ids are checked
-/// against: the one the request names, else every served one, which must then read token ids
-/// alike (one vocabulary) or the ids would mean different text to each.
-fn token_id_checkpoints(s: &AppState, r: &ValidRequest) -> Result<Vec<Arc<VideoVlm>>, ApiError> {
-    if let Some(m) = &r.pins.model {
-        // An unknown name is the planner's to refuse.
-        return Ok(s.engine(m).into_iter().collect());
-    }
-    let engines: Vec<(String, Arc<VideoVlm>)> = s.engines().into_iter().collect();
-    let mut vocabularies: Vec<u64> = engines
-        .iter()
-        .map(|(_, e)| e.vocabulary_fingerprint())
-        .collect();
-    vocabularies.sort_unstable();
-    vocabularies.dedup();
-    if vocabularies.len() > 1 {
-        let names: Vec<&str> = engines.iter().map(|(n, _)| n.as_str()).collect();
-        return Err(ApiError::invalid(
-            "model",
-            format!(
-                "token-id prompts need `model`: the served checkpoints ({}) do not share one \
-                 vocabulary",
-                names.join(", ")
-            ),
-        ));
-    }
-    Ok(engines.into_iter().map(|(_, e)| e).collect())
-}
-
 /// Each prompt's request: the shared options with its text or token ids; and the text its
 /// `echo` returns (a token-id prompt decoded, special tokens included).
 fn prompt_requests(
@@ -251,10 +223,11 @@ fn prompt_requests(
     prompts: Vec<Prompt>,
 ) -> Result<Vec<(ValidRequest, String)>, ApiError> {
     let several = prompts.len() > 1;
-    let checkpoints = if prompts.iter().any(|p| matches!(p, Prompt::Tokens(_))) {
-        token_id_checkpoints(s, r)?
+    // Token ids are read by the named checkpoint, else by the vocabulary all served share.
+    let checkpoint = if prompts.iter().any(|p| matches!(p, Prompt::Tokens(_))) {
+        Some(token_checkpoint(s, r.pins.model.as_deref())?.1)
     } else {
-        vec![]
+        None
     };
     prompts
         .into_iter()
@@ -268,15 +241,13 @@ fn prompt_requests(
                 }
                 Prompt::Tokens(ids) => {
                     let form = PromptForm::Tokens(ids);
-                    for e in &checkpoints {
+                    if let (PromptForm::Tokens(ids), Some(e)) = (&form, &checkpoint) {
                         if let Err(e) = e.completion_prompt_ids(&form, "") {
                             return Err(ApiError::invalid(
                                 &prompt_param(i, several),
                                 e.to_string(),
                             ));
                         }
-                    }
-                    if let (PromptForm::Tokens(ids), Some(e)) = (&form, checkpoints.first()) {
                         one.prompt = e.prompt_text(ids).map_err(ApiError::from)?;
                     }
                     one.form = form;

@@ -20,6 +20,7 @@ pub mod fair_gate;
 pub mod job_queue;
 pub mod metrics;
 mod routes;
+mod tokenize;
 pub mod validation;
 pub mod worker;
 

@@ -1,5 +1,5 @@
 //! Routes: caption, QA, OpenAI-compatible chat and text completions (with SSE streaming), plan, models,
-//! health, metrics, usage and the admin API.
+//! tokenize and detokenize, health, metrics, usage and the admin API.
 
 use crate::admission::{
     plan_request, refusal, run_to_completion, tenant_share, AdmissionSlot, Outcome, RequestId,
@@ -44,6 +44,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/videos/qa", post(qa))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(text_completions))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_tenant,
@@ -663,6 +665,32 @@ async fn text_completions(
     let authenticated = authenticated.map(|axum::Extension(x)| x);
     with_tenant(s, authenticated, &headers, "/v1/completions", |s, t| {
         crate::completions::completions(s, t, slot, body)
+    })
+    .await
+}
+
+async fn tokenize(
+    State(s): St,
+    authenticated: Option<axum::Extension<Authenticated>>,
+    headers: HeaderMap,
+    body: Result<Json<crate::tokenize::TokenizeBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let authenticated = authenticated.map(|axum::Extension(x)| x);
+    with_tenant(s, authenticated, &headers, "/tokenize", |s, _| {
+        crate::tokenize::tokenize(s, body)
+    })
+    .await
+}
+
+async fn detokenize(
+    State(s): St,
+    authenticated: Option<axum::Extension<Authenticated>>,
+    headers: HeaderMap,
+    body: Result<Json<crate::tokenize::DetokenizeBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let authenticated = authenticated.map(|axum::Extension(x)| x);
+    with_tenant(s, authenticated, &headers, "/detokenize", |s, _| {
+        crate::tokenize::detokenize(s, body)
     })
     .await
 }

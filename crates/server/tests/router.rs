@@ -1802,6 +1802,23 @@ async fn random_hostile_bodies_get_4xx_never_5xx() {
                    "stream": false, "user": "u1"}),
         ),
         (
+            "/v1/completions",
+            Some(&key),
+            json!({"prompt": [[40, 11, 20, 35, 17, 6], [41, 39, 6]], "max_tokens": 2,
+                   "echo": true, "logprobs": 1, "model": "suite-s", "temperature": 0}),
+        ),
+        (
+            "/tokenize",
+            Some(&key),
+            json!({"prompt": "what colour is the flash ?", "model": "suite-s",
+                   "add_special_tokens": false, "return_token_strs": true}),
+        ),
+        (
+            "/detokenize",
+            Some(&key),
+            json!({"tokens": [40, 11, 20, 35, 17, 6], "model": "suite-m"}),
+        ),
+        (
             "/v1/plan",
             Some(&key),
             json!({"budget": "1G", "task": "detail", "prompt": "what shape ?", "frames": 4,
@@ -2415,4 +2432,103 @@ async fn token_id_prompts_need_a_model_when_vocabularies_differ() {
         )
         .await;
     assert_eq!(st, 200, "{v}");
+}
+
+/// `POST /tokenize` and `POST /detokenize` (vLLM's): a served checkpoint's ids for a text
+/// (suite-s's word-level vocabulary, read by hand from its tokenizer.json), the same ids back to
+/// the text, and ids that answer as the text through `/v1/completions`; a tenant's key is
+/// required, an unknown model is 404, an id outside the vocabulary and an unknown field 422.
+#[tokio::test]
+async fn tokenize_and_detokenize_use_the_checkpoints_vocabulary() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let prompt = "what colour is the flash ?";
+    let (st, v) = s
+        .post(
+            "/tokenize",
+            &key,
+            json!({"prompt": "What colour is the flash?", "return_token_strs": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["tokens"], json!([40, 11, 20, 35, 17, 6]), "{v}");
+    assert_eq!(v["count"], 6);
+    assert_eq!(
+        v["token_strs"],
+        json!(["what", "colour", "is", "the", "flash", "?"])
+    );
+    // Both served checkpoints share the vocabulary: the first is answered for.
+    assert_eq!(v["model"], "suite-m");
+    let (st, plain) = s
+        .post(
+            "/tokenize",
+            &key,
+            json!({"prompt": prompt, "model": "suite-s"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{plain}");
+    assert_eq!(plain["model"], "suite-s");
+    assert!(plain["token_strs"].is_null());
+    let (st, d) = s
+        .post(
+            "/detokenize",
+            &key,
+            json!({"tokens": v["tokens"], "model": "suite-s"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(d["prompt"], prompt);
+    // The ids continue as the text does.
+    let complete =
+        |p: Value| json!({"prompt": p, "max_tokens": 4, "model": "suite-s", "temperature": 0});
+    let (_, by_text) = s
+        .post("/v1/completions", &key, complete(json!(prompt)))
+        .await;
+    let (_, by_ids) = s
+        .post("/v1/completions", &key, complete(v["tokens"].clone()))
+        .await;
+    assert_eq!(by_ids["choices"][0]["text"], by_text["choices"][0]["text"]);
+    // Refused, naming the problem.
+    for (path, body, status, param) in [
+        (
+            "/tokenize",
+            json!({"prompt": prompt, "model": "nope"}),
+            404,
+            Some("model"),
+        ),
+        ("/tokenize", json!({"model": "suite-s"}), 422, None),
+        (
+            "/tokenize",
+            json!({"prompt": prompt, "messages": []}),
+            422,
+            None,
+        ),
+        (
+            "/tokenize",
+            json!({"prompt": "x".repeat(8001)}),
+            422,
+            Some("prompt"),
+        ),
+        (
+            "/detokenize",
+            json!({"tokens": [40, 44]}),
+            422,
+            Some("tokens"),
+        ),
+        ("/detokenize", json!({"tokens": [40, -1]}), 422, None),
+    ] {
+        let (st, v) = s.post(path, &key, body.clone()).await;
+        assert_eq!(st, status, "{path} {body}: {v}");
+        assert!(
+            !v["error"]["message"].as_str().unwrap_or("").is_empty(),
+            "{v}"
+        );
+        if param.is_some() {
+            assert_eq!(v["error"]["param"].as_str(), param, "{v}");
+        }
+    }
+    let (st, v) = s
+        .json(Method::POST, "/tokenize", None, json!({"prompt": prompt}))
+        .await;
+    assert_eq!(st, 401, "{v}");
 }
