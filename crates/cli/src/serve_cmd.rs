@@ -101,6 +101,16 @@ pub struct ServeArgs {
     /// Folders file:// URLs may read from (repeatable).
     #[arg(long = "file-allow", env = "VVLM_FILE_ALLOW", value_delimiter = ',')]
     pub file_allow: Vec<PathBuf>,
+    /// URL prefixes http(s):// video and image URLs may be fetched from (repeatable; none: the
+    /// server fetches nothing from the network).
+    #[arg(long = "url-allow", env = "VVLM_URL_ALLOW", value_delimiter = ',')]
+    pub url_allow: Vec<String>,
+    /// Allowed URLs may resolve to loopback, private or link-local addresses.
+    #[arg(long, env = "VVLM_URL_PRIVATE")]
+    pub url_private: bool,
+    /// Seconds a media URL's fetch may take in all.
+    #[arg(long, env = "VVLM_URL_TIMEOUT_S")]
+    pub url_timeout_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -218,6 +228,11 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
     if !a.file_allow.is_empty() {
         c.file_allow = a.file_allow.clone();
     }
+    if !a.url_allow.is_empty() {
+        c.url_allow = a.url_allow.clone();
+    }
+    c.url_private |= a.url_private;
+    set!(c.url_timeout_s, a.url_timeout_s);
     Ok(c)
 }
 

@@ -557,7 +557,9 @@ pub async fn completions(
     slot: Option<AdmissionSlot>,
     body: Result<Json<Map<String, Value>>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(body) = body.map_err(json_error)?;
+    let Json(mut body) = body.map_err(json_error)?;
+    // Media by http(s) URL is fetched first (allow-listed), as if it had been uploaded.
+    crate::remote::fetch_into_body(&s.url_policy, &mut body).await?;
     let c = parse(body, &s.config.file_allow)?;
     let rules = Rules {
         default_task: "qa",

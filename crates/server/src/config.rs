@@ -37,6 +37,18 @@ pub struct ServerConfig {
     /// Folders `file://` URLs may read from (empty: `file://` is refused).
     #[serde(default)]
     pub file_allow: Vec<PathBuf>,
+    /// URL prefixes (`https://host[:port]/path/`) that `http(s)://` video and image URLs may be
+    /// fetched from (empty, the default: the server fetches nothing from the network).
+    #[serde(default)]
+    pub url_allow: Vec<String>,
+    /// Allowed URLs may resolve to loopback, private or link-local addresses (an object store
+    /// inside the cluster); off, such an address is refused (a name under an allowed prefix
+    /// cannot point the server at its own network).
+    #[serde(default)]
+    pub url_private: bool,
+    /// Seconds a media URL's fetch may take in all (connection, headers and body).
+    #[serde(default = "default_url_timeout")]
+    pub url_timeout_s: f64,
     /// `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
@@ -232,6 +244,10 @@ pub struct Limits {
     /// are decoded together; the request holds one admission place.
     #[serde(default = "default_max_prompts")]
     pub max_prompts: usize,
+}
+
+fn default_url_timeout() -> f64 {
+    30.0
 }
 
 fn default_max_prompts() -> usize {

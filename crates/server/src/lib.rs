@@ -19,6 +19,7 @@ pub mod error;
 pub mod fair_gate;
 pub mod job_queue;
 pub mod metrics;
+pub mod remote;
 mod routes;
 mod tokenize;
 pub mod validation;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub admission: fair_gate::FairGate,
     /// Decoded frames and vision features of recent videos.
     pub cache: Arc<cache::VideoCache>,
+    /// Which `http(s)://` media URLs may be fetched (none unless `url_allow` is set).
+    pub url_policy: remote::UrlPolicy,
     /// Set once at least one checkpoint is loaded and the planner built over the loaded ones.
     planner: RwLock<Option<Arc<Planner>>>,
     engines: RwLock<BTreeMap<String, Arc<VideoVlm>>>,
@@ -118,6 +121,13 @@ pub enum StartError {
 /// [`load_models`]; [`serve`] renews leases.
 pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError> {
     config.resolve_threads();
+    let url_policy = remote::UrlPolicy::new(
+        &config.url_allow,
+        config.url_private,
+        config.url_timeout_s,
+        config.media.max_bytes,
+    )
+    .map_err(StartError::Config)?;
     let options = config.ledger.options();
     let ledger = ledger::open(&config.db, &options)?;
     let journal = config.journal_path();
@@ -158,6 +168,7 @@ pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError
     metrics.watch_admission(admission.clone());
     Ok(Arc::new(AppState {
         cache: video_cache,
+        url_policy,
         config,
         ledger,
         leases,

@@ -597,7 +597,7 @@ async fn outcome_response(s: &AppState, t: &Tenant, o: Outcome) -> Response {
 
 async fn parse_video_request(
     req: Request,
-    allow: &[std::path::PathBuf],
+    s: &AppState,
 ) -> Result<(RequestOptions, Content), ApiError> {
     let ct = req
         .headers()
@@ -611,9 +611,11 @@ async fn parse_video_request(
             .map_err(|e| body_error(e.status(), e.body_text()))?;
         from_multipart(mp).await
     } else if ct.starts_with("application/json") {
-        let Json(b): Json<Map<String, Value>> =
+        let Json(mut b): Json<Map<String, Value>> =
             Json::from_request(req, &()).await.map_err(json_error)?;
-        from_json_video(b, allow)
+        // Media by http(s) URL is fetched first (allow-listed), as if it had been uploaded.
+        crate::remote::fetch_into_body(&s.url_policy, &mut b).await?;
+        from_json_video(b, &s.config.file_allow)
     } else {
         Err(ApiError::UnsupportedMedia(
             "send multipart/form-data (field `video`) or application/json (`video` as a data: URL)"
@@ -633,7 +635,7 @@ async fn video_endpoint(
     let slot = req.extensions().get::<AdmissionSlot>().cloned();
     let authenticated = req.extensions().get::<Authenticated>().cloned();
     with_tenant(s, authenticated, &headers, route, |s, t| async move {
-        let (options, content) = parse_video_request(req, &s.config.file_allow).await?;
+        let (options, content) = parse_video_request(req, &s).await?;
         let rules = Rules {
             default_task: task,
             media_required: true,

@@ -112,7 +112,8 @@ pub fn resolve_url(url: &str, allow: &[PathBuf]) -> Result<Media, ApiError> {
         return Ok(Media::VideoPath(p));
     }
     Err(ApiError::Validation(
-        "video URLs must be data: (base64) or file:// (allow-listed); this server fetches nothing from the network".into(),
+        "video URLs must be data: (base64), file:// (allow-listed) or http(s):// (allow-listed)"
+            .into(),
     ))
 }
 

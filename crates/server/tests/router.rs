@@ -2532,3 +2532,191 @@ async fn tokenize_and_detokenize_use_the_checkpoints_vocabulary() {
         .await;
     assert_eq!(st, 401, "{v}");
 }
+
+/// An upstream on loopback for media URLs: the suite's video and a PNG under `/v/`, a redirect,
+/// a 404, a body over the media limit (2 MiB in these tests) and one slower than the fetch
+/// deadline (1 s); its port.
+async fn media_upstream(png: Vec<u8>) -> u16 {
+    use axum::routing::get;
+    let video = video_bytes();
+    let app = axum::Router::new()
+        .route("/v/a.mp4", get(move || async move { video.clone() }))
+        .route("/v/a.png", get(move || async move { png.clone() }))
+        .route(
+            "/v/moved.mp4",
+            get(|| async { (StatusCode::FOUND, [(header::LOCATION, "/v/a.mp4")]) }),
+        )
+        .route("/v/big.mp4", get(|| async { vec![0u8; 3 << 20] }))
+        .route(
+            "/v/slow.mp4",
+            get(|| async {
+                tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+                "late"
+            }),
+        )
+        .route("/other/a.mp4", get(|| async { "not allowed" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    port
+}
+
+/// Video and image URLs (`http(s)://`) are fetched only under `url_allow`'s prefixes, and then
+/// answer as the same bytes sent as a `data:` URL: on `/v1/videos/qa` (`video`, `images`) and in
+/// chat (`video_url`, `image_url`). Refused, each with its reason: a URL outside the prefixes or
+/// with credentials (403), a redirect (422, naming its target), an upstream 404 (422), a body over
+/// the media limit (413), a fetch past its deadline (422); a loopback address unless
+/// `url_private` (403); and any URL when `url_allow` is empty (403).
+#[tokio::test]
+async fn media_urls_are_fetched_only_from_allowed_prefixes() {
+    let mut png = vec![];
+    let img = image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, 128])
+    });
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let port = media_upstream(png.clone()).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let allow = |c: &mut ServerConfig, private: bool| {
+        c.url_allow = vec![format!("{base}/v/")];
+        c.url_private = private;
+        c.url_timeout_s = 1.0;
+        c.media.max_bytes = 2 << 20;
+    };
+    let s = server_with(true, |c| allow(c, true));
+    let key = s.tenant("alice", None);
+    let qa = |video: String| {
+        json!({"video": video, "question": "what colour is the flash ?", "max_tokens": 4,
+               "temperature": 0, "model": "suite-s", "frames": 4})
+    };
+    let (st, by_data) = s
+        .post(
+            "/v1/videos/qa",
+            &key,
+            qa(data_url("video/mp4", &video_bytes())),
+        )
+        .await;
+    assert_eq!(st, 200, "{by_data}");
+    let (st, by_url) = s
+        .post("/v1/videos/qa", &key, qa(format!("{base}/v/a.mp4?sig=abc")))
+        .await;
+    assert_eq!(st, 200, "{by_url}");
+    assert_eq!(by_url["text"], by_data["text"]);
+    assert_eq!(
+        by_url["usage"]["prompt_tokens"],
+        by_data["usage"]["prompt_tokens"]
+    );
+    // The same bytes: the video cache knows them (a hit, no decoding).
+    assert_eq!(
+        by_url["usage"]["cache"]["frames"], true,
+        "{}",
+        by_url["usage"]
+    );
+    let images = |urls: Vec<String>| {
+        json!({"images": urls, "question": "what colour is the flash ?", "max_tokens": 2,
+               "temperature": 0, "model": "suite-s", "frames": 2})
+    };
+    let (_, img_data) = s
+        .post(
+            "/v1/videos/qa",
+            &key,
+            images(vec![data_url("image/png", &png); 2]),
+        )
+        .await;
+    let (st, img_url) = s
+        .post(
+            "/v1/videos/qa",
+            &key,
+            images(vec![data_url("image/png", &png), format!("{base}/v/a.png")]),
+        )
+        .await;
+    assert_eq!(st, 200, "{img_url}");
+    assert_eq!(img_url["text"], img_data["text"]);
+    // Chat: a video_url part by URL answers as by data: URL.
+    let chat = |url: String| {
+        json!({"model": "suite-s", "max_tokens": 4, "temperature": 0, "frames": 4,
+               "messages": [{"role": "user", "content": [
+                   {"type": "video_url", "video_url": {"url": url}},
+                   {"type": "text", "text": "what colour is the flash ?"}]}]})
+    };
+    let (st, c_data) = s
+        .post(
+            "/v1/chat/completions",
+            &key,
+            chat(data_url("video/mp4", &video_bytes())),
+        )
+        .await;
+    assert_eq!(st, 200, "{c_data}");
+    let (st, c_url) = s
+        .post(
+            "/v1/chat/completions",
+            &key,
+            chat(format!("{base}/v/a.mp4")),
+        )
+        .await;
+    assert_eq!(st, 200, "{c_url}");
+    assert_eq!(
+        c_url["choices"][0]["message"]["content"],
+        c_data["choices"][0]["message"]["content"]
+    );
+    // Refused, naming why.
+    for (url, status, says) in [
+        (
+            format!("{base}/other/a.mp4"),
+            403,
+            "not under an allowed URL prefix",
+        ),
+        (
+            format!("{base}/v-other/a.mp4"),
+            403,
+            "not under an allowed URL prefix",
+        ),
+        (
+            format!("http://u:p@127.0.0.1:{port}/v/a.mp4"),
+            403,
+            "user name or password",
+        ),
+        (format!("{base}/v/moved.mp4"), 422, "to /v/a.mp4"),
+        (format!("{base}/v/missing.mp4"), 422, "404"),
+        (format!("{base}/v/big.mp4"), 413, "media limit"),
+        (format!("{base}/v/slow.mp4"), 422, "fetching"),
+    ] {
+        let (st, v) = s.post("/v1/videos/qa", &key, qa(url.clone())).await;
+        let m = v["error"]["message"].as_str().unwrap_or("");
+        assert!(st == status && m.contains(says), "{url}: {st} {v}");
+        // A presigned URL's query stays out of the answer.
+        assert!(!m.contains("sig="), "{m}");
+    }
+    // Loopback is refused unless url_private, and nothing is fetched without url_allow.
+    let strict = server_with(true, |c| allow(c, false));
+    let key = strict.tenant("alice", None);
+    let (st, v) = strict
+        .post("/v1/videos/qa", &key, qa(format!("{base}/v/a.mp4")))
+        .await;
+    assert_eq!(st, 403, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("private or local"),
+        "{v}"
+    );
+    let closed = server();
+    let key = closed.tenant("alice", None);
+    let (st, v) = closed
+        .post(
+            "/v1/chat/completions",
+            &key,
+            chat(format!("{base}/v/a.mp4")),
+        )
+        .await;
+    assert_eq!(st, 403, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("url_allow is empty"),
+        "{v}"
+    );
+}
