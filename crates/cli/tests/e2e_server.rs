@@ -655,7 +655,16 @@ fn caption_qa_chat_budgets_and_every_error_path() {
         &alice,
         json!({"video": "https://example.com/a.mp4", "prompt": "x"}),
     );
-    assert_eq!(e.status, 422);
+    // No `url_allow`: the server fetches nothing, and says so.
+    assert_eq!(e.status, 403, "{}", e.body);
+    assert!(
+        e.body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("url_allow is empty"),
+        "{}",
+        e.body
+    );
     let e = answer(
         ureq::post(&s.url("/v1/videos/caption"))
             .set("Authorization", &format!("Bearer {alice}"))

@@ -78,6 +78,14 @@ pub struct Metrics {
     admission_waiting: Gauge,
     admission_held: Gauge,
     admission: std::sync::Mutex<Option<crate::fair_gate::FairGate>>,
+    media_fetches: Family<FetchResult, Counter>,
+    media_fetch_bytes: Counter,
+    media_fetch_seconds: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FetchResult {
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -125,6 +133,9 @@ impl Default for Metrics {
             admission_waiting: Gauge::default(),
             admission_held: Gauge::default(),
             admission: std::sync::Mutex::new(None),
+            media_fetches: Family::default(),
+            media_fetch_bytes: Counter::default(),
+            media_fetch_seconds: latency(),
         };
         let mut m = m;
         let r = &mut m.registry;
@@ -233,6 +244,22 @@ impl Default for Metrics {
             m.admission_held.clone(),
         );
         r.register(
+            "media_fetches",
+            "Media URLs asked for, by result: ok, refused (outside url_allow, credentials, a \
+             private address), too_large, failed (upstream status, redirect, timeout, transport)",
+            m.media_fetches.clone(),
+        );
+        r.register(
+            "media_fetch_bytes",
+            "Bytes of media fetched by URL",
+            m.media_fetch_bytes.clone(),
+        );
+        r.register(
+            "media_fetch_seconds",
+            "Seconds each media URL's fetch took (the ones fetched, whatever their result)",
+            m.media_fetch_seconds.clone(),
+        );
+        r.register(
             "admission_waiting",
             "Requests waiting at the door for an admission place (read at scrape)",
             m.admission_waiting.clone(),
@@ -335,6 +362,18 @@ impl Metrics {
             self.measured_flops
                 .get_or_create(&Component { component })
                 .inc_by(v);
+        }
+    }
+
+    /// A media URL's outcome (`ok`, `refused`, `too_large` or `failed`), its bytes and, when
+    /// it was fetched, how long that took.
+    pub fn media_fetch(&self, result: &'static str, bytes: u64, seconds: Option<f64>) {
+        self.media_fetches
+            .get_or_create(&FetchResult { result })
+            .inc();
+        self.media_fetch_bytes.inc_by(bytes);
+        if let Some(s) = seconds {
+            self.media_fetch_seconds.observe(s);
         }
     }
 

@@ -13,9 +13,11 @@
 //! between the check and the connection); redirects are not followed (a 3xx names its target);
 //! the body is read up to the media byte limit and no further; the whole fetch has a deadline.
 //!
-//! Owns the policy and the fetch. It must not know the engine, planning or the ledger.
+//! Owns the policy and the fetch (counted in the server's metrics). It must not know the engine,
+//! planning or the ledger.
 
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use base64::Engine as _;
 use serde_json::{Map, Value};
 use std::io::Read;
@@ -317,10 +319,11 @@ fn remote_urls(body: &mut Map<String, Value>) -> Vec<(String, &mut Value, &'stat
 }
 
 /// Replaces every `http(s)://` media URL in a request body with the fetched bytes as a `data:`
-/// URL: all are checked against the policy before any is fetched, then fetched one by one off
-/// the async threads.
+/// URL: all are checked against the policy before any is fetched, then fetched at once off the
+/// async threads; each outcome is counted in `metrics`.
 pub async fn fetch_into_body(
     policy: &UrlPolicy,
+    metrics: &Metrics,
     body: &mut Map<String, Value>,
 ) -> Result<(), ApiError> {
     let mut urls = remote_urls(body);
@@ -330,12 +333,32 @@ pub async fn fetch_into_body(
     let checked = urls
         .iter()
         .map(|(_, v, _)| policy.check(v.as_str().unwrap_or_default()))
-        .collect::<Result<Vec<_>, _>>()?;
-    for ((param, slot, kind), u) in urls.iter_mut().zip(checked) {
-        let (p, param_owned) = (policy.clone(), param.clone());
-        let bytes = tokio::task::spawn_blocking(move || p.fetch(&u, &param_owned))
+        .collect::<Result<Vec<_>, _>>()
+        .inspect_err(|_| metrics.media_fetch("refused", 0, None))?;
+    let fetches: Vec<_> = urls
+        .iter()
+        .zip(checked)
+        .map(|((param, _, _), u)| {
+            let (p, param) = (policy.clone(), param.clone());
+            tokio::task::spawn_blocking(move || {
+                let t0 = std::time::Instant::now();
+                (p.fetch(&u, &param), t0.elapsed().as_secs_f64())
+            })
+        })
+        .collect();
+    for ((_, slot, kind), fetch) in urls.iter_mut().zip(fetches) {
+        let (got, seconds) = fetch
             .await
-            .map_err(|e| ApiError::Internal(format!("fetch task: {e}")))??;
+            .map_err(|e| ApiError::Internal(format!("fetch task: {e}")))?;
+        let bytes = got.inspect_err(|e| {
+            let result = match e {
+                ApiError::Forbidden(_) => "refused",
+                ApiError::PayloadTooLarge(_) => "too_large",
+                _ => "failed",
+            };
+            metrics.media_fetch(result, 0, Some(seconds));
+        })?;
+        metrics.media_fetch("ok", bytes.len() as u64, Some(seconds));
         **slot = Value::String(data_url(kind, &bytes));
     }
     Ok(())

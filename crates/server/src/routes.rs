@@ -614,7 +614,7 @@ async fn parse_video_request(
         let Json(mut b): Json<Map<String, Value>> =
             Json::from_request(req, &()).await.map_err(json_error)?;
         // Media by http(s) URL is fetched first (allow-listed), as if it had been uploaded.
-        crate::remote::fetch_into_body(&s.url_policy, &mut b).await?;
+        crate::remote::fetch_into_body(&s.url_policy, &s.metrics, &mut b).await?;
         from_json_video(b, &s.config.file_allow)
     } else {
         Err(ApiError::UnsupportedMedia(

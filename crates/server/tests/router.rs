@@ -2688,6 +2688,23 @@ async fn media_urls_are_fetched_only_from_allowed_prefixes() {
         // A presigned URL's query stays out of the answer.
         assert!(!m.contains("sig="), "{m}");
     }
+    // Each outcome counted: three fetched (the video twice, the PNG), three refused before any
+    // fetch, three failed upstream, one too large.
+    let metrics = s.metrics().await;
+    let fetched = 2 * video_bytes().len() + png.len();
+    for line in [
+        "vvlm_media_fetches_total{result=\"ok\"} 3".to_string(),
+        "vvlm_media_fetches_total{result=\"refused\"} 3".to_string(),
+        "vvlm_media_fetches_total{result=\"failed\"} 3".to_string(),
+        "vvlm_media_fetches_total{result=\"too_large\"} 1".to_string(),
+        format!("vvlm_media_fetch_bytes_total {fetched}"),
+        "vvlm_media_fetch_seconds_count 7".to_string(),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in:\n{metrics}"
+        );
+    }
     // Loopback is refused unless url_private, and nothing is fetched without url_allow.
     let strict = server_with(true, |c| allow(c, false));
     let key = strict.tenant("alice", None);
