@@ -91,6 +91,12 @@ got = [ch.text for ch in sorted(b.choices, key=lambda ch: ch.index)]
 ok("completions: token ids, two prompts", got == [t.choices[0].text for t in texts]
    and b.usage.prompt_tokens == sum(t.usage.prompt_tokens for t in texts),
    (got, [t.choices[0].text for t in texts], b.usage))
+parts = {}
+for ch in client.completions.create(model="auto", prompt=[FRANCE, GERMANY], max_tokens=4,
+                                    temperature=0, stream=True, extra_body=EXTRA):
+    for c in ch.choices:
+        parts[c.index] = parts.get(c.index, "") + c.text
+ok("completions: two prompts streamed", [parts.get(0), parts.get(1)] == got, (parts, got))
 sc = client.completions.create(model="auto", prompt=[PARIS, GERMANY + [11452]], max_tokens=1,
                               echo=True, logprobs=1, temperature=0, extra_body=EXTRA)
 first = sorted(sc.choices, key=lambda ch: ch.index)[0].logprobs

@@ -583,17 +583,8 @@ pub async fn completions(
         }))
         .into_response());
     }
-    stream(
-        s,
-        t,
-        r,
-        slot,
-        id,
-        created,
-        c.include_usage,
-        Shape::Chat { tool: c.tool },
-    )
-    .await
+    let shape = Shape::Chat { tool: c.tool };
+    stream(s, t, vec![(r, slot, shape)], id, created, c.include_usage).await
 }
 
 /// What a stream's chunks are: chat completion chunks (a forced call's arguments as tool-call
@@ -603,31 +594,55 @@ pub(crate) enum Shape {
     Text { echo: Option<String> },
 }
 
+/// One request of a stream: its validated options, its admission slot and its chunks' shape.
+pub(crate) type Streamed = (ValidRequest, Option<AdmissionSlot>, Shape);
+
 /// Streaming: admission errors are ordinary HTTP errors; after that, SSE chunks, and an error
-/// (timeout, engine) as an event carrying the same body as an HTTP error.
-#[allow(clippy::too_many_arguments)]
+/// (timeout, engine) as an event carrying the same body as an HTTP error. A text completion may
+/// stream several prompts: request `p`'s completion `i` is choice `p * n + i`, its final chunk
+/// carries its own usage and plan, `include_usage`'s chunk the sum, and the first error ends the
+/// stream (the others are cancelled).
 pub(crate) async fn stream(
     s: Arc<AppState>,
     t: Tenant,
-    r: ValidRequest,
-    slot: Option<AdmissionSlot>,
+    requests: Vec<Streamed>,
     id: String,
     created: i64,
     include_usage: bool,
-    shape: Shape,
 ) -> Result<Response, ApiError> {
-    let logprobs = r.sampling.logprobs.is_some();
-    let mut a = admit(&s, &t, r, slot).await?;
-    let model = a.plan.choice.model.clone();
+    let logprobs = requests
+        .first()
+        .is_some_and(|(r, _, _)| r.sampling.logprobs.is_some());
+    let mut admitted = Vec::with_capacity(requests.len());
+    let mut shapes = Vec::with_capacity(requests.len());
+    for (r, slot, shape) in requests {
+        admitted.push(admit(&s, &t, r, slot).await?);
+        shapes.push(shape);
+    }
+    let model = admitted[0].plan.choice.model.clone();
     let timeout = Duration::from_secs_f64(s.config.limits.request_timeout_s);
-    let (tool, text) = match shape {
-        Shape::Chat { tool } => (tool, None),
-        Shape::Text { echo } => (None, Some(echo)),
-    };
+    // Every request's events, tagged with its place, in one channel.
+    let (merged_tx, mut merged) = tokio::sync::mpsc::unbounded_channel();
+    for (p, a) in admitted.iter_mut().enumerate() {
+        let (mut events, tx) = (
+            std::mem::replace(&mut a.events, closed()),
+            merged_tx.clone(),
+        );
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                if tx.send((p, ev)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(merged_tx);
     let stream = async_stream(move |tx| async move {
-        let object = match text {
-            None => "chat.completion.chunk",
-            Some(_) => "text_completion",
+        let text = matches!(shapes[0], Shape::Text { .. });
+        let object = if text {
+            "text_completion"
+        } else {
+            "chat.completion.chunk"
         };
         let chunk = |choices: Value| {
             json!({"id": id, "object": object, "created": created,
@@ -637,33 +652,43 @@ pub(crate) async fn stream(
         let error = |e: ApiError| {
             let _ = tx.send(SseEvent::default().data(e.body().to_string()));
         };
-        // A forced call streams as OpenAI's do: its id and name first, then its arguments.
-        let delta = |piece: &str| match &tool {
-            None => json!({"content": piece}),
-            Some(_) => json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
-        };
-        for i in 0..a.n {
-            if let Some(echo) = &text {
-                // Text completions: the prompt first when echoed, no role chunk.
-                if let Some(prompt) = echo {
-                    send(chunk(json!([{"index": i, "text": prompt, "logprobs": null,
-                                       "finish_reason": null}])));
-                }
-                continue;
+        // A choice's index: the request's place times n, plus the completion's.
+        let n = admitted[0].n;
+        let index = |p: usize, i: usize| p * n + i;
+        for (p, (a, shape)) in admitted.iter().zip(&shapes).enumerate() {
+            for i in 0..a.n {
+                let first = match shape {
+                    // Text completions: the prompt first when echoed, no role chunk.
+                    Shape::Text { echo: Some(prompt) } => {
+                        json!([{"index": index(p, i), "text": prompt, "logprobs": null,
+                                "finish_reason": null}])
+                    }
+                    Shape::Text { echo: None } => continue,
+                    Shape::Chat { tool: None } => json!([{"index": index(p, i),
+                        "delta": {"role": "assistant", "content": ""},
+                        "finish_reason": null, "logprobs": null}]),
+                    // A forced call streams as OpenAI's do: its id and name first, then its
+                    // arguments.
+                    Shape::Chat { tool: Some(name) } => json!([{"index": index(p, i),
+                        "delta": {"role": "assistant", "content": null, "tool_calls": [{
+                            "index": 0, "id": call_id(&id, i), "type": "function",
+                            "function": {"name": name, "arguments": ""}}]},
+                        "finish_reason": null, "logprobs": null}]),
+                };
+                send(chunk(first));
             }
-            let first = match &tool {
-                None => json!({"role": "assistant", "content": ""}),
-                Some(name) => json!({"role": "assistant", "content": null, "tool_calls": [{
-                    "index": 0, "id": call_id(&id, i), "type": "function",
-                    "function": {"name": name, "arguments": ""}}]}),
-            };
-            send(chunk(
-                json!([{"index": i, "delta": first, "finish_reason": null, "logprobs": null}]),
-            ));
         }
+        let delta = |p: usize, piece: &str| match &shapes[p] {
+            Shape::Chat { tool: Some(_) } => {
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+            }
+            _ => json!({"content": piece}),
+        };
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut left = admitted.len();
+        let mut total_usage: Option<Value> = None;
         loop {
-            match tokio::time::timeout_at(deadline, a.events.recv()).await {
+            let (p, ev) = match tokio::time::timeout_at(deadline, merged.recv()).await {
                 Err(_) => {
                     error(ApiError::Timeout(format!(
                         "the request took longer than {timeout:?}"
@@ -674,25 +699,30 @@ pub(crate) async fn stream(
                     error(ApiError::Internal("the worker went away".into()));
                     return;
                 }
-                Ok(Some(Event::Started)) => {}
-                Ok(Some(Event::Text { index, piece })) => {
-                    let c = match text {
-                        None => chunk(json!([{"index": index, "delta": delta(&piece),
-                                              "finish_reason": null, "logprobs": null}])),
-                        Some(_) => chunk(json!([{"index": index, "text": piece,
-                                                 "finish_reason": null, "logprobs": null}])),
+                Ok(Some(x)) => x,
+            };
+            match ev {
+                Event::Started => {}
+                Event::Text { index: i, piece } => {
+                    let c = if text {
+                        chunk(json!([{"index": index(p, i), "text": piece,
+                                      "finish_reason": null, "logprobs": null}]))
+                    } else {
+                        chunk(json!([{"index": index(p, i), "delta": delta(p, &piece),
+                                      "finish_reason": null, "logprobs": null}]))
                     };
                     if !send(c) {
-                        return; // client gone: the guard cancels the job
+                        return; // client gone: the guards cancel the jobs
                     }
                 }
-                Ok(Some(Event::Done(Err(e)))) => {
+                Event::Done(Err(e)) => {
                     error(e);
                     return;
                 }
-                Ok(Some(Event::Done(Ok(generations)))) => {
+                Event::Done(Ok(generations)) => {
+                    let a = &mut admitted[p];
                     a.guard.disarm();
-                    let measured = record(&s, &a, &generations);
+                    let measured = record(&s, a, &generations);
                     let o = Outcome {
                         plan: a.plan.clone(),
                         measured,
@@ -706,21 +736,30 @@ pub(crate) async fn stream(
                     let usage = usage_json(&o);
                     for (i, g) in o.generations.iter().enumerate() {
                         let finish = finish_str(g.finish_reason);
-                        let mut last = match text {
-                            None => chunk(json!([{"index": i, "delta": {},
+                        let mut last = if text {
+                            chunk(json!([{"index": index(p, i), "text": "",
                                 "finish_reason": finish,
-                                "logprobs": logprobs_json(logprobs, &g.logprobs)}])),
-                            Some(_) => chunk(json!([{"index": i, "text": "",
+                                "logprobs": text_logprobs_json(logprobs, &[], &g.logprobs)}]))
+                        } else {
+                            chunk(json!([{"index": index(p, i), "delta": {},
                                 "finish_reason": finish,
-                                "logprobs": text_logprobs_json(logprobs, &[], &g.logprobs)}])),
+                                "logprobs": logprobs_json(logprobs, &g.logprobs)}]))
                         };
                         last["usage"] = usage.clone();
                         last["plan"] = json!(o.plan);
                         send(last);
                     }
+                    match &mut total_usage {
+                        None => total_usage = Some(usage),
+                        Some(total) => add_usage(total, &usage),
+                    }
+                    left -= 1;
+                    if left > 0 {
+                        continue;
+                    }
                     if include_usage {
                         let mut u = chunk(json!([]));
-                        u["usage"] = usage;
+                        u["usage"] = total_usage.take().unwrap_or_default();
                         send(u);
                     }
                     let _ = tx.send(SseEvent::default().data("[DONE]"));
@@ -732,6 +771,36 @@ pub(crate) async fn stream(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// A receiver with nothing left to receive (what an admitted request's events are replaced by
+/// once they are forwarded).
+fn closed() -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+    tokio::sync::mpsc::unbounded_channel().1
+}
+
+/// Numbers summed and flags or-ed, field by field: the usage of several requests in one.
+pub(crate) fn add_usage(total: &mut Value, one: &Value) {
+    match (total, one) {
+        (Value::Object(t), Value::Object(o)) => {
+            for (k, v) in o {
+                match t.get_mut(k) {
+                    Some(x) => add_usage(x, v),
+                    None => {
+                        t.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (t @ Value::Number(_), Value::Number(o)) => {
+            *t = match (t.as_u64(), o.as_u64()) {
+                (Some(a), Some(b)) => json!(a + b),
+                _ => json!(t.as_f64().unwrap_or(0.0) + o.as_f64().unwrap_or(0.0)),
+            };
+        }
+        (t @ Value::Bool(_), Value::Bool(o)) => *t = json!(t.as_bool() == Some(true) || *o),
+        _ => {}
+    }
 }
 
 /// A stream of SSE events fed by a spawned task (dropping the stream ends the task's sends).

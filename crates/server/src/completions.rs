@@ -10,10 +10,11 @@
 //! A prompt is text or the checkpoint's token ids (what lm-eval sends by default), and one
 //! request may send several (a list of either): each is planned, reserved and charged as its
 //! own request would be, they are queued together (so the workers batch them), share the
-//! request's admission place, and come back as choices `i * n + j`, prompt by prompt.
+//! request's admission place, and come back as choices `i * n + j`, prompt by prompt (streamed
+//! too: the chunks of every prompt's choices interleave as they are generated).
 
 use crate::admission::{run_to_completion, AdmissionSlot};
-use crate::chat::{finish_str, stream, stream_flags, text_logprobs_json, Shape};
+use crate::chat::{add_usage, finish_str, stream, stream_flags, text_logprobs_json, Shape};
 use crate::error::ApiError;
 use crate::ledger::{now, Tenant};
 use crate::routes::{json_error, new_id, usage_json};
@@ -167,13 +168,6 @@ fn parse(body: &mut Map<String, Value>, max_prompts: usize) -> Result<TextReques
     if !body.contains_key("max_tokens") && !body.contains_key("max_completion_tokens") {
         body.insert("max_tokens".into(), json!(DEFAULT_MAX_TOKENS));
     }
-    if stream && prompts.len() > 1 {
-        return Err(ApiError::invalid(
-            "stream",
-            "several prompts are answered whole: ask without stream, or send each prompt as its \
-             own request",
-        ));
-    }
     Ok(TextRequest {
         prompts,
         echo,
@@ -259,31 +253,6 @@ fn prompt_requests(
         .collect()
 }
 
-/// Numbers summed and flags or-ed, field by field: the usage of several prompts' requests.
-fn add_usage(total: &mut Value, one: &Value) {
-    match (total, one) {
-        (Value::Object(t), Value::Object(o)) => {
-            for (k, v) in o {
-                match t.get_mut(k) {
-                    Some(x) => add_usage(x, v),
-                    None => {
-                        t.insert(k.clone(), v.clone());
-                    }
-                }
-            }
-        }
-        (t @ Value::Number(_), Value::Number(o)) => {
-            let sum = t.as_f64().unwrap_or(0.0) + o.as_f64().unwrap_or(0.0);
-            *t = match (t.as_u64(), o.as_u64()) {
-                (Some(a), Some(b)) => json!(a + b),
-                _ => json!(sum),
-            };
-        }
-        (t @ Value::Bool(_), Value::Bool(o)) => *t = json!(t.as_bool() == Some(true) || *o),
-        _ => {}
-    }
-}
-
 /// Runs a text completion; the handler in [`crate::routes`] authenticates and stamps quotas.
 pub async fn completions(
     s: Arc<AppState>,
@@ -310,7 +279,7 @@ pub async fn completions(
     };
     let mut r = validate(options, content, rules, limits)?;
     r.sampling.prompt_logprobs = text.prompt_logprobs;
-    let mut requests = prompt_requests(&s, &r, text.prompts)?;
+    let requests = prompt_requests(&s, &r, text.prompts)?;
     // The completion's id names the request (`x-request-id`, the ledger's request history).
     let id = format!(
         "cmpl-{}",
@@ -318,18 +287,23 @@ pub async fn completions(
     );
     let created = now();
     let logprobs = r.sampling.logprobs.is_some();
-    if text.stream {
-        // One prompt (several are refused with stream).
-        let (r, echo) = requests.remove(0);
-        let shape = Shape::Text {
-            echo: text.echo.then_some(echo),
-        };
-        return stream(s, t, r, slot, id, created, text.include_usage, shape).await;
-    }
     let slots: Vec<Option<AdmissionSlot>> = match &slot {
         Some(x) if requests.len() > 1 => x.split(requests.len()).into_iter().map(Some).collect(),
         _ => vec![slot],
     };
+    if text.stream {
+        let streamed = requests
+            .into_iter()
+            .zip(slots)
+            .map(|((r, echo), slot)| {
+                let shape = Shape::Text {
+                    echo: text.echo.then_some(echo),
+                };
+                (r, slot, shape)
+            })
+            .collect();
+        return stream(s, t, streamed, id, created, text.include_usage).await;
+    }
     // Every prompt is queued at once (the workers batch them); the first error is the answer,
     // and dropping the others' tasks cancels them.
     let mut tasks = tokio::task::JoinSet::new();

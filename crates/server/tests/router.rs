@@ -2189,11 +2189,6 @@ async fn text_completions_continue_the_prompt_as_it_is() {
         ),
         (json!({"prompt": [[40], [35, 9999]]}), 422, "prompt[1]"),
         (json!({"prompt": vec![prompt; 65]}), 422, "prompt"),
-        (
-            json!({"prompt": [prompt, prompt], "stream": true}),
-            422,
-            "stream",
-        ),
         (json!({"prompt": prompt, "best_of": 3}), 422, "best_of"),
         (json!({"prompt": prompt, "logprobs": 6}), 422, "logprobs"),
         (
@@ -2353,6 +2348,58 @@ async fn text_completions_take_token_ids_and_several_prompts() {
         ids.sort();
         assert_eq!(ids, [format!("{id}-0"), format!("{id}-1")], "{history}");
     }
+    // Streamed: every prompt's completions as chunks of their choice (i * n + j), each ending
+    // with its finish reason, then one usage chunk summing both prompts, then [DONE].
+    let body = greedy(
+        json!([colour, way]),
+        json!({"n": 2, "stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let (st, _, sse) = s
+        .send(
+            Request::builder()
+                .method(Method::POST)
+                .uri("/v1/completions")
+                .header(header::AUTHORIZATION, format!("Bearer {key}"))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(st, 200, "{sse}");
+    let events: Vec<&str> = sse
+        .as_str()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{events:?}");
+    let mut texts = vec![String::new(); 4];
+    let mut finished = [0; 4];
+    for e in &events[..events.len() - 2] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        assert_eq!(c["object"], "text_completion", "{c}");
+        let choice = &c["choices"][0];
+        let k = choice["index"].as_u64().unwrap() as usize;
+        texts[k] += choice["text"].as_str().unwrap();
+        if !choice["finish_reason"].is_null() {
+            finished[k] += 1;
+        }
+    }
+    assert_eq!(finished, [1; 4], "{events:?}");
+    for (k, t) in texts.iter().enumerate() {
+        assert_eq!(*t, text(&alone[k / 2], 0), "choice {k}");
+    }
+    let usage: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    let tokens = |v: &Value, f: &str| v["usage"][f].as_u64().unwrap();
+    assert_eq!(
+        tokens(&usage, "completion_tokens"),
+        2 * (tokens(&alone[0], "completion_tokens") + tokens(&alone[1], "completion_tokens")),
+        "{usage}"
+    );
+    assert_eq!(
+        tokens(&usage, "prompt_tokens"),
+        tokens(&alone[0], "prompt_tokens") + tokens(&alone[1], "prompt_tokens")
+    );
     // Every place comes back once the requests are answered (the prompts shared one; a job
     // lets its place go as the worker drops it, just after it reports).
     let t0 = std::time::Instant::now();
