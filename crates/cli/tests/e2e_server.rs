@@ -1315,4 +1315,24 @@ fn a_system_prompt_is_prefilled_once_per_tenant() {
     assert_eq!(cached(&a.body), Some(0));
     let (cost, cold_cost) = plan(&a.body);
     assert_eq!(cost, cold_cost);
+    // A chat without a system message caches the template's opening; a text completion,
+    // prefilled whole, is neither served nor priced from it.
+    let no_system = json!({"max_tokens": 4, "budget_flops": "1T",
+                           "messages": [{"role": "user", "content": "Name three colours."}]});
+    for _ in 0..2 {
+        let a = post_json(&s, "/v1/chat/completions", &alice, no_system.clone());
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    let a = post_json(&s, "/v1/chat/completions", &alice, no_system);
+    assert!(cached(&a.body).unwrap() > 0, "{}", a.body);
+    let c = post_json(
+        &s,
+        "/v1/completions",
+        &alice,
+        json!({"prompt": "Name three colours.", "max_tokens": 4, "budget_flops": "1T"}),
+    );
+    assert_eq!(c.status, 200, "{}", c.body);
+    assert_eq!(cached(&c.body), Some(0));
+    let (cost, cold_cost) = plan(&c.body);
+    assert_eq!(cost, cold_cost, "{}", c.body);
 }

@@ -263,7 +263,10 @@ pub async fn admit(
         .history
         .first()
         .is_none_or(|t| t.role == vvlm_engine::template::Role::User);
-    let (media, content) = if s.config.cache.max_bytes == 0 || (text_only && !system_first) {
+    // A completion's prompt is prefilled whole (no system message or template before it), so
+    // no cached part of it is looked up or priced.
+    let uncached = (text_only && !system_first) || r.form.is_raw();
+    let (media, content) = if s.config.cache.max_bytes == 0 || uncached {
         (media, None)
     } else if text_only {
         (

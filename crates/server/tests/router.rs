@@ -116,6 +116,25 @@ impl Server {
     async fn post(&self, path: &str, key: &str, body: Value) -> (u16, Value) {
         self.json(Method::POST, path, Some(key), body).await
     }
+
+    /// [`Self::post`] with the answer's headers (and an SSE body as one string).
+    async fn post_full(
+        &self,
+        path: &str,
+        key: &str,
+        body: &Value,
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        self.send(
+            Request::builder()
+                .method(Method::POST)
+                .uri(path)
+                .header(header::AUTHORIZATION, format!("Bearer {key}"))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
+    }
 }
 
 fn data_url(mime: &str, bytes: &[u8]) -> String {
@@ -2292,16 +2311,10 @@ async fn text_completions_take_token_ids_and_several_prompts() {
     // Several prompts, two completions each (one greedy: both the same), as texts and as ids.
     for prompts in [json!([colour, way]), json!([colour_ids, way_ids])] {
         let (st, headers, v) = s
-            .send(
-                Request::builder()
-                    .method(Method::POST)
-                    .uri("/v1/completions")
-                    .header(header::AUTHORIZATION, format!("Bearer {key}"))
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .body(Body::from(
-                        greedy(prompts.clone(), json!({"n": 2})).to_string(),
-                    ))
-                    .unwrap(),
+            .post_full(
+                "/v1/completions",
+                &key,
+                &greedy(prompts.clone(), json!({"n": 2})),
             )
             .await;
         assert_eq!(st, 200, "{prompts}: {v}");
@@ -2354,17 +2367,7 @@ async fn text_completions_take_token_ids_and_several_prompts() {
         json!([colour, way]),
         json!({"n": 2, "stream": true, "stream_options": {"include_usage": true}}),
     );
-    let (st, _, sse) = s
-        .send(
-            Request::builder()
-                .method(Method::POST)
-                .uri("/v1/completions")
-                .header(header::AUTHORIZATION, format!("Bearer {key}"))
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap(),
-        )
-        .await;
+    let (st, _, sse) = s.post_full("/v1/completions", &key, &body).await;
     assert_eq!(st, 200, "{sse}");
     let events: Vec<&str> = sse
         .as_str()
