@@ -114,6 +114,8 @@ def post(path, body):
 
 t = post("/tokenize", {"prompt": "The capital of France is Paris", "model": "demo"})
 ok("tokenize: llama.cpp's ids", t["tokens"] == PARIS and t["count"] == len(PARIS), t)
+# The GGUF's llama.context_length (llama.cpp's loader prints 8192), which plans keep within.
+ok("tokenize: the trained context", t["max_model_len"] == 8192, t)
 d = post("/detokenize", {"tokens": PARIS})
 ok("detokenize: the text", d["prompt"] == "The capital of France is Paris", d)
 

@@ -89,6 +89,8 @@ fn read(
     let ffn = md_u(&ct, &p("feed_forward_length"))?;
     let eps = md_f(&ct, &p("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5);
     let theta = md_f(&ct, &p("rope.freq_base")).unwrap_or(10_000.0);
+    // The context the model was trained for: the planner keeps requests within it.
+    let context = md_u(&ct, &p("context_length")).ok();
     let emb_info = ct
         .tensor_infos
         .get("token_embd.weight")
@@ -100,7 +102,7 @@ fn read(
         "model_type": "llama", "hidden_size": hidden, "intermediate_size": ffn,
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
         "head_dim": head_dim, "vocab_size": vocab, "rms_norm_eps": eps, "rope_theta": theta,
-        "tie_word_embeddings": tied,
+        "tie_word_embeddings": tied, "max_position_embeddings": context,
         "bos_token_id": ct.metadata.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()),
         "eos_token_id": ct.metadata.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()),
     }))
