@@ -81,6 +81,11 @@ pub struct PlanRequest {
     pub cached_text_tokens_by_model: BTreeMap<String, usize>,
     /// Generated tokens to price (used by the exact cost mode).
     pub expected_decode_tokens: usize,
+    /// The prompt's own log-probabilities are asked (a completion's `echo` with `logprobs`):
+    /// the LM head runs over every prompt position but the last, 2 (t - 1) hidden vocab more
+    /// prefill FLOPs, priced in either cost mode for models whose architecture is known.
+    #[serde(default)]
+    pub scored_prompt: bool,
     #[serde(default)]
     pub pins: Pins,
 }
@@ -307,8 +312,30 @@ impl Planner {
         ((cold - saved).max(0.0), cold)
     }
 
+    /// The LM head over the prompt's positions but the last, when its log-probabilities are
+    /// asked ([`PlanRequest::scored_prompt`]); 0 otherwise, or when the architecture is unknown.
+    fn scoring_cost(&self, entry: &ModelEntry, req: &PlanRequest) -> f64 {
+        match self.archs.get(&entry.name) {
+            Some(a) if req.scored_prompt => {
+                let positions = req.text_tokens_for(&entry.name).saturating_sub(1) as f64;
+                2.0 * positions * a.lm.hidden_size as f64 * a.lm.vocab_size as f64
+            }
+            _ => 0.0,
+        }
+    }
+
     /// Prices one configuration with nothing cached.
     pub fn cost(
+        &self,
+        entry: &ModelEntry,
+        frames: u32,
+        tokens_per_frame: u32,
+        req: &PlanRequest,
+    ) -> f64 {
+        self.scoring_cost(entry, req) + self.cost_unscored(entry, frames, tokens_per_frame, req)
+    }
+
+    fn cost_unscored(
         &self,
         entry: &ModelEntry,
         frames: u32,
@@ -339,6 +366,18 @@ impl Planner {
     /// (exact cost mode), or the paper's formula split into vision and LM prefill. Sums to
     /// [`Self::cost`] (up to rounding).
     pub fn cost_breakdown(
+        &self,
+        entry: &ModelEntry,
+        frames: u32,
+        tokens_per_frame: u32,
+        req: &PlanRequest,
+    ) -> FlopBreakdown {
+        let mut b = self.breakdown_unscored(entry, frames, tokens_per_frame, req);
+        b.lm_prefill += self.scoring_cost(entry, req);
+        b
+    }
+
+    fn breakdown_unscored(
         &self,
         entry: &ModelEntry,
         frames: u32,
@@ -606,6 +645,7 @@ mod tests {
             cached_vision: vec![],
             cached_text_tokens_by_model: BTreeMap::new(),
             expected_decode_tokens: 32,
+            scored_prompt: false,
             pins: Pins::default(),
         }
     }
@@ -822,6 +862,22 @@ mod tests {
         assert_eq!(plan.choice.cost_flops, 1980.0);
         assert_eq!(plan.cost_mode, CostMode::Exact);
         assert_eq!(p.tokens_needed(&p.registry().models[0], 2, 1, &r), 6 + 3);
+        // The prompt's log-probabilities: the head over 2 of its 3 positions, 2*2*2*5 = 40 more
+        // prefill FLOPs, in the total and in the breakdown.
+        r.scored_prompt = true;
+        let scored = p.plan(&r).unwrap();
+        assert_eq!(scored.choice.cost_flops, 2020.0);
+        let e = &p.registry().models[0];
+        assert_eq!(p.cost_breakdown(e, 2, 1, &r).lm_prefill, 596.0 + 40.0);
+        // Theoretical mode prices text at 2 N per token (3 prompt + 3 decode), the head apart.
+        p.cost_mode = CostMode::Theoretical;
+        r.text_only = true;
+        r.pins.frames = None;
+        r.pins.tokens_per_frame = None;
+        assert_eq!(
+            p.plan(&r).unwrap().choice.cost_flops,
+            2.0 * 1e9 * 6.0 + 40.0
+        );
     }
 
     #[test]

@@ -233,6 +233,7 @@ pub fn plan_request(
         expected_decode_tokens: r
             .max_tokens
             .unwrap_or(s.config.planner.expected_decode_tokens),
+        scored_prompt: r.sampling.prompt_logprobs.is_some(),
         pins: r.pins.clone(),
     };
     Ok((req, budget))

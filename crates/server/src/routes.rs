@@ -10,7 +10,7 @@ use crate::validation::{
     from_json_video, from_multipart, validate, Budget, Content, RequestOptions, Rules,
 };
 use crate::AppState;
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -46,6 +46,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(text_completions))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/tokenizer_info", get(tokenizer_info))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_tenant,
@@ -684,6 +685,26 @@ async fn tokenize(
     .await
 }
 
+async fn tokenizer_info(
+    State(s): St,
+    authenticated: Option<axum::Extension<Authenticated>>,
+    headers: HeaderMap,
+    query: Result<Query<crate::tokenize::InfoQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let authenticated = authenticated.map(|axum::Extension(x)| x);
+    with_tenant(
+        s,
+        authenticated,
+        &headers,
+        "/tokenizer_info",
+        |s, _| async move {
+            let Query(q) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
+            crate::tokenize::info(s, q).await
+        },
+    )
+    .await
+}
+
 async fn detokenize(
     State(s): St,
     authenticated: Option<axum::Extension<Authenticated>>,
@@ -902,10 +923,10 @@ async fn admin_requests(
     State(s): St,
     headers: HeaderMap,
     Path(name): Path<String>,
-    q: Result<axum::extract::Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     admin(&s, &headers)?;
-    let axum::extract::Query(q) = q.map_err(|e| ApiError::Validation(e.body_text()))?;
+    let Query(q) = q.map_err(|e| ApiError::Validation(e.body_text()))?;
     let limit = q.limit.unwrap_or(50);
     let bucket_s = q.bucket_s.unwrap_or(3600);
     let buckets = q.buckets.unwrap_or(48);

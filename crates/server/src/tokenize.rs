@@ -1,6 +1,8 @@
 //! A served checkpoint's tokenizer over HTTP, as vLLM serves it: `POST /tokenize` (text to the
-//! checkpoint's token ids) and `POST /detokenize` (ids to text), for clients that send token-id
-//! prompts to `/v1/completions` without the tokenizer at hand, or count tokens before they send.
+//! checkpoint's token ids), `POST /detokenize` (ids to text) and `GET /tokenizer_info` (its
+//! special tokens and context), for clients that send token-id prompts to `/v1/completions`
+//! without the tokenizer at hand (lm-eval's `tokenizer_backend=remote`), or count tokens before
+//! they send.
 //! No model runs and nothing is charged; a tenant's key is required.
 //!
 //! Owns these two bodies and answers, and [`token_checkpoint`]: which checkpoint's ids a request
@@ -14,7 +16,7 @@ use crate::AppState;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::sync::Arc;
 use vvlm_engine::VideoVlm;
 
@@ -70,6 +72,30 @@ pub struct TokenizeBody {
     /// Each token's string as the vocabulary writes it (a byte-level BPE's `Ġ` for a space).
     #[serde(default)]
     return_token_strs: bool,
+}
+
+/// `GET /tokenizer_info`'s query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InfoQuery {
+    #[serde(default)]
+    model: Option<String>,
+}
+
+/// The tokenizer's special tokens as text (`eos_token`, `bos_token`, `pad_token`: null when it
+/// has none), the vocabulary's size and the trained context (`model_max_length`), as vLLM's
+/// `/tokenizer_info` answers them (no chat template: the checkpoint's is built in, not Jinja).
+pub async fn info(s: Arc<AppState>, q: InfoQuery) -> Result<Response, ApiError> {
+    let (model, e) = token_checkpoint(&s, q.model.as_deref())?;
+    let text = |id: Option<u32>| -> Option<String> { e.tokenizer.as_ref()?.id_to_token(id?) };
+    let tc = &e.cfg.text_config;
+    let eos = tc.eos_ids().first().copied();
+    Ok(Json(json!({
+        "model": model, "eos_token": text(eos), "bos_token": text(tc.bos_token_id),
+        "pad_token": Value::Null, "vocab_size": tc.vocab_size,
+        "model_max_length": tc.max_position_embeddings, "chat_template": Value::Null,
+    }))
+    .into_response())
 }
 
 /// `POST /detokenize`'s body.

@@ -2152,13 +2152,24 @@ async fn text_completions_continue_the_prompt_as_it_is() {
         .collect();
     assert_eq!(offsets.len(), prompt_tokens + n);
     assert!(offsets[0] == 0 && offsets.windows(2).all(|w| w[0] <= w[1]));
-    // Scoring the prompt is work done: more prefill FLOPs than the same request without it.
+    // Scoring the prompt is work done, and priced: the head (suite-s: 64 wide, 44 tokens) over
+    // the prompt's positions but the last, measured and in the plan that was reserved.
+    let head = 2.0 * (prompt_tokens - 1) as f64 * 64.0 * 44.0;
     let prefill = |v: &Value| v["usage"]["measured_flops"]["lm_prefill"].as_f64().unwrap();
-    assert!(
-        prefill(&el) > prefill(&plain),
+    assert_eq!(
+        prefill(&el) - prefill(&plain),
+        head,
         "{} vs {}",
         el["usage"],
         plain["usage"]
+    );
+    let planned = |v: &Value| v["plan"]["cost_flops"].as_f64().unwrap();
+    assert_eq!(
+        planned(&el) - planned(&plain),
+        head,
+        "{} vs {}",
+        el["plan"],
+        plain["plan"]
     );
     // Streamed: text_completion chunks whose texts make the same (greedy) completion.
     let (st, _, sse) = s
@@ -2581,6 +2592,34 @@ async fn tokenize_and_detokenize_use_the_checkpoints_vocabulary() {
         .json(Method::POST, "/tokenize", None, json!({"prompt": prompt}))
         .await;
     assert_eq!(st, 401, "{v}");
+    // vLLM's /tokenizer_info, as lm-eval's remote tokenizer reads it (suite-s's config.json:
+    // eos id 2, "<eos>"; no BOS; 4096 positions; 44 tokens).
+    let (st, v) = s
+        .json(
+            Method::GET,
+            "/tokenizer_info?model=suite-s",
+            Some(&key),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        (
+            &v["eos_token"],
+            &v["bos_token"],
+            &v["model_max_length"],
+            &v["vocab_size"]
+        ),
+        (&json!("<eos>"), &Value::Null, &json!(4096), &json!(44)),
+        "{v}"
+    );
+    for (path, status) in [
+        ("/tokenizer_info?model=nope", 404),
+        ("/tokenizer_info?color=red", 422),
+    ] {
+        let (st, v) = s.json(Method::GET, path, Some(&key), Value::Null).await;
+        assert_eq!(st, status, "{path}: {v}");
+    }
 }
 
 /// An upstream on loopback for media URLs: the suite's video and a PNG under `/v/`, a redirect,
