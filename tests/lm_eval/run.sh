@@ -30,10 +30,12 @@ for mode in tokens text; do
     > $out/$mode.log 2>&1 || { tail -40 $out/$mode.log; exit 1; }
   echo "== $mode"; grep '^|' $out/$mode.log
 done
+# What the server charged beyond its reservations (none, if every request was priced right).
+echo "requests that ran over their reservation: $(grep -c 'exceed the reservation' $out/serve.log || true)"
 "$venv/bin/python" - <<'PY'
 import glob, json
 def samples(mode, task):
-    [f] = glob.glob(f"target/lm-eval/{mode}/**/samples_{task}_*.jsonl", recursive=True)
+    [f] = glob.glob(f"target/lm-eval/{mode}/*/samples_{task}_2*.jsonl")
     return {json.loads(l)["doc_id"]: json.loads(l) for l in open(f)}
 for task in ["vvlm_capitals", "vvlm_capitals_gen"]:
     a, b = samples("tokens", task), samples("text", task)
