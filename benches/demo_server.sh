@@ -8,7 +8,7 @@ serve_demo() {
   shift 2
   local vvlm=${VVLM:-target/release/vvlm} port=$((20000 + RANDOM % 20000))
   rm -f "$db"
-  key=$(target/release/vvlm tenant --db "$db" add bench --per-request-max 1P 2>/dev/null)
+  key=$("$vvlm" tenant --db "$db" add bench --per-request-max 1P 2>/dev/null)
   "$vvlm" serve --db "$db" --bind 127.0.0.1:$port --models-dir models/text-demo \
     --workers 1 --threads-per-worker 2 "$@" > "$log" 2>&1 &
   pid=$!
