@@ -15,12 +15,18 @@ if [ -z "${VVLM:-}" ]; then
   cargo build --quiet --release -p vvlm-cli
   export VVLM=target/release/vvlm
 fi
+# The demo checkpoint (scripts/setup-models makes it with a release build; this binary will do).
 bash models/fetch-smollm2.sh >/dev/null
+if [ ! -f models/cache/demo-smollm2/config.json ] ||
+  [ ! -f models/cache/demo-smollm2/vision.safetensors ]; then
+  "$VVLM" models make-demo
+fi
 out=target/lm-eval-run
 rm -rf $out && mkdir -p $out
 source benches/demo_server.sh
 serve_demo $out/ledger.db $out/serve.log
 trap 'kill $pid 2>/dev/null || true' EXIT
+curl -sf "$base/health" >/dev/null || { echo "[lm-eval] the server is not ready:"; tail -20 $out/serve.log; exit 1; }
 for mode in tokens text; do
   args="model=demo-smollm2,base_url=$base/v1/completions,auth_token=$key,tokenizer_backend=remote"
   args="$args,max_retries=1,timeout=300"
