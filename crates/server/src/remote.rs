@@ -130,7 +130,12 @@ impl UrlPolicy {
                     r.status_text()
                 )))
             }
-            Err(ureq::Error::Transport(t)) => return Err(failed(format!("fetching: {t}"))),
+            // The transport error's kind and message, not its Display (which holds the whole
+            // URL, a presigned query included).
+            Err(ureq::Error::Transport(t)) => {
+                let detail = t.message().map(|m| format!(": {m}")).unwrap_or_default();
+                return Err(failed(format!("fetching: {}{detail}", t.kind())));
+            }
         };
         if (300..400).contains(&resp.status()) {
             let to = resp.header("location").unwrap_or("nowhere");
