@@ -99,8 +99,9 @@ impl UrlPolicy {
         Ok(u)
     }
 
-    /// Fetches an allowed URL's body (blocking: call off the async threads).
-    pub fn fetch(&self, u: &url::Url, param: &str) -> Result<Vec<u8>, ApiError> {
+    /// Fetches an allowed URL's body, at most `cap` bytes (blocking: call off the async
+    /// threads).
+    pub fn fetch(&self, u: &url::Url, param: &str, cap: u64) -> Result<Vec<u8>, ApiError> {
         let failed = |why: String| ApiError::invalid(param, format!("{}: {why}", shown(u)));
         let host = u
             .host_str()
@@ -146,7 +147,8 @@ impl UrlPolicy {
         }
         let too_large = || {
             ApiError::PayloadTooLarge(format!(
-                "{} is larger than the media limit of {} bytes",
+                "{} is larger than the media limit of {} bytes (for all of a request's media URLs \
+                 together; {cap} were left)",
                 shown(u),
                 self.max_bytes
             ))
@@ -154,16 +156,16 @@ impl UrlPolicy {
         if resp
             .header("content-length")
             .and_then(|l| l.parse::<u64>().ok())
-            .is_some_and(|l| l > self.max_bytes)
+            .is_some_and(|l| l > cap)
         {
             return Err(too_large());
         }
         let mut body = vec![];
         resp.into_reader()
-            .take(self.max_bytes + 1)
+            .take(cap + 1)
             .read_to_end(&mut body)
             .map_err(|e| failed(format!("reading the body: {e}")))?;
-        if body.len() as u64 > self.max_bytes {
+        if body.len() as u64 > cap {
             return Err(too_large());
         }
         Ok(body)
@@ -323,9 +325,14 @@ fn remote_urls(body: &mut Map<String, Value>) -> Vec<(String, &mut Value, &'stat
     found
 }
 
+/// The most media URLs one request may name.
+pub const MAX_MEDIA_URLS: usize = 64;
+
 /// Replaces every `http(s)://` media URL in a request body with the fetched bytes as a `data:`
-/// URL: all are checked against the policy before any is fetched, then fetched at once off the
-/// async threads; each outcome is counted in `metrics`.
+/// URL: all are checked against the policy before any is fetched, then fetched one after
+/// another off the async threads, the request's URLs together held to the media byte limit (as
+/// an upload's body is), at most [`MAX_MEDIA_URLS`] of them; each outcome is counted in
+/// `metrics`.
 pub async fn fetch_into_body(
     policy: &UrlPolicy,
     metrics: &Metrics,
@@ -335,26 +342,27 @@ pub async fn fetch_into_body(
     if urls.is_empty() {
         return Ok(());
     }
+    if urls.len() > MAX_MEDIA_URLS {
+        metrics.media_fetch("refused", 0, None);
+        return Err(ApiError::Validation(format!(
+            "{} media URLs; at most {MAX_MEDIA_URLS} per request",
+            urls.len()
+        )));
+    }
     let checked = urls
         .iter()
         .map(|(_, v, _)| policy.check(v.as_str().unwrap_or_default()))
         .collect::<Result<Vec<_>, _>>()
         .inspect_err(|_| metrics.media_fetch("refused", 0, None))?;
-    let fetches: Vec<_> = urls
-        .iter()
-        .zip(checked)
-        .map(|((param, _, _), u)| {
-            let (p, param) = (policy.clone(), param.clone());
-            tokio::task::spawn_blocking(move || {
-                let t0 = std::time::Instant::now();
-                (p.fetch(&u, &param), t0.elapsed().as_secs_f64())
-            })
+    let mut left = policy.max_bytes;
+    for ((param, slot, kind), u) in urls.iter_mut().zip(checked) {
+        let (p, param) = (policy.clone(), param.clone());
+        let (got, seconds) = tokio::task::spawn_blocking(move || {
+            let t0 = std::time::Instant::now();
+            (p.fetch(&u, &param, left), t0.elapsed().as_secs_f64())
         })
-        .collect();
-    for ((_, slot, kind), fetch) in urls.iter_mut().zip(fetches) {
-        let (got, seconds) = fetch
-            .await
-            .map_err(|e| ApiError::Internal(format!("fetch task: {e}")))?;
+        .await
+        .map_err(|e| ApiError::Internal(format!("fetch task: {e}")))?;
         let bytes = got.inspect_err(|e| {
             let result = match e {
                 ApiError::Forbidden(_) => "refused",
@@ -364,6 +372,7 @@ pub async fn fetch_into_body(
             metrics.media_fetch(result, 0, Some(seconds));
         })?;
         metrics.media_fetch("ok", bytes.len() as u64, Some(seconds));
+        left -= bytes.len() as u64;
         **slot = Value::String(data_url(kind, &bytes));
     }
     Ok(())
@@ -457,7 +466,7 @@ mod tests {
     fn a_name_resolving_to_a_local_address_is_refused() {
         let p = policy(&["http://localhost/"]);
         let u = p.check("http://localhost/a.mp4").unwrap();
-        let e = p.fetch(&u, "video").unwrap_err();
+        let e = p.fetch(&u, "video", 1 << 20).unwrap_err();
         assert!(
             matches!(e, ApiError::Forbidden(ref m) if m.contains("private or local")),
             "{e:?}"

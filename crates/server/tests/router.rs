@@ -2636,6 +2636,7 @@ async fn media_upstream(png: Vec<u8>) -> u16 {
             get(|| async { (StatusCode::FOUND, [(header::LOCATION, "/v/a.mp4")]) }),
         )
         .route("/v/big.mp4", get(|| async { vec![0u8; 3 << 20] }))
+        .route("/v/half.png", get(|| async { vec![0u8; 3 << 19] }))
         .route(
             "/v/slow.mp4",
             get(|| async {
@@ -2794,6 +2795,35 @@ async fn media_urls_are_fetched_only_from_allowed_prefixes() {
             "{line} not in:\n{metrics}"
         );
     }
+    // A request's URLs share the media limit (two of 1.5 MiB under 2 MiB: the second is refused),
+    // and a request names at most 64.
+    let (st, v) = s
+        .post(
+            "/v1/videos/qa",
+            &key,
+            images(vec![format!("{base}/v/half.png"); 2]),
+        )
+        .await;
+    assert_eq!(st, 413, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("together"),
+        "{v}"
+    );
+    let (st, v) = s
+        .post(
+            "/v1/videos/qa",
+            &key,
+            images(vec![format!("{base}/v/a.png"); 65]),
+        )
+        .await;
+    assert_eq!(st, 422, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 64"),
+        "{v}"
+    );
     // Loopback is refused unless url_private, and nothing is fetched without url_allow.
     let strict = server_with(true, |c| allow(c, false));
     let key = strict.tenant("alice", None);
