@@ -5,6 +5,9 @@
 //! charged its planned FLOPs on admission, and settled to the FLOPs the engine measured when it
 //! finishes.
 //!
+//! Media may also come by allow-listed `http(s)://` URL (`remote`, fetched before parsing), and
+//! the served checkpoints' tokenizers are exposed as vLLM exposes them (`tokenize`).
+//!
 //! Owns HTTP, authentication, accounting and the web console's embedded files (`console`). Must
 //! not know how models compute or how videos are decoded beyond the engine's and the video
 //! crate's APIs.
