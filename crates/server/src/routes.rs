@@ -394,10 +394,10 @@ async fn metrics(State(s): St) -> Response {
 
 /// A served checkpoint as OpenAI's model object, with what the planner knows of it.
 fn model_json(s: &AppState, m: &vvlm_planner::ModelEntry) -> Value {
-    let notes = s
-        .engine(&m.name)
-        .map(|e| e.notes.clone())
-        .unwrap_or_default();
+    let engine = s.engine(&m.name);
+    let notes = engine.as_ref().map(|e| e.notes.clone()).unwrap_or_default();
+    // The trained context (vLLM's `max_model_len`): plans keep within it.
+    let max_model_len = engine.and_then(|e| e.cfg.text_config.max_position_embeddings);
     // `created`: when the checkpoint was written (its config.json), as OpenAI's epoch seconds.
     let created = std::fs::metadata(m.path.join("config.json"))
         .and_then(|md| md.modified())
@@ -408,7 +408,7 @@ fn model_json(s: &AppState, m: &vvlm_planner::ModelEntry) -> Value {
         "id": m.name, "object": "model", "created": created, "owned_by": "vvlm",
         "lm_params": m.lm_params,
         "frames": [m.min_frames, m.max_frames], "max_tokens_per_frame": m.max_side * m.max_side,
-        "description": m.description, "notes": notes,
+        "description": m.description, "notes": notes, "max_model_len": max_model_len,
     })
 }
 

@@ -2592,6 +2592,11 @@ async fn tokenize_and_detokenize_use_the_checkpoints_vocabulary() {
         .json(Method::POST, "/tokenize", None, json!({"prompt": prompt}))
         .await;
     assert_eq!(st, 401, "{v}");
+    // The model list says the same context (vLLM's `max_model_len`).
+    let (_, models) = s
+        .json(Method::GET, "/v1/models/suite-s", Some(&key), Value::Null)
+        .await;
+    assert_eq!(models["max_model_len"], 4096, "{models}");
     // vLLM's /tokenizer_info, as lm-eval's remote tokenizer reads it (suite-s's config.json:
     // eos id 2, "<eos>"; no BOS; 4096 positions; 44 tokens).
     let (st, v) = s
