@@ -621,22 +621,6 @@ pub(crate) async fn stream(
     }
     let model = admitted[0].plan.choice.model.clone();
     let timeout = Duration::from_secs_f64(s.config.limits.request_timeout_s);
-    // Every request's events, tagged with its place, in one channel.
-    let (merged_tx, mut merged) = tokio::sync::mpsc::unbounded_channel();
-    for (p, a) in admitted.iter_mut().enumerate() {
-        let (mut events, tx) = (
-            std::mem::replace(&mut a.events, closed()),
-            merged_tx.clone(),
-        );
-        tokio::spawn(async move {
-            while let Some(ev) = events.recv().await {
-                if tx.send((p, ev)).is_err() {
-                    return;
-                }
-            }
-        });
-    }
-    drop(merged_tx);
     let stream = async_stream(move |tx| async move {
         let text = matches!(shapes[0], Shape::Text { .. });
         let object = if text {
@@ -688,7 +672,7 @@ pub(crate) async fn stream(
         let mut left = admitted.len();
         let mut total_usage: Option<Value> = None;
         loop {
-            let (p, ev) = match tokio::time::timeout_at(deadline, merged.recv()).await {
+            let (p, ev) = match tokio::time::timeout_at(deadline, next_event(&mut admitted)).await {
                 Err(_) => {
                     error(ApiError::Timeout(format!(
                         "the request took longer than {timeout:?}"
@@ -773,10 +757,25 @@ pub(crate) async fn stream(
         .into_response())
 }
 
-/// A receiver with nothing left to receive (what an admitted request's events are replaced by
-/// once they are forwarded).
-fn closed() -> tokio::sync::mpsc::UnboundedReceiver<Event> {
-    tokio::sync::mpsc::unbounded_channel().1
+/// The next event of any of the admitted requests, with the request's place; None once every
+/// request's events have ended.
+async fn next_event(admitted: &mut [crate::admission::Admitted]) -> Option<(usize, Event)> {
+    std::future::poll_fn(|cx| {
+        let mut open = false;
+        for (p, a) in admitted.iter_mut().enumerate() {
+            match a.events.poll_recv(cx) {
+                std::task::Poll::Ready(Some(ev)) => return std::task::Poll::Ready(Some((p, ev))),
+                std::task::Poll::Ready(None) => {}
+                std::task::Poll::Pending => open = true,
+            }
+        }
+        if open {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(None)
+        }
+    })
+    .await
 }
 
 /// Numbers summed and flags or-ed, field by field: the usage of several requests in one.
