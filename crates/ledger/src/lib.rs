@@ -20,6 +20,9 @@
 //! refuses new work with 503); a settlement that fails so is written to a durable local
 //! [`journal`] and replayed when the database returns.
 //!
+//! Beside it, tenants' files and batch jobs ([`batches`]): stored in the same database, so
+//! every replica serves them and a batch survives its replica.
+//!
 //! Owns SQL, migrations (`migrations/<backend>/NNNN_*.sql`, applied at open), leases and the
 //! journal. Must not know HTTP, the planner or the engine.
 
@@ -27,6 +30,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
+pub mod batches;
+pub use batches::{BatchRecord, BatchStatus, Batches, FileRecord, LineResult, NewBatch, NewFile};
 pub mod journal;
 mod lease;
 pub use lease::{Closed, Tick};
@@ -309,9 +314,10 @@ impl LeaseSettings {
     }
 }
 
-/// Storage of tenants and FLOP accounting. Synchronous: call it off an async runtime's threads
-/// (the server runs it on blocking threads and in its workers).
-pub trait Ledger: Send + Sync {
+/// Storage of tenants and FLOP accounting, and of tenants' files and batches ([`Batches`]).
+/// Synchronous: call it off an async runtime's threads (the server runs it on blocking threads
+/// and in its workers).
+pub trait Ledger: Batches + Send + Sync {
     /// Creates a tenant and returns it with its API key (shown once).
     fn create_tenant(
         &self,

@@ -9,6 +9,9 @@
 //! Admission is one statement (`vvlm_reserve`, a function from the migrations) that takes the
 //! tenant's row lock, so reservations of one tenant serialise across replicas.
 
+use crate::batches::{
+    self, BatchRecord, BatchStatus, Batches, FileRecord, LineResult, NewBatch, NewFile,
+};
 use crate::{
     empty_series, exists, fill_series, in_flight, new_key, new_tenant_budgets, no_tenant,
     quota_exhausted, updated_tenant, LeaseSettings, Ledger, LedgerError, Migration, Options,
@@ -45,6 +48,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 5,
         name: "tenant_weight",
         sql: include_str!("../migrations/postgres/0005_tenant_weight.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "batches",
+        sql: include_str!("../migrations/postgres/0006_batches.sql"),
     },
 ];
 
@@ -671,5 +679,449 @@ impl Ledger for PostgresLedger {
 
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+}
+
+fn row_file(r: &Row) -> FileRecord {
+    FileRecord {
+        id: r.get(0),
+        tenant_id: r.get(1),
+        filename: r.get(2),
+        purpose: r.get(3),
+        bytes: r.get(4),
+        created_at: r.get(5),
+    }
+}
+
+fn row_result(r: &Row) -> LineResult {
+    LineResult {
+        line: r.get(0),
+        custom_id: r.get(1),
+        status_code: r.get(2),
+        request_id: r.get(3),
+        body: r.get(4),
+        finished_at: r.get(5),
+    }
+}
+
+fn row_batch(r: &Row) -> Result<BatchRecord, LedgerError> {
+    Ok(BatchRecord {
+        id: r.get(0),
+        tenant_id: r.get(1),
+        endpoint: r.get(2),
+        input_file_id: r.get(3),
+        completion_window: r.get(4),
+        status: BatchStatus::parse(r.get(5))?,
+        total: r.get(6),
+        completed: r.get(7),
+        failed: r.get(8),
+        metadata: batches::metadata_value(r.get(9)),
+        created_at: r.get(10),
+        expires_at: r.get(11),
+        cancelling_at: r.get(12),
+        closed_at: r.get(13),
+        output_file_id: r.get(14),
+        error_file_id: r.get(15),
+    })
+}
+
+async fn batch_by_id(
+    c: &impl deadpool_postgres::GenericClient,
+    id: &str,
+) -> Result<BatchRecord, LedgerError> {
+    let r = c
+        .query_opt(
+            &format!("{} WHERE b.id = $1", batches::BATCH_SELECT),
+            &[&id],
+        )
+        .await?
+        .ok_or_else(|| batches::no_batch(id))?;
+    row_batch(&r)
+}
+
+async fn insert_file(
+    c: &impl deadpool_postgres::GenericClient,
+    tenant_id: i64,
+    filename: &str,
+    purpose: &str,
+    content: &[u8],
+    now: i64,
+) -> Result<FileRecord, LedgerError> {
+    let id = batches::new_id("file-")?;
+    let bytes = content.len() as i64;
+    c.execute(
+        "INSERT INTO files (id, tenant_id, filename, purpose, bytes, created_at, content)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[&id, &tenant_id, &filename, &purpose, &bytes, &now, &content],
+    )
+    .await?;
+    Ok(FileRecord {
+        id,
+        tenant_id,
+        filename: filename.to_string(),
+        purpose: purpose.to_string(),
+        bytes,
+        created_at: now,
+    })
+}
+
+impl Batches for PostgresLedger {
+    fn create_file(
+        &self,
+        tenant_id: i64,
+        filename: &str,
+        purpose: &str,
+        content: &[u8],
+        max_tenant_bytes: i64,
+        now: i64,
+    ) -> Result<FileRecord, LedgerError> {
+        let (pool, filename, purpose, content) = (
+            self.pool.clone(),
+            filename.to_string(),
+            purpose.to_string(),
+            content.to_vec(),
+        );
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let tx = c.transaction().await?;
+            // The tenant's row lock serialises its uploads across replicas.
+            tx.execute("SELECT id FROM tenants WHERE id = $1 FOR UPDATE", &[&tenant_id])
+                .await?;
+            let stored: i64 = tx
+                .query_one(
+                    "SELECT COALESCE(SUM(bytes), 0)::BIGINT FROM files WHERE tenant_id = $1 AND purpose = 'batch'",
+                    &[&tenant_id],
+                )
+                .await?
+                .get(0);
+            if stored + content.len() as i64 > max_tenant_bytes {
+                return Err(batches::storage_full(max_tenant_bytes, stored, content.len()));
+            }
+            let f = insert_file(&tx, tenant_id, &filename, &purpose, &content, now).await?;
+            tx.commit().await?;
+            Ok(f)
+        })
+    }
+
+    fn file(&self, tenant_id: i64, id: &str) -> Result<FileRecord, LedgerError> {
+        let (pool, id) = (self.pool.clone(), id.to_string());
+        self.block(async move {
+            let c = pool.get().await?;
+            c.query_opt(
+                &format!(
+                    "SELECT {} FROM files WHERE id = $1 AND tenant_id = $2",
+                    batches::FILE_COLS
+                ),
+                &[&id, &tenant_id],
+            )
+            .await?
+            .map(|r| row_file(&r))
+            .ok_or_else(|| batches::no_file(&id))
+        })
+    }
+
+    fn file_content(&self, tenant_id: i64, id: &str) -> Result<Vec<u8>, LedgerError> {
+        let (pool, id) = (self.pool.clone(), id.to_string());
+        self.block(async move {
+            let c = pool.get().await?;
+            c.query_opt(
+                "SELECT content FROM files WHERE id = $1 AND tenant_id = $2",
+                &[&id, &tenant_id],
+            )
+            .await?
+            .map(|r| r.get(0))
+            .ok_or_else(|| batches::no_file(&id))
+        })
+    }
+
+    fn files(
+        &self,
+        tenant_id: i64,
+        purpose: Option<&str>,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Vec<FileRecord>, LedgerError> {
+        let (pool, purpose, after) = (
+            self.pool.clone(),
+            purpose.map(str::to_string),
+            after.map(str::to_string),
+        );
+        let limit = limit as i64;
+        self.block(async move {
+            let c = pool.get().await?;
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT {} FROM files WHERE tenant_id = $1 AND ($2::TEXT IS NULL OR purpose = $2)
+                           AND ($3::TEXT IS NULL OR (created_at, id) < (SELECT created_at, id FROM files WHERE id = $3 AND tenant_id = $1))
+                         ORDER BY created_at DESC, id DESC LIMIT $4",
+                        batches::FILE_COLS
+                    ),
+                    &[&tenant_id, &purpose, &after, &limit],
+                )
+                .await?;
+            Ok(rows.iter().map(row_file).collect())
+        })
+    }
+
+    fn delete_file(&self, tenant_id: i64, id: &str) -> Result<(), LedgerError> {
+        let (pool, id) = (self.pool.clone(), id.to_string());
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let tx = c.transaction().await?;
+            let open: i64 = tx
+                .query_one(
+                    "SELECT COUNT(*) FROM batches WHERE input_file_id = $1 AND tenant_id = $2
+                       AND status IN ('in_progress', 'cancelling')",
+                    &[&id, &tenant_id],
+                )
+                .await?
+                .get(0);
+            if open > 0 {
+                return Err(batches::input_in_use(&id));
+            }
+            let n = tx
+                .execute(
+                    "DELETE FROM files WHERE id = $1 AND tenant_id = $2",
+                    &[&id, &tenant_id],
+                )
+                .await?;
+            if n == 0 {
+                return Err(batches::no_file(&id));
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn create_batch(
+        &self,
+        tenant_id: i64,
+        b: &NewBatch,
+        now: i64,
+    ) -> Result<BatchRecord, LedgerError> {
+        let (pool, b) = (self.pool.clone(), b.clone());
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let tx = c.transaction().await?;
+            // Locked, so that the file cannot be deleted before the batch reads it.
+            let purpose: String = tx
+                .query_opt(
+                    "SELECT purpose FROM files WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
+                    &[&b.input_file_id, &tenant_id],
+                )
+                .await?
+                .ok_or_else(|| batches::no_file(&b.input_file_id))?
+                .get(0);
+            if purpose != "batch" {
+                return Err(batches::not_batch_input(&b.input_file_id, &purpose));
+            }
+            let id = batches::new_id("batch_")?;
+            tx.execute(
+                "INSERT INTO batches (id, tenant_id, endpoint, input_file_id, completion_window, status,
+                     total, metadata, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, 'in_progress', $6, $7, $8, $9)",
+                &[
+                    &id,
+                    &tenant_id,
+                    &b.endpoint,
+                    &b.input_file_id,
+                    &b.completion_window,
+                    &b.total,
+                    &batches::metadata_text(&b.metadata),
+                    &now,
+                    &(now + b.window_s),
+                ],
+            )
+            .await?;
+            let r = batch_by_id(&tx, &id).await?;
+            tx.commit().await?;
+            Ok(r)
+        })
+    }
+
+    fn batch(&self, tenant_id: i64, id: &str) -> Result<BatchRecord, LedgerError> {
+        let (pool, id) = (self.pool.clone(), id.to_string());
+        self.block(async move {
+            let c = pool.get().await?;
+            let r = c
+                .query_opt(
+                    &format!(
+                        "{} WHERE b.id = $1 AND b.tenant_id = $2",
+                        batches::BATCH_SELECT
+                    ),
+                    &[&id, &tenant_id],
+                )
+                .await?
+                .ok_or_else(|| batches::no_batch(&id))?;
+            row_batch(&r)
+        })
+    }
+
+    fn batches(
+        &self,
+        tenant_id: i64,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Vec<BatchRecord>, LedgerError> {
+        let (pool, after) = (self.pool.clone(), after.map(str::to_string));
+        let limit = limit as i64;
+        self.block(async move {
+            let c = pool.get().await?;
+            let rows = c
+                .query(
+                    &format!(
+                        "{} WHERE b.tenant_id = $1
+                           AND ($2::TEXT IS NULL OR (b.created_at, b.id) < (SELECT created_at, id FROM batches WHERE id = $2 AND tenant_id = $1))
+                         ORDER BY b.created_at DESC, b.id DESC LIMIT $3",
+                        batches::BATCH_SELECT
+                    ),
+                    &[&tenant_id, &after, &limit],
+                )
+                .await?;
+            rows.iter().map(row_batch).collect()
+        })
+    }
+
+    fn cancel_batch(&self, tenant_id: i64, id: &str, now: i64) -> Result<BatchRecord, LedgerError> {
+        let (pool, id) = (self.pool.clone(), id.to_string());
+        self.block(async move {
+            let c = pool.get().await?;
+            let n = c
+                .execute(
+                    "UPDATE batches SET status = 'cancelling', cancelling_at = $3
+                     WHERE id = $1 AND tenant_id = $2 AND status = 'in_progress'",
+                    &[&id, &tenant_id, &now],
+                )
+                .await?;
+            let r = c
+                .query_opt(
+                    &format!(
+                        "{} WHERE b.id = $1 AND b.tenant_id = $2",
+                        batches::BATCH_SELECT
+                    ),
+                    &[&id, &tenant_id],
+                )
+                .await?
+                .ok_or_else(|| batches::no_batch(&id))?;
+            let b = row_batch(&r)?;
+            if n == 0 && b.status != BatchStatus::Cancelling {
+                return Err(batches::cannot_cancel(&b));
+            }
+            Ok(b)
+        })
+    }
+
+    fn claim_batch(&self, now: i64) -> Result<Option<BatchRecord>, LedgerError> {
+        let (pool, owner) = (self.pool.clone(), self.lease.owner.clone());
+        let until = now + self.lease.lease_s;
+        self.block(async move {
+            let c = pool.get().await?;
+            let id: Option<String> = c
+                .query_opt(
+                    "UPDATE batches SET owner = $2, lease_until = $3 WHERE id = (
+                         SELECT id FROM batches WHERE status IN ('in_progress', 'cancelling')
+                           AND (lease_until < $1 OR owner = $2)
+                         ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+                     RETURNING id",
+                    &[&now, &owner, &until],
+                )
+                .await?
+                .map(|r| r.get(0));
+            match id {
+                Some(id) => Ok(Some(batch_by_id(&c, &id).await?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn renew_batch(&self, id: &str, now: i64) -> Result<Option<BatchStatus>, LedgerError> {
+        let (pool, id, owner) = (self.pool.clone(), id.to_string(), self.lease.owner.clone());
+        let until = now + self.lease.lease_s;
+        self.block(async move {
+            let c = pool.get().await?;
+            let r = c
+                .query_opt(
+                    "UPDATE batches SET lease_until = $3 WHERE id = $1 AND owner = $2
+                       AND status IN ('in_progress', 'cancelling') RETURNING status",
+                    &[&id, &owner, &until],
+                )
+                .await?;
+            r.map(|r| BatchStatus::parse(r.get(0))).transpose()
+        })
+    }
+
+    fn record_line(&self, batch_id: &str, r: &LineResult) -> Result<bool, LedgerError> {
+        let (pool, id, r) = (self.pool.clone(), batch_id.to_string(), r.clone());
+        self.block(async move {
+            let c = pool.get().await?;
+            Ok(c.execute(
+                "INSERT INTO batch_results (batch_id, line, custom_id, status_code, request_id, body, finished_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (batch_id, line) DO NOTHING",
+                &[&id, &r.line, &r.custom_id, &r.status_code, &r.request_id, &r.body, &r.finished_at],
+            )
+            .await?
+                == 1)
+        })
+    }
+
+    fn line_results(&self, batch_id: &str) -> Result<Vec<LineResult>, LedgerError> {
+        let (pool, id) = (self.pool.clone(), batch_id.to_string());
+        self.block(async move {
+            let c = pool.get().await?;
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT {} FROM batch_results WHERE batch_id = $1 ORDER BY line",
+                        batches::RESULT_COLS
+                    ),
+                    &[&id],
+                )
+                .await?;
+            Ok(rows.iter().map(row_result).collect())
+        })
+    }
+
+    fn finish_batch(
+        &self,
+        id: &str,
+        status: BatchStatus,
+        output: Option<NewFile>,
+        errors: Option<NewFile>,
+        now: i64,
+    ) -> Result<BatchRecord, LedgerError> {
+        batches::check_closing(status)?;
+        let (pool, id, owner) = (self.pool.clone(), id.to_string(), self.lease.owner.clone());
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let tx = c.transaction().await?;
+            let tenant_id: i64 = tx
+                .query_opt(
+                    "SELECT tenant_id FROM batches WHERE id = $1 AND owner = $2
+                       AND status IN ('in_progress', 'cancelling') FOR UPDATE",
+                    &[&id, &owner],
+                )
+                .await?
+                .ok_or_else(|| batches::not_held(&id))?
+                .get(0);
+            let mut files = [None, None];
+            for (slot, f) in files.iter_mut().zip([output, errors]) {
+                if let Some(f) = f {
+                    let r = insert_file(&tx, tenant_id, &f.filename, "batch_output", &f.content, now)
+                        .await?;
+                    *slot = Some(r.id);
+                }
+            }
+            let [out, err] = files;
+            tx.execute(
+                "UPDATE batches SET status = $2, closed_at = $3, output_file_id = $4, error_file_id = $5,
+                     owner = NULL, lease_until = 0 WHERE id = $1",
+                &[&id, &status.as_str(), &now, &out, &err],
+            )
+            .await?;
+            let b = batch_by_id(&tx, &id).await?;
+            tx.commit().await?;
+            Ok(b)
+        })
     }
 }

@@ -2,6 +2,9 @@
 //! Every write is a transaction that takes SQLite's write lock first (`BEGIN IMMEDIATE`), so
 //! admission is atomic across the processes that share the file.
 
+use crate::batches::{
+    self, BatchRecord, BatchStatus, Batches, FileRecord, LineResult, NewBatch, NewFile,
+};
 use crate::{
     empty_series, exists, fill_series, in_flight, new_key, new_tenant_budgets, no_tenant,
     quota_exhausted, updated_tenant, LeaseSettings, Ledger, LedgerError, Migration, Period,
@@ -41,6 +44,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 6,
         name: "tenant_weight",
         sql: include_str!("../migrations/sqlite/0006_tenant_weight.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "batches",
+        sql: include_str!("../migrations/sqlite/0007_batches.sql"),
     },
 ];
 
@@ -470,5 +478,392 @@ impl Ledger for SqliteLedger {
 
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+}
+
+fn row_file(r: &rusqlite::Row) -> rusqlite::Result<FileRecord> {
+    Ok(FileRecord {
+        id: r.get(0)?,
+        tenant_id: r.get(1)?,
+        filename: r.get(2)?,
+        purpose: r.get(3)?,
+        bytes: r.get(4)?,
+        created_at: r.get(5)?,
+    })
+}
+
+fn row_result(r: &rusqlite::Row) -> rusqlite::Result<LineResult> {
+    Ok(LineResult {
+        line: r.get(0)?,
+        custom_id: r.get(1)?,
+        status_code: r.get(2)?,
+        request_id: r.get(3)?,
+        body: r.get(4)?,
+        finished_at: r.get(5)?,
+    })
+}
+
+/// A batch row (status kept as text until checked).
+fn row_batch(r: &rusqlite::Row) -> rusqlite::Result<(BatchRecord, String)> {
+    let status: String = r.get(5)?;
+    Ok((
+        BatchRecord {
+            id: r.get(0)?,
+            tenant_id: r.get(1)?,
+            endpoint: r.get(2)?,
+            input_file_id: r.get(3)?,
+            completion_window: r.get(4)?,
+            status: BatchStatus::InProgress,
+            total: r.get(6)?,
+            completed: r.get(7)?,
+            failed: r.get(8)?,
+            metadata: batches::metadata_value(r.get(9)?),
+            created_at: r.get(10)?,
+            expires_at: r.get(11)?,
+            cancelling_at: r.get(12)?,
+            closed_at: r.get(13)?,
+            output_file_id: r.get(14)?,
+            error_file_id: r.get(15)?,
+        },
+        status,
+    ))
+}
+
+fn checked((mut b, status): (BatchRecord, String)) -> Result<BatchRecord, LedgerError> {
+    b.status = BatchStatus::parse(&status)?;
+    Ok(b)
+}
+
+fn batch_where(
+    conn: &Connection,
+    cond: &str,
+    p: impl rusqlite::Params,
+) -> Result<Option<BatchRecord>, LedgerError> {
+    conn.query_row(
+        &format!("{} WHERE {cond}", batches::BATCH_SELECT),
+        p,
+        row_batch,
+    )
+    .optional()?
+    .map(checked)
+    .transpose()
+}
+
+fn insert_file(
+    conn: &Connection,
+    tenant_id: i64,
+    filename: &str,
+    purpose: &str,
+    content: &[u8],
+    now: i64,
+) -> Result<FileRecord, LedgerError> {
+    let id = batches::new_id("file-")?;
+    conn.execute(
+        "INSERT INTO files (id, tenant_id, filename, purpose, bytes, created_at, content)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            id,
+            tenant_id,
+            filename,
+            purpose,
+            content.len() as i64,
+            now,
+            content
+        ],
+    )?;
+    Ok(FileRecord {
+        id,
+        tenant_id,
+        filename: filename.to_string(),
+        purpose: purpose.to_string(),
+        bytes: content.len() as i64,
+        created_at: now,
+    })
+}
+
+impl Batches for SqliteLedger {
+    fn create_file(
+        &self,
+        tenant_id: i64,
+        filename: &str,
+        purpose: &str,
+        content: &[u8],
+        max_tenant_bytes: i64,
+        now: i64,
+    ) -> Result<FileRecord, LedgerError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let stored: i64 = tx.query_row(
+            "SELECT COALESCE(SUM(bytes), 0) FROM files WHERE tenant_id = ?1 AND purpose = 'batch'",
+            params![tenant_id],
+            |r| r.get(0),
+        )?;
+        if stored + content.len() as i64 > max_tenant_bytes {
+            return Err(batches::storage_full(
+                max_tenant_bytes,
+                stored,
+                content.len(),
+            ));
+        }
+        let f = insert_file(&tx, tenant_id, filename, purpose, content, now)?;
+        tx.commit()?;
+        Ok(f)
+    }
+
+    fn file(&self, tenant_id: i64, id: &str) -> Result<FileRecord, LedgerError> {
+        self.lock()
+            .query_row(
+                &format!(
+                    "SELECT {} FROM files WHERE id = ?1 AND tenant_id = ?2",
+                    batches::FILE_COLS
+                ),
+                params![id, tenant_id],
+                row_file,
+            )
+            .optional()?
+            .ok_or_else(|| batches::no_file(id))
+    }
+
+    fn file_content(&self, tenant_id: i64, id: &str) -> Result<Vec<u8>, LedgerError> {
+        self.lock()
+            .query_row(
+                "SELECT content FROM files WHERE id = ?1 AND tenant_id = ?2",
+                params![id, tenant_id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| batches::no_file(id))
+    }
+
+    fn files(
+        &self,
+        tenant_id: i64,
+        purpose: Option<&str>,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Vec<FileRecord>, LedgerError> {
+        let conn = self.lock();
+        let mut st = conn.prepare(&format!(
+            "SELECT {} FROM files f WHERE tenant_id = ?1 AND (?2 IS NULL OR purpose = ?2)
+               AND (?3 IS NULL OR (created_at, id) < (SELECT created_at, id FROM files WHERE id = ?3 AND tenant_id = ?1))
+             ORDER BY created_at DESC, id DESC LIMIT ?4",
+            batches::FILE_COLS
+        ))?;
+        let rows = st.query_map(params![tenant_id, purpose, after, limit as i64], row_file)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn delete_file(&self, tenant_id: i64, id: &str) -> Result<(), LedgerError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let open: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM batches WHERE input_file_id = ?1 AND tenant_id = ?2
+               AND status IN ('in_progress', 'cancelling')",
+            params![id, tenant_id],
+            |r| r.get(0),
+        )?;
+        if open > 0 {
+            return Err(batches::input_in_use(id));
+        }
+        let n = tx.execute(
+            "DELETE FROM files WHERE id = ?1 AND tenant_id = ?2",
+            params![id, tenant_id],
+        )?;
+        if n == 0 {
+            return Err(batches::no_file(id));
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn create_batch(
+        &self,
+        tenant_id: i64,
+        b: &NewBatch,
+        now: i64,
+    ) -> Result<BatchRecord, LedgerError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let purpose: String = tx
+            .query_row(
+                "SELECT purpose FROM files WHERE id = ?1 AND tenant_id = ?2",
+                params![b.input_file_id, tenant_id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| batches::no_file(&b.input_file_id))?;
+        if purpose != "batch" {
+            return Err(batches::not_batch_input(&b.input_file_id, &purpose));
+        }
+        let id = batches::new_id("batch_")?;
+        tx.execute(
+            "INSERT INTO batches (id, tenant_id, endpoint, input_file_id, completion_window, status,
+                 total, metadata, created_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'in_progress', ?6, ?7, ?8, ?9)",
+            params![
+                id,
+                tenant_id,
+                b.endpoint,
+                b.input_file_id,
+                b.completion_window,
+                b.total,
+                batches::metadata_text(&b.metadata),
+                now,
+                now + b.window_s
+            ],
+        )?;
+        let r =
+            batch_where(&tx, "b.id = ?1", params![id])?.ok_or_else(|| batches::no_batch(&id))?;
+        tx.commit()?;
+        Ok(r)
+    }
+
+    fn batch(&self, tenant_id: i64, id: &str) -> Result<BatchRecord, LedgerError> {
+        batch_where(
+            &self.lock(),
+            "b.id = ?1 AND b.tenant_id = ?2",
+            params![id, tenant_id],
+        )?
+        .ok_or_else(|| batches::no_batch(id))
+    }
+
+    fn batches(
+        &self,
+        tenant_id: i64,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Vec<BatchRecord>, LedgerError> {
+        let conn = self.lock();
+        let mut st = conn.prepare(&format!(
+            "{} WHERE b.tenant_id = ?1
+               AND (?2 IS NULL OR (b.created_at, b.id) < (SELECT created_at, id FROM batches WHERE id = ?2 AND tenant_id = ?1))
+             ORDER BY b.created_at DESC, b.id DESC LIMIT ?3",
+            batches::BATCH_SELECT
+        ))?;
+        let rows = st.query_map(params![tenant_id, after, limit as i64], row_batch)?;
+        rows.map(|r| checked(r?)).collect()
+    }
+
+    fn cancel_batch(&self, tenant_id: i64, id: &str, now: i64) -> Result<BatchRecord, LedgerError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let b = batch_where(
+            &tx,
+            "b.id = ?1 AND b.tenant_id = ?2",
+            params![id, tenant_id],
+        )?
+        .ok_or_else(|| batches::no_batch(id))?;
+        match b.status {
+            BatchStatus::Cancelling => return Ok(b),
+            BatchStatus::InProgress => {}
+            _ => return Err(batches::cannot_cancel(&b)),
+        }
+        tx.execute(
+            "UPDATE batches SET status = 'cancelling', cancelling_at = ?2 WHERE id = ?1",
+            params![id, now],
+        )?;
+        let b = batch_where(&tx, "b.id = ?1", params![id])?.ok_or_else(|| batches::no_batch(id))?;
+        tx.commit()?;
+        Ok(b)
+    }
+
+    fn claim_batch(&self, now: i64) -> Result<Option<BatchRecord>, LedgerError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let id: Option<String> = tx
+            .query_row(
+                "SELECT id FROM batches WHERE status IN ('in_progress', 'cancelling')
+                   AND (lease_until < ?1 OR owner = ?2)
+                 ORDER BY created_at, id LIMIT 1",
+                params![now, self.lease.owner],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(id) = id else { return Ok(None) };
+        tx.execute(
+            "UPDATE batches SET owner = ?2, lease_until = ?3 WHERE id = ?1",
+            params![id, self.lease.owner, now + self.lease.lease_s],
+        )?;
+        let b = batch_where(&tx, "b.id = ?1", params![id])?;
+        tx.commit()?;
+        Ok(b)
+    }
+
+    fn renew_batch(&self, id: &str, now: i64) -> Result<Option<BatchStatus>, LedgerError> {
+        let conn = self.lock();
+        let n = conn.execute(
+            "UPDATE batches SET lease_until = ?3 WHERE id = ?1 AND owner = ?2
+               AND status IN ('in_progress', 'cancelling')",
+            params![id, self.lease.owner, now + self.lease.lease_s],
+        )?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let s: String = conn.query_row(
+            "SELECT status FROM batches WHERE id = ?1",
+            params![id],
+            |r| r.get(0),
+        )?;
+        Ok(Some(BatchStatus::parse(&s)?))
+    }
+
+    fn record_line(&self, batch_id: &str, r: &LineResult) -> Result<bool, LedgerError> {
+        Ok(self.lock().execute(
+            "INSERT INTO batch_results (batch_id, line, custom_id, status_code, request_id, body, finished_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (batch_id, line) DO NOTHING",
+            params![batch_id, r.line, r.custom_id, r.status_code, r.request_id, r.body, r.finished_at],
+        )? == 1)
+    }
+
+    fn line_results(&self, batch_id: &str) -> Result<Vec<LineResult>, LedgerError> {
+        let conn = self.lock();
+        let mut st = conn.prepare(&format!(
+            "SELECT {} FROM batch_results WHERE batch_id = ?1 ORDER BY line",
+            batches::RESULT_COLS
+        ))?;
+        let rows = st.query_map(params![batch_id], row_result)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn finish_batch(
+        &self,
+        id: &str,
+        status: BatchStatus,
+        output: Option<NewFile>,
+        errors: Option<NewFile>,
+        now: i64,
+    ) -> Result<BatchRecord, LedgerError> {
+        batches::check_closing(status)?;
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let b = batch_where(
+            &tx,
+            "b.id = ?1 AND b.owner = ?2 AND b.status IN ('in_progress', 'cancelling')",
+            params![id, self.lease.owner],
+        )?
+        .ok_or_else(|| batches::not_held(id))?;
+        let file = |f: Option<NewFile>| -> Result<Option<String>, LedgerError> {
+            f.map(|f| {
+                insert_file(
+                    &tx,
+                    b.tenant_id,
+                    &f.filename,
+                    "batch_output",
+                    &f.content,
+                    now,
+                )
+                .map(|r| r.id)
+            })
+            .transpose()
+        };
+        let (out, err) = (file(output)?, file(errors)?);
+        tx.execute(
+            "UPDATE batches SET status = ?2, closed_at = ?3, output_file_id = ?4, error_file_id = ?5,
+                 owner = NULL, lease_until = 0 WHERE id = ?1",
+            params![id, status.as_str(), now, out, err],
+        )?;
+        let b = batch_where(&tx, "b.id = ?1", params![id])?.ok_or_else(|| batches::no_batch(id))?;
+        tx.commit()?;
+        Ok(b)
     }
 }

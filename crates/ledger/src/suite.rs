@@ -29,7 +29,9 @@ macro_rules! ledger_suite {
             replicas_never_admit_past_the_quota,
             settlements_survive_the_database_being_down,
             keys_rotate_and_requests_keep_their_plans_and_charges,
-            migrations_are_applied_once);
+            migrations_are_applied_once,
+            files_are_a_tenants_own_and_capped,
+            a_batch_outlives_its_replica_and_closes_once);
     };
     (@cases $harness:expr; $($case:ident),*) => {
         $(
@@ -432,6 +434,102 @@ impl Switch {
     }
 }
 
+impl crate::Batches for Switch {
+    fn create_file(
+        &self,
+        tenant_id: i64,
+        filename: &str,
+        purpose: &str,
+        content: &[u8],
+        max_tenant_bytes: i64,
+        now: i64,
+    ) -> Result<crate::FileRecord, LedgerError> {
+        self.check()?;
+        self.inner
+            .create_file(tenant_id, filename, purpose, content, max_tenant_bytes, now)
+    }
+    fn file(&self, tenant_id: i64, id: &str) -> Result<crate::FileRecord, LedgerError> {
+        self.check()?;
+        self.inner.file(tenant_id, id)
+    }
+    fn file_content(&self, tenant_id: i64, id: &str) -> Result<Vec<u8>, LedgerError> {
+        self.check()?;
+        self.inner.file_content(tenant_id, id)
+    }
+    fn files(
+        &self,
+        tenant_id: i64,
+        purpose: Option<&str>,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Vec<crate::FileRecord>, LedgerError> {
+        self.check()?;
+        self.inner.files(tenant_id, purpose, limit, after)
+    }
+    fn delete_file(&self, tenant_id: i64, id: &str) -> Result<(), LedgerError> {
+        self.check()?;
+        self.inner.delete_file(tenant_id, id)
+    }
+    fn create_batch(
+        &self,
+        tenant_id: i64,
+        b: &crate::NewBatch,
+        now: i64,
+    ) -> Result<crate::BatchRecord, LedgerError> {
+        self.check()?;
+        self.inner.create_batch(tenant_id, b, now)
+    }
+    fn batch(&self, tenant_id: i64, id: &str) -> Result<crate::BatchRecord, LedgerError> {
+        self.check()?;
+        self.inner.batch(tenant_id, id)
+    }
+    fn batches(
+        &self,
+        tenant_id: i64,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Vec<crate::BatchRecord>, LedgerError> {
+        self.check()?;
+        self.inner.batches(tenant_id, limit, after)
+    }
+    fn cancel_batch(
+        &self,
+        tenant_id: i64,
+        id: &str,
+        now: i64,
+    ) -> Result<crate::BatchRecord, LedgerError> {
+        self.check()?;
+        self.inner.cancel_batch(tenant_id, id, now)
+    }
+    fn claim_batch(&self, now: i64) -> Result<Option<crate::BatchRecord>, LedgerError> {
+        self.check()?;
+        self.inner.claim_batch(now)
+    }
+    fn renew_batch(&self, id: &str, now: i64) -> Result<Option<crate::BatchStatus>, LedgerError> {
+        self.check()?;
+        self.inner.renew_batch(id, now)
+    }
+    fn record_line(&self, batch_id: &str, r: &crate::LineResult) -> Result<bool, LedgerError> {
+        self.check()?;
+        self.inner.record_line(batch_id, r)
+    }
+    fn line_results(&self, batch_id: &str) -> Result<Vec<crate::LineResult>, LedgerError> {
+        self.check()?;
+        self.inner.line_results(batch_id)
+    }
+    fn finish_batch(
+        &self,
+        id: &str,
+        status: crate::BatchStatus,
+        output: Option<crate::NewFile>,
+        errors: Option<crate::NewFile>,
+        now: i64,
+    ) -> Result<crate::BatchRecord, LedgerError> {
+        self.check()?;
+        self.inner.finish_batch(id, status, output, errors, now)
+    }
+}
+
 impl Ledger for Switch {
     fn create_tenant(
         &self,
@@ -710,4 +808,255 @@ pub fn migrations_are_applied_once(h: &dyn Harness) {
     let again = h.open(replica("r2", 30));
     assert_eq!(h.count("SELECT COUNT(*) FROM schema_migrations"), versions);
     assert_eq!(again.usage(&a, 10).unwrap().reserved_flops, 1.0);
+}
+
+fn line(i: i64, status: i64, request_id: &str) -> crate::LineResult {
+    crate::LineResult {
+        line: i,
+        custom_id: format!("c{i}"),
+        status_code: status,
+        request_id: request_id.to_string(),
+        body: format!("{{\"n\": {i}}}"),
+        finished_at: 100 + i,
+    }
+}
+
+fn new_batch(file: &str, total: i64) -> crate::NewBatch {
+    crate::NewBatch {
+        endpoint: "/v1/chat/completions".into(),
+        input_file_id: file.into(),
+        total,
+        completion_window: "24h".into(),
+        window_s: 86_400,
+        metadata: Some(serde_json::json!({"job": "nightly"})),
+    }
+}
+
+pub fn files_are_a_tenants_own_and_capped(h: &dyn Harness) {
+    let l = h.open(replica("r1", 30));
+    let (a, _) = l.create_tenant("a", &TenantSettings::default()).unwrap();
+    let (b, _) = l.create_tenant("b", &TenantSettings::default()).unwrap();
+    let f1 = l
+        .create_file(a.id, "one.jsonl", "batch", b"0123456789", 25, 10)
+        .unwrap();
+    assert_eq!(
+        (f1.bytes, f1.created_at, f1.purpose.as_str()),
+        (10, 10, "batch")
+    );
+    assert!(f1.id.starts_with("file-") && f1.id.len() == 29, "{}", f1.id);
+    // 10 + 10 <= 25; then 20 + 10 > 25 is refused, naming the limit.
+    let f2 = l
+        .create_file(a.id, "two.jsonl", "batch", &[0xff; 10], 25, 11)
+        .unwrap();
+    match l.create_file(a.id, "three.jsonl", "batch", b"0123456789", 25, 12) {
+        Err(LedgerError::Invalid(m)) => assert!(m.contains("30 bytes") && m.contains("25"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // Another tenant's limit is its own; its files are invisible to `a`, as missing ones.
+    let g = l
+        .create_file(b.id, "b.jsonl", "batch", b"xyz", 25, 12)
+        .unwrap();
+    assert!(matches!(l.file(a.id, &g.id), Err(LedgerError::NotFound(_))));
+    assert!(matches!(
+        l.file_content(a.id, &g.id),
+        Err(LedgerError::NotFound(_))
+    ));
+    assert!(matches!(
+        l.delete_file(a.id, &g.id),
+        Err(LedgerError::NotFound(_))
+    ));
+    assert_eq!(l.file_content(b.id, &g.id).unwrap(), b"xyz");
+    // Bytes come back as stored (not text).
+    assert_eq!(l.file_content(a.id, &f2.id).unwrap(), vec![0xff; 10]);
+    assert_eq!(l.file(a.id, &f1.id).unwrap(), f1);
+    // Newest first, paged after an id, filtered by purpose.
+    let ids = |v: Vec<crate::FileRecord>| v.into_iter().map(|f| f.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(l.files(a.id, None, 10, None).unwrap()),
+        [f2.id.clone(), f1.id.clone()]
+    );
+    assert_eq!(ids(l.files(a.id, None, 1, None).unwrap()), [f2.id.clone()]);
+    assert_eq!(
+        ids(l.files(a.id, None, 10, Some(&f2.id)).unwrap()),
+        [f1.id.clone()]
+    );
+    assert!(l
+        .files(a.id, Some("batch_output"), 10, None)
+        .unwrap()
+        .is_empty());
+    // Deleting frees the tenant's room.
+    l.delete_file(a.id, &f1.id).unwrap();
+    assert!(matches!(
+        l.file(a.id, &f1.id),
+        Err(LedgerError::NotFound(_))
+    ));
+    l.create_file(a.id, "three.jsonl", "batch", b"0123456789", 25, 13)
+        .unwrap();
+}
+
+pub fn a_batch_outlives_its_replica_and_closes_once(h: &dyn Harness) {
+    let r1 = h.open(replica("r1", 10));
+    let r2 = h.open(replica("r2", 10));
+    let (a, _) = r1.create_tenant("a", &TenantSettings::default()).unwrap();
+    let (b, _) = r1.create_tenant("b", &TenantSettings::default()).unwrap();
+    let input = r1
+        .create_file(a.id, "in.jsonl", "batch", b"{}\n{}\n{}\n", 1 << 20, 100)
+        .unwrap();
+    assert!(matches!(
+        r1.create_batch(a.id, &new_batch("file-nope", 3), 100),
+        Err(LedgerError::NotFound(_))
+    ));
+    assert!(matches!(
+        r1.create_batch(b.id, &new_batch(&input.id, 3), 100),
+        Err(LedgerError::NotFound(_))
+    ));
+    let batch = r1
+        .create_batch(a.id, &new_batch(&input.id, 3), 100)
+        .unwrap();
+    assert!(batch.id.starts_with("batch_"));
+    assert_eq!(batch.status, crate::BatchStatus::InProgress);
+    assert_eq!((batch.total, batch.completed, batch.failed), (3, 0, 0));
+    assert_eq!((batch.created_at, batch.expires_at), (100, 86_500));
+    assert_eq!(batch.metadata, Some(serde_json::json!({"job": "nightly"})));
+    assert!(matches!(
+        r1.batch(b.id, &batch.id),
+        Err(LedgerError::NotFound(_))
+    ));
+    // Its input cannot be deleted while it runs.
+    assert!(matches!(
+        r1.delete_file(a.id, &input.id),
+        Err(LedgerError::Conflict(_))
+    ));
+    // r1 takes it; r2 finds nothing while r1's lease holds.
+    assert_eq!(r1.claim_batch(101).unwrap().unwrap().id, batch.id);
+    assert!(r2.claim_batch(105).unwrap().is_none());
+    assert_eq!(
+        r1.renew_batch(&batch.id, 108).unwrap(),
+        Some(crate::BatchStatus::InProgress)
+    );
+    assert!(r2.claim_batch(117).unwrap().is_none(), "renewed until 118");
+    assert!(r1.record_line(&batch.id, &line(0, 200, "q0")).unwrap());
+    assert!(r1.record_line(&batch.id, &line(2, 422, "q2")).unwrap());
+    // r1 dies: one lease later r2 takes the batch and sees r1's answers.
+    let b2 = r2.claim_batch(119).unwrap().unwrap();
+    assert_eq!(
+        (b2.id.as_str(), b2.completed, b2.failed),
+        (batch.id.as_str(), 1, 1)
+    );
+    assert_eq!(
+        r1.renew_batch(&batch.id, 120).unwrap(),
+        None,
+        "no longer r1's"
+    );
+    assert!(matches!(
+        r1.finish_batch(&batch.id, crate::BatchStatus::Completed, None, None, 120),
+        Err(LedgerError::Conflict(_))
+    ));
+    let done: Vec<i64> = r2
+        .line_results(&batch.id)
+        .unwrap()
+        .iter()
+        .map(|r| r.line)
+        .collect();
+    assert_eq!(done, [0, 2]);
+    // A line answers once: the first answer is kept.
+    assert!(!r2.record_line(&batch.id, &line(0, 500, "other")).unwrap());
+    assert!(r2.record_line(&batch.id, &line(1, 200, "q1")).unwrap());
+    let results = r2.line_results(&batch.id).unwrap();
+    assert_eq!(results[0], line(0, 200, "q0"));
+    assert_eq!(results.len(), 3);
+    // Cancelling: in progress -> cancelling, again the same; the owner keeps its lease.
+    let c = r1.cancel_batch(a.id, &batch.id, 121).unwrap();
+    assert_eq!(
+        (c.status, c.cancelling_at),
+        (crate::BatchStatus::Cancelling, Some(121))
+    );
+    assert_eq!(
+        r1.cancel_batch(a.id, &batch.id, 122).unwrap().cancelling_at,
+        Some(121)
+    );
+    assert!(matches!(
+        r1.cancel_batch(b.id, &batch.id, 122),
+        Err(LedgerError::NotFound(_))
+    ));
+    assert_eq!(
+        r2.renew_batch(&batch.id, 122).unwrap(),
+        Some(crate::BatchStatus::Cancelling)
+    );
+    assert!(matches!(
+        r2.finish_batch(&batch.id, crate::BatchStatus::InProgress, None, None, 123),
+        Err(LedgerError::Invalid(_))
+    ));
+    let out = crate::NewFile {
+        filename: "out.jsonl".into(),
+        content: b"o\n".to_vec(),
+    };
+    let err = crate::NewFile {
+        filename: "err.jsonl".into(),
+        content: b"e\n".to_vec(),
+    };
+    let closed = r2
+        .finish_batch(
+            &batch.id,
+            crate::BatchStatus::Cancelled,
+            Some(out),
+            Some(err),
+            124,
+        )
+        .unwrap();
+    assert_eq!(closed.status, crate::BatchStatus::Cancelled);
+    assert_eq!(
+        (closed.completed, closed.failed, closed.closed_at),
+        (2, 1, Some(124))
+    );
+    let (o, e) = (
+        closed.output_file_id.unwrap(),
+        closed.error_file_id.unwrap(),
+    );
+    assert_eq!(r1.file_content(a.id, &o).unwrap(), b"o\n");
+    assert_eq!(r1.file_content(a.id, &e).unwrap(), b"e\n");
+    let of = r1.file(a.id, &o).unwrap();
+    assert_eq!(
+        (of.purpose.as_str(), of.filename.as_str(), of.created_at),
+        ("batch_output", "out.jsonl", 124)
+    );
+    // Closed once: no second close, no cancel, nobody claims it again.
+    assert!(matches!(
+        r2.finish_batch(&batch.id, crate::BatchStatus::Completed, None, None, 125),
+        Err(LedgerError::Conflict(_))
+    ));
+    assert!(matches!(
+        r1.cancel_batch(a.id, &batch.id, 125),
+        Err(LedgerError::Conflict(_))
+    ));
+    assert!(r1.claim_batch(1000).unwrap().is_none());
+    assert!(r2.renew_batch(&batch.id, 126).unwrap().is_none());
+    // Output files do not count against the upload limit; the input can go now.
+    r1.create_file(a.id, "more.jsonl", "batch", b"x", 10, 127)
+        .unwrap();
+    r1.delete_file(a.id, &input.id).unwrap();
+    // Listing: newest first, paged.
+    let in2 = r1
+        .create_file(a.id, "in2.jsonl", "batch", b"{}", 1 << 20, 130)
+        .unwrap();
+    let second = r1.create_batch(a.id, &new_batch(&in2.id, 1), 130).unwrap();
+    let out_file = r1.create_batch(a.id, &new_batch(&o, 1), 131);
+    assert!(matches!(out_file, Err(LedgerError::Invalid(m)) if m.contains("batch_output")));
+    let ids: Vec<String> = r1
+        .batches(a.id, 10, None)
+        .unwrap()
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(ids, [second.id.clone(), batch.id.clone()]);
+    let after: Vec<String> = r1
+        .batches(a.id, 10, Some(&second.id))
+        .unwrap()
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(after, [batch.id.clone()]);
+    assert!(r1.batches(b.id, 10, None).unwrap().is_empty());
+    // The oldest open batch is claimed first.
+    assert_eq!(r2.claim_batch(200).unwrap().unwrap().id, second.id);
 }

@@ -79,8 +79,8 @@ fn replicas_starting_together_migrate_once() {
         ledgers[0]
             .query_i64("SELECT COUNT(*) FROM schema_migrations")
             .unwrap(),
-        5,
-        "0001_init, 0002_usage_totals, 0003_request_plans, 0004_tenant_max_in_flight and 0005_tenant_weight, each once"
+        6,
+        "0001_init to 0006_batches, each once"
     );
 }
 

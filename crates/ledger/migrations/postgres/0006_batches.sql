@@ -1,0 +1,45 @@
+-- Tenants' files (uploaded batch input, a batch's output and error files) and batches, with
+-- each line's answer as it arrives (see src/batches.rs).
+CREATE TABLE files (
+    id TEXT PRIMARY KEY,
+    tenant_id BIGINT NOT NULL REFERENCES tenants(id),
+    filename TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    bytes BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    content BYTEA NOT NULL
+);
+CREATE INDEX files_by_tenant ON files (tenant_id, created_at);
+
+CREATE TABLE batches (
+    id TEXT PRIMARY KEY,
+    tenant_id BIGINT NOT NULL REFERENCES tenants(id),
+    endpoint TEXT NOT NULL,
+    input_file_id TEXT NOT NULL,
+    completion_window TEXT NOT NULL,
+    status TEXT NOT NULL,
+    total BIGINT NOT NULL,
+    metadata TEXT,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    cancelling_at BIGINT,
+    closed_at BIGINT,
+    output_file_id TEXT,
+    error_file_id TEXT,
+    -- The replica running it, until lease_until (0: nobody).
+    owner TEXT,
+    lease_until BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX batches_by_tenant ON batches (tenant_id, created_at);
+CREATE INDEX batches_open ON batches (status, lease_until);
+
+CREATE TABLE batch_results (
+    batch_id TEXT NOT NULL REFERENCES batches(id),
+    line BIGINT NOT NULL,
+    custom_id TEXT NOT NULL,
+    status_code BIGINT NOT NULL,
+    request_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    finished_at BIGINT NOT NULL,
+    PRIMARY KEY (batch_id, line)
+);
