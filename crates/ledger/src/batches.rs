@@ -87,6 +87,8 @@ pub struct NewBatch {
 pub struct BatchRecord {
     pub id: String,
     pub tenant_id: i64,
+    /// The tenant's name; None once the tenant is removed.
+    pub tenant: Option<String>,
     pub endpoint: String,
     pub input_file_id: String,
     pub completion_window: String,
@@ -260,7 +262,9 @@ pub(crate) const BATCH_SELECT: &str = "SELECT b.id, b.tenant_id, b.endpoint, b.i
     (SELECT COUNT(*) FROM batch_results r WHERE r.batch_id = b.id AND r.status_code BETWEEN 200 AND 299),
     (SELECT COUNT(*) FROM batch_results r WHERE r.batch_id = b.id AND r.status_code NOT BETWEEN 200 AND 299),
     b.metadata, b.created_at, b.expires_at, b.cancelling_at, b.closed_at, b.output_file_id,
-    b.error_file_id FROM batches b";
+    b.error_file_id,
+    (SELECT t.name FROM tenants t WHERE t.id = b.tenant_id AND t.key_hash NOT LIKE 'removed:%')
+    FROM batches b";
 
 /// The columns of a [`FileRecord`] (both dialects).
 pub(crate) const FILE_COLS: &str = "id, tenant_id, filename, purpose, bytes, created_at";

@@ -708,6 +708,7 @@ fn row_batch(r: &Row) -> Result<BatchRecord, LedgerError> {
     Ok(BatchRecord {
         id: r.get(0),
         tenant_id: r.get(1),
+        tenant: r.get(16),
         endpoint: r.get(2),
         input_file_id: r.get(3),
         completion_window: r.get(4),

@@ -875,10 +875,10 @@ pub fn files_are_a_tenants_own_and_capped(h: &dyn Harness) {
         ids(l.files(a.id, None, 10, None).unwrap()),
         [f2.id.clone(), f1.id.clone()]
     );
-    assert_eq!(ids(l.files(a.id, None, 1, None).unwrap()), [f2.id.clone()]);
+    assert_eq!(ids(l.files(a.id, None, 1, None).unwrap()), [f2.id.as_str()]);
     assert_eq!(
         ids(l.files(a.id, None, 10, Some(&f2.id)).unwrap()),
-        [f1.id.clone()]
+        [f1.id.as_str()]
     );
     assert!(l
         .files(a.id, Some("batch_output"), 10, None)
@@ -914,6 +914,7 @@ pub fn a_batch_outlives_its_replica_and_closes_once(h: &dyn Harness) {
         .create_batch(a.id, &new_batch(&input.id, 3), 100)
         .unwrap();
     assert!(batch.id.starts_with("batch_"));
+    assert_eq!(batch.tenant.as_deref(), Some("a"));
     assert_eq!(batch.status, crate::BatchStatus::InProgress);
     assert_eq!((batch.total, batch.completed, batch.failed), (3, 0, 0));
     assert_eq!((batch.created_at, batch.expires_at), (100, 86_500));
@@ -1055,7 +1056,7 @@ pub fn a_batch_outlives_its_replica_and_closes_once(h: &dyn Harness) {
         .into_iter()
         .map(|b| b.id)
         .collect();
-    assert_eq!(after, [batch.id.clone()]);
+    assert_eq!(after, [batch.id.as_str()]);
     assert!(r1.batches(b.id, 10, None).unwrap().is_empty());
     // The oldest open batch is claimed first.
     assert_eq!(r2.claim_batch(200).unwrap().unwrap().id, second.id);

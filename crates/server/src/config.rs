@@ -33,6 +33,7 @@ pub struct ServerConfig {
     pub planner: PlannerConfig,
     pub limits: Limits,
     pub ledger: LedgerConfig,
+    pub batch: BatchConfig,
     pub media: MediaPolicy,
     /// Folders `file://` URLs may read from (empty: `file://` is refused).
     #[serde(default)]
@@ -134,6 +135,25 @@ pub struct PlannerConfig {
     pub data_size_m: f64,
     /// Generated tokens priced by the exact cost mode when a request does not say.
     pub expected_decode_tokens: usize,
+}
+
+/// The Batch API: limits on files and how a replica runs batches.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Off: `/v1/files` and `/v1/batches` answer 404 and no batch runs here.
+    pub enabled: bool,
+    /// Lines this replica runs at once. A line starts only while no request waits at the door
+    /// (batches take the capacity interactive requests leave).
+    pub concurrency: usize,
+    /// The largest uploaded file (the route's body limit).
+    pub max_file_bytes: usize,
+    /// Requests in one batch file.
+    pub max_lines: usize,
+    /// A tenant's uploaded files in all (a batch's output and error files are not counted).
+    pub tenant_storage_bytes: i64,
+    /// Seconds between an idle replica's looks for a batch to run.
+    pub poll_s: f64,
 }
 
 /// Leases, the journal, and what happens when the database is down or slow.

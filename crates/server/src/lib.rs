@@ -13,6 +13,8 @@
 //! crate's APIs.
 
 mod admission;
+pub mod batch;
+pub mod batch_runner;
 pub mod cache;
 mod chat;
 mod completions;
@@ -274,6 +276,12 @@ pub async fn serve(
     use std::time::Duration;
     use tower::ServiceExt as _;
     let renewer = tokio::spawn(renew_leases(state.clone()));
+    let (stop_batches, batches_stopped) = tokio::sync::watch::channel(false);
+    let batches = state
+        .config
+        .batch
+        .enabled
+        .then(|| tokio::spawn(batch_runner::run(state.clone(), batches_stopped)));
     let limits = &state.config.limits;
     let grace = Duration::from_secs_f64(limits.shutdown_grace_s.max(0.0));
     let header_timeout = Duration::from_secs_f64(limits.header_timeout_s.max(0.1));
@@ -316,8 +324,15 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: finishing in-flight requests");
+    // Batches start no new line; the lines running finish with the connections.
+    let _ = stop_batches.send(true);
+    let batches = async {
+        if let Some(b) = batches {
+            let _ = b.await;
+        }
+    };
     tokio::select! {
-        _ = graceful.shutdown() => {},
+        _ = async { tokio::join!(graceful.shutdown(), batches) } => {},
         _ = tokio::time::sleep(grace) => {
             tracing::warn!("grace period over; exiting with requests still in flight");
         }

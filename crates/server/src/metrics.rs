@@ -81,6 +81,7 @@ pub struct Metrics {
     media_fetches: Family<FetchResult, Counter>,
     media_fetch_bytes: Counter,
     media_fetch_seconds: Histogram,
+    batch_lines: Family<FetchResult, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -136,6 +137,7 @@ impl Default for Metrics {
             media_fetches: Family::default(),
             media_fetch_bytes: Counter::default(),
             media_fetch_seconds: latency(),
+            batch_lines: Family::default(),
         };
         let mut m = m;
         let r = &mut m.registry;
@@ -260,6 +262,12 @@ impl Default for Metrics {
             m.media_fetch_seconds.clone(),
         );
         r.register(
+            "batch_lines",
+            "Batch lines run by this replica, by result: ok (a 2xx answer), failed (any other \
+             answer, recorded in the batch's error file), retried (429 or 503: run again later)",
+            m.batch_lines.clone(),
+        );
+        r.register(
             "admission_waiting",
             "Requests waiting at the door for an admission place (read at scrape)",
             m.admission_waiting.clone(),
@@ -375,6 +383,13 @@ impl Metrics {
         if let Some(s) = seconds {
             self.media_fetch_seconds.observe(s);
         }
+    }
+
+    /// A batch line's outcome: `ok`, `failed` or `retried`.
+    pub fn batch_line(&self, result: &'static str) {
+        self.batch_lines
+            .get_or_create(&FetchResult { result })
+            .inc();
     }
 
     pub fn add_tokens(&self, n: u64) {

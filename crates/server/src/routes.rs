@@ -47,6 +47,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/tokenizer_info", get(tokenizer_info))
+        .route(
+            "/v1/files",
+            post(upload_file)
+                .layer(DefaultBodyLimit::max(state.config.batch.max_file_bytes))
+                .get(list_files),
+        )
+        .route("/v1/files/{id}", get(get_file).delete(delete_file))
+        .route("/v1/files/{id}/content", get(file_content))
+        .route("/v1/batches", post(create_batch).get(list_batches))
+        .route("/v1/batches/{id}", get(get_batch))
+        .route("/v1/batches/{id}/cancel", post(cancel_batch))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_tenant,
@@ -125,10 +136,18 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 async fn require_tenant(State(s): St, req: Request, next: axum::middleware::Next) -> Response {
-    let checked = match authenticate(&s, req.headers())
-        .await
-        .and_then(|t| check_length(&s, &req).map(|_| t))
-    {
+    // A batch line runs in process as its batch's tenant (HTTP cannot set an extension).
+    let caller = req
+        .extensions()
+        .get::<crate::batch_runner::BatchCaller>()
+        .map(|c| c.0.clone());
+    let found = match caller {
+        Some(t) => Ok(t),
+        None => authenticate(&s, req.headers())
+            .await
+            .and_then(|t| check_length(&s, &req).map(|_| t)),
+    };
+    let checked = match found {
         Ok(t) => {
             let path = req.uri().path().to_string();
             let id = req
@@ -212,7 +231,11 @@ fn announced_length(req: &Request) -> Option<u64> {
 
 /// A body announced over the limit is refused before it is read.
 fn check_length(s: &AppState, req: &Request) -> Result<(), ApiError> {
-    let limit = body_limit(&s.config);
+    let limit = if req.uri().path() == "/v1/files" {
+        s.config.batch.max_file_bytes
+    } else {
+        body_limit(&s.config)
+    };
     match announced_length(req) {
         Some(n) if n > limit as u64 => Err(ApiError::PayloadTooLarge(format!(
             "the request body is {n} bytes, over the limit of {limit}"
@@ -953,3 +976,72 @@ async fn admin_requests(
     }))
     .into_response())
 }
+
+/// The Files and Batch APIs' handlers: each authenticates, then calls `crate::batch`.
+macro_rules! batch_route {
+    ($name:ident, $route:literal, |$s:ident, $t:ident $(, $arg:ident: $ty:ty)?| $call:expr) => {
+        async fn $name(
+            State(s): St,
+            authenticated: Option<axum::Extension<Authenticated>>,
+            headers: HeaderMap,
+            $($arg: $ty,)?
+        ) -> Response {
+            let authenticated = authenticated.map(|axum::Extension(x)| x);
+            with_tenant(s, authenticated, &headers, $route, |$s, $t| async move { $call.await })
+                .await
+        }
+    };
+}
+
+batch_route!(upload_file, "/v1/files", |s, t, mp: Multipart| {
+    crate::batch::upload(s, t, mp)
+});
+batch_route!(list_files, "/v1/files", |s,
+                                       t,
+                                       q: Result<
+    Query<crate::batch::ListQuery>,
+    axum::extract::rejection::QueryRejection,
+>| async move {
+    let Query(q) = q.map_err(|e| ApiError::Validation(e.body_text()))?;
+    crate::batch::list_files(s, t, q).await
+});
+batch_route!(get_file, "/v1/files/{id}", |s, t, id: Path<String>| {
+    crate::batch::get_file(s, t, id.0)
+});
+batch_route!(delete_file, "/v1/files/{id}", |s, t, id: Path<String>| {
+    crate::batch::delete_file(s, t, id.0)
+});
+batch_route!(file_content, "/v1/files/{id}/content", |s,
+                                                      t,
+                                                      id: Path<
+    String,
+>| {
+    crate::batch::file_content(s, t, id.0)
+});
+batch_route!(create_batch, "/v1/batches", |s,
+                                           t,
+                                           body: Result<
+    Json<crate::batch::CreateBatch>,
+    axum::extract::rejection::JsonRejection,
+>| crate::batch::create_batch(
+    s, t, body
+));
+batch_route!(list_batches, "/v1/batches", |s,
+                                           t,
+                                           q: Result<
+    Query<crate::batch::ListQuery>,
+    axum::extract::rejection::QueryRejection,
+>| async move {
+    let Query(q) = q.map_err(|e| ApiError::Validation(e.body_text()))?;
+    crate::batch::list_batches(s, t, q).await
+});
+batch_route!(get_batch, "/v1/batches/{id}", |s, t, id: Path<String>| {
+    crate::batch::get_batch(s, t, id.0)
+});
+batch_route!(cancel_batch, "/v1/batches/{id}/cancel", |s,
+                                                       t,
+                                                       id: Path<
+    String,
+>| {
+    crate::batch::cancel_batch(s, t, id.0)
+});
