@@ -2861,3 +2861,464 @@ async fn media_urls_are_fetched_only_from_allowed_prefixes() {
         "{v}"
     );
 }
+
+impl Server {
+    /// `POST /v1/files` as OpenAI's client sends it (multipart `purpose` and `file`).
+    async fn upload(&self, key: &str, purpose: &str, content: &[u8]) -> (u16, Value) {
+        let boundary = "vvlmbatchboundary";
+        let mut body = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n\
+             --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+             Content-Type: application/jsonl\r\n\r\n"
+        )
+        .into_bytes();
+        body.extend(content);
+        body.extend(format!("\r\n--{boundary}--\r\n").bytes());
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/files")
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .header(
+                header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(Body::from(body))
+            .unwrap();
+        let (st, _, v) = self.send(req).await;
+        (st.as_u16(), v)
+    }
+
+    async fn get(&self, path: &str, key: &str) -> (u16, Value) {
+        self.json(Method::GET, path, Some(key), Value::Null).await
+    }
+
+    /// Runs batches in the background until the returned sender is dropped or sent `true`.
+    fn run_batches(&self) -> tokio::sync::watch::Sender<bool> {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(vvlm_server::batch_runner::run(self.state.clone(), stopped));
+        stop
+    }
+
+    /// Polls a batch until it is closed (at most 120 s).
+    async fn closed_batch(&self, key: &str, id: &str) -> Value {
+        let t = std::time::Instant::now();
+        loop {
+            let (st, b) = self.get(&format!("/v1/batches/{id}"), key).await;
+            assert_eq!(st, 200, "{b}");
+            if !matches!(b["status"].as_str(), Some("in_progress" | "cancelling")) {
+                return b;
+            }
+            assert!(t.elapsed().as_secs() < 120, "batch not closed: {b}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A stored file's JSONL lines.
+    async fn jsonl(&self, key: &str, id: &Value) -> Vec<Value> {
+        let (st, v) = self
+            .get(&format!("/v1/files/{}/content", id.as_str().unwrap()), key)
+            .await;
+        assert_eq!(st, 200, "{v}");
+        // One line is JSON itself; several come back as text.
+        let text = match v {
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn batch_line(custom_id: &str, url: &str, body: Value) -> String {
+    json!({"custom_id": custom_id, "method": "POST", "url": url, "body": body}).to_string() + "\n"
+}
+
+fn greedy_chat(text: &str) -> Value {
+    json!({"messages": [{"role": "user", "content": text}], "max_tokens": 3, "temperature": 0})
+}
+
+/// Each line runs as the same request sent over HTTP would (the same answer, planned,
+/// reserved and charged to the tenant); answers land in the output file and refusals in the
+/// error file, in input order; another tenant sees none of it.
+#[tokio::test]
+async fn a_batch_runs_each_line_as_its_own_request() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let bob = s.tenant("bob", None);
+    let video = s._dir.path().join("v.mp4");
+    std::fs::write(&video, video_bytes()).unwrap();
+    let with_video = json!({"messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": format!("file://{}", video.display())}},
+            {"type": "text", "text": "what happens ?"}]}],
+        "max_tokens": 4, "temperature": 0});
+    let bad = json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 9});
+    let input = [
+        batch_line(
+            "q1",
+            "/v1/chat/completions",
+            greedy_chat("what colour is the flash ?"),
+        ),
+        batch_line("bad", "/v1/chat/completions", bad),
+        batch_line("q3", "/v1/chat/completions", with_video.clone()),
+    ]
+    .concat();
+    let (st, f) = s.upload(&key, "batch", input.as_bytes()).await;
+    assert_eq!(st, 200, "{f}");
+    assert_eq!(
+        (
+            f["object"].as_str(),
+            f["purpose"].as_str(),
+            f["bytes"].as_u64()
+        ),
+        (Some("file"), Some("batch"), Some(input.len() as u64))
+    );
+    let (st, b) = s
+        .post(
+            "/v1/batches",
+            &key,
+            json!({"input_file_id": f["id"], "endpoint": "/v1/chat/completions",
+                   "completion_window": "24h", "metadata": {"job": "nightly"}}),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["status"], "in_progress");
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 3, "completed": 0, "failed": 0})
+    );
+    assert_eq!(b["metadata"]["job"], "nightly");
+    let id = b["id"].as_str().unwrap().to_string();
+    // Another tenant sees neither the batch nor its file.
+    assert_eq!(s.get(&format!("/v1/batches/{id}"), &bob).await.0, 404);
+    let file_path = format!("/v1/files/{}", f["id"].as_str().unwrap());
+    assert_eq!(s.get(&file_path, &bob).await.0, 404);
+    assert_eq!(s.get("/v1/batches", &bob).await.1["data"], json!([]));
+    // The input cannot be deleted while the batch is open.
+    let (st, v) = s
+        .json(Method::DELETE, &file_path, Some(&key), Value::Null)
+        .await;
+    assert_eq!(st, 409, "{v}");
+
+    let _runner = s.run_batches();
+    let b = s.closed_batch(&key, &id).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 3, "completed": 2, "failed": 1})
+    );
+    assert!(b["completed_at"].as_i64().is_some() && b["cancelled_at"].is_null());
+    let output = s.jsonl(&key, &b["output_file_id"]).await;
+    let errors = s.jsonl(&key, &b["error_file_id"]).await;
+    let custom: Vec<&str> = output
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(custom, ["q1", "q3"]);
+    let charged_by_batch = s
+        .state
+        .ledger
+        .usage(
+            &s.state.ledger.tenant_by_name("alice").unwrap(),
+            vvlm_server::ledger::now(),
+        )
+        .unwrap();
+    assert_eq!(
+        charged_by_batch.requests, 2,
+        "the refused line reserved nothing"
+    );
+    let mut measured = 0.0;
+    for (l, direct) in output
+        .iter()
+        .zip([greedy_chat("what colour is the flash ?"), with_video])
+    {
+        let r = &l["response"];
+        assert_eq!(r["status_code"], 200);
+        assert!(l["error"].is_null());
+        assert_eq!(
+            l["id"],
+            format!("batch_req_{}", r["request_id"].as_str().unwrap())
+        );
+        // The same request over HTTP answers the same.
+        let (st, v) = s.post("/v1/chat/completions", &key, direct).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(
+            r["body"]["choices"][0]["message"]["content"],
+            v["choices"][0]["message"]["content"]
+        );
+        // The same configuration (the video is cached now: priced at its marginal cost).
+        for k in ["model", "frames", "tokens_per_frame", "cold_cost_flops"] {
+            assert_eq!(r["body"]["plan"][k], v["plan"][k], "{k}");
+        }
+        measured += r["body"]["usage"]["measured_flops"]["total"]
+            .as_f64()
+            .unwrap();
+    }
+    assert!(
+        output[1]["response"]["body"]["usage"]["visual_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    // Charged what each line measured (capped at its reservation, which these stay under).
+    let rel = (charged_by_batch.charged_flops - measured).abs() / measured;
+    assert!(
+        rel < 1e-9,
+        "{} vs {measured}",
+        charged_by_batch.charged_flops
+    );
+    assert_eq!(errors.len(), 1);
+    let e = &errors[0];
+    assert_eq!(e["custom_id"], "bad");
+    assert_eq!(e["response"]["status_code"], 422);
+    assert_eq!(e["response"]["body"]["error"]["param"], "temperature");
+    assert_eq!(e["error"]["code"], e["response"]["body"]["error"]["code"]);
+    // Listings, newest first: the batch, and the input with its two output files.
+    let (_, list) = s.get("/v1/batches?limit=1", &key).await;
+    assert_eq!(
+        (list["data"][0]["id"].as_str(), list["has_more"].as_bool()),
+        (Some(id.as_str()), Some(false))
+    );
+    let (_, files) = s.get("/v1/files", &key).await;
+    assert_eq!(files["data"].as_array().unwrap().len(), 3);
+    let (_, outputs) = s.get("/v1/files?purpose=batch_output", &key).await;
+    assert_eq!(outputs["data"].as_array().unwrap().len(), 2);
+    // Closed: the input can go; the outputs stay readable.
+    let (st, v) = s
+        .json(Method::DELETE, &file_path, Some(&key), Value::Null)
+        .await;
+    assert_eq!((st, v["deleted"].as_bool()), (200, Some(true)), "{v}");
+    assert_eq!(s.jsonl(&key, &b["output_file_id"]).await.len(), 2);
+    let m = s.metrics().await;
+    assert!(m.contains("vvlm_batch_lines_total{result=\"ok\"} 2"), "{m}");
+    assert!(
+        m.contains("vvlm_batch_lines_total{result=\"failed\"} 1"),
+        "{m}"
+    );
+}
+
+/// A batch waits while every admission place is taken (interactive requests first); a line
+/// answered before (by a replica that died) is not run again; a cancelled batch closes with
+/// its unrun lines in the error file.
+#[tokio::test]
+async fn batches_yield_resume_and_cancel() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let input = [
+        batch_line(
+            "a",
+            "/v1/completions",
+            json!({"prompt": "the flash is", "max_tokens": 2, "temperature": 0}),
+        ),
+        batch_line(
+            "b",
+            "/v1/completions",
+            json!({"prompt": "the ball is", "max_tokens": 2, "temperature": 0}),
+        ),
+    ]
+    .concat();
+    let (_, f) = s.upload(&key, "batch", input.as_bytes()).await;
+    let create = json!({"input_file_id": f["id"], "endpoint": "/v1/completions", "completion_window": "24h"});
+    let (st, resumed) = s.post("/v1/batches", &key, create.clone()).await;
+    assert_eq!(st, 200, "{resumed}");
+    let resumed = resumed["id"].as_str().unwrap().to_string();
+    // Line 0 was answered by a replica that died before closing the batch.
+    let prior = vvlm_server::ledger::LineResult {
+        line: 0,
+        custom_id: "a".into(),
+        status_code: 200,
+        request_id: "req-dead-1".into(),
+        body: json!({"prior": true}).to_string(),
+        finished_at: 1,
+    };
+    assert!(s.state.ledger.record_line(&resumed, &prior).unwrap());
+    let (_, cancelled) = s.post("/v1/batches", &key, create).await;
+    let cancelled = cancelled["id"].as_str().unwrap().to_string();
+    let (st, c) = s
+        .post(&format!("/v1/batches/{cancelled}/cancel"), &key, json!({}))
+        .await;
+    assert_eq!((st, c["status"].as_str()), (200, Some("cancelling")), "{c}");
+    assert!(c["cancelling_at"].as_i64().is_some());
+
+    // Every place taken: nothing starts.
+    let places: Vec<_> = (0..s.state.admission.capacity())
+        .map(|_| s.hold_place("alice"))
+        .collect();
+    let _runner = s.run_batches();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let (_, r) = s.get(&format!("/v1/batches/{resumed}"), &key).await;
+    assert_eq!(
+        r["request_counts"]["completed"], 1,
+        "only the prior answer: {r}"
+    );
+    let m = s.metrics().await;
+    assert!(
+        !m.contains("vvlm_batch_lines_total{"),
+        "a line was tried: {m}"
+    );
+    drop(places);
+
+    let r = s.closed_batch(&key, &resumed).await;
+    let c = s.closed_batch(&key, &cancelled).await;
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(
+        r["request_counts"],
+        json!({"total": 2, "completed": 2, "failed": 0})
+    );
+    let out = s.jsonl(&key, &r["output_file_id"]).await;
+    assert_eq!(
+        out[0]["response"]["body"],
+        json!({"prior": true}),
+        "line 0 not run again"
+    );
+    assert_eq!(out[0]["id"], "batch_req_req-dead-1");
+    assert_eq!(out[1]["response"]["body"]["object"], "text_completion");
+    let alice = s.state.ledger.tenant_by_name("alice").unwrap();
+    assert_eq!(
+        s.state
+            .ledger
+            .usage(&alice, vvlm_server::ledger::now())
+            .unwrap()
+            .requests,
+        1
+    );
+    // The cancelled batch ran nothing.
+    assert_eq!(c["status"], "cancelled", "{c}");
+    assert!(c["cancelled_at"].as_i64().is_some() && c["output_file_id"].is_null());
+    let errors = s.jsonl(&key, &c["error_file_id"]).await;
+    let codes: Vec<(&str, &str)> = errors
+        .iter()
+        .map(|e| {
+            (
+                e["custom_id"].as_str().unwrap(),
+                e["error"]["code"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(codes, [("a", "batch_cancelled"), ("b", "batch_cancelled")]);
+    assert!(errors.iter().all(|e| e["response"].is_null()));
+    let (st, v) = s
+        .post(&format!("/v1/batches/{cancelled}/cancel"), &key, json!({}))
+        .await;
+    assert_eq!(st, 409, "{v}");
+}
+
+/// Each rule of the Files and Batch APIs answers 4xx naming what is wrong.
+#[tokio::test]
+async fn batch_inputs_are_refused_by_name() {
+    let s = server_with(true, |c| {
+        c.batch.max_file_bytes = 4096;
+        c.batch.tenant_storage_bytes = 600;
+    });
+    let key = s.tenant("alice", None);
+    let ok = batch_line("a", "/v1/completions", json!({"prompt": "hi"}));
+    let param = |v: &Value| v["error"]["param"].as_str().map(str::to_string);
+    let (st, v) = s.upload(&key, "fine-tune", ok.as_bytes()).await;
+    assert_eq!((st, param(&v)), (422, Some("purpose".into())), "{v}");
+    let (st, v) = s
+        .upload(&key, "batch", format!("{ok}{{oops\n").as_bytes())
+        .await;
+    assert_eq!((st, param(&v)), (422, Some("file".into())), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("line 2: not JSON"),
+        "{v}"
+    );
+    let (st, v) = s.upload(&key, "batch", &vec![b' '; 5000]).await;
+    assert_eq!(st, 413, "{v}");
+    let (st, v) = s.upload(&key, "batch", &[]).await;
+    assert_eq!((st, param(&v)), (422, Some("file".into())), "{v}");
+    let (st, f) = s.upload(&key, "batch", ok.as_bytes()).await;
+    assert_eq!(st, 200, "{f}");
+    // The tenant's storage: 600 bytes in all.
+    let big = batch_line("b", "/v1/completions", json!({"prompt": "x".repeat(500)}));
+    let (st, v) = s.upload(&key, "batch", big.as_bytes()).await;
+    assert_eq!(st, 422, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limit of 600"),
+        "{v}"
+    );
+    let batch = |file: &Value, endpoint: &str, window: &str| json!({"input_file_id": file, "endpoint": endpoint, "completion_window": window});
+    let (st, v) = s
+        .post(
+            "/v1/batches",
+            &key,
+            batch(&f["id"], "/v1/chat/completions", "24h"),
+        )
+        .await;
+    assert_eq!((st, param(&v)), (422, Some("input_file_id".into())), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("calls `/v1/completions`"),
+        "{v}"
+    );
+    let (st, v) = s
+        .post(
+            "/v1/batches",
+            &key,
+            batch(&f["id"], "/v1/completions", "1h"),
+        )
+        .await;
+    assert_eq!(
+        (st, param(&v)),
+        (422, Some("completion_window".into())),
+        "{v}"
+    );
+    let (st, v) = s
+        .post(
+            "/v1/batches",
+            &key,
+            batch(&f["id"], "/v1/embeddings", "24h"),
+        )
+        .await;
+    assert_eq!((st, param(&v)), (422, Some("endpoint".into())), "{v}");
+    let (st, v) = s
+        .post(
+            "/v1/batches",
+            &key,
+            batch(&json!("file-nope"), "/v1/completions", "24h"),
+        )
+        .await;
+    assert_eq!((st, param(&v)), (422, Some("input_file_id".into())), "{v}");
+    let mut extra = batch(&f["id"], "/v1/completions", "24h");
+    extra["priority"] = json!(1);
+    let (st, v) = s.post("/v1/batches", &key, extra).await;
+    assert_eq!(st, 422, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("priority"),
+        "{v}"
+    );
+    let mut meta = batch(&f["id"], "/v1/completions", "24h");
+    meta["metadata"] = json!({"n": 1});
+    let (st, v) = s.post("/v1/batches", &key, meta).await;
+    assert_eq!((st, param(&v)), (422, Some("metadata".into())), "{v}");
+    let (st, v) = s.get("/v1/batches?limit=0", &key).await;
+    assert_eq!((st, param(&v)), (422, Some("limit".into())), "{v}");
+    assert_eq!(s.get("/v1/batches/batch_nope", &key).await.0, 404);
+    assert_eq!(s.get("/v1/files/file-nope/content", &key).await.0, 404);
+    assert_eq!(
+        s.json(Method::GET, "/v1/batches", None, Value::Null)
+            .await
+            .0,
+        401
+    );
+    // Turned off: the routes are not there.
+    let off = server_with(false, |c| c.batch.enabled = false);
+    let key = off.tenant("alice", None);
+    let (st, v) = off.get("/v1/batches", &key).await;
+    assert_eq!(st, 404, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("[batch] enabled"),
+        "{v}"
+    );
+}
