@@ -316,6 +316,54 @@ ok("conversation: the prompt holds every turn", r.usage.prompt_tokens > first.us
    (r.usage, first.usage))
 ok("conversation: the video's KV from the first turn", r.usage.prompt_tokens_details.cached_tokens > 0, r.usage)
 
+# The Batch API as the client drives it: a JSONL file of requests uploaded, a batch created over
+# it, polled until it completes, and its output file read. Each line answers as the same request
+# sent alone (greedy); a refused line lands in the error file with its 422.
+import io
+import time
+
+lines = [
+    {"custom_id": "france", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "auto", "messages": [{"role": "user", "content": QUESTION}],
+              "max_tokens": 8, "temperature": 0, **EXTRA}},
+    {"custom_id": "video", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "auto", "messages": messages("What is in the video?"),
+              "max_tokens": 6, "temperature": 0, **EXTRA}},
+    {"custom_id": "too-long", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}},
+]
+jsonl = "".join(json.dumps(line) + "\n" for line in lines).encode()
+uploaded = client.files.create(file=("requests.jsonl", io.BytesIO(jsonl)), purpose="batch")
+ok("files.create", uploaded.purpose == "batch" and uploaded.bytes == len(jsonl), uploaded)
+ok("files.content of the input", client.files.content(uploaded.id).read() == jsonl)
+batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                              completion_window="24h", metadata={"job": "check"})
+ok("batches.create", batch.status == "in_progress" and batch.request_counts.total == 3, batch)
+deadline = time.time() + 240
+while batch.status in ("validating", "in_progress", "finalizing", "cancelling"):
+    ok("batch finishes in time", time.time() < deadline, batch)
+    time.sleep(0.5)
+    batch = client.batches.retrieve(batch.id)
+ok("batch completed", batch.status == "completed" and batch.completed_at is not None, batch)
+ok("batch counts", (batch.request_counts.completed, batch.request_counts.failed) == (2, 1),
+   batch.request_counts)
+ok("batches.list", client.batches.list(limit=5).data[0].id == batch.id)
+out = [json.loads(l) for l in client.files.content(batch.output_file_id).text.splitlines()]
+ok("output in input order", [o["custom_id"] for o in out] == ["france", "video"], out)
+for o, line in zip(out, lines):
+    alone = client.chat.completions.create(**{k: v for k, v in line["body"].items() if k not in EXTRA},
+                                           extra_body=EXTRA)
+    got = o["response"]["body"]["choices"][0]["message"]["content"]
+    ok(f"batch line {o['custom_id']} answers as alone", got == alone.choices[0].message.content,
+       f"{got!r} vs {alone.choices[0].message.content!r}")
+errs = [json.loads(l) for l in client.files.content(batch.error_file_id).text.splitlines()]
+ok("error file", [(e["custom_id"], e["response"]["status_code"]) for e in errs] == [("too-long", 422)], errs)
+cancelled = client.batches.cancel(client.batches.create(
+    input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h").id)
+ok("batches.cancel", cancelled.status in ("cancelling", "cancelled"), cancelled)
+deleted = client.files.delete(batch.output_file_id)
+ok("files.delete", deleted.deleted, deleted)
+
 # Errors, each as its typed exception with OpenAI's fields.
 def expect(name, exc, code, call):
     try:

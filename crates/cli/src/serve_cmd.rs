@@ -111,6 +111,10 @@ pub struct ServeArgs {
     /// Seconds a media URL's fetch may take in all.
     #[arg(long, env = "VVLM_URL_TIMEOUT_S")]
     pub url_timeout_s: Option<f64>,
+    /// Batch lines this replica runs at once (`[batch] concurrency`); 0 runs no batch here
+    /// (the Files and Batch APIs still answer; another replica runs the batches).
+    #[arg(long, env = "VVLM_BATCH_CONCURRENCY")]
+    pub batch_concurrency: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -233,6 +237,7 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
     }
     c.url_private |= a.url_private;
     set!(c.url_timeout_s, a.url_timeout_s);
+    set!(c.batch.concurrency, a.batch_concurrency);
     Ok(c)
 }
 

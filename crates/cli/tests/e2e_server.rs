@@ -1336,3 +1336,133 @@ fn a_system_prompt_is_prefilled_once_per_tenant() {
     let (cost, cold_cost) = plan(&c.body);
     assert_eq!(cost, cold_cost, "{}", c.body);
 }
+
+/// `POST /v1/files` (multipart `purpose` and `file`), as OpenAI's client sends it.
+fn upload_batch_file(s: &Server, key: &str, jsonl: &str) -> Answer {
+    let boundary = "vvlme2eboundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{jsonl}\r\n--{boundary}--\r\n"
+    );
+    answer(
+        ureq::post(&s.url("/v1/files"))
+            .set("Authorization", &format!("Bearer {key}"))
+            .set(
+                "Content-Type",
+                &format!("multipart/form-data; boundary={boundary}"),
+            )
+            .send_bytes(body.as_bytes()),
+    )
+}
+
+/// A batch outlives its server: killed (SIGKILL) with the batch half done, a new process on
+/// the same database takes the batch over one lease later, runs only the lines without an
+/// answer, and closes it with every line answered once, in input order.
+#[test]
+fn a_batch_survives_kill_9_and_finishes_on_restart() {
+    let db = scratch().join("batch-crash.db");
+    let out = vvlm()
+        .args(["tenant", "--db"])
+        .arg(&db)
+        .args(["add", "dora"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let args = [
+        "--workers",
+        "1",
+        "--lease-s",
+        "3",
+        "--batch-concurrency",
+        "1",
+    ];
+    let mut s = Server::start(&db, &args);
+    let subjects = ["a cat", "a ship", "the sea", "a tree", "winter", "a clock"];
+    let jsonl: String = subjects
+        .iter()
+        .enumerate()
+        .map(|(i, what)| {
+            json!({"custom_id": format!("story-{i}"), "method": "POST", "url": "/v1/completions",
+                   "body": {"prompt": format!("Once upon a time, {what}"), "max_tokens": 48,
+                            "temperature": 0, "budget": "2T"}})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let f = upload_batch_file(&s, &key, &jsonl);
+    assert_eq!(f.status, 200, "{}", f.body);
+    let b = post_json(
+        &s,
+        "/v1/batches",
+        &key,
+        json!({"input_file_id": f.body["id"], "endpoint": "/v1/completions",
+               "completion_window": "24h"}),
+    );
+    assert_eq!(b.status, 200, "{}", b.body);
+    let path = format!("/v1/batches/{}", b.body["id"].as_str().unwrap());
+    let t = Instant::now();
+    let done_before = loop {
+        let b = get(&s, &path, &key).body;
+        let done = b["request_counts"]["completed"].as_u64().unwrap();
+        if done >= 2 {
+            break done;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "no line answered: {b}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    s.child.kill().unwrap(); // SIGKILL, a line (likely) in flight
+    s.child.wait().unwrap();
+    assert!(
+        done_before < 6,
+        "the batch finished before the kill; make its lines longer"
+    );
+
+    let s = Server::start(&db, &args);
+    let t = Instant::now();
+    let b = loop {
+        let b = get(&s, &path, &key).body;
+        if b["status"] != "in_progress" {
+            break b;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "never finished: {b}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(b["status"], "completed", "{b}");
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 6, "completed": 6, "failed": 0})
+    );
+    assert!(b["error_file_id"].is_null(), "{b}");
+    let content = ureq::get(&s.url(&format!(
+        "/v1/files/{}/content",
+        b["output_file_id"].as_str().unwrap()
+    )))
+    .set("Authorization", &format!("Bearer {key}"))
+    .call()
+    .unwrap()
+    .into_string()
+    .unwrap();
+    let ids: Vec<String> = content
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["custom_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let want: Vec<String> = (0..6).map(|i| format!("story-{i}")).collect();
+    assert_eq!(ids, want, "every line once, in input order");
+    // Each line ran to an answer once, besides the one killed mid-run (its reservation
+    // expired uncharged): six settled requests.
+    let u = tenant_usage(&db, "dora");
+    assert_eq!(u["requests"].as_u64(), Some(6), "{u}");
+}

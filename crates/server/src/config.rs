@@ -143,8 +143,9 @@ pub struct PlannerConfig {
 pub struct BatchConfig {
     /// Off: `/v1/files` and `/v1/batches` answer 404 and no batch runs here.
     pub enabled: bool,
-    /// Lines this replica runs at once. A line starts only while no request waits at the door
-    /// (batches take the capacity interactive requests leave).
+    /// Lines this replica runs at once (0: it runs no batch; the APIs still answer and other
+    /// replicas run them). A line starts only while no request waits at the door (batches take
+    /// the capacity interactive requests leave).
     pub concurrency: usize,
     /// The largest uploaded file (the route's body limit).
     pub max_file_bytes: usize,

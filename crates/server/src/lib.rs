@@ -277,11 +277,9 @@ pub async fn serve(
     use tower::ServiceExt as _;
     let renewer = tokio::spawn(renew_leases(state.clone()));
     let (stop_batches, batches_stopped) = tokio::sync::watch::channel(false);
-    let batches = state
-        .config
-        .batch
-        .enabled
-        .then(|| tokio::spawn(batch_runner::run(state.clone(), batches_stopped)));
+    let runs_batches = state.config.batch.enabled && state.config.batch.concurrency > 0;
+    let batches =
+        runs_batches.then(|| tokio::spawn(batch_runner::run(state.clone(), batches_stopped)));
     let limits = &state.config.limits;
     let grace = Duration::from_secs_f64(limits.shutdown_grace_s.max(0.0));
     let header_timeout = Duration::from_secs_f64(limits.header_timeout_s.max(0.1));
