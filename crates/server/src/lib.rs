@@ -6,7 +6,9 @@
 //! finishes.
 //!
 //! Media may also come by allow-listed `http(s)://` URL (`remote`, fetched before parsing), and
-//! the served checkpoints' tokenizers are exposed as vLLM exposes them (`tokenize`).
+//! the served checkpoints' tokenizers are exposed as vLLM exposes them (`tokenize`). OpenAI's
+//! Files and Batch APIs (`batch`) store JSONL requests in the ledger's database; a background
+//! runner (`batch_runner`) runs their lines through these same routes at batch priority.
 //!
 //! Owns HTTP, authentication, accounting and the web console's embedded files (`console`). Must
 //! not know how models compute or how videos are decoded beyond the engine's and the video
