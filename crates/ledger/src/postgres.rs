@@ -740,6 +740,25 @@ async fn batch_by_id(
     row_batch(&r)
 }
 
+/// One of the tenant's batches (another tenant's is not found, as a missing one).
+async fn tenant_batch(
+    c: &impl deadpool_postgres::GenericClient,
+    tenant_id: i64,
+    id: &str,
+) -> Result<BatchRecord, LedgerError> {
+    let r = c
+        .query_opt(
+            &format!(
+                "{} WHERE b.id = $1 AND b.tenant_id = $2",
+                batches::BATCH_SELECT
+            ),
+            &[&id, &tenant_id],
+        )
+        .await?
+        .ok_or_else(|| batches::no_batch(id))?;
+    row_batch(&r)
+}
+
 async fn insert_file(
     c: &impl deadpool_postgres::GenericClient,
     tenant_id: i64,
@@ -945,17 +964,7 @@ impl Batches for PostgresLedger {
         let (pool, id) = (self.pool.clone(), id.to_string());
         self.block(async move {
             let c = pool.get().await?;
-            let r = c
-                .query_opt(
-                    &format!(
-                        "{} WHERE b.id = $1 AND b.tenant_id = $2",
-                        batches::BATCH_SELECT
-                    ),
-                    &[&id, &tenant_id],
-                )
-                .await?
-                .ok_or_else(|| batches::no_batch(&id))?;
-            row_batch(&r)
+            tenant_batch(&c, tenant_id, &id).await
         })
     }
 
@@ -995,17 +1004,7 @@ impl Batches for PostgresLedger {
                     &[&id, &tenant_id, &now],
                 )
                 .await?;
-            let r = c
-                .query_opt(
-                    &format!(
-                        "{} WHERE b.id = $1 AND b.tenant_id = $2",
-                        batches::BATCH_SELECT
-                    ),
-                    &[&id, &tenant_id],
-                )
-                .await?
-                .ok_or_else(|| batches::no_batch(&id))?;
-            let b = row_batch(&r)?;
+            let b = tenant_batch(&c, tenant_id, &id).await?;
             if n == 0 && b.status != BatchStatus::Cancelling {
                 return Err(batches::cannot_cancel(&b));
             }
