@@ -98,6 +98,8 @@ pub struct BatchRecord {
     pub completed: i64,
     /// Lines answered otherwise.
     pub failed: i64,
+    /// The answered lines' usage, summed.
+    pub usage: LineUsage,
     pub metadata: Option<serde_json::Value>,
     pub created_at: i64,
     pub expires_at: i64,
@@ -120,6 +122,16 @@ pub struct LineResult {
     /// The answer's body (JSON text).
     pub body: String,
     pub finished_at: i64,
+    /// From the answer's usage (zero when it has none, as a refusal).
+    pub usage: LineUsage,
+}
+
+/// Tokens and FLOPs a line's answer reports (or a batch's, summed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LineUsage {
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub measured_flops: f64,
 }
 
 /// A file a finished batch writes.
@@ -175,8 +187,14 @@ pub trait Batches {
     /// batch is a `Conflict`.
     fn cancel_batch(&self, tenant_id: i64, id: &str, now: i64) -> Result<BatchRecord, LedgerError>;
     /// Takes an open batch for this ledger's owner, leased until `now + lease_s`: one nobody
-    /// holds, or whose holder's lease ran out (the oldest first). None when there is none.
+    /// holds, or whose holder's lease ran out, the least recently run first (then the oldest).
+    /// None when there is none.
     fn claim_batch(&self, now: i64) -> Result<Option<BatchRecord>, LedgerError>;
+    /// Gives a batch this owner holds back for another's turn, when another open batch is
+    /// waiting (not held by a live lease): the batch is released and taken again after the
+    /// others run ([`Self::claim_batch`] takes the least recently run first). False, and the
+    /// batch kept, when none waits.
+    fn yield_batch(&self, id: &str, now: i64) -> Result<bool, LedgerError>;
     /// Extends this owner's lease on a batch; its status now, or None when the batch is no
     /// longer this owner's (another replica took it after the lease ran out) or is closed.
     fn renew_batch(&self, id: &str, now: i64) -> Result<Option<BatchStatus>, LedgerError>;
@@ -261,6 +279,9 @@ pub(crate) const BATCH_SELECT: &str = "SELECT b.id, b.tenant_id, b.endpoint, b.i
     b.completion_window, b.status, b.total,
     (SELECT COUNT(*) FROM batch_results r WHERE r.batch_id = b.id AND r.status_code BETWEEN 200 AND 299),
     (SELECT COUNT(*) FROM batch_results r WHERE r.batch_id = b.id AND r.status_code NOT BETWEEN 200 AND 299),
+    (SELECT CAST(COALESCE(SUM(r.prompt_tokens), 0) AS BIGINT) FROM batch_results r WHERE r.batch_id = b.id),
+    (SELECT CAST(COALESCE(SUM(r.completion_tokens), 0) AS BIGINT) FROM batch_results r WHERE r.batch_id = b.id),
+    (SELECT COALESCE(SUM(r.measured_flops), 0.0) FROM batch_results r WHERE r.batch_id = b.id),
     b.metadata, b.created_at, b.expires_at, b.cancelling_at, b.closed_at, b.output_file_id,
     b.error_file_id,
     (SELECT t.name FROM tenants t WHERE t.id = b.tenant_id AND t.key_hash NOT LIKE 'removed:%')
@@ -270,7 +291,8 @@ pub(crate) const BATCH_SELECT: &str = "SELECT b.id, b.tenant_id, b.endpoint, b.i
 pub(crate) const FILE_COLS: &str = "id, tenant_id, filename, purpose, bytes, created_at";
 
 /// The columns of a [`LineResult`] (both dialects).
-pub(crate) const RESULT_COLS: &str = "line, custom_id, status_code, request_id, body, finished_at";
+pub(crate) const RESULT_COLS: &str = "line, custom_id, status_code, request_id, body, finished_at,
+    prompt_tokens, completion_tokens, measured_flops";
 
 pub(crate) fn metadata_text(m: &Option<serde_json::Value>) -> Option<String> {
     m.as_ref().map(|v| v.to_string())

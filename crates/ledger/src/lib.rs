@@ -31,7 +31,9 @@ use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
 pub mod batches;
-pub use batches::{BatchRecord, BatchStatus, Batches, FileRecord, LineResult, NewBatch, NewFile};
+pub use batches::{
+    BatchRecord, BatchStatus, Batches, FileRecord, LineResult, LineUsage, NewBatch, NewFile,
+};
 pub mod journal;
 mod lease;
 pub use lease::{Closed, Tick};

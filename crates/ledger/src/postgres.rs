@@ -10,7 +10,7 @@
 //! tenant's row lock, so reservations of one tenant serialise across replicas.
 
 use crate::batches::{
-    self, BatchRecord, BatchStatus, Batches, FileRecord, LineResult, NewBatch, NewFile,
+    self, BatchRecord, BatchStatus, Batches, FileRecord, LineResult, LineUsage, NewBatch, NewFile,
 };
 use crate::{
     empty_series, exists, fill_series, in_flight, new_key, new_tenant_budgets, no_tenant,
@@ -701,6 +701,11 @@ fn row_result(r: &Row) -> LineResult {
         request_id: r.get(3),
         body: r.get(4),
         finished_at: r.get(5),
+        usage: LineUsage {
+            prompt_tokens: r.get(6),
+            completion_tokens: r.get(7),
+            measured_flops: r.get(8),
+        },
     }
 }
 
@@ -708,7 +713,7 @@ fn row_batch(r: &Row) -> Result<BatchRecord, LedgerError> {
     Ok(BatchRecord {
         id: r.get(0),
         tenant_id: r.get(1),
-        tenant: r.get(16),
+        tenant: r.get(19),
         endpoint: r.get(2),
         input_file_id: r.get(3),
         completion_window: r.get(4),
@@ -716,13 +721,18 @@ fn row_batch(r: &Row) -> Result<BatchRecord, LedgerError> {
         total: r.get(6),
         completed: r.get(7),
         failed: r.get(8),
-        metadata: batches::metadata_value(r.get(9)),
-        created_at: r.get(10),
-        expires_at: r.get(11),
-        cancelling_at: r.get(12),
-        closed_at: r.get(13),
-        output_file_id: r.get(14),
-        error_file_id: r.get(15),
+        usage: LineUsage {
+            prompt_tokens: r.get(9),
+            completion_tokens: r.get(10),
+            measured_flops: r.get(11),
+        },
+        metadata: batches::metadata_value(r.get(12)),
+        created_at: r.get(13),
+        expires_at: r.get(14),
+        cancelling_at: r.get(15),
+        closed_at: r.get(16),
+        output_file_id: r.get(17),
+        error_file_id: r.get(18),
     })
 }
 
@@ -1022,7 +1032,7 @@ impl Batches for PostgresLedger {
                     "UPDATE batches SET owner = $2, lease_until = $3 WHERE id = (
                          SELECT id FROM batches WHERE status IN ('in_progress', 'cancelling')
                            AND (lease_until < $1 OR owner = $2)
-                         ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+                         ORDER BY last_run_at, created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
                      RETURNING id",
                     &[&now, &owner, &until],
                 )
@@ -1032,6 +1042,24 @@ impl Batches for PostgresLedger {
                 Some(id) => Ok(Some(batch_by_id(&c, &id).await?)),
                 None => Ok(None),
             }
+        })
+    }
+
+    fn yield_batch(&self, id: &str, now: i64) -> Result<bool, LedgerError> {
+        let (pool, id, owner) = (self.pool.clone(), id.to_string(), self.lease.owner.clone());
+        self.block(async move {
+            let c = pool.get().await?;
+            // One statement: released only while another open batch's lease is free.
+            let n = c
+                .execute(
+                    "UPDATE batches SET owner = NULL, lease_until = 0, last_run_at = $3
+                     WHERE id = $1 AND owner = $2 AND EXISTS (
+                         SELECT 1 FROM batches o WHERE o.status IN ('in_progress', 'cancelling')
+                           AND o.lease_until < $3 AND o.id <> $1)",
+                    &[&id, &owner, &now],
+                )
+                .await?;
+            Ok(n == 1)
         })
     }
 
@@ -1056,9 +1084,21 @@ impl Batches for PostgresLedger {
         self.block(async move {
             let c = pool.get().await?;
             Ok(c.execute(
-                "INSERT INTO batch_results (batch_id, line, custom_id, status_code, request_id, body, finished_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (batch_id, line) DO NOTHING",
-                &[&id, &r.line, &r.custom_id, &r.status_code, &r.request_id, &r.body, &r.finished_at],
+                "INSERT INTO batch_results (batch_id, line, custom_id, status_code, request_id, body, finished_at,
+                     prompt_tokens, completion_tokens, measured_flops)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (batch_id, line) DO NOTHING",
+                &[
+                    &id,
+                    &r.line,
+                    &r.custom_id,
+                    &r.status_code,
+                    &r.request_id,
+                    &r.body,
+                    &r.finished_at,
+                    &r.usage.prompt_tokens,
+                    &r.usage.completion_tokens,
+                    &r.usage.measured_flops,
+                ],
             )
             .await?
                 == 1)

@@ -3,7 +3,7 @@
 //! admission is atomic across the processes that share the file.
 
 use crate::batches::{
-    self, BatchRecord, BatchStatus, Batches, FileRecord, LineResult, NewBatch, NewFile,
+    self, BatchRecord, BatchStatus, Batches, FileRecord, LineResult, LineUsage, NewBatch, NewFile,
 };
 use crate::{
     empty_series, exists, fill_series, in_flight, new_key, new_tenant_budgets, no_tenant,
@@ -500,6 +500,11 @@ fn row_result(r: &rusqlite::Row) -> rusqlite::Result<LineResult> {
         request_id: r.get(3)?,
         body: r.get(4)?,
         finished_at: r.get(5)?,
+        usage: LineUsage {
+            prompt_tokens: r.get(6)?,
+            completion_tokens: r.get(7)?,
+            measured_flops: r.get(8)?,
+        },
     })
 }
 
@@ -510,7 +515,7 @@ fn row_batch(r: &rusqlite::Row) -> rusqlite::Result<(BatchRecord, String)> {
         BatchRecord {
             id: r.get(0)?,
             tenant_id: r.get(1)?,
-            tenant: r.get(16)?,
+            tenant: r.get(19)?,
             endpoint: r.get(2)?,
             input_file_id: r.get(3)?,
             completion_window: r.get(4)?,
@@ -518,13 +523,18 @@ fn row_batch(r: &rusqlite::Row) -> rusqlite::Result<(BatchRecord, String)> {
             total: r.get(6)?,
             completed: r.get(7)?,
             failed: r.get(8)?,
-            metadata: batches::metadata_value(r.get(9)?),
-            created_at: r.get(10)?,
-            expires_at: r.get(11)?,
-            cancelling_at: r.get(12)?,
-            closed_at: r.get(13)?,
-            output_file_id: r.get(14)?,
-            error_file_id: r.get(15)?,
+            usage: LineUsage {
+                prompt_tokens: r.get(9)?,
+                completion_tokens: r.get(10)?,
+                measured_flops: r.get(11)?,
+            },
+            metadata: batches::metadata_value(r.get(12)?),
+            created_at: r.get(13)?,
+            expires_at: r.get(14)?,
+            cancelling_at: r.get(15)?,
+            closed_at: r.get(16)?,
+            output_file_id: r.get(17)?,
+            error_file_id: r.get(18)?,
         },
         status,
     ))
@@ -775,7 +785,7 @@ impl Batches for SqliteLedger {
             .query_row(
                 "SELECT id FROM batches WHERE status IN ('in_progress', 'cancelling')
                    AND (lease_until < ?1 OR owner = ?2)
-                 ORDER BY created_at, id LIMIT 1",
+                 ORDER BY last_run_at, created_at, id LIMIT 1",
                 params![now, self.lease.owner],
                 |r| r.get(0),
             )
@@ -788,6 +798,27 @@ impl Batches for SqliteLedger {
         let b = batch_where(&tx, "b.id = ?1", params![id])?;
         tx.commit()?;
         Ok(b)
+    }
+
+    fn yield_batch(&self, id: &str, now: i64) -> Result<bool, LedgerError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let waiting: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM batches WHERE status IN ('in_progress', 'cancelling')
+               AND lease_until < ?1 AND id <> ?2",
+            params![now, id],
+            |r| r.get(0),
+        )?;
+        if waiting == 0 {
+            return Ok(false);
+        }
+        let n = tx.execute(
+            "UPDATE batches SET owner = NULL, lease_until = 0, last_run_at = ?3
+             WHERE id = ?1 AND owner = ?2",
+            params![id, self.lease.owner, now],
+        )?;
+        tx.commit()?;
+        Ok(n == 1)
     }
 
     fn renew_batch(&self, id: &str, now: i64) -> Result<Option<BatchStatus>, LedgerError> {
@@ -810,9 +841,21 @@ impl Batches for SqliteLedger {
 
     fn record_line(&self, batch_id: &str, r: &LineResult) -> Result<bool, LedgerError> {
         Ok(self.lock().execute(
-            "INSERT INTO batch_results (batch_id, line, custom_id, status_code, request_id, body, finished_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (batch_id, line) DO NOTHING",
-            params![batch_id, r.line, r.custom_id, r.status_code, r.request_id, r.body, r.finished_at],
+            "INSERT INTO batch_results (batch_id, line, custom_id, status_code, request_id, body, finished_at,
+                 prompt_tokens, completion_tokens, measured_flops)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (batch_id, line) DO NOTHING",
+            params![
+                batch_id,
+                r.line,
+                r.custom_id,
+                r.status_code,
+                r.request_id,
+                r.body,
+                r.finished_at,
+                r.usage.prompt_tokens,
+                r.usage.completion_tokens,
+                r.usage.measured_flops
+            ],
         )? == 1)
     }
 

@@ -505,6 +505,10 @@ impl crate::Batches for Switch {
         self.check()?;
         self.inner.claim_batch(now)
     }
+    fn yield_batch(&self, id: &str, now: i64) -> Result<bool, LedgerError> {
+        self.check()?;
+        self.inner.yield_batch(id, now)
+    }
     fn renew_batch(&self, id: &str, now: i64) -> Result<Option<crate::BatchStatus>, LedgerError> {
         self.check()?;
         self.inner.renew_batch(id, now)
@@ -818,6 +822,11 @@ fn line(i: i64, status: i64, request_id: &str) -> crate::LineResult {
         request_id: request_id.to_string(),
         body: format!("{{\"n\": {i}}}"),
         finished_at: 100 + i,
+        usage: crate::LineUsage {
+            prompt_tokens: 10 + i,
+            completion_tokens: i,
+            measured_flops: 0.5 * (i + 1) as f64,
+        },
     }
 }
 
@@ -996,6 +1005,16 @@ pub fn a_batch_outlives_its_replica_and_closes_once(h: &dyn Harness) {
         filename: "err.jsonl".into(),
         content: b"e\n".to_vec(),
     };
+    // Usage sums the answered lines (0, 1 and 2: prompts 10 + 11 + 12, completions 0 + 1 + 2).
+    let b3 = r1.batch(a.id, &batch.id).unwrap();
+    assert_eq!(
+        b3.usage,
+        crate::LineUsage {
+            prompt_tokens: 33,
+            completion_tokens: 3,
+            measured_flops: 3.0
+        }
+    );
     let closed = r2
         .finish_batch(
             &batch.id,
@@ -1058,6 +1077,37 @@ pub fn a_batch_outlives_its_replica_and_closes_once(h: &dyn Harness) {
         .collect();
     assert_eq!(after, [batch.id.as_str()]);
     assert!(r1.batches(b.id, 10, None).unwrap().is_empty());
-    // The oldest open batch is claimed first.
+    // The oldest open batch is claimed first; its holder gives it up only while another waits.
     assert_eq!(r2.claim_batch(200).unwrap().unwrap().id, second.id);
+    assert!(
+        !r2.yield_batch(&second.id, 201).unwrap(),
+        "none waits: kept"
+    );
+    assert_eq!(
+        r2.renew_batch(&second.id, 201).unwrap(),
+        Some(crate::BatchStatus::InProgress)
+    );
+    let in3 = r1
+        .create_file(a.id, "in3.jsonl", "batch", b"{}", 1 << 20, 202)
+        .unwrap();
+    let third = r1.create_batch(a.id, &new_batch(&in3.id, 1), 202).unwrap();
+    assert_eq!(
+        r1.claim_batch(203).unwrap().unwrap().id,
+        third.id,
+        "the third is free"
+    );
+    assert!(
+        !r2.yield_batch(&second.id, 204).unwrap(),
+        "the third is held: none waits"
+    );
+    // The third's holder dies; now it waits, so `second` is given up and the third is taken
+    // before `second` again (least recently run first), although `second` is older.
+    assert!(r2.yield_batch(&second.id, 214).unwrap());
+    assert!(
+        !r1.yield_batch(&second.id, 214).unwrap(),
+        "no longer held by r1"
+    );
+    assert_eq!(r2.renew_batch(&second.id, 214).unwrap(), None, "released");
+    assert_eq!(r2.claim_batch(215).unwrap().unwrap().id, third.id);
+    assert_eq!(r1.claim_batch(215).unwrap().unwrap().id, second.id);
 }

@@ -173,6 +173,14 @@ pub fn batch_json(b: &BatchRecord) -> Value {
         "cancelling_at": b.cancelling_at,
         "cancelled_at": closed(BatchStatus::Cancelled),
         "request_counts": {"total": b.total, "completed": b.completed, "failed": b.failed},
+        // The answered lines' usage (OpenAI's token fields; vvlm's measured FLOPs, what the
+        // tenant was charged for them unless a line ran over its reservation).
+        "usage": {
+            "input_tokens": b.usage.prompt_tokens,
+            "output_tokens": b.usage.completion_tokens,
+            "total_tokens": b.usage.prompt_tokens + b.usage.completion_tokens,
+            "measured_flops": b.usage.measured_flops,
+        },
         "metadata": b.metadata,
     })
 }

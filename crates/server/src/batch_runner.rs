@@ -11,7 +11,7 @@
 //! reservation expires uncharged unless it settled).
 
 use crate::batch::{parse_lines, BatchLine};
-use crate::ledger::{now, BatchRecord, BatchStatus, LineResult, NewFile, Tenant};
+use crate::ledger::{now, BatchRecord, BatchStatus, LineResult, LineUsage, NewFile, Tenant};
 use crate::AppState;
 use axum::body::Body;
 use axum::http::{header, Request};
@@ -88,6 +88,13 @@ async fn run_batch(
     let mut hold_until = Instant::now();
     let mut tenant = None;
     let mut in_flight = JoinSet::new();
+    // Every slice, the batch is offered to the others waiting (the lines in flight finish
+    // first, so none runs twice): one long batch cannot hold another back for hours.
+    let slice = Duration::from_secs_f64(cfg.slice_s.clamp(0.0, 86_400.0));
+    let mut slice_start = Instant::now();
+    // Lines started in this slice: a turn runs at least one (else two batches would hand the
+    // turn to each other forever).
+    let mut started = 0usize;
     loop {
         if last_renew.elapsed() >= renew_every || tenant.is_none() {
             let id = b.id.clone();
@@ -124,7 +131,22 @@ async fn run_batch(
             };
         }
         let stopping = *stop.borrow();
-        while let (None, false, Some(t)) = (wind, stopping, &runs_as) {
+        let turn_over = wind.is_none() && started > 0 && slice_start.elapsed() >= slice;
+        if turn_over && in_flight.is_empty() && !pending.is_empty() {
+            let id = b.id.clone();
+            match state.ledger_call(move |l| l.yield_batch(&id, now())).await {
+                Ok(true) => {
+                    tracing::info!(batch = %b.id, pending = pending.len(), "batch: another's turn");
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(batch = %b.id, "batch: cannot offer a turn: {e}"),
+            }
+            slice_start = Instant::now();
+            started = 0;
+            continue;
+        }
+        while let (None, false, false, Some(t)) = (wind, stopping, turn_over, &runs_as) {
             if in_flight.len() >= cfg.concurrency.max(1)
                 || Instant::now() < hold_until
                 || state.admission.waiting() > 0
@@ -133,6 +155,7 @@ async fn run_batch(
                 break;
             }
             let Some(i) = pending.pop_front() else { break };
+            started += 1;
             let (router, t, lines) = (router.clone(), t.clone(), lines.clone());
             in_flight.spawn(async move { (i, call(router, t, &lines[i]).await) });
         }
@@ -154,8 +177,9 @@ async fn run_batch(
                     custom_id: lines[i].custom_id.clone(),
                     status_code: answer.status as i64,
                     request_id: answer.request_id,
-                    body: answer.body.to_string(),
                     finished_at: now(),
+                    usage: usage_of(&answer.body),
+                    body: answer.body.to_string(),
                 };
                 let id = b.id.clone();
                 if let Err(e) = state.ledger_call(move |l| l.record_line(&id, &r)).await {
@@ -212,6 +236,16 @@ async fn call(router: axum::Router, tenant: Tenant, line: &BatchLine) -> Answer 
         status,
         request_id,
         body,
+    }
+}
+
+/// The tokens and measured FLOPs an answer reports (zero for a refusal).
+fn usage_of(body: &Value) -> LineUsage {
+    let u = &body["usage"];
+    LineUsage {
+        prompt_tokens: u["prompt_tokens"].as_i64().unwrap_or(0),
+        completion_tokens: u["completion_tokens"].as_i64().unwrap_or(0),
+        measured_flops: u["measured_flops"]["total"].as_f64().unwrap_or(0.0),
     }
 }
 

@@ -155,6 +155,9 @@ pub struct BatchConfig {
     pub tenant_storage_bytes: i64,
     /// Seconds between an idle replica's looks for a batch to run.
     pub poll_s: f64,
+    /// Seconds a replica runs one batch before offering it to another batch waiting (its lines
+    /// in flight finish first); the batches waiting take turns, least recently run first.
+    pub slice_s: f64,
 }
 
 /// Leases, the journal, and what happens when the database is down or slow.

@@ -3060,6 +3060,27 @@ async fn a_batch_runs_each_line_as_its_own_request() {
             .unwrap()
             > 0
     );
+    // The batch's usage sums its answers' (the refusal reports none).
+    let sum = |k: &str| -> u64 {
+        output
+            .iter()
+            .map(|l| l["response"]["body"]["usage"][k].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        b["usage"]["input_tokens"].as_u64(),
+        Some(sum("prompt_tokens")),
+        "{b}"
+    );
+    assert_eq!(
+        b["usage"]["output_tokens"].as_u64(),
+        Some(sum("completion_tokens"))
+    );
+    assert_eq!(
+        b["usage"]["total_tokens"].as_u64(),
+        Some(sum("prompt_tokens") + sum("completion_tokens"))
+    );
+    assert_eq!(b["usage"]["measured_flops"].as_f64(), Some(measured));
     // Charged what each line measured (capped at its reservation, which these stay under).
     let rel = (charged_by_batch.charged_flops - measured).abs() / measured;
     assert!(
@@ -3130,6 +3151,7 @@ async fn batches_yield_resume_and_cancel() {
         request_id: "req-dead-1".into(),
         body: json!({"prior": true}).to_string(),
         finished_at: 1,
+        usage: vvlm_server::ledger::LineUsage::default(),
     };
     assert!(s.state.ledger.record_line(&resumed, &prior).unwrap());
     let (_, cancelled) = s.post("/v1/batches", &key, create).await;
@@ -3320,5 +3342,61 @@ async fn batch_inputs_are_refused_by_name() {
             .unwrap()
             .contains("[batch] enabled"),
         "{v}"
+    );
+}
+
+/// Open batches take turns: a batch created later does not wait for an earlier, longer one to
+/// finish (each runs a slice, here one line, then offers its place to the batches waiting).
+#[tokio::test]
+async fn batches_take_turns() {
+    let s = server_with(true, |c| {
+        c.batch.slice_s = 0.0;
+        c.batch.concurrency = 1;
+    });
+    let key = s.tenant("alice", None);
+    let bob = s.tenant("bob", None);
+    let line = |i: usize| {
+        batch_line(
+            &format!("l{i}"),
+            "/v1/completions",
+            json!({"prompt": format!("line {i}"), "max_tokens": 1, "temperature": 0}),
+        )
+    };
+    let create = |file: &Value| json!({"input_file_id": file["id"], "endpoint": "/v1/completions", "completion_window": "24h"});
+    let (_, long) = s
+        .upload(
+            &key,
+            "batch",
+            (0..4).map(line).collect::<String>().as_bytes(),
+        )
+        .await;
+    let (_, long) = s.post("/v1/batches", &key, create(&long)).await;
+    let (_, short) = s.upload(&bob, "batch", line(9).as_bytes()).await;
+    let (_, short) = s.post("/v1/batches", &bob, create(&short)).await;
+    let _runner = s.run_batches();
+    let long = s.closed_batch(&key, long["id"].as_str().unwrap()).await;
+    let short = s.closed_batch(&bob, short["id"].as_str().unwrap()).await;
+    // Request numbers (`req-<replica>-<n>`) give the order the lines ran in.
+    let order = |l: &Value| -> u64 {
+        l["response"]["request_id"]
+            .as_str()
+            .unwrap()
+            .rsplit('-')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let long_lines: Vec<u64> = s
+        .jsonl(&key, &long["output_file_id"])
+        .await
+        .iter()
+        .map(order)
+        .collect();
+    let short_line = order(&s.jsonl(&bob, &short["output_file_id"]).await[0]);
+    assert_eq!(long_lines.len(), 4);
+    assert!(
+        short_line < long_lines[3],
+        "the short batch ran after the whole long one: {short_line} vs {long_lines:?}"
     );
 }

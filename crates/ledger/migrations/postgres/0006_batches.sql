@@ -28,10 +28,13 @@ CREATE TABLE batches (
     error_file_id TEXT,
     -- The replica running it, until lease_until (0: nobody).
     owner TEXT,
-    lease_until BIGINT NOT NULL DEFAULT 0
+    lease_until BIGINT NOT NULL DEFAULT 0,
+    -- When a replica last gave the batch up for another's turn (0: never): open batches are
+    -- taken least recently run first.
+    last_run_at BIGINT NOT NULL DEFAULT 0
 );
 CREATE INDEX batches_by_tenant ON batches (tenant_id, created_at);
-CREATE INDEX batches_open ON batches (status, lease_until);
+CREATE INDEX batches_open ON batches (status, last_run_at);
 
 CREATE TABLE batch_results (
     batch_id TEXT NOT NULL REFERENCES batches(id),
@@ -41,5 +44,9 @@ CREATE TABLE batch_results (
     request_id TEXT NOT NULL,
     body TEXT NOT NULL,
     finished_at BIGINT NOT NULL,
+    -- From the answer's usage (0 when it has none, as a refusal).
+    prompt_tokens BIGINT NOT NULL DEFAULT 0,
+    completion_tokens BIGINT NOT NULL DEFAULT 0,
+    measured_flops DOUBLE PRECISION NOT NULL DEFAULT 0,
     PRIMARY KEY (batch_id, line)
 );
