@@ -312,10 +312,15 @@ fn assert_fits(b: &Browser, width: u32) {
         let wide = b.js(
             "return [...document.querySelectorAll('body *')] \
                .filter(e => e.getBoundingClientRect().right > document.documentElement.clientWidth + 1) \
+               .filter(e => !e.parentElement.closest('.scroll')) \
+               .concat([...document.querySelectorAll('body *')].filter(e => e.offsetParent !== null \
+                 && getComputedStyle(e).overflowX === 'visible' && e.scrollWidth > e.clientWidth + 1 \
+                 && e.clientWidth > 0 && !e.closest('.scroll'))) \
                .slice(0, 8).map(e => e.tagName + '#' + e.id + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right));",
             json!([]),
         );
-        panic!("at {width} px wide the page scrolls sideways ({scroll} > {client}): {wide}");
+        let page = b.js("return location.hash;", json!([]));
+        panic!("at {width} px wide {page} scrolls sideways ({scroll} > {client}): {wide}");
     }
 }
 
@@ -693,8 +698,52 @@ fn console_in_a_real_browser() {
         .iter()
         .any(|c| c["cost_flops"].as_f64().unwrap() > 1e9));
 
+    // The batches page: a JSONL file chosen in the file input runs as a batch; the table
+    // follows it to `completed`; its answers and its refused line are shown.
+    let jsonl = dir.join("requests.jsonl");
+    let line = |id: &str, body: Value| {
+        json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions", "body": body})
+            .to_string()
+    };
+    let chat = |text: &str| json!([{"role": "user", "content": text}]);
+    std::fs::write(
+        &jsonl,
+        [
+            line(
+                "flash",
+                json!({"messages": chat("what colour is the flash ?"), "max_tokens": 3}),
+            ),
+            line("too-hot", json!({"messages": chat("hi"), "temperature": 9})),
+        ]
+        .join("\n")
+            + "\n",
+    )
+    .unwrap();
+    b.goto(&format!("{base}/#batches"));
+    b.keys("#batch-key", &format!("{new_key}\u{E007}"));
+    b.wait_text("#batch-list", "No batch yet", SHORT);
+    b.keys("#batch-file", jsonl.to_str().unwrap());
+    b.click("#batch-run");
+    b.wait_text("#batch-status", "2 requests to /v1/chat/completions", SHORT);
+    b.wait_text("#batch-list", "completed", LONG);
+    let list = b.text("#batch-list");
+    assert!(list.contains("2/2 answered, 1 failed"), "{list}");
+    b.click("#batch-list button.output");
+    b.wait_text("#batch-lines", "flash", SHORT);
+    if let Ok(out) = std::env::var("VVLM_SCREENSHOTS") {
+        full_page(&b);
+        b.screenshot(&repo().join(&out).join("console-batches.png"));
+    }
+    b.click("#batch-list button.errors");
+    b.wait_text("#batch-lines", "temperature", SHORT);
+    let (_, listed) = api("GET", &format!("{base}/v1/batches"), &new_key, None);
+    assert_eq!(
+        listed["data"][0]["request_counts"],
+        json!({"total": 2, "completed": 1, "failed": 1})
+    );
+
     // Phone width and 200% zoom (a 1280 px window at 200% is 640 CSS px): no sideways scroll.
-    for page in ["#tenants", "#playground"] {
+    for page in ["#tenants", "#batches", "#playground"] {
         b.goto(&format!("{base}/{page}"));
         for w in [360, 640] {
             assert_fits(&b, w);

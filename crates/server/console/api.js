@@ -53,14 +53,14 @@ function headers(kind, json) {
   return h;
 }
 
-/** Calls the API with the tenant's or the admin's key; resolves to the JSON answer. */
-export async function call(kind, method, path, body, signal) {
+/** Fetches with the tenant's or the admin's key; resolves to a 2xx response, else throws. */
+async function send(kind, method, path, body, json, signal) {
   let resp;
   try {
     resp = await fetch(path, {
       method,
-      headers: headers(kind, body !== undefined),
-      body: body === undefined ? undefined : JSON.stringify(body),
+      headers: headers(kind, json),
+      body,
       signal,
       cache: 'no-store',
       credentials: 'omit',
@@ -70,8 +70,25 @@ export async function call(kind, method, path, body, signal) {
     throw new ApiError(0, 'network', e.message);
   }
   if (!resp.ok) throw await errorOf(resp);
+  return resp;
+}
+
+/** Calls the API with the tenant's or the admin's key; resolves to the JSON answer. */
+export async function call(kind, method, path, body, signal) {
+  const json = body !== undefined;
+  const resp = await send(kind, method, path, json ? JSON.stringify(body) : undefined, json, signal);
   if (resp.status === 204) return null;
   return resp.json();
+}
+
+/** POSTs a multipart form (a file upload) with the tenant's key; resolves to the JSON answer. */
+export async function upload(path, form) {
+  return (await send('tenant', 'POST', path, form, false)).json();
+}
+
+/** GETs a stored file's bytes with the tenant's key, as a Blob. */
+export async function download(path) {
+  return (await send('tenant', 'GET', path, undefined, false)).blob();
 }
 
 /**

@@ -1,10 +1,11 @@
-// Entry point: shows the page named by the URL's fragment (#playground, #tenants) and the
+// Entry point: shows the page named by the URL's fragment (#playground, #batches, #tenants) and the
 // server's health. Each page module owns its section of index.html.
 
 import * as playground from './playground.js';
+import * as batches from './batches.js';
 import * as tenants from './tenants.js';
 
-const pages = { playground, tenants };
+const pages = { playground, batches, tenants };
 const started = new Set();
 
 function show() {

@@ -39,6 +39,7 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         JS,
         include_bytes!("../console/playground.js"),
     ),
+    ("batches.js", JS, include_bytes!("../console/batches.js")),
     ("tenants.js", JS, include_bytes!("../console/tenants.js")),
     (
         "icon.svg",
