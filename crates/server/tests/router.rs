@@ -3400,3 +3400,65 @@ async fn batches_take_turns() {
         "the short batch ran after the whole long one: {short_line} vs {long_lines:?}"
     );
 }
+
+/// A batch not closed within its window expires: nothing more runs, and every line without an
+/// answer is in the error file as `batch_expired`.
+#[tokio::test]
+async fn an_expired_batch_closes_with_its_unrun_lines() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let input = [
+        batch_line(
+            "a",
+            "/v1/completions",
+            json!({"prompt": "the flash is", "max_tokens": 2}),
+        ),
+        batch_line(
+            "b",
+            "/v1/completions",
+            json!({"prompt": "the ball is", "max_tokens": 2}),
+        ),
+    ]
+    .concat();
+    let (_, f) = s.upload(&key, "batch", input.as_bytes()).await;
+    // Created through the ledger with a window already over (the API's window is 24 h).
+    let alice = s.state.ledger.tenant_by_name("alice").unwrap();
+    let b = s
+        .state
+        .ledger
+        .create_batch(
+            alice.id,
+            &vvlm_server::ledger::NewBatch {
+                endpoint: "/v1/completions".into(),
+                input_file_id: f["id"].as_str().unwrap().into(),
+                total: 2,
+                completion_window: "24h".into(),
+                window_s: -1,
+                metadata: None,
+            },
+            vvlm_server::ledger::now(),
+        )
+        .unwrap();
+    let _runner = s.run_batches();
+    let b = s.closed_batch(&key, &b.id).await;
+    assert_eq!(b["status"], "expired", "{b}");
+    assert!(b["expired_at"].as_i64().is_some() && b["completed_at"].is_null());
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 2, "completed": 0, "failed": 0})
+    );
+    let errors = s.jsonl(&key, &b["error_file_id"]).await;
+    let codes: Vec<&str> = errors
+        .iter()
+        .map(|e| e["error"]["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["batch_expired", "batch_expired"]);
+    assert_eq!(
+        s.state
+            .ledger
+            .usage(&alice, vvlm_server::ledger::now())
+            .unwrap()
+            .requests,
+        0
+    );
+}
