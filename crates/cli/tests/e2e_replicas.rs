@@ -2,7 +2,8 @@
 //! (`VVLM_TEST_POSTGRES_URL`, from scripts/with-postgres; without it this test fails, it is
 //! never skipped), serving the demo checkpoint (SmolLM2-135M from GGUF).
 //!
-//! One test, in phases, because it stops the database: (1) a tenant whose quota fits exactly k
+//! One test, in phases, because it stops the database: (0) two batches run over the replicas,
+//! each line once; (1) a tenant whose quota fits exactly k
 //! requests sends 4k at once, spread over the replicas; (2) a replica is killed (-9) mid-request
 //! while another runs a request longer than the lease; (3) PostgreSQL is stopped mid-request and
 //! started again.
@@ -16,7 +17,7 @@ const ADMIN: &str = "replica-admin-key";
 const LEASE_S: &str = "3";
 
 mod common;
-use common::{models_dir, scratch, vvlm};
+use common::{get_text, models_dir, scratch, upload_batch_file, vvlm};
 
 struct Replica {
     child: Child,
@@ -196,6 +197,79 @@ fn three_replicas_share_one_quota_survive_a_kill_and_the_database_going_away() {
     let (status, _, c) = post(&replicas[2], "/v1/chat/completions", &free, chat(2));
     assert_eq!(status, 200, "{c}");
     assert_eq!(f(&c["usage"]["theoretical_flops"]), price, "{c}");
+
+    // (0) Batches over the replicas: two batches of six lines, uploaded on one replica and
+    // created on another, are taken by the replicas (one each at a time, under a lease in the
+    // shared database) and closed with every line answered exactly once.
+    let batcher = tenant(&replicas[0], "batcher", 1e18);
+    let jsonl: String = (0..6)
+        .map(|i| {
+            json!({"custom_id": format!("line-{i}"), "method": "POST", "url": "/v1/chat/completions",
+                   "body": chat(3)})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let (status, file) = upload_batch_file(&replicas[0].base, &batcher, &jsonl);
+    assert_eq!(status, 200, "{file}");
+    let create = json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions",
+                        "completion_window": "24h"});
+    let ids: Vec<String> = (0..2)
+        .map(|_| {
+            let (status, _, b) = post(&replicas[1], "/v1/batches", &batcher, create.clone());
+            assert_eq!(status, 200, "{b}");
+            b["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    for id in &ids {
+        let path = format!("/v1/batches/{id}");
+        let mut b = Value::Null;
+        wait_for("a batch to close", Duration::from_secs(240), || {
+            b = ureq::get(&replicas[2].url(&path))
+                .set("Authorization", &format!("Bearer {batcher}"))
+                .call()
+                .unwrap()
+                .into_json()
+                .unwrap();
+            b["status"] != "in_progress"
+        });
+        assert_eq!(b["status"], "completed", "{b}");
+        assert_eq!(
+            b["request_counts"],
+            json!({"total": 6, "completed": 6, "failed": 0})
+        );
+        let output = get_text(
+            &replicas[0].base,
+            &format!(
+                "/v1/files/{}/content",
+                b["output_file_id"].as_str().unwrap()
+            ),
+            &batcher,
+        );
+        let lines: Vec<String> = output
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["custom_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            lines,
+            (0..6).map(|i| format!("line-{i}")).collect::<Vec<_>>()
+        );
+    }
+    let ran: Vec<f64> = replicas
+        .iter()
+        .map(|r| {
+            r.metric("vvlm_batch_lines_total{result=\"ok\"}")
+                .unwrap_or(0.0)
+        })
+        .collect();
+    assert_eq!(ran.iter().sum::<f64>(), 12.0, "each line ran once: {ran:?}");
+    assert_eq!(usage(&replicas[2], &batcher)["requests"].as_u64(), Some(12));
+    eprintln!("batch lines run per replica: {ran:?}");
 
     // (1) A quota that fits exactly k requests; 4k at once over the three replicas.
     const K: usize = 3;

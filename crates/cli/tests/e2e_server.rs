@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{models_dir, repo, scratch, vvlm};
+use common::{get_text, models_dir, repo, scratch, upload_batch_file, vvlm};
 
 const ADMIN: &str = "test-admin-key";
 
@@ -1337,25 +1337,6 @@ fn a_system_prompt_is_prefilled_once_per_tenant() {
     assert_eq!(cost, cold_cost, "{}", c.body);
 }
 
-/// `POST /v1/files` (multipart `purpose` and `file`), as OpenAI's client sends it.
-fn upload_batch_file(s: &Server, key: &str, jsonl: &str) -> Answer {
-    let boundary = "vvlme2eboundary";
-    let body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
-         Content-Type: application/jsonl\r\n\r\n{jsonl}\r\n--{boundary}--\r\n"
-    );
-    answer(
-        ureq::post(&s.url("/v1/files"))
-            .set("Authorization", &format!("Bearer {key}"))
-            .set(
-                "Content-Type",
-                &format!("multipart/form-data; boundary={boundary}"),
-            )
-            .send_bytes(body.as_bytes()),
-    )
-}
-
 /// A batch outlives its server: killed (SIGKILL) with the batch half done, a new process on
 /// the same database takes the batch over one lease later, runs only the lines without an
 /// answer, and closes it with every line answered once, in input order.
@@ -1391,13 +1372,13 @@ fn a_batch_survives_kill_9_and_finishes_on_restart() {
                 + "\n"
         })
         .collect();
-    let f = upload_batch_file(&s, &key, &jsonl);
-    assert_eq!(f.status, 200, "{}", f.body);
+    let (status, f) = upload_batch_file(&s.base, &key, &jsonl);
+    assert_eq!(status, 200, "{f}");
     let b = post_json(
         &s,
         "/v1/batches",
         &key,
-        json!({"input_file_id": f.body["id"], "endpoint": "/v1/completions",
+        json!({"input_file_id": f["id"], "endpoint": "/v1/completions",
                "completion_window": "24h"}),
     );
     assert_eq!(b.status, 200, "{}", b.body);
@@ -1441,15 +1422,11 @@ fn a_batch_survives_kill_9_and_finishes_on_restart() {
         json!({"total": 6, "completed": 6, "failed": 0})
     );
     assert!(b["error_file_id"].is_null(), "{b}");
-    let content = ureq::get(&s.url(&format!(
+    let output = format!(
         "/v1/files/{}/content",
         b["output_file_id"].as_str().unwrap()
-    )))
-    .set("Authorization", &format!("Bearer {key}"))
-    .call()
-    .unwrap()
-    .into_string()
-    .unwrap();
+    );
+    let content = get_text(&s.base, &output, &key);
     let ids: Vec<String> = content
         .lines()
         .map(|l| {

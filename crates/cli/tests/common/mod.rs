@@ -50,3 +50,36 @@ pub fn models_dir() -> &'static PathBuf {
         d
     })
 }
+
+/// `POST {base}/v1/files` with a JSONL batch file (multipart `purpose` and `file`, as OpenAI's
+/// client sends it): the status and the JSON answer.
+pub fn upload_batch_file(base: &str, key: &str, jsonl: &str) -> (u16, serde_json::Value) {
+    let boundary = "vvlme2eboundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{jsonl}\r\n--{boundary}--\r\n"
+    );
+    let r = ureq::post(&format!("{base}/v1/files"))
+        .set("Authorization", &format!("Bearer {key}"))
+        .set(
+            "Content-Type",
+            &format!("multipart/form-data; boundary={boundary}"),
+        )
+        .send_bytes(body.as_bytes());
+    match r {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(s, r)) => (s, r.into_json().unwrap_or_default()),
+        Err(e) => panic!("POST /v1/files: {e}"),
+    }
+}
+
+/// `GET {base}{path}` with a key: the body as text (a stored file's bytes).
+pub fn get_text(base: &str, path: &str, key: &str) -> String {
+    ureq::get(&format!("{base}{path}"))
+        .set("Authorization", &format!("Bearer {key}"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap()
+}
