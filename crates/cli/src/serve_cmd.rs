@@ -305,6 +305,10 @@ pub enum TenantCmd {
         /// (0.01-100; default 1).
         #[arg(long)]
         weight: Option<f64>,
+        /// A URL prefix (`https://host/path/`, `file:///folder/`) its media may be read from,
+        /// narrowing the server's url_allow and file_allow (repeatable; default: the server's).
+        #[arg(long = "media-allow")]
+        media_allow: Vec<String>,
     },
     /// List tenants with their usage.
     List,
@@ -327,6 +331,9 @@ pub enum TenantCmd {
         /// Share of a server's places under contention (`none`: 1).
         #[arg(long)]
         weight: Option<String>,
+        /// Replaces its media prefixes (repeatable; `none`: the server's lists alone).
+        #[arg(long = "media-allow")]
+        media_allow: Vec<String>,
     },
     /// Remove a tenant (its key stops working; its accounting history is kept).
     Remove { name: String },
@@ -369,6 +376,18 @@ where
     })
 }
 
+/// `--media-allow` given: the prefixes, checked (`none` alone: back to the server's lists).
+fn media_prefixes(given: Vec<String>) -> Result<Option<Option<Vec<String>>>> {
+    match given.as_slice() {
+        [] => Ok(None),
+        [none] if none == "none" => Ok(Some(None)),
+        _ => {
+            vvlm_server::remote::check_media_allow(&given).map_err(anyhow::Error::msg)?;
+            Ok(Some(Some(given)))
+        }
+    }
+}
+
 pub fn tenant(a: TenantArgs) -> Result<()> {
     // The tenant commands never reserve: the lease settings are unused.
     let l = vvlm_server::ledger::open(&a.db, &Options::new(LeaseSettings::new(30)))?;
@@ -381,6 +400,7 @@ pub fn tenant(a: TenantArgs) -> Result<()> {
             period,
             max_in_flight,
             weight,
+            media_allow,
         } => {
             let s = TenantSettings {
                 default_budget: flops(&default_budget, "default-budget")?,
@@ -389,6 +409,7 @@ pub fn tenant(a: TenantArgs) -> Result<()> {
                 period: Some(Period::parse(&period)?),
                 max_in_flight: max_in_flight.map(Some),
                 weight: weight.map(Some),
+                media_allow: media_prefixes(media_allow)?,
             };
             let (t, key) = l.create_tenant(&name, &s)?;
             eprintln!(
@@ -401,13 +422,14 @@ pub fn tenant(a: TenantArgs) -> Result<()> {
             for t in l.tenants()? {
                 let u = l.usage(&t, now())?;
                 println!(
-                    "{:<20} default {:.3e}  max/request {:.3e}  quota {}  in flight {}  weight {}  used {:.3e} (+{:.3e} reserved)",
+                    "{:<20} default {:.3e}  max/request {:.3e}  quota {}  in flight {}  weight {}  media {}  used {:.3e} (+{:.3e} reserved)",
                     t.name,
                     t.default_budget,
                     t.per_request_max,
                     t.quota.map(|q| format!("{q:.3e}/{}", t.period.as_str())).unwrap_or_else(|| "unlimited".into()),
                     t.max_in_flight.map(|m| m.to_string()).unwrap_or_else(|| "server default".into()),
                     t.weight.unwrap_or(1.0),
+                    t.media_allow.as_ref().map(|m| m.join(",")).unwrap_or_else(|| "server lists".into()),
                     u.charged_flops,
                     u.reserved_flops
                 );
@@ -425,6 +447,7 @@ pub fn tenant(a: TenantArgs) -> Result<()> {
             period,
             max_in_flight,
             weight,
+            media_allow,
         } => {
             let weight = set_or_clear::<f64>(&weight, "weight")?;
             let max_in_flight = set_or_clear::<u32>(&max_in_flight, "max-in-flight")?;
@@ -440,6 +463,7 @@ pub fn tenant(a: TenantArgs) -> Result<()> {
                 period: period.as_deref().map(Period::parse).transpose()?,
                 max_in_flight,
                 weight,
+                media_allow: media_prefixes(media_allow)?,
             };
             println!(
                 "{}",

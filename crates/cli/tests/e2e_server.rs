@@ -661,7 +661,7 @@ fn caption_qa_chat_budgets_and_every_error_path() {
         e.body["error"]["message"]
             .as_str()
             .unwrap_or_default()
-            .contains("url_allow is empty"),
+            .contains("no prefix in url_allow"),
         "{}",
         e.body
     );

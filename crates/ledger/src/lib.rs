@@ -151,6 +151,11 @@ pub struct Tenant {
     /// 1.
     #[serde(default)]
     pub weight: Option<f64>,
+    /// URL prefixes (`https://host/path/`, `file:///folder/`) its media may be read from,
+    /// narrowing the server's `url_allow` and `file_allow`; None: the server's lists alone.
+    /// (What a prefix means is the server's business; here it is text.)
+    #[serde(default)]
+    pub media_allow: Option<Vec<String>>,
 }
 
 /// Settings for a new or changed tenant.
@@ -168,7 +173,13 @@ pub struct TenantSettings {
     /// `Some(None)` returns the tenant to weight 1.
     #[serde(default, with = "double_option")]
     pub weight: Option<Option<f64>>,
+    /// `Some(None)` returns the tenant to the server's lists alone.
+    #[serde(default, with = "double_option")]
+    pub media_allow: Option<Option<Vec<String>>>,
 }
+
+/// Most prefixes in a tenant's `media_allow`, and the longest one.
+pub const MEDIA_ALLOW_MAX: (usize, usize) = (32, 1024);
 
 /// The range of a tenant's weight.
 pub const WEIGHT_RANGE: std::ops::RangeInclusive<f64> = 0.01..=100.0;
@@ -505,6 +516,9 @@ fn updated_tenant(mut t: Tenant, s: &TenantSettings) -> Result<Tenant, LedgerErr
     if let Some(w) = s.weight {
         t.weight = w;
     }
+    if let Some(m) = &s.media_allow {
+        t.media_allow = m.clone();
+    }
     if t.default_budget > t.per_request_max {
         return Err(LedgerError::Invalid(
             "default_budget exceeds per_request_max".into(),
@@ -537,6 +551,23 @@ fn check_settings(s: &TenantSettings) -> Result<(), LedgerError> {
         if !(1..=MAX_IN_FLIGHT_LIMIT).contains(&m) {
             return Err(LedgerError::Invalid(format!(
                 "max_in_flight must be 1 to {MAX_IN_FLIGHT_LIMIT} requests (null: the server's default), got {m}"
+            )));
+        }
+    }
+    if let Some(Some(m)) = &s.media_allow {
+        let (most, longest) = MEDIA_ALLOW_MAX;
+        if m.len() > most {
+            return Err(LedgerError::Invalid(format!(
+                "media_allow holds at most {most} prefixes, got {}",
+                m.len()
+            )));
+        }
+        if let Some(p) = m
+            .iter()
+            .find(|p| p.is_empty() || p.len() > longest || p.chars().any(char::is_whitespace))
+        {
+            return Err(LedgerError::Invalid(format!(
+                "media_allow: `{p}` is not a prefix of 1-{longest} characters without spaces"
             )));
         }
     }
@@ -630,4 +661,14 @@ mod tests {
         assert_eq!(redact("postgres://db/vvlm"), "postgres://db/vvlm");
         assert_eq!(redact("/var/vvlm.db"), "/var/vvlm.db");
     }
+}
+
+/// A tenant's `media_allow` as stored (JSON text), and back.
+pub(crate) fn media_allow_text(m: &Option<Vec<String>>) -> Option<String> {
+    m.as_ref()
+        .map(|v| serde_json::Value::from(v.clone()).to_string())
+}
+
+pub(crate) fn media_allow_value(text: Option<String>) -> Option<Vec<String>> {
+    text.and_then(|t| serde_json::from_str(&t).ok())
 }

@@ -54,6 +54,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "batches",
         sql: include_str!("../migrations/postgres/0006_batches.sql"),
     },
+    Migration {
+        version: 7,
+        name: "tenant_media_allow",
+        sql: include_str!("../migrations/postgres/0007_tenant_media_allow.sql"),
+    },
 ];
 
 /// Advisory lock key that serialises migrations of replicas starting together.
@@ -128,11 +133,12 @@ fn row_tenant(r: &Row) -> Tenant {
         },
         max_in_flight: r.get::<_, Option<i64>>(6).map(|m| m as u32),
         weight: r.get(7),
+        media_allow: crate::media_allow_value(r.get(8)),
     }
 }
 
 const TENANT_COLS: &str =
-    "id, name, default_budget, per_request_max, quota, period, max_in_flight, weight";
+    "id, name, default_budget, per_request_max, quota, period, max_in_flight, weight, media_allow";
 const LIVE: &str = "key_hash NOT LIKE 'removed:%'";
 
 impl PostgresLedger {
@@ -327,16 +333,17 @@ impl Ledger for PostgresLedger {
         let period = s.period.unwrap_or(Period::Day).as_str();
         let max_in_flight = s.max_in_flight.flatten().map(i64::from);
         let weight = s.weight.flatten();
+        let media_allow = crate::media_allow_text(&s.media_allow.clone().flatten());
         let t = self.block(async move {
             let c = pool.get().await?;
             let r = c
                 .query_one(
                     &format!(
-                        "INSERT INTO tenants (name, key_hash, default_budget, per_request_max, quota, period, max_in_flight, weight, created_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, EXTRACT(EPOCH FROM now())::BIGINT)
+                        "INSERT INTO tenants (name, key_hash, default_budget, per_request_max, quota, period, max_in_flight, weight, media_allow, created_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, EXTRACT(EPOCH FROM now())::BIGINT)
                          RETURNING {TENANT_COLS}"
                     ),
-                    &[&name, &hash, &default_budget, &per_request_max, &quota, &period, &max_in_flight, &weight],
+                    &[&name, &hash, &default_budget, &per_request_max, &quota, &period, &max_in_flight, &weight, &media_allow],
                 )
                 .await;
             match r {
@@ -356,8 +363,8 @@ impl Ledger for PostgresLedger {
             let max_in_flight = t2.max_in_flight.map(i64::from);
             c.execute(
                 "UPDATE tenants SET default_budget = $1, per_request_max = $2, quota = $3, period = $4,
-                 max_in_flight = $5, weight = $6 WHERE id = $7",
-                &[&t2.default_budget, &t2.per_request_max, &t2.quota, &t2.period.as_str(), &max_in_flight, &t2.weight, &t2.id],
+                 max_in_flight = $5, weight = $6, media_allow = $7 WHERE id = $8",
+                &[&t2.default_budget, &t2.per_request_max, &t2.quota, &t2.period.as_str(), &max_in_flight, &t2.weight, &crate::media_allow_text(&t2.media_allow), &t2.id],
             )
             .await?;
             Ok(())

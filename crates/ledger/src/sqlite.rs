@@ -50,6 +50,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "batches",
         sql: include_str!("../migrations/sqlite/0007_batches.sql"),
     },
+    Migration {
+        version: 8,
+        name: "tenant_media_allow",
+        sql: include_str!("../migrations/sqlite/0008_tenant_media_allow.sql"),
+    },
 ];
 
 pub struct SqliteLedger {
@@ -75,7 +80,7 @@ impl From<rusqlite::Error> for LedgerError {
 }
 
 const TENANT_COLS: &str =
-    "id, name, default_budget, per_request_max, quota, period, max_in_flight, weight";
+    "id, name, default_budget, per_request_max, quota, period, max_in_flight, weight, media_allow";
 /// Removed tenants are tombstones (see `remove_tenant`).
 const LIVE: &str = "key_hash NOT LIKE 'removed:%'";
 
@@ -119,6 +124,7 @@ impl SqliteLedger {
             },
             max_in_flight: r.get::<_, Option<i64>>(6)?.map(|m| m as u32),
             weight: r.get(7)?,
+            media_allow: crate::media_allow_value(r.get(8)?),
         })
     }
 
@@ -174,8 +180,8 @@ impl Ledger for SqliteLedger {
         let (default_budget, per_request_max) = new_tenant_budgets(name, s)?;
         let key = new_key()?;
         let r = self.lock().execute(
-            "INSERT INTO tenants (name, key_hash, default_budget, per_request_max, quota, period, max_in_flight, weight, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, strftime('%s','now'))",
+            "INSERT INTO tenants (name, key_hash, default_budget, per_request_max, quota, period, max_in_flight, weight, media_allow, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, strftime('%s','now'))",
             params![
                 name,
                 crate::hash_key(&key),
@@ -184,7 +190,8 @@ impl Ledger for SqliteLedger {
                 s.quota.flatten(),
                 s.period.unwrap_or(Period::Day).as_str(),
                 s.max_in_flight.flatten(),
-                s.weight.flatten()
+                s.weight.flatten(),
+                crate::media_allow_text(&s.media_allow.clone().flatten())
             ],
         );
         match r {
@@ -204,7 +211,7 @@ impl Ledger for SqliteLedger {
         let t = updated_tenant(self.tenant_by_name(name)?, s)?;
         self.lock().execute(
             "UPDATE tenants SET default_budget = ?1, per_request_max = ?2, quota = ?3, period = ?4,
-             max_in_flight = ?5, weight = ?6 WHERE id = ?7",
+             max_in_flight = ?5, weight = ?6, media_allow = ?7 WHERE id = ?8",
             params![
                 t.default_budget,
                 t.per_request_max,
@@ -212,6 +219,7 @@ impl Ledger for SqliteLedger {
                 t.period.as_str(),
                 t.max_in_flight,
                 t.weight,
+                crate::media_allow_text(&t.media_allow),
                 t.id
             ],
         )?;

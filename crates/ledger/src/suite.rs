@@ -31,6 +31,7 @@ macro_rules! ledger_suite {
             keys_rotate_and_requests_keep_their_plans_and_charges,
             migrations_are_applied_once,
             files_are_a_tenants_own_and_capped,
+            a_tenants_media_allow_is_kept_and_cleared,
             a_batch_outlives_its_replica_and_closes_once);
     };
     (@cases $harness:expr; $($case:ident),*) => {
@@ -1110,4 +1111,60 @@ pub fn a_batch_outlives_its_replica_and_closes_once(h: &dyn Harness) {
     assert_eq!(r2.renew_batch(&second.id, 214).unwrap(), None, "released");
     assert_eq!(r2.claim_batch(215).unwrap().unwrap().id, third.id);
     assert_eq!(r1.claim_batch(215).unwrap().unwrap().id, second.id);
+}
+
+pub fn a_tenants_media_allow_is_kept_and_cleared(h: &dyn Harness) {
+    let l = h.open(replica("r1", 30));
+    let list = vec![
+        "https://cdn.example.com/acme/".to_string(),
+        "file:///data/acme/".to_string(),
+    ];
+    let s = TenantSettings {
+        media_allow: Some(Some(list.clone())),
+        ..Default::default()
+    };
+    let (t, key) = l.create_tenant("acme", &s).unwrap();
+    assert_eq!(t.media_allow.as_ref(), Some(&list));
+    assert_eq!(
+        l.tenant_by_key(&key).unwrap().unwrap().media_allow.as_ref(),
+        Some(&list)
+    );
+    // Another change keeps it; an empty list (nothing but uploads) is kept as empty.
+    let t = l.update_tenant("acme", &quota(5.0)).unwrap();
+    assert_eq!(t.media_allow.as_ref(), Some(&list));
+    let empty = TenantSettings {
+        media_allow: Some(Some(vec![])),
+        ..Default::default()
+    };
+    assert_eq!(
+        l.update_tenant("acme", &empty).unwrap().media_allow,
+        Some(vec![])
+    );
+    assert_eq!(l.tenant_by_name("acme").unwrap().media_allow, Some(vec![]));
+    let clear = TenantSettings {
+        media_allow: Some(None),
+        ..Default::default()
+    };
+    assert_eq!(l.update_tenant("acme", &clear).unwrap().media_allow, None);
+    assert_eq!(l.tenant_by_name("acme").unwrap().media_allow, None);
+    // At most 32 prefixes of 1-1024 characters without spaces.
+    for bad in [
+        vec!["a b".to_string()],
+        vec![String::new()],
+        vec!["x".repeat(1025)],
+        vec!["p".to_string(); 33],
+    ] {
+        let s = TenantSettings {
+            media_allow: Some(Some(bad)),
+            ..Default::default()
+        };
+        assert!(matches!(
+            l.update_tenant("acme", &s),
+            Err(LedgerError::Invalid(_))
+        ));
+        assert!(matches!(
+            l.create_tenant("other", &s),
+            Err(LedgerError::Invalid(_))
+        ));
+    }
 }

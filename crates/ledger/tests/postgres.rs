@@ -79,8 +79,8 @@ fn replicas_starting_together_migrate_once() {
         ledgers[0]
             .query_i64("SELECT COUNT(*) FROM schema_migrations")
             .unwrap(),
-        6,
-        "0001_init to 0006_batches, each once"
+        7,
+        "0001_init to 0007_tenant_media_allow, each once"
     );
 }
 

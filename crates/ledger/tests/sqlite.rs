@@ -58,7 +58,7 @@ fn a_database_from_before_leases_is_migrated() {
         (u.charged_flops, u.reserved_flops, u.requests),
         (20.0, 0.0, 1)
     );
-    assert_eq!(h.count("SELECT COUNT(*) FROM schema_migrations"), 7);
+    assert_eq!(h.count("SELECT COUNT(*) FROM schema_migrations"), 8);
     // Tenants from before per-tenant limits take the server's default.
     assert_eq!((t.max_in_flight, t.weight), (None, None));
     assert_eq!(

@@ -559,8 +559,11 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let Json(mut body) = body.map_err(json_error)?;
     // Media by http(s) URL is fetched first (allow-listed), as if it had been uploaded.
-    crate::remote::fetch_into_body(&s.url_policy, &s.metrics, &mut body).await?;
-    let c = parse(body, &s.config.file_allow)?;
+    crate::remote::fetch_into_body(&s.url_policy.for_tenant(&t), &s.metrics, &mut body).await?;
+    let c = parse(
+        body,
+        &crate::remote::tenant_folders(&s.config.file_allow, &t),
+    )?;
     let rules = Rules {
         default_task: "qa",
         media_required: false,

@@ -17,6 +17,7 @@
 //! planning or the ledger.
 
 use crate::error::ApiError;
+use crate::ledger::Tenant;
 use crate::metrics::Metrics;
 use base64::Engine as _;
 use serde_json::{Map, Value};
@@ -33,6 +34,8 @@ pub struct UrlPolicy {
     private: bool,
     timeout: Duration,
     max_bytes: u64,
+    /// Which lists `allow` came from (named in refusals).
+    origin: String,
 }
 
 impl UrlPolicy {
@@ -66,6 +69,35 @@ impl UrlPolicy {
             private,
             timeout: Duration::from_secs_f64(timeout_s),
             max_bytes,
+            origin: "url_allow".into(),
+        })
+    }
+
+    /// The policy for a tenant: with a `media_allow`, a URL must be under a prefix of the
+    /// server's list and one of the tenant's (of each overlapping pair, the narrower).
+    pub fn for_tenant(&self, t: &Tenant) -> std::borrow::Cow<'_, UrlPolicy> {
+        let Some(mine) = &t.media_allow else {
+            return std::borrow::Cow::Borrowed(self);
+        };
+        let mine: Vec<url::Url> = mine
+            .iter()
+            .filter_map(|p| url::Url::parse(p).ok())
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .collect();
+        let mut allow = Vec::new();
+        for a in &self.allow {
+            for m in &mine {
+                if under(m, a) {
+                    allow.push(m.clone());
+                } else if under(a, m) {
+                    allow.push(a.clone());
+                }
+            }
+        }
+        std::borrow::Cow::Owned(UrlPolicy {
+            allow,
+            origin: format!("url_allow and tenant `{}`'s media_allow", t.name),
+            ..self.clone()
         })
     }
 
@@ -77,11 +109,11 @@ impl UrlPolicy {
     /// The URL parsed, if it is under an allowed prefix; else why not (403).
     pub fn check(&self, raw: &str) -> Result<url::Url, ApiError> {
         if !self.enabled() {
-            return Err(ApiError::Forbidden(
-                "http(s):// URLs are disabled on this server (url_allow is empty): send the \
-                 media as a data: URL or an upload"
-                    .into(),
-            ));
+            return Err(ApiError::Forbidden(format!(
+                "http(s):// URLs are not allowed here (no prefix in {}): send the media as a \
+                 data: URL or an upload",
+                self.origin
+            )));
         }
         let u = url::Url::parse(raw)
             .map_err(|e| ApiError::Validation(format!("`{raw}` is not a valid URL: {e}")))?;
@@ -92,8 +124,9 @@ impl UrlPolicy {
         }
         if !self.allow.iter().any(|a| under(&u, a)) {
             return Err(ApiError::Forbidden(format!(
-                "{} is not under an allowed URL prefix (url_allow)",
-                shown(&u)
+                "{} is not under an allowed URL prefix ({})",
+                shown(&u),
+                self.origin
             )));
         }
         Ok(u)
@@ -323,6 +356,59 @@ fn remote_urls(body: &mut Map<String, Value>) -> Vec<(String, &mut Value, &'stat
         }
     }
     found
+}
+
+/// Checks a tenant's `media_allow` (the admin API's and the CLI's): each an `http(s)://` URL
+/// with a host and no credentials, or a `file:///` URL of an absolute folder.
+pub fn check_media_allow(list: &[String]) -> Result<(), String> {
+    for p in list {
+        let u = url::Url::parse(p).map_err(|e| format!("media_allow: `{p}` is not a URL: {e}"))?;
+        let ok = match u.scheme() {
+            "http" | "https" => {
+                u.host_str().is_some() && u.username().is_empty() && u.password().is_none()
+            }
+            "file" => u.host_str().is_none_or(str::is_empty) && u.to_file_path().is_ok(),
+            _ => false,
+        };
+        if !ok {
+            return Err(format!(
+                "media_allow: `{p}` must be an http(s):// URL with a host and no credentials, \
+                 or a file:/// folder"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The folders `file://` URLs may read from for a tenant: the server's `file_allow`, narrowed
+/// by the tenant's `file:///` prefixes when it has a `media_allow` (of each overlapping pair,
+/// the narrower folder).
+pub fn tenant_folders<'a>(
+    server: &'a [std::path::PathBuf],
+    t: &Tenant,
+) -> std::borrow::Cow<'a, [std::path::PathBuf]> {
+    let Some(mine) = &t.media_allow else {
+        return std::borrow::Cow::Borrowed(server);
+    };
+    let canonical = |p: &std::path::Path| p.canonicalize().ok();
+    let mine: Vec<std::path::PathBuf> = mine
+        .iter()
+        .filter_map(|p| url::Url::parse(p).ok())
+        .filter(|u| u.scheme() == "file")
+        .filter_map(|u| u.to_file_path().ok())
+        .filter_map(|p| canonical(&p))
+        .collect();
+    let mut folders = Vec::new();
+    for s in server.iter().filter_map(|s| canonical(s)) {
+        for m in &mine {
+            if m.starts_with(&s) {
+                folders.push(m.clone());
+            } else if s.starts_with(m) {
+                folders.push(s.clone());
+            }
+        }
+    }
+    std::borrow::Cow::Owned(folders)
 }
 
 /// The most media URLs one request may name.

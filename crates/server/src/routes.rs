@@ -622,6 +622,7 @@ async fn outcome_response(s: &AppState, t: &Tenant, o: Outcome) -> Response {
 async fn parse_video_request(
     req: Request,
     s: &AppState,
+    t: &Tenant,
 ) -> Result<(RequestOptions, Content), ApiError> {
     let ct = req
         .headers()
@@ -638,8 +639,8 @@ async fn parse_video_request(
         let Json(mut b): Json<Map<String, Value>> =
             Json::from_request(req, &()).await.map_err(json_error)?;
         // Media by http(s) URL is fetched first (allow-listed), as if it had been uploaded.
-        crate::remote::fetch_into_body(&s.url_policy, &s.metrics, &mut b).await?;
-        from_json_video(b, &s.config.file_allow)
+        crate::remote::fetch_into_body(&s.url_policy.for_tenant(t), &s.metrics, &mut b).await?;
+        from_json_video(b, &crate::remote::tenant_folders(&s.config.file_allow, t))
     } else {
         Err(ApiError::UnsupportedMedia(
             "send multipart/form-data (field `video`) or application/json (`video` as a data: URL)"
@@ -659,7 +660,7 @@ async fn video_endpoint(
     let slot = req.extensions().get::<AdmissionSlot>().cloned();
     let authenticated = req.extensions().get::<Authenticated>().cloned();
     with_tenant(s, authenticated, &headers, route, |s, t| async move {
-        let (options, content) = parse_video_request(req, &s).await?;
+        let (options, content) = parse_video_request(req, &s, &t).await?;
         let rules = Rules {
             default_task: task,
             media_required: true,
@@ -780,6 +781,20 @@ struct CreateTenant {
     /// Share of a server's places under contention, relative to other tenants' (absent: 1).
     #[serde(default)]
     weight: Option<f64>,
+    /// Prefixes its media may be read from, narrowing the server's (absent: the server's).
+    #[serde(default)]
+    media_allow: Option<Vec<String>>,
+}
+
+/// A tenant's `media_allow` is a list of URL prefixes the server can use (422 naming it).
+fn check_media_allow(settings: &TenantSettings) -> Result<(), ApiError> {
+    match &settings.media_allow {
+        Some(Some(m)) => crate::remote::check_media_allow(m).map_err(|message| ApiError::Invalid {
+            param: "media_allow".into(),
+            message,
+        }),
+        _ => Ok(()),
+    }
 }
 
 async fn admin_create(
@@ -800,7 +815,9 @@ async fn admin_create(
             .transpose()?,
         max_in_flight: b.max_in_flight.map(Some),
         weight: b.weight.map(Some),
+        media_allow: b.media_allow.map(Some),
     };
+    check_media_allow(&settings)?;
     let (t, key) = s
         .ledger_call(move |l| l.create_tenant(&b.name, &settings))
         .await?;
@@ -862,6 +879,9 @@ struct UpdateTenant {
     /// A number sets the tenant's weight; null returns it to 1.
     #[serde(default, deserialize_with = "nullable")]
     weight: Option<Option<f64>>,
+    /// A list narrows where its media may be read from; null returns it to the server's lists.
+    #[serde(default, deserialize_with = "nullable")]
+    media_allow: Option<Option<Vec<String>>>,
 }
 
 fn nullable<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
@@ -893,7 +913,9 @@ async fn admin_update(
             .transpose()?,
         max_in_flight: b.max_in_flight,
         weight: b.weight,
+        media_allow: b.media_allow,
     };
+    check_media_allow(&settings)?;
     Ok(Json(json!(
         s.ledger_call(move |l| l.update_tenant(&name, &settings))
             .await?

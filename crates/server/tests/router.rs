@@ -2857,7 +2857,7 @@ async fn media_urls_are_fetched_only_from_allowed_prefixes() {
         v["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("url_allow is empty"),
+            .contains("no prefix in url_allow"),
         "{v}"
     );
 }
@@ -3461,4 +3461,113 @@ async fn an_expired_batch_closes_with_its_unrun_lines() {
             .requests,
         0
     );
+}
+
+/// A tenant's `media_allow` narrows the server's `file_allow` and `url_allow` for its own
+/// requests (another tenant's folder or bucket is refused, 403 naming the lists), and leaves
+/// other tenants alone; the admin API checks and clears it.
+#[tokio::test]
+async fn a_tenants_media_allow_narrows_what_its_requests_may_read() {
+    let port = media_upstream(vec![]).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let s = server_with(true, |c| {
+        c.url_allow = vec![format!("{base}/")];
+        c.url_private = true;
+    });
+    let root = s._dir.path().canonicalize().unwrap();
+    for who in ["acme", "other"] {
+        std::fs::create_dir(root.join(who)).unwrap();
+        std::fs::write(root.join(who).join("v.mp4"), video_bytes()).unwrap();
+    }
+    let (st, made) = s
+        .json(
+            Method::POST,
+            "/admin/tenants",
+            Some(ADMIN),
+            json!({"name": "acme", "media_allow": [format!("file://{}/acme/", root.display()),
+                                                   format!("{base}/v/")]}),
+        )
+        .await;
+    assert_eq!(st, 201, "{made}");
+    assert_eq!(made["tenant"]["media_allow"][1], format!("{base}/v/"));
+    let acme = made["api_key"].as_str().unwrap().to_string();
+    let free = s.tenant("free", None);
+    let qa = |video: String| {
+        json!({"video": video, "question": "what colour is the flash ?", "max_tokens": 2,
+               "model": "suite-s", "frames": 2})
+    };
+    let file = |who: &str| format!("file://{}/{who}/v.mp4", root.display());
+    let (st, v) = s.post("/v1/videos/qa", &acme, qa(file("acme"))).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = s.post("/v1/videos/qa", &acme, qa(file("other"))).await;
+    assert_eq!(st, 403, "{v}");
+    let (st, v) = s
+        .post("/v1/videos/qa", &acme, qa(format!("{base}/v/a.mp4")))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    // Under the server's url_allow, not under acme's: refused, naming both lists.
+    let (st, v) = s
+        .post("/v1/videos/qa", &acme, qa(format!("{base}/other/a.mp4")))
+        .await;
+    assert_eq!(st, 403, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tenant `acme`'s media_allow"),
+        "{v}"
+    );
+    // The same through chat.
+    let chat_with = |url: String| {
+        json!({"messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": url}},
+            {"type": "text", "text": "what happens ?"}]}], "max_tokens": 2})
+    };
+    let (st, v) = s
+        .post("/v1/chat/completions", &acme, chat_with(file("other")))
+        .await;
+    assert_eq!(st, 403, "{v}");
+    let (st, v) = s
+        .post("/v1/chat/completions", &acme, chat_with(file("acme")))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    // A tenant without a list reads what the server allows (the other folder; the upstream's
+    // /other/ answers text, which is not a video: refused as such, not for its URL).
+    let (st, v) = s.post("/v1/videos/qa", &free, qa(file("other"))).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = s
+        .post("/v1/videos/qa", &free, qa(format!("{base}/other/a.mp4")))
+        .await;
+    assert_ne!(st, 403, "{v}");
+    // Checked by the admin API; null returns the tenant to the server's lists.
+    for bad in [
+        json!(["ftp://x/"]),
+        json!(["https://user:pw@h/"]),
+        json!(["not a url"]),
+    ] {
+        let (st, v) = s
+            .json(
+                Method::PATCH,
+                "/admin/tenants/acme",
+                Some(ADMIN),
+                json!({"media_allow": bad}),
+            )
+            .await;
+        assert_eq!(
+            (st, v["error"]["param"].as_str()),
+            (422, Some("media_allow")),
+            "{v}"
+        );
+    }
+    let (st, v) = s
+        .json(
+            Method::PATCH,
+            "/admin/tenants/acme",
+            Some(ADMIN),
+            json!({"media_allow": null}),
+        )
+        .await;
+    assert_eq!((st, &v["media_allow"]), (200, &Value::Null), "{v}");
+    let (st, v) = s.post("/v1/videos/qa", &acme, qa(file("other"))).await;
+    assert_eq!(st, 200, "{v}");
 }
