@@ -627,6 +627,16 @@ pub(crate) struct Migration {
     pub sql: &'static str,
 }
 
+/// A tenant's `media_allow` as stored (JSON text), and back.
+pub(crate) fn media_allow_text(m: &Option<Vec<String>>) -> Option<String> {
+    m.as_ref()
+        .map(|v| serde_json::Value::from(v.clone()).to_string())
+}
+
+pub(crate) fn media_allow_value(text: Option<String>) -> Option<Vec<String>> {
+    text.and_then(|t| serde_json::from_str(&t).ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -661,14 +671,4 @@ mod tests {
         assert_eq!(redact("postgres://db/vvlm"), "postgres://db/vvlm");
         assert_eq!(redact("/var/vvlm.db"), "/var/vvlm.db");
     }
-}
-
-/// A tenant's `media_allow` as stored (JSON text), and back.
-pub(crate) fn media_allow_text(m: &Option<Vec<String>>) -> Option<String> {
-    m.as_ref()
-        .map(|v| serde_json::Value::from(v.clone()).to_string())
-}
-
-pub(crate) fn media_allow_value(text: Option<String>) -> Option<Vec<String>> {
-    text.and_then(|t| serde_json::from_str(&t).ok())
 }
