@@ -80,6 +80,9 @@ pub struct NewBatch {
     /// Seconds from creation until the batch expires.
     pub window_s: i64,
     pub metadata: Option<serde_json::Value>,
+    /// The most open batches (in progress or cancelling) the tenant may have, this one
+    /// included: more is a `Conflict`.
+    pub max_open: i64,
 }
 
 /// A batch, with its lines' counts.
@@ -186,9 +189,10 @@ pub trait Batches {
     /// new one starts, then its owner closes it). Cancelling again changes nothing; a closed
     /// batch is a `Conflict`.
     fn cancel_batch(&self, tenant_id: i64, id: &str, now: i64) -> Result<BatchRecord, LedgerError>;
-    /// Takes an open batch for this ledger's owner, leased until `now + lease_s`: one nobody
-    /// holds, or whose holder's lease ran out, the least recently run first (then the oldest).
-    /// None when there is none.
+    /// Takes an open batch for this ledger's owner, leased until `now + lease_s`, and marks it
+    /// run now: one nobody holds, or whose holder's lease ran out; of those, the batch of the
+    /// tenant whose batches ran least recently (tenants take turns, however many batches each
+    /// has open), then the least recently run, then the oldest. None when there is none.
     fn claim_batch(&self, now: i64) -> Result<Option<BatchRecord>, LedgerError>;
     /// Gives a batch this owner holds back for another's turn, when another open batch is
     /// waiting (not held by a live lease): the batch is released and taken again after the
@@ -247,6 +251,18 @@ pub(crate) fn cannot_cancel(b: &BatchRecord) -> LedgerError {
         b.status.as_str()
     ))
 }
+
+pub(crate) fn too_many_open(open: i64) -> LedgerError {
+    LedgerError::Conflict(format!(
+        "the tenant has {open} open batches, its most; wait for one to finish or cancel one"
+    ))
+}
+
+/// Open batches, the claimable ones' order (both dialects: `b` is the batch; the tenant whose
+/// batches ran least recently first).
+pub(crate) const CLAIM_ORDER: &str = "ORDER BY (SELECT MAX(o.last_run_at) FROM batches o
+    WHERE o.tenant_id = b.tenant_id AND o.status IN ('in_progress', 'cancelling')),
+    b.last_run_at, b.created_at, b.id";
 
 pub(crate) fn not_held(id: &str) -> LedgerError {
     LedgerError::Conflict(format!("batch `{id}` is closed or held by another replica"))

@@ -953,6 +953,19 @@ impl Batches for PostgresLedger {
             if purpose != "batch" {
                 return Err(batches::not_batch_input(&b.input_file_id, &purpose));
             }
+            // The tenant's row lock serialises its batch creations across replicas.
+            tx.execute("SELECT id FROM tenants WHERE id = $1 FOR UPDATE", &[&tenant_id])
+                .await?;
+            let open: i64 = tx
+                .query_one(
+                    "SELECT COUNT(*) FROM batches WHERE tenant_id = $1 AND status IN ('in_progress', 'cancelling')",
+                    &[&tenant_id],
+                )
+                .await?
+                .get(0);
+            if open >= b.max_open {
+                return Err(batches::too_many_open(open));
+            }
             let id = batches::new_id("batch_")?;
             tx.execute(
                 "INSERT INTO batches (id, tenant_id, endpoint, input_file_id, completion_window, status,
@@ -1036,11 +1049,14 @@ impl Batches for PostgresLedger {
             let c = pool.get().await?;
             let id: Option<String> = c
                 .query_opt(
-                    "UPDATE batches SET owner = $2, lease_until = $3 WHERE id = (
-                         SELECT id FROM batches WHERE status IN ('in_progress', 'cancelling')
-                           AND (lease_until < $1 OR owner = $2)
-                         ORDER BY last_run_at, created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
-                     RETURNING id",
+                    &format!(
+                        "UPDATE batches SET owner = $2, lease_until = $3, last_run_at = $1 WHERE id = (
+                             SELECT b.id FROM batches b WHERE b.status IN ('in_progress', 'cancelling')
+                               AND (b.lease_until < $1 OR b.owner = $2)
+                             {} LIMIT 1 FOR UPDATE SKIP LOCKED)
+                         RETURNING id",
+                        batches::CLAIM_ORDER
+                    ),
                     &[&now, &owner, &until],
                 )
                 .await?

@@ -714,6 +714,14 @@ impl Batches for SqliteLedger {
         if purpose != "batch" {
             return Err(batches::not_batch_input(&b.input_file_id, &purpose));
         }
+        let open: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM batches WHERE tenant_id = ?1 AND status IN ('in_progress', 'cancelling')",
+            params![tenant_id],
+            |r| r.get(0),
+        )?;
+        if open >= b.max_open {
+            return Err(batches::too_many_open(open));
+        }
         let id = batches::new_id("batch_")?;
         tx.execute(
             "INSERT INTO batches (id, tenant_id, endpoint, input_file_id, completion_window, status,
@@ -791,17 +799,19 @@ impl Batches for SqliteLedger {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let id: Option<String> = tx
             .query_row(
-                "SELECT id FROM batches WHERE status IN ('in_progress', 'cancelling')
-                   AND (lease_until < ?1 OR owner = ?2)
-                 ORDER BY last_run_at, created_at, id LIMIT 1",
+                &format!(
+                    "SELECT b.id FROM batches b WHERE b.status IN ('in_progress', 'cancelling')
+                       AND (b.lease_until < ?1 OR b.owner = ?2) {} LIMIT 1",
+                    batches::CLAIM_ORDER
+                ),
                 params![now, self.lease.owner],
                 |r| r.get(0),
             )
             .optional()?;
         let Some(id) = id else { return Ok(None) };
         tx.execute(
-            "UPDATE batches SET owner = ?2, lease_until = ?3 WHERE id = ?1",
-            params![id, self.lease.owner, now + self.lease.lease_s],
+            "UPDATE batches SET owner = ?2, lease_until = ?3, last_run_at = ?4 WHERE id = ?1",
+            params![id, self.lease.owner, now + self.lease.lease_s, now],
         )?;
         let b = batch_where(&tx, "b.id = ?1", params![id])?;
         tx.commit()?;

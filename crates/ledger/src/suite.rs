@@ -32,6 +32,7 @@ macro_rules! ledger_suite {
             migrations_are_applied_once,
             files_are_a_tenants_own_and_capped,
             a_tenants_media_allow_is_kept_and_cleared,
+            tenants_take_turns_and_open_batches_are_capped,
             a_batch_outlives_its_replica_and_closes_once);
     };
     (@cases $harness:expr; $($case:ident),*) => {
@@ -839,6 +840,7 @@ fn new_batch(file: &str, total: i64) -> crate::NewBatch {
         completion_window: "24h".into(),
         window_s: 86_400,
         metadata: Some(serde_json::json!({"job": "nightly"})),
+        max_open: 100,
     }
 }
 
@@ -1167,4 +1169,38 @@ pub fn a_tenants_media_allow_is_kept_and_cleared(h: &dyn Harness) {
             Err(LedgerError::Invalid(_))
         ));
     }
+}
+
+pub fn tenants_take_turns_and_open_batches_are_capped(h: &dyn Harness) {
+    let r1 = h.open(replica("r1", 10));
+    let r2 = h.open(replica("r2", 10));
+    let (a, _) = r1.create_tenant("a", &TenantSettings::default()).unwrap();
+    let (b, _) = r1.create_tenant("b", &TenantSettings::default()).unwrap();
+    let fa = r1
+        .create_file(a.id, "a.jsonl", "batch", b"{}", 1 << 20, 1)
+        .unwrap();
+    let fb = r1
+        .create_file(b.id, "b.jsonl", "batch", b"{}", 1 << 20, 1)
+        .unwrap();
+    let capped = |f: &str| crate::NewBatch {
+        max_open: 2,
+        ..new_batch(f, 1)
+    };
+    // `a` opens two batches (its most), then `b` one.
+    let a1 = r1.create_batch(a.id, &capped(&fa.id), 10).unwrap();
+    let a2 = r1.create_batch(a.id, &capped(&fa.id), 11).unwrap();
+    match r1.create_batch(a.id, &capped(&fa.id), 12) {
+        Err(LedgerError::Conflict(m)) => assert!(m.contains("2 open batches"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let b1 = r1.create_batch(b.id, &capped(&fb.id), 13).unwrap();
+    // r1 runs a1; r2 takes b's batch next, although a2 is older: a's batches ran more recently.
+    assert_eq!(r1.claim_batch(20).unwrap().unwrap().id, a1.id);
+    assert_eq!(r2.claim_batch(21).unwrap().unwrap().id, b1.id);
+    assert!(r2.yield_batch(&b1.id, 25).unwrap(), "a2 waits");
+    assert_eq!(r2.claim_batch(26).unwrap().unwrap().id, a2.id);
+    // A closed batch frees a place.
+    r1.finish_batch(&a1.id, crate::BatchStatus::Completed, None, None, 27)
+        .unwrap();
+    r1.create_batch(a.id, &capped(&fa.id), 28).unwrap();
 }

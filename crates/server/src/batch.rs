@@ -418,6 +418,7 @@ pub async fn create_batch(
         completion_window: WINDOW.into(),
         window_s: WINDOW_S,
         metadata: b.metadata.map(Value::Object),
+        max_open: s.config.batch.max_open_per_tenant,
     };
     let r = s
         .ledger_call(move |l| l.create_batch(t.id, &new, now()))

@@ -151,6 +151,8 @@ pub struct BatchConfig {
     pub max_file_bytes: usize,
     /// Requests in one batch file.
     pub max_lines: usize,
+    /// Batches one tenant may have open (in progress or cancelling) at once; one more is a 409.
+    pub max_open_per_tenant: i64,
     /// A tenant's uploaded files in all (a batch's output and error files are not counted).
     pub tenant_storage_bytes: i64,
     /// Seconds between an idle replica's looks for a batch to run.

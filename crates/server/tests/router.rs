@@ -3231,6 +3231,7 @@ async fn batch_inputs_are_refused_by_name() {
     let s = server_with(true, |c| {
         c.batch.max_file_bytes = 4096;
         c.batch.tenant_storage_bytes = 600;
+        c.batch.max_open_per_tenant = 1;
     });
     let key = s.tenant("alice", None);
     let ok = batch_line("a", "/v1/completions", json!({"prompt": "hi"}));
@@ -3321,6 +3322,30 @@ async fn batch_inputs_are_refused_by_name() {
     meta["metadata"] = json!({"n": 1});
     let (st, v) = s.post("/v1/batches", &key, meta).await;
     assert_eq!((st, param(&v)), (422, Some("metadata".into())), "{v}");
+    // One open batch is this tenant's most here: a second is a 409 naming the limit.
+    let (st, v) = s
+        .post(
+            "/v1/batches",
+            &key,
+            batch(&f["id"], "/v1/completions", "24h"),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = s
+        .post(
+            "/v1/batches",
+            &key,
+            batch(&f["id"], "/v1/completions", "24h"),
+        )
+        .await;
+    assert_eq!(st, 409, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 open batches"),
+        "{v}"
+    );
     let (st, v) = s.get("/v1/batches?limit=0", &key).await;
     assert_eq!((st, param(&v)), (422, Some("limit".into())), "{v}");
     assert_eq!(s.get("/v1/batches/batch_nope", &key).await.0, 404);
@@ -3435,6 +3460,7 @@ async fn an_expired_batch_closes_with_its_unrun_lines() {
                 completion_window: "24h".into(),
                 window_s: -1,
                 metadata: None,
+                max_open: 16,
             },
             vvlm_server::ledger::now(),
         )
