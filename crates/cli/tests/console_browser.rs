@@ -594,6 +594,38 @@ fn console_in_a_real_browser() {
         (&json!(4), &json!(2.5)),
         "{acme}"
     );
+    // Where its media may be read from: a bad prefix is refused before it is sent; two
+    // lines are kept; emptied, the tenant is back on the server's lists.
+    b.keys("#media-allow", "ftp://nowhere/");
+    b.click("#media-form button[type=submit]");
+    b.wait_text("#tenants-error", "media prefixes", SHORT);
+    b.js(
+        "document.getElementById('media-allow').value = '';",
+        json!([]),
+    );
+    b.keys(
+        "#media-allow",
+        "https://cdn.example.com/acme/\nfile:///srv/acme/",
+    );
+    b.click("#media-form button[type=submit]");
+    wait_for("the media prefixes kept", SHORT, || {
+        let (_, t) = api("GET", &format!("{base}/admin/tenants/acme"), ADMIN, None);
+        t["media_allow"] == json!(["https://cdn.example.com/acme/", "file:///srv/acme/"])
+    });
+    b.wait_js(
+        "the refusal cleared",
+        "return document.getElementById('tenants-error').textContent === '';",
+        SHORT,
+    );
+    b.js(
+        "document.getElementById('media-allow').value = '';",
+        json!([]),
+    );
+    b.click("#media-form button[type=submit]");
+    wait_for("the media prefixes cleared", SHORT, || {
+        let (_, t) = api("GET", &format!("{base}/admin/tenants/acme"), ADMIN, None);
+        t["media_allow"].is_null()
+    });
     b.click("#rotate");
     b.wait_text("#tenant-key-out", "shown once", SHORT);
     let new_key = b.text("#tenant-key-out code");

@@ -1,6 +1,7 @@
 // The tenants page (admin key): quotas and usage this period, usage over time, recent requests
 // with their plan and charge; create a tenant, change a quota or its share of the server (the
-// requests it may have in flight, its weight), rotate a key. Only the admin API.
+// requests it may have in flight, its weight) or where its media may be read from, rotate a
+// key. Only the admin API.
 
 import { call, getKey, setKey, ApiError } from './api.js';
 import { usageChart } from './charts.js';
@@ -100,6 +101,7 @@ async function detail() {
     $('quota').value = t.quota === null ? '' : si(t.quota);
     $('in-flight').value = t.max_in_flight == null ? '' : String(t.max_in_flight);
     $('weight').value = t.weight == null ? '' : String(t.weight);
+    $('media-allow').value = t.media_allow == null ? '' : t.media_allow.join('\n');
     $('usage-chart').replaceChildren(usageChart(h.series.points, h.series.bucket_s));
     const rows = h.requests.map((r) => {
       const p = r.plan || {};
@@ -193,6 +195,22 @@ async function setShare(ev) {
   }
 }
 
+// The media prefixes, one per line; empty: back to the server's lists alone.
+async function setMedia(ev) {
+  ev.preventDefault();
+  try {
+    const lines = $('media-allow').value.split('\n').map((l) => l.trim()).filter((l) => l);
+    const bad = lines.find((l) => !/^(https?:\/\/[^/\s]+|file:\/\/\/)/.test(l));
+    if (bad) throw new ApiError(422, 'validation', `media prefixes: "${bad}" is not an http(s):// URL or a file:/// folder`);
+    await call('admin', 'PATCH', `/admin/tenants/${encodeURIComponent(selected)}`, {
+      media_allow: lines.length ? lines : null,
+    });
+    await refresh();
+  } catch (e) {
+    fail(e);
+  }
+}
+
 async function rotate() {
   try {
     const r = await call('admin', 'POST', `/admin/tenants/${encodeURIComponent(selected)}/key`);
@@ -222,6 +240,7 @@ export function start() {
   $('quota-form').addEventListener('submit', setQuota);
   $('quota-remove').addEventListener('click', removeQuota);
   $('in-flight-form').addEventListener('submit', setShare);
+  $('media-form').addEventListener('submit', setMedia);
   $('rotate').addEventListener('click', rotate);
   $('usage-range').addEventListener('change', detail);
   refresh();
