@@ -203,12 +203,16 @@ pub trait Batches {
     /// longer this owner's (another replica took it after the lease ran out) or is closed.
     fn renew_batch(&self, id: &str, now: i64) -> Result<Option<BatchStatus>, LedgerError>;
     /// Records a line's answer; the first answer recorded for a line is kept (false when it
-    /// had one).
+    /// had one, or the batch is closed).
     fn record_line(&self, batch_id: &str, r: &LineResult) -> Result<bool, LedgerError>;
-    /// The batch's answered lines, by line.
+    /// The batch's answered lines, by line (an open batch's: a closed one keeps none).
     fn line_results(&self, batch_id: &str) -> Result<Vec<LineResult>, LedgerError>;
+    /// Deletes what is older than `before`: closed batches (closed then) and files (created
+    /// then) that no open batch reads. Returns (batches, files) deleted.
+    fn purge(&self, before: i64) -> Result<(u64, u64), LedgerError>;
     /// Closes a batch this owner holds: stores the output and error files (purpose
-    /// `batch_output`, not counted against the tenant's storage limit) and sets the status
+    /// `batch_output`, not counted against the tenant's storage limit), keeps its counts and
+    /// usage and deletes its lines' answers (the files hold them), and sets the status
     /// (`Completed`, `Cancelled` or `Expired`), in one transaction. `Conflict` when the batch
     /// is no longer this owner's or is closed.
     fn finish_batch(
@@ -293,15 +297,53 @@ pub(crate) fn not_batch_input(id: &str, purpose: &str) -> LedgerError {
 /// The columns of a [`BatchRecord`], in the order the backends read them (both dialects).
 pub(crate) const BATCH_SELECT: &str = "SELECT b.id, b.tenant_id, b.endpoint, b.input_file_id,
     b.completion_window, b.status, b.total,
-    (SELECT COUNT(*) FROM batch_results r WHERE r.batch_id = b.id AND r.status_code BETWEEN 200 AND 299),
-    (SELECT COUNT(*) FROM batch_results r WHERE r.batch_id = b.id AND r.status_code NOT BETWEEN 200 AND 299),
-    (SELECT CAST(COALESCE(SUM(r.prompt_tokens), 0) AS BIGINT) FROM batch_results r WHERE r.batch_id = b.id),
-    (SELECT CAST(COALESCE(SUM(r.completion_tokens), 0) AS BIGINT) FROM batch_results r WHERE r.batch_id = b.id),
-    (SELECT COALESCE(SUM(r.measured_flops), 0.0) FROM batch_results r WHERE r.batch_id = b.id),
+    COALESCE(b.completed, (SELECT COUNT(*) FROM batch_results r WHERE r.batch_id = b.id AND r.status_code BETWEEN 200 AND 299)),
+    COALESCE(b.failed, (SELECT COUNT(*) FROM batch_results r WHERE r.batch_id = b.id AND r.status_code NOT BETWEEN 200 AND 299)),
+    COALESCE(b.prompt_tokens, (SELECT CAST(COALESCE(SUM(r.prompt_tokens), 0) AS BIGINT) FROM batch_results r WHERE r.batch_id = b.id)),
+    COALESCE(b.completion_tokens, (SELECT CAST(COALESCE(SUM(r.completion_tokens), 0) AS BIGINT) FROM batch_results r WHERE r.batch_id = b.id)),
+    COALESCE(b.measured_flops, (SELECT COALESCE(SUM(r.measured_flops), 0.0) FROM batch_results r WHERE r.batch_id = b.id)),
     b.metadata, b.created_at, b.expires_at, b.cancelling_at, b.closed_at, b.output_file_id,
     b.error_file_id,
     (SELECT t.name FROM tenants t WHERE t.id = b.tenant_id AND t.key_hash NOT LIKE 'removed:%')
     FROM batches b";
+
+/// Stores a closing batch's counts and usage in its row and deletes its lines' answers
+/// (both dialects; `{p}` is the parameter marker of the batch id: `?1` or `$1`).
+pub(crate) fn keep_totals(p: &str) -> [String; 2] {
+    let sum = |col: &str| {
+        format!("(SELECT COALESCE(SUM(r.{col}), 0) FROM batch_results r WHERE r.batch_id = {p})")
+    };
+    [
+        format!(
+            "UPDATE batches SET
+                 completed = (SELECT COUNT(*) FROM batch_results r WHERE r.batch_id = {p} AND r.status_code BETWEEN 200 AND 299),
+                 failed = (SELECT COUNT(*) FROM batch_results r WHERE r.batch_id = {p} AND r.status_code NOT BETWEEN 200 AND 299),
+                 prompt_tokens = {}, completion_tokens = {}, measured_flops = {}
+             WHERE id = {p}",
+            sum("prompt_tokens"),
+            sum("completion_tokens"),
+            sum("measured_flops")
+        ),
+        format!("DELETE FROM batch_results WHERE batch_id = {p}"),
+    ]
+}
+
+/// The statements of [`Batches::purge`] (both dialects; `{p}` is the marker of `before`).
+pub(crate) fn purge_statements(p: &str) -> [String; 3] {
+    [
+        format!(
+            "DELETE FROM batch_results WHERE batch_id IN (SELECT id FROM batches
+                 WHERE status NOT IN ('in_progress', 'cancelling') AND closed_at < {p})"
+        ),
+        format!(
+            "DELETE FROM batches WHERE status NOT IN ('in_progress', 'cancelling') AND closed_at < {p}"
+        ),
+        format!(
+            "DELETE FROM files WHERE created_at < {p} AND id NOT IN (SELECT input_file_id FROM
+                 batches WHERE status IN ('in_progress', 'cancelling'))"
+        ),
+    ]
+}
 
 /// The columns of a [`FileRecord`] (both dialects).
 pub(crate) const FILE_COLS: &str = "id, tenant_id, filename, purpose, bytes, created_at";

@@ -1109,7 +1109,9 @@ impl Batches for PostgresLedger {
             Ok(c.execute(
                 "INSERT INTO batch_results (batch_id, line, custom_id, status_code, request_id, body, finished_at,
                      prompt_tokens, completion_tokens, measured_flops)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (batch_id, line) DO NOTHING",
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 WHERE EXISTS (SELECT 1 FROM batches
+                     WHERE id = $1 AND status IN ('in_progress', 'cancelling'))
+                 ON CONFLICT (batch_id, line) DO NOTHING",
                 &[
                     &id,
                     &r.line,
@@ -1145,6 +1147,20 @@ impl Batches for PostgresLedger {
         })
     }
 
+    fn purge(&self, before: i64) -> Result<(u64, u64), LedgerError> {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let mut c = pool.get().await?;
+            let tx = c.transaction().await?;
+            let [results, closed, files] = batches::purge_statements("$1");
+            tx.execute(&results, &[&before]).await?;
+            let b = tx.execute(&closed, &[&before]).await?;
+            let f = tx.execute(&files, &[&before]).await?;
+            tx.commit().await?;
+            Ok((b, f))
+        })
+    }
+
     fn finish_batch(
         &self,
         id: &str,
@@ -1176,6 +1192,9 @@ impl Batches for PostgresLedger {
                 }
             }
             let [out, err] = files;
+            for sql in batches::keep_totals("$1") {
+                tx.execute(&sql, &[&id]).await?;
+            }
             tx.execute(
                 "UPDATE batches SET status = $2, closed_at = $3, output_file_id = $4, error_file_id = $5,
                      owner = NULL, lease_until = 0 WHERE id = $1",

@@ -861,7 +861,9 @@ impl Batches for SqliteLedger {
         Ok(self.lock().execute(
             "INSERT INTO batch_results (batch_id, line, custom_id, status_code, request_id, body, finished_at,
                  prompt_tokens, completion_tokens, measured_flops)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (batch_id, line) DO NOTHING",
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10 WHERE EXISTS (SELECT 1 FROM batches
+                 WHERE id = ?1 AND status IN ('in_progress', 'cancelling'))
+             ON CONFLICT (batch_id, line) DO NOTHING",
             params![
                 batch_id,
                 r.line,
@@ -885,6 +887,17 @@ impl Batches for SqliteLedger {
         ))?;
         let rows = st.query_map(params![batch_id], row_result)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn purge(&self, before: i64) -> Result<(u64, u64), LedgerError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let [results, closed, files] = batches::purge_statements("?1");
+        tx.execute(&results, params![before])?;
+        let b = tx.execute(&closed, params![before])? as u64;
+        let f = tx.execute(&files, params![before])? as u64;
+        tx.commit()?;
+        Ok((b, f))
     }
 
     fn finish_batch(
@@ -919,6 +932,9 @@ impl Batches for SqliteLedger {
             .transpose()
         };
         let (out, err) = (file(output)?, file(errors)?);
+        for sql in batches::keep_totals("?1") {
+            tx.execute(&sql, params![id])?;
+        }
         tx.execute(
             "UPDATE batches SET status = ?2, closed_at = ?3, output_file_id = ?4, error_file_id = ?5,
                  owner = NULL, lease_until = 0 WHERE id = ?1",

@@ -33,6 +33,7 @@ macro_rules! ledger_suite {
             files_are_a_tenants_own_and_capped,
             a_tenants_media_allow_is_kept_and_cleared,
             tenants_take_turns_and_open_batches_are_capped,
+            old_batches_and_files_are_purged,
             a_batch_outlives_its_replica_and_closes_once);
     };
     (@cases $harness:expr; $($case:ident),*) => {
@@ -522,6 +523,10 @@ impl crate::Batches for Switch {
     fn line_results(&self, batch_id: &str) -> Result<Vec<crate::LineResult>, LedgerError> {
         self.check()?;
         self.inner.line_results(batch_id)
+    }
+    fn purge(&self, before: i64) -> Result<(u64, u64), LedgerError> {
+        self.check()?;
+        self.inner.purge(before)
     }
     fn finish_batch(
         &self,
@@ -1028,6 +1033,11 @@ pub fn a_batch_outlives_its_replica_and_closes_once(h: &dyn Harness) {
         )
         .unwrap();
     assert_eq!(closed.status, crate::BatchStatus::Cancelled);
+    // The answers live on in the files: the rows are gone, the counts and usage kept; a late
+    // answer is not recorded.
+    assert!(r2.line_results(&batch.id).unwrap().is_empty());
+    assert_eq!(closed.usage, b3.usage);
+    assert!(!r1.record_line(&batch.id, &line(5, 200, "late")).unwrap());
     assert_eq!(
         (closed.completed, closed.failed, closed.closed_at),
         (2, 1, Some(124))
@@ -1203,4 +1213,62 @@ pub fn tenants_take_turns_and_open_batches_are_capped(h: &dyn Harness) {
     r1.finish_batch(&a1.id, crate::BatchStatus::Completed, None, None, 27)
         .unwrap();
     r1.create_batch(a.id, &capped(&fa.id), 28).unwrap();
+}
+
+pub fn old_batches_and_files_are_purged(h: &dyn Harness) {
+    let l = h.open(replica("r1", 10));
+    let (a, _) = l.create_tenant("a", &TenantSettings::default()).unwrap();
+    let old_in = l
+        .create_file(a.id, "old.jsonl", "batch", b"{}", 1 << 20, 100)
+        .unwrap();
+    let open_in = l
+        .create_file(a.id, "open.jsonl", "batch", b"{}", 1 << 20, 100)
+        .unwrap();
+    let done = l
+        .create_batch(a.id, &new_batch(&old_in.id, 1), 100)
+        .unwrap();
+    assert_eq!(l.claim_batch(101).unwrap().unwrap().id, done.id);
+    let out = crate::NewFile {
+        filename: "o.jsonl".into(),
+        content: b"o".to_vec(),
+    };
+    let closed = l
+        .finish_batch(
+            &done.id,
+            crate::BatchStatus::Completed,
+            Some(out),
+            None,
+            102,
+        )
+        .unwrap();
+    let running = l
+        .create_batch(a.id, &new_batch(&open_in.id, 1), 103)
+        .unwrap();
+    let young = l
+        .create_file(a.id, "young.jsonl", "batch", b"{}", 1 << 20, 500)
+        .unwrap();
+    // Before 102 nothing closed: only files older than that no open batch reads (old_in).
+    assert_eq!(l.purge(102).unwrap(), (0, 1));
+    assert!(matches!(
+        l.file(a.id, &old_in.id),
+        Err(LedgerError::NotFound(_))
+    ));
+    // Before 400: the batch closed at 102 and its output; the open batch and its input stay.
+    assert_eq!(l.purge(400).unwrap(), (1, 1));
+    assert!(matches!(
+        l.batch(a.id, &done.id),
+        Err(LedgerError::NotFound(_))
+    ));
+    let output = closed.output_file_id.unwrap();
+    assert!(matches!(
+        l.file(a.id, &output),
+        Err(LedgerError::NotFound(_))
+    ));
+    assert_eq!(
+        l.batch(a.id, &running.id).unwrap().status,
+        crate::BatchStatus::InProgress
+    );
+    assert!(l.file(a.id, &open_in.id).is_ok());
+    assert!(l.file(a.id, &young.id).is_ok());
+    assert_eq!(l.purge(400).unwrap(), (0, 0));
 }

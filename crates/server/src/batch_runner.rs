@@ -32,7 +32,12 @@ pub struct BatchCaller(pub Tenant);
 /// finish and returns (their batch stays open for the next process).
 pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
     let poll = Duration::from_secs_f64(state.config.batch.poll_s.clamp(0.01, 60.0));
-    while !*stop.borrow() {
+    let mut purged: Option<Instant> = None;
+    while !stopping(&stop) {
+        if purged.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {
+            purge(&state).await;
+            purged = Some(Instant::now());
+        }
         if state.ready.load(Ordering::Acquire) {
             match state.ledger_call(|l| l.claim_batch(now())).await {
                 Ok(Some(b)) => {
@@ -52,6 +57,34 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => {}
         }
     }
+}
+
+/// How often a replica deletes what is past `[batch] retention_days` (and once at start).
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
+
+async fn purge(state: &Arc<AppState>) {
+    let days = state.config.batch.retention_days;
+    if !(days > 0.0 && days.is_finite()) {
+        return;
+    }
+    let before = now() - (days * 86_400.0) as i64;
+    match state.ledger_call(move |l| l.purge(before)).await {
+        Ok((0, 0)) => {}
+        Ok((batches, files)) => {
+            tracing::info!(
+                batches,
+                files,
+                days,
+                "batch: deleted what is past retention"
+            )
+        }
+        Err(e) => tracing::warn!("batch: retention not applied: {e}"),
+    }
+}
+
+/// Asked to stop (or the one who could ask is gone).
+fn stopping(stop: &watch::Receiver<bool>) -> bool {
+    *stop.borrow() || stop.has_changed().is_err()
 }
 
 /// Why a batch stops taking new lines before each has an answer.
@@ -130,7 +163,7 @@ async fn run_batch(
                 None
             };
         }
-        let stopping = *stop.borrow();
+        let stop_now = stopping(stop);
         let turn_over = wind.is_none() && started > 0 && slice_start.elapsed() >= slice;
         if turn_over && in_flight.is_empty() && !pending.is_empty() {
             let id = b.id.clone();
@@ -146,7 +179,7 @@ async fn run_batch(
             started = 0;
             continue;
         }
-        while let (None, false, false, Some(t)) = (wind, stopping, turn_over, &runs_as) {
+        while let (None, false, false, Some(t)) = (wind, stop_now, turn_over, &runs_as) {
             if in_flight.len() >= cfg.concurrency.max(1)
                 || Instant::now() < hold_until
                 || state.admission.waiting() > 0
@@ -159,7 +192,7 @@ async fn run_batch(
             let (router, t, lines) = (router.clone(), t.clone(), lines.clone());
             in_flight.spawn(async move { (i, call(router, t, &lines[i]).await) });
         }
-        if in_flight.is_empty() && (pending.is_empty() || wind.is_some() || stopping) {
+        if in_flight.is_empty() && (pending.is_empty() || wind.is_some() || stop_now) {
             break;
         }
         tokio::select! {
@@ -194,7 +227,7 @@ async fn run_batch(
             _ = stop.changed() => {}
         }
     }
-    if *stop.borrow() && wind.is_none() {
+    if stopping(stop) && wind.is_none() {
         return Ok(());
     }
     finish(state, &b, &lines, wind).await

@@ -160,6 +160,9 @@ pub struct BatchConfig {
     /// Seconds a replica runs one batch before offering it to another batch waiting (its lines
     /// in flight finish first); the batches waiting take turns, least recently run first.
     pub slice_s: f64,
+    /// Days closed batches and files (uploads, outputs) are kept; older ones are deleted,
+    /// except an open batch's input (0: kept until deleted through the API).
+    pub retention_days: f64,
 }
 
 /// Leases, the journal, and what happens when the database is down or slow.

@@ -3597,3 +3597,46 @@ async fn a_tenants_media_allow_narrows_what_its_requests_may_read() {
     let (st, v) = s.post("/v1/videos/qa", &acme, qa(file("other"))).await;
     assert_eq!(st, 200, "{v}");
 }
+
+/// Closed batches and files past `[batch] retention_days` are deleted by the runner (at its
+/// start, then hourly); what is younger stays.
+#[tokio::test]
+async fn batches_past_retention_are_deleted() {
+    let s = server_with(true, |c| c.batch.retention_days = 1.0 / 86_400.0);
+    let key = s.tenant("alice", None);
+    let line = batch_line(
+        "a",
+        "/v1/completions",
+        json!({"prompt": "hi", "max_tokens": 1}),
+    );
+    let (_, f) = s.upload(&key, "batch", line.as_bytes()).await;
+    let create = json!({"input_file_id": f["id"], "endpoint": "/v1/completions", "completion_window": "24h"});
+    let (_, b) = s.post("/v1/batches", &key, create).await;
+    let id = b["id"].as_str().unwrap().to_string();
+    let runner = s.run_batches();
+    let b = s.closed_batch(&key, &id).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    drop(runner);
+    // Times are whole seconds: 2 s later the batch is past a retention of 1 s.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let young = s.upload(&key, "batch", line.as_bytes()).await.1;
+    let _runner = s.run_batches();
+    let t = std::time::Instant::now();
+    while s.get(&format!("/v1/batches/{id}"), &key).await.0 != 404 {
+        assert!(t.elapsed().as_secs() < 20, "the batch was not deleted");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for file in [&f["id"], &b["output_file_id"]] {
+        let (st, v) = s
+            .get(&format!("/v1/files/{}", file.as_str().unwrap()), &key)
+            .await;
+        assert_eq!(st, 404, "{v}");
+    }
+    let (st, v) = s
+        .get(
+            &format!("/v1/files/{}", young["id"].as_str().unwrap()),
+            &key,
+        )
+        .await;
+    assert_eq!(st, 200, "a younger file stays: {v}");
+}

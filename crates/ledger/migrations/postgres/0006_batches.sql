@@ -26,6 +26,13 @@ CREATE TABLE batches (
     closed_at BIGINT,
     output_file_id TEXT,
     error_file_id TEXT,
+    -- Counts and usage, stored when the batch closes (its lines' answers are then deleted:
+    -- they live on in the output and error files); NULL while open.
+    completed BIGINT,
+    failed BIGINT,
+    prompt_tokens BIGINT,
+    completion_tokens BIGINT,
+    measured_flops DOUBLE PRECISION,
     -- The replica running it, until lease_until (0: nobody).
     owner TEXT,
     lease_until BIGINT NOT NULL DEFAULT 0,

@@ -26,6 +26,13 @@ CREATE TABLE batches (
     closed_at INTEGER,
     output_file_id TEXT,
     error_file_id TEXT,
+    -- Counts and usage, stored when the batch closes (its lines' answers are then deleted:
+    -- they live on in the output and error files); NULL while open.
+    completed INTEGER,
+    failed INTEGER,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    measured_flops REAL,
     -- The replica running it, until lease_until (0: nobody).
     owner TEXT,
     lease_until INTEGER NOT NULL DEFAULT 0,
