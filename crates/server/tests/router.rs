@@ -3640,3 +3640,88 @@ async fn batches_past_retention_are_deleted() {
         .await;
     assert_eq!(st, 200, "a younger file stays: {v}");
 }
+
+/// Hostile batch files and batch requests: JSONL with mutated lines (odd values in any field,
+/// bytes flipped, cut anywhere, lines repeated), uploaded and, when accepted, made a batch with
+/// a mutated request: 2xx or 4xx with a JSON error naming the problem, never 5xx.
+#[tokio::test]
+async fn random_hostile_batch_files_get_4xx_never_5xx() {
+    let s = server_with(true, |c| c.batch.max_open_per_tenant = 1_000);
+    let key = s.tenant("alice", None);
+    let seed: Vec<Value> = vec![
+        json!({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+               "body": {"messages": [{"role": "user", "content": "what colour ?"}], "max_tokens": 2}}),
+        json!({"custom_id": "b", "method": "POST", "url": "/v1/chat/completions",
+               "body": {"messages": [{"role": "user", "content": "what shape ?"}], "n": 2}}),
+    ];
+    let create = json!({"endpoint": "/v1/chat/completions", "completion_window": "24h",
+                        "metadata": {"job": "x"}});
+    let mut rng = Rng(0xba7c_4f11_e5ee_d001);
+    let (mut accepted, mut refused, mut created) = (0, 0, 0);
+    for round in 0..120 {
+        let mut lines = seed.clone();
+        for _ in 0..rng.below(3) {
+            let i = rng.below(lines.len());
+            mutate(&mut lines[i], &mut rng);
+        }
+        if rng.below(4) == 0 {
+            let i = rng.below(lines.len());
+            lines.push(lines[i].clone());
+        }
+        let mut bytes: Vec<u8> = lines
+            .iter()
+            .map(|l| l.to_string() + "\n")
+            .collect::<String>()
+            .into_bytes();
+        match rng.below(6) {
+            0 => bytes.truncate(rng.below(bytes.len() + 1)),
+            1 => {
+                let i = rng.below(bytes.len());
+                bytes[i] = rng.next() as u8;
+            }
+            _ => {}
+        }
+        let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
+        let (st, f) = s.upload(&key, "batch", &bytes).await;
+        assert!(
+            st == 200 || (400..500).contains(&st),
+            "round {round}: {st} {f} for {shown}"
+        );
+        if st != 200 {
+            refused += 1;
+            assert!(
+                f["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty()),
+                "{f}"
+            );
+            continue;
+        }
+        accepted += 1;
+        let mut body = create.clone();
+        body["input_file_id"] = f["id"].clone();
+        if rng.below(2) == 0 {
+            mutate(&mut body, &mut rng);
+        }
+        let (st, b) = s.post("/v1/batches", &key, body.clone()).await;
+        assert!(
+            st == 200 || (400..500).contains(&st),
+            "round {round}: {st} {b} for {body}"
+        );
+        if st == 200 {
+            created += 1;
+        }
+        // The uploads stay within the tenant's storage.
+        let (st, _) = s
+            .json(
+                Method::DELETE,
+                &format!("/v1/files/{}", f["id"].as_str().unwrap()),
+                Some(&key),
+                Value::Null,
+            )
+            .await;
+        assert!(st == 200 || st == 409, "{st}");
+    }
+    eprintln!("accepted {accepted}, refused {refused}, batches created {created}");
+    assert!(accepted > 0 && refused > 0 && created > 0);
+}
