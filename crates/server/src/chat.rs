@@ -11,7 +11,7 @@ use crate::error::ApiError;
 use crate::ledger::{now, Tenant};
 use crate::routes::{json_error, new_id, usage_json};
 use crate::validation::{
-    resolve_url, validate, Content, Media, RequestOptions, Rules, ValidRequest,
+    resolve_url, validate, Content, Media, MediaSources, RequestOptions, Rules, ValidRequest,
 };
 use crate::worker::Event;
 use crate::AppState;
@@ -123,10 +123,7 @@ pub(crate) fn stream_flags(body: &Map<String, Value>) -> Result<(bool, bool), Ap
 }
 
 /// Reads a chat body.
-pub fn parse(
-    mut body: Map<String, Value>,
-    allow: &[std::path::PathBuf],
-) -> Result<ChatRequest, ApiError> {
+pub fn parse(mut body: Map<String, Value>, allow: &MediaSources) -> Result<ChatRequest, ApiError> {
     for &field in UNSUPPORTED {
         let set = match body.remove(field) {
             None | Some(Value::Null) => false,
@@ -557,12 +554,17 @@ pub async fn completions(
     slot: Option<AdmissionSlot>,
     body: Result<Json<Map<String, Value>>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(mut body) = body.map_err(json_error)?;
+    let Json(body) = body.map_err(json_error)?;
     // Media by http(s) URL is fetched first (allow-listed), as if it had been uploaded.
-    crate::remote::fetch_into_body(&s.url_policy.for_tenant(&t), &s.metrics, &mut body).await?;
+    let fetched =
+        crate::remote::fetch_media(&s.url_policy.for_tenant(&t), &s.metrics, &body).await?;
+    let folders = crate::remote::tenant_folders(&s.config.file_allow, &t);
     let c = parse(
         body,
-        &crate::remote::tenant_folders(&s.config.file_allow, &t),
+        &MediaSources {
+            folders: &folders,
+            fetched,
+        },
     )?;
     let rules = Rules {
         default_task: "qa",

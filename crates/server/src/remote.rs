@@ -19,7 +19,6 @@
 use crate::error::ApiError;
 use crate::ledger::Tenant;
 use crate::metrics::Metrics;
-use base64::Engine as _;
 use serde_json::{Map, Value};
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -297,40 +296,33 @@ pub fn is_public(ip: IpAddr) -> bool {
     }
 }
 
-/// A `data:` URL of fetched bytes, of the part's kind (the decoder reads what the bytes are).
-fn data_url(kind: &str, bytes: &[u8]) -> String {
-    format!(
-        "data:{kind}/*;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    )
-}
-
 /// Where a request body names media by URL: the parameter to name in errors, the URL, and
 /// the kind of media ("video" or "image").
-fn remote_urls(body: &mut Map<String, Value>) -> Vec<(String, &mut Value, &'static str)> {
+fn remote_urls(body: &Map<String, Value>) -> Vec<(String, String, &'static str)> {
     let remote = |v: &Value| {
         v.as_str()
             .is_some_and(|s| s.starts_with("http://") || s.starts_with("https://"))
     };
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
     let mut found = vec![];
-    for (key, value) in body.iter_mut() {
+    for (key, value) in body.iter() {
         match (key.as_str(), value) {
             // `/v1/videos/*`'s JSON: `video` and `images`.
-            ("video", v) if remote(v) => found.push(("video".to_string(), v, "video")),
+            ("video", v) if remote(v) => found.push(("video".to_string(), text(v), "video")),
             ("images", Value::Array(a)) => {
-                for (i, v) in a.iter_mut().enumerate() {
+                for (i, v) in a.iter().enumerate() {
                     if remote(v) {
-                        found.push((format!("images[{i}]"), v, "image"));
+                        found.push((format!("images[{i}]"), text(v), "image"));
                     }
                 }
             }
             // Chat: `video_url` and `image_url` parts, `{"url": ...}` or the URL alone.
             ("messages", Value::Array(messages)) => {
-                for m in messages.iter_mut() {
-                    let Some(Value::Array(parts)) = m.get_mut("content") else {
+                for m in messages.iter() {
+                    let Some(Value::Array(parts)) = m.get("content") else {
                         continue;
                     };
-                    for p in parts.iter_mut() {
+                    for p in parts.iter() {
                         let (field, kind) = if p.get("video_url").is_some() {
                             ("video_url", "video")
                         } else if p.get("image_url").is_some() {
@@ -338,8 +330,8 @@ fn remote_urls(body: &mut Map<String, Value>) -> Vec<(String, &mut Value, &'stat
                         } else {
                             continue;
                         };
-                        let slot = match p.get_mut(field) {
-                            Some(Value::Object(o)) => match o.get_mut("url") {
+                        let slot = match p.get(field) {
+                            Some(Value::Object(o)) => match o.get("url") {
                                 Some(u) => u,
                                 None => continue,
                             },
@@ -347,7 +339,7 @@ fn remote_urls(body: &mut Map<String, Value>) -> Vec<(String, &mut Value, &'stat
                             None => continue,
                         };
                         if remote(slot) {
-                            found.push((field.to_string(), slot, kind));
+                            found.push((field.to_string(), text(slot), kind));
                         }
                     }
                 }
@@ -414,19 +406,20 @@ pub fn tenant_folders<'a>(
 /// The most media URLs one request may name.
 pub const MAX_MEDIA_URLS: usize = 64;
 
-/// Replaces every `http(s)://` media URL in a request body with the fetched bytes as a `data:`
-/// URL: all are checked against the policy before any is fetched, then fetched one after
-/// another off the async threads, the request's URLs together held to the media byte limit (as
-/// an upload's body is), at most [`MAX_MEDIA_URLS`] of them; each outcome is counted in
-/// `metrics`.
-pub async fn fetch_into_body(
+/// Fetches every `http(s)://` media URL a request body names: all are checked against the
+/// policy before any is fetched, then each distinct URL is fetched once, one after another off
+/// the async threads, the request's URLs together held to the media byte limit (as an upload's
+/// body is), at most [`MAX_MEDIA_URLS`] of them; each outcome is counted in `metrics`. The
+/// bodies come back by URL for [`crate::validation::resolve_url`] (no copy through base64).
+pub async fn fetch_media(
     policy: &UrlPolicy,
     metrics: &Metrics,
-    body: &mut Map<String, Value>,
-) -> Result<(), ApiError> {
-    let mut urls = remote_urls(body);
+    body: &Map<String, Value>,
+) -> Result<crate::validation::Fetched, ApiError> {
+    let urls = remote_urls(body);
+    let mut fetched = crate::validation::Fetched::new();
     if urls.is_empty() {
-        return Ok(());
+        return Ok(fetched);
     }
     if urls.len() > MAX_MEDIA_URLS {
         metrics.media_fetch("refused", 0, None);
@@ -437,12 +430,15 @@ pub async fn fetch_into_body(
     }
     let checked = urls
         .iter()
-        .map(|(_, v, _)| policy.check(v.as_str().unwrap_or_default()))
+        .map(|(_, raw, _)| policy.check(raw))
         .collect::<Result<Vec<_>, _>>()
         .inspect_err(|_| metrics.media_fetch("refused", 0, None))?;
     let mut left = policy.max_bytes;
-    for ((param, slot, kind), u) in urls.iter_mut().zip(checked) {
-        let (p, param) = (policy.clone(), param.clone());
+    for ((param, raw, kind), u) in urls.into_iter().zip(checked) {
+        if fetched.contains_key(&raw) {
+            continue;
+        }
+        let p = policy.clone();
         let (got, seconds) = tokio::task::spawn_blocking(move || {
             let t0 = std::time::Instant::now();
             (p.fetch(&u, &param, left), t0.elapsed().as_secs_f64())
@@ -459,9 +455,9 @@ pub async fn fetch_into_body(
         })?;
         metrics.media_fetch("ok", bytes.len() as u64, Some(seconds));
         left -= bytes.len() as u64;
-        **slot = Value::String(data_url(kind, &bytes));
+        fetched.insert(raw, (kind == "image", bytes));
     }
-    Ok(())
+    Ok(fetched)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use crate::admission::{
 use crate::error::ApiError;
 use crate::ledger::{now, Tenant, TenantSettings, Usage};
 use crate::validation::{
-    from_json_video, from_multipart, validate, Budget, Content, RequestOptions, Rules,
+    from_json_video, from_multipart, validate, Budget, Content, MediaSources, RequestOptions, Rules,
 };
 use crate::AppState;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
@@ -636,11 +636,19 @@ async fn parse_video_request(
             .map_err(|e| body_error(e.status(), e.body_text()))?;
         from_multipart(mp).await
     } else if ct.starts_with("application/json") {
-        let Json(mut b): Json<Map<String, Value>> =
+        let Json(b): Json<Map<String, Value>> =
             Json::from_request(req, &()).await.map_err(json_error)?;
         // Media by http(s) URL is fetched first (allow-listed), as if it had been uploaded.
-        crate::remote::fetch_into_body(&s.url_policy.for_tenant(t), &s.metrics, &mut b).await?;
-        from_json_video(b, &crate::remote::tenant_folders(&s.config.file_allow, t))
+        let fetched =
+            crate::remote::fetch_media(&s.url_policy.for_tenant(t), &s.metrics, &b).await?;
+        let folders = crate::remote::tenant_folders(&s.config.file_allow, t);
+        from_json_video(
+            b,
+            &MediaSources {
+                folders: &folders,
+                fetched,
+            },
+        )
     } else {
         Err(ApiError::UnsupportedMedia(
             "send multipart/form-data (field `video`) or application/json (`video` as a data: URL)"

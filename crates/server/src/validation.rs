@@ -68,8 +68,39 @@ pub enum Media {
     None,
 }
 
-/// Decodes a `data:` URL (base64) or resolves a `file://` URL under the allow-list.
-pub fn resolve_url(url: &str, allow: &[PathBuf]) -> Result<Media, ApiError> {
+/// Media bodies the server fetched for a request, by their `http(s)://` URL: (an image,
+/// the bytes).
+pub type Fetched = std::collections::HashMap<String, (bool, Vec<u8>)>;
+
+/// Where a request's media URLs may come from: `file://` under `folders`, and the `http(s)://`
+/// URLs the server fetched for it (`fetched`, by [`crate::remote::fetch_media`]).
+#[derive(Debug, Default)]
+pub struct MediaSources<'a> {
+    pub folders: &'a [PathBuf],
+    pub fetched: Fetched,
+}
+
+impl<'a> MediaSources<'a> {
+    /// `file://` under these folders, nothing fetched.
+    pub fn folders(folders: &'a [PathBuf]) -> Self {
+        Self {
+            folders,
+            fetched: Fetched::new(),
+        }
+    }
+}
+
+/// Decodes a `data:` URL (base64), takes a fetched `http(s)://` URL's body, or resolves a
+/// `file://` URL under the allowed folders.
+pub fn resolve_url(url: &str, sources: &MediaSources) -> Result<Media, ApiError> {
+    let allow = sources.folders;
+    if let Some((image, bytes)) = sources.fetched.get(url) {
+        return Ok(if *image {
+            Media::Images(vec![bytes.clone()])
+        } else {
+            Media::VideoBytes(bytes.clone())
+        });
+    }
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest
             .split_once(',')
@@ -614,7 +645,7 @@ fn penalties(o: &RequestOptions) -> Result<Penalties, ApiError> {
 pub fn media_from_urls(
     video: Option<&str>,
     images: &[String],
-    allow: &[PathBuf],
+    allow: &MediaSources,
 ) -> Result<Media, ApiError> {
     match (video, images.is_empty()) {
         (Some(_), false) => Err(ApiError::Validation(
@@ -644,7 +675,7 @@ pub fn media_from_urls(
 /// `prompt` / `question`, `system`, and the options.
 pub fn from_json_video(
     mut body: Map<String, Value>,
-    allow: &[PathBuf],
+    allow: &MediaSources,
 ) -> Result<(RequestOptions, Content), ApiError> {
     let options = RequestOptions::take_from(
         &mut body,
@@ -742,20 +773,20 @@ mod tests {
     #[test]
     fn urls_are_data_or_allow_listed_files() {
         assert!(
-            matches!(resolve_url("data:video/mp4;base64,AAAA", &[]), Ok(Media::VideoBytes(b)) if b == vec![0, 0, 0])
+            matches!(resolve_url("data:video/mp4;base64,AAAA", &MediaSources::default()), Ok(Media::VideoBytes(b)) if b == vec![0, 0, 0])
         );
         assert!(matches!(
-            resolve_url("data:image/png;base64,AAAA", &[]),
+            resolve_url("data:image/png;base64,AAAA", &MediaSources::default()),
             Ok(Media::Images(_))
         ));
-        assert!(resolve_url("data:video/mp4,AAAA", &[]).is_err());
-        assert!(resolve_url("data:video/mp4;base64,@@@", &[]).is_err());
+        assert!(resolve_url("data:video/mp4,AAAA", &MediaSources::default()).is_err());
+        assert!(resolve_url("data:video/mp4;base64,@@@", &MediaSources::default()).is_err());
         assert!(matches!(
-            resolve_url("https://example.com/v.mp4", &[]),
+            resolve_url("https://example.com/v.mp4", &MediaSources::default()),
             Err(ApiError::Validation(_))
         ));
         assert!(matches!(
-            resolve_url("file:///etc/passwd", &[]),
+            resolve_url("file:///etc/passwd", &MediaSources::default()),
             Err(ApiError::Forbidden(_))
         ));
         let tmp = std::env::temp_dir();
@@ -764,12 +795,15 @@ mod tests {
         assert!(matches!(
             resolve_url(
                 &format!("file://{}", f.display()),
-                std::slice::from_ref(&tmp)
+                &MediaSources::folders(std::slice::from_ref(&tmp))
             ),
             Ok(Media::VideoPath(_))
         ));
         // Missing, outside, or a folder: the same answer (no existence oracle).
-        let answer = |url: &str| match resolve_url(url, std::slice::from_ref(&tmp)) {
+        let answer = |url: &str| match resolve_url(
+            url,
+            &MediaSources::folders(std::slice::from_ref(&tmp)),
+        ) {
             Err(ApiError::Forbidden(m)) => m.replace(url.trim_start_matches("file://"), "P"),
             other => panic!("{url}: {other:?}"),
         };

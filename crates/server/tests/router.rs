@@ -2800,19 +2800,43 @@ async fn media_urls_are_fetched_only_from_allowed_prefixes() {
             "{line} not in:\n{metrics}"
         );
     }
-    // A request's URLs share the media limit (two of 1.5 MiB under 2 MiB: the second is refused),
-    // and a request names at most 64.
+    // A request's URLs share the media limit (two of 1.5 MiB under 2 MiB: the second is refused;
+    // a URL named twice is fetched once), and a request names at most 64.
     let (st, v) = s
         .post(
             "/v1/videos/qa",
             &key,
-            images(vec![format!("{base}/v/half.png"); 2]),
+            images(vec![
+                format!("{base}/v/half.png?n=1"),
+                format!("{base}/v/half.png?n=2"),
+            ]),
         )
         .await;
     assert_eq!(st, 413, "{v}");
     assert!(
         v["error"]["message"].as_str().unwrap().contains("together"),
         "{v}"
+    );
+    let fetched_ok = |m: String| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix("vvlm_media_fetches_total{result=\"ok\"} "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = fetched_ok(s.metrics().await);
+    let (st, v) = s
+        .post(
+            "/v1/videos/qa",
+            &key,
+            images(vec![format!("{base}/v/a.png"); 2]),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        fetched_ok(s.metrics().await),
+        before + 1,
+        "one URL twice, fetched once"
     );
     let (st, v) = s
         .post(
