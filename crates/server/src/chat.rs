@@ -559,13 +559,7 @@ pub async fn completions(
     let fetched =
         crate::remote::fetch_media(&s.url_policy.for_tenant(&t), &s.metrics, &body).await?;
     let folders = crate::remote::tenant_folders(&s.config.file_allow, &t);
-    let c = parse(
-        body,
-        &MediaSources {
-            folders: &folders,
-            fetched,
-        },
-    )?;
+    let c = parse(body, &MediaSources::new(&folders, fetched))?;
     let rules = Rules {
         default_task: "qa",
         media_required: false,

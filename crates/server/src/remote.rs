@@ -435,7 +435,8 @@ pub async fn fetch_media(
         .inspect_err(|_| metrics.media_fetch("refused", 0, None))?;
     let mut left = policy.max_bytes;
     for ((param, raw, kind), u) in urls.into_iter().zip(checked) {
-        if fetched.contains_key(&raw) {
+        if let Some(body) = fetched.get_mut(&raw) {
+            body.uses += 1;
             continue;
         }
         let p = policy.clone();
@@ -455,7 +456,15 @@ pub async fn fetch_media(
         })?;
         metrics.media_fetch("ok", bytes.len() as u64, Some(seconds));
         left -= bytes.len() as u64;
-        fetched.insert(raw, (kind == "image", bytes));
+        let image = kind == "image";
+        fetched.insert(
+            raw,
+            crate::validation::FetchedBody {
+                image,
+                bytes,
+                uses: 1,
+            },
+        );
     }
     Ok(fetched)
 }

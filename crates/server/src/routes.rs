@@ -642,13 +642,7 @@ async fn parse_video_request(
         let fetched =
             crate::remote::fetch_media(&s.url_policy.for_tenant(t), &s.metrics, &b).await?;
         let folders = crate::remote::tenant_folders(&s.config.file_allow, t);
-        from_json_video(
-            b,
-            &MediaSources {
-                folders: &folders,
-                fetched,
-            },
-        )
+        from_json_video(b, &MediaSources::new(&folders, fetched))
     } else {
         Err(ApiError::UnsupportedMedia(
             "send multipart/form-data (field `video`) or application/json (`video` as a data: URL)"

@@ -68,25 +68,56 @@ pub enum Media {
     None,
 }
 
-/// Media bodies the server fetched for a request, by their `http(s)://` URL: (an image,
-/// the bytes).
-pub type Fetched = std::collections::HashMap<String, (bool, Vec<u8>)>;
+/// A media body the server fetched for a request.
+#[derive(Debug)]
+pub struct FetchedBody {
+    pub image: bool,
+    pub bytes: Vec<u8>,
+    /// How many times the request names its URL (the last use takes the bytes, no copy).
+    pub uses: usize,
+}
+
+/// Media bodies the server fetched for a request, by their `http(s)://` URL.
+pub type Fetched = std::collections::HashMap<String, FetchedBody>;
 
 /// Where a request's media URLs may come from: `file://` under `folders`, and the `http(s)://`
 /// URLs the server fetched for it (`fetched`, by [`crate::remote::fetch_media`]).
 #[derive(Debug, Default)]
 pub struct MediaSources<'a> {
     pub folders: &'a [PathBuf],
-    pub fetched: Fetched,
+    pub fetched: std::cell::RefCell<Fetched>,
 }
 
 impl<'a> MediaSources<'a> {
-    /// `file://` under these folders, nothing fetched.
-    pub fn folders(folders: &'a [PathBuf]) -> Self {
+    /// `file://` under these folders, and these fetched bodies.
+    pub fn new(folders: &'a [PathBuf], fetched: Fetched) -> Self {
         Self {
             folders,
-            fetched: Fetched::new(),
+            fetched: std::cell::RefCell::new(fetched),
         }
+    }
+
+    /// `file://` under these folders, nothing fetched.
+    pub fn folders(folders: &'a [PathBuf]) -> Self {
+        Self::new(folders, Fetched::new())
+    }
+
+    /// A fetched URL's body as media (moved out at its last use).
+    fn take(&self, url: &str) -> Option<Media> {
+        let mut fetched = self.fetched.borrow_mut();
+        let body = fetched.get_mut(url)?;
+        let (image, bytes) = if body.uses > 1 {
+            body.uses -= 1;
+            (body.image, body.bytes.clone())
+        } else {
+            let b = fetched.remove(url)?;
+            (b.image, b.bytes)
+        };
+        Some(if image {
+            Media::Images(vec![bytes])
+        } else {
+            Media::VideoBytes(bytes)
+        })
     }
 }
 
@@ -94,12 +125,8 @@ impl<'a> MediaSources<'a> {
 /// `file://` URL under the allowed folders.
 pub fn resolve_url(url: &str, sources: &MediaSources) -> Result<Media, ApiError> {
     let allow = sources.folders;
-    if let Some((image, bytes)) = sources.fetched.get(url) {
-        return Ok(if *image {
-            Media::Images(vec![bytes.clone()])
-        } else {
-            Media::VideoBytes(bytes.clone())
-        });
+    if let Some(media) = sources.take(url) {
+        return Ok(media);
     }
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest
