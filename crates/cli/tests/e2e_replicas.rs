@@ -17,7 +17,7 @@ const ADMIN: &str = "replica-admin-key";
 const LEASE_S: &str = "3";
 
 mod common;
-use common::{get_text, models_dir, scratch, upload_batch_file, vvlm};
+use common::{custom_ids, get_text, models_dir, scratch, upload_batch_file, vvlm};
 
 struct Replica {
     child: Child,
@@ -246,17 +246,8 @@ fn three_replicas_share_one_quota_survive_a_kill_and_the_database_going_away() {
             ),
             &batcher,
         );
-        let lines: Vec<String> = output
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<Value>(l).unwrap()["custom_id"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect();
         assert_eq!(
-            lines,
+            custom_ids(&output),
             (0..6).map(|i| format!("line-{i}")).collect::<Vec<_>>()
         );
     }

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{get_text, models_dir, repo, scratch, upload_batch_file, vvlm};
+use common::{custom_ids, get_text, models_dir, repo, scratch, upload_batch_file, vvlm};
 
 const ADMIN: &str = "test-admin-key";
 
@@ -1427,15 +1427,7 @@ fn a_batch_survives_kill_9_and_finishes_on_restart() {
         b["output_file_id"].as_str().unwrap()
     );
     let content = get_text(&s.base, &output, &key);
-    let ids: Vec<String> = content
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["custom_id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let ids = custom_ids(&content);
     let want: Vec<String> = (0..6).map(|i| format!("story-{i}")).collect();
     assert_eq!(ids, want, "every line once, in input order");
     // Each line ran to an answer once, besides the one killed mid-run (its reservation

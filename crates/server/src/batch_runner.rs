@@ -140,13 +140,19 @@ async fn run_batch(
                 }
                 Err(e) => tracing::warn!(batch = %b.id, "batch: lease not renewed: {e}"),
             }
+            // The tenant as it is now (its settings apply to the next lines); removed, the
+            // batch is cancelled. Unreadable, the lines keep the tenant read before.
             tenant = match &b.tenant {
                 Some(name) => {
                     let name = name.clone();
                     match state.ledger_call(move |l| l.tenant_by_name(&name)).await {
                         Ok(t) if t.id == b.tenant_id => Some(Some(t)),
                         Ok(_) | Err(crate::error::ApiError::NotFound(_)) => Some(None),
-                        Err(e) => return Err(e),
+                        Err(e) if tenant.is_none() => return Err(e),
+                        Err(e) => {
+                            tracing::warn!(batch = %b.id, "batch: tenant not read again: {e}");
+                            tenant
+                        }
                     }
                 }
                 None => Some(None),
@@ -224,7 +230,7 @@ async fn run_batch(
                 }
             }
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            _ = stop.changed() => {}
+            _ = stop.changed(), if !stop_now => {}
         }
     }
     if stopping(stop) && wind.is_none() {

@@ -2958,6 +2958,18 @@ fn batch_line(custom_id: &str, url: &str, body: Value) -> String {
     json!({"custom_id": custom_id, "method": "POST", "url": url, "body": body}).to_string() + "\n"
 }
 
+/// A batch file of two greedy text completions (`a`, `b`).
+fn two_completions() -> String {
+    let line = |id: &str, prompt: &str| {
+        batch_line(
+            id,
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 2, "temperature": 0}),
+        )
+    };
+    line("a", "the flash is") + &line("b", "the ball is")
+}
+
 fn greedy_chat(text: &str) -> Value {
     json!({"messages": [{"role": "user", "content": text}], "max_tokens": 3, "temperature": 0})
 }
@@ -3149,19 +3161,7 @@ async fn a_batch_runs_each_line_as_its_own_request() {
 async fn batches_yield_resume_and_cancel() {
     let s = server();
     let key = s.tenant("alice", None);
-    let input = [
-        batch_line(
-            "a",
-            "/v1/completions",
-            json!({"prompt": "the flash is", "max_tokens": 2, "temperature": 0}),
-        ),
-        batch_line(
-            "b",
-            "/v1/completions",
-            json!({"prompt": "the ball is", "max_tokens": 2, "temperature": 0}),
-        ),
-    ]
-    .concat();
+    let input = two_completions();
     let (_, f) = s.upload(&key, "batch", input.as_bytes()).await;
     let create = json!({"input_file_id": f["id"], "endpoint": "/v1/completions", "completion_window": "24h"});
     let (st, resumed) = s.post("/v1/batches", &key, create.clone()).await;
@@ -3456,19 +3456,7 @@ async fn batches_take_turns() {
 async fn an_expired_batch_closes_with_its_unrun_lines() {
     let s = server();
     let key = s.tenant("alice", None);
-    let input = [
-        batch_line(
-            "a",
-            "/v1/completions",
-            json!({"prompt": "the flash is", "max_tokens": 2}),
-        ),
-        batch_line(
-            "b",
-            "/v1/completions",
-            json!({"prompt": "the ball is", "max_tokens": 2}),
-        ),
-    ]
-    .concat();
+    let input = two_completions();
     let (_, f) = s.upload(&key, "batch", input.as_bytes()).await;
     // Created through the ledger with a window already over (the API's window is 24 h).
     let alice = s.state.ledger.tenant_by_name("alice").unwrap();

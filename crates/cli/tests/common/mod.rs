@@ -83,3 +83,16 @@ pub fn get_text(base: &str, path: &str, key: &str) -> String {
         .into_string()
         .unwrap()
 }
+
+/// The `custom_id`s of a batch output or error file's lines, in order.
+pub fn custom_ids(jsonl: &str) -> Vec<String> {
+    jsonl
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["custom_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
