@@ -46,6 +46,8 @@ impl RequestId {
 pub struct AdmissionSlot {
     place: Arc<std::sync::Mutex<Option<Arc<Place>>>>,
     pub id: RequestId,
+    /// A batch line's: its job waits in the queue behind every interactive one.
+    pub background: bool,
 }
 
 impl AdmissionSlot {
@@ -56,6 +58,7 @@ impl AdmissionSlot {
         Self {
             place: Arc::new(std::sync::Mutex::new(p)),
             id,
+            background: false,
         }
     }
     fn take(&self) -> Option<Arc<Place>> {
@@ -68,7 +71,10 @@ impl AdmissionSlot {
     pub fn split(&self, k: usize) -> Vec<AdmissionSlot> {
         let place = self.take();
         (0..k)
-            .map(|i| Self::shared(place.clone(), RequestId(format!("{}-{i}", self.id.0))))
+            .map(|i| Self {
+                background: self.background,
+                ..Self::shared(place.clone(), RequestId(format!("{}-{i}", self.id.0)))
+            })
             .collect()
     }
 }
@@ -250,6 +256,7 @@ pub async fn admit(
         return Err(ApiError::NotReady("models are loading".into()));
     }
     let text_only = matches!(r.media, Media::None);
+    let background = slot.as_ref().is_some_and(|x| x.background);
     // The video's identity for the cache (its bytes' hash), and what the cache has of it.
     let scope = if s.config.cache.shared {
         "*".to_string()
@@ -501,7 +508,7 @@ pub async fn admit(
         started: None,
     };
     s.metrics.queued(1);
-    if !s.pool.submit(t.id, tenant_weight(t), job) {
+    if !s.pool.submit(t.id, tenant_weight(t), background, job) {
         s.metrics.queued(-1);
         return Err(overloaded(s));
     }

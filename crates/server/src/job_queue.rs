@@ -5,7 +5,9 @@
 //! weight 2 may have twice as many started before another of weight 1 goes first). So a tenant's burst queued ahead does not keep another tenant's
 //! request waiting behind all of it (with one-at-a-time service too, where nobody has a job
 //! started when the next is chosen), and a tenant with nothing running is never passed over
-//! for one with something running; within a tenant, first come first served. The fair gate (`fair_gate`) bounds how many jobs there can be, so the
+//! for one with something running; within a tenant, first come first served. Background jobs
+//! (batch lines) wait while any tenant has an interactive job queued, and among themselves are
+//! ordered the same way. The fair gate (`fair_gate`) bounds how many jobs there can be, so the
 //! queue itself is unbounded.
 //!
 //! Owns the order in which queued jobs start. It must not know what a job is: tenants are ids,
@@ -42,6 +44,8 @@ struct TenantJobs<T> {
     /// Jobs taken by a worker and not finished.
     started: usize,
     queued: VecDeque<(u64, T)>,
+    /// Background jobs (batch lines): taken only while no tenant has a job in `queued`.
+    background: VecDeque<(u64, T)>,
     /// The weight given with the tenant's latest job.
     weight: f64,
 }
@@ -51,7 +55,7 @@ impl<T> QueueState<T> {
         if self
             .tenants
             .get(&tenant)
-            .is_some_and(|t| t.started == 0 && t.queued.is_empty())
+            .is_some_and(|t| t.started == 0 && t.queued.is_empty() && t.background.is_empty())
         {
             self.tenants.remove(&tenant);
         }
@@ -108,6 +112,12 @@ impl<T: Send + 'static> JobQueue<T> {
 
     /// Queues a job of a tenant of the given weight (> 0); false once the queue is closed.
     pub fn push_weighted(&self, tenant: i64, weight: f64, job: T) -> bool {
+        self.push_as(tenant, weight, false, job)
+    }
+
+    /// Queues a job; a `background` one (a batch line) is taken only while no interactive job
+    /// of any tenant is queued. False once the queue is closed.
+    pub fn push_as(&self, tenant: i64, weight: f64, background: bool, job: T) -> bool {
         let mut st = self.lock();
         if st.closed {
             return false;
@@ -117,39 +127,53 @@ impl<T: Send + 'static> JobQueue<T> {
         let t = st.tenants.entry(tenant).or_insert_with(|| TenantJobs {
             started: 0,
             queued: VecDeque::new(),
+            background: VecDeque::new(),
             weight,
         });
         t.weight = weight;
-        t.queued.push_back((seq, job));
+        if background {
+            t.background.push_back((seq, job));
+        } else {
+            t.queued.push_back((seq, job));
+        }
         drop(st);
         self.inner.ready.notify_one();
         true
     }
 
-    /// The next job (the oldest of the tenant with the fewest started, then the fewest in all),
-    /// with its start ticket;
+    /// The next job (the oldest of the tenant with the fewest started, then the fewest in all;
+    /// background jobs only when no interactive one is queued), with its start ticket;
     /// None when none is queued (`wait`: blocks for one until the queue is closed).
     pub fn take(&self, wait: bool) -> Option<(T, Started)> {
         let mut st = self.lock();
         loop {
-            let next = st
-                .tenants
-                .iter()
-                .filter_map(|(&id, t)| {
-                    let started = t.started as f64 / t.weight;
-                    let outstanding = (t.started + t.queued.len()) as f64 / t.weight;
-                    t.queued
-                        .front()
-                        .map(|&(seq, _)| (started, outstanding, seq, id))
-                })
-                .min_by(|a, b| {
-                    (a.0.total_cmp(&b.0))
-                        .then(a.1.total_cmp(&b.1))
-                        .then(a.2.cmp(&b.2))
-                });
-            if let Some((_, _, _, tenant)) = next {
+            let pick = |background: bool| {
+                st.tenants
+                    .iter()
+                    .filter_map(|(&id, t)| {
+                        // A tenant's batch lines queued do not count against its
+                        // interactive jobs (nor the other way round).
+                        let jobs = if background { &t.background } else { &t.queued };
+                        let started = t.started as f64 / t.weight;
+                        let outstanding = (t.started + jobs.len()) as f64 / t.weight;
+                        jobs.front()
+                            .map(|&(seq, _)| (started, outstanding, seq, id, background))
+                    })
+                    .min_by(|a, b| {
+                        (a.0.total_cmp(&b.0))
+                            .then(a.1.total_cmp(&b.1))
+                            .then(a.2.cmp(&b.2))
+                    })
+            };
+            let next = pick(false).or_else(|| pick(true));
+            if let Some((_, _, _, tenant, background)) = next {
                 let t = st.tenants.get_mut(&tenant).expect("chosen above");
-                let (_, job) = t.queued.pop_front().expect("chosen above");
+                let jobs = if background {
+                    &mut t.background
+                } else {
+                    &mut t.queued
+                };
+                let (_, job) = jobs.pop_front().expect("chosen above");
                 t.started += 1;
                 let inner = self.inner.clone();
                 let finish = move || {
@@ -181,7 +205,11 @@ impl<T: Send + 'static> JobQueue<T> {
 
     /// Jobs queued (not taken).
     pub fn len(&self) -> usize {
-        self.lock().tenants.values().map(|t| t.queued.len()).sum()
+        self.lock()
+            .tenants
+            .values()
+            .map(|t| t.queued.len() + t.background.len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -205,6 +233,32 @@ mod tests {
             keep.push(started);
         }
         out
+    }
+
+    #[test]
+    fn background_jobs_wait_for_every_interactive_one() {
+        let q = JobQueue::new();
+        q.push_as(1, 1.0, true, "a-line1");
+        q.push_as(1, 1.0, true, "a-line2");
+        q.push_as(2, 1.0, true, "b-line1");
+        q.push(2, "b1");
+        q.push(3, "c1");
+        let mut running = vec![];
+        // Interactive jobs first, of any tenant, even a tenant whose batch was queued before
+        // (b's batch line does not count against b1: b1 was queued before c1); then the
+        // background ones, fairly between tenants: a has none started (a-line1), then a and b
+        // have one started and one queued each, and a-line2 was queued first.
+        assert_eq!(
+            order(&q, &mut running),
+            ["b1", "c1", "a-line1", "a-line2", "b-line1"]
+        );
+        assert_eq!((q.started(1), q.started(2), q.started(3)), (2, 2, 1));
+        running.clear();
+        assert_eq!(q.len(), 0);
+        // An interactive job queued behind background ones is taken first.
+        q.push_as(1, 1.0, true, "a-line3");
+        q.push(1, "a1");
+        assert_eq!(order(&q, &mut running), ["a1", "a-line3"]);
     }
 
     #[test]

@@ -141,6 +141,7 @@ async fn require_tenant(State(s): St, req: Request, next: axum::middleware::Next
         .extensions()
         .get::<crate::batch_runner::BatchCaller>()
         .map(|c| c.0.clone());
+    let background = caller.is_some();
     let found = match caller {
         Some(t) => Ok(t),
         None => authenticate(&s, req.headers())
@@ -164,7 +165,8 @@ async fn require_tenant(State(s): St, req: Request, next: axum::middleware::Next
     match checked {
         Ok((tenant, slot)) => {
             let mut req = req;
-            if let Some(slot) = slot {
+            if let Some(mut slot) = slot {
+                slot.background = background;
                 req.extensions_mut().insert(slot);
             }
             // The handler answers for this tenant without reading it from the ledger again.

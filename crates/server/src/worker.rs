@@ -195,10 +195,11 @@ impl Pool {
         Self { queue, workers }
     }
 
-    /// Queues a job of a tenant of the given weight; false once the pool is shutting down (the
-    /// job is dropped, its events closed).
-    pub fn submit(&self, tenant: i64, weight: f64, job: Job) -> bool {
-        self.queue.push_weighted(tenant, weight, job)
+    /// Queues a job of a tenant of the given weight (a `background` one, a batch line, after
+    /// every interactive one queued); false once the pool is shutting down (the job is
+    /// dropped, its events closed).
+    pub fn submit(&self, tenant: i64, weight: f64, background: bool, job: Job) -> bool {
+        self.queue.push_as(tenant, weight, background, job)
     }
 
     /// Jobs queued, not yet taken by a worker.
