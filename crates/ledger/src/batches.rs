@@ -207,6 +207,9 @@ pub trait Batches {
     fn record_line(&self, batch_id: &str, r: &LineResult) -> Result<bool, LedgerError>;
     /// The batch's answered lines, by line (an open batch's: a closed one keeps none).
     fn line_results(&self, batch_id: &str) -> Result<Vec<LineResult>, LedgerError>;
+    /// Open batches in progress and their lines without an answer, over all tenants (what
+    /// the replicas have left to run).
+    fn backlog(&self) -> Result<(i64, i64), LedgerError>;
     /// Deletes what is older than `before`: closed batches (closed then) and files (created
     /// then) that no open batch reads. Returns (batches, files) deleted.
     fn purge(&self, before: i64) -> Result<(u64, u64), LedgerError>;
@@ -344,6 +347,11 @@ pub(crate) fn purge_statements(p: &str) -> [String; 3] {
         ),
     ]
 }
+
+/// [`Batches::backlog`]'s query (both dialects).
+pub(crate) const BACKLOG: &str = "SELECT COUNT(*), CAST(COALESCE(SUM(b.total -
+    (SELECT COUNT(*) FROM batch_results r WHERE r.batch_id = b.id)), 0) AS BIGINT)
+    FROM batches b WHERE b.status = 'in_progress'";
 
 /// The columns of a [`FileRecord`] (both dialects).
 pub(crate) const FILE_COLS: &str = "id, tenant_id, filename, purpose, bytes, created_at";

@@ -1147,6 +1147,15 @@ impl Batches for PostgresLedger {
         })
     }
 
+    fn backlog(&self) -> Result<(i64, i64), LedgerError> {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let c = pool.get().await?;
+            let r = c.query_one(batches::BACKLOG, &[]).await?;
+            Ok((r.get(0), r.get(1)))
+        })
+    }
+
     fn purge(&self, before: i64) -> Result<(u64, u64), LedgerError> {
         let pool = self.pool.clone();
         self.block(async move {

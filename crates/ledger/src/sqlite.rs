@@ -889,6 +889,12 @@ impl Batches for SqliteLedger {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn backlog(&self) -> Result<(i64, i64), LedgerError> {
+        Ok(self
+            .lock()
+            .query_row(batches::BACKLOG, [], |r| Ok((r.get(0)?, r.get(1)?)))?)
+    }
+
     fn purge(&self, before: i64) -> Result<(u64, u64), LedgerError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;

@@ -524,6 +524,10 @@ impl crate::Batches for Switch {
         self.check()?;
         self.inner.line_results(batch_id)
     }
+    fn backlog(&self) -> Result<(i64, i64), LedgerError> {
+        self.check()?;
+        self.inner.backlog()
+    }
     fn purge(&self, before: i64) -> Result<(u64, u64), LedgerError> {
         self.check()?;
         self.inner.purge(before)
@@ -940,6 +944,11 @@ pub fn a_batch_outlives_its_replica_and_closes_once(h: &dyn Harness) {
         r1.batch(b.id, &batch.id),
         Err(LedgerError::NotFound(_))
     ));
+    assert_eq!(
+        r2.backlog().unwrap(),
+        (1, 3),
+        "one batch, three lines to run"
+    );
     // Its input cannot be deleted while it runs.
     assert!(matches!(
         r1.delete_file(a.id, &input.id),
@@ -955,6 +964,7 @@ pub fn a_batch_outlives_its_replica_and_closes_once(h: &dyn Harness) {
     assert!(r2.claim_batch(117).unwrap().is_none(), "renewed until 118");
     assert!(r1.record_line(&batch.id, &line(0, 200, "q0")).unwrap());
     assert!(r1.record_line(&batch.id, &line(2, 422, "q2")).unwrap());
+    assert_eq!(r2.backlog().unwrap(), (1, 1));
     // r1 dies: one lease later r2 takes the batch and sees r1's answers.
     let b2 = r2.claim_batch(119).unwrap().unwrap();
     assert_eq!(
@@ -1052,6 +1062,11 @@ pub fn a_batch_outlives_its_replica_and_closes_once(h: &dyn Harness) {
     assert_eq!(
         (of.purpose.as_str(), of.filename.as_str(), of.created_at),
         ("batch_output", "out.jsonl", 124)
+    );
+    assert_eq!(
+        r2.backlog().unwrap(),
+        (0, 0),
+        "closed (cancelling ones have nothing to run)"
     );
     // Closed once: no second close, no cancel, nobody claims it again.
     assert!(matches!(

@@ -82,6 +82,8 @@ pub struct Metrics {
     media_fetch_bytes: Counter,
     media_fetch_seconds: Histogram,
     batch_lines: Family<FetchResult, Counter>,
+    batches_open: Gauge,
+    batch_lines_pending: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -138,6 +140,8 @@ impl Default for Metrics {
             media_fetch_bytes: Counter::default(),
             media_fetch_seconds: latency(),
             batch_lines: Family::default(),
+            batches_open: Gauge::default(),
+            batch_lines_pending: Gauge::default(),
         };
         let mut m = m;
         let r = &mut m.registry;
@@ -268,6 +272,17 @@ impl Default for Metrics {
             m.batch_lines.clone(),
         );
         r.register(
+            "batches_open",
+            "Batches in progress over all tenants and replicas (from the shared ledger at scrape)",
+            m.batches_open.clone(),
+        );
+        r.register(
+            "batch_lines_pending",
+            "Lines of the batches in progress without an answer, over all replicas (from the \
+             shared ledger at scrape): the backlog to scale on",
+            m.batch_lines_pending.clone(),
+        );
+        r.register(
             "admission_waiting",
             "Requests waiting at the door for an admission place (read at scrape)",
             m.admission_waiting.clone(),
@@ -383,6 +398,12 @@ impl Metrics {
         if let Some(s) = seconds {
             self.media_fetch_seconds.observe(s);
         }
+    }
+
+    /// The batches in progress and their lines without an answer (from the ledger).
+    pub fn set_batch_backlog(&self, open: i64, pending: i64) {
+        self.batches_open.set(open);
+        self.batch_lines_pending.set(pending);
     }
 
     /// A batch line's outcome: `ok`, `failed` or `retried`.

@@ -402,6 +402,9 @@ async fn metrics(State(s): St) -> Response {
         .ok();
     s.metrics
         .set_usage(tenants.as_ref().map(|v| v.iter().map(|(_, u)| u)));
+    if let Ok((open, pending)) = s.ledger_call(|l| l.backlog()).await {
+        s.metrics.set_batch_backlog(open, pending);
+    }
     // This replica's admission places, by tenant (for the tenants the ledger listed).
     if let Some(v) = &tenants {
         let held: Vec<_> = v

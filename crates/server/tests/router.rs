@@ -3030,6 +3030,10 @@ async fn a_batch_runs_each_line_as_its_own_request() {
     let file_path = format!("/v1/files/{}", f["id"].as_str().unwrap());
     assert_eq!(s.get(&file_path, &bob).await.0, 404);
     assert_eq!(s.get("/v1/batches", &bob).await.1["data"], json!([]));
+    // The backlog, from the ledger, for autoscaling on it.
+    let m = s.metrics().await;
+    assert!(m.contains("\nvvlm_batches_open 1\n"), "{m}");
+    assert!(m.contains("\nvvlm_batch_lines_pending 3\n"), "{m}");
     // The input cannot be deleted while the batch is open.
     let (st, v) = s
         .json(Method::DELETE, &file_path, Some(&key), Value::Null)
@@ -3147,6 +3151,8 @@ async fn a_batch_runs_each_line_as_its_own_request() {
     assert_eq!((st, v["deleted"].as_bool()), (200, Some(true)), "{v}");
     assert_eq!(s.jsonl(&key, &b["output_file_id"]).await.len(), 2);
     let m = s.metrics().await;
+    assert!(m.contains("\nvvlm_batches_open 0\n"), "{m}");
+    assert!(m.contains("\nvvlm_batch_lines_pending 0\n"), "{m}");
     assert!(m.contains("vvlm_batch_lines_total{result=\"ok\"} 2"), "{m}");
     assert!(
         m.contains("vvlm_batch_lines_total{result=\"failed\"} 1"),
