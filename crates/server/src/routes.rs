@@ -71,6 +71,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/tenants/{name}/usage", get(admin_usage))
         .route("/admin/tenants/{name}/key", post(admin_rotate_key))
         .route("/admin/tenants/{name}/requests", get(admin_requests))
+        .route("/admin/tenants/{name}/batches", get(admin_batches))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_admin,
@@ -968,6 +969,19 @@ struct HistoryQuery {
     limit: Option<usize>,
     bucket_s: Option<i64>,
     buckets: Option<usize>,
+}
+
+/// A tenant's batches, newest first (`limit`, `after`), as the tenant sees them.
+async fn admin_batches(
+    State(s): St,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    q: Result<Query<crate::batch::ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    admin(&s, &headers)?;
+    let Query(q) = q.map_err(|e| ApiError::Validation(e.body_text()))?;
+    let t = s.ledger_call(move |l| l.tenant_by_name(&name)).await?;
+    crate::batch::list_batches(s, t, q).await
 }
 
 /// A tenant's latest requests (plan and charge) and its charged FLOPs over time.

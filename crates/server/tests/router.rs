@@ -3134,6 +3134,39 @@ async fn a_batch_runs_each_line_as_its_own_request() {
     assert_eq!(e["response"]["status_code"], 422);
     assert_eq!(e["response"]["body"]["error"]["param"], "temperature");
     assert_eq!(e["error"]["code"], e["response"]["body"]["error"]["code"]);
+    // The admin API lists a tenant's batches too (and refuses a tenant's key).
+    let (st, v) = s
+        .json(
+            Method::GET,
+            "/admin/tenants/alice/batches",
+            Some(ADMIN),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(
+        (st, v["data"][0]["id"].as_str()),
+        (200, Some(id.as_str())),
+        "{v}"
+    );
+    assert_eq!(v["data"][0]["request_counts"]["completed"], 2);
+    let (st, _) = s
+        .json(
+            Method::GET,
+            "/admin/tenants/alice/batches",
+            Some(&key),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(st, 401);
+    let (st, _) = s
+        .json(
+            Method::GET,
+            "/admin/tenants/nobody/batches",
+            Some(ADMIN),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(st, 404);
     // Listings, newest first: the batch, and the input with its two output files.
     let (_, list) = s.get("/v1/batches?limit=1", &key).await;
     assert_eq!(
