@@ -359,11 +359,3 @@ pub(crate) const FILE_COLS: &str = "id, tenant_id, filename, purpose, bytes, cre
 /// The columns of a [`LineResult`] (both dialects).
 pub(crate) const RESULT_COLS: &str = "line, custom_id, status_code, request_id, body, finished_at,
     prompt_tokens, completion_tokens, measured_flops";
-
-pub(crate) fn metadata_text(m: &Option<serde_json::Value>) -> Option<String> {
-    m.as_ref().map(|v| v.to_string())
-}
-
-pub(crate) fn metadata_value(m: Option<String>) -> Option<serde_json::Value> {
-    m.and_then(|s| serde_json::from_str(&s).ok())
-}

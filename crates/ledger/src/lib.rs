@@ -627,13 +627,14 @@ pub(crate) struct Migration {
     pub sql: &'static str,
 }
 
-/// A tenant's `media_allow` as stored (JSON text), and back.
-pub(crate) fn media_allow_text(m: &Option<Vec<String>>) -> Option<String> {
-    m.as_ref()
-        .map(|v| serde_json::Value::from(v.clone()).to_string())
+/// A JSON column's value as stored (text; None is SQL NULL): a tenant's `media_allow`, a
+/// batch's `metadata`.
+pub(crate) fn json_text<T: Serialize>(v: &Option<T>) -> Option<String> {
+    v.as_ref().and_then(|v| serde_json::to_string(v).ok())
 }
 
-pub(crate) fn media_allow_value(text: Option<String>) -> Option<Vec<String>> {
+/// A JSON column's text read back (NULL or unreadable: None).
+pub(crate) fn json_value<T: serde::de::DeserializeOwned>(text: Option<String>) -> Option<T> {
     text.and_then(|t| serde_json::from_str(&t).ok())
 }
 

@@ -133,7 +133,7 @@ fn row_tenant(r: &Row) -> Tenant {
         },
         max_in_flight: r.get::<_, Option<i64>>(6).map(|m| m as u32),
         weight: r.get(7),
-        media_allow: crate::media_allow_value(r.get(8)),
+        media_allow: crate::json_value(r.get(8)),
     }
 }
 
@@ -333,7 +333,7 @@ impl Ledger for PostgresLedger {
         let period = s.period.unwrap_or(Period::Day).as_str();
         let max_in_flight = s.max_in_flight.flatten().map(i64::from);
         let weight = s.weight.flatten();
-        let media_allow = crate::media_allow_text(&s.media_allow.clone().flatten());
+        let media_allow = crate::json_text(&s.media_allow.clone().flatten());
         let t = self.block(async move {
             let c = pool.get().await?;
             let r = c
@@ -364,7 +364,7 @@ impl Ledger for PostgresLedger {
             c.execute(
                 "UPDATE tenants SET default_budget = $1, per_request_max = $2, quota = $3, period = $4,
                  max_in_flight = $5, weight = $6, media_allow = $7 WHERE id = $8",
-                &[&t2.default_budget, &t2.per_request_max, &t2.quota, &t2.period.as_str(), &max_in_flight, &t2.weight, &crate::media_allow_text(&t2.media_allow), &t2.id],
+                &[&t2.default_budget, &t2.per_request_max, &t2.quota, &t2.period.as_str(), &max_in_flight, &t2.weight, &crate::json_text(&t2.media_allow), &t2.id],
             )
             .await?;
             Ok(())
@@ -733,7 +733,7 @@ fn row_batch(r: &Row) -> Result<BatchRecord, LedgerError> {
             completion_tokens: r.get(10),
             measured_flops: r.get(11),
         },
-        metadata: batches::metadata_value(r.get(12)),
+        metadata: crate::json_value(r.get(12)),
         created_at: r.get(13),
         expires_at: r.get(14),
         cancelling_at: r.get(15),
@@ -978,7 +978,7 @@ impl Batches for PostgresLedger {
                     &b.input_file_id,
                     &b.completion_window,
                     &b.total,
-                    &batches::metadata_text(&b.metadata),
+                    &crate::json_text(&b.metadata),
                     &now,
                     &(now + b.window_s),
                 ],

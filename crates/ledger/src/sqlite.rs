@@ -124,7 +124,7 @@ impl SqliteLedger {
             },
             max_in_flight: r.get::<_, Option<i64>>(6)?.map(|m| m as u32),
             weight: r.get(7)?,
-            media_allow: crate::media_allow_value(r.get(8)?),
+            media_allow: crate::json_value(r.get(8)?),
         })
     }
 
@@ -191,7 +191,7 @@ impl Ledger for SqliteLedger {
                 s.period.unwrap_or(Period::Day).as_str(),
                 s.max_in_flight.flatten(),
                 s.weight.flatten(),
-                crate::media_allow_text(&s.media_allow.clone().flatten())
+                crate::json_text(&s.media_allow.clone().flatten())
             ],
         );
         match r {
@@ -219,7 +219,7 @@ impl Ledger for SqliteLedger {
                 t.period.as_str(),
                 t.max_in_flight,
                 t.weight,
-                crate::media_allow_text(&t.media_allow),
+                crate::json_text(&t.media_allow),
                 t.id
             ],
         )?;
@@ -536,7 +536,7 @@ fn row_batch(r: &rusqlite::Row) -> rusqlite::Result<(BatchRecord, String)> {
                 completion_tokens: r.get(10)?,
                 measured_flops: r.get(11)?,
             },
-            metadata: batches::metadata_value(r.get(12)?),
+            metadata: crate::json_value(r.get(12)?),
             created_at: r.get(13)?,
             expires_at: r.get(14)?,
             cancelling_at: r.get(15)?,
@@ -734,7 +734,7 @@ impl Batches for SqliteLedger {
                 b.input_file_id,
                 b.completion_window,
                 b.total,
-                batches::metadata_text(&b.metadata),
+                crate::json_text(&b.metadata),
                 now,
                 now + b.window_s
             ],

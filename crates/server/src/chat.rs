@@ -556,10 +556,8 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(json_error)?;
     // Media by http(s) URL is fetched first (allow-listed), as if it had been uploaded.
-    let fetched =
-        crate::remote::fetch_media(&s.url_policy.for_tenant(&t), &s.metrics, &body).await?;
-    let folders = crate::remote::tenant_folders(&s.config.file_allow, &t);
-    let c = parse(body, &MediaSources::new(&folders, fetched))?;
+    let sources = crate::remote::media_sources(&s, &t, &body).await?;
+    let c = parse(body, &sources)?;
     let rules = Rules {
         default_task: "qa",
         media_required: false,

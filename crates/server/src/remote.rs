@@ -403,6 +403,19 @@ pub fn tenant_folders<'a>(
     std::borrow::Cow::Owned(folders)
 }
 
+/// Where a request's media may come from, for its tenant: the `http(s)://` URLs it names,
+/// fetched under the tenant's URL policy, and `file://` under the tenant's folders. Every route
+/// that takes media by URL reads it through this (so the tenant's `media_allow` applies to all).
+pub async fn media_sources<'a>(
+    s: &'a crate::AppState,
+    t: &Tenant,
+    body: &Map<String, Value>,
+) -> Result<crate::validation::MediaSources<'a>, ApiError> {
+    let fetched = fetch_media(&s.url_policy.for_tenant(t), &s.metrics, body).await?;
+    let folders = tenant_folders(&s.config.file_allow, t);
+    Ok(crate::validation::MediaSources::new(folders, fetched))
+}
+
 /// The most media URLs one request may name.
 pub const MAX_MEDIA_URLS: usize = 64;
 

@@ -7,7 +7,7 @@ use crate::admission::{
 use crate::error::ApiError;
 use crate::ledger::{now, Tenant, TenantSettings, Usage};
 use crate::validation::{
-    from_json_video, from_multipart, validate, Budget, Content, MediaSources, RequestOptions, Rules,
+    from_json_video, from_multipart, validate, Budget, Content, RequestOptions, Rules,
 };
 use crate::AppState;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
@@ -645,10 +645,8 @@ async fn parse_video_request(
         let Json(b): Json<Map<String, Value>> =
             Json::from_request(req, &()).await.map_err(json_error)?;
         // Media by http(s) URL is fetched first (allow-listed), as if it had been uploaded.
-        let fetched =
-            crate::remote::fetch_media(&s.url_policy.for_tenant(t), &s.metrics, &b).await?;
-        let folders = crate::remote::tenant_folders(&s.config.file_allow, t);
-        from_json_video(b, &MediaSources::new(&folders, fetched))
+        let sources = crate::remote::media_sources(s, t, &b).await?;
+        from_json_video(b, &sources)
     } else {
         Err(ApiError::UnsupportedMedia(
             "send multipart/form-data (field `video`) or application/json (`video` as a data: URL)"

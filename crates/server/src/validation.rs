@@ -84,13 +84,13 @@ pub type Fetched = std::collections::HashMap<String, FetchedBody>;
 /// URLs the server fetched for it (`fetched`, by [`crate::remote::fetch_media`]).
 #[derive(Debug, Default)]
 pub struct MediaSources<'a> {
-    pub folders: &'a [PathBuf],
+    pub folders: std::borrow::Cow<'a, [PathBuf]>,
     pub fetched: std::cell::RefCell<Fetched>,
 }
 
 impl<'a> MediaSources<'a> {
     /// `file://` under these folders, and these fetched bodies.
-    pub fn new(folders: &'a [PathBuf], fetched: Fetched) -> Self {
+    pub fn new(folders: std::borrow::Cow<'a, [PathBuf]>, fetched: Fetched) -> Self {
         Self {
             folders,
             fetched: std::cell::RefCell::new(fetched),
@@ -99,7 +99,7 @@ impl<'a> MediaSources<'a> {
 
     /// `file://` under these folders, nothing fetched.
     pub fn folders(folders: &'a [PathBuf]) -> Self {
-        Self::new(folders, Fetched::new())
+        Self::new(std::borrow::Cow::Borrowed(folders), Fetched::new())
     }
 
     /// A fetched URL's body as media (moved out at its last use).
@@ -124,7 +124,7 @@ impl<'a> MediaSources<'a> {
 /// Decodes a `data:` URL (base64), takes a fetched `http(s)://` URL's body, or resolves a
 /// `file://` URL under the allowed folders.
 pub fn resolve_url(url: &str, sources: &MediaSources) -> Result<Media, ApiError> {
-    let allow = sources.folders;
+    let allow: &[PathBuf] = &sources.folders;
     if let Some(media) = sources.take(url) {
         return Ok(media);
     }
