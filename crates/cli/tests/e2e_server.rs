@@ -48,6 +48,14 @@ impl Server {
             .local_addr()
             .unwrap()
             .port();
+        // These tests price the demo checkpoint with the paper's formula (the budgets below
+        // were chosen for it) unless one names its cost mode; the default config prices
+        // exactly.
+        let cost_mode: &[&str] = if extra.contains(&"--cost-mode") {
+            &[]
+        } else {
+            &["--cost-mode", "theoretical"]
+        };
         let child = vvlm()
             .arg("serve")
             .arg("--bind")
@@ -57,9 +65,7 @@ impl Server {
             .arg("--models-dir")
             .arg(models_dir())
             .args(["--admin-key", ADMIN])
-            // These tests price the demo checkpoint with the paper's formula (the budgets
-            // below were chosen for it); the default config prices exactly.
-            .args(["--cost-mode", "theoretical"])
+            .args(cost_mode)
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -1245,7 +1251,8 @@ fn a_video_joining_a_running_chat_answers_as_alone() {
 #[test]
 fn a_system_prompt_is_prefilled_once_per_tenant() {
     let db = scratch().join("system-prefix.db");
-    let s = Server::start(&db, &["--workers", "1"]);
+    // Priced exactly: a marginal price can then be checked against what ran.
+    let s = Server::start(&db, &["--workers", "1", "--cost-mode", "exact"]);
     let alice = admin_create(&s, json!({"name": "alice", "per_request_max": "10T"}));
     let bob = admin_create(&s, json!({"name": "bob", "per_request_max": "10T"}));
     let system = "You are a careful assistant for a video question-answering service. Answer in \
@@ -1256,7 +1263,7 @@ fn a_system_prompt_is_prefilled_once_per_tenant() {
             &s,
             "/v1/chat/completions",
             key,
-            json!({"max_tokens": 8, "budget_flops": "1T",
+            json!({"max_tokens": 4, "budget_flops": "1T",
                    "messages": [{"role": "system", "content": sys},
                                 {"role": "user", "content": q}]}),
         );
@@ -1295,6 +1302,11 @@ fn a_system_prompt_is_prefilled_once_per_tenant() {
     assert!(cost < cold_cost / 2.0, "{second}");
     let ran = second["usage"]["measured_flops"]["total"].as_f64().unwrap();
     assert!(ran <= cost * (1.0 + 1e-9), "{ran} > {cost}");
+    // An answer cut at max_tokens ran every planned decode step: the marginal price is then
+    // exactly what ran (the LM head over the prompt's last position included: it was priced
+    // out with the cached prefix once, and requests ran 1 head over their reservation).
+    assert_eq!(second["choices"][0]["finish_reason"], "length", "{second}");
+    assert!((ran - cost).abs() <= 1e-9 * cost, "{ran} vs {cost}");
     // Another system message starts cold.
     assert_eq!(
         cached(&chat(&alice, "Name three colours.", "Be terse.")),

@@ -129,6 +129,15 @@ impl LmSpec {
         l * self.linear_flops_per_token() + self.attention_flops(l, 0.0) + self.head_flops(1.0)
     }
 
+    /// What a prompt's prefill saves when its first `len` positions' KV is cached: their
+    /// linear and attention work. Not the LM head: it runs once, on the prompt's last position,
+    /// whatever is cached (so this is [`Self::prefill_flops`] without it; the positions after
+    /// the prefix still attend to it, which the prompt's own count already holds).
+    pub fn cached_prefix_flops(&self, len: usize) -> f64 {
+        let l = len as f64;
+        l * self.linear_flops_per_token() + self.attention_flops(l, 0.0)
+    }
+
     /// One decode step that attends over `kv_len` positions (the new token included).
     pub fn decode_step_flops(&self, kv_len: usize) -> f64 {
         self.linear_flops_per_token()

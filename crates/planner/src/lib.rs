@@ -260,15 +260,13 @@ impl Planner {
             // Only the question's prefill (over the cached context) and the decode remain.
             match (self.cost_mode, self.archs.get(&entry.name)) {
                 (CostMode::Exact, Some(arch)) => {
-                    let visual_prefill = arch
-                        .flops(&Workload {
-                            frames: frames as usize,
-                            tokens_per_frame: tokens_per_frame as usize,
-                            text_tokens: 0,
-                            decode_steps: 0,
-                        })
-                        .lm_prefill;
-                    cold - self.vision_cost(entry, frames) - visual_prefill
+                    let visual = arch.prefill_len(&Workload {
+                        frames: frames as usize,
+                        tokens_per_frame: tokens_per_frame as usize,
+                        text_tokens: 0,
+                        decode_steps: 0,
+                    });
+                    cold - self.vision_cost(entry, frames) - arch.lm.cached_prefix_flops(visual)
                 }
                 // The paper's formula prices visual tokens only: what is left is text.
                 _ => {
@@ -297,15 +295,7 @@ impl Planner {
             return (cold, cold);
         }
         let saved = match (self.cost_mode, self.archs.get(&entry.name)) {
-            (CostMode::Exact, Some(arch)) => {
-                arch.flops(&Workload {
-                    frames: 0,
-                    tokens_per_frame: 0,
-                    text_tokens: cached,
-                    decode_steps: 0,
-                })
-                .lm_prefill
-            }
+            (CostMode::Exact, Some(arch)) => arch.lm.cached_prefix_flops(cached),
             // Text is 2 N per token in the paper's formula.
             _ => 2.0 * entry.lm_params * cached as f64,
         };
@@ -867,6 +857,17 @@ mod tests {
         r.scored_prompt = true;
         let scored = p.plan(&r).unwrap();
         assert_eq!(scored.choice.cost_flops, 2020.0);
+        // The video's frames encoded and its KV at side 1 cached: the tower and projector
+        // (896 + 192) and the visual positions' prefill (3 of them: 3*68 + 8*6 = 252, no head)
+        // are saved: 1980 + 40 - 1088 - 252 = 680.
+        r.cached_vision.push(CachedVision {
+            model: "small".into(),
+            frames: 2,
+            prefilled_side: Some(1),
+        });
+        let warm = p.plan(&r).unwrap().choice;
+        assert_eq!((warm.cost_flops, warm.cold_cost_flops), (680.0, 2020.0));
+        r.cached_vision.clear();
         let e = &p.registry().models[0];
         assert_eq!(p.cost_breakdown(e, 2, 1, &r).lm_prefill, 596.0 + 40.0);
         // Theoretical mode prices text at 2 N per token (3 prompt + 3 decode), the head apart.
@@ -878,6 +879,15 @@ mod tests {
             p.plan(&r).unwrap().choice.cost_flops,
             2.0 * 1e9 * 6.0 + 40.0
         );
+        // Text alone, exact: prefill of 3, 3*68 + 8*6 + 20 = 272; decode at kv 4 and 5,
+        // (68 + 32 + 20) + (68 + 40 + 20) = 248: cold 520. With the first 2 positions' KV
+        // cached, what runs is 1 position after them, 68 + 8*3 + 20 = 112, and the decode:
+        // 360 (the head still runs on the prompt's last position: not 340).
+        p.cost_mode = CostMode::Exact;
+        r.scored_prompt = false;
+        r.cached_text_tokens_by_model.insert("small".into(), 2);
+        let warm = p.plan(&r).unwrap().choice;
+        assert_eq!((warm.cost_flops, warm.cold_cost_flops), (360.0, 520.0));
     }
 
     #[test]
