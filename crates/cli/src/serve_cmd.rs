@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// (the Files and Batch APIs still answer; another replica runs the batches).
     #[arg(long, env = "VVLM_BATCH_CONCURRENCY")]
     pub batch_concurrency: Option<usize>,
+    /// Batch lines that take a decode step beside an interactive request's
+    /// (`[batch] rows_beside_interactive`; the others wait their turn).
+    #[arg(long, env = "VVLM_BATCH_ROWS_BESIDE_INTERACTIVE")]
+    pub batch_rows_beside_interactive: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -238,6 +242,10 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
     c.url_private |= a.url_private;
     set!(c.url_timeout_s, a.url_timeout_s);
     set!(c.batch.concurrency, a.batch_concurrency);
+    set!(
+        c.batch.rows_beside_interactive,
+        a.batch_rows_beside_interactive
+    );
     Ok(c)
 }
 

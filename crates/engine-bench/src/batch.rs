@@ -313,7 +313,7 @@ const STORY_PROMPTS: [&str; 8] = [
 fn run_scheduler(a: &BatchArgs) -> Result<Vec<BatchRow>> {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
-    use vvlm_engine::batch::{Batch, Join};
+    use vvlm_engine::batch::{Batch, Join, Priority};
     let mut opts = a.placement.load_options()?;
     anyhow::ensure!(
         a.random.is_none() && quantized(a, &opts),
@@ -349,6 +349,7 @@ fn run_scheduler(a: &BatchArgs) -> Result<Vec<BatchRow>> {
         },
         flops: Arc::new(FlopCounter::new()),
         cancel: Arc::new(AtomicBool::new(false)),
+        priority: Priority::Interactive,
     };
     // B sequences joined, then stepped until every one has left: (join seconds, per-step ms,
     // decode seconds, tokens generated).

@@ -108,6 +108,19 @@ impl VideoTokens {
     }
 }
 
+/// How a sequence's decode steps are scheduled beside the others' (see
+/// [`Batch::set_background_rows`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    /// Advances at every step (an interactive request).
+    #[default]
+    Interactive,
+    /// Yields to interactive sequences: while one is in the batch, only the batch's background
+    /// rows advance each step, taken in turn (least recently advanced first); the others wait
+    /// with their KV kept (a batch line, which has hours, not milliseconds).
+    Background,
+}
+
 /// One sequence to add to a batch.
 pub struct Join {
     pub vlm: Arc<VideoVlm>,
@@ -122,6 +135,7 @@ pub struct Join {
     pub flops: Arc<FlopCounter>,
     /// Set to stop it; it leaves at the next step.
     pub cancel: Arc<AtomicBool>,
+    pub priority: Priority,
 }
 
 struct Active {
@@ -132,6 +146,9 @@ struct Active {
     cancel: Arc<AtomicBool>,
     /// Tokens of context it may reach (prompt + max_tokens): what it holds of the KV budget.
     reserve: usize,
+    priority: Priority,
+    /// The step it last advanced at (or joined at): background sequences take turns by it.
+    advanced_at: u64,
 }
 
 /// How long a joining video's encoding runs between two decode steps of the batch at most,
@@ -149,6 +166,10 @@ pub struct Batch {
     steps: u64,
     /// Sequences in each step since [`Batch::take_step_sizes`] last took them.
     step_sizes: Vec<usize>,
+    /// Background sequences that advance in a step beside interactive ones.
+    background_rows: usize,
+    /// Steps background sequences waited since [`Batch::take_deferred`] last took them.
+    deferred: u64,
 }
 
 impl Default for Batch {
@@ -158,6 +179,8 @@ impl Default for Batch {
             encode_quantum: DEFAULT_ENCODE_QUANTUM,
             steps: 0,
             step_sizes: vec![],
+            background_rows: usize::MAX,
+            deferred: 0,
         }
     }
 }
@@ -183,6 +206,22 @@ impl Batch {
     /// [`DEFAULT_ENCODE_QUANTUM`]; zero: a step at every tower layer).
     pub fn set_encode_quantum(&mut self, quantum: std::time::Duration) {
         self.encode_quantum = quantum;
+    }
+
+    /// How many [`Priority::Background`] sequences advance in a step while an interactive
+    /// sequence is in the batch (default: all of them, no priority). Fewer keep interactive
+    /// time per token near what those sequences alone would take, at the background ones'
+    /// expense; they advance in turn, so none waits more than `ceil(background / rows)` steps,
+    /// and all of them step again once no interactive sequence is left. With 0 they wait
+    /// until then.
+    pub fn set_background_rows(&mut self, rows: usize) {
+        self.background_rows = rows;
+    }
+
+    /// Sequence-steps that background sequences waited for their turn (one per sequence per
+    /// step it did not advance) since the last call.
+    pub fn take_deferred(&mut self) -> u64 {
+        std::mem::take(&mut self.deferred)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -328,6 +367,8 @@ impl Batch {
             flops: j.flops,
             cancel: j.cancel,
             reserve,
+            priority: j.priority,
+            advanced_at: self.steps,
         });
         Ok(made)
     }
@@ -353,6 +394,27 @@ impl Batch {
         }
     }
 
+    /// Which sequences advance in the next step: all of them, unless an interactive one is
+    /// in the batch and more background ones than [`Self::set_background_rows`] allows; then
+    /// those that advanced least recently.
+    fn advancing(&self) -> Vec<bool> {
+        let mut go = vec![true; self.active.len()];
+        let interactive = self
+            .active
+            .iter()
+            .any(|a| a.priority == Priority::Interactive && !a.cancel.load(Ordering::Relaxed));
+        let mut background: Vec<usize> = (0..self.active.len())
+            .filter(|&i| self.active[i].priority == Priority::Background)
+            .collect();
+        if interactive && background.len() > self.background_rows {
+            background.sort_by_key(|&i| (self.active[i].advanced_at, i));
+            for &i in &background[self.background_rows..] {
+                go[i] = false;
+            }
+        }
+        go
+    }
+
     fn step_here(
         &mut self,
         on_text: &mut (dyn FnMut(u64, &str) -> bool + Send),
@@ -362,7 +424,10 @@ impl Batch {
             // Nobody is taking them: keep the newest (bounded memory for any caller).
             self.step_sizes.drain(..MAX_STEP_SIZES / 2);
         }
-        self.step_sizes.push(self.active.len());
+        let go = self.advancing();
+        let advancing = go.iter().filter(|g| **g).count();
+        self.step_sizes.push(advancing);
+        self.deferred += (go.len() - advancing) as u64;
         let mut left = vec![];
         let mut forward: Vec<(usize, u32)> = vec![];
         let mut keep = Vec::with_capacity(self.active.len());
@@ -371,17 +436,25 @@ impl Batch {
         let costly: Vec<&mut Active> = self
             .active
             .iter_mut()
-            .filter(|a| a.seq.choice_is_costly() && !a.cancel.load(Ordering::Relaxed))
+            .zip(&go)
+            .filter(|(a, go)| **go && a.seq.choice_is_costly() && !a.cancel.load(Ordering::Relaxed))
+            .map(|(a, _)| a)
             .collect();
         if costly.len() > 1 {
             costly.into_par_iter().for_each(|a| a.seq.choose());
         }
-        for mut a in std::mem::take(&mut self.active) {
+        for (mut a, go) in std::mem::take(&mut self.active).into_iter().zip(go) {
             let tag = a.tag;
             if a.cancel.load(Ordering::Relaxed) {
                 left.push((tag, Err(EngineError::Cancelled)));
                 continue;
             }
+            if !go {
+                // Its turn comes later (a background sequence beside interactive ones).
+                keep.push(a);
+                continue;
+            }
+            a.advanced_at = self.steps;
             let mut each = |piece: &str| on_text(tag, piece);
             match a.seq.advance(&a.vlm, &mut each) {
                 Ok(Step::Forward(t)) => {

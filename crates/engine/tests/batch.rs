@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use vvlm_cost::FlopCounter;
-use vvlm_engine::batch::{Batch, Join};
+use vvlm_engine::batch::{Batch, Join, Priority};
 use vvlm_engine::{GenerateRequest, Generation, LoadOptions, PromptForm, SamplingParams, VideoVlm};
 
 fn root() -> PathBuf {
@@ -182,6 +182,7 @@ fn join(m: &Arc<VideoVlm>, i: usize, flops: &Arc<FlopCounter>, cancel: &Arc<Atom
         sampling: prompt_sampling(i),
         flops: flops.clone(),
         cancel: cancel.clone(),
+        priority: Priority::Interactive,
     }
 }
 
@@ -488,6 +489,85 @@ fn batched_decode_equals_one_at_a_time_across_joins_and_leaves() {
     assert!(batch.is_empty());
 }
 
+/// Batch lines yield decode steps to interactive requests: with `rows` background rows beside
+/// an interactive sequence, every step advances the interactive one and `rows` background ones,
+/// taken in turn; the interactive one leaves at the step it would alone (it never waits), the
+/// background ones (four of the same answer) leave within a step of each other (none is starved
+/// for another), all
+/// step again once it has left, and every answer and every FLOP count equals the sequence's
+/// alone.
+#[test]
+fn background_sequences_take_turns_beside_an_interactive_one() {
+    let m = smollm2();
+    let reference = alone(&m);
+    let (interactive, background) = (2usize, 1usize);
+    let run = |rows: Option<usize>, with_background: bool| {
+        let mut batch = Batch::default();
+        if let Some(r) = rows {
+            batch.set_background_rows(r);
+        }
+        let mut joined: Vec<(u64, usize, Arc<FlopCounter>)> = vec![];
+        let mut add = |batch: &mut Batch, tag: u64, prompt: usize, priority: Priority| {
+            let f = Arc::new(FlopCounter::new());
+            let c = Arc::new(AtomicBool::new(false));
+            let j = Join {
+                priority,
+                ..join(&m, prompt, &f, &c)
+            };
+            batch.join(tag, j, None, None).unwrap();
+            joined.push((tag, prompt, f));
+        };
+        add(&mut batch, 0, interactive, Priority::Interactive);
+        if with_background {
+            for tag in 1..=4 {
+                add(&mut batch, tag, background, Priority::Background);
+            }
+        }
+        let mut left_at: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut sizes = vec![];
+        let mut step = 0;
+        while !batch.is_empty() {
+            step += 1;
+            for (tag, r) in batch.step(&mut |_, _| true) {
+                let g = r.unwrap();
+                let prompt = joined.iter().find(|j| j.0 == tag).unwrap().1;
+                assert_eq!(g.token_ids, reference[prompt].0.token_ids, "tag {tag}");
+                assert_eq!(g.logprobs, reference[prompt].0.logprobs, "tag {tag}");
+                left_at.insert(tag, step);
+            }
+            sizes.extend(batch.take_step_sizes());
+            assert!(step < 400, "the batch did not finish");
+        }
+        for (tag, prompt, f) in &joined {
+            assert_eq!(f.snapshot(), reference[*prompt].1, "tag {tag}: FLOPs");
+        }
+        (left_at, sizes)
+    };
+    let (alone_left, _) = run(None, false);
+    let steps_alone = alone_left[&0];
+    // Without priority every sequence steps every step.
+    let (_, sizes) = run(None, true);
+    assert_eq!(sizes[0], 5);
+    for rows in [0usize, 1, 2] {
+        let (left_at, sizes) = run(Some(rows), true);
+        assert_eq!(
+            left_at[&0], steps_alone,
+            "rows {rows}: the interactive one waited"
+        );
+        // While it ran, each step advanced it and `rows` background sequences (its last step,
+        // where it left, included); after, the four together until they leave.
+        assert!(
+            sizes[..steps_alone].iter().all(|&s| s == 1 + rows),
+            "rows {rows}: {sizes:?}"
+        );
+        assert_eq!(sizes[steps_alone], 4, "rows {rows}: {sizes:?}");
+        let leaves: Vec<usize> = (1..=4).map(|t| left_at[&t]).collect();
+        let spread = leaves.iter().max().unwrap() - leaves.iter().min().unwrap();
+        // The same answer from each: advanced in turn, their counts differ by one at most.
+        assert!(spread <= 1, "rows {rows}: background left at {leaves:?}");
+    }
+}
+
 #[test]
 fn a_cancelled_sequence_leaves_and_the_others_go_on() {
     let m = smollm2();
@@ -615,6 +695,7 @@ fn a_video_joining_a_running_batch_is_encoded_between_their_decode_steps() {
         sampling: sampling(40),
         flops: Arc::new(FlopCounter::new()),
         cancel: cancel.clone(),
+        priority: Priority::Interactive,
     };
     batch.join(7, story_join, None, None).unwrap();
     let mut streamed: BTreeMap<u64, usize> = BTreeMap::new();
@@ -690,6 +771,7 @@ fn a_video_joining_a_running_batch_is_encoded_between_their_decode_steps() {
         sampling: sampling(8),
         flops: video_flops.clone(),
         cancel: cancel.clone(),
+        priority: Priority::Interactive,
     };
     batch.join(9, j, Some(&tokens), None).unwrap();
     while !batch.is_empty() {
@@ -753,6 +835,7 @@ fn videos_in_a_batch_answer_as_alone() {
             sampling: sampling(5),
             flops: flops.clone(),
             cancel: Arc::new(AtomicBool::new(false)),
+            priority: Priority::Interactive,
         };
         batch.join(i as u64, j, tokens.as_ref(), None).unwrap();
     }
@@ -795,6 +878,7 @@ fn a_follow_up_continues_from_the_prefix_kv_and_answers_as_cold() {
             sampling: sampling(6),
             flops: flops.clone(),
             cancel: Arc::new(AtomicBool::new(false)),
+            priority: Priority::Interactive,
         };
         let made = batch.join(0, j, Some(&tokens), prefix).unwrap();
         // Continuing from a prefix too, the cache is allocated once at the reservation.
@@ -861,6 +945,7 @@ fn a_follow_up_continues_from_the_prefix_kv_and_answers_as_cold() {
         sampling: sampling(6),
         flops: Arc::new(FlopCounter::new()),
         cancel: Arc::new(AtomicBool::new(false)),
+        priority: Priority::Interactive,
     };
     let made = batch
         .join(0, j, Some(&other_tokens), Some(&prefix))
@@ -920,6 +1005,7 @@ fn a_long_prefill_is_chunked_and_the_batch_decodes_between_chunks() {
         sampling: sampling(6),
         flops: Arc::new(FlopCounter::new()),
         cancel: Arc::new(AtomicBool::new(false)),
+        priority: Priority::Interactive,
     };
     batch
         .join_stepping(

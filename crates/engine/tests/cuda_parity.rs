@@ -446,7 +446,7 @@ fn tiny_checkpoint_on_the_gpu_matches_the_cpu() {
 fn the_suite_rung_answers_on_the_gpu_as_on_the_cpu_alone_and_batched() {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
-    use vvlm_engine::batch::{Batch, Join};
+    use vvlm_engine::batch::{Batch, Join, Priority};
     use vvlm_engine::{FrameData, GenerateRequest, SamplingParams, VisualInput};
     let ckpt = common::repo_root().join("models/ladder/suite-m");
     let load = |device: Device, dtype: DType| {
@@ -515,6 +515,7 @@ fn the_suite_rung_answers_on_the_gpu_as_on_the_cpu_alone_and_batched() {
                 sampling: sampling.clone(),
                 flops: Arc::new(FlopCounter::new()),
                 cancel: Arc::new(AtomicBool::new(false)),
+                priority: Priority::Interactive,
             };
             batch.join(i as u64, j, tokens.as_ref(), None).unwrap();
         }

@@ -501,6 +501,7 @@ pub async fn admit(
         sampling: r.sampling,
         flops: flops.clone(),
         cancel: cancel.clone(),
+        background,
         events: tx,
         held: Some(held),
         queued_at: Instant::now(),

@@ -147,6 +147,11 @@ pub struct BatchConfig {
     /// replicas run them). A line starts only while no request waits at the door (batches take
     /// the capacity interactive requests leave).
     pub concurrency: usize,
+    /// Batch lines' sequences that advance in a decode step while an interactive request's
+    /// sequence is in the same worker's batch; the others wait their turn (their KV kept), so
+    /// a batch costs an interactive request at most this many rows a step. They take turns,
+    /// and all advance again once no interactive sequence is left.
+    pub rows_beside_interactive: usize,
     /// The largest uploaded file (the route's body limit).
     pub max_file_bytes: usize,
     /// Requests in one batch file.

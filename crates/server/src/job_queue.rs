@@ -145,6 +145,15 @@ impl<T: Send + 'static> JobQueue<T> {
     /// background jobs only when no interactive one is queued), with its start ticket;
     /// None when none is queued (`wait`: blocks for one until the queue is closed).
     pub fn take(&self, wait: bool) -> Option<(T, Started)> {
+        self.take_of(wait, true)
+    }
+
+    /// [`Self::take`] of interactive jobs only (never waits): background jobs stay queued.
+    pub fn take_interactive(&self) -> Option<(T, Started)> {
+        self.take_of(false, false)
+    }
+
+    fn take_of(&self, wait: bool, background_too: bool) -> Option<(T, Started)> {
         let mut st = self.lock();
         loop {
             let pick = |background: bool| {
@@ -165,7 +174,7 @@ impl<T: Send + 'static> JobQueue<T> {
                             .then(a.2.cmp(&b.2))
                     })
             };
-            let next = pick(false).or_else(|| pick(true));
+            let next = pick(false).or_else(|| background_too.then(|| pick(true)).flatten());
             if let Some((_, _, _, tenant, background)) = next {
                 let t = st.tenants.get_mut(&tenant).expect("chosen above");
                 let jobs = if background {

@@ -162,6 +162,7 @@ pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError
             max_tokens: config.limits.max_batch_tokens,
             joins_per_step: config.limits.joins_per_step,
             encode_quantum: std::time::Duration::from_millis(config.limits.encode_quantum_ms),
+            background_rows: config.batch.rows_beside_interactive,
         },
         metrics.clone(),
     );

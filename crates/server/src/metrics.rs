@@ -70,6 +70,7 @@ pub struct Metrics {
     batch_sequences: Gauge,
     batch_kv_tokens: Gauge,
     decode_batch_size: Histogram,
+    decode_steps_deferred: Counter,
     cache_bytes: Gauge,
     cache_entries: Gauge,
     cache: std::sync::Mutex<Option<std::sync::Arc<crate::cache::VideoCache>>>,
@@ -128,6 +129,7 @@ impl Default for Metrics {
             batch_sequences: Gauge::default(),
             batch_kv_tokens: Gauge::default(),
             decode_batch_size: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+            decode_steps_deferred: Counter::default(),
             cache_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
             cache: std::sync::Mutex::new(None),
@@ -307,6 +309,13 @@ impl Default for Metrics {
             "decode_batch_size",
             "Sequences per decode step",
             m.decode_batch_size.clone(),
+        );
+        r.register(
+            "decode_steps_deferred",
+            "Decode steps batch lines' sequences waited for their turn so that an interactive \
+             request's steps ran with fewer rows (`[batch] rows_beside_interactive`), one per \
+             sequence per step",
+            m.decode_steps_deferred.clone(),
         );
         r.register(
             "cache_bytes",
@@ -506,6 +515,13 @@ impl Metrics {
     /// One decode step over this many sequences.
     pub fn decode_step(&self, sequences: usize) {
         self.decode_batch_size.observe(sequences as f64);
+    }
+
+    /// Background sequence-steps deferred for interactive ones (see [`Self::decode_step`]).
+    pub fn decode_steps_deferred(&self, steps: u64) {
+        if steps > 0 {
+            self.decode_steps_deferred.inc_by(steps);
+        }
     }
 
     /// The cache whose size `/metrics` reports.

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 use vvlm_cost::FlopCounter;
-use vvlm_engine::batch::{Batch, Join};
+use vvlm_engine::batch::{Batch, Join, Priority};
 use vvlm_engine::{
     EngineError, FrameData, Generation, PrefixKv, PromptForm, SamplingParams, VideoVlm,
     VisionFeatures, VisualInput,
@@ -116,6 +116,9 @@ pub struct Job {
     pub sampling: SamplingParams,
     pub flops: Arc<FlopCounter>,
     pub cancel: Arc<AtomicBool>,
+    /// A batch line's job: queued after interactive ones, joins one per decode step, and its
+    /// sequences yield decode steps to interactive ones ([`Priority::Background`]).
+    pub background: bool,
     pub events: UnboundedSender<Event>,
     /// The request's reservation (None in tests that run the engine alone).
     pub held: Option<Held>,
@@ -160,6 +163,9 @@ pub struct BatchLimits {
     pub joins_per_step: usize,
     /// How long a joining video's encoding runs before the batch takes a decode step.
     pub encode_quantum: std::time::Duration,
+    /// Background (batch line) sequences that advance in a step beside interactive ones
+    /// ([`Batch::set_background_rows`]).
+    pub background_rows: usize,
 }
 
 impl Pool {
@@ -219,6 +225,7 @@ impl Drop for Pool {
 fn new_batch(limits: &BatchLimits) -> Batch {
     let mut b = Batch::default();
     b.set_encode_quantum(limits.encode_quantum);
+    b.set_background_rows(limits.background_rows);
     b
 }
 
@@ -304,13 +311,18 @@ impl Worker {
         for size in self.batch.take_step_sizes() {
             self.metrics.decode_step(size);
         }
+        self.metrics
+            .decode_steps_deferred(self.batch.take_deferred());
     }
 
     /// Takes requests into the batch while it has room, at most `joins_per_step` of them once
-    /// it runs (so its sequences take a decode step between two such joins); blocks for one
-    /// when the worker is idle. False when the queue is closed and nothing runs.
+    /// it runs (so its sequences take a decode step between two such joins), and at most one
+    /// batch line while it runs (an interactive request arriving waits for one line's prefill
+    /// at most, not for a burst of them); blocks for one when the worker is idle. False when
+    /// the queue is closed and nothing runs.
     fn admit(&mut self) -> bool {
         let mut joined = 0;
+        let mut background_joined = false;
         loop {
             let fits = |w: &Self, j: &Job| {
                 w.batch.is_empty()
@@ -322,7 +334,12 @@ impl Worker {
                 None => {
                     // Idle: wait for a request; busy: never wait for the queue.
                     let idle = self.batch.is_empty() && self.running.is_empty();
-                    match self.queue.take(idle) {
+                    let taken = if background_joined && !self.batch.is_empty() {
+                        self.queue.take_interactive()
+                    } else {
+                        self.queue.take(idle)
+                    };
+                    match taken {
                         Some((mut j, started)) => {
                             j.started = Some(started);
                             j
@@ -336,6 +353,7 @@ impl Worker {
                 self.waiting = Some(job);
                 return true;
             }
+            background_joined |= job.background;
             self.start(job);
             joined += 1;
             if !self.batch.is_empty() && joined == self.limits.joins_per_step {
@@ -438,6 +456,11 @@ impl Worker {
                 sampling,
                 flops: r.job.flops.clone(),
                 cancel: r.job.cancel.clone(),
+                priority: if r.job.background {
+                    Priority::Background
+                } else {
+                    Priority::Interactive
+                },
             };
             let (batch, running) = (&mut self.batch, &mut self.running);
             let joined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -1475,6 +1475,9 @@ async fn a_cached_video_answers_the_same_for_less_and_stays_with_its_tenant() {
     let full = warm["plan"]["cold_cost_flops"].as_f64().unwrap();
     assert_eq!(full, cold_plan["cost_flops"].as_f64().unwrap());
     assert!(marginal < full, "{marginal} vs {full}");
+    // What was reserved covers what ran.
+    let ran = mv["total"].as_f64().unwrap();
+    assert!(ran <= marginal * (1.0 + 1e-9), "{ran} > {marginal}");
     let (_, after) = s
         .json(Method::GET, "/v1/usage", Some(&alice), Value::Null)
         .await;
@@ -3286,6 +3289,65 @@ async fn batches_yield_resume_and_cancel() {
         .post(&format!("/v1/batches/{cancelled}/cancel"), &key, json!({}))
         .await;
     assert_eq!(st, 409, "{v}");
+}
+
+/// Batch lines yield decode steps to interactive requests: while an interactive request
+/// decodes beside running lines, at most `rows_beside_interactive` of them step with it (the
+/// others wait their turn, counted in `vvlm_decode_steps_deferred_total`), and the interactive
+/// answer is the one it gets alone.
+#[tokio::test]
+async fn batch_lines_yield_decode_steps_to_interactive_requests() {
+    let s = server_with(true, |c| {
+        c.batch.concurrency = 4;
+        c.batch.rows_beside_interactive = 1;
+        c.batch.poll_s = 0.05;
+    });
+    let key = s.tenant("alice", None);
+    let long = |prompt: &str| json!({"prompt": prompt, "max_tokens": 48, "temperature": 0});
+    let input: String = (0..12)
+        .map(|i| batch_line(&format!("l{i}"), "/v1/completions", long("the ball is")))
+        .collect();
+    let (alone_st, alone) = s.post("/v1/completions", &key, long("the flash is")).await;
+    assert_eq!(alone_st, 200, "{alone}");
+    let (_, f) = s.upload(&key, "batch", input.as_bytes()).await;
+    let (st, b) = s
+        .post(
+            "/v1/batches",
+            &key,
+            json!({"input_file_id": f["id"], "endpoint": "/v1/completions", "completion_window": "24h"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    let _runner = s.run_batches();
+    let deferred = |m: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix("vvlm_decode_steps_deferred_total "))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    };
+    let t = std::time::Instant::now();
+    let mut beside = 0;
+    loop {
+        let (st, v) = s.post("/v1/completions", &key, long("the flash is")).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["choices"][0]["text"], alone["choices"][0]["text"]);
+        beside += 1;
+        let (_, b) = s.get(&format!("/v1/batches/{id}"), &key).await;
+        if deferred(&s.metrics().await) > 0.0 || b["status"] != "in_progress" {
+            break;
+        }
+        assert!(t.elapsed().as_secs() < 60, "no step deferred: {b}");
+    }
+    assert!(
+        deferred(&s.metrics().await) > 0.0,
+        "the batch closed before any line waited for an interactive request ({beside} sent)"
+    );
+    let b = s.closed_batch(&key, &id).await;
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 12, "completed": 12, "failed": 0}),
+        "{b}"
+    );
 }
 
 /// Each rule of the Files and Batch APIs answers 4xx naming what is wrong.
