@@ -15,6 +15,6 @@ source benches/demo_server.sh
 serve_demo $out/bench.db $out/server.log --max-batch 16 \
   --batch-concurrency "${BATCH_CONCURRENCY:-2}" \
   ${BATCH_ROWS:+--batch-rows-beside-interactive "$BATCH_ROWS"}
-trap 'kill $pid 2>/dev/null || true' EXIT
+trap stop_demo EXIT
 echo "$(bash benches/cpu_label.sh), one worker of 2 threads, batch concurrency ${BATCH_CONCURRENCY:-2}, rows beside interactive ${BATCH_ROWS:-default}"
 python3 benches/batch_priority.py --base $base --key "$key" --model demo-smollm2 "$@"

@@ -16,7 +16,7 @@ for round in $(seq "${ROUNDS:-1}"); do
   serve_demo $out/bench.db $out/serve.log
   python3 benches/scoring.py $base "$key" --prompts "${PROMPTS:-64}" --batch "${BATCH:-16}" \
     --label "round $round" | tee -a $out/results.jsonl
-  kill $pid; wait $pid 2>/dev/null || true
+  stop_demo
 done
 echo "$(bash benches/cpu_label.sh), one worker of 2 threads"
 python3 - <<'PY'

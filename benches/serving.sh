@@ -12,7 +12,7 @@ out=target/serving
 mkdir -p $out
 source benches/demo_server.sh
 serve_demo $out/serving.db $out/server.log --max-batch 16
-trap 'kill $pid 2>/dev/null || true' EXIT
+trap stop_demo EXIT
 echo "$(bash benches/cpu_label.sh), one worker of 2 threads"
 python3 benches/serving.py --base $base --key "$key" --model demo-smollm2 "$@"
 python3 benches/serving.py --base $base --key "$key" --model demo-smollm2 \

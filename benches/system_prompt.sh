@@ -13,7 +13,7 @@ source benches/demo_server.sh
 run() { # label cache_bytes
   serve_demo $out/$1.db $out/$1.log --cache-max-bytes "$2"
   python3 benches/system_prompt.py $base "$key" --label "$1" >> $out/results.jsonl
-  kill $pid; wait $pid 2>/dev/null || true
+  stop_demo
 }
 rm -f $out/results.jsonl
 run off 0

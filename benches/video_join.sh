@@ -11,7 +11,7 @@ out=target/video-join
 mkdir -p $out
 source benches/demo_server.sh
 serve_demo $out/bench.db $out/server.log --max-batch 16
-trap 'kill $pid 2>/dev/null || true' EXIT
+trap stop_demo EXIT
 echo "$(bash benches/cpu_label.sh), one worker of 2 threads"
 python3 benches/video_join.py --base $base --key "$key" --model demo-smollm2 \
   --video crates/server/console/samples/suite-00001.mp4 "$@"

@@ -170,6 +170,9 @@ pub struct Batch {
     background_rows: usize,
     /// Steps background sequences waited since [`Batch::take_deferred`] last took them.
     deferred: u64,
+    /// An interactive request is being encoded or prefilled to join: the steps taken meanwhile
+    /// count it as in the batch.
+    interactive_joining: bool,
 }
 
 impl Default for Batch {
@@ -181,6 +184,7 @@ impl Default for Batch {
             step_sizes: vec![],
             background_rows: usize::MAX,
             deferred: 0,
+            interactive_joining: false,
         }
     }
 }
@@ -277,9 +281,33 @@ impl Batch {
     /// one after the encoding, so a joining video does not stall their streams for its whole
     /// encoding, nor for its end and its prompt's first prefill chunk together. The result
     /// equals `encode_visual`'s (frames are encoded independently, a pause changes no
-    /// arithmetic). Sequences that leave meanwhile are appended to `left`.
+    /// arithmetic). Sequences that leave meanwhile are appended to `left`. The steps taken for
+    /// an interactive request's video treat it as in the batch already
+    /// ([`Self::set_background_rows`]).
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     pub fn encode_stepping(
+        &mut self,
+        vlm: &VideoVlm,
+        visual: VisualInput<'_>,
+        side: usize,
+        flops: &FlopCounter,
+        cancel: Option<&AtomicBool>,
+        priority: Priority,
+        on_text: &mut (dyn FnMut(u64, &str) -> bool + Send),
+        left: &mut Vec<(u64, Result<Generation, EngineError>)>,
+    ) -> Result<(Option<VideoTokens>, Option<VisionFeatures>), EngineError> {
+        if self.active.is_empty() || !vlm.lm.device().is_cpu() {
+            // Nothing waits (or a GPU, where a video's encoding is milliseconds): one pass.
+            return vlm.encode_visual(visual, side, flops, cancel);
+        }
+        self.interactive_joining = priority == Priority::Interactive;
+        let encoded = self.encode_stepping_here(vlm, visual, side, flops, cancel, on_text, left);
+        self.interactive_joining = false;
+        encoded
+    }
+
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn encode_stepping_here(
         &mut self,
         vlm: &VideoVlm,
         visual: VisualInput<'_>,
@@ -289,10 +317,6 @@ impl Batch {
         on_text: &mut (dyn FnMut(u64, &str) -> bool + Send),
         left: &mut Vec<(u64, Result<Generation, EngineError>)>,
     ) -> Result<(Option<VideoTokens>, Option<VisionFeatures>), EngineError> {
-        if self.active.is_empty() || !vlm.lm.device().is_cpu() {
-            // Nothing waits (or a GPU, where a video's encoding is milliseconds): one pass.
-            return vlm.encode_visual(visual, side, flops, cancel);
-        }
         let frames = matches!(visual, VisualInput::Frames(_));
         let quantum = self.encode_quantum;
         crate::cpu_pool::run(|| {
@@ -344,6 +368,8 @@ impl Batch {
         let tokens = video.map(|v| &v.tokens);
         let vlm = j.vlm.clone();
         let on_cpu = vlm.lm.device().is_cpu();
+        // The steps between its prefill chunks count an interactive sequence as in the batch.
+        self.interactive_joining = j.priority == Priority::Interactive;
         let mut between = || {
             if let Some((on_text, left)) = stepping.as_mut() {
                 if !self.active.is_empty() {
@@ -351,14 +377,15 @@ impl Batch {
                 }
             }
         };
-        let (seq, made) = if on_cpu {
+        let started = if on_cpu {
             crate::cpu_pool::run(|| {
                 vlm.start_sequence(tokens, vision_s, &req, &j.flops, prefix, &mut between)
             })
         } else {
             vlm.start_sequence(tokens, vision_s, &req, &j.flops, prefix, &mut between)
-        }
-        .map_err(|e| cancelled(e, &j.cancel))?;
+        };
+        self.interactive_joining = false;
+        let (seq, made) = started.map_err(|e| cancelled(e, &j.cancel))?;
         let reserve = seq.context_len() + j.sampling.max_tokens;
         self.active.push(Active {
             tag,
@@ -399,10 +426,11 @@ impl Batch {
     /// those that advanced least recently.
     fn advancing(&self) -> Vec<bool> {
         let mut go = vec![true; self.active.len()];
-        let interactive = self
-            .active
-            .iter()
-            .any(|a| a.priority == Priority::Interactive && !a.cancel.load(Ordering::Relaxed));
+        let interactive = self.interactive_joining
+            || self
+                .active
+                .iter()
+                .any(|a| a.priority == Priority::Interactive && !a.cancel.load(Ordering::Relaxed));
         let mut background: Vec<usize> = (0..self.active.len())
             .filter(|&i| self.active[i].priority == Priority::Background)
             .collect();

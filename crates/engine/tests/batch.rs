@@ -715,6 +715,7 @@ fn a_video_joining_a_running_batch_is_encoded_between_their_decode_steps() {
             2,
             &video_flops,
             None,
+            Priority::Interactive,
             &mut |tag, _| {
                 *streamed.entry(tag).or_default() += 1;
                 true
@@ -961,8 +962,8 @@ fn a_follow_up_continues_from_the_prefix_kv_and_answers_as_cold() {
 
 #[test]
 fn a_long_prefill_is_chunked_and_the_batch_decodes_between_chunks() {
-    // Chunks of 8 prompt tokens: a sequence already decoding takes steps while another's
-    // ~30-token prompt is prefilled, and both answer as they do alone (alone, the prompt is
+    // Chunks of 8 prompt tokens: sequences already decoding take steps while another's
+    // ~30-token prompt is prefilled, and all answer as they do alone (alone, the prompt is
     // chunked the same way: the chunks depend on the prompt, not on what else runs).
     let gguf = root().join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf");
     let dir = std::env::temp_dir().join(format!("vvlm-chunk-{}", std::process::id()));
@@ -988,12 +989,23 @@ fn a_long_prefill_is_chunked_and_the_batch_decodes_between_chunks() {
         long_alone.prompt_tokens
     );
 
+    // Two batch lines decode (one row a step beside an interactive sequence); the long prompt
+    // is an interactive request's, so the steps between its chunks already give it priority.
     let mut batch = Batch::default();
-    let (f0, c0) = (
-        Arc::new(FlopCounter::new()),
-        Arc::new(AtomicBool::new(false)),
-    );
-    batch.join(0, join(&m, 0, &f0, &c0), None, None).unwrap();
+    batch.set_background_rows(1);
+    for tag in [0, 2] {
+        let (f, c) = (
+            Arc::new(FlopCounter::new()),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let j = Join {
+            priority: Priority::Background,
+            ..join(&m, 0, &f, &c)
+        };
+        batch.join(tag, j, None, None).unwrap();
+    }
+    batch.step(&mut |_, _| true);
+    assert_eq!(batch.take_step_sizes(), [2]);
     let mut streamed: BTreeMap<u64, usize> = BTreeMap::new();
     let mut left = vec![];
     let j = Join {
@@ -1020,9 +1032,15 @@ fn a_long_prefill_is_chunked_and_the_batch_decodes_between_chunks() {
             &mut left,
         )
         .unwrap();
-    // The first sequence decoded while the long prompt was prefilled chunk by chunk.
-    let during = streamed.get(&0).copied().unwrap_or(0);
+    // The lines decoded while the long prompt was prefilled chunk by chunk, one a step, in turn.
+    let during: usize = streamed.values().sum();
     assert!(during >= 3, "{during} pieces streamed during the prefill");
+    let sizes = batch.take_step_sizes();
+    assert!(
+        sizes.len() >= 3 && sizes.iter().all(|&s| s == 1),
+        "{sizes:?}"
+    );
+    assert!(streamed.len() == 2, "{streamed:?}");
     let mut out = BTreeMap::new();
     for (t, r) in left {
         out.insert(t, r.unwrap());
@@ -1033,6 +1051,7 @@ fn a_long_prefill_is_chunked_and_the_batch_decodes_between_chunks() {
         }
     }
     assert_eq!(out[&0].token_ids, first_alone.token_ids);
+    assert_eq!(out[&2].token_ids, first_alone.token_ids);
     assert_eq!(out[&1].token_ids, long_alone.token_ids);
 }
 

@@ -415,6 +415,11 @@ impl Worker {
                     j.side,
                     &j.flops,
                     Some(&j.cancel),
+                    if j.background {
+                        Priority::Background
+                    } else {
+                        Priority::Interactive
+                    },
                     &mut |tag, piece| stream(running, tag, piece),
                     &mut others_left,
                 )
