@@ -1347,6 +1347,33 @@ fn a_system_prompt_is_prefilled_once_per_tenant() {
     assert_eq!(cached(&c.body), Some(0));
     let (cost, cold_cost) = plan(&c.body);
     assert_eq!(cost, cold_cost, "{}", c.body);
+    // A follow-up about a cached video is priced the same way: the cache tells the planner how
+    // many positions its KV prefix holds (the system message, the template's opening and the
+    // visual tokens: all of the prompt up to the video), so asked for the prefill's token alone
+    // (no decode step to stop early) it runs exactly its price. (The visual tokens alone were
+    // counted before: 2.9x over on this checkpoint.)
+    let clip = data_url(&video("prefix.mp4", 2));
+    let ask = |q: &str| {
+        let a = post_json(
+            &s,
+            "/v1/chat/completions",
+            &alice,
+            json!({"max_tokens": 1, "budget_flops": "1T", "frames": 1, "tokens_per_frame": 4,
+                   "messages": [{"role": "system", "content": system},
+                                {"role": "user", "content": [
+                                    {"type": "video_url", "video_url": {"url": clip}},
+                                    {"type": "text", "text": q}]}]}),
+        );
+        assert_eq!(a.status, 200, "{}", a.body);
+        a.body
+    };
+    ask("What happens?");
+    let follow = ask("What colour is it?");
+    assert!(cached(&follow).unwrap() > 40 + 4, "{follow}");
+    let (cost, cold_cost) = plan(&follow);
+    assert!(cost < cold_cost / 2.0, "{follow}");
+    let ran = follow["usage"]["measured_flops"]["total"].as_f64().unwrap();
+    assert!((ran - cost).abs() <= 1e-9 * cost, "{ran} vs {cost}");
 }
 
 /// A batch outlives its server: killed (SIGKILL) with the batch half done, a new process on

@@ -100,6 +100,11 @@ pub struct CachedVision {
     /// costs nothing more either.
     #[serde(default)]
     pub prefilled_side: Option<u32>,
+    /// Positions of that cached prefix (the prompt up to and including the video: the text
+    /// before it and the visual tokens), priced exactly in the exact cost mode; absent, the
+    /// visual tokens alone are counted as saved (an estimate that never prices below what runs).
+    #[serde(default)]
+    pub prefix_tokens: Option<usize>,
 }
 
 /// One priced and scored configuration.
@@ -260,13 +265,19 @@ impl Planner {
             // Only the question's prefill (over the cached context) and the decode remain.
             match (self.cost_mode, self.archs.get(&entry.name)) {
                 (CostMode::Exact, Some(arch)) => {
-                    let visual = arch.prefill_len(&Workload {
-                        frames: frames as usize,
-                        tokens_per_frame: tokens_per_frame as usize,
-                        text_tokens: 0,
-                        decode_steps: 0,
-                    });
-                    cold - self.vision_cost(entry, frames) - arch.lm.cached_prefix_flops(visual)
+                    let prompt = |text_tokens| {
+                        arch.prefill_len(&Workload {
+                            frames: frames as usize,
+                            tokens_per_frame: tokens_per_frame as usize,
+                            text_tokens,
+                            decode_steps: 0,
+                        })
+                    };
+                    let cached = hit
+                        .prefix_tokens
+                        .unwrap_or_else(|| prompt(0))
+                        .min(prompt(req.text_tokens_for(&entry.name)));
+                    cold - self.vision_cost(entry, frames) - arch.lm.cached_prefix_flops(cached)
                 }
                 // The paper's formula prices visual tokens only: what is left is text.
                 _ => {
@@ -864,9 +875,19 @@ mod tests {
             model: "small".into(),
             frames: 2,
             prefilled_side: Some(1),
+            prefix_tokens: None,
         });
         let warm = p.plan(&r).unwrap().choice;
         assert_eq!((warm.cost_flops, warm.cold_cost_flops), (680.0, 2020.0));
+        // The cache says how many positions its prefix holds (2 text tokens before the video
+        // and the 3 visual ones): 5*68 + 8*15 = 460 saved, exactly what the engine skips.
+        r.cached_vision[0].prefix_tokens = Some(5);
+        let warm = p.plan(&r).unwrap().choice;
+        assert_eq!(warm.cost_flops, 2020.0 - 1088.0 - 460.0);
+        // Never more than the prompt holds (6 positions: all of it, the head still runs).
+        r.cached_vision[0].prefix_tokens = Some(60);
+        let warm = p.plan(&r).unwrap().choice;
+        assert_eq!(warm.cost_flops, 2020.0 - 1088.0 - (6.0 * 68.0 + 8.0 * 21.0));
         r.cached_vision.clear();
         let e = &p.registry().models[0];
         assert_eq!(p.cost_breakdown(e, 2, 1, &r).lm_prefill, 596.0 + 40.0);
@@ -935,6 +956,7 @@ mod tests {
             model: "large".into(),
             frames: 4,
             prefilled_side: None,
+            prefix_tokens: None,
         });
         let warm = p.plan(&r).unwrap().choice;
         // Marginal: 2 * 4 * 7.5e9 * 25 = 1.5e12, which fits.
@@ -958,6 +980,7 @@ mod tests {
                     model: m.into(),
                     frames: t,
                     prefilled_side: None,
+                    prefix_tokens: None,
                 })
             })
             .collect();
@@ -983,6 +1006,7 @@ mod tests {
             model: "large".into(),
             frames: 4,
             prefilled_side: Some(5),
+            prefix_tokens: None,
         });
         let c = p.plan(&r).unwrap().choice;
         assert!((c.cost_flops - 7.5e11).abs() < 1.0, "{}", c.cost_flops);

@@ -303,6 +303,7 @@ pub async fn admit(
                 // A prefix made after the system message alone: not this prompt's otherwise.
                 .map(|v| CachedVision {
                     prefilled_side: v.prefilled_side.filter(|_| system_first),
+                    prefix_tokens: v.prefix_tokens.filter(|_| system_first),
                     ..v
                 })
                 .collect(),

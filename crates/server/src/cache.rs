@@ -110,8 +110,8 @@ impl VideoCache {
     }
 
     /// The (checkpoint, frames) with encoded features for a video in a scope, and the pooled
-    /// side of a KV prefix made for the same system prompt: what the planner may price at its
-    /// marginal cost.
+    /// side and positions of a KV prefix made for the same system prompt: what the planner may
+    /// price at its marginal cost.
     pub fn cached_vision(
         &self,
         scope: &str,
@@ -122,14 +122,14 @@ impl VideoCache {
             .map
             .iter()
             .filter(|(k, e)| k.scope == scope && &k.content == content && e.features.is_some())
-            .map(|(k, e)| CachedVision {
-                model: k.model.clone(),
-                frames: k.frames,
-                prefilled_side: e
-                    .prefix
-                    .as_ref()
-                    .filter(|p| p.system.as_deref() == system)
-                    .map(|p| p.side),
+            .map(|(k, e)| {
+                let prefix = e.prefix.as_ref().filter(|p| p.system.as_deref() == system);
+                CachedVision {
+                    model: k.model.clone(),
+                    frames: k.frames,
+                    prefilled_side: prefix.map(|p| p.side),
+                    prefix_tokens: prefix.map(|p| p.kv.tokens()),
+                }
             })
             .collect()
     }
