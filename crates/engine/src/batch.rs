@@ -237,6 +237,14 @@ impl Batch {
         self.active.iter().map(|a| a.reserve).sum()
     }
 
+    /// The sequences of one priority in the batch and the KV positions they may reach.
+    pub fn held_by(&self, priority: Priority) -> (usize, usize) {
+        self.active
+            .iter()
+            .filter(|a| a.priority == priority)
+            .fold((0, 0), |(n, kv), a| (n + 1, kv + a.reserve))
+    }
+
     /// KV positions the batch's caches are allocated for: its reservation, each cache being
     /// allocated once at its sequence's (see [`crate::llama::KvCache::plan_positions`]).
     pub fn allocated_tokens(&self) -> usize {

@@ -503,6 +503,8 @@ pub async fn admit(
         flops: flops.clone(),
         cancel: cancel.clone(),
         background,
+        tenant: t.id,
+        weight: tenant_weight(t),
         events: tx,
         held: Some(held),
         queued_at: Instant::now(),
@@ -510,7 +512,7 @@ pub async fn admit(
         started: None,
     };
     s.metrics.queued(1);
-    if !s.pool.submit(t.id, tenant_weight(t), background, job) {
+    if !s.pool.submit(job) {
         s.metrics.queued(-1);
         return Err(overloaded(s));
     }

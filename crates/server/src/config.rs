@@ -152,6 +152,10 @@ pub struct BatchConfig {
     /// a batch costs an interactive request at most this many rows a step. They take turns,
     /// and all advance again once no interactive sequence is left.
     pub rows_beside_interactive: usize,
+    /// The fraction of each worker's batch (its `max_batch` sequences and `max_batch_tokens`
+    /// KV positions) batch lines may hold while it runs; the rest is kept for interactive
+    /// requests (a line that does not fit waits in the queue; an idle worker takes any).
+    pub worker_share: f64,
     /// The largest uploaded file (the route's body limit).
     pub max_file_bytes: usize,
     /// Requests in one batch file.

@@ -141,6 +141,32 @@ impl<T: Send + 'static> JobQueue<T> {
         true
     }
 
+    /// Puts a job taken from the queue back at the head of its tenant's jobs of its class (a
+    /// worker that could not fit it yet; its start ticket is dropped by the caller): it is the
+    /// oldest of them again. Once the queue is closed the job is handed back.
+    pub fn put_back(&self, tenant: i64, weight: f64, background: bool, job: T) -> Result<(), T> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(job);
+        }
+        let t = st.tenants.entry(tenant).or_insert_with(|| TenantJobs {
+            started: 0,
+            queued: VecDeque::new(),
+            background: VecDeque::new(),
+            weight,
+        });
+        let jobs = if background {
+            &mut t.background
+        } else {
+            &mut t.queued
+        };
+        let seq = jobs.front().map_or(0, |&(s, _)| s.saturating_sub(1));
+        jobs.push_front((seq, job));
+        drop(st);
+        self.inner.ready.notify_one();
+        Ok(())
+    }
+
     /// The next job (the oldest of the tenant with the fewest started, then the fewest in all;
     /// background jobs only when no interactive one is queued), with its start ticket;
     /// None when none is queued (`wait`: blocks for one until the queue is closed).
@@ -268,6 +294,29 @@ mod tests {
         q.push_as(1, 1.0, true, "a-line3");
         q.push(1, "a1");
         assert_eq!(order(&q, &mut running), ["a1", "a-line3"]);
+    }
+
+    /// A worker that cannot fit a background job yet puts it back: it is taken again before
+    /// its tenant's later lines (and after any interactive job); meanwhile a worker may take
+    /// interactive jobs alone.
+    #[test]
+    fn a_job_put_back_is_its_tenants_oldest_again() {
+        let q = JobQueue::new();
+        q.push_as(1, 1.0, true, "a-line1");
+        q.push_as(1, 1.0, true, "a-line2");
+        let (job, started) = q.take(false).unwrap();
+        assert_eq!(job, "a-line1");
+        assert_eq!(q.started(1), 1);
+        drop(started);
+        assert!(q.put_back(1, 1.0, true, job).is_ok());
+        assert_eq!(q.started(1), 0);
+        assert!(q.take_interactive().is_none());
+        q.push(2, "b1");
+        assert_eq!(q.take_interactive().map(|(j, _)| j), Some("b1"));
+        let mut running = vec![];
+        assert_eq!(order(&q, &mut running), ["a-line1", "a-line2"]);
+        q.close();
+        assert_eq!(q.put_back(1, 1.0, true, "late"), Err("late"));
     }
 
     #[test]

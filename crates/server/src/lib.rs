@@ -163,6 +163,7 @@ pub fn build_state(mut config: ServerConfig) -> Result<Arc<AppState>, StartError
             joins_per_step: config.limits.joins_per_step,
             encode_quantum: std::time::Duration::from_millis(config.limits.encode_quantum_ms),
             background_rows: config.batch.rows_beside_interactive,
+            background_share: config.batch.worker_share,
         },
         metrics.clone(),
     );

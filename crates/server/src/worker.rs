@@ -116,9 +116,13 @@ pub struct Job {
     pub sampling: SamplingParams,
     pub flops: Arc<FlopCounter>,
     pub cancel: Arc<AtomicBool>,
-    /// A batch line's job: queued after interactive ones, joins one per decode step, and its
-    /// sequences yield decode steps to interactive ones ([`Priority::Background`]).
+    /// A batch line's job: queued after interactive ones, joins one per decode step, holds at
+    /// most [`BatchLimits::background_share`] of a batch, and its sequences yield decode steps
+    /// to interactive ones ([`Priority::Background`]).
     pub background: bool,
+    /// Its tenant and weight in the queue (where a job that does not fit yet is put back).
+    pub tenant: i64,
+    pub weight: f64,
     pub events: UnboundedSender<Event>,
     /// The request's reservation (None in tests that run the engine alone).
     pub held: Option<Held>,
@@ -166,6 +170,9 @@ pub struct BatchLimits {
     /// Background (batch line) sequences that advance in a step beside interactive ones
     /// ([`Batch::set_background_rows`]).
     pub background_rows: usize,
+    /// The fraction of `max_sequences` and `max_tokens` background jobs may hold in a running
+    /// batch; the rest stays free for interactive requests.
+    pub background_share: f64,
 }
 
 impl Pool {
@@ -201,11 +208,12 @@ impl Pool {
         Self { queue, workers }
     }
 
-    /// Queues a job of a tenant of the given weight (a `background` one, a batch line, after
+    /// Queues a job for its tenant at its weight (a `background` one, a batch line, after
     /// every interactive one queued); false once the pool is shutting down (the job is
     /// dropped, its events closed).
-    pub fn submit(&self, tenant: i64, weight: f64, background: bool, job: Job) -> bool {
-        self.queue.push_as(tenant, weight, background, job)
+    pub fn submit(&self, job: Job) -> bool {
+        self.queue
+            .push_as(job.tenant, job.weight, job.background, job)
     }
 
     /// Jobs queued, not yet taken by a worker.
@@ -318,23 +326,20 @@ impl Worker {
     /// Takes requests into the batch while it has room, at most `joins_per_step` of them once
     /// it runs (so its sequences take a decode step between two such joins), and at most one
     /// batch line while it runs (an interactive request arriving waits for one line's prefill
-    /// at most, not for a burst of them); blocks for one when the worker is idle. False when
-    /// the queue is closed and nothing runs.
+    /// at most, not for a burst of them); blocks for one when the worker is idle. A batch line
+    /// that does not fit yet goes back to the queue (an interactive request behind it is not
+    /// held up). False when the queue is closed and nothing runs.
     fn admit(&mut self) -> bool {
         let mut joined = 0;
-        let mut background_joined = false;
+        // After a batch line joined or went back, only interactive jobs until the next step.
+        let mut interactive_only = false;
         loop {
-            let fits = |w: &Self, j: &Job| {
-                w.batch.is_empty()
-                    || (w.batch.len() + j.n <= w.limits.max_sequences
-                        && w.batch.reserved_tokens() < w.limits.max_tokens)
-            };
             let job = match self.waiting.take() {
                 Some(j) => j,
                 None => {
                     // Idle: wait for a request; busy: never wait for the queue.
                     let idle = self.batch.is_empty() && self.running.is_empty();
-                    let taken = if background_joined && !self.batch.is_empty() {
+                    let taken = if interactive_only && !self.batch.is_empty() {
                         self.queue.take_interactive()
                     } else {
                         self.queue.take(idle)
@@ -349,11 +354,16 @@ impl Worker {
                     }
                 }
             };
-            if !fits(self, &job) {
+            if !self.fits(&job) {
+                if job.background {
+                    self.put_back(job);
+                    interactive_only = true;
+                    continue;
+                }
                 self.waiting = Some(job);
                 return true;
             }
-            background_joined |= job.background;
+            interactive_only |= job.background;
             self.start(job);
             joined += 1;
             if !self.batch.is_empty() && joined == self.limits.joins_per_step {
@@ -361,6 +371,37 @@ impl Worker {
                 // stream while the rest of a burst is prefilled.
                 return true;
             }
+        }
+    }
+
+    /// Whether a job may join the running batch now: any job when it is empty; else while it
+    /// has room, and a batch line only within the share of it batch lines may hold
+    /// ([`BatchLimits::background_share`]), so interactive requests always find the rest.
+    fn fits(&self, j: &Job) -> bool {
+        let l = &self.limits;
+        if self.batch.is_empty() {
+            return true;
+        }
+        let room = self.batch.len() + j.n <= l.max_sequences
+            && self.batch.reserved_tokens() < l.max_tokens;
+        if !j.background {
+            return room;
+        }
+        let (sequences, tokens) = self.batch.held_by(Priority::Background);
+        let share = l.background_share.clamp(0.0, 1.0);
+        let max_sequences = ((l.max_sequences as f64 * share).floor() as usize).max(1);
+        room && sequences + j.n <= max_sequences && (tokens as f64) < l.max_tokens as f64 * share
+    }
+
+    /// Returns a batch line that does not fit yet to the head of its tenant's lines in the
+    /// queue (its start ticket dropped: it counts as queued again).
+    fn put_back(&mut self, mut job: Job) {
+        job.started = None;
+        let (tenant, weight) = (job.tenant, job.weight);
+        if let Err(job) = self.queue.put_back(tenant, weight, true, job) {
+            // Shutting down: dropped unstarted (its reservation released, its route told).
+            self.metrics.queued(-1);
+            drop(job);
         }
     }
 

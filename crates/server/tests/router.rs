@@ -3350,6 +3350,60 @@ async fn batch_lines_yield_decode_steps_to_interactive_requests() {
     );
 }
 
+/// Batch lines hold at most `worker_share` of a worker's batch: with 4 places and half of them
+/// theirs, four lines at once never decode more than two rows a step; the rest is kept for
+/// interactive requests.
+#[tokio::test]
+async fn batch_lines_hold_at_most_their_share_of_a_workers_batch() {
+    let s = server_with(true, |c| {
+        c.limits.max_batch = 4;
+        c.batch.concurrency = 4;
+        c.batch.worker_share = 0.5;
+        c.batch.poll_s = 0.05;
+    });
+    let key = s.tenant("alice", None);
+    let line = json!({"prompt": "the ball is", "max_tokens": 24, "temperature": 0});
+    let input: String = (0..8)
+        .map(|i| batch_line(&format!("l{i}"), "/v1/completions", line.clone()))
+        .collect();
+    let (_, f) = s.upload(&key, "batch", input.as_bytes()).await;
+    let (st, b) = s
+        .post(
+            "/v1/batches",
+            &key,
+            json!({"input_file_id": f["id"], "endpoint": "/v1/completions", "completion_window": "24h"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    let _runner = s.run_batches();
+    let b = s.closed_batch(&key, b["id"].as_str().unwrap()).await;
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 8, "completed": 8, "failed": 0}),
+        "{b}"
+    );
+    let m = s.metrics().await;
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} in {m}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let steps = value("vvlm_decode_batch_size_count ");
+    assert!(steps >= 24.0, "{m}");
+    assert_eq!(
+        value("vvlm_decode_batch_size_bucket{le=\"2.0\"} "),
+        steps,
+        "{m}"
+    );
+    assert!(
+        value("vvlm_decode_batch_size_bucket{le=\"1.0\"} ") < steps,
+        "{m}"
+    );
+}
+
 /// Each rule of the Files and Batch APIs answers 4xx naming what is wrong.
 #[tokio::test]
 async fn batch_inputs_are_refused_by_name() {
