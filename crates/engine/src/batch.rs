@@ -309,25 +309,9 @@ impl Batch {
             return vlm.encode_visual(visual, side, flops, cancel);
         }
         self.interactive_joining = priority == Priority::Interactive;
-        let encoded = self.encode_stepping_here(vlm, visual, side, flops, cancel, on_text, left);
-        self.interactive_joining = false;
-        encoded
-    }
-
-    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    fn encode_stepping_here(
-        &mut self,
-        vlm: &VideoVlm,
-        visual: VisualInput<'_>,
-        side: usize,
-        flops: &FlopCounter,
-        cancel: Option<&AtomicBool>,
-        on_text: &mut (dyn FnMut(u64, &str) -> bool + Send),
-        left: &mut Vec<(u64, Result<Generation, EngineError>)>,
-    ) -> Result<(Option<VideoTokens>, Option<VisionFeatures>), EngineError> {
         let frames = matches!(visual, VisualInput::Frames(_));
         let quantum = self.encode_quantum;
-        crate::cpu_pool::run(|| {
+        let encoded = crate::cpu_pool::run(|| {
             let mut between = || {
                 if !self.active.is_empty() {
                     left.extend(self.step_here(on_text));
@@ -345,7 +329,9 @@ impl Batch {
                 between();
             }
             Ok(encoded)
-        })
+        });
+        self.interactive_joining = false;
+        encoded
     }
 
     /// Joins a sequence; with `stepping`, the others take decode steps between its prefill's

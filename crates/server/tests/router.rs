@@ -150,6 +150,13 @@ fn qa_body() -> Value {
            "question": "what colour is the flash ?", "max_tokens": 4})
 }
 
+/// A metric's value in `/metrics` text (its line's name and labels as written), 0 when absent.
+fn metric(m: &str, name: &str) -> f64 {
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
 /// The error's kind, and that its message is not empty.
 fn kind(body: &Value) -> &str {
     let e = &body["error"];
@@ -2919,6 +2926,26 @@ impl Server {
         self.json(Method::GET, path, Some(key), Value::Null).await
     }
 
+    /// Uploads `lines` copies of one text completion as a batch file and creates its batch:
+    /// the batch's id.
+    async fn completions_batch(&self, key: &str, lines: usize, body: &Value) -> String {
+        let input: String = (0..lines)
+            .map(|i| batch_line(&format!("l{i}"), "/v1/completions", body.clone()))
+            .collect();
+        let (st, f) = self.upload(key, "batch", input.as_bytes()).await;
+        assert_eq!(st, 200, "{f}");
+        let (st, b) = self
+            .post(
+                "/v1/batches",
+                key,
+                json!({"input_file_id": f["id"], "endpoint": "/v1/completions",
+                       "completion_window": "24h"}),
+            )
+            .await;
+        assert_eq!(st, 200, "{b}");
+        b["id"].as_str().unwrap().to_string()
+    }
+
     /// Runs batches in the background until the returned sender is dropped or sent `true`.
     fn run_batches(&self) -> tokio::sync::watch::Sender<bool> {
         let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -3304,27 +3331,11 @@ async fn batch_lines_yield_decode_steps_to_interactive_requests() {
     });
     let key = s.tenant("alice", None);
     let long = |prompt: &str| json!({"prompt": prompt, "max_tokens": 48, "temperature": 0});
-    let input: String = (0..12)
-        .map(|i| batch_line(&format!("l{i}"), "/v1/completions", long("the ball is")))
-        .collect();
     let (alone_st, alone) = s.post("/v1/completions", &key, long("the flash is")).await;
     assert_eq!(alone_st, 200, "{alone}");
-    let (_, f) = s.upload(&key, "batch", input.as_bytes()).await;
-    let (st, b) = s
-        .post(
-            "/v1/batches",
-            &key,
-            json!({"input_file_id": f["id"], "endpoint": "/v1/completions", "completion_window": "24h"}),
-        )
-        .await;
-    assert_eq!(st, 200, "{b}");
-    let id = b["id"].as_str().unwrap().to_string();
+    let id = s.completions_batch(&key, 12, &long("the ball is")).await;
     let _runner = s.run_batches();
-    let deferred = |m: &str| -> f64 {
-        m.lines()
-            .find_map(|l| l.strip_prefix("vvlm_decode_steps_deferred_total "))
-            .map_or(0.0, |v| v.trim().parse().unwrap())
-    };
+    let deferred = |m: &str| metric(m, "vvlm_decode_steps_deferred_total");
     let t = std::time::Instant::now();
     let mut beside = 0;
     loop {
@@ -3363,45 +3374,25 @@ async fn batch_lines_hold_at_most_their_share_of_a_workers_batch() {
     });
     let key = s.tenant("alice", None);
     let line = json!({"prompt": "the ball is", "max_tokens": 24, "temperature": 0});
-    let input: String = (0..8)
-        .map(|i| batch_line(&format!("l{i}"), "/v1/completions", line.clone()))
-        .collect();
-    let (_, f) = s.upload(&key, "batch", input.as_bytes()).await;
-    let (st, b) = s
-        .post(
-            "/v1/batches",
-            &key,
-            json!({"input_file_id": f["id"], "endpoint": "/v1/completions", "completion_window": "24h"}),
-        )
-        .await;
-    assert_eq!(st, 200, "{b}");
+    let id = s.completions_batch(&key, 8, &line).await;
     let _runner = s.run_batches();
-    let b = s.closed_batch(&key, b["id"].as_str().unwrap()).await;
+    let b = s.closed_batch(&key, &id).await;
     assert_eq!(
         b["request_counts"],
         json!({"total": 8, "completed": 8, "failed": 0}),
         "{b}"
     );
     let m = s.metrics().await;
-    let value = |name: &str| -> f64 {
-        m.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap_or_else(|| panic!("{name} in {m}"))
-            .trim()
-            .parse()
-            .unwrap()
-    };
-    let steps = value("vvlm_decode_batch_size_count ");
+    let steps = metric(&m, "vvlm_decode_batch_size_count");
     assert!(steps >= 24.0, "{m}");
-    assert_eq!(
-        value("vvlm_decode_batch_size_bucket{le=\"2.0\"} "),
-        steps,
-        "{m}"
-    );
-    assert!(
-        value("vvlm_decode_batch_size_bucket{le=\"1.0\"} ") < steps,
-        "{m}"
-    );
+    let at_most = |rows: &str| {
+        metric(
+            &m,
+            &format!("vvlm_decode_batch_size_bucket{{le=\"{rows}\"}}"),
+        )
+    };
+    assert_eq!(at_most("2.0"), steps, "{m}");
+    assert!(at_most("1.0") < steps, "{m}");
 }
 
 /// Each rule of the Files and Batch APIs answers 4xx naming what is wrong.
