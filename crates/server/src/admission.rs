@@ -147,6 +147,8 @@ pub struct Admitted {
     pub engine: Arc<VideoVlm>,
     pub n: usize,
     pub cache: CacheUse,
+    /// A batch line's job (see [`run_to_completion`]'s time limit).
+    pub background: bool,
 }
 
 /// What the video cache supplied to a request.
@@ -529,6 +531,7 @@ pub async fn admit(
         engine,
         n: r.n,
         cache,
+        background,
     })
 }
 
@@ -609,6 +612,36 @@ pub fn record(s: &AppState, a: &Admitted, generations: &[Generation]) -> FlopBre
 }
 
 /// Admits a request and waits for all of it.
+/// A job's result from its events: `Err` past the time limit, `Ok(None)` if its worker went
+/// away. A batch line (`background`) waits in the queue behind interactive requests as long as
+/// that takes (its batch's window bounds it): its limit counts from when a worker starts it, so
+/// a busy hour does not fail lines that never ran. An interactive request's counts from now.
+async fn finished(
+    events: &mut UnboundedReceiver<Event>,
+    timeout: Duration,
+    background: bool,
+) -> Result<Option<Result<Vec<Generation>, ApiError>>, tokio::time::error::Elapsed> {
+    if background {
+        loop {
+            match events.recv().await {
+                Some(Event::Started) => break,
+                Some(Event::Done(r)) => return Ok(Some(r)),
+                Some(Event::Text { .. }) => {}
+                None => return Ok(None),
+            }
+        }
+    }
+    tokio::time::timeout(timeout, async {
+        while let Some(ev) = events.recv().await {
+            if let Event::Done(r) = ev {
+                return Some(r);
+            }
+        }
+        None
+    })
+    .await
+}
+
 pub async fn run_to_completion(
     s: Arc<AppState>,
     t: Tenant,
@@ -617,16 +650,7 @@ pub async fn run_to_completion(
 ) -> Result<Outcome, ApiError> {
     let mut a = admit(&s, &t, r, slot).await?;
     let timeout = Duration::from_secs_f64(s.config.limits.request_timeout_s);
-    let events = &mut a.events;
-    let done = tokio::time::timeout(timeout, async {
-        while let Some(ev) = events.recv().await {
-            if let Event::Done(r) = ev {
-                return Some(r);
-            }
-        }
-        None
-    })
-    .await;
+    let done = finished(&mut a.events, timeout, a.background).await;
     let generations = match done {
         Err(_) => {
             return Err(ApiError::Timeout(format!(
@@ -649,4 +673,44 @@ pub async fn run_to_completion(
         cache: a.cache,
         plan: a.plan,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job whose worker starts it after twice the time limit and finishes at once.
+    async fn late_job(background: bool) -> Result<Option<Result<Vec<Generation>, ApiError>>, ()> {
+        let limit = Duration::from_millis(50);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            tokio::time::sleep(limit * 3).await;
+            let _ = tx.send(Event::Started);
+            let _ = tx.send(Event::Done(Ok(vec![])));
+        });
+        finished(&mut rx, limit, background).await.map_err(|_| ())
+    }
+
+    /// An interactive request's time limit includes its wait in the queue; a batch line's
+    /// starts when a worker starts it (the line answers; the request times out).
+    #[tokio::test]
+    async fn a_batch_lines_time_limit_counts_from_its_start() {
+        assert!(late_job(true)
+            .await
+            .is_ok_and(|r| r.is_some_and(|g| g.is_ok())));
+        assert!(late_job(false).await.is_err());
+        // Started, then slower than the limit: a line times out too.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(Event::Started).unwrap();
+        let slow = finished(&mut rx, Duration::from_millis(30), true).await;
+        assert!(slow.is_err());
+        drop(tx);
+        // A worker that goes away before starting it.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+        drop(tx);
+        assert!(matches!(
+            finished(&mut rx, Duration::from_secs(1), true).await,
+            Ok(None)
+        ));
+    }
 }
