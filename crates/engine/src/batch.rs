@@ -237,6 +237,14 @@ impl Batch {
         self.active.iter().map(|a| a.reserve).sum()
     }
 
+    /// Takes a sequence out of the batch without a result (its KV freed): a caller making room
+    /// for another. False when no sequence has that tag.
+    pub fn remove(&mut self, tag: u64) -> bool {
+        let before = self.active.len();
+        self.active.retain(|a| a.tag != tag);
+        self.active.len() < before
+    }
+
     /// The sequences of one priority in the batch and the KV positions they may reach.
     pub fn held_by(&self, priority: Priority) -> (usize, usize) {
         self.active

@@ -71,6 +71,7 @@ pub struct Metrics {
     batch_kv_tokens: Gauge,
     decode_batch_size: Histogram,
     decode_steps_deferred: Counter,
+    batch_lines_preempted: Counter,
     cache_bytes: Gauge,
     cache_entries: Gauge,
     cache: std::sync::Mutex<Option<std::sync::Arc<crate::cache::VideoCache>>>,
@@ -130,6 +131,7 @@ impl Default for Metrics {
             batch_kv_tokens: Gauge::default(),
             decode_batch_size: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
             decode_steps_deferred: Counter::default(),
+            batch_lines_preempted: Counter::default(),
             cache_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
             cache: std::sync::Mutex::new(None),
@@ -316,6 +318,12 @@ impl Default for Metrics {
              request's steps ran with fewer rows (`[batch] rows_beside_interactive`), one per \
              sequence per step",
             m.decode_steps_deferred.clone(),
+        );
+        r.register(
+            "batch_lines_preempted",
+            "Batch lines taken out of a worker's batch to make room for an interactive request \
+             (put back in the queue to run again from the start, their work so far not charged)",
+            m.batch_lines_preempted.clone(),
         );
         r.register(
             "cache_bytes",
@@ -515,6 +523,11 @@ impl Metrics {
     /// One decode step over this many sequences.
     pub fn decode_step(&self, sequences: usize) {
         self.decode_batch_size.observe(sequences as f64);
+    }
+
+    /// A batch line preempted for an interactive request.
+    pub fn batch_line_preempted(&self) {
+        self.batch_lines_preempted.inc();
     }
 
     /// Background sequence-steps deferred for interactive ones (see [`Self::decode_step`]).

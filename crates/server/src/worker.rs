@@ -360,8 +360,10 @@ impl Worker {
                     interactive_only = true;
                     continue;
                 }
-                self.waiting = Some(job);
-                return true;
+                if !self.preempt_for(&job) {
+                    self.waiting = Some(job);
+                    return true;
+                }
             }
             interactive_only |= job.background;
             self.start(job);
@@ -391,6 +393,51 @@ impl Worker {
         let share = l.background_share.clamp(0.0, 1.0);
         let max_sequences = ((l.max_sequences as f64 * share).floor() as usize).max(1);
         room && sequences + j.n <= max_sequences && (tokens as f64) < l.max_tokens as f64 * share
+    }
+
+    /// Makes room for an interactive job that does not fit by taking batch lines out of the
+    /// batch, the most recently started first, when that makes room (else nothing is taken):
+    /// each goes back to the head of its tenant's lines in the queue and runs again from the
+    /// start, its FLOPs so far not charged (its counter starts again from zero; its
+    /// reservation is kept). True when the job fits now.
+    fn preempt_for(&mut self, job: &Job) -> bool {
+        let l = &self.limits;
+        let (lines, kv) = self.batch.held_by(Priority::Background);
+        let room_without_lines = self.batch.len() - lines + job.n <= l.max_sequences
+            && self.batch.reserved_tokens() - kv < l.max_tokens;
+        if lines == 0 || !room_without_lines {
+            return false;
+        }
+        let mut victims: Vec<u64> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.job.background)
+            .map(|(id, _)| *id)
+            .collect();
+        victims.sort_unstable_by(|a, b| b.cmp(a));
+        for id in victims {
+            if self.fits(job) {
+                break;
+            }
+            self.preempt(id);
+        }
+        self.fits(job)
+    }
+
+    /// Takes a running batch line out of the batch and puts it back in the queue.
+    fn preempt(&mut self, id: u64) {
+        let Some(r) = self.running.remove(&id) else {
+            return;
+        };
+        for i in 0..r.generations.len() {
+            self.batch.remove((id << TAG_BITS) | i as u64);
+        }
+        r.job.flops.reset();
+        self.metrics.running(-1);
+        self.metrics.queued(1);
+        self.metrics.batch_line_preempted();
+        tracing::debug!(line = id, "batch line preempted for an interactive request");
+        self.put_back(r.job);
     }
 
     /// Returns a batch line that does not fit yet to the head of its tenant's lines in the
@@ -489,7 +536,7 @@ impl Worker {
         };
         // The completions continue from the cached prefix, or the first one prefills it for
         // the others (and the cache).
-        let mut prefix = r.job.prefix.take();
+        let mut prefix = r.job.prefix.clone();
         for i in 0..n {
             let mut sampling = r.job.sampling.clone();
             sampling.seed = sampling.seed.wrapping_add(i as u64);

@@ -3395,6 +3395,58 @@ async fn batch_lines_hold_at_most_their_share_of_a_workers_batch() {
     assert!(at_most("1.0") < steps, "{m}");
 }
 
+/// An interactive request that does not fit the room batch lines leave takes theirs: the line
+/// goes back to the queue and runs again from the start, answering as it would have and
+/// charged once (what it costs alone, its preempted work not counted); the interactive answer
+/// is the one it gets alone.
+#[tokio::test]
+async fn an_interactive_request_preempts_a_batch_line_for_room() {
+    let s = server_with(true, |c| {
+        c.limits.max_batch = 2;
+        c.batch.concurrency = 1;
+        c.batch.worker_share = 0.5;
+        c.batch.poll_s = 0.05;
+    });
+    let key = s.tenant("alice", None);
+    let line = json!({"prompt": "the ball is", "max_tokens": 48, "temperature": 0});
+    let (st, line_alone) = s.post("/v1/completions", &key, line.clone()).await;
+    assert_eq!(st, 200, "{line_alone}");
+    // Two completions: both places of the worker's batch.
+    let two = json!({"prompt": "the flash is", "max_tokens": 8, "temperature": 0, "n": 2});
+    let (st, two_alone) = s.post("/v1/completions", &key, two.clone()).await;
+    assert_eq!(st, 200, "{two_alone}");
+    let id = s.completions_batch(&key, 6, &line).await;
+    let _runner = s.run_batches();
+    let t = std::time::Instant::now();
+    loop {
+        let (st, v) = s.post("/v1/completions", &key, two.clone()).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["choices"], two_alone["choices"]);
+        let (_, b) = s.get(&format!("/v1/batches/{id}"), &key).await;
+        let preempted = metric(&s.metrics().await, "vvlm_batch_lines_preempted_total");
+        if preempted > 0.0 || b["status"] != "in_progress" {
+            break;
+        }
+        assert!(t.elapsed().as_secs() < 60, "no line preempted: {b}");
+    }
+    assert!(
+        metric(&s.metrics().await, "vvlm_batch_lines_preempted_total") > 0.0,
+        "the batch closed before an interactive request needed a line's place"
+    );
+    let b = s.closed_batch(&key, &id).await;
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 6, "completed": 6, "failed": 0}),
+        "{b}"
+    );
+    let want = &line_alone["usage"]["measured_flops"]["total"];
+    for out in s.jsonl(&key, &b["output_file_id"]).await {
+        let body = &out["response"]["body"];
+        assert_eq!(body["choices"], line_alone["choices"], "{out}");
+        assert_eq!(&body["usage"]["measured_flops"]["total"], want, "{out}");
+    }
+}
+
 /// Each rule of the Files and Batch APIs answers 4xx naming what is wrong.
 #[tokio::test]
 async fn batch_inputs_are_refused_by_name() {
