@@ -4,7 +4,9 @@
 //! become small matrix products. Finished, cancelled and failed sequences leave between steps;
 //! the others never wait for them. Each sequence's FLOPs are counted in its own counter (a
 //! batched product charges each row to the request it belongs to), and its tokens are decided
-//! by the same [`Sequence`] code as a sequence run alone, so the outputs are equal.
+//! by the same [`Sequence`] code as a sequence run alone, so the outputs are equal. Sequences
+//! have a [`Priority`]: background ones (batch lines) yield decode steps to interactive ones,
+//! a bounded number advancing beside them in turn.
 //!
 //! Owns the batch and its steps; must not know requests, queues, tenants or HTTP (callers tag
 //! sequences with numbers and route what comes back).
