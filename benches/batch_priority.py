@@ -10,6 +10,7 @@ the interactive client. Loopback only. Run by benches/batch_priority.sh.
     python3 benches/batch_priority.py --base http://127.0.0.1:8080 --key KEY --model demo-smollm2
 """
 import argparse, http.client, json, statistics, time, urllib.parse, urllib.request, uuid
+from story_prompts import STORY_PROMPTS
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--base", required=True)
@@ -23,14 +24,8 @@ u = urllib.parse.urlparse(a.base)
 assert u.hostname in ("127.0.0.1", "localhost", "::1"), "loopback only"
 AUTH = {"Authorization": f"Bearer {a.key}"}
 
-PROMPTS = [
-    "Write a long story about a lighthouse keeper.",
-    "Write a long story about a dragon who learns to cook.",
-    "Tell me a long tale about a lost city under the sea.",
-    "Write a long story about two friends crossing a desert.",
-    "Describe, at length, a day in the life of a medieval baker.",
-    "Write a long story about a robot who paints.",
-]
+# The first six (the mix this bench's figures were measured with).
+PROMPTS = STORY_PROMPTS[:6]
 
 
 def chat_body(i):

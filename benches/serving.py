@@ -11,6 +11,7 @@ after C x ROUNDS requests per concurrency. Run by benches/serving.sh.
     python3 benches/serving.py --base http://127.0.0.1:8080 --key KEY --model demo-smollm2
 """
 import argparse, http.client, json, statistics, threading, time, urllib.parse
+from story_prompts import STORY_PROMPTS
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--base", required=True)
@@ -26,16 +27,7 @@ a = ap.parse_args()
 u = urllib.parse.urlparse(a.base)
 assert u.hostname in ("127.0.0.1", "localhost", "::1"), "loopback only"
 
-PROMPTS = [
-    "Write a long story about a lighthouse keeper.",
-    "Write a long story about a dragon who learns to cook.",
-    "Tell me a long tale about a lost city under the sea.",
-    "Write a long story about two friends crossing a desert.",
-    "Describe, at length, a day in the life of a medieval baker.",
-    "Write a long story about a robot who paints.",
-    "Tell a long story about a storm over a small fishing village.",
-    "Write a long story about a clockmaker and a mysterious clock.",
-]
+PROMPTS = STORY_PROMPTS
 
 
 def one(conn, i):
