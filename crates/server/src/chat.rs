@@ -67,11 +67,37 @@ struct CalledFunction {
     arguments: String,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum MessageContent {
     Text(String),
     Parts(Vec<Part>),
+}
+
+/// A string, or an array of parts each read on its own, so that a bad part is named (an
+/// untagged enum would only say that nothing matched).
+impl<'de> Deserialize<'de> for MessageContent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Value::deserialize(d)? {
+            Value::String(t) => Ok(MessageContent::Text(t)),
+            Value::Array(parts) => parts
+                .into_iter()
+                .enumerate()
+                .map(|(j, p)| {
+                    Part::deserialize(p).map_err(|e| {
+                        D::Error::custom(format!(
+                            "content[{j}]: {}",
+                            crate::validation::json_words(&e.to_string())
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .map(MessageContent::Parts),
+            _ => Err(D::Error::custom(
+                "a message's `content` must be a string or an array of parts (`text`, \
+                 `video_url`, `image_url`)",
+            )),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -82,12 +108,25 @@ enum Part {
     ImageUrl { image_url: UrlRef },
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum UrlRef {
     Object { url: String },
     Plain(String),
 }
+
+impl<'de> Deserialize<'de> for UrlRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(url) => Ok(UrlRef::Plain(url)),
+            Value::Object(o) => match o.get("url") {
+                Some(Value::String(url)) => Ok(UrlRef::Object { url: url.clone() }),
+                _ => Err(serde::de::Error::custom(URL_SHAPE)),
+            },
+            _ => Err(serde::de::Error::custom(URL_SHAPE)),
+        }
+    }
+}
+
+const URL_SHAPE: &str = "a `video_url` or `image_url` must be a URL or {\"url\": URL}";
 
 impl UrlRef {
     fn url(&self) -> &str {
@@ -114,11 +153,25 @@ pub(crate) fn stream_flags(body: &Map<String, Value>) -> Result<(bool, bool), Ap
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::invalid("stream", "`stream` must be a boolean")),
     };
-    let include_usage = body
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
+    let include_usage = match body.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "stream_options",
+                    "`stream_options.include_usage` must be true or false",
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "stream_options",
+                "`stream_options` must be an object such as {\"include_usage\": true}",
+            ))
+        }
+    };
     Ok((stream, include_usage))
 }
 
@@ -159,8 +212,10 @@ pub fn parse(mut body: Map<String, Value>, allow: &MediaSources) -> Result<ChatR
     }
     let (stream, include_usage) = stream_flags(&body)?;
     let messages: Vec<ChatMessage> = match body.remove("messages") {
-        Some(v) => serde_json::from_value(v)
-            .map_err(|e| ApiError::invalid("messages", format!("messages: {e}")))?,
+        Some(v) => serde_json::from_value(v).map_err(|e| {
+            let e = crate::validation::json_words(&e.to_string());
+            ApiError::invalid("messages", format!("messages: {e}"))
+        })?,
         None => return Err(ApiError::invalid("messages", "`messages` is required")),
     };
     let mut system = None;
@@ -277,8 +332,19 @@ pub fn parse(mut body: Map<String, Value>, allow: &MediaSources) -> Result<ChatR
                 "the last message must be the user's (the one answered)",
             ))
         }
-        None => String::new(),
+        None => {
+            return Err(ApiError::invalid(
+                "messages",
+                "`messages` must end with a user message (the one answered)",
+            ))
+        }
     };
+    if prompt.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "the last user message has no text: it is what the model answers",
+        ));
+    }
     let history = turns;
     // The video's tokens go in the first user message: every turn about it shares the text
     // before them (and the KV cached for them).

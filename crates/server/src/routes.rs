@@ -267,7 +267,7 @@ fn body_error(status: StatusCode, text: String) -> ApiError {
 }
 
 pub(crate) fn json_error(e: axum::extract::rejection::JsonRejection) -> ApiError {
-    body_error(e.status(), e.body_text())
+    body_error(e.status(), crate::validation::json_words(&e.body_text()))
 }
 
 /// The tenant `require_tenant` authenticated, in the request's extensions.

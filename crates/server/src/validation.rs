@@ -39,7 +39,7 @@ impl Budget {
         match v {
             Some(v) if v.is_finite() && v >= 0.0 => Ok(v),
             _ => Err(ApiError::Validation(format!(
-                "quota must be a number of FLOPs >= 0 such as 1e15 or \"1P\", got {self:?}"
+                "quota must be a number of FLOPs >= 0 such as 1e15 or \"1P\", got {self}"
             ))),
         }
     }
@@ -52,8 +52,18 @@ impl Budget {
         match v {
             Some(v) if v.is_finite() && v > 0.0 => Ok(v),
             _ => Err(ApiError::Validation(format!(
-                "budget must be a positive number of FLOPs such as 5e12 or \"5T\", got {self:?}"
+                "budget must be a positive number of FLOPs such as 5e12 or \"5T\", got {self}"
             ))),
+        }
+    }
+}
+
+/// As the client wrote it: a number, or a string in quotes.
+impl std::fmt::Display for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Budget::Number(v) => write!(f, "{v}"),
+            Budget::Text(s) => write!(f, "{}", Value::String(s.clone())),
         }
     }
 }
@@ -258,12 +268,12 @@ where
 {
     match Option::<Value>::deserialize(d)? {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(t)) => serde_json::from_str(&t)
-            .map(Some)
-            .map_err(|e| serde::de::Error::custom(format!("not a JSON object: {e}"))),
+        Some(Value::String(t)) => serde_json::from_str(&t).map(Some).map_err(|e| {
+            serde::de::Error::custom(format!("not a JSON object: {}", json_words(&e.to_string())))
+        }),
         Some(v) => serde_json::from_value(v)
             .map(Some)
-            .map_err(serde::de::Error::custom),
+            .map_err(|e| serde::de::Error::custom(json_words(&e.to_string()))),
     }
 }
 
@@ -319,9 +329,69 @@ impl RequestOptions {
             Err(e) if e.to_string().starts_with("unknown field") => {
                 Err(ApiError::invalid(key, format!("unknown field `{key}`")))
             }
-            Err(e) => Err(ApiError::invalid(key, format!("`{key}`: {e}"))),
+            Err(e) => Err(ApiError::invalid(
+                key,
+                match expected_shape(key) {
+                    Some(shape) => format!("`{key}` must be {shape}, got {}", shown(value)),
+                    None => format!("`{key}`: {}", json_words(&e.to_string())),
+                },
+            )),
         }
     }
+}
+
+/// What each option takes, in JSON's words (a wrong type is answered with it instead of the
+/// deserializer's own message). Ranges are checked, and named, afterwards.
+fn expected_shape(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "budget" | "budget_flops" => "a number of FLOPs or a string such as \"5T\"",
+        "task" | "model" => "a string",
+        "frames"
+        | "tokens_per_frame"
+        | "max_tokens"
+        | "max_completion_tokens"
+        | "n"
+        | "top_logprobs"
+        | "seed" => "a whole number >= 0",
+        "top_k" => "a whole number",
+        "temperature" | "top_p" | "min_p" | "frequency_penalty" | "presence_penalty"
+        | "repetition_penalty" => "a number",
+        "logprobs" => "true or false",
+        "stop" => "a string or an array of strings",
+        "guided_choice" => "an array of strings",
+        _ => return None,
+    })
+}
+
+/// A client's value as it appears in JSON, cut short.
+fn shown(v: &Value) -> String {
+    let s = v.to_string();
+    match s.char_indices().nth(40) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s,
+    }
+}
+
+/// A deserializer's message in JSON's words: "an object" and "an array", not serde's "map" and
+/// "sequence"; no Rust type or enum names.
+pub(crate) fn json_words(msg: &str) -> String {
+    let mut m = msg
+        .replace("invalid type: map", "invalid type: object")
+        .replace("invalid type: sequence", "invalid type: array")
+        .replace("expected a map", "expected an object")
+        .replace("expected a sequence", "expected an array")
+        .replace("expected struct ", "expected an object ")
+        .replace("expected usize", "expected a whole number >= 0")
+        .replace("expected u32", "expected a whole number >= 0")
+        .replace("expected u64", "expected a whole number >= 0")
+        .replace("expected i64", "expected a whole number")
+        .replace("expected f64", "expected a number")
+        .replace("expected f32", "expected a number")
+        .replace("unknown variant", "unknown value");
+    if let Some(i) = m.find("data did not match any variant of untagged enum") {
+        m.replace_range(i.., "not one of the accepted forms");
+    }
+    m
 }
 
 /// What a request asks about: its text and its media.

@@ -466,6 +466,180 @@ async fn validation_errors_are_422_naming_the_field() {
     }
 }
 
+/// An error message speaks JSON, not the deserializer's Rust: no enum, variant or Rust type
+/// names, "object" and "array" rather than "map" and "sequence".
+fn assert_json_words(message: &str) {
+    for internal in [
+        "untagged enum",
+        "variant",
+        "Either",
+        "usize",
+        "u32",
+        "u64",
+        "i64",
+        "f64",
+        "invalid type: map",
+        "invalid type: sequence",
+        "expected a map",
+        "expected a sequence",
+        "Text(",
+        "Number(",
+    ] {
+        assert!(
+            !message.contains(internal),
+            "`{internal}` in the message {message:?}"
+        );
+    }
+}
+
+/// A value of the wrong type is a 422 naming the field and saying what it takes, in JSON's
+/// words (it was serde's "data did not match any variant of untagged enum Either"); a chat
+/// without a user message to answer, or with an empty one, names `messages` (it named a
+/// `prompt` field that chat bodies do not have).
+#[tokio::test]
+async fn wrong_types_are_422_saying_what_the_field_takes() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let chat = |field: &str, value: Value| {
+        let mut b = text_chat(2);
+        b[field] = value;
+        b
+    };
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (
+            chat("max_tokens", json!(-1)),
+            "max_tokens",
+            "must be a whole number >= 0, got -1",
+        ),
+        (
+            chat("frames", json!("many")),
+            "frames",
+            "must be a whole number >= 0, got \"many\"",
+        ),
+        (
+            chat("n", json!(1.5)),
+            "n",
+            "must be a whole number >= 0, got 1.5",
+        ),
+        (
+            chat("temperature", json!([])),
+            "temperature",
+            "must be a number, got []",
+        ),
+        (
+            chat("top_k", json!(true)),
+            "top_k",
+            "must be a whole number, got true",
+        ),
+        (
+            chat("budget", json!({})),
+            "budget",
+            "a number of FLOPs or a string such as \"5T\"",
+        ),
+        (chat("budget", json!("lots")), "budget", "got \"lots\""),
+        (
+            chat("stop", json!(5)),
+            "stop",
+            "must be a string or an array of strings",
+        ),
+        (
+            chat("logprobs", json!(3)),
+            "logprobs",
+            "must be true or false, got 3",
+        ),
+        (
+            chat("guided_choice", json!({})),
+            "guided_choice",
+            "must be an array of strings",
+        ),
+        (chat("model", json!({})), "model", "must be a string"),
+        (
+            chat("stream_options", json!(1)),
+            "stream_options",
+            "must be an object",
+        ),
+        (
+            chat("stream_options", json!({"include_usage": "yes"})),
+            "stream_options",
+            "include_usage` must be true or false",
+        ),
+        (
+            chat("messages", json!("hi")),
+            "messages",
+            "expected an array",
+        ),
+        (
+            chat("messages", json!([])),
+            "messages",
+            "must end with a user message",
+        ),
+        (
+            chat(
+                "messages",
+                json!([{"role": "system", "content": "Be brief."}]),
+            ),
+            "messages",
+            "must end with a user message",
+        ),
+        (
+            chat("messages", json!([{"role": "user", "content": " "}])),
+            "messages",
+            "has no text",
+        ),
+        (
+            chat("messages", json!([{"role": "user", "content": {}}])),
+            "messages",
+            "`content` must be a string or an array of parts",
+        ),
+        (
+            chat(
+                "messages",
+                json!([{"role": "user", "content": [{"type": "video_url", "video_url": 7}]}]),
+            ),
+            "messages",
+            "must be a URL or {\"url\": URL}",
+        ),
+    ];
+    for (body, param, says) in cases {
+        let (st, v) = s.post("/v1/chat/completions", &key, body.clone()).await;
+        assert_eq!((st, kind(&v)), (422, "validation_error"), "{body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{body}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{body}: {message}");
+        assert_json_words(message);
+    }
+    // The same words on the text completions route, and in a typed admin body.
+    let (st, v) = s
+        .post(
+            "/v1/completions",
+            &key,
+            json!({"prompt": "what", "max_tokens": -1}),
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (422, Some("max_tokens")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("whole number >= 0"),
+        "{v}"
+    );
+    let (st, v) = s
+        .json(
+            Method::POST,
+            "/admin/tenants",
+            Some(ADMIN),
+            json!({"name": "bob", "max_in_flight": "many"}),
+        )
+        .await;
+    assert_eq!(st, 422, "{v}");
+    assert_json_words(v["error"]["message"].as_str().unwrap());
+}
+
 /// Top-k, min-p, a guided choice and the logit bias reach the model's choice: top-k 1 and min-p
 /// 1 at a high temperature answer as greedy; a video question held to a choice answers one of
 /// its strings; a +100 bias makes every token that one (the ladder's vocabulary is 44 words).
@@ -1918,6 +2092,7 @@ async fn random_hostile_bodies_get_4xx_never_5xx() {
             if st.is_client_error() {
                 let m = v["error"]["message"].as_str().unwrap_or("");
                 assert!(!m.is_empty(), "{path} round {round}: {st} {v} for {shown}");
+                assert_json_words(m);
             }
             *statuses.entry((*path, st.as_u16())).or_insert(0) += 1;
             // Tenants made by the admin seed are removed again (the name is reused).
