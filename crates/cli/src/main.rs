@@ -23,8 +23,18 @@ use clap::{Parser, Subcommand};
     about = "Video VLM inference at the compute-optimal frontier"
 )]
 struct Cli {
+    /// How log lines are written to stderr: `text` (colour only on a terminal) or `json` (one
+    /// object a line, for a log collector). Which lines: `RUST_LOG` (default `info`).
+    #[arg(long, global = true, env = "VVLM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -64,17 +74,36 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     vvlm_engine::tune_cpu_allocator();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Log lines on stderr, filtered by `RUST_LOG` (default `info`): text, coloured only when
+/// stderr is a terminal (and `NO_COLOR` is unset), or one JSON object a line with the event's
+/// fields at the top level and the request's span (`request_id`, `method`, `path`, `tenant`)
+/// beside them.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
     }
 }
 

@@ -43,6 +43,18 @@ struct Server {
 
 impl Server {
     fn start(db: &Path, extra: &[&str]) -> Server {
+        Server::start_with(db, extra, Stdio::null(), "warn")
+    }
+
+    /// Logging at `info` to `log` in `format` (`--log-format`).
+    fn start_logged(db: &Path, extra: &[&str], log: &Path, format: &str) -> Server {
+        let file = std::fs::File::create(log).unwrap();
+        let mut args = extra.to_vec();
+        args.extend(["--log-format", format]);
+        Server::start_with(db, &args, file.into(), "info")
+    }
+
+    fn start_with(db: &Path, extra: &[&str], stderr: Stdio, log_level: &str) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -67,9 +79,9 @@ impl Server {
             .args(["--admin-key", ADMIN])
             .args(cost_mode)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log_level)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let s = Server {
@@ -1473,4 +1485,130 @@ fn a_batch_survives_kill_9_and_finishes_on_restart() {
     // expired uncharged): six settled requests.
     let u = tenant_usage(&db, "dora");
     assert_eq!(u["requests"].as_u64(), Some(6), "{u}");
+}
+
+/// Operators' log lines. With `--log-format json` every stderr line is one JSON object; each
+/// answered request has an `answered` line (status and latency, its request id, client id and
+/// tenant in its span) and each finished generation a `finished` line whose tokens and FLOPs
+/// are the answer's usage, streamed or not. In text off a terminal: no colour codes. Neither
+/// format ever writes an API key or a prompt.
+#[test]
+fn requests_are_logged_one_line_each_without_keys_or_prompts() {
+    let prompt = "Describe the secret plans of the purple walrus.";
+    let wrong_key = "sk-not-a-key-but-secret-0123";
+    for format in ["json", "text"] {
+        let db = scratch().join(format!("logs-{format}.db"));
+        let log = scratch().join(format!("server-{format}.log"));
+        let s = Server::start_logged(&db, &["--workers", "1"], &log, format);
+        let alice = admin_create(&s, json!({"name": "alice"}));
+        let send = |key: &str, body: Value, client_id: &str| {
+            let r = ureq::post(&s.url("/v1/chat/completions"))
+                .set("Authorization", &format!("Bearer {key}"))
+                .set("X-Client-Request-Id", client_id)
+                .send_json(body);
+            let r = match r {
+                Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+                Err(e) => panic!("transport error: {e}"),
+            };
+            let id = r.header("x-request-id").unwrap().to_string();
+            (r.status(), id, r.into_string().unwrap())
+        };
+        let chat = |stream: bool| {
+            json!({"max_tokens": 5, "stream": stream,
+                   "messages": [{"role": "user", "content": prompt}]})
+        };
+        let (st, whole, text) = send(&alice, chat(false), "client-7");
+        assert_eq!(st, 200, "{text}");
+        let usage = serde_json::from_str::<Value>(&text).unwrap()["usage"].clone();
+        let (st, streamed, text) = send(&alice, chat(true), "client-8");
+        assert_eq!(st, 200, "{text}");
+        assert!(text.contains("[DONE]"), "{text}");
+        let mut bad = chat(false);
+        bad["max_tokens"] = json!(-1);
+        let (st, invalid, _) = send(&alice, bad, "client-9");
+        assert_eq!(st, 422);
+        let (st, refused, _) = send(wrong_key, chat(false), "client-10");
+        assert_eq!(st, 401);
+        drop(s);
+        let logged = std::fs::read_to_string(&log).unwrap();
+        for secret in [alice.as_str(), wrong_key, "purple walrus"] {
+            assert!(
+                !logged.contains(secret),
+                "{format} log holds `{secret}`:\n{logged}"
+            );
+        }
+        assert!(
+            !logged.contains('\x1b'),
+            "colour codes off a terminal:\n{logged}"
+        );
+        if format == "text" {
+            let line = logged
+                .lines()
+                .find(|l| l.contains("answered") && l.contains(&format!("request_id={whole}")))
+                .unwrap_or_else(|| panic!("no answered line for {whole}:\n{logged}"));
+            assert!(
+                line.contains("status=200") && line.contains("tenant=alice"),
+                "{line}"
+            );
+            assert!(
+                logged.lines().any(
+                    |l| l.contains("finished") && l.contains(&format!("request_id={streamed}"))
+                ),
+                "{logged}"
+            );
+            continue;
+        }
+        let lines: Vec<Value> = logged
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        assert!(lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["message"].is_string()));
+        let answered = |id: &str| {
+            lines
+                .iter()
+                .find(|l| l["message"] == "answered" && l["span"]["request_id"] == id)
+                .unwrap_or_else(|| panic!("no answered line for {id}:\n{logged}"))
+        };
+        let finished = |id: &str| {
+            lines
+                .iter()
+                .find(|l| l["message"] == "finished" && l["request_id"] == id)
+                .unwrap_or_else(|| panic!("no finished line for {id}:\n{logged}"))
+        };
+        let a = answered(&whole);
+        assert_eq!(
+            (
+                &a["status"],
+                &a["span"]["tenant"],
+                &a["span"]["client_request_id"]
+            ),
+            (&json!(200), &json!("alice"), &json!("client-7")),
+            "{a}"
+        );
+        assert!(a["latency_ms"].as_f64().unwrap() > 0.0, "{a}");
+        assert_eq!(answered(&invalid)["status"], 422);
+        let r = answered(&refused);
+        assert_eq!(r["status"], 401);
+        assert!(r["span"].get("tenant").is_none(), "{r}");
+        let f = finished(&whole);
+        assert_eq!(
+            (&f["tenant"], &f["model"], &f["completion_tokens"]),
+            (&json!("alice"), &json!("demo"), &usage["completion_tokens"]),
+            "{f}"
+        );
+        assert_eq!(f["prompt_tokens"], usage["prompt_tokens"], "{f}");
+        assert_eq!(f["measured_flops"], usage["measured_flops"]["total"], "{f}");
+        let f = finished(&streamed);
+        assert_eq!(
+            (&f["tenant"], &f["completion_tokens"]),
+            (&json!("alice"), &json!(5)),
+            "{f}"
+        );
+        // Refused before any work: no finished line.
+        assert!(!lines
+            .iter()
+            .any(|l| l["message"] == "finished" && l["request_id"] == invalid));
+    }
 }

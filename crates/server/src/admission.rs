@@ -149,6 +149,10 @@ pub struct Admitted {
     pub cache: CacheUse,
     /// A batch line's job (see [`run_to_completion`]'s time limit).
     pub background: bool,
+    /// For the request's `finished` log line: its id, its tenant, when it was admitted.
+    pub request_id: String,
+    pub tenant: String,
+    pub admitted_at: Instant,
 }
 
 /// What the video cache supplied to a request.
@@ -257,6 +261,7 @@ pub async fn admit(
     if !s.is_ready() {
         return Err(ApiError::NotReady("models are loading".into()));
     }
+    let started = Instant::now();
     let text_only = matches!(r.media, Media::None);
     let background = slot.as_ref().is_some_and(|x| x.background);
     // The video's identity for the cache (its bytes' hash), and what the cache has of it.
@@ -366,6 +371,7 @@ pub async fn admit(
         .as_ref()
         .map_or_else(|| RequestId::new(s), |x| x.id.clone())
         .0;
+    let admitted_id = request_id.clone();
     let place = match slot.and_then(|x| x.take()) {
         Some(p) => p,
         None => Arc::new(
@@ -532,6 +538,9 @@ pub async fn admit(
         n: r.n,
         cache,
         background,
+        request_id: admitted_id,
+        tenant: t.name.clone(),
+        admitted_at: started,
     })
 }
 
@@ -604,10 +613,32 @@ async fn decode(
 /// executed FLOPs before it reported) and returns what it measured.
 pub fn record(s: &AppState, a: &Admitted, generations: &[Generation]) -> FlopBreakdown {
     let measured = a.flops.snapshot();
-    s.metrics
-        .add_flops(a.plan.choice.cost_flops * a.n as f64, &measured);
-    s.metrics
-        .add_tokens(generations.iter().map(|g| g.token_ids.len() as u64).sum());
+    let planned = a.plan.choice.cost_flops * a.n as f64;
+    s.metrics.add_flops(planned, &measured);
+    let completion_tokens: usize = generations.iter().map(|g| g.token_ids.len()).sum();
+    s.metrics.add_tokens(completion_tokens as u64);
+    // What an operator greps for: one line per finished request, its plan and what it ran.
+    let first = generations.first();
+    tracing::info!(
+        request_id = %a.request_id,
+        tenant = %a.tenant,
+        task = %a.plan.task,
+        model = %a.plan.choice.model,
+        frames = a.plan.choice.frames,
+        tokens_per_frame = a.plan.choice.tokens_per_frame,
+        n = a.n,
+        prompt_tokens = first.map_or(0, |g| g.prompt_tokens),
+        cached_tokens = first.map_or(0, |g| g.cached_tokens),
+        completion_tokens,
+        finish_reason = first.map_or("none", |g| crate::chat::finish_str(g.finish_reason)),
+        planned_flops = planned,
+        measured_flops = measured.total(),
+        frames_cached = a.cache.frames,
+        vision_cached = a.cache.vision,
+        batch_line = a.background,
+        seconds = (a.admitted_at.elapsed().as_secs_f64() * 1e3).round() / 1e3,
+        "finished"
+    );
     measured
 }
 

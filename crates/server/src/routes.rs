@@ -113,10 +113,14 @@ async fn with_request_id(State(s): St, req: Request, next: axum::middleware::Nex
         client_request_id = client.as_ref().and_then(|v| v.to_str().ok()),
         method = %req.method(),
         path = %req.uri().path(),
+        tenant = tracing::field::Empty,
     );
+    let path = req.uri().path().to_string();
+    let started = std::time::Instant::now();
     let mut req = req;
     req.extensions_mut().insert(id.clone());
-    let mut resp = next.run(req).instrument(span).await;
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    access_log(&span, &path, resp.status(), started.elapsed());
     if let Ok(v) = HeaderValue::from_str(&id.0) {
         resp.headers_mut().insert("x-request-id", v);
     }
@@ -124,6 +128,24 @@ async fn with_request_id(State(s): St, req: Request, next: axum::middleware::Nex
         resp.headers_mut().insert("x-client-request-id", v);
     }
     resp
+}
+
+/// One line per answered request, in its span (request id, method, path, tenant): its status
+/// and the time to its answer's head (a stream's whole length is in its `finished` line).
+/// Health checks, scrapes and the console's files at `debug`, so probes do not flood the log.
+fn access_log(span: &tracing::Span, path: &str, status: StatusCode, took: Duration) {
+    let latency_ms = (took.as_secs_f64() * 1e4).round() / 10.0;
+    let status = status.as_u16();
+    let quiet = matches!(path, "/health" | "/metrics" | "/")
+        || path.starts_with("/console/")
+        || path.starts_with("/favicon");
+    if quiet {
+        tracing::debug!(parent: span, status, latency_ms, "answered");
+    } else if status >= 500 {
+        tracing::warn!(parent: span, status, latency_ms, "answered");
+    } else {
+        tracing::info!(parent: span, status, latency_ms, "answered");
+    }
 }
 
 /// The credentials of `Authorization: Bearer <key>` (the scheme is case-insensitive, RFC 7235).
@@ -151,6 +173,7 @@ async fn require_tenant(State(s): St, req: Request, next: axum::middleware::Next
     };
     let checked = match found {
         Ok(t) => {
+            tracing::Span::current().record("tenant", tracing::field::display(&t.name));
             let path = req.uri().path().to_string();
             let id = req
                 .extensions()
