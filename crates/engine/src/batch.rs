@@ -161,6 +161,10 @@ pub const DEFAULT_ENCODE_QUANTUM: std::time::Duration = std::time::Duration::fro
 /// Step sizes a batch holds for [`Batch::take_step_sizes`] at most.
 pub const MAX_STEP_SIZES: usize = 1 << 16;
 
+/// Steps a background sequence waits at most while interactive ones run
+/// ([`Batch::set_background_max_wait`]).
+pub const DEFAULT_BACKGROUND_MAX_WAIT: u64 = 64;
+
 /// The running batch.
 pub struct Batch {
     active: Vec<Active>,
@@ -170,6 +174,8 @@ pub struct Batch {
     step_sizes: Vec<usize>,
     /// Background sequences that advance in a step beside interactive ones.
     background_rows: usize,
+    /// Steps a background sequence waits at most (then it advances beside the rows anyway).
+    background_max_wait: u64,
     /// Steps background sequences waited since [`Batch::take_deferred`] last took them.
     deferred: u64,
     /// An interactive request is being encoded or prefilled to join: the steps taken meanwhile
@@ -185,6 +191,7 @@ impl Default for Batch {
             steps: 0,
             step_sizes: vec![],
             background_rows: usize::MAX,
+            background_max_wait: DEFAULT_BACKGROUND_MAX_WAIT,
             deferred: 0,
             interactive_joining: false,
         }
@@ -219,9 +226,18 @@ impl Batch {
     /// time per token near what those sequences alone would take, at the background ones'
     /// expense; they advance in turn, so none waits more than `ceil(background / rows)` steps,
     /// and all of them step again once no interactive sequence is left. With 0 they wait
-    /// until then.
+    /// until then, or [`Self::set_background_max_wait`] steps at most.
     pub fn set_background_rows(&mut self, rows: usize) {
         self.background_rows = rows;
+    }
+
+    /// Steps a background sequence waits at most beside interactive ones (default
+    /// [`DEFAULT_BACKGROUND_MAX_WAIT`], at least 1): one that has waited this long advances in
+    /// the next step whatever the rows, so under unbroken interactive traffic (or with 0 rows)
+    /// a started background request still progresses instead of running into its time limit
+    /// with its work lost.
+    pub fn set_background_max_wait(&mut self, steps: u64) {
+        self.background_max_wait = steps.max(1);
     }
 
     /// Sequence-steps that background sequences waited for their turn (one per sequence per
@@ -427,7 +443,8 @@ impl Batch {
 
     /// Which sequences advance in the next step: all of them, unless an interactive one is
     /// in the batch and more background ones than [`Self::set_background_rows`] allows; then
-    /// those that advanced least recently.
+    /// those that advanced least recently, and any that waited
+    /// [`Self::set_background_max_wait`] steps.
     fn advancing(&self) -> Vec<bool> {
         let mut go = vec![true; self.active.len()];
         let interactive = self.interactive_joining
@@ -441,7 +458,10 @@ impl Batch {
         if interactive && background.len() > self.background_rows {
             background.sort_by_key(|&i| (self.active[i].advanced_at, i));
             for &i in &background[self.background_rows..] {
-                go[i] = false;
+                // `steps` is the step about to run; it last advanced in step `advanced_at`
+                // (or joined after it), and has waited the steps between.
+                let waited = self.steps.saturating_sub(self.active[i].advanced_at + 1);
+                go[i] = waited >= self.background_max_wait;
             }
         }
         go

@@ -501,10 +501,13 @@ fn background_sequences_take_turns_beside_an_interactive_one() {
     let m = smollm2();
     let reference = alone(&m);
     let (interactive, background) = (2usize, 1usize);
-    let run = |rows: Option<usize>, with_background: bool| {
+    let run_waiting = |rows: Option<usize>, max_wait: Option<u64>, with_background: bool| {
         let mut batch = Batch::default();
         if let Some(r) = rows {
             batch.set_background_rows(r);
+        }
+        if let Some(w) = max_wait {
+            batch.set_background_max_wait(w);
         }
         let mut joined: Vec<(u64, usize, Arc<FlopCounter>)> = vec![];
         let mut add = |batch: &mut Batch, tag: u64, prompt: usize, priority: Priority| {
@@ -543,8 +546,13 @@ fn background_sequences_take_turns_beside_an_interactive_one() {
         }
         (left_at, sizes)
     };
+    let run = |rows: Option<usize>, with_background: bool| run_waiting(rows, None, with_background);
     let (alone_left, _) = run(None, false);
     let steps_alone = alone_left[&0];
+    assert!(
+        steps_alone >= 12,
+        "the interactive sequence is too short to test waits"
+    );
     // Without priority every sequence steps every step.
     let (_, sizes) = run(None, true);
     assert_eq!(sizes[0], 5);
@@ -565,6 +573,15 @@ fn background_sequences_take_turns_beside_an_interactive_one() {
         let spread = leaves.iter().max().unwrap() - leaves.iter().min().unwrap();
         // The same answer from each: advanced in turn, their counts differ by one at most.
         assert!(spread <= 1, "rows {rows}: background left at {leaves:?}");
+    }
+    // No background sequence waits more than its bound, even with no rows beside: with 0 rows
+    // and a bound of 3 steps the four (joined together) wait 3 steps, advance beside the
+    // interactive one, wait 3 again, ... (without the bound they would wait until it left).
+    let (left_at, sizes) = run_waiting(Some(0), Some(3), true);
+    assert_eq!(left_at[&0], steps_alone, "the interactive one waited");
+    for (i, &size) in sizes[..steps_alone].iter().enumerate() {
+        let expect = if i % 4 == 3 { 5 } else { 1 };
+        assert_eq!(size, expect, "step {i}: {sizes:?}");
     }
 }
 

@@ -150,6 +150,7 @@ pub struct BatchConfig {
     /// Batch lines' sequences that advance in a decode step while an interactive request's
     /// sequence is in the same worker's batch; the others wait their turn (their KV kept), so
     /// a batch costs an interactive request at most this many rows a step. They take turns,
+    /// none waits more than 64 steps in a row (`vvlm_engine::batch::DEFAULT_BACKGROUND_MAX_WAIT`),
     /// and all advance again once no interactive sequence is left.
     pub rows_beside_interactive: usize,
     /// The fraction of each worker's batch (its `max_batch` sequences and `max_batch_tokens`
