@@ -390,17 +390,21 @@ pub async fn admit(
         o.remove("runners_up");
     }
     let leases = s.leases.clone();
-    let reservation = s
+    let flops = Arc::new(FlopCounter::new());
+    let counter = flops.clone();
+    // The reservation is owned (a `Held`) inside the ledger's task: were this request dropped
+    // while that task runs (its client gone), the task's result is dropped with it and the
+    // `Held` releases the reservation. Owned only once returned here, it was left open, its
+    // lease renewed by this replica for as long as it lives, holding the tenant's quota.
+    let held = s
         .ledger_call(move |l| {
             let r = leases.hold(&tenant, reserve, &request_id, now())?;
             if let Err(e) = l.record_plan(&r, &recorded) {
                 tracing::warn!(request_id, "could not record the plan: {e}");
             }
-            Ok(r)
+            Ok(Held::new(leases, r, counter))
         })
         .await?;
-    let flops = Arc::new(FlopCounter::new());
-    let held = Held::new(s.leases.clone(), reservation, flops.clone());
     let t0 = Instant::now();
     let key = content.map(|content| CacheKey {
         scope,
