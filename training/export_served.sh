@@ -30,6 +30,7 @@ min_frames = 1
 max_frames = 32
 max_side = 8
 data_size_m = {info['items'] / 1e6}
+caption_prompt = "describe the video ."  # the suite's caption question, as trained
 description = "suite ladder, LM size {size} ({lm_params} LM parameters): answers questions about the suite's videos"
 """)
 PY

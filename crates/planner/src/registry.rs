@@ -42,6 +42,10 @@ pub struct ModelEntry {
     /// Finetuning data size of the checkpoint, millions of examples (the scaling law's `n`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_size_m: Option<f64>,
+    /// The instruction a caption request without a prompt sends this checkpoint, in its own
+    /// training's words (absent: the server's `caption_prompt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption_prompt: Option<String>,
 }
 
 impl ModelEntry {
@@ -62,6 +66,7 @@ impl ModelEntry {
             max_side,
             description: String::new(),
             data_size_m: None,
+            caption_prompt: None,
         }
     }
 

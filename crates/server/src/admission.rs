@@ -221,11 +221,12 @@ pub fn plan_request(
         ));
     }
     let mut text_tokens_by_model = BTreeMap::new();
-    if !r.prompt.is_empty() || matches!(r.form, PromptForm::Tokens(_)) {
+    if !r.prompt.is_empty() || default_caption(r) || matches!(r.form, PromptForm::Tokens(_)) {
         for (name, e) in s.engines() {
             let n = match &r.form {
                 PromptForm::Chat => {
-                    e.count_prompt_tokens(r.system.as_deref(), &r.history, &r.prompt)
+                    let prompt = prompt_for(s, r, &name);
+                    e.count_prompt_tokens(r.system.as_deref(), &r.history, &prompt)
                 }
                 PromptForm::Raw => e.tokenize_raw(&r.prompt).map(|ids| ids.len()),
                 PromptForm::Tokens(ids) => Ok(ids.len()),
@@ -249,6 +250,27 @@ pub fn plan_request(
         pins: r.pins.clone(),
     };
     Ok((req, budget))
+}
+
+/// Whether `r` is a caption request that sent no prompt: it asks the planned checkpoint's
+/// caption prompt ([`prompt_for`]).
+fn default_caption(r: &ValidRequest) -> bool {
+    r.task == "caption" && r.prompt.trim().is_empty() && r.form == PromptForm::Chat
+}
+
+/// The prompt `r` sends checkpoint `model`: its own, or for a caption request without one,
+/// the checkpoint's `caption_prompt` (its registry entry), else the server's.
+pub fn prompt_for(s: &AppState, r: &ValidRequest, model: &str) -> String {
+    if !default_caption(r) {
+        return r.prompt.clone();
+    }
+    s.planner()
+        .and_then(|p| {
+            p.registry()
+                .get(model)
+                .and_then(|e| e.caption_prompt.clone())
+        })
+        .unwrap_or_else(|| s.config.caption_prompt.clone())
 }
 
 /// Plans, reserves, decodes and queues.
@@ -319,6 +341,8 @@ pub async fn admit(
         None => Cached::default(),
     };
     let (plan, _budget) = plan_for(s, t, &r, text_only, cached)?;
+    // A caption request without a prompt asks what the planned checkpoint was trained on.
+    r.prompt = prompt_for(s, &r, &plan.choice.model);
     let engine = s
         .engine(&plan.choice.model)
         .ok_or_else(|| ApiError::Internal(format!("model {} is not loaded", plan.choice.model)))?;

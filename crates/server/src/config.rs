@@ -24,6 +24,10 @@ pub struct ServerConfig {
     pub models_dir: PathBuf,
     /// Scaling model used for `caption` and `qa`.
     pub scaling_model: PathBuf,
+    /// What a caption request without a prompt asks, for checkpoints whose registry entry
+    /// names no `caption_prompt` of their own.
+    #[serde(default = "default_caption_prompt")]
+    pub caption_prompt: String,
     /// Extra named tasks with their own fitted models.
     #[serde(default)]
     pub task_models: BTreeMap<String, PathBuf>,
@@ -110,6 +114,10 @@ impl Default for CacheConfig {
             shared: false,
         }
     }
+}
+
+fn default_caption_prompt() -> String {
+    "Describe the video.".into()
 }
 
 fn default_device() -> String {

@@ -438,7 +438,8 @@ pub struct Rules<'a> {
     pub default_task: &'a str,
     /// A video or images must be sent (caption and QA); chat also serves text alone.
     pub media_required: bool,
-    /// A prompt must be given (a plan may be asked without one).
+    /// A prompt must be given (a plan may be asked without one), except by a caption request:
+    /// it then asks the checkpoint's caption instruction (`caption_prompt`).
     pub prompt_required: bool,
 }
 
@@ -449,7 +450,8 @@ pub fn validate(
     rules: Rules,
     limits: &Limits,
 ) -> Result<ValidRequest, ApiError> {
-    if rules.prompt_required && c.prompt.trim().is_empty() {
+    let caption = o.task.as_deref().unwrap_or(rules.default_task) == "caption";
+    if rules.prompt_required && c.prompt.trim().is_empty() && !caption {
         return Err(ApiError::invalid(
             "prompt",
             "`prompt` (or `question`) is required",

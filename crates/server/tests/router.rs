@@ -169,6 +169,97 @@ fn kind(body: &Value) -> &str {
     e["type"].as_str().unwrap()
 }
 
+/// A caption request may send no prompt: it asks the planned checkpoint's own caption
+/// instruction (`caption_prompt` in its registry entry: the ladder's "describe the video ."),
+/// answered and priced as if the client had sent it; `/v1/plan` prices it the same. Without an
+/// entry's own, the server's `caption_prompt`. (It was a 422 asking for a prompt.)
+#[tokio::test]
+async fn a_caption_without_a_prompt_asks_the_checkpoints_own_instruction() {
+    let caption = |prompt: Option<&str>| {
+        let mut b = json!({"video": data_url("video/mp4", &video_bytes()), "max_tokens": 24,
+                           "model": "suite-s", "frames": 8, "tokens_per_frame": 16});
+        if let Some(p) = prompt {
+            b["prompt"] = json!(p);
+        }
+        b
+    };
+    let s = server();
+    let key = s.tenant("alice", None);
+    let (st, bare) = s.post("/v1/videos/caption", &key, caption(None)).await;
+    assert_eq!(st, 200, "{bare}");
+    let (st, asked) = s
+        .post(
+            "/v1/videos/caption",
+            &key,
+            caption(Some("describe the video .")),
+        )
+        .await;
+    assert_eq!(st, 200, "{asked}");
+    assert!(
+        bare["text"].as_str().unwrap().contains("background"),
+        "{bare}"
+    );
+    assert_eq!(bare["text"], asked["text"]);
+    assert_eq!(
+        bare["usage"]["prompt_tokens"],
+        asked["usage"]["prompt_tokens"]
+    );
+    assert_eq!(
+        bare["plan"]["cold_cost_flops"],
+        asked["plan"]["cold_cost_flops"]
+    );
+    let plan = |prompt: Option<&str>| {
+        let mut b = json!({"task": "caption", "model": "suite-s", "frames": 8,
+                           "tokens_per_frame": 16, "max_tokens": 24});
+        if let Some(p) = prompt {
+            b["prompt"] = json!(p);
+        }
+        b
+    };
+    let (_, p0) = s.post("/v1/plan", &key, plan(None)).await;
+    let (_, p1) = s
+        .post("/v1/plan", &key, plan(Some("describe the video .")))
+        .await;
+    assert!(p0["cost_flops"].as_f64().unwrap() > 0.0, "{p0}");
+    assert_eq!(p0["cost_flops"], p1["cost_flops"], "{p0} {p1}");
+    // A question is still required.
+    let mut qa = qa_body();
+    qa.as_object_mut().unwrap().remove("question");
+    let (st, v) = s.post("/v1/videos/qa", &key, qa).await;
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (422, Some("prompt")),
+        "{v}"
+    );
+
+    // Entries without their own: the server's (here the ladder's flash question).
+    let s = server_with(false, |c| {
+        c.caption_prompt = "what colour is the flash ?".into()
+    });
+    for f in std::fs::read_dir(s._dir.path().join("models")).unwrap() {
+        let path = f.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("caption_prompt"))
+            .collect();
+        std::fs::write(&path, kept.join("\n")).unwrap();
+    }
+    vvlm_server::load_models(&s.state).unwrap();
+    let key = s.tenant("alice", None);
+    let (st, bare) = s.post("/v1/videos/caption", &key, caption(None)).await;
+    assert_eq!(st, 200, "{bare}");
+    let mut question = caption(None);
+    question["question"] = json!("what colour is the flash ?");
+    let (st, asked) = s.post("/v1/videos/qa", &key, question).await;
+    assert_eq!(st, 200, "{asked}");
+    assert_eq!(bare["text"], asked["text"]);
+    assert_eq!(
+        bare["usage"]["prompt_tokens"],
+        asked["usage"]["prompt_tokens"]
+    );
+}
+
 #[tokio::test]
 async fn a_video_question_is_answered_and_charged() {
     let s = server();
