@@ -620,8 +620,27 @@ fn caption_qa_chat_budgets_and_every_error_path() {
         Some(&v),
     );
     assert_eq!(e.status, 422);
-    let e = form(Some(&alice), &[("budget", "2T")], Some(&v));
-    assert_eq!(e.status, 422, "missing prompt");
+    // A caption without a prompt asks the server's `caption_prompt` (the demo entry names no
+    // instruction of its own); a question without its question is refused.
+    let e = form(
+        Some(&alice),
+        &[("budget", "2T"), ("max_tokens", "4")],
+        Some(&v),
+    );
+    assert_eq!(e.status, 200, "caption without a prompt: {}", e.body);
+    let e = post_form(
+        &s,
+        "/v1/videos/qa",
+        Some(&alice),
+        &[("budget", "2T")],
+        Some(&v),
+    );
+    assert_eq!(
+        (e.status, e.body["error"]["param"].as_str()),
+        (422, Some("prompt")),
+        "missing question: {}",
+        e.body
+    );
     let e = form(
         Some(&alice),
         &[("prompt", "x"), ("tokens_per_frame", "200")],

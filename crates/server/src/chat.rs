@@ -11,7 +11,8 @@ use crate::error::ApiError;
 use crate::ledger::{now, Tenant};
 use crate::routes::{json_error, new_id, usage_json};
 use crate::validation::{
-    resolve_url, validate, Content, Media, MediaSources, RequestOptions, Rules, ValidRequest,
+    optional_flag, resolve_url, validate, Content, Media, MediaSources, RequestOptions, Rules,
+    ValidRequest,
 };
 use crate::worker::Event;
 use crate::AppState;
@@ -148,23 +149,14 @@ pub struct ChatRequest {
 
 /// `stream` and `stream_options.include_usage` of a chat or text completions body (left in it).
 pub(crate) fn stream_flags(body: &Map<String, Value>) -> Result<(bool, bool), ApiError> {
-    let stream = match body.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::invalid("stream", "`stream` must be a boolean")),
-    };
+    let stream = optional_flag(body.get("stream"), "stream", "stream")?;
     let include_usage = match body.get("stream_options") {
         None | Some(Value::Null) => false,
-        Some(Value::Object(o)) => match o.get("include_usage") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => {
-                return Err(ApiError::invalid(
-                    "stream_options",
-                    "`stream_options.include_usage` must be true or false",
-                ))
-            }
-        },
+        Some(Value::Object(o)) => optional_flag(
+            o.get("include_usage"),
+            "stream_options",
+            "stream_options.include_usage",
+        )?,
         Some(_) => {
             return Err(ApiError::invalid(
                 "stream_options",

@@ -19,7 +19,9 @@ use crate::error::ApiError;
 use crate::ledger::{now, Tenant};
 use crate::routes::{json_error, new_id, usage_json};
 use crate::tokenize::token_checkpoint;
-use crate::validation::{validate, Content, Media, RequestOptions, Rules, ValidRequest};
+use crate::validation::{
+    optional_flag, validate, Content, Media, RequestOptions, Rules, ValidRequest,
+};
 use crate::AppState;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -117,11 +119,7 @@ fn parse(body: &mut Map<String, Value>, max_prompts: usize) -> Result<TextReques
         });
     }
     let prompts = parse_prompts(body.remove("prompt"), max_prompts)?;
-    let echo = match body.remove("echo") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => b,
-        Some(_) => return Err(ApiError::invalid("echo", "`echo` must be a boolean")),
-    };
+    let echo = optional_flag(body.remove("echo").as_ref(), "echo", "echo")?;
     let (stream, include_usage) = stream_flags(body)?;
     let mut prompt_logprobs = None;
     // `logprobs` here is a count of alternatives (0-5), chat's is a flag with `top_logprobs`.

@@ -7,7 +7,8 @@ use crate::admission::{
 use crate::error::ApiError;
 use crate::ledger::{now, Tenant, TenantSettings, Usage};
 use crate::validation::{
-    from_json_video, from_multipart, validate, Budget, Content, RequestOptions, Rules,
+    from_json_video, from_multipart, optional_flag, validate, Budget, Content, RequestOptions,
+    Rules,
 };
 use crate::AppState;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
@@ -522,16 +523,7 @@ async fn plan(
             Some(Value::String(x)) => Ok(Some(x.clone())),
             Some(_) => Err(ApiError::invalid(k, format!("`{k}` must be a string"))),
         };
-        let text_only = match b.get("text_only") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(x)) => *x,
-            Some(_) => {
-                return Err(ApiError::invalid(
-                    "text_only",
-                    "`text_only` must be a boolean",
-                ))
-            }
-        };
+        let text_only = optional_flag(b.get("text_only"), "text_only", "text_only")?;
         let content = Content {
             prompt: text("prompt")?.unwrap_or_default(),
             system: text("system")?,
@@ -545,16 +537,7 @@ async fn plan(
             prompt_required: false,
         };
         // Every configuration priced and scored, whatever its cost (the frontier a console draws).
-        let candidates = match b.get("candidates") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(x)) => *x,
-            Some(_) => {
-                return Err(ApiError::invalid(
-                    "candidates",
-                    "`candidates` must be a boolean",
-                ))
-            }
-        };
+        let candidates = optional_flag(b.get("candidates"), "candidates", "candidates")?;
         let r = validate(options, content, rules, &s.config.limits)?;
         let (req, budget) = plan_request(&s, &t, &r, text_only, Default::default())?;
         let planner = s

@@ -260,6 +260,19 @@ pub enum StopField {
     Many(Vec<String>),
 }
 
+/// An optional boolean field: absent or null is false; any other non-boolean is a 422 naming
+/// `param` (`name` is the field as the message shows it, e.g. `stream_options.include_usage`).
+pub(crate) fn optional_flag(v: Option<&Value>, param: &str, name: &str) -> Result<bool, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(ApiError::invalid(
+            param,
+            format!("`{name}` must be true or false, got {}", shown(other)),
+        )),
+    }
+}
+
 /// An object given as itself or as its JSON text (a form field).
 fn object_or_json_text<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where

@@ -646,6 +646,11 @@ async fn wrong_types_are_422_saying_what_the_field_takes() {
         ),
         (chat("model", json!({})), "model", "must be a string"),
         (
+            chat("stream", json!("yes")),
+            "stream",
+            "`stream` must be true or false, got \"yes\"",
+        ),
+        (
             chat("stream_options", json!(1)),
             "stream_options",
             "must be an object",
