@@ -462,6 +462,8 @@ fn model_json(s: &AppState, m: &vvlm_planner::ModelEntry) -> Value {
         "lm_params": m.lm_params,
         "frames": [m.min_frames, m.max_frames], "max_tokens_per_frame": m.max_side * m.max_side,
         "description": m.description, "notes": notes, "max_model_len": max_model_len,
+        // What a caption request without a prompt asks this checkpoint.
+        "caption_prompt": m.caption_prompt.as_deref().unwrap_or(&s.config.caption_prompt),
     })
 }
 

@@ -208,6 +208,11 @@ async fn a_caption_without_a_prompt_asks_the_checkpoints_own_instruction() {
         bare["plan"]["cold_cost_flops"],
         asked["plan"]["cold_cost_flops"]
     );
+    // The model list says what a bare caption asks.
+    let (_, m) = s
+        .json(Method::GET, "/v1/models/suite-s", Some(&key), Value::Null)
+        .await;
+    assert_eq!(m["caption_prompt"], "describe the video .", "{m}");
     let plan = |prompt: Option<&str>| {
         let mut b = json!({"task": "caption", "model": "suite-s", "frames": 8,
                            "tokens_per_frame": 16, "max_tokens": 24});
@@ -258,6 +263,10 @@ async fn a_caption_without_a_prompt_asks_the_checkpoints_own_instruction() {
         bare["usage"]["prompt_tokens"],
         asked["usage"]["prompt_tokens"]
     );
+    let (_, m) = s
+        .json(Method::GET, "/v1/models/suite-s", Some(&key), Value::Null)
+        .await;
+    assert_eq!(m["caption_prompt"], "what colour is the flash ?", "{m}");
 }
 
 #[tokio::test]
