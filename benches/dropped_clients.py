@@ -1,11 +1,13 @@
 """Clients that leave: ten threads for a bounded time send chats, streams they drop after a few
 bytes, requests they drop before any answer, text completions (several prompts, n = 2, echo
-with logprobs) and JSON-mode chats to one `vvlm serve`; then checks that the server is idle
+with logprobs), JSON-mode chats and, with `--video`, video questions uploaded whole, cut
+mid-body or dropped before the answer, to one `vvlm serve`; then checks that the server is idle
 again: no admission place held, no queued or running job, no sequence or KV position in a
 batch, and no reservation left open in the ledger (the tenant's reserved FLOPs 0, every
 request settled or released). Exits 1 when something stayed held.
 
     python3 benches/dropped_clients.py --base URL --key KEY --admin-key ADMIN [--seconds 30]
+        [--video FILE.mp4]
 """
 import argparse
 import json
@@ -23,7 +25,9 @@ p.add_argument("--admin-key", required=True)
 p.add_argument("--tenant", default="bench")
 p.add_argument("--seconds", type=float, default=30)
 p.add_argument("--clients", type=int, default=10)
+p.add_argument("--video", help="an MP4 to ask about (video requests are left out without it)")
 a = p.parse_args()
+VIDEO = open(a.video, "rb").read() if a.video else None
 host, port = a.base.replace("http://", "").split(":")
 stop = time.time() + a.seconds
 counts: dict[str, int] = {}
@@ -47,12 +51,18 @@ def post(path, body):
         return e.code
 
 
-def dropped(body, read_bytes):
-    """Sends a chat and closes the socket after `read_bytes` of the answer (0: at once)."""
-    data = json.dumps(body).encode()
+def dropped(body, read_bytes, path="/v1/chat/completions", ctype="application/json", sent=None):
+    """Sends a request and closes the socket after `read_bytes` of the answer (0: at once), or
+    after `sent` bytes of the body (the rest never sent)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
     s = socket.create_connection((host, int(port)))
-    s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {a.key}\r\n"
-              f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {a.key}\r\n"
+            f"Content-Type: {ctype}\r\nContent-Length: {len(data)}\r\n\r\n").encode()
+    if sent is not None:
+        s.sendall(head + data[:sent])
+        s.close()
+        return
+    s.sendall(head + data)
     got = 0
     while got < read_bytes:
         chunk = s.recv(4096)
@@ -62,11 +72,39 @@ def dropped(body, read_bytes):
     s.close()
 
 
+def video_form(question):
+    b = "droppedclients"
+    form = (f"--{b}\r\nContent-Disposition: form-data; name=\"question\"\r\n\r\n{question}\r\n"
+            f"--{b}\r\nContent-Disposition: form-data; name=\"max_tokens\"\r\n\r\n8\r\n"
+            f"--{b}\r\nContent-Disposition: form-data; name=\"video\"; filename=\"v.mp4\"\r\n"
+            f"Content-Type: video/mp4\r\n\r\n").encode() + VIDEO + f"\r\n--{b}--\r\n".encode()
+    return f"multipart/form-data; boundary={b}", form
+
+
 def client(seed):
     rng = random.Random(seed)
     while time.time() < stop:
         messages = [{"role": "user", "content": rng.choice(QUESTIONS)}]
-        kind = rng.randrange(6)
+        kind = rng.randrange(7 if VIDEO else 6)
+        if kind == 6:
+            ctype, form = video_form(rng.choice(QUESTIONS))
+            how = rng.randrange(3)
+            if how == 0:
+                req = urllib.request.Request(a.base + "/v1/videos/qa", data=form, headers={
+                    "Authorization": f"Bearer {a.key}", "Content-Type": ctype})
+                try:
+                    with urllib.request.urlopen(req, timeout=120) as r:
+                        r.read()
+                        note(f"video {r.status}")
+                except urllib.error.HTTPError as e:
+                    note(f"video {e.code}")
+            elif how == 1:
+                dropped(form, 0, "/v1/videos/qa", ctype, sent=rng.randrange(len(form)))
+                note("video upload cut")
+            else:
+                dropped(form, rng.randrange(0, 300), "/v1/videos/qa", ctype)
+                note("video dropped")
+            continue
         if kind == 0:
             note(f"chat {post('/v1/chat/completions', {'messages': messages, 'max_tokens': rng.randrange(1, 40), 'temperature': rng.choice([0, 0.7])})}")
         elif kind == 1:
