@@ -1548,6 +1548,38 @@ fn requests_are_logged_one_line_each_without_keys_or_prompts() {
         assert_eq!(st, 422);
         let (st, refused, _) = send(wrong_key, chat(false), "client-10");
         assert_eq!(st, 401);
+        // A stream its client closes after its head: logged as closed, with its id.
+        let left = {
+            use std::io::{Read, Write};
+            let body = json!({"max_tokens": 512, "stream": true,
+                              "messages": [{"role": "user", "content": prompt}]})
+            .to_string();
+            let mut c = std::net::TcpStream::connect(s.base.trim_start_matches("http://")).unwrap();
+            write!(
+                c,
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            let mut head = vec![0u8; 2048];
+            let n = c.read(&mut head).unwrap();
+            let head = String::from_utf8_lossy(&head[..n]).to_string();
+            head.lines()
+                .find_map(|l| l.strip_prefix("x-request-id: "))
+                .unwrap_or_else(|| panic!("no request id in {head}"))
+                .trim()
+                .to_string()
+        };
+        // The server notices at its next token; give it time to log.
+        let t = Instant::now();
+        while !std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("stream closed by its client")
+            && t.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         drop(s);
         let logged = std::fs::read_to_string(&log).unwrap();
         for secret in [alice.as_str(), wrong_key, "purple walrus"] {
@@ -1629,5 +1661,11 @@ fn requests_are_logged_one_line_each_without_keys_or_prompts() {
         assert!(!lines
             .iter()
             .any(|l| l["message"] == "finished" && l["request_id"] == invalid));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["message"] == "stream closed by its client" && l["request_id"] == left),
+            "no closed line for {left}:\n{logged}"
+        );
     }
 }

@@ -688,7 +688,18 @@ pub(crate) async fn stream(
                    "model": model, "choices": choices})
         };
         let send = |v: Value| tx.send(SseEvent::default().data(v.to_string())).is_ok();
+        // A stream's head was answered 200 (the `answered` line): how it ended is logged here.
+        let request_id = admitted[0].request_id.clone();
+        let mut end = StreamEnd {
+            request_id: request_id.clone(),
+            ended: false,
+        };
         let error = |e: ApiError| {
+            tracing::warn!(
+                request_id = %request_id,
+                status = e.status().as_u16(),
+                "stream ended with an error: {e}"
+            );
             let _ = tx.send(SseEvent::default().data(e.body().to_string()));
         };
         // A choice's index: the request's place times n, plus the completion's.
@@ -732,10 +743,12 @@ pub(crate) async fn stream(
                     error(ApiError::Timeout(format!(
                         "the request took longer than {timeout:?}"
                     )));
+                    end.ended = true;
                     return;
                 }
                 Ok(None) => {
                     error(ApiError::Internal("the worker went away".into()));
+                    end.ended = true;
                     return;
                 }
                 Ok(Some(x)) => x,
@@ -756,6 +769,7 @@ pub(crate) async fn stream(
                 }
                 Event::Done(Err(e)) => {
                     error(e);
+                    end.ended = true;
                     return;
                 }
                 Event::Done(Ok(generations)) => {
@@ -802,6 +816,7 @@ pub(crate) async fn stream(
                         send(u);
                     }
                     let _ = tx.send(SseEvent::default().data("[DONE]"));
+                    end.ended = true;
                     return;
                 }
             }
@@ -870,6 +885,21 @@ where
     EventStream {
         rx,
         _task: AbortOnDrop(handle),
+    }
+}
+
+/// Logs a stream that its client closed before the end (its task is aborted with its body, so
+/// this runs on drop) at `info`, with the request's id.
+struct StreamEnd {
+    request_id: String,
+    ended: bool,
+}
+
+impl Drop for StreamEnd {
+    fn drop(&mut self) {
+        if !self.ended {
+            tracing::info!(request_id = %self.request_id, "stream closed by its client");
+        }
     }
 }
 
