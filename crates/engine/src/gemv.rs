@@ -124,9 +124,7 @@ pub(crate) fn for_each_output(
 pub(crate) fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
+        if has_avx512() {
             return |a, b| {
                 // SAFETY: the features were detected above.
                 unsafe { dot_avx512(a, b) }
