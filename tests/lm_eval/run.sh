@@ -31,8 +31,11 @@ for mode in tokens text; do
   args="model=demo-smollm2,base_url=$base/v1/completions,auth_token=$key,tokenizer_backend=remote"
   args="$args,max_retries=1,timeout=300"
   [ $mode = text ] && args="$args,tokenized_requests=False"
+  # `-S`: the pinned harness and its dependencies alone (scripts/setup-lm-eval installs them
+  # all into $lm_eval), not the machine's site-packages: a global transformers that wants
+  # another huggingface-hub made the harness fail at its end, in its environment report.
   OPENAI_API_KEY=$key HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PYTHONPATH=$lm_eval \
-    python3 -m lm_eval --model local-completions --model_args "$args" \
+    python3 -S -m lm_eval --model local-completions --model_args "$args" \
     --tasks vvlm_capitals,vvlm_capitals_gen --include_path tests/lm_eval --batch_size 8 \
     --output_path $out/$mode --log_samples > $out/$mode.log 2>&1 || { tail -40 $out/$mode.log; exit 1; }
   echo "[lm-eval] $mode"; grep '^|' $out/$mode.log
