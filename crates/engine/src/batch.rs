@@ -6,7 +6,8 @@
 //! batched product charges each row to the request it belongs to), and its tokens are decided
 //! by the same [`Sequence`] code as a sequence run alone, so the outputs are equal. Sequences
 //! have a [`Priority`]: background ones (batch lines) yield decode steps to interactive ones,
-//! a bounded number advancing beside them in turn.
+//! a bounded number advancing beside them in turn. A sequence may leave with its state kept
+//! ([`Batch::suspend`]: its KV freed) and come back where it was ([`Batch::rejoin`]).
 //!
 //! Owns the batch and its steps; must not know requests, queues, tenants or HTTP (callers tag
 //! sequences with numbers and route what comes back).
@@ -14,7 +15,7 @@
 use crate::generate::{GenerateRequest, Generation, SamplingParams, VisionFeatures, VisualInput};
 use crate::model::VideoVlm;
 use crate::nn::Ctx;
-use crate::sequence::{PrefixKv, Sequence, Step};
+use crate::sequence::{PrefixKv, Sequence, Step, Suspended};
 use crate::EngineError;
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -255,12 +256,12 @@ impl Batch {
         self.active.iter().map(|a| a.reserve).sum()
     }
 
-    /// Takes a sequence out of the batch without a result (its KV freed): a caller making room
-    /// for another. False when no sequence has that tag.
-    pub fn remove(&mut self, tag: u64) -> bool {
-        let before = self.active.len();
-        self.active.retain(|a| a.tag != tag);
-        self.active.len() < before
+    /// Takes a sequence out of the batch with its KV freed and its decoding state kept, for
+    /// [`Self::rejoin`] (a caller making room for another that means to continue it later).
+    /// None when no sequence has that tag.
+    pub fn suspend(&mut self, tag: u64) -> Option<Suspended> {
+        let i = self.active.iter().position(|a| a.tag == tag)?;
+        Some(self.active.remove(i).seq.suspend())
     }
 
     /// The sequences of one priority in the batch and the KV positions they may reach.
@@ -289,7 +290,7 @@ impl Batch {
         video: Option<&VideoTokens>,
         prefix: Option<&PrefixKv>,
     ) -> Result<Option<PrefixKv>, EngineError> {
-        self.join_inner(tag, j, video, prefix, None)
+        self.join_inner(tag, j, video, prefix, None, None)
     }
 
     /// [`Self::join`] with chunked prefill: between two chunks of the joining sequence's
@@ -305,7 +306,34 @@ impl Batch {
         on_text: &mut (dyn FnMut(u64, &str) -> bool + Send),
         left: &mut Vec<(u64, Result<Generation, EngineError>)>,
     ) -> Result<Option<PrefixKv>, EngineError> {
-        self.join_inner(tag, j, video, prefix, Some((on_text, left)))
+        self.join_inner(tag, j, video, prefix, Some((on_text, left)), None)
+    }
+
+    /// [`Self::join_stepping`] for a sequence [`Self::suspend`] took out: `j`, `video` and
+    /// `prefix` as it was first joined with; it continues where it was
+    /// ([`VideoVlm::resume_sequence`]), its prompt's prefill and the rebuilding of its
+    /// generated tokens' KV counted in `recompute` (not in `j.flops`, where what it ran before
+    /// is counted already).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rejoin(
+        &mut self,
+        tag: u64,
+        j: Join,
+        suspended: Suspended,
+        recompute: &FlopCounter,
+        video: Option<&VideoTokens>,
+        prefix: Option<&PrefixKv>,
+        on_text: &mut (dyn FnMut(u64, &str) -> bool + Send),
+        left: &mut Vec<(u64, Result<Generation, EngineError>)>,
+    ) -> Result<Option<PrefixKv>, EngineError> {
+        self.join_inner(
+            tag,
+            j,
+            video,
+            prefix,
+            Some((on_text, left)),
+            Some((suspended, recompute)),
+        )
     }
 
     /// [`VideoVlm::encode_visual`] for a request about to join: on the CPU, while the batch has
@@ -361,7 +389,7 @@ impl Batch {
     }
 
     /// Joins a sequence; with `stepping`, the others take decode steps between its prefill's
-    /// chunks.
+    /// chunks; with `resume`, it continues a suspended one (its recomputation counted there).
     #[allow(clippy::type_complexity)]
     fn join_inner(
         &mut self,
@@ -373,6 +401,7 @@ impl Batch {
             &mut (dyn FnMut(u64, &str) -> bool + Send),
             &mut Vec<(u64, Result<Generation, EngineError>)>,
         )>,
+        resume: Option<(Suspended, &FlopCounter)>,
     ) -> Result<Option<PrefixKv>, EngineError> {
         let req = GenerateRequest {
             pixels: None,
@@ -397,12 +426,22 @@ impl Batch {
                 }
             }
         };
+        let start = || match resume {
+            Some((suspended, recompute)) => vlm.resume_sequence(
+                tokens,
+                vision_s,
+                &req,
+                recompute,
+                prefix,
+                &mut between,
+                suspended,
+            ),
+            None => vlm.start_sequence(tokens, vision_s, &req, &j.flops, prefix, &mut between),
+        };
         let started = if on_cpu {
-            crate::cpu_pool::run(|| {
-                vlm.start_sequence(tokens, vision_s, &req, &j.flops, prefix, &mut between)
-            })
+            crate::cpu_pool::run(start)
         } else {
-            vlm.start_sequence(tokens, vision_s, &req, &j.flops, prefix, &mut between)
+            start()
         };
         self.interactive_joining = false;
         let (seq, made) = started.map_err(|e| cancelled(e, &j.cancel))?;

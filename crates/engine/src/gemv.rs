@@ -180,31 +180,12 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// [`dot_impl`]'s 32 lanes in two 512-bit accumulators instead of four 256-bit ones (LLVM keeps
-/// to 256-bit vectors when it vectorises on its own): half the instructions per weight, the same
-/// arithmetic lane by lane, then [`dot_impl`]'s own tail and reduction, so the same bits.
+/// to 256-bit vectors when it vectorises on its own): one row of [`dot_rows_avx512`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    const L: usize = 32;
     let n = a.len().min(b.len());
-    let full = n - n % L;
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    let mut i = 0;
-    while i < full {
-        lo = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), lo);
-        hi = _mm512_fmadd_ps(
-            _mm512_loadu_ps(pa.add(i + 16)),
-            _mm512_loadu_ps(pb.add(i + 16)),
-            hi,
-        );
-        i += L;
-    }
-    let mut acc = [0f32; L];
-    _mm512_storeu_ps(acc.as_mut_ptr(), lo);
-    _mm512_storeu_ps(acc.as_mut_ptr().add(16), hi);
-    reduce(acc, &a[full..n], &b[full..n])
+    dot_rows_avx512::<1>(a, b, n)[0]
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -212,8 +193,9 @@ fn has_avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
 }
 
-/// [`dot_avx512`] of `R` consecutive weight rows (`w` is `[R, k]`) with one activation row:
-/// each row's lanes and reduction are [`dot_impl`]'s, so each output has the same bits.
+/// The dot products of `R` consecutive weight rows (`w` is `[R, k]`) with one activation row, in
+/// 512-bit registers (half the instructions per weight of the AVX2 kernel): each row's lanes,
+/// tail and reduction are [`dot_impl`]'s, so each output has the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn dot_rows_avx512<const R: usize>(w: &[f32], x: &[f32], k: usize) -> [f32; R] {

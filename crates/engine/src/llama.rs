@@ -749,14 +749,53 @@ impl Llama {
             .expect("rope lock")
             .tables_at(&positions, self.dtype)?;
         let mut x = embeds.clone();
+        let mut rows = StepRows::Sequences(caches);
         for (l, block) in self.blocks.iter().enumerate() {
-            x = block.forward_batch(&x, l, caches, &cos, &sin, ctxs)?;
+            x = block.forward_batch(&x, l, &mut rows, &cos, &sin, ctxs)?;
         }
         let x = self.norm.forward(&x)?;
         self.lm_head
             .forward_rows(&x, ctxs)?
             .reshape((b, self.cfg.vocab_size))?
             .to_dtype(DType::F32)
+    }
+
+    /// Rebuilds the KV of tokens a sequence had already decoded (`ids`, after what `cache`
+    /// holds), as its decode steps wrote it, without their logits (the sequence kept its last
+    /// ones): what a sequence taken out of a batch needs to continue where it was. The tokens
+    /// run as the rows of [`Self::decode_batch`]'s pass, [`crate::gemv::MAX_BATCH_ROWS`] at a
+    /// time, row `i` at its own position and attending to the keys up to it, so on the CPU each
+    /// key and value has the bits its decode step gave it (the row kernels give a row the same
+    /// bits in a batch of any size, see `gemv.rs`), at the cost of one pass over the weights per
+    /// chunk instead of one per token. Counted in `flops` as decoding (no head); stops between
+    /// layers when `cancel` is set.
+    pub fn replay(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        flops: &vvlm_cost::FlopCounter,
+        cancel: Option<&std::sync::atomic::AtomicBool>,
+    ) -> Result<()> {
+        for chunk in ids.chunks(crate::gemv::MAX_BATCH_ROWS) {
+            let past = cache.len();
+            let positions: Vec<usize> = (past..past + chunk.len()).collect();
+            let (cos, sin) = self
+                .rope
+                .lock()
+                .expect("rope lock")
+                .tables_at(&positions, self.dtype)?;
+            let ctxs: Vec<Ctx> = chunk
+                .iter()
+                .map(|_| Ctx::new(flops, vvlm_cost::Component::LmDecode).with_cancel(cancel))
+                .collect();
+            let mut x = self.embed(chunk)?.transpose(0, 1)?.contiguous()?;
+            let mut rows = StepRows::Positions(cache);
+            for (l, block) in self.blocks.iter().enumerate() {
+                ctxs[0].check_cancel()?;
+                x = block.forward_batch(&x, l, &mut rows, &cos, &sin, &ctxs)?;
+            }
+        }
+        Ok(())
     }
 
     /// Logits `[1, n, vocab]` of the given hidden states (counted).
@@ -862,13 +901,67 @@ impl Block {
     }
 }
 
+/// Whose positions the rows of a batched pass ([`Block::forward_batch`]) are.
+enum StepRows<'a, 'c> {
+    /// Row `i` is the next position of `caches[i]` (a decode step of several sequences).
+    Sequences(&'a mut [&'c mut KvCache]),
+    /// The rows are consecutive new positions of one sequence ([`Llama::replay`]).
+    Positions(&'a mut KvCache),
+}
+
+impl StepRows<'_, '_> {
+    /// Appends the rows' keys and values (row `i` of `k`/`v`, laid out `[B, kv_heads, 1, d]`
+    /// when `seq_axis` is 0, `[1, kv_heads, B, d]` when it is 2) and returns what row `i`
+    /// attends to: its sequence's keys and values up to and including its own position.
+    fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        seq_axis: usize,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
+        match self {
+            StepRows::Sequences(caches) => {
+                if seq_axis == 2 {
+                    return KvCache::append_rows(caches, layer, k, v);
+                }
+                caches
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, cache)| {
+                        cache.append(
+                            layer,
+                            &k.narrow(seq_axis, i, 1)?,
+                            &v.narrow(seq_axis, i, 1)?,
+                        )
+                    })
+                    .collect()
+            }
+            StepRows::Positions(cache) => {
+                let rows = k.dim(seq_axis)?;
+                let past = cache.layers[layer].as_ref().map_or(0, |c| c.len);
+                let (k, v) = if seq_axis == 0 {
+                    (k.transpose(0, 2)?, v.transpose(0, 2)?)
+                } else {
+                    (k.clone(), v.clone())
+                };
+                let (k, v) = cache.append(layer, &k, &v)?;
+                (0..rows)
+                    .map(|i| Ok((k.narrow(2, 0, past + i + 1)?, v.narrow(2, 0, past + i + 1)?)))
+                    .collect()
+            }
+        }
+    }
+}
+
 impl Block {
-    /// [`Block::forward`] for one new token of each of `B` sequences (`x` `[B, 1, h]`).
+    /// [`Block::forward`] for `B` rows (`x` `[B, 1, h]`): one new token of each of `B`
+    /// sequences, or `B` new tokens of one ([`StepRows`]).
     fn forward_batch(
         &self,
         x: &Tensor,
         layer: usize,
-        caches: &mut [&mut KvCache],
+        rows: &mut StepRows,
         cos: &Tensor,
         sin: &Tensor,
         ctxs: &[Ctx],
@@ -912,20 +1005,7 @@ impl Block {
             })?;
         let scale = (a.head_dim as f64).powf(-0.5);
         let kvs = crate::profile::time(crate::profile::Section::KvAppend, k.device(), || {
-            if seq_axis == 2 {
-                return KvCache::append_rows(caches, layer, &k, &v);
-            }
-            caches
-                .iter_mut()
-                .enumerate()
-                .map(|(i, cache)| {
-                    cache.append(
-                        layer,
-                        &k.narrow(seq_axis, i, 1)?,
-                        &v.narrow(seq_axis, i, 1)?,
-                    )
-                })
-                .collect::<Result<Vec<_>>>()
+            rows.append(layer, &k, &v, seq_axis)
         })?;
         // [B, 1, heads·d], each row as its sequence's own decode step computes it.
         let o = crate::profile::time(crate::profile::Section::Attention, q.device(), || {

@@ -271,6 +271,44 @@ impl VideoVlm {
         Ok((seq, made))
     }
 
+    /// Continues a [`Suspended`] sequence: prefills its prompt again (`req`, `video` and
+    /// `prefix_kv` as [`Self::start_sequence`] takes them: the request it was started from) and
+    /// rebuilds the KV of the tokens it had generated ([`crate::llama::Llama::replay`]); the
+    /// rest of its state is kept, so it goes on as if it had never left (on the CPU, bit for
+    /// bit: the same token ids, text, draws and log-probabilities). The recomputation is
+    /// counted in `flops` (not the request's: what the sequence costs is what it ran before
+    /// leaving and what it runs after). An error if the prompt is not the one it was started
+    /// from.
+    pub fn resume_sequence(
+        &self,
+        video: Option<&Tensor>,
+        vision_s: f64,
+        req: &GenerateRequest,
+        flops: &FlopCounter,
+        prefix_kv: Option<&PrefixKv>,
+        between_chunks: &mut dyn FnMut(),
+        suspended: Suspended,
+    ) -> Result<(Sequence, Option<PrefixKv>), EngineError> {
+        let Suspended { mut seq, fed } = suspended;
+        let (fresh, made) =
+            self.start_sequence(video, vision_s, req, flops, prefix_kv, between_chunks)?;
+        if fresh.prompt_tokens != seq.prompt_tokens || fed > seq.ids.len() {
+            return Err(EngineError::Request(format!(
+                "resume: a prompt of {} positions for a sequence started from {} ({} of its {} \
+                 tokens cached)",
+                fresh.prompt_tokens,
+                seq.prompt_tokens,
+                fed,
+                seq.ids.len()
+            )));
+        }
+        let mut cache = fresh.cache;
+        self.lm
+            .replay(&seq.ids[..fed], &mut cache, flops, req.cancel)?;
+        seq.cache = cache;
+        Ok((seq, made))
+    }
+
     /// What `format` holds a sequence's output to (None: any text); a schema outside the
     /// subset is a request error.
     fn output_constraint(
@@ -440,7 +478,31 @@ impl VideoVlm {
     }
 }
 
+/// A sequence taken out of its batch with its KV cache freed (a preempted batch line): its
+/// decoding state (tokens, text so far, random draws, penalties, constraint, last logits)
+/// without the cache, which [`VideoVlm::resume_sequence`] rebuilds so that it continues exactly
+/// where it was.
+pub struct Suspended {
+    seq: Sequence,
+    /// Generated tokens whose KV the cache held (all of them between two steps).
+    fed: usize,
+}
+
+impl Suspended {
+    /// Tokens generated before it was taken out (their KV is rebuilt on resuming).
+    pub fn generated(&self) -> usize {
+        self.seq.ids.len()
+    }
+}
+
 impl Sequence {
+    /// Frees the KV cache and keeps the rest, for [`VideoVlm::resume_sequence`].
+    pub fn suspend(mut self) -> Suspended {
+        let fed = self.cache.len().saturating_sub(self.prompt_tokens);
+        self.cache = KvCache::default();
+        Suspended { seq: self, fed }
+    }
+
     /// Tokens generated so far.
     pub fn generated(&self) -> usize {
         self.ids.len()

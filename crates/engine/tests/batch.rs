@@ -1272,3 +1272,220 @@ fn generate_visual_keeps_the_conversation() {
     assert_eq!(visual[0].prompt_tokens, direct.prompt_tokens);
     assert_eq!(visual[0].token_ids, direct.token_ids);
 }
+
+/// A sequence taken out of a running batch ([`Batch::suspend`]: its KV freed) and joined again
+/// later ([`Batch::rejoin`]) continues where it was: every prompt (greedy, sampled with
+/// log-probabilities and penalties, JSON mode, a choice) answers exactly as alone — tokens,
+/// streamed text, log-probabilities bit for bit (so the rebuilt KV has its decode steps' bits)
+/// — and is charged exactly what it costs alone; the recomputation (its prompt's prefill and
+/// its generated tokens' KV) is counted apart. A long answer suspended after 70 tokens rebuilds
+/// them in two passes of the row kernels (64 + 6). A cancelled-and-resumed sequence is not
+/// needed here: the server cancels queued jobs before they rejoin.
+#[test]
+fn a_suspended_sequence_rejoins_and_answers_as_alone() {
+    let m = smollm2();
+    let reference = alone(&m);
+    let story = "Write a long story about a lighthouse keeper.";
+    let story_flops = FlopCounter::new();
+    let story_alone =
+        text_counted(&m, story, &PromptForm::Chat, sampling(90), &story_flops).unwrap();
+    assert_eq!(story_alone.token_ids.len(), 90, "the story ended early");
+    let mut batch = Batch::default();
+    let counters: Vec<Arc<FlopCounter>> = (0..6).map(|_| Arc::new(FlopCounter::new())).collect();
+    let cancels: Vec<Arc<AtomicBool>> = (0..6).map(|_| Arc::new(AtomicBool::new(false))).collect();
+    let story_join = |f: &Arc<FlopCounter>, c: &Arc<AtomicBool>| Join {
+        prompt: story.to_string(),
+        sampling: sampling(90),
+        ..join(&m, 0, f, c)
+    };
+    for i in 0..5 {
+        batch
+            .join(i as u64, join(&m, i, &counters[i], &cancels[i]), None, None)
+            .unwrap();
+    }
+    batch
+        .join(5, story_join(&counters[5], &cancels[5]), None, None)
+        .unwrap();
+    let mut streamed: BTreeMap<u64, String> = BTreeMap::new();
+    let mut done: BTreeMap<u64, Generation> = BTreeMap::new();
+    let mut suspended = BTreeMap::new();
+    let recompute = FlopCounter::new();
+    let mut step = 0;
+    while done.len() < 6 {
+        // Prompts 1 to 4 leave after 2 steps and come back 3 steps later; the story leaves
+        // after 70 and comes back at once.
+        let leave: &[u64] = match step {
+            2 => &[1, 2, 3, 4],
+            70 => &[5],
+            _ => &[],
+        };
+        for &tag in leave {
+            if let Some(s) = batch.suspend(tag) {
+                suspended.insert(tag, s);
+            }
+        }
+        let back: &[u64] = match step {
+            5 => &[1, 2, 3, 4],
+            70 => &[5],
+            _ => &[],
+        };
+        for &tag in back {
+            let Some(s) = suspended.remove(&tag) else {
+                continue;
+            };
+            let i = tag as usize;
+            let j = if i == 5 {
+                story_join(&counters[i], &cancels[i])
+            } else {
+                join(&m, i, &counters[i], &cancels[i])
+            };
+            let mut left = vec![];
+            batch
+                .rejoin(
+                    tag,
+                    j,
+                    s,
+                    &recompute,
+                    None,
+                    None,
+                    &mut |tag, piece| {
+                        streamed.entry(tag).or_default().push_str(piece);
+                        true
+                    },
+                    &mut left,
+                )
+                .unwrap();
+            for (t, r) in left {
+                done.insert(t, r.unwrap());
+            }
+        }
+        for (tag, r) in batch.step(&mut |tag, piece| {
+            streamed.entry(tag).or_default().push_str(piece);
+            true
+        }) {
+            done.insert(tag, r.unwrap());
+        }
+        step += 1;
+        assert!(step < 300, "the batch did not finish");
+    }
+    assert!(suspended.is_empty(), "{:?}", suspended.keys());
+    let wants = reference
+        .iter()
+        .map(|(g, f)| (g, *f))
+        .chain([(&story_alone, story_flops.snapshot())]);
+    for (i, (want, want_flops)) in wants.enumerate() {
+        let got = &done[&(i as u64)];
+        assert_eq!(got.token_ids, want.token_ids, "prompt {i}: tokens differ");
+        assert_eq!(got.text, want.text);
+        assert_eq!(streamed[&(i as u64)], want.text, "prompt {i}: streamed");
+        assert_eq!(got.finish_reason, want.finish_reason);
+        assert_eq!(got.logprobs, want.logprobs, "prompt {i}: log-probabilities");
+        assert_eq!(got.decode_steps, want.decode_steps, "prompt {i}");
+        assert_eq!(counters[i].snapshot(), want_flops, "prompt {i}: FLOPs");
+    }
+    // The recomputation: the five prompts prefilled again, and the KV of the tokens they had.
+    let r = recompute.snapshot();
+    let prefilled: f64 = (1..5).map(|i| reference[i].1.lm_prefill).sum();
+    assert_eq!(r.lm_prefill, prefilled + story_flops.snapshot().lm_prefill);
+    assert!(r.lm_decode > 0.0, "{r:?}");
+    assert!(batch.is_empty());
+}
+
+/// The same on the suite ladder's f32 checkpoint with a video, where a prefill of more than a
+/// few rows runs the matrix products as GEMMs (other bits than the decode kernels): a sampled
+/// answer with log-probabilities, suspended after 24 tokens (its stop token biased away so it
+/// runs on), rejoins and answers exactly as alone. Rebuilding the 24 tokens' KV with the
+/// prefill's GEMMs instead of the row kernels changes the log-probabilities that follow.
+#[test]
+fn a_suspended_video_sequence_on_f32_weights_rejoins_as_alone() {
+    let (m, pixels, frames, size) = suite_m_with_frames(253);
+    let visual = vvlm_engine::VisualInput::Frames(vvlm_engine::FrameData {
+        pixels: &pixels,
+        frames,
+        size,
+    });
+    let eos = m.cfg.text_config.eos_ids();
+    assert!(!eos.is_empty());
+    let params = SamplingParams {
+        max_tokens: 40,
+        temperature: 1.0,
+        seed: 11,
+        logprobs: Some(3),
+        penalties: vvlm_engine::generate::Penalties {
+            logit_bias: eos.iter().map(|&t| (t, -100.0)).collect(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let question = "what happens in the video ?";
+    let alone_flops = FlopCounter::new();
+    let req = GenerateRequest {
+        pixels: None,
+        side: 2,
+        system: None,
+        prompt: question,
+        history: &[],
+        form: &PromptForm::Chat,
+        sampling: params.clone(),
+        cancel: None,
+    };
+    let (want, _) = m
+        .generate_visual(visual, &req, 1, &alone_flops, &mut |_, _| true)
+        .unwrap();
+    let want = &want[0];
+    assert_eq!(want.token_ids.len(), 40, "{:?}", want.text);
+    let flops = Arc::new(FlopCounter::new());
+    let (tokens, _) = m.encode_visual(visual, 2, &flops, None).unwrap();
+    let tokens = tokens.unwrap();
+    let j = || Join {
+        vlm: m.clone(),
+        system: None,
+        prompt: question.to_string(),
+        history: vec![],
+        form: PromptForm::Chat,
+        sampling: params.clone(),
+        flops: flops.clone(),
+        cancel: Arc::new(AtomicBool::new(false)),
+        priority: Priority::Background,
+    };
+    let mut batch = Batch::default();
+    batch.join(0, j(), Some(&tokens), None).unwrap();
+    for _ in 0..24 {
+        assert!(batch.step(&mut |_, _| true).is_empty());
+    }
+    let s = batch.suspend(0).unwrap();
+    assert_eq!(s.generated(), 24);
+    assert!(batch.is_empty());
+    let recompute = FlopCounter::new();
+    let mut left = vec![];
+    batch
+        .rejoin(
+            0,
+            j(),
+            s,
+            &recompute,
+            Some(&tokens),
+            None,
+            &mut |_, _| true,
+            &mut left,
+        )
+        .unwrap();
+    assert!(left.is_empty());
+    let mut got = None;
+    while !batch.is_empty() {
+        for (_, r) in batch.step(&mut |_, _| true) {
+            got = Some(r.unwrap());
+        }
+    }
+    let got = got.unwrap();
+    assert_eq!(got.token_ids, want.token_ids);
+    assert_eq!(got.text, want.text);
+    assert_eq!(
+        got.logprobs, want.logprobs,
+        "log-probabilities after the rejoin"
+    );
+    assert_eq!(flops.snapshot(), alone_flops.snapshot(), "charged as alone");
+    let r = recompute.snapshot();
+    assert_eq!(r.lm_prefill, alone_flops.snapshot().lm_prefill);
+    assert!(r.lm_decode > 0.0 && r.vision == 0.0, "{r:?}");
+}

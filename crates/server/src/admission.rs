@@ -546,6 +546,7 @@ pub async fn admit(
         queued_at: Instant::now(),
         _place: place,
         started: None,
+        resume: None,
     };
     s.metrics.queued(1);
     if !s.pool.submit(job) {

@@ -72,6 +72,8 @@ pub struct Metrics {
     decode_batch_size: Histogram,
     decode_steps_deferred: Counter,
     batch_lines_preempted: Counter,
+    batch_lines_resumed: Counter,
+    resume_recomputed_flops: Counter<f64, AtomicU64>,
     cache_bytes: Gauge,
     cache_entries: Gauge,
     cache: std::sync::Mutex<Option<std::sync::Arc<crate::cache::VideoCache>>>,
@@ -132,6 +134,8 @@ impl Default for Metrics {
             decode_batch_size: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
             decode_steps_deferred: Counter::default(),
             batch_lines_preempted: Counter::default(),
+            batch_lines_resumed: Counter::default(),
+            resume_recomputed_flops: Counter::default(),
             cache_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
             cache: std::sync::Mutex::new(None),
@@ -322,8 +326,20 @@ impl Default for Metrics {
         r.register(
             "batch_lines_preempted",
             "Batch lines taken out of a worker's batch to make room for an interactive request \
-             (put back in the queue to run again from the start, their work so far not charged)",
+             (put back in the queue with their progress, their KV freed)",
             m.batch_lines_preempted.clone(),
+        );
+        r.register(
+            "batch_lines_resumed",
+            "Preempted batch lines that continued where they were (their prompt prefilled and \
+             their generated tokens' KV rebuilt)",
+            m.batch_lines_resumed.clone(),
+        );
+        r.register(
+            "resume_recomputed_flops",
+            "FLOPs spent resuming preempted batch lines (the video's encoding when not cached, \
+             the prompt's prefill, the generated tokens' KV): the server's cost, not charged",
+            m.resume_recomputed_flops.clone(),
         );
         r.register(
             "cache_bytes",
@@ -528,6 +544,12 @@ impl Metrics {
     /// A batch line preempted for an interactive request.
     pub fn batch_line_preempted(&self) {
         self.batch_lines_preempted.inc();
+    }
+
+    /// A preempted batch line resumed, having recomputed `flops` to continue.
+    pub fn batch_line_resumed(&self, flops: f64) {
+        self.batch_lines_resumed.inc();
+        self.resume_recomputed_flops.inc_by(flops);
     }
 
     /// Background sequence-steps deferred for interactive ones (see [`Self::decode_step`]).

@@ -13,7 +13,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use vvlm_cost::FlopCounter;
 use vvlm_engine::batch::{Batch, Join, Priority};
 use vvlm_engine::{
-    EngineError, FrameData, Generation, PrefixKv, PromptForm, SamplingParams, VideoVlm,
+    EngineError, FrameData, Generation, PrefixKv, PromptForm, SamplingParams, Suspended, VideoVlm,
     VisionFeatures, VisualInput,
 };
 
@@ -134,6 +134,16 @@ pub struct Job {
     /// Set when a worker takes the job: counted against its tenant in the queue's order until
     /// the job ends.
     pub started: Option<Started>,
+    /// A preempted batch line's progress (None for a job never started).
+    pub resume: Option<Resumption>,
+}
+
+/// What a batch line taken out of a worker's batch keeps while it waits in the queue to run
+/// again: its finished completions, and the decoding state of the others (their KV freed), so
+/// it continues where it was instead of from the start.
+pub struct Resumption {
+    generations: Vec<Option<Generation>>,
+    suspended: Vec<Option<Suspended>>,
 }
 
 /// What a job sees: text alone, decoded frames, or a cached encoding of them.
@@ -397,9 +407,9 @@ impl Worker {
 
     /// Makes room for an interactive job that does not fit by taking batch lines out of the
     /// batch, the most recently started first, when that makes room (else nothing is taken):
-    /// each goes back to the head of its tenant's lines in the queue and runs again from the
-    /// start, its FLOPs so far not charged (its counter starts again from zero; its
-    /// reservation is kept). True when the job fits now.
+    /// each goes back to the head of its tenant's lines in the queue with its progress
+    /// ([`Resumption`]) and continues where it was when it runs again (its reservation is
+    /// kept, and it is charged what it costs alone). True when the job fits now.
     fn preempt_for(&mut self, job: &Job) -> bool {
         let l = &self.limits;
         let (lines, kv) = self.batch.held_by(Priority::Background);
@@ -424,15 +434,19 @@ impl Worker {
         self.fits(job)
     }
 
-    /// Takes a running batch line out of the batch and puts it back in the queue.
+    /// Takes a running batch line out of the batch, its sequences suspended (their KV freed),
+    /// and puts it back in the queue to continue later.
     fn preempt(&mut self, id: u64) {
-        let Some(r) = self.running.remove(&id) else {
+        let Some(mut r) = self.running.remove(&id) else {
             return;
         };
-        for i in 0..r.generations.len() {
-            self.batch.remove((id << TAG_BITS) | i as u64);
-        }
-        r.job.flops.reset();
+        let suspended = (0..r.generations.len())
+            .map(|i| self.batch.suspend((id << TAG_BITS) | i as u64))
+            .collect();
+        r.job.resume = Some(Resumption {
+            generations: r.generations,
+            suspended,
+        });
         self.metrics.running(-1);
         self.metrics.queued(1);
         self.metrics.batch_line_preempted();
@@ -470,8 +484,21 @@ impl Worker {
         let id = self.next_id;
         self.next_id += 1;
         let n = job.n.clamp(1, 1 << TAG_BITS);
+        // A preempted batch line continues: its finished completions are kept, the others
+        // rejoin where they were; what that recomputes (the video's encoding when it is not
+        // cached, the prompt's prefill, the generated tokens' KV) is the server's cost, counted
+        // here and not charged (the line is charged what it costs alone).
+        let (generations, mut suspended) = match job.resume.take() {
+            Some(Resumption {
+                generations,
+                suspended,
+            }) if generations.len() == n && suspended.len() == n => (generations, suspended),
+            _ => (vec![None; n], (0..n).map(|_| None).collect()),
+        };
+        let resuming = suspended.iter().any(Option::is_some);
+        let recompute = FlopCounter::new();
         let mut r = Running {
-            generations: vec![None; n],
+            generations,
             left: 0,
             error: None,
             features: None,
@@ -501,7 +528,7 @@ impl Worker {
                     &j.engine,
                     visual,
                     j.side,
-                    &j.flops,
+                    if resuming { &recompute } else { &j.flops },
                     Some(&j.cancel),
                     if j.background {
                         Priority::Background
@@ -538,6 +565,10 @@ impl Worker {
         // the others (and the cache).
         let mut prefix = r.job.prefix.clone();
         for i in 0..n {
+            if r.generations[i].is_some() {
+                // Finished before the line was preempted.
+                continue;
+            }
             let mut sampling = r.job.sampling.clone();
             sampling.seed = sampling.seed.wrapping_add(i as u64);
             let join = Join {
@@ -556,15 +587,30 @@ impl Worker {
                 },
             };
             let (batch, running) = (&mut self.batch, &mut self.running);
+            let tag = (id << TAG_BITS) | i as u64;
+            let resume = suspended[i].take();
             let joined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                batch.join_stepping(
-                    (id << TAG_BITS) | i as u64,
-                    join,
-                    tokens.as_ref(),
-                    prefix.as_ref(),
-                    &mut |tag, piece| stream(running, tag, piece),
-                    &mut others_left,
-                )
+                let on_text = &mut |tag, piece: &str| stream(running, tag, piece);
+                match resume {
+                    Some(s) => batch.rejoin(
+                        tag,
+                        join,
+                        s,
+                        &recompute,
+                        tokens.as_ref(),
+                        prefix.as_ref(),
+                        on_text,
+                        &mut others_left,
+                    ),
+                    None => batch.join_stepping(
+                        tag,
+                        join,
+                        tokens.as_ref(),
+                        prefix.as_ref(),
+                        on_text,
+                        &mut others_left,
+                    ),
+                }
             }));
             let Ok(joined) = joined else {
                 // A panic may have been in another sequence's step between prefill chunks:
@@ -590,6 +636,10 @@ impl Worker {
                     break;
                 }
             }
+        }
+        if resuming {
+            self.metrics
+                .batch_line_resumed(recompute.snapshot().total());
         }
         if r.left == 0 {
             self.finish(r);

@@ -3725,9 +3725,9 @@ async fn batch_lines_hold_at_most_their_share_of_a_workers_batch() {
 }
 
 /// An interactive request that does not fit the room batch lines leave takes theirs: the line
-/// goes back to the queue and runs again from the start, answering as it would have and
-/// charged once (what it costs alone, its preempted work not counted); the interactive answer
-/// is the one it gets alone.
+/// goes back to the queue with its progress and continues where it was, answering as it would
+/// have and charged once (what it costs alone; the recomputation of its prompt and tokens is
+/// the server's, reported apart); the interactive answer is the one it gets alone.
 #[tokio::test]
 async fn an_interactive_request_preempts_a_batch_line_for_room() {
     let s = server_with(true, |c| {
@@ -3775,6 +3775,13 @@ async fn an_interactive_request_preempts_a_batch_line_for_room() {
         json!({"total": lines, "completed": lines, "failed": 0}),
         "{b}"
     );
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(&m, "vvlm_batch_lines_resumed_total"),
+        metric(&m, "vvlm_batch_lines_preempted_total"),
+        "every preempted line continued"
+    );
+    assert!(metric(&m, "vvlm_resume_recomputed_flops_total") > 0.0);
     let want = &line_alone["usage"]["measured_flops"]["total"];
     for out in s.jsonl(&key, &b["output_file_id"]).await {
         let body = &out["response"]["body"];
