@@ -90,6 +90,19 @@ def interactive(seconds):
     return ttft, tpot, e2e
 
 
+def metric(name):
+    """A counter from /metrics (0 when this build does not report it)."""
+    with urllib.request.urlopen(urllib.request.Request(a.base + "/metrics", headers=AUTH), timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
+PREEMPTION = ("vvlm_batch_lines_preempted_total", "vvlm_batch_lines_resumed_total",
+              "vvlm_resume_recomputed_flops_total")
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -106,8 +119,10 @@ alone = interactive(a.seconds)
 batch = start_batch(a.lines)
 t0 = time.perf_counter()
 n0 = answered(batch)
+m0 = [metric(n) for n in PREEMPTION]
 beside = interactive(a.seconds)
 beside_rate = (answered(batch) - n0) / (time.perf_counter() - t0) * 60
+preemption = [metric(n) - m for n, m in zip(PREEMPTION, m0)]
 api("POST", f"/v1/batches/{batch}/cancel", {})
 while api("GET", f"/v1/batches/{batch}")["status"] == "cancelling":
     time.sleep(0.2)
@@ -123,5 +138,7 @@ print(f"interactive: streaming chats one after another, {a.max_tokens} tokens, g
 show("interactive, server idle", alone)
 show("interactive, a batch running", beside)
 print(f"batch lines per minute: alone {solo_rate:.1f}, beside the interactive client {beside_rate:.1f}")
+print(f"beside the client: {preemption[0]:.0f} lines preempted for its room, {preemption[1]:.0f} resumed "
+      f"where they were ({preemption[2] / 1e9:.1f} GFLOP recomputed to resume them)")
 print(f"interactive e2e p50 ratio (with batch / idle): {pct(beside[2], .5) / pct(alone[2], .5):.2f}x; "
       f"TPOT p50 ratio {pct(beside[1], .5) / pct(alone[1], .5):.2f}x")

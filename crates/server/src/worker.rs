@@ -493,7 +493,13 @@ impl Worker {
                 generations,
                 suspended,
             }) if generations.len() == n && suspended.len() == n => (generations, suspended),
-            _ => (vec![None; n], (0..n).map(|_| None).collect()),
+            other => {
+                if other.is_some() {
+                    // Not this job's shape (never expected): it starts over, counted afresh.
+                    job.flops.reset();
+                }
+                (vec![None; n], (0..n).map(|_| None).collect())
+            }
         };
         let resuming = suspended.iter().any(Option::is_some);
         let recompute = FlopCounter::new();
