@@ -279,6 +279,7 @@ impl VideoVlm {
     /// counted in `flops` (not the request's: what the sequence costs is what it ran before
     /// leaving and what it runs after). An error if the prompt is not the one it was started
     /// from.
+    #[allow(clippy::too_many_arguments)]
     pub fn resume_sequence(
         &self,
         video: Option<&Tensor>,

@@ -570,7 +570,7 @@ impl Worker {
         // The completions continue from the cached prefix, or the first one prefills it for
         // the others (and the cache).
         let mut prefix = r.job.prefix.clone();
-        for i in 0..n {
+        for (i, resume) in suspended.iter_mut().enumerate() {
             if r.generations[i].is_some() {
                 // Finished before the line was preempted.
                 continue;
@@ -594,7 +594,7 @@ impl Worker {
             };
             let (batch, running) = (&mut self.batch, &mut self.running);
             let tag = (id << TAG_BITS) | i as u64;
-            let resume = suspended[i].take();
+            let resume = resume.take();
             let joined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let on_text = &mut |tag, piece: &str| stream(running, tag, piece);
                 match resume {
