@@ -443,6 +443,24 @@ impl Worker {
         let suspended = (0..r.generations.len())
             .map(|i| self.batch.suspend((id << TAG_BITS) | i as u64))
             .collect();
+        // What the line computed before leaving that does not depend on its place in the
+        // batch is kept for when it continues, so its video is not encoded nor its prefix
+        // prefilled again: the video's features (instead of its frames) and the KV prefix it
+        // made. (Held while the line waits: at most one line's worth per preempted line, and
+        // lines are at most `worker_share` of a worker's places.) They go to the caches now,
+        // as at a finish: they are complete whatever becomes of the line.
+        if let Some(f) = r.features.take() {
+            if let Some(keep) = r.job.on_features.take() {
+                keep(f.clone());
+            }
+            r.job.visual = JobVisual::Features(Arc::new(f));
+        }
+        if let Some(p) = r.prefix.take() {
+            if let Some(keep) = r.job.on_prefix.take() {
+                keep(p.clone());
+            }
+            r.job.prefix = Some(p);
+        }
         r.job.resume = Some(Resumption {
             generations: r.generations,
             suspended,

@@ -3258,8 +3258,14 @@ impl Server {
     /// Uploads `lines` copies of one text completion as a batch file and creates its batch:
     /// the batch's id.
     async fn completions_batch(&self, key: &str, lines: usize, body: &Value) -> String {
+        self.batch_of(key, lines, "/v1/completions", body).await
+    }
+
+    /// Uploads `lines` copies of one request to `endpoint` as a batch file and creates its
+    /// batch: the batch's id.
+    async fn batch_of(&self, key: &str, lines: usize, endpoint: &str, body: &Value) -> String {
         let input: String = (0..lines)
-            .map(|i| batch_line(&format!("l{i}"), "/v1/completions", body.clone()))
+            .map(|i| batch_line(&format!("l{i}"), endpoint, body.clone()))
             .collect();
         let (st, f) = self.upload(key, "batch", input.as_bytes()).await;
         assert_eq!(st, 200, "{f}");
@@ -3267,7 +3273,7 @@ impl Server {
             .post(
                 "/v1/batches",
                 key,
-                json!({"input_file_id": f["id"], "endpoint": "/v1/completions",
+                json!({"input_file_id": f["id"], "endpoint": endpoint,
                        "completion_window": "24h"}),
             )
             .await;
@@ -3782,6 +3788,78 @@ async fn an_interactive_request_preempts_a_batch_line_for_room() {
         "every preempted line continued"
     );
     assert!(metric(&m, "vvlm_resume_recomputed_flops_total") > 0.0);
+    let want = &line_alone["usage"]["measured_flops"]["total"];
+    for out in s.jsonl(&key, &b["output_file_id"]).await {
+        let body = &out["response"]["body"];
+        assert_eq!(body["choices"], line_alone["choices"], "{out}");
+        assert_eq!(&body["usage"]["measured_flops"]["total"], want, "{out}");
+    }
+}
+
+/// A preempted video line continues from the features and KV prefix it made before leaving:
+/// what it recomputes is its generated tokens' KV and its question's prefill, not its video's
+/// encoding. (The cache is off, as for a batch of distinct videos: nothing else could give them
+/// back.) Its answer and charge are the line's alone.
+#[tokio::test]
+async fn a_preempted_video_line_does_not_encode_its_video_again() {
+    let s = server_with(true, |c| {
+        c.limits.max_batch = 2;
+        c.batch.concurrency = 1;
+        c.batch.worker_share = 0.5;
+        c.batch.poll_s = 0.05;
+        c.cache.max_bytes = 0;
+    });
+    let key = s.tenant("alice", None);
+    let video = s._dir.path().join("v.mp4");
+    std::fs::write(&video, video_bytes()).unwrap();
+    let line = json!({"messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": format!("file://{}", video.display())}},
+            {"type": "text", "text": "what happens ?"}]}],
+        "max_tokens": 48, "temperature": 0});
+    let (st, line_alone) = s.post("/v1/chat/completions", &key, line.clone()).await;
+    assert_eq!(st, 200, "{line_alone}");
+    let vision = line_alone["usage"]["measured_flops"]["vision"]
+        .as_f64()
+        .unwrap();
+    assert!(vision > 0.0, "{line_alone}");
+    let two = json!({"prompt": "the flash is", "max_tokens": 8, "temperature": 0, "n": 2});
+    let lines = 60;
+    let id = s.batch_of(&key, lines, "/v1/chat/completions", &line).await;
+    let _runner = s.run_batches();
+    let t = std::time::Instant::now();
+    for sent in 1.. {
+        let (st, v) = s.post("/v1/completions", &key, two.clone()).await;
+        assert_eq!(st, 200, "{v}");
+        if metric(&s.metrics().await, "vvlm_batch_lines_preempted_total") >= 3.0 {
+            break;
+        }
+        if sent % 16 == 0 {
+            let (_, b) = s.get(&format!("/v1/batches/{id}"), &key).await;
+            if b["status"] != "in_progress" {
+                break;
+            }
+        }
+        assert!(t.elapsed().as_secs() < 60, "no line preempted");
+    }
+    let b = s.closed_batch(&key, &id).await;
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": lines, "completed": lines, "failed": 0}),
+        "{b}"
+    );
+    let m = s.metrics().await;
+    let resumed = metric(&m, "vvlm_batch_lines_resumed_total");
+    assert!(
+        resumed > 0.0,
+        "the batch closed before a line was preempted"
+    );
+    assert_eq!(resumed, metric(&m, "vvlm_batch_lines_preempted_total"));
+    let recomputed = metric(&m, "vvlm_resume_recomputed_flops_total");
+    assert!(
+        recomputed > 0.0 && recomputed < resumed * vision,
+        "{recomputed} FLOPs recomputed by {resumed} resumptions: a video encoded again \
+         ({vision} FLOPs each)"
+    );
     let want = &line_alone["usage"]["measured_flops"]["total"];
     for out in s.jsonl(&key, &b["output_file_id"]).await {
         let body = &out["response"]["body"];
