@@ -3288,6 +3288,36 @@ impl Server {
         stop
     }
 
+    /// Sends `interactive` (a completions request answering `choices`) one after another
+    /// while batch `id` runs, until `preempted` lines have been preempted for it or the batch
+    /// closes; then waits for the batch to close and returns it.
+    async fn preempting_lines(
+        &self,
+        key: &str,
+        id: &str,
+        interactive: &Value,
+        choices: &Value,
+        preempted: f64,
+    ) -> Value {
+        let t = std::time::Instant::now();
+        for sent in 1.. {
+            let (st, v) = self.post("/v1/completions", key, interactive.clone()).await;
+            assert_eq!(st, 200, "{v}");
+            assert_eq!(&v["choices"], choices);
+            if metric(&self.metrics().await, "vvlm_batch_lines_preempted_total") >= preempted {
+                break;
+            }
+            if sent % 16 == 0 {
+                let (_, b) = self.get(&format!("/v1/batches/{id}"), key).await;
+                if b["status"] != "in_progress" {
+                    break;
+                }
+            }
+            assert!(t.elapsed().as_secs() < 60, "no line preempted");
+        }
+        self.closed_batch(key, id).await
+    }
+
     /// Polls a batch until it is closed (at most 120 s).
     async fn closed_batch(&self, key: &str, id: &str) -> Value {
         let t = std::time::Instant::now();
@@ -3755,27 +3785,13 @@ async fn an_interactive_request_preempts_a_batch_line_for_room() {
     let lines = 200;
     let id = s.completions_batch(&key, lines, &line).await;
     let _runner = s.run_batches();
-    let t = std::time::Instant::now();
-    for sent in 1.. {
-        let (st, v) = s.post("/v1/completions", &key, two.clone()).await;
-        assert_eq!(st, 200, "{v}");
-        assert_eq!(v["choices"], two_alone["choices"]);
-        if metric(&s.metrics().await, "vvlm_batch_lines_preempted_total") > 0.0 {
-            break;
-        }
-        if sent % 16 == 0 {
-            let (_, b) = s.get(&format!("/v1/batches/{id}"), &key).await;
-            if b["status"] != "in_progress" {
-                break;
-            }
-        }
-        assert!(t.elapsed().as_secs() < 60, "no line preempted");
-    }
+    let b = s
+        .preempting_lines(&key, &id, &two, &two_alone["choices"], 1.0)
+        .await;
     assert!(
         metric(&s.metrics().await, "vvlm_batch_lines_preempted_total") > 0.0,
         "the batch closed before an interactive request needed a line's place"
     );
-    let b = s.closed_batch(&key, &id).await;
     assert_eq!(
         b["request_counts"],
         json!({"total": lines, "completed": lines, "failed": 0}),
@@ -3823,25 +3839,14 @@ async fn a_preempted_video_line_does_not_encode_its_video_again() {
         .unwrap();
     assert!(vision > 0.0, "{line_alone}");
     let two = json!({"prompt": "the flash is", "max_tokens": 8, "temperature": 0, "n": 2});
+    let (st, two_alone) = s.post("/v1/completions", &key, two.clone()).await;
+    assert_eq!(st, 200, "{two_alone}");
     let lines = 60;
     let id = s.batch_of(&key, lines, "/v1/chat/completions", &line).await;
     let _runner = s.run_batches();
-    let t = std::time::Instant::now();
-    for sent in 1.. {
-        let (st, v) = s.post("/v1/completions", &key, two.clone()).await;
-        assert_eq!(st, 200, "{v}");
-        if metric(&s.metrics().await, "vvlm_batch_lines_preempted_total") >= 3.0 {
-            break;
-        }
-        if sent % 16 == 0 {
-            let (_, b) = s.get(&format!("/v1/batches/{id}"), &key).await;
-            if b["status"] != "in_progress" {
-                break;
-            }
-        }
-        assert!(t.elapsed().as_secs() < 60, "no line preempted");
-    }
-    let b = s.closed_batch(&key, &id).await;
+    let b = s
+        .preempting_lines(&key, &id, &two, &two_alone["choices"], 3.0)
+        .await;
     assert_eq!(
         b["request_counts"],
         json!({"total": lines, "completed": lines, "failed": 0}),
