@@ -100,7 +100,7 @@ def metric(name):
 
 
 PREEMPTION = ("vvlm_batch_lines_preempted_total", "vvlm_batch_lines_resumed_total",
-              "vvlm_resume_recomputed_flops_total")
+              "vvlm_resume_recomputed_flops_total", "vvlm_batch_lines_resumed_kv_kept_total")
 
 
 def pct(xs, q):
@@ -139,6 +139,7 @@ show("interactive, server idle", alone)
 show("interactive, a batch running", beside)
 print(f"batch lines per minute: alone {solo_rate:.1f}, beside the interactive client {beside_rate:.1f}")
 print(f"beside the client: {preemption[0]:.0f} lines preempted for its room, {preemption[1]:.0f} resumed "
-      f"where they were ({preemption[2] / 1e9:.1f} GFLOP recomputed to resume them)")
+      f"where they were, {preemption[3]:.0f} with the KV they kept "
+      f"({preemption[2] / 1e9:.1f} GFLOP recomputed to resume them)")
 print(f"interactive e2e p50 ratio (with batch / idle): {pct(beside[2], .5) / pct(alone[2], .5):.2f}x; "
       f"TPOT p50 ratio {pct(beside[1], .5) / pct(alone[1], .5):.2f}x")

@@ -15,7 +15,7 @@
 use crate::generate::{GenerateRequest, Generation, SamplingParams, VisionFeatures, VisualInput};
 use crate::model::VideoVlm;
 use crate::nn::Ctx;
-use crate::sequence::{PrefixKv, Sequence, Step, Suspended};
+use crate::sequence::{KeptKv, PrefixKv, Sequence, Step, Suspended};
 use crate::EngineError;
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -262,6 +262,21 @@ impl Batch {
     pub fn suspend(&mut self, tag: u64) -> Option<Suspended> {
         let i = self.active.iter().position(|a| a.tag == tag)?;
         Some(self.active.remove(i).seq.suspend())
+    }
+
+    /// [`Self::suspend`] keeping the sequence's KV cache with it ([`Sequence::park`]): the
+    /// caller holds the [`KeptKv`], counts its memory and may free it; [`Self::rejoin`] then
+    /// continues at once, recomputing nothing, unless it was freed.
+    pub fn park(&mut self, tag: u64) -> Option<(Suspended, KeptKv)> {
+        let i = self.active.iter().position(|a| a.tag == tag)?;
+        Some(self.active.remove(i).seq.park())
+    }
+
+    /// A sequence's KV positions: those it may reach (its reservation) and those its cache is
+    /// allocated for. None when no sequence has that tag.
+    pub fn positions_of(&self, tag: u64) -> Option<(usize, usize)> {
+        let a = self.active.iter().find(|a| a.tag == tag)?;
+        Some((a.reserve, a.seq.cache.capacity()))
     }
 
     /// The sequences of one priority in the batch and the KV positions they may reach.

@@ -41,7 +41,7 @@ pub use generate::{
 };
 pub use model::{KvCacheDtype, LoadOptions, QuantizedDecode, VideoVlm};
 pub use nn::Ctx;
-pub use sequence::{PrefixKv, Suspended};
+pub use sequence::{KeptKv, PrefixKv, Suspended};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

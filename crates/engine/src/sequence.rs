@@ -14,7 +14,7 @@ use crate::model::VideoVlm;
 use crate::nn::Ctx;
 use crate::EngineError;
 use candle_core::Tensor;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 use vvlm_cost::{Component, FlopCounter};
 
@@ -271,7 +271,9 @@ impl VideoVlm {
         Ok((seq, made))
     }
 
-    /// Continues a [`Suspended`] sequence: prefills its prompt again (`req`, `video` and
+    /// Continues a [`Suspended`] sequence. Parked with its KV cache ([`Sequence::park`]) and not
+    /// released since: takes the cache back and recomputes nothing (the prompt is not read).
+    /// Otherwise: prefills its prompt again (`req`, `video` and
     /// `prefix_kv` as [`Self::start_sequence`] takes them: the request it was started from) and
     /// rebuilds the KV of the tokens it had generated ([`crate::llama::Llama::replay`]); the
     /// rest of its state is kept, so it goes on as if it had never left (on the CPU, bit for
@@ -290,7 +292,12 @@ impl VideoVlm {
         between_chunks: &mut dyn FnMut(),
         suspended: Suspended,
     ) -> Result<(Sequence, Option<PrefixKv>), EngineError> {
-        let Suspended { mut seq, fed } = suspended;
+        let Suspended { mut seq, fed, kept } = suspended;
+        if let Some(cache) = kept.and_then(|k| take_kept(&k)) {
+            // Parked with its cache: nothing to recompute.
+            seq.cache = cache;
+            return Ok((seq, None));
+        }
         let (fresh, made) =
             self.start_sequence(video, vision_s, req, flops, prefix_kv, between_chunks)?;
         if fresh.prompt_tokens != seq.prompt_tokens || fed > seq.ids.len() {
@@ -487,13 +494,64 @@ pub struct Suspended {
     seq: Sequence,
     /// Generated tokens whose KV the cache held (all of them between two steps).
     fed: usize,
+    /// The KV cache itself when it was kept ([`Sequence::park`]), until the holder of the
+    /// matching [`KeptKv`] releases it.
+    kept: Option<Arc<Mutex<Option<KvCache>>>>,
 }
 
 impl Suspended {
-    /// Tokens generated before it was taken out (their KV is rebuilt on resuming).
+    /// Tokens generated before it was taken out (their KV is rebuilt on resuming unless it was
+    /// kept).
     pub fn generated(&self) -> usize {
         self.seq.ids.len()
     }
+
+    /// KV positions its kept cache is allocated for (0: freed, or never kept).
+    pub fn kept_positions(&self) -> usize {
+        self.kept.as_ref().map_or(0, |k| kept_capacity(k))
+    }
+
+    /// Takes its kept cache out of the owner's reach (its [`KeptKv`] reports 0 and can no longer
+    /// free it), for a caller about to resume it: true when the cache was still there, so that
+    /// resuming recomputes nothing and needs neither the video nor the prompt's prefix.
+    pub fn claim_kept(&mut self) -> bool {
+        let cache = self.kept.take().and_then(|k| take_kept(&k));
+        let claimed = cache.is_some();
+        self.kept = cache.map(|c| Arc::new(Mutex::new(Some(c))));
+        claimed
+    }
+}
+
+/// The owner's side of a parked sequence's KV cache ([`Sequence::park`]): whoever accounts for
+/// the memory (a worker's KV budget) sees how much it holds and may free it while the sequence
+/// waits; the sequence then rebuilds it when it resumes. Holds no memory itself: once the
+/// sequence resumed (the cache taken back) or was dropped, it reports 0.
+pub struct KeptKv(Weak<Mutex<Option<KvCache>>>);
+
+impl KeptKv {
+    /// KV positions the kept cache is allocated for (0 once taken back, released or dropped).
+    pub fn positions(&self) -> usize {
+        self.0.upgrade().map_or(0, |k| kept_capacity(&k))
+    }
+
+    /// Frees the cache (the sequence will rebuild it); the positions freed.
+    pub fn release(&self) -> usize {
+        let freed = self.0.upgrade().and_then(|k| take_kept(&k));
+        freed.map_or(0, |c| c.capacity())
+    }
+}
+
+fn lock_kept(k: &Mutex<Option<KvCache>>) -> std::sync::MutexGuard<'_, Option<KvCache>> {
+    // Nothing panics while holding it; a poisoned lock still holds a whole cache or none.
+    k.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn take_kept(k: &Mutex<Option<KvCache>>) -> Option<KvCache> {
+    lock_kept(k).take()
+}
+
+fn kept_capacity(k: &Mutex<Option<KvCache>>) -> usize {
+    lock_kept(k).as_ref().map_or(0, |c| c.capacity())
 }
 
 impl Sequence {
@@ -501,7 +559,26 @@ impl Sequence {
     pub fn suspend(mut self) -> Suspended {
         let fed = self.cache.len().saturating_sub(self.prompt_tokens);
         self.cache = KvCache::default();
-        Suspended { seq: self, fed }
+        Suspended {
+            seq: self,
+            fed,
+            kept: None,
+        }
+    }
+
+    /// [`Self::suspend`] keeping the KV cache with it (a preemption for a batch place while
+    /// memory allows): [`VideoVlm::resume_sequence`] then continues at once, recomputing
+    /// nothing, unless the owner released the cache through the returned [`KeptKv`] meanwhile.
+    pub fn park(mut self) -> (Suspended, KeptKv) {
+        let fed = self.cache.len().saturating_sub(self.prompt_tokens);
+        let cache = Arc::new(Mutex::new(Some(std::mem::take(&mut self.cache))));
+        let owner = KeptKv(Arc::downgrade(&cache));
+        let s = Suspended {
+            seq: self,
+            fed,
+            kept: Some(cache),
+        };
+        (s, owner)
     }
 
     /// Tokens generated so far.

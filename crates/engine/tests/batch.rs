@@ -1391,6 +1391,92 @@ fn a_suspended_sequence_rejoins_and_answers_as_alone() {
     assert!(batch.is_empty());
 }
 
+/// A sequence parked with its KV cache ([`Batch::park`]: a preemption for a place while memory
+/// allows) rejoins at once and recomputes nothing, answering (tokens, streamed text,
+/// log-probabilities) and charged exactly as alone; its owner's [`vvlm_engine::KeptKv`] counts
+/// the cache's positions until the sequence claims it back. Released by the owner meanwhile (the
+/// memory wanted elsewhere), the cache is rebuilt on rejoining, with the same answer.
+#[test]
+fn a_parked_sequence_rejoins_without_recomputing_unless_its_kv_was_released() {
+    let m = smollm2();
+    let reference = alone(&m);
+    for release in [false, true] {
+        let counters: Vec<Arc<FlopCounter>> =
+            (0..2).map(|_| Arc::new(FlopCounter::new())).collect();
+        let cancels: Vec<Arc<AtomicBool>> =
+            (0..2).map(|_| Arc::new(AtomicBool::new(false))).collect();
+        let mut batch = Batch::default();
+        for i in 0..2 {
+            batch
+                .join(i as u64, join(&m, i, &counters[i], &cancels[i]), None, None)
+                .unwrap();
+        }
+        let mut streamed: BTreeMap<u64, String> = BTreeMap::new();
+        let mut done: BTreeMap<u64, Generation> = BTreeMap::new();
+        let mut step = |batch: &mut Batch, streamed: &mut BTreeMap<u64, String>| {
+            for (tag, r) in batch.step(&mut |tag, piece| {
+                streamed.entry(tag).or_default().push_str(piece);
+                true
+            }) {
+                done.insert(tag, r.unwrap());
+            }
+        };
+        for _ in 0..3 {
+            step(&mut batch, &mut streamed);
+        }
+        let (mut parked, owner) = batch.park(1).unwrap();
+        assert_eq!(batch.len(), 1);
+        let positions = owner.positions();
+        assert!(positions >= parked.generated(), "{positions}");
+        assert_eq!(parked.kept_positions(), positions);
+        for _ in 0..2 {
+            step(&mut batch, &mut streamed);
+        }
+        if release {
+            assert_eq!(owner.release(), positions);
+            assert_eq!(parked.kept_positions(), 0);
+        }
+        assert_eq!(parked.claim_kept(), !release);
+        assert_eq!(owner.positions(), 0, "claimed: out of the owner's reach");
+        assert_eq!(owner.release(), 0);
+        let recompute = FlopCounter::new();
+        let mut left = vec![];
+        batch
+            .rejoin(
+                1,
+                join(&m, 1, &counters[1], &cancels[1]),
+                parked,
+                &recompute,
+                None,
+                None,
+                &mut |tag, piece| {
+                    streamed.entry(tag).or_default().push_str(piece);
+                    true
+                },
+                &mut left,
+            )
+            .unwrap();
+        assert!(left.is_empty());
+        while !batch.is_empty() {
+            step(&mut batch, &mut streamed);
+        }
+        let (want, want_flops) = &reference[1];
+        let got = &done[&1];
+        assert_eq!(got.token_ids, want.token_ids, "released {release}");
+        assert_eq!(streamed[&1], want.text);
+        assert_eq!(got.logprobs, want.logprobs);
+        assert_eq!(counters[1].snapshot(), *want_flops);
+        assert_eq!(done[&0].token_ids, reference[0].0.token_ids);
+        let r = recompute.snapshot();
+        if release {
+            assert_eq!(r.lm_prefill, want_flops.lm_prefill, "{r:?}");
+            assert!(r.lm_decode > 0.0, "{r:?}");
+        } else {
+            assert_eq!(r.total(), 0.0, "{r:?}");
+        }
+    }
+}
+
 /// The same on the suite ladder's f32 checkpoint with a video, where a prefill of more than a
 /// few rows runs the matrix products as GEMMs (other bits than the decode kernels): a sampled
 /// answer with log-probabilities, suspended after 24 tokens (its stop token biased away so it

@@ -73,6 +73,7 @@ pub struct Metrics {
     decode_steps_deferred: Counter,
     batch_lines_preempted: Counter,
     batch_lines_resumed: Counter,
+    batch_lines_resumed_kv_kept: Counter,
     resume_recomputed_flops: Counter<f64, AtomicU64>,
     cache_bytes: Gauge,
     cache_entries: Gauge,
@@ -135,6 +136,7 @@ impl Default for Metrics {
             decode_steps_deferred: Counter::default(),
             batch_lines_preempted: Counter::default(),
             batch_lines_resumed: Counter::default(),
+            batch_lines_resumed_kv_kept: Counter::default(),
             resume_recomputed_flops: Counter::default(),
             cache_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
@@ -326,14 +328,20 @@ impl Default for Metrics {
         r.register(
             "batch_lines_preempted",
             "Batch lines taken out of a worker's batch to make room for an interactive request \
-             (put back in the queue with their progress, their KV freed)",
+             (put back in the queue with their progress, their KV kept with them while the \
+             worker's KV budget has room, else freed)",
             m.batch_lines_preempted.clone(),
         );
         r.register(
             "batch_lines_resumed",
-            "Preempted batch lines that continued where they were (their prompt prefilled and \
-             their generated tokens' KV rebuilt)",
+            "Preempted batch lines that continued where they were (with their KV kept, or \
+             their prompt prefilled and their generated tokens' KV rebuilt)",
             m.batch_lines_resumed.clone(),
+        );
+        r.register(
+            "batch_lines_resumed_kv_kept",
+            "Preempted batch lines that continued with the KV they had kept: nothing recomputed",
+            m.batch_lines_resumed_kv_kept.clone(),
         );
         r.register(
             "resume_recomputed_flops",
@@ -546,9 +554,13 @@ impl Metrics {
         self.batch_lines_preempted.inc();
     }
 
-    /// A preempted batch line resumed, having recomputed `flops` to continue.
-    pub fn batch_line_resumed(&self, flops: f64) {
+    /// A preempted batch line resumed, having recomputed `flops` to continue (none when it
+    /// had kept its KV: `kv_kept`).
+    pub fn batch_line_resumed(&self, flops: f64, kv_kept: bool) {
         self.batch_lines_resumed.inc();
+        if kv_kept {
+            self.batch_lines_resumed_kv_kept.inc();
+        }
         self.resume_recomputed_flops.inc_by(flops);
     }
 

@@ -13,8 +13,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use vvlm_cost::FlopCounter;
 use vvlm_engine::batch::{Batch, Join, Priority};
 use vvlm_engine::{
-    EngineError, FrameData, Generation, PrefixKv, PromptForm, SamplingParams, Suspended, VideoVlm,
-    VisionFeatures, VisualInput,
+    EngineError, FrameData, Generation, KeptKv, PrefixKv, PromptForm, SamplingParams, Suspended,
+    VideoVlm, VisionFeatures, VisualInput,
 };
 
 use crate::error::ApiError;
@@ -139,11 +139,23 @@ pub struct Job {
 }
 
 /// What a batch line taken out of a worker's batch keeps while it waits in the queue to run
-/// again: its finished completions, and the decoding state of the others (their KV freed), so
-/// it continues where it was instead of from the start.
+/// again: its finished completions, and the decoding state of the others (with their KV when
+/// the worker's KV budget had room for it, else without), so it continues where it was instead
+/// of from the start.
 pub struct Resumption {
     generations: Vec<Option<Generation>>,
     suspended: Vec<Option<Suspended>>,
+}
+
+impl Resumption {
+    /// KV positions its kept caches hold (counted against the KV budget until it resumes).
+    fn kept_positions(&self) -> usize {
+        self.suspended
+            .iter()
+            .flatten()
+            .map(Suspended::kept_positions)
+            .sum()
+    }
 }
 
 /// What a job sees: text alone, decoded frames, or a cached encoding of them.
@@ -210,6 +222,7 @@ impl Pool {
                         running: HashMap::new(),
                         next_id: 0,
                         waiting: None,
+                        parked: Vec::new(),
                     }
                     .run()
                 })
@@ -290,6 +303,10 @@ struct Worker {
     next_id: u64,
     /// A request taken from the queue that did not fit the batch yet.
     waiting: Option<Job>,
+    /// The KV caches of batch lines this worker preempted, kept with them while they wait in
+    /// the queue (counted against `max_tokens` until they resume, here or on another worker;
+    /// freed, oldest first, when an interactive request needs the room).
+    parked: Vec<KeptKv>,
 }
 
 impl Worker {
@@ -389,28 +406,48 @@ impl Worker {
     /// Whether a job may join the running batch now: any job when it is empty; else while it
     /// has room, and a batch line only within the share of it batch lines may hold
     /// ([`BatchLimits::background_share`]), so interactive requests always find the rest.
+    /// Preempted lines' kept KV counts as held (a job's own, about to come back, excepted).
     fn fits(&self, j: &Job) -> bool {
         let l = &self.limits;
         if self.batch.is_empty() {
             return true;
         }
+        let own = j.resume.as_ref().map_or(0, Resumption::kept_positions);
+        let parked = self.parked_positions().saturating_sub(own);
         let room = self.batch.len() + j.n <= l.max_sequences
-            && self.batch.reserved_tokens() < l.max_tokens;
+            && self.batch.reserved_tokens() + parked < l.max_tokens;
         if !j.background {
             return room;
         }
         let (sequences, tokens) = self.batch.held_by(Priority::Background);
         let share = l.background_share.clamp(0.0, 1.0);
         let max_sequences = ((l.max_sequences as f64 * share).floor() as usize).max(1);
-        room && sequences + j.n <= max_sequences && (tokens as f64) < l.max_tokens as f64 * share
+        room && sequences + j.n <= max_sequences
+            && ((tokens + parked) as f64) < l.max_tokens as f64 * share
     }
 
-    /// Makes room for an interactive job that does not fit by taking batch lines out of the
+    /// KV positions held by the caches of lines this worker preempted that have not resumed.
+    fn parked_positions(&self) -> usize {
+        self.parked.iter().map(KeptKv::positions).sum()
+    }
+
+    /// Makes room for an interactive job that does not fit: first frees the KV kept by lines
+    /// preempted before (oldest first; they will rebuild it), then takes batch lines out of the
     /// batch, the most recently started first, when that makes room (else nothing is taken):
     /// each goes back to the head of its tenant's lines in the queue with its progress
     /// ([`Resumption`]) and continues where it was when it runs again (its reservation is
     /// kept, and it is charged what it costs alone). True when the job fits now.
     fn preempt_for(&mut self, job: &Job) -> bool {
+        self.parked.retain(|k| k.positions() > 0);
+        // While memory is what is short (not places).
+        while self.batch.reserved_tokens() + self.parked_positions() >= self.limits.max_tokens
+            && !self.parked.is_empty()
+        {
+            self.parked.remove(0).release();
+        }
+        if self.fits(job) {
+            return true;
+        }
         let l = &self.limits;
         let (lines, kv) = self.batch.held_by(Priority::Background);
         let room_without_lines = self.batch.len() - lines + job.n <= l.max_sequences
@@ -434,14 +471,35 @@ impl Worker {
         self.fits(job)
     }
 
-    /// Takes a running batch line out of the batch, its sequences suspended (their KV freed),
-    /// and puts it back in the queue to continue later.
+    /// Takes a running batch line out of the batch, its sequences suspended, and puts it back in
+    /// the queue to continue later. Their KV caches go with it while the worker's KV budget has
+    /// room for them beside what the batch reserves (the line then continues at once, recomputing
+    /// nothing, like vLLM's swap preemption without the copy; a preemption for a place, not for
+    /// memory, usually has that room), else they are freed (rebuilt when it continues).
     fn preempt(&mut self, id: u64) {
         let Some(mut r) = self.running.remove(&id) else {
             return;
         };
-        let suspended = (0..r.generations.len())
-            .map(|i| self.batch.suspend((id << TAG_BITS) | i as u64))
+        let tags: Vec<u64> = (0..r.generations.len())
+            .map(|i| (id << TAG_BITS) | i as u64)
+            .collect();
+        let (reserved, allocated) = tags
+            .iter()
+            .filter_map(|&t| self.batch.positions_of(t))
+            .fold((0, 0), |(r, a), (rt, at)| (r + rt, a + at));
+        let keep = self.batch.reserved_tokens() - reserved + self.parked_positions() + allocated
+            < self.limits.max_tokens;
+        let suspended = tags
+            .iter()
+            .map(|&tag| {
+                if keep {
+                    let (s, owner) = self.batch.park(tag)?;
+                    self.parked.push(owner);
+                    Some(s)
+                } else {
+                    self.batch.suspend(tag)
+                }
+            })
             .collect();
         // What the line computed before leaving that does not depend on its place in the
         // batch is kept for when it continues, so its video is not encoded nor its prefix
@@ -520,6 +578,13 @@ impl Worker {
             }
         };
         let resuming = suspended.iter().any(Option::is_some);
+        // Sequences that kept their KV cache continue at once (taken out of the reach of the
+        // worker that parked it first, so it cannot be freed meanwhile); when all did, the
+        // line needs neither its video's encoding nor any prefill.
+        let mut all_kept = resuming;
+        for s in suspended.iter_mut().flatten() {
+            all_kept &= s.claim_kept();
+        }
         let recompute = FlopCounter::new();
         let mut r = Running {
             generations,
@@ -535,7 +600,9 @@ impl Worker {
         // prompt prefilled (their decode steps run between its frames' passes and its prefill
         // chunks).
         let mut others_left = vec![];
-        let encoded = {
+        let encoded = if all_kept {
+            Ok(Ok((None, None)))
+        } else {
             let j = &r.job;
             let (batch, running) = (&mut self.batch, &mut self.running);
             let visual = match &j.visual {
@@ -663,7 +730,7 @@ impl Worker {
         }
         if resuming {
             self.metrics
-                .batch_line_resumed(recompute.snapshot().total());
+                .batch_line_resumed(recompute.snapshot().total(), all_kept);
         }
         if r.left == 0 {
             self.finish(r);

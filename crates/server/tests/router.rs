@@ -3762,15 +3762,48 @@ async fn batch_lines_hold_at_most_their_share_of_a_workers_batch() {
 
 /// An interactive request that does not fit the room batch lines leave takes theirs: the line
 /// goes back to the queue with its progress and continues where it was, answering as it would
-/// have and charged once (what it costs alone; the recomputation of its prompt and tokens is
-/// the server's, reported apart); the interactive answer is the one it gets alone.
+/// have and charged once (what it costs alone); the interactive answer is the one it gets
+/// alone. The worker's KV budget has room for the line's cache (a preemption for a place), so
+/// the cache waits with the line and it continues recomputing nothing.
 #[tokio::test]
 async fn an_interactive_request_preempts_a_batch_line_for_room() {
+    let m = preempted_lines_answer_as_alone(|_| {}).await;
+    let resumed = metric(&m, "vvlm_batch_lines_resumed_total");
+    assert_eq!(
+        metric(&m, "vvlm_batch_lines_resumed_kv_kept_total"),
+        resumed,
+        "every line kept its KV: {m}"
+    );
+    assert_eq!(metric(&m, "vvlm_resume_recomputed_flops_total"), 0.0, "{m}");
+}
+
+/// The same where the worker's KV budget (`max_batch_tokens`, here below one line's positions)
+/// has no room for a preempted line's cache: it is freed, and the line continues by prefilling
+/// its prompt again and rebuilding its tokens' KV (the server's cost, reported apart, not
+/// charged), with the same answer and charge.
+#[tokio::test]
+async fn a_preempted_line_without_room_for_its_kv_rebuilds_it() {
+    let m = preempted_lines_answer_as_alone(|c| c.limits.max_batch_tokens = 40).await;
+    assert_eq!(
+        metric(&m, "vvlm_batch_lines_resumed_kv_kept_total"),
+        0.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "vvlm_resume_recomputed_flops_total") > 0.0,
+        "{m}"
+    );
+}
+
+/// Runs 200 short lines on a worker of 2 places while interactive requests of 2 completions
+/// preempt them; checks every answer against its alone and returns the metrics.
+async fn preempted_lines_answer_as_alone(config: impl FnOnce(&mut ServerConfig)) -> String {
     let s = server_with(true, |c| {
         c.limits.max_batch = 2;
         c.batch.concurrency = 1;
         c.batch.worker_share = 0.5;
         c.batch.poll_s = 0.05;
+        config(c);
     });
     let key = s.tenant("alice", None);
     let line = json!({"prompt": "the ball is", "max_tokens": 48, "temperature": 0});
@@ -3803,23 +3836,25 @@ async fn an_interactive_request_preempts_a_batch_line_for_room() {
         metric(&m, "vvlm_batch_lines_preempted_total"),
         "every preempted line continued"
     );
-    assert!(metric(&m, "vvlm_resume_recomputed_flops_total") > 0.0);
     let want = &line_alone["usage"]["measured_flops"]["total"];
     for out in s.jsonl(&key, &b["output_file_id"]).await {
         let body = &out["response"]["body"];
         assert_eq!(body["choices"], line_alone["choices"], "{out}");
         assert_eq!(&body["usage"]["measured_flops"]["total"], want, "{out}");
     }
+    m
 }
 
-/// A preempted video line continues from the features and KV prefix it made before leaving:
-/// what it recomputes is its generated tokens' KV and its question's prefill, not its video's
-/// encoding. (The cache is off, as for a batch of distinct videos: nothing else could give them
-/// back.) Its answer and charge are the line's alone.
+/// A preempted video line whose KV cache could not be kept (the KV budget below one line's
+/// positions) continues from the features and KV prefix it made before leaving: what it
+/// recomputes is its generated tokens' KV and its question's prefill, not its video's encoding.
+/// (The cache is off, as for a batch of distinct videos: nothing else could give them back.)
+/// Its answer and charge are the line's alone.
 #[tokio::test]
 async fn a_preempted_video_line_does_not_encode_its_video_again() {
     let s = server_with(true, |c| {
         c.limits.max_batch = 2;
+        c.limits.max_batch_tokens = 40;
         c.batch.concurrency = 1;
         c.batch.worker_share = 0.5;
         c.batch.poll_s = 0.05;
