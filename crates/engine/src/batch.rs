@@ -260,16 +260,20 @@ impl Batch {
     /// [`Self::rejoin`] (a caller making room for another that means to continue it later).
     /// None when no sequence has that tag.
     pub fn suspend(&mut self, tag: u64) -> Option<Suspended> {
+        self.take(tag).map(Sequence::suspend)
+    }
+
+    /// Removes the sequence with that tag.
+    fn take(&mut self, tag: u64) -> Option<Sequence> {
         let i = self.active.iter().position(|a| a.tag == tag)?;
-        Some(self.active.remove(i).seq.suspend())
+        Some(self.active.remove(i).seq)
     }
 
     /// [`Self::suspend`] keeping the sequence's KV cache with it ([`Sequence::park`]): the
     /// caller holds the [`KeptKv`], counts its memory and may free it; [`Self::rejoin`] then
     /// continues at once, recomputing nothing, unless it was freed.
     pub fn park(&mut self, tag: u64) -> Option<(Suspended, KeptKv)> {
-        let i = self.active.iter().position(|a| a.tag == tag)?;
-        Some(self.active.remove(i).seq.park())
+        self.take(tag).map(Sequence::park)
     }
 
     /// A sequence's KV positions: those it may reach (its reservation) and those its cache is

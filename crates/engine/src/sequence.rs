@@ -534,6 +534,13 @@ impl KeptKv {
         self.0.upgrade().map_or(0, |k| kept_capacity(&k))
     }
 
+    /// Whether this is `s`'s kept cache.
+    pub fn is_of(&self, s: &Suspended) -> bool {
+        s.kept
+            .as_ref()
+            .is_some_and(|k| std::ptr::eq(Arc::as_ptr(k), self.0.as_ptr()))
+    }
+
     /// Frees the cache (the sequence will rebuild it); the positions freed.
     pub fn release(&self) -> usize {
         let freed = self.0.upgrade().and_then(|k| take_kept(&k));
@@ -556,28 +563,30 @@ fn kept_capacity(k: &Mutex<Option<KvCache>>) -> usize {
 
 impl Sequence {
     /// Frees the KV cache and keeps the rest, for [`VideoVlm::resume_sequence`].
-    pub fn suspend(mut self) -> Suspended {
+    pub fn suspend(self) -> Suspended {
+        self.take_out().0
+    }
+
+    /// The sequence without its KV cache, and the cache.
+    fn take_out(mut self) -> (Suspended, KvCache) {
         let fed = self.cache.len().saturating_sub(self.prompt_tokens);
-        self.cache = KvCache::default();
-        Suspended {
+        let cache = std::mem::take(&mut self.cache);
+        let s = Suspended {
             seq: self,
             fed,
             kept: None,
-        }
+        };
+        (s, cache)
     }
 
     /// [`Self::suspend`] keeping the KV cache with it (a preemption for a batch place while
     /// memory allows): [`VideoVlm::resume_sequence`] then continues at once, recomputing
     /// nothing, unless the owner released the cache through the returned [`KeptKv`] meanwhile.
-    pub fn park(mut self) -> (Suspended, KeptKv) {
-        let fed = self.cache.len().saturating_sub(self.prompt_tokens);
-        let cache = Arc::new(Mutex::new(Some(std::mem::take(&mut self.cache))));
+    pub fn park(self) -> (Suspended, KeptKv) {
+        let (mut s, cache) = self.take_out();
+        let cache = Arc::new(Mutex::new(Some(cache)));
         let owner = KeptKv(Arc::downgrade(&cache));
-        let s = Suspended {
-            seq: self,
-            fed,
-            kept: Some(cache),
-        };
+        s.kept = Some(cache);
         (s, owner)
     }
 

@@ -147,17 +147,6 @@ pub struct Resumption {
     suspended: Vec<Option<Suspended>>,
 }
 
-impl Resumption {
-    /// KV positions its kept caches hold (counted against the KV budget until it resumes).
-    fn kept_positions(&self) -> usize {
-        self.suspended
-            .iter()
-            .flatten()
-            .map(Suspended::kept_positions)
-            .sum()
-    }
-}
-
 /// What a job sees: text alone, decoded frames, or a cached encoding of them.
 pub enum JobVisual {
     None,
@@ -406,14 +395,24 @@ impl Worker {
     /// Whether a job may join the running batch now: any job when it is empty; else while it
     /// has room, and a batch line only within the share of it batch lines may hold
     /// ([`BatchLimits::background_share`]), so interactive requests always find the rest.
-    /// Preempted lines' kept KV counts as held (a job's own, about to come back, excepted).
+    /// The KV kept by lines this worker preempted counts as held (a job's own, about to come
+    /// back, excepted when this worker parked it).
     fn fits(&self, j: &Job) -> bool {
         let l = &self.limits;
         if self.batch.is_empty() {
             return true;
         }
-        let own = j.resume.as_ref().map_or(0, Resumption::kept_positions);
-        let parked = self.parked_positions().saturating_sub(own);
+        let own = |k: &KeptKv| {
+            j.resume
+                .as_ref()
+                .is_some_and(|r| r.suspended.iter().flatten().any(|s| k.is_of(s)))
+        };
+        let parked: usize = self
+            .parked
+            .iter()
+            .filter(|k| !own(k))
+            .map(KeptKv::positions)
+            .sum();
         let room = self.batch.len() + j.n <= l.max_sequences
             && self.batch.reserved_tokens() + parked < l.max_tokens;
         if !j.background {
