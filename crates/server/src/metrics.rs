@@ -74,6 +74,7 @@ pub struct Metrics {
     batch_lines_preempted: Counter,
     batch_lines_resumed: Counter,
     batch_lines_resumed_kv_kept: Counter,
+    batch_parked_kv_released: Counter,
     resume_recomputed_flops: Counter<f64, AtomicU64>,
     cache_bytes: Gauge,
     cache_entries: Gauge,
@@ -137,6 +138,7 @@ impl Default for Metrics {
             batch_lines_preempted: Counter::default(),
             batch_lines_resumed: Counter::default(),
             batch_lines_resumed_kv_kept: Counter::default(),
+            batch_parked_kv_released: Counter::default(),
             resume_recomputed_flops: Counter::default(),
             cache_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
@@ -342,6 +344,12 @@ impl Default for Metrics {
             "batch_lines_resumed_kv_kept",
             "Preempted batch lines that continued with the KV they had kept: nothing recomputed",
             m.batch_lines_resumed_kv_kept.clone(),
+        );
+        r.register(
+            "batch_parked_kv_released",
+            "KV caches of preempted batch lines freed before the lines resumed, oldest first, \
+             because an interactive request needed the memory (those lines rebuild their KV)",
+            m.batch_parked_kv_released.clone(),
         );
         r.register(
             "resume_recomputed_flops",
@@ -562,6 +570,11 @@ impl Metrics {
             self.batch_lines_resumed_kv_kept.inc();
         }
         self.resume_recomputed_flops.inc_by(flops);
+    }
+
+    /// The kept KV cache of a preempted batch line freed for an interactive request's memory.
+    pub fn batch_parked_kv_released(&self) {
+        self.batch_parked_kv_released.inc();
     }
 
     /// Background sequence-steps deferred for interactive ones (see [`Self::decode_step`]).

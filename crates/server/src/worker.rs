@@ -442,7 +442,9 @@ impl Worker {
         while self.batch.reserved_tokens() + self.parked_positions() >= self.limits.max_tokens
             && !self.parked.is_empty()
         {
-            self.parked.remove(0).release();
+            if self.parked.remove(0).release() > 0 {
+                self.metrics.batch_parked_kv_released();
+            }
         }
         if self.fits(job) {
             return true;

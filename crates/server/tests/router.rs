@@ -3288,23 +3288,32 @@ impl Server {
         stop
     }
 
-    /// Sends `interactive` (a completions request answering `choices`) one after another
-    /// while batch `id` runs, until `preempted` lines have been preempted for it or the batch
-    /// closes; then waits for the batch to close and returns it.
+    /// Sends `interactive` (a completions request answering `choices`) one after another, or
+    /// two at once when `in_pairs`, while batch `id` runs, until the counter `until.0` reaches
+    /// `until.1` or the batch closes; then waits for the batch to close and returns it.
     async fn preempting_lines(
         &self,
         key: &str,
         id: &str,
         interactive: &Value,
         choices: &Value,
-        preempted: f64,
+        in_pairs: bool,
+        until: (&str, f64),
     ) -> Value {
         let t = std::time::Instant::now();
+        let send = || self.post("/v1/completions", key, interactive.clone());
         for sent in 1.. {
-            let (st, v) = self.post("/v1/completions", key, interactive.clone()).await;
-            assert_eq!(st, 200, "{v}");
-            assert_eq!(&v["choices"], choices);
-            if metric(&self.metrics().await, "vvlm_batch_lines_preempted_total") >= preempted {
+            let answers = if in_pairs {
+                let (a, b) = tokio::join!(send(), send());
+                vec![a, b]
+            } else {
+                vec![send().await]
+            };
+            for (st, v) in answers {
+                assert_eq!(st, 200, "{v}");
+                assert_eq!(&v["choices"], choices);
+            }
+            if metric(&self.metrics().await, until.0) >= until.1 {
                 break;
             }
             if sent % 16 == 0 {
@@ -3313,7 +3322,7 @@ impl Server {
                     break;
                 }
             }
-            assert!(t.elapsed().as_secs() < 60, "no line preempted");
+            assert!(t.elapsed().as_secs() < 60, "{} not reached", until.0);
         }
         self.closed_batch(key, id).await
     }
@@ -3767,7 +3776,7 @@ async fn batch_lines_hold_at_most_their_share_of_a_workers_batch() {
 /// the cache waits with the line and it continues recomputing nothing.
 #[tokio::test]
 async fn an_interactive_request_preempts_a_batch_line_for_room() {
-    let m = preempted_lines_answer_as_alone(|_| {}).await;
+    let m = preempted_lines_answer_as_alone(|_| {}, false, PREEMPTED_ONE).await;
     let resumed = metric(&m, "vvlm_batch_lines_resumed_total");
     assert_eq!(
         metric(&m, "vvlm_batch_lines_resumed_kv_kept_total"),
@@ -3783,7 +3792,9 @@ async fn an_interactive_request_preempts_a_batch_line_for_room() {
 /// charged), with the same answer and charge.
 #[tokio::test]
 async fn a_preempted_line_without_room_for_its_kv_rebuilds_it() {
-    let m = preempted_lines_answer_as_alone(|c| c.limits.max_batch_tokens = 40).await;
+    let m =
+        preempted_lines_answer_as_alone(|c| c.limits.max_batch_tokens = 40, false, PREEMPTED_ONE)
+            .await;
     assert_eq!(
         metric(&m, "vvlm_batch_lines_resumed_kv_kept_total"),
         0.0,
@@ -3795,9 +3806,48 @@ async fn a_preempted_line_without_room_for_its_kv_rebuilds_it() {
     );
 }
 
+/// A kept cache counts against the worker's KV budget while its line waits; when an
+/// interactive request finds memory short (the batch's reservation and the kept caches reach
+/// the budget), the kept caches are freed, oldest first, and their lines rebuild their KV when
+/// they continue, with the same answers and charges. Here the budget (64 positions) holds a
+/// line's cache (its prompt and 48 tokens) alone but not beside a request of two 8-token
+/// completions, and those requests come two at a time: the first takes the line's places (its
+/// cache kept), the second finds the memory short.
+#[tokio::test]
+async fn a_kept_cache_is_freed_when_an_interactive_request_needs_the_memory() {
+    let m = preempted_lines_answer_as_alone(
+        |c| c.limits.max_batch_tokens = 64,
+        true,
+        ("vvlm_batch_parked_kv_released_total", 1.0),
+    )
+    .await;
+    let released = metric(&m, "vvlm_batch_parked_kv_released_total");
+    assert!(released >= 1.0, "no kept cache freed: {m}");
+    // Every line preempted here kept its cache (the budget has room for one line's), so the
+    // lines that rebuilt theirs are exactly those whose cache was freed.
+    assert_eq!(
+        metric(&m, "vvlm_batch_lines_resumed_total")
+            - metric(&m, "vvlm_batch_lines_resumed_kv_kept_total"),
+        released,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "vvlm_resume_recomputed_flops_total") > 0.0,
+        "{m}"
+    );
+}
+
+/// Stop the interactive requests once one line was preempted.
+const PREEMPTED_ONE: (&str, f64) = ("vvlm_batch_lines_preempted_total", 1.0);
+
 /// Runs 200 short lines on a worker of 2 places while interactive requests of 2 completions
-/// preempt them; checks every answer against its alone and returns the metrics.
-async fn preempted_lines_answer_as_alone(config: impl FnOnce(&mut ServerConfig)) -> String {
+/// (one at a time, or two at once `in_pairs`) preempt them, until the counter `until.0`
+/// reaches `until.1`; checks every answer against its alone and returns the metrics.
+async fn preempted_lines_answer_as_alone(
+    config: impl FnOnce(&mut ServerConfig),
+    in_pairs: bool,
+    until: (&str, f64),
+) -> String {
     let s = server_with(true, |c| {
         c.limits.max_batch = 2;
         c.batch.concurrency = 1;
@@ -3819,7 +3869,7 @@ async fn preempted_lines_answer_as_alone(config: impl FnOnce(&mut ServerConfig))
     let id = s.completions_batch(&key, lines, &line).await;
     let _runner = s.run_batches();
     let b = s
-        .preempting_lines(&key, &id, &two, &two_alone["choices"], 1.0)
+        .preempting_lines(&key, &id, &two, &two_alone["choices"], in_pairs, until)
         .await;
     assert!(
         metric(&s.metrics().await, "vvlm_batch_lines_preempted_total") > 0.0,
@@ -3880,7 +3930,14 @@ async fn a_preempted_video_line_does_not_encode_its_video_again() {
     let id = s.batch_of(&key, lines, "/v1/chat/completions", &line).await;
     let _runner = s.run_batches();
     let b = s
-        .preempting_lines(&key, &id, &two, &two_alone["choices"], 3.0)
+        .preempting_lines(
+            &key,
+            &id,
+            &two,
+            &two_alone["choices"],
+            false,
+            ("vvlm_batch_lines_preempted_total", 3.0),
+        )
         .await;
     assert_eq!(
         b["request_counts"],
