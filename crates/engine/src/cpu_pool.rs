@@ -4,11 +4,20 @@
 //! the pool and sleeping until it is done. For decode, hundreds of small ops per token, that
 //! wake-up per op was ~10% of the time (perf: scheduler and futex symbols).
 //!
+//! Within a decode step the ops are many and short (at 8 sequences of SmolLM2, ~150 parallel
+//! ops in ~10 ms), and the serial work between them (RoPE, cache appends) outlasts rayon's
+//! spinning, so the other workers went to sleep and had to be woken by a futex for nearly every
+//! op: in a VM an inter-processor interrupt each (perf on the 2-vCPU Xeon: 15% of samples in
+//! `try_to_wake_up`, `futex_wait` and `sched_yield`; an 8-sequence step 13.8 ms, 10.3 ms with
+//! rayon patched never to sleep). [`keep_warm`] holds the other workers awake, taking work as
+//! it comes, for the span of a step.
+//!
 //! Pools: a thread that called [`use_own_pool`] (a server worker) runs on its own pool, so
 //! workers never share cores; any other thread uses the process-wide pool, sized by
 //! `RAYON_NUM_THREADS` (what [`crate::set_cpu_threads`] sets) or all cores.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
@@ -54,6 +63,74 @@ pub fn run<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// How long a worker held by [`keep_warm`] waits for work without finding any before it goes
+/// back to rayon's own idling (and sleep): longer than the serial gaps of a decode step, and the
+/// most a worker can be held from anything else if the step stalls.
+const WARM_IDLE_LIMIT: std::time::Duration = std::time::Duration::from_micros(500);
+
+/// While the returned guard lives, the other workers of the calling thread's pool (when it runs
+/// on one, [`run`]) stay awake, each running every job it can find ([`rayon::yield_now`]) and
+/// spinning when there is none, instead of sleeping between the short parallel ops of a step
+/// and being woken for each. A worker goes back to idling when the guard drops, or after
+/// [`WARM_IDLE_LIMIT`] without work. The driving thread is not held. A no-op off a pool and in
+/// a pool of one thread.
+pub fn keep_warm() -> Warm {
+    let Some(driver) = rayon::current_thread_index() else {
+        return Warm(None);
+    };
+    if rayon::current_num_threads() < 2 {
+        return Warm(None);
+    }
+    let state = Arc::new(WarmState::default());
+    let shared = state.clone();
+    rayon::spawn_broadcast(move |b| {
+        if b.index() == driver {
+            return;
+        }
+        shared.held.fetch_add(1, Ordering::AcqRel);
+        let mut idle_since: Option<std::time::Instant> = None;
+        while !shared.done.load(Ordering::Acquire) {
+            match rayon::yield_now() {
+                Some(rayon::Yield::Executed) => idle_since = None,
+                Some(rayon::Yield::Idle) => {
+                    if idle_since
+                        .get_or_insert_with(std::time::Instant::now)
+                        .elapsed()
+                        > WARM_IDLE_LIMIT
+                    {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+                None => break,
+            }
+        }
+        shared.held.fetch_sub(1, Ordering::AcqRel);
+    });
+    Warm(Some(state))
+}
+
+/// What a [`keep_warm`] guard shares with the workers it holds.
+#[derive(Default)]
+struct WarmState {
+    /// Set when the guard drops: the workers go back to idling.
+    done: AtomicBool,
+    /// Workers held now.
+    held: AtomicUsize,
+}
+
+/// Holds a pool's workers awake until dropped ([`keep_warm`]).
+#[must_use = "the workers stay awake only while this lives"]
+pub struct Warm(Option<Arc<WarmState>>);
+
+impl Drop for Warm {
+    fn drop(&mut self) {
+        if let Some(state) = &self.0 {
+            state.done.store(true, Ordering::Release);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -66,6 +143,51 @@ mod tests {
             });
             assert_eq!(n, 3);
             assert!(named.starts_with("t-cpu-"), "{named}");
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// While a step holds the other worker awake, the parallel work completes, all of it, and
+    /// is shared (the held worker runs the jobs it steals); the worker is let go afterwards.
+    #[test]
+    fn warm_workers_take_the_work_and_are_let_go() {
+        use rayon::prelude::*;
+        std::thread::spawn(|| {
+            super::use_own_pool(2, "w");
+            let mut both = 0;
+            let mut states = vec![];
+            for _ in 0..50 {
+                let (sum, threads) = super::run(|| {
+                    let warm = super::keep_warm();
+                    states.push(warm.0.clone().expect("a pool of two holds one worker"));
+                    let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+                    let sum: usize = (0..20_000usize)
+                        .into_par_iter()
+                        .with_max_len(100)
+                        .map(|i| {
+                            seen.lock().unwrap().insert(rayon::current_thread_index());
+                            i
+                        })
+                        .sum();
+                    (sum, seen.into_inner().unwrap().len())
+                });
+                assert_eq!(sum, 20_000 * 19_999 / 2);
+                both += usize::from(threads == 2);
+            }
+            // Let go once the guard dropped (or soon after, by the idle limit).
+            let t = std::time::Instant::now();
+            let held = || {
+                states
+                    .iter()
+                    .map(|s| s.held.load(super::Ordering::Acquire))
+                    .sum::<usize>()
+            };
+            while held() > 0 {
+                assert!(t.elapsed().as_secs() < 5, "a worker still held");
+                std::thread::yield_now();
+            }
+            assert!(both > 0, "the held worker never took a share");
         })
         .join()
         .unwrap();

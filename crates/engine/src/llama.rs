@@ -748,6 +748,9 @@ impl Llama {
             .lock()
             .expect("rope lock")
             .tables_at(&positions, self.dtype)?;
+        // The step's ~5 parallel ops a layer, each short: the other CPU workers stay awake
+        // between them rather than sleeping and being woken for each (`cpu_pool::keep_warm`).
+        let _warm = embeds.device().is_cpu().then(crate::cpu_pool::keep_warm);
         let mut x = embeds.clone();
         let mut rows = StepRows::Sequences(caches);
         for (l, block) in self.blocks.iter().enumerate() {
