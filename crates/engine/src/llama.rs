@@ -712,6 +712,8 @@ impl Llama {
             .expect("rope lock")
             .tables(past, len, self.dtype)?;
         let masking = Masking::Causal { past };
+        // As in `decode_batch`: the other CPU workers stay awake between the layers' ops.
+        let _warm = embeds.device().is_cpu().then(crate::cpu_pool::keep_warm);
         let mut x = embeds.clone();
         for (l, block) in self.blocks.iter().enumerate() {
             ctx.check_cancel()?;
