@@ -98,6 +98,10 @@ pub struct ServeArgs {
     /// results; to compare them or avoid one). One the CPU cannot run is a startup error.
     #[arg(long, env = "VVLM_CPU_KERNELS", value_parser = vvlm_engine_bench::cpu_kernels_parser())]
     pub cpu_kernels: Option<vvlm_engine::CpuKernels>,
+    /// Whether a worker's other CPU threads stay awake through a forward pass (spinning between
+    /// its ops) instead of sleeping and being woken for each op: true (the default) or false.
+    #[arg(long, env = "VVLM_CPU_KEEP_WARM")]
+    pub cpu_keep_warm: Option<bool>,
     /// Folders file:// URLs may read from (repeatable).
     #[arg(long = "file-allow", env = "VVLM_FILE_ALLOW", value_delimiter = ',')]
     pub file_allow: Vec<PathBuf>,
@@ -199,6 +203,9 @@ pub fn config(a: &ServeArgs) -> Result<ServerConfig> {
     if let Some(v) = a.cpu_kernels {
         c.cpu_kernels = v;
     }
+    if let Some(v) = a.cpu_keep_warm {
+        c.cpu_keep_warm = v;
+    }
     if let Some(v) = &a.admin_key {
         c.admin_key = Some(v.clone());
     }
@@ -256,6 +263,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     vvlm_engine::LoadOptions::parse(&c.device, &c.dtype)
         .with_context(|| format!("device {:?} / dtype {:?}", c.device, c.dtype))?;
     vvlm_engine::set_cpu_kernels(c.cpu_kernels).context("cpu_kernels")?;
+    vvlm_engine::cpu_pool::set_keep_warm(c.cpu_keep_warm);
     let threads = c.threads_per_worker();
     vvlm_engine::set_cpu_threads(threads);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -39,6 +39,10 @@ pub struct Placement {
     /// one by name (the same results), to compare them side by side on one machine.
     #[arg(long, env = "VVLM_CPU_KERNELS", default_value = "auto", value_parser = cpu_kernels_parser())]
     pub cpu_kernels: vvlm_engine::CpuKernels,
+    /// Whether the other CPU threads stay awake through a forward pass (spinning between its
+    /// ops) or sleep between them as rayon has them (`false`: to measure what holding them gains).
+    #[arg(long, env = "VVLM_CPU_KEEP_WARM", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cpu_keep_warm: bool,
 }
 
 /// Parses [`vvlm_engine::CpuKernels`] by its names (listed in `--help`).
@@ -58,7 +62,8 @@ pub enum KernelChoice {
 
 impl Placement {
     /// The engine's load options for this placement; also selects the process's CUDA kernels
-    /// (`--kernels`) and CPU kernels (`--cpu-kernels`; refused where this CPU cannot run them).
+    /// (`--kernels`), CPU kernels (`--cpu-kernels`; refused where this CPU cannot run them) and
+    /// whether the CPU threads stay awake (`--cpu-keep-warm`).
     pub fn load_options(&self) -> Result<LoadOptions> {
         use vvlm_engine::{set_device_kernels, DeviceKernels};
         set_device_kernels(match self.kernels {
@@ -66,6 +71,7 @@ impl Placement {
             KernelChoice::Unfused => DeviceKernels::Unfused,
         });
         vvlm_engine::set_cpu_kernels(self.cpu_kernels)?;
+        vvlm_engine::cpu_pool::set_keep_warm(self.cpu_keep_warm);
         Ok(LoadOptions::parse(&self.device, &self.dtype)?)
     }
 }

@@ -213,6 +213,7 @@ mod tests {
             dtype: "f32".into(),
             kernels: crate::KernelChoice::Fused,
             cpu_kernels: vvlm_engine::CpuKernels::Auto,
+            cpu_keep_warm: true,
         })
         .unwrap();
         let names: Vec<_> = r.checks.iter().map(|c| c.name).collect();

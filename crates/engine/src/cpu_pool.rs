@@ -75,6 +75,9 @@ const WARM_IDLE_LIMIT: std::time::Duration = std::time::Duration::from_micros(50
 /// [`WARM_IDLE_LIMIT`] without work. The driving thread is not held. A no-op off a pool and in
 /// a pool of one thread.
 pub fn keep_warm() -> Warm {
+    if !KEEP_WARM.load(Ordering::Relaxed) {
+        return Warm(None);
+    }
     let Some(driver) = rayon::current_thread_index() else {
         return Warm(None);
     };
@@ -111,6 +114,16 @@ pub fn keep_warm() -> Warm {
         shared.held.fetch_sub(1, Ordering::AcqRel);
     });
     Warm(Some(state))
+}
+
+/// Whether [`keep_warm`] holds workers ([`set_keep_warm`]).
+static KEEP_WARM: AtomicBool = AtomicBool::new(true);
+
+/// Turns [`keep_warm`] on (the default) or off for this process: off, a step's workers sleep
+/// between its ops as rayon has them (for a host whose cores are shared with other work, where a
+/// spinning worker takes time from it; or to measure what holding them gains).
+pub fn set_keep_warm(on: bool) {
+    KEEP_WARM.store(on, Ordering::Relaxed);
 }
 
 /// What a [`keep_warm`] guard shares with the workers it holds.

@@ -213,6 +213,7 @@ pub fn load_models(state: &AppState) -> Result<(), StartError> {
         vvlm_engine::set_device_kernels(state.config.cuda_kernels);
         vvlm_engine::set_cpu_kernels(state.config.cpu_kernels)
             .map_err(|e| StartError::Config(e.to_string()))?;
+        vvlm_engine::cpu_pool::set_keep_warm(state.config.cpu_keep_warm);
         tracing::info!(
             device = %state.config.device,
             dtype = ?load_options.dtype,
