@@ -263,7 +263,6 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     vvlm_engine::LoadOptions::parse(&c.device, &c.dtype)
         .with_context(|| format!("device {:?} / dtype {:?}", c.device, c.dtype))?;
     vvlm_engine::set_cpu_kernels(c.cpu_kernels).context("cpu_kernels")?;
-    vvlm_engine::cpu_pool::set_keep_warm(c.cpu_keep_warm);
     let threads = c.threads_per_worker();
     vvlm_engine::set_cpu_threads(threads);
     let rt = tokio::runtime::Builder::new_multi_thread()
