@@ -1021,12 +1021,12 @@ const GROUP_KEY_BLOCK: usize = 32;
 
 /// Decode rows against their visible keys (`rows.len() / heads` of them) for the query heads
 /// that share one kv head (grouped-query attention; one head is a group of one): per head the
-/// scores ([`score_keys`]), the softmax, then `o = Σ p_j v_j` ([`accumulate_values`]). A group
-/// of several heads goes over blocks of [`GROUP_KEY_BLOCK`] keys (then values) taken by every
-/// head in turn, so each cached row is read from memory once for the group instead of once per
-/// head, bit for bit each head's result alone: `rows` holds one score row per head, and the
-/// values' accumulators are stored to the output between blocks and loaded back (exact), so
-/// each column still sums its keys in order. `d` a multiple of 8.
+/// scores ([`score_keys`]), the softmax, then `o = Σ p_j v_j` ([`accumulate_values`]). Groups
+/// of up to 8 heads ([`attend_heads`]) load each cached row once for all their heads; a larger
+/// group goes over blocks of [`GROUP_KEY_BLOCK`] keys (then values) taken by every head in
+/// turn, so each cached row is read from memory once for the group, the values' accumulators
+/// stored to the output between blocks and loaded back (exact). Either way each head's result
+/// equals that head alone bit for bit. `d` a multiple of 8.
 ///
 /// # Safety
 /// As [`attend_group_avx2`].
@@ -1045,12 +1045,18 @@ unsafe fn attend_group<E: Load8>(
     softmax: fn(&mut [f32]),
 ) {
     let n = rows.len() / heads;
-    // One head: all its keys at once (no accumulator round trips).
-    let block = if heads == 1 {
-        n.max(1)
-    } else {
-        GROUP_KEY_BLOCK
-    };
+    macro_rules! by_heads {
+        ($($g:literal)*) => {
+            match heads {
+                $($g => return attend_heads::<E, $g>(q, k, v, o, d, scale, rows, softmax),)*
+                _ => {}
+            }
+        };
+    }
+    by_heads!(1 2 3 4 5 6 7 8);
+    // More heads a group than the kernels are built for: blocks of keys taken by every head in
+    // turn (each cached row read from memory once, widened once a head).
+    let block = GROUP_KEY_BLOCK;
     let blocks = || (0..n).step_by(block).map(move |j| j..(j + block).min(n));
     for keys in blocks() {
         for (g, row) in rows.chunks_exact_mut(n).enumerate() {
@@ -1063,6 +1069,200 @@ unsafe fn attend_group<E: Load8>(
     for keys in blocks() {
         for (g, row) in rows.chunks_exact(n).enumerate() {
             accumulate_values(row, v, o.0.add(g * o.1), d, keys.clone());
+        }
+    }
+}
+
+/// [`attend_group`] for `G` heads (a kv group of a size the kernels are built for): every key
+/// row is loaded (and, from an f16 cache, widened) once for all `G` heads, in the scores and
+/// again in the values, instead of once a head. Each head's arithmetic is [`score_keys`]' and
+/// [`accumulate_values`]' over all its keys, unchanged (the same FMAs in the same order, each
+/// key's sum reduced the same way), so the result equals one head at a time bit for bit.
+///
+/// # Safety
+/// As [`attend_group_avx2`] with `heads = G`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_heads<E: Load8, const G: usize>(
+    q: (*const f32, usize),
+    k: (*const E, usize),
+    v: (*const E, usize),
+    o: (*mut f32, usize),
+    d: usize,
+    scale: f32,
+    rows: &mut [f32],
+    softmax: fn(&mut [f32]),
+) {
+    let n = rows.len() / G;
+    if G == 1 {
+        score_keys(q.0, k, d, scale, rows, 0..n);
+        softmax(rows);
+        accumulate_values(rows, v, o.0, d, 0..n);
+        return;
+    }
+    let mut qs = [q.0; G];
+    let mut os = [o.0; G];
+    for g in 0..G {
+        qs[g] = q.0.add(g * q.1);
+        os[g] = o.0.add(g * o.1);
+    }
+    score_keys_heads::<E, G>(qs, k, d, scale, rows, n);
+    for row in rows.chunks_exact_mut(n) {
+        softmax(row);
+    }
+    accumulate_values_heads::<E, G>(rows, n, v, os, d);
+}
+
+/// [`score_keys`] over keys `0..n` for `G` query heads at once (`rows` holds one row of `n`
+/// scores a head): per four keys, each key's 8 lanes summed over `d` with one FMA a step as
+/// there (the key loaded once for the heads), then the same `vhaddps` reduction, two keys at a
+/// time; the last `n % 4` keys one at a time, reduced as there.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn score_keys_heads<E: Load8, const G: usize>(
+    q: [*const f32; G],
+    k: (*const E, usize),
+    d: usize,
+    scale: f32,
+    rows: &mut [f32],
+    n: usize,
+) {
+    use std::arch::x86_64::*;
+    let quads = n / 4 * 4;
+    let sv = _mm_set1_ps(scale);
+    let mut j = 0;
+    while j < quads {
+        let a01 = key_pair_sums::<E, G>(q, k, d, j);
+        let mut h01 = [_mm256_setzero_ps(); G];
+        for g in 0..G {
+            h01[g] = _mm256_hadd_ps(a01[g][0], a01[g][1]);
+        }
+        let a23 = key_pair_sums::<E, G>(q, k, d, j + 2);
+        for g in 0..G {
+            let s = _mm256_hadd_ps(h01[g], _mm256_hadd_ps(a23[g][0], a23[g][1]));
+            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            _mm_storeu_ps(rows.as_mut_ptr().add(g * n + j), _mm_mul_ps(s, sv));
+        }
+        j += 4;
+    }
+    while j < n {
+        let kp = k.0.add(j * k.1);
+        let mut a = [_mm256_setzero_ps(); G];
+        let mut i = 0;
+        while i < d {
+            let x = E::load8(kp.add(i));
+            for (g, ag) in a.iter_mut().enumerate() {
+                *ag = _mm256_fmadd_ps(_mm256_loadu_ps(q[g].add(i)), x, *ag);
+            }
+            i += 8;
+        }
+        for (g, ag) in a.iter().enumerate() {
+            let h = _mm_add_ps(_mm256_castps256_ps128(*ag), _mm256_extractf128_ps(*ag, 1));
+            let h = _mm_hadd_ps(h, h);
+            let h = _mm_hadd_ps(h, h);
+            rows[g * n + j] = _mm_cvtss_f32(h) * scale;
+        }
+        j += 1;
+    }
+}
+
+/// Keys `j` and `j + 1`'s 8-lane sums `q_g·k` for every head `g` (each key row loaded once).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn key_pair_sums<E: Load8, const G: usize>(
+    q: [*const f32; G],
+    k: (*const E, usize),
+    d: usize,
+    j: usize,
+) -> [[std::arch::x86_64::__m256; 2]; G] {
+    use std::arch::x86_64::*;
+    let (k0, k1) = (k.0.add(j * k.1), k.0.add((j + 1) * k.1));
+    let mut a = [[_mm256_setzero_ps(); 2]; G];
+    let mut i = 0;
+    while i < d {
+        let (x0, x1) = (E::load8(k0.add(i)), E::load8(k1.add(i)));
+        for g in 0..G {
+            let qv = _mm256_loadu_ps(q[g].add(i));
+            a[g][0] = _mm256_fmadd_ps(qv, x0, a[g][0]);
+            a[g][1] = _mm256_fmadd_ps(qv, x1, a[g][1]);
+        }
+        i += 8;
+    }
+    a
+}
+
+/// Columns of 8 that [`accumulate_values_heads`] keeps in registers per pass for `g` heads
+/// (`g` accumulators a column, `g` broadcast weights and a loaded value within 16 registers).
+#[cfg(target_arch = "x86_64")]
+const fn value_chunks(g: usize) -> usize {
+    match g {
+        0..=1 => 8,
+        2..=3 => 4,
+        4 => 2,
+        _ => 1,
+    }
+}
+
+/// [`accumulate_values`] over keys `0..n` for `G` heads at once (`rows` holds each head's `n`
+/// weights; `o[g]` its output row): in passes over the columns, each key's values loaded once
+/// for the heads; each column of each head starts from zero and adds its keys in order with one
+/// FMA each, as there.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn accumulate_values_heads<E: Load8, const G: usize>(
+    rows: &[f32],
+    n: usize,
+    v: (*const E, usize),
+    o: [*mut f32; G],
+    d: usize,
+) {
+    let width = value_chunks(G);
+    let mut c0 = 0;
+    while c0 < d {
+        let w = ((d - c0) / 8).min(width);
+        match w {
+            8 => values_pass::<E, G, 8>(rows, n, v, o, c0),
+            4 => values_pass::<E, G, 4>(rows, n, v, o, c0),
+            2 => values_pass::<E, G, 2>(rows, n, v, o, c0),
+            _ => {
+                for u in 0..w {
+                    values_pass::<E, G, 1>(rows, n, v, o, c0 + 8 * u);
+                }
+            }
+        }
+        c0 += 8 * w;
+    }
+}
+
+/// Columns `c0..c0 + 8·W` of [`accumulate_values_heads`], the `G·W` accumulators in registers.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn values_pass<E: Load8, const G: usize, const W: usize>(
+    rows: &[f32],
+    n: usize,
+    v: (*const E, usize),
+    o: [*mut f32; G],
+    c0: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); W]; G];
+    for j in 0..n {
+        let vp = v.0.add(j * v.1 + c0);
+        let mut p = [_mm256_setzero_ps(); G];
+        for g in 0..G {
+            p[g] = _mm256_set1_ps(*rows.get_unchecked(g * n + j));
+        }
+        for u in 0..W {
+            let x = E::load8(vp.add(8 * u));
+            for g in 0..G {
+                acc[g][u] = _mm256_fmadd_ps(p[g], x, acc[g][u]);
+            }
+        }
+    }
+    for g in 0..G {
+        for u in 0..W {
+            _mm256_storeu_ps(o[g].add(c0 + 8 * u), acc[g][u]);
         }
     }
 }
@@ -1590,6 +1790,71 @@ mod tests {
             let row = flat(&got.get(i).unwrap());
             assert_eq!(row, flat(&alone.transpose(1, 2).unwrap()), "sequence {i}");
             assert_eq!(row, flat(&widened.transpose(1, 2).unwrap()), "sequence {i}");
+        }
+    }
+
+    /// Every kv group size the grouped kernels are built for (2..=8 heads a group: each key
+    /// loaded once for the group), and 9 (key blocks taken by each head in turn), on f32 and
+    /// f16 caches, with a head size whose columns split unevenly into register passes (80): a
+    /// batch's rows computed by whole groups equal the same rows computed one head at a time,
+    /// bit for bit, and the f64-free reference within 2e-6.
+    #[test]
+    fn every_group_size_equals_its_heads_one_at_a_time() {
+        let dev = Device::Cpu;
+        let c = FlopCounter::new();
+        let kv_heads = 2;
+        // A single position, a length with a tail of 2 after the key quads, and a longer one.
+        let lens = [1usize, 6, 37];
+        for rep in 1..=9 {
+            for d in [64usize, 80] {
+                for dtype in [DType::F32, DType::F16] {
+                    let heads = rep * kv_heads;
+                    let q = Tensor::randn(0f32, 1.0, (1, heads, lens.len(), d), &dev).unwrap();
+                    let kvs: Vec<(Tensor, Tensor)> = lens
+                        .iter()
+                        .map(|&n| {
+                            let t = || {
+                                Tensor::randn(0f32, 1.0, (1, kv_heads, n, d), &dev)
+                                    .unwrap()
+                                    .to_dtype(dtype)
+                                    .unwrap()
+                            };
+                            (t(), t())
+                        })
+                        .collect();
+                    let ctxs: Vec<Ctx> = lens
+                        .iter()
+                        .map(|_| Ctx::new(&c, Component::LmDecode))
+                        .collect();
+                    // One thread: 3 sequences x 2 kv heads >= 4 units, so whole groups; 64
+                    // threads: one head a unit.
+                    let on_threads = |n: usize| {
+                        rayon::ThreadPoolBuilder::new()
+                            .num_threads(n)
+                            .build()
+                            .unwrap()
+                            .install(|| decode_attention_batch(&q, &kvs, 0.125, &ctxs).unwrap())
+                    };
+                    let flat =
+                        |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+                    let grouped = on_threads(1);
+                    let case = format!("{rep} heads a group, d {d}, {dtype:?}");
+                    assert_eq!(flat(&grouped), flat(&on_threads(64)), "{case}");
+                    for (i, (k, v)) in kvs.iter().enumerate() {
+                        let qi = q.narrow(2, i, 1).unwrap().contiguous().unwrap();
+                        let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                        let masking = Masking::Causal { past: lens[i] - 1 };
+                        let want =
+                            reference_attention(&qi, &wide(k), &wide(v), 0.125, masking).unwrap();
+                        let row = grouped.get(i).unwrap();
+                        let err = max_abs_diff(
+                            &row.reshape((heads, d)).unwrap(),
+                            &want.reshape((heads, d)).unwrap(),
+                        );
+                        assert!(err < 2e-6, "{case}, sequence {i}: {err}");
+                    }
+                }
+            }
         }
     }
 
