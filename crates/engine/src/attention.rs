@@ -1238,6 +1238,8 @@ unsafe fn accumulate_values_heads<E: Load8, const G: usize>(
 /// Columns `c0..c0 + 8·W` of [`accumulate_values_heads`], the `G·W` accumulators in registers.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
+// (Indexes: the accumulators are a G x W grid walked in lockstep with the weights and values.)
+#[allow(clippy::needless_range_loop)]
 unsafe fn values_pass<E: Load8, const G: usize, const W: usize>(
     rows: &[f32],
     n: usize,
