@@ -246,6 +246,28 @@ pub fn f16_decode_kernel(d: usize) -> bool {
     }
 }
 
+/// Whether the decode rows run [`attend_group_avx512`] (AVX-512 F, VL and DQ beside AVX2, FMA and
+/// F16C; `d` a multiple of 8, as the 8-lane kernels need). `VVLM_ATTENTION_AVX512=0` turns it
+/// off (to compare the two on one machine; the results are the same bit for bit).
+pub fn avx512_attention(d: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        f16_decode_kernel(d)
+            && *ON.get_or_init(|| {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                    && std::env::var("VVLM_ATTENTION_AVX512").map_or(true, |v| v != "0")
+            })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = d;
+        false
+    }
+}
+
 /// Whether this CPU can keep a KV cache in f16 and read it in the decode kernels.
 pub fn f16_kv_supported() -> bool {
     f16_decode_kernel(64)
@@ -319,6 +341,8 @@ fn decode_rows(
     let all = Seqs(&seqs);
     let group = heads_per_unit(b, heads / rep, rep, d);
     let units_per_seq = heads / group;
+    // The 512-bit kernels where the CPU has AVX-512 (the same results bit for bit).
+    let wide = avx512_attention(d);
     (0..b * units_per_seq).into_par_iter().for_each_init(
         || vec![0f32; group * max_len],
         |scores, unit| {
@@ -337,6 +361,30 @@ fn decode_rows(
                 let (k_at, v_at) = (hk * ks0, hk * vs0);
                 let rows = &mut scores[..group * s.len];
                 match (s.k, s.v) {
+                    #[cfg(target_arch = "x86_64")]
+                    (KvPtr::F32(k), KvPtr::F32(v)) if wide => attend_group_avx512(
+                        (qp, qs.1),
+                        (k.add(k_at), ks1),
+                        (v.add(v_at), vs1),
+                        (op, d),
+                        group,
+                        d,
+                        scale,
+                        rows,
+                        exp_softmax,
+                    ),
+                    #[cfg(target_arch = "x86_64")]
+                    (KvPtr::F16(k), KvPtr::F16(v)) if wide => attend_group_avx512_f16(
+                        (qp, qs.1),
+                        (k.add(k_at), ks1),
+                        (v.add(v_at), vs1),
+                        (op, d),
+                        group,
+                        d,
+                        scale,
+                        rows,
+                        exp_softmax,
+                    ),
                     (KvPtr::F32(k), KvPtr::F32(v)) if group == 1 => small_rows_block(
                         (qp, d),
                         (k.add(k_at), ks1),
@@ -989,6 +1037,294 @@ unsafe fn attend_group_avx2_f16(
     softmax: fn(&mut [f32]),
 ) {
     attend_group::<half::f16>(q, k, v, o, heads, d, scale, rows, softmax)
+}
+
+/// [`attend_group`] with 512-bit vectors where it pays ([`attend_heads_512`]) on an f32 cache.
+///
+/// # Safety
+/// As [`attend_group_avx2`], and AVX-512 F, VL and DQ present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512dq")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_group_avx512(
+    q: (*const f32, usize),
+    k: (*const f32, usize),
+    v: (*const f32, usize),
+    o: (*mut f32, usize),
+    heads: usize,
+    d: usize,
+    scale: f32,
+    rows: &mut [f32],
+    softmax: fn(&mut [f32]),
+) {
+    attend_group_512::<f32>(q, k, v, o, heads, d, scale, rows, softmax)
+}
+
+/// [`attend_group_avx512`] on an f16 cache (rows widened by `vcvtph2ps` as loaded).
+///
+/// # Safety
+/// As [`attend_group_avx512`]; k and v rows are f16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512dq")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_group_avx512_f16(
+    q: (*const f32, usize),
+    k: (*const half::f16, usize),
+    v: (*const half::f16, usize),
+    o: (*mut f32, usize),
+    heads: usize,
+    d: usize,
+    scale: f32,
+    rows: &mut [f32],
+    softmax: fn(&mut [f32]),
+) {
+    attend_group_512::<half::f16>(q, k, v, o, heads, d, scale, rows, softmax)
+}
+
+/// Sixteen cached values, or eight of each of two rows, as f32 lanes (AVX-512).
+#[cfg(target_arch = "x86_64")]
+trait Load16: Load8 {
+    /// Elements `p..p + 16`.
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// Elements `a..a + 8` in lanes 0..8 and `b..b + 8` in lanes 8..16.
+    unsafe fn load8x2(a: *const Self, b: *const Self) -> std::arch::x86_64::__m512;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Load16 for f32 {
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn load8x2(a: *const f32, b: *const f32) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_insertf32x8::<1>(
+            _mm512_castps256_ps512(_mm256_loadu_ps(a)),
+            _mm256_loadu_ps(b),
+        )
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Load16 for half::f16 {
+    #[inline(always)]
+    unsafe fn load16(p: *const half::f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+    #[inline(always)]
+    unsafe fn load8x2(a: *const half::f16, b: *const half::f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(a as *const __m128i)),
+            _mm_loadu_si128(b as *const __m128i),
+        ))
+    }
+}
+
+/// [`attend_group`] with 512-bit vectors for groups of up to 8 heads ([`attend_heads_512`]),
+/// the 256-bit kernels otherwise: the same results bit for bit.
+///
+/// # Safety
+/// As [`attend_group_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_group_512<E: Load16>(
+    q: (*const f32, usize),
+    k: (*const E, usize),
+    v: (*const E, usize),
+    o: (*mut f32, usize),
+    heads: usize,
+    d: usize,
+    scale: f32,
+    rows: &mut [f32],
+    softmax: fn(&mut [f32]),
+) {
+    macro_rules! by_heads {
+        ($($g:literal)*) => {
+            match heads {
+                $($g => attend_heads_512::<E, $g>(q, k, v, o, d, scale, rows, softmax),)*
+                _ => attend_group::<E>(q, k, v, o, heads, d, scale, rows, softmax),
+            }
+        };
+    }
+    by_heads!(1 2 3 4 5 6 7 8)
+}
+
+/// [`attend_heads`] in 512-bit vectors: the scores two keys a vector (lanes 0..8 key `j`'s 8
+/// lane sums, 8..16 key `j + 1`'s: each lane's FMAs those of the 8-lane kernel, then the same
+/// reduction of each key's 8 lanes), the values 16 columns a vector (each column's FMAs in key
+/// order, as there): equal to [`attend_heads`] bit for bit, with half the multiply and widening
+/// instructions.
+///
+/// # Safety
+/// As [`attend_group_avx512`] with `heads = G`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_heads_512<E: Load16, const G: usize>(
+    q: (*const f32, usize),
+    k: (*const E, usize),
+    v: (*const E, usize),
+    o: (*mut f32, usize),
+    d: usize,
+    scale: f32,
+    rows: &mut [f32],
+    softmax: fn(&mut [f32]),
+) {
+    let n = rows.len() / G;
+    let mut qs = [q.0; G];
+    let mut os = [o.0; G];
+    for g in 0..G {
+        qs[g] = q.0.add(g * q.1);
+        os[g] = o.0.add(g * o.1);
+    }
+    score_keys_heads_512::<E, G>(qs, k, d, scale, rows, n);
+    for row in rows.chunks_exact_mut(n) {
+        softmax(row);
+    }
+    // Accumulators in registers: G·W of 32, beside G weights and a loaded value.
+    let width = if G <= 4 { 4 } else { 2 };
+    let mut c0 = 0;
+    while c0 + 16 <= d {
+        let left = (d - c0) / 16;
+        let w = if width == 4 && left >= 4 {
+            4
+        } else if left >= 2 {
+            2
+        } else {
+            1
+        };
+        match w {
+            4 => values_pass_512::<E, G, 4>(rows, n, v, os, c0),
+            2 => values_pass_512::<E, G, 2>(rows, n, v, os, c0),
+            _ => values_pass_512::<E, G, 1>(rows, n, v, os, c0),
+        }
+        c0 += 16 * w;
+    }
+    if c0 < d {
+        // A last 8 columns (d an odd multiple of 8).
+        values_pass::<E, G, 1>(rows, n, v, os, c0);
+    }
+}
+
+/// [`score_keys_heads`] in 512-bit vectors (two keys a vector), the same sums bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn score_keys_heads_512<E: Load16, const G: usize>(
+    q: [*const f32; G],
+    k: (*const E, usize),
+    d: usize,
+    scale: f32,
+    rows: &mut [f32],
+    n: usize,
+) {
+    use std::arch::x86_64::*;
+    let quads = n / 4 * 4;
+    let sv = _mm_set1_ps(scale);
+    let mut j = 0;
+    while j < quads {
+        let a01 = key_pair_sums_512::<E, G>(q, k, d, j);
+        let mut h01 = [_mm256_setzero_ps(); G];
+        for g in 0..G {
+            h01[g] = _mm256_hadd_ps(
+                _mm512_castps512_ps256(a01[g]),
+                _mm512_extractf32x8_ps::<1>(a01[g]),
+            );
+        }
+        let a23 = key_pair_sums_512::<E, G>(q, k, d, j + 2);
+        for g in 0..G {
+            let h23 = _mm256_hadd_ps(
+                _mm512_castps512_ps256(a23[g]),
+                _mm512_extractf32x8_ps::<1>(a23[g]),
+            );
+            let s = _mm256_hadd_ps(h01[g], h23);
+            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            _mm_storeu_ps(rows.as_mut_ptr().add(g * n + j), _mm_mul_ps(s, sv));
+        }
+        j += 4;
+    }
+    while j < n {
+        let kp = k.0.add(j * k.1);
+        let mut a = [_mm256_setzero_ps(); G];
+        let mut i = 0;
+        while i < d {
+            let x = E::load8(kp.add(i));
+            for (g, ag) in a.iter_mut().enumerate() {
+                *ag = _mm256_fmadd_ps(_mm256_loadu_ps(q[g].add(i)), x, *ag);
+            }
+            i += 8;
+        }
+        for (g, ag) in a.iter().enumerate() {
+            let h = _mm_add_ps(_mm256_castps256_ps128(*ag), _mm256_extractf128_ps(*ag, 1));
+            let h = _mm_hadd_ps(h, h);
+            let h = _mm_hadd_ps(h, h);
+            rows[g * n + j] = _mm_cvtss_f32(h) * scale;
+        }
+        j += 1;
+    }
+}
+
+/// Keys `j` and `j + 1`'s 8-lane sums for every head, key `j`'s in lanes 0..8 and key
+/// `j + 1`'s in 8..16 (each key row loaded once for the heads; the query's 8 values in both
+/// halves).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn key_pair_sums_512<E: Load16, const G: usize>(
+    q: [*const f32; G],
+    k: (*const E, usize),
+    d: usize,
+    j: usize,
+) -> [std::arch::x86_64::__m512; G] {
+    use std::arch::x86_64::*;
+    let (k0, k1) = (k.0.add(j * k.1), k.0.add((j + 1) * k.1));
+    let mut a = [_mm512_setzero_ps(); G];
+    let mut i = 0;
+    while i < d {
+        let x = E::load8x2(k0.add(i), k1.add(i));
+        for g in 0..G {
+            let qv = _mm512_broadcast_f32x8(_mm256_loadu_ps(q[g].add(i)));
+            a[g] = _mm512_fmadd_ps(qv, x, a[g]);
+        }
+        i += 8;
+    }
+    a
+}
+
+/// [`values_pass`] in 512-bit vectors: columns `c0..c0 + 16·W`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+// (Indexes: the accumulators are a G x W grid walked in lockstep with the weights and values.)
+#[allow(clippy::needless_range_loop)]
+unsafe fn values_pass_512<E: Load16, const G: usize, const W: usize>(
+    rows: &[f32],
+    n: usize,
+    v: (*const E, usize),
+    o: [*mut f32; G],
+    c0: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); W]; G];
+    for j in 0..n {
+        let vp = v.0.add(j * v.1 + c0);
+        let mut p = [_mm512_setzero_ps(); G];
+        for g in 0..G {
+            p[g] = _mm512_set1_ps(*rows.get_unchecked(g * n + j));
+        }
+        for u in 0..W {
+            let x = E::load16(vp.add(16 * u));
+            for g in 0..G {
+                acc[g][u] = _mm512_fmadd_ps(p[g], x, acc[g][u]);
+            }
+        }
+    }
+    for g in 0..G {
+        for u in 0..W {
+            _mm512_storeu_ps(o[g].add(c0 + 16 * u), acc[g][u]);
+        }
+    }
 }
 
 /// Eight cached values as f32 lanes.
@@ -1854,6 +2190,110 @@ mod tests {
                             &want.reshape((heads, d)).unwrap(),
                         );
                         assert!(err < 2e-6, "{case}, sequence {i}: {err}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 512-bit kernels against the 256-bit ones, called directly (the decode rows run one
+    /// or the other for the whole process): every group size (1..=9; 9 falls back to the
+    /// 256-bit key blocks), head sizes whose columns split into 16s, 16s and an 8 (72, 80) or
+    /// not (64), lengths with and without a tail after the key quads, f32 and f16: the same
+    /// outputs bit for bit. Skipped where the CPU lacks AVX-512 F/VL/DQ.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_512_bit_kernels_equal_the_256_bit_ones_bit_for_bit() {
+        if !avx512_attention(64) {
+            eprintln!("no AVX-512 F/VL/DQ here: nothing to compare");
+            return;
+        }
+        let softmax = softmax_kernel();
+        let values = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+                    (x % 20_000) as f32 / 10_000.0 - 1.0
+                })
+                .collect()
+        };
+        for heads in 1..=9usize {
+            for d in [64usize, 72, 80] {
+                for n in [1usize, 4, 6, 37, 130] {
+                    let q = values(heads * d, 1);
+                    let (k, v) = (values(n * d, 2), values(n * d, 3));
+                    let (kh, vh): (Vec<half::f16>, Vec<half::f16>) = (
+                        k.iter().map(|&x| half::f16::from_f32(x)).collect(),
+                        v.iter().map(|&x| half::f16::from_f32(x)).collect(),
+                    );
+                    let run = |wide: bool, f16: bool| -> Vec<f32> {
+                        let mut out = vec![0f32; heads * d];
+                        let mut rows = vec![0f32; heads * n];
+                        let (qp, op) = ((q.as_ptr(), d), (out.as_mut_ptr(), d));
+                        // SAFETY: the features are checked above (AVX-512 implies the AVX2
+                        // set here); q and out hold `heads` rows of d, k and v n rows of d.
+                        unsafe {
+                            match (wide, f16) {
+                                (true, false) => attend_group_avx512(
+                                    qp,
+                                    (k.as_ptr(), d),
+                                    (v.as_ptr(), d),
+                                    op,
+                                    heads,
+                                    d,
+                                    0.125,
+                                    &mut rows,
+                                    softmax,
+                                ),
+                                (false, false) => attend_group_avx2(
+                                    qp,
+                                    (k.as_ptr(), d),
+                                    (v.as_ptr(), d),
+                                    op,
+                                    heads,
+                                    d,
+                                    0.125,
+                                    &mut rows,
+                                    softmax,
+                                ),
+                                (true, true) => attend_group_avx512_f16(
+                                    qp,
+                                    (kh.as_ptr(), d),
+                                    (vh.as_ptr(), d),
+                                    op,
+                                    heads,
+                                    d,
+                                    0.125,
+                                    &mut rows,
+                                    softmax,
+                                ),
+                                (false, true) => attend_group_avx2_f16(
+                                    qp,
+                                    (kh.as_ptr(), d),
+                                    (vh.as_ptr(), d),
+                                    op,
+                                    heads,
+                                    d,
+                                    0.125,
+                                    &mut rows,
+                                    softmax,
+                                ),
+                            }
+                        }
+                        out
+                    };
+                    for f16 in [false, true] {
+                        let (wide, narrow) = (run(true, f16), run(false, f16));
+                        assert!(
+                            narrow.iter().any(|x| x.abs() > 1e-3),
+                            "a non-trivial output"
+                        );
+                        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&wide),
+                            bits(&narrow),
+                            "{heads} heads, d {d}, {n} keys, f16 {f16}"
+                        );
                     }
                 }
             }
