@@ -341,8 +341,11 @@ fn decode_rows(
     let all = Seqs(&seqs);
     let group = heads_per_unit(b, heads / rep, rep, d);
     let units_per_seq = heads / group;
-    // The 512-bit kernels where the CPU has AVX-512 (the same results bit for bit).
-    let wide = avx512_attention(d);
+    // The 512-bit kernels for whole kv groups where the CPU has AVX-512 (the same results bit
+    // for bit). Measured on a Xeon (SmolLM2, 512 + 128 tokens, `vvlm-engine-bench batch`,
+    // three interleaved rounds): 8 sequences on an f32 cache 1.04-1.15x, on an f16 one the
+    // same; one sequence a head at a time, where they are not used, 0.94-0.97x on f16.
+    let wide = group > 1 && avx512_attention(d);
     (0..b * units_per_seq).into_par_iter().for_each_init(
         || vec![0f32; group * max_len],
         |scores, unit| {
