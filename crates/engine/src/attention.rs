@@ -1184,7 +1184,7 @@ unsafe fn attend_heads_512<E: Load16, const G: usize>(
         qs[g] = q.0.add(g * q.1);
         os[g] = o.0.add(g * o.1);
     }
-    score_keys_heads_512::<E, G>(qs, k, d, scale, rows, n);
+    score_keys_heads::<E, Wide, G>(qs, k, d, scale, rows, n);
     for row in rows.chunks_exact_mut(n) {
         softmax(row);
     }
@@ -1213,87 +1213,42 @@ unsafe fn attend_heads_512<E: Load16, const G: usize>(
     }
 }
 
-/// [`score_keys_heads`] in 512-bit vectors (two keys a vector), the same sums bit for bit.
+/// [`KeyPairSums`] in 512-bit vectors: key `j`'s 8 lane sums in lanes 0..8 and key `j + 1`'s in
+/// 8..16 of one vector per head (the query's 8 values in both halves), the same FMAs lane by
+/// lane as [`Narrow`]'s; returned as the two halves.
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn score_keys_heads_512<E: Load16, const G: usize>(
-    q: [*const f32; G],
-    k: (*const E, usize),
-    d: usize,
-    scale: f32,
-    rows: &mut [f32],
-    n: usize,
-) {
-    use std::arch::x86_64::*;
-    let quads = n / 4 * 4;
-    let sv = _mm_set1_ps(scale);
-    let mut j = 0;
-    while j < quads {
-        let a01 = key_pair_sums_512::<E, G>(q, k, d, j);
-        let mut h01 = [_mm256_setzero_ps(); G];
-        for g in 0..G {
-            h01[g] = _mm256_hadd_ps(
-                _mm512_castps512_ps256(a01[g]),
-                _mm512_extractf32x8_ps::<1>(a01[g]),
-            );
-        }
-        let a23 = key_pair_sums_512::<E, G>(q, k, d, j + 2);
-        for g in 0..G {
-            let h23 = _mm256_hadd_ps(
-                _mm512_castps512_ps256(a23[g]),
-                _mm512_extractf32x8_ps::<1>(a23[g]),
-            );
-            let s = _mm256_hadd_ps(h01[g], h23);
-            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-            _mm_storeu_ps(rows.as_mut_ptr().add(g * n + j), _mm_mul_ps(s, sv));
-        }
-        j += 4;
-    }
-    while j < n {
-        let kp = k.0.add(j * k.1);
-        let mut a = [_mm256_setzero_ps(); G];
+struct Wide;
+
+#[cfg(target_arch = "x86_64")]
+impl<E: Load16> KeyPairSums<E> for Wide {
+    #[inline(always)]
+    unsafe fn sums<const G: usize>(
+        q: [*const f32; G],
+        k: (*const E, usize),
+        d: usize,
+        j: usize,
+    ) -> [[std::arch::x86_64::__m256; 2]; G] {
+        use std::arch::x86_64::*;
+        let (k0, k1) = (k.0.add(j * k.1), k.0.add((j + 1) * k.1));
+        let mut a = [_mm512_setzero_ps(); G];
         let mut i = 0;
         while i < d {
-            let x = E::load8(kp.add(i));
-            for (g, ag) in a.iter_mut().enumerate() {
-                *ag = _mm256_fmadd_ps(_mm256_loadu_ps(q[g].add(i)), x, *ag);
+            let x = E::load8x2(k0.add(i), k1.add(i));
+            for g in 0..G {
+                let qv = _mm512_broadcast_f32x8(_mm256_loadu_ps(q[g].add(i)));
+                a[g] = _mm512_fmadd_ps(qv, x, a[g]);
             }
             i += 8;
         }
-        for (g, ag) in a.iter().enumerate() {
-            let h = _mm_add_ps(_mm256_castps256_ps128(*ag), _mm256_extractf128_ps(*ag, 1));
-            let h = _mm_hadd_ps(h, h);
-            let h = _mm_hadd_ps(h, h);
-            rows[g * n + j] = _mm_cvtss_f32(h) * scale;
-        }
-        j += 1;
-    }
-}
-
-/// Keys `j` and `j + 1`'s 8-lane sums for every head, key `j`'s in lanes 0..8 and key
-/// `j + 1`'s in 8..16 (each key row loaded once for the heads; the query's 8 values in both
-/// halves).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn key_pair_sums_512<E: Load16, const G: usize>(
-    q: [*const f32; G],
-    k: (*const E, usize),
-    d: usize,
-    j: usize,
-) -> [std::arch::x86_64::__m512; G] {
-    use std::arch::x86_64::*;
-    let (k0, k1) = (k.0.add(j * k.1), k.0.add((j + 1) * k.1));
-    let mut a = [_mm512_setzero_ps(); G];
-    let mut i = 0;
-    while i < d {
-        let x = E::load8x2(k0.add(i), k1.add(i));
+        let mut halves = [[_mm256_setzero_ps(); 2]; G];
         for g in 0..G {
-            let qv = _mm512_broadcast_f32x8(_mm256_loadu_ps(q[g].add(i)));
-            a[g] = _mm512_fmadd_ps(qv, x, a[g]);
+            halves[g] = [
+                _mm512_castps512_ps256(a[g]),
+                _mm512_extractf32x8_ps::<1>(a[g]),
+            ];
         }
-        i += 8;
+        halves
     }
-    a
 }
 
 /// [`values_pass`] in 512-bit vectors: columns `c0..c0 + 16·W`.
@@ -1446,7 +1401,7 @@ unsafe fn attend_heads<E: Load8, const G: usize>(
         qs[g] = q.0.add(g * q.1);
         os[g] = o.0.add(g * o.1);
     }
-    score_keys_heads::<E, G>(qs, k, d, scale, rows, n);
+    score_keys_heads::<E, Narrow, G>(qs, k, d, scale, rows, n);
     for row in rows.chunks_exact_mut(n) {
         softmax(row);
     }
@@ -1456,10 +1411,11 @@ unsafe fn attend_heads<E: Load8, const G: usize>(
 /// [`score_keys`] over keys `0..n` for `G` query heads at once (`rows` holds one row of `n`
 /// scores a head): per four keys, each key's 8 lanes summed over `d` with one FMA a step as
 /// there (the key loaded once for the heads), then the same `vhaddps` reduction, two keys at a
-/// time; the last `n % 4` keys one at a time, reduced as there.
+/// time ([`KeyPairSums`]: 256- or 512-bit); the last `n % 4` keys one at a time, reduced as
+/// there.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn score_keys_heads<E: Load8, const G: usize>(
+unsafe fn score_keys_heads<E: Load8, P: KeyPairSums<E>, const G: usize>(
     q: [*const f32; G],
     k: (*const E, usize),
     d: usize,
@@ -1472,12 +1428,12 @@ unsafe fn score_keys_heads<E: Load8, const G: usize>(
     let sv = _mm_set1_ps(scale);
     let mut j = 0;
     while j < quads {
-        let a01 = key_pair_sums::<E, G>(q, k, d, j);
+        let a01 = P::sums::<G>(q, k, d, j);
         let mut h01 = [_mm256_setzero_ps(); G];
         for g in 0..G {
             h01[g] = _mm256_hadd_ps(a01[g][0], a01[g][1]);
         }
-        let a23 = key_pair_sums::<E, G>(q, k, d, j + 2);
+        let a23 = P::sums::<G>(q, k, d, j + 2);
         for g in 0..G {
             let s = _mm256_hadd_ps(h01[g], _mm256_hadd_ps(a23[g][0], a23[g][1]));
             let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
@@ -1506,29 +1462,47 @@ unsafe fn score_keys_heads<E: Load8, const G: usize>(
     }
 }
 
-/// Keys `j` and `j + 1`'s 8-lane sums `q_g·k` for every head `g` (each key row loaded once).
+/// Keys `j` and `j + 1`'s 8-lane sums `q_g·k` for every head `g` (each key row loaded once),
+/// as `[key j, key j + 1]` per head: the one step [`score_keys_heads`] takes in 256-bit
+/// ([`Narrow`]) or 512-bit ([`Wide`]) vectors.
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn key_pair_sums<E: Load8, const G: usize>(
-    q: [*const f32; G],
-    k: (*const E, usize),
-    d: usize,
-    j: usize,
-) -> [[std::arch::x86_64::__m256; 2]; G] {
-    use std::arch::x86_64::*;
-    let (k0, k1) = (k.0.add(j * k.1), k.0.add((j + 1) * k.1));
-    let mut a = [[_mm256_setzero_ps(); 2]; G];
-    let mut i = 0;
-    while i < d {
-        let (x0, x1) = (E::load8(k0.add(i)), E::load8(k1.add(i)));
-        for g in 0..G {
-            let qv = _mm256_loadu_ps(q[g].add(i));
-            a[g][0] = _mm256_fmadd_ps(qv, x0, a[g][0]);
-            a[g][1] = _mm256_fmadd_ps(qv, x1, a[g][1]);
+trait KeyPairSums<E: Load8> {
+    unsafe fn sums<const G: usize>(
+        q: [*const f32; G],
+        k: (*const E, usize),
+        d: usize,
+        j: usize,
+    ) -> [[std::arch::x86_64::__m256; 2]; G];
+}
+
+/// [`KeyPairSums`] in 256-bit vectors, one per key and head.
+#[cfg(target_arch = "x86_64")]
+struct Narrow;
+
+#[cfg(target_arch = "x86_64")]
+impl<E: Load8> KeyPairSums<E> for Narrow {
+    #[inline(always)]
+    unsafe fn sums<const G: usize>(
+        q: [*const f32; G],
+        k: (*const E, usize),
+        d: usize,
+        j: usize,
+    ) -> [[std::arch::x86_64::__m256; 2]; G] {
+        use std::arch::x86_64::*;
+        let (k0, k1) = (k.0.add(j * k.1), k.0.add((j + 1) * k.1));
+        let mut a = [[_mm256_setzero_ps(); 2]; G];
+        let mut i = 0;
+        while i < d {
+            let (x0, x1) = (E::load8(k0.add(i)), E::load8(k1.add(i)));
+            for g in 0..G {
+                let qv = _mm256_loadu_ps(q[g].add(i));
+                a[g][0] = _mm256_fmadd_ps(qv, x0, a[g][0]);
+                a[g][1] = _mm256_fmadd_ps(qv, x1, a[g][1]);
+            }
+            i += 8;
         }
-        i += 8;
+        a
     }
-    a
 }
 
 /// Columns of 8 that [`accumulate_values_heads`] keeps in registers per pass for `g` heads
