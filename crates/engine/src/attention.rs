@@ -1267,6 +1267,9 @@ unsafe fn values_pass_512<E: Load16, const G: usize, const W: usize>(
     let mut acc = [[_mm512_setzero_ps(); W]; G];
     for j in 0..n {
         let vp = v.0.add(j * v.1 + c0);
+        if j + VALUE_PREFETCH < n {
+            prefetch_span(vp.add(VALUE_PREFETCH * v.1), 16 * W);
+        }
         let mut p = [_mm512_setzero_ps(); G];
         for g in 0..G {
             p[g] = _mm512_set1_ps(*rows.get_unchecked(g * n + j));
@@ -1428,6 +1431,8 @@ unsafe fn score_keys_heads<E: Load8, P: KeyPairSums<E>, const G: usize>(
     let sv = _mm_set1_ps(scale);
     let mut j = 0;
     while j < quads {
+        // The keys [`KEY_PREFETCH`] rows ahead on their way while these four are scored.
+        prefetch_rows(k, j + KEY_PREFETCH, (j + KEY_PREFETCH + 4).min(n), d);
         let a01 = P::sums::<G>(q, k, d, j);
         let mut h01 = [_mm256_setzero_ps(); G];
         for g in 0..G {
@@ -1459,6 +1464,46 @@ unsafe fn score_keys_heads<E: Load8, P: KeyPairSums<E>, const G: usize>(
             rows[g * n + j] = _mm_cvtss_f32(h) * scale;
         }
         j += 1;
+    }
+}
+
+/// How many key rows ahead of the ones being scored [`score_keys_heads`] asks the memory system
+/// for: a decode step's keys and values are cold (the weights streamed through the caches since
+/// the layer last read them) and each unit's rows are a short stream the hardware prefetcher
+/// barely ramps up on.
+const KEY_PREFETCH: usize = 16;
+
+/// How many value rows ahead of the one being accumulated the values passes ask for (as
+/// [`KEY_PREFETCH`]).
+const VALUE_PREFETCH: usize = 16;
+
+/// Asks for the cache lines of `n` values from `p`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch_span<E>(p: *const E, n: usize) {
+    use std::arch::x86_64::*;
+    let start = p as usize & !63;
+    let end = p.add(n) as usize;
+    let mut line = start;
+    while line < end {
+        _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
+        line += 64;
+    }
+}
+
+/// Asks for rows `from..to` (`d` values each, `p.1` apart) to be brought into the caches.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch_rows<E>(p: (*const E, usize), from: usize, to: usize, d: usize) {
+    use std::arch::x86_64::*;
+    let bytes = d * std::mem::size_of::<E>();
+    for j in from..to {
+        let row = p.0.add(j * p.1) as *const i8;
+        let mut b = 0;
+        while b < bytes {
+            _mm_prefetch::<_MM_HINT_T0>(row.add(b));
+            b += 64;
+        }
     }
 }
 
@@ -1564,6 +1609,9 @@ unsafe fn values_pass<E: Load8, const G: usize, const W: usize>(
     let mut acc = [[_mm256_setzero_ps(); W]; G];
     for j in 0..n {
         let vp = v.0.add(j * v.1 + c0);
+        if j + VALUE_PREFETCH < n {
+            prefetch_span(vp.add(VALUE_PREFETCH * v.1), 8 * W);
+        }
         let mut p = [_mm256_setzero_ps(); G];
         for g in 0..G {
             p[g] = _mm256_set1_ps(*rows.get_unchecked(g * n + j));
