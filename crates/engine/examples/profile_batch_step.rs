@@ -97,9 +97,12 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 let ctxs: Vec<Ctx> = (0..b).map(|_| Ctx::new(&c, Component::LmDecode)).collect();
                 let mut refs: Vec<&mut vvlm_engine::llama::KvCache> = caches.iter_mut().collect();
                 let logits = lm.decode_batch(&embeds, &mut refs, &ctxs)?;
-                Ok((0..b)
-                    .map(|r| vvlm_engine::llama::argmax(&logits.get(r)?))
-                    .collect::<candle_core::Result<_>>()?)
+                // One copy to the host and greedy choices, as the scheduler makes them.
+                Ok(logits
+                    .to_vec2::<f32>()?
+                    .iter()
+                    .map(|row| vvlm_engine::sampling::greedy(row))
+                    .collect())
             };
             let mut steps = vec![];
             for _ in 0..128 {

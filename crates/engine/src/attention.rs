@@ -1184,6 +1184,8 @@ unsafe fn attend_heads_512<E: Load16, const G: usize>(
         qs[g] = q.0.add(g * q.1);
         os[g] = o.0.add(g * o.1);
     }
+    // The first values, read right after the scores (then prefetched as they are read).
+    prefetch_rows(v, 0, VALUE_PREFETCH.min(n), d);
     score_keys_heads::<E, Wide, G>(qs, k, d, scale, rows, n);
     for row in rows.chunks_exact_mut(n) {
         softmax(row);
@@ -1404,6 +1406,8 @@ unsafe fn attend_heads<E: Load8, const G: usize>(
         qs[g] = q.0.add(g * q.1);
         os[g] = o.0.add(g * o.1);
     }
+    // The first values, read right after the scores (then prefetched as they are read).
+    prefetch_rows(v, 0, VALUE_PREFETCH.min(n), d);
     score_keys_heads::<E, Narrow, G>(qs, k, d, scale, rows, n);
     for row in rows.chunks_exact_mut(n) {
         softmax(row);
@@ -1429,6 +1433,8 @@ unsafe fn score_keys_heads<E: Load8, P: KeyPairSums<E>, const G: usize>(
     use std::arch::x86_64::*;
     let quads = n / 4 * 4;
     let sv = _mm_set1_ps(scale);
+    // The first keys all at once, then [`KEY_PREFETCH`] ahead as they are scored.
+    prefetch_rows(k, 0, KEY_PREFETCH.min(n), d);
     let mut j = 0;
     while j < quads {
         // The keys [`KEY_PREFETCH`] rows ahead on their way while these four are scored.

@@ -280,7 +280,8 @@ impl PackedMatrix {
                 });
             return;
         }
-        let xq = qdot::Q8Rows::quantize(x, m, k);
+        let xq = QuantizedActivations::of(x, m, k);
+        let xq = &*xq;
         // Chunks of tiles of output rows; each chunk's weights are read once for all
         // activation rows.
         let tiles = self.0.tiles();
@@ -289,7 +290,7 @@ impl PackedMatrix {
         let run = |c: usize, out: &mut [f32]| {
             let t0 = c * chunk_tiles;
             let t1 = (t0 + chunk_tiles).min(tiles);
-            kernel.dot_tiles(&self.0, t0..t1, &xq, out);
+            kernel.dot_tiles(&self.0, t0..t1, xq, out);
         };
         if m == 1 {
             y.par_chunks_mut(chunk)
@@ -306,7 +307,7 @@ impl PackedMatrix {
             let t0 = c * chunk_tiles;
             let t1 = (t0 + chunk_tiles).min(tiles);
             // SAFETY: `y` is [m, n]; chunk c writes columns c·chunk.. of each row, up to n.
-            unsafe { kernel.dot_tiles_strided(&self.0, t0..t1, &xq, dst.0.add(c * chunk), n) }
+            unsafe { kernel.dot_tiles_strided(&self.0, t0..t1, xq, dst.0.add(c * chunk), n) }
         });
     }
 }
@@ -355,7 +356,8 @@ impl PackedMatrix {
                 });
             return;
         }
-        let xq = qdot::Q8Rows::quantize(x, m, k);
+        let xq = QuantizedActivations::of(x, m, k);
+        let xq = &*xq;
         // As `gemv`'s chunks (an even number of tiles: whole gate/up pairs).
         let chunk_tiles = decode_chunk_tiles(tiles);
         let out = Out(y.as_mut_ptr());
@@ -368,7 +370,7 @@ impl PackedMatrix {
                     let (t0, t1) = (c * chunk_tiles, ((c + 1) * chunk_tiles).min(tiles));
                     let w = (t1 - t0) * TILE;
                     let gu = &mut gu[..m * w];
-                    kernel.dot_tiles(&self.0, t0..t1, &xq, gu);
+                    kernel.dot_tiles(&self.0, t0..t1, xq, gu);
                     for (r, g) in gu.chunks_exact(w).enumerate() {
                         // SAFETY: `y` is [m, half]; chunk c writes columns t0/2·8 .. + w/2 of row r.
                         let o = unsafe {
@@ -419,6 +421,41 @@ fn dequantize_blocks(format: QuantFormat, qs: &[u8], d: &[f32], m: &[f32], out: 
                     out[i] = d[b] * (q[i] as i8) as f32;
                 }
             }
+        }
+    }
+}
+
+thread_local! {
+    /// The calling thread's buffers for a decode product's quantized activations, kept between
+    /// products ([`QuantizedActivations`]).
+    static ACTIVATION_BUFFERS: std::cell::Cell<Option<qdot::Q8Rows>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// A decode product's activations quantized into the calling thread's kept buffers (taken for
+/// the product and put back when dropped; a product that starts while this thread's buffers
+/// are out, one run by this thread while it waits inside another, gets fresh ones).
+struct QuantizedActivations(Option<qdot::Q8Rows>);
+
+impl QuantizedActivations {
+    fn of(x: &[f32], rows: usize, cols: usize) -> Self {
+        let mut q = ACTIVATION_BUFFERS.with(|b| b.take()).unwrap_or_default();
+        q.requantize(x, rows, cols);
+        Self(Some(q))
+    }
+}
+
+impl std::ops::Deref for QuantizedActivations {
+    type Target = qdot::Q8Rows;
+    fn deref(&self) -> &qdot::Q8Rows {
+        self.0.as_ref().expect("held until dropped")
+    }
+}
+
+impl Drop for QuantizedActivations {
+    fn drop(&mut self) {
+        if let Some(q) = self.0.take() {
+            ACTIVATION_BUFFERS.with(|b| b.set(Some(q)));
         }
     }
 }
