@@ -330,6 +330,51 @@ impl KvCache {
         c.views()
     }
 
+    /// Asks the memory system for the lines that layer `layer`'s next position will be written
+    /// to (CPU caches only; a hint, nothing is read or written): a decode step writes each
+    /// sequence's new keys and values right after the q/k/v product, into buffers the rest of
+    /// the step has pushed out of the processor's caches, and asked for before the product they
+    /// arrive while it runs.
+    pub(crate) fn prefetch_next_row(&self, layer: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0};
+            let Some(Some(c)) = self.layers.get(layer) else {
+                return;
+            };
+            for t in [&c.k, &c.v] {
+                let Ok((_, heads, cap, d)) = t.dims4() else {
+                    return;
+                };
+                if c.len >= cap {
+                    return;
+                }
+                let (s, l) = t.storage_and_layout();
+                let (base, size) = match &*s {
+                    candle_core::Storage::Cpu(CpuStorage::F32(x)) => {
+                        (x[l.start_offset()..].as_ptr() as *const u8, 4)
+                    }
+                    candle_core::Storage::Cpu(CpuStorage::F16(x)) => {
+                        (x[l.start_offset()..].as_ptr() as *const u8, 2)
+                    }
+                    _ => return,
+                };
+                let st = l.stride();
+                for h in 0..heads {
+                    let row = base.wrapping_add((h * st[1] + c.len * st[2]) * size);
+                    let mut b = 0;
+                    while b < d * size {
+                        // SAFETY: a prefetch hint only; it never faults or reads into Rust.
+                        unsafe { _mm_prefetch::<_MM_HINT_ET0>(row.wrapping_add(b) as *const i8) };
+                        b += 64;
+                    }
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = layer;
+    }
+
     /// Plans `positions` in all: the buffers are then allocated (or, continuing from a
     /// snapshot, reallocated) once at that size instead of growing by doubling.
     pub fn plan_positions(&mut self, positions: usize) {
@@ -1090,6 +1135,13 @@ impl Block {
     ) -> Result<Tensor> {
         let b = x.dim(0)?;
         let a = &self.attn;
+        if let StepRows::Sequences(caches) = rows {
+            if x.device().is_cpu() {
+                for c in caches.iter() {
+                    c.prefetch_next_row(layer);
+                }
+            }
+        }
         let y = self.ln1.forward(x)?;
         let qkv = a.qkv.forward_rows(&y, ctxs)?;
         // q as [1, heads, B, d] (the batch as the time axis of one sequence, so that row i is
@@ -1272,17 +1324,39 @@ fn split_rotate_decode_rows(
             sin.dims()
         );
     }
-    let x: Vec<f32> = qkv.flatten_all()?.to_vec1()?;
-    let cos: Vec<f32> = cos.flatten_all()?.to_vec1()?;
-    let sin: Vec<f32> = sin.flatten_all()?.to_vec1()?;
+    // Read in place (the product's output, the step's RoPE rows): no host copies.
+    let (qkv, cos, sin) = (qkv.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let (xg, xl) = qkv.storage_and_layout();
+    let (cg, cl) = cos.storage_and_layout();
+    let (sg, sl) = sin.storage_and_layout();
+    let (
+        candle_core::Storage::Cpu(CpuStorage::F32(x)),
+        candle_core::Storage::Cpu(CpuStorage::F32(cos)),
+        candle_core::Storage::Cpu(CpuStorage::F32(sin)),
+    ) = (&*xg, &*cg, &*sg)
+    else {
+        candle_core::bail!("decode rows: f32 q/k/v and RoPE tables on the CPU");
+    };
+    let x = &x[xl.start_offset()..][..b * w];
+    let cos = &cos[cl.start_offset()..][..b * half];
+    let sin = &sin[sl.start_offset()..][..b * half];
     let mut q = vec![0f32; heads * b * d];
     let mut k = vec![0f32; b * kv_heads * d];
     let mut v = vec![0f32; b * kv_heads * d];
+    // `x1·c − x2·s`, `x1·s + x2·c` per pair (each product rounded, as candle's `rope`), written
+    // as zipped slices so that the compiler vectorises it.
     let rotate = |src: &[f32], dst: &mut [f32], c: &[f32], s: &[f32]| {
-        for i in 0..half {
-            let (x1, x2) = (src[i], src[i + half]);
-            dst[i] = x1 * c[i] - x2 * s[i];
-            dst[i + half] = x1 * s[i] + x2 * c[i];
+        let (x1, x2) = src.split_at(half);
+        let (o1, o2) = dst.split_at_mut(half);
+        for ((((o1, o2), (&a, &b)), &c), &s) in o1
+            .iter_mut()
+            .zip(o2.iter_mut())
+            .zip(x1.iter().zip(x2))
+            .zip(c)
+            .zip(s)
+        {
+            *o1 = a * c - b * s;
+            *o2 = a * s + b * c;
         }
     };
     for i in 0..b {
@@ -1305,6 +1379,7 @@ fn split_rotate_decode_rows(
             v[o..o + d].copy_from_slice(&row[(heads + kv_heads + h) * d..][..d]);
         }
     }
+    drop((xg, cg, sg));
     let dev = qkv.device();
     Ok((
         Tensor::from_vec(q, (1, heads, b, d), dev)?,
