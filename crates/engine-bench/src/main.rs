@@ -25,6 +25,8 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
+    // The allocator as the server tunes it (buffers reused, not mapped and unmapped per op).
+    vvlm_engine::tune_cpu_allocator();
     match Cli::parse().cmd {
         Cmd::Smoke(p) => {
             let r = smoke::run(&p)?;
