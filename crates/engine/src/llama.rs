@@ -1185,12 +1185,11 @@ impl Block {
         let o = crate::profile::time(crate::profile::Section::Attention, q.device(), || {
             crate::attention::decode_attention_batch(&q, &kvs, scale, ctxs)
         })?;
-        let o = a.o.forward_rows(&o, ctxs)?;
-        let x = (x + o)?;
+        // The residual adds in the products' ops (`x + o`, `x + d` bit for bit).
+        let x = a.o.forward_rows_add(&o, x, ctxs)?;
         let y = self.ln2.forward(&x)?;
         let act = self.mlp.gate_up.forward_rows_swiglu(&y, ctxs)?;
-        let d = self.mlp.down.forward_rows(&act, ctxs)?;
-        x + d
+        self.mlp.down.forward_rows_add(&act, &x, ctxs)
     }
 }
 

@@ -516,6 +516,40 @@ impl candle_core::CustomOp1 for QuantGemv {
     }
 }
 
+/// `residual + x [m, cols] · Wᵀ` for a quantized `W` as a candle op on `(x, residual)` (CPU,
+/// f32, contiguous; `residual` `[m, rows]`): [`QuantGemv`], then each output added to its
+/// residual in the same op (`residual + y`, as the separate add computes it).
+pub struct QuantGemvAdd(pub Arc<PackedMatrix>);
+
+impl candle_core::CustomOp2 for QuantGemvAdd {
+    fn name(&self) -> &'static str {
+        "quant-gemv-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, m) = activations(s, l, self.0.cols(), "quant-gemv-add")?;
+        let n = self.0.rows();
+        let (CpuStorage::F32(r), Some((a, b))) = (rs, rl.contiguous_offsets()) else {
+            candle_core::bail!("quant-gemv-add expects a contiguous f32 residual");
+        };
+        if rl.dims() != [m, n] {
+            candle_core::bail!("quant-gemv-add: residual {:?} for [{m}, {n}]", rl.dims());
+        }
+        let mut y = vec![0f32; m * n];
+        self.0.gemv(x, &mut y, m);
+        for (y, &r) in y.iter_mut().zip(&r[a..b]) {
+            *y = r + *y;
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
