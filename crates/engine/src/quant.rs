@@ -544,7 +544,8 @@ impl candle_core::CustomOp2 for QuantGemvAdd {
         let mut y = vec![0f32; m * n];
         self.0.gemv(x, &mut y, m);
         for (y, &r) in y.iter_mut().zip(&r[a..b]) {
-            *y = r + *y;
+            // `y + r` is `r + y` bit for bit (IEEE addition commutes).
+            *y += r;
         }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
