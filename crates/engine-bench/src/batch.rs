@@ -209,11 +209,10 @@ pub fn run(a: &BatchArgs) -> Result<Vec<BatchRow>> {
                 let ctxs: Vec<Ctx> = (0..b).map(|_| Ctx::new(&c, Component::LmDecode)).collect();
                 let mut refs: Vec<&mut vvlm_engine::llama::KvCache> = caches.iter_mut().collect();
                 let logits = lm.decode_batch(&embeds, &mut refs, &ctxs)?;
-                // One copy to the host, as the scheduler does (a row's `to_vec1` on a GPU copies
-                // the whole batch's logits).
-                next = (logits.to_vec2::<f32>()?.iter().enumerate())
-                    .map(|(r, row)| choose(row, step * b + r))
-                    .collect();
+                // Each row read in place on the CPU, as the scheduler reads them (one copy to the
+                // host from a GPU: a row's `to_vec1` there copies the whole batch's logits).
+                next =
+                    vvlm_engine::llama::for_each_row(&logits, |r, row| choose(row, step * b + r))?;
                 steps.push(s0.elapsed().as_secs_f64() * 1e3);
             }
             let decode_s = t.elapsed().as_secs_f64();

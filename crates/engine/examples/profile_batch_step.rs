@@ -97,12 +97,10 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 let ctxs: Vec<Ctx> = (0..b).map(|_| Ctx::new(&c, Component::LmDecode)).collect();
                 let mut refs: Vec<&mut vvlm_engine::llama::KvCache> = caches.iter_mut().collect();
                 let logits = lm.decode_batch(&embeds, &mut refs, &ctxs)?;
-                // One copy to the host and greedy choices, as the scheduler makes them.
-                Ok(logits
-                    .to_vec2::<f32>()?
-                    .iter()
-                    .map(|row| vvlm_engine::sampling::greedy(row))
-                    .collect())
+                // Greedy choices from the rows in place, as the scheduler makes them.
+                Ok(vvlm_engine::llama::for_each_row(&logits, |_, row| {
+                    vvlm_engine::sampling::greedy(row)
+                })?)
             };
             let mut steps = vec![];
             for _ in 0..128 {

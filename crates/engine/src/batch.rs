@@ -628,7 +628,7 @@ impl Batch {
             .map(|f| Ctx::new(f, Component::LmDecode))
             .collect();
         // Disjoint mutable borrows of the group's caches, in the group's order.
-        let mut order: Vec<usize> = g.iter().map(|(i, _)| *i).collect();
+        let order: Vec<usize> = g.iter().map(|(i, _)| *i).collect();
         let mut caches: Vec<(usize, &mut crate::llama::KvCache)> = self
             .active
             .iter_mut()
@@ -641,13 +641,13 @@ impl Batch {
             caches.into_iter().map(|(_, c)| c).collect();
         let logits = vlm.lm.decode_batch(&embeds, &mut refs, &ctxs)?;
         drop(refs);
-        // The step's logits reach the host in one copy: on a GPU candle's `to_vec1` of one row
-        // copies the whole `[b, vocab]` storage, b times a step (2 GB a step at 64 sequences
-        // of a 128k vocabulary: an H200's time per token grew from 5.9 ms at 8 to 147 ms at 64).
-        let rows = logits.to_vec2::<f32>()?;
-        for (l, i) in rows.into_iter().zip(order.drain(..)) {
-            self.active[i].seq.accept_logits(l);
-        }
+        // The step's logits read in place on the CPU (a greedy sequence chooses from its row
+        // and keeps no copy), from one copy on a GPU: candle's `to_vec1` of one row copies the
+        // whole `[b, vocab]` storage, b times a step (2 GB a step at 64 sequences of a 128k
+        // vocabulary: an H200's time per token grew from 5.9 ms at 8 to 147 ms at 64).
+        crate::llama::for_each_row(&logits, |r, row| {
+            self.active[order[r]].seq.accept_logits_row(row)
+        })?;
         Ok(())
     }
 }

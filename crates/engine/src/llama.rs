@@ -1387,6 +1387,32 @@ fn split_rotate_decode_rows(
     ))
 }
 
+/// `f(i, row_i)` for each row of a `[rows, cols]` f32 tensor, in order: read in place where it
+/// is a contiguous CPU tensor (a decode step's logits: no copy to the host), else from one copy
+/// (`to_vec2`: one transfer from a GPU, not one a row).
+pub fn for_each_row<R>(t: &Tensor, mut f: impl FnMut(usize, &[f32]) -> R) -> Result<Vec<R>> {
+    let (rows, cols) = t.dims2()?;
+    if t.device().is_cpu() && t.dtype() == DType::F32 {
+        let (s, l) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(CpuStorage::F32(x)), Some((a, b))) =
+            (&*s, l.contiguous_offsets())
+        {
+            return Ok(x[a..b]
+                .chunks_exact(cols.max(1))
+                .take(rows)
+                .enumerate()
+                .map(|(i, row)| f(i, row))
+                .collect());
+        }
+    }
+    Ok(t.to_dtype(DType::F32)?
+        .to_vec2::<f32>()?
+        .iter()
+        .enumerate()
+        .map(|(i, row)| f(i, row))
+        .collect())
+}
+
 /// Index of the maximum of a 1-D f32 tensor.
 pub fn argmax(logits: &Tensor) -> Result<u32> {
     logits.argmax(D::Minus1)?.to_scalar::<u32>()

@@ -721,6 +721,30 @@ impl Sequence {
         self.decode_steps += 1;
     }
 
+    /// [`Self::accept_logits`] from a row read in place (a decode step's batch of logits, which
+    /// is then dropped): a sequence whose next choice is a plain greedy one
+    /// ([`Self::choice_is_costly`] false) makes it now from the row and keeps no copy (the
+    /// token, and the random draw it takes, of [`Self::choose`] ahead of `advance`); any other
+    /// copies the row into its own buffer, kept from step to step. At 8 SmolLM2 sequences the
+    /// step's copy of the logits to the host was ~0.12 ms of a ~8 ms step.
+    pub fn accept_logits_row(&mut self, row: &[f32]) {
+        self.decode_steps += 1;
+        let choosing = self.finish.is_none()
+            && self.chosen.is_none()
+            && self.ids.len() < self.sampling.max_tokens;
+        if choosing && !self.choice_is_costly() {
+            let u = self.rng.uniform();
+            self.chosen = Some(Choice {
+                token: sample(row, &self.sampling, u),
+                logprobs: None,
+            });
+            self.logits.clear();
+            return;
+        }
+        self.logits.clear();
+        self.logits.extend_from_slice(row);
+    }
+
     /// Ends the sequence: the final text (streaming what the detokeniser still held).
     pub fn finish(
         mut self,
