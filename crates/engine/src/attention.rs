@@ -377,7 +377,7 @@ fn decode_rows(
                         exp_softmax,
                     ),
                     #[cfg(target_arch = "x86_64")]
-                    (KvPtr::F16(k), KvPtr::F16(v)) if wide => attend_group_avx512_f16(
+                    (KvPtr::F16(k), KvPtr::F16(v)) if wide => attend_group_avx512(
                         (qp, qs.1),
                         (k.add(k_at), ks1),
                         (v.add(v_at), vs1),
@@ -1042,17 +1042,18 @@ unsafe fn attend_group_avx2_f16(
     attend_group::<half::f16>(q, k, v, o, heads, d, scale, rows, softmax)
 }
 
-/// [`attend_group`] with 512-bit vectors where it pays ([`attend_heads_512`]) on an f32 cache.
+/// [`attend_group`] with 512-bit vectors where it pays ([`attend_heads_512`]), on an f32 cache or
+/// an f16 one (rows widened by `vcvtph2ps` as loaded).
 ///
 /// # Safety
-/// As [`attend_group_avx2`], and AVX-512 F, VL and DQ present.
+/// As [`attend_group_avx2`], and F16C and AVX-512 F, VL and DQ present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512dq")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_group_avx512(
+unsafe fn attend_group_avx512<E: Load16>(
     q: (*const f32, usize),
-    k: (*const f32, usize),
-    v: (*const f32, usize),
+    k: (*const E, usize),
+    v: (*const E, usize),
     o: (*mut f32, usize),
     heads: usize,
     d: usize,
@@ -1060,28 +1061,7 @@ unsafe fn attend_group_avx512(
     rows: &mut [f32],
     softmax: fn(&mut [f32]),
 ) {
-    attend_group_512::<f32>(q, k, v, o, heads, d, scale, rows, softmax)
-}
-
-/// [`attend_group_avx512`] on an f16 cache (rows widened by `vcvtph2ps` as loaded).
-///
-/// # Safety
-/// As [`attend_group_avx512`]; k and v rows are f16.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512dq")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_group_avx512_f16(
-    q: (*const f32, usize),
-    k: (*const half::f16, usize),
-    v: (*const half::f16, usize),
-    o: (*mut f32, usize),
-    heads: usize,
-    d: usize,
-    scale: f32,
-    rows: &mut [f32],
-    softmax: fn(&mut [f32]),
-) {
-    attend_group_512::<half::f16>(q, k, v, o, heads, d, scale, rows, softmax)
+    attend_group_512::<E>(q, k, v, o, heads, d, scale, rows, softmax)
 }
 
 /// Sixteen cached values, or eight of each of two rows, as f32 lanes (AVX-512).
@@ -2287,7 +2267,7 @@ mod tests {
                                     &mut rows,
                                     softmax,
                                 ),
-                                (true, true) => attend_group_avx512_f16(
+                                (true, true) => attend_group_avx512(
                                     qp,
                                     (kh.as_ptr(), d),
                                     (vh.as_ptr(), d),

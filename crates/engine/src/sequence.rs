@@ -614,12 +614,14 @@ impl Sequence {
     /// `advance` alone would choose, so a batch may choose every sequence's token in parallel
     /// (it touches nothing but this sequence). Nothing when the sequence is finishing.
     pub fn choose(&mut self) {
-        if self.finish.is_none()
-            && self.chosen.is_none()
-            && self.ids.len() < self.sampling.max_tokens
-        {
+        if self.awaits_choice() {
             self.chosen = Some(self.draw());
         }
+    }
+
+    /// Whether `advance` will choose a next token (none chosen yet, not finishing).
+    fn awaits_choice(&self) -> bool {
+        self.finish.is_none() && self.chosen.is_none() && self.ids.len() < self.sampling.max_tokens
     }
 
     fn draw(&mut self) -> Choice {
@@ -729,10 +731,7 @@ impl Sequence {
     /// step's copy of the logits to the host was ~0.12 ms of a ~8 ms step.
     pub fn accept_logits_row(&mut self, row: &[f32]) {
         self.decode_steps += 1;
-        let choosing = self.finish.is_none()
-            && self.chosen.is_none()
-            && self.ids.len() < self.sampling.max_tokens;
-        if choosing && !self.choice_is_costly() {
+        if self.awaits_choice() && !self.choice_is_costly() {
             let u = self.rng.uniform();
             self.chosen = Some(Choice {
                 token: sample(row, &self.sampling, u),
