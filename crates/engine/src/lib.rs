@@ -18,6 +18,7 @@ pub mod demo;
 pub mod gemv;
 pub mod generate;
 pub mod gguf;
+pub mod huge_pages;
 pub mod json_mode;
 pub mod json_schema;
 pub mod llama;

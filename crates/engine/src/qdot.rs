@@ -460,7 +460,8 @@ pub struct TiledWeights {
     pub rows: usize,
     pub cols: usize,
     order: TileOrder,
-    data: Vec<u8>,
+    /// The records, on huge pages where the OS gives them (`huge_pages`).
+    data: crate::huge_pages::WeightBytes,
 }
 
 /// How a [`TiledWeights`]' (tile, block) records follow each other in memory. Decode streams
@@ -537,7 +538,7 @@ impl TiledWeights {
             rows,
             cols,
             order,
-            data: vec![0; tiles.div_ceil(2) * 2 * nb * rec],
+            data: crate::huge_pages::WeightBytes::zeroed(tiles.div_ceil(2) * 2 * nb * rec),
         };
         for r in 0..rows {
             let (t, j) = (r / TILE, r % TILE);
