@@ -140,9 +140,7 @@ impl WeightBytes {
             len,
         }
     }
-}
 
-impl WeightBytes {
     /// A freed range of exactly `len` bytes in a live segment, zeroed again.
     fn reuse(len: usize) -> Option<Self> {
         let mut freed = FREED.lock().unwrap_or_else(|e| e.into_inner());
