@@ -1035,7 +1035,14 @@ mod x86 {
         *NTA.get_or_init(|| match std::env::var("VVLM_WEIGHT_PREFETCH").as_deref() {
             Ok("nta") => true,
             Ok("t0") => false,
-            _ => amd(),
+            Ok(other) => {
+                tracing::warn!(
+                    "VVLM_WEIGHT_PREFETCH={other:?} is neither `t0` nor `nta`; using this \
+                     processor's default"
+                );
+                amd()
+            }
+            Err(_) => amd(),
         })
     }
 
