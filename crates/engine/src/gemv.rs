@@ -207,7 +207,7 @@ fn wide_dots() -> bool {
 
 /// The processor's vendor string (CPUID leaf 0: EBX, EDX, ECX).
 #[cfg(target_arch = "x86_64")]
-fn cpu_vendor() -> [u8; 12] {
+pub(crate) fn cpu_vendor() -> [u8; 12] {
     #[allow(unused_unsafe)]
     // SAFETY: CPUID leaf 0 exists on every x86-64 processor.
     let r = unsafe { std::arch::x86_64::__cpuid(0) };
@@ -290,6 +290,24 @@ fn reduce(acc: [f32; 32], ra: &[f32], rb: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vendor read by `cpuid` (which picks the f32 kernels and the integer kernels'
+    /// weight prefetch hint) is the one the kernel reports in /proc/cpuinfo.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn the_vendor_is_the_kernels() {
+        let info = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let vendor = info
+            .lines()
+            .find_map(|l| l.strip_prefix("vendor_id"))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).trim())
+            .expect("a vendor_id line");
+        assert_eq!(
+            cpu_vendor() == *b"AuthenticAMD",
+            vendor == "AuthenticAMD",
+            "{vendor}"
+        );
+    }
     use candle_core::{Device, Tensor};
 
     #[test]

@@ -1008,14 +1008,14 @@ mod x86 {
     }
 
     /// Bytes past the record a kernel is computing at which it asks for the weights to come
-    /// ([`non_temporal_prefetch`]), when it computes 4 or more activation rows: 8 pair records of Q4_1.
+    /// ([`non_temporal_prefetch`]), when it computes 4 or more activation rows: 8 pair records
+    /// of Q4_1.
     /// Decode streams every weight from memory once a token; with several activation rows a
     /// block's arithmetic keeps the core busy long enough that the hardware prefetcher alone
     /// fell behind. SmolLM2's 8-row products (`examples/profile_batch_step`, Zen4, 2 threads,
     /// fastest of 64): AVX-512 VNNI 5.5-5.6 -> 4.8-4.9 ms (3 of 3 rounds), AVX2 9.0-10.1 ->
     /// 8.1-9.2 ms (4 of 4). With one row the loads keep up on their own (AVX-512 the same,
     /// AVX2 slightly slower with the hints), so fewer than 4 rows issue none.
-    ///
     const PREFETCH_AHEAD: usize = 2560;
 
     /// Whether [`prefetch_ahead`] asks non-temporally (`prefetchnta`) rather than `prefetcht0`:
@@ -1031,6 +1031,7 @@ mod x86 {
     /// `prefetchnta` fills the first-level cache only, and the lines were gone before use), so
     /// Intel keeps `prefetcht0`.
     fn non_temporal_prefetch() -> bool {
+        let amd = || crate::gemv::cpu_vendor() == *b"AuthenticAMD";
         static NTA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *NTA.get_or_init(|| match std::env::var("VVLM_WEIGHT_PREFETCH").as_deref() {
             Ok("nta") => true,
@@ -1044,19 +1045,6 @@ mod x86 {
             }
             Err(_) => amd(),
         })
-    }
-
-    /// Whether the CPU's vendor string is `AuthenticAMD`.
-    pub(super) fn amd() -> bool {
-        // SAFETY: `cpuid` leaf 0 exists on every x86-64 processor. (A safe function in recent
-        // Rust; `unsafe` in the 1.85 this workspace supports.)
-        #[allow(unused_unsafe)]
-        let r = unsafe { __cpuid(0) };
-        let mut vendor = [0u8; 12];
-        vendor[..4].copy_from_slice(&r.ebx.to_le_bytes());
-        vendor[4..8].copy_from_slice(&r.edx.to_le_bytes());
-        vendor[8..].copy_from_slice(&r.ecx.to_le_bytes());
-        &vendor == b"AuthenticAMD"
     }
 
     /// Asks for the `bytes` of weights [`PREFETCH_AHEAD`] past `record` when the kernel computes
@@ -1330,20 +1318,6 @@ mod x86 {
 #[allow(clippy::needless_range_loop)] // index arithmetic is the point of these checks
 mod tests {
     use super::*;
-
-    /// The vendor read by `cpuid` (which picks the weights' prefetch hint) is the one the kernel
-    /// reports in /proc/cpuinfo.
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    #[test]
-    fn the_vendor_is_the_kernels() {
-        let info = std::fs::read_to_string("/proc/cpuinfo").unwrap();
-        let vendor = info
-            .lines()
-            .find_map(|l| l.strip_prefix("vendor_id"))
-            .map(|v| v.trim_start_matches([' ', '\t', ':']).trim())
-            .expect("a vendor_id line");
-        assert_eq!(x86::amd(), vendor == "AuthenticAMD", "{vendor}");
-    }
 
     /// The process's kernels are the detected ones unless chosen first; choosing them again is
     /// accepted, another set afterwards or one this CPU cannot run is refused with the reason.
