@@ -263,51 +263,114 @@ impl PackedMatrix {
 
     /// [`Self::gemv`] on a given kernel (tests compare instruction sets).
     pub fn gemv_with(&self, kernel: qdot::Kernel, x: &[f32], y: &mut [f32], m: usize) {
+        assert_eq!(y.len(), m * self.0.rows, "outputs are [m, rows]");
+        // SAFETY: `y` holds the [m, rows] outputs, checked above.
+        unsafe { self.gemv_raw(kernel, x, y.as_mut_ptr(), m, None) }
+    }
+
+    /// `residual + x · Wᵀ` (`residual` `[m, rows]`, or none) into a new `[m, rows]` buffer.
+    /// The buffer is not zeroed first: every output is written once by the task that computes
+    /// it, the residual added there (`y + r`, as a separate add computes it). At 8 decode rows
+    /// of SmolLM2 the zeroing and the serial add were ~5 MB of stores a step on the driving
+    /// thread alone.
+    pub fn gemv_new(&self, x: &[f32], m: usize, residual: Option<&[f32]>) -> Vec<f32> {
+        let len = m * self.0.rows;
+        if let Some(r) = residual {
+            assert_eq!(r.len(), len, "the residual is [m, rows]");
+        }
+        let mut y = Vec::<f32>::with_capacity(len);
+        // SAFETY: the buffer has room for `len` values, all of which `gemv_raw` writes (every
+        // tile of every activation row) before the length is set.
+        unsafe {
+            self.gemv_raw(
+                qdot::Kernel::best(self.0.format),
+                x,
+                y.as_mut_ptr(),
+                m,
+                residual,
+            );
+            y.set_len(len);
+        }
+        y
+    }
+
+    /// The product into `y` (`[m, rows]`, written, never read), plus `residual` when given.
+    ///
+    /// # Safety
+    /// `y .. y + m·rows` must be valid for writes and not accessed elsewhere during the call.
+    unsafe fn gemv_raw(
+        &self,
+        kernel: qdot::Kernel,
+        x: &[f32],
+        y: *mut f32,
+        m: usize,
+        residual: Option<&[f32]>,
+    ) {
         use rayon::prelude::*;
         let n = self.0.rows;
         let k = self.0.cols;
         assert_eq!(x.len(), m * k, "activations are [m, cols]");
-        assert_eq!(y.len(), m * n, "outputs are [m, rows]");
+        let out = Out(y);
+        // Adds the residual to rows `rows` of columns `cols` (already written).
+        let add = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
+            if let Some(res) = residual {
+                for r in rows {
+                    let dst = out;
+                    // SAFETY: the caller's task wrote exactly these outputs and owns them.
+                    let ys = unsafe {
+                        std::slice::from_raw_parts_mut(dst.0.add(r * n + cols.start), cols.len())
+                    };
+                    for (y, &v) in ys
+                        .iter_mut()
+                        .zip(&res[r * n + cols.start..r * n + cols.end])
+                    {
+                        // `y + r` is `r + y` bit for bit (IEEE addition commutes).
+                        *y += v;
+                    }
+                }
+            }
+        };
         if m > PREFILL_ROW_BLOCK {
             // Prefill-sized: parallel over blocks of activation rows, each quantized by its own
             // task (in parallel, and still in cache for the products) and multiplied with every
             // tile; a block's outputs are contiguous rows of `y`.
-            y.par_chunks_mut(PREFILL_ROW_BLOCK * n)
-                .zip(x.par_chunks(PREFILL_ROW_BLOCK * k))
-                .for_each(|(out, xs)| {
-                    let xq = qdot::Q8Rows::quantize(xs, xs.len() / k, k);
-                    kernel.dot_tiles(&self.0, 0..self.0.tiles(), &xq, out);
+            (0..m.div_ceil(PREFILL_ROW_BLOCK))
+                .into_par_iter()
+                .for_each(|blk| {
+                    let dst = out;
+                    let r0 = blk * PREFILL_ROW_BLOCK;
+                    let r1 = (r0 + PREFILL_ROW_BLOCK).min(m);
+                    let xq = qdot::Q8Rows::quantize(&x[r0 * k..r1 * k], r1 - r0, k);
+                    // SAFETY: rows r0..r1 of `y`, this task's alone.
+                    unsafe {
+                        kernel.dot_tiles_strided(
+                            &self.0,
+                            0..self.0.tiles(),
+                            &xq,
+                            dst.0.add(r0 * n),
+                            n,
+                        )
+                    };
+                    add(r0..r1, 0..n);
                 });
             return;
         }
         let xq = QuantizedActivations::of(x, m, k);
         let xq = &*xq;
         // Chunks of tiles of output rows; each chunk's weights are read once for all
-        // activation rows.
+        // activation rows, and each chunk writes its column range of every row of `y` in
+        // place. Each output's arithmetic is that of the row alone (`qdot`), so a batch's
+        // outputs equal each sequence's own bit for bit.
         let tiles = self.0.tiles();
         let chunk_tiles = decode_chunk_tiles(tiles);
         let chunk = chunk_tiles * qdot::TILE;
-        let run = |c: usize, out: &mut [f32]| {
-            let t0 = c * chunk_tiles;
-            let t1 = (t0 + chunk_tiles).min(tiles);
-            kernel.dot_tiles(&self.0, t0..t1, xq, out);
-        };
-        if m == 1 {
-            y.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(c, out)| run(c, out));
-            return;
-        }
-        // Each chunk writes its column range of every row of `y` in place. Each output's
-        // arithmetic is that of the row alone (`qdot`), so a batch's outputs equal each
-        // sequence's own bit for bit.
-        let out = Out(y.as_mut_ptr());
         (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
             let dst = out;
             let t0 = c * chunk_tiles;
             let t1 = (t0 + chunk_tiles).min(tiles);
             // SAFETY: `y` is [m, n]; chunk c writes columns c·chunk.. of each row, up to n.
-            unsafe { kernel.dot_tiles_strided(&self.0, t0..t1, xq, dst.0.add(c * chunk), n) }
+            unsafe { kernel.dot_tiles_strided(&self.0, t0..t1, xq, dst.0.add(c * chunk), n) };
+            add(0..m, c * chunk..((c + 1) * chunk).min(n));
         });
     }
 }
@@ -325,6 +388,30 @@ impl PackedMatrix {
 
     /// [`Self::gemv_swiglu`] on a given kernel (tests compare instruction sets).
     pub fn gemv_swiglu_with(&self, kernel: qdot::Kernel, x: &[f32], y: &mut [f32], m: usize) {
+        assert_eq!(y.len(), m * (self.0.rows / 2), "outputs are [m, rows / 2]");
+        // SAFETY: `y` holds the [m, rows / 2] outputs, checked above.
+        unsafe { self.gemv_swiglu_raw(kernel, x, y.as_mut_ptr(), m) }
+    }
+
+    /// [`Self::gemv_swiglu`] into a new `[m, rows / 2]` buffer, not zeroed first (every output
+    /// is written once, by the task that computes it).
+    pub fn gemv_swiglu_new(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let len = m * (self.0.rows / 2);
+        let mut y = Vec::<f32>::with_capacity(len);
+        // SAFETY: room for `len` values, all written by `gemv_swiglu_raw` before the length is
+        // set.
+        unsafe {
+            self.gemv_swiglu_raw(qdot::Kernel::best(self.0.format), x, y.as_mut_ptr(), m);
+            y.set_len(len);
+        }
+        y
+    }
+
+    /// The fused product into `y` (`[m, rows / 2]`, written, never read).
+    ///
+    /// # Safety
+    /// `y .. y + m·rows/2` must be valid for writes and not accessed elsewhere during the call.
+    unsafe fn gemv_swiglu_raw(&self, kernel: qdot::Kernel, x: &[f32], y: *mut f32, m: usize) {
         use rayon::prelude::*;
         const TILE: usize = qdot::TILE;
         let (n, k) = (self.0.rows, self.0.cols);
@@ -334,25 +421,26 @@ impl PackedMatrix {
             "gate and up halves of whole tiles"
         );
         assert_eq!(x.len(), m * k, "activations are [m, cols]");
-        assert_eq!(y.len(), m * half, "outputs are [m, rows / 2]");
-        let swiglu = crate::nn::swiglu_rows_kernel();
+        let swiglu = crate::nn::swiglu_tile_pairs_kernel();
         let tiles = self.0.tiles();
+        let out = Out(y);
         if m > PREFILL_ROW_BLOCK {
             // Prefill-sized: blocks of activation rows, every tile each, then SwiGLU.
             // (Each worker reuses one product buffer: a fresh one per block was ~5% of a
             // 512-token prefill in page faults.)
-            y.par_chunks_mut(PREFILL_ROW_BLOCK * half)
-                .zip(x.par_chunks(PREFILL_ROW_BLOCK * k))
-                .for_each_init(Vec::new, |gu: &mut Vec<f32>, (out, xs)| {
-                    let rows = xs.len() / k;
-                    let xq = qdot::Q8Rows::quantize(xs, rows, k);
+            (0..m.div_ceil(PREFILL_ROW_BLOCK))
+                .into_par_iter()
+                .for_each_init(Vec::new, |gu: &mut Vec<f32>, blk| {
+                    let dst = out;
+                    let r0 = blk * PREFILL_ROW_BLOCK;
+                    let rows = (m - r0).min(PREFILL_ROW_BLOCK);
+                    let xq = qdot::Q8Rows::quantize(&x[r0 * k..(r0 + rows) * k], rows, k);
                     gu.resize(rows * n, 0.0);
                     let gu = &mut gu[..rows * n];
                     kernel.dot_tiles(&self.0, 0..tiles, &xq, gu);
-                    // A row's products are [gate tile, up tile] pairs: SwiGLU of 8 from 16.
-                    for (o, g) in out.chunks_exact_mut(half).zip(gu.chunks_exact(n)) {
-                        swiglu(o, g, TILE);
-                    }
+                    // SAFETY: rows r0.. of `y`, this task's alone; a row's products are
+                    // [gate tile, up tile] pairs: SwiGLU of 8 from 16.
+                    unsafe { swiglu(gu, n, rows, dst.0.add(r0 * half), half) };
                 });
             return;
         }
@@ -360,29 +448,18 @@ impl PackedMatrix {
         let xq = &*xq;
         // As `gemv`'s chunks (an even number of tiles: whole gate/up pairs).
         let chunk_tiles = decode_chunk_tiles(tiles);
-        let out = Out(y.as_mut_ptr());
         (0..tiles.div_ceil(chunk_tiles))
             .into_par_iter()
-            .for_each_init(
-                || vec![0f32; m * chunk_tiles * TILE],
-                |gu, c| {
-                    let dst = out;
-                    let (t0, t1) = (c * chunk_tiles, ((c + 1) * chunk_tiles).min(tiles));
-                    let w = (t1 - t0) * TILE;
-                    let gu = &mut gu[..m * w];
-                    kernel.dot_tiles(&self.0, t0..t1, xq, gu);
-                    for (r, g) in gu.chunks_exact(w).enumerate() {
-                        // SAFETY: `y` is [m, half]; chunk c writes columns t0/2·8 .. + w/2 of row r.
-                        let o = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                dst.0.add(r * half + t0 / 2 * TILE),
-                                w / 2,
-                            )
-                        };
-                        swiglu(o, g, TILE);
-                    }
-                },
-            );
+            .for_each_init(Vec::new, |gu: &mut Vec<f32>, c| {
+                let dst = out;
+                let (t0, t1) = (c * chunk_tiles, ((c + 1) * chunk_tiles).min(tiles));
+                let w = (t1 - t0) * TILE;
+                gu.resize(m * w, 0.0);
+                let gu = &mut gu[..m * w];
+                kernel.dot_tiles(&self.0, t0..t1, xq, gu);
+                // SAFETY: `y` is [m, half]; chunk c writes columns t0/2·8 .. + w/2 of each row.
+                unsafe { swiglu(gu, w, m, dst.0.add(t0 / 2 * TILE), half) };
+            });
     }
 }
 
@@ -397,8 +474,7 @@ impl candle_core::CustomOp1 for QuantGemvSwiglu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, m) = activations(s, l, self.0.cols(), "quant-gemv-swiglu")?;
         let half = self.0.rows() / 2;
-        let mut y = vec![0f32; m * half];
-        self.0.gemv_swiglu(x, &mut y, m);
+        let y = self.0.gemv_swiglu_new(x, m);
         Ok((CpuStorage::F32(y), Shape::from((m, half))))
     }
 }
@@ -510,8 +586,7 @@ impl candle_core::CustomOp1 for QuantGemv {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, m) = activations(s, l, self.0.cols(), "quant-gemv")?;
-        let mut y = vec![0f32; m * self.0.rows()];
-        self.0.gemv(x, &mut y, m);
+        let y = self.0.gemv_new(x, m, None);
         Ok((CpuStorage::F32(y), Shape::from((m, self.0.rows()))))
     }
 }
@@ -541,12 +616,7 @@ impl candle_core::CustomOp2 for QuantGemvAdd {
         if rl.dims() != [m, n] {
             candle_core::bail!("quant-gemv-add: residual {:?} for [{m}, {n}]", rl.dims());
         }
-        let mut y = vec![0f32; m * n];
-        self.0.gemv(x, &mut y, m);
-        for (y, &r) in y.iter_mut().zip(&r[a..b]) {
-            // `y + r` is `r + y` bit for bit (IEEE addition commutes).
-            *y += r;
-        }
+        let y = self.0.gemv_new(x, m, Some(&r[a..b]));
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }
