@@ -2,7 +2,7 @@
 # Builds of `vvlm-engine-bench` side by side on this machine, for changes too small to see in one
 # run on a noisy VM: ROUNDS interleaved runs of each (`batch --npp 32 --ntg 128 --npl 1,8`, plus
 # the build's own arguments), then per build the median and minimum of TPOT p50 at B = 1 and 8
-# and their ratio. Each argument is LABEL=BINARY or LABEL=BINARY:EXTRA ARGS, e.g.
+# and their ratio, then in how many rounds each build beat the first one. Each argument is LABEL=BINARY or LABEL=BINARY:EXTRA ARGS, e.g.
 #   ROUNDS=5 bash benches/batch_ab.sh old=/tmp/bench-old new=target/release/vvlm-engine-bench \
 #     old-f16=/tmp/bench-old:--kv-f16 new-f16=target/release/vvlm-engine-bench:--kv-f16
 # (an old build: `git checkout OLD -- crates/engine/src && cargo build --release -p
@@ -47,4 +47,17 @@ for spec in sys.argv[1:]:
     tok = [float(r[3]) for r in rows if r[0] == label]
     print(f"| {label} | {st.median(t1):.2f} / {min(t1):.2f} | {st.median(t8):.2f} / {min(t8):.2f} "
           f"| {st.median(t8) / st.median(t1):.2f}x | {st.median(tok):.1f} |")
+# Round by round against the first build (each round runs every build once, back to back, so a
+# pair shares the host's load of that minute): in how many rounds each build was faster.
+labels = [spec.split("=", 1)[0] for spec in sys.argv[1:]]
+if len(labels) > 1:
+    def series(label, col):
+        return [float(r[col]) for r in rows if r[0] == label]
+    base = labels[0]
+    for label in labels[1:]:
+        wins = []
+        for col, name in ((1, "1"), (2, "8")):
+            pairs = list(zip(series(base, col), series(label, col)))
+            wins.append(f"at {name} {sum(b < a for a, b in pairs)} of {len(pairs)}")
+        print(f"{label} faster than {base} round by round: " + ", ".join(wins))
 PY

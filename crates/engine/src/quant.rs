@@ -656,6 +656,49 @@ mod tests {
         }
     }
 
+    /// The products into new, unzeroed buffers (what the ops use) equal the products into
+    /// zeroed ones, and with a residual the product then the add, bit for bit: one row, a
+    /// decode batch (tiles in parallel, the residual added by each tile chunk's task) and a
+    /// prefill (row blocks, the last partial); the SwiGLU product likewise.
+    #[test]
+    fn unzeroed_outputs_with_their_residual_equal_the_product_then_the_add() {
+        let dev = Device::Cpu;
+        let (n, k) = (80, 256);
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let qm = QuantMatrix::from_qtensor(&QTensor::quantize(&w, dtype).unwrap())
+                .unwrap()
+                .unwrap();
+            let (plain, fused) = (
+                qm.packed(),
+                qm.halves_interleaved_by_tile().unwrap().packed(),
+            );
+            for m in [1usize, 7, 150] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+                    .collect();
+                let residual: Vec<f32> =
+                    (0..m * n).map(|i| ((i * 13) % 29) as f32 - 14.5).collect();
+                let mut y = vec![0f32; m * n];
+                plain.gemv(&x, &mut y, m);
+                assert_eq!(plain.gemv_new(&x, m, None), y, "{dtype:?} {m} rows");
+                let added: Vec<f32> = residual.iter().zip(&y).map(|(r, y)| r + y).collect();
+                assert_eq!(
+                    plain.gemv_new(&x, m, Some(&residual)),
+                    added,
+                    "{dtype:?} {m} rows, with the residual"
+                );
+                let mut swiglu = vec![0f32; m * n / 2];
+                fused.gemv_swiglu(&x, &mut swiglu, m);
+                assert_eq!(
+                    fused.gemv_swiglu_new(&x, m),
+                    swiglu,
+                    "{dtype:?} {m} rows, SwiGLU"
+                );
+            }
+        }
+    }
+
     /// The gate/up product with SwiGLU in its tasks, on every kernel set this CPU runs, equals
     /// SwiGLU (the engine's op) of the plain product of the same weights in gate-then-up order,
     /// bit for bit: one row, a decode batch (tiles in parallel) and a prefill (row blocks, the
