@@ -1101,7 +1101,7 @@ pub(crate) fn swiglu_tile_pairs_kernel() -> SwigluTilePairs {
     swiglu_tile_pairs
 }
 
-/// [`SwigluTilePairs`] one value at a time (the reference).
+/// [`SwigluTilePairs`] by [`swiglu_rows`] a tile pair at a time (the reference).
 unsafe fn swiglu_tile_pairs(gu: &[f32], w: usize, m: usize, dst: *mut f32, stride: usize) {
     assert!(
         gu.len() >= m * w && w.is_multiple_of(16),
@@ -1110,11 +1110,9 @@ unsafe fn swiglu_tile_pairs(gu: &[f32], w: usize, m: usize, dst: *mut f32, strid
     for r in 0..m {
         let o = dst.add(r * stride);
         for (p, pair) in gu[r * w..(r + 1) * w].chunks_exact(16).enumerate() {
-            for j in 0..8 {
-                let g = pair[j];
-                o.add(8 * p + j)
-                    .write(g / (1.0 + crate::attention::exp_f32(-g)) * pair[8 + j]);
-            }
+            let mut out = [0f32; 8];
+            swiglu_rows(&mut out, pair, 8);
+            std::ptr::copy_nonoverlapping(out.as_ptr(), o.add(8 * p), 8);
         }
     }
 }

@@ -278,20 +278,9 @@ impl PackedMatrix {
         if let Some(r) = residual {
             assert_eq!(r.len(), len, "the residual is [m, rows]");
         }
-        let mut y = Vec::<f32>::with_capacity(len);
-        // SAFETY: the buffer has room for `len` values, all of which `gemv_raw` writes (every
-        // tile of every activation row) before the length is set.
-        unsafe {
-            self.gemv_raw(
-                qdot::Kernel::best(self.0.format),
-                x,
-                y.as_mut_ptr(),
-                m,
-                residual,
-            );
-            y.set_len(len);
-        }
-        y
+        let kernel = qdot::Kernel::best(self.0.format);
+        // SAFETY: `gemv_raw` writes every output (every tile of every activation row).
+        unsafe { written_by(len, |y| self.gemv_raw(kernel, x, y, m, residual)) }
     }
 
     /// The product into `y` (`[m, rows]`, written, never read), plus `residual` when given.
@@ -397,14 +386,9 @@ impl PackedMatrix {
     /// is written once, by the task that computes it).
     pub fn gemv_swiglu_new(&self, x: &[f32], m: usize) -> Vec<f32> {
         let len = m * (self.0.rows / 2);
-        let mut y = Vec::<f32>::with_capacity(len);
-        // SAFETY: room for `len` values, all written by `gemv_swiglu_raw` before the length is
-        // set.
-        unsafe {
-            self.gemv_swiglu_raw(qdot::Kernel::best(self.0.format), x, y.as_mut_ptr(), m);
-            y.set_len(len);
-        }
-        y
+        let kernel = qdot::Kernel::best(self.0.format);
+        // SAFETY: `gemv_swiglu_raw` writes every output.
+        unsafe { written_by(len, |y| self.gemv_swiglu_raw(kernel, x, y, m)) }
     }
 
     /// The fused product into `y` (`[m, rows / 2]`, written, never read).
@@ -541,6 +525,18 @@ impl Drop for QuantizedActivations {
 /// pairs (one stream) and a pair is never split between two threads.
 fn decode_chunk_tiles(tiles: usize) -> usize {
     (tiles / (rayon::current_num_threads() * 8)).clamp(2, 128) / 2 * 2
+}
+
+/// A new buffer of `len` values filled by `write` (given its start), not zeroed first.
+///
+/// # Safety
+/// `write` must write all `len` values before it returns, and nothing else.
+unsafe fn written_by(len: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut y = Vec::<f32>::with_capacity(len);
+    write(y.as_mut_ptr());
+    // SAFETY: all `len` values were written (the caller's guarantee).
+    unsafe { y.set_len(len) };
+    y
 }
 
 /// An output buffer shared by a product's tasks, each writing its own column range of every
