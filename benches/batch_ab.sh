@@ -2,7 +2,8 @@
 # Builds of `vvlm-engine-bench` side by side on this machine, for changes too small to see in one
 # run on a noisy VM: ROUNDS interleaved runs of each (`batch --npp 32 --ntg 128 --npl 1,8`, plus
 # the build's own arguments), then per build the median and minimum of TPOT p50 at B = 1 and 8
-# and their ratio, then in how many rounds each build beat the first one. Each argument is LABEL=BINARY or LABEL=BINARY:EXTRA ARGS, e.g.
+# and their ratio, then in how many rounds each build beat the first one. Each argument is
+# LABEL=BINARY or LABEL=BINARY:EXTRA ARGS, e.g.
 #   ROUNDS=5 bash benches/batch_ab.sh old=/tmp/bench-old new=target/release/vvlm-engine-bench \
 #     old-f16=/tmp/bench-old:--kv-f16 new-f16=target/release/vvlm-engine-bench:--kv-f16
 # (an old build: `git checkout OLD -- crates/engine/src && cargo build --release -p

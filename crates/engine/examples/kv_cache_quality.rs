@@ -31,16 +31,6 @@ fn log_prob(logits: &[f32], target: usize) -> f64 {
     logits[target] as f64 - max - sum.ln()
 }
 
-fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best
-}
-
 /// Agreement of two ways over the steps: top tokens equal, max and mean |Δ logit|.
 #[derive(Default)]
 struct Agreement {
@@ -54,7 +44,7 @@ struct Agreement {
 impl Agreement {
     fn add(&mut self, a: &[f32], b: &[f32]) {
         self.steps += 1;
-        if argmax(a) == argmax(b) {
+        if vvlm_engine::sampling::greedy(a) == vvlm_engine::sampling::greedy(b) {
             self.same_top += 1;
         }
         for (x, y) in a.iter().zip(b) {
@@ -105,19 +95,16 @@ fn main() -> Result<(), Error> {
     drop(full);
     // As served: from the file's blocks.
     let g = vvlm_engine::gguf::load_quantized(path, DType::F32, &dev)?;
-    let served = Llama::load_quantized(
+    let mut served = Llama::load_quantized(
         candle_nn::VarBuilder::from_tensors(g.tensors.clone(), DType::F32, &dev),
         None,
         &g.config,
         &g.quantized,
     )?;
-    let mut served_f16 = Llama::load_quantized(
-        candle_nn::VarBuilder::from_tensors(g.tensors.clone(), DType::F32, &dev),
-        None,
-        &g.config,
-        &g.quantized,
-    )?;
-    served_f16.set_kv_cache_dtype(DType::F16)?;
+    // One served model, two caches: a cache keeps the dtype it was made with.
+    let served_f32_cache = served.new_cache();
+    served.set_kv_cache_dtype(DType::F16)?;
+    let served_f16_cache = served.new_cache();
 
     let ids = g
         .tokenizer
@@ -135,13 +122,12 @@ fn main() -> Result<(), Error> {
     let c = FlopCounter::new();
     vvlm_engine::cpu_pool::run(|| -> Result<(), Error> {
         let mut ways: Vec<Way> = [
-            ("exact f32, f32 cache", &exact),
-            ("served int8, f32 cache", &served),
-            ("served int8, f16 cache", &served_f16),
+            ("exact f32, f32 cache", &exact, exact.new_cache()),
+            ("served int8, f32 cache", &served, served_f32_cache),
+            ("served int8, f16 cache", &served, served_f16_cache),
         ]
         .into_iter()
-        .map(|(name, lm)| {
-            let mut cache = lm.new_cache();
+        .map(|(name, lm, mut cache)| {
             cache.plan_positions(prompt + steps);
             Way {
                 name,
