@@ -676,7 +676,8 @@ pub(crate) async fn stream(
     }
     let model = admitted[0].plan.choice.model.clone();
     let timeout = Duration::from_secs_f64(s.config.limits.request_timeout_s);
-    let stream = async_stream(move |tx| async move {
+    let request_id = admitted[0].request_id.clone();
+    let stream = async_stream(request_id.clone(), move |tx, ended| async move {
         let text = matches!(shapes[0], Shape::Text { .. });
         let object = if text {
             "text_completion"
@@ -688,12 +689,8 @@ pub(crate) async fn stream(
                    "model": model, "choices": choices})
         };
         let send = |v: Value| tx.send(SseEvent::default().data(v.to_string())).is_ok();
-        // A stream's head was answered 200 (the `answered` line): how it ended is logged here.
-        let request_id = admitted[0].request_id.clone();
-        let mut end = StreamEnd {
-            request_id: request_id.clone(),
-            ended: false,
-        };
+        // A stream's head was answered 200 (the `answered` line): an error is logged here, a
+        // client that leaves first by the body's drop (`EventStream`).
         let error = |e: ApiError| {
             tracing::warn!(
                 request_id = %request_id,
@@ -743,12 +740,12 @@ pub(crate) async fn stream(
                     error(ApiError::Timeout(format!(
                         "the request took longer than {timeout:?}"
                     )));
-                    end.ended = true;
+                    ended.set();
                     return;
                 }
                 Ok(None) => {
                     error(ApiError::Internal("the worker went away".into()));
-                    end.ended = true;
+                    ended.set();
                     return;
                 }
                 Ok(Some(x)) => x,
@@ -769,7 +766,7 @@ pub(crate) async fn stream(
                 }
                 Event::Done(Err(e)) => {
                     error(e);
-                    end.ended = true;
+                    ended.set();
                     return;
                 }
                 Event::Done(Ok(generations)) => {
@@ -816,7 +813,7 @@ pub(crate) async fn stream(
                         send(u);
                     }
                     let _ = tx.send(SseEvent::default().data("[DONE]"));
-                    end.ended = true;
+                    ended.set();
                     return;
                 }
             }
@@ -873,33 +870,37 @@ pub(crate) fn add_usage(total: &mut Value, one: &Value) {
 }
 
 /// A stream of SSE events fed by a spawned task (dropping the stream ends the task's sends).
+/// The task calls `Ended::set` once it has sent its last event; a stream dropped before that
+/// (its client closed the connection) is logged at `info` with `request_id`.
 fn async_stream<F, Fut>(
+    request_id: String,
     f: F,
 ) -> impl futures_core::Stream<Item = Result<SseEvent, std::convert::Infallible>>
 where
-    F: FnOnce(tokio::sync::mpsc::UnboundedSender<SseEvent>) -> Fut,
+    F: FnOnce(tokio::sync::mpsc::UnboundedSender<SseEvent>, Ended) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let handle = tokio::spawn(f(tx));
+    let ended = Ended::default();
+    let handle = tokio::spawn(f(tx, ended.clone()));
     EventStream {
         rx,
+        request_id,
+        ended,
         _task: AbortOnDrop(handle),
     }
 }
 
-/// Logs a stream that its client closed before the end (its task is aborted with its body, so
-/// this runs on drop) at `info`, with the request's id.
-struct StreamEnd {
-    request_id: String,
-    ended: bool,
-}
+/// Whether a stream's task has sent its last event (`[DONE]` or an error).
+#[derive(Clone, Default)]
+struct Ended(Arc<std::sync::atomic::AtomicBool>);
 
-impl Drop for StreamEnd {
-    fn drop(&mut self) {
-        if !self.ended {
-            tracing::info!(request_id = %self.request_id, "stream closed by its client");
-        }
+impl Ended {
+    fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+    fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -910,9 +911,21 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The response body. The closed line is logged here rather than in the task: a body is always
+/// dropped when its connection goes, while a task aborted before its first poll never runs.
 struct EventStream {
     rx: tokio::sync::mpsc::UnboundedReceiver<SseEvent>,
+    request_id: String,
+    ended: Ended,
     _task: AbortOnDrop,
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        if !self.ended.get() {
+            tracing::info!(request_id = %self.request_id, "stream closed by its client");
+        }
+    }
 }
 
 impl futures_core::Stream for EventStream {
