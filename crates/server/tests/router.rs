@@ -1098,6 +1098,80 @@ fn text_chat(max_tokens: u32) -> Value {
            "max_tokens": max_tokens})
 }
 
+/// What the server logs on this thread, as text, while the returned guard lives.
+fn capture_logs() -> (
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    tracing::subscriber::DefaultGuard,
+) {
+    #[derive(Clone)]
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink(Default::default());
+    let buffer = sink.0.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || sink.clone())
+        .finish();
+    (buffer, tracing::subscriber::set_default(subscriber))
+}
+
+/// A stream whose client leaves is logged as closed, with its request id, even when the client
+/// left before the stream's task first ran (the line used to be written by that task, which an
+/// abort before its first poll never runs: a CI run missed it). On this test's one-thread
+/// runtime the task cannot run before the body is dropped. A stream read to its end is not.
+#[tokio::test]
+async fn a_stream_its_client_leaves_is_logged_as_closed_even_before_it_ran() {
+    let s = server();
+    let key = s.tenant("alice", None);
+    let (logs, _guard) = capture_logs();
+    let mut body = text_chat(64);
+    body["stream"] = json!(true);
+    let request = || {
+        Request::builder()
+            .method(Method::POST)
+            .uri("/v1/chat/completions")
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let resp = vvlm_server::router(s.state.clone())
+        .oneshot(request())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let left = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    drop(resp); // the client hangs up after the head
+    let logged = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(
+        logged
+            .lines()
+            .any(|l| l.contains("stream closed by its client") && l.contains(&left)),
+        "no closed line for {left}:\n{logged}"
+    );
+    // Read to its end: finished, not closed.
+    let (st, headers, v) = s.send(request()).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(v.as_str().unwrap().contains("[DONE]"), "{v}");
+    let whole = headers["x-request-id"].to_str().unwrap().to_string();
+    let logged = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(
+        !logged
+            .lines()
+            .any(|l| l.contains("stream closed by its client") && l.contains(&whole)),
+        "{whole} was read to its end, yet logged as closed:\n{logged}"
+    );
+}
+
 #[tokio::test]
 async fn a_tenant_at_its_limit_is_429_while_other_tenants_are_served() {
     let s = server();
