@@ -125,17 +125,19 @@ impl Server {
         key: &str,
         body: &Value,
     ) -> (StatusCode, axum::http::HeaderMap, Value) {
-        self.send(
-            Request::builder()
-                .method(Method::POST)
-                .uri(path)
-                .header(header::AUTHORIZATION, format!("Bearer {key}"))
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap(),
-        )
-        .await
+        self.send(post_request(path, key, body)).await
     }
+}
+
+/// A POST of a JSON body with a tenant's key.
+fn post_request(path: &str, key: &str, body: &Value) -> Request<Body> {
+    Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header(header::AUTHORIZATION, format!("Bearer {key}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
 }
 
 fn data_url(mime: &str, bytes: &[u8]) -> String {
@@ -1135,15 +1137,7 @@ async fn a_stream_its_client_leaves_is_logged_as_closed_even_before_it_ran() {
     let (logs, _guard) = capture_logs();
     let mut body = text_chat(64);
     body["stream"] = json!(true);
-    let request = || {
-        Request::builder()
-            .method(Method::POST)
-            .uri("/v1/chat/completions")
-            .header(header::AUTHORIZATION, format!("Bearer {key}"))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap()
-    };
+    let request = || post_request("/v1/chat/completions", &key, &body);
     let resp = vvlm_server::router(s.state.clone())
         .oneshot(request())
         .await
@@ -2456,15 +2450,7 @@ async fn text_completions_continue_the_prompt_as_it_is() {
     let s = server();
     let key = s.tenant("alice", None);
     let prompt = "what colour is the flash ?";
-    let req = |body: Value| {
-        Request::builder()
-            .method(Method::POST)
-            .uri("/v1/completions")
-            .header(header::AUTHORIZATION, format!("Bearer {key}"))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap()
-    };
+    let req = |body: Value| post_request("/v1/completions", &key, &body);
     let (st, headers, v) = s
         .send(req(
             json!({"prompt": prompt, "max_tokens": 4, "model": "suite-s"}),
