@@ -677,7 +677,7 @@ pub(crate) async fn stream(
     let model = admitted[0].plan.choice.model.clone();
     let timeout = Duration::from_secs_f64(s.config.limits.request_timeout_s);
     let request_id = admitted[0].request_id.clone();
-    let stream = async_stream(request_id.clone(), move |tx, ended| async move {
+    let stream = async_stream(request_id.clone(), move |tx| async move {
         let text = matches!(shapes[0], Shape::Text { .. });
         let object = if text {
             "text_completion"
@@ -740,12 +740,10 @@ pub(crate) async fn stream(
                     error(ApiError::Timeout(format!(
                         "the request took longer than {timeout:?}"
                     )));
-                    ended.set();
                     return;
                 }
                 Ok(None) => {
                     error(ApiError::Internal("the worker went away".into()));
-                    ended.set();
                     return;
                 }
                 Ok(Some(x)) => x,
@@ -766,7 +764,6 @@ pub(crate) async fn stream(
                 }
                 Event::Done(Err(e)) => {
                     error(e);
-                    ended.set();
                     return;
                 }
                 Event::Done(Ok(generations)) => {
@@ -813,7 +810,6 @@ pub(crate) async fn stream(
                         send(u);
                     }
                     let _ = tx.send(SseEvent::default().data("[DONE]"));
-                    ended.set();
                     return;
                 }
             }
@@ -870,37 +866,22 @@ pub(crate) fn add_usage(total: &mut Value, one: &Value) {
 }
 
 /// A stream of SSE events fed by a spawned task (dropping the stream ends the task's sends).
-/// The task calls `Ended::set` once it has sent its last event; a stream dropped before that
-/// (its client closed the connection) is logged at `info` with `request_id`.
+/// The task returns after its last event (`[DONE]` or an error), dropping its sender; a stream
+/// dropped before that (its client closed the connection) is logged at `info` with `request_id`.
 fn async_stream<F, Fut>(
     request_id: String,
     f: F,
 ) -> impl futures_core::Stream<Item = Result<SseEvent, std::convert::Infallible>>
 where
-    F: FnOnce(tokio::sync::mpsc::UnboundedSender<SseEvent>, Ended) -> Fut,
+    F: FnOnce(tokio::sync::mpsc::UnboundedSender<SseEvent>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let ended = Ended::default();
-    let handle = tokio::spawn(f(tx, ended.clone()));
+    let handle = tokio::spawn(f(tx));
     EventStream {
         rx,
         request_id,
-        ended,
         _task: AbortOnDrop(handle),
-    }
-}
-
-/// Whether a stream's task has sent its last event (`[DONE]` or an error).
-#[derive(Clone, Default)]
-struct Ended(Arc<std::sync::atomic::AtomicBool>);
-
-impl Ended {
-    fn set(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::Release);
-    }
-    fn get(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -916,13 +897,14 @@ impl Drop for AbortOnDrop {
 struct EventStream {
     rx: tokio::sync::mpsc::UnboundedReceiver<SseEvent>,
     request_id: String,
-    ended: Ended,
     _task: AbortOnDrop,
 }
 
 impl Drop for EventStream {
+    /// Runs before the fields drop: a task still running (or never run) holds its sender, so
+    /// the channel is open; one that returned has closed it.
     fn drop(&mut self) {
-        if !self.ended.get() {
+        if !self.rx.is_closed() {
             tracing::info!(request_id = %self.request_id, "stream closed by its client");
         }
     }
